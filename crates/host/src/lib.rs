@@ -1,0 +1,25 @@
+//! Host model for vfio-gpu-dra.
+//!
+//! Everything here reads the host through one [`HostRoot`] (`--host-root`,
+//! default `/`), so the same code runs on a node, inside a privileged pod that
+//! mounts the host at `/host-root`, and against fixture trees in tests.
+//!
+//! The lifecycle starts here: [`PciHost::scan`] reads the PCI functions and
+//! IOMMU groups, [`GpuSelector`] decides which functions are GPUs, and
+//! [`discover_gpus`] groups each GPU with its companion functions.
+
+mod bdf;
+pub mod demo;
+mod error;
+pub mod fixture;
+mod gpu;
+mod pci;
+mod pciids;
+mod root;
+
+pub use bdf::{Bdf, DriverName, is_vfio_driver};
+pub use error::HostError;
+pub use gpu::{FunctionRole, Gpu, GpuFunction, GpuSelector, IdMatch, discover_gpus};
+pub use pci::{PciFunction, PciHost, PciIdentity};
+pub use pciids::PciIdsDb;
+pub use root::HostRoot;

@@ -1,0 +1,20 @@
+//! gRPC transport: kubelet DRA services (v1, v1beta1), plugin registration, the
+//! `:authority` adapter for kubelet-dialed sockets, the server and a kubelet emulator.
+
+/// Generated types for `k8s.io.kubelet.pkg.apis.dra.v1`.
+#[allow(missing_docs, clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("k8s.io.kubelet.pkg.apis.dra.v1");
+}
+
+/// Generated types for `k8s.io.kubelet.pkg.apis.dra.v1beta1`.
+#[allow(missing_docs, clippy::all)]
+pub mod v1beta1 {
+    tonic::include_proto!("k8s.io.kubelet.pkg.apis.dra.v1beta1");
+}
+
+pub mod authority;
+pub mod dra;
+pub mod emulator;
+pub mod registration;
+pub mod server;

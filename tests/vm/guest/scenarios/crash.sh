@@ -1,0 +1,97 @@
+# Crash sweep: for N = 1, 2, ... run bind (then release) with
+# VFIO_GPU_DRA_CRASH_AFTER_STEP=N, so the process aborts right after its N-th host
+# mutation; then reconcile and check the invariants on real sysfs. A sweep stops
+# at the first N where the command completes without crashing.
+#
+#   after an interrupted bind + reconcile: every function back on its original
+#     driver (or unbound if it had none), driver_override "(null)" -- a bind never
+#     claimed by anyone is rolled back;
+#   after an interrupted release + reconcile: the group is consistent (all
+#     functions on their original drivers with override cleared, or all on
+#     vfio-pci), and a plain release then returns everything to the original
+#     drivers.
+MAXSTEP=${CRASH_MAXSTEP:-40}
+
+# crash_state_ok NAME "bdf:orig ..." : all functions on their original driver, override cleared
+all_original() {
+    for _p in $1; do
+        is_drv "${_p%%:*}" "${_p##*:}" || return 1
+        is_ovr "${_p%%:*}" "(null)" || return 1
+    done
+}
+all_vfio() {
+    for _p in $1; do is_drv "${_p%%:*}" vfio-pci || return 1; done
+}
+consistent() { all_original "$1" || all_vfio "$1" || { DETAIL="mixed state: $(for _p in $1; do printf '%s=%s/%s ' "${_p%%:*}" "$(drv "${_p%%:*}")" "$(ovr "${_p%%:*}")"; done)"; return 1; }; }
+restore_all() { for _p in $1; do raw_restore "${_p%%:*}" "${_p##*:}"; done; }
+crashed() { [ "$1" -ge 128 ] 2>/dev/null; }
+
+# crash_sweep OP NAME GPUID BDF "bdf:orig ..."
+crash_sweep() {
+    _op=$1 _nm=$2 _id=$3 _bdf=$4 _fns=$5
+    _S=crash-$_op.$_nm
+    GPU_IDS="--gpu-id $_id"
+    restore_all "$_fns"
+    _n=1 _points=0 _done=no
+    while [ $_n -le $MAXSTEP ]; do
+        new_state "crash-$_op-$_nm-$_n"
+        if [ "$_op" = release ]; then
+            cli "$_S.$_n.setup-bind" bind "$_bdf"
+            if [ "$RC" != 0 ] || ! all_vfio "$_fns"; then
+                fail "$_S.$_n.setup-bind" "bind before the release crash failed: rc=$RC ${DETAIL}"
+                restore_all "$_fns"; break
+            fi
+        fi
+        CLI_ENV="VFIO_GPU_DRA_CRASH_AFTER_STEP=$_n"
+        cli "$_S.$_n.run" "$_op" "$_bdf"
+        CLI_ENV=
+        _rc=$RC
+        if [ "$_rc" = 0 ]; then
+            _done=yes
+            if [ "$_op" = bind ]; then
+                check "$_S.completes-at-$_n" all_vfio "$_fns"
+                cli "$_S.$_n.cleanup-release" release "$_bdf"
+            fi
+            check "$_S.clean-after-completion" all_original "$_fns"
+            restore_all "$_fns"
+            break
+        fi
+        if ! crashed "$_rc"; then
+            fail "$_S.$_n.run" "exit status $_rc: an error, not an injected crash (see block $_S.$_n.run)"
+            restore_all "$_fns"; _n=$((_n + 1)); continue
+        fi
+        _points=$((_n))
+        cli "$_S.$_n.reconcile" reconcile --output json
+        check "$_S.$_n.reconcile-rc" is_rc "$RC" 0 "$_S.$_n.reconcile"
+        if [ "$_op" = bind ]; then
+            check "$_S.$_n.rolled-back" all_original "$_fns"
+        else
+            check "$_S.$_n.consistent" consistent "$_fns"
+        fi
+        cli "$_S.$_n.reconcile2" reconcile --output json
+        check "$_S.$_n.reconcile-idempotent" is_rc "$RC" 0 "$_S.$_n.reconcile2"
+        if [ "$_op" = release ]; then
+            cli "$_S.$_n.release-after" release "$_bdf"
+            check "$_S.$_n.release-after-rc" is_rc "$RC" 0 "$_S.$_n.release-after"
+            check "$_S.$_n.release-after-original" all_original "$_fns"
+        fi
+        cli "$_S.$_n.ledger" ledger --output json
+        restore_all "$_fns"
+        _n=$((_n + 1))
+    done
+    DETAIL="no run completed within $MAXSTEP steps"
+    check "$_S.sweep-terminates" test $_done = yes
+    DETAIL="no crash was injected (is VFIO_GPU_DRA_CRASH_AFTER_STEP implemented?)"
+    check "$_S.crash-points" test $_points -ge 1
+    echo "METRIC crash-$_op.$_nm.points $_points"
+}
+
+if ! cli_ready; then skip crash "awaits the CLI"; else
+    for _op in bind release; do
+        crash_sweep $_op virtio 1af4:1041 $VIRTIO "$VIRTIO:virtio-pci"
+        crash_sweep $_op two-function 8086:100e $E1000 "$E1000:e1000 $TESTDEV:none"
+        crash_sweep $_op edu 1234:11e8 $EDU "$EDU:none"
+    done
+    CLI_ENV=
+fi
+[ "$PREBOUND" = yes ] && check crash.prebound-untouched is_drv $E1000E vfio-pci
