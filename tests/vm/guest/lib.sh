@@ -107,7 +107,11 @@ is_rc() {  # is_rc GOT WANT WHAT
     [ "$1" = "$2" ] || { DETAIL="$3: exit status $1, want $2 (see block $3)"; return 1; }
 }
 has_netdev() {  # a net interface hangs below device $1 (host driver really probed)
-    ls -d "$PCI/$1"/net/* "$PCI/$1"/virtio*/net/* >/dev/null 2>&1 || { DETAIL="$1 has no net interface"; return 1; }
+    for _n in "$PCI/$1"/net/* "$PCI/$1"/virtio*/net/*; do
+        [ -e "$_n" ] && return 0
+    done
+    DETAIL="$1 has no net interface"
+    return 1
 }
 
 # Raw moves (no CLI) used to set up / repair state between scenarios.
