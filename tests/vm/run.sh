@@ -160,7 +160,7 @@ build_initramfs() {
         [ -e "$MDIR/$f" ] && cp "$MDIR/$f" "$km/$f"
     done
     # our binary (debug info stripped to keep the initramfs small) + its libraries
-    if command -v objcopy > /dev/null; then
+    if command -v objcopy > /dev/null && [ "$(head -c4 "$BIN" | tail -c3)" = ELF ]; then
         objcopy --strip-debug "$BIN" "$d/bin/vfio-gpu-dra"
     else
         cp "$BIN" "$d/bin/vfio-gpu-dra"
