@@ -12,7 +12,7 @@
 #                   building one
 #   VM_STATIC=1     build a static binary (crt-static, target dir target/vm)
 #                   instead of `cargo build --release -p vfio-gpu-dra`
-#   VM_TIMEOUT=s    per-boot timeout (default 600)
+#   VM_TIMEOUT=s    per-boot timeout (default 300)
 #   VM_VERBOSE=1    drop "quiet" from the guest kernel command line
 # Needs root (apt-get, mknod). Works with CI=true and no stdin.
 set -euo pipefail
@@ -195,7 +195,7 @@ boot() {
     [ "${VM_VERBOSE:-0}" = 1 ] && quiet=
     t=$(date +%s.%N)
     rm -f "$log"
-    timeout "${VM_TIMEOUT:-600}" qemu-system-x86_64 -machine q35 -accel tcg -m 1024 -smp 1 \
+    timeout "${VM_TIMEOUT:-300}" qemu-system-x86_64 -machine q35 -accel tcg -m 1024 -smp 1 \
         -nodefaults -no-user-config -display none -monitor none -no-reboot \
         -serial "file:$log" \
         -kernel "$VMLINUZ" -initrd "$WORK/initramfs-$g.cpio" \
@@ -207,7 +207,7 @@ boot() {
     init_up=$(sed -n 's/^VM-INIT uptime=\([0-9.]*\).*/\1/p' "$log" 2>/dev/null | tr -d '\r' | head -1)
     hostline "BOOT $g kernel_to_init=${init_up:-?}s vm_wall=${wall}s qemu_rc=$rc"
     log "boot $g: kernel->init ${init_up:-?}s, whole VM run ${wall}s (qemu exit $rc)"
-    if [ $rc = 124 ]; then hostline "FAIL host.$g-timeout: qemu killed after ${VM_TIMEOUT:-600}s"; fi
+    if [ $rc = 124 ]; then hostline "FAIL host.$g-timeout: qemu killed after ${VM_TIMEOUT:-300}s"; fi
 }
 
 CMDLINE_IDS="vfio-pci.ids=8086:10d3"
