@@ -272,15 +272,16 @@ impl HeaderRewriter {
             // Borrow juggling: the frame is copied out only when it is a header frame.
             let ty = frame[3];
             let flags = frame[4];
-            let stream_id = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) & 0x7fff_ffff;
-            if let Some(open) = &self.open {
-                if ty != TYPE_CONTINUATION || stream_id != open.stream_id {
-                    break Err(AuthorityError::ExpectedContinuation {
-                        stream_id: open.stream_id,
-                        frame_type: ty,
-                        got_stream_id: stream_id,
-                    });
-                }
+            let stream_id =
+                u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) & 0x7fff_ffff;
+            if let Some(open) = &self.open
+                && (ty != TYPE_CONTINUATION || stream_id != open.stream_id)
+            {
+                break Err(AuthorityError::ExpectedContinuation {
+                    stream_id: open.stream_id,
+                    frame_type: ty,
+                    got_stream_id: stream_id,
+                });
             }
             match ty {
                 TYPE_HEADERS => {
@@ -309,20 +310,20 @@ impl HeaderRewriter {
                         end_stream: flags & FLAG_END_STREAM != 0,
                         fragment: payload[start..end].to_vec(),
                     });
-                    if flags & FLAG_END_HEADERS != 0 {
-                        if let Err(e) = self.finish_block(out) {
-                            break Err(e);
-                        }
+                    if flags & FLAG_END_HEADERS != 0
+                        && let Err(e) = self.finish_block(out)
+                    {
+                        break Err(e);
                     }
                 }
                 TYPE_CONTINUATION if self.open.is_some() => {
                     if let Some(open) = self.open.as_mut() {
                         open.fragment.extend_from_slice(&frame[FRAME_HEADER_LEN..]);
                     }
-                    if flags & FLAG_END_HEADERS != 0 {
-                        if let Err(e) = self.finish_block(out) {
-                            break Err(e);
-                        }
+                    if flags & FLAG_END_HEADERS != 0
+                        && let Err(e) = self.finish_block(out)
+                    {
+                        break Err(e);
                     }
                 }
                 // Everything else (including a stray CONTINUATION, which h2 will reject
@@ -630,7 +631,10 @@ mod tests {
         let bad = "%2Fvar%2Flib%2Fkubelet%2Fplugins_registry%2Fx-reg.sock";
         let reqs = vec![
             req_headers(bad, "/pluginregistration.Registration/GetInfo"),
-            req_headers(bad, "/pluginregistration.Registration/NotifyRegistrationStatus"),
+            req_headers(
+                bad,
+                "/pluginregistration.Registration/NotifyRegistrationStatus",
+            ),
             req_headers("localhost", "/pluginregistration.Registration/GetInfo"),
         ];
         // Request 1: plain HEADERS.
@@ -648,7 +652,12 @@ mod tests {
         s.extend(frame(TYPE_DATA, FLAG_END_STREAM, 3, &[0, 0, 0, 0, 2, 8, 1]));
         // Request 3: fully indexed except the new authority, END_STREAM on HEADERS.
         let b3 = enc.encode(pairs(&reqs[2]));
-        s.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS | FLAG_END_STREAM, 5, &b3));
+        s.extend(frame(
+            TYPE_HEADERS,
+            FLAG_END_HEADERS | FLAG_END_STREAM,
+            5,
+            &b3,
+        ));
         s.extend(frame(TYPE_PING, 0, 0, &[1, 2, 3, 4, 5, 6, 7, 8]));
         (s, reqs)
     }
@@ -751,8 +760,16 @@ mod tests {
         let mut first = true;
         let mut chunks = block.chunks(MAX_FRAME_PAYLOAD).peekable();
         while let Some(c) = chunks.next() {
-            let flags = if chunks.peek().is_none() { FLAG_END_HEADERS } else { 0 };
-            let ty = if first { TYPE_HEADERS } else { TYPE_CONTINUATION };
+            let flags = if chunks.peek().is_none() {
+                FLAG_END_HEADERS
+            } else {
+                0
+            };
+            let ty = if first {
+                TYPE_HEADERS
+            } else {
+                TYPE_CONTINUATION
+            };
             s.extend(frame(ty, flags, 1, c));
             first = false;
         }

@@ -73,7 +73,12 @@ async fn prepare_complete<B: DraBackend + ?Sized>(
 ) -> PrepareResults {
     let uids: Vec<String> = claims.iter().map(|c| c.uid.clone()).collect();
     let mut results = backend.prepare(claims).await;
-    complete(&uids, &mut results, |uid| Err(missing_entry_error(uid)), "prepare");
+    complete(
+        &uids,
+        &mut results,
+        |uid| Err(missing_entry_error(uid)),
+        "prepare",
+    );
     results
 }
 
@@ -84,7 +89,12 @@ async fn unprepare_complete<B: DraBackend + ?Sized>(
 ) -> UnprepareResults {
     let uids: Vec<String> = claims.iter().map(|c| c.uid.clone()).collect();
     let mut results = backend.unprepare(claims).await;
-    complete(&uids, &mut results, |uid| Err(missing_entry_error(uid)), "unprepare");
+    complete(
+        &uids,
+        &mut results,
+        |uid| Err(missing_entry_error(uid)),
+        "unprepare",
+    );
     results
 }
 

@@ -19,8 +19,8 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::authority::{
     FLAG_ACK, FLAG_END_HEADERS, FLAG_END_STREAM, FLAG_PADDED, FLAG_PRIORITY, FRAME_HEADER_LEN,
-    PREFACE, TYPE_CONTINUATION, TYPE_DATA, TYPE_GOAWAY, TYPE_HEADERS, TYPE_PING,
-    TYPE_RST_STREAM, TYPE_SETTINGS, emit_header_block, put_frame_header,
+    PREFACE, TYPE_CONTINUATION, TYPE_DATA, TYPE_GOAWAY, TYPE_HEADERS, TYPE_PING, TYPE_RST_STREAM,
+    TYPE_SETTINGS, emit_header_block, put_frame_header,
 };
 use super::dra::{ClaimRef, PrepareResults, PreparedDevice, UnprepareResults};
 use super::registration::{InfoRequest, PluginInfo, RegistrationStatus};
@@ -266,7 +266,10 @@ impl RawGrpcClient {
             (b":path", method.as_bytes()),
             (b":authority", self.authority.as_bytes()),
             (b"content-type", b"application/grpc"),
-            (b"user-agent", b"grpc-go/1.72.0 (vfio-gpu-dra kubelet emulator)"),
+            (
+                b"user-agent",
+                b"grpc-go/1.72.0 (vfio-gpu-dra kubelet emulator)",
+            ),
             (b"te", b"trailers"),
         ];
         // loona's encoder indexes every header, as grpc-go's does: the second call on this
@@ -364,10 +367,12 @@ impl RawGrpcClient {
         }
         // DATA with END_STREAM but no trailers is a protocol violation for gRPC; the
         // missing grpc-status is reported below.
-        let status = fields.get("grpc-status").ok_or_else(|| EmulatorError::Protocol {
-            step: "read response trailers",
-            detail: format!("no grpc-status (headers: {fields:?})"),
-        })?;
+        let status = fields
+            .get("grpc-status")
+            .ok_or_else(|| EmulatorError::Protocol {
+                step: "read response trailers",
+                detail: format!("no grpc-status (headers: {fields:?})"),
+            })?;
         let code: i32 = status.parse().map_err(|_| EmulatorError::Protocol {
             step: "read response trailers",
             detail: format!("invalid grpc-status {status:?}"),
@@ -386,10 +391,12 @@ impl RawGrpcClient {
             });
         }
         let len = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
-        let body = data.get(5..5 + len).ok_or_else(|| EmulatorError::Protocol {
-            step: "decode response message",
-            detail: "truncated gRPC message".into(),
-        })?;
+        let body = data
+            .get(5..5 + len)
+            .ok_or_else(|| EmulatorError::Protocol {
+                step: "decode response message",
+                detail: "truncated gRPC message".into(),
+            })?;
         Resp::decode(body).map_err(|e| EmulatorError::Protocol {
             step: "decode response message",
             detail: e.to_string(),
@@ -638,8 +645,7 @@ impl RegisteredPlugin {
                     .collect())
             }
             DraVersion::V1beta1 => {
-                let mut c =
-                    v1beta1::dra_plugin_client::DraPluginClient::new(self.channel.clone());
+                let mut c = v1beta1::dra_plugin_client::DraPluginClient::new(self.channel.clone());
                 let req = v1beta1::NodePrepareResourcesRequest {
                     claims: claims.iter().map(claim_v1beta1).collect(),
                 };
@@ -694,8 +700,7 @@ impl RegisteredPlugin {
                     .collect())
             }
             DraVersion::V1beta1 => {
-                let mut c =
-                    v1beta1::dra_plugin_client::DraPluginClient::new(self.channel.clone());
+                let mut c = v1beta1::dra_plugin_client::DraPluginClient::new(self.channel.clone());
                 let req = v1beta1::NodeUnprepareResourcesRequest {
                     claims: claims.iter().map(claim_v1beta1).collect(),
                 };
@@ -734,7 +739,9 @@ mod tests {
     #[test]
     fn authority_like_grpc_go() {
         assert_eq!(
-            kubelet_authority(Path::new("/var/lib/kubelet/plugins_registry/gpu.example.com-reg.sock")),
+            kubelet_authority(Path::new(
+                "/var/lib/kubelet/plugins_registry/gpu.example.com-reg.sock"
+            )),
             "%2Fvar%2Flib%2Fkubelet%2Fplugins_registry%2Fgpu.example.com-reg.sock"
         );
     }
@@ -749,16 +756,19 @@ mod tests {
         };
         let e = KubeletEmulator::new("/r.sock");
         assert_eq!(
-            e.choose_version(&info(&["v1.DRAPlugin", "v1beta1.DRAPlugin"])).unwrap(),
+            e.choose_version(&info(&["v1.DRAPlugin", "v1beta1.DRAPlugin"]))
+                .unwrap(),
             DraVersion::V1
         );
         assert_eq!(
-            e.choose_version(&info(&["x", "v1beta1.DRAPlugin", "v1.DRAPlugin"])).unwrap(),
+            e.choose_version(&info(&["x", "v1beta1.DRAPlugin", "v1.DRAPlugin"]))
+                .unwrap(),
             DraVersion::V1beta1
         );
         let old = e.clone().with_known_versions(vec![DraVersion::V1beta1]);
         assert_eq!(
-            old.choose_version(&info(&["v1.DRAPlugin", "v1beta1.DRAPlugin"])).unwrap(),
+            old.choose_version(&info(&["v1.DRAPlugin", "v1beta1.DRAPlugin"]))
+                .unwrap(),
             DraVersion::V1beta1
         );
         assert!(e.choose_version(&info(&[])).is_err());

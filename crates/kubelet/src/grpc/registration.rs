@@ -11,8 +11,8 @@ mod pb {
 }
 
 pub use pb::{
-    InfoRequest, PluginInfo, RegistrationStatus, RegistrationStatusResponse,
-    registration_client, registration_server,
+    InfoRequest, PluginInfo, RegistrationStatus, RegistrationStatusResponse, registration_client,
+    registration_server,
 };
 
 /// `PluginInfo.type` for DRA drivers.

@@ -1,0 +1,391 @@
+//! Serving the DRA socket (v1 + v1beta1) and the registration socket.
+//!
+//! Order matters: the DRA socket is bound and served before the registration socket
+//! exists, because the kubelet dials the endpoint as soon as registration succeeds.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+
+use super::authority::AuthorityFixStream;
+use super::dra::{DraBackend, DraService};
+use super::registration::{RegistrationService, RegistrationState, registration_server};
+
+/// Longest usable AF_UNIX socket path (108-byte `sun_path` including the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Where and as whom to serve.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Driver name (`PluginInfo.name`, `ResourceSlice.spec.driver`).
+    pub driver_name: String,
+    /// Absolute DRA socket path, normally `<plugins-dir>/<driver>/dra.sock`.
+    pub dra_socket: PathBuf,
+    /// Registration socket path, normally `<registrar-dir>/<driver>-reg.sock`.
+    pub registration_socket: PathBuf,
+    /// Delay before re-creating the registration socket after the kubelet rejected us.
+    pub registration_retry_backoff: Duration,
+}
+
+impl ServerConfig {
+    /// Standard layout: `<plugins_dir>/<driver>/dra.sock` and
+    /// `<registrar_dir>/<driver>-reg.sock` (e.g. `/var/lib/kubelet/plugins` and
+    /// `/var/lib/kubelet/plugins_registry`).
+    pub fn new(driver_name: impl Into<String>, plugins_dir: &Path, registrar_dir: &Path) -> Self {
+        let driver_name = driver_name.into();
+        Self {
+            dra_socket: plugins_dir.join(&driver_name).join("dra.sock"),
+            registration_socket: registrar_dir.join(format!("{driver_name}-reg.sock")),
+            driver_name,
+            registration_retry_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Errors of [`serve`], naming the failing step and path.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Configuration cannot work.
+    #[error("invalid server configuration: {0}")]
+    Config(String),
+    /// A filesystem step on a socket path failed.
+    #[error("{step} {path}: {source}")]
+    Fs {
+        /// What we were doing.
+        step: &'static str,
+        /// Path involved.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("serving {what} on {path}: {source}")]
+    Serve {
+        /// Which service.
+        what: &'static str,
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        source: tonic::transport::Error,
+    },
+    /// A server task panicked or was aborted.
+    #[error("{what} server task failed: {source}")]
+    Join {
+        /// Which service.
+        what: &'static str,
+        /// Cause.
+        source: tokio::task::JoinError,
+    },
+}
+
+/// Identity of a socket file we created, so we never delete another instance's socket.
+/// Inode numbers are reused immediately after a delete, so the change time (nanosecond
+/// resolution, set by our chmod) is part of the identity too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SocketId {
+    dev: u64,
+    ino: u64,
+    ctime: i64,
+    ctime_nsec: i64,
+}
+
+impl SocketId {
+    fn of(m: &std::fs::Metadata) -> Self {
+        Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            ctime: m.ctime(),
+            ctime_nsec: m.ctime_nsec(),
+        }
+    }
+}
+
+/// A bound socket file that is removed on drop if it is still ours.
+struct OwnedSocket {
+    path: PathBuf,
+    id: Option<SocketId>,
+}
+
+impl Drop for OwnedSocket {
+    fn drop(&mut self) {
+        remove_if_ours(&self.path, self.id);
+    }
+}
+
+fn remove_if_ours(path: &Path, id: Option<SocketId>) {
+    let Some(id) = id else { return };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if SocketId::of(&m) == id => {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(path = %path.display(), error = %e, "removing our socket");
+            } else {
+                tracing::debug!(path = %path.display(), "removed our socket");
+            }
+        }
+        Ok(_) => {
+            tracing::info!(path = %path.display(), "socket was replaced by another instance; leaving it");
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "inspecting our socket"),
+    }
+}
+
+/// Creates the parent directory, removes a stale socket, binds and restricts to 0600.
+fn bind_socket(path: &Path) -> Result<(UnixListener, OwnedSocket), ServerError> {
+    let fs_err = |step, source| ServerError::Fs {
+        step,
+        path: path.to_path_buf(),
+        source,
+    };
+    if path.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(ServerError::Config(format!(
+            "socket path {} is longer than {MAX_SOCKET_PATH} bytes",
+            path.display()
+        )));
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| ServerError::Fs {
+            step: "creating socket directory",
+            path: parent.to_path_buf(),
+            source: e,
+        })?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            tracing::info!(path = %path.display(), "removing stale socket");
+            std::fs::remove_file(path).map_err(|e| fs_err("removing stale socket", e))?;
+        }
+        Ok(_) => {
+            // Refuse to delete something that is not a socket: likely a misconfiguration.
+            return Err(fs_err(
+                "refusing to replace non-socket file",
+                io::Error::from(io::ErrorKind::AlreadyExists),
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fs_err("inspecting socket path", e)),
+    }
+    let listener = UnixListener::bind(path).map_err(|e| fs_err("binding socket", e))?;
+    // Guard first, so the file is cleaned up even if chmod fails. Until the identity is
+    // recorded below, the guard removes nothing.
+    let mut owned = OwnedSocket {
+        path: path.to_path_buf(),
+        id: None,
+    };
+    let meta = std::fs::symlink_metadata(path).map_err(|e| fs_err("inspecting new socket", e))?;
+    owned.id = Some(SocketId::of(&meta));
+    // Only root (the kubelet) may talk to the plugin.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| fs_err("chmod 0600 socket", e))?;
+    // chmod changed ctime: record the final identity.
+    let meta = std::fs::symlink_metadata(path).map_err(|e| fs_err("inspecting new socket", e))?;
+    owned.id = Some(SocketId::of(&meta));
+    Ok((listener, owned))
+}
+
+/// A running plugin server.
+pub struct ServerHandle {
+    /// Absolute DRA socket path (the `PluginInfo.endpoint`).
+    pub dra_socket: PathBuf,
+    /// Registration socket path.
+    pub registration_socket: PathBuf,
+    status: watch::Receiver<RegistrationState>,
+    dra_task: JoinHandle<Result<(), ServerError>>,
+    registration_task: JoinHandle<Result<(), ServerError>>,
+}
+
+impl ServerHandle {
+    /// Observes what the kubelet reports through `NotifyRegistrationStatus`.
+    pub fn registration_status(&self) -> watch::Receiver<RegistrationState> {
+        self.status.clone()
+    }
+
+    /// Waits until both servers have stopped (after the shutdown token is cancelled or a
+    /// server failed) and their sockets are removed; returns the first error.
+    pub async fn wait(self) -> Result<(), ServerError> {
+        let dra = self.dra_task.await;
+        let reg = self.registration_task.await;
+        dra.map_err(|source| ServerError::Join {
+            what: "DRA",
+            source,
+        })??;
+        reg.map_err(|source| ServerError::Join {
+            what: "registration",
+            source,
+        })??;
+        Ok(())
+    }
+}
+
+/// Starts serving `backend` on the DRA socket and then the registration socket.
+///
+/// Returns once both sockets are bound. The servers run until `shutdown` is cancelled; if
+/// one fails, the other is stopped too. Sockets are removed on the way out (only if they
+/// are still ours). When the kubelet reports a failed registration, the registration
+/// socket is re-created after `registration_retry_backoff` so the kubelet tries again.
+pub async fn serve(
+    config: ServerConfig,
+    backend: Arc<dyn DraBackend>,
+    shutdown: CancellationToken,
+) -> Result<ServerHandle, ServerError> {
+    if config.driver_name.is_empty() {
+        return Err(ServerError::Config("empty driver name".into()));
+    }
+    if !config.dra_socket.is_absolute() {
+        return Err(ServerError::Config(format!(
+            "DRA socket path {} must be absolute (it is sent to the kubelet as the endpoint)",
+            config.dra_socket.display()
+        )));
+    }
+    // A failure in either server stops both.
+    let stop = shutdown.child_token();
+
+    let (dra_listener, dra_owned) = bind_socket(&config.dra_socket)?;
+    tracing::info!(path = %config.dra_socket.display(), "serving DRA v1 and v1beta1");
+    let service = Arc::new(DraService::new(backend));
+    let dra_router = Server::builder()
+        .add_service(service.v1_server())
+        .add_service(service.v1beta1_server());
+    let dra_stop = stop.clone();
+    let dra_path = config.dra_socket.clone();
+    let dra_task = tokio::spawn(async move {
+        let _owned = dra_owned;
+        let result = dra_router
+            .serve_with_incoming_shutdown(
+                UnixListenerStream::new(dra_listener),
+                dra_stop.clone().cancelled_owned(),
+            )
+            .await
+            .map_err(|source| ServerError::Serve {
+                what: "DRA",
+                path: dra_path,
+                source,
+            });
+        if result.is_err() {
+            dra_stop.cancel();
+        }
+        result
+    });
+
+    let registration = Arc::new(RegistrationService::new(
+        config.driver_name.clone(),
+        config.dra_socket.to_string_lossy().into_owned(),
+    ));
+    let status = registration.subscribe();
+    // Bind the first registration socket here so bind errors reach the caller directly.
+    let first = match bind_socket(&config.registration_socket) {
+        Ok(b) => b,
+        Err(e) => {
+            stop.cancel();
+            let _ = dra_task.await;
+            return Err(e);
+        }
+    };
+    tracing::info!(path = %config.registration_socket.display(), driver = %config.driver_name, "serving plugin registration");
+    let registration_task = tokio::spawn(registration_loop(
+        config.clone(),
+        registration,
+        first,
+        stop.clone(),
+    ));
+
+    Ok(ServerHandle {
+        dra_socket: config.dra_socket,
+        registration_socket: config.registration_socket,
+        status,
+        dra_task,
+        registration_task,
+    })
+}
+
+/// Serves the registration socket; when the kubelet reports failure, tears the socket
+/// down and re-creates it after the backoff so the kubelet's watcher registers us anew.
+async fn registration_loop(
+    config: ServerConfig,
+    service: Arc<RegistrationService>,
+    first: (UnixListener, OwnedSocket),
+    stop: CancellationToken,
+) -> Result<(), ServerError> {
+    let mut bound = Some(first);
+    let mut status = service.subscribe();
+    loop {
+        let (listener, owned) = match bound.take() {
+            Some(b) => b,
+            None => match bind_socket(&config.registration_socket) {
+                Ok(b) => b,
+                Err(e) => {
+                    stop.cancel();
+                    return Err(e);
+                }
+            },
+        };
+        // Only failures reported from now on should trigger another round.
+        status.borrow_and_update();
+        let rejected = CancellationToken::new();
+        let watcher = {
+            let rejected = rejected.clone();
+            let mut status = status.clone();
+            tokio::spawn(async move {
+                while status.changed().await.is_ok() {
+                    if matches!(*status.borrow_and_update(), RegistrationState::Failed(_)) {
+                        rejected.cancel();
+                        return;
+                    }
+                }
+            })
+        };
+        // Every accepted connection goes through the :authority adapter (kubelet dials
+        // this socket with a percent-encoded path as authority).
+        let incoming =
+            UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFixStream::new));
+        let signal = {
+            let stop = stop.clone();
+            let rejected = rejected.clone();
+            async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = rejected.cancelled() => {}
+                }
+            }
+        };
+        let result = Server::builder()
+            .add_service(registration_server::RegistrationServer::from_arc(
+                Arc::clone(&service),
+            ))
+            .serve_with_incoming_shutdown(incoming, signal)
+            .await;
+        watcher.abort();
+        // Removing the socket makes the kubelet forget this registration attempt.
+        drop(owned);
+        if let Err(source) = result {
+            stop.cancel();
+            return Err(ServerError::Serve {
+                what: "registration",
+                path: config.registration_socket.clone(),
+                source,
+            });
+        }
+        if stop.is_cancelled() {
+            return Ok(());
+        }
+        tracing::warn!(
+            backoff = ?config.registration_retry_backoff,
+            path = %config.registration_socket.display(),
+            "kubelet rejected registration; re-creating the registration socket after backoff"
+        );
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(config.registration_retry_backoff) => {}
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! End-to-end tests of the DRA + registration server over real Unix sockets, driven by
+//! the kubelet emulator (kubelet-style percent-encoded `:authority` on registration).
+
+use std::collections::HashMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use vfio_gpu_kubelet::grpc::dra::{
+    BoxFuture, ClaimRef, DraBackend, PrepareResults, PreparedDevice, UnprepareResults,
+};
+use vfio_gpu_kubelet::grpc::emulator::{
+    DraVersion, KubeletEmulator, RawGrpcClient, kubelet_authority,
+};
+use vfio_gpu_kubelet::grpc::registration::RegistrationState;
+use vfio_gpu_kubelet::grpc::server::{ServerConfig, ServerHandle, serve};
+
+const DRIVER: &str = "gpu.vfio.example.com";
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// Backend that prepares one device per claim, fails claims whose UID starts with
+/// `fail`, and "forgets" claims whose UID starts with `missing`.
+#[derive(Default)]
+struct MockBackend {
+    calls: Mutex<Vec<(&'static str, Vec<String>)>>,
+}
+
+impl DraBackend for MockBackend {
+    fn prepare(&self, claims: Vec<ClaimRef>) -> BoxFuture<'_, PrepareResults> {
+        Box::pin(async move {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(("prepare", claims.iter().map(|c| c.uid.clone()).collect()));
+            let mut out = HashMap::new();
+            for c in claims {
+                if c.uid.starts_with("missing") {
+                    continue;
+                }
+                let r = if c.uid.starts_with("fail") {
+                    Err(format!("cannot prepare {}/{}", c.namespace, c.name))
+                } else {
+                    Ok(vec![PreparedDevice {
+                        request_names: vec!["gpu".into()],
+                        pool_name: "node-a".into(),
+                        device_name: format!("gpu-{}", c.name),
+                        cdi_device_ids: vec![format!("vfio.example.com/gpu={}", c.uid)],
+                        share_id: Some("share-1".into()),
+                    }])
+                };
+                out.insert(c.uid, r);
+            }
+            out
+        })
+    }
+
+    fn unprepare(&self, claims: Vec<ClaimRef>) -> BoxFuture<'_, UnprepareResults> {
+        Box::pin(async move {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(("unprepare", claims.iter().map(|c| c.uid.clone()).collect()));
+            claims
+                .into_iter()
+                .filter(|c| !c.uid.starts_with("missing"))
+                .map(|c| {
+                    let r = if c.uid.starts_with("fail") {
+                        Err("busy".to_string())
+                    } else {
+                        Ok(())
+                    };
+                    (c.uid, r)
+                })
+                .collect()
+        })
+    }
+}
+
+fn claim(uid: &str) -> ClaimRef {
+    ClaimRef {
+        uid: uid.into(),
+        namespace: "vms".into(),
+        name: format!("claim-{uid}"),
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    config: ServerConfig,
+    backend: Arc<MockBackend>,
+    token: CancellationToken,
+    handle: ServerHandle,
+}
+
+async fn start_in(dir: tempfile::TempDir) -> Fixture {
+    let mut config = ServerConfig::new(
+        DRIVER,
+        &dir.path().join("plugins"),
+        &dir.path().join("plugins_registry"),
+    );
+    config.registration_retry_backoff = Duration::from_millis(300);
+    let backend = Arc::new(MockBackend::default());
+    let token = CancellationToken::new();
+    let handle = serve(config.clone(), backend.clone(), token.clone())
+        .await
+        .unwrap();
+    Fixture {
+        _dir: dir,
+        config,
+        backend,
+        token,
+        handle,
+    }
+}
+
+async fn start() -> Fixture {
+    start_in(tempfile::tempdir().unwrap()).await
+}
+
+/// File identity; inode numbers alone are reused at once after a delete.
+fn file_id(p: &Path) -> (u64, i64, i64) {
+    let m = std::fs::symlink_metadata(p).unwrap();
+    (m.ino(), m.ctime(), m.ctime_nsec())
+}
+
+#[tokio::test]
+async fn kubelet_style_registration_and_v1_round_trip() {
+    tokio::time::timeout(LIMIT, async {
+        let f = start().await;
+        assert_eq!(f.handle.dra_socket, f.config.dra_socket);
+        let emu = KubeletEmulator::new(&f.handle.registration_socket);
+        let plugin = emu.register().await.unwrap();
+        assert_eq!(plugin.info.r#type, "DRAPlugin");
+        assert_eq!(plugin.info.name, DRIVER);
+        assert_eq!(plugin.info.endpoint, f.handle.dra_socket.to_string_lossy());
+        assert_eq!(
+            plugin.info.supported_versions,
+            vec!["v1.DRAPlugin", "v1beta1.DRAPlugin"]
+        );
+        assert_eq!(plugin.version, DraVersion::V1);
+        let mut status = f.handle.registration_status();
+        status
+            .wait_for(|s| *s == RegistrationState::Registered)
+            .await
+            .unwrap();
+
+        let r = plugin
+            .prepare(&[claim("a"), claim("fail-b")])
+            .await
+            .unwrap();
+        assert_eq!(r.len(), 2);
+        let devs = r["a"].as_ref().unwrap();
+        assert_eq!(devs.len(), 1);
+        assert_eq!(devs[0].pool_name, "node-a");
+        assert_eq!(devs[0].device_name, "gpu-claim-a");
+        assert_eq!(devs[0].request_names, vec!["gpu"]);
+        assert_eq!(devs[0].cdi_device_ids, vec!["vfio.example.com/gpu=a"]);
+        assert_eq!(devs[0].share_id.as_deref(), Some("share-1"));
+        assert_eq!(
+            r["fail-b"],
+            Err("cannot prepare vms/claim-fail-b".to_string())
+        );
+
+        let u = plugin
+            .unprepare(&[claim("a"), claim("fail-b")])
+            .await
+            .unwrap();
+        assert_eq!(u["a"], Ok(()));
+        assert_eq!(u["fail-b"], Err("busy".to_string()));
+        let calls = f.backend.calls.lock().unwrap().clone();
+        assert_eq!(
+            calls[0],
+            ("prepare", vec!["a".to_string(), "fail-b".to_string()])
+        );
+        assert_eq!(calls[1].0, "unprepare");
+        f.token.cancel();
+        f.handle.wait().await.unwrap();
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn v1beta1_round_trip_and_old_kubelet_negotiation() {
+    tokio::time::timeout(LIMIT, async {
+        let f = start().await;
+        let old = KubeletEmulator::new(&f.handle.registration_socket)
+            .with_known_versions(vec![DraVersion::V1beta1]);
+        let plugin = old.register().await.unwrap();
+        assert_eq!(plugin.version, DraVersion::V1beta1);
+        let r = plugin.prepare(&[claim("x")]).await.unwrap();
+        let devs = r["x"].as_ref().unwrap();
+        assert_eq!(devs[0].device_name, "gpu-claim-x");
+        assert_eq!(devs[0].cdi_device_ids, vec!["vfio.example.com/gpu=x"]);
+        // v1beta1 has no share_id on the wire.
+        assert_eq!(devs[0].share_id, None);
+        let u = plugin.unprepare(&[claim("x")]).await.unwrap();
+        assert_eq!(u["x"], Ok(()));
+        // Explicit version selection on the same connection.
+        let r1 = plugin
+            .prepare_with(DraVersion::V1, &[claim("y")])
+            .await
+            .unwrap();
+        assert_eq!(
+            r1["y"].as_ref().unwrap()[0].share_id.as_deref(),
+            Some("share-1")
+        );
+        f.token.cancel();
+        f.handle.wait().await.unwrap();
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn missing_claims_get_error_entries_in_both_versions() {
+    tokio::time::timeout(LIMIT, async {
+        let f = start().await;
+        let plugin = KubeletEmulator::new(&f.handle.registration_socket)
+            .register()
+            .await
+            .unwrap();
+        for v in [DraVersion::V1, DraVersion::V1beta1] {
+            let r = plugin
+                .prepare_with(v, &[claim("ok"), claim("missing-1")])
+                .await
+                .unwrap();
+            assert_eq!(r.len(), 2, "{v:?}");
+            assert!(r["ok"].is_ok());
+            let e = r["missing-1"].as_ref().unwrap_err();
+            assert!(e.contains("missing-1"), "{e}");
+            let u = plugin
+                .unprepare_with(v, &[claim("missing-2"), claim("ok")])
+                .await
+                .unwrap();
+            assert_eq!(u.len(), 2);
+            assert!(u["missing-2"].is_err());
+            assert_eq!(u["ok"], Ok(()));
+        }
+        f.token.cancel();
+        f.handle.wait().await.unwrap();
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn sockets_are_0600_and_removed_at_shutdown() {
+    tokio::time::timeout(LIMIT, async {
+        let f = start().await;
+        for p in [&f.handle.dra_socket, &f.handle.registration_socket] {
+            let mode = std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", p.display());
+        }
+        assert_eq!(
+            f.config.dra_socket,
+            f.dir_path().join("plugins").join(DRIVER).join("dra.sock")
+        );
+        assert_eq!(
+            f.config.registration_socket,
+            f.dir_path()
+                .join("plugins_registry")
+                .join(format!("{DRIVER}-reg.sock"))
+        );
+        // A connected DRA client must not keep shutdown from completing.
+        let plugin = KubeletEmulator::new(&f.handle.registration_socket)
+            .register()
+            .await
+            .unwrap();
+        plugin.prepare(&[claim("a")]).await.unwrap();
+        let (dra, reg) = (
+            f.handle.dra_socket.clone(),
+            f.handle.registration_socket.clone(),
+        );
+        f.token.cancel();
+        f.handle.wait().await.unwrap();
+        assert!(!dra.exists());
+        assert!(!reg.exists());
+    })
+    .await
+    .unwrap();
+}
+
+impl Fixture {
+    fn dir_path(&self) -> &Path {
+        self._dir.path()
+    }
+}
+
+#[tokio::test]
+async fn stale_sockets_removed_at_start_and_foreign_socket_kept_at_shutdown() {
+    tokio::time::timeout(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ServerConfig::new(
+            DRIVER,
+            &dir.path().join("plugins"),
+            &dir.path().join("plugins_registry"),
+        );
+        // Leave stale socket files behind, as a crashed instance would.
+        let mut stale = Vec::new();
+        for p in [&config.dra_socket, &config.registration_socket] {
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            drop(std::os::unix::net::UnixListener::bind(p).unwrap());
+            stale.push(file_id(p));
+        }
+        let f = start_in(dir).await;
+        assert_ne!(file_id(&f.handle.dra_socket), stale[0]);
+        assert_ne!(file_id(&f.handle.registration_socket), stale[1]);
+        KubeletEmulator::new(&f.handle.registration_socket)
+            .register()
+            .await
+            .unwrap();
+
+        // Another instance takes over the registration socket path: ours must not
+        // delete it on shutdown.
+        std::fs::remove_file(&f.handle.registration_socket).unwrap();
+        let _other = std::os::unix::net::UnixListener::bind(&f.handle.registration_socket).unwrap();
+        let reg = f.handle.registration_socket.clone();
+        let dra = f.handle.dra_socket.clone();
+        f.token.cancel();
+        f.handle.wait().await.unwrap();
+        assert!(reg.exists(), "foreign socket must survive our shutdown");
+        assert!(!dra.exists());
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn non_socket_file_is_not_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig::new(DRIVER, &dir.path().join("plugins"), &dir.path().join("reg"));
+    std::fs::create_dir_all(config.dra_socket.parent().unwrap()).unwrap();
+    std::fs::write(&config.dra_socket, b"not a socket").unwrap();
+    let err = serve(
+        config.clone(),
+        Arc::new(MockBackend::default()),
+        CancellationToken::new(),
+    )
+    .await
+    .err()
+    .expect("serve must refuse");
+    assert!(err.to_string().contains("dra.sock"), "{err}");
+    assert_eq!(std::fs::read(&config.dra_socket).unwrap(), b"not a socket");
+}
+
+#[tokio::test]
+async fn failed_registration_is_surfaced_and_socket_recreated() {
+    tokio::time::timeout(LIMIT, async {
+        let f = start().await;
+        let mut status = f.handle.registration_status();
+        assert_eq!(*status.borrow(), RegistrationState::Pending);
+        let first_id = file_id(&f.handle.registration_socket);
+        let mut raw = RawGrpcClient::connect(
+            &f.handle.registration_socket,
+            kubelet_authority(&f.handle.registration_socket),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        raw.get_info().await.unwrap();
+        raw.notify_registration_status(false, "version mismatch")
+            .await
+            .unwrap();
+        status
+            .wait_for(|s| *s == RegistrationState::Failed("version mismatch".into()))
+            .await
+            .unwrap();
+        drop(raw);
+        // The socket goes away and comes back as a new file after the backoff.
+        let path = f.handle.registration_socket.clone();
+        loop {
+            let now = std::fs::symlink_metadata(&path)
+                .ok()
+                .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()));
+            if now.is_some_and(|id| id != first_id) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let plugin = KubeletEmulator::new(&path).register().await.unwrap();
+        assert_eq!(plugin.version, DraVersion::V1);
+        status
+            .wait_for(|s| *s == RegistrationState::Registered)
+            .await
+            .unwrap();
+        f.token.cancel();
+        f.handle.wait().await.unwrap();
+        assert!(!path.exists());
+    })
+    .await
+    .unwrap();
+}
