@@ -138,6 +138,10 @@ impl DriverName {
             Err(HostError::BadDriverName(name.chars().take(64).collect()))
         }
     }
+    /// `vfio-pci`, the generic vfio driver.
+    pub fn vfio_pci() -> Self {
+        DriverName("vfio-pci".to_string())
+    }
     /// The name.
     pub fn as_str(&self) -> &str {
         &self.0

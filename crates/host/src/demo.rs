@@ -38,6 +38,9 @@ const PCI_IDS: &str = "\
 \tc030  PEX890xx PCIe Gen 5 Switch
 ";
 
+/// (GPU address, device id, subsystem device, driver, switch port, NUMA node, BARs)
+type DemoGpu = (&'static str, u16, u16, Option<&'static str>, &'static str, i32, [u64; 3]);
+
 fn bdf(s: &str) -> io::Result<Bdf> {
     s.parse()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{e}")))
@@ -104,9 +107,8 @@ pub fn build_demo_host(root: &Path) -> io::Result<FixtureHost> {
             .bars(&[16 << 10]),
     )?;
 
-    // (GPU address, device id, subsystem device, driver, switch port, NUMA node, BARs)
     let h100_bars = [16 << 20, 128u64 << 30, 32 << 20];
-    let gpus: [(&str, u16, u16, Option<&str>, &str, i32, [u64; 3]); 8] = [
+    let gpus: [DemoGpu; 8] = [
         (
             "0000:18:00.0",
             0x2330,

@@ -335,6 +335,38 @@ impl PciHost {
         Ok(host)
     }
 
+    /// Reads one GPU candidate and its relatives only (its slot siblings and
+    /// IOMMU group), without listing the whole bus: the engine's view of one
+    /// GPU right before it acts on it.
+    pub fn scan_one(root: &HostRoot, selector: &GpuSelector, bdf: Bdf) -> Result<Self, HostError> {
+        let mut host = PciHost {
+            root: root.clone(),
+            addresses: Vec::new(),
+            functions: BTreeMap::new(),
+            groups: BTreeMap::new(),
+            iommu_present: fs::read_dir(root.iommu_groups_dir())
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(false),
+            problems: Vec::new(),
+        };
+        for func in 0..8 {
+            if let Some(sibling) = Bdf::new(bdf.domain(), bdf.bus(), bdf.device(), func)
+                && exists(&root.pci_device_dir(&sibling))?
+            {
+                host.addresses.push(sibling);
+            }
+        }
+        if !host.addresses.contains(&bdf) {
+            return Ok(host);
+        }
+        let f = PciFunction::read(root, bdf)?;
+        if selector.matches(&f) {
+            host.load_related(&f)?;
+            host.functions.insert(bdf, f);
+        }
+        Ok(host)
+    }
+
     /// Loads the IOMMU group and slot siblings of a GPU candidate.
     fn load_related(&mut self, f: &PciFunction) -> Result<(), HostError> {
         let mut related: Vec<Bdf> = self
