@@ -13,6 +13,8 @@
 //! the bound-at-start state and our own [`policy`] file. Unknown or
 //! unreadable configuration counts as admin-owned.
 
+#![warn(missing_docs)]
+
 pub mod cmdline;
 pub mod driverctl;
 mod error;

@@ -110,7 +110,8 @@ struct RawBinding {
 
 impl Policy {
     /// Reads and validates a policy file. Every error names the file.
-    pub fn load(path: &Path) -> Result<Policy, IntentError> {
+    pub fn load(path: impl AsRef<Path>) -> Result<Policy, IntentError> {
+        let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|source| IntentError::ReadPolicy {
             path: path.to_path_buf(),
             source,
@@ -119,7 +120,8 @@ impl Policy {
     }
 
     /// Like [`Policy::load`], but a missing file is the default policy.
-    pub fn load_or_default(path: &Path) -> Result<Policy, IntentError> {
+    pub fn load_or_default(path: impl AsRef<Path>) -> Result<Policy, IntentError> {
+        let path = path.as_ref();
         match std::fs::metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Policy::default()),
             _ => Policy::load(path),

@@ -255,14 +255,25 @@ impl IntentSources {
                 }),
             ),
         };
-        IntentSources::build(
+        let sources = IntentSources::build(
             cmdline,
             cmdline_problem,
             ModprobeConfig::load(root),
             builtin_status(root),
             Driverctl::load(root),
             policy.clone(),
-        )
+        );
+        tracing::debug!(
+            builtin = ?sources.builtin.builtin,
+            ids_claims = sources.ids_claims.len(),
+            modprobe_files = sources.modprobe.files.len(),
+            unreadable = sources.modprobe.problems.len()
+                + usize::from(sources.cmdline_problem.is_some())
+                + usize::from(sources.driverctl.problem.is_some()),
+            warnings = sources.warnings.len(),
+            "admin intent sources read"
+        );
+        sources
     }
 
     /// Builds sources from parts already read (tests, `explain` on captured
