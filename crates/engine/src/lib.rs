@@ -1,1 +1,23 @@
-//! placeholder
+//! The binding engine: moves a GPU's IOMMU group to vfio-pci and back.
+//!
+//! - [`kernel`]: the narrow kernel edge ([`kernel::Kernel`]) and the real sysfs implementation.
+//! - [`sim`]: a simulated kernel on fixture trees, for tests and the demo.
+//! - [`ledger`]: the write-ahead record (format-versioned, checksummed, atomic).
+//! - [`Engine`]: configure, unconfigure, reconcile; rollback and deadlines.
+
+mod deadline;
+mod engine;
+mod error;
+pub mod kernel;
+pub mod ledger;
+mod lock;
+pub mod preflight;
+pub mod sim;
+
+pub use deadline::{LateResult, StuckSet};
+pub use engine::{
+    Action, CrashMode, Engine, EngineConfig, GpuView, Inspection, OpenReport, Outcome,
+    ReconcileResult, inspect, pin_text, source_name,
+};
+pub use error::{EngineError, FunctionState};
+pub use ledger::Holder;

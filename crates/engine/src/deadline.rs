@@ -1,0 +1,123 @@
+//! Runs host writes that can block (unbind waits for the driver's `remove()`,
+//! unkillably) on worker threads with a deadline.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vfio_gpu_host::Bdf;
+
+use crate::kernel::{Kernel, SysfsWrite};
+
+/// Outcome of a write run with a deadline.
+#[derive(Debug)]
+pub enum Timed {
+    /// The write returned in time.
+    Done(io::Result<()>),
+    /// The write is still running past the deadline; its device is marked stuck.
+    Stuck {
+        /// How long we waited.
+        waited: Duration,
+    },
+}
+
+/// What a write that outlived its deadline eventually returned.
+#[derive(Clone, Debug)]
+pub struct LateResult {
+    /// The write.
+    pub op: String,
+    /// `Ok` or the error text.
+    pub result: Result<(), String>,
+    /// When it returned.
+    pub finished: Instant,
+}
+
+/// Devices with a write still running past its deadline. A stuck device is
+/// not touched again until that write returns.
+#[derive(Clone, Default)]
+pub struct StuckSet {
+    inner: Arc<Mutex<StuckInner>>,
+}
+
+#[derive(Default)]
+struct StuckInner {
+    running: HashMap<Bdf, String>,
+    late: HashMap<Bdf, LateResult>,
+}
+
+impl StuckSet {
+    /// The write still running on `bdf`, if any.
+    pub fn stuck_on(&self, bdf: Bdf) -> Option<String> {
+        self.lock().running.get(&bdf).cloned()
+    }
+    /// Takes the result of a write on `bdf` that returned after its deadline.
+    pub fn take_late(&self, bdf: Bdf) -> Option<LateResult> {
+        self.lock().late.remove(&bdf)
+    }
+    /// Every device with a write still running.
+    pub fn all(&self) -> Vec<(Bdf, String)> {
+        self.lock()
+            .running
+            .iter()
+            .map(|(b, s)| (*b, s.clone()))
+            .collect()
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, StuckInner> {
+        // A panic elsewhere must not make stuck devices look free.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Runs `op` on a worker thread and waits at most `deadline`.
+pub fn run_with_deadline(
+    kernel: &Arc<dyn Kernel>,
+    op: &SysfsWrite,
+    deadline: Duration,
+    stuck: &StuckSet,
+) -> Timed {
+    let (tx, rx) = mpsc::channel();
+    let k = Arc::clone(kernel);
+    let op2 = op.clone();
+    let stuck2 = stuck.clone();
+    let start = Instant::now();
+    let spawned = thread::Builder::new()
+        .name(format!("sysfs-{}", op.kind()))
+        .spawn(move || {
+            let result = k.write(&op2);
+            let mut inner = stuck2.lock();
+            // If the caller already gave up, the send fails: record the late result.
+            if inner.running.remove(&op2.bdf()).is_some() {
+                inner.late.insert(
+                    op2.bdf(),
+                    LateResult {
+                        op: op2.to_string(),
+                        result: result.as_ref().map(|_| ()).map_err(|e| e.to_string()),
+                        finished: Instant::now(),
+                    },
+                );
+            }
+            let _ = tx.send(result);
+        });
+    if let Err(e) = spawned {
+        return Timed::Done(Err(e));
+    }
+    match rx.recv_timeout(deadline) {
+        Ok(r) => Timed::Done(r),
+        Err(_) => {
+            let mut inner = stuck.lock();
+            // The worker may have finished between the timeout and the lock.
+            match rx.try_recv() {
+                Ok(r) => Timed::Done(r),
+                Err(_) => {
+                    inner.running.insert(op.bdf(), op.to_string());
+                    Timed::Stuck {
+                        waited: start.elapsed(),
+                    }
+                }
+            }
+        }
+    }
+}

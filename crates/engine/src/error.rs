@@ -1,0 +1,194 @@
+use std::fmt;
+
+use serde::Serialize;
+use vfio_gpu_host::{Bdf, HostError};
+
+use crate::ledger::{Holder, LedgerError};
+use crate::preflight::NodeHolder;
+
+/// Where one function ended up, reported with every failure so the admin
+/// knows exactly what state the host is in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FunctionState {
+    /// Address.
+    #[serde(rename = "pciBusID")]
+    pub bdf: Bdf,
+    /// Current driver.
+    pub driver: Option<String>,
+    /// Current `driver_override`.
+    pub driver_override: Option<String>,
+    /// The driver it should be on, when it is not.
+    pub expected: Option<String>,
+}
+
+impl fmt::Display for FunctionState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} on {}",
+            self.bdf,
+            self.driver.as_deref().unwrap_or("no driver")
+        )?;
+        if let Some(o) = &self.driver_override {
+            write!(f, " (override {o})")?;
+        }
+        if let Some(e) = &self.expected {
+            write!(f, " [expected {e}]")?;
+        }
+        Ok(())
+    }
+}
+
+fn list<T: fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Why an engine operation failed. Each variant names the failing step.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Reading the host failed.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// The ledger could not be written: nothing was changed on the host.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// No selected GPU at this address.
+    #[error("no GPU at {0} (not present, or not selected as a GPU)")]
+    UnknownGpu(Bdf),
+    /// The admin pinned the device; it is never moved.
+    #[error("{bdf} is pinned by the administrator ({detail}); it is never moved")]
+    Pinned {
+        /// GPU.
+        bdf: Bdf,
+        /// Which pin.
+        detail: String,
+    },
+    /// No IOMMU group: vfio-pci cannot take the device.
+    #[error(
+        "{0} has no IOMMU group: enable the IOMMU (intel_iommu=on / amd_iommu=on) to pass it through"
+    )]
+    NoIommu(Bdf),
+    /// The IOMMU group holds devices that are not this GPU's.
+    #[error(
+        "{bdf}: its IOMMU group also holds {members}; moving the group would take them from the host (set binding.allow-foreign-group-members in the policy to allow)"
+    )]
+    ForeignGroupMembers {
+        /// GPU.
+        bdf: Bdf,
+        /// The other members.
+        members: String,
+    },
+    /// SR-IOV VFs are enabled on the GPU.
+    #[error("{bdf} has {count} SR-IOV VFs enabled; disable them (sriov_numvfs = 0) first")]
+    VfsEnabled {
+        /// GPU.
+        bdf: Bdf,
+        /// Enabled VFs.
+        count: u32,
+    },
+    /// The vfio driver is not loaded.
+    #[error(
+        "driver {driver} is not loaded (no sys/bus/pci/drivers/{driver}); load it (modprobe {module}) or allow binding.load-vfio-module in the policy"
+    )]
+    VfioDriverMissing {
+        /// Driver name.
+        driver: String,
+        /// Module name.
+        module: String,
+    },
+    /// Running modprobe failed.
+    #[error("modprobe {module} failed: {detail}")]
+    Modprobe {
+        /// Module.
+        module: String,
+        /// Output or error.
+        detail: String,
+    },
+    /// A process still uses the GPU.
+    #[error("{bdf} is in use: {}", list(holders))]
+    Busy {
+        /// GPU.
+        bdf: Bdf,
+        /// Who.
+        holders: Vec<NodeHolder>,
+    },
+    /// nvidia refused its unbind lock (clients still open).
+    #[error(
+        "{bdf}: nvidia would not grant its unbind lock after {attempts} attempts (clients still open?)"
+    )]
+    UnbindLock {
+        /// GPU.
+        bdf: Bdf,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// Held by someone else.
+    #[error("{bdf} is held by {holder}")]
+    HeldByOther {
+        /// GPU.
+        bdf: Bdf,
+        /// Current holder.
+        holder: Holder,
+    },
+    /// A write outlived its deadline; the GPU is left alone until it returns.
+    #[error(
+        "{bdf} is stuck: {op} did not return within {secs:.1} s; the GPU is not touched until it does (other GPUs are unaffected)"
+    )]
+    Stuck {
+        /// GPU.
+        bdf: Bdf,
+        /// The write.
+        op: String,
+        /// Seconds waited.
+        secs: f64,
+    },
+    /// A step failed and everything was put back.
+    #[error("{step} failed: {cause}; rolled back: {}", list(functions))]
+    RolledBack {
+        /// The failing step.
+        step: String,
+        /// Its error.
+        cause: String,
+        /// Where every function is now.
+        functions: Vec<FunctionState>,
+    },
+    /// A step failed and putting things back failed too.
+    #[error(
+        "{step} failed: {cause}; rollback incomplete ({rollback}): {}",
+        list(functions)
+    )]
+    RollbackIncomplete {
+        /// The failing step.
+        step: String,
+        /// Its error.
+        cause: String,
+        /// What went wrong in the rollback.
+        rollback: String,
+        /// Where every function is now.
+        functions: Vec<FunctionState>,
+    },
+    /// Restoring the host driver failed; the GPU was kept on vfio.
+    #[error(
+        "returning {bdf} to its driver failed: {cause}; kept on vfio so it is not left without a driver: {}",
+        list(functions)
+    )]
+    RestoreFailed {
+        /// GPU.
+        bdf: Bdf,
+        /// Why.
+        cause: String,
+        /// Where every function is now.
+        functions: Vec<FunctionState>,
+    },
+    /// Test hook: the process "died" after this step.
+    #[error("simulated crash after step {0}")]
+    SimulatedCrash(u64),
+    /// Another engine owns the state directory.
+    #[error("state directory {0} is locked by another vfio-gpu-dra process")]
+    StateLocked(String),
+}

@@ -1,0 +1,178 @@
+//! The kernel edge: the only host mutations the engine makes, as one narrow
+//! trait, with the real sysfs implementation. [`crate::sim::SimKernel`] is
+//! the test double.
+
+use std::fmt;
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use vfio_gpu_host::{Bdf, DriverName, HostError, HostRoot, PciFunction};
+
+/// One sysfs (or procfs) write. Every host mutation the engine makes is one
+/// of these, so deadlines, fault injection and crash points apply uniformly.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SysfsWrite {
+    /// `devices/<BDF>/driver_override` ← a driver name, or `"\n"` to clear.
+    DriverOverride {
+        /// Device.
+        bdf: Bdf,
+        /// A driver name, or `None` to clear (written as `"\n"`).
+        driver: Option<String>,
+    },
+    /// `drivers/<driver>/unbind` ← BDF. Can block for minutes.
+    Unbind {
+        /// Device.
+        bdf: Bdf,
+        /// The driver it is bound to.
+        driver: DriverName,
+    },
+    /// `drivers/<driver>/bind` ← BDF. Reports probe errors (ENODEV, EBUSY, EINVAL…).
+    Bind {
+        /// Device.
+        bdf: Bdf,
+        /// Driver to bind.
+        driver: DriverName,
+    },
+    /// `drivers_probe` ← BDF. Succeeds even when nothing binds.
+    DriversProbe {
+        /// Device.
+        bdf: Bdf,
+    },
+    /// `/proc/driver/nvidia/gpus/<BDF>/unbindLock` ← `1` (take) or `0` (release).
+    NvidiaUnbindLock {
+        /// Device.
+        bdf: Bdf,
+        /// Take (true) or release (false).
+        take: bool,
+    },
+}
+
+impl SysfsWrite {
+    /// The device written about.
+    pub fn bdf(&self) -> Bdf {
+        match self {
+            SysfsWrite::DriverOverride { bdf, .. }
+            | SysfsWrite::Unbind { bdf, .. }
+            | SysfsWrite::Bind { bdf, .. }
+            | SysfsWrite::DriversProbe { bdf }
+            | SysfsWrite::NvidiaUnbindLock { bdf, .. } => *bdf,
+        }
+    }
+
+    /// Short name of the operation (`unbind`, `bind`, …) for logs and fault rules.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SysfsWrite::DriverOverride { .. } => "driver_override",
+            SysfsWrite::Unbind { .. } => "unbind",
+            SysfsWrite::Bind { .. } => "bind",
+            SysfsWrite::DriversProbe { .. } => "drivers_probe",
+            SysfsWrite::NvidiaUnbindLock { .. } => "unbindLock",
+        }
+    }
+
+    /// The path written and the bytes, under `root`.
+    pub fn target(&self, root: &HostRoot) -> (PathBuf, Vec<u8>) {
+        match self {
+            SysfsWrite::DriverOverride { bdf, driver } => (
+                root.pci_attr(bdf, "driver_override"),
+                // sysfs drops zero-length writes; "\n" is how to clear.
+                match driver {
+                    Some(d) => d.as_bytes().to_vec(),
+                    None => b"\n".to_vec(),
+                },
+            ),
+            SysfsWrite::Unbind { bdf, driver } => (
+                root.pci_driver_dir(driver).join("unbind"),
+                bdf.to_string().into_bytes(),
+            ),
+            SysfsWrite::Bind { bdf, driver } => (
+                root.pci_driver_dir(driver).join("bind"),
+                bdf.to_string().into_bytes(),
+            ),
+            SysfsWrite::DriversProbe { bdf } => {
+                (root.pci_drivers_probe(), bdf.to_string().into_bytes())
+            }
+            SysfsWrite::NvidiaUnbindLock { bdf, take } => (
+                root.rel("proc/driver/nvidia/gpus")
+                    .join(bdf.to_string())
+                    .join("unbindLock"),
+                if *take { b"1".to_vec() } else { b"0".to_vec() },
+            ),
+        }
+    }
+}
+
+impl fmt::Display for SysfsWrite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SysfsWrite::DriverOverride { bdf, driver } => write!(
+                f,
+                "driver_override of {bdf} ← {}",
+                driver.as_deref().unwrap_or("(clear)")
+            ),
+            SysfsWrite::Unbind { bdf, driver } => write!(f, "unbind {bdf} from {driver}"),
+            SysfsWrite::Bind { bdf, driver } => write!(f, "bind {bdf} to {driver}"),
+            SysfsWrite::DriversProbe { bdf } => write!(f, "drivers_probe {bdf}"),
+            SysfsWrite::NvidiaUnbindLock { bdf, take } => write!(
+                f,
+                "{} nvidia unbind lock of {bdf}",
+                if *take { "take" } else { "release" }
+            ),
+        }
+    }
+}
+
+/// The host operations of the engine. Implementations must be callable from
+/// several threads at once; any call may block (the engine runs each one on
+/// a worker with a deadline).
+pub trait Kernel: Send + Sync + 'static {
+    /// The host root everything is read under.
+    fn root(&self) -> &HostRoot;
+    /// Performs one write.
+    fn write(&self, op: &SysfsWrite) -> io::Result<()>;
+    /// Reads one function's current state.
+    fn read_function(&self, bdf: Bdf) -> Result<PciFunction, HostError> {
+        PciFunction::read(self.root(), bdf)
+    }
+}
+
+/// The real kernel: writes sysfs files under the host root.
+#[derive(Clone, Debug)]
+pub struct SysfsKernel {
+    root: HostRoot,
+}
+
+impl SysfsKernel {
+    /// A kernel edge writing under `root`.
+    pub fn new(root: HostRoot) -> Self {
+        SysfsKernel { root }
+    }
+}
+
+impl Kernel for SysfsKernel {
+    fn root(&self) -> &HostRoot {
+        &self.root
+    }
+
+    fn write(&self, op: &SysfsWrite) -> io::Result<()> {
+        let (path, bytes) = op.target(&self.root);
+        // Write-only, no create or truncate: sysfs attributes exist or the
+        // operation is unsupported. One write(2) = one store call.
+        let mut file = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", path.display())))?;
+        let n = file
+            .write(&bytes)
+            .map_err(|e| io::Error::new(e.kind(), format!("writing {}: {e}", path.display())))?;
+        if n != bytes.len() {
+            return Err(io::Error::other(format!(
+                "short write to {} ({n} of {} bytes)",
+                path.display(),
+                bytes.len()
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,128 @@
+//! Shared fixture for engine tests: a small host with the cases that matter.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use vfio_gpu_engine::sim::SimKernel;
+use vfio_gpu_engine::{CrashMode, Engine, EngineConfig};
+use vfio_gpu_host::fixture::{FixtureHost, FunctionSpec};
+use vfio_gpu_host::{Bdf, GpuSelector, HostRoot};
+use vfio_gpu_intent::Policy;
+
+pub fn bdf(s: &str) -> Bdf {
+    s.parse().unwrap()
+}
+
+/// GPU A: 0000:65:00.0 VGA on nvidia + 0000:65:00.1 HDA on snd_hda_intel (group 11).
+pub const A: &str = "0000:65:00.0";
+pub const A_AUDIO: &str = "0000:65:00.1";
+/// GPU B: 0000:66:00.0 3D on nvidia (group 12).
+pub const B: &str = "0000:66:00.0";
+/// GPU C: 0000:67:00.0, 10de:2330, pre-bound to vfio-pci by vfio-pci.ids on the command line (group 13).
+pub const C: &str = "0000:67:00.0";
+/// GPU D: 0000:68:00.0, 10de:2330, named by vfio-pci.ids but currently on nvidia (group 14).
+pub const D: &str = "0000:68:00.0";
+/// GPU E: 0000:69:00.0 on nvidia, its group holds a NIC 0000:69:01.0 (group 15).
+pub const E: &str = "0000:69:00.0";
+/// GPU F: 0000:6a:00.0 with no driver at all (group 16).
+pub const F: &str = "0000:6a:00.0";
+
+pub fn build_host(root: &Path) -> FixtureHost {
+    let mut h = FixtureHost::create(root).unwrap();
+    h.write(
+        "proc/cmdline",
+        "BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro intel_iommu=on vfio-pci.ids=10de:2330\n",
+    )
+    .unwrap();
+    for d in ["vfio-pci", "nvidia", "snd_hda_intel", "mlx5_core"] {
+        h.add_driver(d).unwrap();
+    }
+    h.add_function(
+        &FunctionSpec::new(bdf(A), 0x10de, 0x26b1, 0x030000)
+            .driver("nvidia")
+            .group(11)
+            .numa(0),
+    )
+    .unwrap();
+    h.add_function(
+        &FunctionSpec::new(bdf(A_AUDIO), 0x10de, 0x22ba, 0x040300)
+            .driver("snd_hda_intel")
+            .group(11),
+    )
+    .unwrap();
+    h.add_function(
+        &FunctionSpec::new(bdf(B), 0x10de, 0x20b2, 0x030200)
+            .driver("nvidia")
+            .group(12),
+    )
+    .unwrap();
+    h.add_function(
+        &FunctionSpec::new(bdf(C), 0x10de, 0x2330, 0x030200)
+            .driver("vfio-pci")
+            .group(13),
+    )
+    .unwrap();
+    h.add_function(
+        &FunctionSpec::new(bdf(D), 0x10de, 0x2330, 0x030200)
+            .driver("nvidia")
+            .group(14),
+    )
+    .unwrap();
+    h.add_function(
+        &FunctionSpec::new(bdf(E), 0x10de, 0x27b8, 0x030200)
+            .driver("nvidia")
+            .group(15),
+    )
+    .unwrap();
+    h.add_function(
+        &FunctionSpec::new(bdf("0000:69:01.0"), 0x15b3, 0x101d, 0x020000)
+            .driver("mlx5_core")
+            .group(15),
+    )
+    .unwrap();
+    h.add_function(&FunctionSpec::new(bdf(F), 0x10de, 0x20b5, 0x030200).group(16))
+        .unwrap();
+    h
+}
+
+pub fn sim(root: &Path) -> SimKernel {
+    let root = HostRoot::open(root).unwrap();
+    SimKernel::booted(root)
+}
+
+pub fn config() -> EngineConfig {
+    EngineConfig {
+        crash_mode: CrashMode::Return,
+        unbind_lock_backoff: std::time::Duration::from_millis(1),
+        state_lock_wait: std::time::Duration::from_secs(5),
+        ..EngineConfig::default()
+    }
+}
+
+pub fn engine_with(kernel: &SimKernel, state: &Path, config: EngineConfig) -> Engine {
+    Engine::open(
+        Arc::new(kernel.clone()),
+        state,
+        GpuSelector::default(),
+        Policy::default(),
+        config,
+    )
+    .unwrap()
+    .0
+}
+
+pub fn engine(kernel: &SimKernel, state: &Path) -> Engine {
+    engine_with(kernel, state, config())
+}
+
+/// (driver, driver_override) of a function as sysfs shows it.
+pub fn state_of(root: &Path, b: &str) -> (Option<String>, Option<String>) {
+    let root = HostRoot::open(root).unwrap();
+    let f = vfio_gpu_host::PciFunction::read(&root, bdf(b)).unwrap();
+    (f.driver.map(|d| d.to_string()), f.driver_override)
+}
+
+pub fn driver_of(root: &Path, b: &str) -> Option<String> {
+    state_of(root, b).0
+}

@@ -1,0 +1,163 @@
+//! The ledger never crash-loops the process: untrusted files are moved
+//! aside and reported; unknown fields survive a round trip.
+
+mod common;
+
+use common::*;
+use vfio_gpu_engine::Holder;
+use vfio_gpu_engine::ledger::{LedgerFile, decode, encode};
+
+fn claim() -> Holder {
+    Holder::Claim {
+        uid: "u".into(),
+        namespace: "n".into(),
+        name: "c".into(),
+    }
+}
+
+fn configured_state() -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let state = dir.path().join("state");
+    let e = engine(&k, &state);
+    e.configure(bdf(B), claim()).unwrap();
+    drop(e);
+    let bytes = std::fs::read(state.join("ledger.json")).unwrap();
+    (dir, state, bytes)
+}
+
+fn reopen_with(bytes: &[u8], expect_reason: &str) {
+    let (dir, state, _) = configured_state();
+    std::fs::write(state.join("ledger.json"), bytes).unwrap();
+    let host = dir.path().join("host");
+    let k = sim(&host);
+    let (e, report) = vfio_gpu_engine::Engine::open(
+        std::sync::Arc::new(k.clone()),
+        &state,
+        vfio_gpu_host::GpuSelector::default(),
+        vfio_gpu_intent::Policy::default(),
+        config(),
+    )
+    .unwrap();
+    let problem = report.ledger_problem.expect("problem reported");
+    assert!(problem.reason.contains(expect_reason), "{}", problem.reason);
+    let moved = problem.moved_to.expect("moved aside");
+    assert!(moved.exists());
+    // State rebuilt from the host: B is on vfio with no record → admin-owned, left alone.
+    assert!(e.ledger().gpus.is_empty());
+    let out = e.unconfigure(bdf(B), None).unwrap();
+    assert_eq!(out.action, vfio_gpu_engine::Action::LeftOnVfio);
+    assert!(out.detail.contains("bound-at-start"), "{}", out.detail);
+    // And a fresh ledger is written fine.
+    e.configure(bdf(A), claim()).unwrap();
+    assert!(decode(&std::fs::read(state.join("ledger.json")).unwrap()).is_ok());
+}
+
+#[test]
+fn truncated_ledger() {
+    let (_d, _s, bytes) = configured_state();
+    reopen_with(&bytes[..bytes.len() / 2], "checksum mismatch");
+    reopen_with(&bytes[..10], "no header line");
+}
+
+#[test]
+fn garbage_ledger() {
+    reopen_with(b"\x00\x01garbage\nmore", "header");
+    reopen_with(b"", "no header line");
+}
+
+#[test]
+fn edited_ledger_fails_checksum() {
+    let (_d, _s, bytes) = configured_state();
+    let text = String::from_utf8(bytes)
+        .unwrap()
+        .replace("nvidia", "nouveau");
+    reopen_with(text.as_bytes(), "checksum mismatch");
+}
+
+#[test]
+fn future_format_is_set_aside_not_crashed_on() {
+    let (_d, _s, bytes) = configured_state();
+    let text = String::from_utf8(bytes)
+        .unwrap()
+        .replacen("format=1", "format=7", 1);
+    reopen_with(text.as_bytes(), "format 7 is newer");
+}
+
+#[test]
+fn unknown_fields_round_trip() {
+    let (dir, state, bytes) = configured_state();
+    let mut body = decode(&bytes).unwrap();
+    body.extra
+        .insert("futureTopLevel".into(), serde_json::json!({"a": 1}));
+    let rec = body.gpus.get_mut(&bdf(B)).unwrap();
+    rec.extra
+        .insert("fabricPartition".into(), serde_json::json!(7));
+    rec.functions[0]
+        .extra
+        .insert("resetMethod".into(), serde_json::json!("flr"));
+    std::fs::write(state.join("ledger.json"), encode(&body)).unwrap();
+    // An operation on another GPU rewrites the file: the unknown fields stay.
+    let host = dir.path().join("host");
+    let k = sim(&host);
+    let e = engine(&k, &state);
+    e.configure(bdf(A), claim()).unwrap();
+    drop(e);
+    let after = decode(&std::fs::read(state.join("ledger.json")).unwrap()).unwrap();
+    assert_eq!(after.extra["futureTopLevel"], serde_json::json!({"a": 1}));
+    assert_eq!(
+        after.gpus[&bdf(B)].extra["fabricPartition"],
+        serde_json::json!(7)
+    );
+    assert_eq!(
+        after.gpus[&bdf(B)].functions[0].extra["resetMethod"],
+        serde_json::json!("flr")
+    );
+}
+
+#[test]
+fn records_from_an_earlier_boot_are_hints_only() {
+    let (dir, state, _) = configured_state();
+    let host = dir.path().join("host");
+    std::fs::write(
+        host.join("proc/sys/kernel/random/boot_id"),
+        "11111111-2222-4333-8444-555555555555\n",
+    )
+    .unwrap();
+    let k = sim(&host);
+    let (e, report) = vfio_gpu_engine::Engine::open(
+        std::sync::Arc::new(k),
+        &state,
+        vfio_gpu_host::GpuSelector::default(),
+        vfio_gpu_intent::Policy::default(),
+        config(),
+    )
+    .unwrap();
+    assert_eq!(report.earlier_boot_records.len(), 1, "{report:?}");
+    assert!(e.ledger().gpus.is_empty());
+}
+
+#[test]
+fn concurrent_engines_on_one_state_dir_are_refused() {
+    let (dir, state, _) = configured_state();
+    let host = dir.path().join("host");
+    let k = sim(&host);
+    let _first = engine(&k, &state);
+    let second = vfio_gpu_engine::Engine::open(
+        std::sync::Arc::new(k.clone()),
+        &state,
+        vfio_gpu_host::GpuSelector::default(),
+        vfio_gpu_intent::Policy::default(),
+        vfio_gpu_engine::EngineConfig {
+            state_lock_wait: std::time::Duration::from_millis(100),
+            ..config()
+        },
+    );
+    assert!(matches!(
+        second,
+        Err(vfio_gpu_engine::EngineError::StateLocked(_))
+    ));
+    let _ = LedgerFile::new(&state).unwrap();
+}

@@ -1,0 +1,396 @@
+//! configure / unconfigure / rollback / deadlines / concurrency on the simulated kernel.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use vfio_gpu_engine::sim::{BlockHandle, Fault, FaultAction, errno};
+use vfio_gpu_engine::{Action, EngineConfig, EngineError, Holder};
+
+fn claim(uid: &str) -> Holder {
+    Holder::Claim {
+        uid: uid.into(),
+        namespace: "vms".into(),
+        name: format!("claim-{uid}"),
+    }
+}
+
+#[test]
+fn moves_gpu_with_companion_and_returns_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let e = engine(&k, &dir.path().join("state"));
+
+    let out = e.configure(bdf(A), claim("u1")).unwrap();
+    assert_eq!(out.action, Action::Moved);
+    assert_eq!(driver_of(&host, A).as_deref(), Some("vfio-pci"));
+    assert_eq!(driver_of(&host, A_AUDIO).as_deref(), Some("vfio-pci"));
+    assert!(host.join("dev/vfio/11").exists(), "group node created");
+    assert_eq!(out.vfio_devices.len(), 2);
+    // Override first, then unbind, then bind: no auto-probe window.
+    let log = k.log();
+    let first: Vec<&str> = log.iter().take(3).map(|s| s.as_str()).collect();
+    assert_eq!(
+        first,
+        [
+            "driver_override of 0000:65:00.0 ← vfio-pci",
+            "unbind 0000:65:00.0 from nvidia",
+            "bind 0000:65:00.0 to vfio-pci"
+        ]
+    );
+    let rec = e.ledger().gpus[&bdf(A)].clone();
+    assert_eq!(rec.functions.len(), 2);
+    assert_eq!(
+        rec.functions[1].original_driver.as_ref().unwrap().as_str(),
+        "snd_hda_intel"
+    );
+
+    let out = e.unconfigure(bdf(A), Some(&claim("u1"))).unwrap();
+    assert_eq!(out.action, Action::Restored, "{}", out.detail);
+    assert_eq!(state_of(&host, A), (Some("nvidia".into()), None));
+    assert_eq!(
+        state_of(&host, A_AUDIO),
+        (Some("snd_hda_intel".into()), None)
+    );
+    assert!(!host.join("dev/vfio/11").exists(), "group node gone");
+    assert!(e.ledger().gpus.is_empty());
+}
+
+#[test]
+fn prebound_gpu_is_a_recorded_noop_and_stays_on_vfio() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let e = engine(&k, &dir.path().join("state"));
+    let out = e.configure(bdf(C), claim("u1")).unwrap();
+    assert_eq!(out.action, Action::AlreadyOnVfio);
+    assert!(k.log().is_empty(), "no host writes: {:?}", k.log());
+    assert!(e.ledger().gpus[&bdf(C)].was_on_vfio);
+    let out = e.unconfigure(bdf(C), Some(&claim("u1"))).unwrap();
+    assert_eq!(out.action, Action::LeftOnVfio);
+    assert!(out.detail.contains("kernel-cmdline"), "{}", out.detail);
+    assert!(k.log().is_empty());
+    assert_eq!(driver_of(&host, C).as_deref(), Some("vfio-pci"));
+}
+
+#[test]
+fn cmdline_named_gpu_on_nvidia_stays_on_vfio_after_release_upstream_1099() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let e = engine(&k, &dir.path().join("state"));
+    assert_eq!(
+        e.configure(bdf(D), claim("u1")).unwrap().action,
+        Action::Moved
+    );
+    let out = e.unconfigure(bdf(D), Some(&claim("u1"))).unwrap();
+    assert_eq!(out.action, Action::LeftOnVfio);
+    assert_eq!(driver_of(&host, D).as_deref(), Some("vfio-pci"));
+    // Survives a restart: a new engine on the same state still keeps it.
+    drop(e);
+    let e = engine(&k, &dir.path().join("state"));
+    let out = e.unconfigure(bdf(D), None).unwrap();
+    assert_eq!(out.action, Action::LeftOnVfio);
+}
+
+#[test]
+fn failed_bind_rolls_back_every_function() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let e = engine(&k, &dir.path().join("state"));
+    k.inject(Fault::on(
+        "bind",
+        bdf(A_AUDIO),
+        FaultAction::Fail(errno::EBUSY),
+    ));
+    let err = e.configure(bdf(A), claim("u1")).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, EngineError::RolledBack { .. }), "{text}");
+    assert!(text.contains("bind 0000:65:00.1 to vfio-pci"), "{text}");
+    assert!(text.contains("0000:65:00.0 on nvidia"), "{text}");
+    assert!(text.contains("0000:65:00.1 on snd_hda_intel"), "{text}");
+    assert_eq!(state_of(&host, A), (Some("nvidia".into()), None));
+    assert_eq!(
+        state_of(&host, A_AUDIO),
+        (Some("snd_hda_intel".into()), None)
+    );
+    assert!(e.ledger().gpus.is_empty());
+}
+
+#[test]
+fn probe_that_binds_nothing_is_caught_by_verification() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let e = engine(&k, &dir.path().join("state"));
+    // The kernel "accepts" the bind write but nothing binds.
+    k.inject(Fault::on("bind", bdf(B), FaultAction::ProbeBindsNothing));
+    let err = e.configure(bdf(B), claim("u1")).unwrap_err();
+    assert!(
+        err.to_string().contains("verify 0000:66:00.0 on vfio-pci"),
+        "{err}"
+    );
+    assert_eq!(state_of(&host, B), (Some("nvidia".into()), None));
+}
+
+#[test]
+fn restore_failure_keeps_gpu_on_vfio_never_driverless() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let e = engine(&k, &dir.path().join("state"));
+    e.configure(bdf(B), claim("u1")).unwrap();
+    k.inject(Fault::on("bind", bdf(B), FaultAction::Fail(errno::EIO)));
+    let err = e.unconfigure(bdf(B), Some(&claim("u1"))).unwrap_err();
+    assert!(matches!(err, EngineError::RestoreFailed { .. }), "{err}");
+    assert_eq!(driver_of(&host, B).as_deref(), Some("vfio-pci"));
+    // The record stays: reconcile retries later.
+    let rec = e.ledger().gpus[&bdf(B)].clone();
+    assert_eq!(rec.state, vfio_gpu_engine::ledger::OpState::Releasing);
+    let results = e.reconcile().unwrap();
+    assert!(
+        results
+            .iter()
+            .any(|r| matches!(r, Ok(o) if o.bdf == bdf(B) && o.action == Action::FinishedRelease))
+    );
+    assert_eq!(state_of(&host, B), (Some("nvidia".into()), None));
+}
+
+#[test]
+fn foreign_group_member_is_refused_and_nothing_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let e = engine(&k, &dir.path().join("state"));
+    let err = e.configure(bdf(E), claim("u1")).unwrap_err();
+    assert!(
+        matches!(err, EngineError::ForeignGroupMembers { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("0000:69:01.0"), "{err}");
+    assert!(k.log().is_empty());
+    assert!(e.ledger().gpus.is_empty());
+}
+
+#[test]
+fn pinned_vfs_and_unknown_devices_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    let h = build_host(&host);
+    h.write("etc/driverctl.d/pci-0000:66:00.0", "nvidia\n")
+        .unwrap();
+    let k = sim(&host);
+    let e = engine(&k, &dir.path().join("state"));
+    let err = e.configure(bdf(B), claim("u1")).unwrap_err();
+    assert!(matches!(err, EngineError::Pinned { .. }), "{err}");
+    let err = e.configure(bdf("0000:70:00.0"), claim("u1")).unwrap_err();
+    assert!(matches!(err, EngineError::UnknownGpu(_)), "{err}");
+    // VFs enabled on D.
+    std::fs::write(h.device_dir(bdf(D)).unwrap().join("sriov_numvfs"), "2\n").unwrap();
+    let err = e.configure(bdf(D), claim("u1")).unwrap_err();
+    assert!(
+        matches!(err, EngineError::VfsEnabled { count: 2, .. }),
+        "{err}"
+    );
+    assert!(k.log().is_empty());
+}
+
+#[test]
+fn process_holding_the_gpu_blocks_the_move() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    let h = build_host(&host);
+    h.write(
+        "proc/driver/nvidia/gpus/0000:66:00.0/information",
+        "Model: A100\nDevice Minor: \t 3\n",
+    )
+    .unwrap();
+    h.write("dev/nvidia3", "").unwrap();
+    h.write("proc/4242/comm", "dcgm-exporter\n").unwrap();
+    std::fs::create_dir_all(host.join("proc/4242/fd")).unwrap();
+    std::os::unix::fs::symlink(host.join("dev/nvidia3"), host.join("proc/4242/fd/7")).unwrap();
+    let k = sim(&host);
+    let e = engine(&k, &dir.path().join("state"));
+    let err = e.configure(bdf(B), claim("u1")).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("dcgm-exporter (pid 4242) holds /dev/nvidia3"),
+        "{err}"
+    );
+    assert!(k.log().is_empty());
+    std::fs::remove_file(host.join("proc/4242/fd/7")).unwrap();
+    assert_eq!(
+        e.configure(bdf(B), claim("u1")).unwrap().action,
+        Action::Moved
+    );
+}
+
+#[test]
+fn vm_still_attached_blocks_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let e = engine(&k, &dir.path().join("state"));
+    e.configure(bdf(B), claim("u1")).unwrap();
+    std::fs::create_dir_all(host.join("proc/777/fd")).unwrap();
+    std::fs::write(host.join("proc/777/comm"), "qemu-kvm\n").unwrap();
+    std::os::unix::fs::symlink(host.join("dev/vfio/12"), host.join("proc/777/fd/30")).unwrap();
+    let err = e.unconfigure(bdf(B), Some(&claim("u1"))).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("qemu-kvm (pid 777) holds /dev/vfio/12"),
+        "{err}"
+    );
+    assert_eq!(driver_of(&host, B).as_deref(), Some("vfio-pci"));
+}
+
+#[test]
+fn nvidia_unbind_lock_is_taken_and_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    let h = build_host(&host);
+    h.write("proc/driver/nvidia/gpus/0000:66:00.0/unbindLock", "0\n")
+        .unwrap();
+    let k = sim(&host);
+    let e = engine(&k, &dir.path().join("state"));
+    e.configure(bdf(B), claim("u1")).unwrap();
+    assert!(
+        k.log()[0].contains("take nvidia unbind lock"),
+        "{:?}",
+        k.log()
+    );
+    assert!(e.ledger().gpus[&bdf(B)].changes.unbind_lock_taken);
+    e.unconfigure(bdf(B), None).unwrap();
+    assert!(
+        k.log()
+            .iter()
+            .any(|l| l.contains("release nvidia unbind lock"))
+    );
+    let v = std::fs::read_to_string(host.join("proc/driver/nvidia/gpus/0000:66:00.0/unbindLock"))
+        .unwrap();
+    assert_eq!(v.trim(), "0");
+}
+
+#[test]
+fn stuck_unbind_times_out_without_delaying_other_gpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let e = engine_with(
+        &k,
+        &dir.path().join("state"),
+        EngineConfig {
+            unbind_deadline: Duration::from_millis(300),
+            ..config()
+        },
+    );
+    let gate = BlockHandle::new();
+    k.inject(Fault::on(
+        "unbind",
+        bdf(B),
+        FaultAction::Block(gate.clone()),
+    ));
+    let start = Instant::now();
+    let results = e.configure_many(&[(bdf(B), claim("u1")), (bdf(A), claim("u2"))]);
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(3), "returned in {took:?}");
+    let err = results[0].as_ref().unwrap_err();
+    assert!(matches!(err, EngineError::Stuck { .. }), "{err}");
+    assert_eq!(results[1].as_ref().unwrap().action, Action::Moved);
+    // Not touched again while stuck.
+    let again = e.configure(bdf(B), claim("u1")).unwrap_err();
+    assert!(matches!(again, EngineError::Stuck { .. }), "{again}");
+    assert!(e.ledger().gpus[&bdf(B)].stuck_on.is_some());
+    // The write returns; reconcile rolls the interrupted move back.
+    gate.release();
+    std::thread::sleep(Duration::from_millis(100));
+    let res = e.reconcile().unwrap();
+    assert!(
+        res.iter()
+            .any(|r| matches!(r, Ok(o) if o.bdf == bdf(B) && o.action == Action::RolledBack)),
+        "{res:?}"
+    );
+    assert_eq!(state_of(&host, B), (Some("nvidia".into()), None));
+}
+
+#[test]
+fn same_group_is_serialised_and_second_holder_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    k.set_latency("unbind", "nvidia", Duration::from_millis(100));
+    let e = engine(&k, &dir.path().join("state"));
+    let results = e.configure_many(&[(bdf(B), claim("u1")), (bdf(B), claim("u2"))]);
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let held = results
+        .iter()
+        .filter(|r| matches!(r, Err(EngineError::HeldByOther { .. })))
+        .count();
+    assert_eq!((ok, held), (1, 1), "{results:?}");
+    // Idempotent for the winner.
+    let winner = e.ledger().gpus[&bdf(B)].holder.clone().unwrap();
+    assert_eq!(
+        e.configure(bdf(B), winner).unwrap().action,
+        Action::AlreadyConfigured
+    );
+}
+
+#[test]
+fn different_groups_run_in_parallel() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    k.set_latency("unbind", "nvidia", Duration::from_millis(300));
+    let e = engine(&k, &dir.path().join("state"));
+    let start = Instant::now();
+    let results = e.configure_many(&[
+        (bdf(A), claim("u1")),
+        (bdf(B), claim("u2")),
+        (bdf(D), claim("u3")),
+    ]);
+    let took = start.elapsed();
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    // Serially this would be ≥ 900 ms.
+    assert!(took < Duration::from_millis(800), "took {took:?}");
+}
+
+#[test]
+fn reconcile_records_bound_at_start_and_rebinds_driverless() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    let h = build_host(&host);
+    // B lost its driver (someone unbound it by hand).
+    h.unlink_driver(bdf(B)).unwrap();
+    let k = sim(&host);
+    let e = engine(&k, &dir.path().join("state"));
+    let res = e.reconcile().unwrap();
+    let find = |b: &str| {
+        res.iter()
+            .find_map(|r| r.as_ref().ok().filter(|o| o.bdf == bdf(b)).cloned())
+            .unwrap()
+    };
+    assert_eq!(find(C).action, Action::RecordedPrebound);
+    assert_eq!(find(B).action, Action::Rebound);
+    assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
+    // F had no driver: the kernel's own choice (nvidia's ID table) takes it.
+    assert_eq!(find(F).action, Action::Rebound);
+    assert_eq!(driver_of(&host, F).as_deref(), Some("nvidia"));
+    assert_eq!(
+        e.ledger().gpus[&bdf(C)].state,
+        vfio_gpu_engine::ledger::OpState::Prebound
+    );
+}
