@@ -1,1 +1,174 @@
-fn main() {}
+//! `vfio-gpu-dra`: inspect, bind and release passthrough GPUs, and serve the
+//! kubelet DRA plugin. A thin layer over the library crates.
+
+mod render;
+mod setup;
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use vfio_gpu_engine::Holder;
+use vfio_gpu_host::Bdf;
+
+use setup::{EngineOpts, HostOpts};
+
+/// Hands whole GPUs to virtual machines over VFIO, keeping the
+/// administrator's vfio-pci bindings where they are.
+#[derive(Parser, Debug)]
+#[command(name = "vfio-gpu-dra", version, about, long_about = None)]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true, env = "VFIO_GPU_DRA_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List the GPUs, their IOMMU groups and whether they are kept on vfio-pci.
+    Devices(HostOpts),
+    /// Show every admin-intent signal considered for one GPU, and the verdict.
+    Explain {
+        /// PCI address of the GPU, e.g. 0000:65:00.0.
+        bdf: String,
+        #[command(flatten)]
+        host: HostOpts,
+    },
+    /// Move GPUs (with every function of their IOMMU group) to vfio-pci.
+    Bind(BindArgs),
+    /// Give GPUs back to their original drivers, unless the admin keeps them on vfio-pci.
+    Release(ReleaseArgs),
+    /// Finish or roll back interrupted operations and repair driverless GPUs.
+    Reconcile(EngineOpts),
+    /// Print the ledger: what vfio-gpu-dra did to which GPU, and who holds it.
+    Ledger(EngineOpts),
+}
+
+#[derive(Args, Debug)]
+struct BindArgs {
+    /// PCI addresses of the GPUs.
+    #[arg(required = true)]
+    bdfs: Vec<String>,
+    #[command(flatten)]
+    engine: EngineOpts,
+}
+
+#[derive(Args, Debug)]
+struct ReleaseArgs {
+    /// PCI addresses of the GPUs.
+    #[arg(required = true)]
+    bdfs: Vec<String>,
+    /// Also release GPUs held by a ResourceClaim (the VM may still use them).
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    engine: EngineOpts,
+}
+
+/// Output format.
+#[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    /// A table for people.
+    #[default]
+    Table,
+    /// JSON for programs.
+    Json,
+}
+
+fn parse_bdfs(args: &[String]) -> Result<Vec<Bdf>> {
+    args.iter()
+        .map(|a| a.parse::<Bdf>().map_err(anyhow::Error::from))
+        .collect()
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VFIO_GPU_DRA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Devices(host) => {
+            let setup = host.open()?;
+            let view = setup.inspect()?;
+            render::devices(&view, host.output, &setup)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Explain { bdf, host } => {
+            let bdf: Bdf = bdf.parse()?;
+            let setup = host.open()?;
+            let view = setup.inspect()?;
+            let Some(gpu) = view.gpus.iter().find(|g| g.gpu.bdf() == bdf) else {
+                bail!(
+                    "no GPU at {bdf} on {} (see `vfio-gpu-dra devices`; use --gpu-id to select other devices)",
+                    setup.describe_root()
+                );
+            };
+            render::explain(gpu, host.output, &setup)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bind(args) => {
+            let bdfs = parse_bdfs(&args.bdfs)?;
+            let (engine, setup) = args.engine.open_engine()?;
+            let reqs: Vec<(Bdf, Holder)> = bdfs.iter().map(|b| (*b, Holder::Admin)).collect();
+            let results = engine.configure_many(&reqs);
+            render::outcomes("bind", &bdfs, &results, args.engine.host.output, &setup)
+        }
+        Command::Release(args) => {
+            let bdfs = parse_bdfs(&args.bdfs)?;
+            let (engine, setup) = args.engine.open_engine()?;
+            let ledger = engine.ledger();
+            let mut reqs = Vec::new();
+            for b in &bdfs {
+                let holder = ledger.gpus.get(b).and_then(|r| r.holder.clone());
+                match holder {
+                    Some(h @ Holder::Claim { .. }) if !args.force => {
+                        bail!("{b} is held by {h}; release it through Kubernetes, or pass --force")
+                    }
+                    _ => reqs.push((*b, None)),
+                }
+            }
+            let results = engine.unconfigure_many(&reqs);
+            render::outcomes("release", &bdfs, &results, args.engine.host.output, &setup)
+        }
+        Command::Reconcile(opts) => {
+            let (engine, setup) = opts.open_engine()?;
+            let results = engine.reconcile().context("reconcile")?;
+            let (bdfs, results): (Vec<Bdf>, Vec<_>) = results
+                .into_iter()
+                .map(|r| match r {
+                    Ok(o) => (o.bdf, Ok(o)),
+                    Err((b, e)) => (b, Err(e)),
+                })
+                .unzip();
+            render::outcomes("reconcile", &bdfs, &results, opts.host.output, &setup)
+        }
+        Command::Ledger(opts) => {
+            let (engine, _setup) = opts.open_engine()?;
+            render::ledger(&engine.ledger(), &engine.ledger_path(), opts.host.output)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

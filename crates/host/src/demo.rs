@@ -9,13 +9,16 @@ use crate::fixture::{FixtureHost, FunctionSpec};
 
 /// What the demo host holds, for printing a guide next to it.
 pub const DEMO_DESCRIPTION: &str = "\
-demo-node: 8 NVIDIA GPUs behind PCIe switch ports, IOMMU on, vfio-pci built as a module.
-  0000:18:00.0, 0000:2a:00.0  H100 SXM5 (10de:2330)  pre-bound: vfio-pci.ids=10de:2330 on the kernel command line
-  0000:3a:00.0, 0000:5d:00.0  H200 (10de:2335)       pre-bound: options vfio_pci ids=10de:2335 in /etc/modprobe.d/vfio.conf
-  0000:9a:00.0                L40S (10de:26b9)       pinned to vfio-pci by driverctl
-  0000:ab:00.0                RTX 6000 Ada (10de:26b1) on nvidia, HDA audio 0000:ab:00.1 in its IOMMU group
-  0000:ba:00.0                A100 (10de:20b2)       on nvidia, movable
-  0000:db:00.0                L4 (10de:27b8)         on nvidia, shares its IOMMU group with a ConnectX NIC";
+demo-node: 8 NVIDIA GPUs behind PCIe switch ports, IOMMU on, vfio-pci a module.
+  18:00.0 2a:00.0  H100 SXM5    vfio-pci: vfio-pci.ids=10de:2330 on the cmdline
+  3a:00.0          H200         vfio-pci: driverctl (/etc/driverctl.d)
+  5d:00.0          H200         vfio-pci: driver_override set by the admin
+                   (modprobe.d's ids=10de:2335 is overridden by the cmdline's
+                    ids=: kmod applies the command line last)
+  9a:00.0          L40S         vfio-pci at start, no record of ours
+  ab:00.0          RTX 6000 Ada nvidia, HDA audio ab:00.1 in its IOMMU group
+  ba:00.0          A100         nvidia, movable
+  db:00.0          L4           nvidia, a ConnectX NIC in its IOMMU group";
 
 const PCI_IDS: &str = "\
 # Demo subset of the PCI ID database
@@ -39,7 +42,15 @@ const PCI_IDS: &str = "\
 ";
 
 /// (GPU address, device id, subsystem device, driver, switch port, NUMA node, BARs)
-type DemoGpu = (&'static str, u16, u16, Option<&'static str>, &'static str, i32, [u64; 3]);
+type DemoGpu = (
+    &'static str,
+    u16,
+    u16,
+    Option<&'static str>,
+    &'static str,
+    i32,
+    [u64; 3],
+);
 
 fn bdf(s: &str) -> io::Result<Bdf> {
     s.parse()
@@ -71,10 +82,10 @@ pub fn build_demo_host(root: &Path) -> io::Result<FixtureHost> {
     )?;
     h.write(
         "etc/modprobe.d/vfio.conf",
-        "# Pass the H200s through to VMs\noptions vfio_pci ids=10de:2335\nsoftdep nvidia pre: vfio-pci\n",
+        "# Pass the H200s through to VMs (overridden: the kernel command line sets ids= too)\noptions vfio_pci ids=10de:2335\nsoftdep nvidia pre: vfio-pci\n",
     )?;
     h.write("etc/modprobe.d/nouveau.conf", "blacklist nouveau\n")?;
-    h.write("etc/driverctl.d/pci-0000:9a:00.0", "vfio-pci\n")?;
+    h.write("etc/driverctl.d/pci-0000:3a:00.0", "vfio-pci\n")?;
     h.write("usr/share/misc/pci.ids", PCI_IDS)?;
     for d in [
         "vfio-pci",
@@ -203,6 +214,9 @@ pub fn build_demo_host(root: &Path) -> io::Result<FixtureHost> {
         }
         if let Some(d) = driver {
             spec = spec.driver(d);
+        }
+        if addr == "0000:5d:00.0" {
+            spec = spec.driver_override("vfio-pci");
         }
         let gpu_bdf = spec.bdf;
         h.add_function(&spec)?;

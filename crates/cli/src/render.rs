@@ -1,0 +1,291 @@
+//! Tables for people, JSON for programs.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use serde_json::json;
+use vfio_gpu_engine::ledger::LedgerBody;
+use vfio_gpu_engine::{EngineError, GpuView, Inspection, Outcome, pin_text, source_name};
+use vfio_gpu_host::{Bdf, FunctionRole};
+
+use crate::Output;
+use crate::setup::Setup;
+
+fn cut(s: &str, width: usize) -> String {
+    if s.chars().count() <= width {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(width.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+fn short_product(name: Option<&str>) -> String {
+    // "GH100 [H100 SXM5 80GB]" reads best as the bracketed marketing name.
+    let n = name.unwrap_or("");
+    match (n.find('['), n.rfind(']')) {
+        (Some(a), Some(b)) if b > a => n[a + 1..b].to_string(),
+        _ => n.to_string(),
+    }
+}
+
+/// The JSON object for one GPU (the documented keys first).
+fn gpu_json(v: &GpuView) -> serde_json::Value {
+    let f = &v.gpu.function;
+    json!({
+        "pciBusID": f.bdf,
+        "vendorID": format!("0x{:04x}", f.identity.vendor),
+        "deviceID": format!("0x{:04x}", f.identity.device),
+        "subsystemVendorID": format!("0x{:04x}", f.identity.subsystem_vendor),
+        "subsystemDeviceID": format!("0x{:04x}", f.identity.subsystem_device),
+        "class": format!("0x{:06x}", f.identity.class),
+        "revision": format!("0x{:02x}", f.revision),
+        "productName": v.gpu.product_name,
+        "driver": f.driver.as_ref().map(|d| d.as_str()),
+        "driverOverride": f.driver_override,
+        "iommuGroup": f.iommu_group,
+        "iommuGroupMembers": v.gpu.iommu_group_members,
+        "functions": v.gpu.functions,
+        "numaNode": f.numa_node,
+        "pcieRoot": f.pcie_root,
+        "sriovTotalVFs": f.sriov_total_vfs,
+        "sriovNumVFs": f.sriov_num_vfs,
+        "vfioDevice": f.vfio_dev,
+        "barBytes": f.bar_bytes,
+        "keepOnVfio": v.verdict.keep_on_vfio,
+        "reasons": v.verdict.reasons,
+        "pinned": v.verdict.pinned.as_ref().map(pin_text),
+        "warnings": v.verdict.warnings,
+        "record": v.record,
+    })
+}
+
+/// `devices`.
+pub fn devices(view: &Inspection, output: Output, setup: &Setup) -> Result<()> {
+    if output == Output::Json {
+        let arr: Vec<_> = view.gpus.iter().map(gpu_json).collect();
+        println!("{}", serde_json::to_string_pretty(&arr)?);
+        return Ok(());
+    }
+    if setup.demo {
+        println!("{}\n", vfio_gpu_host::demo::DEMO_DESCRIPTION);
+    }
+    println!(
+        "{:<12} {:<9} {:<16} {:<9} {:>3} {:>2} {}",
+        "GPU", "ID", "PRODUCT", "DRIVER", "GRP", "NU", "KEEP ON VFIO"
+    );
+    for v in &view.gpus {
+        let f = &v.gpu.function;
+        let keep = if let Some(p) = &v.verdict.pinned {
+            format!("pinned: {}", cut(&pin_text(p), 12))
+        } else if v.verdict.keep_on_vfio {
+            let mut sources: Vec<String> = v
+                .verdict
+                .reasons
+                .iter()
+                .map(|r| source_name(r.source))
+                .collect();
+            sources.dedup();
+            match sources.len() {
+                0 | 1 => format!("yes: {}", sources.join("")),
+                n => format!("yes: {} +{}", sources[0], n - 1),
+            }
+        } else {
+            "no".to_string()
+        };
+        println!(
+            "{:<12} {:<9} {:<16} {:<9} {:>3} {:>2} {}",
+            f.bdf,
+            f.identity.vendor_device(),
+            cut(&short_product(v.gpu.product_name.as_deref()), 16),
+            cut(f.driver.as_ref().map(|d| d.as_str()).unwrap_or("-"), 9),
+            f.iommu_group.map(|g| g.to_string()).unwrap_or("-".into()),
+            f.numa_node.map(|g| g.to_string()).unwrap_or("-".into()),
+            cut(&keep, 24),
+        );
+        for m in &v.gpu.iommu_group_members {
+            if m.role == FunctionRole::Gpu {
+                continue;
+            }
+            let role = match m.role {
+                FunctionRole::Companion => "moves with GPU",
+                FunctionRole::Bridge => "bridge, stays",
+                FunctionRole::OtherGpu => "another GPU!",
+                FunctionRole::Foreign => "foreign: blocks",
+                FunctionRole::Gpu => "",
+            };
+            println!(
+                "  + {:<12} {:<9} {:<17} {}",
+                m.bdf,
+                m.identity.vendor_device(),
+                cut(m.driver.as_ref().map(|d| d.as_str()).unwrap_or("-"), 17),
+                role
+            );
+        }
+        if let Some(r) = &v.record {
+            let holder = r
+                .holder
+                .as_ref()
+                .map(|h| h.to_string())
+                .unwrap_or_else(|| "nobody".into());
+            println!("  ledger: {:?}, held by {}", r.state, cut(&holder, 40));
+        }
+    }
+    if view.gpus.is_empty() {
+        println!("(no GPUs selected on {})", setup.describe_root());
+    }
+    for p in &view.problems {
+        eprintln!("warning: {p}");
+    }
+    if let Some(p) = &view.ledger_problem {
+        eprintln!("warning: ledger unreadable: {p}");
+    }
+    Ok(())
+}
+
+/// `explain`.
+pub fn explain(v: &GpuView, output: Output, _setup: &Setup) -> Result<()> {
+    if output == Output::Json {
+        let mut obj = gpu_json(v);
+        obj["signals"] = serde_json::to_value(&v.verdict.signals)?;
+        println!("{}", serde_json::to_string_pretty(&obj)?);
+        return Ok(());
+    }
+    let f = &v.gpu.function;
+    println!(
+        "{} {} {}",
+        f.bdf,
+        f.identity.vendor_device(),
+        v.gpu.product_name.as_deref().unwrap_or("")
+    );
+    println!(
+        "  subsystem {:04x}:{:04x}, class 0x{:06x}, driver {}, driver_override {}",
+        f.identity.subsystem_vendor,
+        f.identity.subsystem_device,
+        f.identity.class,
+        f.driver.as_ref().map(|d| d.as_str()).unwrap_or("none"),
+        f.driver_override.as_deref().unwrap_or("(null)")
+    );
+    let fns: Vec<String> = v.gpu.functions.iter().map(|x| x.bdf.to_string()).collect();
+    println!(
+        "  IOMMU group {}, functions that move together: {}",
+        f.iommu_group
+            .map(|g| g.to_string())
+            .unwrap_or("none".into()),
+        fns.join(", ")
+    );
+    println!("\nSignals considered:");
+    for s in &v.verdict.signals {
+        println!(
+            "  [{}] {:<15} {}",
+            if s.matched { "x" } else { " " },
+            source_name(s.source),
+            s.detail
+        );
+    }
+    println!();
+    if let Some(p) = &v.verdict.pinned {
+        println!(
+            "Pinned: {}. vfio-gpu-dra never moves this GPU.",
+            pin_text(p)
+        );
+    }
+    if v.verdict.keep_on_vfio {
+        println!(
+            "Verdict: keepOnVfio = true. When a claim releases this GPU it stays on vfio-pci, because:"
+        );
+        for r in &v.verdict.reasons {
+            println!("  - {}: {}", source_name(r.source), r.detail);
+        }
+    } else {
+        println!(
+            "Verdict: keepOnVfio = false. When a claim releases this GPU it goes back to the driver it came from."
+        );
+    }
+    for w in &v.verdict.warnings {
+        println!("warning: {w}");
+    }
+    if let Some(r) = &v.record {
+        println!("\nLedger: {}", serde_json::to_string(r)?);
+    }
+    Ok(())
+}
+
+/// `bind`, `release`, `reconcile`.
+pub fn outcomes(
+    verb: &str,
+    bdfs: &[Bdf],
+    results: &[Result<Outcome, EngineError>],
+    output: Output,
+    _setup: &Setup,
+) -> Result<ExitCode> {
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    if output == Output::Json {
+        let arr: Vec<_> = bdfs
+            .iter()
+            .zip(results)
+            .map(|(b, r)| match r {
+                Ok(o) => serde_json::to_value(o).unwrap_or_default(),
+                Err(e) => json!({"pciBusID": b, "action": "failed", "error": e.to_string()}),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&arr)?);
+    } else {
+        for (b, r) in bdfs.iter().zip(results) {
+            match r {
+                Ok(o) => {
+                    let action = serde_json::to_value(o.action)?;
+                    println!(
+                        "{b}  {:<18} {} ({} ms)",
+                        action.as_str().unwrap_or("?"),
+                        o.detail,
+                        o.millis
+                    );
+                }
+                Err(e) => println!("{b}  {:<18} {e}", "FAILED"),
+            }
+        }
+    }
+    if failed > 0 {
+        eprintln!("{verb}: {failed} of {} failed", results.len());
+        return Ok(ExitCode::from(2));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ledger`.
+pub fn ledger(body: &LedgerBody, path: &Path, output: Output) -> Result<()> {
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(body)?);
+        return Ok(());
+    }
+    println!("ledger {} (boot {})", path.display(), body.boot_id);
+    if body.gpus.is_empty() {
+        println!("  (empty: vfio-gpu-dra holds no GPU)");
+    }
+    for (b, r) in &body.gpus {
+        let holder = r
+            .holder
+            .as_ref()
+            .map(|h| h.to_string())
+            .unwrap_or_else(|| "nobody".into());
+        println!("{b}  {:?}  held by {holder}", r.state);
+        if let Some(s) = &r.stuck_on {
+            println!("  STUCK on {s}");
+        }
+        for f in &r.functions {
+            println!(
+                "  {} came from {} (override {})",
+                f.bdf,
+                f.original_driver
+                    .as_ref()
+                    .map(|d| d.as_str())
+                    .unwrap_or("no driver"),
+                f.original_override.as_deref().unwrap_or("(null)")
+            );
+        }
+    }
+    Ok(())
+}
