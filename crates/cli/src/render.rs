@@ -73,8 +73,8 @@ pub fn devices(view: &Inspection, output: Output, setup: &Setup) -> Result<()> {
         println!("{}\n", vfio_gpu_host::demo::DEMO_DESCRIPTION);
     }
     println!(
-        "{:<12} {:<9} {:<16} {:<9} {:>3} {:>2} {}",
-        "GPU", "ID", "PRODUCT", "DRIVER", "GRP", "NU", "KEEP ON VFIO"
+        "{:<12} {:<9} {:<16} {:<9} {:>3} {:>2} KEEP ON VFIO",
+        "GPU", "ID", "PRODUCT", "DRIVER", "GRP", "NU"
     );
     for v in &view.gpus {
         let f = &v.gpu.function;
