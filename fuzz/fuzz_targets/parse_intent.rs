@@ -1,5 +1,9 @@
 //! Feeds arbitrary bytes to every intent parser and to a whole evaluation:
 //! none may panic, whatever a host's /proc/cmdline or modprobe.d holds.
+//!
+//! Run: `cargo +nightly fuzz run parse_intent` from the workspace root
+//! (needs cargo-fuzz); `cargo check --manifest-path fuzz/Cargo.toml` works on
+//! stable and is what CI runs.
 
 #![no_main]
 

@@ -1095,6 +1095,32 @@ mod tests {
     }
 
     #[test]
+    fn upstream_example_and_subsystem_entries() {
+        // Upstream's own example: vfio-pci.ids=10de:2235 on a host with 10de:2235 GPUs.
+        let s = sources("vfio-pci.ids=10de:2235", "", Some(true));
+        let g = gpu_with(vec![(
+            "0000:41:00.0",
+            0x10de,
+            0x2235,
+            0x030000,
+            Some("nvidia"),
+            None,
+        )]);
+        assert!(evaluate(&s, &g, &NoRecords).keep_on_vfio);
+        // The proposal's fix: subsystem ids narrow the claim to one model.
+        let s = sources("vfio-pci.ids=10de:2330:10de:16c1", "", Some(true));
+        assert!(evaluate(&s, &h100_on("nvidia"), &NoRecords).keep_on_vfio);
+        let s = sources("vfio-pci.ids=10de:2330:10de:16c2", "", Some(true));
+        let v = evaluate(&s, &h100_on("nvidia"), &NoRecords);
+        assert!(!v.keep_on_vfio);
+        assert!(
+            v.signals
+                .iter()
+                .any(|s| s.detail.contains("(subsystem device differs)"))
+        );
+    }
+
+    #[test]
     fn other_vendor_same_device_does_not_match() {
         let s = sources("vfio-pci.ids=10de:2330", "", Some(true));
         let amd = gpu_with(vec![(
