@@ -20,6 +20,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 mod router;
 mod store;
 mod util;
@@ -144,12 +146,12 @@ impl FakeApiServer {
     }
 
     /// One object by plural resource name (`"resourceclaims"`); `namespace`
-    /// is ignored for cluster-scoped resources.
+    /// is ignored for cluster-scoped resources and defaults to `default`.
     pub fn get(&self, resource: &str, namespace: Option<&str>, name: &str) -> Option<Value> {
         let rt = resource_for(resource).ok()?;
         self.shared
             .store()
-            .get(rt, namespace.unwrap_or(""), name)
+            .get(rt, namespace.unwrap_or("default"), name)
             .cloned()
     }
 
@@ -173,7 +175,7 @@ impl FakeApiServer {
         let rt = resource_for(resource).ok()?;
         self.shared
             .store()
-            .delete(rt, namespace.unwrap_or(""), name, None, None)
+            .delete(rt, namespace.unwrap_or("default"), name, None, None)
             .ok()
             .map(|(obj, _)| obj)
     }

@@ -67,7 +67,11 @@ fn error_response(err: &ApiError) -> Response<Body> {
 }
 
 fn not_found() -> ApiError {
-    ApiError::new(404, "NotFound", "the server could not find the requested resource")
+    ApiError::new(
+        404,
+        "NotFound",
+        "the server could not find the requested resource",
+    )
 }
 
 fn is_true(v: Option<&str>) -> bool {
@@ -82,7 +86,9 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::io::Error> {
     if shared.refuse.load(Ordering::SeqCst) {
-        return Err(std::io::Error::other("fake apiserver is refusing connections"));
+        return Err(std::io::Error::other(
+            "fake apiserver is refusing connections",
+        ));
     }
     shared.log().push(RecordedRequest {
         method: req.method().to_string(),
@@ -169,12 +175,18 @@ fn resource_list(group: &str) -> Value {
         resources.push(json!({"name": rt.plural, "singularName": rt.singular,
                               "namespaced": rt.namespaced, "kind": rt.kind, "verbs": verbs}));
         if rt.status {
-            resources.push(json!({"name": format!("{}/status", rt.plural), "singularName": "",
+            resources.push(
+                json!({"name": format!("{}/status", rt.plural), "singularName": "",
                                   "namespaced": rt.namespaced, "kind": rt.kind,
-                                  "verbs": ["get", "patch", "update"]}));
+                                  "verbs": ["get", "patch", "update"]}),
+            );
         }
     }
-    let gv = if group.is_empty() { "v1".to_owned() } else { format!("{group}/v1") };
+    let gv = if group.is_empty() {
+        "v1".to_owned()
+    } else {
+        format!("{group}/v1")
+    };
     json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources})
 }
 
@@ -186,7 +198,9 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
             "RequestEntityTooLarge",
             "the request body is too large",
         )),
-        Err(e) => Err(ApiError::bad_request(format!("reading the request body: {e}"))),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "reading the request body: {e}"
+        ))),
     }
 }
 
@@ -226,15 +240,29 @@ async fn resource(
         return Err(if name.is_some() {
             not_found()
         } else {
-            ApiError::new(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+            ApiError::new(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            )
         });
     }
     let ns_str = ns.unwrap_or("");
     let query = parse_query(req.uri().query().unwrap_or(""));
-    let q = |k: &str| query.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    let q = |k: &str| {
+        query
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
     let filter = || {
-        Filter::parse(ns.map(str::to_owned), q("fieldSelector"), q("labelSelector"), rt.fields)
-            .map_err(ApiError::bad_request)
+        Filter::parse(
+            ns.map(str::to_owned),
+            q("fieldSelector"),
+            q("labelSelector"),
+            rt.fields,
+        )
+        .map_err(ApiError::bad_request)
     };
     let content_type = req
         .headers()
@@ -264,7 +292,15 @@ async fn resource(
         }
         (Method::PATCH, Some(n)) => {
             let body = read_body(req).await?;
-            patch(&mut shared.store(), rt, ns_str, n, status, &content_type, &body)
+            patch(
+                &mut shared.store(),
+                rt,
+                ns_str,
+                n,
+                status,
+                &content_type,
+                &body,
+            )
         }
         (Method::DELETE, Some(n)) => {
             let body = read_body(req).await?;
@@ -275,9 +311,10 @@ async fn resource(
             };
             let pre = opts.get("preconditions");
             let pre = |k: &str| pre.and_then(|p| p.get(k)).and_then(Value::as_str);
-            let (obj, gone) = shared
-                .store()
-                .delete(rt, ns_str, n, pre("uid"), pre("resourceVersion"))?;
+            let (obj, gone) =
+                shared
+                    .store()
+                    .delete(rt, ns_str, n, pre("uid"), pre("resourceVersion"))?;
             if !gone {
                 // Finalizers pending: the object stays, marked for deletion.
                 return Ok(json_response(202, &obj));
@@ -304,7 +341,10 @@ async fn resource(
             for (ns, name) in targets {
                 items.push(store.delete(rt, &ns, &name, None, None)?.0);
             }
-            Ok(json_response(200, &list_body(rt, items, json!({"resourceVersion": store.rv.to_string()}))))
+            Ok(json_response(
+                200,
+                &list_body(rt, items, json!({"resourceVersion": store.rv.to_string()})),
+            ))
         }
         _ => Err(ApiError::new(
             405,
@@ -326,13 +366,21 @@ fn list<'q>(
     q: &impl Fn(&str) -> Option<&'q str>,
 ) -> Result<Response<Body>, ApiError> {
     let limit = q("limit")
-        .map(|l| l.parse::<usize>().map_err(|_| ApiError::bad_request(format!("invalid limit {l:?}"))))
+        .map(|l| {
+            l.parse::<usize>()
+                .map_err(|_| ApiError::bad_request(format!("invalid limit {l:?}")))
+        })
         .transpose()?
         .filter(|l| *l > 0);
     // The continue token is "<namespace>/<name>" of the last item returned;
     // comparing as a tuple matches the store's (namespace, name) order.
     let after = q("continue").map(|t| t.split_once('/').unwrap_or(("", t)));
-    let key = |o: &Value| (meta_str(o, "namespace").unwrap_or(""), meta_str(o, "name").unwrap_or(""));
+    fn key(o: &Value) -> (&str, &str) {
+        (
+            meta_str(o, "namespace").unwrap_or(""),
+            meta_str(o, "name").unwrap_or(""),
+        )
+    }
     let mut items: Vec<&Value> = store
         .iter(rt)
         .filter(|o| filter.matches(o) && after.is_none_or(|a| key(o) > a))
@@ -382,7 +430,11 @@ fn patch(
         // ownership, no pruning of fields the manager stopped setting).
         "application/apply-patch+yaml" => {
             let body = serde_json::from_slice::<Value>(body).map_err(|_| {
-                ApiError::new(415, "UnsupportedMediaType", "only JSON-encoded apply patches are supported")
+                ApiError::new(
+                    415,
+                    "UnsupportedMediaType",
+                    "only JSON-encoded apply patches are supported",
+                )
             })?;
             merge_patch(&mut patched, &body);
         }
@@ -390,7 +442,9 @@ fn patch(
             return Err(ApiError::new(
                 415,
                 "UnsupportedMediaType",
-                format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {other:?})"),
+                format!(
+                    "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {other:?})"
+                ),
             ));
         }
     }
@@ -400,7 +454,10 @@ fn patch(
         }
         return Ok(json_response(201, &store.create(rt, ns, patched, false)?));
     }
-    Ok(json_response(200, &store.update(rt, ns, name, patched, status)?))
+    Ok(json_response(
+        200,
+        &store.update(rt, ns, name, patched, status)?,
+    ))
 }
 
 fn event_line(kind: &str, object: &Value) -> Bytes {
@@ -454,7 +511,10 @@ fn start_watch<'q>(
     let send_initial = is_true(q("sendInitialEvents"));
     let bookmarks = is_true(q("allowWatchBookmarks"));
     let timeout = q("timeoutSeconds")
-        .map(|t| t.parse::<u64>().map_err(|_| ApiError::bad_request(format!("invalid timeoutSeconds {t:?}"))))
+        .map(|t| {
+            t.parse::<u64>()
+                .map_err(|_| ApiError::bad_request(format!("invalid timeoutSeconds {t:?}")))
+        })
         .transpose()?;
     let mut lines = Vec::new();
     // Subscribing under the store lock means no change can fall between the
@@ -462,14 +522,19 @@ fn start_watch<'q>(
     let (mut rx, mut last_rv) = {
         let store = shared.store();
         if send_initial || rv_param.is_empty() || rv_param == "0" {
-            lines.extend(store.iter(rt).filter(|o| filter.matches(o)).map(|o| event_line("ADDED", o)));
+            lines.extend(
+                store
+                    .iter(rt)
+                    .filter(|o| filter.matches(o))
+                    .map(|o| event_line("ADDED", o)),
+            );
             if send_initial && bookmarks {
                 lines.push(bookmark_line(rt, store.rv, true));
             }
         } else {
-            let from: u64 = rv_param
-                .parse()
-                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv_param:?}")))?;
+            let from: u64 = rv_param.parse().map_err(|_| {
+                ApiError::bad_request(format!("invalid resourceVersion {rv_param:?}"))
+            })?;
             if from < store.compacted {
                 // The real server answers 200 and then a single ERROR event.
                 let err = ApiError::new(
@@ -482,7 +547,13 @@ fn start_watch<'q>(
                 *resp.body_mut() = Full::new(body).boxed();
                 return Ok(resp);
             }
-            lines.extend(store.history.iter().filter(|c| c.rv > from).filter_map(|c| change_line(rt, &filter, c)));
+            lines.extend(
+                store
+                    .history
+                    .iter()
+                    .filter(|c| c.rv > from)
+                    .filter_map(|c| change_line(rt, &filter, c)),
+            );
         }
         (store.events.subscribe(), store.rv)
     };
@@ -517,11 +588,15 @@ fn start_watch<'q>(
             }
         }
     });
-    let live = futures::stream::unfold(body_rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+    let live =
+        futures::stream::unfold(
+            body_rx,
+            |mut rx| async move { rx.recv().await.map(|b| (b, rx)) },
+        );
     let stream = futures::stream::iter(lines)
         .chain(live)
         .map(|b| Ok::<_, Infallible>(Frame::data(b)));
     let mut resp = json_response(200, &Value::Null);
-    *resp.body_mut() = StreamBody::new(stream).boxed();
+    *resp.body_mut() = BodyExt::boxed(StreamBody::new(stream));
     Ok(resp)
 }

@@ -147,7 +147,12 @@ impl ApiError {
     }
 
     pub(crate) fn not_found(rt: &ResourceType, name: &str) -> Self {
-        Self::new(404, "NotFound", format!("{} {name:?} not found", rt.qualified())).about(rt, name)
+        Self::new(
+            404,
+            "NotFound",
+            format!("{} {name:?} not found", rt.qualified()),
+        )
+        .about(rt, name)
     }
 
     pub(crate) fn conflict(rt: &ResourceType, name: &str, why: &str) -> Self {
@@ -233,7 +238,9 @@ fn valid_name(name: &str) -> bool {
 fn check_shape(rt: &ResourceType, obj: &mut Value) -> Result<(), ApiError> {
     let api_version = rt.api_version();
     let Some(map) = obj.as_object_mut() else {
-        return Err(ApiError::bad_request("the request body must be a JSON object"));
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        ));
     };
     match map.get("kind").and_then(Value::as_str) {
         Some(k) if k != rt.kind => {
@@ -405,10 +412,11 @@ impl Store {
         set_meta(&mut obj, "creationTimestamp", now_rfc3339().into());
         set_meta(&mut obj, "generation", 1.into());
         set_meta(&mut obj, "deletionTimestamp", Value::Null);
-        if rt.reset_status_on_create && !keep_status {
-            if let Some(map) = obj.as_object_mut() {
-                map.remove("status");
-            }
+        if rt.reset_status_on_create
+            && !keep_status
+            && let Some(map) = obj.as_object_mut()
+        {
+            map.remove("status");
         }
         Ok(self.commit(rt, EventKind::Added, obj, None))
     }
@@ -519,7 +527,10 @@ impl Store {
             .get(rt, ns, name)
             .cloned()
             .ok_or_else(|| ApiError::not_found(rt, name))?;
-        for (label, want, field) in [("UID", uid, "uid"), ("ResourceVersion", rv, "resourceVersion")] {
+        for (label, want, field) in [
+            ("UID", uid, "uid"),
+            ("ResourceVersion", rv, "resourceVersion"),
+        ] {
             let have = meta_str(&old, field).unwrap_or("");
             if let Some(want) = want
                 && want != have
@@ -527,7 +538,9 @@ impl Store {
                 return Err(ApiError::conflict(
                     rt,
                     name,
-                    &format!("Precondition failed: {label} in precondition: {want}, {label} in object meta: {have}"),
+                    &format!(
+                        "Precondition failed: {label} in precondition: {want}, {label} in object meta: {have}"
+                    ),
                 ));
             }
         }
@@ -545,11 +558,18 @@ impl Store {
             set_meta(&mut next, "deletionGracePeriodSeconds", 0.into());
             return Ok((self.commit(rt, EventKind::Modified, next, Some(old)), false));
         }
-        Ok((self.commit(rt, EventKind::Deleted, old.clone(), Some(old)), true))
+        Ok((
+            self.commit(rt, EventKind::Deleted, old.clone(), Some(old)),
+            true,
+        ))
     }
 
     /// Create-or-replace for direct test access: no preconditions, status kept.
-    pub(crate) fn upsert(&mut self, rt: &'static ResourceType, mut obj: Value) -> Result<Value, ApiError> {
+    pub(crate) fn upsert(
+        &mut self,
+        rt: &'static ResourceType,
+        mut obj: Value,
+    ) -> Result<Value, ApiError> {
         check_shape(rt, &mut obj)?;
         let ns = meta_str(&obj, "namespace").unwrap_or("default").to_owned();
         let name = meta_str(&obj, "name").unwrap_or("").to_owned();

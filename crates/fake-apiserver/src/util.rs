@@ -438,9 +438,18 @@ mod tests {
         ]);
         json_patch(&mut doc, &ops).expect("patch applies");
         assert_eq!(doc, json!({"a": [2, 3], "b": {"x/y": 5}, "d": {"x/y": 5}}));
-        let err = json_patch(&mut doc, &json!([{"op": "test", "path": "/a/0", "value": 9}]));
+        let err = json_patch(
+            &mut doc,
+            &json!([{"op": "test", "path": "/a/0", "value": 9}]),
+        );
         assert!(err.is_err());
-        assert!(json_patch(&mut doc, &json!([{"op": "replace", "path": "/zz", "value": 1}])).is_err());
+        assert!(
+            json_patch(
+                &mut doc,
+                &json!([{"op": "replace", "path": "/zz", "value": 1}])
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -449,9 +458,17 @@ mod tests {
                          "spec": {"nodeName": "node-1", "pool": {"name": "p"}}});
         let allowed = ["metadata.name", "spec.nodeName", "spec.pool.name"];
         let f = |fs: &str, ls: &str| Filter::parse(None, Some(fs), Some(ls), &allowed);
-        assert!(f("spec.nodeName=node-1,spec.pool.name==p", "app=x").unwrap().matches(&obj));
+        assert!(
+            f("spec.nodeName=node-1,spec.pool.name==p", "app=x")
+                .unwrap()
+                .matches(&obj)
+        );
         assert!(!f("spec.nodeName!=node-1", "").unwrap().matches(&obj));
-        assert!(f("", "tier in (gpu,cpu),!missing,app").unwrap().matches(&obj));
+        assert!(
+            f("", "tier in (gpu,cpu),!missing,app")
+                .unwrap()
+                .matches(&obj)
+        );
         assert!(!f("", "tier notin (gpu)").unwrap().matches(&obj));
         assert!(f("", "app!=y").unwrap().matches(&obj));
         assert!(f("spec.driver=x", "").is_err());
