@@ -452,6 +452,17 @@ fn demo_host_verdicts() {
         .map(|g| evaluate(&src, g, &NoRecords))
         .collect();
     let get = |b: &str| verdicts.iter().find(|v| v.gpu == bdf(b)).unwrap();
+    // The GPUs on vfio-pci are all admin-owned, whichever source says so...
+    for b in [
+        "0000:18:00.0",
+        "0000:2a:00.0",
+        "0000:3a:00.0",
+        "0000:5d:00.0",
+        "0000:9a:00.0",
+    ] {
+        assert!(get(b).keep_on_vfio, "{b}");
+    }
+    // ...the H100s by the cmdline ids=...
     for b in ["0000:18:00.0", "0000:2a:00.0"] {
         assert!(
             get(b)
@@ -461,11 +472,24 @@ fn demo_host_verdicts() {
             "{b}"
         );
     }
+    // ...and the demo shows every kind of device-specific intent.
+    let sources: std::collections::BTreeSet<Source> = verdicts
+        .iter()
+        .flat_map(|v| v.reasons.iter().map(|r| r.source))
+        .collect();
+    for s in [
+        Source::KernelCmdline,
+        Source::Driverctl,
+        Source::DriverOverride,
+        Source::BoundAtStart,
+    ] {
+        assert!(sources.contains(&s), "{s:?} missing from {sources:?}");
+    }
+    // modprobe.d's ids= loses to the cmdline's (kmod applies the cmdline last).
     assert!(
-        get("0000:9a:00.0")
-            .reasons
+        verdicts
             .iter()
-            .any(|r| r.source == Source::Driverctl)
+            .all(|v| v.reasons.iter().all(|r| r.source != Source::Modprobe))
     );
     for b in ["0000:ab:00.0", "0000:ba:00.0", "0000:db:00.0"] {
         assert!(!get(b).keep_on_vfio, "{b}: {:#?}", get(b).reasons);
