@@ -1,3 +1,16 @@
-//! Kubernetes layer of vfio-gpu-dra: kubelet DRA gRPC transport and registration.
+//! The Kubernetes layer of vfio-gpu-dra: the kubelet plugin.
+//!
+//! - [`grpc`]: kubelet registration and the DRA gRPC services (v1, v1beta1) over Unix sockets.
+//! - [`plugin`]: NodePrepareResources / NodeUnprepareResources on top of the engine.
+//! - [`cdi`], [`metadata`]: CDI specs and KEP-5304 device metadata for KubeVirt.
+//! - [`config`]: the opaque per-claim configuration of this driver.
+//! - [`slices`]: publishing the node's GPUs as ResourceSlices.
+//! - [`serve`]: `vfio-gpu-dra serve`, wiring it all together.
 
+pub mod cdi;
+pub mod config;
 pub mod grpc;
+pub mod metadata;
+pub mod plugin;
+pub mod serve;
+pub mod slices;
