@@ -1,0 +1,288 @@
+//! The binary as an admin runs it: real processes, real fixture trees.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use vfio_gpu_host::fixture::{FixtureHost, FunctionSpec};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vfio-gpu-dra"));
+    c.env_remove("VFIO_GPU_DRA_CRASH_AFTER_STEP")
+        .env("VFIO_GPU_DRA_POLICY", "/nonexistent/policy.toml");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// A host with one GPU pre-bound by the command line and one on nvidia.
+fn host(root: &Path) {
+    let mut h = FixtureHost::create(root).unwrap();
+    h.write("proc/cmdline", "ro quiet \"vfio_pci.ids=10de:2235\"\n")
+        .unwrap();
+    h.add_driver("vfio-pci").unwrap();
+    h.add_function(
+        &FunctionSpec::new("0000:00:06.0".parse().unwrap(), 0x10de, 0x2235, 0x030200)
+            .driver("vfio-pci")
+            .group(6),
+    )
+    .unwrap();
+    h.add_function(
+        &FunctionSpec::new("0000:00:07.0".parse().unwrap(), 0x10de, 0x2330, 0x030200)
+            .driver("nvidia")
+            .group(7),
+    )
+    .unwrap();
+    // Same device id, other vendor: must not be matched by 10de:2235 (the upstream proposal's bug).
+    h.add_function(
+        &FunctionSpec::new("0000:00:08.0".parse().unwrap(), 0x1002, 0x2235, 0x030000)
+            .driver("amdgpu")
+            .group(8),
+    )
+    .unwrap();
+}
+
+#[test]
+fn devices_json_has_the_documented_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    host(dir.path());
+    let root = dir.path().to_str().unwrap();
+    let v = json(&run(&["devices", "--host-root", root, "--output", "json"]));
+    let arr = v.as_array().unwrap();
+    assert_eq!(arr.len(), 2, "NVIDIA GPUs only by default");
+    let g = &arr[0];
+    assert_eq!(g["pciBusID"], "0000:00:06.0");
+    assert_eq!(g["vendorID"], "0x10de");
+    assert_eq!(g["deviceID"], "0x2235");
+    assert_eq!(g["driver"], "vfio-pci");
+    assert_eq!(g["iommuGroup"], 6);
+    assert_eq!(g["keepOnVfio"], true);
+    let sources: Vec<&str> = g["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["source"].as_str().unwrap())
+        .collect();
+    assert!(sources.contains(&"kernel-cmdline"), "{sources:?}");
+    assert!(
+        g["reasons"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("10de:2235")
+    );
+    let other = &arr[1];
+    assert_eq!(other["keepOnVfio"], false);
+    assert_eq!(other["reasons"].as_array().unwrap().len(), 0);
+    assert_eq!(other["driver"], "nvidia");
+
+    // A custom selector reaches the AMD device; the NVIDIA-only entry does not match it.
+    let v = json(&run(&[
+        "devices",
+        "--host-root",
+        root,
+        "-o",
+        "json",
+        "--gpu-id",
+        "1002:2235",
+    ]));
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    assert_eq!(v[0]["keepOnVfio"], false);
+}
+
+#[test]
+fn table_fits_80_columns() {
+    let o = run(&[
+        "devices",
+        "--demo",
+        "--demo-dir",
+        tempfile::tempdir().unwrap().path().to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    let out = stdout(&o);
+    assert!(out.contains("0000:18:00.0"));
+    for line in out.lines() {
+        assert!(line.chars().count() <= 80, "too wide: {line:?}");
+    }
+}
+
+#[test]
+fn explain_lists_every_signal_and_the_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    host(dir.path());
+    let root = dir.path().to_str().unwrap();
+    let o = run(&["explain", "0000:00:07.0", "--host-root", root]);
+    assert!(o.status.success());
+    let out = stdout(&o);
+    assert!(out.contains("[ ] kernel-cmdline"), "{out}");
+    assert!(out.contains("does not match 10de:2330"), "{out}");
+    assert!(out.contains("keepOnVfio = false"), "{out}");
+    let v = json(&run(&[
+        "explain",
+        "0000:00:06.0",
+        "--host-root",
+        root,
+        "-o",
+        "json",
+    ]));
+    assert_eq!(v["keepOnVfio"], true);
+    assert!(v["signals"].as_array().unwrap().len() >= 4);
+    // Unknown and hostile addresses are clear errors.
+    let o = run(&["explain", "0000:00:09.0", "--host-root", root]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no GPU at 0000:00:09.0"));
+    let o = run(&["explain", "../../etc/passwd", "--host-root", root]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a PCI address"));
+}
+
+#[test]
+fn missing_host_root_is_a_clear_error() {
+    let o = run(&["devices", "--host-root", "/nonexistent/root"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("/nonexistent/root"), "{err}");
+}
+
+#[test]
+fn bind_release_round_trip_on_the_demo_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().to_str().unwrap();
+    let v = json(&run(&[
+        "bind",
+        "0000:ab:00.0",
+        "0000:18:00.0",
+        "--demo",
+        "--demo-dir",
+        demo,
+        "-o",
+        "json",
+    ]));
+    assert_eq!(v[0]["action"], "moved");
+    assert_eq!(v[1]["action"], "already-on-vfio");
+    let v = json(&run(&[
+        "devices",
+        "--demo",
+        "--demo-dir",
+        demo,
+        "-o",
+        "json",
+    ]));
+    let ada = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["pciBusID"] == "0000:ab:00.0")
+        .unwrap();
+    assert_eq!(ada["driver"], "vfio-pci");
+    assert_eq!(ada["functions"][1]["driver"], "vfio-pci", "HDA moved too");
+    let v = json(&run(&[
+        "ledger",
+        "--demo",
+        "--demo-dir",
+        demo,
+        "-o",
+        "json",
+    ]));
+    assert_eq!(v["gpus"]["0000:ab:00.0"]["state"], "configured");
+    let v = json(&run(&[
+        "release",
+        "0000:ab:00.0",
+        "0000:18:00.0",
+        "--demo",
+        "--demo-dir",
+        demo,
+        "-o",
+        "json",
+    ]));
+    assert_eq!(v[0]["action"], "restored");
+    assert_eq!(v[1]["action"], "left-on-vfio");
+    let v = json(&run(&[
+        "devices",
+        "--demo",
+        "--demo-dir",
+        demo,
+        "-o",
+        "json",
+    ]));
+    let find = |b: &str| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["pciBusID"] == b)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(find("0000:ab:00.0")["driver"], "nvidia");
+    assert_eq!(
+        find("0000:ab:00.0")["functions"][1]["driver"],
+        "snd_hda_intel"
+    );
+    assert_eq!(find("0000:18:00.0")["driver"], "vfio-pci");
+    // A refused GPU makes a non-zero exit and names the blocker.
+    let o = run(&["bind", "0000:db:00.0", "--demo", "--demo-dir", demo]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stdout(&o).contains("0000:db:01.0"));
+}
+
+#[test]
+fn crash_injection_then_reconcile_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().to_str().unwrap();
+    // Abort after the 3rd mutation of the bind (mid-move).
+    let o = bin()
+        .args(["bind", "0000:ba:00.0", "--demo", "--demo-dir", demo])
+        .env("VFIO_GPU_DRA_CRASH_AFTER_STEP", "3")
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "the process must have died");
+    let v = json(&run(&[
+        "ledger",
+        "--demo",
+        "--demo-dir",
+        demo,
+        "-o",
+        "json",
+    ]));
+    assert_eq!(v["gpus"]["0000:ba:00.0"]["state"], "configuring");
+    let v = json(&run(&[
+        "reconcile",
+        "--demo",
+        "--demo-dir",
+        demo,
+        "-o",
+        "json",
+    ]));
+    let r = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["pciBusID"] == "0000:ba:00.0")
+        .unwrap();
+    assert_eq!(r["action"], "rolled-back");
+    let v = json(&run(&[
+        "devices",
+        "--demo",
+        "--demo-dir",
+        demo,
+        "-o",
+        "json",
+    ]));
+    let a100 = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["pciBusID"] == "0000:ba:00.0")
+        .unwrap();
+    assert_eq!(a100["driver"], "nvidia");
+    assert_eq!(a100["driverOverride"], serde_json::Value::Null);
+}
