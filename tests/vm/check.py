@@ -218,6 +218,12 @@ def check_blocks(c, group, blocks, lspci):
         c.ok(f"{n}.reason-driver-override", "driver-override" in reasons_of(d),
              f"reasons {d.get('reasons')}, want source driver-override")
 
+    # the kernel stayed healthy
+    dm = blocks.get("dmesg")
+    if dm is not None:
+        bad = [l for l in dm.out if re.search(r"BUG:|WARNING:|Oops|Call Trace|blocked for more than|general protection", l)]
+        c.ok(f"{group}/kernel-log-clean", not bad, "; ".join(bad[:5]))
+
     # bind/release JSON results name the GPU they acted on
     for name, b in sorted(blocks.items()):
         m = re.match(r"^(prebound-[a-z-]+|runtime-move|two-function|no-host-driver|foreign-override)\.(bind|release)(-again)?$", name)

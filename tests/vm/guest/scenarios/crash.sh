@@ -4,12 +4,14 @@
 # at the first N where the command completes without crashing.
 #
 #   after an interrupted bind + reconcile: every function back on its original
-#     driver (or unbound if it had none), driver_override "(null)" -- a bind never
-#     claimed by anyone is rolled back;
-#   after an interrupted release + reconcile: the group is consistent (all
-#     functions on their original drivers with override cleared, or all on
-#     vfio-pci), and a plain release then returns everything to the original
-#     drivers.
+#     driver (or unbound if it had none), driver_override "(null)" -- an
+#     uncommitted bind is rolled back; or, if the crash came after the commit
+#     point, all functions on vfio-pci with the ledger saying "configured", and a
+#     plain release then restores the original drivers;
+#   after an interrupted release + reconcile: the release is finished (all
+#     functions on their original drivers, override cleared; "consistent" is
+#     checked separately so a mixed group is reported as such), and a further
+#     plain release is a no-op that leaves it so.
 MAXSTEP=${CRASH_MAXSTEP:-40}
 
 # crash_state_ok NAME "bdf:orig ..." : all functions on their original driver, override cleared
@@ -64,9 +66,23 @@ crash_sweep() {
         cli "$_S.$_n.reconcile" reconcile --output json
         check "$_S.$_n.reconcile-rc" is_rc "$RC" 0 "$_S.$_n.reconcile"
         if [ "$_op" = bind ]; then
-            check "$_S.$_n.rolled-back" all_original "$_fns"
+            # Rolled back, unless the crash came after the bind was committed:
+            # then the ledger must say so (state configured, held by the admin's
+            # bind) and a plain release must restore the original drivers.
+            cli "$_S.$_n.ledger-after-reconcile" ledger --output json
+            if all_vfio "$_fns" && grep -q '"state": *"configured"' "$OUT/$_S.$_n.ledger-after-reconcile.out"; then
+                echo "NOTE $_S.$_n: crash after the commit point; reconcile kept the bind"
+                pass "$_S.$_n.committed-bind-recorded"
+                cli "$_S.$_n.release-after" release "$_bdf"
+                check "$_S.$_n.release-after-rc" is_rc "$RC" 0 "$_S.$_n.release-after"
+                check "$_S.$_n.release-after-original" all_original "$_fns"
+            else
+                check "$_S.$_n.rolled-back" all_original "$_fns"
+            fi
         else
             check "$_S.$_n.consistent" consistent "$_fns"
+            # the release was asked for and recorded: reconcile finishes it
+            check "$_S.$_n.finished" all_original "$_fns"
         fi
         cli "$_S.$_n.reconcile2" reconcile --output json
         check "$_S.$_n.reconcile-idempotent" is_rc "$RC" 0 "$_S.$_n.reconcile2"
