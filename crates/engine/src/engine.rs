@@ -671,14 +671,27 @@ impl Engine {
             return Err(EngineError::Busy { bdf, holders });
         }
 
-        // Write-ahead: the record exists before the host changes.
+        // Write-ahead: the record exists before the host changes, and already
+        // names the override we will write and the lock we will take, so one
+        // fsync'd commit covers the whole move.
+        let functions = funcs
+            .iter()
+            .map(|f| FunctionRecord {
+                override_written: (!f.on_vfio()).then(|| vfio_driver.to_string()),
+                ..function_record(f)
+            })
+            .collect();
+        let changes = Changes {
+            unbind_lock_taken: funcs.iter().any(|f| self.unbind_lock_path(f).is_some()),
+            ..Changes::default()
+        };
         let rec = GpuRecord {
             state: OpState::Configuring,
             holder: Some(holder.clone()),
             vfio_driver: Some(vfio_driver.clone()),
             was_on_vfio: false,
-            functions: funcs.iter().map(function_record).collect(),
-            changes: Changes::default(),
+            functions,
+            changes,
             stuck_on: None,
             boot_id: self.boot_id.clone(),
             operation: self.new_operation(),
@@ -689,7 +702,17 @@ impl Engine {
 
         match self.move_to_vfio(&gpu, &funcs, &vfio_driver, group) {
             Ok(()) => {
-                self.update_record(bdf, |r| r.state = OpState::Configured)?;
+                let moved: Vec<Bdf> = funcs
+                    .iter()
+                    .filter(|f| !f.on_vfio())
+                    .map(|f| f.bdf)
+                    .collect();
+                self.update_record(bdf, |r| {
+                    r.state = OpState::Configured;
+                    for fr in r.functions.iter_mut().filter(|fr| moved.contains(&fr.bdf)) {
+                        fr.bound_by_us = true;
+                    }
+                })?;
                 Ok(self.outcome(
                     &gpu,
                     Action::Moved,
@@ -783,16 +806,20 @@ impl Engine {
         }
     }
 
-    fn take_unbind_lock(&self, gpu: Bdf, f: &PciFunction) -> Result<bool, StepError> {
+    /// nvidia's unbind lock file for a function on nvidia, when the driver offers one.
+    fn unbind_lock_path(&self, f: &PciFunction) -> Option<PathBuf> {
         let path = self
             .root
             .rel("proc/driver/nvidia/gpus")
             .join(f.bdf.to_string())
             .join("unbindLock");
-        if f.driver.as_ref().is_none_or(|d| d.as_str() != "nvidia") || !path.exists() {
+        (f.driver.as_ref().is_some_and(|d| d.as_str() == "nvidia") && path.exists()).then_some(path)
+    }
+
+    fn take_unbind_lock(&self, gpu: Bdf, f: &PciFunction) -> Result<bool, StepError> {
+        let Some(path) = self.unbind_lock_path(f) else {
             return Ok(false);
-        }
-        self.update_record(gpu, |r| r.changes.unbind_lock_taken = true)?;
+        };
         let mut pause = self.config.unbind_lock_backoff;
         for _ in 0..self.config.unbind_lock_attempts {
             self.step(
@@ -836,12 +863,6 @@ impl Engine {
                     driver: Some(vfio.to_string()),
                 },
             )?;
-            let written = vfio.to_string();
-            self.update_record(gb, |r| {
-                if let Some(fr) = r.functions.iter_mut().find(|x| x.bdf == f.bdf) {
-                    fr.override_written = Some(written);
-                }
-            })?;
             if let Some(d) = &f.driver {
                 self.step(
                     gb,
@@ -868,11 +889,6 @@ impl Engine {
                     ),
                 });
             }
-            self.update_record(gb, |r| {
-                if let Some(fr) = r.functions.iter_mut().find(|x| x.bdf == f.bdf) {
-                    fr.bound_by_us = true;
-                }
-            })?;
         }
         // The group node appears with the first vfio member; a VM needs it.
         if !self.root.dev_vfio_group(group).exists() {
