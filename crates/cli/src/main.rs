@@ -2,6 +2,7 @@
 //! kubelet DRA plugin. A thin layer over the library crates.
 
 mod render;
+mod serve_cmd;
 mod setup;
 
 use std::process::ExitCode;
@@ -44,6 +45,8 @@ enum Command {
     Reconcile(EngineOpts),
     /// Print the ledger: what vfio-gpu-dra did to which GPU, and who holds it.
     Ledger(EngineOpts),
+    /// Run the kubelet DRA plugin on this node until SIGTERM.
+    Serve(Box<serve_cmd::ServeArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -165,6 +168,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 .unzip();
             render::outcomes("reconcile", &bdfs, &results, opts.host.output, &setup)
         }
+        Command::Serve(args) => serve_cmd::run(*args),
         Command::Ledger(opts) => {
             let (engine, _setup) = opts.open_engine()?;
             render::ledger(&engine.ledger(), &engine.ledger_path(), opts.host.output)?;

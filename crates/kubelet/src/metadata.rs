@@ -1,1 +1,440 @@
-//! (in progress)
+//! KEP-5304 device metadata, the file KubeVirt's virt-launcher reads to find the PCI
+//! address of each GPU it got through DRA.
+//!
+//! Per prepared request this writes, like the Go helper
+//! (`k8s.io/dynamic-resource-allocation/kubeletplugin`, `metadataWriter`):
+//! - a JSON stream with one `DeviceMetadata` object per supported API version (only
+//!   `metadata.resource.k8s.io/v1alpha1` exists) under the plugin data directory;
+//! - a CDI spec (kind `<driver>/metadata`, device `<claimUID>_<request>`) that
+//!   bind-mounts it read-only at
+//!   `/var/run/kubernetes.io/dra-device-attributes/resourceclaims/<claim>/<request>/<driver>-metadata.json`
+//!   or, for claims made from a template (annotation
+//!   `resource.kubernetes.io/pod-claim-name`),
+//!   `.../resourceclaimtemplates/<podClaimName>/<request>/<driver>-metadata.json`.
+//!
+//! One deliberate difference: the host directory is `<ns>_<claim>_<uid>` instead of
+//! the helper's `<ns>_<claim>`, so unpreparing a replaced claim (same name, new UID)
+//! can never delete the files of its successor. The host path is not part of the
+//! protocol; only the container path is.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::cdi::{self, CdiError, ContainerEdits, Device, Mount, Spec};
+
+/// API version of the metadata objects written.
+pub const METADATA_API_VERSION: &str = "metadata.resource.k8s.io/v1alpha1";
+/// Kind of the metadata objects written.
+pub const METADATA_KIND: &str = "DeviceMetadata";
+/// Where metadata appears in containers.
+pub const CONTAINER_ROOT: &str = "/var/run/kubernetes.io/dra-device-attributes";
+/// Annotation on claims generated from a pod's ResourceClaimTemplate.
+pub const POD_CLAIM_NAME_ANNOTATION: &str = "resource.kubernetes.io/pod-claim-name";
+/// Sub-directory of the plugin data directory holding metadata files.
+pub const HOST_SUBDIR: &str = "dra-device-metadata";
+/// CDI class of the metadata mount specs.
+pub const METADATA_CLASS: &str = "metadata";
+
+/// The claim a metadata file describes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimIdentity {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// UID.
+    pub uid: String,
+    /// `pod.spec.resourceClaims[].name` for template-generated claims.
+    pub pod_claim_name: Option<String>,
+}
+
+/// A device attribute value, serialised like `resource.k8s.io/v1` `DeviceAttribute`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AttributeValue {
+    /// `{"string": ...}`.
+    String(String),
+    /// `{"int": ...}`.
+    Int(i64),
+    /// `{"bool": ...}`.
+    Bool(bool),
+    /// `{"version": ...}` (semver).
+    Version(String),
+}
+
+/// One device of a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MetadataDevice {
+    /// Driver name.
+    pub driver: String,
+    /// Pool name.
+    pub pool: String,
+    /// Device name.
+    pub name: String,
+    /// Attributes by qualified name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, AttributeValue>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DeviceMetadata<'a> {
+    kind: &'static str,
+    api_version: &'static str,
+    metadata: ObjectMeta<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pod_claim_name: Option<&'a str>,
+    requests: Vec<RequestMetadata<'a>>,
+}
+
+#[derive(Serialize)]
+struct ObjectMeta<'a> {
+    name: &'a str,
+    namespace: &'a str,
+    uid: &'a str,
+    generation: i64,
+}
+
+#[derive(Serialize)]
+struct RequestMetadata<'a> {
+    name: &'a str,
+    devices: &'a [MetadataDevice],
+}
+
+/// Errors writing metadata.
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    /// A name from the claim cannot be used as a path component.
+    #[error("{what} {value:?} cannot be used in a metadata path")]
+    UnsafeName {
+        /// Which name.
+        what: &'static str,
+        /// The value.
+        value: String,
+    },
+    /// Writing the file or its CDI spec failed.
+    #[error(transparent)]
+    Cdi(#[from] CdiError),
+}
+
+/// Whether `s` is a safe single path component of Kubernetes-name shape
+/// (lower-case alphanumerics, `-`, `.`; not `.`/`..`).
+pub fn is_safe_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s != "."
+        && s != ".."
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+}
+
+/// Writes and removes KEP-5304 metadata files and their CDI mount specs.
+#[derive(Debug, Clone)]
+pub struct MetadataWriter {
+    driver: String,
+    data_dir: PathBuf,
+    cdi_root: PathBuf,
+}
+
+impl MetadataWriter {
+    /// A writer for `driver`, with files under `<data_dir>/dra-device-metadata` and
+    /// specs in `cdi_root`.
+    pub fn new(
+        driver: impl Into<String>,
+        data_dir: impl Into<PathBuf>,
+        cdi_root: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            driver: driver.into(),
+            data_dir: data_dir.into(),
+            cdi_root: cdi_root.into(),
+        }
+    }
+
+    fn claim_dir(&self, claim: &ClaimIdentity) -> PathBuf {
+        self.data_dir
+            .join(HOST_SUBDIR)
+            .join(format!("{}_{}_{}", claim.namespace, claim.name, claim.uid))
+    }
+
+    /// Host path of a request's metadata file.
+    pub fn host_file(&self, claim: &ClaimIdentity, base_request: &str) -> PathBuf {
+        self.claim_dir(claim)
+            .join(base_request)
+            .join("metadata.json")
+    }
+
+    /// Path of the metadata file inside the container.
+    pub fn container_file(&self, claim: &ClaimIdentity, base_request: &str) -> String {
+        let file = format!("{}-metadata.json", self.driver);
+        match claim.pod_claim_name.as_deref().filter(|p| !p.is_empty()) {
+            Some(pod_claim) => {
+                format!("{CONTAINER_ROOT}/resourceclaimtemplates/{pod_claim}/{base_request}/{file}")
+            }
+            None => format!(
+                "{CONTAINER_ROOT}/resourceclaims/{}/{base_request}/{file}",
+                claim.name
+            ),
+        }
+    }
+
+    /// Path of the CDI spec mounting a request's metadata.
+    pub fn spec_path(&self, claim_uid: &str, base_request: &str) -> PathBuf {
+        self.cdi_root.join(format!(
+            "{}_{METADATA_CLASS}_{claim_uid}_{base_request}.json",
+            self.driver
+        ))
+    }
+
+    /// CDI ID of a request's metadata mount.
+    pub fn device_id(&self, claim_uid: &str, base_request: &str) -> String {
+        format!(
+            "{}/{METADATA_CLASS}={claim_uid}_{base_request}",
+            self.driver
+        )
+    }
+
+    /// The metadata stream for one request (`request_ref` may be `main/sub`; it is
+    /// recorded in full inside the file).
+    pub fn render(
+        &self,
+        claim: &ClaimIdentity,
+        request_ref: &str,
+        devices: &[MetadataDevice],
+    ) -> Vec<u8> {
+        let doc = DeviceMetadata {
+            kind: METADATA_KIND,
+            api_version: METADATA_API_VERSION,
+            metadata: ObjectMeta {
+                name: &claim.name,
+                namespace: &claim.namespace,
+                uid: &claim.uid,
+                // Written once per prepare with identical content: a retried prepare
+                // must not look like an update.
+                generation: 1,
+            },
+            pod_claim_name: claim.pod_claim_name.as_deref(),
+            requests: vec![RequestMetadata {
+                name: request_ref,
+                devices,
+            }],
+        };
+        // Serialising plain strings and integers cannot fail.
+        let mut out = serde_json::to_vec_pretty(&doc).unwrap_or_default();
+        out.push(b'\n');
+        out
+    }
+
+    /// Writes the metadata file and CDI mount spec of one request; returns the CDI ID
+    /// to add to every device of that request.
+    pub fn write_request(
+        &self,
+        claim: &ClaimIdentity,
+        request_ref: &str,
+        devices: &[MetadataDevice],
+    ) -> Result<String, MetadataError> {
+        let base = crate::config::base_request(request_ref);
+        self.check_names(claim, base)?;
+        let file = self.host_file(claim, base);
+        cdi::write_bytes_atomic(&file, &self.render(claim, request_ref, devices)).map_err(
+            |source| CdiError::Io {
+                step: "writing metadata",
+                path: file.clone(),
+                source,
+            },
+        )?;
+        let device = Device {
+            name: format!("{}_{base}", claim.uid),
+            container_edits: ContainerEdits {
+                mounts: vec![Mount {
+                    host_path: file.to_string_lossy().into_owned(),
+                    container_path: self.container_file(claim, base),
+                    options: vec!["ro".into(), "bind".into()],
+                }],
+                ..ContainerEdits::default()
+            },
+        };
+        let devices = vec![device];
+        let spec = Spec {
+            cdi_version: cdi::minimum_version(&devices).to_string(),
+            kind: format!("{}/{METADATA_CLASS}", self.driver),
+            devices,
+            container_edits: ContainerEdits::default(),
+        };
+        cdi::write_json_atomic(&self.spec_path(&claim.uid, base), &spec)?;
+        Ok(self.device_id(&claim.uid, base))
+    }
+
+    fn check_names(&self, claim: &ClaimIdentity, base_request: &str) -> Result<(), MetadataError> {
+        let unsafe_name = |what, value: &str| MetadataError::UnsafeName {
+            what,
+            value: value.to_string(),
+        };
+        if !is_safe_name(&claim.namespace) {
+            return Err(unsafe_name("namespace", &claim.namespace));
+        }
+        if !is_safe_name(&claim.name) {
+            return Err(unsafe_name("claim name", &claim.name));
+        }
+        if !cdi::is_safe_uid(&claim.uid) {
+            return Err(unsafe_name("claim UID", &claim.uid));
+        }
+        if !is_safe_name(base_request) {
+            return Err(unsafe_name("request name", base_request));
+        }
+        if let Some(p) = &claim.pod_claim_name
+            && !p.is_empty()
+            && !is_safe_name(p)
+        {
+            return Err(unsafe_name("pod claim name", p));
+        }
+        Ok(())
+    }
+
+    /// Removes every metadata file and mount spec of a claim, by UID alone (the claim
+    /// object may be gone). Absent files are fine.
+    pub fn remove_claim(&self, claim_uid: &str) -> Result<(), MetadataError> {
+        if !cdi::is_safe_uid(claim_uid) {
+            return Err(MetadataError::UnsafeName {
+                what: "claim UID",
+                value: claim_uid.to_string(),
+            });
+        }
+        let dir = self.data_dir.join(HOST_SUBDIR);
+        let suffix = format!("_{claim_uid}");
+        for entry in read_dir_or_empty(&dir)? {
+            let name = entry.file_name();
+            if name.to_string_lossy().ends_with(&suffix) {
+                let path = entry.path();
+                match fs::remove_dir_all(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(source) => {
+                        return Err(CdiError::Io {
+                            step: "removing metadata",
+                            path,
+                            source,
+                        }
+                        .into());
+                    }
+                }
+            }
+        }
+        let prefix = format!("{}_{METADATA_CLASS}_{claim_uid}_", self.driver);
+        for entry in read_dir_or_empty(&self.cdi_root)? {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(&prefix) && name.ends_with(".json") {
+                cdi::remove_if_exists(&entry.path())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_dir_or_empty(dir: &Path) -> Result<Vec<fs::DirEntry>, CdiError> {
+    let io_err = |source| CdiError::Io {
+        step: "listing",
+        path: dir.to_path_buf(),
+        source,
+    };
+    match fs::read_dir(dir) {
+        Ok(rd) => rd.collect::<Result<Vec<_>, _>>().map_err(io_err),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(io_err(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(pod_claim: Option<&str>) -> ClaimIdentity {
+        ClaimIdentity {
+            namespace: "vms".into(),
+            name: "vm-1-gpu-x7k2p".into(),
+            uid: "7d6c7a3e-0000-4000-8000-000000000001".into(),
+            pod_claim_name: pod_claim.map(String::from),
+        }
+    }
+
+    fn dev() -> MetadataDevice {
+        MetadataDevice {
+            driver: "vfio-gpu.dra.dev".into(),
+            pool: "node-a".into(),
+            name: "gpu-0000-ab-00-0".into(),
+            attributes: BTreeMap::from([(
+                "resource.kubernetes.io/pciBusID".to_string(),
+                AttributeValue::String("0000:ab:00.0".into()),
+            )]),
+        }
+    }
+
+    #[test]
+    fn schema_matches_go_helper() {
+        let w = MetadataWriter::new("vfio-gpu.dra.dev", "/data", "/cdi");
+        let bytes = w.render(&claim(Some("gpu")), "gpu/big", &[dev()]);
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["kind"], "DeviceMetadata");
+        assert_eq!(v["apiVersion"], "metadata.resource.k8s.io/v1alpha1");
+        assert_eq!(v["metadata"]["generation"], 1);
+        assert_eq!(v["metadata"]["uid"], "7d6c7a3e-0000-4000-8000-000000000001");
+        assert_eq!(v["podClaimName"], "gpu");
+        assert_eq!(v["requests"][0]["name"], "gpu/big");
+        let d = &v["requests"][0]["devices"][0];
+        assert_eq!(d["driver"], "vfio-gpu.dra.dev");
+        assert_eq!(d["pool"], "node-a");
+        assert_eq!(
+            d["attributes"]["resource.kubernetes.io/pciBusID"]["string"],
+            "0000:ab:00.0"
+        );
+        let plain = w.render(&claim(None), "gpu", &[dev()]);
+        let v: serde_json::Value = serde_json::from_slice(&plain).unwrap();
+        assert!(v.get("podClaimName").is_none());
+    }
+
+    #[test]
+    fn container_paths() {
+        let w = MetadataWriter::new("vfio-gpu.dra.dev", "/data", "/cdi");
+        assert_eq!(
+            w.container_file(&claim(None), "gpu"),
+            "/var/run/kubernetes.io/dra-device-attributes/resourceclaims/vm-1-gpu-x7k2p/gpu/vfio-gpu.dra.dev-metadata.json"
+        );
+        assert_eq!(
+            w.container_file(&claim(Some("gpu")), "gpu"),
+            "/var/run/kubernetes.io/dra-device-attributes/resourceclaimtemplates/gpu/gpu/vfio-gpu.dra.dev-metadata.json"
+        );
+    }
+
+    #[test]
+    fn write_and_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = MetadataWriter::new(
+            "vfio-gpu.dra.dev",
+            dir.path().join("data"),
+            dir.path().join("cdi"),
+        );
+        let c = claim(None);
+        let id = w.write_request(&c, "gpu", &[dev()]).unwrap();
+        assert_eq!(
+            id,
+            "vfio-gpu.dra.dev/metadata=7d6c7a3e-0000-4000-8000-000000000001_gpu"
+        );
+        assert!(w.host_file(&c, "gpu").exists());
+        assert!(w.spec_path(&c.uid, "gpu").exists());
+        w.remove_claim(&c.uid).unwrap();
+        assert!(!w.host_file(&c, "gpu").exists());
+        assert!(!w.spec_path(&c.uid, "gpu").exists());
+        w.remove_claim(&c.uid).unwrap();
+        let mut bad = c.clone();
+        bad.name = "../x".into();
+        assert!(matches!(
+            w.write_request(&bad, "gpu", &[dev()]),
+            Err(MetadataError::UnsafeName { .. })
+        ));
+    }
+}

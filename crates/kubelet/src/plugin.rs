@@ -1,1 +1,656 @@
-//! (in progress)
+//! NodePrepareResources / NodeUnprepareResources on top of the binding engine.
+//!
+//! Prepare: GET the ResourceClaim, check UID and allocation, keep this driver's results
+//! in this node's pool, resolve the opaque config, map device names to discovered GPUs
+//! (names are untrusted: only compared, never used in paths), check pins, foreign
+//! group members and holders, configure the GPUs in parallel, write the CDI spec and
+//! the KEP-5304 metadata. Every check runs before the first host change, so a refused
+//! claim changes nothing.
+//!
+//! Unprepare: from the engine's ledger alone (the claim object may be gone): release
+//! the GPUs held by the claim's UID, then remove its CDI spec and metadata.
+//!
+//! Calls for one claim are serialised; different claims run concurrently.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use futures::future::join_all;
+use k8s_openapi::api::resource::v1::{DeviceRequestAllocationResult, ResourceClaim};
+use kube::Api;
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+use vfio_gpu_engine::{Action, Engine, EngineError, GpuView, Holder, Outcome};
+use vfio_gpu_host::Bdf;
+
+use crate::cdi::{CdiGpu, CdiWriter, is_safe_uid};
+use crate::config::{ClaimConfig, VfioDeviceConfig, base_request};
+use crate::grpc::dra::{
+    BoxFuture, ClaimRef, DraBackend, PrepareResults, PreparedDevice, UnprepareResults,
+};
+use crate::metadata::{
+    AttributeValue, ClaimIdentity, MetadataDevice, MetadataWriter, POD_CLAIM_NAME_ANNOTATION,
+    is_safe_name,
+};
+
+/// The ResourceSlice device name of a GPU: `gpu-<bdf dashed>`, e.g. `gpu-0000-ab-00-0`.
+/// Stable across restarts and rebinds because it derives from the PCI address only.
+pub fn device_name(bdf: &Bdf) -> String {
+    format!("gpu-{}", bdf.dashed())
+}
+
+/// Settings of the plugin.
+#[derive(Debug, Clone)]
+pub struct PluginConfig {
+    /// Driver name (allocation `driver`, CDI vendor).
+    pub driver_name: String,
+    /// Node name; also the pool name of this node's devices.
+    pub node_name: String,
+    /// CDI spec directory (normally `/var/run/cdi`).
+    pub cdi_root: PathBuf,
+    /// Plugin data directory; metadata files go under it.
+    pub data_dir: PathBuf,
+    /// Upper bound for the claim GET (the kubelet gives the whole call 45 s).
+    pub api_timeout: Duration,
+    /// Mirror of the policy's `binding.allow-foreign-group-members`.
+    pub allow_foreign_group_members: bool,
+}
+
+impl PluginConfig {
+    /// Defaults for `driver` on `node`: `/var/run/cdi` and
+    /// `/var/lib/kubelet/plugins/<driver>`.
+    pub fn new(driver_name: impl Into<String>, node_name: impl Into<String>) -> Self {
+        let driver_name = driver_name.into();
+        Self {
+            data_dir: PathBuf::from("/var/lib/kubelet/plugins").join(&driver_name),
+            driver_name,
+            node_name: node_name.into(),
+            cdi_root: PathBuf::from("/var/run/cdi"),
+            api_timeout: Duration::from_secs(20),
+            allow_foreign_group_members: false,
+        }
+    }
+}
+
+type ClaimLocks = StdMutex<HashMap<String, Arc<AsyncMutex<()>>>>;
+
+/// Holds one claim's lock; drops the map entry when nobody else waits for it.
+struct ClaimGuard<'a> {
+    locks: &'a ClaimLocks,
+    uid: String,
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut map = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        if map
+            .get(&self.uid)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            map.remove(&self.uid);
+        }
+    }
+}
+
+/// One allocation result of ours, resolved to a GPU.
+struct Planned {
+    result: DeviceRequestAllocationResult,
+    bdf: Bdf,
+    view: GpuView,
+    config: VfioDeviceConfig,
+}
+
+/// The kubelet DRA backend of vfio-gpu-dra.
+pub struct VfioPlugin {
+    engine: Arc<Engine>,
+    client: kube::Client,
+    config: PluginConfig,
+    cdi: CdiWriter,
+    metadata: MetadataWriter,
+    locks: ClaimLocks,
+}
+
+impl VfioPlugin {
+    /// A plugin driving `engine`, reading claims through `client`.
+    pub fn new(engine: Arc<Engine>, client: kube::Client, config: PluginConfig) -> Self {
+        Self {
+            cdi: CdiWriter::new(&config.cdi_root, &config.driver_name),
+            metadata: MetadataWriter::new(&config.driver_name, &config.data_dir, &config.cdi_root),
+            engine,
+            client,
+            config,
+            locks: StdMutex::new(HashMap::new()),
+        }
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &PluginConfig {
+        &self.config
+    }
+
+    /// The CDI writer (paths and IDs of claim specs).
+    pub fn cdi(&self) -> &CdiWriter {
+        &self.cdi
+    }
+
+    /// The metadata writer (paths and IDs of metadata files).
+    pub fn metadata(&self) -> &MetadataWriter {
+        &self.metadata
+    }
+
+    async fn lock_claim(&self, uid: &str) -> ClaimGuard<'_> {
+        let lock = {
+            let mut map = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(map.entry(uid.to_string()).or_default())
+        };
+        let guard = lock.lock_owned().await;
+        ClaimGuard {
+            locks: &self.locks,
+            uid: uid.to_string(),
+            guard: Some(guard),
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&Engine) -> T + Send + 'static,
+    ) -> Result<T, String> {
+        let engine = Arc::clone(&self.engine);
+        tokio::task::spawn_blocking(move || f(&engine))
+            .await
+            .map_err(|e| format!("{what}: engine task failed: {e}"))
+    }
+
+    /// GETs the claim; `Ok(None)` when it does not exist.
+    async fn get_claim(&self, c: &ClaimRef) -> Result<Option<ResourceClaim>, String> {
+        if !is_safe_name(&c.namespace) || !is_safe_name(&c.name) {
+            return Err(format!(
+                "invalid claim namespace/name {:?}/{:?}",
+                c.namespace, c.name
+            ));
+        }
+        let api: Api<ResourceClaim> = Api::namespaced(self.client.clone(), &c.namespace);
+        match tokio::time::timeout(self.config.api_timeout, api.get_opt(&c.name)).await {
+            Err(_) => Err(format!(
+                "fetching ResourceClaim {}/{}: no answer from the API server within {:?}",
+                c.namespace, c.name, self.config.api_timeout
+            )),
+            Ok(Err(e)) => Err(format!(
+                "fetching ResourceClaim {}/{}: {e}",
+                c.namespace, c.name
+            )),
+            Ok(Ok(found)) => Ok(found),
+        }
+    }
+
+    /// Prepares one claim (see the module docs); the error text goes to the kubelet.
+    pub async fn prepare_claim(&self, c: &ClaimRef) -> Result<Vec<PreparedDevice>, String> {
+        self.prepare_inner(c)
+            .await
+            .map_err(|e| format!("claim {}/{} ({}): {e}", c.namespace, c.name, c.uid))
+    }
+
+    async fn prepare_inner(&self, c: &ClaimRef) -> Result<Vec<PreparedDevice>, String> {
+        if !is_safe_uid(&c.uid) {
+            return Err(format!("invalid claim UID {:?}", c.uid));
+        }
+        // Fetched before taking the claim lock, as the Go helper does: a slow API
+        // server must not block an unprepare of the same claim.
+        let claim = self
+            .get_claim(c)
+            .await?
+            .ok_or_else(|| format!("ResourceClaim {}/{} not found", c.namespace, c.name))?;
+        let found_uid = claim.metadata.uid.as_deref().unwrap_or_default();
+        if found_uid != c.uid {
+            return Err(format!(
+                "ResourceClaim {}/{} now has UID {found_uid:?}: the claim was replaced",
+                c.namespace, c.name
+            ));
+        }
+        let allocation = claim
+            .status
+            .as_ref()
+            .and_then(|s| s.allocation.as_ref())
+            .ok_or("the claim is not allocated")?;
+        let devices = allocation.devices.clone().unwrap_or_default();
+        let all_results = devices.results.unwrap_or_default();
+        let driver = &self.config.driver_name;
+        let node = &self.config.node_name;
+        let (ours, others): (Vec<_>, Vec<_>) = all_results
+            .into_iter()
+            .partition(|r| &r.driver == driver && &r.pool == node);
+        if ours.is_empty() {
+            let seen: Vec<String> = others
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{:?} from driver {:?} pool {:?}",
+                        r.device, r.driver, r.pool
+                    )
+                })
+                .collect();
+            return Err(format!(
+                "no device allocated from driver {driver} in pool {node} (allocation has: {})",
+                if seen.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    seen.join(", ")
+                }
+            ));
+        }
+        for r in others.iter().filter(|r| &r.driver == driver) {
+            tracing::warn!(claim = %c.uid, device = %r.device, pool = %r.pool, "ignoring a result of our driver in another node's pool");
+        }
+        let claim_config =
+            ClaimConfig::from_allocation(devices.config.as_deref().unwrap_or(&[]), driver)
+                .map_err(|e| e.to_string())?;
+        let identity = ClaimIdentity {
+            namespace: c.namespace.clone(),
+            name: c.name.clone(),
+            uid: c.uid.clone(),
+            pod_claim_name: claim
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(POD_CLAIM_NAME_ANNOTATION))
+                .cloned(),
+        };
+        let holder = Holder::Claim {
+            uid: c.uid.clone(),
+            namespace: c.namespace.clone(),
+            name: c.name.clone(),
+        };
+
+        let _guard = self.lock_claim(&c.uid).await;
+        let (views, _) = self
+            .blocking("discovering GPUs", |e| e.discover())
+            .await?
+            .map_err(|e| format!("discovering GPUs: {e}"))?;
+        let planned = self.plan(&c.uid, ours, &views, &claim_config)?;
+
+        // Distinct GPUs, in allocation order.
+        let mut bdfs: Vec<Bdf> = Vec::new();
+        for p in &planned {
+            if !bdfs.contains(&p.bdf) {
+                bdfs.push(p.bdf);
+            }
+        }
+        let reqs: Vec<(Bdf, Holder)> = bdfs.iter().map(|b| (*b, holder.clone())).collect();
+        let results = self
+            .blocking("configuring GPUs", move |e| e.configure_many(&reqs))
+            .await?;
+        let mut outcomes: HashMap<Bdf, Outcome> = HashMap::new();
+        let mut newly: Vec<Bdf> = Vec::new();
+        let mut errors: Vec<String> = Vec::new();
+        for (bdf, r) in bdfs.iter().zip(results) {
+            match r {
+                Ok(o) => {
+                    if o.action != Action::AlreadyConfigured {
+                        newly.push(*bdf);
+                    }
+                    outcomes.insert(*bdf, o);
+                }
+                Err(e) => errors.push(describe_engine_error(*bdf, &e)),
+            }
+        }
+        if !errors.is_empty() {
+            let undo = self.release(&newly, &holder).await;
+            return Err(with_undo(errors.join("; "), undo));
+        }
+
+        match self.write_files(&identity, &planned, &outcomes) {
+            Ok(devices) => Ok(devices),
+            Err(e) => {
+                let undo = self.release(&newly, &holder).await;
+                Err(with_undo(e, undo))
+            }
+        }
+    }
+
+    /// Resolves our results to GPUs and runs every check that needs no host change.
+    fn plan(
+        &self,
+        uid: &str,
+        ours: Vec<DeviceRequestAllocationResult>,
+        views: &[GpuView],
+        claim_config: &ClaimConfig,
+    ) -> Result<Vec<Planned>, String> {
+        let by_name: HashMap<String, &GpuView> = views
+            .iter()
+            .map(|v| (device_name(&v.gpu.bdf()), v))
+            .collect();
+        let ledger = self.engine.ledger();
+        let mut planned = Vec::new();
+        let mut errors = Vec::new();
+        for r in ours {
+            // Debug formatting escapes whatever the name holds; it is never a path.
+            let Some(view) = by_name.get(r.device.as_str()) else {
+                errors.push(format!(
+                    "device {:?} (request {:?}) is not a GPU on node {}",
+                    r.device, r.request, self.config.node_name
+                ));
+                continue;
+            };
+            let bdf = view.gpu.bdf();
+            if r.admin_access == Some(true) {
+                errors.push(format!(
+                    "{bdf}: adminAccess is not supported for VFIO passthrough"
+                ));
+                continue;
+            }
+            if let Some(pin) = &view.verdict.pinned {
+                errors.push(format!(
+                    "{bdf} is pinned by the administrator ({}); it is never moved",
+                    vfio_gpu_engine::pin_text(pin)
+                ));
+                continue;
+            }
+            let blocking: Vec<String> = view
+                .gpu
+                .blocking_members()
+                .map(|m| m.bdf.to_string())
+                .collect();
+            if !blocking.is_empty() && !self.config.allow_foreign_group_members {
+                errors.push(format!(
+                    "{bdf}: its IOMMU group also holds {}; passing it through would take them from the host",
+                    blocking.join(", ")
+                ));
+                continue;
+            }
+            if let Some(holder) = ledger.gpus.get(&bdf).and_then(|rec| rec.holder.as_ref()) {
+                let ours = matches!(holder, Holder::Claim { uid: u, .. } if u == uid);
+                if !ours {
+                    errors.push(format!("{bdf} is held by {holder}"));
+                    continue;
+                }
+            }
+            if let Some(op) = &view.stuck {
+                errors.push(format!("{bdf} is stuck in {op}"));
+                continue;
+            }
+            planned.push(Planned {
+                config: claim_config.for_request(&r.request),
+                bdf,
+                view: (*view).clone(),
+                result: r,
+            });
+        }
+        if errors.is_empty() {
+            Ok(planned)
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// Writes the claim's CDI spec and metadata; returns the prepared devices.
+    fn write_files(
+        &self,
+        claim: &ClaimIdentity,
+        planned: &[Planned],
+        outcomes: &HashMap<Bdf, Outcome>,
+    ) -> Result<Vec<PreparedDevice>, String> {
+        let mut gpus = Vec::with_capacity(planned.len());
+        for p in planned {
+            let outcome = outcomes
+                .get(&p.bdf)
+                .ok_or_else(|| format!("{}: no engine outcome", p.bdf))?;
+            gpus.push(CdiGpu {
+                device_name: p.result.device.clone(),
+                request: base_request(&p.result.request).to_string(),
+                bdf: p.bdf.to_string(),
+                iommu_group: outcome.iommu_group,
+                vfio_devices: outcome.vfio_devices.clone(),
+                config: p.config,
+            });
+        }
+        self.cdi
+            .write_claim(&claim.uid, &gpus)
+            .map_err(|e| e.to_string())?;
+
+        // Metadata is grouped by the full request reference (`main/sub` recorded in the
+        // file), stored under the base request.
+        let mut by_request: BTreeMap<&str, Vec<MetadataDevice>> = BTreeMap::new();
+        for p in planned {
+            by_request
+                .entry(p.result.request.as_str())
+                .or_default()
+                .push(self.metadata_device(p));
+        }
+        let mut metadata_ids: HashMap<String, String> = HashMap::new();
+        for (request_ref, devices) in &by_request {
+            let id = self
+                .metadata
+                .write_request(claim, request_ref, devices)
+                .map_err(|e| format!("device metadata for request {request_ref:?}: {e}"))?;
+            metadata_ids.insert(base_request(request_ref).to_string(), id);
+        }
+
+        Ok(planned
+            .iter()
+            .map(|p| {
+                let base = base_request(&p.result.request).to_string();
+                let mut ids = vec![self.cdi.device_id(&claim.uid, &p.result.device)];
+                ids.extend(metadata_ids.get(&base).cloned());
+                PreparedDevice {
+                    request_names: vec![base],
+                    pool_name: p.result.pool.clone(),
+                    device_name: p.result.device.clone(),
+                    cdi_device_ids: ids,
+                    share_id: p.result.share_id.clone(),
+                }
+            })
+            .collect())
+    }
+
+    fn metadata_device(&self, p: &Planned) -> MetadataDevice {
+        let f = &p.view.gpu.function;
+        let mut attributes = BTreeMap::new();
+        attributes.insert(
+            "resource.kubernetes.io/pciBusID".to_string(),
+            AttributeValue::String(p.bdf.to_string()),
+        );
+        if let Some(root) = &f.pcie_root {
+            attributes.insert(
+                "resource.kubernetes.io/pcieRoot".to_string(),
+                AttributeValue::String(root.clone()),
+            );
+        }
+        if let Some(g) = f.iommu_group {
+            attributes.insert("iommuGroup".to_string(), AttributeValue::Int(g.into()));
+        }
+        if let Some(n) = f.numa_node {
+            attributes.insert("numaNode".to_string(), AttributeValue::Int(n.into()));
+        }
+        MetadataDevice {
+            driver: self.config.driver_name.clone(),
+            pool: p.result.pool.clone(),
+            name: p.result.device.clone(),
+            attributes,
+        }
+    }
+
+    /// Releases GPUs this call configured after a later step failed; returns what
+    /// could not be undone.
+    async fn release(&self, bdfs: &[Bdf], holder: &Holder) -> Vec<String> {
+        if bdfs.is_empty() {
+            return Vec::new();
+        }
+        let reqs: Vec<(Bdf, Option<Holder>)> =
+            bdfs.iter().map(|b| (*b, Some(holder.clone()))).collect();
+        match self
+            .blocking("releasing GPUs", move |e| e.unconfigure_many(&reqs))
+            .await
+        {
+            Ok(results) => bdfs
+                .iter()
+                .zip(results)
+                .filter_map(|(b, r)| r.err().map(|e| describe_engine_error(*b, &e)))
+                .collect(),
+            Err(e) => vec![e],
+        }
+    }
+
+    /// Unprepares one claim from the ledger; an unknown UID is already unprepared.
+    pub async fn unprepare_claim(&self, c: &ClaimRef) -> Result<(), String> {
+        self.unprepare_inner(&c.uid)
+            .await
+            .map_err(|e| format!("claim {}/{} ({}): {e}", c.namespace, c.name, c.uid))
+    }
+
+    async fn unprepare_inner(&self, uid: &str) -> Result<(), String> {
+        if !is_safe_uid(uid) {
+            return Err(format!("invalid claim UID {uid:?}"));
+        }
+        let _guard = self.lock_claim(uid).await;
+        let held: Vec<(Bdf, Option<Holder>)> = self
+            .engine
+            .ledger()
+            .gpus
+            .iter()
+            .filter_map(|(b, rec)| match &rec.holder {
+                Some(h @ Holder::Claim { uid: u, .. }) if u == uid => Some((*b, Some(h.clone()))),
+                _ => None,
+            })
+            .collect();
+        if !held.is_empty() {
+            let bdfs: Vec<Bdf> = held.iter().map(|(b, _)| *b).collect();
+            let results = self
+                .blocking("releasing GPUs", move |e| e.unconfigure_many(&held))
+                .await?;
+            let mut errors = Vec::new();
+            for (b, r) in bdfs.iter().zip(results) {
+                match r {
+                    Ok(o) => {
+                        tracing::info!(claim = %uid, gpu = %b, action = ?o.action, detail = %o.detail, "released")
+                    }
+                    Err(e) => errors.push(describe_engine_error(*b, &e)),
+                }
+            }
+            if !errors.is_empty() {
+                // Keep the CDI spec: the GPU may still be in use; the kubelet retries.
+                return Err(errors.join("; "));
+            }
+        }
+        self.cdi.remove_claim(uid).map_err(|e| e.to_string())?;
+        self.metadata.remove_claim(uid).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Claims holding GPUs according to the ledger.
+    pub fn prepared_claims(&self) -> Vec<ClaimRef> {
+        let mut out: Vec<ClaimRef> = Vec::new();
+        for rec in self.engine.ledger().gpus.values() {
+            if let Some(Holder::Claim {
+                uid,
+                namespace,
+                name,
+            }) = &rec.holder
+                && !out.iter().any(|c| &c.uid == uid)
+            {
+                out.push(ClaimRef {
+                    uid: uid.clone(),
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Unprepares prepared claims whose ResourceClaim is gone or was replaced (new
+    /// UID). Claims the API server could not be asked about are left alone. Returns the
+    /// claims acted on with their results.
+    pub async fn cleanup_stale_claims(&self) -> Vec<(ClaimRef, Result<(), String>)> {
+        let mut out = Vec::new();
+        for c in self.prepared_claims() {
+            let stale = match self.get_claim(&c).await {
+                Ok(None) => true,
+                Ok(Some(obj)) => obj.metadata.uid.as_deref() != Some(c.uid.as_str()),
+                Err(e) => {
+                    tracing::debug!(claim = %c.uid, error = %e, "cleanup: cannot check claim; keeping it");
+                    false
+                }
+            };
+            if stale {
+                tracing::info!(claim = %c.uid, namespace = %c.namespace, name = %c.name, "cleanup: claim is gone or replaced; unpreparing");
+                let r = self.unprepare_claim(&c).await;
+                out.push((c, r));
+            }
+        }
+        out
+    }
+}
+
+fn describe_engine_error(bdf: Bdf, e: &EngineError) -> String {
+    let text = e.to_string();
+    if text.contains(&bdf.to_string()) {
+        text
+    } else {
+        format!("{bdf}: {text}")
+    }
+}
+
+fn with_undo(error: String, undo: Vec<String>) -> String {
+    if undo.is_empty() {
+        error
+    } else {
+        format!(
+            "{error}; rolling back GPUs configured by this call also failed: {}",
+            undo.join("; ")
+        )
+    }
+}
+
+impl DraBackend for VfioPlugin {
+    fn prepare(&self, claims: Vec<ClaimRef>) -> BoxFuture<'_, PrepareResults> {
+        Box::pin(async move {
+            join_all(claims.iter().map(|c| async move {
+                let r = self.prepare_claim(c).await;
+                match &r {
+                    Ok(d) => tracing::info!(claim = %c.uid, devices = d.len(), "prepared"),
+                    Err(e) => tracing::warn!(claim = %c.uid, error = %e, "prepare failed"),
+                }
+                (c.uid.clone(), r)
+            }))
+            .await
+            .into_iter()
+            .collect()
+        })
+    }
+
+    fn unprepare(&self, claims: Vec<ClaimRef>) -> BoxFuture<'_, UnprepareResults> {
+        Box::pin(async move {
+            join_all(claims.iter().map(|c| async move {
+                let r = self.unprepare_claim(c).await;
+                match &r {
+                    Ok(()) => tracing::info!(claim = %c.uid, "unprepared"),
+                    Err(e) => tracing::warn!(claim = %c.uid, error = %e, "unprepare failed"),
+                }
+                (c.uid.clone(), r)
+            }))
+            .await
+            .into_iter()
+            .collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_are_dns_labels_from_the_bdf() {
+        let b: Bdf = "0000:ab:00.0".parse().unwrap();
+        assert_eq!(device_name(&b), "gpu-0000-ab-00-0");
+    }
+}

@@ -1,1 +1,287 @@
-//! (in progress)
+//! `vfio-gpu-dra serve`: the node plugin's main loop.
+//!
+//! Order: open the engine (state lock, ledger), reconcile the host against the ledger,
+//! build the Kubernetes client, then open the sockets (so the kubelet never reaches a
+//! plugin whose host state is still half-done), start the ResourceSlice publisher, and
+//! run periodic reconcile and stale-claim cleanup until the shutdown token fires.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::JoinHandle;
+pub use tokio_util::sync::CancellationToken;
+use vfio_gpu_engine::kernel::Kernel;
+use vfio_gpu_engine::{Engine, EngineConfig};
+use vfio_gpu_host::GpuSelector;
+use vfio_gpu_intent::Policy;
+
+use crate::grpc::server::{ServerConfig, serve as serve_grpc};
+use crate::plugin::{PluginConfig, VfioPlugin};
+
+/// Where the Kubernetes client comes from.
+#[derive(Clone)]
+pub enum KubeSource {
+    /// The pod's service account (`KUBERNETES_SERVICE_HOST`, mounted token).
+    InCluster,
+    /// A kubeconfig file.
+    Kubeconfig(PathBuf),
+    /// A ready client (tests, demos).
+    Client(kube::Client),
+}
+
+impl std::fmt::Debug for KubeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KubeSource::InCluster => f.write_str("InCluster"),
+            KubeSource::Kubeconfig(p) => write!(f, "Kubeconfig({})", p.display()),
+            KubeSource::Client(_) => f.write_str("Client(..)"),
+        }
+    }
+}
+
+/// What the ResourceSlice publisher gets to run with.
+pub struct PublisherContext {
+    /// Kubernetes client.
+    pub client: kube::Client,
+    /// Node name (and pool name).
+    pub node_name: String,
+    /// Driver name.
+    pub driver_name: String,
+    /// The engine, the source of the node's GPUs.
+    pub engine: Arc<Engine>,
+    /// Cancelled when the plugin stops.
+    pub shutdown: CancellationToken,
+}
+
+/// Starts the ResourceSlice publisher. Hook for `slices.rs` (owned separately): the
+/// CLI passes the publisher's start function here once it exists.
+pub type PublisherHook = Box<dyn FnOnce(PublisherContext) -> JoinHandle<anyhow::Result<()>> + Send>;
+
+/// Everything `serve` needs.
+pub struct ServeOptions {
+    /// Node name (`NODE_NAME`); also this node's pool name.
+    pub node_name: String,
+    /// Driver name, e.g. `vfio-gpu.dra.dev`.
+    pub driver_name: String,
+    /// The kernel edge (sysfs, or the simulated kernel for the demo).
+    pub kernel: Arc<dyn Kernel>,
+    /// Which PCI functions are GPUs.
+    pub selector: GpuSelector,
+    /// Admin policy.
+    pub policy: Policy,
+    /// Engine state directory; default `<plugins_dir>/<driver>`.
+    pub state_dir: Option<PathBuf>,
+    /// Kubelet plugins directory (`/var/lib/kubelet/plugins`).
+    pub plugins_dir: PathBuf,
+    /// Kubelet registration directory (`/var/lib/kubelet/plugins_registry`).
+    pub registrar_dir: PathBuf,
+    /// CDI spec directory (`/var/run/cdi`).
+    pub cdi_root: PathBuf,
+    /// Kubernetes client source.
+    pub kube: KubeSource,
+    /// Engine deadlines etc.
+    pub engine_config: EngineConfig,
+    /// How often to reconcile the host against the ledger.
+    pub reconcile_interval: Duration,
+    /// How often to unprepare claims whose ResourceClaim is gone or replaced.
+    pub cleanup_interval: Duration,
+    /// The ResourceSlice publisher, if wired.
+    pub publisher: Option<PublisherHook>,
+}
+
+impl ServeOptions {
+    /// Defaults for a real node: kubelet paths, `/var/run/cdi`, in-cluster client,
+    /// reconcile every 60 s, cleanup every 5 min.
+    pub fn new(
+        node_name: impl Into<String>,
+        driver_name: impl Into<String>,
+        kernel: Arc<dyn Kernel>,
+    ) -> Self {
+        Self {
+            node_name: node_name.into(),
+            driver_name: driver_name.into(),
+            kernel,
+            selector: GpuSelector::default(),
+            policy: Policy::default(),
+            state_dir: None,
+            plugins_dir: PathBuf::from("/var/lib/kubelet/plugins"),
+            registrar_dir: PathBuf::from("/var/lib/kubelet/plugins_registry"),
+            cdi_root: PathBuf::from("/var/run/cdi"),
+            kube: KubeSource::InCluster,
+            engine_config: EngineConfig::default(),
+            reconcile_interval: Duration::from_secs(60),
+            cleanup_interval: Duration::from_secs(300),
+            publisher: None,
+        }
+    }
+
+    /// The plugin data directory, `<plugins_dir>/<driver>`.
+    pub fn data_dir(&self) -> PathBuf {
+        self.plugins_dir.join(&self.driver_name)
+    }
+}
+
+/// Builds a client from the configured source. Requests are bounded by the plugin's
+/// own timeouts, not by kube's retry loop.
+pub async fn kube_client(source: &KubeSource) -> anyhow::Result<kube::Client> {
+    match source {
+        KubeSource::Client(c) => Ok(c.clone()),
+        KubeSource::Kubeconfig(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("loading kubeconfig {}", path.display()))?;
+            kube::Client::try_from(config).context("building the Kubernetes client")
+        }
+        KubeSource::InCluster => {
+            let config = kube::Config::incluster()
+                .context("loading the in-cluster Kubernetes configuration")?;
+            kube::Client::try_from(config).context("building the Kubernetes client")
+        }
+    }
+}
+
+async fn reconcile(engine: &Arc<Engine>) -> anyhow::Result<()> {
+    let e = Arc::clone(engine);
+    let results = tokio::task::spawn_blocking(move || e.reconcile())
+        .await
+        .context("reconcile task")?
+        .context("reconcile")?;
+    for r in results {
+        match r {
+            Ok(o) => {
+                tracing::info!(gpu = %o.bdf, action = ?o.action, detail = %o.detail, "reconcile")
+            }
+            Err((bdf, e)) => tracing::warn!(gpu = %bdf, error = %e, "reconcile failed"),
+        }
+    }
+    Ok(())
+}
+
+/// Runs the node plugin until `shutdown` is cancelled (or a server fails).
+pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let data_dir = opts.data_dir();
+    let state_dir = opts.state_dir.clone().unwrap_or_else(|| data_dir.clone());
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating state directory {}", state_dir.display()))?;
+    let allow_foreign = opts.policy.binding.allow_foreign_group_members;
+
+    let (kernel, selector, policy, engine_config) = (
+        Arc::clone(&opts.kernel),
+        opts.selector.clone(),
+        opts.policy.clone(),
+        opts.engine_config.clone(),
+    );
+    let dir = state_dir.clone();
+    // Opening may wait for another instance's state lock: keep it off the runtime.
+    let (engine, report) = tokio::task::spawn_blocking(move || {
+        Engine::open(kernel, &dir, selector, policy, engine_config)
+    })
+    .await
+    .context("engine open task")?
+    .with_context(|| format!("opening the engine on {}", state_dir.display()))?;
+    if let Some(p) = &report.ledger_problem {
+        tracing::warn!(reason = %p.reason, moved_to = ?p.moved_to, "ledger not trusted; rebuilt from the host");
+    }
+    for r in &report.earlier_boot_records {
+        tracing::info!(record = %r, "dropped a ledger record from an earlier boot");
+    }
+    let engine = Arc::new(engine);
+
+    // Before the sockets exist: the kubelet must not prepare against a host that still
+    // has interrupted operations in it.
+    reconcile(&engine).await?;
+
+    let client = kube_client(&opts.kube).await?;
+    let mut plugin_config = PluginConfig::new(&opts.driver_name, &opts.node_name);
+    plugin_config.cdi_root = opts.cdi_root.clone();
+    plugin_config.data_dir = data_dir;
+    plugin_config.allow_foreign_group_members = allow_foreign;
+    let plugin = Arc::new(VfioPlugin::new(
+        Arc::clone(&engine),
+        client.clone(),
+        plugin_config,
+    ));
+
+    let stop = shutdown.child_token();
+    let server = serve_grpc(
+        ServerConfig::new(&opts.driver_name, &opts.plugins_dir, &opts.registrar_dir),
+        plugin.clone(),
+        stop.clone(),
+    )
+    .await
+    .context("starting the kubelet plugin sockets")?;
+    tracing::info!(
+        dra = %server.dra_socket.display(),
+        registration = %server.registration_socket.display(),
+        node = %opts.node_name,
+        driver = %opts.driver_name,
+        "kubelet plugin serving"
+    );
+    let mut server_task = tokio::spawn(server.wait());
+
+    let publisher = match opts.publisher {
+        Some(start) => Some(start(PublisherContext {
+            client,
+            node_name: opts.node_name.clone(),
+            driver_name: opts.driver_name.clone(),
+            engine: Arc::clone(&engine),
+            shutdown: stop.clone(),
+        })),
+        None => {
+            tracing::warn!("no ResourceSlice publisher wired: this node's GPUs are not published");
+            None
+        }
+    };
+
+    let mut reconcile_tick = tokio::time::interval(opts.reconcile_interval);
+    let mut cleanup_tick = tokio::time::interval(opts.cleanup_interval);
+    // Both fire immediately once; the startup reconcile already ran.
+    reconcile_tick.tick().await;
+    let result: anyhow::Result<()> = loop {
+        tokio::select! {
+            _ = stop.cancelled() => break Ok(()),
+            r = &mut server_task => {
+                break match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(anyhow::Error::from(e).context("kubelet plugin server")),
+                    Err(e) => Err(anyhow::Error::from(e).context("kubelet plugin server task")),
+                };
+            }
+            _ = reconcile_tick.tick() => {
+                if let Err(e) = reconcile(&engine).await {
+                    tracing::warn!(error = %format!("{e:#}"), "periodic reconcile failed");
+                }
+            }
+            _ = cleanup_tick.tick() => {
+                for (c, r) in plugin.cleanup_stale_claims().await {
+                    if let Err(e) = r {
+                        tracing::warn!(claim = %c.uid, error = %e, "cleanup of a stale claim failed");
+                    }
+                }
+            }
+        }
+    };
+    stop.cancel();
+    if !server_task.is_finished() {
+        match server_task.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "kubelet plugin server stopped with an error"),
+            Err(e) => tracing::warn!(error = %e, "kubelet plugin server task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+    if let Some(p) = publisher {
+        match p.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %format!("{e:#}"), "ResourceSlice publisher failed")
+            }
+            Err(e) => tracing::warn!(error = %e, "ResourceSlice publisher task failed"),
+        }
+    }
+    tracing::info!("kubelet plugin stopped");
+    result
+}

@@ -1,0 +1,118 @@
+//! `vfio-gpu-dra serve`: run the kubelet DRA plugin on this node.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use vfio_gpu_engine::EngineConfig;
+use vfio_gpu_kubelet::serve::{CancellationToken, KubeSource, ServeOptions, serve};
+
+use crate::setup::HostOpts;
+
+/// Flags of `serve`; each has an environment fallback for DaemonSet manifests.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Name of this node (normally from the downward API's spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// DRA driver name (ResourceSlice spec.driver, CDI vendor).
+    #[arg(
+        long,
+        env = "VFIO_GPU_DRA_DRIVER_NAME",
+        default_value = "vfio-gpu.dra.dev"
+    )]
+    pub driver_name: String,
+    /// Where the kubelet watches for plugin registration sockets.
+    #[arg(
+        long,
+        env = "VFIO_GPU_DRA_KUBELET_REGISTRAR_DIR",
+        default_value = "/var/lib/kubelet/plugins_registry"
+    )]
+    pub kubelet_registrar_dir: PathBuf,
+    /// The kubelet's plugins directory; the DRA socket and plugin data go to <dir>/<driver>.
+    #[arg(
+        long,
+        env = "VFIO_GPU_DRA_KUBELET_PLUGINS_DIR",
+        default_value = "/var/lib/kubelet/plugins"
+    )]
+    pub kubelet_plugins_dir: PathBuf,
+    /// Directory for transient CDI specs.
+    #[arg(long, env = "VFIO_GPU_DRA_CDI_ROOT", default_value = "/var/run/cdi")]
+    pub cdi_root: PathBuf,
+    /// Engine state directory (ledger, lock); default <kubelet-plugins-dir>/<driver>,
+    /// <demo-dir>/state with --demo.
+    #[arg(long, env = "VFIO_GPU_DRA_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Kubeconfig file; without it the in-cluster service account is used.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Seconds between reconciles of the host against the ledger.
+    #[arg(long, default_value_t = 60)]
+    pub reconcile_interval: u64,
+    /// Seconds between cleanups of claims whose ResourceClaim is gone.
+    #[arg(long, default_value_t = 300)]
+    pub cleanup_interval: u64,
+    #[command(flatten)]
+    pub host: HostOpts,
+}
+
+/// Runs the plugin until SIGTERM or SIGINT.
+pub fn run(args: ServeArgs) -> Result<ExitCode> {
+    let setup = args.host.open()?;
+    let mut opts = ServeOptions::new(
+        &args.node_name,
+        &args.driver_name,
+        Arc::clone(&setup.kernel),
+    );
+    opts.selector = setup.selector.clone();
+    opts.policy = setup.policy.clone();
+    opts.state_dir = args.state_dir.clone().or(setup.state_dir.clone());
+    opts.plugins_dir = args.kubelet_plugins_dir.clone();
+    opts.registrar_dir = args.kubelet_registrar_dir.clone();
+    opts.cdi_root = args.cdi_root.clone();
+    opts.kube = match &args.kubeconfig {
+        Some(p) => KubeSource::Kubeconfig(p.clone()),
+        None => KubeSource::InCluster,
+    };
+    opts.engine_config = EngineConfig::default();
+    opts.reconcile_interval = Duration::from_secs(args.reconcile_interval.max(1));
+    opts.cleanup_interval = Duration::from_secs(args.cleanup_interval.max(1));
+    // ResourceSlice publishing lives in vfio_gpu_kubelet::slices; wire it here
+    // (opts.publisher) once that module exposes its start function.
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let token = CancellationToken::new();
+        let signals = tokio::spawn(cancel_on_signal(token.clone()));
+        let result = serve(opts, token).await;
+        signals.abort();
+        result
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cancel_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot install signal handlers; stopping");
+            token.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+    token.cancel();
+}
