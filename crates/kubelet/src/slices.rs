@@ -1,1 +1,866 @@
-//! (in progress)
+//! Publishing the node's GPUs as `resource.k8s.io/v1` ResourceSlices.
+//!
+//! One pool named after the node holds every GPU this driver may hand out,
+//! split into slices of at most 128 devices. Device names derive from the PCI
+//! address (`gpu-0000-65-00-0`), so they survive restarts and do not shift when
+//! GPUs come and go (unlike index-based names).
+//!
+//! The sync follows the Go `kubeletplugin` helper's resourceslice controller:
+//! owner reference to the Node, `generateName`, generation bumps only when more
+//! than one write is needed, update in place where possible, delete obsolete
+//! slices with uid + resourceVersion preconditions, and always at least one
+//! slice. [`run_publisher`] re-syncs on every watch event for the node's slices
+//! (the kubelet deletes them at start and when the plugin is unusable), on device
+//! list changes and periodically, and never gives up on API errors.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::resource::v1::{
+    Device, DeviceAttribute, DeviceCapacity, ResourcePool, ResourceSlice, ResourceSliceSpec,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use vfio_gpu_engine::{Engine, GpuView};
+use vfio_gpu_host::Bdf;
+
+/// At most this many devices per slice (API limit without taints or counters).
+pub const MAX_DEVICES_PER_SLICE: usize = 128;
+/// The API's limit on attributes + capacity entries per device.
+pub const MAX_ATTRIBUTES_AND_CAPACITY: usize = 32;
+/// The API's limit on a string attribute's length.
+pub const MAX_STRING_ATTRIBUTE: usize = 64;
+/// Standard attribute: PCI address, `0000:65:00.0`.
+pub const ATTR_PCI_BUS_ID: &str = "resource.kubernetes.io/pciBusID";
+/// Standard attribute: PCIe root complex, `pci0000:17`.
+pub const ATTR_PCIE_ROOT: &str = "resource.kubernetes.io/pcieRoot";
+/// Capacity: total size of the GPU's memory BARs.
+pub const CAPACITY_ADDRESSABLE_MEMORY: &str = "addressableMemory";
+
+/// One GPU this node may hand out, as published in its ResourceSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// PCI address of the GPU function.
+    pub bdf: Bdf,
+    /// PCI vendor ID.
+    pub vendor: u16,
+    /// PCI device ID.
+    pub device: u16,
+    /// Name from pci.ids, if known.
+    pub product_name: Option<String>,
+    /// Currently bound driver, if any.
+    pub driver: Option<String>,
+    /// IOMMU group; a GPU without one cannot be handed over VFIO.
+    pub iommu_group: u32,
+    /// NUMA node, if the kernel reports one.
+    pub numa_node: Option<u32>,
+    /// Root complex, `pci0000:17`.
+    pub pcie_root: Option<String>,
+    /// The administrator wants this GPU on vfio even when no VM uses it.
+    pub keep_on_vfio: bool,
+    /// Total size of the memory BARs in bytes; 0 when unknown.
+    pub bar_bytes: u64,
+}
+
+/// The device to offer for an engine view, or `None` when the GPU must not be
+/// offered: pinned by the admin, sharing its IOMMU group with a foreign device
+/// or another GPU (it could not move alone), without an IOMMU group, or with a
+/// host write still stuck past its deadline.
+pub fn device_info(view: &GpuView) -> Option<DeviceInfo> {
+    if view.verdict.pinned.is_some()
+        || view.stuck.is_some()
+        || view.gpu.blocking_members().next().is_some()
+    {
+        return None;
+    }
+    let f = &view.gpu.function;
+    Some(DeviceInfo {
+        bdf: f.bdf,
+        vendor: f.identity.vendor,
+        device: f.identity.device,
+        product_name: view.gpu.product_name.clone(),
+        driver: f.driver.as_ref().map(ToString::to_string),
+        iommu_group: f.iommu_group?,
+        numa_node: f.numa_node,
+        pcie_root: f.pcie_root.clone(),
+        keep_on_vfio: view.verdict.keep_on_vfio,
+        bar_bytes: f.bar_bytes,
+    })
+}
+
+/// The offerable devices among `views`, in BDF order.
+pub fn device_infos(views: &[GpuView]) -> Vec<DeviceInfo> {
+    let mut out: Vec<DeviceInfo> = views.iter().filter_map(device_info).collect();
+    out.sort_by_key(|d| d.bdf);
+    out
+}
+
+/// The device name of a GPU: `gpu-0000-65-00-0`. A DNS label that depends only
+/// on the address, so claims keep naming the same GPU across restarts.
+pub fn device_name(bdf: &Bdf) -> String {
+    format!("gpu-{}", bdf.dashed())
+}
+
+/// What the publisher publishes and how often it re-syncs.
+#[derive(Clone, Debug)]
+pub struct SliceConfig {
+    /// Driver name, `spec.driver`, e.g. `vfio-gpu.dra.dev`.
+    pub driver_name: String,
+    /// Node name: `spec.nodeName` and the pool name.
+    pub node_name: String,
+    /// Periodic re-sync interval, a safety net for missed events.
+    pub resync: Duration,
+    /// Delay after an event before syncing, so bursts cost one sync.
+    pub debounce: Duration,
+    /// Upper bound of the retry backoff after failed syncs.
+    pub max_backoff: Duration,
+}
+
+impl SliceConfig {
+    /// Defaults: re-sync every 30 s, 1 s debounce, retries backing off to 30 s.
+    pub fn new(driver_name: impl Into<String>, node_name: impl Into<String>) -> Self {
+        Self {
+            driver_name: driver_name.into(),
+            node_name: node_name.into(),
+            resync: Duration::from_secs(30),
+            debounce: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+
+    /// The field selector for this node's slices of this driver.
+    pub fn field_selector(&self) -> String {
+        format!(
+            "spec.driver={},spec.nodeName={}",
+            self.driver_name, self.node_name
+        )
+    }
+
+    /// `generateName` for new slices: `<node>-<driver>-`, made a valid name
+    /// prefix (lowercase alphanumerics, `-` and `.`; short enough that the
+    /// server's random suffix still fits a DNS label).
+    pub fn generate_name(&self) -> String {
+        let raw = format!("{}-{}", self.node_name, self.driver_name).to_ascii_lowercase();
+        let mut prefix: String = raw
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .skip_while(|c| !c.is_ascii_alphanumeric())
+            .take(57)
+            .collect();
+        if prefix.is_empty() {
+            prefix.push_str("slice");
+        }
+        prefix.push('-');
+        prefix
+    }
+}
+
+fn string_attr(s: impl Into<String>) -> DeviceAttribute {
+    DeviceAttribute {
+        string: Some(s.into()),
+        ..Default::default()
+    }
+}
+
+fn int_attr(i: u32) -> DeviceAttribute {
+    DeviceAttribute {
+        int: Some(i64::from(i)),
+        ..Default::default()
+    }
+}
+
+fn bool_attr(b: bool) -> DeviceAttribute {
+    DeviceAttribute {
+        bool: Some(b),
+        ..Default::default()
+    }
+}
+
+/// Cuts `s` to at most `max` characters (not bytes: never splits a character).
+fn truncate_chars(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
+/// The attributes of one device. Unprefixed names live in the driver's domain
+/// (`device.attributes["<driver>"].keepOnVfio` in CEL). Also meant for device
+/// metadata, so KubeVirt sees the same values the scheduler did.
+pub fn device_attributes(info: &DeviceInfo) -> BTreeMap<String, DeviceAttribute> {
+    let mut attrs = BTreeMap::new();
+    attrs.insert(
+        ATTR_PCI_BUS_ID.to_string(),
+        string_attr(info.bdf.to_string()),
+    );
+    // A truncated root would name another complex: leave an odd one out instead.
+    if let Some(root) = info
+        .pcie_root
+        .as_ref()
+        .filter(|r| r.chars().count() <= MAX_STRING_ATTRIBUTE)
+    {
+        attrs.insert(ATTR_PCIE_ROOT.to_string(), string_attr(root.clone()));
+    }
+    if let Some(numa) = info.numa_node {
+        attrs.insert("numaNode".to_string(), int_attr(numa));
+    }
+    attrs.insert(
+        "vendorID".to_string(),
+        string_attr(format!("0x{:04x}", info.vendor)),
+    );
+    attrs.insert(
+        "deviceID".to_string(),
+        string_attr(format!("0x{:04x}", info.device)),
+    );
+    if let Some(name) = &info.product_name {
+        attrs.insert(
+            "productName".to_string(),
+            string_attr(truncate_chars(name, MAX_STRING_ATTRIBUTE)),
+        );
+    }
+    attrs.insert("iommuGroup".to_string(), int_attr(info.iommu_group));
+    if let Some(driver) = &info.driver {
+        attrs.insert(
+            "driver".to_string(),
+            string_attr(truncate_chars(driver, MAX_STRING_ATTRIBUTE)),
+        );
+    }
+    attrs.insert("keepOnVfio".to_string(), bool_attr(info.keep_on_vfio));
+    attrs.insert("type".to_string(), string_attr("vfio"));
+    attrs
+}
+
+/// A byte count as a Quantity in the form the API server writes back
+/// (its canonical form), so comparing published and desired slices does not
+/// see a difference where there is none and update forever.
+pub fn bytes_quantity(bytes: u64) -> Quantity {
+    const BINARY: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
+    const DECIMAL: [&str; 7] = ["", "k", "M", "G", "T", "P", "E"];
+    // The server keeps a binary suffix only for values ≥ 1024 that are whole
+    // multiples of 1024; everything else is written in decimal SI.
+    let (base, suffixes) = if bytes >= 1024 && bytes.is_multiple_of(1024) {
+        (1024, BINARY)
+    } else {
+        (1000, DECIMAL)
+    };
+    let (mut v, mut i) = (bytes, 0);
+    while v != 0 && v.is_multiple_of(base) && i + 1 < suffixes.len() {
+        v /= base;
+        i += 1;
+    }
+    Quantity(format!("{v}{}", suffixes[i]))
+}
+
+/// Parses an integer Quantity with an optional SI or binary suffix; `None` for
+/// anything else (fractions, exponents), which is then compared as text.
+fn parse_quantity(q: &str) -> Option<u128> {
+    let digits = q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len());
+    let (num, suffix) = q.split_at(digits);
+    let n: u128 = num.parse().ok()?;
+    let mult: u128 = match suffix {
+        "" => 1,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "P" => 1_000_000_000_000_000,
+        "E" => 1_000_000_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "Pi" => 1 << 50,
+        "Ei" => 1 << 60,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// One device as published.
+pub fn device(info: &DeviceInfo) -> Device {
+    let attributes = device_attributes(info);
+    let mut capacity = BTreeMap::new();
+    if info.bar_bytes > 0 {
+        capacity.insert(
+            CAPACITY_ADDRESSABLE_MEMORY.to_string(),
+            DeviceCapacity {
+                value: bytes_quantity(info.bar_bytes),
+                ..Default::default()
+            },
+        );
+    }
+    debug_assert!(attributes.len() + capacity.len() <= MAX_ATTRIBUTES_AND_CAPACITY);
+    Device {
+        name: device_name(&info.bdf),
+        attributes: (!attributes.is_empty()).then_some(attributes),
+        capacity: (!capacity.is_empty()).then_some(capacity),
+        ..Default::default()
+    }
+}
+
+/// The devices of each desired slice: BDF order, duplicates dropped (names
+/// must be unique in the pool), at most [`MAX_DEVICES_PER_SLICE`] per slice,
+/// and always at least one (possibly empty) slice so the pool stays visible.
+fn device_chunks(devices: &[DeviceInfo]) -> Vec<Vec<Device>> {
+    let mut sorted: Vec<&DeviceInfo> = devices.iter().collect();
+    sorted.sort_by_key(|d| d.bdf);
+    sorted.dedup_by_key(|d| d.bdf);
+    let all: Vec<Device> = sorted.into_iter().map(device).collect();
+    if all.is_empty() {
+        return vec![Vec::new()];
+    }
+    all.chunks(MAX_DEVICES_PER_SLICE)
+        .map(<[Device]>::to_vec)
+        .collect()
+}
+
+/// The desired slice specs for `devices` at pool `generation` (pure; the
+/// publisher picks the generation from what the server holds).
+pub fn desired_slices(
+    cfg: &SliceConfig,
+    devices: &[DeviceInfo],
+    generation: i64,
+) -> Vec<ResourceSliceSpec> {
+    let chunks = device_chunks(devices);
+    let pool = pool(cfg, generation, chunks.len());
+    chunks
+        .into_iter()
+        .map(|devices| slice_spec(cfg, pool.clone(), devices))
+        .collect()
+}
+
+fn pool(cfg: &SliceConfig, generation: i64, count: usize) -> ResourcePool {
+    ResourcePool {
+        name: cfg.node_name.clone(),
+        generation,
+        resource_slice_count: i64::try_from(count).unwrap_or(i64::MAX),
+    }
+}
+
+fn slice_spec(cfg: &SliceConfig, pool: ResourcePool, devices: Vec<Device>) -> ResourceSliceSpec {
+    ResourceSliceSpec {
+        driver: cfg.driver_name.clone(),
+        node_name: Some(cfg.node_name.clone()),
+        pool,
+        devices: (!devices.is_empty()).then_some(devices),
+        ..Default::default()
+    }
+}
+
+/// A device with empty maps as absent and capacities canonicalised, because
+/// the server omits empty fields and may rewrite quantities.
+fn normalized(d: &Device) -> Device {
+    let mut d = d.clone();
+    if d.attributes.as_ref().is_some_and(BTreeMap::is_empty) {
+        d.attributes = None;
+    }
+    if d.capacity.as_ref().is_some_and(BTreeMap::is_empty) {
+        d.capacity = None;
+    }
+    for c in d.capacity.iter_mut().flat_map(BTreeMap::values_mut) {
+        if let Some(n) = parse_quantity(&c.value.0).and_then(|n| u64::try_from(n).ok()) {
+            c.value = bytes_quantity(n);
+        }
+    }
+    d
+}
+
+fn same_devices(current: Option<&Vec<Device>>, desired: &[Device]) -> bool {
+    let current = current.map(Vec::as_slice).unwrap_or_default();
+    current.len() == desired.len()
+        && current
+            .iter()
+            .zip(desired)
+            .all(|(a, b)| normalized(a) == normalized(b))
+}
+
+/// Same set of device names: the helper's rule for "this slice is that slice".
+fn same_names(current: &ResourceSlice, desired: &[Device]) -> bool {
+    let current: Vec<&str> = current
+        .spec
+        .devices
+        .iter()
+        .flatten()
+        .map(|d| d.name.as_str())
+        .collect();
+    let wanted: BTreeSet<&str> = desired.iter().map(|d| d.name.as_str()).collect();
+    current.len() == desired.len() && current.iter().all(|n| wanted.contains(n))
+}
+
+/// What one sync did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncOutcome {
+    /// The pool generation now published.
+    pub generation: i64,
+    /// Slices in that generation.
+    pub slices: usize,
+    /// Slices created.
+    pub created: usize,
+    /// Slices updated in place.
+    pub updated: usize,
+    /// Obsolete slices deleted (including ones already gone).
+    pub deleted: usize,
+}
+
+impl SyncOutcome {
+    /// Whether the sync wrote anything.
+    pub fn wrote(&self) -> bool {
+        self.created + self.updated + self.deleted > 0
+    }
+}
+
+/// Syncs the node's slices; keeps the Node's owner reference between syncs.
+pub struct SlicePublisher {
+    client: kube::Client,
+    cfg: SliceConfig,
+    owner: Option<OwnerReference>,
+}
+
+impl std::fmt::Debug for SlicePublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlicePublisher")
+            .field("cfg", &self.cfg)
+            .field("owner", &self.owner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SlicePublisher {
+    /// A publisher for `cfg`; talks to the API only in [`SlicePublisher::sync`].
+    pub fn new(client: kube::Client, cfg: SliceConfig) -> Self {
+        Self {
+            client,
+            cfg,
+            owner: None,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SliceConfig {
+        &self.cfg
+    }
+
+    /// The owner reference to this node; the Node is read once, as its UID
+    /// does not change while this process runs.
+    async fn owner(&mut self) -> anyhow::Result<OwnerReference> {
+        if let Some(owner) = &self.owner {
+            return Ok(owner.clone());
+        }
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let node = nodes
+            .get(&self.cfg.node_name)
+            .await
+            .with_context(|| format!("reading Node {}", self.cfg.node_name))?;
+        let uid = node
+            .metadata
+            .uid
+            .filter(|u| !u.is_empty())
+            .with_context(|| format!("Node {} has no uid", self.cfg.node_name))?;
+        let owner = OwnerReference {
+            api_version: "v1".to_string(),
+            kind: "Node".to_string(),
+            name: self.cfg.node_name.clone(),
+            uid,
+            controller: Some(true),
+            ..Default::default()
+        };
+        self.owner = Some(owner.clone());
+        Ok(owner)
+    }
+
+    /// Makes the server's slices for this node and driver match `devices`,
+    /// with the Go helper's rules. Stops at the first API error (the next sync
+    /// continues from whatever state the server then holds).
+    pub async fn sync(&mut self, devices: &[DeviceInfo]) -> anyhow::Result<SyncOutcome> {
+        let owner = self.owner().await?;
+        let api: Api<ResourceSlice> = Api::all(self.client.clone());
+        let listed = api
+            .list(&ListParams::default().fields(&self.cfg.field_selector()))
+            .await
+            .context("listing ResourceSlices")?
+            .items;
+        let desired = device_chunks(devices);
+        let pool_name = self.cfg.node_name.as_str();
+
+        // Slices of another pool (e.g. from an older naming) are obsolete.
+        let (mine, mut obsolete): (Vec<_>, Vec<_>) = listed
+            .into_iter()
+            .partition(|s| s.spec.pool.name == pool_name);
+        let highest = mine
+            .iter()
+            .map(|s| s.spec.pool.generation)
+            .max()
+            .unwrap_or(0);
+        let (current, older): (Vec<_>, Vec<_>) = mine
+            .into_iter()
+            .partition(|s| s.spec.pool.generation == highest);
+        obsolete.extend(older);
+
+        // Pair existing slices with desired ones. A lone slice is always
+        // updated in place; otherwise slices match by their device names.
+        let mut matched: Vec<Option<ResourceSlice>> = vec![None; desired.len()];
+        if current.len() == 1 && desired.len() == 1 {
+            matched[0] = current.into_iter().next();
+        } else {
+            for slice in current {
+                match (0..desired.len())
+                    .find(|&i| matched[i].is_none() && same_names(&slice, &desired[i]))
+                {
+                    Some(i) => matched[i] = Some(slice),
+                    None => obsolete.push(slice),
+                }
+            }
+        }
+
+        let count = desired.len();
+        let new_slices = matched.iter().filter(|m| m.is_none()).count();
+        let wanted_pool = pool(&self.cfg, highest, count);
+        let changed: BTreeSet<usize> = matched
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| m.as_ref().map(|s| (i, s)))
+            .filter(|(i, s)| {
+                s.spec.pool != wanted_pool
+                    || s.spec.node_selector.is_some()
+                    || s.spec.all_nodes == Some(true)
+                    || s.spec.per_device_node_selection == Some(true)
+                    || s.spec
+                        .shared_counters
+                        .as_ref()
+                        .is_some_and(|c| !c.is_empty())
+                    || !same_devices(s.spec.devices.as_ref(), &desired[*i])
+            })
+            .map(|(i, _)| i)
+            .collect();
+
+        // One update is atomic for consumers; anything more needs a new generation.
+        let mut generation = if new_slices == 0 && changed.len() <= 1 {
+            highest
+        } else {
+            highest + 1
+        };
+        generation = generation.max(1);
+        let bumped = generation != highest;
+        let final_pool = pool(&self.cfg, generation, count);
+
+        let mut outcome = SyncOutcome {
+            generation,
+            slices: count,
+            ..Default::default()
+        };
+        let pp = PostParams::default();
+        for (i, (slot, devices)) in matched.iter().zip(&desired).enumerate() {
+            let Some(current) = slot else {
+                continue;
+            };
+            if !bumped && !changed.contains(&i) {
+                continue;
+            }
+            let mut slice = current.clone();
+            let name = slice.metadata.name.clone().unwrap_or_default();
+            slice.spec = slice_spec(&self.cfg, final_pool.clone(), devices.clone());
+            // replace() carries the resourceVersion read above: a concurrent
+            // change makes it fail with 409 and the next sync starts over.
+            api.replace(&name, &pp, &slice)
+                .await
+                .with_context(|| format!("updating ResourceSlice {name}"))?;
+            outcome.updated += 1;
+        }
+        for (slot, devices) in matched.iter().zip(&desired) {
+            if slot.is_some() {
+                continue;
+            }
+            let slice = ResourceSlice {
+                metadata: ObjectMeta {
+                    generate_name: Some(self.cfg.generate_name()),
+                    owner_references: Some(vec![owner.clone()]),
+                    ..Default::default()
+                },
+                spec: slice_spec(&self.cfg, final_pool.clone(), devices.clone()),
+            };
+            api.create(&pp, &slice)
+                .await
+                .context("creating a ResourceSlice")?;
+            outcome.created += 1;
+        }
+        // Delete last: until the new generation is complete, consumers keep
+        // seeing the old one.
+        for slice in obsolete {
+            let name = slice.metadata.name.clone().unwrap_or_default();
+            let dp = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: slice.metadata.uid.clone(),
+                    resource_version: slice.metadata.resource_version.clone(),
+                }),
+                ..Default::default()
+            };
+            match api.delete(&name, &dp).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("deleting ResourceSlice {name}"));
+                }
+            }
+            outcome.deleted += 1;
+        }
+        Ok(outcome)
+    }
+}
+
+/// One sync of the node's slices against `devices` (see [`SlicePublisher::sync`]);
+/// reads the Node every time, so prefer a [`SlicePublisher`] in loops.
+pub async fn publish_once(
+    client: &kube::Client,
+    cfg: &SliceConfig,
+    devices: &[DeviceInfo],
+) -> anyhow::Result<SyncOutcome> {
+    SlicePublisher::new(client.clone(), cfg.clone())
+        .sync(devices)
+        .await
+}
+
+/// Publishes `devices` until `shutdown` fires, then returns `Ok(())`.
+///
+/// Syncs at start, `cfg.debounce` after any watch event on the node's slices
+/// (so slices the kubelet deleted come back) or change of `devices`, and every
+/// `cfg.resync`. API errors are logged and retried with exponential backoff up
+/// to `cfg.max_backoff`; this function does not fail on them. If the sender of
+/// `devices` goes away, the last list keeps being published.
+pub async fn run_publisher(
+    client: kube::Client,
+    cfg: SliceConfig,
+    mut devices: watch::Receiver<Vec<DeviceInfo>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let api: Api<ResourceSlice> = Api::all(client.clone());
+    let watch_cfg = watcher::Config::default().fields(&cfg.field_selector());
+    let new_watch = || watcher(api.clone(), watch_cfg.clone()).default_backoff();
+    let mut events: std::pin::Pin<Box<dyn Stream<Item = _> + Send>> = Box::pin(new_watch());
+    let mut devices_open = true;
+    let mut publisher = SlicePublisher::new(client, cfg.clone());
+
+    let mut due: Option<Instant> = Some(Instant::now());
+    let mut periodic = Instant::now() + cfg.resync;
+    let mut failures: u32 = 0;
+    // Never later than already planned: a failing sync's backoff is cut short
+    // by a new event, which the watch only delivers when the server is back.
+    let schedule = |due: &mut Option<Instant>, at: Instant| {
+        *due = Some(due.map_or(at, |d| d.min(at)));
+    };
+
+    loop {
+        let sleep_due = async {
+            match due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let device_change = async {
+            if devices_open {
+                devices.changed().await.is_ok()
+            } else {
+                std::future::pending().await
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            event = events.next() => match event {
+                Some(Ok(_)) => schedule(&mut due, Instant::now() + cfg.debounce),
+                Some(Err(e)) => tracing::warn!(error = %e, "watching ResourceSlices"),
+                None => {
+                    // The watcher does not end on its own; restart it if it does.
+                    events = Box::pin(new_watch());
+                    schedule(&mut due, Instant::now() + cfg.debounce);
+                }
+            },
+            open = device_change => {
+                if open {
+                    schedule(&mut due, Instant::now() + cfg.debounce);
+                } else {
+                    tracing::info!("device list sender gone; publishing the last list");
+                    devices_open = false;
+                }
+            },
+            _ = tokio::time::sleep_until(periodic) => {
+                periodic = Instant::now() + cfg.resync;
+                schedule(&mut due, Instant::now());
+            },
+            _ = sleep_due => {
+                let list = devices.borrow_and_update().clone();
+                let result = tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    r = publisher.sync(&list) => r,
+                };
+                match result {
+                    Ok(outcome) => {
+                        failures = 0;
+                        due = None;
+                        periodic = Instant::now() + cfg.resync;
+                        if outcome.wrote() {
+                            tracing::info!(?outcome, devices = list.len(), "published ResourceSlices");
+                        } else {
+                            tracing::debug!(?outcome, "ResourceSlices up to date");
+                        }
+                    }
+                    Err(e) => {
+                        failures = failures.saturating_add(1);
+                        let delay = backoff(cfg.debounce, cfg.max_backoff, failures);
+                        tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "publishing ResourceSlices failed");
+                        due = Some(Instant::now() + delay);
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// `base · 2^(failures-1)`, at least 100 ms, at most `max`.
+fn backoff(base: Duration, max: Duration, failures: u32) -> Duration {
+    let base = base.max(Duration::from_millis(100));
+    let factor = 1u32 << failures.saturating_sub(1).min(16);
+    base.saturating_mul(factor).min(max.max(base))
+}
+
+/// A device list fed from `engine`: discovered once before returning, then
+/// every `interval` until `shutdown`. Discovery errors keep the last list.
+pub async fn watch_engine_devices(
+    engine: Arc<Engine>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Vec<DeviceInfo>> {
+    async fn discover(engine: &Arc<Engine>) -> Option<Vec<DeviceInfo>> {
+        let engine = engine.clone();
+        match tokio::task::spawn_blocking(move || engine.discover()).await {
+            Ok(Ok((views, _problems))) => Some(device_infos(&views)),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "discovering GPUs for ResourceSlices");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "GPU discovery task failed");
+                None
+            }
+        }
+    }
+    let (tx, rx) = watch::channel(discover(&engine).await.unwrap_or_default());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            if let Some(list) = discover(&engine).await {
+                tx.send_if_modified(|cur| {
+                    let changed = *cur != list;
+                    if changed {
+                        *cur = list;
+                    }
+                    changed
+                });
+            }
+        }
+    });
+    rx
+}
+
+/// Starts the publisher for `serve` (fits `serve::PublisherHook`): default
+/// [`SliceConfig`], devices re-discovered from the engine every 10 s.
+pub fn start_publisher(ctx: crate::serve::PublisherContext) -> JoinHandle<anyhow::Result<()>> {
+    tokio::spawn(async move {
+        let cfg = SliceConfig::new(ctx.driver_name, ctx.node_name);
+        let devices =
+            watch_engine_devices(ctx.engine, Duration::from_secs(10), ctx.shutdown.clone()).await;
+        run_publisher(ctx.client, cfg, devices, ctx.shutdown).await
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(bdf: &str) -> DeviceInfo {
+        DeviceInfo {
+            bdf: bdf.parse().unwrap(),
+            vendor: 0x10de,
+            device: 0x2330,
+            product_name: Some("x".repeat(100)),
+            driver: Some("vfio-pci".into()),
+            iommu_group: 7,
+            numa_node: Some(1),
+            pcie_root: Some("pci0000:17".into()),
+            keep_on_vfio: true,
+            bar_bytes: (128 << 30) + (48 << 20),
+        }
+    }
+
+    #[test]
+    fn quantities_are_canonical() {
+        for (bytes, want) in [
+            (0, "0"),
+            (512, "512"),
+            (1000, "1k"),
+            (1024, "1Ki"),
+            (1536, "1536"),
+            (5000, "5k"),
+            (137_489_285_120, "131120Mi"),
+            (128 << 30, "128Gi"),
+        ] {
+            assert_eq!(bytes_quantity(bytes).0, want, "{bytes}");
+            assert_eq!(parse_quantity(want), Some(u128::from(bytes)));
+        }
+        assert_eq!(parse_quantity("1.5Gi"), None);
+    }
+
+    #[test]
+    fn device_attributes_and_name() {
+        let d = device(&info("0000:65:00.0"));
+        assert_eq!(d.name, "gpu-0000-65-00-0");
+        let a = d.attributes.unwrap();
+        assert_eq!(a[ATTR_PCI_BUS_ID].string.as_deref(), Some("0000:65:00.0"));
+        assert_eq!(a["productName"].string.as_ref().unwrap().len(), 64);
+        assert_eq!(a["vendorID"].string.as_deref(), Some("0x10de"));
+        assert_eq!(a["iommuGroup"].int, Some(7));
+        assert_eq!(a["keepOnVfio"].bool, Some(true));
+        let c = d.capacity.unwrap();
+        assert_eq!(c[CAPACITY_ADDRESSABLE_MEMORY].value.0, "131120Mi");
+    }
+
+    #[test]
+    fn generate_name_is_a_valid_prefix() {
+        let cfg = SliceConfig::new("vfio-gpu.dra.dev", "Node_1");
+        assert_eq!(cfg.generate_name(), "node-1-vfio-gpu.dra.dev-");
+        let long = SliceConfig::new("d.io", "n".repeat(300));
+        assert_eq!(long.generate_name().len(), 58);
+    }
+
+    #[test]
+    fn server_rewrites_are_not_changes() {
+        let d = device(&info("0000:65:00.0"));
+        let mut echoed = d.clone();
+        for c in echoed.capacity.iter_mut().flat_map(BTreeMap::values_mut) {
+            c.value = Quantity("137489285120".into());
+        }
+        assert!(same_devices(Some(&vec![echoed]), &[d]));
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let s = Duration::from_secs;
+        assert_eq!(backoff(s(1), s(30), 1), s(1));
+        assert_eq!(backoff(s(1), s(30), 3), s(4));
+        assert_eq!(backoff(s(1), s(30), 40), s(30));
+    }
+}
