@@ -123,9 +123,16 @@ impl ServeOptions {
     }
 }
 
-/// Builds a client from the configured source. Requests are bounded by the plugin's
-/// own timeouts, not by kube's retry loop.
+/// Installs rustls' ring provider as the process default, which kube's TLS needs when
+/// more than one provider is compiled in. Idempotent.
+pub fn install_crypto_provider() {
+    // Err means a provider is already installed: fine either way.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Builds a client from the configured source.
 pub async fn kube_client(source: &KubeSource) -> anyhow::Result<kube::Client> {
+    install_crypto_provider();
     match source {
         KubeSource::Client(c) => Ok(c.clone()),
         KubeSource::Kubeconfig(path) => {

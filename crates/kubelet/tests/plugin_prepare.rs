@@ -1,0 +1,630 @@
+//! Prepare / unprepare end to end: kubelet emulator over the real Unix sockets, the
+//! real kube client against the fake API server, the demo host with the simulated
+//! kernel, and CDI specs validated with the container-device-interface crate.
+
+mod plugin_common;
+
+use plugin_common::*;
+use serde_json::{Value, json};
+use vfio_gpu_engine::Holder;
+use vfio_gpu_kubelet::grpc::emulator::DraVersion;
+
+fn ok_devices(
+    r: &vfio_gpu_kubelet::grpc::dra::PrepareResults,
+    uid: &str,
+) -> Vec<vfio_gpu_kubelet::grpc::dra::PreparedDevice> {
+    match r.get(uid) {
+        Some(Ok(d)) => d.clone(),
+        other => panic!("claim {uid} not prepared: {other:?}"),
+    }
+}
+
+fn err_text(r: &vfio_gpu_kubelet::grpc::dra::PrepareResults, uid: &str) -> String {
+    match r.get(uid) {
+        Some(Err(e)) => e.clone(),
+        other => panic!("claim {uid} should have failed: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_cdi_metadata_unprepare_round_trip_on_both_versions() {
+    let env = Env::new().await;
+    let running = env.start().await;
+    assert_eq!(
+        running.kubelet.version,
+        DraVersion::V1,
+        "v1 is listed first"
+    );
+
+    // One claim, two requests: a nvidia GPU with an HDA companion and the GPU the
+    // kernel command line pre-binds to vfio-pci.
+    let claim = env.claim("vm-1", &[("gpu", AB), ("pre", H100)]);
+    let r = running
+        .kubelet
+        .prepare(std::slice::from_ref(&claim))
+        .await
+        .expect("rpc");
+    assert_eq!(r.len(), 1);
+    let devices = ok_devices(&r, &claim.uid);
+    assert_eq!(devices.len(), 2);
+    let uid = &claim.uid;
+    assert_eq!(devices[0].device_name, "gpu-0000-ab-00-0");
+    assert_eq!(devices[0].pool_name, NODE);
+    assert_eq!(devices[0].request_names, ["gpu"]);
+    assert_eq!(
+        devices[0].cdi_device_ids,
+        [
+            format!("{DRIVER}/claim={uid}-gpu-0000-ab-00-0"),
+            format!("{DRIVER}/metadata={uid}_gpu"),
+        ]
+    );
+    assert_eq!(devices[1].request_names, ["pre"]);
+    assert_eq!(
+        devices[1].cdi_device_ids[1],
+        format!("{DRIVER}/metadata={uid}_pre")
+    );
+
+    // Host: the whole group moved.
+    assert_eq!(env.driver_of(AB).as_deref(), Some("vfio-pci"));
+    assert_eq!(env.driver_of(AB_AUDIO).as_deref(), Some("vfio-pci"));
+    assert_eq!(env.driver_of(H100).as_deref(), Some("vfio-pci"));
+    let ledger = running.plugin.engine().ledger();
+    let expected_holder = Holder::Claim {
+        uid: uid.clone(),
+        namespace: NS.into(),
+        name: "vm-1".into(),
+    };
+    assert_eq!(
+        ledger.gpus[&bdf(AB)].holder.as_ref(),
+        Some(&expected_holder)
+    );
+    assert_eq!(
+        ledger.gpus[&bdf(H100)].holder.as_ref(),
+        Some(&expected_holder)
+    );
+
+    // CDI: valid spec, the device IDs resolve, legacy nodes + API device + env.
+    let spec_path = env.claim_spec_path(uid);
+    let spec = validated_spec(&spec_path);
+    let want_version = if uid.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        "0.3.0"
+    } else {
+        "0.5.0"
+    };
+    assert_eq!(spec["cdiVersion"], want_version);
+    assert_eq!(spec["kind"], format!("{DRIVER}/claim"));
+    let ab = spec_device(&spec, &format!("{uid}-gpu-0000-ab-00-0"));
+    assert_eq!(
+        device_nodes(&ab["containerEdits"]),
+        [format!("/dev/vfio/{}", group_of(&env, AB))]
+    );
+    assert_eq!(
+        ab["containerEdits"]["env"],
+        json!(["PCI_RESOURCE_VFIO_GPU_DRA_DEV_GPU=0000:ab:00.0"])
+    );
+    assert!(
+        ab["containerEdits"]["deviceNodes"][0]
+            .get("major")
+            .is_none()
+    );
+    let pre = spec_device(&spec, &format!("{uid}-gpu-0000-18-00-0"));
+    assert_eq!(
+        device_nodes(&pre["containerEdits"]),
+        [format!("/dev/vfio/{}", group_of(&env, H100))]
+    );
+    assert_eq!(device_nodes(&spec["containerEdits"]), ["/dev/vfio/vfio"]);
+    // No temporary files left behind.
+    assert!(
+        env.cdi_files().iter().all(|f| f.ends_with(".json")),
+        "{:?}",
+        env.cdi_files()
+    );
+
+    // Metadata: the file KubeVirt reads and the CDI spec that mounts it.
+    let meta_spec_path = env
+        .cdi_root()
+        .join(format!("{DRIVER}_metadata_{uid}_gpu.json"));
+    let meta_spec = validated_spec(&meta_spec_path);
+    assert_eq!(meta_spec["kind"], format!("{DRIVER}/metadata"));
+    let mount = &spec_device(&meta_spec, &format!("{uid}_gpu"))["containerEdits"]["mounts"][0];
+    assert_eq!(
+        mount["containerPath"],
+        format!(
+            "/var/run/kubernetes.io/dra-device-attributes/resourceclaims/vm-1/gpu/{DRIVER}-metadata.json"
+        )
+    );
+    assert_eq!(mount["options"], json!(["ro", "bind"]));
+    let host_file = std::path::PathBuf::from(mount["hostPath"].as_str().expect("hostPath"));
+    assert!(
+        host_file.starts_with(env.state_dir()),
+        "{}",
+        host_file.display()
+    );
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(&host_file).expect("metadata file")).expect("JSON");
+    assert_eq!(meta["apiVersion"], "metadata.resource.k8s.io/v1alpha1");
+    assert_eq!(meta["kind"], "DeviceMetadata");
+    assert_eq!(meta["metadata"]["uid"], uid.as_str());
+    assert_eq!(meta["metadata"]["name"], "vm-1");
+    assert_eq!(meta["requests"][0]["name"], "gpu");
+    let d = &meta["requests"][0]["devices"][0];
+    assert_eq!(d["name"], "gpu-0000-ab-00-0");
+    assert_eq!(d["driver"], DRIVER);
+    assert_eq!(d["pool"], NODE);
+    assert_eq!(
+        d["attributes"]["resource.kubernetes.io/pciBusID"]["string"],
+        "0000:ab:00.0"
+    );
+
+    // Unprepare: back to the original drivers, except the admin's pre-bound H100.
+    let u = running
+        .kubelet
+        .unprepare(std::slice::from_ref(&claim))
+        .await
+        .expect("rpc");
+    assert_eq!(u.get(uid), Some(&Ok(())));
+    assert_eq!(env.driver_of(AB).as_deref(), Some("nvidia"));
+    assert_eq!(env.driver_of(AB_AUDIO).as_deref(), Some("snd_hda_intel"));
+    assert_eq!(env.driver_of(H100).as_deref(), Some("vfio-pci"));
+    assert!(!spec_path.exists());
+    assert!(!meta_spec_path.exists());
+    assert!(!host_file.exists());
+    assert!(env.cdi_files().is_empty(), "{:?}", env.cdi_files());
+    let ledger = running.plugin.engine().ledger();
+    assert!(
+        ledger
+            .gpus
+            .values()
+            .all(|r| !matches!(&r.holder, Some(Holder::Claim { .. }))),
+        "{:?}",
+        ledger.gpus
+    );
+
+    // The same over v1beta1 (kubelets 1.32/1.33).
+    let claim2 = env.claim("vm-2", &[("gpu", BA)]);
+    let r = running
+        .kubelet
+        .prepare_with(DraVersion::V1beta1, std::slice::from_ref(&claim2))
+        .await
+        .expect("rpc");
+    let d = ok_devices(&r, &claim2.uid);
+    assert_eq!(d[0].device_name, "gpu-0000-ba-00-0");
+    assert_eq!(env.driver_of(BA).as_deref(), Some("vfio-pci"));
+    validated_spec(&env.claim_spec_path(&claim2.uid));
+    let u = running
+        .kubelet
+        .unprepare_with(DraVersion::V1beta1, std::slice::from_ref(&claim2))
+        .await
+        .expect("rpc");
+    assert_eq!(u.get(&claim2.uid), Some(&Ok(())));
+    assert_eq!(env.driver_of(BA).as_deref(), Some("nvidia"));
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_prepare_returns_the_same_answer_without_host_writes() {
+    let env = Env::new().await;
+    let running = env.start().await;
+    let claim = env.claim("vm", &[("gpu", BA)]);
+    let first = running
+        .kubelet
+        .prepare(&[claim.clone()])
+        .await
+        .expect("rpc");
+    let spec_before = std::fs::read(env.claim_spec_path(&claim.uid)).expect("spec");
+    let writes = env.kernel.log().len();
+    assert!(writes > 0, "first prepare wrote to the host");
+    let second = running
+        .kubelet
+        .prepare(&[claim.clone()])
+        .await
+        .expect("rpc");
+    assert_eq!(
+        ok_devices(&first, &claim.uid),
+        ok_devices(&second, &claim.uid)
+    );
+    assert_eq!(
+        env.kernel.log().len(),
+        writes,
+        "a retry changes nothing on the host: {:?}",
+        &env.kernel.log()[writes..]
+    );
+    assert_eq!(
+        std::fs::read(env.claim_spec_path(&claim.uid)).expect("spec"),
+        spec_before
+    );
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_prepares_of_different_claims() {
+    let env = Env::new().await;
+    let running = env.start().await;
+    let a = env.claim("vm-a", &[("gpu", AB)]);
+    let b = env.claim("vm-b", &[("gpu", BA)]);
+    let c = env.claim("vm-c", &[("gpu", H100)]);
+    // Two concurrent RPCs, one of them carrying two claims.
+    let (ab, cc) = ([a.clone(), b.clone()], [c.clone()]);
+    let (r1, r2) = tokio::join!(running.kubelet.prepare(&ab), running.kubelet.prepare(&cc));
+    let (r1, r2) = (r1.expect("rpc"), r2.expect("rpc"));
+    assert_eq!(ok_devices(&r1, &a.uid)[0].device_name, dev(AB));
+    assert_eq!(ok_devices(&r1, &b.uid)[0].device_name, dev(BA));
+    assert_eq!(ok_devices(&r2, &c.uid)[0].device_name, dev(H100));
+    for g in [AB, AB_AUDIO, BA, H100] {
+        assert_eq!(env.driver_of(g).as_deref(), Some("vfio-pci"), "{g}");
+    }
+    for c in [&a, &b, &c] {
+        validated_spec(&env.claim_spec_path(&c.uid));
+    }
+    let u = running
+        .kubelet
+        .unprepare(&[a.clone(), b.clone(), c.clone()])
+        .await
+        .expect("rpc");
+    assert!(u.values().all(|r| r.is_ok()), "{u:?}");
+    assert_eq!(env.driver_of(AB).as_deref(), Some("nvidia"));
+    assert_eq!(env.driver_of(BA).as_deref(), Some("nvidia"));
+    assert_eq!(env.driver_of(H100).as_deref(), Some("vfio-pci"));
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_held_by_another_claim_is_refused() {
+    let env = Env::new().await;
+    let running = env.start().await;
+    let first = env.claim("vm-a", &[("gpu", BA)]);
+    let second = env.claim("vm-b", &[("gpu", BA)]);
+    let r = running
+        .kubelet
+        .prepare(&[first.clone()])
+        .await
+        .expect("rpc");
+    ok_devices(&r, &first.uid);
+    let writes = env.kernel.log().len();
+    let r = running
+        .kubelet
+        .prepare(&[second.clone()])
+        .await
+        .expect("rpc");
+    let e = err_text(&r, &second.uid);
+    assert!(e.contains("is held by claim vms/vm-a"), "{e}");
+    assert_eq!(env.kernel.log().len(), writes, "refusal changes nothing");
+    assert!(!env.claim_spec_path(&second.uid).exists());
+    // The holder is untouched.
+    assert_eq!(env.driver_of(BA).as_deref(), Some("vfio-pci"));
+    assert!(env.claim_spec_path(&first.uid).exists());
+    // Unpreparing the refused claim must not release the other claim's GPU.
+    let u = running
+        .kubelet
+        .unprepare(&[second.clone()])
+        .await
+        .expect("rpc");
+    assert_eq!(u.get(&second.uid), Some(&Ok(())));
+    assert_eq!(env.driver_of(BA).as_deref(), Some("vfio-pci"));
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unprepare_of_unknown_claim_succeeds_and_is_idempotent() {
+    let env = Env::new().await;
+    let running = env.start().await;
+    let ghost = vfio_gpu_kubelet::grpc::dra::ClaimRef {
+        uid: "0b5e7f52-41b0-4c55-8d8e-2f3a6b7c8d90".into(),
+        namespace: NS.into(),
+        name: "gone".into(),
+    };
+    for _ in 0..2 {
+        let u = running
+            .kubelet
+            .unprepare(&[ghost.clone()])
+            .await
+            .expect("rpc");
+        assert_eq!(u.get(&ghost.uid), Some(&Ok(())));
+    }
+    assert!(env.kernel.log().is_empty());
+    // A real claim unprepared twice: the second is a no-op success.
+    let c = env.claim("vm", &[("gpu", BA)]);
+    ok_devices(
+        &running.kubelet.prepare(&[c.clone()]).await.expect("rpc"),
+        &c.uid,
+    );
+    for _ in 0..2 {
+        let u = running.kubelet.unprepare(&[c.clone()]).await.expect("rpc");
+        assert_eq!(u.get(&c.uid), Some(&Ok(())));
+    }
+    assert_eq!(env.driver_of(BA).as_deref(), Some("nvidia"));
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_path_like_device_names_are_refused_before_any_change() {
+    let env = Env::new().await;
+    let running = env.start().await;
+    let missing = env.claim_with(
+        "missing",
+        &[("gpu", DRIVER, NODE, "gpu-0000-ff-00-0")],
+        json!([]),
+        json!({}),
+    );
+    let traversal = env.claim_with(
+        "traversal",
+        &[("gpu", DRIVER, NODE, "../../x")],
+        json!([]),
+        json!({}),
+    );
+    // A good device next to a bad one: nothing is configured at all.
+    let good = dev(BA);
+    let mixed = env.claim_with(
+        "mixed",
+        &[
+            ("gpu", DRIVER, NODE, good.as_str()),
+            ("other", DRIVER, NODE, "../../etc/passwd"),
+        ],
+        json!([]),
+        json!({}),
+    );
+    let r = running
+        .kubelet
+        .prepare(&[missing.clone(), traversal.clone(), mixed.clone()])
+        .await
+        .expect("rpc");
+    assert!(
+        err_text(&r, &missing.uid)
+            .contains("\"gpu-0000-ff-00-0\" (request \"gpu\") is not a GPU on node demo-node"),
+        "{}",
+        err_text(&r, &missing.uid)
+    );
+    assert!(err_text(&r, &traversal.uid).contains("\"../../x\""));
+    assert!(err_text(&r, &mixed.uid).contains("\"../../etc/passwd\""));
+    assert!(env.kernel.log().is_empty(), "{:?}", env.kernel.log());
+    assert_eq!(env.driver_of(BA).as_deref(), Some("nvidia"));
+    assert!(env.cdi_files().is_empty(), "{:?}", env.cdi_files());
+    assert!(!env.dir.path().join("x").exists());
+    assert!(
+        running
+            .plugin
+            .engine()
+            .ledger()
+            .gpus
+            .values()
+            .all(|r| r.holder.is_none())
+    );
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_for_another_driver_or_another_nodes_pool_are_refused() {
+    let env = Env::new().await;
+    let running = env.start().await;
+    let ba = dev(BA);
+    let other_driver = env.claim_with(
+        "other-driver",
+        &[("gpu", "gpu.nvidia.com", NODE, ba.as_str())],
+        json!([]),
+        json!({}),
+    );
+    let other_pool = env.claim_with(
+        "other-pool",
+        &[("gpu", DRIVER, "node-b", ba.as_str())],
+        json!([]),
+        json!({}),
+    );
+    let r = running
+        .kubelet
+        .prepare(&[other_driver.clone(), other_pool.clone()])
+        .await
+        .expect("rpc");
+    let e = err_text(&r, &other_driver.uid);
+    assert!(
+        e.contains("no device allocated from driver vfio-gpu.dra.dev in pool demo-node"),
+        "{e}"
+    );
+    assert!(e.contains("gpu.nvidia.com"), "{e}");
+    assert!(err_text(&r, &other_pool.uid).contains("\"node-b\""));
+    assert!(env.kernel.log().is_empty());
+    assert!(env.cdi_files().is_empty());
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_down_missing_replaced_or_unallocated_claims_change_nothing() {
+    let env = Env::new().await;
+    let running = env.start().await;
+    let claim = env.claim("vm", &[("gpu", BA)]);
+    let ledger_before = std::fs::read(running.plugin.engine().ledger_path()).ok();
+
+    env.api.set_refuse_connections(true);
+    let r = running
+        .kubelet
+        .prepare(&[claim.clone()])
+        .await
+        .expect("rpc");
+    let e = err_text(&r, &claim.uid);
+    assert!(e.contains("fetching ResourceClaim vms/vm"), "{e}");
+    env.api.set_refuse_connections(false);
+
+    env.api.set_unavailable(true);
+    let r = running
+        .kubelet
+        .prepare(&[claim.clone()])
+        .await
+        .expect("rpc");
+    let e = err_text(&r, &claim.uid);
+    assert!(e.contains("fetching ResourceClaim vms/vm"), "{e}");
+    env.api.set_unavailable(false);
+
+    assert!(env.kernel.log().is_empty(), "{:?}", env.kernel.log());
+    assert_eq!(env.driver_of(BA).as_deref(), Some("nvidia"));
+    assert_eq!(
+        std::fs::read(running.plugin.engine().ledger_path()).ok(),
+        ledger_before,
+        "ledger unchanged"
+    );
+    assert!(env.cdi_files().is_empty());
+
+    // Not found.
+    let ghost = vfio_gpu_kubelet::grpc::dra::ClaimRef {
+        uid: "1d5e7f52-41b0-4c55-8d8e-2f3a6b7c8d90".into(),
+        namespace: NS.into(),
+        name: "no-such-claim".into(),
+    };
+    let r = running
+        .kubelet
+        .prepare(&[ghost.clone()])
+        .await
+        .expect("rpc");
+    assert!(err_text(&r, &ghost.uid).contains("ResourceClaim vms/no-such-claim not found"));
+
+    // Replaced: same name, new UID.
+    env.api
+        .delete("resourceclaims", Some(NS), "vm")
+        .expect("deleted");
+    let replacement = env.claim("vm", &[("gpu", BA)]);
+    assert_ne!(replacement.uid, claim.uid);
+    let r = running
+        .kubelet
+        .prepare(&[claim.clone()])
+        .await
+        .expect("rpc");
+    assert!(err_text(&r, &claim.uid).contains("the claim was replaced"));
+
+    // Not allocated.
+    let stored = env
+        .api
+        .insert(json!({
+            "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+            "metadata": {"name": "pending", "namespace": NS},
+            "spec": {"devices": {"requests": [{"name": "gpu", "exactly": {"deviceClassName": "vfio-gpu"}}]}}
+        }))
+        .expect("insert");
+    let pending = vfio_gpu_kubelet::grpc::dra::ClaimRef {
+        uid: stored["metadata"]["uid"].as_str().expect("uid").into(),
+        namespace: NS.into(),
+        name: "pending".into(),
+    };
+    let r = running
+        .kubelet
+        .prepare(&[pending.clone()])
+        .await
+        .expect("rpc");
+    assert!(err_text(&r, &pending.uid).contains("not allocated"));
+    assert!(env.kernel.log().is_empty());
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_group_member_is_refused() {
+    let env = Env::new().await;
+    let running = env.start().await;
+    let claim = env.claim("vm", &[("gpu", L4)]);
+    let r = running
+        .kubelet
+        .prepare(&[claim.clone()])
+        .await
+        .expect("rpc");
+    let e = err_text(&r, &claim.uid);
+    assert!(e.contains("0000:db:01.0"), "names the NIC: {e}");
+    assert!(env.kernel.log().is_empty());
+    assert_eq!(env.driver_of(L4).as_deref(), Some("nvidia"));
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_config_selects_iommufd_and_bad_config_fails_the_claim() {
+    let env = Env::new().await;
+    let running = env.start().await;
+    let ba = dev(BA);
+    let config = json!([
+        {"source": "FromClass", "requests": [],
+         "opaque": {"driver": DRIVER, "parameters": {"apiVersion": "vfio-gpu.dra.dev/v1alpha1", "kind": "VfioDeviceConfig", "iommuBackend": "legacy", "apiDevice": false}}},
+        {"source": "FromClaim", "requests": ["gpu"],
+         "opaque": {"driver": DRIVER, "parameters": {"apiVersion": "vfio-gpu.dra.dev/v1alpha1", "kind": "VfioDeviceConfig", "iommuBackend": "iommufd"}}}
+    ]);
+    let claim = env.claim_with(
+        "fd",
+        &[("gpu", DRIVER, NODE, ba.as_str())],
+        config,
+        json!({"resource.kubernetes.io/pod-claim-name": "gpus"}),
+    );
+    let r = running
+        .kubelet
+        .prepare(&[claim.clone()])
+        .await
+        .expect("rpc");
+    ok_devices(&r, &claim.uid);
+    let spec = validated_spec(&env.claim_spec_path(&claim.uid));
+    let d = spec_device(&spec, &format!("{}-{ba}", claim.uid));
+    let nodes = device_nodes(&d["containerEdits"]);
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+    assert!(nodes[0].starts_with("/dev/vfio/devices/vfio"), "{nodes:?}");
+    assert_eq!(device_nodes(&spec["containerEdits"]), ["/dev/iommu"]);
+    // Template claim: metadata lands under resourceclaimtemplates/<podClaimName>.
+    let meta_spec = validated_spec(
+        &env.cdi_root()
+            .join(format!("{DRIVER}_metadata_{}_gpu.json", claim.uid)),
+    );
+    assert_eq!(
+        spec_device(&meta_spec, &format!("{}_gpu", claim.uid))["containerEdits"]["mounts"][0]["containerPath"],
+        format!(
+            "/var/run/kubernetes.io/dra-device-attributes/resourceclaimtemplates/gpus/gpu/{DRIVER}-metadata.json"
+        )
+    );
+    let u = running
+        .kubelet
+        .unprepare(&[claim.clone()])
+        .await
+        .expect("rpc");
+    assert_eq!(u.get(&claim.uid), Some(&Ok(())));
+
+    let writes = env.kernel.log().len();
+    let bad = env.claim_with(
+        "bad",
+        &[("gpu", DRIVER, NODE, ba.as_str())],
+        json!([{"source": "FromClaim", "opaque": {"driver": DRIVER,
+            "parameters": {"apiVersion": "vfio-gpu.dra.dev/v1alpha1", "kind": "VfioDeviceConfig", "iommuBackend": "legacy", "speed": "fast"}}}]),
+        json!({}),
+    );
+    let r = running.kubelet.prepare(&[bad.clone()]).await.expect("rpc");
+    let e = err_text(&r, &bad.uid);
+    assert!(e.contains("\"speed\""), "{e}");
+    assert_eq!(env.kernel.log().len(), writes, "nothing changed");
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_unprepares_claims_that_are_gone_or_replaced() {
+    let env = Env::new().await;
+    let running = env.start().await;
+    let gone = env.claim("gone", &[("gpu", AB)]);
+    let replaced = env.claim("replaced", &[("gpu", BA)]);
+    let kept = env.claim("kept", &[("gpu", H100)]);
+    let r = running
+        .kubelet
+        .prepare(&[gone.clone(), replaced.clone(), kept.clone()])
+        .await
+        .expect("rpc");
+    assert!(r.values().all(|r| r.is_ok()), "{r:?}");
+    env.api
+        .delete("resourceclaims", Some(NS), "gone")
+        .expect("deleted");
+    env.api
+        .delete("resourceclaims", Some(NS), "replaced")
+        .expect("deleted");
+    env.claim("replaced", &[("gpu", BA)]);
+
+    let mut cleaned = running.plugin.cleanup_stale_claims().await;
+    cleaned.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    let names: Vec<(&str, bool)> = cleaned
+        .iter()
+        .map(|(c, r)| (c.name.as_str(), r.is_ok()))
+        .collect();
+    assert_eq!(names, [("gone", true), ("replaced", true)]);
+    assert_eq!(env.driver_of(AB).as_deref(), Some("nvidia"));
+    assert_eq!(env.driver_of(BA).as_deref(), Some("nvidia"));
+    assert!(env.claim_spec_path(&kept.uid).exists());
+    assert!(!env.claim_spec_path(&gone.uid).exists());
+    // With the API server down nothing is cleaned.
+    env.api.set_refuse_connections(true);
+    assert!(running.plugin.cleanup_stale_claims().await.is_empty());
+    running.stop().await;
+}
