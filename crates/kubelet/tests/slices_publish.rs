@@ -1,0 +1,357 @@
+//! `publish_once` / `SlicePublisher::sync` against the fake API server: what a
+//! sync writes, and the Go helper's generation rules.
+
+mod slices_common;
+
+use std::time::Duration;
+
+use k8s_openapi::api::resource::v1::ResourceSlice;
+use kube::api::{Api, PostParams};
+use serde_json::{Value, json};
+use slices_common::*;
+use vfio_gpu_intent::{Pin, Source};
+use vfio_gpu_kubelet::slices::{
+    DeviceInfo, MAX_DEVICES_PER_SLICE, SlicePublisher, desired_slices, device_info, device_name,
+    publish_once,
+};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn device<'a>(slices: &'a [Value], name: &str) -> &'a Value {
+    slices
+        .iter()
+        .flat_map(|s| s["spec"]["devices"].as_array().into_iter().flatten())
+        .find(|d| d["name"] == name)
+        .unwrap_or_else(|| panic!("device {name} published"))
+}
+
+#[tokio::test]
+async fn first_publish_offers_the_movable_gpus_with_their_attributes() {
+    let (server, client, node_uid) = setup().await;
+    let cfg = config();
+    let devices = demo_devices();
+    let outcome = bounded(LIMIT, "publish", publish_once(&client, &cfg, &devices))
+        .await
+        .expect("publish");
+    assert_eq!(
+        (outcome.generation, outcome.slices, outcome.created),
+        (1, 1, 1)
+    );
+
+    let slices = stored_slices(&server);
+    assert_eq!(slices.len(), 1, "one slice: {slices:#?}");
+    let s = &slices[0];
+    assert_eq!(pool_state(&slices), Some((1, 1)));
+    assert_eq!(s["spec"]["pool"]["name"], NODE);
+    assert_eq!(s["spec"]["driver"], DRIVER);
+    assert_eq!(s["spec"]["nodeName"], NODE);
+    assert_eq!(
+        s["metadata"]["ownerReferences"],
+        json!([{"apiVersion": "v1", "kind": "Node", "name": NODE, "uid": node_uid, "controller": true}])
+    );
+    let name = s["metadata"]["name"].as_str().expect("name");
+    assert!(
+        name.starts_with("demo-node-vfio-gpu.dra.dev-") && name.len() > 27,
+        "{name}"
+    );
+
+    // Named by address; the L4 sharing its IOMMU group with a NIC is not offered.
+    assert_eq!(
+        device_names(&slices),
+        [
+            "gpu-0000-18-00-0",
+            "gpu-0000-2a-00-0",
+            "gpu-0000-3a-00-0",
+            "gpu-0000-5d-00-0",
+            "gpu-0000-9a-00-0",
+            "gpu-0000-ab-00-0",
+            "gpu-0000-ba-00-0",
+        ]
+    );
+
+    let h100 = device(&slices, "gpu-0000-18-00-0");
+    assert_eq!(
+        h100["attributes"],
+        json!({
+            "resource.kubernetes.io/pciBusID": {"string": "0000:18:00.0"},
+            "resource.kubernetes.io/pcieRoot": {"string": "pci0000:17"},
+            "numaNode": {"int": 0},
+            "vendorID": {"string": "0x10de"},
+            "deviceID": {"string": "0x2330"},
+            "productName": {"string": "GH100 [H100 SXM5 80GB]"},
+            "iommuGroup": {"int": 5},
+            "driver": {"string": "vfio-pci"},
+            "keepOnVfio": {"bool": true},
+            "type": {"string": "vfio"},
+        })
+    );
+    // 16 MiB + 128 GiB + 32 MiB of BARs.
+    assert_eq!(
+        h100["capacity"],
+        json!({"addressableMemory": {"value": "131120Mi"}})
+    );
+
+    for (dev, keep, driver) in [
+        ("gpu-0000-2a-00-0", true, "vfio-pci"),
+        ("gpu-0000-3a-00-0", true, "vfio-pci"),
+        ("gpu-0000-5d-00-0", true, "vfio-pci"),
+        ("gpu-0000-9a-00-0", true, "vfio-pci"),
+        ("gpu-0000-ab-00-0", false, "nvidia"),
+        ("gpu-0000-ba-00-0", false, "nvidia"),
+    ] {
+        let d = device(&slices, dev);
+        assert_eq!(d["attributes"]["keepOnVfio"]["bool"], keep, "{dev}");
+        assert_eq!(d["attributes"]["driver"]["string"], driver, "{dev}");
+        assert_eq!(d["attributes"]["type"]["string"], "vfio", "{dev}");
+    }
+    assert_eq!(
+        device(&slices, "gpu-0000-ba-00-0")["attributes"]["productName"]["string"],
+        "GA100 [A100 SXM4 80GB]"
+    );
+
+    // The published object reads back as the typed k8s-openapi ResourceSlice.
+    let typed: ResourceSlice = serde_json::from_value(s.clone()).expect("typed slice");
+    assert_eq!(typed.spec.devices.map(|d| d.len()), Some(7));
+}
+
+#[test]
+fn pinned_stuck_and_shared_group_gpus_are_not_offered() {
+    let views = demo_views();
+    let l4 = views
+        .iter()
+        .find(|v| v.gpu.function.bdf.to_string() == "0000:db:00.0")
+        .expect("the L4");
+    assert!(device_info(l4).is_none(), "NIC in its IOMMU group");
+
+    let a100 = views
+        .iter()
+        .find(|v| v.gpu.function.bdf.to_string() == "0000:ba:00.0")
+        .expect("the A100");
+    assert!(device_info(a100).is_some());
+    let mut pinned = a100.clone();
+    pinned.verdict.pinned = Some(Pin {
+        bdf: Some(a100.gpu.function.bdf),
+        driver: Some("nvidia".into()),
+        source: Source::Policy,
+        detail: "pinned in the policy file".into(),
+    });
+    assert!(device_info(&pinned).is_none(), "pinned");
+    let mut stuck = a100.clone();
+    stuck.stuck = Some("unbind from nvidia".into());
+    assert!(device_info(&stuck).is_none(), "stuck");
+    let mut no_iommu = a100.clone();
+    no_iommu.gpu.function.iommu_group = None;
+    assert!(device_info(&no_iommu).is_none(), "no IOMMU group");
+}
+
+#[test]
+fn desired_slices_are_pure_and_stable() {
+    let cfg = config();
+    let mut devices = demo_devices();
+    let a = desired_slices(&cfg, &devices, 4);
+    devices.reverse();
+    let b = desired_slices(&cfg, &devices, 4);
+    assert_eq!(a, b, "input order does not matter");
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].pool.generation, 4);
+    assert_eq!(
+        a[0].devices.as_ref().map(|d| d[0].name.clone()),
+        Some(device_name(&"0000:18:00.0".parse().expect("bdf")))
+    );
+
+    let empty = desired_slices(&cfg, &[], 1);
+    assert_eq!(empty.len(), 1, "an empty pool still has a slice");
+    assert_eq!(empty[0].devices, None);
+    assert_eq!(empty[0].pool.resource_slice_count, 1);
+
+    let many = desired_slices(&cfg, &many_devices(300), 1);
+    let sizes: Vec<usize> = many
+        .iter()
+        .map(|s| s.devices.as_ref().map_or(0, Vec::len))
+        .collect();
+    assert_eq!(sizes, [MAX_DEVICES_PER_SLICE, MAX_DEVICES_PER_SLICE, 44]);
+    assert!(many.iter().all(|s| s.pool.resource_slice_count == 3));
+}
+
+#[tokio::test]
+async fn republishing_without_change_writes_nothing() {
+    let (server, client, _) = setup().await;
+    let mut publisher = SlicePublisher::new(client, config());
+    let devices = demo_devices();
+    bounded(LIMIT, "first sync", publisher.sync(&devices))
+        .await
+        .expect("first sync");
+    let before = stored_slices(&server);
+    server.clear_requests();
+
+    let outcome = bounded(LIMIT, "second sync", publisher.sync(&devices))
+        .await
+        .expect("second sync");
+    assert!(!outcome.wrote(), "{outcome:?}");
+    assert_eq!(writes(&server), Vec::<String>::new());
+    assert_eq!(stored_slices(&server), before, "same objects, same rv");
+}
+
+#[tokio::test]
+async fn zero_devices_still_publish_one_empty_slice() {
+    let (server, client, _) = setup().await;
+    let outcome = bounded(LIMIT, "publish", publish_once(&client, &config(), &[]))
+        .await
+        .expect("publish");
+    assert_eq!((outcome.generation, outcome.slices), (1, 1));
+    let slices = stored_slices(&server);
+    assert_eq!(slices.len(), 1);
+    assert_eq!(device_names(&slices), Vec::<String>::new());
+    assert_eq!(pool_state(&slices), Some((1, 1)));
+}
+
+#[tokio::test]
+async fn one_slice_changes_in_place_without_a_new_generation() {
+    let (server, client, _) = setup().await;
+    let mut publisher = SlicePublisher::new(client, config());
+    let mut devices = demo_devices();
+    publisher.sync(&devices).await.expect("first sync");
+    let before = stored_slices(&server);
+
+    // A VM got the A100: it is on vfio-pci now.
+    let a100 = devices
+        .iter_mut()
+        .find(|d| d.bdf.to_string() == "0000:ba:00.0")
+        .expect("A100");
+    a100.driver = Some("vfio-pci".into());
+    server.clear_requests();
+    let outcome = publisher.sync(&devices).await.expect("sync");
+    assert_eq!(
+        (outcome.updated, outcome.created, outcome.deleted),
+        (1, 0, 0)
+    );
+    assert_eq!(outcome.generation, 1, "a single update is atomic");
+    assert_eq!(
+        writes(&server),
+        [format!(
+            "PUT /apis/resource.k8s.io/v1/resourceslices/{}",
+            before[0]["metadata"]["name"].as_str().expect("name")
+        )]
+    );
+    let after = stored_slices(&server);
+    assert_eq!(after[0]["metadata"]["uid"], before[0]["metadata"]["uid"]);
+    assert_eq!(
+        device(&after, "gpu-0000-ba-00-0")["attributes"]["driver"]["string"],
+        "vfio-pci"
+    );
+    assert_eq!(pool_state(&after), Some((1, 1)));
+}
+
+#[tokio::test]
+async fn three_hundred_devices_make_three_slices_of_one_generation() {
+    let (server, client, _) = setup().await;
+    let mut publisher = SlicePublisher::new(client, config());
+    let devices = many_devices(300);
+    let outcome = bounded(LIMIT, "publish", publisher.sync(&devices))
+        .await
+        .expect("publish");
+    assert_eq!(
+        (outcome.generation, outcome.slices, outcome.created),
+        (1, 3, 3)
+    );
+    let slices = stored_slices(&server);
+    assert_eq!(slices.len(), 3);
+    assert_eq!(pool_state(&slices), Some((1, 3)));
+    let mut sizes: Vec<usize> = slices
+        .iter()
+        .map(|s| s["spec"]["devices"].as_array().map_or(0, Vec::len))
+        .collect();
+    sizes.sort();
+    assert_eq!(sizes, [44, 128, 128]);
+    let names = device_names(&slices);
+    assert_eq!(names.len(), 300);
+    assert!(names.windows(2).all(|w| w[0] != w[1]), "unique names");
+
+    // Unchanged: no writes even with several slices (matched by device names).
+    server.clear_requests();
+    let again = publisher.sync(&devices).await.expect("resync");
+    assert!(!again.wrote(), "{again:?}");
+
+    // Dropping the last 100 devices reshapes two slices: new generation,
+    // the untouched slice is bumped in place, the rest replaced.
+    let old_uids: Vec<Value> = slices
+        .iter()
+        .map(|s| s["metadata"]["uid"].clone())
+        .collect();
+    let fewer = &devices[..200];
+    let outcome = publisher.sync(fewer).await.expect("shrink");
+    assert_eq!(outcome.generation, 2);
+    assert_eq!(
+        (
+            outcome.slices,
+            outcome.updated,
+            outcome.created,
+            outcome.deleted
+        ),
+        (2, 1, 1, 2)
+    );
+    let slices = stored_slices(&server);
+    assert_eq!(slices.len(), 2, "old slices deleted");
+    assert_eq!(pool_state(&slices), Some((2, 2)));
+    assert_eq!(device_names(&slices).len(), 200);
+    let kept = slices
+        .iter()
+        .filter(|s| old_uids.contains(&s["metadata"]["uid"]))
+        .count();
+    assert_eq!(kept, 1, "the first slice was updated in place");
+}
+
+#[tokio::test]
+async fn older_generations_and_foreign_pools_are_removed() {
+    let (server, client, _) = setup().await;
+    let api: Api<ResourceSlice> = Api::all(client.clone());
+    let stale = |name: &str, pool: &str, generation: i64| -> ResourceSlice {
+        serde_json::from_value(json!({
+            "apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+            "metadata": {"name": name},
+            "spec": {"driver": DRIVER, "nodeName": NODE,
+                     "pool": {"name": pool, "generation": generation, "resourceSliceCount": 1},
+                     "devices": [{"name": "gpu-0"}]}
+        }))
+        .expect("slice")
+    };
+    let pp = PostParams::default();
+    api.create(&pp, &stale("old-gen", NODE, 3))
+        .await
+        .expect("create");
+    api.create(&pp, &stale("current", NODE, 5))
+        .await
+        .expect("create");
+    api.create(&pp, &stale("other-pool", "something-else", 9))
+        .await
+        .expect("create");
+    // Someone else's slice on the same node is left alone.
+    let mut other_driver = stale("other-driver", NODE, 1);
+    other_driver.spec.driver = "other.example.com".into();
+    api.create(&pp, &other_driver).await.expect("create");
+
+    let devices = demo_devices();
+    let outcome = publish_once(&client, &config(), &devices)
+        .await
+        .expect("publish");
+    // The lone current slice is updated in place; keeping generation 5.
+    assert_eq!(outcome.generation, 5);
+    assert_eq!((outcome.updated, outcome.deleted), (1, 2));
+    let slices = stored_slices(&server);
+    assert_eq!(slices.len(), 1);
+    assert_eq!(slices[0]["metadata"]["name"], "current");
+    assert_eq!(pool_state(&slices), Some((5, 1)));
+    assert_eq!(device_names(&slices).len(), 7);
+    assert!(server.get("resourceslices", None, "other-driver").is_some());
+}
+
+#[test]
+fn device_info_list_from_the_demo_matches_device_info() {
+    let views = demo_views();
+    let infos: Vec<DeviceInfo> = views.iter().filter_map(device_info).collect();
+    assert_eq!(
+        infos,
+        demo_devices(),
+        "device_infos = filtered device_info in BDF order"
+    );
+}
