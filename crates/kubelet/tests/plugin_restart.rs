@@ -1,0 +1,156 @@
+//! Plugin restarts: the ledger, not memory, decides what an unprepare releases; and
+//! `serve()` end to end (startup reconcile before the sockets, stale-claim cleanup,
+//! clean shutdown).
+
+mod plugin_common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use plugin_common::*;
+use vfio_gpu_engine::{CrashMode, Engine, EngineConfig, Holder};
+use vfio_gpu_host::GpuSelector;
+use vfio_gpu_intent::Policy;
+use vfio_gpu_kubelet::grpc::emulator::KubeletEmulator;
+use vfio_gpu_kubelet::serve::{CancellationToken, KubeSource, ServeOptions, serve};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_between_prepare_and_unprepare() {
+    let env = Env::new().await;
+    let running = env.start().await;
+    let claim = env.claim("vm", &[("gpu", AB), ("pre", H100)]);
+    let r = running
+        .kubelet
+        .prepare(&[claim.clone()])
+        .await
+        .expect("rpc");
+    assert!(r[&claim.uid].is_ok(), "{r:?}");
+    let answer = r[&claim.uid].clone();
+    running.stop().await;
+
+    // The claim object disappears while the plugin is down (unprepare must not need it).
+    env.api
+        .delete("resourceclaims", Some(NS), "vm")
+        .expect("deleted");
+
+    // New engine (re-takes the state lock) and new server on the same state dir.
+    let running = env.start().await;
+    let holders: Vec<_> = running
+        .plugin
+        .engine()
+        .ledger()
+        .gpus
+        .values()
+        .filter_map(|r| r.holder.clone())
+        .collect();
+    assert_eq!(holders.len(), 2, "{holders:?}");
+    assert!(
+        holders
+            .iter()
+            .all(|h| matches!(h, Holder::Claim { uid, .. } if uid == &claim.uid))
+    );
+    assert_eq!(env.driver_of(AB).as_deref(), Some("vfio-pci"));
+
+    let u = running
+        .kubelet
+        .unprepare(&[claim.clone()])
+        .await
+        .expect("rpc");
+    assert_eq!(u.get(&claim.uid), Some(&Ok(())));
+    assert_eq!(env.driver_of(AB).as_deref(), Some("nvidia"));
+    assert_eq!(env.driver_of(AB_AUDIO).as_deref(), Some("snd_hda_intel"));
+    assert_eq!(env.driver_of(H100).as_deref(), Some("vfio-pci"));
+    assert!(env.cdi_files().is_empty(), "{:?}", env.cdi_files());
+    assert!(answer.is_ok());
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reconciles_first_cleans_stale_claims_and_stops_cleanly() {
+    let env = Env::new().await;
+
+    // A crash in the middle of moving BA to vfio, left for the next start to repair.
+    {
+        let config = EngineConfig {
+            crash_after_step: Some(3),
+            crash_mode: CrashMode::Return,
+            unbind_lock_backoff: Duration::from_millis(1),
+            ..EngineConfig::default()
+        };
+        let (engine, _) = Engine::open(
+            Arc::new(env.kernel.clone()),
+            &env.state_dir(),
+            GpuSelector::default(),
+            Policy::default(),
+            config,
+        )
+        .expect("engine");
+        let holder = Holder::Claim {
+            uid: "crashed".into(),
+            namespace: NS.into(),
+            name: "crashed".into(),
+        };
+        assert!(engine.configure(bdf(BA), holder).is_err(), "crash injected");
+    }
+    assert_ne!(
+        env.driver_of(BA).as_deref(),
+        Some("nvidia"),
+        "left half-moved"
+    );
+
+    let mut opts = ServeOptions::new(NODE, DRIVER, Arc::new(env.kernel.clone()));
+    opts.plugins_dir = env.path("plugins");
+    opts.registrar_dir = env.path("registry");
+    opts.cdi_root = env.cdi_root();
+    opts.kube = KubeSource::Client(env.client.clone());
+    opts.cleanup_interval = Duration::from_millis(200);
+    opts.reconcile_interval = Duration::from_secs(3600);
+    let registration = env.path("registry").join(format!("{DRIVER}-reg.sock"));
+    let dra = env.state_dir().join("dra.sock");
+    let token = CancellationToken::new();
+    let task = tokio::spawn(serve(opts, token.clone()));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !registration.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "registration socket never appeared"
+        );
+        assert!(!task.is_finished(), "serve ended early: {:?}", task.await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Reconcile ran before the sockets existed.
+    assert_eq!(env.driver_of(BA).as_deref(), Some("nvidia"));
+
+    let kubelet = KubeletEmulator::new(&registration)
+        .register()
+        .await
+        .expect("registers");
+    let claim = env.claim("vm", &[("gpu", BA)]);
+    let r = kubelet.prepare(&[claim.clone()]).await.expect("rpc");
+    assert!(r[&claim.uid].is_ok(), "{r:?}");
+    assert_eq!(env.driver_of(BA).as_deref(), Some("vfio-pci"));
+
+    // The claim is deleted without an unprepare: the cleanup loop releases the GPU.
+    env.api
+        .delete("resourceclaims", Some(NS), "vm")
+        .expect("deleted");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while env.driver_of(BA).as_deref() != Some("nvidia") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cleanup never released the GPU"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!env.claim_spec_path(&claim.uid).exists());
+
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("serve stops in time")
+        .expect("serve task")
+        .expect("serve returns Ok");
+    assert!(!registration.exists(), "registration socket removed");
+    assert!(!dra.exists(), "DRA socket removed");
+}
