@@ -80,8 +80,6 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     opts.engine_config = EngineConfig::default();
     opts.reconcile_interval = Duration::from_secs(args.reconcile_interval.max(1));
     opts.cleanup_interval = Duration::from_secs(args.cleanup_interval.max(1));
-    // ResourceSlice publishing lives in vfio_gpu_kubelet::slices; wire it here
-    // (opts.publisher) once that module exposes its start function.
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

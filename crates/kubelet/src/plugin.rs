@@ -34,11 +34,9 @@ use crate::metadata::{
     is_safe_name,
 };
 
-/// The ResourceSlice device name of a GPU: `gpu-<bdf dashed>`, e.g. `gpu-0000-ab-00-0`.
-/// Stable across restarts and rebinds because it derives from the PCI address only.
-pub fn device_name(bdf: &Bdf) -> String {
-    format!("gpu-{}", bdf.dashed())
-}
+/// The ResourceSlice device name of a GPU (`gpu-0000-ab-00-0`): the publisher's rule,
+/// re-exported so prepare maps names back to GPUs exactly as they were published.
+pub use crate::slices::device_name;
 
 /// Settings of the plugin.
 #[derive(Debug, Clone)]

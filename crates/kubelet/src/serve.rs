@@ -55,8 +55,8 @@ pub struct PublisherContext {
     pub shutdown: CancellationToken,
 }
 
-/// Starts the ResourceSlice publisher. Hook for `slices.rs` (owned separately): the
-/// CLI passes the publisher's start function here once it exists.
+/// Starts the ResourceSlice publisher; [`ServeOptions::new`] wires
+/// [`crate::slices::start_publisher`].
 pub type PublisherHook = Box<dyn FnOnce(PublisherContext) -> JoinHandle<anyhow::Result<()>> + Send>;
 
 /// Everything `serve` needs.
@@ -87,13 +87,13 @@ pub struct ServeOptions {
     pub reconcile_interval: Duration,
     /// How often to unprepare claims whose ResourceClaim is gone or replaced.
     pub cleanup_interval: Duration,
-    /// The ResourceSlice publisher, if wired.
+    /// The ResourceSlice publisher; `None` publishes nothing.
     pub publisher: Option<PublisherHook>,
 }
 
 impl ServeOptions {
     /// Defaults for a real node: kubelet paths, `/var/run/cdi`, in-cluster client,
-    /// reconcile every 60 s, cleanup every 5 min.
+    /// reconcile every 60 s, cleanup every 5 min, the slices publisher.
     pub fn new(
         node_name: impl Into<String>,
         driver_name: impl Into<String>,
@@ -113,7 +113,7 @@ impl ServeOptions {
             engine_config: EngineConfig::default(),
             reconcile_interval: Duration::from_secs(60),
             cleanup_interval: Duration::from_secs(300),
-            publisher: None,
+            publisher: Some(Box::new(crate::slices::start_publisher)),
         }
     }
 

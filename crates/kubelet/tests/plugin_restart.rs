@@ -98,7 +98,14 @@ async fn serve_reconciles_first_cleans_stale_claims_and_stops_cleanly() {
         "left half-moved"
     );
 
+    env.api
+        .insert(serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}}))
+        .expect("node");
     let mut opts = ServeOptions::new(NODE, DRIVER, Arc::new(env.kernel.clone()));
+    assert!(
+        opts.publisher.is_some(),
+        "the slices publisher is wired by default"
+    );
     opts.plugins_dir = env.path("plugins");
     opts.registrar_dir = env.path("registry");
     opts.cdi_root = env.cdi_root();
@@ -121,6 +128,28 @@ async fn serve_reconciles_first_cleans_stale_claims_and_stops_cleanly() {
     }
     // Reconcile ran before the sockets existed.
     assert_eq!(env.driver_of(BA).as_deref(), Some("nvidia"));
+
+    // The wired publisher puts this node's GPUs into ResourceSlices, under the same
+    // device names prepare resolves.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let names: Vec<String> = env
+            .api
+            .list("resourceslices", None)
+            .iter()
+            .flat_map(|s| s["spec"]["devices"].as_array().cloned().unwrap_or_default())
+            .filter_map(|d| d["name"].as_str().map(String::from))
+            .collect();
+        if names.contains(&dev(BA)) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no slice with {} published: {names:?}",
+            dev(BA)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let kubelet = KubeletEmulator::new(&registration)
         .register()
