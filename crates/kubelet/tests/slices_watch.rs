@@ -1,0 +1,215 @@
+//! `run_publisher` end to end: it repairs slices the kubelet deletes, follows
+//! device list changes, survives API outages, and stops on shutdown.
+
+mod slices_common;
+
+use std::time::Duration;
+
+use fake_apiserver::FakeApiServer;
+use k8s_openapi::api::resource::v1::ResourceSlice;
+use kube::api::{Api, DeleteParams, ListParams};
+use serde_json::Value;
+use slices_common::*;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use vfio_gpu_kubelet::slices::{DeviceInfo, SliceConfig, run_publisher};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+struct Running {
+    devices: watch::Sender<Vec<DeviceInfo>>,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    fn start(client: kube::Client, cfg: SliceConfig, devices: Vec<DeviceInfo>) -> Self {
+        let (tx, rx) = watch::channel(devices);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run_publisher(client, cfg, rx, shutdown.clone()));
+        Self {
+            devices: tx,
+            shutdown,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        bounded(Duration::from_secs(5), "publisher stops", self.task)
+            .await
+            .expect("publisher task joins")
+            .expect("publisher returns Ok");
+    }
+}
+
+/// Waits until the stored slices hold exactly `names` in one complete pool;
+/// returns the slices and the pool generation.
+async fn wait_published(server: &FakeApiServer, names: &[String], what: &str) -> (Vec<Value>, i64) {
+    wait_for(LIMIT, what, || {
+        let slices = stored_slices(server);
+        let (generation, count) = pool_state(&slices)?;
+        (usize::try_from(count).ok() == Some(slices.len()) && device_names(&slices) == names)
+            .then_some((slices, generation))
+    })
+    .await
+}
+
+fn names_of(devices: &[DeviceInfo]) -> Vec<String> {
+    let mut names: Vec<String> = devices
+        .iter()
+        .map(|d| vfio_gpu_kubelet::slices::device_name(&d.bdf))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn slices_deleted_by_the_kubelet_come_back() {
+    let (server, client, _) = setup().await;
+    let devices = demo_devices();
+    let names = names_of(&devices);
+    let running = Running::start(client.clone(), config(), devices);
+    let (first, generation) = wait_published(&server, &names, "first publish").await;
+    assert_eq!(generation, 1);
+
+    // What the kubelet does at start or when the plugin has been unusable.
+    let api: Api<ResourceSlice> = Api::all(client.clone());
+    let deleted = api
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().fields(&format!("spec.nodeName={NODE},spec.driver={DRIVER}")),
+        )
+        .await
+        .expect("delete collection")
+        .left()
+        .expect("deleted list");
+    assert_eq!(deleted.items.len(), 1);
+
+    let (again, generation) = wait_published(&server, &names, "re-created slice").await;
+    assert_eq!(generation, 1, "a fresh pool starts at generation 1");
+    assert_ne!(
+        again[0]["metadata"]["uid"], first[0]["metadata"]["uid"],
+        "a new object"
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn device_list_changes_are_published() {
+    let (server, client, _) = setup().await;
+    let devices = many_devices(300);
+    let running = Running::start(client, config(), devices.clone());
+    let (slices, generation) =
+        wait_published(&server, &names_of(&devices), "300 devices in 3 slices").await;
+    assert_eq!((slices.len(), generation), (3, 1));
+    let old_uids: Vec<Value> = slices
+        .iter()
+        .map(|s| s["metadata"]["uid"].clone())
+        .collect();
+
+    // Fewer devices reshape the pool: a new generation, old slices gone.
+    let fewer = devices[..200].to_vec();
+    running.devices.send_replace(fewer.clone());
+    let (slices, generation) =
+        wait_published(&server, &names_of(&fewer), "200 devices in 2 slices").await;
+    assert_eq!((slices.len(), generation), (2, 2));
+    let survivors = slices
+        .iter()
+        .filter(|s| old_uids.contains(&s["metadata"]["uid"]))
+        .count();
+    assert_eq!(survivors, 1, "one slice updated in place, two deleted");
+
+    // Back to a handful: one slice, yet another generation.
+    let few = demo_devices();
+    running.devices.send_replace(few.clone());
+    let (slices, generation) = wait_published(&server, &names_of(&few), "demo devices").await;
+    assert_eq!((slices.len(), generation), (1, 3));
+
+    // A changed attribute on a lone slice: updated in place, same generation.
+    let mut changed = few.clone();
+    changed[0].keep_on_vfio = !changed[0].keep_on_vfio;
+    let want = changed[0].keep_on_vfio;
+    let uid = slices[0]["metadata"]["uid"].clone();
+    running.devices.send_replace(changed);
+    let slices = wait_for(LIMIT, "attribute update", || {
+        let slices = stored_slices(&server);
+        let d = slices.first()?["spec"]["devices"].get(0)?.clone();
+        (d["attributes"]["keepOnVfio"]["bool"] == want).then_some(slices)
+    })
+    .await;
+    assert_eq!(slices.len(), 1);
+    assert_eq!(slices[0]["metadata"]["uid"], uid);
+    assert_eq!(pool_state(&slices), Some((3, 1)));
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn converges_after_the_api_server_was_unavailable() {
+    let (server, client, _) = setup().await;
+    let devices = demo_devices();
+    let names = names_of(&devices);
+
+    // Down from the start: nothing can be published, nothing may crash.
+    server.set_unavailable(true);
+    let running = Running::start(client.clone(), config(), devices);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!running.task.is_finished(), "the publisher keeps running");
+    assert!(stored_slices(&server).is_empty());
+    server.set_unavailable(false);
+    let (first, _) = wait_published(&server, &names, "publish after the outage").await;
+
+    // Slices wiped while the server is down (the watch cannot see it) come
+    // back once the watch reconnects and re-lists.
+    server.set_unavailable(true);
+    let name = first[0]["metadata"]["name"]
+        .as_str()
+        .expect("name")
+        .to_string();
+    assert!(server.delete("resourceslices", None, &name).is_some());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.set_unavailable(false);
+    let (again, _) = wait_published(&server, &names, "re-created after the outage").await;
+    assert_ne!(again[0]["metadata"]["name"], first[0]["metadata"]["name"]);
+
+    // Connections refused instead of 503s: same outcome.
+    server.set_refuse_connections(true);
+    let name = again[0]["metadata"]["name"]
+        .as_str()
+        .expect("name")
+        .to_string();
+    assert!(server.delete("resourceslices", None, &name).is_some());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.set_refuse_connections(false);
+    wait_published(&server, &names, "re-created after refused connections").await;
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_tampered_slice_is_repaired_in_place() {
+    let (server, client, _) = setup().await;
+    let devices = demo_devices();
+    let names = names_of(&devices);
+    let running = Running::start(client, config(), devices);
+    let (first, _) = wait_published(&server, &names, "first publish").await;
+
+    // Someone empties the slice: the watch sees it and the lone slice is
+    // rewritten in place, keeping its generation.
+    let mut tampered = first[0].clone();
+    tampered["spec"]["devices"] = serde_json::json!([]);
+    server.insert(tampered).expect("tamper");
+    let (fixed, generation) = wait_published(&server, &names, "repaired slice").await;
+    assert_eq!(fixed[0]["metadata"]["uid"], first[0]["metadata"]["uid"]);
+    assert_eq!(generation, 1);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_stops_the_publisher_even_while_the_server_is_down() {
+    let (server, client, _) = setup().await;
+    server.set_refuse_connections(true);
+    let running = Running::start(client, config(), demo_devices());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    running.stop().await;
+}
