@@ -208,7 +208,7 @@ async fn retried_prepare_returns_the_same_answer_without_host_writes() {
     let claim = env.claim("vm", &[("gpu", BA)]);
     let first = running
         .kubelet
-        .prepare(&[claim.clone()])
+        .prepare(std::slice::from_ref(&claim))
         .await
         .expect("rpc");
     let spec_before = std::fs::read(env.claim_spec_path(&claim.uid)).expect("spec");
@@ -216,7 +216,7 @@ async fn retried_prepare_returns_the_same_answer_without_host_writes() {
     assert!(writes > 0, "first prepare wrote to the host");
     let second = running
         .kubelet
-        .prepare(&[claim.clone()])
+        .prepare(std::slice::from_ref(&claim))
         .await
         .expect("rpc");
     assert_eq!(
@@ -276,14 +276,14 @@ async fn gpu_held_by_another_claim_is_refused() {
     let second = env.claim("vm-b", &[("gpu", BA)]);
     let r = running
         .kubelet
-        .prepare(&[first.clone()])
+        .prepare(std::slice::from_ref(&first))
         .await
         .expect("rpc");
     ok_devices(&r, &first.uid);
     let writes = env.kernel.log().len();
     let r = running
         .kubelet
-        .prepare(&[second.clone()])
+        .prepare(std::slice::from_ref(&second))
         .await
         .expect("rpc");
     let e = err_text(&r, &second.uid);
@@ -296,7 +296,7 @@ async fn gpu_held_by_another_claim_is_refused() {
     // Unpreparing the refused claim must not release the other claim's GPU.
     let u = running
         .kubelet
-        .unprepare(&[second.clone()])
+        .unprepare(std::slice::from_ref(&second))
         .await
         .expect("rpc");
     assert_eq!(u.get(&second.uid), Some(&Ok(())));
@@ -316,7 +316,7 @@ async fn unprepare_of_unknown_claim_succeeds_and_is_idempotent() {
     for _ in 0..2 {
         let u = running
             .kubelet
-            .unprepare(&[ghost.clone()])
+            .unprepare(std::slice::from_ref(&ghost))
             .await
             .expect("rpc");
         assert_eq!(u.get(&ghost.uid), Some(&Ok(())));
@@ -325,11 +325,19 @@ async fn unprepare_of_unknown_claim_succeeds_and_is_idempotent() {
     // A real claim unprepared twice: the second is a no-op success.
     let c = env.claim("vm", &[("gpu", BA)]);
     ok_devices(
-        &running.kubelet.prepare(&[c.clone()]).await.expect("rpc"),
+        &running
+            .kubelet
+            .prepare(std::slice::from_ref(&c))
+            .await
+            .expect("rpc"),
         &c.uid,
     );
     for _ in 0..2 {
-        let u = running.kubelet.unprepare(&[c.clone()]).await.expect("rpc");
+        let u = running
+            .kubelet
+            .unprepare(std::slice::from_ref(&c))
+            .await
+            .expect("rpc");
         assert_eq!(u.get(&c.uid), Some(&Ok(())));
     }
     assert_eq!(env.driver_of(BA).as_deref(), Some("nvidia"));
@@ -436,7 +444,7 @@ async fn api_server_down_missing_replaced_or_unallocated_claims_change_nothing()
     env.api.set_refuse_connections(true);
     let r = running
         .kubelet
-        .prepare(&[claim.clone()])
+        .prepare(std::slice::from_ref(&claim))
         .await
         .expect("rpc");
     let e = err_text(&r, &claim.uid);
@@ -446,7 +454,7 @@ async fn api_server_down_missing_replaced_or_unallocated_claims_change_nothing()
     env.api.set_unavailable(true);
     let r = running
         .kubelet
-        .prepare(&[claim.clone()])
+        .prepare(std::slice::from_ref(&claim))
         .await
         .expect("rpc");
     let e = err_text(&r, &claim.uid);
@@ -470,7 +478,7 @@ async fn api_server_down_missing_replaced_or_unallocated_claims_change_nothing()
     };
     let r = running
         .kubelet
-        .prepare(&[ghost.clone()])
+        .prepare(std::slice::from_ref(&ghost))
         .await
         .expect("rpc");
     assert!(err_text(&r, &ghost.uid).contains("ResourceClaim vms/no-such-claim not found"));
@@ -483,7 +491,7 @@ async fn api_server_down_missing_replaced_or_unallocated_claims_change_nothing()
     assert_ne!(replacement.uid, claim.uid);
     let r = running
         .kubelet
-        .prepare(&[claim.clone()])
+        .prepare(std::slice::from_ref(&claim))
         .await
         .expect("rpc");
     assert!(err_text(&r, &claim.uid).contains("the claim was replaced"));
@@ -504,7 +512,7 @@ async fn api_server_down_missing_replaced_or_unallocated_claims_change_nothing()
     };
     let r = running
         .kubelet
-        .prepare(&[pending.clone()])
+        .prepare(std::slice::from_ref(&pending))
         .await
         .expect("rpc");
     assert!(err_text(&r, &pending.uid).contains("not allocated"));
@@ -519,7 +527,7 @@ async fn foreign_group_member_is_refused() {
     let claim = env.claim("vm", &[("gpu", L4)]);
     let r = running
         .kubelet
-        .prepare(&[claim.clone()])
+        .prepare(std::slice::from_ref(&claim))
         .await
         .expect("rpc");
     let e = err_text(&r, &claim.uid);
@@ -548,7 +556,7 @@ async fn opaque_config_selects_iommufd_and_bad_config_fails_the_claim() {
     );
     let r = running
         .kubelet
-        .prepare(&[claim.clone()])
+        .prepare(std::slice::from_ref(&claim))
         .await
         .expect("rpc");
     ok_devices(&r, &claim.uid);
@@ -571,7 +579,7 @@ async fn opaque_config_selects_iommufd_and_bad_config_fails_the_claim() {
     );
     let u = running
         .kubelet
-        .unprepare(&[claim.clone()])
+        .unprepare(std::slice::from_ref(&claim))
         .await
         .expect("rpc");
     assert_eq!(u.get(&claim.uid), Some(&Ok(())));
@@ -584,7 +592,11 @@ async fn opaque_config_selects_iommufd_and_bad_config_fails_the_claim() {
             "parameters": {"apiVersion": "vfio-gpu.dra.dev/v1alpha1", "kind": "VfioDeviceConfig", "iommuBackend": "legacy", "speed": "fast"}}}]),
         json!({}),
     );
-    let r = running.kubelet.prepare(&[bad.clone()]).await.expect("rpc");
+    let r = running
+        .kubelet
+        .prepare(std::slice::from_ref(&bad))
+        .await
+        .expect("rpc");
     let e = err_text(&r, &bad.uid);
     assert!(e.contains("\"speed\""), "{e}");
     assert_eq!(env.kernel.log().len(), writes, "nothing changed");

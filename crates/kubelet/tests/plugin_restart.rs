@@ -21,7 +21,7 @@ async fn restart_between_prepare_and_unprepare() {
     let claim = env.claim("vm", &[("gpu", AB), ("pre", H100)]);
     let r = running
         .kubelet
-        .prepare(&[claim.clone()])
+        .prepare(std::slice::from_ref(&claim))
         .await
         .expect("rpc");
     assert!(r[&claim.uid].is_ok(), "{r:?}");
@@ -53,7 +53,7 @@ async fn restart_between_prepare_and_unprepare() {
 
     let u = running
         .kubelet
-        .unprepare(&[claim.clone()])
+        .unprepare(std::slice::from_ref(&claim))
         .await
         .expect("rpc");
     assert_eq!(u.get(&claim.uid), Some(&Ok(())));
@@ -156,7 +156,10 @@ async fn serve_reconciles_first_cleans_stale_claims_and_stops_cleanly() {
         .await
         .expect("registers");
     let claim = env.claim("vm", &[("gpu", BA)]);
-    let r = kubelet.prepare(&[claim.clone()]).await.expect("rpc");
+    let r = kubelet
+        .prepare(std::slice::from_ref(&claim))
+        .await
+        .expect("rpc");
     assert!(r[&claim.uid].is_ok(), "{r:?}");
     assert_eq!(env.driver_of(BA).as_deref(), Some("vfio-pci"));
 
