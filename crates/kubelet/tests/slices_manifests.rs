@@ -1,0 +1,395 @@
+//! Every manifest in `deploy/` parses, round-trips through the k8s-openapi
+//! type of its kind without losing a field (k8s-openapi silently drops
+//! unknown fields, so a typo shows up as a difference), and agrees with the
+//! code: driver name, attribute names, service account, mounts and flags.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::resource::v1::{DeviceClass, ResourceClaimTemplate};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize as _, Serialize};
+use serde_json::Value;
+use vfio_gpu_kubelet::slices::{DeviceInfo, device_attributes};
+
+const DRIVER: &str = "vfio-gpu.dra.dev";
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
+}
+
+/// `(file, document)` for every YAML document under deploy/.
+fn documents() -> Vec<(String, Value)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(deploy_dir())
+        .expect("deploy/ exists")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no manifests found");
+    let mut docs = Vec::new();
+    for file in files {
+        let name = file
+            .file_name()
+            .expect("file name")
+            .to_string_lossy()
+            .into_owned();
+        let text = std::fs::read_to_string(&file).expect("readable manifest");
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let yaml = serde_yaml::Value::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{name}: invalid YAML: {e}"));
+            if yaml.is_null() {
+                continue;
+            }
+            let json: Value = serde_json::to_value(&yaml)
+                .unwrap_or_else(|e| panic!("{name}: not JSON-compatible: {e}"));
+            docs.push((name.clone(), json));
+        }
+    }
+    docs
+}
+
+/// Deserializes into `T` and checks nothing was dropped on the way.
+fn typed<T: DeserializeOwned + Serialize>(file: &str, doc: &Value) -> T {
+    let obj: T = serde_json::from_value(doc.clone())
+        .unwrap_or_else(|e| panic!("{file}: {} does not parse: {e}", kind(doc)));
+    let back = serde_json::to_value(&obj).expect("serializes");
+    assert_eq!(
+        &back,
+        doc,
+        "{file}: {} lost or changed fields in a round trip (typo?)",
+        kind(doc)
+    );
+    obj
+}
+
+fn kind(doc: &Value) -> String {
+    format!(
+        "{}/{} {}",
+        doc["apiVersion"].as_str().unwrap_or("?"),
+        doc["kind"].as_str().unwrap_or("?"),
+        doc["metadata"]["name"].as_str().unwrap_or("?")
+    )
+}
+
+#[derive(Default)]
+struct Parsed {
+    classes: Vec<DeviceClass>,
+    roles: Vec<ClusterRole>,
+    bindings: Vec<ClusterRoleBinding>,
+    accounts: Vec<ServiceAccount>,
+    daemonsets: Vec<DaemonSet>,
+    templates: Vec<ResourceClaimTemplate>,
+    policies: Vec<ValidatingAdmissionPolicy>,
+    vms: Vec<Value>,
+}
+
+fn parse_all() -> Parsed {
+    let mut p = Parsed::default();
+    for (file, doc) in documents() {
+        let api = doc["apiVersion"].as_str().unwrap_or_default().to_string();
+        let kind_name = doc["kind"].as_str().unwrap_or_default().to_string();
+        match (api.as_str(), kind_name.as_str()) {
+            ("v1", "Namespace") => {
+                typed::<Namespace>(&file, &doc);
+            }
+            ("v1", "ServiceAccount") => p.accounts.push(typed(&file, &doc)),
+            ("rbac.authorization.k8s.io/v1", "ClusterRole") => p.roles.push(typed(&file, &doc)),
+            ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                p.bindings.push(typed(&file, &doc))
+            }
+            ("apps/v1", "DaemonSet") => p.daemonsets.push(typed(&file, &doc)),
+            ("resource.k8s.io/v1", "DeviceClass") => p.classes.push(typed(&file, &doc)),
+            ("resource.k8s.io/v1", "ResourceClaimTemplate") => p.templates.push(typed(&file, &doc)),
+            ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy") => {
+                p.policies.push(typed(&file, &doc))
+            }
+            ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding") => {
+                typed::<ValidatingAdmissionPolicyBinding>(&file, &doc);
+            }
+            // No Rust type for KubeVirt: checked structurally below.
+            ("kubevirt.io/v1", "VirtualMachine") => p.vms.push(doc),
+            _ => panic!("{file}: unexpected kind {}", kind(&doc)),
+        }
+    }
+    p
+}
+
+#[test]
+fn device_classes_select_the_driver_and_published_attributes() {
+    let p = parse_all();
+    let exprs: BTreeMap<String, Vec<String>> = p
+        .classes
+        .iter()
+        .map(|c| {
+            let name = c.metadata.name.clone().unwrap_or_default();
+            let exprs = c
+                .spec
+                .selectors
+                .iter()
+                .flatten()
+                .filter_map(|s| s.cel.as_ref().map(|c| c.expression.clone()))
+                .collect();
+            (name, exprs)
+        })
+        .collect();
+    let all = &exprs["vfio-gpu.dra.dev"];
+    assert_eq!(all.len(), 1);
+    assert!(all[0].contains(&format!("device.driver == \"{DRIVER}\"")));
+
+    let prebound = exprs["vfio-gpu-prebound.dra.dev"].join(" && ");
+    assert!(prebound.contains(&format!("device.driver == \"{DRIVER}\"")));
+    assert!(prebound.contains(&format!(
+        "device.attributes[\"{DRIVER}\"].keepOnVfio == true"
+    )));
+
+    // The attribute the class relies on is one the publisher sets.
+    let info = DeviceInfo {
+        bdf: "0000:65:00.0".parse().expect("bdf"),
+        vendor: 0x10de,
+        device: 0x2330,
+        product_name: None,
+        driver: None,
+        iommu_group: 1,
+        numa_node: None,
+        pcie_root: None,
+        keep_on_vfio: true,
+        bar_bytes: 0,
+    };
+    assert_eq!(device_attributes(&info)["keepOnVfio"].bool, Some(true));
+}
+
+#[test]
+fn rbac_covers_what_the_plugin_does() {
+    let p = parse_all();
+    let [role] = p.roles.as_slice() else {
+        panic!("one ClusterRole");
+    };
+    let allows = |group: &str, resource: &str, verb: &str| {
+        role.rules.iter().flatten().any(|r| {
+            r.api_groups.iter().flatten().any(|g| g == group)
+                && r.resources.iter().flatten().any(|x| x == resource)
+                && r.verbs.iter().any(|v| v == verb)
+        })
+    };
+    for verb in [
+        "get", "list", "watch", "create", "update", "patch", "delete",
+    ] {
+        assert!(
+            allows("resource.k8s.io", "resourceslices", verb),
+            "resourceslices {verb}"
+        );
+    }
+    for verb in ["get", "list", "watch"] {
+        assert!(
+            allows("resource.k8s.io", "resourceclaims", verb),
+            "claims {verb}"
+        );
+    }
+    assert!(allows("resource.k8s.io", "resourceclaims/status", "update"));
+    assert!(allows("", "nodes", "get"));
+    let driver_rule = role
+        .rules
+        .iter()
+        .flatten()
+        .find(|r| {
+            r.resources
+                .iter()
+                .flatten()
+                .any(|x| x == "resourceclaims/driver")
+        })
+        .expect("resourceclaims/driver rule");
+    assert_eq!(driver_rule.resource_names, Some(vec![DRIVER.to_string()]));
+    assert_eq!(
+        driver_rule.verbs,
+        ["associated-node:update", "associated-node:patch"]
+    );
+
+    // The binding ties that role to the DaemonSet's service account.
+    let [binding] = p.bindings.as_slice() else {
+        panic!("one ClusterRoleBinding");
+    };
+    assert_eq!(binding.role_ref.name, role.metadata.name.clone().unwrap());
+    let [ds] = p.daemonsets.as_slice() else {
+        panic!("one DaemonSet");
+    };
+    let pod = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod spec");
+    let sa = pod.service_account_name.clone().expect("service account");
+    let ns = ds.metadata.namespace.clone().expect("namespace");
+    let subjects = binding.subjects.clone().unwrap_or_default();
+    assert!(
+        subjects.iter().any(|s| s.kind == "ServiceAccount"
+            && s.name == sa
+            && s.namespace.as_ref() == Some(&ns)),
+        "binding subject is the DaemonSet's account"
+    );
+    assert!(p.accounts.iter().any(
+        |a| a.metadata.name.as_ref() == Some(&sa) && a.metadata.namespace.as_ref() == Some(&ns)
+    ));
+    // The optional admission policy names the same account.
+    let username = format!("system:serviceaccount:{ns}:{sa}");
+    for policy in &p.policies {
+        let conditions = policy
+            .spec
+            .as_ref()
+            .and_then(|s| s.match_conditions.clone())
+            .unwrap_or_default();
+        assert!(
+            conditions.iter().any(|c| c.expression.contains(&username)),
+            "policy matches {username}"
+        );
+    }
+}
+
+#[test]
+fn daemonset_mounts_and_flags() {
+    let p = parse_all();
+    let [ds] = p.daemonsets.as_slice() else {
+        panic!("one DaemonSet");
+    };
+    let pod = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod spec");
+    assert_eq!(pod.host_pid, Some(true), "hostPID for the fd scan");
+    let [c] = pod.containers.as_slice() else {
+        panic!("one container");
+    };
+    assert_eq!(
+        c.security_context.as_ref().and_then(|s| s.privileged),
+        Some(true)
+    );
+    assert_eq!(
+        c.args.clone().unwrap_or_default(),
+        ["serve", "--host-root", "/host-root"]
+    );
+    let node_name = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "NODE_NAME")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.clone());
+    assert_eq!(node_name.as_deref(), Some("spec.nodeName"));
+
+    let host_paths: BTreeMap<String, String> = pod
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| Some((v.name.clone(), v.host_path.as_ref()?.path.clone())))
+        .collect();
+    // mount path → (host path, read-only)
+    let mounts: BTreeMap<String, (String, bool)> = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| {
+            let host = host_paths
+                .get(&m.name)
+                .unwrap_or_else(|| panic!("mount {} has a hostPath volume", m.name));
+            (
+                m.mount_path.clone(),
+                (host.clone(), m.read_only.unwrap_or(false)),
+            )
+        })
+        .collect();
+    let want = [
+        ("/host-root", "/", true),
+        ("/host-root/sys", "/sys", false),
+        ("/host-root/dev", "/dev", false),
+        (
+            "/var/lib/kubelet/plugins_registry",
+            "/var/lib/kubelet/plugins_registry",
+            false,
+        ),
+        (
+            "/var/lib/kubelet/plugins",
+            "/var/lib/kubelet/plugins",
+            false,
+        ),
+        ("/var/run/cdi", "/var/run/cdi", false),
+    ];
+    for (mount, host, ro) in want {
+        assert_eq!(
+            mounts.get(mount),
+            Some(&(host.to_string(), ro)),
+            "mount {mount}"
+        );
+    }
+}
+
+#[test]
+fn kubevirt_example_references_its_claim_template() {
+    let p = parse_all();
+    let [template] = p.templates.as_slice() else {
+        panic!("one ResourceClaimTemplate");
+    };
+    let template_name = template.metadata.name.clone().expect("name");
+    let requests = template.spec.spec.devices.as_ref().expect("devices");
+    let request_names: Vec<String> = requests
+        .requests
+        .iter()
+        .flatten()
+        .map(|r| r.name.clone())
+        .collect();
+    let classes: Vec<String> = requests
+        .requests
+        .iter()
+        .flatten()
+        .filter_map(|r| r.exactly.as_ref().map(|e| e.device_class_name.clone()))
+        .collect();
+    assert!(
+        classes.iter().all(|c| p
+            .classes
+            .iter()
+            .any(|k| k.metadata.name.as_ref() == Some(c))),
+        "requests use a class from deviceclass.yaml"
+    );
+
+    let [vm] = p.vms.as_slice() else {
+        panic!("one VirtualMachine");
+    };
+    let spec = &vm["spec"]["template"]["spec"];
+    let claims = spec["resourceClaims"].as_array().expect("resourceClaims");
+    let gpus = spec["domain"]["devices"]["gpus"].as_array().expect("gpus");
+    assert!(!gpus.is_empty());
+    for gpu in gpus {
+        assert!(gpu["name"].is_string());
+        let claim = claims
+            .iter()
+            .find(|c| c["name"] == gpu["claimName"])
+            .unwrap_or_else(|| panic!("gpu {} names a listed claim", gpu["name"]));
+        assert_eq!(claim["resourceClaimTemplateName"], template_name.as_str());
+        assert!(
+            request_names
+                .iter()
+                .any(|r| gpu["requestName"] == r.as_str()),
+            "requestName is a request of the template"
+        );
+    }
+    // Disks refer to volumes.
+    let volumes: Vec<&Value> = spec["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .map(|v| &v["name"])
+        .collect();
+    for disk in spec["domain"]["devices"]["disks"]
+        .as_array()
+        .expect("disks")
+    {
+        assert!(volumes.contains(&&disk["name"]), "disk {}", disk["name"]);
+    }
+}
