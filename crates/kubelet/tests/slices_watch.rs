@@ -213,3 +213,75 @@ async fn shutdown_stops_the_publisher_even_while_the_server_is_down() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_moves_show_up_in_the_published_attributes() {
+    use std::sync::Arc;
+    use vfio_gpu_engine::sim::SimKernel;
+    use vfio_gpu_engine::{Engine, EngineConfig, Holder};
+    use vfio_gpu_host::{GpuSelector, HostRoot};
+    use vfio_gpu_intent::Policy;
+    use vfio_gpu_kubelet::slices::watch_engine_devices;
+
+    let (server, client, _) = setup().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let host = dir.path().join("host");
+    std::fs::create_dir_all(&host).expect("host dir");
+    vfio_gpu_host::demo::build_demo_host(&host).expect("demo host");
+    let kernel = SimKernel::booted(HostRoot::open(&host).expect("host root"));
+    let (engine, _) = Engine::open(
+        Arc::new(kernel),
+        &dir.path().join("state"),
+        GpuSelector::default(),
+        Policy::default(),
+        EngineConfig::default(),
+    )
+    .expect("engine");
+    let engine = Arc::new(engine);
+
+    let shutdown = CancellationToken::new();
+    let devices =
+        watch_engine_devices(engine.clone(), Duration::from_millis(200), shutdown.clone()).await;
+    assert_eq!(names_of(&devices.borrow()), names_of(&demo_devices()));
+    let task = tokio::spawn(run_publisher(client, config(), devices, shutdown.clone()));
+    let a100_driver = |server: &FakeApiServer| {
+        stored_slices(server)
+            .iter()
+            .flat_map(|s| s["spec"]["devices"].as_array().cloned().unwrap_or_default())
+            .find(|d| d["name"] == "gpu-0000-ba-00-0")
+            .and_then(|d| {
+                d["attributes"]["driver"]["string"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+    };
+    wait_for(LIMIT, "A100 published on nvidia", || {
+        (a100_driver(&server).as_deref() == Some("nvidia")).then_some(())
+    })
+    .await;
+
+    let mover = engine.clone();
+    tokio::task::spawn_blocking(move || {
+        mover.configure(
+            "0000:ba:00.0".parse().expect("bdf"),
+            Holder::Claim {
+                uid: "claim-uid".into(),
+                namespace: "default".into(),
+                name: "vm-gpu".into(),
+            },
+        )
+    })
+    .await
+    .expect("join")
+    .expect("A100 moved to vfio");
+    wait_for(LIMIT, "A100 published on vfio-pci", || {
+        (a100_driver(&server).as_deref() == Some("vfio-pci")).then_some(())
+    })
+    .await;
+
+    shutdown.cancel();
+    bounded(Duration::from_secs(5), "publisher stops", task)
+        .await
+        .expect("join")
+        .expect("Ok");
+}
