@@ -325,6 +325,12 @@ pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
+    // A retried prepare writes identical content: skip the fsyncs (about 12 ms each on
+    // a plain ext4 disk). The existing file was renamed into place after an fsync, so
+    // it is already durable.
+    if fs::read(path).is_ok_and(|old| old == bytes) {
+        return Ok(());
+    }
     fs::create_dir_all(dir)?;
     let file_name = path
         .file_name()
