@@ -14,7 +14,8 @@
 #                   instead of `cargo build --release -p vfio-gpu-dra`
 #   VM_PROFILE=debug  build with `cargo build -p vfio-gpu-dra` (reuses the
 #                   debug deps of `cargo test`; the CLI runs slower under TCG)
-#   VM_TIMEOUT=s    per-boot timeout (default 300)
+#   VM_TIMEOUT=s    per-boot timeout (default 600)
+#   VM_JOBS=n       boots run in parallel (default 2)
 #   VM_VERBOSE=1    drop "quiet" from the guest kernel command line
 # Needs root (apt-get, mknod). Works with CI=true and no stdin.
 set -euo pipefail
@@ -30,7 +31,7 @@ GROUPS_SEL=()
 for a in "$@"; do
     case "$a" in
     --no-cli) NO_CLI=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     -*) echo "run.sh: unknown option $a" >&2; exit 2 ;;
     *) GROUPS_SEL+=("$a") ;;
     esac
@@ -206,7 +207,7 @@ boot() {
     [ "${VM_VERBOSE:-0}" = 1 ] && quiet=
     t=$(date +%s.%N)
     rm -f "$log"
-    timeout "${VM_TIMEOUT:-300}" qemu-system-x86_64 -machine q35 -accel tcg -m 1024 -smp 1 \
+    timeout "${VM_TIMEOUT:-600}" qemu-system-x86_64 -machine q35 -accel tcg -m 1024 -smp 1 \
         -nodefaults -no-user-config -display none -monitor none -no-reboot \
         -serial "file:$log" \
         -kernel "$VMLINUZ" -initrd "$WORK/initramfs-$g.cpio" \
@@ -218,10 +219,11 @@ boot() {
     init_up=$(sed -n 's/^VM-INIT uptime=\([0-9.]*\).*/\1/p' "$log" 2>/dev/null | tr -d '\r' | head -1)
     hostline "BOOT $g kernel_to_init=${init_up:-?}s vm_wall=${wall}s qemu_rc=$rc"
     log "boot $g: kernel->init ${init_up:-?}s, whole VM run ${wall}s (qemu exit $rc)"
-    if [ $rc = 124 ]; then hostline "FAIL host.$g-timeout: qemu killed after ${VM_TIMEOUT:-300}s"; fi
+    if [ $rc = 124 ]; then hostline "FAIL host.$g-timeout: qemu killed after ${VM_TIMEOUT:-600}s"; fi
 }
 
 CMDLINE_IDS="vfio-pci.ids=8086:10d3"
+declare -A EXTRA
 for g in "${GROUPS_SEL[@]}"; do
     t=$(date +%s.%N)
     case "$g" in
@@ -229,23 +231,38 @@ for g in "${GROUPS_SEL[@]}"; do
         build_initramfs cmdline "baseline prebound runtime-move two-function no-host-driver foreign-override measure" \
             "PREBOUND=yes
 PREBOUND_SOURCE=kernel-cmdline"
-        extra=$CMDLINE_IDS ;;
+        EXTRA[$g]=$CMDLINE_IDS ;;
     modprobe)
         build_initramfs modprobe "baseline prebound" \
             "PREBOUND=yes
 PREBOUND_SOURCE=modprobe" \
             "# written by tests/vm/run.sh: vfio-pci is a module here, so kmod applies this
 options vfio-pci ids=8086:10d3"
-        extra= ;;
+        EXTRA[$g]= ;;
     crash)
         build_initramfs crash "baseline crash" "PREBOUND=yes
 PREBOUND_SOURCE=kernel-cmdline"
-        extra=$CMDLINE_IDS ;;
+        EXTRA[$g]=$CMDLINE_IDS ;;
     *) echo "run.sh: unknown group $g (known: ${ALL_GROUPS[*]})" >&2; exit 2 ;;
     esac
     timing "initramfs-$g" "$(since "$t")"
-    boot "$g" "$extra"
 done
+
+# Boots run VM_JOBS at a time (default 2: one TCG vCPU each); the longest first.
+t=$(date +%s.%N)
+JOBS=${VM_JOBS:-2}
+order=()
+for g in crash cmdline modprobe; do
+    for s in "${GROUPS_SEL[@]}"; do [ "$s" = "$g" ] && order+=("$g"); done
+done
+running=0
+for g in "${order[@]}"; do
+    if [ "$running" -ge "$JOBS" ]; then wait -n || true; running=$((running - 1)); fi
+    boot "$g" "${EXTRA[$g]}" &
+    running=$((running + 1))
+done
+wait || true
+timing boots "$(since "$t")"
 
 # ------------------------------------------------------------------ results
 timing total "$(since "$T_START")"
