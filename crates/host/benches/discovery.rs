@@ -33,10 +33,22 @@ fn build(root: &std::path::Path, others: usize) {
 }
 
 fn bench(c: &mut Criterion) {
-    let mut g = c.benchmark_group("discover_8_gpus");
+    run(c, "discover_8_gpus", true);
+    // Without /proc/bus/pci/devices (e.g. a host root without procfs): sysfs only.
+    run(c, "discover_8_gpus_sysfs_only", false);
+}
+
+fn run(c: &mut Criterion, name: &str, procfs: bool) {
+    let mut g = c.benchmark_group(name);
     for others in [500usize, 1000, 2000, 4000] {
-        let dir = tempfile::tempdir().unwrap();
+        // sysfs is an in-memory filesystem: lay the fixture on tmpfs when there is one.
+        let dir = tempfile::tempdir_in("/dev/shm")
+            .or_else(|_| tempfile::tempdir())
+            .unwrap();
         build(dir.path(), others);
+        if !procfs {
+            std::fs::remove_file(dir.path().join("proc/bus/pci/devices")).unwrap();
+        }
         let root = HostRoot::open(dir.path()).unwrap();
         let sel = GpuSelector::default();
         g.bench_with_input(BenchmarkId::from_parameter(others), &others, |bch, _| {

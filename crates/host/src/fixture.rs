@@ -280,6 +280,29 @@ impl FixtureHost {
             rel_symlink(&dir, &gdir.join("devices").join(bdf.to_string()))?;
         }
         self.paths.insert(bdf, dir);
+        // The procfs PCI list the kernel keeps beside sysfs (no domain column).
+        let mut line = format!(
+            "{:02x}{:02x}\t{:04x}{:04x}\t0",
+            bdf.bus(),
+            (bdf.device() << 3) | bdf.function(),
+            spec.vendor,
+            spec.device
+        );
+        for _ in 0..14 {
+            line.push_str("\t               0");
+        }
+        if let Some(d) = &spec.driver {
+            line.push('\t');
+            line.push_str(d);
+        }
+        line.push('\n');
+        let list = self.root.join("proc/bus/pci/devices");
+        fs::create_dir_all(self.root.join("proc/bus/pci"))?;
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(list)?;
+        std::io::Write::write_all(&mut f, line.as_bytes())?;
         if let Some(driver) = &spec.driver {
             self.add_driver(driver)?;
             self.link_driver(bdf, driver)?;

@@ -112,6 +112,11 @@ impl GpuSelector {
             && self.rules.iter().any(|r| r.matches(&f.identity))
     }
 
+    /// The vendors the rules are limited to; `None` when some rule takes any vendor.
+    pub(crate) fn vendors(&self) -> Option<Vec<u16>> {
+        self.rules.iter().map(|r| r.vendor).collect()
+    }
+
     /// Cheap pre-filter during a scan: reads only the attributes the rules
     /// need (`vendor`, then `device`/`class`) through `read`.
     pub(crate) fn needs_full_read(&self, read: impl Fn(&str) -> Option<u32>) -> bool {

@@ -200,6 +200,46 @@ fn first_entry(dir: &Path) -> Result<Option<String>, HostError> {
     }
 }
 
+/// `(bus, devfn)` of every function whose vendor is in `vendors`, from
+/// `proc/bus/pci/devices` (`BBDF\tVVVVDDDD\t…` per line); `None` when the
+/// file is missing or unreadable, so the caller falls back to sysfs.
+fn proc_bus_candidates(
+    root: &HostRoot,
+    vendors: &[u16],
+) -> Option<std::collections::HashSet<(u8, u8)>> {
+    let text = fs::read_to_string(root.rel("proc/bus/pci/devices")).ok()?;
+    let mut out = std::collections::HashSet::new();
+    for line in text.lines() {
+        let mut fields = line.split('\t');
+        let (Some(bdf), Some(ids)) = (fields.next(), fields.next()) else {
+            return None;
+        };
+        let (Ok(bdf), Ok(ids)) = (
+            u16::from_str_radix(bdf.trim(), 16),
+            u32::from_str_radix(ids.trim(), 16),
+        ) else {
+            // An unexpected format: do not trust the file at all.
+            return None;
+        };
+        let vendor = (ids >> 16) as u16;
+        if vendors.contains(&vendor) {
+            out.insert(((bdf >> 8) as u8, (bdf & 0xff) as u8));
+        }
+    }
+    Some(out)
+}
+
+/// Reads a small hex attribute with one `read(2)`: the pre-filter runs on
+/// every function of the host, so it avoids the extra syscalls of
+/// `read_to_string` (size probe, second read for EOF).
+fn read_hex_fast(path: &Path) -> Option<u32> {
+    use std::io::Read;
+    let mut f = fs::File::open(path).ok()?;
+    let mut buf = [0u8; 32];
+    let n = f.read(&mut buf).ok()?;
+    parse_hex(std::str::from_utf8(&buf[..n]).ok()?)
+}
+
 /// Parses `0x10de`-style sysfs hex.
 pub(crate) fn parse_hex(s: &str) -> Option<u32> {
     let t = s.trim();
@@ -308,12 +348,20 @@ impl PciHost {
             .map(|mut d| d.next().is_some())
             .unwrap_or(false);
 
+        // One read of /proc/bus/pci/devices replaces thousands of `vendor`
+        // reads when the selector is vendor-based; it has no PCI domain, so it
+        // can only narrow the candidates, never decide alone.
+        let by_vendor = selector
+            .vendors()
+            .and_then(|vendors| proc_bus_candidates(root, &vendors));
         let mut wanted = Vec::new();
         for bdf in &host.addresses {
-            if selector.needs_full_read(|attr| {
-                let p = root.pci_attr(bdf, attr);
-                root.read_opt(&p).ok().flatten().and_then(|s| parse_hex(&s))
-            }) {
+            if let Some(slots) = &by_vendor
+                && !slots.contains(&(bdf.bus(), (bdf.device() << 3) | bdf.function()))
+            {
+                continue;
+            }
+            if selector.needs_full_read(|attr| read_hex_fast(&root.pci_attr(bdf, attr))) {
                 wanted.push(*bdf);
             }
         }

@@ -260,3 +260,37 @@ fn demo_host_is_complete() {
     );
     assert!(dir.path().join("dev/vfio/5").exists());
 }
+
+#[test]
+fn proc_bus_prefilter_agrees_with_sysfs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = switch_host(dir.path());
+    // Same bus/devfn in another domain: /proc/bus/pci/devices cannot tell them apart.
+    h.add_function(
+        &FunctionSpec::new(bdf("0001:65:00.0"), 0x10de, 0x2330, 0x030200)
+            .driver("nvidia")
+            .group(40),
+    )
+    .unwrap();
+    let root = HostRoot::open(dir.path()).unwrap();
+    let sel = GpuSelector::default();
+    let with_proc: Vec<Bdf> = discover_gpus(&PciHost::scan(&root, &sel).unwrap(), &sel, None)
+        .iter()
+        .map(|g| g.bdf())
+        .collect();
+    assert!(with_proc.contains(&bdf("0001:65:00.0")));
+    // Garbage in the procfs list: ignored, sysfs decides.
+    fs::write(dir.path().join("proc/bus/pci/devices"), "not\ta list\n").unwrap();
+    let garbage: Vec<Bdf> = discover_gpus(&PciHost::scan(&root, &sel).unwrap(), &sel, None)
+        .iter()
+        .map(|g| g.bdf())
+        .collect();
+    fs::remove_file(dir.path().join("proc/bus/pci/devices")).unwrap();
+    let without: Vec<Bdf> = discover_gpus(&PciHost::scan(&root, &sel).unwrap(), &sel, None)
+        .iter()
+        .map(|g| g.bdf())
+        .collect();
+    assert_eq!(with_proc, without);
+    assert_eq!(garbage, without);
+    assert_eq!(without.len(), 4);
+}
