@@ -47,6 +47,18 @@ enum Command {
     Ledger(EngineOpts),
     /// Run the kubelet DRA plugin on this node until SIGTERM.
     Serve(Box<serve_cmd::ServeArgs>),
+    /// Time N bind+release round trips of one GPU inside one process (used by
+    /// the real-kernel test to compare with the bare sysfs writes).
+    #[command(hide = true)]
+    Roundtrip {
+        /// PCI address of the GPU.
+        bdf: String,
+        /// Round trips to run.
+        #[arg(long, default_value_t = 20)]
+        iterations: u32,
+        #[command(flatten)]
+        engine: EngineOpts,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -169,6 +181,39 @@ fn run(command: Command) -> Result<ExitCode> {
             render::outcomes("reconcile", &bdfs, &results, opts.host.output, &setup)
         }
         Command::Serve(args) => serve_cmd::run(*args),
+        Command::Roundtrip {
+            bdf,
+            iterations,
+            engine,
+        } => {
+            let bdf: Bdf = bdf.parse()?;
+            let (engine, _setup) = engine.open_engine()?;
+            let mut times = Vec::new();
+            for i in 0..iterations {
+                let t = std::time::Instant::now();
+                engine
+                    .configure(bdf, Holder::Admin)
+                    .with_context(|| format!("bind, round trip {i}"))?;
+                engine
+                    .unconfigure(bdf, None)
+                    .with_context(|| format!("release, round trip {i}"))?;
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            let total: f64 = times.iter().sum();
+            let mut sorted = times.clone();
+            sorted.sort_by(f64::total_cmp);
+            let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+            println!(
+                "{}",
+                serde_json::json!({
+                    "iterations": iterations,
+                    "totalMs": total,
+                    "perRoundtripMs": total / f64::from(iterations.max(1)),
+                    "medianMs": median,
+                })
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Ledger(opts) => {
             let (engine, _setup) = opts.open_engine()?;
             render::ledger(&engine.ledger(), &engine.ledger_path(), opts.host.output)?;

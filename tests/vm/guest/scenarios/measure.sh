@@ -41,5 +41,14 @@ if ! cli_ready; then skip "$S.cli" "awaits the CLI"; else
     t1=$(now_ms)
     echo "METRIC measure.cli.devices_ms $(((t1 - t0) / ITER))"
     awk -v c=$cli_ms -v r=$raw_ms 'BEGIN { if (r > 0) printf "METRIC measure.ratio %.2f\n", c / r }'
+    # The plugin is one long-lived process: measure the engine inside one
+    # process too, so process start-up under TCG does not count.
+    new_state "$S-inprocess"
+    rt=$($BIN roundtrip $VIRTIO --iterations $ITER --state-dir "$STATE" $GPU_IDS 2>"$OUT/measure.err")
+    check "$S.inprocess-ran" test -n "$rt"
+    check "$S.inprocess-restored" test "$(drv $VIRTIO)" = virtio-pci
+    inproc_ms=$(echo "$rt" | sed -n 's/.*"totalMs":\([0-9.]*\).*/\1/p')
+    echo "METRIC measure.inprocess.total_ms $inproc_ms"
+    awk -v c="$inproc_ms" -v r=$raw_ms -v n=$ITER 'BEGIN { if (r > 0 && c > 0) { printf "METRIC measure.inprocess.per_roundtrip_ms %.2f\n", c / n; printf "METRIC measure.inprocess.ratio %.2f\n", c / r } }'
 fi
 raw_restore $VIRTIO virtio-pci
