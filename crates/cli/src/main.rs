@@ -1,6 +1,7 @@
 //! `vfio-gpu-dra`: inspect, bind and release passthrough GPUs, and serve the
 //! kubelet DRA plugin. A thin layer over the library crates.
 
+mod demo_cmd;
 mod render;
 mod serve_cmd;
 mod setup;
@@ -47,6 +48,9 @@ enum Command {
     Ledger(EngineOpts),
     /// Run the kubelet DRA plugin on this node until SIGTERM.
     Serve(Box<serve_cmd::ServeArgs>),
+    /// Run the whole plugin lifecycle on the built-in demo host: publish,
+    /// allocate, prepare, CDI, unprepare (no cluster, no GPU needed).
+    Demo(demo_cmd::DemoArgs),
     /// Time N bind+release round trips of one GPU inside one process (used by
     /// the real-kernel test to compare with the bare sysfs writes).
     #[command(hide = true)]
@@ -181,6 +185,7 @@ fn run(command: Command) -> Result<ExitCode> {
             render::outcomes("reconcile", &bdfs, &results, opts.host.output, &setup)
         }
         Command::Serve(args) => serve_cmd::run(*args),
+        Command::Demo(args) => demo_cmd::run(args),
         Command::Roundtrip {
             bdf,
             iterations,

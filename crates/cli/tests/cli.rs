@@ -286,3 +286,27 @@ fn crash_injection_then_reconcile_restores() {
     assert_eq!(a100["driver"], "nvidia");
     assert_eq!(a100["driverOverride"], serde_json::Value::Null);
 }
+
+#[test]
+fn demo_runs_the_whole_plugin_lifecycle() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(&["demo", "--dir", dir.path().to_str().unwrap()]);
+    let out = stdout(&o);
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("kubelet uses v1.DRAPlugin"), "{out}");
+    assert!(out.contains("gpu-0000-ab-00-0"), "{out}");
+    assert!(out.contains("host: 0000:ab:00.1 is on vfio-pci"), "{out}");
+    assert!(out.contains("\"cdiVersion\": \"0.5.0\""), "{out}");
+    assert!(
+        out.contains("0000:ab:00.0 on nvidia, 0000:ab:00.1 on snd_hda_intel"),
+        "{out}"
+    );
+    assert!(out.contains("0000:18:00.0 on vfio-pci"), "{out}");
+    assert!(out.contains("stays on vfio-pci: kernel-cmdline"), "{out}");
+    assert!(out.contains("CDI specs left: 0"), "{out}");
+    assert!(out.contains("sockets removed: true"), "{out}");
+}

@@ -1,0 +1,337 @@
+//! `vfio-gpu-dra demo`: the whole plugin lifecycle on the built-in demo host,
+//! with nothing installed: the real plugin (real Unix sockets, real gRPC, the
+//! real kube-rs client) against an in-process API server, driven by a kubelet
+//! emulator. Step by step, for a person to read.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use fake_apiserver::FakeApiServer;
+use serde_json::{Value, json};
+use vfio_gpu_engine::sim::SimKernel;
+use vfio_gpu_engine::{inspect, source_name};
+use vfio_gpu_host::{Bdf, GpuSelector, HostRoot, PciFunction};
+use vfio_gpu_intent::Policy;
+use vfio_gpu_kubelet::grpc::dra::ClaimRef;
+use vfio_gpu_kubelet::grpc::emulator::KubeletEmulator;
+use vfio_gpu_kubelet::plugin::device_name;
+use vfio_gpu_kubelet::serve::{CancellationToken, KubeSource, ServeOptions, serve};
+
+const DRIVER: &str = "vfio-gpu.dra.dev";
+const NODE: &str = "demo-node";
+const NAMESPACE: &str = "vms";
+/// Every step is bounded: the demo never hangs.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Flags of `demo`.
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Where to build the demo node (host tree, sockets, CDI specs, ledger);
+    /// default: a fresh temporary directory, removed afterwards.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+fn step(n: u32, title: &str) {
+    println!("\n━━ {n}. {title}");
+}
+
+fn bdf(s: &str) -> Result<Bdf> {
+    Ok(s.parse()?)
+}
+
+fn driver_of(host: &Path, b: &str) -> Result<String> {
+    let root = HostRoot::open(host)?;
+    Ok(PciFunction::read(&root, bdf(b)?)?
+        .driver
+        .map(|d| d.to_string())
+        .unwrap_or_else(|| "no driver".into()))
+}
+
+async fn within<T>(what: &str, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(STEP_TIMEOUT, f)
+        .await
+        .map_err(|_| anyhow!("{what}: no answer within {} s", STEP_TIMEOUT.as_secs()))?
+}
+
+/// Runs the demo.
+pub fn run(args: DemoArgs) -> Result<ExitCode> {
+    let temp;
+    let dir = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            d.clone()
+        }
+        None => {
+            // Short path: Unix socket paths are limited to 108 bytes.
+            temp = tempfile::Builder::new()
+                .prefix("vfio-gpu-dra-demo-")
+                .tempdir()
+                .context("creating a temporary directory")?;
+            temp.path().to_path_buf()
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(demo(&dir))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn demo(dir: &Path) -> Result<()> {
+    let host = dir.join("host");
+    if host.exists() {
+        std::fs::remove_dir_all(&host).with_context(|| format!("clearing {}", host.display()))?;
+    }
+    std::fs::create_dir_all(&host)?;
+
+    step(1, "The node: an 8-GPU server with a simulated kernel");
+    vfio_gpu_host::demo::build_demo_host(&host).context("building the demo host")?;
+    println!("{}", vfio_gpu_host::demo::DEMO_DESCRIPTION);
+    let root = HostRoot::open(&host)?;
+    let kernel = Arc::new(SimKernel::booted(root.clone()));
+
+    step(
+        2,
+        "A Kubernetes API server (in-process, plain HTTP on loopback)",
+    );
+    vfio_gpu_kubelet::serve::install_crypto_provider();
+    let api = FakeApiServer::start().await?;
+    api.insert(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}}))?;
+    let class: Value = serde_json::from_str(DEVICE_CLASS)?;
+    api.insert(class)?;
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    println!(
+        "API server at {}; Node {NODE} and DeviceClass {DRIVER} created",
+        api.url()
+    );
+
+    step(
+        3,
+        "Start the plugin: `vfio-gpu-dra serve` (reconcile, then the sockets)",
+    );
+    let mut opts = ServeOptions::new(NODE, DRIVER, kernel.clone());
+    opts.plugins_dir = dir.join("plugins");
+    opts.registrar_dir = dir.join("plugins_registry");
+    opts.cdi_root = dir.join("cdi");
+    opts.kube = KubeSource::Kubeconfig(kubeconfig.clone());
+    let token = CancellationToken::new();
+    let server = tokio::spawn(serve(opts, token.clone()));
+    let reg_socket = dir
+        .join("plugins_registry")
+        .join(format!("{DRIVER}-reg.sock"));
+    within("registration socket", async {
+        while !reg_socket.exists() {
+            if server.is_finished() {
+                bail!("the plugin stopped before it opened its sockets");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    })
+    .await?;
+    println!("registration socket {}", reg_socket.display());
+
+    step(
+        4,
+        "kubelet: register the plugin (kubelet-style percent-encoded :authority)",
+    );
+    let kubelet = within("registration", async {
+        Ok(KubeletEmulator::new(&reg_socket).register().await?)
+    })
+    .await?;
+    println!(
+        "GetInfo: type {}, name {}, endpoint {}, versions {:?} → kubelet uses {}",
+        kubelet.info.r#type,
+        kubelet.info.name,
+        kubelet.info.endpoint,
+        kubelet.info.supported_versions,
+        kubelet.version.as_str()
+    );
+
+    step(5, "ResourceSlice published for the node");
+    let slice = within("ResourceSlice", async {
+        loop {
+            if let Some(s) = api.list("resourceslices", None).into_iter().next() {
+                return Ok(s);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await?;
+    println!(
+        "{} (pool {}, generation {})",
+        slice["metadata"]["name"].as_str().unwrap_or("?"),
+        slice["spec"]["pool"]["name"].as_str().unwrap_or("?"),
+        slice["spec"]["pool"]["generation"]
+    );
+    let empty = Vec::new();
+    for d in slice["spec"]["devices"].as_array().unwrap_or(&empty) {
+        let attr = |k: &str| {
+            let a = &d["attributes"][k];
+            a.get("string")
+                .or_else(|| a.get("bool"))
+                .or_else(|| a.get("int"))
+                .map(|v| v.to_string().trim_matches('"').to_string())
+                .unwrap_or_default()
+        };
+        println!(
+            "  {:<18} {}  {:<24} driver {:<9} keepOnVfio {}",
+            d["name"].as_str().unwrap_or("?"),
+            attr("resource.kubernetes.io/pciBusID"),
+            attr("productName").chars().take(24).collect::<String>(),
+            attr("driver"),
+            attr("keepOnVfio")
+        );
+    }
+    println!("  (0000:db:00.0 is not offered: a NIC shares its IOMMU group)");
+
+    step(6, "Scheduler: allocate a claim for two GPUs");
+    let ada = "0000:ab:00.0";
+    let h100 = "0000:18:00.0";
+    let stored = api.insert(json!({
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+        "metadata": {"name": "vm-gpus", "namespace": NAMESPACE},
+        "spec": {"devices": {"requests": [
+            {"name": "gpu", "exactly": {"deviceClassName": DRIVER}},
+            {"name": "gpu2", "exactly": {"deviceClassName": DRIVER}}]}},
+        "status": {"allocation": {"devices": {"results": [
+            {"request": "gpu", "driver": DRIVER, "pool": NODE, "device": device_name(&bdf(ada)?)},
+            {"request": "gpu2", "driver": DRIVER, "pool": NODE, "device": device_name(&bdf(h100)?)}]}}}
+    }))?;
+    let claim = ClaimRef {
+        uid: stored["metadata"]["uid"]
+            .as_str()
+            .ok_or_else(|| anyhow!("claim has no uid"))?
+            .to_string(),
+        namespace: NAMESPACE.into(),
+        name: "vm-gpus".into(),
+    };
+    println!(
+        "ResourceClaim {NAMESPACE}/vm-gpus (uid {}): gpu → {ada} (on {}), gpu2 → {h100} (on {})",
+        claim.uid,
+        driver_of(&host, ada)?,
+        driver_of(&host, h100)?
+    );
+
+    step(7, "kubelet: NodePrepareResources");
+    let prepared = within("NodePrepareResources", async {
+        Ok(kubelet.prepare(std::slice::from_ref(&claim)).await?)
+    })
+    .await?;
+    let devices = prepared
+        .get(&claim.uid)
+        .ok_or_else(|| anyhow!("no answer for the claim"))?
+        .clone()
+        .map_err(|e| anyhow!("prepare failed: {e}"))?;
+    for d in &devices {
+        println!(
+            "  {} {} → CDI {}",
+            d.request_names.join(","),
+            d.device_name,
+            d.cdi_device_ids.join(", ")
+        );
+    }
+    for b in [ada, "0000:ab:00.1", h100] {
+        println!("  host: {b} is on {}", driver_of(&host, b)?);
+    }
+
+    step(
+        8,
+        "The CDI spec the container runtime (and KubeVirt) will use",
+    );
+    let cdi = dir.join("cdi");
+    let mut specs: Vec<PathBuf> = std::fs::read_dir(&cdi)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    specs.sort();
+    for spec in &specs {
+        let name = spec
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.contains("_metadata_") {
+            println!("{name}: bind-mounts the KEP-5304 device metadata KubeVirt reads");
+            continue;
+        }
+        let text = std::fs::read_to_string(spec)?;
+        let pretty = serde_json::to_string_pretty(&serde_json::from_str::<Value>(&text)?)?;
+        println!("{name}:\n{pretty}");
+    }
+
+    step(9, "kubelet: NodeUnprepareResources (the VM is gone)");
+    let unprepared = within("NodeUnprepareResources", async {
+        Ok(kubelet.unprepare(std::slice::from_ref(&claim)).await?)
+    })
+    .await?;
+    match unprepared.get(&claim.uid) {
+        Some(Ok(())) => println!("  unprepared"),
+        Some(Err(e)) => bail!("unprepare failed: {e}"),
+        None => bail!("no answer for the claim"),
+    }
+
+    step(10, "Where each GPU went, and why");
+    let view = inspect(&root, &GpuSelector::default(), &Policy::default(), None)?;
+    for b in [ada, h100] {
+        let g = view
+            .gpus
+            .iter()
+            .find(|g| g.gpu.bdf().to_string() == b)
+            .ok_or_else(|| anyhow!("{b} not found"))?;
+        let funcs: Vec<String> = g
+            .gpu
+            .functions
+            .iter()
+            .map(|f| {
+                format!(
+                    "{} on {}",
+                    f.bdf,
+                    f.driver.as_ref().map(|d| d.as_str()).unwrap_or("no driver")
+                )
+            })
+            .collect();
+        println!("  {}", funcs.join(", "));
+        if g.verdict.keep_on_vfio {
+            for r in &g.verdict.reasons {
+                println!(
+                    "    stays on vfio-pci: {}: {}",
+                    source_name(r.source),
+                    r.detail
+                );
+            }
+        } else {
+            println!(
+                "    returned to the drivers it came from (recorded in the ledger before the move)"
+            );
+        }
+    }
+    let left = std::fs::read_dir(&cdi)?.count();
+    println!("  CDI specs left: {left}");
+
+    token.cancel();
+    within("shutdown", async {
+        server.await.context("plugin task")??;
+        Ok(())
+    })
+    .await?;
+    println!(
+        "\nPlugin stopped; sockets removed: {}",
+        !reg_socket.exists()
+    );
+    api.shutdown().await;
+    Ok(())
+}
+
+const DEVICE_CLASS: &str = r#"{
+  "apiVersion": "resource.k8s.io/v1",
+  "kind": "DeviceClass",
+  "metadata": {"name": "vfio-gpu.dra.dev"},
+  "spec": {"selectors": [{"cel": {"expression": "device.driver == \"vfio-gpu.dra.dev\""}}]}
+}"#;
