@@ -233,7 +233,7 @@ for g in "${GROUPS_SEL[@]}"; do
 PREBOUND_SOURCE=kernel-cmdline"
         EXTRA[$g]=$CMDLINE_IDS ;;
     modprobe)
-        build_initramfs modprobe "baseline prebound" \
+        build_initramfs modprobe "baseline prebound plugin" \
             "PREBOUND=yes
 PREBOUND_SOURCE=modprobe" \
             "# written by tests/vm/run.sh: vfio-pci is a module here, so kmod applies this

@@ -12,9 +12,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use fake_apiserver::FakeApiServer;
 use serde_json::{Value, json};
+use vfio_gpu_engine::kernel::{Kernel, SysfsKernel};
 use vfio_gpu_engine::sim::SimKernel;
 use vfio_gpu_engine::{inspect, source_name};
-use vfio_gpu_host::{Bdf, GpuSelector, HostRoot, PciFunction};
+use vfio_gpu_host::{Bdf, GpuSelector, HostRoot, IdMatch, PciFunction};
 use vfio_gpu_intent::Policy;
 use vfio_gpu_kubelet::grpc::dra::ClaimRef;
 use vfio_gpu_kubelet::grpc::emulator::KubeletEmulator;
@@ -34,6 +35,16 @@ pub struct DemoArgs {
     /// default: a fresh temporary directory, removed afterwards.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Run against this host root with the real sysfs kernel instead of the
+    /// demo host (the real-kernel test uses it; needs root and an IOMMU).
+    #[arg(long)]
+    pub host_root: Option<PathBuf>,
+    /// With --host-root: select GPUs by vendor:device (repeatable).
+    #[arg(long = "gpu-id", value_name = "VVVV:DDDD")]
+    pub gpu_ids: Vec<String>,
+    /// The GPUs the claim asks for (default on the demo host: 0000:ab:00.0 and 0000:18:00.0).
+    #[arg(long = "claim", value_name = "BDF")]
+    pub claim: Vec<String>,
 }
 
 fn step(n: u32, title: &str) {
@@ -80,22 +91,52 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(demo(&dir))?;
+    rt.block_on(demo(&dir, &args))?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn demo(dir: &Path) -> Result<()> {
-    let host = dir.join("host");
-    if host.exists() {
-        std::fs::remove_dir_all(&host).with_context(|| format!("clearing {}", host.display()))?;
-    }
-    std::fs::create_dir_all(&host)?;
-
-    step(1, "The node: an 8-GPU server with a simulated kernel");
-    vfio_gpu_host::demo::build_demo_host(&host).context("building the demo host")?;
-    println!("{}", vfio_gpu_host::demo::DEMO_DESCRIPTION);
+async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
+    let (host, kernel, selector): (PathBuf, Arc<dyn Kernel>, GpuSelector) = match &args.host_root {
+        Some(real) => {
+            step(1, "The node: this host, real sysfs");
+            let root = HostRoot::open(real)?;
+            let rules = args
+                .gpu_ids
+                .iter()
+                .map(|id| IdMatch::parse_id(id))
+                .collect::<Result<Vec<_>, _>>()?;
+            let selector = if rules.is_empty() {
+                GpuSelector::default()
+            } else {
+                GpuSelector::from_rules(rules)
+            };
+            println!("host root {}", real.display());
+            (real.clone(), Arc::new(SysfsKernel::new(root)), selector)
+        }
+        None => {
+            let host = dir.join("host");
+            if host.exists() {
+                std::fs::remove_dir_all(&host)
+                    .with_context(|| format!("clearing {}", host.display()))?;
+            }
+            std::fs::create_dir_all(&host)?;
+            step(1, "The node: an 8-GPU server with a simulated kernel");
+            vfio_gpu_host::demo::build_demo_host(&host).context("building the demo host")?;
+            println!("{}", vfio_gpu_host::demo::DEMO_DESCRIPTION);
+            let root = HostRoot::open(&host)?;
+            (
+                host,
+                Arc::new(SimKernel::booted(root)),
+                GpuSelector::default(),
+            )
+        }
+    };
     let root = HostRoot::open(&host)?;
-    let kernel = Arc::new(SimKernel::booted(root.clone()));
+    let claimed: Vec<String> = if args.claim.is_empty() {
+        vec!["0000:ab:00.0".into(), "0000:18:00.0".into()]
+    } else {
+        args.claim.clone()
+    };
 
     step(
         2,
@@ -118,6 +159,8 @@ async fn demo(dir: &Path) -> Result<()> {
         "Start the plugin: `vfio-gpu-dra serve` (reconcile, then the sockets)",
     );
     let mut opts = ServeOptions::new(NODE, DRIVER, kernel.clone());
+    opts.selector = selector.clone();
+    opts.state_dir = Some(dir.join("state"));
     opts.plugins_dir = dir.join("plugins");
     opts.registrar_dir = dir.join("plugins_registry");
     opts.cdi_root = dir.join("cdi");
@@ -191,20 +234,28 @@ async fn demo(dir: &Path) -> Result<()> {
             attr("keepOnVfio")
         );
     }
-    println!("  (0000:db:00.0 is not offered: a NIC shares its IOMMU group)");
+    if args.host_root.is_none() {
+        println!("  (0000:db:00.0 is not offered: a NIC shares its IOMMU group)");
+    }
 
-    step(6, "Scheduler: allocate a claim for two GPUs");
-    let ada = "0000:ab:00.0";
-    let h100 = "0000:18:00.0";
+    step(6, "Scheduler: allocate a claim");
+    let mut requests = Vec::new();
+    let mut results = Vec::new();
+    for (i, b) in claimed.iter().enumerate() {
+        let request = if i == 0 {
+            "gpu".to_string()
+        } else {
+            format!("gpu{}", i + 1)
+        };
+        requests.push(json!({"name": request, "exactly": {"deviceClassName": DRIVER}}));
+        results.push(json!({"request": request, "driver": DRIVER, "pool": NODE,
+                            "device": device_name(&bdf(b)?)}));
+    }
     let stored = api.insert(json!({
         "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
         "metadata": {"name": "vm-gpus", "namespace": NAMESPACE},
-        "spec": {"devices": {"requests": [
-            {"name": "gpu", "exactly": {"deviceClassName": DRIVER}},
-            {"name": "gpu2", "exactly": {"deviceClassName": DRIVER}}]}},
-        "status": {"allocation": {"devices": {"results": [
-            {"request": "gpu", "driver": DRIVER, "pool": NODE, "device": device_name(&bdf(ada)?)},
-            {"request": "gpu2", "driver": DRIVER, "pool": NODE, "device": device_name(&bdf(h100)?)}]}}}
+        "spec": {"devices": {"requests": requests}},
+        "status": {"allocation": {"devices": {"results": results}}}
     }))?;
     let claim = ClaimRef {
         uid: stored["metadata"]["uid"]
@@ -214,12 +265,10 @@ async fn demo(dir: &Path) -> Result<()> {
         namespace: NAMESPACE.into(),
         name: "vm-gpus".into(),
     };
-    println!(
-        "ResourceClaim {NAMESPACE}/vm-gpus (uid {}): gpu → {ada} (on {}), gpu2 → {h100} (on {})",
-        claim.uid,
-        driver_of(&host, ada)?,
-        driver_of(&host, h100)?
-    );
+    println!("ResourceClaim {NAMESPACE}/vm-gpus (uid {})", claim.uid);
+    for b in &claimed {
+        println!("  {b} (now on {})", driver_of(&host, b)?);
+    }
 
     step(7, "kubelet: NodePrepareResources");
     let prepared = within("NodePrepareResources", async {
@@ -239,8 +288,19 @@ async fn demo(dir: &Path) -> Result<()> {
             d.cdi_device_ids.join(", ")
         );
     }
-    for b in [ada, "0000:ab:00.1", h100] {
-        println!("  host: {b} is on {}", driver_of(&host, b)?);
+    let view = inspect(&root, &selector, &Policy::default(), None)?;
+    for g in view
+        .gpus
+        .iter()
+        .filter(|g| claimed.contains(&g.gpu.bdf().to_string()))
+    {
+        for f in &g.gpu.functions {
+            println!(
+                "  host: {} is on {}",
+                f.bdf,
+                driver_of(&host, &f.bdf.to_string())?
+            );
+        }
     }
 
     step(
@@ -278,12 +338,12 @@ async fn demo(dir: &Path) -> Result<()> {
     }
 
     step(10, "Where each GPU went, and why");
-    let view = inspect(&root, &GpuSelector::default(), &Policy::default(), None)?;
-    for b in [ada, h100] {
+    let view = inspect(&root, &selector, &Policy::default(), None)?;
+    for b in &claimed {
         let g = view
             .gpus
             .iter()
-            .find(|g| g.gpu.bdf().to_string() == b)
+            .find(|g| &g.gpu.bdf().to_string() == b)
             .ok_or_else(|| anyhow!("{b} not found"))?;
         let funcs: Vec<String> = g
             .gpu
