@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use vfio_gpu_host::{
-    Bdf, DriverName, FunctionRole, Gpu, GpuSelector, HostError, HostRoot, PciFunction, PciHost,
-    PciIdsDb, discover_gpus,
+    Bdf, Binding, DriverName, FunctionRole, Gpu, GpuSelector, HostError, HostRoot, PciFunction,
+    PciHost, PciIdsDb, discover_gpus,
 };
 use vfio_gpu_intent::{IntentSources, OwnRecords, Policy, Verdict, VfioDriverChoice, evaluate};
 
@@ -378,8 +378,8 @@ impl Engine {
 
     fn load_gpu(&self, bdf: Bdf) -> Result<Gpu, EngineError> {
         let host = PciHost::scan_one(&self.root, &self.selector, bdf)?;
-        let ids = PciIdsDb::load(&self.root).ok().flatten();
-        discover_gpus(&host, &self.selector, ids.as_ref())
+        // No product names: pci.ids is megabytes and a move does not need them.
+        discover_gpus(&host, &self.selector, None)
             .into_iter()
             .find(|g| g.bdf() == bdf)
             .ok_or(EngineError::UnknownGpu(bdf))
@@ -498,9 +498,13 @@ impl Engine {
         Ok(self.kernel.read_function(bdf)?)
     }
 
+    fn binding(&self, bdf: Bdf) -> Result<Binding, EngineError> {
+        Ok(self.kernel.read_binding(bdf)?)
+    }
+
     fn states(&self, bdfs: &[Bdf], expected: &BTreeMap<Bdf, Option<String>>) -> Vec<FunctionState> {
         bdfs.iter()
-            .map(|b| match self.kernel.read_function(*b) {
+            .map(|b| match self.kernel.read_binding(*b) {
                 Ok(f) => {
                     let driver = f.driver.map(|d| d.to_string());
                     let exp = expected.get(b).cloned().flatten();
@@ -533,7 +537,7 @@ impl Engine {
         let functions = self.states(&bdfs, &BTreeMap::new());
         let vfio_devices = bdfs
             .iter()
-            .filter_map(|b| self.kernel.read_function(*b).ok().and_then(|f| f.vfio_dev))
+            .filter_map(|b| self.kernel.read_binding(*b).ok().and_then(|f| f.vfio_dev))
             .collect();
         Outcome {
             bdf: gpu.bdf(),
@@ -879,7 +883,7 @@ impl Engine {
                     driver: vfio.clone(),
                 },
             )?;
-            let now_on = self.read(f.bdf)?.driver;
+            let now_on = self.binding(f.bdf)?.driver;
             if now_on.as_ref() != Some(vfio) {
                 return Err(StepError::Step {
                     step: format!("verify {} on {vfio}", f.bdf),
@@ -906,7 +910,7 @@ impl Engine {
             .into()
         {
             for m in members {
-                let f = self.read(m)?;
+                let f = self.binding(m)?;
                 if let Some(d) = &f.driver
                     && !(d.is_vfio() || d.as_str() == "pci-stub" || d.as_str() == "pcieport")
                 {
@@ -929,7 +933,7 @@ impl Engine {
         fr: &FunctionRecord,
         vfio: Option<&DriverName>,
     ) -> Result<(), StepError> {
-        let cur = self.read(fr.bdf)?;
+        let cur = self.binding(fr.bdf)?;
         let at_origin = cur.driver == fr.original_driver;
         if !at_origin {
             match &fr.original_driver {
@@ -958,7 +962,7 @@ impl Engine {
                             driver: orig.clone(),
                         },
                     );
-                    let now_on = self.read(fr.bdf)?.driver;
+                    let now_on = self.binding(fr.bdf)?.driver;
                     if now_on.as_ref() != Some(orig) {
                         let cause = match bound {
                             Err(StepError::Step { cause, .. }) => cause,
@@ -992,7 +996,7 @@ impl Engine {
                 }
             }
         }
-        let cur = self.read(fr.bdf)?;
+        let cur = self.binding(fr.bdf)?;
         if cur.driver_override != fr.original_override {
             self.step(
                 gpu,
@@ -1015,7 +1019,7 @@ impl Engine {
                 },
             )
             .is_ok();
-        if ok && self.read(bdf).is_ok_and(|f| f.driver.is_none()) {
+        if ok && self.binding(bdf).is_ok_and(|f| f.driver.is_none()) {
             let _ = self.step(
                 gpu,
                 SysfsWrite::Bind {
@@ -1430,7 +1434,7 @@ impl Engine {
         }
         let still: Vec<String> = driverless
             .iter()
-            .filter(|b| self.read(**b).is_ok_and(|f| f.driver.is_none()))
+            .filter(|b| self.binding(**b).is_ok_and(|f| f.driver.is_none()))
             .map(|b| b.to_string())
             .collect();
         let detail = if still.is_empty() {

@@ -7,7 +7,7 @@ use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::path::PathBuf;
 
-use vfio_gpu_host::{Bdf, DriverName, HostError, HostRoot, PciFunction};
+use vfio_gpu_host::{Bdf, Binding, DriverName, HostError, HostRoot, PciFunction};
 
 /// One sysfs (or procfs) write. Every host mutation the engine makes is one
 /// of these, so deadlines, fault injection and crash points apply uniformly.
@@ -134,6 +134,10 @@ pub trait Kernel: Send + Sync + 'static {
     /// Reads one function's current state.
     fn read_function(&self, bdf: Bdf) -> Result<PciFunction, HostError> {
         PciFunction::read(self.root(), bdf)
+    }
+    /// Reads where one function is bound (driver, override, vfio-dev).
+    fn read_binding(&self, bdf: Bdf) -> Result<Binding, HostError> {
+        Binding::read(self.root(), bdf)
     }
 }
 

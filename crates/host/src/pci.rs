@@ -306,6 +306,43 @@ fn pcie_root(root: &HostRoot, bdf: &Bdf) -> Option<String> {
     name.starts_with("pci").then_some(name)
 }
 
+/// Where a function is bound right now: the three attributes a bind or
+/// unbind changes, read without the rest of [`PciFunction`] (cheap enough to
+/// verify after every write).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Binding {
+    /// The bound driver, if any.
+    pub driver: Option<DriverName>,
+    /// `driver_override`, `None` when unset.
+    pub driver_override: Option<String>,
+    /// `vfio-dev/vfioN` while on a vfio driver.
+    pub vfio_dev: Option<String>,
+}
+
+impl Binding {
+    /// Reads the binding of `bdf`.
+    pub fn read(root: &HostRoot, bdf: Bdf) -> Result<Self, HostError> {
+        let dir = root.pci_device_dir(&bdf);
+        let driver = match root.link_name(&dir.join("driver"))? {
+            Some(name) => Some(DriverName::new(&name)?),
+            None => None,
+        };
+        let driver_override = root
+            .read_opt(&dir.join("driver_override"))?
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty() && s != "(null)");
+        let vfio_dev = match &driver {
+            Some(d) if d.is_vfio() => first_entry(&dir.join("vfio-dev"))?,
+            _ => None,
+        };
+        Ok(Binding {
+            driver,
+            driver_override,
+            vfio_dev,
+        })
+    }
+}
+
 /// The PCI view of a host: every function's address, full attributes for the
 /// functions that matter (GPU candidates, their IOMMU group members and slot
 /// siblings), and those IOMMU groups.
