@@ -7,6 +7,8 @@
 //! - [`slices`]: publishing the node's GPUs as ResourceSlices.
 //! - [`serve`]: `vfio-gpu-dra serve`, wiring it all together.
 
+#![warn(missing_docs)]
+
 pub mod cdi;
 pub mod config;
 pub mod grpc;

@@ -269,7 +269,13 @@ impl MetadataWriter {
         Ok(self.device_id(&claim.uid, base))
     }
 
-    fn check_names(&self, claim: &ClaimIdentity, base_request: &str) -> Result<(), MetadataError> {
+    /// Checks every claim-supplied name that becomes a path component or CDI name;
+    /// prepare calls it before the first host change so bad names change nothing.
+    pub(crate) fn check_names(
+        &self,
+        claim: &ClaimIdentity,
+        base_request: &str,
+    ) -> Result<(), MetadataError> {
         let unsafe_name = |what, value: &str| MetadataError::UnsafeName {
             what,
             value: value.to_string(),

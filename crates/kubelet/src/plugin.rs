@@ -262,6 +262,13 @@ impl VfioPlugin {
                 .and_then(|a| a.get(POD_CLAIM_NAME_ANNOTATION))
                 .cloned(),
         };
+        // Request and pod claim names become file names and CDI names: refuse bad ones
+        // now, before any GPU moves, not after (a refused claim must change nothing).
+        for r in &ours {
+            self.metadata
+                .check_names(&identity, base_request(&r.request))
+                .map_err(|e| e.to_string())?;
+        }
         let holder = Holder::Claim {
             uid: c.uid.clone(),
             namespace: c.namespace.clone(),

@@ -547,10 +547,11 @@ impl SlicePublisher {
             .collect();
 
         // One update is atomic for consumers; anything more needs a new generation.
+        // The generation comes from the server: never overflow on a hostile value.
         let mut generation = if new_slices == 0 && changed.len() <= 1 {
             highest
         } else {
-            highest + 1
+            highest.saturating_add(1)
         };
         generation = generation.max(1);
         let bumped = generation != highest;

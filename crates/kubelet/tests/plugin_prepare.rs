@@ -401,6 +401,40 @@ async fn unknown_and_path_like_device_names_are_refused_before_any_change() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_like_request_or_pod_claim_names_are_refused_before_any_change() {
+    // These names become metadata file names: they used to be checked only after the
+    // GPU had been moved to vfio-pci and the CDI spec written (a spec was left behind).
+    let env = Env::new().await;
+    let running = env.start().await;
+    let ba = dev(BA);
+    let pod_claim = env.claim_with(
+        "pod-claim",
+        &[("gpu", DRIVER, NODE, ba.as_str())],
+        json!([]),
+        json!({"resource.kubernetes.io/pod-claim-name": "../../x"}),
+    );
+    let request = env.claim_with(
+        "request",
+        &[("GPU_0", DRIVER, NODE, ba.as_str())],
+        json!([]),
+        json!({}),
+    );
+    let r = running
+        .kubelet
+        .prepare(&[pod_claim.clone(), request.clone()])
+        .await
+        .expect("rpc");
+    let e = err_text(&r, &pod_claim.uid);
+    assert!(e.contains("pod claim name \"../../x\""), "{e}");
+    let e = err_text(&r, &request.uid);
+    assert!(e.contains("request name \"GPU_0\""), "{e}");
+    assert!(env.kernel.log().is_empty(), "{:?}", env.kernel.log());
+    assert_eq!(env.driver_of(BA).as_deref(), Some("nvidia"));
+    assert!(env.cdi_files().is_empty(), "{:?}", env.cdi_files());
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_for_another_driver_or_another_nodes_pool_are_refused() {
     let env = Env::new().await;
     let running = env.start().await;
