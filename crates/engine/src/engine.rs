@@ -17,7 +17,7 @@ use vfio_gpu_intent::{IntentSources, OwnRecords, Policy, Verdict, VfioDriverChoi
 
 use crate::deadline::{StuckSet, Timed, run_with_deadline};
 use crate::error::{EngineError, FunctionState};
-use crate::kernel::{Kernel, SysfsWrite};
+use crate::kernel::{Kernel, SysfsWrite, nvidia_unbind_lock_path};
 use crate::ledger::{
     Changes, FunctionRecord, GpuRecord, Holder, LedgerBody, LedgerFile, LedgerProblem, OpState, now,
 };
@@ -445,6 +445,30 @@ impl Engine {
         body.next_operation
     }
 
+    /// The record of a GPU that was already on vfio when we looked: nothing of
+    /// ours to undo, so no override written and no changes.
+    fn found_on_vfio_record(
+        &self,
+        gpu: &Gpu,
+        funcs: &[PciFunction],
+        state: OpState,
+        holder: Option<Holder>,
+    ) -> GpuRecord {
+        GpuRecord {
+            state,
+            holder,
+            vfio_driver: gpu.function.driver.clone(),
+            was_on_vfio: true,
+            functions: funcs.iter().map(function_record).collect(),
+            changes: Changes::default(),
+            stuck_on: None,
+            boot_id: self.boot_id.clone(),
+            operation: self.new_operation(),
+            updated: 0,
+            extra: BTreeMap::new(),
+        }
+    }
+
     fn set_record(&self, bdf: Bdf, rec: Option<GpuRecord>) -> Result<(), EngineError> {
         self.commit(|b| match rec {
             Some(mut r) => {
@@ -643,19 +667,8 @@ impl Engine {
         let was_on_vfio = funcs.iter().all(|f| f.on_vfio());
         let vfio_driver = self.vfio_driver_for(&gpu.function)?;
         if was_on_vfio {
-            let rec = GpuRecord {
-                state: OpState::Configured,
-                holder: Some(holder.clone()),
-                vfio_driver: gpu.function.driver.clone(),
-                was_on_vfio: true,
-                functions: funcs.iter().map(function_record).collect(),
-                changes: Changes::default(),
-                stuck_on: None,
-                boot_id: self.boot_id.clone(),
-                operation: self.new_operation(),
-                updated: 0,
-                extra: BTreeMap::new(),
-            };
+            let rec =
+                self.found_on_vfio_record(&gpu, &funcs, OpState::Configured, Some(holder.clone()));
             self.set_record(bdf, Some(rec))?;
             return Ok(self.outcome(
                 &gpu,
@@ -812,11 +825,7 @@ impl Engine {
 
     /// nvidia's unbind lock file for a function on nvidia, when the driver offers one.
     fn unbind_lock_path(&self, f: &PciFunction) -> Option<PathBuf> {
-        let path = self
-            .root
-            .rel("proc/driver/nvidia/gpus")
-            .join(f.bdf.to_string())
-            .join("unbindLock");
+        let path = nvidia_unbind_lock_path(&self.root, &f.bdf);
         (f.driver.as_ref().is_some_and(|d| d.as_str() == "nvidia") && path.exists()).then_some(path)
     }
 
@@ -838,7 +847,7 @@ impl Engine {
                 return Ok(true);
             }
             std::thread::sleep(pause);
-            pause *= 2;
+            pause = pause.saturating_mul(2);
         }
         Err(StepError::Engine(EngineError::UnbindLock {
             bdf: f.bdf,
@@ -902,23 +911,15 @@ impl Engine {
             });
         }
         // Viable: every member unbound or on a driver that manages DMA itself.
-        if let Some(members) = gpu
-            .iommu_group_members
-            .iter()
-            .map(|m| m.bdf)
-            .collect::<Vec<_>>()
-            .into()
-        {
-            for m in members {
-                let f = self.binding(m)?;
-                if let Some(d) = &f.driver
-                    && !(d.is_vfio() || d.as_str() == "pci-stub" || d.as_str() == "pcieport")
-                {
-                    return Err(StepError::Step {
-                        step: format!("verify group {group} viable"),
-                        cause: format!("{m} is on {d}"),
-                    });
-                }
+        for m in gpu.iommu_group_members.iter().map(|m| m.bdf) {
+            let f = self.binding(m)?;
+            if let Some(d) = &f.driver
+                && !(d.is_vfio() || d.as_str() == "pci-stub" || d.as_str() == "pcieport")
+            {
+                return Err(StepError::Step {
+                    step: format!("verify group {group} viable"),
+                    cause: format!("{m} is on {d}"),
+                });
             }
         }
         Ok(())
@@ -1075,12 +1076,7 @@ impl Engine {
             return;
         }
         for fr in &rec.functions {
-            let path = self
-                .root
-                .rel("proc/driver/nvidia/gpus")
-                .join(fr.bdf.to_string())
-                .join("unbindLock");
-            if path.exists() {
+            if nvidia_unbind_lock_path(&self.root, &fr.bdf).exists() {
                 let _ = self.step(
                     gpu,
                     SysfsWrite::NvidiaUnbindLock {
@@ -1376,19 +1372,7 @@ impl Engine {
                 .iter()
                 .filter_map(|f| self.read(f.bdf).ok())
                 .collect();
-            let rec = GpuRecord {
-                state: OpState::Prebound,
-                holder: None,
-                vfio_driver: gpu.function.driver.clone(),
-                was_on_vfio: true,
-                functions: funcs.iter().map(function_record).collect(),
-                changes: Changes::default(),
-                stuck_on: None,
-                boot_id: self.boot_id.clone(),
-                operation: self.new_operation(),
-                updated: 0,
-                extra: BTreeMap::new(),
-            };
+            let rec = self.found_on_vfio_record(&gpu, &funcs, OpState::Prebound, None);
             self.set_record(bdf, Some(rec))?;
             return Ok(self.outcome(
                 &gpu,

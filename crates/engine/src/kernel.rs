@@ -94,13 +94,19 @@ impl SysfsWrite {
                 (root.pci_drivers_probe(), bdf.to_string().into_bytes())
             }
             SysfsWrite::NvidiaUnbindLock { bdf, take } => (
-                root.rel("proc/driver/nvidia/gpus")
-                    .join(bdf.to_string())
-                    .join("unbindLock"),
+                nvidia_unbind_lock_path(root, bdf),
                 if *take { b"1".to_vec() } else { b"0".to_vec() },
             ),
         }
     }
+}
+
+/// `proc/driver/nvidia/gpus/<BDF>/unbindLock`: one place for the path the engine
+/// checks, writes and releases.
+pub(crate) fn nvidia_unbind_lock_path(root: &HostRoot, bdf: &Bdf) -> PathBuf {
+    root.rel("proc/driver/nvidia/gpus")
+        .join(bdf.to_string())
+        .join("unbindLock")
 }
 
 impl fmt::Display for SysfsWrite {

@@ -5,6 +5,8 @@
 //! - [`ledger`]: the write-ahead record (format-versioned, checksummed, atomic).
 //! - [`Engine`]: configure, unconfigure, reconcile; rollback and deadlines.
 
+#![warn(missing_docs)]
+
 mod deadline;
 mod engine;
 mod error;
