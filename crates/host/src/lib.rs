@@ -8,6 +8,8 @@
 //! IOMMU groups, [`GpuSelector`] decides which functions are GPUs, and
 //! [`discover_gpus`] groups each GPU with its companion functions.
 
+#![warn(missing_docs)]
+
 mod bdf;
 pub mod demo;
 mod error;

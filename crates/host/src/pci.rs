@@ -291,7 +291,8 @@ fn bar_bytes(text: &str) -> u64 {
                 u64::from_str_radix(f, 16).ok()
             });
             let (start, end, flags) = (it.next()??, it.next()??, it.next()??);
-            (flags & IORESOURCE_MEM != 0 && end > start).then(|| end - start + 1)
+            // A resource file is host input: a full-range BAR must not overflow.
+            (flags & IORESOURCE_MEM != 0 && end > start).then(|| (end - start).saturating_add(1))
         })
         .fold(0u64, |a, b| a.saturating_add(b))
 }
@@ -556,6 +557,11 @@ mod tests {
                     0x000000000000e000 0x000000000000e07f 0x0000000000040101\n";
         assert_eq!(bar_bytes(text), (16 << 20) + (256u64 << 30));
         assert_eq!(bar_bytes("garbage\n\n"), 0);
+        // A BAR spanning the whole address space saturates instead of panicking.
+        assert_eq!(
+            bar_bytes("0x0 0xffffffffffffffff 0x200\n0x0 0xffffffffffffffff 0x200\n"),
+            u64::MAX
+        );
     }
 
     #[test]
