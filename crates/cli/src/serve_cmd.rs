@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use vfio_gpu_engine::EngineConfig;
+use vfio_gpu_kubelet::metadata::is_safe_name;
 use vfio_gpu_kubelet::serve::{CancellationToken, KubeSource, ServeOptions, serve};
 
 use crate::setup::HostOpts;
@@ -61,6 +62,14 @@ pub struct ServeArgs {
 
 /// Runs the plugin until SIGTERM or SIGINT.
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
+    // The driver name becomes socket, state and CDI file names: check it before
+    // anything is created.
+    if !is_safe_name(&args.driver_name) {
+        bail!(
+            "driver name {:?} is not a DNS subdomain (lower-case letters, digits, '-' and '.')",
+            args.driver_name
+        );
+    }
     let setup = args.host.open()?;
     let mut opts = ServeOptions::new(
         &args.node_name,

@@ -73,6 +73,9 @@ pub struct Setup {
     pub state_dir: Option<PathBuf>,
 }
 
+/// Where the ledger lives on a real host unless `--state-dir` says otherwise.
+const DEFAULT_STATE_DIR: &str = "/var/lib/vfio-gpu-dra";
+
 fn default_demo_dir() -> PathBuf {
     std::env::temp_dir().join("vfio-gpu-dra-demo")
 }
@@ -141,7 +144,7 @@ impl EngineOpts {
         let state_dir = match (&self.state_dir, &setup.state_dir) {
             (Some(s), _) => s.clone(),
             (None, Some(demo)) => demo.clone(),
-            (None, None) => PathBuf::from("/var/lib/vfio-gpu-dra"),
+            (None, None) => PathBuf::from(DEFAULT_STATE_DIR),
         };
         setup.state_dir = Some(state_dir.clone());
         let config = EngineConfig {
@@ -200,7 +203,7 @@ impl Setup {
         let state = self
             .state_dir
             .clone()
-            .unwrap_or_else(|| PathBuf::from("/var/lib/vfio-gpu-dra"));
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         Ok(inspect(
             &self.root,
             &self.selector,

@@ -154,6 +154,35 @@ fn missing_host_root_is_a_clear_error() {
 }
 
 #[test]
+fn serve_refuses_a_driver_name_that_is_not_one_path_component() {
+    // The driver name becomes socket, state and CDI file names: a bad one must be
+    // refused before anything is created.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let plugins = d.join("plugins");
+    let o = bin()
+        .env_remove("KUBECONFIG")
+        .args(["serve", "--node-name", "n1", "--driver-name", "../escaped"])
+        .arg("--kubelet-plugins-dir")
+        .arg(&plugins)
+        .arg("--kubelet-registrar-dir")
+        .arg(d.join("registry"))
+        .arg("--cdi-root")
+        .arg(d.join("cdi"))
+        .arg("--demo")
+        .arg("--demo-dir")
+        .arg(d.join("demo"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("driver name \"../escaped\""), "{err}");
+    assert!(!d.join("escaped").exists());
+    assert!(!plugins.exists());
+    assert!(!d.join("demo").exists());
+}
+
+#[test]
 fn bind_release_round_trip_on_the_demo_host() {
     let dir = tempfile::tempdir().unwrap();
     let demo = dir.path().to_str().unwrap();
