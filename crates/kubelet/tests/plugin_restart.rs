@@ -168,10 +168,12 @@ async fn serve_reconciles_first_cleans_stale_claims_and_stops_cleanly() {
         .delete("resourceclaims", Some(NS), "vm")
         .expect("deleted");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while env.driver_of(BA).as_deref() != Some("nvidia") {
+    // The GPU is back on nvidia a moment before the CDI spec is removed: wait for both.
+    while env.driver_of(BA).as_deref() != Some("nvidia") || env.claim_spec_path(&claim.uid).exists()
+    {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "cleanup never released the GPU"
+            "cleanup never released the GPU and removed its CDI spec"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
