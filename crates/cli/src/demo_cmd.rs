@@ -170,16 +170,25 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
     let reg_socket = dir
         .join("plugins_registry")
         .join(format!("{DRIVER}-reg.sock"));
-    within("registration socket", async {
+    let mut server = server;
+    let waited = within("registration socket", async {
         while !reg_socket.exists() {
             if server.is_finished() {
-                bail!("the plugin stopped before it opened its sockets");
+                return Ok(false);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(())
+        Ok(true)
     })
     .await?;
+    if !waited {
+        let why = match (&mut server).await {
+            Ok(Err(e)) => format!("{e:#}"),
+            Ok(Ok(())) => "it returned without an error".into(),
+            Err(e) => format!("its task failed: {e}"),
+        };
+        bail!("the plugin stopped before it opened its sockets: {why}");
+    }
     println!("registration socket {}", reg_socket.display());
 
     step(
