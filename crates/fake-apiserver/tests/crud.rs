@@ -828,6 +828,7 @@ async fn discovery_and_kubeconfig() {
     .expect("config");
     std::fs::remove_file(&dir).ok();
     assert_eq!(config.default_namespace, "default");
+    common::install_crypto_provider();
     let client = kube::Client::try_from(config).expect("client");
     Api::<Node>::all(client)
         .list(&ListParams::default())

@@ -16,9 +16,17 @@ pub async fn setup() -> (FakeApiServer, kube::Client) {
 /// A kube client for `server`; `retry` toggles kube's default retry of
 /// 429/503/504 answers (exponential backoff, up to 15 attempts).
 pub fn client_for(server: &FakeApiServer, retry: bool) -> kube::Client {
+    install_crypto_provider();
     let mut config = kube::Config::new(server.url().parse().expect("server URL parses"));
     config.default_retry = retry;
     kube::Client::try_from(config).expect("client builds")
+}
+
+/// A workspace-wide test build also compiles rustls' aws-lc-rs provider (a
+/// dev-dependency of another crate enables it); with two providers rustls
+/// cannot pick, so pick ring as the product does.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// The `Status` inside a `kube::Error::Api`, panicking on other errors.
