@@ -240,6 +240,8 @@ pub struct Engine {
     selector: GpuSelector,
     policy: Policy,
     sources: RwLock<IntentSources>,
+    /// Product names, read once: pci.ids is megabytes and does not change under us.
+    pci_ids: Option<PciIdsDb>,
     file: LedgerFile,
     ledger: Mutex<LedgerBody>,
     boot_id: String,
@@ -295,12 +297,14 @@ impl Engine {
         });
         body.boot_id = boot_id.clone();
         let sources = IntentSources::load(&root, &policy);
+        let pci_ids = PciIdsDb::load(&root).ok().flatten();
         let engine = Engine {
             kernel,
             root,
             selector,
             policy,
             sources: RwLock::new(sources),
+            pci_ids,
             file,
             ledger: Mutex::new(body),
             boot_id,
@@ -347,8 +351,7 @@ impl Engine {
     /// Every GPU with its verdict and record.
     pub fn discover(&self) -> Result<(Vec<GpuView>, Vec<String>), EngineError> {
         let host = PciHost::scan(&self.root, &self.selector)?;
-        let ids = PciIdsDb::load(&self.root).ok().flatten();
-        let gpus = discover_gpus(&host, &self.selector, ids.as_ref());
+        let gpus = discover_gpus(&host, &self.selector, self.pci_ids.as_ref());
         let ledger = self.ledger();
         let sources = self.sources.read().unwrap_or_else(|p| p.into_inner());
         let views = gpus
