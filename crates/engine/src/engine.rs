@@ -871,23 +871,7 @@ impl Engine {
                 continue;
             }
             self.take_unbind_lock(gb, f)?;
-            // Override before unbind: no auto-probe can grab it in between.
-            self.step(
-                gb,
-                SysfsWrite::DriverOverride {
-                    bdf: f.bdf,
-                    driver: Some(vfio.to_string()),
-                },
-            )?;
-            if let Some(d) = &f.driver {
-                self.step(
-                    gb,
-                    SysfsWrite::Unbind {
-                        bdf: f.bdf,
-                        driver: d.clone(),
-                    },
-                )?;
-            }
+            self.steer_and_unbind(gb, f.bdf, vfio, f.driver.as_ref())?;
             self.step(
                 gb,
                 SysfsWrite::Bind {
@@ -928,6 +912,34 @@ impl Engine {
         Ok(())
     }
 
+    /// `driver_override` ← `target`, then unbind from `current`: the override
+    /// goes first so that no auto-probe can take the device in between.
+    fn steer_and_unbind(
+        &self,
+        gpu: Bdf,
+        bdf: Bdf,
+        target: &DriverName,
+        current: Option<&DriverName>,
+    ) -> Result<(), StepError> {
+        self.step(
+            gpu,
+            SysfsWrite::DriverOverride {
+                bdf,
+                driver: Some(target.to_string()),
+            },
+        )?;
+        if let Some(d) = current {
+            self.step(
+                gpu,
+                SysfsWrite::Unbind {
+                    bdf,
+                    driver: d.clone(),
+                },
+            )?;
+        }
+        Ok(())
+    }
+
     // ---------------------------------------------------------------- restore
 
     /// Puts one function back where its record says it came from.
@@ -942,23 +954,8 @@ impl Engine {
         if !at_origin {
             match &fr.original_driver {
                 Some(orig) => {
-                    // An explicit override beats a stray vfio-pci dynid on re-probe.
-                    self.step(
-                        gpu,
-                        SysfsWrite::DriverOverride {
-                            bdf: fr.bdf,
-                            driver: Some(orig.to_string()),
-                        },
-                    )?;
-                    if let Some(d) = &cur.driver {
-                        self.step(
-                            gpu,
-                            SysfsWrite::Unbind {
-                                bdf: fr.bdf,
-                                driver: d.clone(),
-                            },
-                        )?;
-                    }
+                    // An explicit override also beats a stray vfio-pci dynid on re-probe.
+                    self.steer_and_unbind(gpu, fr.bdf, orig, cur.driver.as_ref())?;
                     let bound = self.step(
                         gpu,
                         SysfsWrite::Bind {
