@@ -15,6 +15,7 @@ use vfio_gpu_host::{
 };
 use vfio_gpu_intent::{IntentSources, OwnRecords, Policy, Verdict, VfioDriverChoice, evaluate};
 
+use crate::commands::{HostCommands, RealCommands};
 use crate::deadline::{StuckSet, Timed, run_with_deadline};
 use crate::error::{EngineError, FunctionState};
 use crate::kernel::{Kernel, SysfsWrite, nvidia_unbind_lock_path};
@@ -247,6 +248,7 @@ pub struct Engine {
     boot_id: String,
     groups: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     stuck: StuckSet,
+    commands: Arc<dyn HostCommands>,
     steps: AtomicU64,
     crashed: AtomicBool,
     config: EngineConfig,
@@ -310,6 +312,7 @@ impl Engine {
             boot_id,
             groups: Mutex::new(HashMap::new()),
             stuck: StuckSet::default(),
+            commands: Arc::new(RealCommands),
             steps: AtomicU64::new(0),
             crashed: AtomicBool::new(false),
             config,
@@ -687,9 +690,23 @@ impl Engine {
             .flat_map(|f| device_nodes(&self.root, f))
             .collect();
         let holders = find_holders(&self.root, &nodes);
-        if !holders.is_empty() {
+        // nvidia-persistenced alone keeps the GPU open while persistence mode is
+        // on: turn it off (and back on at release) when the host has nvidia-smi.
+        let only_persistenced = !holders.is_empty()
+            && holders.iter().all(|h| h.comm == "nvidia-persistenced")
+            && self.commands.exists(&self.root, "nvidia-smi");
+        if !holders.is_empty() && !only_persistenced {
             return Err(EngineError::Busy { bdf, holders });
         }
+        let persistence_disabled: Vec<Bdf> = if only_persistenced {
+            funcs
+                .iter()
+                .filter(|f| f.driver.as_ref().is_some_and(|d| d.as_str() == "nvidia"))
+                .map(|f| f.bdf)
+                .collect()
+        } else {
+            Vec::new()
+        };
 
         // Write-ahead: the record exists before the host changes, and already
         // names the override we will write and the lock we will take, so one
@@ -703,6 +720,7 @@ impl Engine {
             .collect();
         let changes = Changes {
             unbind_lock_taken: funcs.iter().any(|f| self.unbind_lock_path(f).is_some()),
+            persistence_disabled: persistence_disabled.clone(),
             ..Changes::default()
         };
         let rec = GpuRecord {
@@ -719,6 +737,28 @@ impl Engine {
             extra: BTreeMap::new(),
         };
         self.set_record(bdf, Some(rec))?;
+
+        if !persistence_disabled.is_empty() {
+            let mut failed = None;
+            for b in &persistence_disabled {
+                if let Err(e) = self.set_persistence(*b, false) {
+                    failed = Some(e);
+                    break;
+                }
+                self.mutation_done()?;
+            }
+            let still = find_holders(&self.root, &nodes);
+            if failed.is_some() || !still.is_empty() {
+                let _ = self.rollback(bdf);
+                return match failed {
+                    Some(detail) => Err(EngineError::Persistence { bdf, detail }),
+                    None => Err(EngineError::Busy {
+                        bdf,
+                        holders: still,
+                    }),
+                };
+            }
+        }
 
         match self.move_to_vfio(&gpu, &funcs, &vfio_driver, group) {
             Ok(()) => {
@@ -791,27 +831,35 @@ impl Engine {
 
     fn modprobe(&self, module: &str) -> Result<(), EngineError> {
         // The host's own modprobe and configuration, under the host root.
-        let mut cmd = if self.root.path() == Path::new("/") {
-            std::process::Command::new("modprobe")
-        } else {
-            let mut c = std::process::Command::new("chroot");
-            c.arg(self.root.path()).arg("modprobe");
-            c
-        };
-        let out = cmd
-            .arg(module)
-            .output()
-            .map_err(|e| EngineError::Modprobe {
+        self.commands
+            .run(&self.root, "modprobe", &[module])
+            .map(|_| ())
+            .map_err(|detail| EngineError::Modprobe {
                 module: module.into(),
-                detail: e.to_string(),
-            })?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(EngineError::Modprobe {
-                module: module.into(),
-                detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                detail,
             })
+    }
+
+    /// Replaces how host programs are run (tests stand in for `nvidia-smi`).
+    pub fn set_commands(&mut self, commands: Arc<dyn HostCommands>) {
+        self.commands = commands;
+    }
+
+    /// Sets nvidia persistence mode of one GPU with the host's `nvidia-smi`.
+    fn set_persistence(&self, bdf: Bdf, on: bool) -> Result<(), String> {
+        let id = bdf.to_string();
+        let mode = if on { "1" } else { "0" };
+        self.commands
+            .run(&self.root, "nvidia-smi", &["-i", &id, "-pm", mode])
+            .map(|_| ())
+    }
+
+    /// Turns persistence mode back on where configure turned it off.
+    fn restore_persistence(&self, rec: &GpuRecord) {
+        for b in &rec.changes.persistence_disabled {
+            if let Err(e) = self.set_persistence(*b, true) {
+                tracing::warn!(gpu = %b, error = %e, "could not turn persistence mode back on");
+            }
         }
     }
 
@@ -1047,6 +1095,9 @@ impl Engine {
             }
         }
         self.release_unbind_lock(bdf, &rec);
+        if first_err.is_none() {
+            self.restore_persistence(&rec);
+        }
         match first_err {
             None => {
                 if rec
@@ -1214,6 +1265,7 @@ impl Engine {
         match failure {
             None => {
                 self.release_unbind_lock(bdf, rec);
+                self.restore_persistence(rec);
                 // A GPU found without a driver goes back to none; remember that
                 // it is meant to be so, or reconcile would probe a driver for it.
                 let unbound = rec

@@ -117,6 +117,14 @@ pub enum EngineError {
         /// Who.
         holders: Vec<NodeHolder>,
     },
+    /// Turning nvidia persistence mode off failed.
+    #[error("{bdf}: could not turn nvidia persistence mode off: {detail}")]
+    Persistence {
+        /// GPU.
+        bdf: Bdf,
+        /// What nvidia-smi said.
+        detail: String,
+    },
     /// nvidia refused its unbind lock (clients still open).
     #[error(
         "{bdf}: nvidia would not grant its unbind lock after {attempts} attempts (clients still open?)"

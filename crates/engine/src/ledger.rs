@@ -100,6 +100,9 @@ pub struct Changes {
     /// We took nvidia's unbind lock.
     #[serde(default)]
     pub unbind_lock_taken: bool,
+    /// Functions whose nvidia persistence mode we turned off (turned on again on release).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub persistence_disabled: Vec<Bdf>,
     /// Fields written by other versions.
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,

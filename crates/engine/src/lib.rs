@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+pub mod commands;
 mod deadline;
 mod engine;
 mod error;

@@ -394,3 +394,106 @@ fn reconcile_records_bound_at_start_and_rebinds_driverless() {
         vfio_gpu_engine::ledger::OpState::Prebound
     );
 }
+
+/// Stands in for the host's nvidia-smi: `-pm 0` makes nvidia-persistenced
+/// close the GPU (removes its fd), as the real daemon does.
+struct FakeNvidiaSmi {
+    host: std::path::PathBuf,
+    calls: std::sync::Mutex<Vec<String>>,
+    fail: bool,
+}
+
+impl vfio_gpu_engine::commands::HostCommands for FakeNvidiaSmi {
+    fn run(
+        &self,
+        _root: &vfio_gpu_host::HostRoot,
+        program: &str,
+        args: &[&str],
+    ) -> Result<String, String> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("{program} {}", args.join(" ")));
+        if self.fail {
+            return Err("Unable to set persistence mode".into());
+        }
+        if args.ends_with(&["-pm", "0"]) {
+            let _ = std::fs::remove_file(self.host.join("proc/99/fd/4"));
+        }
+        Ok(String::new())
+    }
+}
+
+fn persistenced_host(dir: &std::path::Path) -> std::path::PathBuf {
+    let host = dir.join("host");
+    let h = build_host(&host);
+    h.write(
+        "proc/driver/nvidia/gpus/0000:66:00.0/information",
+        "Device Minor: 3\n",
+    )
+    .unwrap();
+    h.write("dev/nvidia3", "").unwrap();
+    h.write("usr/bin/nvidia-smi", "#!/bin/sh\n").unwrap();
+    h.write("proc/99/comm", "nvidia-persistenced\n").unwrap();
+    std::fs::create_dir_all(host.join("proc/99/fd")).unwrap();
+    std::os::unix::fs::symlink(host.join("dev/nvidia3"), host.join("proc/99/fd/4")).unwrap();
+    host
+}
+
+#[test]
+fn persistence_mode_is_turned_off_for_the_move_and_back_on_at_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = persistenced_host(dir.path());
+    let k = sim(&host);
+    let mut e = engine(&k, &dir.path().join("state"));
+    let smi = std::sync::Arc::new(FakeNvidiaSmi {
+        host: host.clone(),
+        calls: Default::default(),
+        fail: false,
+    });
+    e.set_commands(smi.clone());
+    assert_eq!(
+        e.configure(bdf(B), claim("u1")).unwrap().action,
+        Action::Moved
+    );
+    assert_eq!(
+        e.ledger().gpus[&bdf(B)].changes.persistence_disabled,
+        vec![bdf(B)]
+    );
+    e.unconfigure(bdf(B), None).unwrap();
+    assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
+    assert_eq!(
+        *smi.calls.lock().unwrap(),
+        [
+            "nvidia-smi -i 0000:66:00.0 -pm 0",
+            "nvidia-smi -i 0000:66:00.0 -pm 1"
+        ]
+    );
+}
+
+#[test]
+fn persistence_failure_or_other_holders_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = persistenced_host(dir.path());
+    let k = sim(&host);
+    let mut e = engine(&k, &dir.path().join("state"));
+    let smi = std::sync::Arc::new(FakeNvidiaSmi {
+        host: host.clone(),
+        calls: Default::default(),
+        fail: true,
+    });
+    e.set_commands(smi.clone());
+    let err = e.configure(bdf(B), claim("u1")).unwrap_err();
+    assert!(matches!(err, EngineError::Persistence { .. }), "{err}");
+    assert!(k.log().is_empty(), "no sysfs writes: {:?}", k.log());
+    assert!(e.ledger().gpus.is_empty());
+    // Another client besides the daemon: refused before anything runs.
+    std::fs::create_dir_all(host.join("proc/98/fd")).unwrap();
+    std::fs::write(host.join("proc/98/comm"), "cuda-app\n").unwrap();
+    std::os::unix::fs::symlink(host.join("dev/nvidia3"), host.join("proc/98/fd/9")).unwrap();
+    smi.calls.lock().unwrap().clear();
+    let err = e.configure(bdf(B), claim("u1")).unwrap_err();
+    assert!(err.to_string().contains("cuda-app (pid 98)"), "{err}");
+    assert!(smi.calls.lock().unwrap().is_empty());
+    assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
+}
