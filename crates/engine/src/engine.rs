@@ -1486,17 +1486,7 @@ impl Engine {
     /// Configures several GPUs concurrently (different IOMMU groups in
     /// parallel, one group at a time). Results in input order.
     pub fn configure_many(&self, reqs: &[(Bdf, Holder)]) -> Vec<Result<Outcome, EngineError>> {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = reqs
-                .iter()
-                .map(|(b, h)| s.spawn(move || self.configure(*b, h.clone())))
-                .collect();
-            handles
-                .into_iter()
-                .zip(reqs)
-                .map(|(h, (b, _))| h.join().unwrap_or(Err(EngineError::UnknownGpu(*b))))
-                .collect()
-        })
+        in_parallel(reqs, |(b, _)| *b, |(b, h)| self.configure(*b, h.clone()))
     }
 
     /// Releases several GPUs concurrently.
@@ -1504,17 +1494,7 @@ impl Engine {
         &self,
         reqs: &[(Bdf, Option<Holder>)],
     ) -> Vec<Result<Outcome, EngineError>> {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = reqs
-                .iter()
-                .map(|(b, h)| s.spawn(move || self.unconfigure(*b, h.as_ref())))
-                .collect();
-            handles
-                .into_iter()
-                .zip(reqs)
-                .map(|(h, (b, _))| h.join().unwrap_or(Err(EngineError::UnknownGpu(*b))))
-                .collect()
-        })
+        in_parallel(reqs, |(b, _)| *b, |(b, h)| self.unconfigure(*b, h.as_ref()))
     }
 
     /// GPUs held by `holder`, from the ledger.
@@ -1531,6 +1511,27 @@ impl Engine {
     pub fn moves_with_gpu(role: FunctionRole) -> bool {
         matches!(role, FunctionRole::Gpu | FunctionRole::Companion)
     }
+}
+
+/// Runs `op` on every item on its own thread; results in input order. A
+/// thread that panicked is reported for its GPU instead of taking the batch down.
+fn in_parallel<T: Sync>(
+    items: &[T],
+    bdf_of: impl Fn(&T) -> Bdf,
+    op: impl Fn(&T) -> Result<Outcome, EngineError> + Sync,
+) -> Vec<Result<Outcome, EngineError>> {
+    let op = &op;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items.iter().map(|it| s.spawn(move || op(it))).collect();
+        handles
+            .into_iter()
+            .zip(items)
+            .map(|(h, it)| {
+                h.join()
+                    .unwrap_or_else(|_| Err(EngineError::Panicked(bdf_of(it))))
+            })
+            .collect()
+    })
 }
 
 /// Errors inside a multi-step operation: an engine error (stop), or a

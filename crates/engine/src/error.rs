@@ -193,6 +193,10 @@ pub enum EngineError {
         /// Where every function is now.
         functions: Vec<FunctionState>,
     },
+    /// The operation's thread panicked (a bug); the ledger and reconcile
+    /// still know where the GPU stands.
+    #[error("internal error while operating on {0}; run `vfio-gpu-dra reconcile`")]
+    Panicked(Bdf),
     /// Test hook: the process "died" after this step.
     #[error("simulated crash after step {0}")]
     SimulatedCrash(u64),
