@@ -1,0 +1,331 @@
+//! configure: moving a GPU's IOMMU group to vfio.
+
+use super::journal::function_record;
+use super::steps::StepError;
+use super::view::{Action, Outcome, pin_text};
+use super::{Engine, lock};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use vfio_gpu_host::{Bdf, DriverName, Gpu, PciFunction};
+use vfio_gpu_intent::VfioDriverChoice;
+
+use crate::error::EngineError;
+use crate::kernel::SysfsWrite;
+use crate::ledger::{Changes, FunctionRecord, GpuRecord, Holder, OpState};
+use crate::preflight::{choose_vfio_driver, device_nodes, find_holders};
+
+impl Engine {
+    /// Moves a GPU (every endpoint function of its IOMMU group) to vfio for `holder`.
+    pub fn configure(&self, bdf: Bdf, holder: Holder) -> Result<Outcome, EngineError> {
+        self.check_alive()?;
+        let started = Instant::now();
+        let guard = self.group_guard(bdf);
+        let _g = lock(&guard);
+        let gpu = self.load_gpu(bdf)?;
+        for f in &gpu.functions {
+            if let Some(op) = self.stuck.stuck_on(f.bdf) {
+                return Err(EngineError::Stuck { bdf, op, secs: 0.0 });
+            }
+        }
+        if let Some(rec) = self.ledger().gpus.get(&bdf).cloned() {
+            if let Some(op) = &rec.stuck_on {
+                return Err(EngineError::Stuck {
+                    bdf,
+                    op: op.clone(),
+                    secs: 0.0,
+                });
+            }
+            match rec.state {
+                OpState::Configured if rec.holder.as_ref() == Some(&holder) => {
+                    if gpu
+                        .functions
+                        .iter()
+                        .all(|f| f.driver.as_ref().is_some_and(|d| d.is_vfio()))
+                    {
+                        return Ok(self.outcome(
+                            &gpu,
+                            Action::AlreadyConfigured,
+                            format!("already on vfio for {holder}"),
+                            started,
+                        ));
+                    }
+                    // Someone moved it since: fall through and configure again.
+                }
+                OpState::Prebound | OpState::ReleasedUnbound => {}
+                OpState::Configuring | OpState::Releasing
+                    if rec.holder.is_none() || rec.holder.as_ref() == Some(&holder) =>
+                {
+                    // Interrupted earlier: put it back first, then start clean.
+                    self.reconcile_record(&gpu, rec)?;
+                }
+                _ => {
+                    if let Some(h) = rec.holder {
+                        return Err(EngineError::HeldByOther { bdf, holder: h });
+                    }
+                }
+            }
+        }
+        let gpu = self.load_gpu(bdf)?;
+        let verdict = self.verdict(&gpu);
+        if let Some(pin) = &verdict.pinned {
+            return Err(EngineError::Pinned {
+                bdf,
+                detail: pin_text(pin),
+            });
+        }
+        let group = gpu.function.iommu_group.ok_or(EngineError::NoIommu(bdf))?;
+        let mut movable: Vec<Bdf> = gpu.functions.iter().map(|f| f.bdf).collect();
+        let blocking: Vec<String> = gpu
+            .blocking_members()
+            .map(|m| {
+                format!(
+                    "{} ({}, {})",
+                    m.bdf,
+                    m.identity.vendor_device(),
+                    m.driver.as_ref().map(|d| d.as_str()).unwrap_or("no driver")
+                )
+            })
+            .collect();
+        if !blocking.is_empty() {
+            if !self.policy.binding.allow_foreign_group_members {
+                return Err(EngineError::ForeignGroupMembers {
+                    bdf,
+                    members: blocking.join(", "),
+                });
+            }
+            movable.extend(gpu.blocking_members().map(|m| m.bdf));
+        }
+        let mut funcs = Vec::new();
+        for b in &movable {
+            let f = self.read(*b)?;
+            if let Some(n) = f.sriov_num_vfs.filter(|n| *n > 0) {
+                return Err(EngineError::VfsEnabled { bdf: *b, count: n });
+            }
+            funcs.push(f);
+        }
+        let was_on_vfio = funcs.iter().all(|f| f.on_vfio());
+        let vfio_driver = self.vfio_driver_for(&gpu.function)?;
+        if was_on_vfio {
+            let rec =
+                self.found_on_vfio_record(&gpu, &funcs, OpState::Configured, Some(holder.clone()));
+            self.set_record(bdf, Some(rec))?;
+            return Ok(self.outcome(
+                &gpu,
+                Action::AlreadyOnVfio,
+                format!("already on vfio; recorded for {holder}"),
+                started,
+            ));
+        }
+        // No process may still use it on its host driver.
+        let nodes: Vec<PathBuf> = funcs
+            .iter()
+            .filter(|f| !f.on_vfio())
+            .flat_map(|f| device_nodes(&self.root, f))
+            .collect();
+        let holders = find_holders(&self.root, &nodes);
+        // nvidia-persistenced alone keeps the GPU open while persistence mode is
+        // on: turn it off (and back on at release) when the host has nvidia-smi.
+        let only_persistenced = !holders.is_empty()
+            && holders.iter().all(|h| h.comm == "nvidia-persistenced")
+            && self.commands.exists(&self.root, "nvidia-smi");
+        if !holders.is_empty() && !only_persistenced {
+            return Err(EngineError::Busy { bdf, holders });
+        }
+        let persistence_disabled: Vec<Bdf> = if only_persistenced {
+            funcs
+                .iter()
+                .filter(|f| f.driver.as_ref().is_some_and(|d| d.as_str() == "nvidia"))
+                .map(|f| f.bdf)
+                .collect()
+        } else {
+            Vec::new()
+        };
+
+        // Write-ahead: the record exists before the host changes, and already
+        // names the override we will write and the lock we will take, so one
+        // fsync'd commit covers the whole move.
+        let functions = funcs
+            .iter()
+            .map(|f| FunctionRecord {
+                override_written: (!f.on_vfio()).then(|| vfio_driver.to_string()),
+                ..function_record(f)
+            })
+            .collect();
+        let changes = Changes {
+            unbind_lock_taken: funcs.iter().any(|f| self.unbind_lock_path(f).is_some()),
+            persistence_disabled: persistence_disabled.clone(),
+            ..Changes::default()
+        };
+        let rec = GpuRecord {
+            state: OpState::Configuring,
+            holder: Some(holder.clone()),
+            vfio_driver: Some(vfio_driver.clone()),
+            was_on_vfio: false,
+            functions,
+            changes,
+            stuck_on: None,
+            boot_id: self.boot_id.clone(),
+            operation: self.new_operation(),
+            updated: 0,
+            extra: BTreeMap::new(),
+        };
+        self.set_record(bdf, Some(rec))?;
+
+        if !persistence_disabled.is_empty() {
+            let mut failed = None;
+            for b in &persistence_disabled {
+                if let Err(e) = self.set_persistence(*b, false) {
+                    failed = Some(e);
+                    break;
+                }
+                self.mutation_done()?;
+            }
+            let still = find_holders(&self.root, &nodes);
+            if failed.is_some() || !still.is_empty() {
+                let _ = self.rollback(bdf);
+                return match failed {
+                    Some(detail) => Err(EngineError::Persistence { bdf, detail }),
+                    None => Err(EngineError::Busy {
+                        bdf,
+                        holders: still,
+                    }),
+                };
+            }
+        }
+
+        match self.move_to_vfio(&gpu, &funcs, &vfio_driver, group) {
+            Ok(()) => {
+                let moved: Vec<Bdf> = funcs
+                    .iter()
+                    .filter(|f| !f.on_vfio())
+                    .map(|f| f.bdf)
+                    .collect();
+                self.update_record(bdf, |r| {
+                    r.state = OpState::Configured;
+                    for fr in r.functions.iter_mut().filter(|fr| moved.contains(&fr.bdf)) {
+                        fr.bound_by_us = true;
+                    }
+                })?;
+                Ok(self.outcome(
+                    &gpu,
+                    Action::Moved,
+                    format!("moved to {vfio_driver} for {holder}"),
+                    started,
+                ))
+            }
+            Err(StepError::Engine(e @ EngineError::Stuck { .. })) => {
+                // Put back what is not stuck; the stuck function stays as it is.
+                let _ = self.rollback(bdf);
+                Err(e)
+            }
+            Err(StepError::Engine(e)) => Err(e),
+            Err(StepError::Step { step, cause }) => {
+                let expected: BTreeMap<Bdf, Option<String>> = funcs
+                    .iter()
+                    .map(|f| (f.bdf, f.driver.as_ref().map(|d| d.to_string())))
+                    .collect();
+                match self.rollback(bdf) {
+                    Ok(()) => Err(EngineError::RolledBack {
+                        step,
+                        cause,
+                        functions: self.states(&movable, &expected),
+                    }),
+                    Err(rb) => Err(EngineError::RollbackIncomplete {
+                        step,
+                        cause,
+                        rollback: rb.to_string(),
+                        functions: self.states(&movable, &expected),
+                    }),
+                }
+            }
+        }
+    }
+
+    pub(super) fn vfio_driver_for(&self, f: &PciFunction) -> Result<DriverName, EngineError> {
+        let driver = match &self.policy.binding.vfio_driver {
+            VfioDriverChoice::Named(name) => name.clone(),
+            VfioDriverChoice::Auto => choose_vfio_driver(&self.root, f),
+        };
+        if self.root.pci_driver_dir(&driver).is_dir() {
+            return Ok(driver);
+        }
+        let module = driver.as_str().replace('-', "_");
+        if self.policy.binding.load_vfio_module {
+            self.modprobe(&module)?;
+            if self.root.pci_driver_dir(&driver).is_dir() {
+                return Ok(driver);
+            }
+        }
+        Err(EngineError::VfioDriverMissing {
+            driver: driver.to_string(),
+            module,
+        })
+    }
+
+    pub(super) fn modprobe(&self, module: &str) -> Result<(), EngineError> {
+        // The host's own modprobe and configuration, under the host root.
+        self.commands
+            .run(&self.root, "modprobe", &[module])
+            .map(|_| ())
+            .map_err(|detail| EngineError::Modprobe {
+                module: module.into(),
+                detail,
+            })
+    }
+
+    pub(super) fn move_to_vfio(
+        &self,
+        gpu: &Gpu,
+        funcs: &[PciFunction],
+        vfio: &DriverName,
+        group: u32,
+    ) -> Result<(), StepError> {
+        let gb = gpu.bdf();
+        for f in funcs {
+            if f.on_vfio() {
+                continue;
+            }
+            self.take_unbind_lock(gb, f)?;
+            self.steer_and_unbind(gb, f.bdf, vfio, f.driver.as_ref())?;
+            self.step(
+                gb,
+                SysfsWrite::Bind {
+                    bdf: f.bdf,
+                    driver: vfio.clone(),
+                },
+            )?;
+            let now_on = self.binding(f.bdf)?.driver;
+            if now_on.as_ref() != Some(vfio) {
+                return Err(StepError::Step {
+                    step: format!("verify {} on {vfio}", f.bdf),
+                    cause: format!(
+                        "driver is {}",
+                        now_on.map(|d| d.to_string()).unwrap_or("none".into())
+                    ),
+                });
+            }
+        }
+        // The group node appears with the first vfio member; a VM needs it.
+        if !self.root.dev_vfio_group(group).exists() {
+            return Err(StepError::Step {
+                step: format!("verify /dev/vfio/{group}"),
+                cause: "the group node did not appear".into(),
+            });
+        }
+        // Viable: every member unbound or on a driver that manages DMA itself.
+        for m in gpu.iommu_group_members.iter().map(|m| m.bdf) {
+            let f = self.binding(m)?;
+            if let Some(d) = &f.driver
+                && !(d.is_vfio() || d.as_str() == "pci-stub" || d.as_str() == "pcieport")
+            {
+                return Err(StepError::Step {
+                    step: format!("verify group {group} viable"),
+                    cause: format!("{m} is on {d}"),
+                });
+            }
+        }
+        Ok(())
+    }
+}

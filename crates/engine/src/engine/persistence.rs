@@ -1,0 +1,34 @@
+//! nvidia persistence mode: turned off for a move when nvidia-persistenced is the only holder, back on at release.
+
+use super::Engine;
+use std::sync::Arc;
+
+use vfio_gpu_host::Bdf;
+
+use crate::commands::HostCommands;
+use crate::ledger::GpuRecord;
+
+impl Engine {
+    /// Replaces how host programs are run (tests stand in for `nvidia-smi`).
+    pub fn set_commands(&mut self, commands: Arc<dyn HostCommands>) {
+        self.commands = commands;
+    }
+
+    /// Sets nvidia persistence mode of one GPU with the host's `nvidia-smi`.
+    pub(super) fn set_persistence(&self, bdf: Bdf, on: bool) -> Result<(), String> {
+        let id = bdf.to_string();
+        let mode = if on { "1" } else { "0" };
+        self.commands
+            .run(&self.root, "nvidia-smi", &["-i", &id, "-pm", mode])
+            .map(|_| ())
+    }
+
+    /// Turns persistence mode back on where configure turned it off.
+    pub(super) fn restore_persistence(&self, rec: &GpuRecord) {
+        for b in &rec.changes.persistence_disabled {
+            if let Err(e) = self.set_persistence(*b, true) {
+                tracing::warn!(gpu = %b, error = %e, "could not turn persistence mode back on");
+            }
+        }
+    }
+}

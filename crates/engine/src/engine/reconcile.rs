@@ -1,0 +1,184 @@
+//! reconcile: finishing or rolling back interrupted operations, recording GPUs found on vfio.
+
+use super::view::{Action, Outcome, ReconcileResult, reasons_text};
+use super::{Engine, lock};
+use std::time::Instant;
+
+use vfio_gpu_host::{Bdf, Gpu, PciFunction};
+
+use crate::error::EngineError;
+use crate::kernel::SysfsWrite;
+use crate::ledger::{GpuRecord, OpState};
+
+impl Engine {
+    pub(super) fn reconcile_record(
+        &self,
+        gpu: &Gpu,
+        rec: GpuRecord,
+    ) -> Result<Outcome, EngineError> {
+        let started = Instant::now();
+        let bdf = gpu.bdf();
+        match rec.state {
+            OpState::Configuring => {
+                self.rollback(bdf)?;
+                Ok(self.outcome(
+                    gpu,
+                    Action::RolledBack,
+                    "an interrupted move to vfio was rolled back".into(),
+                    started,
+                ))
+            }
+            OpState::Releasing => self.finish_release(gpu, &rec, started, Action::FinishedRelease),
+            OpState::Configured => {
+                let drift: Vec<String> = gpu
+                    .functions
+                    .iter()
+                    .filter(|f| !f.driver.as_ref().is_some_and(|d| d.is_vfio()))
+                    .map(|f| f.bdf.to_string())
+                    .collect();
+                let detail = match (&rec.holder, drift.is_empty()) {
+                    (Some(h), true) => format!("held by {h}, on vfio"),
+                    (Some(h), false) => format!(
+                        "held by {h}, but {} left vfio since (changed outside vfio-gpu-dra)",
+                        drift.join(", ")
+                    ),
+                    (None, _) => "configured without holder".into(),
+                };
+                Ok(self.outcome(gpu, Action::Noted, detail, started))
+            }
+            OpState::ReleasedUnbound => {
+                if gpu.function.driver.is_some() {
+                    self.set_record(bdf, None)?;
+                    return Ok(self.outcome(
+                        gpu,
+                        Action::Noted,
+                        "released unbound earlier, has a driver now: record dropped".into(),
+                        started,
+                    ));
+                }
+                Ok(self.outcome(
+                    gpu,
+                    Action::Noted,
+                    "released to no driver, as it was found".into(),
+                    started,
+                ))
+            }
+            OpState::Prebound => {
+                if !gpu.function.on_vfio() {
+                    self.set_record(bdf, None)?;
+                    return Ok(self.outcome(
+                        gpu,
+                        Action::Noted,
+                        "was admin-owned on vfio, now on another driver: record dropped".into(),
+                        started,
+                    ));
+                }
+                Ok(self.outcome(gpu, Action::Noted, "admin-owned, on vfio".into(), started))
+            }
+        }
+    }
+
+    /// Brings host and ledger back in line: finishes or rolls back
+    /// interrupted operations, gives driverless GPUs a driver, records GPUs
+    /// found on vfio without a record of ours as admin-owned.
+    pub fn reconcile(&self) -> Result<Vec<ReconcileResult>, EngineError> {
+        self.check_alive()?;
+        let (views, _) = self.discover()?;
+        let mut out = Vec::new();
+        let ledger_gpus: Vec<Bdf> = self.ledger().gpus.keys().copied().collect();
+        for bdf in ledger_gpus {
+            if !views.iter().any(|v| v.gpu.bdf() == bdf) {
+                out.push(Err((bdf, EngineError::UnknownGpu(bdf))));
+            }
+        }
+        for view in views {
+            let bdf = view.gpu.bdf();
+            out.push(self.reconcile_one(bdf).map_err(|e| (bdf, e)));
+        }
+        Ok(out)
+    }
+
+    pub(super) fn reconcile_one(&self, bdf: Bdf) -> Result<Outcome, EngineError> {
+        let started = Instant::now();
+        let guard = self.group_guard(bdf);
+        let _g = lock(&guard);
+        let gpu = self.load_gpu(bdf)?;
+        if let Some(mut rec) = self.ledger().gpus.get(&bdf).cloned() {
+            if let Some(op) = rec.stuck_on.clone() {
+                if gpu
+                    .functions
+                    .iter()
+                    .any(|f| self.stuck.stuck_on(f.bdf).is_some())
+                {
+                    return Err(EngineError::Stuck { bdf, op, secs: 0.0 });
+                }
+                // The blocked write has returned (or the process that made it is gone).
+                rec.stuck_on = None;
+                self.update_record(bdf, |r| r.stuck_on = None)?;
+            }
+            return self.reconcile_record(&gpu, rec);
+        }
+        let verdict = self.verdict(&gpu);
+        if gpu.function.on_vfio() {
+            let funcs: Vec<PciFunction> = gpu
+                .functions
+                .iter()
+                .filter_map(|f| self.read(f.bdf).ok())
+                .collect();
+            let rec = self.found_on_vfio_record(&gpu, &funcs, OpState::Prebound, None);
+            self.set_record(bdf, Some(rec))?;
+            return Ok(self.outcome(
+                &gpu,
+                Action::RecordedPrebound,
+                format!(
+                    "on vfio without a record of ours: admin-owned ({})",
+                    reasons_text(&verdict)
+                ),
+                started,
+            ));
+        }
+        let driverless: Vec<Bdf> = gpu
+            .functions
+            .iter()
+            .filter(|f| f.driver.is_none())
+            .map(|f| f.bdf)
+            .collect();
+        if driverless.is_empty() || verdict.pinned.is_some() {
+            return Ok(self.outcome(&gpu, Action::Noted, "nothing to do".into(), started));
+        }
+        for b in &driverless {
+            let f = self.read(*b)?;
+            if verdict.keep_on_vfio {
+                let vfio = self.vfio_driver_for(&f)?;
+                let _ = self.step(
+                    bdf,
+                    SysfsWrite::DriverOverride {
+                        bdf: *b,
+                        driver: Some(vfio.to_string()),
+                    },
+                );
+                let _ = self.step(
+                    bdf,
+                    SysfsWrite::Bind {
+                        bdf: *b,
+                        driver: vfio,
+                    },
+                );
+            } else {
+                // Let the kernel pick the driver it would pick at boot.
+                let _ = self.step(bdf, SysfsWrite::DriversProbe { bdf: *b });
+            }
+        }
+        let still: Vec<String> = driverless
+            .iter()
+            .filter(|b| self.binding(**b).is_ok_and(|f| f.driver.is_none()))
+            .map(|b| b.to_string())
+            .collect();
+        let detail = if still.is_empty() {
+            "driverless functions given a driver again".to_string()
+        } else {
+            format!("no driver matches {}: left unbound", still.join(", "))
+        };
+        Ok(self.outcome(&gpu, Action::Rebound, detail, started))
+    }
+}

@@ -1,0 +1,299 @@
+//! unconfigure and rollback: returning functions to their recorded drivers.
+
+use super::steps::StepError;
+use super::view::{Action, Outcome, reasons_text};
+use super::{Engine, lock};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use vfio_gpu_host::{Bdf, DriverName, Gpu};
+
+use crate::error::EngineError;
+use crate::kernel::SysfsWrite;
+use crate::ledger::{FunctionRecord, GpuRecord, Holder, OpState};
+use crate::preflight::{device_nodes, find_holders};
+
+impl Engine {
+    /// Puts one function back where its record says it came from.
+    pub(super) fn restore_function(
+        &self,
+        gpu: Bdf,
+        fr: &FunctionRecord,
+        vfio: Option<&DriverName>,
+    ) -> Result<(), StepError> {
+        let cur = self.binding(fr.bdf)?;
+        let at_origin = cur.driver == fr.original_driver;
+        if !at_origin {
+            match &fr.original_driver {
+                Some(orig) => {
+                    // An explicit override also beats a stray vfio-pci dynid on re-probe.
+                    self.steer_and_unbind(gpu, fr.bdf, orig, cur.driver.as_ref())?;
+                    let bound = self.step(
+                        gpu,
+                        SysfsWrite::Bind {
+                            bdf: fr.bdf,
+                            driver: orig.clone(),
+                        },
+                    );
+                    let now_on = self.binding(fr.bdf)?.driver;
+                    if now_on.as_ref() != Some(orig) {
+                        let cause = match bound {
+                            Err(StepError::Step { cause, .. }) => cause,
+                            Err(e) => return Err(e),
+                            Ok(()) => format!(
+                                "driver is {}",
+                                now_on.map(|d| d.to_string()).unwrap_or("none".into())
+                            ),
+                        };
+                        // Never leave it without a driver: back to vfio.
+                        if let Some(v) = vfio {
+                            self.park_on_vfio(gpu, fr.bdf, v);
+                        }
+                        return Err(StepError::Step {
+                            step: format!("bind {} to {orig}", fr.bdf),
+                            cause,
+                        });
+                    }
+                }
+                None => {
+                    if let Some(d) = &cur.driver {
+                        // A manual unbind does not re-probe: it stays driverless, as it was.
+                        self.step(
+                            gpu,
+                            SysfsWrite::Unbind {
+                                bdf: fr.bdf,
+                                driver: d.clone(),
+                            },
+                        )?;
+                    }
+                }
+            }
+        }
+        let cur = self.binding(fr.bdf)?;
+        if cur.driver_override != fr.original_override {
+            self.step(
+                gpu,
+                SysfsWrite::DriverOverride {
+                    bdf: fr.bdf,
+                    driver: fr.original_override.clone(),
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Returns every function of a record to its origin (a failed or
+    /// interrupted configure) and drops the record.
+    pub(super) fn rollback(&self, bdf: Bdf) -> Result<(), EngineError> {
+        let Some(rec) = self.ledger().gpus.get(&bdf).cloned() else {
+            return Ok(());
+        };
+        let mut first_err = None;
+        for fr in &rec.functions {
+            if self.stuck.stuck_on(fr.bdf).is_some() {
+                continue;
+            }
+            if let Err(e) = self.restore_function(bdf, fr, rec.vfio_driver.as_ref()) {
+                first_err.get_or_insert(e);
+            }
+        }
+        self.release_unbind_lock(bdf, &rec);
+        if first_err.is_none() {
+            self.restore_persistence(&rec);
+        }
+        match first_err {
+            None => {
+                if rec
+                    .functions
+                    .iter()
+                    .any(|f| self.stuck.stuck_on(f.bdf).is_some())
+                {
+                    return Ok(());
+                }
+                self.set_record(bdf, None)?;
+                Ok(())
+            }
+            Some(StepError::Engine(e)) => Err(e),
+            Some(StepError::Step { step, cause }) => Err(EngineError::RestoreFailed {
+                bdf,
+                cause: format!("{step}: {cause}"),
+                functions: self.states(
+                    &rec.functions.iter().map(|f| f.bdf).collect::<Vec<_>>(),
+                    &BTreeMap::new(),
+                ),
+            }),
+        }
+    }
+
+    /// Releases a GPU: back to its original drivers, unless admin intent (or
+    /// its own history) keeps it on vfio. `holder`: only release if held by
+    /// this holder (`None`: whoever holds it).
+    pub fn unconfigure(&self, bdf: Bdf, holder: Option<&Holder>) -> Result<Outcome, EngineError> {
+        self.check_alive()?;
+        let started = Instant::now();
+        let guard = self.group_guard(bdf);
+        let _g = lock(&guard);
+        let gpu = self.load_gpu(bdf)?;
+        let rec = self.ledger().gpus.get(&bdf).cloned();
+        let verdict = self.verdict(&gpu);
+        let Some(rec) = rec else {
+            let (action, detail) = if gpu.function.on_vfio() {
+                (
+                    Action::LeftOnVfio,
+                    format!("not moved by us; stays on vfio: {}", reasons_text(&verdict)),
+                )
+            } else {
+                (
+                    Action::NothingToDo,
+                    "no record: not moved by us".to_string(),
+                )
+            };
+            return Ok(self.outcome(&gpu, action, detail, started));
+        };
+        if let (Some(want), Some(have)) = (holder, rec.holder.as_ref())
+            && want != have
+        {
+            return Err(EngineError::HeldByOther {
+                bdf,
+                holder: have.clone(),
+            });
+        }
+        if let Some(op) = &rec.stuck_on {
+            return Err(EngineError::Stuck {
+                bdf,
+                op: op.clone(),
+                secs: 0.0,
+            });
+        }
+        if rec.state == OpState::ReleasedUnbound {
+            return Ok(self.outcome(
+                &gpu,
+                Action::NothingToDo,
+                "already released".into(),
+                started,
+            ));
+        }
+        if rec.state == OpState::Prebound {
+            return Ok(self.outcome(
+                &gpu,
+                Action::LeftOnVfio,
+                format!("admin-owned; stays on vfio: {}", reasons_text(&verdict)),
+                started,
+            ));
+        }
+        let suppressed = rec.functions.iter().find_map(|f| {
+            f.original_driver.as_ref().filter(|d| {
+                verdict
+                    .host_driver_suppressed
+                    .iter()
+                    .any(|s| s == d.as_str())
+            })
+        });
+        if verdict.keep_on_vfio || rec.was_on_vfio || suppressed.is_some() {
+            let why = if verdict.keep_on_vfio {
+                reasons_text(&verdict)
+            } else if rec.was_on_vfio {
+                "it was on vfio before we touched it".to_string()
+            } else {
+                format!(
+                    "its host driver {} is blacklisted or blocked by the admin",
+                    suppressed.map(|d| d.as_str()).unwrap_or("?")
+                )
+            };
+            let on_vfio = gpu.function.on_vfio();
+            let mut kept = rec.clone();
+            kept.state = OpState::Prebound;
+            kept.holder = None;
+            kept.was_on_vfio = true;
+            self.set_record(bdf, on_vfio.then_some(kept))?;
+            return Ok(self.outcome(
+                &gpu,
+                Action::LeftOnVfio,
+                format!("released; stays on vfio: {why}"),
+                started,
+            ));
+        }
+        // Never unbind vfio while a VM still has the group open.
+        let nodes: Vec<PathBuf> = rec
+            .functions
+            .iter()
+            .filter_map(|f| self.read(f.bdf).ok())
+            .filter(|f| f.on_vfio())
+            .flat_map(|f| device_nodes(&self.root, &f))
+            .collect();
+        let holders = find_holders(&self.root, &nodes);
+        if !holders.is_empty() {
+            return Err(EngineError::Busy { bdf, holders });
+        }
+        self.update_record(bdf, |r| {
+            r.state = OpState::Releasing;
+            r.holder = None;
+        })?;
+        self.finish_release(&gpu, &rec, started, Action::Restored)
+    }
+
+    pub(super) fn finish_release(
+        &self,
+        gpu: &Gpu,
+        rec: &GpuRecord,
+        started: Instant,
+        action: Action,
+    ) -> Result<Outcome, EngineError> {
+        let bdf = gpu.bdf();
+        let mut failure = None;
+        for fr in &rec.functions {
+            if let Err(e) = self.restore_function(bdf, fr, rec.vfio_driver.as_ref()) {
+                failure.get_or_insert(e);
+            }
+        }
+        match failure {
+            None => {
+                self.release_unbind_lock(bdf, rec);
+                self.restore_persistence(rec);
+                // A GPU found without a driver goes back to none; remember that
+                // it is meant to be so, or reconcile would probe a driver for it.
+                let unbound = rec
+                    .functions
+                    .first()
+                    .is_some_and(|f| f.original_driver.is_none());
+                let tombstone = unbound.then(|| GpuRecord {
+                    state: OpState::ReleasedUnbound,
+                    holder: None,
+                    stuck_on: None,
+                    ..rec.clone()
+                });
+                self.set_record(bdf, tombstone)?;
+                let back: Vec<String> = rec
+                    .functions
+                    .iter()
+                    .map(|f| {
+                        format!(
+                            "{} → {}",
+                            f.bdf,
+                            f.original_driver
+                                .as_ref()
+                                .map(|d| d.as_str())
+                                .unwrap_or("no driver")
+                        )
+                    })
+                    .collect();
+                Ok(self.outcome(
+                    gpu,
+                    action,
+                    format!("returned to original drivers: {}", back.join(", ")),
+                    started,
+                ))
+            }
+            Some(StepError::Engine(e)) => Err(e),
+            Some(StepError::Step { step, cause }) => Err(EngineError::RestoreFailed {
+                bdf,
+                cause: format!("{step}: {cause}"),
+                functions: self.states(
+                    &rec.functions.iter().map(|f| f.bdf).collect::<Vec<_>>(),
+                    &BTreeMap::new(),
+                ),
+            }),
+        }
+    }
+}

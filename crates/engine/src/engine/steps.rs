@@ -1,0 +1,178 @@
+//! Single host writes under deadlines, and the small write sequences the operations share.
+
+use super::Engine;
+use std::io;
+use std::path::PathBuf;
+
+use vfio_gpu_host::{Bdf, Binding, DriverName, HostError, PciFunction};
+
+use crate::deadline::{Timed, run_with_deadline};
+use crate::error::EngineError;
+use crate::kernel::{SysfsWrite, nvidia_unbind_lock_path};
+use crate::ledger::GpuRecord;
+
+impl Engine {
+    /// Runs one host write with its deadline. `Err(Stuck)` past it.
+    pub(super) fn write(&self, gpu: Bdf, op: SysfsWrite) -> Result<io::Result<()>, EngineError> {
+        self.check_alive()?;
+        let deadline = match op {
+            SysfsWrite::Unbind { .. } => self.config.unbind_deadline,
+            SysfsWrite::Bind { .. } => self.config.bind_deadline,
+            _ => self.config.write_deadline,
+        };
+        tracing::debug!(%op, "host write");
+        match run_with_deadline(&self.kernel, &op, deadline, &self.stuck) {
+            Timed::Done(r) => {
+                self.mutation_done()?;
+                Ok(r)
+            }
+            Timed::Stuck { waited } => {
+                tracing::warn!(%op, "write outlived its deadline; device marked stuck");
+                let text = op.to_string();
+                // Recording may fail (ledger unwritable); the stuck error matters more.
+                let _ = self.update_record(gpu, |r| r.stuck_on = Some(text.clone()));
+                Err(EngineError::Stuck {
+                    bdf: gpu,
+                    op: text,
+                    secs: waited.as_secs_f64(),
+                })
+            }
+        }
+    }
+
+    pub(super) fn read(&self, bdf: Bdf) -> Result<PciFunction, EngineError> {
+        Ok(self.kernel.read_function(bdf)?)
+    }
+
+    pub(super) fn binding(&self, bdf: Bdf) -> Result<Binding, EngineError> {
+        Ok(self.kernel.read_binding(bdf)?)
+    }
+
+    pub(super) fn step(&self, gpu: Bdf, op: SysfsWrite) -> Result<(), StepError> {
+        let text = op.to_string();
+        match self.write(gpu, op)? {
+            Ok(()) => Ok(()),
+            Err(e) => Err(StepError::Step {
+                step: text,
+                cause: e.to_string(),
+            }),
+        }
+    }
+
+    /// nvidia's unbind lock file for a function on nvidia, when the driver offers one.
+    pub(super) fn unbind_lock_path(&self, f: &PciFunction) -> Option<PathBuf> {
+        let path = nvidia_unbind_lock_path(&self.root, &f.bdf);
+        (f.driver.as_ref().is_some_and(|d| d.as_str() == "nvidia") && path.exists()).then_some(path)
+    }
+
+    pub(super) fn take_unbind_lock(&self, gpu: Bdf, f: &PciFunction) -> Result<bool, StepError> {
+        let Some(path) = self.unbind_lock_path(f) else {
+            return Ok(false);
+        };
+        let mut pause = self.config.unbind_lock_backoff;
+        for _ in 0..self.config.unbind_lock_attempts {
+            self.step(
+                gpu,
+                SysfsWrite::NvidiaUnbindLock {
+                    bdf: f.bdf,
+                    take: true,
+                },
+            )?;
+            // nvidia grants it only with no clients: read back "1".
+            if matches!(self.root.read_opt(&path), Ok(Some(v)) if v.trim() == "1") {
+                return Ok(true);
+            }
+            std::thread::sleep(pause);
+            pause = pause.saturating_mul(2);
+        }
+        Err(StepError::Engine(EngineError::UnbindLock {
+            bdf: f.bdf,
+            attempts: self.config.unbind_lock_attempts,
+        }))
+    }
+
+    /// `driver_override` ← `target`, then unbind from `current`: the override
+    /// goes first so that no auto-probe can take the device in between.
+    pub(super) fn steer_and_unbind(
+        &self,
+        gpu: Bdf,
+        bdf: Bdf,
+        target: &DriverName,
+        current: Option<&DriverName>,
+    ) -> Result<(), StepError> {
+        self.step(
+            gpu,
+            SysfsWrite::DriverOverride {
+                bdf,
+                driver: Some(target.to_string()),
+            },
+        )?;
+        if let Some(d) = current {
+            self.step(
+                gpu,
+                SysfsWrite::Unbind {
+                    bdf,
+                    driver: d.clone(),
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn park_on_vfio(&self, gpu: Bdf, bdf: Bdf, vfio: &DriverName) {
+        let ok = self
+            .step(
+                gpu,
+                SysfsWrite::DriverOverride {
+                    bdf,
+                    driver: Some(vfio.to_string()),
+                },
+            )
+            .is_ok();
+        if ok && self.binding(bdf).is_ok_and(|f| f.driver.is_none()) {
+            let _ = self.step(
+                gpu,
+                SysfsWrite::Bind {
+                    bdf,
+                    driver: vfio.clone(),
+                },
+            );
+        }
+    }
+
+    pub(super) fn release_unbind_lock(&self, gpu: Bdf, rec: &GpuRecord) {
+        if !rec.changes.unbind_lock_taken {
+            return;
+        }
+        for fr in &rec.functions {
+            if nvidia_unbind_lock_path(&self.root, &fr.bdf).exists() {
+                let _ = self.step(
+                    gpu,
+                    SysfsWrite::NvidiaUnbindLock {
+                        bdf: fr.bdf,
+                        take: false,
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// Errors inside a multi-step operation: an engine error (stop), or a
+/// failed host write (roll back).
+pub(super) enum StepError {
+    Engine(EngineError),
+    Step { step: String, cause: String },
+}
+
+impl From<EngineError> for StepError {
+    fn from(e: EngineError) -> Self {
+        StepError::Engine(e)
+    }
+}
+
+impl From<HostError> for StepError {
+    fn from(e: HostError) -> Self {
+        StepError::Engine(e.into())
+    }
+}

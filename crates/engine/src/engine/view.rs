@@ -1,0 +1,260 @@
+//! What operations report: outcomes, views of GPUs, the read-only inspection.
+
+use super::Engine;
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::Path;
+use std::time::Instant;
+
+use serde::Serialize;
+use vfio_gpu_host::{Bdf, Gpu, GpuSelector, HostRoot, PciHost, PciIdsDb, discover_gpus};
+use vfio_gpu_intent::{IntentSources, OwnRecords, Policy, Verdict, evaluate};
+
+use crate::error::{EngineError, FunctionState};
+use crate::ledger::{GpuRecord, LedgerBody, LedgerProblem, OpState};
+
+/// What an operation did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// Moved to vfio.
+    Moved,
+    /// Already on vfio: nothing changed, state recorded.
+    AlreadyOnVfio,
+    /// Already configured for this holder (idempotent repeat).
+    AlreadyConfigured,
+    /// Released but kept on vfio (admin intent or it was there before).
+    LeftOnVfio,
+    /// Returned to the original drivers.
+    Restored,
+    /// Nothing recorded, nothing to do.
+    NothingToDo,
+    /// Reconcile: an interrupted move to vfio was rolled back.
+    RolledBack,
+    /// Reconcile: an interrupted release was finished.
+    FinishedRelease,
+    /// Reconcile: a driverless GPU was given a driver again.
+    Rebound,
+    /// Reconcile: recorded as admin-owned (bound at start).
+    RecordedPrebound,
+    /// Reconcile: left as is, with a note.
+    Noted,
+}
+
+/// The result of one operation on one GPU.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Outcome {
+    /// GPU.
+    #[serde(rename = "pciBusID")]
+    pub bdf: Bdf,
+    /// What happened.
+    pub action: Action,
+    /// In words, with the reasons.
+    pub detail: String,
+    /// Where every function is now.
+    pub functions: Vec<FunctionState>,
+    /// IOMMU group.
+    pub iommu_group: Option<u32>,
+    /// `vfio-dev/vfioN` of each function on vfio (iommufd cdev names).
+    pub vfio_devices: Vec<String>,
+    /// Milliseconds the operation took.
+    pub millis: u64,
+}
+
+/// A GPU with its verdict and record, for listings.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuView {
+    /// The GPU.
+    #[serde(flatten)]
+    pub gpu: Gpu,
+    /// The admin-intent verdict.
+    #[serde(flatten)]
+    pub verdict: Verdict,
+    /// The ledger record, if any.
+    pub record: Option<GpuRecord>,
+    /// A write still running past its deadline, if any.
+    pub stuck: Option<String>,
+}
+
+/// What opening the engine found.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OpenReport {
+    /// The ledger was untrusted and moved aside.
+    pub ledger_problem: Option<LedgerProblem>,
+    /// Records from an earlier boot that were dropped (hints only).
+    pub earlier_boot_records: Vec<String>,
+}
+
+/// The ledger as the intent evaluation sees it.
+pub(super) struct Records<'a>(pub(super) &'a LedgerBody);
+
+impl OwnRecords for Records<'_> {
+    fn wrote_override(&self, bdf: Bdf, value: &str) -> bool {
+        self.0.gpus.values().any(|r| {
+            r.function(bdf)
+                .and_then(|f| f.override_written.as_deref())
+                .is_some_and(|w| w == value)
+        })
+    }
+    fn bound_by_us(&self, bdf: Bdf) -> bool {
+        self.0
+            .gpus
+            .values()
+            .any(|r| r.state != OpState::Prebound && r.function(bdf).is_some_and(|f| f.bound_by_us))
+    }
+    fn recorded_prebound(&self, bdf: Bdf) -> bool {
+        self.0
+            .gpus
+            .values()
+            .any(|r| (r.state == OpState::Prebound || r.was_on_vfio) && r.function(bdf).is_some())
+    }
+}
+
+/// One GPU's reconcile result; an error names the GPU.
+pub type ReconcileResult = Result<Outcome, (Bdf, EngineError)>;
+
+/// A read-only view of the host, its GPUs, their verdicts and the ledger,
+/// made without taking the state lock (safe while a plugin is serving).
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Inspection {
+    /// GPUs with verdicts and records.
+    pub gpus: Vec<GpuView>,
+    /// Functions that could not be read.
+    pub problems: Vec<String>,
+    /// Why the ledger could not be used, if so.
+    pub ledger_problem: Option<String>,
+}
+
+/// Reads the host and the ledger (if `state_dir` holds one) without changing anything.
+pub fn inspect(
+    root: &HostRoot,
+    selector: &GpuSelector,
+    policy: &Policy,
+    state_dir: Option<&Path>,
+) -> Result<Inspection, EngineError> {
+    let boot_id = root.boot_id()?.unwrap_or_default();
+    let (mut ledger, ledger_problem) = match state_dir.map(|d| d.join(crate::ledger::LEDGER_FILE)) {
+        Some(path) => match fs::read(&path) {
+            Ok(bytes) => match crate::ledger::decode(&bytes) {
+                Ok(body) => (body, None),
+                Err(e) => (
+                    LedgerBody::default(),
+                    Some(format!("{}: {e}", path.display())),
+                ),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (LedgerBody::default(), None),
+            Err(e) => (
+                LedgerBody::default(),
+                Some(format!("{}: {e}", path.display())),
+            ),
+        },
+        None => (LedgerBody::default(), None),
+    };
+    ledger.gpus.retain(|_, r| r.boot_id == boot_id);
+    let host = PciHost::scan(root, selector)?;
+    let ids = PciIdsDb::load(root).ok().flatten();
+    let sources = IntentSources::load(root, policy);
+    let gpus = discover_gpus(&host, selector, ids.as_ref())
+        .into_iter()
+        .map(|gpu| GpuView {
+            verdict: evaluate(&sources, &gpu, &Records(&ledger)),
+            record: ledger.gpus.get(&gpu.bdf()).cloned(),
+            stuck: None,
+            gpu,
+        })
+        .collect();
+    Ok(Inspection {
+        gpus,
+        problems: host.problems().to_vec(),
+        ledger_problem,
+    })
+}
+
+impl Engine {
+    pub(super) fn states(
+        &self,
+        bdfs: &[Bdf],
+        expected: &BTreeMap<Bdf, Option<String>>,
+    ) -> Vec<FunctionState> {
+        bdfs.iter()
+            .map(|b| match self.kernel.read_binding(*b) {
+                Ok(f) => {
+                    let driver = f.driver.map(|d| d.to_string());
+                    let exp = expected.get(b).cloned().flatten();
+                    FunctionState {
+                        bdf: *b,
+                        expected: match (&exp, &driver) {
+                            (Some(e), Some(d)) if e == d => None,
+                            (None, None) => None,
+                            (e, _) if expected.contains_key(b) => {
+                                Some(e.clone().unwrap_or_else(|| "no driver".into()))
+                            }
+                            _ => None,
+                        },
+                        driver,
+                        driver_override: f.driver_override,
+                    }
+                }
+                Err(e) => FunctionState {
+                    bdf: *b,
+                    driver: None,
+                    driver_override: None,
+                    expected: Some(format!("unreadable: {e}")),
+                },
+            })
+            .collect()
+    }
+
+    pub(super) fn outcome(
+        &self,
+        gpu: &Gpu,
+        action: Action,
+        detail: String,
+        started: Instant,
+    ) -> Outcome {
+        let bdfs: Vec<Bdf> = gpu.functions.iter().map(|f| f.bdf).collect();
+        let functions = self.states(&bdfs, &BTreeMap::new());
+        let vfio_devices = bdfs
+            .iter()
+            .filter_map(|b| self.kernel.read_binding(*b).ok().and_then(|f| f.vfio_dev))
+            .collect();
+        Outcome {
+            bdf: gpu.bdf(),
+            action,
+            detail,
+            functions,
+            iommu_group: gpu.function.iommu_group,
+            vfio_devices,
+            millis: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+/// The kebab-case name of an intent source (`kernel-cmdline`, …).
+pub fn source_name(s: vfio_gpu_intent::Source) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{s:?}"))
+}
+
+/// A pin in words.
+pub fn pin_text(p: &vfio_gpu_intent::Pin) -> String {
+    format!("{}: {}", source_name(p.source), p.detail)
+}
+
+pub(super) fn reasons_text(v: &Verdict) -> String {
+    if v.reasons.is_empty() {
+        return "no admin intent found".into();
+    }
+    v.reasons
+        .iter()
+        .map(|r| format!("{}: {}", source_name(r.source), r.detail))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
