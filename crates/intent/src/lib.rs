@@ -19,6 +19,7 @@ pub mod cmdline;
 pub mod driverctl;
 mod error;
 pub mod ids;
+mod live;
 pub mod modprobe;
 pub mod policy;
 mod read;
@@ -28,6 +29,7 @@ pub use cmdline::{KernelParam, KmodCmdlineOption, kernel_params, kmod_options};
 pub use driverctl::{Driverctl, DriverctlSetting};
 pub use error::IntentError;
 pub use ids::{IdEntry, PCI_ANY_ID, ParsedIds, parse_ids};
+pub use live::{IntentSnapshot, LiveIntent};
 pub use modprobe::{ModprobeConfig, Origin, effective_vfio_ids, vfio_pci_builtin};
 pub use policy::{Policy, VfioDriverChoice};
 pub use verdict::{

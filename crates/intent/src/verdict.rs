@@ -203,6 +203,8 @@ pub struct IntentSources {
     pub driverctl: Driverctl,
     /// Our policy file.
     pub policy: Policy,
+    /// Why the policy file could not be used (the previous policy stands in).
+    pub policy_problem: Option<ConfigProblem>,
     /// The `ids=` values vfio-pci applies (one per reading that applies).
     pub ids_claims: Vec<IdsClaim>,
     /// Host-wide facts every verdict repeats (e.g. "no vfio-pci.ids").
@@ -327,6 +329,7 @@ impl IntentSources {
             builtin,
             driverctl,
             policy,
+            policy_problem: None,
             ids_claims: Vec::new(),
             host_signals: Vec::new(),
             suppressions: Vec::new(),
@@ -744,6 +747,9 @@ pub fn evaluate(src: &IntentSources, gpu: &Gpu, records: &dyn OwnRecords) -> Ver
                 unknown_detail(p, "its modprobe configuration"),
             );
         }
+    }
+    if let Some(p) = &src.policy_problem {
+        v.reason(Source::Policy, unknown_detail(p, "the policy"));
     }
     if let Some(p) = &src.driverctl.problem {
         let detail = unknown_detail(p, "driverctl's overrides");

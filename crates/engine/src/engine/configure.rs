@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use vfio_gpu_host::{Bdf, DriverName, Gpu, PciFunction};
-use vfio_gpu_intent::VfioDriverChoice;
+use vfio_gpu_intent::{Policy, VfioDriverChoice};
 
 use crate::error::EngineError;
 use crate::kernel::SysfsWrite;
@@ -68,7 +68,8 @@ impl Engine {
             }
         }
         let gpu = self.load_gpu(bdf)?;
-        let verdict = self.verdict(&gpu);
+        let intent = self.intent();
+        let verdict = self.verdict(&intent, &gpu);
         if let Some(pin) = &verdict.pinned {
             return Err(EngineError::Pinned {
                 bdf,
@@ -89,7 +90,7 @@ impl Engine {
             })
             .collect();
         if !blocking.is_empty() {
-            if !self.policy.binding.allow_foreign_group_members {
+            if !intent.policy.binding.allow_foreign_group_members {
                 return Err(EngineError::ForeignGroupMembers {
                     bdf,
                     members: blocking.join(", "),
@@ -106,7 +107,7 @@ impl Engine {
             funcs.push(f);
         }
         let was_on_vfio = funcs.iter().all(|f| f.on_vfio());
-        let vfio_driver = self.vfio_driver_for(&gpu.function)?;
+        let vfio_driver = self.vfio_driver_for(&intent.policy, &gpu.function)?;
         if was_on_vfio {
             let rec =
                 self.found_on_vfio_record(&gpu, &funcs, OpState::Configured, Some(holder.clone()));
@@ -243,8 +244,12 @@ impl Engine {
         }
     }
 
-    pub(super) fn vfio_driver_for(&self, f: &PciFunction) -> Result<DriverName, EngineError> {
-        let driver = match &self.policy.binding.vfio_driver {
+    pub(super) fn vfio_driver_for(
+        &self,
+        policy: &Policy,
+        f: &PciFunction,
+    ) -> Result<DriverName, EngineError> {
+        let driver = match &policy.binding.vfio_driver {
             VfioDriverChoice::Named(name) => name.clone(),
             VfioDriverChoice::Auto => choose_vfio_driver(&self.root, f),
         };
@@ -252,7 +257,7 @@ impl Engine {
             return Ok(driver);
         }
         let module = driver.as_str().replace('-', "_");
-        if self.policy.binding.load_vfio_module {
+        if policy.binding.load_vfio_module {
             self.modprobe(&module)?;
             if self.root.pci_driver_dir(&driver).is_dir() {
                 return Ok(driver);

@@ -30,11 +30,11 @@ pub use view::{
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use vfio_gpu_host::{Bdf, Gpu, GpuSelector, HostRoot, PciHost, PciIdsDb, discover_gpus};
-use vfio_gpu_intent::{IntentSources, Policy, Verdict, evaluate};
+use vfio_gpu_intent::{IntentSnapshot, LiveIntent, Policy, Verdict, evaluate};
 
 use crate::commands::{HostCommands, RealCommands};
 use crate::deadline::StuckSet;
@@ -62,6 +62,9 @@ pub struct EngineConfig {
     pub bind_deadline: Duration,
     /// Deadline for other writes (`driver_override`, `drivers_probe`, unbind lock).
     pub write_deadline: Duration,
+    /// Deadline for reads of one device's attributes (some take the device
+    /// lock, which a blocked unbind holds).
+    pub read_deadline: Duration,
     /// How often to try nvidia's unbind lock.
     pub unbind_lock_attempts: u32,
     /// Pause between unbind lock attempts (doubles each time).
@@ -72,6 +75,9 @@ pub struct EngineConfig {
     pub crash_mode: CrashMode,
     /// How long to wait for the state directory lock.
     pub state_lock_wait: Duration,
+    /// The admin's policy file, re-read by every operation (`None`: the
+    /// policy given to [`Engine::open`] is fixed).
+    pub policy_file: Option<PathBuf>,
 }
 
 impl Default for EngineConfig {
@@ -81,11 +87,13 @@ impl Default for EngineConfig {
             unbind_deadline: Duration::from_secs(10),
             bind_deadline: Duration::from_secs(20),
             write_deadline: Duration::from_secs(5),
+            read_deadline: Duration::from_secs(5),
             unbind_lock_attempts: 5,
             unbind_lock_backoff: Duration::from_millis(100),
             crash_after_step: None,
             crash_mode: CrashMode::Abort,
             state_lock_wait: Duration::from_secs(30),
+            policy_file: None,
         }
     }
 }
@@ -96,8 +104,8 @@ pub struct Engine {
     kernel: Arc<dyn Kernel>,
     root: HostRoot,
     selector: GpuSelector,
-    policy: Policy,
-    sources: RwLock<IntentSources>,
+    /// Read afresh by every operation: intent changed while serving counts.
+    intent: LiveIntent,
     /// Product names, read once: pci.ids is megabytes and does not change under us.
     pci_ids: Option<PciIdsDb>,
     file: LedgerFile,
@@ -155,14 +163,16 @@ impl Engine {
             }
         });
         body.boot_id = boot_id.clone();
-        let sources = IntentSources::load(&root, &policy);
+        let intent = match &config.policy_file {
+            Some(path) => LiveIntent::from_file(root.clone(), path, policy),
+            None => LiveIntent::fixed(root.clone(), policy),
+        };
         let pci_ids = PciIdsDb::load(&root).ok().flatten();
         let engine = Engine {
             kernel,
             root,
             selector,
-            policy,
-            sources: RwLock::new(sources),
+            intent,
             pci_ids,
             file,
             ledger: Mutex::new(body),
@@ -192,12 +202,6 @@ impl Engine {
         &self.selector
     }
 
-    /// Re-reads the intent sources (command line, modprobe.d, driverctl, policy).
-    pub fn refresh_intent(&self) {
-        let fresh = IntentSources::load(&self.root, &self.policy);
-        *self.sources.write().unwrap_or_else(|p| p.into_inner()) = fresh;
-    }
-
     /// A copy of the ledger.
     pub fn ledger(&self) -> LedgerBody {
         lock(&self.ledger).clone()
@@ -213,11 +217,11 @@ impl Engine {
         let host = PciHost::scan(&self.root, &self.selector)?;
         let gpus = discover_gpus(&host, &self.selector, self.pci_ids.as_ref());
         let ledger = self.ledger();
-        let sources = self.sources.read().unwrap_or_else(|p| p.into_inner());
+        let intent = self.intent.read();
         let views = gpus
             .into_iter()
             .map(|gpu| {
-                let verdict = evaluate(&sources, &gpu, &Records(&ledger));
+                let verdict = evaluate(&intent.sources, &gpu, &Records(&ledger));
                 let bdf = gpu.bdf();
                 GpuView {
                     record: ledger.gpus.get(&bdf).cloned(),
@@ -233,10 +237,14 @@ impl Engine {
         Ok((views, host.problems().to_vec()))
     }
 
-    pub(super) fn verdict(&self, gpu: &Gpu) -> Verdict {
-        let ledger = self.ledger();
-        let sources = self.sources.read().unwrap_or_else(|p| p.into_inner());
-        evaluate(&sources, gpu, &Records(&ledger))
+    /// The admin's intent as it is on disk now.
+    pub(super) fn intent(&self) -> IntentSnapshot {
+        self.intent.read()
+    }
+
+    /// The verdict for `gpu` under `intent` and the ledger as it is now.
+    pub(super) fn verdict(&self, intent: &IntentSnapshot, gpu: &Gpu) -> Verdict {
+        evaluate(&intent.sources, gpu, &Records(&self.ledger()))
     }
 
     pub(super) fn load_gpu(&self, bdf: Bdf) -> Result<Gpu, EngineError> {

@@ -118,7 +118,8 @@ impl Engine {
             }
             return self.reconcile_record(&gpu, rec);
         }
-        let verdict = self.verdict(&gpu);
+        let intent = self.intent();
+        let verdict = self.verdict(&intent, &gpu);
         if gpu.function.on_vfio() {
             let funcs: Vec<PciFunction> = gpu
                 .functions
@@ -149,7 +150,7 @@ impl Engine {
         for b in &driverless {
             let f = self.read(*b)?;
             if verdict.keep_on_vfio {
-                let vfio = self.vfio_driver_for(&f)?;
+                let vfio = self.vfio_driver_for(&intent.policy, &f)?;
                 let _ = self.step(
                     bdf,
                     SysfsWrite::DriverOverride {

@@ -136,7 +136,8 @@ impl Engine {
         let _g = lock(&guard);
         let gpu = self.load_gpu(bdf)?;
         let rec = self.ledger().gpus.get(&bdf).cloned();
-        let verdict = self.verdict(&gpu);
+        let intent = self.intent();
+        let verdict = self.verdict(&intent, &gpu);
         let Some(rec) = rec else {
             let (action, detail) = if gpu.function.on_vfio() {
                 (
