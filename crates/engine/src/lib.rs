@@ -16,6 +16,7 @@ pub mod ledger;
 mod lock;
 pub mod preflight;
 pub mod sim;
+pub mod state;
 
 pub use deadline::{LateResult, StuckSet};
 pub use engine::{

@@ -1,6 +1,5 @@
 //! configure: moving a GPU's IOMMU group to vfio.
 
-use super::journal::function_record;
 use super::steps::StepError;
 use super::view::{Action, Outcome, pin_text};
 use super::{Engine, lock};
@@ -13,8 +12,9 @@ use vfio_gpu_intent::{Policy, VfioDriverChoice};
 
 use crate::error::EngineError;
 use crate::kernel::SysfsWrite;
-use crate::ledger::{Changes, FunctionRecord, GpuRecord, Holder, OpState};
+use crate::ledger::{Changes, GpuRecord, Holder, OpState};
 use crate::preflight::{choose_vfio_driver, device_nodes, find_holders};
+use crate::state::OnConfigure;
 
 impl Engine {
     /// Moves a GPU (every endpoint function of its IOMMU group) to vfio for `holder`.
@@ -29,6 +29,7 @@ impl Engine {
                 return Err(EngineError::Stuck { bdf, op, secs: 0.0 });
             }
         }
+        let mut carried = None;
         if let Some(rec) = self.ledger().gpus.get(&bdf).cloned() {
             if let Some(op) = &rec.stuck_on {
                 return Err(EngineError::Stuck {
@@ -37,33 +38,26 @@ impl Engine {
                     secs: 0.0,
                 });
             }
-            match rec.state {
-                OpState::Configured if rec.holder.as_ref() == Some(&holder) => {
-                    if gpu
-                        .functions
-                        .iter()
-                        .all(|f| f.driver.as_ref().is_some_and(|d| d.is_vfio()))
-                    {
-                        return Ok(self.outcome(
-                            &gpu,
-                            Action::AlreadyConfigured,
-                            format!("already on vfio for {holder}"),
-                            started,
-                        ));
-                    }
-                    // Someone moved it since: fall through and configure again.
+            let all_on_vfio = gpu
+                .functions
+                .iter()
+                .all(|f| f.driver.as_ref().is_some_and(|d| d.is_vfio()));
+            match rec.on_configure(&holder, all_on_vfio) {
+                OnConfigure::AlreadyDone => {
+                    return Ok(self.outcome(
+                        &gpu,
+                        Action::AlreadyConfigured,
+                        format!("already on vfio for {holder}"),
+                        started,
+                    ));
                 }
-                OpState::Prebound | OpState::ReleasedUnbound => {}
-                OpState::Configuring | OpState::Releasing
-                    if rec.holder.is_none() || rec.holder.as_ref() == Some(&holder) =>
-                {
-                    // Interrupted earlier: put it back first, then start clean.
+                OnConfigure::Redrive => carried = Some(rec),
+                OnConfigure::Fresh => {}
+                OnConfigure::FinishFirst => {
                     self.reconcile_record(&gpu, rec)?;
                 }
-                _ => {
-                    if let Some(h) = rec.holder {
-                        return Err(EngineError::HeldByOther { bdf, holder: h });
-                    }
+                OnConfigure::HeldByOther(h) => {
+                    return Err(EngineError::HeldByOther { bdf, holder: h });
                 }
             }
         }
@@ -147,30 +141,21 @@ impl Engine {
         // Write-ahead: the record exists before the host changes, and already
         // names the override we will write and the lock we will take, so one
         // fsync'd commit covers the whole move.
-        let functions = funcs
-            .iter()
-            .map(|f| FunctionRecord {
-                override_written: (!f.on_vfio()).then(|| vfio_driver.to_string()),
-                ..function_record(f)
-            })
-            .collect();
         let changes = Changes {
             unbind_lock_taken: funcs.iter().any(|f| self.unbind_lock_path(f).is_some()),
             persistence_disabled: persistence_disabled.clone(),
             ..Changes::default()
         };
-        let rec = GpuRecord {
-            state: OpState::Configuring,
-            holder: Some(holder.clone()),
-            vfio_driver: Some(vfio_driver.clone()),
-            was_on_vfio: false,
-            functions,
-            changes,
-            stuck_on: None,
-            boot_id: self.boot_id.clone(),
-            operation: self.new_operation(),
-            updated: 0,
-            extra: BTreeMap::new(),
+        let rec = match carried {
+            Some(rec) => rec.redriven(&funcs, &vfio_driver, changes, self.new_operation()),
+            None => GpuRecord::configuring(
+                holder.clone(),
+                &funcs,
+                &vfio_driver,
+                changes,
+                self.boot_id.clone(),
+                self.new_operation(),
+            ),
         };
         self.set_record(bdf, Some(rec))?;
 
@@ -203,12 +188,20 @@ impl Engine {
                     .filter(|f| !f.on_vfio())
                     .map(|f| f.bdf)
                     .collect();
-                self.update_record(bdf, |r| {
+                let done = self.update_record(bdf, |r| {
                     r.state = OpState::Configured;
                     for fr in r.functions.iter_mut().filter(|fr| moved.contains(&fr.bdf)) {
                         fr.bound_by_us = true;
                     }
-                })?;
+                });
+                if let Err(e) = done {
+                    // Unrecorded success is no success: a restart would roll it
+                    // back under a running VM. Undo it now, while nobody uses it.
+                    if !matches!(e, EngineError::SimulatedCrash(_)) {
+                        let _ = self.rollback(bdf);
+                    }
+                    return Err(e);
+                }
                 Ok(self.outcome(
                     &gpu,
                     Action::Moved,
@@ -216,12 +209,13 @@ impl Engine {
                     started,
                 ))
             }
-            Err(StepError::Engine(e @ EngineError::Stuck { .. })) => {
-                // Put back what is not stuck; the stuck function stays as it is.
+            Err(StepError::Engine(e @ EngineError::SimulatedCrash(_))) => Err(e),
+            Err(StepError::Engine(e)) => {
+                // Any failure after the write-ahead record puts back what can
+                // be put back (a stuck function stays as it is).
                 let _ = self.rollback(bdf);
                 Err(e)
             }
-            Err(StepError::Engine(e)) => Err(e),
             Err(StepError::Step { step, cause }) => {
                 let expected: BTreeMap<Bdf, Option<String>> = funcs
                     .iter()

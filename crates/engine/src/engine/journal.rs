@@ -45,9 +45,12 @@ impl Engine {
     pub(super) fn commit(&self, update: impl FnOnce(&mut LedgerBody)) -> Result<(), EngineError> {
         self.check_alive()?;
         {
+            // Disk before memory: a commit that does not reach disk changes nothing.
             let mut body = lock(&self.ledger);
-            update(&mut body);
-            self.file.store(&body)?;
+            let mut next = body.clone();
+            update(&mut next);
+            self.file.store(&next)?;
+            *body = next;
         }
         self.mutation_done()
     }
@@ -72,7 +75,7 @@ impl Engine {
             holder,
             vfio_driver: gpu.function.driver.clone(),
             was_on_vfio: true,
-            functions: funcs.iter().map(function_record).collect(),
+            functions: funcs.iter().map(FunctionRecord::as_found).collect(),
             changes: Changes::default(),
             stuck_on: None,
             boot_id: self.boot_id.clone(),
@@ -105,16 +108,5 @@ impl Engine {
                 r.updated = now();
             }
         })
-    }
-}
-
-pub(super) fn function_record(f: &PciFunction) -> FunctionRecord {
-    FunctionRecord {
-        bdf: f.bdf,
-        original_driver: f.driver.clone(),
-        original_override: f.driver_override.clone(),
-        override_written: None,
-        bound_by_us: false,
-        extra: BTreeMap::new(),
     }
 }

@@ -12,7 +12,7 @@ use vfio_gpu_host::{Bdf, DriverName, Gpu};
 use crate::error::EngineError;
 use crate::kernel::SysfsWrite;
 use crate::ledger::{FunctionRecord, GpuRecord, Holder, OpState};
-use crate::preflight::{device_nodes, find_holders};
+use crate::preflight::{NodeHolder, device_nodes, find_holders};
 
 impl Engine {
     /// Puts one function back where its record says it came from.
@@ -89,14 +89,28 @@ impl Engine {
         let Some(rec) = self.ledger().gpus.get(&bdf).cloned() else {
             return Ok(());
         };
+        // Never unbind vfio under a process (a VM) that has the group open.
+        let users = self.vfio_users(&rec);
+        if !users.is_empty() {
+            return Err(EngineError::Busy {
+                bdf,
+                holders: users,
+            });
+        }
+        let stuck = |b: Bdf| self.stuck.stuck_on(b).is_some();
         let mut first_err = None;
-        for fr in &rec.functions {
-            if self.stuck.stuck_on(fr.bdf).is_some() {
-                continue;
-            }
+        for fr in rec.functions.iter().filter(|f| !stuck(f.bdf)) {
             if let Err(e) = self.restore_function(bdf, fr, rec.vfio_driver.as_ref()) {
                 first_err.get_or_insert(e);
             }
+        }
+        // A stuck device is not written again, not even to release its lock
+        // or turn persistence back on: that would prolong its hang.
+        if rec.functions.iter().any(|f| stuck(f.bdf)) {
+            return match first_err {
+                Some(StepError::Engine(e)) => Err(e),
+                _ => Ok(()),
+            };
         }
         self.release_unbind_lock(bdf, &rec);
         if first_err.is_none() {
@@ -104,14 +118,7 @@ impl Engine {
         }
         match first_err {
             None => {
-                if rec
-                    .functions
-                    .iter()
-                    .any(|f| self.stuck.stuck_on(f.bdf).is_some())
-                {
-                    return Ok(());
-                }
-                self.set_record(bdf, None)?;
+                self.set_record(bdf, rec.after_restore())?;
                 Ok(())
             }
             Some(StepError::Engine(e)) => Err(e),
@@ -124,6 +131,21 @@ impl Engine {
                 ),
             }),
         }
+    }
+
+    /// Processes holding the vfio nodes of the record's functions that are on vfio now.
+    pub(super) fn vfio_users(&self, rec: &GpuRecord) -> Vec<NodeHolder> {
+        let nodes: Vec<PathBuf> = rec
+            .functions
+            .iter()
+            .filter_map(|f| self.read(f.bdf).ok())
+            .filter(|f| f.on_vfio())
+            .flat_map(|f| device_nodes(&self.root, &f))
+            .collect();
+        if nodes.is_empty() {
+            return Vec::new();
+        }
+        find_holders(&self.root, &nodes)
     }
 
     /// Releases a GPU: back to its original drivers, unless admin intent (or
@@ -216,14 +238,7 @@ impl Engine {
             ));
         }
         // Never unbind vfio while a VM still has the group open.
-        let nodes: Vec<PathBuf> = rec
-            .functions
-            .iter()
-            .filter_map(|f| self.read(f.bdf).ok())
-            .filter(|f| f.on_vfio())
-            .flat_map(|f| device_nodes(&self.root, &f))
-            .collect();
-        let holders = find_holders(&self.root, &nodes);
+        let holders = self.vfio_users(&rec);
         if !holders.is_empty() {
             return Err(EngineError::Busy { bdf, holders });
         }
@@ -242,6 +257,10 @@ impl Engine {
         action: Action,
     ) -> Result<Outcome, EngineError> {
         let bdf = gpu.bdf();
+        let holders = self.vfio_users(rec);
+        if !holders.is_empty() {
+            return Err(EngineError::Busy { bdf, holders });
+        }
         let mut failure = None;
         for fr in &rec.functions {
             if let Err(e) = self.restore_function(bdf, fr, rec.vfio_driver.as_ref()) {
@@ -254,17 +273,7 @@ impl Engine {
                 self.restore_persistence(rec);
                 // A GPU found without a driver goes back to none; remember that
                 // it is meant to be so, or reconcile would probe a driver for it.
-                let unbound = rec
-                    .functions
-                    .first()
-                    .is_some_and(|f| f.original_driver.is_none());
-                let tombstone = unbound.then(|| GpuRecord {
-                    state: OpState::ReleasedUnbound,
-                    holder: None,
-                    stuck_on: None,
-                    ..rec.clone()
-                });
-                self.set_record(bdf, tombstone)?;
+                self.set_record(bdf, rec.after_restore())?;
                 let back: Vec<String> = rec
                     .functions
                     .iter()
