@@ -44,14 +44,25 @@ pub struct StuckSet {
 
 #[derive(Default)]
 struct StuckInner {
+    /// Writes past their deadline. At most one per device: a device with a
+    /// running write is refused further writes, so threads cannot pile up.
     running: HashMap<Bdf, String>,
+    /// Reads past their deadline (attributes that take the device lock block
+    /// while an unbind holds it). At most one per device, like writes.
+    reading: HashMap<Bdf, String>,
     late: HashMap<Bdf, LateResult>,
 }
 
 impl StuckSet {
-    /// The write still running on `bdf`, if any.
+    /// The write (or read) still running on `bdf` past its deadline, if any:
+    /// such a device is quarantined until it returns.
     pub fn stuck_on(&self, bdf: Bdf) -> Option<String> {
-        self.lock().running.get(&bdf).cloned()
+        let inner = self.lock();
+        inner
+            .running
+            .get(&bdf)
+            .or_else(|| inner.reading.get(&bdf))
+            .cloned()
     }
     /// Takes the result of a write on `bdf` that returned after its deadline.
     pub fn take_late(&self, bdf: Bdf) -> Option<LateResult> {
@@ -71,13 +82,59 @@ impl StuckSet {
     }
 }
 
-/// Runs `op` on a worker thread and waits at most `deadline`.
+/// Runs `read` (reads of `bdf`) on a worker thread and waits at most
+/// `deadline`. While an earlier read of `bdf` is still blocked, refuses at once.
+pub fn read_with_deadline<T: Send + 'static>(
+    stuck: &StuckSet,
+    bdf: Bdf,
+    what: &str,
+    deadline: Duration,
+    read: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    if let Some(blocked) = stuck.stuck_on(bdf) {
+        return Err(format!("{blocked} is still blocked"));
+    }
+    let (tx, rx) = mpsc::channel();
+    let stuck2 = stuck.clone();
+    let spawned = thread::Builder::new()
+        .name("sysfs-read".into())
+        .spawn(move || {
+            let result = read();
+            stuck2.lock().reading.remove(&bdf);
+            let _ = tx.send(result);
+        });
+    if let Err(e) = spawned {
+        return Err(format!("cannot start a reader thread: {e}"));
+    }
+    match rx.recv_timeout(deadline) {
+        Ok(r) => Ok(r),
+        Err(_) => {
+            let mut inner = stuck.lock();
+            match rx.try_recv() {
+                Ok(r) => Ok(r),
+                Err(_) => {
+                    let text = format!("{what} (blocked {:.1} s)", deadline.as_secs_f64());
+                    inner.reading.insert(bdf, what.to_string());
+                    Err(text)
+                }
+            }
+        }
+    }
+}
+
+/// Runs `op` on a worker thread and waits at most `deadline`. A device
+/// with a write still running is refused at once (`Timed::Stuck` with no wait).
 pub fn run_with_deadline(
     kernel: &Arc<dyn Kernel>,
     op: &SysfsWrite,
     deadline: Duration,
     stuck: &StuckSet,
 ) -> Timed {
+    if stuck.lock().running.contains_key(&op.bdf()) {
+        return Timed::Stuck {
+            waited: Duration::ZERO,
+        };
+    }
     let (tx, rx) = mpsc::channel();
     let k = Arc::clone(kernel);
     let op2 = op.clone();

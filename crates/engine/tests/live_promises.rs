@@ -280,7 +280,7 @@ fn m7_a_refused_unbind_lock_rolls_back_everything() {
     let err = e.configure(bdf(B), claim("u1")).unwrap_err();
     assert!(err.to_string().contains("unbind lock"), "{err}");
     assert!(
-        e.ledger().gpus.get(&bdf(B)).is_none(),
+        !e.ledger().gpus.contains_key(&bdf(B)),
         "no record left behind"
     );
     assert_eq!(state_of(&host, B), (Some("nvidia".into()), None));
@@ -432,4 +432,59 @@ fn m9_rollback_of_a_driverless_gpu_leaves_a_tombstone_so_reconcile_is_a_fixed_po
             "F had no driver and goes back to none"
         );
     }
+}
+
+// ------------------------------------------------------------------ M3
+
+/// An `nvidia-smi` that hangs, as it does on a wedged GPU.
+struct HangingSmi;
+
+impl vfio_gpu_engine::commands::HostCommands for HangingSmi {
+    fn run(&self, _: &vfio_gpu_host::HostRoot, _: &str, _: &[&str]) -> Result<String, String> {
+        std::thread::sleep(Duration::from_secs(3));
+        Ok(String::new())
+    }
+    fn exists(&self, _: &vfio_gpu_host::HostRoot, program: &str) -> bool {
+        program == "nvidia-smi"
+    }
+}
+
+#[test]
+fn m3_a_hanging_nvidia_smi_is_cut_off_by_its_deadline_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    let h = build_host(&host);
+    h.write(
+        "proc/driver/nvidia/gpus/0000:66:00.0/information",
+        "Device Minor: 3\n",
+    )
+    .unwrap();
+    h.write("dev/nvidia3", "").unwrap();
+    h.write("usr/bin/nvidia-persistenced", "").unwrap();
+    h.write("proc/99/comm", "nvidia-persistenced\n").unwrap();
+    fs::create_dir_all(host.join("proc/99/fd")).unwrap();
+    symlink(host.join("dev/nvidia3"), host.join("proc/99/fd/4")).unwrap();
+    symlink(
+        host.join("usr/bin/nvidia-persistenced"),
+        host.join("proc/99/exe"),
+    )
+    .unwrap();
+    let k = sim(&host);
+    let mut e = engine_with(
+        &k,
+        &dir.path().join("state"),
+        EngineConfig {
+            command_deadline: Duration::from_millis(300),
+            ..config()
+        },
+    );
+    e.set_commands(Arc::new(HangingSmi));
+    let started = Instant::now();
+    let err = e.configure(bdf(B), claim("u1")).unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered within the deadline, not after nvidia-smi: {err}"
+    );
+    assert_eq!(state_of(&host, B), (Some("nvidia".into()), None));
+    assert!(k.log().is_empty(), "no sysfs write: {:?}", k.log());
 }

@@ -22,6 +22,6 @@ mod root;
 pub use bdf::{Bdf, DriverName, is_vfio_driver};
 pub use error::HostError;
 pub use gpu::{FunctionRole, Gpu, GpuFunction, GpuSelector, IdMatch, discover_gpus};
-pub use pci::{Binding, PciFunction, PciHost, PciIdentity};
+pub use pci::{Binding, FunctionReader, PciFunction, PciHost, PciIdentity};
 pub use pciids::PciIdsDb;
 pub use root::HostRoot;

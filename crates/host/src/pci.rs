@@ -357,12 +357,25 @@ pub struct PciHost {
     problems: Vec<String>,
 }
 
+/// Reads one function fully (see [`PciFunction::read`]).
+pub type FunctionReader<'a> = dyn Fn(Bdf) -> Result<PciFunction, HostError> + 'a;
+
 impl PciHost {
     /// Scans `sys/bus/pci/devices` under `root`.
     ///
     /// Cheap on hosts with thousands of functions: only `vendor` (and `class`
     /// when the selector needs it) is read for functions that cannot be GPUs.
     pub fn scan(root: &HostRoot, selector: &GpuSelector) -> Result<Self, HostError> {
+        PciHost::scan_with(root, selector, &|b| PciFunction::read(root, b))
+    }
+
+    /// Like [`PciHost::scan`], with every full function read made by `read`
+    /// (the engine bounds reads that can block on a device lock).
+    pub fn scan_with(
+        root: &HostRoot,
+        selector: &GpuSelector,
+        read: &FunctionReader<'_>,
+    ) -> Result<Self, HostError> {
         let dir = root.pci_devices_dir();
         let entries = fs::read_dir(&dir).map_err(|e| HostError::io(&dir, e))?;
         let mut addresses = Vec::new();
@@ -405,7 +418,7 @@ impl PciHost {
         }
         for bdf in wanted {
             // One unreadable function must not hide every other GPU: report and skip it.
-            let f = match PciFunction::read(root, bdf) {
+            let f = match read(bdf) {
                 Ok(f) => f,
                 Err(e) => {
                     host.problems.push(format!("{bdf} skipped: {e}"));
@@ -415,7 +428,7 @@ impl PciHost {
             if !selector.matches(&f) {
                 continue;
             }
-            host.load_related(&f)?;
+            host.load_related(&f, read)?;
             host.functions.insert(bdf, f);
         }
         Ok(host)
@@ -425,6 +438,16 @@ impl PciHost {
     /// IOMMU group), without listing the whole bus: the engine's view of one
     /// GPU right before it acts on it.
     pub fn scan_one(root: &HostRoot, selector: &GpuSelector, bdf: Bdf) -> Result<Self, HostError> {
+        PciHost::scan_one_with(root, selector, bdf, &|b| PciFunction::read(root, b))
+    }
+
+    /// Like [`PciHost::scan_one`], with every function read made by `read`.
+    pub fn scan_one_with(
+        root: &HostRoot,
+        selector: &GpuSelector,
+        bdf: Bdf,
+        read: &FunctionReader<'_>,
+    ) -> Result<Self, HostError> {
         let mut host = PciHost {
             root: root.clone(),
             addresses: Vec::new(),
@@ -445,16 +468,20 @@ impl PciHost {
         if !host.addresses.contains(&bdf) {
             return Ok(host);
         }
-        let f = PciFunction::read(root, bdf)?;
+        let f = read(bdf)?;
         if selector.matches(&f) {
-            host.load_related(&f)?;
+            host.load_related(&f, read)?;
             host.functions.insert(bdf, f);
         }
         Ok(host)
     }
 
     /// Loads the IOMMU group and slot siblings of a GPU candidate.
-    fn load_related(&mut self, f: &PciFunction) -> Result<(), HostError> {
+    fn load_related(
+        &mut self,
+        f: &PciFunction,
+        read: &FunctionReader<'_>,
+    ) -> Result<(), HostError> {
         let mut related: Vec<Bdf> = self
             .addresses
             .iter()
@@ -470,7 +497,7 @@ impl PciHost {
             if self.functions.contains_key(&bdf) {
                 continue;
             }
-            let rf = match PciFunction::read(&self.root, bdf) {
+            let rf = match read(bdf) {
                 Ok(rf) => rf,
                 Err(e) => {
                     self.problems

@@ -13,7 +13,7 @@ use vfio_gpu_intent::{Policy, VfioDriverChoice};
 use crate::error::EngineError;
 use crate::kernel::SysfsWrite;
 use crate::ledger::{Changes, GpuRecord, Holder, OpState};
-use crate::preflight::{choose_vfio_driver, device_nodes, find_holders};
+use crate::preflight::{choose_vfio_driver, device_nodes};
 use crate::state::OnConfigure;
 
 impl Engine {
@@ -119,7 +119,7 @@ impl Engine {
             .filter(|f| !f.on_vfio())
             .flat_map(|f| device_nodes(&self.root, f))
             .collect();
-        let holders = find_holders(&self.root, &nodes);
+        let holders = self.holders_of(bdf, nodes.clone())?;
         // nvidia-persistenced alone keeps the GPU open while persistence mode is
         // on: turn it off (and back on at release) when the host has nvidia-smi.
         let only_persistenced = !holders.is_empty()
@@ -168,7 +168,7 @@ impl Engine {
                 }
                 self.mutation_done()?;
             }
-            let still = find_holders(&self.root, &nodes);
+            let still = self.holders_of(bdf, nodes.clone()).unwrap_or_default();
             if failed.is_some() || !still.is_empty() {
                 let _ = self.rollback(bdf);
                 return match failed {
@@ -252,7 +252,7 @@ impl Engine {
         }
         let module = driver.as_str().replace('-', "_");
         if policy.binding.load_vfio_module {
-            self.modprobe(&module)?;
+            self.modprobe(f.bdf, &module)?;
             if self.root.pci_driver_dir(&driver).is_dir() {
                 return Ok(driver);
             }
@@ -263,10 +263,9 @@ impl Engine {
         })
     }
 
-    pub(super) fn modprobe(&self, module: &str) -> Result<(), EngineError> {
+    pub(super) fn modprobe(&self, gpu: Bdf, module: &str) -> Result<(), EngineError> {
         // The host's own modprobe and configuration, under the host root.
-        self.commands
-            .run(&self.root, "modprobe", &[module])
+        self.run_program(gpu, "modprobe", vec![module.to_string()])
             .map(|_| ())
             .map_err(|detail| EngineError::Modprobe {
                 module: module.into(),

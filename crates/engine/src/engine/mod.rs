@@ -65,6 +65,10 @@ pub struct EngineConfig {
     /// Deadline for reads of one device's attributes (some take the device
     /// lock, which a blocked unbind holds).
     pub read_deadline: Duration,
+    /// Deadline for host programs (`modprobe`, `nvidia-smi`, which hangs on
+    /// a wedged GPU) and for the `/proc` holder scan (an fd on a hung NFS or
+    /// FUSE mount blocks it).
+    pub command_deadline: Duration,
     /// How often to try nvidia's unbind lock.
     pub unbind_lock_attempts: u32,
     /// Pause between unbind lock attempts (doubles each time).
@@ -88,6 +92,7 @@ impl Default for EngineConfig {
             bind_deadline: Duration::from_secs(20),
             write_deadline: Duration::from_secs(5),
             read_deadline: Duration::from_secs(5),
+            command_deadline: Duration::from_secs(10),
             unbind_lock_attempts: 5,
             unbind_lock_backoff: Duration::from_millis(100),
             crash_after_step: None,
@@ -214,7 +219,9 @@ impl Engine {
 
     /// Every GPU with its verdict and record.
     pub fn discover(&self) -> Result<(Vec<GpuView>, Vec<String>), EngineError> {
-        let host = PciHost::scan(&self.root, &self.selector)?;
+        // One GPU whose reads block (a device lock held by a hung unbind) is
+        // reported as a problem; every other GPU is still seen.
+        let host = PciHost::scan_with(&self.root, &self.selector, &|b| self.read_bounded(b))?;
         let gpus = discover_gpus(&host, &self.selector, self.pci_ids.as_ref());
         let ledger = self.ledger();
         let intent = self.intent.read();
@@ -248,7 +255,12 @@ impl Engine {
     }
 
     pub(super) fn load_gpu(&self, bdf: Bdf) -> Result<Gpu, EngineError> {
-        let host = PciHost::scan_one(&self.root, &self.selector, bdf)?;
+        let host =
+            PciHost::scan_one_with(&self.root, &self.selector, bdf, &|b| self.read_bounded(b))
+                .map_err(|e| match self.stuck.stuck_on(bdf) {
+                    Some(op) => EngineError::Stuck { bdf, op, secs: 0.0 },
+                    None => e.into(),
+                })?;
         // No product names: pci.ids is megabytes and a move does not need them.
         discover_gpus(&host, &self.selector, None)
             .into_iter()

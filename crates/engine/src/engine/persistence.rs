@@ -16,11 +16,9 @@ impl Engine {
 
     /// Sets nvidia persistence mode of one GPU with the host's `nvidia-smi`.
     pub(super) fn set_persistence(&self, bdf: Bdf, on: bool) -> Result<(), String> {
-        let id = bdf.to_string();
         let mode = if on { "1" } else { "0" };
-        self.commands
-            .run(&self.root, "nvidia-smi", &["-i", &id, "-pm", mode])
-            .map(|_| ())
+        let args = vec!["-i".into(), bdf.to_string(), "-pm".into(), mode.into()];
+        self.run_program(bdf, "nvidia-smi", args).map(|_| ())
     }
 
     /// Turns persistence mode back on where configure turned it off.

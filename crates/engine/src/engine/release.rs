@@ -12,7 +12,7 @@ use vfio_gpu_host::{Bdf, DriverName, Gpu};
 use crate::error::EngineError;
 use crate::kernel::SysfsWrite;
 use crate::ledger::{FunctionRecord, GpuRecord, Holder, OpState};
-use crate::preflight::{NodeHolder, device_nodes, find_holders};
+use crate::preflight::{NodeHolder, device_nodes};
 
 impl Engine {
     /// Puts one function back where its record says it came from.
@@ -90,7 +90,7 @@ impl Engine {
             return Ok(());
         };
         // Never unbind vfio under a process (a VM) that has the group open.
-        let users = self.vfio_users(&rec);
+        let users = self.vfio_users(&rec)?;
         if !users.is_empty() {
             return Err(EngineError::Busy {
                 bdf,
@@ -134,7 +134,7 @@ impl Engine {
     }
 
     /// Processes holding the vfio nodes of the record's functions that are on vfio now.
-    pub(super) fn vfio_users(&self, rec: &GpuRecord) -> Vec<NodeHolder> {
+    pub(super) fn vfio_users(&self, rec: &GpuRecord) -> Result<Vec<NodeHolder>, EngineError> {
         let nodes: Vec<PathBuf> = rec
             .functions
             .iter()
@@ -142,10 +142,11 @@ impl Engine {
             .filter(|f| f.on_vfio())
             .flat_map(|f| device_nodes(&self.root, &f))
             .collect();
-        if nodes.is_empty() {
-            return Vec::new();
+        let gpu = rec.functions.first().map(|f| f.bdf);
+        match gpu {
+            Some(gpu) => self.holders_of(gpu, nodes),
+            None => Ok(Vec::new()),
         }
-        find_holders(&self.root, &nodes)
     }
 
     /// Releases a GPU: back to its original drivers, unless admin intent (or
@@ -238,7 +239,7 @@ impl Engine {
             ));
         }
         // Never unbind vfio while a VM still has the group open.
-        let holders = self.vfio_users(&rec);
+        let holders = self.vfio_users(&rec)?;
         if !holders.is_empty() {
             return Err(EngineError::Busy { bdf, holders });
         }
@@ -257,7 +258,7 @@ impl Engine {
         action: Action,
     ) -> Result<Outcome, EngineError> {
         let bdf = gpu.bdf();
-        let holders = self.vfio_users(rec);
+        let holders = self.vfio_users(rec)?;
         if !holders.is_empty() {
             return Err(EngineError::Busy { bdf, holders });
         }

@@ -3,13 +3,15 @@
 use super::Engine;
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use vfio_gpu_host::{Bdf, Binding, DriverName, HostError, PciFunction};
 
-use crate::deadline::{Timed, run_with_deadline};
+use crate::deadline::{Timed, read_with_deadline, run_with_deadline};
 use crate::error::EngineError;
 use crate::kernel::{SysfsWrite, nvidia_unbind_lock_path};
 use crate::ledger::GpuRecord;
+use crate::preflight::{NodeHolder, find_holders};
 
 impl Engine {
     /// Runs one host write with its deadline. `Err(Stuck)` past it.
@@ -40,12 +42,93 @@ impl Engine {
         }
     }
 
+    /// Reads one function under the read deadline: some attributes take the
+    /// device lock, which a blocked unbind holds. Past the deadline the
+    /// device is quarantined until the read returns.
+    pub(super) fn read_bounded(&self, bdf: Bdf) -> Result<PciFunction, HostError> {
+        let kernel = Arc::clone(&self.kernel);
+        self.bounded(bdf, "read", move || kernel.read_function(bdf))
+    }
+
+    fn bounded<T: Send + 'static>(
+        &self,
+        bdf: Bdf,
+        what: &str,
+        read: impl FnOnce() -> Result<T, HostError> + Send + 'static,
+    ) -> Result<T, HostError> {
+        let label = format!("{what} of {bdf}");
+        read_with_deadline(&self.stuck, bdf, &label, self.config.read_deadline, read)
+            .unwrap_or_else(|blocked| {
+                Err(HostError::Io {
+                    path: self.root.pci_device_dir(&bdf),
+                    source: io::Error::new(io::ErrorKind::TimedOut, blocked),
+                })
+            })
+    }
+
+    /// A device whose read blocked is reported stuck, like a blocked write.
+    fn stuck_or(&self, bdf: Bdf, e: HostError) -> EngineError {
+        match self.stuck.stuck_on(bdf) {
+            Some(op) => EngineError::Stuck { bdf, op, secs: 0.0 },
+            None => e.into(),
+        }
+    }
+
+    /// Runs a host program under the command deadline; a hang quarantines `gpu`.
+    pub(super) fn run_program(
+        &self,
+        gpu: Bdf,
+        program: &'static str,
+        args: Vec<String>,
+    ) -> Result<String, String> {
+        let commands = Arc::clone(&self.commands);
+        let root = self.root.clone();
+        let label = format!("{program} {}", args.join(" "));
+        read_with_deadline(
+            &self.stuck,
+            gpu,
+            &label,
+            self.config.command_deadline,
+            move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                commands.run(&root, program, &args)
+            },
+        )
+        .unwrap_or_else(Err)
+    }
+
+    /// Processes holding any of `nodes`, found under the command deadline.
+    pub(super) fn holders_of(
+        &self,
+        gpu: Bdf,
+        nodes: Vec<PathBuf>,
+    ) -> Result<Vec<NodeHolder>, EngineError> {
+        if nodes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let root = self.root.clone();
+        read_with_deadline(
+            &self.stuck,
+            gpu,
+            "scan of /proc for holders",
+            self.config.command_deadline,
+            move || find_holders(&root, &nodes),
+        )
+        .map_err(|op| EngineError::Stuck {
+            bdf: gpu,
+            op,
+            secs: self.config.command_deadline.as_secs_f64(),
+        })
+    }
+
     pub(super) fn read(&self, bdf: Bdf) -> Result<PciFunction, EngineError> {
-        Ok(self.kernel.read_function(bdf)?)
+        self.read_bounded(bdf).map_err(|e| self.stuck_or(bdf, e))
     }
 
     pub(super) fn binding(&self, bdf: Bdf) -> Result<Binding, EngineError> {
-        Ok(self.kernel.read_binding(bdf)?)
+        let kernel = Arc::clone(&self.kernel);
+        self.bounded(bdf, "read of the binding", move || kernel.read_binding(bdf))
+            .map_err(|e| self.stuck_or(bdf, e))
     }
 
     pub(super) fn step(&self, gpu: Bdf, op: SysfsWrite) -> Result<(), StepError> {
