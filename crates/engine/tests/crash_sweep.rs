@@ -8,6 +8,9 @@ use common::*;
 use vfio_gpu_engine::ledger::OpState;
 use vfio_gpu_engine::{Action, EngineConfig, EngineError, Holder};
 
+/// Crash points swept inside reconcile itself.
+static RECONCILE_STEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn claim() -> Holder {
     Holder::Claim {
         uid: "uid-1".into(),
@@ -49,6 +52,78 @@ fn assert_invariants(host: &std::path::Path, before: &Snapshot, gpu_functions: &
         }
     }
 }
+
+/// A second reconcile changes nothing: neither the host nor the ledger states.
+fn assert_fixed_point(e: &vfio_gpu_engine::Engine, host: &std::path::Path, ctx: &str) {
+    let states = |e: &vfio_gpu_engine::Engine| {
+        e.ledger()
+            .gpus
+            .iter()
+            .map(|(b, r)| (*b, r.state, r.holder.clone()))
+            .collect::<Vec<_>>()
+    };
+    let (host_before, ledger_before) = (snapshot(host), states(e));
+    for r in e.reconcile().unwrap() {
+        assert!(r.is_ok(), "{ctx}: second reconcile: {r:?}");
+    }
+    assert_eq!(
+        snapshot(host),
+        host_before,
+        "{ctx}: second reconcile moved a function"
+    );
+    assert_eq!(
+        states(e),
+        ledger_before,
+        "{ctx}: second reconcile changed the ledger"
+    );
+}
+
+/// Crashes reconcile itself after each of its steps; a third engine must
+/// still bring the host back to the invariants. Returns the steps swept.
+fn sweep_reconcile_crash(
+    replay: &dyn Fn(&std::path::Path, &std::path::Path) -> SimKernelHandle,
+    before: &dyn Fn(&std::path::Path) -> Snapshot,
+    functions: &[&str],
+    ctx: &str,
+) -> u64 {
+    let mut m = 1;
+    loop {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host");
+        let state = dir.path().join("state");
+        let k = replay(&host, &state);
+        let start = before(&host);
+        let e = engine_with(
+            &k,
+            &state,
+            EngineConfig {
+                crash_after_step: Some(m),
+                ..config()
+            },
+        );
+        let crashed = matches!(e.reconcile(), Err(EngineError::SimulatedCrash(_)))
+            || e.reconcile()
+                .map(|rs| {
+                    rs.iter()
+                        .any(|r| matches!(r, Err((_, EngineError::SimulatedCrash(_)))))
+                })
+                .unwrap_or(true);
+        drop(e);
+        if !crashed {
+            return m - 1;
+        }
+        let e = engine(&k, &state);
+        for r in e.reconcile().unwrap() {
+            assert!(r.is_ok(), "{ctx}, reconcile crashed after step {m}: {r:?}");
+        }
+        let ctx = format!("{ctx}, reconcile crashed after step {m}");
+        assert_invariants(&host, &start, functions, &ctx);
+        assert_fixed_point(&e, &host, &ctx);
+        m += 1;
+    }
+}
+
+type SimKernelHandle = vfio_gpu_engine::sim::SimKernel;
 
 /// Sweeps configure of `gpu` (its functions listed) for every crash point.
 fn sweep_configure(gpu: &str, functions: &[&str]) -> u64 {
@@ -97,6 +172,31 @@ fn sweep_configure(gpu: &str, functions: &[&str]) -> u64 {
                 assert_invariants(&host, &before, functions, &ctx)
             }
             other => panic!("{ctx}: ledger left in {other:?}"),
+        }
+        assert_fixed_point(&e, &host, &ctx);
+        // The same crash, then reconcile crashing at each of its own steps.
+        if !matches!(
+            ledger.gpus.get(&bdf(gpu)).map(|r| r.state),
+            Some(OpState::Configured)
+        ) {
+            let replay = |host: &std::path::Path, state: &std::path::Path| {
+                build_host(host);
+                let k = sim(host);
+                let e = engine_with(
+                    &k,
+                    state,
+                    EngineConfig {
+                        crash_after_step: Some(n),
+                        ..config()
+                    },
+                );
+                let _ = e.configure(bdf(gpu), claim());
+                k
+            };
+            RECONCILE_STEPS.fetch_add(
+                sweep_reconcile_crash(&replay, &|_| before.clone(), functions, &ctx),
+                std::sync::atomic::Ordering::SeqCst,
+            );
         }
         n += 1;
     }
@@ -150,6 +250,7 @@ fn sweep_unconfigure(gpu: &str, functions: &[&str], keep: bool) -> u64 {
         } else {
             assert_invariants(&host, &before, functions, &ctx);
         }
+        assert_fixed_point(&e, &host, &ctx);
         n += 1;
     }
 }
@@ -172,7 +273,12 @@ fn crash_sweep_covers_every_step() {
     // Already on vfio: recorded, never moved.
     total += sweep_configure(C, &[C]);
     total += sweep_unconfigure(C, &[C], true);
-    println!("crash points swept: {total}");
+    let in_reconcile = RECONCILE_STEPS.load(std::sync::atomic::Ordering::SeqCst);
+    println!("crash points swept: {total}, crash points inside reconcile: {in_reconcile}");
+    assert!(
+        in_reconcile >= 10,
+        "only {in_reconcile} crash points inside reconcile"
+    );
     assert!(
         total >= 30,
         "only {total} crash points: the sweep is not reaching the steps"
