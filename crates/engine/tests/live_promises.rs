@@ -488,3 +488,26 @@ fn m3_a_hanging_nvidia_smi_is_cut_off_by_its_deadline_and_changes_nothing() {
     assert_eq!(state_of(&host, B), (Some("nvidia".into()), None));
     assert!(k.log().is_empty(), "no sysfs write: {:?}", k.log());
 }
+
+// ------------------------------------------------------------------ m16
+
+#[test]
+fn m16_a_gpu_that_vanished_is_released_and_forgotten_not_an_error_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let e = engine(&k, &dir.path().join("state"));
+    e.configure(bdf(B), claim("u1")).unwrap();
+    e.configure(bdf(A), claim("u2")).unwrap();
+    // Hot-unplug: the devices disappear from the bus.
+    fs::remove_file(host.join("sys/bus/pci/devices/0000:66:00.0")).unwrap();
+    fs::remove_file(host.join("sys/bus/pci/devices/0000:65:00.0")).unwrap();
+    fs::remove_file(host.join("sys/bus/pci/devices/0000:65:00.1")).unwrap();
+    let out = e.unconfigure(bdf(B), Some(&claim("u1"))).unwrap();
+    assert_eq!(out.action, Action::NothingToDo, "{}", out.detail);
+    assert!(!e.ledger().gpus.contains_key(&bdf(B)));
+    let results = e.reconcile().unwrap();
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    assert!(!e.ledger().gpus.contains_key(&bdf(A)));
+}

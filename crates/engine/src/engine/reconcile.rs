@@ -88,7 +88,12 @@ impl Engine {
         let ledger_gpus: Vec<Bdf> = self.ledger().gpus.keys().copied().collect();
         for bdf in ledger_gpus {
             if !views.iter().any(|v| v.gpu.bdf() == bdf) {
-                out.push(Err((bdf, EngineError::UnknownGpu(bdf))));
+                let result = if self.vanished(bdf) {
+                    self.forget_vanished(bdf, Instant::now())
+                } else {
+                    Err(EngineError::UnknownGpu(bdf))
+                };
+                out.push(result.map_err(|e| (bdf, e)));
             }
         }
         for view in views {
@@ -144,7 +149,10 @@ impl Engine {
             .filter(|f| f.driver.is_none())
             .map(|f| f.bdf)
             .collect();
-        if driverless.is_empty() || verdict.pinned.is_some() {
+        // A host driver the admin suppressed (blacklist, install /bin/false)
+        // is not probed back in.
+        let suppressed = !verdict.keep_on_vfio && !verdict.host_driver_suppressed.is_empty();
+        if driverless.is_empty() || verdict.pinned.is_some() || suppressed {
             return Ok(self.outcome(&gpu, Action::Noted, "nothing to do".into(), started));
         }
         for b in &driverless {

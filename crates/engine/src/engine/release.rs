@@ -13,6 +13,7 @@ use crate::error::EngineError;
 use crate::kernel::SysfsWrite;
 use crate::ledger::{FunctionRecord, GpuRecord, Holder, OpState};
 use crate::preflight::{NodeHolder, device_nodes};
+use crate::state::OnRelease;
 
 impl Engine {
     /// Puts one function back where its record says it came from.
@@ -133,6 +134,33 @@ impl Engine {
         }
     }
 
+    /// The device is gone from sysfs (hot-unplug, `remove`, a fallen-off-the-bus GPU).
+    pub(super) fn vanished(&self, bdf: Bdf) -> bool {
+        matches!(
+            std::fs::symlink_metadata(self.root.pci_device_dir(&bdf)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound
+        )
+    }
+
+    /// Drops the record of a device that is gone: there is nothing left to
+    /// restore, and keeping it would fail every release (a pod stuck Terminating).
+    pub(super) fn forget_vanished(
+        &self,
+        bdf: Bdf,
+        started: Instant,
+    ) -> Result<Outcome, EngineError> {
+        self.set_record(bdf, None)?;
+        Ok(Outcome {
+            bdf,
+            action: Action::NothingToDo,
+            detail: "the device is gone (removed or hot-unplugged): its record was dropped".into(),
+            functions: Vec::new(),
+            iommu_group: None,
+            vfio_devices: Vec::new(),
+            millis: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        })
+    }
+
     /// Processes holding the vfio nodes of the record's functions that are on vfio now.
     pub(super) fn vfio_users(&self, rec: &GpuRecord) -> Result<Vec<NodeHolder>, EngineError> {
         let nodes: Vec<PathBuf> = rec
@@ -157,8 +185,14 @@ impl Engine {
         let started = Instant::now();
         let guard = self.group_guard(bdf);
         let _g = lock(&guard);
-        let gpu = self.load_gpu(bdf)?;
         let rec = self.ledger().gpus.get(&bdf).cloned();
+        let gpu = match self.load_gpu(bdf) {
+            Ok(gpu) => gpu,
+            Err(EngineError::UnknownGpu(_)) if rec.is_some() && self.vanished(bdf) => {
+                return self.forget_vanished(bdf, started);
+            }
+            Err(e) => return Err(e),
+        };
         let intent = self.intent();
         let verdict = self.verdict(&intent, &gpu);
         let Some(rec) = rec else {
@@ -190,21 +224,24 @@ impl Engine {
                 secs: 0.0,
             });
         }
-        if rec.state == OpState::ReleasedUnbound {
-            return Ok(self.outcome(
-                &gpu,
-                Action::NothingToDo,
-                "already released".into(),
-                started,
-            ));
-        }
-        if rec.state == OpState::Prebound {
-            return Ok(self.outcome(
-                &gpu,
-                Action::LeftOnVfio,
-                format!("admin-owned; stays on vfio: {}", reasons_text(&verdict)),
-                started,
-            ));
+        match rec.on_release() {
+            OnRelease::AlreadyReleased => {
+                return Ok(self.outcome(
+                    &gpu,
+                    Action::NothingToDo,
+                    "already released".into(),
+                    started,
+                ));
+            }
+            OnRelease::AdminOwned => {
+                return Ok(self.outcome(
+                    &gpu,
+                    Action::LeftOnVfio,
+                    format!("admin-owned; stays on vfio: {}", reasons_text(&verdict)),
+                    started,
+                ));
+            }
+            OnRelease::Undo => {}
         }
         let suppressed = rec.functions.iter().find_map(|f| {
             f.original_driver.as_ref().filter(|d| {
