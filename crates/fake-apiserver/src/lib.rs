@@ -25,6 +25,7 @@
 mod router;
 mod store;
 mod util;
+pub mod validation;
 
 use anyhow::{Context, anyhow};
 use hyper_util::rt::{TokioExecutor, TokioIo};

@@ -147,11 +147,13 @@ impl SliceConfig {
     }
 
     /// `generateName` for new slices: `<node>-<driver>-`, made a valid name
-    /// prefix (lowercase alphanumerics, `-` and `.`; short enough that the
-    /// server's random suffix still fits a DNS label).
+    /// prefix. Every dot-separated label must start and end with an alphanumeric
+    /// (the server validates the generated name as a DNS subdomain), so labels are
+    /// trimmed of `-` and the cut, at 57 bytes so the server keeps the prefix whole
+    /// and appends its 5 characters, never leaves a trailing `.` or `-`.
     pub fn generate_name(&self) -> String {
-        let raw = format!("{}-{}", self.node_name, self.driver_name).to_ascii_lowercase();
-        let mut prefix: String = raw
+        let raw: String = format!("{}-{}", self.node_name, self.driver_name)
+            .to_ascii_lowercase()
             .chars()
             .map(|c| {
                 if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
@@ -160,9 +162,17 @@ impl SliceConfig {
                     '-'
                 }
             })
-            .skip_while(|c| !c.is_ascii_alphanumeric())
-            .take(57)
             .collect();
+        let labels: Vec<&str> = raw
+            .split('.')
+            .map(|l| l.trim_matches('-'))
+            .filter(|l| !l.is_empty())
+            .collect();
+        // ASCII only by now, so any byte offset is a char boundary.
+        let mut prefix = labels.join(".");
+        prefix.truncate(57);
+        let kept = prefix.trim_end_matches(['.', '-']).len();
+        prefix.truncate(kept);
         if prefix.is_empty() {
             prefix.push_str("slice");
         }
