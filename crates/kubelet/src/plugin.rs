@@ -25,6 +25,7 @@ use vfio_gpu_engine::ledger::{LedgerBody, OpState};
 use vfio_gpu_engine::{Action, Engine, EngineError, GpuView, Holder, Outcome};
 use vfio_gpu_host::Bdf;
 
+use crate::apiserver::{missing_resource_v1, missing_resource_v1_after};
 use crate::cdi::{CdiGpu, CdiWriter, is_safe_uid};
 use crate::config::{ClaimConfig, VfioDeviceConfig, base_request};
 use crate::grpc::dra::{
@@ -178,17 +179,29 @@ impl VfioPlugin {
             ));
         }
         let api: Api<ResourceClaim> = Api::namespaced(self.client.clone(), &c.namespace);
-        match tokio::time::timeout(self.config.api_timeout, api.get_opt(&c.name)).await {
-            Err(_) => Err(format!(
-                "fetching ResourceClaim {}/{}: no answer from the API server within {:?}",
-                c.namespace, c.name, self.config.api_timeout
-            )),
-            Ok(Err(e)) => Err(format!(
-                "fetching ResourceClaim {}/{}: {e}",
-                c.namespace, c.name
-            )),
-            Ok(Ok(found)) => Ok(found),
-        }
+        let lookup = async {
+            match api.get_opt(&c.name).await {
+                Ok(Some(found)) => Ok(Some(found)),
+                // A server without resource.k8s.io/v1 answers 404 too: say so instead
+                // of "not found".
+                Ok(None) => match missing_resource_v1(&self.client).await {
+                    Some(msg) => Err(msg.to_string()),
+                    None => Ok(None),
+                },
+                Err(e) => Err(match missing_resource_v1_after(&self.client, &e).await {
+                    Some(msg) => msg.to_string(),
+                    None => format!("fetching ResourceClaim {}/{}: {e}", c.namespace, c.name),
+                }),
+            }
+        };
+        tokio::time::timeout(self.config.api_timeout, lookup)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "fetching ResourceClaim {}/{}: no answer from the API server within {:?}",
+                    c.namespace, c.name, self.config.api_timeout
+                ))
+            })
     }
 
     /// Prepares one claim (see the module docs); the error text goes to the kubelet.

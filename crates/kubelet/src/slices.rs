@@ -34,6 +34,8 @@ use tokio_util::sync::CancellationToken;
 use vfio_gpu_engine::{Engine, GpuView};
 use vfio_gpu_host::Bdf;
 
+use crate::apiserver::missing_resource_v1_after;
+
 /// At most this many devices per slice (API limit without taints or counters).
 pub const MAX_DEVICES_PER_SLICE: usize = 128;
 /// The API's limit on attributes + capacity entries per device.
@@ -497,11 +499,18 @@ impl SlicePublisher {
     pub async fn sync(&mut self, devices: &[DeviceInfo]) -> anyhow::Result<SyncOutcome> {
         let owner = self.owner().await?;
         let api: Api<ResourceSlice> = Api::all(self.client.clone());
-        let listed = api
+        let listed = match api
             .list(&ListParams::default().fields(&self.cfg.field_selector()))
             .await
-            .context("listing ResourceSlices")?
-            .items;
+        {
+            Ok(list) => list.items,
+            Err(e) => {
+                if let Some(msg) = missing_resource_v1_after(&self.client, &e).await {
+                    anyhow::bail!(msg);
+                }
+                return Err(e).context("listing ResourceSlices");
+            }
+        };
         let desired = device_chunks(devices);
         let pool_name = self.cfg.node_name.as_str();
 

@@ -739,3 +739,36 @@ async fn cleanup_releases_half_prepared_claims_whose_object_is_gone() {
     assert_eq!(env.driver_of(BA).as_deref(), Some("nvidia"));
     assert!(plugin.prepared_claims().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_without_resource_v1_is_reported_as_such() {
+    let env = Env::new().await;
+    let running = env.start().await;
+    let claim = env.claim("vm", &[("gpu", AB)]);
+    env.api.set_resource_v1_served(false);
+    let writes = env.kernel.log().len();
+    let r = running
+        .kubelet
+        .prepare(std::slice::from_ref(&claim))
+        .await
+        .expect("rpc");
+    let e = err_text(&r, &claim.uid);
+    assert!(
+        e.contains("API server does not serve resource.k8s.io/v1; Kubernetes ≥ 1.34 required"),
+        "{e}"
+    );
+    assert!(!e.contains("not found"), "{e}");
+    assert_eq!(env.kernel.log().len(), writes, "nothing changed");
+    // A claim that is really missing is still reported as missing.
+    env.api.set_resource_v1_served(true);
+    env.api
+        .delete("resourceclaims", Some(NS), "vm")
+        .expect("deleted");
+    let r = running
+        .kubelet
+        .prepare(std::slice::from_ref(&claim))
+        .await
+        .expect("rpc");
+    assert!(err_text(&r, &claim.uid).contains("not found"), "{r:?}");
+    running.stop().await;
+}
