@@ -40,7 +40,7 @@ use crate::apiserver::missing_resource_v1_after;
 pub const MAX_DEVICES_PER_SLICE: usize = 128;
 /// The API's limit on attributes + capacity entries per device.
 pub const MAX_ATTRIBUTES_AND_CAPACITY: usize = 32;
-/// The API's limit on a string attribute's length.
+/// The API's limit on a string attribute's length, in bytes.
 pub const MAX_STRING_ATTRIBUTE: usize = 64;
 /// Standard attribute: PCI address, `0000:65:00.0`.
 pub const ATTR_PCI_BUS_ID: &str = "resource.kubernetes.io/pciBusID";
@@ -204,9 +204,13 @@ fn bool_attr(b: bool) -> DeviceAttribute {
     }
 }
 
-/// Cuts `s` to at most `max` characters (not bytes: never splits a character).
-fn truncate_chars(s: &str, max: usize) -> String {
-    s.chars().take(max).collect()
+/// Cuts `s` to at most `max` bytes (the API counts bytes) at a char boundary.
+fn truncate_bytes(s: &str, max: usize) -> String {
+    let mut cut = s.len().min(max);
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    s[..cut].to_string()
 }
 
 /// The attributes of one device. Unprefixed names live in the driver's domain
@@ -222,7 +226,7 @@ pub fn device_attributes(info: &DeviceInfo) -> BTreeMap<String, DeviceAttribute>
     if let Some(root) = info
         .pcie_root
         .as_ref()
-        .filter(|r| r.chars().count() <= MAX_STRING_ATTRIBUTE)
+        .filter(|r| r.len() <= MAX_STRING_ATTRIBUTE)
     {
         attrs.insert(ATTR_PCIE_ROOT.to_string(), string_attr(root.clone()));
     }
@@ -240,14 +244,14 @@ pub fn device_attributes(info: &DeviceInfo) -> BTreeMap<String, DeviceAttribute>
     if let Some(name) = &info.product_name {
         attrs.insert(
             "productName".to_string(),
-            string_attr(truncate_chars(name, MAX_STRING_ATTRIBUTE)),
+            string_attr(truncate_bytes(name, MAX_STRING_ATTRIBUTE)),
         );
     }
     attrs.insert("iommuGroup".to_string(), int_attr(info.iommu_group));
     if let Some(driver) = &info.driver {
         attrs.insert(
             "driver".to_string(),
-            string_attr(truncate_chars(driver, MAX_STRING_ATTRIBUTE)),
+            string_attr(truncate_bytes(driver, MAX_STRING_ATTRIBUTE)),
         );
     }
     attrs.insert("keepOnVfio".to_string(), bool_attr(info.keep_on_vfio));
@@ -856,6 +860,22 @@ mod tests {
         assert_eq!(a["keepOnVfio"].bool, Some(true));
         let c = d.capacity.unwrap();
         assert_eq!(c[CAPACITY_ADDRESSABLE_MEMORY].value.0, "131120Mi");
+    }
+
+    #[test]
+    fn string_attributes_fit_the_byte_limit_at_a_char_boundary() {
+        let mut i = info("0000:65:00.0");
+        // 3-byte characters (U+FFFD from a lossy pci.ids read, ™, —) and 2-byte ones.
+        let product = "GeForce\u{2122} RTX \u{2014} \u{fffd}\u{fffd} \u{e9}\u{fc}".repeat(4);
+        i.product_name = Some(product.clone());
+        i.driver = Some("\u{fc}".repeat(40));
+        let a = device_attributes(&i);
+        let name = a["productName"].string.clone().unwrap();
+        assert!(name.len() <= MAX_STRING_ATTRIBUTE, "{} bytes", name.len());
+        assert!(name.len() > MAX_STRING_ATTRIBUTE - 4, "uses the budget");
+        assert!(product.starts_with(&name));
+        let driver = a["driver"].string.clone().unwrap();
+        assert_eq!(driver, "\u{fc}".repeat(32));
     }
 
     #[test]
