@@ -333,10 +333,7 @@ fn demo_runs_the_whole_plugin_lifecycle() {
     assert!(out.contains("\"cdiVersion\": \"0."), "{out}");
     assert!(out.contains("\"path\": \"/dev/vfio/vfio\""), "{out}");
     assert!(out.contains("\"path\": \"/dev/vfio/15\""), "{out}");
-    assert!(
-        out.contains("PCI_RESOURCE_VFIO_GPU_DRA_DEV_GPU=0000:ab:00.0"),
-        "{out}"
-    );
+    assert!(!out.contains("PCI_RESOURCE_"), "{out}");
     assert!(
         out.contains("0000:ab:00.0 on nvidia, 0000:ab:00.1 on snd_hda_intel"),
         "{out}"

@@ -25,6 +25,7 @@
 mod router;
 mod store;
 mod util;
+pub mod validation;
 
 use anyhow::{Context, anyhow};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -103,6 +104,7 @@ impl FakeApiServer {
             store: Mutex::new(store::Store::new()),
             unavailable: AtomicBool::new(false),
             refuse: AtomicBool::new(false),
+            resource_v1: AtomicBool::new(true),
             log: Mutex::new(Vec::new()),
             disrupt: watch::channel(0).0,
             bookmark_ms: AtomicU64::new(5_000),
@@ -206,6 +208,16 @@ impl FakeApiServer {
     pub fn set_refuse_connections(&self, refuse: bool) {
         self.shared.refuse.store(refuse, Ordering::SeqCst);
         if refuse {
+            self.shared.disrupt_watches();
+        }
+    }
+
+    /// Whether `resource.k8s.io/v1` is served (default). Off, the server acts like a
+    /// Kubernetes < 1.34 API server: the group-version is missing from discovery and
+    /// every path under `/apis/resource.k8s.io/` answers 404 NotFound.
+    pub fn set_resource_v1_served(&self, served: bool) {
+        self.shared.resource_v1.store(served, Ordering::SeqCst);
+        if !served {
             self.shared.disrupt_watches();
         }
     }

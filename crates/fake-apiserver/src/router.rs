@@ -31,6 +31,8 @@ pub(crate) struct Shared {
     pub store: Mutex<Store>,
     pub unavailable: AtomicBool,
     pub refuse: AtomicBool,
+    /// `resource.k8s.io/v1` is served (off: a pre-1.34 server).
+    pub resource_v1: AtomicBool,
     pub log: Mutex<Vec<RecordedRequest>>,
     /// Bumped to end all open watch streams (outage, shutdown).
     pub disrupt: watch::Sender<u64>,
@@ -118,6 +120,10 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         .collect();
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     let get = req.method() == Method::GET;
+    let resource_v1 = shared.resource_v1.load(Ordering::SeqCst);
+    if !resource_v1 && segs.starts_with(&["apis", "resource.k8s.io"]) {
+        return Err(not_found());
+    }
     match segs.as_slice() {
         ["version"] if get => Ok(json_response(200, &version())),
         ["healthz" | "readyz" | "livez"] if get => {
@@ -131,7 +137,8 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         )),
         ["apis"] if get => Ok(json_response(
             200,
-            &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [api_group()]}),
+            &json!({"kind": "APIGroupList", "apiVersion": "v1",
+                    "groups": if resource_v1 { vec![api_group()] } else { vec![] }}),
         )),
         ["apis", "resource.k8s.io"] if get => Ok(json_response(200, &api_group())),
         ["api", "v1"] if get => Ok(json_response(200, &resource_list(""))),

@@ -4,6 +4,7 @@
 //! watches replay from.
 
 use crate::util::{Rng, get_path, meta_str, now_rfc3339, set_meta};
+use crate::validation::{generated_name, is_dns1123_subdomain, is_valid_generate_name};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -204,6 +205,9 @@ pub(crate) struct Change {
 
 type Key = (&'static str, String, String);
 
+/// The real server's message for an invalid DNS-1123 subdomain.
+const DNS1123_SUBDOMAIN_MESSAGE: &str = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')";
+
 fn key(rt: &ResourceType, ns: &str, name: &str) -> Key {
     let ns = if rt.namespaced { ns } else { "" };
     (rt.plural, ns.to_owned(), name.to_owned())
@@ -220,17 +224,6 @@ pub(crate) struct Store {
     pub compacted: u64,
     rng: Rng,
     pub events: broadcast::Sender<Arc<Change>>,
-}
-
-/// DNS-1123 subdomain check, the rule for most object names.
-fn valid_name(name: &str) -> bool {
-    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
-    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    !name.is_empty()
-        && name.len() <= 253
-        && name.chars().all(ok_char)
-        && alnum(name.chars().next())
-        && alnum(name.chars().last())
 }
 
 /// Checks `kind`/`apiVersion` (filling them when absent) and that metadata
@@ -372,6 +365,19 @@ impl Store {
         } else {
             set_meta(&mut obj, "namespace", Value::Null);
         }
+        // Like ValidateObjectMetaAccessor: a generateName is checked as a prefix, and
+        // the generated name is checked again as a name.
+        if let Some(prefix) = meta_str(&obj, "generateName").filter(|p| !p.is_empty())
+            && !is_valid_generate_name(prefix)
+        {
+            return Err(ApiError::invalid(
+                rt,
+                "",
+                &format!(
+                    "metadata.generateName: Invalid value: {prefix:?}: {DNS1123_SUBDOMAIN_MESSAGE}"
+                ),
+            ));
+        }
         let name = match (meta_str(&obj, "name"), meta_str(&obj, "generateName")) {
             (Some(n), _) if !n.is_empty() => n.to_owned(),
             (_, Some(prefix)) if !prefix.is_empty() => {
@@ -380,7 +386,7 @@ impl Store {
                 // too, but retrying keeps tests deterministic.
                 let mut name = String::new();
                 for _ in 0..8 {
-                    name = format!("{prefix}{}", self.rng.name_suffix());
+                    name = generated_name(&prefix, &self.rng.name_suffix());
                     if self.get(rt, ns, &name).is_none() {
                         break;
                     }
@@ -395,11 +401,11 @@ impl Store {
                 ));
             }
         };
-        if !valid_name(&name) {
+        if !is_dns1123_subdomain(&name) {
             return Err(ApiError::invalid(
                 rt,
                 &name,
-                "metadata.name: Invalid value: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.'",
+                &format!("metadata.name: Invalid value: {name:?}: {DNS1123_SUBDOMAIN_MESSAGE}"),
             ));
         }
         if self.get(rt, ns, &name).is_some() {

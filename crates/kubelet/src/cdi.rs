@@ -4,7 +4,6 @@
 //! `<driver>-claim_<claimUID>.json`, written atomically. Device nodes are paths only:
 //! the runtime fills in major/minor from the host node.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -141,20 +140,6 @@ pub fn minimum_version(devices: &[Device]) -> &'static str {
     }
 }
 
-/// `PCI_RESOURCE_<NAME>` for `<driver>/<request>`, KubeVirt's device-plugin
-/// convention (upper case, `/`, `.` and `-` → `_`).
-pub fn pci_resource_env_name(driver: &str, request: &str) -> String {
-    let raw = format!("{driver}/{request}");
-    let name: String = raw
-        .chars()
-        .map(|c| match c {
-            '/' | '.' | '-' => '_',
-            c => c.to_ascii_uppercase(),
-        })
-        .collect();
-    format!("PCI_RESOURCE_{name}")
-}
-
 /// Whether `s` is safe as a file-name component and a CDI device-name part: ASCII
 /// alphanumerics and `-`, at most 64 characters (Kubernetes UIDs qualify).
 pub fn is_safe_uid(s: &str) -> bool {
@@ -205,12 +190,6 @@ impl CdiWriter {
 
     /// Builds the spec for a claim's GPUs (pure; deterministic for a given input).
     pub fn build_spec(&self, claim_uid: &str, gpus: &[CdiGpu]) -> Result<Spec, CdiError> {
-        // One env value per request, listing every GPU of that request in order, so
-        // each device of the request carries the same complete variable.
-        let mut by_request: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-        for g in gpus {
-            by_request.entry(&g.request).or_default().push(&g.bdf);
-        }
         let mut shared = ContainerEdits::default();
         let mut devices = Vec::with_capacity(gpus.len());
         for g in gpus {
@@ -253,18 +232,12 @@ impl CdiWriter {
                     }
                 }
             }
-            let bdfs = by_request
-                .get(g.request.as_str())
-                .cloned()
-                .unwrap_or_default();
             devices.push(Device {
                 name: Self::device_name(claim_uid, &g.device_name),
                 container_edits: ContainerEdits {
-                    env: vec![format!(
-                        "{}={}",
-                        pci_resource_env_name(&self.driver, &g.request),
-                        bdfs.join(",")
-                    )],
+                    // No PCI_RESOURCE_* env: KubeVirt's DRA path reads the device
+                    // metadata, and the variable would collide across claims.
+                    env: Vec::new(),
                     device_nodes: nodes,
                     mounts: Vec::new(),
                 },
@@ -385,14 +358,6 @@ mod tests {
     }
 
     #[test]
-    fn env_name_follows_kubevirt() {
-        assert_eq!(
-            pci_resource_env_name("vfio-gpu.dra.dev", "gpu"),
-            "PCI_RESOURCE_VFIO_GPU_DRA_DEV_GPU"
-        );
-    }
-
-    #[test]
     fn legacy_spec_shape_and_version() {
         let w = CdiWriter::new("/cdi", "vfio-gpu.dra.dev");
         let s = w
@@ -419,9 +384,9 @@ mod tests {
         assert_eq!(s.cdi_version, "0.5.0");
         assert_eq!(s.kind, "vfio-gpu.dra.dev/claim");
         assert_eq!(s.devices[0].name, "0a1b-uid-gpu-0000-ab-00-0");
-        assert_eq!(
-            s.devices[0].container_edits.env,
-            ["PCI_RESOURCE_VFIO_GPU_DRA_DEV_GPU=0000:ab:00.0,0000:ba:00.0"]
+        assert!(
+            s.devices.iter().all(|d| d.container_edits.env.is_empty()),
+            "no PCI_RESOURCE_* env: {s:?}"
         );
         assert_eq!(
             s.devices[1].container_edits.device_nodes[0].path,

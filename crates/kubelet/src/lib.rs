@@ -6,9 +6,11 @@
 //! - [`config`]: the opaque per-claim configuration of this driver.
 //! - [`slices`]: publishing the node's GPUs as ResourceSlices.
 //! - [`serve`]: `vfio-gpu-dra serve`, wiring it all together.
+//! - [`apiserver`]: telling "object not found" from "API server too old".
 
 #![warn(missing_docs)]
 
+pub mod apiserver;
 pub mod cdi;
 pub mod config;
 pub mod grpc;

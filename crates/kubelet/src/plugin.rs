@@ -21,9 +21,11 @@ use futures::future::join_all;
 use k8s_openapi::api::resource::v1::{DeviceRequestAllocationResult, ResourceClaim};
 use kube::Api;
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+use vfio_gpu_engine::ledger::{LedgerBody, OpState};
 use vfio_gpu_engine::{Action, Engine, EngineError, GpuView, Holder, Outcome};
 use vfio_gpu_host::Bdf;
 
+use crate::apiserver::{missing_resource_v1, missing_resource_v1_after};
 use crate::cdi::{CdiGpu, CdiWriter, is_safe_uid};
 use crate::config::{ClaimConfig, VfioDeviceConfig, base_request};
 use crate::grpc::dra::{
@@ -177,17 +179,29 @@ impl VfioPlugin {
             ));
         }
         let api: Api<ResourceClaim> = Api::namespaced(self.client.clone(), &c.namespace);
-        match tokio::time::timeout(self.config.api_timeout, api.get_opt(&c.name)).await {
-            Err(_) => Err(format!(
-                "fetching ResourceClaim {}/{}: no answer from the API server within {:?}",
-                c.namespace, c.name, self.config.api_timeout
-            )),
-            Ok(Err(e)) => Err(format!(
-                "fetching ResourceClaim {}/{}: {e}",
-                c.namespace, c.name
-            )),
-            Ok(Ok(found)) => Ok(found),
-        }
+        let lookup = async {
+            match api.get_opt(&c.name).await {
+                Ok(Some(found)) => Ok(Some(found)),
+                // A server without resource.k8s.io/v1 answers 404 too: say so instead
+                // of "not found".
+                Ok(None) => match missing_resource_v1(&self.client).await {
+                    Some(msg) => Err(msg.to_string()),
+                    None => Ok(None),
+                },
+                Err(e) => Err(match missing_resource_v1_after(&self.client, &e).await {
+                    Some(msg) => msg.to_string(),
+                    None => format!("fetching ResourceClaim {}/{}: {e}", c.namespace, c.name),
+                }),
+            }
+        };
+        tokio::time::timeout(self.config.api_timeout, lookup)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "fetching ResourceClaim {}/{}: no answer from the API server within {:?}",
+                    c.namespace, c.name, self.config.api_timeout
+                ))
+            })
     }
 
     /// Prepares one claim (see the module docs); the error text goes to the kubelet.
@@ -516,6 +530,12 @@ impl VfioPlugin {
             return Err(format!("invalid claim UID {uid:?}"));
         }
         let _guard = self.lock_claim(uid).await;
+        self.release_claim_locked(uid).await
+    }
+
+    /// Releases the GPUs the ledger records for `uid`, then its CDI spec and metadata;
+    /// the caller holds the claim's lock.
+    async fn release_claim_locked(&self, uid: &str) -> Result<(), String> {
         let held: Vec<(Bdf, Option<Holder>)> = self
             .engine
             .ledger()
@@ -552,31 +572,34 @@ impl VfioPlugin {
 
     /// Claims holding GPUs according to the ledger.
     pub fn prepared_claims(&self) -> Vec<ClaimRef> {
-        let mut out: Vec<ClaimRef> = Vec::new();
-        for rec in self.engine.ledger().gpus.values() {
-            if let Some(Holder::Claim {
-                uid,
-                namespace,
-                name,
-            }) = &rec.holder
-                && !out.iter().any(|c| &c.uid == uid)
-            {
-                out.push(ClaimRef {
-                    uid: uid.clone(),
-                    namespace: namespace.clone(),
-                    name: name.clone(),
-                });
-            }
-        }
-        out
+        claims_in(&self.engine.ledger(), |_| true)
     }
 
-    /// Unprepares prepared claims whose ResourceClaim is gone or was replaced (new
-    /// UID). Claims the API server could not be asked about are left alone. Returns the
-    /// claims acted on with their results.
+    /// Claims whose prepare never completed: at least one of their ledger records
+    /// is still in progress (not [`OpState::Configured`]), e.g. after a crash or a
+    /// failed rollback mid-move.
+    pub fn unfinished_claims(&self) -> Vec<ClaimRef> {
+        let ledger = self.engine.ledger();
+        let unfinished: Vec<&str> = ledger
+            .gpus
+            .values()
+            .filter(|rec| rec.state != OpState::Configured)
+            .filter_map(|rec| match &rec.holder {
+                Some(Holder::Claim { uid, .. }) => Some(uid.as_str()),
+                _ => None,
+            })
+            .collect();
+        claims_in(&ledger, |uid| unfinished.contains(&uid))
+    }
+
+    /// Unprepares claims whose prepare never completed ([`Self::unfinished_claims`])
+    /// and whose ResourceClaim is gone or was replaced (new UID). Completed claims are
+    /// never touched: the kubelet unprepares them, and a claim object can vanish while
+    /// its VM still runs (a force-deleted pod). Claims the API server could not be
+    /// asked about are left alone. Returns the claims acted on with their results.
     pub async fn cleanup_stale_claims(&self) -> Vec<(ClaimRef, Result<(), String>)> {
         let mut out = Vec::new();
-        for c in self.prepared_claims() {
+        for c in self.unfinished_claims() {
             let stale = match self.get_claim(&c).await {
                 Ok(None) => true,
                 Ok(Some(obj)) => obj.metadata.uid.as_deref() != Some(c.uid.as_str()),
@@ -585,14 +608,45 @@ impl VfioPlugin {
                     false
                 }
             };
-            if stale {
-                tracing::info!(claim = %c.uid, namespace = %c.namespace, name = %c.name, "cleanup: claim is gone or replaced; unpreparing");
-                let r = self.unprepare_claim(&c).await;
-                out.push((c, r));
+            if !stale {
+                continue;
             }
+            let _guard = self.lock_claim(&c.uid).await;
+            // A prepare that was running when we looked may have completed since.
+            if !self.unfinished_claims().iter().any(|u| u.uid == c.uid) {
+                continue;
+            }
+            tracing::info!(claim = %c.uid, namespace = %c.namespace, name = %c.name, "cleanup: half-prepared claim is gone or replaced; releasing it");
+            let r = self
+                .release_claim_locked(&c.uid)
+                .await
+                .map_err(|e| format!("claim {}/{} ({}): {e}", c.namespace, c.name, c.uid));
+            out.push((c, r));
         }
         out
     }
+}
+
+/// The claims holding records in `ledger` whose UID passes `keep`, once each.
+fn claims_in(ledger: &LedgerBody, keep: impl Fn(&str) -> bool) -> Vec<ClaimRef> {
+    let mut out: Vec<ClaimRef> = Vec::new();
+    for rec in ledger.gpus.values() {
+        if let Some(Holder::Claim {
+            uid,
+            namespace,
+            name,
+        }) = &rec.holder
+            && keep(uid)
+            && !out.iter().any(|c| &c.uid == uid)
+        {
+            out.push(ClaimRef {
+                uid: uid.clone(),
+                namespace: namespace.clone(),
+                name: name.clone(),
+            });
+        }
+    }
+    out
 }
 
 fn describe_engine_error(bdf: Bdf, e: &EngineError) -> String {

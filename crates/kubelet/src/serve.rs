@@ -3,7 +3,8 @@
 //! Order: open the engine (state lock, ledger), reconcile the host against the ledger,
 //! build the Kubernetes client, then open the sockets (so the kubelet never reaches a
 //! plugin whose host state is still half-done), start the ResourceSlice publisher, and
-//! run periodic reconcile and stale-claim cleanup until the shutdown token fires.
+//! run periodic reconcile and cleanup of half-prepared stale claims until the shutdown
+//! token fires.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -85,7 +86,8 @@ pub struct ServeOptions {
     pub engine_config: EngineConfig,
     /// How often to reconcile the host against the ledger.
     pub reconcile_interval: Duration,
-    /// How often to unprepare claims whose ResourceClaim is gone or replaced.
+    /// How often to release half-prepared claims (a prepare that never completed)
+    /// whose ResourceClaim is gone or replaced; completed claims are the kubelet's.
     pub cleanup_interval: Duration,
     /// The ResourceSlice publisher; `None` publishes nothing.
     pub publisher: Option<PublisherHook>,

@@ -34,11 +34,13 @@ use tokio_util::sync::CancellationToken;
 use vfio_gpu_engine::{Engine, GpuView};
 use vfio_gpu_host::Bdf;
 
+use crate::apiserver::missing_resource_v1_after;
+
 /// At most this many devices per slice (API limit without taints or counters).
 pub const MAX_DEVICES_PER_SLICE: usize = 128;
 /// The API's limit on attributes + capacity entries per device.
 pub const MAX_ATTRIBUTES_AND_CAPACITY: usize = 32;
-/// The API's limit on a string attribute's length.
+/// The API's limit on a string attribute's length, in bytes.
 pub const MAX_STRING_ATTRIBUTE: usize = 64;
 /// Standard attribute: PCI address, `0000:65:00.0`.
 pub const ATTR_PCI_BUS_ID: &str = "resource.kubernetes.io/pciBusID";
@@ -147,11 +149,13 @@ impl SliceConfig {
     }
 
     /// `generateName` for new slices: `<node>-<driver>-`, made a valid name
-    /// prefix (lowercase alphanumerics, `-` and `.`; short enough that the
-    /// server's random suffix still fits a DNS label).
+    /// prefix. Every dot-separated label must start and end with an alphanumeric
+    /// (the server validates the generated name as a DNS subdomain), so labels are
+    /// trimmed of `-` and the cut, at 57 bytes so the server keeps the prefix whole
+    /// and appends its 5 characters, never leaves a trailing `.` or `-`.
     pub fn generate_name(&self) -> String {
-        let raw = format!("{}-{}", self.node_name, self.driver_name).to_ascii_lowercase();
-        let mut prefix: String = raw
+        let raw: String = format!("{}-{}", self.node_name, self.driver_name)
+            .to_ascii_lowercase()
             .chars()
             .map(|c| {
                 if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
@@ -160,9 +164,17 @@ impl SliceConfig {
                     '-'
                 }
             })
-            .skip_while(|c| !c.is_ascii_alphanumeric())
-            .take(57)
             .collect();
+        let labels: Vec<&str> = raw
+            .split('.')
+            .map(|l| l.trim_matches('-'))
+            .filter(|l| !l.is_empty())
+            .collect();
+        // ASCII only by now, so any byte offset is a char boundary.
+        let mut prefix = labels.join(".");
+        prefix.truncate(57);
+        let kept = prefix.trim_end_matches(['.', '-']).len();
+        prefix.truncate(kept);
         if prefix.is_empty() {
             prefix.push_str("slice");
         }
@@ -192,9 +204,13 @@ fn bool_attr(b: bool) -> DeviceAttribute {
     }
 }
 
-/// Cuts `s` to at most `max` characters (not bytes: never splits a character).
-fn truncate_chars(s: &str, max: usize) -> String {
-    s.chars().take(max).collect()
+/// Cuts `s` to at most `max` bytes (the API counts bytes) at a char boundary.
+fn truncate_bytes(s: &str, max: usize) -> String {
+    let mut cut = s.len().min(max);
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    s[..cut].to_string()
 }
 
 /// The attributes of one device. Unprefixed names live in the driver's domain
@@ -210,7 +226,7 @@ pub fn device_attributes(info: &DeviceInfo) -> BTreeMap<String, DeviceAttribute>
     if let Some(root) = info
         .pcie_root
         .as_ref()
-        .filter(|r| r.chars().count() <= MAX_STRING_ATTRIBUTE)
+        .filter(|r| r.len() <= MAX_STRING_ATTRIBUTE)
     {
         attrs.insert(ATTR_PCIE_ROOT.to_string(), string_attr(root.clone()));
     }
@@ -228,14 +244,14 @@ pub fn device_attributes(info: &DeviceInfo) -> BTreeMap<String, DeviceAttribute>
     if let Some(name) = &info.product_name {
         attrs.insert(
             "productName".to_string(),
-            string_attr(truncate_chars(name, MAX_STRING_ATTRIBUTE)),
+            string_attr(truncate_bytes(name, MAX_STRING_ATTRIBUTE)),
         );
     }
     attrs.insert("iommuGroup".to_string(), int_attr(info.iommu_group));
     if let Some(driver) = &info.driver {
         attrs.insert(
             "driver".to_string(),
-            string_attr(truncate_chars(driver, MAX_STRING_ATTRIBUTE)),
+            string_attr(truncate_bytes(driver, MAX_STRING_ATTRIBUTE)),
         );
     }
     attrs.insert("keepOnVfio".to_string(), bool_attr(info.keep_on_vfio));
@@ -487,11 +503,18 @@ impl SlicePublisher {
     pub async fn sync(&mut self, devices: &[DeviceInfo]) -> anyhow::Result<SyncOutcome> {
         let owner = self.owner().await?;
         let api: Api<ResourceSlice> = Api::all(self.client.clone());
-        let listed = api
+        let listed = match api
             .list(&ListParams::default().fields(&self.cfg.field_selector()))
             .await
-            .context("listing ResourceSlices")?
-            .items;
+        {
+            Ok(list) => list.items,
+            Err(e) => {
+                if let Some(msg) = missing_resource_v1_after(&self.client, &e).await {
+                    anyhow::bail!(msg);
+                }
+                return Err(e).context("listing ResourceSlices");
+            }
+        };
         let desired = device_chunks(devices);
         let pool_name = self.cfg.node_name.as_str();
 
@@ -837,6 +860,22 @@ mod tests {
         assert_eq!(a["keepOnVfio"].bool, Some(true));
         let c = d.capacity.unwrap();
         assert_eq!(c[CAPACITY_ADDRESSABLE_MEMORY].value.0, "131120Mi");
+    }
+
+    #[test]
+    fn string_attributes_fit_the_byte_limit_at_a_char_boundary() {
+        let mut i = info("0000:65:00.0");
+        // 3-byte characters (U+FFFD from a lossy pci.ids read, ™, —) and 2-byte ones.
+        let product = "GeForce\u{2122} RTX \u{2014} \u{fffd}\u{fffd} \u{e9}\u{fc}".repeat(4);
+        i.product_name = Some(product.clone());
+        i.driver = Some("\u{fc}".repeat(40));
+        let a = device_attributes(&i);
+        let name = a["productName"].string.clone().unwrap();
+        assert!(name.len() <= MAX_STRING_ATTRIBUTE, "{} bytes", name.len());
+        assert!(name.len() > MAX_STRING_ATTRIBUTE - 4, "uses the budget");
+        assert!(product.starts_with(&name));
+        let driver = a["driver"].string.clone().unwrap();
+        assert_eq!(driver, "\u{fc}".repeat(32));
     }
 
     #[test]

@@ -14,7 +14,8 @@ use vfio_gpu_kubelet::grpc::dra::{
     BoxFuture, ClaimRef, DraBackend, PrepareResults, UnprepareResults,
 };
 use vfio_gpu_kubelet::grpc::emulator::{
-    EmulatorError, RawGrpcClient, connect_dra, kubelet_authority,
+    DraDial, DraVersion, EmulatorError, KubeletEmulator, RawGrpcClient, connect_dra,
+    kubelet_authority,
 };
 use vfio_gpu_kubelet::grpc::registration::{
     InfoRequest, RegistrationService, RegistrationState, RegistrationStatus, registration_client,
@@ -184,6 +185,70 @@ async fn ordinary_tonic_client_works_through_adapter() {
         raw.get_info().await.unwrap();
         drop(raw);
         drop(client);
+        token.cancel();
+        handle.wait().await.unwrap();
+    })
+    .await
+    .unwrap();
+}
+
+/// Kubelets 1.32/1.33 dial the DRA endpoint by its raw path (grpc-go then sends the
+/// percent-encoded path as `:authority`), and grpc C-core clients send a relative
+/// `tmp%2F…` form: both must reach the DRA service, on v1 and on v1beta1, for several
+/// calls on one connection (later calls use dynamic-table references).
+#[tokio::test]
+async fn dra_socket_accepts_kubelet_and_c_core_authorities_on_v1_and_v1beta1() {
+    tokio::time::timeout(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ServerConfig::new(
+            "drv.example.com",
+            &dir.path().join("plugins"),
+            &dir.path().join("registry"),
+        );
+        let token = CancellationToken::new();
+        let handle = serve(config, Arc::new(NoopBackend), token.clone())
+            .await
+            .unwrap();
+        let relative = handle.dra_socket.strip_prefix("/").unwrap().to_path_buf();
+        let c_core = kubelet_authority(&relative);
+        assert!(!c_core.starts_with("%2F"), "{c_core}");
+        let claims = [
+            ClaimRef {
+                uid: "uid-1".into(),
+                namespace: "ns".into(),
+                name: "a".into(),
+            },
+            ClaimRef {
+                uid: "uid-2".into(),
+                namespace: "ns".into(),
+                name: "b".into(),
+            },
+        ];
+        for dial in [DraDial::RawPath, DraDial::Authority(c_core.clone())] {
+            for version in [DraVersion::V1, DraVersion::V1beta1] {
+                let plugin = KubeletEmulator::new(&handle.registration_socket)
+                    .with_known_versions(vec![version])
+                    .with_dra_dial(dial.clone())
+                    .with_timeout(STEP)
+                    .register()
+                    .await
+                    .unwrap();
+                assert_eq!(plugin.version, version);
+                for _ in 0..3 {
+                    let r = plugin
+                        .prepare(&claims)
+                        .await
+                        .unwrap_or_else(|e| panic!("{dial:?} {version:?}: {e}"));
+                    assert_eq!(r.len(), 2, "{dial:?} {version:?}");
+                    assert!(r.values().all(Result::is_ok), "{r:?}");
+                }
+                let u = plugin
+                    .unprepare(&claims)
+                    .await
+                    .unwrap_or_else(|e| panic!("{dial:?} {version:?}: {e}"));
+                assert!(u.values().all(Result::is_ok), "{u:?}");
+            }
+        }
         token.cancel();
         handle.wait().await.unwrap();
     })

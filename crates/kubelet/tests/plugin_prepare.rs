@@ -6,7 +6,12 @@ mod plugin_common;
 
 use plugin_common::*;
 use serde_json::{Value, json};
-use vfio_gpu_engine::Holder;
+use std::sync::Arc;
+use std::time::Duration;
+use vfio_gpu_engine::ledger::OpState;
+use vfio_gpu_engine::{CrashMode, Engine, EngineConfig, Holder};
+use vfio_gpu_host::GpuSelector;
+use vfio_gpu_intent::Policy;
 use vfio_gpu_kubelet::grpc::emulator::DraVersion;
 
 fn ok_devices(
@@ -83,7 +88,7 @@ async fn prepare_cdi_metadata_unprepare_round_trip_on_both_versions() {
         Some(&expected_holder)
     );
 
-    // CDI: valid spec, the device IDs resolve, legacy nodes + API device + env.
+    // CDI: valid spec, the device IDs resolve, legacy nodes + API device, no env.
     let spec_path = env.claim_spec_path(uid);
     let spec = validated_spec(&spec_path);
     let want_version = if uid.starts_with(|c: char| c.is_ascii_alphabetic()) {
@@ -98,10 +103,9 @@ async fn prepare_cdi_metadata_unprepare_round_trip_on_both_versions() {
         device_nodes(&ab["containerEdits"]),
         [format!("/dev/vfio/{}", group_of(&env, AB))]
     );
-    assert_eq!(
-        ab["containerEdits"]["env"],
-        json!(["PCI_RESOURCE_VFIO_GPU_DRA_DEV_GPU=0000:ab:00.0"])
-    );
+    // No env: KubeVirt's DRA path reads the metadata file, and a per-request
+    // variable would collide between claims with the same request name.
+    assert_eq!(ab["containerEdits"].get("env"), None, "{ab}");
     assert!(
         ab["containerEdits"]["deviceNodes"][0]
             .get("major")
@@ -638,15 +642,16 @@ async fn opaque_config_selects_iommufd_and_bad_config_fails_the_claim() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cleanup_unprepares_claims_that_are_gone_or_replaced() {
+async fn cleanup_leaves_fully_prepared_claims_whose_object_is_gone() {
+    // A force-deleted pod: its claim object is gone while QEMU may still run. The
+    // kubelet unprepares it; the plugin must not pull the GPU on its own.
     let env = Env::new().await;
     let running = env.start().await;
     let gone = env.claim("gone", &[("gpu", AB)]);
     let replaced = env.claim("replaced", &[("gpu", BA)]);
-    let kept = env.claim("kept", &[("gpu", H100)]);
     let r = running
         .kubelet
-        .prepare(&[gone.clone(), replaced.clone(), kept.clone()])
+        .prepare(&[gone.clone(), replaced.clone()])
         .await
         .expect("rpc");
     assert!(r.values().all(|r| r.is_ok()), "{r:?}");
@@ -658,19 +663,111 @@ async fn cleanup_unprepares_claims_that_are_gone_or_replaced() {
         .expect("deleted");
     env.claim("replaced", &[("gpu", BA)]);
 
-    let mut cleaned = running.plugin.cleanup_stale_claims().await;
-    cleaned.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    let cleaned = running.plugin.cleanup_stale_claims().await;
+    assert!(cleaned.is_empty(), "{cleaned:?}");
+    assert_eq!(env.driver_of(AB).as_deref(), Some("vfio-pci"));
+    assert_eq!(env.driver_of(BA).as_deref(), Some("vfio-pci"));
+    assert!(env.claim_spec_path(&gone.uid).exists());
+    let mut prepared: Vec<String> = running
+        .plugin
+        .prepared_claims()
+        .into_iter()
+        .map(|c| c.uid)
+        .collect();
+    prepared.sort();
+    let mut want = vec![gone.uid.clone(), replaced.uid.clone()];
+    want.sort();
+    assert_eq!(prepared, want);
+
+    // The kubelet's unprepare still releases them.
+    let u = running
+        .kubelet
+        .unprepare(&[gone.clone(), replaced.clone()])
+        .await
+        .expect("rpc");
+    assert!(u.values().all(|r| r.is_ok()), "{u:?}");
+    assert_eq!(env.driver_of(AB).as_deref(), Some("nvidia"));
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_releases_half_prepared_claims_whose_object_is_gone() {
+    let env = Env::new().await;
+    // A prepare that crashed mid-move leaves a Configuring record held by its claim.
+    let half = |name: &str| Holder::Claim {
+        uid: format!("uid-{name}"),
+        namespace: NS.into(),
+        name: name.into(),
+    };
+    {
+        let config = EngineConfig {
+            crash_after_step: Some(3),
+            crash_mode: CrashMode::Return,
+            unbind_lock_backoff: Duration::from_millis(1),
+            ..EngineConfig::default()
+        };
+        let (engine, _) = Engine::open(
+            Arc::new(env.kernel.clone()),
+            &env.state_dir(),
+            GpuSelector::default(),
+            Policy::default(),
+            config,
+        )
+        .expect("engine");
+        assert!(
+            engine.configure(bdf(BA), half("gone")).is_err(),
+            "crash injected"
+        );
+    }
+    let plugin = env.plugin();
+    let before = plugin.engine().ledger();
+    assert_eq!(before.gpus[&bdf(BA)].state, OpState::Configuring);
+    assert_ne!(env.driver_of(BA).as_deref(), Some("nvidia"));
+
+    // With the API server down nothing is cleaned.
+    env.api.set_refuse_connections(true);
+    assert!(plugin.cleanup_stale_claims().await.is_empty());
+    env.api.set_refuse_connections(false);
+
+    let cleaned = plugin.cleanup_stale_claims().await;
     let names: Vec<(&str, bool)> = cleaned
         .iter()
         .map(|(c, r)| (c.name.as_str(), r.is_ok()))
         .collect();
-    assert_eq!(names, [("gone", true), ("replaced", true)]);
-    assert_eq!(env.driver_of(AB).as_deref(), Some("nvidia"));
+    assert_eq!(names, [("gone", true)], "{cleaned:?}");
     assert_eq!(env.driver_of(BA).as_deref(), Some("nvidia"));
-    assert!(env.claim_spec_path(&kept.uid).exists());
-    assert!(!env.claim_spec_path(&gone.uid).exists());
-    // With the API server down nothing is cleaned.
-    env.api.set_refuse_connections(true);
-    assert!(running.plugin.cleanup_stale_claims().await.is_empty());
+    assert!(plugin.prepared_claims().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_without_resource_v1_is_reported_as_such() {
+    let env = Env::new().await;
+    let running = env.start().await;
+    let claim = env.claim("vm", &[("gpu", AB)]);
+    env.api.set_resource_v1_served(false);
+    let writes = env.kernel.log().len();
+    let r = running
+        .kubelet
+        .prepare(std::slice::from_ref(&claim))
+        .await
+        .expect("rpc");
+    let e = err_text(&r, &claim.uid);
+    assert!(
+        e.contains("API server does not serve resource.k8s.io/v1; Kubernetes ≥ 1.34 required"),
+        "{e}"
+    );
+    assert!(!e.contains("not found"), "{e}");
+    assert_eq!(env.kernel.log().len(), writes, "nothing changed");
+    // A claim that is really missing is still reported as missing.
+    env.api.set_resource_v1_served(true);
+    env.api
+        .delete("resourceclaims", Some(NS), "vm")
+        .expect("deleted");
+    let r = running
+        .kubelet
+        .prepare(std::slice::from_ref(&claim))
+        .await
+        .expect("rpc");
+    assert!(err_text(&r, &claim.uid).contains("not found"), "{r:?}");
     running.stop().await;
 }

@@ -355,3 +355,17 @@ fn device_info_list_from_the_demo_matches_device_info() {
         "device_infos = filtered device_info in BDF order"
     );
 }
+
+#[tokio::test]
+async fn api_server_without_resource_v1_is_reported_as_such() {
+    let (server, client, _) = setup().await;
+    server.set_resource_v1_served(false);
+    let err = publish_once(&client, &config(), &demo_devices())
+        .await
+        .expect_err("nothing can be published");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("API server does not serve resource.k8s.io/v1; Kubernetes ≥ 1.34 required"),
+        "{text}"
+    );
+}

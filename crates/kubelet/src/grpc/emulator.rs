@@ -3,12 +3,14 @@
 //!
 //! Registration uses a minimal raw HTTP/2 gRPC client because the kubelet (grpc-go) sends
 //! the percent-encoded socket path as `:authority`, which no `http`-based client can
-//! construct. The DRA socket is then dialed with tonic, which sends `localhost`, exactly
-//! like the kubelet's `unix:` target.
+//! construct. The DRA socket is dialed the way [`DraDial`] says: with tonic (`localhost`,
+//! like the 1.34+ kubelet's `unix:` target) or with the raw client and a percent-encoded
+//! authority (kubelet 1.32/1.33, which dial the raw path, or grpc C-core clients).
 
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
@@ -158,6 +160,15 @@ pub struct RawGrpcClient {
     timeout: Duration,
 }
 
+impl std::fmt::Debug for RawGrpcClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawGrpcClient")
+            .field("authority", &self.authority)
+            .field("next_stream_id", &self.next_stream_id)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One received frame.
 struct RawFrame {
     ty: u8,
@@ -176,7 +187,7 @@ impl RawGrpcClient {
         let stream = tokio::time::timeout(timeout, UnixStream::connect(socket))
             .await
             .map_err(|_| EmulatorError::Timeout {
-                step: "dial registration socket",
+                step: "dial socket",
                 timeout,
             })?
             .map_err(|source| EmulatorError::Connect {
@@ -464,11 +475,25 @@ fn strip_padding(f: &RawFrame) -> Result<&[u8], EmulatorError> {
         })
 }
 
+/// How the emulated kubelet dials the DRA endpoint, which decides its `:authority`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DraDial {
+    /// `unix:` + endpoint (kubelet 1.34+): grpc-go sends `localhost`.
+    #[default]
+    UnixScheme,
+    /// The raw endpoint path as target (kubelet 1.32/1.33, and the 1.34+ re-dial after a
+    /// shutdown): grpc-go sends the percent-encoded path, see [`kubelet_authority`].
+    RawPath,
+    /// A fixed authority, e.g. grpc C-core's relative `tmp%2F…%2Fdra.sock`.
+    Authority(String),
+}
+
 /// Emulates the kubelet's plugin watcher and DRA manager for one registration socket.
 #[derive(Debug, Clone)]
 pub struct KubeletEmulator {
     registration_socket: PathBuf,
     authority: String,
+    dra_dial: DraDial,
     known_versions: Vec<DraVersion>,
     timeout: Duration,
 }
@@ -481,6 +506,7 @@ impl KubeletEmulator {
         Self {
             authority: kubelet_authority(&registration_socket),
             registration_socket,
+            dra_dial: DraDial::default(),
             known_versions: vec![DraVersion::V1, DraVersion::V1beta1],
             timeout: Duration::from_secs(10),
         }
@@ -489,6 +515,12 @@ impl KubeletEmulator {
     /// Overrides the `:authority` sent on the registration socket.
     pub fn with_authority(mut self, authority: impl Into<String>) -> Self {
         self.authority = authority.into();
+        self
+    }
+
+    /// Sets how the DRA endpoint is dialed (and so the `:authority` sent on it).
+    pub fn with_dra_dial(mut self, dial: DraDial) -> Self {
+        self.dra_dial = dial;
         self
     }
 
@@ -551,12 +583,23 @@ impl KubeletEmulator {
         } else {
             info.endpoint.clone()
         };
-        let channel = connect_dra(&endpoint).await?;
+        let transport = match &self.dra_dial {
+            DraDial::UnixScheme => DraTransport::Tonic(connect_dra(&endpoint).await?),
+            dial => {
+                let authority = match dial {
+                    DraDial::Authority(a) => a.clone(),
+                    _ => kubelet_authority(Path::new(&endpoint)),
+                };
+                let raw =
+                    RawGrpcClient::connect(Path::new(&endpoint), authority, self.timeout).await?;
+                DraTransport::Raw(Arc::new(tokio::sync::Mutex::new(raw)))
+            }
+        };
         reg.notify_registration_status(true, "").await?;
         Ok(RegisteredPlugin {
             info,
             version,
-            channel,
+            transport,
         })
     }
 }
@@ -585,7 +628,55 @@ pub struct RegisteredPlugin {
     pub info: PluginInfo,
     /// Version negotiated from the plugin's list.
     pub version: DraVersion,
-    channel: Channel,
+    transport: DraTransport,
+}
+
+/// The connection DRA calls go over.
+#[derive(Debug, Clone)]
+enum DraTransport {
+    /// tonic: `:authority: localhost`.
+    Tonic(Channel),
+    /// The raw client, for authorities tonic cannot send; calls take turns.
+    Raw(Arc<tokio::sync::Mutex<RawGrpcClient>>),
+}
+
+impl DraTransport {
+    /// One unary call of `path`, e.g. `/k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin/NodePrepareResources`.
+    async fn unary<Req, Resp>(
+        &self,
+        path: &'static str,
+        method: &'static str,
+        version: DraVersion,
+        request: Req,
+    ) -> Result<Resp, EmulatorError>
+    where
+        Req: Message + Send + Sync + 'static,
+        Resp: Message + Default + Send + Sync + 'static,
+    {
+        let call_err = |s: tonic::Status| EmulatorError::DraCall {
+            method,
+            version,
+            source: Box::new(s),
+        };
+        match self {
+            DraTransport::Tonic(channel) => {
+                let mut grpc = tonic::client::Grpc::new(channel.clone());
+                grpc.ready()
+                    .await
+                    .map_err(|e| call_err(tonic::Status::unavailable(e.to_string())))?;
+                let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
+                grpc.unary(
+                    tonic::Request::new(request),
+                    http::uri::PathAndQuery::from_static(path),
+                    codec,
+                )
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(call_err)
+            }
+            DraTransport::Raw(raw) => raw.lock().await.unary(path, &request).await,
+        }
+    }
 }
 
 impl RegisteredPlugin {
@@ -605,11 +696,7 @@ impl RegisteredPlugin {
         version: DraVersion,
         claims: &[ClaimRef],
     ) -> Result<PrepareResults, EmulatorError> {
-        let call_err = |s: tonic::Status| EmulatorError::DraCall {
-            method: "NodePrepareResources",
-            version,
-            source: Box::new(s),
-        };
+        const METHOD: &str = "NodePrepareResources";
         let entry = |devices: Vec<PreparedDevice>, error: String| {
             if error.is_empty() {
                 Ok(devices)
@@ -619,13 +706,19 @@ impl RegisteredPlugin {
         };
         match version {
             DraVersion::V1 => {
-                let mut c = v1::dra_plugin_client::DraPluginClient::new(self.channel.clone());
                 let req = v1::NodePrepareResourcesRequest {
                     claims: claims.iter().map(claim_v1).collect(),
                 };
-                let resp = c.node_prepare_resources(req).await.map_err(call_err)?;
+                let resp: v1::NodePrepareResourcesResponse = self
+                    .transport
+                    .unary(
+                        "/k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin/NodePrepareResources",
+                        METHOD,
+                        version,
+                        req,
+                    )
+                    .await?;
                 Ok(resp
-                    .into_inner()
                     .claims
                     .into_iter()
                     .map(|(uid, r)| {
@@ -645,13 +738,19 @@ impl RegisteredPlugin {
                     .collect())
             }
             DraVersion::V1beta1 => {
-                let mut c = v1beta1::dra_plugin_client::DraPluginClient::new(self.channel.clone());
                 let req = v1beta1::NodePrepareResourcesRequest {
                     claims: claims.iter().map(claim_v1beta1).collect(),
                 };
-                let resp = c.node_prepare_resources(req).await.map_err(call_err)?;
+                let resp: v1beta1::NodePrepareResourcesResponse = self
+                    .transport
+                    .unary(
+                        "/k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin/NodePrepareResources",
+                        METHOD,
+                        version,
+                        req,
+                    )
+                    .await?;
                 Ok(resp
-                    .into_inner()
                     .claims
                     .into_iter()
                     .map(|(uid, r)| {
@@ -679,34 +778,42 @@ impl RegisteredPlugin {
         version: DraVersion,
         claims: &[ClaimRef],
     ) -> Result<UnprepareResults, EmulatorError> {
-        let call_err = |s: tonic::Status| EmulatorError::DraCall {
-            method: "NodeUnprepareResources",
-            version,
-            source: Box::new(s),
-        };
+        const METHOD: &str = "NodeUnprepareResources";
         let entry = |error: String| if error.is_empty() { Ok(()) } else { Err(error) };
         match version {
             DraVersion::V1 => {
-                let mut c = v1::dra_plugin_client::DraPluginClient::new(self.channel.clone());
                 let req = v1::NodeUnprepareResourcesRequest {
                     claims: claims.iter().map(claim_v1).collect(),
                 };
-                let resp = c.node_unprepare_resources(req).await.map_err(call_err)?;
+                let resp: v1::NodeUnprepareResourcesResponse = self
+                    .transport
+                    .unary(
+                        "/k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin/NodeUnprepareResources",
+                        METHOD,
+                        version,
+                        req,
+                    )
+                    .await?;
                 Ok(resp
-                    .into_inner()
                     .claims
                     .into_iter()
                     .map(|(uid, r)| (uid, entry(r.error)))
                     .collect())
             }
             DraVersion::V1beta1 => {
-                let mut c = v1beta1::dra_plugin_client::DraPluginClient::new(self.channel.clone());
                 let req = v1beta1::NodeUnprepareResourcesRequest {
                     claims: claims.iter().map(claim_v1beta1).collect(),
                 };
-                let resp = c.node_unprepare_resources(req).await.map_err(call_err)?;
+                let resp: v1beta1::NodeUnprepareResourcesResponse = self
+                    .transport
+                    .unary(
+                        "/k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin/NodeUnprepareResources",
+                        METHOD,
+                        version,
+                        req,
+                    )
+                    .await?;
                 Ok(resp
-                    .into_inner()
                     .claims
                     .into_iter()
                     .map(|(uid, r)| (uid, entry(r.error)))

@@ -2,6 +2,8 @@
 //!
 //! Order matters: the DRA socket is bound and served before the registration socket
 //! exists, because the kubelet dials the endpoint as soon as registration succeeds.
+//! Both sockets accept connections through the `:authority` adapter
+//! ([`AuthorityFixStream`]).
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -260,11 +262,13 @@ pub async fn serve(
     let dra_path = config.dra_socket.clone();
     let dra_task = tokio::spawn(async move {
         let _owned = dra_owned;
+        // The adapter here too: kubelets 1.32/1.33 (and the 1.34+ re-dial after a
+        // shutdown) dial the raw path, so grpc-go sends it percent-encoded as
+        // `:authority`, which h2 would answer with RST_STREAM.
+        let incoming =
+            UnixListenerStream::new(dra_listener).map(|conn| conn.map(AuthorityFixStream::new));
         let result = dra_router
-            .serve_with_incoming_shutdown(
-                UnixListenerStream::new(dra_listener),
-                dra_stop.clone().cancelled_owned(),
-            )
+            .serve_with_incoming_shutdown(incoming, dra_stop.clone().cancelled_owned())
             .await
             .map_err(|source| ServerError::Serve {
                 what: "DRA",
