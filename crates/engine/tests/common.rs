@@ -126,3 +126,21 @@ pub fn state_of(root: &Path, b: &str) -> (Option<String>, Option<String>) {
 pub fn driver_of(root: &Path, b: &str) -> Option<String> {
     state_of(root, b).0
 }
+
+/// An engine whose host programs (`nvidia-smi`, `modprobe`) are `commands`.
+pub fn engine_with_commands(
+    kernel: &SimKernel,
+    state: &Path,
+    commands: Arc<dyn vfio_gpu_engine::commands::HostCommands>,
+) -> Engine {
+    Engine::open_with_commands(
+        Arc::new(kernel.clone()),
+        commands,
+        state,
+        GpuSelector::default(),
+        Policy::default(),
+        config(),
+    )
+    .unwrap()
+    .0
+}

@@ -445,13 +445,12 @@ fn persistence_mode_is_turned_off_for_the_move_and_back_on_at_release() {
     let dir = tempfile::tempdir().unwrap();
     let host = persistenced_host(dir.path());
     let k = sim(&host);
-    let mut e = engine(&k, &dir.path().join("state"));
     let smi = std::sync::Arc::new(FakeNvidiaSmi {
         host: host.clone(),
         calls: Default::default(),
         fail: false,
     });
-    e.set_commands(smi.clone());
+    let e = engine_with_commands(&k, &dir.path().join("state"), smi.clone());
     assert_eq!(
         e.configure(bdf(B), claim("u1")).unwrap().action,
         Action::Moved
@@ -476,13 +475,12 @@ fn persistence_failure_or_other_holders_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let host = persistenced_host(dir.path());
     let k = sim(&host);
-    let mut e = engine(&k, &dir.path().join("state"));
     let smi = std::sync::Arc::new(FakeNvidiaSmi {
         host: host.clone(),
         calls: Default::default(),
         fail: true,
     });
-    e.set_commands(smi.clone());
+    let e = engine_with_commands(&k, &dir.path().join("state"), smi.clone());
     let err = e.configure(bdf(B), claim("u1")).unwrap_err();
     assert!(matches!(err, EngineError::Persistence { .. }), "{err}");
     assert!(k.log().is_empty(), "no sysfs writes: {:?}", k.log());

@@ -470,15 +470,19 @@ fn m3_a_hanging_nvidia_smi_is_cut_off_by_its_deadline_and_changes_nothing() {
     )
     .unwrap();
     let k = sim(&host);
-    let mut e = engine_with(
-        &k,
+    let e = Engine::open_with_commands(
+        Arc::new(k.clone()),
+        Arc::new(HangingSmi),
         &dir.path().join("state"),
+        GpuSelector::default(),
+        Policy::default(),
         EngineConfig {
             command_deadline: Duration::from_millis(300),
             ..config()
         },
-    );
-    e.set_commands(Arc::new(HangingSmi));
+    )
+    .unwrap()
+    .0;
     let started = Instant::now();
     let err = e.configure(bdf(B), claim("u1")).unwrap_err();
     assert!(

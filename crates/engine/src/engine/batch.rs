@@ -3,7 +3,7 @@
 use super::Engine;
 use super::view::Outcome;
 
-use vfio_gpu_host::{Bdf, FunctionRole};
+use vfio_gpu_host::Bdf;
 
 use crate::error::EngineError;
 use crate::ledger::Holder;
@@ -31,11 +31,6 @@ impl Engine {
             .filter(|(_, r)| r.holder.as_ref() == Some(holder))
             .map(|(b, _)| *b)
             .collect()
-    }
-
-    /// Whether `role` functions would move; exposed for listings.
-    pub fn moves_with_gpu(role: FunctionRole) -> bool {
-        matches!(role, FunctionRole::Gpu | FunctionRole::Companion)
     }
 }
 

@@ -132,9 +132,24 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Engine {
     /// Opens the engine: takes the state directory lock, loads the ledger
-    /// (moving an untrusted one aside) and reads the intent sources.
+    /// (moving an untrusted one aside) and reads the intent sources. Host
+    /// programs are run as they are (see [`Engine::open_with_commands`]).
     pub fn open(
         kernel: Arc<dyn Kernel>,
+        state_dir: &Path,
+        selector: GpuSelector,
+        policy: Policy,
+        config: EngineConfig,
+    ) -> Result<(Engine, OpenReport), EngineError> {
+        let commands: Arc<dyn HostCommands> = Arc::new(RealCommands);
+        Engine::open_with_commands(kernel, commands, state_dir, selector, policy, config)
+    }
+
+    /// Like [`Engine::open`], with host programs (`modprobe`, `nvidia-smi`)
+    /// run through `commands`: both host edges are fixed at construction.
+    pub fn open_with_commands(
+        kernel: Arc<dyn Kernel>,
+        commands: Arc<dyn HostCommands>,
         state_dir: &Path,
         selector: GpuSelector,
         policy: Policy,
@@ -184,7 +199,7 @@ impl Engine {
             boot_id,
             groups: Mutex::new(HashMap::new()),
             stuck: StuckSet::default(),
-            commands: Arc::new(RealCommands),
+            commands,
             steps: AtomicU64::new(0),
             crashed: AtomicBool::new(false),
             config,

@@ -1,19 +1,12 @@
 //! nvidia persistence mode: turned off for a move when nvidia-persistenced is the only holder, back on at release.
 
 use super::Engine;
-use std::sync::Arc;
 
 use vfio_gpu_host::Bdf;
 
-use crate::commands::HostCommands;
 use crate::ledger::GpuRecord;
 
 impl Engine {
-    /// Replaces how host programs are run (tests stand in for `nvidia-smi`).
-    pub fn set_commands(&mut self, commands: Arc<dyn HostCommands>) {
-        self.commands = commands;
-    }
-
     /// Sets nvidia persistence mode of one GPU with the host's `nvidia-smi`.
     pub(super) fn set_persistence(&self, bdf: Bdf, on: bool) -> Result<(), String> {
         let mode = if on { "1" } else { "0" };
