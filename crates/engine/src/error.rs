@@ -160,8 +160,9 @@ pub enum EngineError {
     RolledBack {
         /// The failing step.
         step: String,
-        /// Its error.
-        cause: String,
+        /// Its error (the errno, for a sysfs write).
+        #[source]
+        cause: std::io::Error,
         /// Where every function is now.
         functions: Vec<FunctionState>,
     },
@@ -173,8 +174,9 @@ pub enum EngineError {
     RollbackIncomplete {
         /// The failing step.
         step: String,
-        /// Its error.
-        cause: String,
+        /// Its error (the errno, for a sysfs write).
+        #[source]
+        cause: std::io::Error,
         /// What went wrong in the rollback.
         rollback: String,
         /// Where every function is now.
@@ -182,14 +184,17 @@ pub enum EngineError {
     },
     /// Restoring the host driver failed; the GPU was kept on vfio.
     #[error(
-        "returning {bdf} to its driver failed: {cause}; kept on vfio so it is not left without a driver: {}",
+        "returning {bdf} to its driver failed: {step}: {cause}; kept on vfio so it is not left without a driver: {}",
         list(functions)
     )]
     RestoreFailed {
         /// GPU.
         bdf: Bdf,
-        /// Why.
-        cause: String,
+        /// The failing step.
+        step: String,
+        /// Its error (the errno, for a sysfs write).
+        #[source]
+        cause: std::io::Error,
         /// Where every function is now.
         functions: Vec<FunctionState>,
     },

@@ -216,7 +216,10 @@ impl Engine {
                 let _ = self.rollback(bdf);
                 Err(e)
             }
-            Err(StepError::Step { step, cause }) => {
+            Err(StepError::Step {
+                step,
+                source: cause,
+            }) => {
                 let expected: BTreeMap<Bdf, Option<String>> = funcs
                     .iter()
                     .map(|f| (f.bdf, f.driver.as_ref().map(|d| d.to_string())))
@@ -296,21 +299,21 @@ impl Engine {
             )?;
             let now_on = self.binding(f.bdf)?.driver;
             if now_on.as_ref() != Some(vfio) {
-                return Err(StepError::Step {
-                    step: format!("verify {} on {vfio}", f.bdf),
-                    cause: format!(
+                return Err(StepError::verify(
+                    format!("verify {} on {vfio}", f.bdf),
+                    format!(
                         "driver is {}",
                         now_on.map(|d| d.to_string()).unwrap_or("none".into())
                     ),
-                });
+                ));
             }
         }
         // The group node appears with the first vfio member; a VM needs it.
         if !self.root.dev_vfio_group(group).exists() {
-            return Err(StepError::Step {
-                step: format!("verify /dev/vfio/{group}"),
-                cause: "the group node did not appear".into(),
-            });
+            return Err(StepError::verify(
+                format!("verify /dev/vfio/{group}"),
+                "the group node did not appear".into(),
+            ));
         }
         // Viable: every member unbound or on a driver that manages DMA itself.
         for m in gpu.iommu_group_members.iter().map(|m| m.bdf) {
@@ -318,10 +321,10 @@ impl Engine {
             if let Some(d) = &f.driver
                 && !(d.is_vfio() || d.as_str() == "pci-stub" || d.as_str() == "pcieport")
             {
-                return Err(StepError::Step {
-                    step: format!("verify group {group} viable"),
-                    cause: format!("{m} is on {d}"),
-                });
+                return Err(StepError::verify(
+                    format!("verify group {group} viable"),
+                    format!("{m} is on {d}"),
+                ));
             }
         }
         Ok(())

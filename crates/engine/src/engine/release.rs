@@ -40,12 +40,12 @@ impl Engine {
                     let now_on = self.binding(fr.bdf)?.driver;
                     if now_on.as_ref() != Some(orig) {
                         let cause = match bound {
-                            Err(StepError::Step { cause, .. }) => cause,
+                            Err(StepError::Step { source, .. }) => source,
                             Err(e) => return Err(e),
-                            Ok(()) => format!(
+                            Ok(()) => std::io::Error::other(format!(
                                 "driver is {}",
                                 now_on.map(|d| d.to_string()).unwrap_or("none".into())
-                            ),
+                            )),
                         };
                         // Never leave it without a driver: back to vfio.
                         if let Some(v) = vfio {
@@ -53,7 +53,7 @@ impl Engine {
                         }
                         return Err(StepError::Step {
                             step: format!("bind {} to {orig}", fr.bdf),
-                            cause,
+                            source: cause,
                         });
                     }
                 }
@@ -123,9 +123,10 @@ impl Engine {
                 Ok(())
             }
             Some(StepError::Engine(e)) => Err(e),
-            Some(StepError::Step { step, cause }) => Err(EngineError::RestoreFailed {
+            Some(StepError::Step { step, source }) => Err(EngineError::RestoreFailed {
                 bdf,
-                cause: format!("{step}: {cause}"),
+                step,
+                cause: source,
                 functions: self.states(
                     &rec.functions.iter().map(|f| f.bdf).collect::<Vec<_>>(),
                     &BTreeMap::new(),
@@ -334,9 +335,10 @@ impl Engine {
                 ))
             }
             Some(StepError::Engine(e)) => Err(e),
-            Some(StepError::Step { step, cause }) => Err(EngineError::RestoreFailed {
+            Some(StepError::Step { step, source }) => Err(EngineError::RestoreFailed {
                 bdf,
-                cause: format!("{step}: {cause}"),
+                step,
+                cause: source,
                 functions: self.states(
                     &rec.functions.iter().map(|f| f.bdf).collect::<Vec<_>>(),
                     &BTreeMap::new(),

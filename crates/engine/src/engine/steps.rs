@@ -135,10 +135,7 @@ impl Engine {
         let text = op.to_string();
         match self.write(gpu, op)? {
             Ok(()) => Ok(()),
-            Err(e) => Err(StepError::Step {
-                step: text,
-                cause: e.to_string(),
-            }),
+            Err(source) => Err(StepError::Step { step: text, source }),
         }
     }
 
@@ -245,7 +242,21 @@ impl Engine {
 /// failed host write (roll back).
 pub(super) enum StepError {
     Engine(EngineError),
-    Step { step: String, cause: String },
+    /// A step failed; `source` keeps the kernel's errno.
+    Step {
+        step: String,
+        source: io::Error,
+    },
+}
+
+impl StepError {
+    /// A verification that found the host not as the step left it.
+    pub(super) fn verify(step: String, found: String) -> StepError {
+        StepError::Step {
+            step,
+            source: io::Error::other(found),
+        }
+    }
 }
 
 impl From<EngineError> for StepError {
