@@ -33,5 +33,6 @@ pub use live::{IntentSnapshot, LiveIntent};
 pub use modprobe::{ModprobeConfig, Origin, effective_vfio_ids, vfio_pci_builtin};
 pub use policy::{Policy, VfioDriverChoice};
 pub use verdict::{
-    IntentSources, NoRecords, OwnRecords, Pin, Reason, Signal, Source, Verdict, evaluate,
+    IntentSources, NoRecords, OwnRecords, Pin, Reason, ReleaseDecision, Signal, Source, Verdict,
+    evaluate,
 };

@@ -34,6 +34,19 @@ pub enum Source {
     Policy,
 }
 
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Source::KernelCmdline => "kernel-cmdline",
+            Source::Modprobe => "modprobe",
+            Source::Driverctl => "driverctl",
+            Source::DriverOverride => "driver-override",
+            Source::BoundAtStart => "bound-at-start",
+            Source::Policy => "policy",
+        })
+    }
+}
+
 /// A signal that decided the verdict.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -95,7 +108,54 @@ pub struct Verdict {
     pub warnings: Vec<String>,
 }
 
+/// What a release of a GPU the plugin moved must do: the keep-or-restore
+/// rule, decided here with the intent rules rather than in the engine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReleaseDecision {
+    /// Stay on vfio, for this reason.
+    Keep(String),
+    /// Return every function to its recorded driver.
+    Restore,
+}
+
 impl Verdict {
+    /// The keep-or-restore decision for a release. `was_on_vfio`: the GPU
+    /// was on vfio before the plugin touched it; `original_drivers`: the
+    /// host drivers its functions had.
+    pub fn on_release<'a>(
+        &self,
+        was_on_vfio: bool,
+        original_drivers: impl IntoIterator<Item = &'a str>,
+    ) -> ReleaseDecision {
+        if self.keep_on_vfio {
+            return ReleaseDecision::Keep(self.reasons_text());
+        }
+        if was_on_vfio {
+            return ReleaseDecision::Keep("it was on vfio before we touched it".into());
+        }
+        let suppressed = original_drivers
+            .into_iter()
+            .find(|d| self.host_driver_suppressed.iter().any(|s| s == d));
+        match suppressed {
+            Some(d) => ReleaseDecision::Keep(format!(
+                "its host driver {d} is blacklisted or blocked by the admin"
+            )),
+            None => ReleaseDecision::Restore,
+        }
+    }
+
+    /// The reasons for `keep_on_vfio`, in one line.
+    pub fn reasons_text(&self) -> String {
+        if self.reasons.is_empty() {
+            return "no admin intent found".into();
+        }
+        self.reasons
+            .iter()
+            .map(|r| format!("{}: {}", r.source, r.detail))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     /// True when the plugin must not revert the GPU or must not move it at all.
     pub fn admin_owned(&self) -> bool {
         self.keep_on_vfio || self.pinned.is_some()

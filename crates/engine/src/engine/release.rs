@@ -14,6 +14,7 @@ use crate::kernel::SysfsWrite;
 use crate::ledger::{FunctionRecord, GpuRecord, Holder, OpState};
 use crate::preflight::{NodeHolder, device_nodes};
 use crate::state::OnRelease;
+use vfio_gpu_intent::ReleaseDecision;
 
 impl Engine {
     /// Puts one function back where its record says it came from.
@@ -244,25 +245,11 @@ impl Engine {
             }
             OnRelease::Undo => {}
         }
-        let suppressed = rec.functions.iter().find_map(|f| {
-            f.original_driver.as_ref().filter(|d| {
-                verdict
-                    .host_driver_suppressed
-                    .iter()
-                    .any(|s| s == d.as_str())
-            })
-        });
-        if verdict.keep_on_vfio || rec.was_on_vfio || suppressed.is_some() {
-            let why = if verdict.keep_on_vfio {
-                reasons_text(&verdict)
-            } else if rec.was_on_vfio {
-                "it was on vfio before we touched it".to_string()
-            } else {
-                format!(
-                    "its host driver {} is blacklisted or blocked by the admin",
-                    suppressed.map(|d| d.as_str()).unwrap_or("?")
-                )
-            };
+        let originals = rec
+            .functions
+            .iter()
+            .filter_map(|f| f.original_driver.as_ref().map(|d| d.as_str()));
+        if let ReleaseDecision::Keep(why) = verdict.on_release(rec.was_on_vfio, originals) {
             let on_vfio = gpu.function.on_vfio();
             let mut kept = rec.clone();
             kept.state = OpState::Prebound;

@@ -237,24 +237,14 @@ impl Engine {
 
 /// The kebab-case name of an intent source (`kernel-cmdline`, …).
 pub fn source_name(s: vfio_gpu_intent::Source) -> String {
-    serde_json::to_value(s)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| format!("{s:?}"))
+    s.to_string()
 }
 
 /// A pin in words.
 pub fn pin_text(p: &vfio_gpu_intent::Pin) -> String {
-    format!("{}: {}", source_name(p.source), p.detail)
+    format!("{}: {}", p.source, p.detail)
 }
 
 pub(super) fn reasons_text(v: &Verdict) -> String {
-    if v.reasons.is_empty() {
-        return "no admin intent found".into();
-    }
-    v.reasons
-        .iter()
-        .map(|r| format!("{}: {}", source_name(r.source), r.detail))
-        .collect::<Vec<_>>()
-        .join("; ")
+    v.reasons_text()
 }
