@@ -18,91 +18,31 @@ use crate::state::OnConfigure;
 
 impl Engine {
     /// Moves a GPU (every endpoint function of its IOMMU group) to vfio for `holder`.
+    ///
+    /// Phases: what the ledger already says ([`Engine::prior_record`]),
+    /// preflight ([`Engine::members_to_move`], [`Engine::persistence_plan`]),
+    /// the write-ahead record, persistence off, the move, the completion commit.
     pub fn configure(&self, bdf: Bdf, holder: Holder) -> Result<Outcome, EngineError> {
         self.check_alive()?;
         let started = Instant::now();
         let guard = self.group_guard(bdf);
         let _g = lock(&guard);
-        let gpu = self.load_gpu(bdf)?;
-        for f in &gpu.functions {
-            if let Some(op) = self.stuck.stuck_on(f.bdf) {
-                return Err(EngineError::Stuck { bdf, op, secs: 0.0 });
-            }
-        }
-        let mut carried = None;
-        if let Some(rec) = self.ledger().gpus.get(&bdf).cloned() {
-            if let Some(op) = &rec.stuck_on {
-                return Err(EngineError::Stuck {
-                    bdf,
-                    op: op.clone(),
-                    secs: 0.0,
-                });
-            }
-            let all_on_vfio = gpu
-                .functions
-                .iter()
-                .all(|f| f.driver.as_ref().is_some_and(|d| d.is_vfio()));
-            match rec.on_configure(&holder, all_on_vfio) {
-                OnConfigure::AlreadyDone => {
-                    return Ok(self.outcome(
-                        &gpu,
-                        Action::AlreadyConfigured,
-                        format!("already on vfio for {holder}"),
-                        started,
-                    ));
-                }
-                OnConfigure::Redrive => carried = Some(rec),
-                OnConfigure::Fresh => {}
-                OnConfigure::FinishFirst => {
-                    self.reconcile_record(&gpu, rec)?;
-                }
-                OnConfigure::HeldByOther(h) => {
-                    return Err(EngineError::HeldByOther { bdf, holder: h });
-                }
-            }
-        }
+        let carried = match self.prior_record(bdf, &holder, started)? {
+            Prior::Done(outcome) => return Ok(outcome),
+            Prior::Carry(rec) => rec,
+        };
         let gpu = self.load_gpu(bdf)?;
         let intent = self.intent();
-        let verdict = self.verdict(&intent, &gpu);
-        if let Some(pin) = &verdict.pinned {
+        if let Some(pin) = &self.verdict(&intent, &gpu).pinned {
             return Err(EngineError::Pinned {
                 bdf,
                 detail: pin_text(pin),
             });
         }
         let group = gpu.function.iommu_group.ok_or(EngineError::NoIommu(bdf))?;
-        let mut movable: Vec<Bdf> = gpu.functions.iter().map(|f| f.bdf).collect();
-        let blocking: Vec<String> = gpu
-            .blocking_members()
-            .map(|m| {
-                format!(
-                    "{} ({}, {})",
-                    m.bdf,
-                    m.identity.vendor_device(),
-                    m.driver.as_ref().map(|d| d.as_str()).unwrap_or("no driver")
-                )
-            })
-            .collect();
-        if !blocking.is_empty() {
-            if !intent.policy.binding.allow_foreign_group_members {
-                return Err(EngineError::ForeignGroupMembers {
-                    bdf,
-                    members: blocking.join(", "),
-                });
-            }
-            movable.extend(gpu.blocking_members().map(|m| m.bdf));
-        }
-        let mut funcs = Vec::new();
-        for b in &movable {
-            let f = self.read(*b)?;
-            if let Some(n) = f.sriov_num_vfs.filter(|n| *n > 0) {
-                return Err(EngineError::VfsEnabled { bdf: *b, count: n });
-            }
-            funcs.push(f);
-        }
-        let was_on_vfio = funcs.iter().all(|f| f.on_vfio());
+        let funcs = self.members_to_move(&gpu, &intent.policy)?;
         let vfio_driver = self.vfio_driver_for(&intent.policy, &gpu.function)?;
-        if was_on_vfio {
+        if funcs.iter().all(|f| f.on_vfio()) {
             let rec =
                 self.found_on_vfio_record(&gpu, &funcs, OpState::Configured, Some(holder.clone()));
             self.set_record(bdf, Some(rec))?;
@@ -113,34 +53,8 @@ impl Engine {
                 started,
             ));
         }
-        // No process may still use it on its host driver.
-        let nodes: Vec<PathBuf> = funcs
-            .iter()
-            .filter(|f| !f.on_vfio())
-            .flat_map(|f| device_nodes(&self.root, f))
-            .collect();
-        let holders = self.holders_of(bdf, nodes.clone())?;
-        // nvidia-persistenced alone keeps the GPU open while persistence mode is
-        // on: turn it off (and back on at release) when the host has nvidia-smi.
-        let only_persistenced = !holders.is_empty()
-            && holders.iter().all(|h| h.comm == "nvidia-persistenced")
-            && self.commands.exists(&self.root, "nvidia-smi");
-        if !holders.is_empty() && !only_persistenced {
-            return Err(EngineError::Busy { bdf, holders });
-        }
-        let persistence_disabled: Vec<Bdf> = if only_persistenced {
-            funcs
-                .iter()
-                .filter(|f| f.driver.as_ref().is_some_and(|d| d.as_str() == "nvidia"))
-                .map(|f| f.bdf)
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let (nodes, persistence_disabled) = self.persistence_plan(bdf, &funcs)?;
 
-        // Write-ahead: the record exists before the host changes, and already
-        // names the override we will write and the lock we will take, so one
-        // fsync'd commit covers the whole move.
         let changes = Changes {
             unbind_lock_taken: funcs.iter().any(|f| self.unbind_lock_path(f).is_some()),
             persistence_disabled: persistence_disabled.clone(),
@@ -158,30 +72,173 @@ impl Engine {
             ),
         };
         self.set_record(bdf, Some(rec))?;
+        self.persistence_off(bdf, &persistence_disabled, nodes)?;
+        let moved = self.move_to_vfio(&gpu, &funcs, &vfio_driver, group);
+        self.finish_move(bdf, &funcs, moved)?;
+        Ok(self.outcome(
+            &gpu,
+            Action::Moved,
+            format!("moved to {vfio_driver} for {holder}"),
+            started,
+        ))
+    }
 
-        if !persistence_disabled.is_empty() {
-            let mut failed = None;
-            for b in &persistence_disabled {
-                if let Err(e) = self.set_persistence(*b, false) {
-                    failed = Some(e);
-                    break;
-                }
-                self.mutation_done()?;
-            }
-            let still = self.holders_of(bdf, nodes.clone()).unwrap_or_default();
-            if failed.is_some() || !still.is_empty() {
-                let _ = self.rollback(bdf);
-                return match failed {
-                    Some(detail) => Err(EngineError::Persistence { bdf, detail }),
-                    None => Err(EngineError::Busy {
-                        bdf,
-                        holders: still,
-                    }),
-                };
+    /// What the ledger already says about `bdf`, asked of the record state machine.
+    fn prior_record(
+        &self,
+        bdf: Bdf,
+        holder: &Holder,
+        started: Instant,
+    ) -> Result<Prior, EngineError> {
+        let gpu = self.load_gpu(bdf)?;
+        for f in &gpu.functions {
+            if let Some(op) = self.stuck.stuck_on(f.bdf) {
+                return Err(EngineError::Stuck { bdf, op, secs: 0.0 });
             }
         }
+        let Some(rec) = self.ledger().gpus.get(&bdf).cloned() else {
+            return Ok(Prior::Carry(None));
+        };
+        if let Some(op) = &rec.stuck_on {
+            return Err(EngineError::Stuck {
+                bdf,
+                op: op.clone(),
+                secs: 0.0,
+            });
+        }
+        let all_on_vfio = gpu
+            .functions
+            .iter()
+            .all(|f| f.driver.as_ref().is_some_and(|d| d.is_vfio()));
+        match rec.on_configure(holder, all_on_vfio) {
+            OnConfigure::AlreadyDone => Ok(Prior::Done(self.outcome(
+                &gpu,
+                Action::AlreadyConfigured,
+                format!("already on vfio for {holder}"),
+                started,
+            ))),
+            OnConfigure::Redrive => Ok(Prior::Carry(Some(rec))),
+            OnConfigure::Fresh => Ok(Prior::Carry(None)),
+            OnConfigure::FinishFirst => {
+                self.reconcile_record(&gpu, rec)?;
+                Ok(Prior::Carry(None))
+            }
+            OnConfigure::HeldByOther(h) => Err(EngineError::HeldByOther { bdf, holder: h }),
+        }
+    }
 
-        match self.move_to_vfio(&gpu, &funcs, &vfio_driver, group) {
+    /// Every function that moves with the GPU, read now: its own functions,
+    /// plus foreign group members when the policy allows them. No SR-IOV VFs.
+    fn members_to_move(&self, gpu: &Gpu, policy: &Policy) -> Result<Vec<PciFunction>, EngineError> {
+        let bdf = gpu.bdf();
+        let mut movable: Vec<Bdf> = gpu.functions.iter().map(|f| f.bdf).collect();
+        let blocking: Vec<String> = gpu
+            .blocking_members()
+            .map(|m| {
+                format!(
+                    "{} ({}, {})",
+                    m.bdf,
+                    m.identity.vendor_device(),
+                    m.driver.as_ref().map(|d| d.as_str()).unwrap_or("no driver")
+                )
+            })
+            .collect();
+        if !blocking.is_empty() {
+            if !policy.binding.allow_foreign_group_members {
+                return Err(EngineError::ForeignGroupMembers {
+                    bdf,
+                    members: blocking.join(", "),
+                });
+            }
+            movable.extend(gpu.blocking_members().map(|m| m.bdf));
+        }
+        let mut funcs = Vec::new();
+        for b in &movable {
+            let f = self.read(*b)?;
+            if let Some(n) = f.sriov_num_vfs.filter(|n| *n > 0) {
+                return Err(EngineError::VfsEnabled { bdf: *b, count: n });
+            }
+            funcs.push(f);
+        }
+        Ok(funcs)
+    }
+
+    /// No process may still use the GPU on its host driver, except
+    /// nvidia-persistenced, which keeps it open while persistence mode is on:
+    /// that is turned off (and back on at release) when the host has
+    /// nvidia-smi. Returns the host device nodes and the functions whose
+    /// persistence mode goes off.
+    fn persistence_plan(
+        &self,
+        bdf: Bdf,
+        funcs: &[PciFunction],
+    ) -> Result<(Vec<PathBuf>, Vec<Bdf>), EngineError> {
+        let nodes: Vec<PathBuf> = funcs
+            .iter()
+            .filter(|f| !f.on_vfio())
+            .flat_map(|f| device_nodes(&self.root, f))
+            .collect();
+        let holders = self.holders_of(bdf, nodes.clone())?;
+        let only_persistenced = !holders.is_empty()
+            && holders.iter().all(|h| h.comm == "nvidia-persistenced")
+            && self.commands.exists(&self.root, "nvidia-smi");
+        if !holders.is_empty() && !only_persistenced {
+            return Err(EngineError::Busy { bdf, holders });
+        }
+        let off = if only_persistenced {
+            funcs
+                .iter()
+                .filter(|f| f.driver.as_ref().is_some_and(|d| d.as_str() == "nvidia"))
+                .map(|f| f.bdf)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok((nodes, off))
+    }
+
+    /// Turns persistence mode off where planned; rolls back if that fails
+    /// or another process still holds the GPU afterwards.
+    fn persistence_off(
+        &self,
+        bdf: Bdf,
+        off: &[Bdf],
+        nodes: Vec<PathBuf>,
+    ) -> Result<(), EngineError> {
+        if off.is_empty() {
+            return Ok(());
+        }
+        let mut failed = None;
+        for b in off {
+            if let Err(e) = self.set_persistence(*b, false) {
+                failed = Some(e);
+                break;
+            }
+            self.mutation_done()?;
+        }
+        let still = self.holders_of(bdf, nodes).unwrap_or_default();
+        if failed.is_none() && still.is_empty() {
+            return Ok(());
+        }
+        let _ = self.rollback(bdf);
+        match failed {
+            Some(detail) => Err(EngineError::Persistence { bdf, detail }),
+            None => Err(EngineError::Busy {
+                bdf,
+                holders: still,
+            }),
+        }
+    }
+
+    /// Commits a successful move, or rolls a failed one back and says where
+    /// every function is.
+    fn finish_move(
+        &self,
+        bdf: Bdf,
+        funcs: &[PciFunction],
+        moved: Result<(), StepError>,
+    ) -> Result<(), EngineError> {
+        match moved {
             Ok(()) => {
                 let moved: Vec<Bdf> = funcs
                     .iter()
@@ -194,20 +251,14 @@ impl Engine {
                         fr.bound_by_us = true;
                     }
                 });
-                if let Err(e) = done {
+                if let Err(e) = &done {
                     // Unrecorded success is no success: a restart would roll it
                     // back under a running VM. Undo it now, while nobody uses it.
                     if !matches!(e, EngineError::SimulatedCrash(_)) {
                         let _ = self.rollback(bdf);
                     }
-                    return Err(e);
                 }
-                Ok(self.outcome(
-                    &gpu,
-                    Action::Moved,
-                    format!("moved to {vfio_driver} for {holder}"),
-                    started,
-                ))
+                done
             }
             Err(StepError::Engine(e @ EngineError::SimulatedCrash(_))) => Err(e),
             Err(StepError::Engine(e)) => {
@@ -220,6 +271,7 @@ impl Engine {
                 step,
                 source: cause,
             }) => {
+                let all: Vec<Bdf> = funcs.iter().map(|f| f.bdf).collect();
                 let expected: BTreeMap<Bdf, Option<String>> = funcs
                     .iter()
                     .map(|f| (f.bdf, f.driver.as_ref().map(|d| d.to_string())))
@@ -228,13 +280,13 @@ impl Engine {
                     Ok(()) => Err(EngineError::RolledBack {
                         step,
                         cause,
-                        functions: self.states(&movable, &expected),
+                        functions: self.states(&all, &expected),
                     }),
                     Err(rb) => Err(EngineError::RollbackIncomplete {
                         step,
                         cause,
                         rollback: rb.to_string(),
-                        functions: self.states(&movable, &expected),
+                        functions: self.states(&all, &expected),
                     }),
                 }
             }
@@ -329,4 +381,12 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// What the ledger's record of a GPU means for a configure.
+enum Prior {
+    /// Nothing to do: the outcome to return.
+    Done(Outcome),
+    /// Go on, carrying this record's origins (a re-drive) or starting afresh.
+    Carry(Option<GpuRecord>),
 }
