@@ -1,6 +1,14 @@
 //! The verdict: is a GPU kept on vfio by the administrator, pinned where it
 //! is, and why. Every signal considered is recorded, matched or not.
 
+mod rule_bound_at_start;
+mod rule_driver_override;
+mod rule_driverctl;
+mod rule_policy;
+mod rule_suppression;
+mod rule_unknown;
+mod rule_vfio_ids;
+
 use std::collections::BTreeSet;
 
 use serde::Serialize;
@@ -782,267 +790,27 @@ pub fn evaluate(src: &IntentSources, gpu: &Gpu, records: &dyn OwnRecords) -> Ver
         host_driver_suppressed: Vec::new(),
         warnings: src.warnings.clone(),
     };
-
-    // Unknown configuration (reference §12: counts as owned).
-    if let Some(p) = &src.cmdline_problem {
-        v.reason(
-            Source::KernelCmdline,
-            unknown_detail(p, "vfio-pci.ids on the kernel command line"),
-        );
+    // One rule per source, in the reference's order; each adds reasons
+    // (keep on vfio), pins (never move) and signals (considered, no effect).
+    for rule in RULES {
+        rule(&mut v, src, gpu, &fns, records);
     }
-    for p in &src.modprobe.problems {
-        if src.builtin.builtin == Some(true) {
-            v.signal(
-                Source::Modprobe,
-                format!(
-                    "cannot read {} ({}), but vfio-pci is built in, so modprobe.d cannot claim GPUs",
-                    p.path, p.error
-                ),
-            );
-            v.warnings
-                .push(format!("cannot read {}: {}", p.path, p.error));
-        } else {
-            v.reason(
-                Source::Modprobe,
-                unknown_detail(p, "its modprobe configuration"),
-            );
-        }
-    }
-    if let Some(p) = &src.policy_problem {
-        v.reason(Source::Policy, unknown_detail(p, "the policy"));
-    }
-    if let Some(p) = &src.driverctl.problem {
-        let detail = unknown_detail(p, "driverctl's overrides");
-        v.reason(Source::Driverctl, detail.clone());
-        v.pin(Pin {
-            bdf: None,
-            driver: None,
-            source: Source::Driverctl,
-            detail,
-        });
-    }
-
-    // vfio-pci.ids, from whichever reading applies.
-    for claim in &src.ids_claims {
-        let label = match claim.origin {
-            Origin::KernelCmdline => "vfio-pci.ids entry",
-            Origin::File { .. } => "vfio_pci ids= entry",
-        };
-        for w in &claim.parsed.warnings {
-            v.warnings
-                .push(format!("vfio-pci ids from {}: {w}", claim.origin));
-        }
-        if claim.parsed.entries.is_empty() {
-            v.signal(
-                claim.source,
-                format!(
-                    "vfio-pci ids={} from {} holds no valid entry",
-                    claim.value, claim.origin
-                ),
-            );
-        }
-        for f in &fns {
-            for e in &claim.parsed.entries {
-                let detail = format!(
-                    "{}: {} (from {})",
-                    f.bdf,
-                    e.describe_as(label, f.identity),
-                    claim.origin
-                );
-                if e.matches(f.identity) {
-                    v.reason(claim.source, detail);
-                } else {
-                    v.signal(claim.source, detail);
-                }
-            }
-        }
-    }
-    v.signals.extend(src.host_signals.iter().cloned());
-
-    // driverctl.
-    for f in &fns {
-        match src.driverctl.entries.get(&f.bdf) {
-            None => v.signal(
-                Source::Driverctl,
-                format!("no driverctl override for {}", f.bdf),
-            ),
-            Some(entry) => match &entry.setting {
-                DriverctlSetting::Vfio(d) => v.reason(
-                    Source::Driverctl,
-                    format!(
-                        "{} binds {} to {d} (driverctl passthrough)",
-                        entry.path, f.bdf
-                    ),
-                ),
-                DriverctlSetting::None => v.pin(Pin {
-                    bdf: Some(f.bdf),
-                    driver: Some("none".into()),
-                    source: Source::Driverctl,
-                    detail: format!(
-                        "{} keeps {} unbound (driverctl override \"none\"): pinned",
-                        entry.path, f.bdf
-                    ),
-                }),
-                DriverctlSetting::Host(d) => v.pin(Pin {
-                    bdf: Some(f.bdf),
-                    driver: Some(d.clone()),
-                    source: Source::Driverctl,
-                    detail: format!(
-                        "{} pins {} to {d} (driverctl): never move it",
-                        entry.path, f.bdf
-                    ),
-                }),
-                DriverctlSetting::Unknown(why) => {
-                    let detail = format!(
-                        "{} exists for {} but {why}: unknown configuration counts as admin intent",
-                        entry.path, f.bdf
-                    );
-                    v.reason(Source::Driverctl, detail.clone());
-                    v.pin(Pin {
-                        bdf: Some(f.bdf),
-                        driver: None,
-                        source: Source::Driverctl,
-                        detail,
-                    });
-                }
-            },
-        }
-    }
-
-    // driver_override.
-    for f in &fns {
-        match f.driver_override {
-            None => v.signal(
-                Source::DriverOverride,
-                format!("{}: driver_override is unset", f.bdf),
-            ),
-            Some(o) if records.wrote_override(f.bdf, o) => v.signal(
-                Source::DriverOverride,
-                format!("{}: driver_override {o} was written by this plugin", f.bdf),
-            ),
-            Some(o) if is_vfio_driver(o) => v.reason(
-                Source::DriverOverride,
-                format!(
-                    "{}: driver_override is {o} and this plugin did not write it: someone routed it to vfio",
-                    f.bdf
-                ),
-            ),
-            Some(o) => v.pin(Pin {
-                bdf: Some(f.bdf),
-                driver: Some(o.to_string()),
-                source: Source::DriverOverride,
-                detail: format!(
-                    "{}: driver_override is {o} and this plugin did not write it: only {o} may bind it, never move it",
-                    f.bdf
-                ),
-            }),
-        }
-    }
-
-    // Bound at start (libvirt's rule) and pre-bound records.
-    for f in &fns {
-        match f.driver {
-            Some(d) if d.is_vfio() => {
-                if records.recorded_prebound(f.bdf) {
-                    v.reason(
-                        Source::BoundAtStart,
-                        format!("{} is on {d} and recorded as pre-bound (on vfio before this plugin touched it)", f.bdf),
-                    );
-                } else if !records.bound_by_us(f.bdf) {
-                    v.reason(
-                        Source::BoundAtStart,
-                        format!(
-                            "{} is on {d} and this plugin did not bind it: bound before us",
-                            f.bdf
-                        ),
-                    );
-                } else {
-                    v.signal(
-                        Source::BoundAtStart,
-                        format!("{} is on {d} because this plugin bound it", f.bdf),
-                    );
-                }
-            }
-            Some(d) => {
-                let extra = if records.recorded_prebound(f.bdf) {
-                    "; its pre-bound record no longer applies"
-                } else {
-                    ""
-                };
-                v.signal(
-                    Source::BoundAtStart,
-                    format!("{} is on {d}, not a vfio driver{extra}", f.bdf),
-                );
-            }
-            None => v.signal(
-                Source::BoundAtStart,
-                format!("{} is not bound to a driver", f.bdf),
-            ),
-        }
-    }
-
-    // Our policy file.
-    let keep = &src.policy.keep_on_vfio;
-    if keep.pci_bus_ids.is_empty() && keep.models.is_empty() {
-        v.signal(
-            Source::Policy,
-            "the policy keeps no GPUs on vfio (no pci-bus-ids, no models)".into(),
-        );
-    }
-    for f in &fns {
-        if keep.pci_bus_ids.contains(&f.bdf) {
-            v.reason(
-                Source::Policy,
-                format!(
-                    "{} is listed in the policy's keep-on-vfio.pci-bus-ids",
-                    f.bdf
-                ),
-            );
-        } else if !keep.pci_bus_ids.is_empty() {
-            v.signal(
-                Source::Policy,
-                format!("{} is not in the policy's keep-on-vfio.pci-bus-ids", f.bdf),
-            );
-        }
-        for m in &keep.models {
-            let detail = format!("{}: {}", f.bdf, m.describe_as("policy model", f.identity));
-            if m.matches(f.identity) {
-                v.reason(Source::Policy, detail);
-            } else {
-                v.signal(Source::Policy, detail);
-            }
-        }
-    }
-
-    // Host-driver suppression and corroboration: facts, not decisions.
-    let mut relevant: BTreeSet<String> = vendor_host_modules(gpu.function.identity.vendor)
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    for f in &fns {
-        if let Some(d) = f.driver
-            && !d.is_vfio()
-        {
-            relevant.insert(module_of_driver(d.as_str()));
-        }
-    }
-    let mut suppressed = BTreeSet::new();
-    for s in &src.suppressions {
-        if relevant.contains(&s.module) {
-            suppressed.insert(s.module.clone());
-            v.signal(s.source, s.detail.clone());
-        }
-    }
-    v.host_driver_suppressed = suppressed.into_iter().collect();
-    for (module, sig) in &src.corroborations {
-        if relevant.contains(module) || module == "drm" || module == VFIO_PCI_MODULE {
-            v.signals.push(sig.clone());
-        }
-    }
-
     v.keep_on_vfio = !v.reasons.is_empty();
     v
 }
+
+/// A source's rule.
+type Rule = fn(&mut Verdict, &IntentSources, &Gpu, &[FnView<'_>], &dyn OwnRecords);
+
+const RULES: [Rule; 7] = [
+    rule_unknown::apply,
+    rule_vfio_ids::apply,
+    rule_driverctl::apply,
+    rule_driver_override::apply,
+    rule_bound_at_start::apply,
+    rule_policy::apply,
+    rule_suppression::apply,
+];
 
 #[cfg(test)]
 mod tests {
