@@ -90,10 +90,48 @@ fn glob_match(p: &[u8], s: &[u8]) -> bool {
 pub struct NodeHolder {
     /// Process id (host PID namespace).
     pub pid: u32,
-    /// Its command name.
+    /// Its command name (`/proc/<pid>/comm`, truncated by the kernel to 15
+    /// characters): shown to people, never used to identify the process.
     pub comm: String,
     /// The node it holds.
     pub node: String,
+    /// The program it runs: basename of `/proc/<pid>/exe`, else of argv[0]
+    /// from `/proc/<pid>/cmdline`. Kept out of serialised (kubelet-visible)
+    /// output.
+    #[serde(skip)]
+    pub program: Option<String>,
+}
+
+/// The daemon that keeps GPUs open while persistence mode is on.
+const NVIDIA_PERSISTENCED: &str = "nvidia-persistenced";
+
+impl NodeHolder {
+    /// True when the holder is nvidia-persistenced, identified by its
+    /// executable (its comm reads `nvidia-persiste`, which anything can set).
+    pub fn is_nvidia_persistenced(&self) -> bool {
+        self.program.as_deref() == Some(NVIDIA_PERSISTENCED)
+    }
+}
+
+/// Basename of the program a process runs: the `exe` link (which the process
+/// cannot fake), else argv[0]. `None` when neither is readable (kernel
+/// threads, a process that just exited).
+fn program_of(proc_dir: &std::path::Path) -> Option<String> {
+    let base = |s: &str| {
+        let s = s.strip_suffix(" (deleted)").unwrap_or(s);
+        s.rsplit('/')
+            .next()
+            .filter(|b| !b.is_empty())
+            .map(str::to_string)
+    };
+    if let Ok(target) = fs::read_link(proc_dir.join("exe"))
+        && let Some(b) = base(&target.to_string_lossy())
+    {
+        return Some(b);
+    }
+    let cmdline = fs::read(proc_dir.join("cmdline")).ok()?;
+    let argv0 = cmdline.split(|b| *b == 0).next()?;
+    base(&String::from_utf8_lossy(argv0))
 }
 
 impl std::fmt::Display for NodeHolder {
@@ -203,7 +241,12 @@ pub fn find_holders(root: &HostRoot, nodes: &[PathBuf]) -> Vec<NodeHolder> {
                         .unwrap_or_else(|_| n.display().to_string())
                 })
                 .unwrap_or_default();
-            out.push(NodeHolder { pid, comm, node });
+            out.push(NodeHolder {
+                pid,
+                comm,
+                node,
+                program: program_of(&p.path()),
+            });
             break;
         }
     }
