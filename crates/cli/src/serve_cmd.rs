@@ -11,7 +11,7 @@ use vfio_gpu_engine::EngineConfig;
 use vfio_gpu_kubelet::metadata::is_safe_name;
 use vfio_gpu_kubelet::serve::{CancellationToken, KubeSource, ServeOptions, serve};
 
-use crate::setup::HostOpts;
+use crate::setup::{HostOpts, resolve_state_dir};
 
 /// Flags of `serve`; each has an environment fallback for DaemonSet manifests.
 #[derive(Args, Debug)]
@@ -43,8 +43,9 @@ pub struct ServeArgs {
     /// Directory for transient CDI specs.
     #[arg(long, env = "VFIO_GPU_DRA_CDI_ROOT", default_value = "/var/run/cdi")]
     pub cdi_root: PathBuf,
-    /// Engine state directory (ledger, lock); default <kubelet-plugins-dir>/<driver>,
-    /// <demo-dir>/state with --demo.
+    /// Engine state directory (ledger, lock), shared with the CLI's bind,
+    /// release, reconcile, devices, explain and ledger; default
+    /// /var/lib/vfio-gpu-dra, <demo-dir>/state with --demo.
     #[arg(long, env = "VFIO_GPU_DRA_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// Kubeconfig file; without it the in-cluster service account is used.
@@ -78,7 +79,8 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     );
     opts.selector = setup.selector.clone();
     opts.policy = setup.policy.clone();
-    opts.state_dir = args.state_dir.clone().or(setup.state_dir.clone());
+    // The CLI's directory: one ledger, one lock, one view of the node.
+    opts.state_dir = Some(resolve_state_dir(args.state_dir.as_deref(), &setup));
     opts.plugins_dir = args.kubelet_plugins_dir.clone();
     opts.registrar_dir = args.kubelet_registrar_dir.clone();
     opts.cdi_root = args.cdi_root.clone();

@@ -19,6 +19,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use vfio_gpu_host::{Bdf, DriverName};
 
+pub use crate::lock::{LOCK_FILE, LockError, probe_state_lock};
+
 /// The format this build writes and reads.
 pub const LEDGER_FORMAT: u32 = 1;
 const HEADER_PREFIX: &str = "vfio-gpu-dra-ledger ";
