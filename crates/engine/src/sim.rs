@@ -816,7 +816,7 @@ impl SimKernel {
                     return Err(err(libc_enoent(), format!("{}", path.display())));
                 }
                 // Granted (reads back 1) only with a usage count of 0.
-                let granted = *take && !self.lock().clients.get(bdf).is_some_and(|n| *n > 0);
+                let granted = *take && self.lock().clients.get(bdf).is_none_or(|n| *n == 0);
                 fs::write(path, if granted { "1\n" } else { "0\n" })
             }
         }
