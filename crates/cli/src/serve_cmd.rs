@@ -1,6 +1,6 @@
 //! `vfio-gpu-dra serve`: run the kubelet DRA plugin on this node.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,7 +80,11 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     opts.selector = setup.selector.clone();
     opts.policy = setup.policy.clone();
     // The CLI's directory: one ledger, one lock, one view of the node.
-    opts.state_dir = Some(resolve_state_dir(args.state_dir.as_deref(), &setup));
+    let state_dir = resolve_state_dir(args.state_dir.as_deref(), &setup);
+    if args.state_dir.is_none() {
+        refuse_orphaned_ledger(&args, &state_dir)?;
+    }
+    opts.state_dir = Some(state_dir);
     opts.plugins_dir = args.kubelet_plugins_dir.clone();
     opts.registrar_dir = args.kubelet_registrar_dir.clone();
     opts.cdi_root = args.cdi_root.clone();
@@ -104,6 +108,25 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         result
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Earlier versions kept `serve`'s ledger in `<kubelet-plugins-dir>/<driver>`.
+/// Starting on the new, empty default would forget which GPUs the plugin
+/// moved (they would look admin-owned and never go back): refuse instead.
+fn refuse_orphaned_ledger(args: &ServeArgs, state_dir: &Path) -> Result<()> {
+    let old_dir = args.kubelet_plugins_dir.join(&args.driver_name);
+    let old = old_dir.join(vfio_gpu_engine::ledger::LEDGER_FILE);
+    let new = state_dir.join(vfio_gpu_engine::ledger::LEDGER_FILE);
+    if old_dir != state_dir && old.exists() && !new.exists() {
+        bail!(
+            "a ledger from an earlier version is at {}, but the state directory is now {} (shared with the CLI); \
+             with the plugin stopped, move it there, or pass --state-dir {}",
+            old.display(),
+            state_dir.display(),
+            old_dir.display()
+        );
+    }
+    Ok(())
 }
 
 async fn cancel_on_signal(token: CancellationToken) {

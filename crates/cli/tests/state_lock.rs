@@ -127,3 +127,58 @@ fn admin_commands_fail_fast_naming_serve_and_read_only_commands_still_work() {
     let (o, _) = cli(d, &["bind", "0000:ab:00.0", "-o", "json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// Upgrading from a version that kept serve's ledger under the kubelet
+/// plugins directory: serve refuses to start on the new, empty default
+/// rather than forget which GPUs it moved.
+#[test]
+fn serve_refuses_to_orphan_a_ledger_in_the_old_default_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    if Path::new("/var/lib/vfio-gpu-dra/ledger.json").exists() {
+        return; // a real node: the new default already has a ledger
+    }
+    let host = d.join("host");
+    vfio_gpu_host::fixture::FixtureHost::create(&host).unwrap();
+    let old = d.join("plugins/vfio-gpu.dra.dev");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::write(
+        old.join("ledger.json"),
+        "vfio-gpu-dra-ledger format=1 sha256=x\n{}",
+    )
+    .unwrap();
+    let mut child = bin()
+        .args(["serve", "--node-name", "n1"])
+        .arg("--host-root")
+        .arg(&host)
+        .arg("--kubelet-plugins-dir")
+        .arg(d.join("plugins"))
+        .arg("--kubelet-registrar-dir")
+        .arg(d.join("registry"))
+        .arg("--cdi-root")
+        .arg(d.join("cdi"))
+        .arg("--kubeconfig")
+        .arg(d.join("no-kubeconfig"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve started on a new state directory, orphaning the old ledger");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("a ledger from an earlier version"), "{err}");
+    assert!(!Path::new("/var/lib/vfio-gpu-dra/ledger.json").exists());
+}
