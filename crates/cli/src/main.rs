@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use vfio_gpu_engine::Holder;
 use vfio_gpu_host::Bdf;
 
-use setup::{EngineOpts, HostOpts};
+use setup::{EngineOpts, HostOpts, StateOpts};
 
 /// Hands whole GPUs to virtual machines over VFIO, keeping the
 /// administrator's vfio-pci bindings where they are.
@@ -30,13 +30,20 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// List the GPUs, their IOMMU groups and whether they are kept on vfio-pci.
-    Devices(HostOpts),
+    Devices {
+        #[command(flatten)]
+        host: HostOpts,
+        #[command(flatten)]
+        state: StateOpts,
+    },
     /// Show every admin-intent signal considered for one GPU, and the verdict.
     Explain {
         /// PCI address of the GPU, e.g. 0000:65:00.0.
         bdf: String,
         #[command(flatten)]
         host: HostOpts,
+        #[command(flatten)]
+        state: StateOpts,
     },
     /// Move GPUs (with every function of their IOMMU group) to vfio-pci.
     Bind(BindArgs),
@@ -44,8 +51,14 @@ enum Command {
     Release(ReleaseArgs),
     /// Finish or roll back interrupted operations and repair driverless GPUs.
     Reconcile(EngineOpts),
-    /// Print the ledger: what vfio-gpu-dra did to which GPU, and who holds it.
-    Ledger(EngineOpts),
+    /// Print the ledger: what vfio-gpu-dra did to which GPU, and who holds it
+    /// (read without the lock, so it shows what a running `serve` did).
+    Ledger {
+        #[command(flatten)]
+        host: HostOpts,
+        #[command(flatten)]
+        state: StateOpts,
+    },
     /// Run the kubelet DRA plugin on this node until SIGTERM.
     Serve(Box<serve_cmd::ServeArgs>),
     /// Run the whole plugin lifecycle on the built-in demo host: publish,
@@ -129,15 +142,15 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Devices(host) => {
-            let setup = host.open()?;
+        Command::Devices { host, state } => {
+            let setup = host.open_with_state(&state)?;
             let view = setup.inspect()?;
             render::devices(&view, host.output, &setup)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Explain { bdf, host } => {
+        Command::Explain { bdf, host, state } => {
             let bdf: Bdf = bdf.parse()?;
-            let setup = host.open()?;
+            let setup = host.open_with_state(&state)?;
             let view = setup.inspect()?;
             let Some(gpu) = view.gpus.iter().find(|g| g.gpu.bdf() == bdf) else {
                 bail!(
@@ -219,9 +232,18 @@ fn run(command: Command) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Ledger(opts) => {
-            let (engine, _setup) = opts.open_engine()?;
-            render::ledger(&engine.ledger(), &engine.ledger_path(), opts.host.output)?;
+        Command::Ledger { host, state } => {
+            let setup = host.open_with_state(&state)?;
+            let dir = state.resolve(&setup);
+            let path = dir.join(vfio_gpu_engine::ledger::LEDGER_FILE);
+            // Read-only: no lock, and an untrusted file is reported, never moved.
+            let body = match std::fs::read(&path) {
+                Ok(bytes) => vfio_gpu_engine::ledger::decode(&bytes)
+                    .map_err(|e| anyhow::anyhow!("ledger {}: {e}", path.display()))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+                Err(e) => bail!("reading ledger {}: {e}", path.display()),
+            };
+            render::ledger(&body, &path, host.output)?;
             Ok(ExitCode::SUCCESS)
         }
     }

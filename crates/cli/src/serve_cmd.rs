@@ -1,6 +1,6 @@
 //! `vfio-gpu-dra serve`: run the kubelet DRA plugin on this node.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +11,7 @@ use vfio_gpu_engine::EngineConfig;
 use vfio_gpu_kubelet::metadata::is_safe_name;
 use vfio_gpu_kubelet::serve::{CancellationToken, KubeSource, ServeOptions, serve};
 
-use crate::setup::HostOpts;
+use crate::setup::{HostOpts, resolve_state_dir};
 
 /// Flags of `serve`; each has an environment fallback for DaemonSet manifests.
 #[derive(Args, Debug)]
@@ -43,8 +43,9 @@ pub struct ServeArgs {
     /// Directory for transient CDI specs.
     #[arg(long, env = "VFIO_GPU_DRA_CDI_ROOT", default_value = "/var/run/cdi")]
     pub cdi_root: PathBuf,
-    /// Engine state directory (ledger, lock); default <kubelet-plugins-dir>/<driver>,
-    /// <demo-dir>/state with --demo.
+    /// Engine state directory (ledger, lock), shared with the CLI's bind,
+    /// release, reconcile, devices, explain and ledger; default
+    /// /var/lib/vfio-gpu-dra, <demo-dir>/state with --demo.
     #[arg(long, env = "VFIO_GPU_DRA_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// Kubeconfig file; without it the in-cluster service account is used.
@@ -78,7 +79,12 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     );
     opts.selector = setup.selector.clone();
     opts.policy = setup.policy.clone();
-    opts.state_dir = args.state_dir.clone().or(setup.state_dir.clone());
+    // The CLI's directory: one ledger, one lock, one view of the node.
+    let state_dir = resolve_state_dir(args.state_dir.as_deref(), &setup);
+    if args.state_dir.is_none() {
+        refuse_orphaned_ledger(&args, &state_dir)?;
+    }
+    opts.state_dir = Some(state_dir);
     opts.plugins_dir = args.kubelet_plugins_dir.clone();
     opts.registrar_dir = args.kubelet_registrar_dir.clone();
     opts.cdi_root = args.cdi_root.clone();
@@ -102,6 +108,25 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         result
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Earlier versions kept `serve`'s ledger in `<kubelet-plugins-dir>/<driver>`.
+/// Starting on the new, empty default would forget which GPUs the plugin
+/// moved (they would look admin-owned and never go back): refuse instead.
+fn refuse_orphaned_ledger(args: &ServeArgs, state_dir: &Path) -> Result<()> {
+    let old_dir = args.kubelet_plugins_dir.join(&args.driver_name);
+    let old = old_dir.join(vfio_gpu_engine::ledger::LEDGER_FILE);
+    let new = state_dir.join(vfio_gpu_engine::ledger::LEDGER_FILE);
+    if old_dir != state_dir && old.exists() && !new.exists() {
+        bail!(
+            "a ledger from an earlier version is at {}, but the state directory is now {} (shared with the CLI); \
+             with the plugin stopped, move it there, or pass --state-dir {}",
+            old.display(),
+            state_dir.display(),
+            old_dir.display()
+        );
+    }
+    Ok(())
 }
 
 async fn cancel_on_signal(token: CancellationToken) {

@@ -7,8 +7,11 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use vfio_gpu_engine::kernel::{Kernel, SysfsKernel};
+use vfio_gpu_engine::ledger::{LockError, probe_state_lock};
 use vfio_gpu_engine::sim::SimKernel;
-use vfio_gpu_engine::{CrashMode, Engine, EngineConfig, Inspection, OpenReport, inspect};
+use vfio_gpu_engine::{
+    CrashMode, Engine, EngineConfig, EngineError, Inspection, OpenReport, inspect,
+};
 use vfio_gpu_host::{GpuSelector, HostRoot, IdMatch};
 use vfio_gpu_intent::Policy;
 
@@ -47,14 +50,38 @@ pub struct HostOpts {
     pub output: Output,
 }
 
+/// Where the ledger and the lock live: shared by every command and `serve`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct StateOpts {
+    /// Directory of the ledger and lock, shared with `serve` (default
+    /// /var/lib/vfio-gpu-dra; <demo-dir>/state with --demo).
+    #[arg(long, env = "VFIO_GPU_DRA_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+impl StateOpts {
+    /// The state directory: the flag, else the demo's, else the default.
+    pub fn resolve(&self, setup: &Setup) -> PathBuf {
+        resolve_state_dir(self.state_dir.as_deref(), setup)
+    }
+}
+
+/// The one rule every command and `serve` use to find the state directory.
+pub fn resolve_state_dir(flag: Option<&Path>, setup: &Setup) -> PathBuf {
+    match (flag, &setup.state_dir) {
+        (Some(s), _) => s.to_path_buf(),
+        (None, Some(demo)) => demo.clone(),
+        (None, None) => PathBuf::from(DEFAULT_STATE_DIR),
+    }
+}
+
 /// Host options plus what the engine needs.
 #[derive(Args, Debug, Clone)]
 pub struct EngineOpts {
     #[command(flatten)]
     pub host: HostOpts,
-    /// Directory for the ledger (default /var/lib/vfio-gpu-dra; <demo-dir>/state with --demo).
-    #[arg(long, env = "VFIO_GPU_DRA_STATE_DIR")]
-    pub state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub state: StateOpts,
     /// Seconds an unbind may take before the GPU is reported stuck.
     #[arg(long, default_value_t = 10.0)]
     pub unbind_timeout: f64,
@@ -73,14 +100,23 @@ pub struct Setup {
     pub state_dir: Option<PathBuf>,
 }
 
-/// Where the ledger lives on a real host unless `--state-dir` says otherwise.
-const DEFAULT_STATE_DIR: &str = "/var/lib/vfio-gpu-dra";
+/// Where the ledger lives on a real host unless `--state-dir` says otherwise;
+/// `serve` uses the same, so the lock excludes the CLI and the plugin.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/vfio-gpu-dra";
 
 fn default_demo_dir() -> PathBuf {
     std::env::temp_dir().join("vfio-gpu-dra-demo")
 }
 
 impl HostOpts {
+    /// Opens the host for a read-only command that also shows the ledger of
+    /// the shared state directory (read without the lock).
+    pub fn open_with_state(&self, state: &StateOpts) -> Result<Setup> {
+        let mut setup = self.open()?;
+        setup.state_dir = Some(state.resolve(&setup));
+        Ok(setup)
+    }
+
     fn selector(&self) -> Result<GpuSelector> {
         let mut rules = Vec::new();
         for id in &self.gpu_ids {
@@ -139,31 +175,56 @@ impl HostOpts {
 
 impl EngineOpts {
     /// Opens the host and the engine (takes the state lock, loads the ledger).
+    /// Fails at once, naming the holder, when `serve` or another command
+    /// holds the state directory: an admin should not wait on a plugin that
+    /// never lets go.
     pub fn open_engine(&self) -> Result<(Engine, Setup)> {
         let mut setup = self.host.open()?;
-        let state_dir = match (&self.state_dir, &setup.state_dir) {
-            (Some(s), _) => s.clone(),
-            (None, Some(demo)) => demo.clone(),
-            (None, None) => PathBuf::from(DEFAULT_STATE_DIR),
-        };
+        let state_dir = self.state.resolve(&setup);
         setup.state_dir = Some(state_dir.clone());
         let config = EngineConfig {
             unbind_deadline: secs(self.unbind_timeout)?,
             bind_deadline: secs(self.bind_timeout)?,
             crash_after_step: crash_hook()?,
             crash_mode: CrashMode::Abort,
+            state_lock_wait: Duration::ZERO,
             ..EngineConfig::default()
         };
-        let (engine, report) = Engine::open(
+        let opened = Engine::open(
             Arc::clone(&setup.kernel),
             &state_dir,
             setup.selector.clone(),
             setup.policy.clone(),
             config,
-        )
-        .with_context(|| format!("opening state directory {}", state_dir.display()))?;
+        );
+        let (engine, report) = match opened {
+            Ok(o) => o,
+            Err(EngineError::StateLocked(_)) => return Err(locked_error(&state_dir)),
+            Err(e) => {
+                return Err(anyhow::Error::from(e)
+                    .context(format!("opening state directory {}", state_dir.display())));
+            }
+        };
         report_open(&report);
         Ok((engine, setup))
+    }
+}
+
+/// Why the engine could not lock `dir`: who holds it (from the lock file),
+/// or the I/O error on the lock file.
+fn locked_error(dir: &Path) -> anyhow::Error {
+    match probe_state_lock(dir) {
+        Err(e @ LockError::Held { .. }) => anyhow::anyhow!(
+            "{e}; while `vfio-gpu-dra serve` runs on this node, bind and release GPUs through \
+             ResourceClaims (or stop the plugin first); `devices`, `explain` and `ledger` \
+             work without the lock"
+        ),
+        Err(e @ LockError::Io { .. }) => anyhow::Error::from(e),
+        // Freed between the two attempts: the holder just exited.
+        Ok(()) => anyhow::anyhow!(
+            "state directory {} was locked by another vfio-gpu-dra process; try again",
+            dir.display()
+        ),
     }
 }
 
@@ -219,5 +280,37 @@ impl Setup {
         } else {
             format!("host root {}", self.root.path().display())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_command_and_serve_share_one_default_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("sys/bus/pci/devices")).unwrap();
+        let host = HostOpts {
+            host_root: dir.path().to_path_buf(),
+            demo: false,
+            demo_dir: None,
+            demo_reset: false,
+            gpu_ids: Vec::new(),
+            gpu_classes: Vec::new(),
+            policy: "/nonexistent/policy.toml".into(),
+            output: Output::Table,
+        };
+        let setup = host.open_with_state(&StateOpts::default()).unwrap();
+        assert_eq!(
+            setup.state_dir.as_deref(),
+            Some(Path::new("/var/lib/vfio-gpu-dra"))
+        );
+        assert_eq!(
+            resolve_state_dir(None, &setup),
+            Path::new("/var/lib/vfio-gpu-dra")
+        );
+        let flag = Path::new("/srv/state");
+        assert_eq!(resolve_state_dir(Some(flag), &setup), flag);
     }
 }

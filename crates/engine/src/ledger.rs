@@ -5,19 +5,31 @@
 //! followed by a JSON body. The checksum covers the body's raw bytes (not a
 //! re-serialisation, the Go plugin's upgrade trap), unknown fields are kept
 //! and written back, and writes are atomic (temp file, fsync, rename, fsync
-//! directory). A ledger that cannot be trusted is moved aside, never
-//! crash-looped on.
+//! directory). A ledger that is corrupt (bad checksum, truncated, not a
+//! ledger) is moved aside, never crash-looped on. One this build cannot
+//! understand (a newer format, an unknown enum value) or cannot read (I/O
+//! error) is left where it is and the file turns read-only: it may hold
+//! another version's intent, and discarding it would forget which GPUs the
+//! plugin moved.
+//!
+//! The state directory is 0700 and must belong to the current user; files
+//! are 0600 and opened without following symlinks.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use vfio_gpu_host::{Bdf, DriverName};
+
+pub use crate::lock::{LOCK_FILE, LockError, probe_state_lock};
 
 /// The format this build writes and reads.
 pub const LEDGER_FORMAT: u32 = 1;
@@ -176,8 +188,12 @@ pub struct LedgerBody {
 pub struct LedgerProblem {
     /// What was wrong.
     pub reason: String,
-    /// Where the file was moved.
+    /// Where the file was moved (corrupt files only).
     pub moved_to: Option<PathBuf>,
+    /// The file was left in place and every write is refused
+    /// ([`LedgerError::ReadOnly`]): a newer format, an unknown value, an
+    /// I/O error, or a corrupt file that could not be moved aside.
+    pub read_only: bool,
 }
 
 /// Ledger I/O errors that stop an operation (the state dir is unwritable).
@@ -192,7 +208,7 @@ pub enum LedgerError {
         #[source]
         source: std::io::Error,
     },
-    /// Creating the state directory failed.
+    /// Creating the state directory failed, or it is not safe to use.
     #[error("state directory {path}: {source}")]
     StateDir {
         /// The directory.
@@ -201,18 +217,53 @@ pub enum LedgerError {
         #[source]
         source: std::io::Error,
     },
+    /// The ledger on disk could not be understood or read, so it was kept
+    /// and nothing may be recorded over it.
+    #[error(
+        "ledger {path} is kept read-only ({reason}); no GPU is moved until an administrator resolves it (upgrade vfio-gpu-dra, or fix the file)"
+    )]
+    ReadOnly {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The host has no boot id, so records could not be told from an
+    /// earlier boot's after a reboot.
+    #[error(
+        "no boot id (proc/sys/kernel/random/boot_id is missing or empty); refusing to record host changes in {path}"
+    )]
+    NoBootId {
+        /// The ledger file.
+        path: PathBuf,
+    },
+}
+
+/// What is wrong with ledger bytes.
+enum DecodeError {
+    /// Truncated, edited or not a ledger: safe to set aside.
+    Corrupt(String),
+    /// Intact but not understood by this build: must be kept.
+    Unsupported(String),
 }
 
 /// Parses ledger bytes. Errors say exactly what is wrong.
 pub fn decode(bytes: &[u8]) -> Result<LedgerBody, String> {
+    decode_classified(bytes).map_err(|e| match e {
+        DecodeError::Corrupt(s) | DecodeError::Unsupported(s) => s,
+    })
+}
+
+fn decode_classified(bytes: &[u8]) -> Result<LedgerBody, DecodeError> {
+    let c = |s: &str| DecodeError::Corrupt(s.to_string());
     let nl = bytes
         .iter()
         .position(|b| *b == b'\n')
-        .ok_or("no header line (truncated or not a ledger)")?;
-    let header = std::str::from_utf8(&bytes[..nl]).map_err(|_| "header is not UTF-8")?;
+        .ok_or_else(|| c("no header line (truncated or not a ledger)"))?;
+    let header = std::str::from_utf8(&bytes[..nl]).map_err(|_| c("header is not UTF-8"))?;
     let rest = header
         .strip_prefix(HEADER_PREFIX)
-        .ok_or("header does not start with vfio-gpu-dra-ledger")?;
+        .ok_or_else(|| c("header does not start with vfio-gpu-dra-ledger"))?;
     let mut format = None;
     let mut sum = None;
     for field in rest.split_whitespace() {
@@ -222,21 +273,25 @@ pub fn decode(bytes: &[u8]) -> Result<LedgerBody, String> {
             sum = Some(v.to_string());
         }
     }
-    let format = format.ok_or("header has no valid format=")?;
+    let format = format.ok_or_else(|| c("header has no valid format="))?;
     if format > LEDGER_FORMAT {
-        return Err(format!(
+        return Err(DecodeError::Unsupported(format!(
             "format {format} is newer than this build understands ({LEDGER_FORMAT})"
-        ));
+        )));
     }
     let body = &bytes[nl + 1..];
-    let want = sum.ok_or("header has no sha256=")?;
+    let want = sum.ok_or_else(|| c("header has no sha256="))?;
     let got = hex::encode(Sha256::digest(body));
     if want != got {
-        return Err(format!(
+        return Err(DecodeError::Corrupt(format!(
             "checksum mismatch (header {want}, body {got}): truncated or edited"
-        ));
+        )));
     }
-    serde_json::from_slice(body).map_err(|e| format!("body is not a valid ledger: {e}"))
+    // The checksum holds: whoever wrote this meant it (an unknown state or
+    // holder kind from a newer version), so it is not corrupt.
+    serde_json::from_slice(body).map_err(|e| {
+        DecodeError::Unsupported(format!("body is not a ledger this build understands: {e}"))
+    })
 }
 
 /// Serialises a ledger with its header.
@@ -256,17 +311,45 @@ pub fn encode(body: &LedgerBody) -> Vec<u8> {
 #[derive(Debug)]
 pub struct LedgerFile {
     dir: PathBuf,
+    /// Set when the file on disk must be kept: every store is refused.
+    read_only: Mutex<Option<String>>,
 }
 
+/// Makes `move_aside` names unique within one process.
+static ASIDE_COUNTER: AtomicU64 = AtomicU64::new(0);
+
 impl LedgerFile {
-    /// Uses `dir` (created if missing).
+    /// Uses `dir`, created 0700 if missing. An existing directory must
+    /// belong to the current user (anyone else could plant records or
+    /// symlinks) and is tightened to 0700.
     pub fn new(dir: &Path) -> Result<Self, LedgerError> {
-        fs::create_dir_all(dir).map_err(|source| LedgerError::StateDir {
+        let state_err = |source| LedgerError::StateDir {
             path: dir.to_path_buf(),
             source,
-        })?;
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(state_err)?;
+        let meta = fs::metadata(dir).map_err(state_err)?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me {
+            return Err(state_err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "owned by uid {}, not by this process (uid {me})",
+                    meta.uid()
+                ),
+            )));
+        }
+        if meta.permissions().mode() & 0o077 != 0 {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(state_err)?;
+        }
         Ok(LedgerFile {
             dir: dir.to_path_buf(),
+            read_only: Mutex::new(None),
         })
     }
 
@@ -275,11 +358,30 @@ impl LedgerFile {
         self.dir.join(LEDGER_FILE)
     }
 
-    /// Loads the ledger. A missing file is an empty ledger; an untrusted one
-    /// is moved aside and reported, and an empty ledger returned.
+    /// Why the file is read-only, if it is.
+    pub fn read_only(&self) -> Option<String> {
+        self.read_only
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_read_only(&self, reason: String) -> LedgerProblem {
+        *self.read_only.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
+        LedgerProblem {
+            reason,
+            moved_to: None,
+            read_only: true,
+        }
+    }
+
+    /// Loads the ledger. A missing file is an empty ledger. A corrupt one is
+    /// moved aside and reported, and an empty ledger returned. One that is
+    /// intact but not understood, or unreadable, is reported and kept: the
+    /// returned body is empty and every later [`LedgerFile::store`] fails.
     pub fn load(&self) -> (LedgerBody, Option<LedgerProblem>) {
         let path = self.path();
-        let bytes = match fs::read(&path) {
+        let bytes = match read_nofollow(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return (LedgerBody::default(), None);
@@ -287,29 +389,59 @@ impl LedgerFile {
             Err(e) => {
                 return (
                     LedgerBody::default(),
-                    Some(self.move_aside(format!("unreadable: {e}"))),
+                    Some(self.set_read_only(format!("unreadable: {e}"))),
                 );
             }
         };
-        match decode(&bytes) {
+        match decode_classified(&bytes) {
             Ok(body) => (body, None),
-            Err(reason) => (LedgerBody::default(), Some(self.move_aside(reason))),
+            Err(DecodeError::Unsupported(reason)) => {
+                (LedgerBody::default(), Some(self.set_read_only(reason)))
+            }
+            Err(DecodeError::Corrupt(reason)) => {
+                (LedgerBody::default(), Some(self.move_aside(reason)))
+            }
         }
     }
 
+    /// Renames a corrupt ledger to a unique `ledger.json.bad-<secs>-<pid>-<n>`
+    /// and makes the rename durable. If it cannot be moved, it is kept and
+    /// the file turns read-only rather than being overwritten.
     fn move_aside(&self, reason: String) -> LedgerProblem {
         let stamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let to = self.dir.join(format!("{LEDGER_FILE}.bad-{stamp}"));
-        let moved_to = fs::rename(self.path(), &to).ok().map(|_| to);
-        LedgerProblem { reason, moved_to }
+            .map(|d| format!("{}.{:09}", d.as_secs(), d.subsec_nanos()))
+            .unwrap_or_else(|_| "0".into());
+        let n = ASIDE_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let to = self.dir.join(format!(
+            "{LEDGER_FILE}.bad-{stamp}-{}-{n}",
+            std::process::id()
+        ));
+        // Never replace an earlier set-aside file (a name clash is a bug, not data loss).
+        if to.exists() {
+            return self.set_read_only(format!("{reason}; {} already exists", to.display()));
+        }
+        match fs::rename(self.path(), &to).and_then(|()| sync_dir(&self.dir)) {
+            Ok(()) => LedgerProblem {
+                reason,
+                moved_to: Some(to),
+                read_only: false,
+            },
+            Err(e) => self.set_read_only(format!("{reason}; could not move it aside: {e}")),
+        }
     }
 
-    /// Writes atomically: temp file, fsync, rename, fsync directory.
+    /// Writes atomically: temp file (0600, not following symlinks), fsync,
+    /// rename, fsync directory. Refused when the file is read-only or the
+    /// body has no boot id.
     pub fn store(&self, body: &LedgerBody) -> Result<(), LedgerError> {
         let path = self.path();
+        if let Some(reason) = self.read_only() {
+            return Err(LedgerError::ReadOnly { path, reason });
+        }
+        if body.boot_id.trim().is_empty() {
+            return Err(LedgerError::NoBootId { path });
+        }
         let tmp = self.dir.join(format!(".{LEDGER_FILE}.tmp"));
         let werr = |source| LedgerError::Write {
             path: path.clone(),
@@ -319,17 +451,32 @@ impl LedgerFile {
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
             .map_err(werr)?;
         f.write_all(&encode(body)).map_err(werr)?;
         f.sync_all().map_err(werr)?;
         drop(f);
         fs::rename(&tmp, &path).map_err(werr)?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(werr)?;
+        sync_dir(&self.dir).map_err(werr)?;
         Ok(())
     }
+}
+
+/// Reads a file without following a symlink at its last component.
+fn read_nofollow(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut f, &mut out)?;
+    Ok(out)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir).and_then(|d| d.sync_all())
 }
 
 /// Seconds since the epoch.

@@ -1,12 +1,40 @@
 //! One engine per state directory: an exclusive `flock` held for the
 //! engine's lifetime, so the CLI and a running plugin never interleave
-//! ledger updates.
+//! ledger updates. The holder writes its pid and command line into the lock
+//! file, so a process that finds the directory locked can say by whom.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+/// The lock file in a state directory.
+pub const LOCK_FILE: &str = "engine.lock";
+
+/// Why the state lock could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another process holds it.
+    #[error("state directory {dir} is locked by {holder}")]
+    Held {
+        /// The state directory.
+        dir: PathBuf,
+        /// Who holds it, as the holder recorded it (pid and command line).
+        holder: String,
+    },
+    /// The lock file could not be opened or locked (read-only file system,
+    /// permissions, a symlink planted in its place…): not a contention.
+    #[error("state lock {path}: {source}")]
+    Io {
+        /// The lock file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+}
 
 /// Holds the lock until dropped (the kernel releases it when the fd closes).
 #[derive(Debug)]
@@ -14,26 +42,119 @@ pub struct StateLock {
     _file: File,
 }
 
+fn open_lock_file(path: &Path) -> Result<File, LockError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        // Never follow a symlink planted where the lock belongs.
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|source| LockError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// `pid=<pid> cmd=<argv joined by spaces>`, at most a few hundred bytes.
+fn describe_self() -> String {
+    let cmd = std::fs::read("/proc/self/cmdline")
+        .map(|b| {
+            b.split(|c| *c == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default();
+    let cmd: String = cmd.chars().filter(|c| !c.is_control()).take(400).collect();
+    format!("pid={}\ncmd={cmd}\n", std::process::id())
+}
+
+/// What the holder recorded in the lock file, for a "locked by" message.
+fn recorded_holder(file: &mut File) -> String {
+    let mut text = String::new();
+    // A holder writes a few hundred bytes; never read more than that.
+    let _ = file.take(4096).read_to_string(&mut text);
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    match (field("pid="), field("cmd=")) {
+        (Some(pid), Some(cmd)) => format!("pid {pid} ({cmd})"),
+        (Some(pid), None) => format!("pid {pid}"),
+        _ => "another vfio-gpu-dra process (it recorded no pid)".into(),
+    }
+}
+
 impl StateLock {
-    /// Takes `<dir>/engine.lock`, waiting up to `wait`.
-    pub fn acquire(dir: &Path, wait: Duration) -> io::Result<StateLock> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join("engine.lock"))?;
+    /// Takes `<dir>/engine.lock`, waiting up to `wait` (zero: one attempt),
+    /// and records this process in it.
+    pub fn acquire(dir: &Path, wait: Duration) -> Result<StateLock, LockError> {
+        let path = dir.join(LOCK_FILE);
+        let mut file = open_lock_file(&path)?;
         let start = Instant::now();
         loop {
             // SAFETY: flock on a valid fd we own; no memory is involved.
             let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
             if rc == 0 {
-                return Ok(StateLock { _file: file });
+                break;
             }
             let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EWOULDBLOCK) || start.elapsed() >= wait {
-                return Err(err);
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(LockError::Io { path, source: err });
+            }
+            if start.elapsed() >= wait {
+                return Err(LockError::Held {
+                    dir: dir.to_path_buf(),
+                    holder: recorded_holder(&mut file),
+                });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        let io_err = |source| LockError::Io {
+            path: path.clone(),
+            source,
+        };
+        file.set_len(0).map_err(io_err)?;
+        file.write_all(describe_self().as_bytes()).map_err(io_err)?;
+        Ok(StateLock { _file: file })
+    }
+}
+
+/// Whether `<dir>` can be locked right now, without waiting: `Ok(())` when
+/// it is free (the probe lock is dropped at once), else why not. For the
+/// CLI to say who holds the directory after the engine reported it locked.
+pub fn probe_state_lock(dir: &Path) -> Result<(), LockError> {
+    StateLock::acquire(dir, Duration::ZERO).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contention_names_the_holder_and_io_errors_are_not_contention() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = StateLock::acquire(dir.path(), Duration::ZERO).unwrap();
+        let err = StateLock::acquire(dir.path(), Duration::ZERO).unwrap_err();
+        let me = format!("pid {} (", std::process::id());
+        assert!(
+            matches!(&err, LockError::Held { holder, .. } if holder.starts_with(&me)),
+            "{err}"
+        );
+        drop(held);
+        probe_state_lock(dir.path()).unwrap();
+        // A symlink where the lock file belongs: refused, reported as I/O.
+        let other = tempfile::tempdir().unwrap();
+        std::fs::remove_file(dir.path().join(LOCK_FILE)).unwrap();
+        std::os::unix::fs::symlink(other.path().join("x"), dir.path().join(LOCK_FILE)).unwrap();
+        let err = StateLock::acquire(dir.path(), Duration::ZERO).unwrap_err();
+        assert!(matches!(err, LockError::Io { .. }), "{err}");
+        assert!(!other.path().join("x").exists());
     }
 }

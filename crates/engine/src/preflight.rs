@@ -1,10 +1,10 @@
 //! Checks made before touching a GPU: which vfio driver, whether it is
 //! loaded, and whether any process still holds the GPU's device nodes.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use vfio_gpu_host::{DriverName, HostRoot, PciFunction};
@@ -90,21 +90,86 @@ fn glob_match(p: &[u8], s: &[u8]) -> bool {
 pub struct NodeHolder {
     /// Process id (host PID namespace).
     pub pid: u32,
-    /// Its command name.
+    /// Its command name (`/proc/<pid>/comm`, truncated by the kernel to 15
+    /// characters): shown to people, never used to identify the process.
     pub comm: String,
     /// The node it holds.
     pub node: String,
+    /// The program it runs: basename of `/proc/<pid>/exe`, else of argv[0]
+    /// from `/proc/<pid>/cmdline`. Kept out of serialised (kubelet-visible)
+    /// output.
+    #[serde(skip)]
+    pub program: Option<String>,
+}
+
+/// The daemon that keeps GPUs open while persistence mode is on.
+const NVIDIA_PERSISTENCED: &str = "nvidia-persistenced";
+
+impl NodeHolder {
+    /// True when the holder is nvidia-persistenced, identified by its
+    /// executable (its comm reads `nvidia-persiste`, which anything can set).
+    pub fn is_nvidia_persistenced(&self) -> bool {
+        self.program.as_deref() == Some(NVIDIA_PERSISTENCED)
+    }
+}
+
+/// Basename of the program a process runs: the `exe` link (which the process
+/// cannot fake), else argv[0]. `None` when neither is readable (kernel
+/// threads, a process that just exited).
+fn program_of(proc_dir: &std::path::Path) -> Option<String> {
+    let base = |s: &str| {
+        let s = s.strip_suffix(" (deleted)").unwrap_or(s);
+        s.rsplit('/')
+            .next()
+            .filter(|b| !b.is_empty())
+            .map(str::to_string)
+    };
+    if let Ok(target) = fs::read_link(proc_dir.join("exe"))
+        && let Some(b) = base(&target.to_string_lossy())
+    {
+        return Some(b);
+    }
+    let cmdline = fs::read(proc_dir.join("cmdline")).ok()?;
+    let argv0 = cmdline.split(|b| *b == 0).next()?;
+    base(&String::from_utf8_lossy(argv0))
 }
 
 impl std::fmt::Display for NodeHolder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.pid == 0 {
+            // Fail-closed marker from find_holders: `node` says why.
+            return write!(f, "holder scan failed: {}", self.node);
+        }
         write!(f, "{} (pid {}) holds {}", self.comm, self.pid, self.node)
     }
 }
 
+/// Why the holder scan could not tell whether the GPU is in use. The scan
+/// fails closed: the caller must treat the GPU as busy.
+#[derive(Debug, thiserror::Error)]
+pub enum HolderScanError {
+    /// `/proc` (or a process's fd table) could not be read.
+    #[error("reading {path}: {source}")]
+    Proc {
+        /// What could not be read.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A device node is missing and its device number cannot be derived.
+    #[error("device node {node} is missing and its device number is unknown: {reason}")]
+    Node {
+        /// The node, as the host sees it.
+        node: String,
+        /// Why it could not be derived.
+        reason: String,
+    },
+}
+
 /// Device nodes through which a process uses this function on its current
-/// driver: `/dev/nvidia<minor>` for nvidia, DRM nodes, `/dev/vfio/<group>`
-/// and `/dev/vfio/devices/vfioN` for vfio.
+/// driver: `/dev/nvidia<minor>` for nvidia, DRM nodes, ALSA nodes of an
+/// audio function, `/dev/vfio/<group>` and `/dev/vfio/devices/vfioN` for vfio.
 pub fn device_nodes(root: &HostRoot, f: &PciFunction) -> Vec<PathBuf> {
     let mut nodes = Vec::new();
     if let Some(d) = &f.driver {
@@ -133,81 +198,266 @@ pub fn device_nodes(root: &HostRoot, f: &PciFunction) -> Vec<PathBuf> {
         }
     }
     // DRM nodes of the function (card*, renderD*), whatever the driver.
-    if let Ok(entries) = fs::read_dir(root.pci_attr(&f.bdf, "drm")) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if (name.starts_with("card") || name.starts_with("renderD"))
-                && !name.contains('/')
-                && !name.contains("..")
-            {
-                nodes.push(root.rel("dev/dri").join(name));
-            }
+    nodes.extend(
+        child_names(&root.pci_attr(&f.bdf, "drm"))
+            .into_iter()
+            .filter(|n| n.starts_with("card") || n.starts_with("renderD"))
+            .map(|n| root.rel("dev/dri").join(n)),
+    );
+    // ALSA nodes of an audio function (a sound server holding them makes
+    // snd_hda_intel's unbind block): sound/card<N>/{controlC<N>,pcmC…,hwC…}.
+    for card in child_names(&root.pci_attr(&f.bdf, "sound")) {
+        if !card.starts_with("card") {
+            continue;
         }
+        let dir = root.pci_attr(&f.bdf, "sound").join(&card);
+        nodes.extend(
+            child_names(&dir)
+                .into_iter()
+                .filter(|n| {
+                    ["controlC", "pcmC", "hwC", "midiC"]
+                        .iter()
+                        .any(|p| n.starts_with(p))
+                })
+                .map(|n| root.rel("dev/snd").join(n)),
+        );
     }
     nodes
 }
 
-/// Processes with an open fd on any of `nodes`, found by scanning
-/// `proc/*/fd` under the host root (needs the host PID namespace). Char
-/// devices compare by `st_rdev` (a container's private `/dev` node has the
-/// same rdev), other files by device and inode.
-pub fn find_holders(root: &HostRoot, nodes: &[PathBuf]) -> Vec<NodeHolder> {
-    let mut wanted_rdev: HashSet<u64> = HashSet::new();
-    let mut wanted_ino: HashSet<(u64, u64)> = HashSet::new();
-    let mut names = std::collections::HashMap::new();
+/// Names in a sysfs directory that are safe single path components.
+fn child_names(dir: &Path) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.contains('/') && n != "." && n != ".." && !n.is_empty())
+        .collect();
+    names.sort();
+    names
+}
+
+/// glibc's `makedev`.
+fn makedev(major: u64, minor: u64) -> u64 {
+    ((major & 0xffff_f000) << 32)
+        | ((major & 0xfff) << 8)
+        | ((minor & 0xffff_ff00) << 12)
+        | (minor & 0xff)
+}
+
+/// `major:minor` from a sysfs `dev` file.
+fn sysfs_dev(root: &HostRoot, class: &str, name: &str) -> Option<u64> {
+    let text = root
+        .read_opt(&root.rel("sys/class").join(class).join(name).join("dev"))
+        .ok()??;
+    let (ma, mi) = text.trim().split_once(':')?;
+    Some(makedev(ma.parse().ok()?, mi.parse().ok()?))
+}
+
+/// The character-device major of `name` in `/proc/devices`.
+fn proc_devices_major(root: &HostRoot, names: &[&str]) -> Option<u64> {
+    let text = root.read_opt(&root.rel("proc/devices")).ok()??;
+    text.lines()
+        .take_while(|l| !l.starts_with("Block devices"))
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.parse::<u64>().ok()?, it.next()?))
+        })
+        .find(|(_, n)| names.contains(n))
+        .map(|(m, _)| m)
+}
+
+/// What identifies a wanted node in an fd.
+#[derive(Default)]
+struct Wanted {
+    /// Char devices by `st_rdev` (a container's private node has the same rdev).
+    rdev: HashMap<u64, String>,
+    /// Other files (fixtures) by device and inode.
+    ino: HashMap<(u64, u64), String>,
+    /// vfio device fds (`anon_inode:[vfio-device]`) by the BDF in fdinfo.
+    vfio_bdf: HashMap<String, String>,
+}
+
+impl Wanted {
+    fn is_empty(&self) -> bool {
+        self.rdev.is_empty() && self.ino.is_empty() && self.vfio_bdf.is_empty()
+    }
+}
+
+/// The node as the host sees it (`/dev/…`), for messages.
+fn shown(root: &HostRoot, n: &Path) -> String {
+    n.strip_prefix(root.path())
+        .map(|r| format!("/{}", r.display()))
+        .unwrap_or_else(|_| n.display().to_string())
+}
+
+/// Resolves the wanted nodes: stat the ones that exist; derive the device
+/// number of missing ones from sysfs `dev` files or `/proc/devices`; the
+/// BDFs behind vfio nodes, for device fds.
+fn wanted(root: &HostRoot, nodes: &[PathBuf]) -> Result<Wanted, HolderScanError> {
+    let mut w = Wanted::default();
     for n in nodes {
-        if let Ok(m) = fs::metadata(n) {
-            if m.file_type().is_char_device() {
-                wanted_rdev.insert(m.rdev());
-                names.insert(("r", m.rdev(), 0), n.clone());
-            } else {
-                wanted_ino.insert((m.dev(), m.ino()));
-                names.insert(("i", m.dev(), m.ino()), n.clone());
+        let name = shown(root, n);
+        let file = n
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let parent = n.parent().map(|p| shown(root, p)).unwrap_or_default();
+        // The functions a vfio node gives access to.
+        if parent == "/dev/vfio"
+            && let Ok(group) = file.parse::<u32>()
+        {
+            for b in child_names(&root.iommu_group_devices_dir(group)) {
+                w.vfio_bdf.insert(b, name.clone());
+            }
+        } else if parent == "/dev/vfio/devices"
+            && let Ok(dev) = fs::canonicalize(root.rel("sys/class/vfio-dev").join(&file))
+            && let Some(b) = dev
+                .parent()
+                .and_then(Path::parent)
+                .and_then(Path::file_name)
+        {
+            w.vfio_bdf
+                .insert(b.to_string_lossy().into_owned(), name.clone());
+        }
+        match fs::metadata(n) {
+            Ok(m) if m.file_type().is_char_device() => {
+                w.rdev.insert(m.rdev(), name);
+            }
+            Ok(m) => {
+                w.ino.insert((m.dev(), m.ino()), name);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let class = match parent.as_str() {
+                    "/dev/snd" => Some("sound"),
+                    "/dev/dri" => Some("drm"),
+                    "/dev/vfio" => Some("vfio"),
+                    "/dev/vfio/devices" => Some("vfio-dev"),
+                    _ => None,
+                };
+                let from_sysfs = class.and_then(|c| sysfs_dev(root, c, &file));
+                let nvidia_minor = file
+                    .strip_prefix("nvidia")
+                    .and_then(|m| m.parse::<u64>().ok())
+                    .filter(|_| parent == "/dev");
+                if let Some(rdev) = from_sysfs {
+                    w.rdev.insert(rdev, name);
+                } else if let Some(minor) = nvidia_minor {
+                    let major = proc_devices_major(root, &["nvidia-frontend", "nvidia"])
+                        .ok_or_else(|| HolderScanError::Node {
+                            node: name.clone(),
+                            reason: "no nvidia major in /proc/devices".into(),
+                        })?;
+                    w.rdev.insert(makedev(major, minor), name);
+                } else if class == Some("vfio") || class == Some("vfio-dev") {
+                    // No group node (CONFIG_VFIO_GROUP=n) or cdev: device fds
+                    // are still found through fdinfo.
+                } else {
+                    return Err(HolderScanError::Node {
+                        node: name,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+            Err(e) => {
+                return Err(HolderScanError::Node {
+                    node: name,
+                    reason: e.to_string(),
+                });
             }
         }
     }
+    Ok(w)
+}
+
+/// Processes with an open fd on any of `nodes`, found by scanning
+/// `proc/*/fd` under the host root (needs the host PID namespace).
+///
+/// Fails closed: an unreadable `/proc` or fd table, or a node whose device
+/// number cannot be known, is an error, never "no holders". Each fd is
+/// first filtered by its link text (`/dev/…` or `anon_inode:[vfio…`), so a
+/// file on a hung NFS or FUSE mount is never stat'ed.
+pub fn scan_holders(
+    root: &HostRoot,
+    nodes: &[PathBuf],
+) -> Result<Vec<NodeHolder>, HolderScanError> {
+    let w = wanted(root, nodes)?;
     let mut out = Vec::new();
-    if wanted_rdev.is_empty() && wanted_ino.is_empty() {
-        return out;
+    if w.is_empty() {
+        return Ok(out);
     }
-    let Ok(procs) = fs::read_dir(root.rel("proc")) else {
-        return out;
+    let proc_dir = root.rel("proc");
+    let proc_err = |path: &Path, source| HolderScanError::Proc {
+        path: path.to_path_buf(),
+        source,
     };
-    for p in procs.flatten() {
+    let dev_prefix = root.rel("dev");
+    for p in fs::read_dir(&proc_dir).map_err(|e| proc_err(&proc_dir, e))? {
+        let p = p.map_err(|e| proc_err(&proc_dir, e))?;
         let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
-        let Ok(fds) = fs::read_dir(p.path().join("fd")) else {
-            continue;
+        let fd_dir = p.path().join("fd");
+        let fds = match fs::read_dir(&fd_dir) {
+            Ok(fds) => fds,
+            // Exited during the scan.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(proc_err(&fd_dir, e)),
         };
         for fd in fds.flatten() {
-            // Processes come and go during the scan: skip what vanished.
-            let Ok(m) = fs::metadata(fd.path()) else {
-                continue;
+            let Ok(target) = fs::read_link(fd.path()) else {
+                continue; // closed meanwhile
             };
-            let key = if m.file_type().is_char_device() && wanted_rdev.contains(&m.rdev()) {
-                ("r", m.rdev(), 0)
-            } else if wanted_ino.contains(&(m.dev(), m.ino())) {
-                ("i", m.dev(), m.ino())
-            } else {
-                continue;
-            };
-            let comm = fs::read_to_string(p.path().join("comm"))
-                .map(|s| s.trim().to_string())
-                .unwrap_or_else(|_| "?".into());
-            let node = names
-                .get(&key)
-                .map(|n| {
-                    n.strip_prefix(root.path())
-                        .map(|r| format!("/{}", r.display()))
-                        .unwrap_or_else(|_| n.display().to_string())
+            let text = target.to_string_lossy();
+            let hit = if text.starts_with("anon_inode:[vfio") {
+                let info = p.path().join("fdinfo").join(fd.file_name());
+                fs::read_to_string(info).ok().and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("vfio-device-syspath:"))
+                        .and_then(|s| s.trim().rsplit('/').next().map(str::to_string))
+                        .and_then(|b| w.vfio_bdf.get(&b).cloned())
                 })
-                .unwrap_or_default();
-            out.push(NodeHolder { pid, comm, node });
-            break;
+            } else if text.starts_with("/dev/") || target.starts_with(&dev_prefix) {
+                // Only now stat the open file (a device node, never a mount).
+                match fs::metadata(fd.path()) {
+                    Ok(m) if m.file_type().is_char_device() => w.rdev.get(&m.rdev()).cloned(),
+                    Ok(m) => w.ino.get(&(m.dev(), m.ino())).cloned(),
+                    Err(_) => None,
+                }
+            } else {
+                None
+            };
+            if let Some(node) = hit {
+                let comm = fs::read_to_string(p.path().join("comm"))
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_else(|_| "?".into());
+                out.push(NodeHolder {
+                    pid,
+                    comm,
+                    node,
+                    program: program_of(&p.path()),
+                });
+                break;
+            }
         }
     }
-    out
+    Ok(out)
+}
+
+/// [`scan_holders`] for callers that take a list: a failed scan is returned
+/// as one holder with pid 0 whose `node` says why, so the GPU counts as
+/// busy (fail closed) rather than free.
+pub fn find_holders(root: &HostRoot, nodes: &[PathBuf]) -> Vec<NodeHolder> {
+    scan_holders(root, nodes).unwrap_or_else(|e| {
+        vec![NodeHolder {
+            pid: 0,
+            comm: String::new(),
+            node: e.to_string(),
+            program: None,
+        }]
+    })
 }
 
 #[cfg(test)]

@@ -7,17 +7,24 @@
 //! the command line and modprobe.d), `driver_override` beating ID tables,
 //! `bind` errors (ENODEV, EBUSY, EINVAL), `drivers_probe` succeeding while
 //! binding nothing, group viability against a VFIO user, unbind blocking
-//! while a VM holds the group. Faults: a failing write, a write that blocks
-//! until released, latency per operation and driver.
+//! while a VM holds the group or (host drivers) while clients hold the
+//! device, `device_lock` held for a whole bind or unbind (so reads of
+//! `sriov_numvfs`, and of `driver_override` on older kernels, block), the
+//! `driver` link removed before `remove()` and created before `probe()`,
+//! nvidia's unbind lock and `/proc/driver/nvidia/gpus/<BDF>`, zero-length
+//! writes dropped, device remove and rescan, and the `/dev/vfio` nodes.
+//! Faults: a failing write, a write that blocks until released, latency per
+//! operation and driver, a failing read.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
+use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use vfio_gpu_host::fixture::FixtureHost;
-use vfio_gpu_host::{Bdf, HostRoot, PciFunction, is_vfio_driver};
+use vfio_gpu_host::fixture::{FixtureHost, rel_symlink};
+use vfio_gpu_host::{Bdf, Binding, HostError, HostRoot, PciFunction, is_vfio_driver};
 
 use vfio_gpu_intent::IdEntry;
 
@@ -72,7 +79,10 @@ struct SimDriver {
 pub enum FaultAction {
     /// The write fails with this errno.
     Fail(i32),
-    /// The write blocks until [`BlockHandle::release`], then proceeds.
+    /// The write blocks until [`BlockHandle::release`], then proceeds. An
+    /// unbind blocks in the driver's `remove()` (the `driver` link is
+    /// already gone, `device_lock` held); a bind blocks in `probe()` (the
+    /// link already exists); other writes block before they apply.
     Block(BlockHandle),
     /// `drivers_probe` reports success and binds nothing.
     ProbeBindsNothing,
@@ -146,6 +156,54 @@ impl Fault {
     }
 }
 
+/// Which per-device attributes take `device_lock` when read, so a read
+/// blocks while a bind or unbind of that device is in progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockedReads {
+    /// `driver_override` (kernels before the driver-core rework, §5.3:
+    /// RHEL 9, Ubuntu 22.04/24.04, Debian 12).
+    pub driver_override: bool,
+    /// `sriov_numvfs` (since "PCI/IOV: Serialize sysfs sriov_numvfs reads vs writes").
+    pub sriov_numvfs: bool,
+}
+
+impl Default for LockedReads {
+    /// `sriov_numvfs` locks, `driver_override` does not (6.12 behaviour).
+    fn default() -> Self {
+        LockedReads {
+            driver_override: false,
+            sriov_numvfs: true,
+        }
+    }
+}
+
+/// Which `/dev/vfio` nodes a vfio bind creates (§8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VfioNodes {
+    /// `/dev/vfio/<group>` (`CONFIG_VFIO_GROUP`).
+    pub group: bool,
+    /// `/dev/vfio/devices/vfioN` (`CONFIG_VFIO_DEVICE_CDEV`).
+    pub cdev: bool,
+}
+
+impl Default for VfioNodes {
+    fn default() -> Self {
+        VfioNodes {
+            group: true,
+            cdev: true,
+        }
+    }
+}
+
+/// A device taken off the bus by [`SimKernel::remove_device`].
+struct Removed {
+    /// Its directory under `sys/devices`.
+    dir: PathBuf,
+    /// Where the directory waits for the rescan.
+    stash: PathBuf,
+    group: Option<u32>,
+}
+
 #[derive(Default)]
 struct SimState {
     drivers: Vec<SimDriver>,
@@ -153,6 +211,19 @@ struct SimState {
     latency: HashMap<(String, String), Duration>,
     vfio_users: HashSet<u32>,
     log: Vec<String>,
+    /// Open clients of a device on its host driver (nvidia usage count,
+    /// `/dev/snd` openers): its unbind waits for them, nvidia refuses its
+    /// unbind lock while any exist.
+    clients: HashMap<Bdf, u32>,
+    /// Devices whose `device_lock` a bind or unbind holds (a count: the
+    /// driver core serialises, but the sim must not lose track).
+    device_locked: HashMap<Bdf, u32>,
+    locked_reads: LockedReads,
+    read_faults: HashMap<Bdf, i32>,
+    vfio_nodes: VfioNodes,
+    /// `/proc/driver/nvidia/gpus/<BDF>` files of unbound GPUs, recreated on bind.
+    nvidia_proc: HashMap<Bdf, Vec<(std::ffi::OsString, Vec<u8>)>>,
+    removed: HashMap<Bdf, Removed>,
 }
 
 /// The simulated kernel. Cheap to clone (shared state).
@@ -161,6 +232,7 @@ pub struct SimKernel {
     root: HostRoot,
     fixture: FixtureHost,
     state: Arc<Mutex<SimState>>,
+    /// Signalled whenever VFIO users, clients or device locks change.
     users_changed: Arc<Condvar>,
 }
 
@@ -273,6 +345,103 @@ impl SimKernel {
         self.lock().log.clone()
     }
 
+    /// Sets how many clients hold `bdf` open on its host driver (CUDA
+    /// programs, nvidia-persistenced, a sound server on `/dev/snd`): an
+    /// unbind from a non-vfio driver waits until they are gone, and nvidia
+    /// refuses its unbind lock while any exist.
+    pub fn set_clients(&self, bdf: Bdf, clients: u32) {
+        let mut s = self.lock();
+        if clients == 0 {
+            s.clients.remove(&bdf);
+        } else {
+            s.clients.insert(bdf, clients);
+        }
+        drop(s);
+        self.users_changed.notify_all();
+    }
+
+    /// Chooses which attribute reads take `device_lock` (kernel version).
+    pub fn set_locked_reads(&self, reads: LockedReads) {
+        self.lock().locked_reads = reads;
+    }
+
+    /// Makes every read of `bdf` through the [`Kernel`] trait fail with
+    /// `errno` (EIO from a device that fell off the bus…); `None` heals it.
+    pub fn fail_reads(&self, bdf: Bdf, errno: Option<i32>) {
+        let mut s = self.lock();
+        match errno {
+            Some(e) => s.read_faults.insert(bdf, e),
+            None => s.read_faults.remove(&bdf),
+        };
+    }
+
+    /// Chooses which `/dev/vfio` nodes a vfio bind creates.
+    pub fn set_vfio_nodes(&self, nodes: VfioNodes) {
+        self.lock().vfio_nodes = nodes;
+    }
+
+    /// True while a bind or unbind of `bdf` holds its `device_lock`.
+    pub fn device_locked(&self, bdf: Bdf) -> bool {
+        self.lock().device_locked.contains_key(&bdf)
+    }
+
+    /// Hot-unplug (or `remove`, Xid 79): the driver is unbound without
+    /// waiting, and the device disappears from sysfs with its
+    /// `driver_override`. [`SimKernel::rescan`] brings it back.
+    pub fn remove_device(&self, bdf: Bdf) -> io::Result<()> {
+        let f = self.read(bdf)?;
+        let dir = fs::canonicalize(self.root.pci_device_dir(&bdf))?;
+        if let Some(d) = &f.driver {
+            self.fixture.unlink_driver(bdf)?;
+            self.after_unbind(&f, d.as_str())?;
+        }
+        let stash_dir = self.root.rel(".sim-removed");
+        fs::create_dir_all(&stash_dir)?;
+        let stash = stash_dir.join(bdf.dashed());
+        fs::rename(&dir, &stash)?;
+        fs::remove_file(self.root.pci_device_dir(&bdf))?;
+        if let Some(g) = f.iommu_group {
+            let _ = fs::remove_file(self.root.iommu_group_devices_dir(g).join(bdf.to_string()));
+        }
+        let mut s = self.lock();
+        s.clients.remove(&bdf);
+        s.removed.insert(
+            bdf,
+            Removed {
+                dir,
+                stash,
+                group: f.iommu_group,
+            },
+        );
+        Ok(())
+    }
+
+    /// Rescan: every removed device comes back with its override unset
+    /// (`(null)`) and is probed by the default rules (ID tables and dynids),
+    /// as `echo 1 > /sys/bus/pci/rescan` does. Returns the re-added devices.
+    pub fn rescan(&self) -> io::Result<Vec<Bdf>> {
+        let removed: Vec<(Bdf, Removed)> = self.lock().removed.drain().collect();
+        let mut added = Vec::new();
+        for (bdf, r) in removed {
+            fs::rename(&r.stash, &r.dir)?;
+            // A new struct device: the override is gone, no driver, no vfio-dev.
+            fs::write(r.dir.join("driver_override"), "(null)\n")?;
+            let _ = fs::remove_file(r.dir.join("driver"));
+            let _ = fs::remove_dir_all(r.dir.join("vfio-dev"));
+            rel_symlink(&r.dir, &self.root.pci_device_dir(&bdf))?;
+            if let Some(g) = r.group {
+                rel_symlink(
+                    &r.dir,
+                    &self.root.iommu_group_devices_dir(g).join(bdf.to_string()),
+                )?;
+            }
+            self.do_write(&SysfsWrite::DriversProbe { bdf }, None, None)?;
+            added.push(bdf);
+        }
+        added.sort();
+        Ok(added)
+    }
+
     fn take_fault(&self, op: &SysfsWrite) -> Option<FaultAction> {
         let mut s = self.lock();
         let mut hit = None;
@@ -306,8 +475,108 @@ impl SimKernel {
             .unwrap_or_default()
     }
 
-    /// Probes `driver` against `f` as `really_probe` would; Ok(()) = bound.
-    fn probe(&self, s: &SimState, driver: &SimDriver, f: &PciFunction) -> io::Result<()> {
+    /// Waits until no bind or unbind holds `bdf`'s `device_lock`.
+    fn wait_unlocked(&self, bdf: Bdf) {
+        let mut s = self.lock();
+        while s.device_locked.contains_key(&bdf) {
+            s = self
+                .users_changed
+                .wait(s)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Takes `bdf`'s `device_lock` (waiting for a holder) until the guard drops.
+    fn lock_device(&self, bdf: Bdf) -> DeviceLock<'_> {
+        let mut s = self.lock();
+        while s.device_locked.contains_key(&bdf) {
+            s = self
+                .users_changed
+                .wait(s)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        *s.device_locked.entry(bdf).or_default() += 1;
+        DeviceLock { kernel: self, bdf }
+    }
+
+    /// A read through the [`Kernel`] trait: an injected read fault, or a
+    /// wait for `device_lock` when the attribute read takes it.
+    fn gate_read(
+        &self,
+        bdf: Bdf,
+        takes_lock: impl Fn(&LockedReads) -> bool,
+    ) -> Result<(), HostError> {
+        let (fault, locks) = {
+            let s = self.lock();
+            (
+                s.read_faults.get(&bdf).copied(),
+                takes_lock(&s.locked_reads),
+            )
+        };
+        if let Some(code) = fault {
+            return Err(HostError::Io {
+                path: self.root.pci_device_dir(&bdf),
+                source: err(code, format!("injected read fault on {bdf}")),
+            });
+        }
+        if locks {
+            self.wait_unlocked(bdf);
+        }
+        Ok(())
+    }
+
+    /// Waits for a blocked write's gate, then its latency.
+    fn delay(gate: Option<&BlockHandle>, latency: Option<Duration>) {
+        if let Some(h) = gate {
+            h.wait();
+        }
+        if let Some(l) = latency {
+            std::thread::sleep(l);
+        }
+    }
+
+    /// `really_probe`: the `driver` link exists before `probe()` runs (a
+    /// slow or blocked probe already shows the device bound) and is removed
+    /// again when the probe fails. Ok(()) = bound.
+    fn probe(
+        &self,
+        driver: &SimDriver,
+        f: &PciFunction,
+        gate: Option<&BlockHandle>,
+        latency: Option<Duration>,
+    ) -> io::Result<()> {
+        let name = &driver.name;
+        self.fixture.link_driver(f.bdf, name)?;
+        Self::delay(gate, latency);
+        if let Err(e) = self.probe_checks(driver, f) {
+            self.fixture.unlink_driver(f.bdf)?;
+            return Err(e);
+        }
+        if is_vfio_driver(name) {
+            let vfio = self.fixture.add_vfio_dev(f.bdf)?;
+            let nodes = self.lock().vfio_nodes;
+            if nodes.cdev {
+                let dir = self.root.rel("dev/vfio/devices");
+                fs::create_dir_all(&dir)?;
+                fs::write(dir.join(vfio), "")?;
+            }
+            if nodes.group
+                && let Some(g) = f.iommu_group
+            {
+                let node = self.root.dev_vfio_group(g);
+                if let Some(dir) = node.parent() {
+                    fs::create_dir_all(dir)?;
+                }
+                fs::write(node, "")?;
+            }
+        } else if name == "nvidia" {
+            self.restore_nvidia_proc(f.bdf)?;
+        }
+        Ok(())
+    }
+
+    /// What a driver's `probe()` refuses.
+    fn probe_checks(&self, driver: &SimDriver, f: &PciFunction) -> io::Result<()> {
         let name = &driver.name;
         if is_vfio_driver(name) {
             if f.is_bridge {
@@ -324,7 +593,7 @@ impl SimKernel {
             }
         } else if !driver.dma_managed
             && let Some(g) = f.iommu_group
-            && s.vfio_users.contains(&g)
+            && self.lock().vfio_users.contains(&g)
         {
             // ≥ 5.19 DMA ownership: a kernel-DMA driver may not join an owned group.
             return Err(err(
@@ -332,16 +601,70 @@ impl SimKernel {
                 format!("{}: group {g} owned by a VFIO user", f.bdf),
             ));
         }
-        self.fixture.link_driver(f.bdf, name)?;
-        if is_vfio_driver(name) {
-            self.fixture.add_vfio_dev(f.bdf)?;
-            if let Some(g) = f.iommu_group {
-                let node = self.root.dev_vfio_group(g);
-                if let Some(dir) = node.parent() {
-                    fs::create_dir_all(dir)?;
-                }
-                fs::write(node, "")?;
+        Ok(())
+    }
+
+    fn nvidia_proc_dir(&self, bdf: Bdf) -> PathBuf {
+        self.root
+            .rel("proc/driver/nvidia/gpus")
+            .join(bdf.to_string())
+    }
+
+    /// nvidia removes its procfs directory in `nv_pci_remove`; the files
+    /// are kept so a later bind recreates them (the unbind lock starts released).
+    fn save_nvidia_proc(&self, bdf: Bdf) -> io::Result<()> {
+        let dir = self.nvidia_proc_dir(bdf);
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        let mut files = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let content = if name == "unbindLock" {
+                b"0\n".to_vec()
+            } else {
+                fs::read(e.path()).unwrap_or_default()
+            };
+            files.push((name, content));
+        }
+        fs::remove_dir_all(&dir)?;
+        self.lock().nvidia_proc.insert(bdf, files);
+        Ok(())
+    }
+
+    fn restore_nvidia_proc(&self, bdf: Bdf) -> io::Result<()> {
+        let Some(files) = self.lock().nvidia_proc.remove(&bdf) else {
+            return Ok(());
+        };
+        let dir = self.nvidia_proc_dir(bdf);
+        fs::create_dir_all(&dir)?;
+        for (name, content) in files {
+            fs::write(dir.join(name), content)?;
+        }
+        Ok(())
+    }
+
+    /// What `remove()` tears down once it returns: the vfio class device and
+    /// nodes, nvidia's procfs directory.
+    fn after_unbind(&self, f: &PciFunction, driver: &str) -> io::Result<()> {
+        if is_vfio_driver(driver) {
+            if let Some(v) = &f.vfio_dev {
+                let _ = fs::remove_file(self.root.rel("dev/vfio/devices").join(v));
             }
+            self.fixture.remove_vfio_dev(f.bdf)?;
+            if let Some(g) = f.iommu_group {
+                let still = self.group_members(g).into_iter().any(|m| {
+                    m != f.bdf
+                        && PciFunction::read(&self.root, m)
+                            .map(|mf| mf.on_vfio())
+                            .unwrap_or(false)
+                });
+                if !still {
+                    let _ = fs::remove_file(self.root.dev_vfio_group(g));
+                }
+            }
+        } else if driver == "nvidia" {
+            self.save_nvidia_proc(f.bdf)?;
         }
         Ok(())
     }
@@ -351,13 +674,25 @@ impl SimKernel {
             || driver.id_table.iter().any(|r| r.matches(f))
     }
 
-    fn do_write(&self, op: &SysfsWrite) -> io::Result<()> {
+    fn do_write(
+        &self,
+        op: &SysfsWrite,
+        gate: Option<&BlockHandle>,
+        latency: Option<Duration>,
+    ) -> io::Result<()> {
         match op {
             SysfsWrite::DriverOverride { bdf, driver } => {
+                Self::delay(gate, latency);
                 if !self.exists(*bdf) {
                     return Err(err(errno::ENODEV, format!("{bdf}")));
                 }
+                if self.lock().locked_reads.driver_override {
+                    // The older store takes device_lock too.
+                    self.wait_unlocked(*bdf);
+                }
                 let value = match driver {
+                    // sysfs drops zero-length writes before the store runs.
+                    Some(d) if d.is_empty() => return Ok(()),
                     Some(d) if d.len() >= 4095 => {
                         return Err(err(errno::EINVAL, "override too long".into()));
                     }
@@ -375,6 +710,7 @@ impl SimKernel {
                 )
             }
             SysfsWrite::Unbind { bdf, driver } => {
+                let _locked = self.lock_device(*bdf);
                 let f = self.read(*bdf)?;
                 if f.driver.as_ref() != Some(driver) {
                     return Err(err(
@@ -382,38 +718,44 @@ impl SimKernel {
                         format!("{bdf} is not bound to {driver}"),
                     ));
                 }
-                if driver.is_vfio()
-                    && let Some(g) = f.iommu_group
-                {
-                    // vfio-pci's remove() waits for the user to let go.
-                    let mut s = self.lock();
-                    while s.vfio_users.contains(&g) {
-                        s = self
-                            .users_changed
-                            .wait(s)
-                            .unwrap_or_else(|p| p.into_inner());
-                    }
-                }
+                // __device_release_driver: driver_sysfs_remove() runs before
+                // remove(), so a hung unbind already shows no driver.
                 self.fixture.unlink_driver(*bdf)?;
-                if driver.is_vfio() {
-                    self.fixture.remove_vfio_dev(*bdf)?;
-                    if let Some(g) = f.iommu_group {
-                        let still = self.group_members(g).into_iter().any(|m| {
-                            m != *bdf
-                                && PciFunction::read(&self.root, m)
-                                    .map(|mf| mf.on_vfio())
-                                    .unwrap_or(false)
-                        });
-                        if !still {
-                            let _ = fs::remove_file(self.root.dev_vfio_group(g));
+                Self::delay(gate, latency);
+                {
+                    let mut s = self.lock();
+                    if driver.is_vfio() {
+                        // vfio-pci's remove() waits for the user to let go.
+                        if let Some(g) = f.iommu_group {
+                            while s.vfio_users.contains(&g) {
+                                s = self
+                                    .users_changed
+                                    .wait(s)
+                                    .unwrap_or_else(|p| p.into_inner());
+                            }
+                        }
+                    } else {
+                        // nv_pci_remove loops while the usage count is not 0;
+                        // snd_hda_intel waits for /dev/snd openers.
+                        while s.clients.get(bdf).is_some_and(|n| *n > 0) {
+                            s = self
+                                .users_changed
+                                .wait(s)
+                                .unwrap_or_else(|p| p.into_inner());
                         }
                     }
                 }
-                Ok(())
+                self.after_unbind(&f, driver.as_str())
             }
             SysfsWrite::Bind { bdf, driver } => {
-                let s = self.lock();
-                let Some(d) = s.drivers.iter().find(|d| d.name == driver.as_str()) else {
+                let d = {
+                    let s = self.lock();
+                    s.drivers
+                        .iter()
+                        .find(|d| d.name == driver.as_str())
+                        .cloned()
+                };
+                let Some(d) = d else {
                     return Err(err(
                         libc_enoent(),
                         format!("no driver directory for {driver} (module not loaded)"),
@@ -422,6 +764,7 @@ impl SimKernel {
                 if !self.exists(*bdf) {
                     return Err(err(errno::ENODEV, format!("{bdf}")));
                 }
+                let _locked = self.lock_device(*bdf);
                 let f = self.read(*bdf)?;
                 if f.driver.is_some() {
                     return Err(err(errno::EBUSY, format!("{bdf} already bound")));
@@ -429,46 +772,74 @@ impl SimKernel {
                 let ok = match &f.driver_override {
                     Some(o) => o == driver.as_str(),
                     // vfio-pci's static table is override-only: ids or dynids needed.
-                    None => Self::matches_ids(d, &f),
+                    None => Self::matches_ids(&d, &f),
                 };
                 if !ok {
                     return Err(err(errno::ENODEV, format!("{driver} does not match {bdf}")));
                 }
-                self.probe(&s, d, &f)
+                self.probe(&d, &f, gate, latency)
             }
             SysfsWrite::DriversProbe { bdf } => {
+                Self::delay(gate, latency);
                 if !self.exists(*bdf) {
                     return Err(err(errno::ENODEV, format!("{bdf}")));
                 }
+                let _locked = self.lock_device(*bdf);
                 let f = self.read(*bdf)?;
                 if f.driver.is_some() {
                     return Ok(());
                 }
-                let s = self.lock();
-                let candidates: Vec<&SimDriver> = match &f.driver_override {
-                    Some(o) => s.drivers.iter().filter(|d| &d.name == o).collect(),
-                    None => s
-                        .drivers
-                        .iter()
-                        .filter(|d| Self::matches_ids(d, &f))
-                        .collect(),
+                let candidates: Vec<SimDriver> = {
+                    let s = self.lock();
+                    match &f.driver_override {
+                        Some(o) => s.drivers.iter().filter(|d| &d.name == o).cloned().collect(),
+                        None => s
+                            .drivers
+                            .iter()
+                            .filter(|d| Self::matches_ids(d, &f))
+                            .cloned()
+                            .collect(),
+                    }
                 };
-                for d in candidates {
-                    if self.probe(&s, d, &f).is_ok() {
+                for d in &candidates {
+                    if self.probe(d, &f, None, None).is_ok() {
                         break;
                     }
                 }
                 // Success whether or not anything bound.
                 Ok(())
             }
-            SysfsWrite::NvidiaUnbindLock { .. } => {
-                let (path, bytes) = op.target(&self.root);
+            SysfsWrite::NvidiaUnbindLock { bdf, take } => {
+                Self::delay(gate, latency);
+                let (path, _) = op.target(&self.root);
                 if !path.exists() {
                     return Err(err(libc_enoent(), format!("{}", path.display())));
                 }
-                fs::write(path, bytes)
+                // Granted (reads back 1) only with a usage count of 0.
+                let granted = *take && self.lock().clients.get(bdf).is_none_or(|n| *n == 0);
+                fs::write(path, if granted { "1\n" } else { "0\n" })
             }
         }
+    }
+}
+
+/// `device_lock` of one device, released on drop.
+struct DeviceLock<'a> {
+    kernel: &'a SimKernel,
+    bdf: Bdf,
+}
+
+impl Drop for DeviceLock<'_> {
+    fn drop(&mut self) {
+        let mut s = self.kernel.lock();
+        if let Some(n) = s.device_locked.get_mut(&self.bdf) {
+            *n -= 1;
+            if *n == 0 {
+                s.device_locked.remove(&self.bdf);
+            }
+        }
+        drop(s);
+        self.kernel.users_changed.notify_all();
     }
 }
 
@@ -535,18 +906,28 @@ impl Kernel for SimKernel {
             .get(&(op.kind().to_string(), driver))
             .copied();
         self.lock().log.push(op.to_string());
-        match self.take_fault(op) {
+        let gate = match self.take_fault(op) {
             Some(FaultAction::Fail(code)) => {
                 return Err(err(code, format!("injected fault on {op}")));
             }
-            Some(FaultAction::Block(h)) => h.wait(),
+            Some(FaultAction::Block(h)) => Some(h),
             Some(FaultAction::ProbeBindsNothing) => return Ok(()),
-            None => {}
-        }
-        if let Some(l) = latency {
-            std::thread::sleep(l);
-        }
-        self.do_write(op)
+            None => None,
+        };
+        // The gate and latency stand for the driver's remove()/probe(): the
+        // write applies them where the kernel would block.
+        self.do_write(op, gate.as_ref(), latency)
+    }
+
+    fn read_function(&self, bdf: Bdf) -> Result<PciFunction, HostError> {
+        let has_sriov = self.root.pci_attr(&bdf, "sriov_numvfs").exists();
+        self.gate_read(bdf, |r| r.driver_override || (r.sriov_numvfs && has_sriov))?;
+        PciFunction::read(&self.root, bdf)
+    }
+
+    fn read_binding(&self, bdf: Bdf) -> Result<Binding, HostError> {
+        self.gate_read(bdf, |r| r.driver_override)?;
+        Binding::read(&self.root, bdf)
     }
 }
 

@@ -144,3 +144,23 @@ pub fn engine_with_commands(
     .unwrap()
     .0
 }
+
+/// Makes `pid` look like nvidia-persistenced as the kernel shows it: `comm`
+/// truncated to 15 characters (TASK_COMM_LEN - 1), `exe` linking to the
+/// binary, `cmdline` with argv[0], and fd 4 open on `dev/nvidia<minor>`.
+pub fn add_persistenced_process(host: &Path, pid: u32, minor: u32) {
+    let p = host.join(format!("proc/{pid}"));
+    std::fs::create_dir_all(p.join("fd")).unwrap();
+    std::fs::write(p.join("comm"), "nvidia-persiste\n").unwrap();
+    std::fs::write(
+        p.join("cmdline"),
+        "/usr/bin/nvidia-persistenced\0--user\0nvidia-persistenced\0",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("/usr/bin/nvidia-persistenced", p.join("exe")).unwrap();
+    let node = host.join(format!("dev/nvidia{minor}"));
+    if !node.exists() {
+        std::fs::write(&node, "").unwrap();
+    }
+    std::os::unix::fs::symlink(&node, p.join("fd/4")).unwrap();
+}

@@ -78,12 +78,35 @@ fn edited_ledger_fails_checksum() {
 }
 
 #[test]
-fn future_format_is_set_aside_not_crashed_on() {
-    let (_d, _s, bytes) = configured_state();
+fn future_format_is_kept_not_discarded() {
+    // m3 (review 2026-11-30): a newer format may hold another version's
+    // intent; it is reported and kept, never moved aside and rebuilt.
+    // (Was: future_format_is_set_aside_not_crashed_on, which asserted the move.)
+    let (dir, state, bytes) = configured_state();
     let text = String::from_utf8(bytes)
         .unwrap()
         .replacen("format=1", "format=7", 1);
-    reopen_with(text.as_bytes(), "format 7 is newer");
+    std::fs::write(state.join("ledger.json"), &text).unwrap();
+    let k = sim(&dir.path().join("host"));
+    if let Ok((_e, report)) = vfio_gpu_engine::Engine::open(
+        std::sync::Arc::new(k),
+        &state,
+        vfio_gpu_host::GpuSelector::default(),
+        vfio_gpu_intent::Policy::default(),
+        config(),
+    ) {
+        let problem = report.ledger_problem.expect("problem reported");
+        assert!(
+            problem.reason.contains("format 7 is newer"),
+            "{}",
+            problem.reason
+        );
+        assert!(problem.moved_to.is_none());
+    }
+    assert_eq!(
+        std::fs::read_to_string(state.join("ledger.json")).unwrap(),
+        text
+    );
 }
 
 #[test]

@@ -439,9 +439,8 @@ fn persistenced_host(dir: &std::path::Path) -> std::path::PathBuf {
     .unwrap();
     h.write("dev/nvidia3", "").unwrap();
     h.write("usr/bin/nvidia-smi", "#!/bin/sh\n").unwrap();
-    h.write("proc/99/comm", "nvidia-persistenced\n").unwrap();
-    std::fs::create_dir_all(host.join("proc/99/fd")).unwrap();
-    std::os::unix::fs::symlink(host.join("dev/nvidia3"), host.join("proc/99/fd/4")).unwrap();
+    // As the kernel shows it: comm truncated to "nvidia-persiste".
+    add_persistenced_process(&host, 99, 3);
     host
 }
 

@@ -460,15 +460,7 @@ fn m3_a_hanging_nvidia_smi_is_cut_off_by_its_deadline_and_changes_nothing() {
     )
     .unwrap();
     h.write("dev/nvidia3", "").unwrap();
-    h.write("usr/bin/nvidia-persistenced", "").unwrap();
-    h.write("proc/99/comm", "nvidia-persistenced\n").unwrap();
-    fs::create_dir_all(host.join("proc/99/fd")).unwrap();
-    symlink(host.join("dev/nvidia3"), host.join("proc/99/fd/4")).unwrap();
-    symlink(
-        host.join("usr/bin/nvidia-persistenced"),
-        host.join("proc/99/exe"),
-    )
-    .unwrap();
+    add_persistenced_process(&host, 99, 3);
     let k = sim(&host);
     let e = Engine::open_with_commands(
         Arc::new(k.clone()),

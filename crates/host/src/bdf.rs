@@ -123,12 +123,15 @@ impl<'de> Deserialize<'de> for Bdf {
 pub struct DriverName(String);
 
 impl DriverName {
-    /// Validates a driver name: 1–64 characters of `[A-Za-z0-9_.-]`, not `.` or `..`.
+    /// Validates a driver name: 1–64 characters of `[A-Za-z0-9_.-]`, not `.`
+    /// or `..`, not starting with `-` (the name reaches `modprobe`'s argv,
+    /// where it would be read as an option).
     pub fn new(name: &str) -> Result<Self, HostError> {
         let ok = !name.is_empty()
             && name.len() <= 64
             && name != "."
             && name != ".."
+            && !name.starts_with('-')
             && name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
@@ -187,6 +190,16 @@ impl fmt::Debug for DriverName {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn driver_names_never_look_like_options() {
+        for bad in ["-v", "--config=/tmp/x", "-", "-nvidia"] {
+            assert!(DriverName::new(bad).is_err(), "{bad}");
+            assert!(serde_json::from_str::<DriverName>(&format!("{bad:?}")).is_err());
+        }
+        assert!(DriverName::new("nvgrace_gpu_vfio_pci").is_ok());
+        assert!(DriverName::new("nvidia-gpu").is_ok());
+    }
 
     #[test]
     fn parses_and_prints_canonical() {

@@ -158,8 +158,8 @@ impl GpuSelector {
 pub enum FunctionRole {
     /// The GPU function itself.
     Gpu,
-    /// A function of the GPU (audio, USB, UCSI, or another function of its
-    /// slot): moves with the GPU.
+    /// A function of the GPU: on its slot, linked as its consumer
+    /// (`consumer:pci:<bdf>`), or of its vendor. Moves with the GPU.
     Companion,
     /// A bridge: stays on its driver (pcieport).
     Bridge,
@@ -216,9 +216,19 @@ impl Gpu {
     }
 }
 
-/// True for the classes that ride along with a GPU: HDA audio, USB, UCSI.
-fn is_companion_class(class: u32) -> bool {
-    matches!(class >> 8, 0x0403 | 0x0c03 | 0x0c80)
+/// True when `f` belongs to `gpu` and moves with it: the same slot, a
+/// `consumer:pci:<bdf>` link from the GPU (the kernel's quirk links for
+/// audio/USB/UCSI functions), or the GPU's vendor. A class alone proves
+/// nothing: chipset xHCI or HDA controllers share groups with GPUs on
+/// consumer boards, and the host must keep them.
+fn belongs_to_gpu(host: &PciHost, gpu: &PciFunction, f: &PciFunction) -> bool {
+    f.bdf.same_slot(&gpu.bdf)
+        || f.identity.vendor == gpu.identity.vendor
+        || std::fs::symlink_metadata(
+            host.device_dir(&gpu.bdf)
+                .join(format!("consumer:pci:{}", f.bdf)),
+        )
+        .is_ok()
 }
 
 /// Groups each selected GPU with its companion functions and IOMMU group.
@@ -241,7 +251,7 @@ pub fn discover_gpus(host: &PciHost, selector: &GpuSelector, ids: Option<&PciIds
                     FunctionRole::Bridge
                 } else if selector.matches(f) {
                     FunctionRole::OtherGpu
-                } else if f.bdf.same_slot(&gpu.bdf) || is_companion_class(f.identity.class) {
+                } else if belongs_to_gpu(host, gpu, f) {
                     FunctionRole::Companion
                 } else {
                     FunctionRole::Foreign

@@ -294,3 +294,65 @@ fn proc_bus_prefilter_agrees_with_sysfs() {
     assert_eq!(garbage, without);
     assert_eq!(without.len(), 4);
 }
+
+/// M6: a group member is the GPU's companion only when it is on the GPU's
+/// slot, linked as the GPU's consumer, or made by the GPU's vendor. A
+/// chipset xHCI of another vendor in the same group is foreign.
+#[test]
+fn only_slot_consumer_or_vendor_members_are_companions() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = FixtureHost::create(dir.path()).unwrap();
+    for d in ["nvidia", "xhci_hcd", "snd_hda_intel"] {
+        h.add_driver(d).unwrap();
+    }
+    let gpu = bdf("0000:66:00.0");
+    h.add_function(
+        &FunctionSpec::new(gpu, 0x10de, 0x20b2, 0x030200)
+            .driver("nvidia")
+            .group(12),
+    )
+    .unwrap();
+    // Intel chipset xHCI in the group: foreign.
+    h.add_function(
+        &FunctionSpec::new(bdf("0000:00:14.0"), 0x8086, 0xa36d, 0x0c0330)
+            .driver("xhci_hcd")
+            .group(12),
+    )
+    .unwrap();
+    // Another vendor's HDA on another slot, linked as the GPU's consumer: companion.
+    h.add_function(
+        &FunctionSpec::new(bdf("0000:00:1f.3"), 0x8086, 0xa348, 0x040300)
+            .driver("snd_hda_intel")
+            .group(12),
+    )
+    .unwrap();
+    let gdir = h.device_dir(gpu).unwrap();
+    let cdir = h.device_dir(bdf("0000:00:1f.3")).unwrap();
+    rel_symlink(&cdir, &gdir.join("consumer:pci:0000:00:1f.3")).unwrap();
+    // Same vendor on another slot: companion.
+    h.add_function(&FunctionSpec::new(bdf("0000:00:15.0"), 0x10de, 0x1aeb, 0x0c8000).group(12))
+        .unwrap();
+    let root = HostRoot::open(dir.path()).unwrap();
+    let sel = GpuSelector::default();
+    let host = PciHost::scan(&root, &sel).unwrap();
+    let gpus = discover_gpus(&host, &sel, None);
+    let roles: Vec<(String, FunctionRole)> = gpus[0]
+        .iommu_group_members
+        .iter()
+        .map(|m| (m.bdf.to_string(), m.role))
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            ("0000:00:14.0".to_string(), FunctionRole::Foreign),
+            ("0000:00:15.0".to_string(), FunctionRole::Companion),
+            ("0000:00:1f.3".to_string(), FunctionRole::Companion),
+            ("0000:66:00.0".to_string(), FunctionRole::Gpu),
+        ]
+    );
+    let blocking: Vec<String> = gpus[0]
+        .blocking_members()
+        .map(|m| m.bdf.to_string())
+        .collect();
+    assert_eq!(blocking, ["0000:00:14.0"]);
+}

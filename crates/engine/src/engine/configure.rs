@@ -180,7 +180,7 @@ impl Engine {
             .collect();
         let holders = self.holders_of(bdf, nodes.clone())?;
         let only_persistenced = !holders.is_empty()
-            && holders.iter().all(|h| h.comm == "nvidia-persistenced")
+            && holders.iter().all(|h| h.is_nvidia_persistenced())
             && self.commands.exists(&self.root, "nvidia-smi");
         if !holders.is_empty() && !only_persistenced {
             return Err(EngineError::Busy { bdf, holders });

@@ -1,0 +1,184 @@
+//! M4: one ledger, one lock, one view. `serve` and the admin commands share
+//! the state directory; while `serve` holds it, mutating commands fail at
+//! once naming the holder, and read-only commands still work.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vfio-gpu-dra"));
+    c.env_remove("VFIO_GPU_DRA_CRASH_AFTER_STEP")
+        .env_remove("VFIO_GPU_DRA_STATE_DIR")
+        .env_remove("KUBECONFIG")
+        .env("VFIO_GPU_DRA_POLICY", "/nonexistent/policy.toml");
+    c
+}
+
+/// Kills the `serve` child this test started (by its pid) when dropped.
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_serve(d: &Path) -> Serve {
+    // No API server is needed to hold the lock: the client connects lazily.
+    std::fs::write(
+        d.join("kubeconfig"),
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: x\n  cluster:\n    server: http://127.0.0.1:9\n\
+         users:\n- name: x\n  user: {}\ncontexts:\n- name: x\n  context:\n    cluster: x\n    user: x\n\
+         current-context: x\n",
+    )
+    .unwrap();
+    let child = bin()
+        .args(["serve", "--node-name", "n1", "--reconcile-interval", "3600"])
+        .arg("--kubeconfig")
+        .arg(d.join("kubeconfig"))
+        .arg("--kubelet-plugins-dir")
+        .arg(d.join("plugins"))
+        .arg("--kubelet-registrar-dir")
+        .arg(d.join("registry"))
+        .arg("--cdi-root")
+        .arg(d.join("cdi"))
+        .arg("--demo")
+        .arg("--demo-dir")
+        .arg(d.join("demo"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut serve = Serve(child);
+    let lock = d.join("demo/state/engine.lock");
+    let want = format!("pid={}", serve.0.id());
+    let start = Instant::now();
+    loop {
+        if std::fs::read_to_string(&lock).is_ok_and(|t| t.contains(&want)) {
+            return serve;
+        }
+        if let Ok(Some(status)) = serve.0.try_wait() {
+            panic!("serve exited early: {status}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "serve did not take the state lock"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn cli(d: &Path, args: &[&str]) -> (Output, Duration) {
+    let t = Instant::now();
+    let o = bin()
+        .args(args)
+        .arg("--demo")
+        .arg("--demo-dir")
+        .arg(d.join("demo"))
+        .output()
+        .unwrap();
+    (o, t.elapsed())
+}
+
+#[test]
+fn admin_commands_fail_fast_naming_serve_and_read_only_commands_still_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let serve = start_serve(d);
+    let pid = serve.0.id();
+
+    for args in [
+        &["bind", "0000:ab:00.0"][..],
+        &["release", "0000:ab:00.0"][..],
+        &["reconcile"][..],
+    ] {
+        let (o, took) = cli(d, args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            took < Duration::from_secs(10),
+            "{args:?} waited {took:?} for the lock"
+        );
+        assert!(
+            err.contains(&format!("locked by pid {pid} (")) && err.contains("serve"),
+            "{args:?}: {err}"
+        );
+    }
+
+    // Read-only commands read the shared ledger without the lock.
+    for args in [
+        &["ledger", "-o", "json"][..],
+        &["devices", "-o", "json"][..],
+        &["explain", "0000:ab:00.0", "-o", "json"][..],
+    ] {
+        let (o, took) = cli(d, args);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(took < Duration::from_secs(10), "{args:?} took {took:?}");
+    }
+
+    drop(serve);
+    let (o, _) = cli(d, &["bind", "0000:ab:00.0", "-o", "json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Upgrading from a version that kept serve's ledger under the kubelet
+/// plugins directory: serve refuses to start on the new, empty default
+/// rather than forget which GPUs it moved.
+#[test]
+fn serve_refuses_to_orphan_a_ledger_in_the_old_default_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    if Path::new("/var/lib/vfio-gpu-dra/ledger.json").exists() {
+        return; // a real node: the new default already has a ledger
+    }
+    let host = d.join("host");
+    vfio_gpu_host::fixture::FixtureHost::create(&host).unwrap();
+    let old = d.join("plugins/vfio-gpu.dra.dev");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::write(
+        old.join("ledger.json"),
+        "vfio-gpu-dra-ledger format=1 sha256=x\n{}",
+    )
+    .unwrap();
+    let mut child = bin()
+        .args(["serve", "--node-name", "n1"])
+        .arg("--host-root")
+        .arg(&host)
+        .arg("--kubelet-plugins-dir")
+        .arg(d.join("plugins"))
+        .arg("--kubelet-registrar-dir")
+        .arg(d.join("registry"))
+        .arg("--cdi-root")
+        .arg(d.join("cdi"))
+        .arg("--kubeconfig")
+        .arg(d.join("no-kubeconfig"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve started on a new state directory, orphaning the old ledger");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("a ledger from an earlier version"), "{err}");
+    assert!(!Path::new("/var/lib/vfio-gpu-dra/ledger.json").exists());
+}
