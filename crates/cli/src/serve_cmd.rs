@@ -5,11 +5,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Args;
 use vfio_gpu_engine::EngineConfig;
-use vfio_gpu_kubelet::metadata::is_safe_name;
-use vfio_gpu_kubelet::serve::{CancellationToken, KubeSource, ServeOptions, serve};
+use vfio_gpu_kubelet::serve::{
+    CancellationToken, KubeSource, ServeOptions, serve, validate_driver_name,
+};
 
 use crate::setup::HostOpts;
 
@@ -62,14 +63,9 @@ pub struct ServeArgs {
 
 /// Runs the plugin until SIGTERM or SIGINT.
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
-    // The driver name becomes socket, state and CDI file names: check it before
-    // anything is created.
-    if !is_safe_name(&args.driver_name) {
-        bail!(
-            "driver name {:?} is not a DNS subdomain (lower-case letters, digits, '-' and '.')",
-            args.driver_name
-        );
-    }
+    // The driver name reaches the API, CDI and file names: check it before anything
+    // is created.
+    validate_driver_name(&args.driver_name)?;
     let setup = args.host.open()?;
     let mut opts = ServeOptions::new(
         &args.node_name,

@@ -125,6 +125,54 @@ impl ServeOptions {
     }
 }
 
+/// Longest driver name: the API validates `spec.driver` as a CSI driver name.
+pub const MAX_DRIVER_NAME: usize = 63;
+
+/// Why a driver name is refused.
+#[derive(Debug, thiserror::Error)]
+#[error("driver name {name:?} is invalid: {reason}")]
+pub struct InvalidDriverName {
+    /// The name.
+    pub name: String,
+    /// Which rule it breaks.
+    pub reason: &'static str,
+}
+
+/// Checks a driver name against the rules of everything that carries it: the API's
+/// CSI driver-name rule for `ResourceSlice.spec.driver` (a DNS-1123 subdomain of at
+/// most 63 bytes), the CDI vendor rule for CDI kinds (starts with a letter), and
+/// lower case, as it also names sockets and state files.
+pub fn validate_driver_name(name: &str) -> Result<(), InvalidDriverName> {
+    let fail = |reason| {
+        Err(InvalidDriverName {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return fail("it is empty");
+    }
+    if name.len() > MAX_DRIVER_NAME {
+        return fail("longer than 63 bytes (Kubernetes CSI driver-name rule)");
+    }
+    if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return fail("it must start with a lower-case letter (CDI vendor rule)");
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if !name.split('.').all(label_ok) {
+        return fail(
+            "not a DNS subdomain: dot-separated labels of lower-case letters, digits and '-', each starting and ending with a letter or digit",
+        );
+    }
+    Ok(())
+}
+
 /// Installs rustls' ring provider as the process default, which kube's TLS needs when
 /// more than one provider is compiled in. Idempotent.
 pub fn install_crypto_provider() {
@@ -172,6 +220,9 @@ async fn reconcile(engine: &Arc<Engine>) -> anyhow::Result<()> {
 
 /// Runs the node plugin until `shutdown` is cancelled (or a server fails).
 pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // The name reaches the API, CDI and file names: refuse a bad one before anything
+    // is created.
+    validate_driver_name(&opts.driver_name)?;
     let data_dir = opts.data_dir();
     let state_dir = opts.state_dir.clone().unwrap_or_else(|| data_dir.clone());
     std::fs::create_dir_all(&state_dir)
