@@ -54,9 +54,13 @@ pub struct ServeArgs {
     /// Seconds between reconciles of the host against the ledger.
     #[arg(long, default_value_t = 60)]
     pub reconcile_interval: u64,
-    /// Seconds between cleanups of claims whose ResourceClaim is gone.
+    /// Seconds between cleanups of half-prepared claims whose ResourceClaim is gone.
     #[arg(long, default_value_t = 300)]
     pub cleanup_interval: u64,
+    /// Seconds each kubelet prepare/unprepare call may take before slower claims are
+    /// answered "still in progress" (kubelet retries; the kubelet's own limit is 45).
+    #[arg(long, default_value_t = 40)]
+    pub call_budget: u64,
     #[command(flatten)]
     pub host: HostOpts,
 }
@@ -85,6 +89,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     opts.engine_config = EngineConfig::default();
     opts.reconcile_interval = Duration::from_secs(args.reconcile_interval.max(1));
     opts.cleanup_interval = Duration::from_secs(args.cleanup_interval.max(1));
+    opts.call_budget = Duration::from_secs(args.call_budget.max(1));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

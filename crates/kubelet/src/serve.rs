@@ -89,6 +89,9 @@ pub struct ServeOptions {
     /// How often to release half-prepared claims (a prepare that never completed)
     /// whose ResourceClaim is gone or replaced; completed claims are the kubelet's.
     pub cleanup_interval: Duration,
+    /// Each kubelet call answers within this (below the kubelet's 45 s timeout);
+    /// slower claims get a retryable "still in progress" while the work goes on.
+    pub call_budget: Duration,
     /// The ResourceSlice publisher; `None` publishes nothing.
     pub publisher: Option<PublisherHook>,
 }
@@ -115,6 +118,7 @@ impl ServeOptions {
             engine_config: EngineConfig::default(),
             reconcile_interval: Duration::from_secs(60),
             cleanup_interval: Duration::from_secs(300),
+            call_budget: Duration::from_secs(40),
             publisher: Some(Box::new(crate::slices::start_publisher)),
         }
     }
@@ -260,11 +264,8 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
     plugin_config.cdi_root = opts.cdi_root.clone();
     plugin_config.data_dir = data_dir;
     plugin_config.allow_foreign_group_members = allow_foreign;
-    let plugin = Arc::new(VfioPlugin::new(
-        Arc::clone(&engine),
-        client.clone(),
-        plugin_config,
-    ));
+    plugin_config.call_budget = opts.call_budget;
+    let plugin = VfioPlugin::new(Arc::clone(&engine), client.clone(), plugin_config);
 
     let stop = shutdown.child_token();
     let server = serve_grpc(
