@@ -406,3 +406,40 @@ fn kubevirt_example_references_its_claim_template() {
         assert!(volumes.contains(&&disk["name"]), "disk {}", disk["name"]);
     }
 }
+
+#[test]
+fn documented_requirements_match_what_the_code_needs() {
+    let readme = std::fs::read_to_string(deploy_dir().join("../README.md")).expect("README");
+    let start = readme
+        .find("\n## Requirements\n")
+        .expect("README has a Requirements section");
+    let section = &readme[start..];
+    let section = &section[..section[1..].find("\n## ").map_or(section.len(), |i| i + 1)];
+    for needed in [
+        "resource.k8s.io/v1",
+        "1.34",
+        "1.34.1",
+        "kubernetes#133920",
+        "v1beta1",
+        "1.8.3",
+        "GPUsWithDRA",
+        "1.9.0",
+        "CDI",
+        "enable_cdi = true",
+        "cdi_spec_dirs",
+        "iommufd",
+    ] {
+        assert!(
+            section.contains(needed),
+            "Requirements lacks {needed:?}:\n{section}"
+        );
+    }
+    // KEP-5304 has no Kubernetes feature gate: the example must not claim one.
+    let vm = std::fs::read_to_string(deploy_dir().join("kubevirt-vm.yaml")).expect("vm");
+    let header: String = vm.lines().take_while(|l| l.starts_with('#')).collect();
+    assert!(!header.contains("1.36"), "{header}");
+    assert!(
+        header.contains("1.8.3") && header.contains("1.9.0"),
+        "{header}"
+    );
+}
