@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::task::JoinHandle;
 pub use tokio_util::sync::CancellationToken;
 use vfio_gpu_engine::kernel::Kernel;
 use vfio_gpu_engine::{Engine, EngineConfig};
@@ -20,6 +19,7 @@ use vfio_gpu_intent::Policy;
 
 use crate::grpc::server::{ServerConfig, serve as serve_grpc};
 use crate::plugin::{PluginConfig, VfioPlugin};
+use crate::slices::{PublisherContext, start_publisher};
 
 /// Where the Kubernetes client comes from.
 #[derive(Clone)]
@@ -41,24 +41,6 @@ impl std::fmt::Debug for KubeSource {
         }
     }
 }
-
-/// What the ResourceSlice publisher gets to run with.
-pub struct PublisherContext {
-    /// Kubernetes client.
-    pub client: kube::Client,
-    /// Node name (and pool name).
-    pub node_name: String,
-    /// Driver name.
-    pub driver_name: String,
-    /// The engine, the source of the node's GPUs.
-    pub engine: Arc<Engine>,
-    /// Cancelled when the plugin stops.
-    pub shutdown: CancellationToken,
-}
-
-/// Starts the ResourceSlice publisher; [`ServeOptions::new`] wires
-/// [`crate::slices::start_publisher`].
-pub type PublisherHook = Box<dyn FnOnce(PublisherContext) -> JoinHandle<anyhow::Result<()>> + Send>;
 
 /// Everything `serve` needs.
 pub struct ServeOptions {
@@ -92,13 +74,13 @@ pub struct ServeOptions {
     /// Each kubelet call answers within this (below the kubelet's 45 s timeout);
     /// slower claims get a retryable "still in progress" while the work goes on.
     pub call_budget: Duration,
-    /// The ResourceSlice publisher; `None` publishes nothing.
-    pub publisher: Option<PublisherHook>,
+    /// Publish this node's GPUs as ResourceSlices (off: publish nothing).
+    pub publish_slices: bool,
 }
 
 impl ServeOptions {
     /// Defaults for a real node: kubelet paths, `/var/run/cdi`, in-cluster client,
-    /// reconcile every 60 s, cleanup every 5 min, the slices publisher.
+    /// reconcile every 60 s, cleanup every 5 min, ResourceSlices published.
     pub fn new(
         node_name: impl Into<String>,
         driver_name: impl Into<String>,
@@ -119,7 +101,7 @@ impl ServeOptions {
             reconcile_interval: Duration::from_secs(60),
             cleanup_interval: Duration::from_secs(300),
             call_budget: Duration::from_secs(40),
-            publisher: Some(Box::new(crate::slices::start_publisher)),
+            publish_slices: true,
         }
     }
 
@@ -284,18 +266,17 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
     );
     let mut server_task = tokio::spawn(server.wait());
 
-    let publisher = match opts.publisher {
-        Some(start) => Some(start(PublisherContext {
+    let publisher = if opts.publish_slices {
+        Some(start_publisher(PublisherContext {
             client,
             node_name: opts.node_name.clone(),
             driver_name: opts.driver_name.clone(),
             engine: Arc::clone(&engine),
             shutdown: stop.clone(),
-        })),
-        None => {
-            tracing::warn!("no ResourceSlice publisher wired: this node's GPUs are not published");
-            None
-        }
+        }))
+    } else {
+        tracing::warn!("ResourceSlice publishing is off: this node's GPUs are not published");
+        None
     };
 
     let mut reconcile_tick = tokio::time::interval(opts.reconcile_interval);

@@ -800,9 +800,23 @@ pub async fn watch_engine_devices(
     rx
 }
 
-/// Starts the publisher for `serve` (fits `serve::PublisherHook`): default
-/// [`SliceConfig`], devices re-discovered from the engine every 10 s.
-pub fn start_publisher(ctx: crate::serve::PublisherContext) -> JoinHandle<anyhow::Result<()>> {
+/// What the ResourceSlice publisher runs with (the options of [`start_publisher`]).
+pub struct PublisherContext {
+    /// Kubernetes client.
+    pub client: kube::Client,
+    /// Node name (and pool name).
+    pub node_name: String,
+    /// Driver name.
+    pub driver_name: String,
+    /// The engine, the source of the node's GPUs.
+    pub engine: Arc<Engine>,
+    /// Cancelled when the plugin stops.
+    pub shutdown: CancellationToken,
+}
+
+/// Starts the publisher for `serve`: default [`SliceConfig`], devices re-discovered
+/// from the engine every 10 s.
+pub fn start_publisher(ctx: PublisherContext) -> JoinHandle<anyhow::Result<()>> {
     tokio::spawn(async move {
         let cfg = SliceConfig::new(ctx.driver_name, ctx.node_name);
         let devices =

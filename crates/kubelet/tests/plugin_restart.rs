@@ -102,10 +102,7 @@ async fn serve_reconciles_first_leaves_prepared_claims_to_the_kubelet_and_stops_
         .insert(serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}}))
         .expect("node");
     let mut opts = ServeOptions::new(NODE, DRIVER, Arc::new(env.kernel.clone()));
-    assert!(
-        opts.publisher.is_some(),
-        "the slices publisher is wired by default"
-    );
+    assert!(opts.publish_slices, "slices are published by default");
     opts.plugins_dir = env.path("plugins");
     opts.registrar_dir = env.path("registry");
     opts.cdi_root = env.cdi_root();
