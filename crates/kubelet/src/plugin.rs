@@ -35,9 +35,9 @@ use crate::grpc::dra::{
     BoxFuture, ClaimRef, DraBackend, PrepareResults, PreparedDevice, UnprepareResults,
 };
 use crate::metadata::{
-    AttributeValue, ClaimIdentity, MetadataDevice, MetadataWriter, POD_CLAIM_NAME_ANNOTATION,
-    is_safe_name,
+    ClaimIdentity, MetadataDevice, MetadataWriter, POD_CLAIM_NAME_ANNOTATION, is_safe_name,
 };
+use crate::slices::{DeviceInfo, device_attributes};
 
 /// The ResourceSlice device name of a GPU (`gpu-0000-ab-00-0`): the publisher's rule,
 /// re-exported so prepare maps names back to GPUs exactly as they were published.
@@ -485,30 +485,16 @@ impl VfioPlugin {
             .collect())
     }
 
+    /// A device of the metadata file, with the attributes its ResourceSlice carries
+    /// (from the view discovered before the move, as the scheduler saw it).
     fn metadata_device(&self, p: &Planned) -> MetadataDevice {
-        let f = &p.view.gpu.function;
-        let mut attributes = BTreeMap::new();
-        attributes.insert(
-            "resource.kubernetes.io/pciBusID".to_string(),
-            AttributeValue::String(p.bdf.to_string()),
-        );
-        if let Some(root) = &f.pcie_root {
-            attributes.insert(
-                "resource.kubernetes.io/pcieRoot".to_string(),
-                AttributeValue::String(root.clone()),
-            );
-        }
-        if let Some(g) = f.iommu_group {
-            attributes.insert("iommuGroup".to_string(), AttributeValue::Int(g.into()));
-        }
-        if let Some(n) = f.numa_node {
-            attributes.insert("numaNode".to_string(), AttributeValue::Int(n.into()));
-        }
         MetadataDevice {
             driver: self.config.driver_name.clone(),
             pool: p.result.pool.clone(),
             name: p.result.device.clone(),
-            attributes,
+            attributes: DeviceInfo::from_view(&p.view)
+                .map(|info| device_attributes(&info))
+                .unwrap_or_default(),
         }
     }
 

@@ -74,6 +74,26 @@ pub struct DeviceInfo {
     pub bar_bytes: u64,
 }
 
+impl DeviceInfo {
+    /// The device as the engine sees it, whether or not it is offered; `None` only
+    /// without an IOMMU group (such a GPU cannot be handed over VFIO at all).
+    pub fn from_view(view: &GpuView) -> Option<Self> {
+        let f = &view.gpu.function;
+        Some(DeviceInfo {
+            bdf: f.bdf,
+            vendor: f.identity.vendor,
+            device: f.identity.device,
+            product_name: view.gpu.product_name.clone(),
+            driver: f.driver.as_ref().map(ToString::to_string),
+            iommu_group: f.iommu_group?,
+            numa_node: f.numa_node,
+            pcie_root: f.pcie_root.clone(),
+            keep_on_vfio: view.verdict.keep_on_vfio,
+            bar_bytes: f.bar_bytes,
+        })
+    }
+}
+
 /// The device to offer for an engine view, or `None` when the GPU must not be
 /// offered: pinned by the admin, sharing its IOMMU group with a foreign device
 /// or another GPU (it could not move alone), without an IOMMU group, or with a
@@ -85,19 +105,7 @@ pub fn device_info(view: &GpuView) -> Option<DeviceInfo> {
     {
         return None;
     }
-    let f = &view.gpu.function;
-    Some(DeviceInfo {
-        bdf: f.bdf,
-        vendor: f.identity.vendor,
-        device: f.identity.device,
-        product_name: view.gpu.product_name.clone(),
-        driver: f.driver.as_ref().map(ToString::to_string),
-        iommu_group: f.iommu_group?,
-        numa_node: f.numa_node,
-        pcie_root: f.pcie_root.clone(),
-        keep_on_vfio: view.verdict.keep_on_vfio,
-        bar_bytes: f.bar_bytes,
-    })
+    DeviceInfo::from_view(view)
 }
 
 /// The offerable devices among `views`, in BDF order.
@@ -214,8 +222,8 @@ fn truncate_bytes(s: &str, max: usize) -> String {
 }
 
 /// The attributes of one device. Unprefixed names live in the driver's domain
-/// (`device.attributes["<driver>"].keepOnVfio` in CEL). Also meant for device
-/// metadata, so KubeVirt sees the same values the scheduler did.
+/// (`device.attributes["<driver>"].keepOnVfio` in CEL). Prepare writes the same
+/// map into the KEP-5304 device metadata, so KubeVirt sees what the scheduler saw.
 pub fn device_attributes(info: &DeviceInfo) -> BTreeMap<String, DeviceAttribute> {
     let mut attrs = BTreeMap::new();
     attrs.insert(

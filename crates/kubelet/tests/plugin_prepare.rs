@@ -14,6 +14,7 @@ use vfio_gpu_engine::{CrashMode, Engine, EngineConfig, Holder};
 use vfio_gpu_host::GpuSelector;
 use vfio_gpu_intent::Policy;
 use vfio_gpu_kubelet::grpc::emulator::DraVersion;
+use vfio_gpu_kubelet::slices::{device_attributes, device_infos};
 
 fn ok_devices(
     r: &vfio_gpu_kubelet::grpc::dra::PrepareResults,
@@ -45,6 +46,13 @@ async fn prepare_cdi_metadata_unprepare_round_trip_on_both_versions() {
     // One claim, two requests: a nvidia GPU with an HDA companion and the GPU the
     // kernel command line pre-binds to vfio-pci.
     let claim = env.claim("vm-1", &[("gpu", AB), ("pre", H100)]);
+    // What the slice publisher offers for AB right now (before the move).
+    let (views, _) = running.plugin.engine().discover().expect("discover");
+    let published = device_infos(&views)
+        .into_iter()
+        .find(|d| d.bdf == bdf(AB))
+        .expect("AB is offered");
+    let published = serde_json::to_value(device_attributes(&published)).expect("JSON");
     let r = running
         .kubelet
         .prepare(std::slice::from_ref(&claim))
@@ -160,6 +168,8 @@ async fn prepare_cdi_metadata_unprepare_round_trip_on_both_versions() {
         d["attributes"]["resource.kubernetes.io/pciBusID"]["string"],
         "0000:ab:00.0"
     );
+    // KubeVirt sees the attributes the scheduler saw: the same names and values.
+    assert_eq!(d["attributes"], published);
 
     // Unprepare: back to the original drivers, except the admin's pre-bound H100.
     let u = running
