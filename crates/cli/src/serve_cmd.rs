@@ -5,11 +5,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Args;
 use vfio_gpu_engine::EngineConfig;
-use vfio_gpu_kubelet::metadata::is_safe_name;
-use vfio_gpu_kubelet::serve::{CancellationToken, KubeSource, ServeOptions, serve};
+use vfio_gpu_kubelet::serve::{
+    CancellationToken, KubeSource, ServeOptions, serve, validate_driver_name,
+};
 
 use crate::setup::{HostOpts, resolve_state_dir};
 
@@ -54,23 +55,22 @@ pub struct ServeArgs {
     /// Seconds between reconciles of the host against the ledger.
     #[arg(long, default_value_t = 60)]
     pub reconcile_interval: u64,
-    /// Seconds between cleanups of claims whose ResourceClaim is gone.
+    /// Seconds between cleanups of half-prepared claims whose ResourceClaim is gone.
     #[arg(long, default_value_t = 300)]
     pub cleanup_interval: u64,
+    /// Seconds each kubelet prepare/unprepare call may take before slower claims are
+    /// answered "still in progress" (kubelet retries; the kubelet's own limit is 45).
+    #[arg(long, default_value_t = 40)]
+    pub call_budget: u64,
     #[command(flatten)]
     pub host: HostOpts,
 }
 
 /// Runs the plugin until SIGTERM or SIGINT.
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
-    // The driver name becomes socket, state and CDI file names: check it before
-    // anything is created.
-    if !is_safe_name(&args.driver_name) {
-        bail!(
-            "driver name {:?} is not a DNS subdomain (lower-case letters, digits, '-' and '.')",
-            args.driver_name
-        );
-    }
+    // The driver name reaches the API, CDI and file names: check it before anything
+    // is created.
+    validate_driver_name(&args.driver_name)?;
     let setup = args.host.open()?;
     let mut opts = ServeOptions::new(
         &args.node_name,
@@ -95,6 +95,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     opts.engine_config = EngineConfig::default();
     opts.reconcile_interval = Duration::from_secs(args.reconcile_interval.max(1));
     opts.cleanup_interval = Duration::from_secs(args.cleanup_interval.max(1));
+    opts.call_budget = Duration::from_secs(args.call_budget.max(1));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -89,7 +89,7 @@ async fn main() -> anyhow::Result<()> {
     let mut pc = PluginConfig::new(DRIVER, NODE);
     pc.cdi_root = dir.path().join("cdi");
     pc.data_dir = state.clone();
-    let plugin = Arc::new(VfioPlugin::new(Arc::new(engine), client, pc));
+    let plugin = VfioPlugin::new(Arc::new(engine), client, pc);
     let token = CancellationToken::new();
     let server = serve(
         ServerConfig::new(

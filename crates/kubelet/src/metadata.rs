@@ -22,6 +22,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use k8s_openapi::api::resource::v1::DeviceAttribute;
 use serde::Serialize;
 
 use crate::cdi::{self, CdiError, ContainerEdits, Device, Mount, Spec};
@@ -52,22 +53,8 @@ pub struct ClaimIdentity {
     pub pod_claim_name: Option<String>,
 }
 
-/// A device attribute value, serialised like `resource.k8s.io/v1` `DeviceAttribute`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub enum AttributeValue {
-    /// `{"string": ...}`.
-    String(String),
-    /// `{"int": ...}`.
-    Int(i64),
-    /// `{"bool": ...}`.
-    Bool(bool),
-    /// `{"version": ...}` (semver).
-    Version(String),
-}
-
 /// One device of a request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MetadataDevice {
     /// Driver name.
     pub driver: String,
@@ -75,9 +62,10 @@ pub struct MetadataDevice {
     pub pool: String,
     /// Device name.
     pub name: String,
-    /// Attributes by qualified name.
+    /// Attributes by qualified name: the ResourceSlice attributes of the device
+    /// ([`crate::slices::device_attributes`]), in the API's own type.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub attributes: BTreeMap<String, AttributeValue>,
+    pub attributes: BTreeMap<String, DeviceAttribute>,
 }
 
 #[derive(Serialize)]
@@ -375,7 +363,10 @@ mod tests {
             name: "gpu-0000-ab-00-0".into(),
             attributes: BTreeMap::from([(
                 "resource.kubernetes.io/pciBusID".to_string(),
-                AttributeValue::String("0000:ab:00.0".into()),
+                DeviceAttribute {
+                    string: Some("0000:ab:00.0".into()),
+                    ..Default::default()
+                },
             )]),
         }
     }

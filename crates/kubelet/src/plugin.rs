@@ -13,11 +13,14 @@
 //! Calls for one claim are serialised; different claims run concurrently.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, Weak};
 use std::time::Duration;
 
-use futures::future::join_all;
+use futures::FutureExt;
+use futures::future::{Shared, join_all};
 use k8s_openapi::api::resource::v1::{DeviceRequestAllocationResult, ResourceClaim};
 use kube::Api;
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
@@ -32,9 +35,9 @@ use crate::grpc::dra::{
     BoxFuture, ClaimRef, DraBackend, PrepareResults, PreparedDevice, UnprepareResults,
 };
 use crate::metadata::{
-    AttributeValue, ClaimIdentity, MetadataDevice, MetadataWriter, POD_CLAIM_NAME_ANNOTATION,
-    is_safe_name,
+    ClaimIdentity, MetadataDevice, MetadataWriter, POD_CLAIM_NAME_ANNOTATION, is_safe_name,
 };
+use crate::slices::{DeviceInfo, device_attributes};
 
 /// The ResourceSlice device name of a GPU (`gpu-0000-ab-00-0`): the publisher's rule,
 /// re-exported so prepare maps names back to GPUs exactly as they were published.
@@ -53,6 +56,10 @@ pub struct PluginConfig {
     pub data_dir: PathBuf,
     /// Upper bound for the claim GET (the kubelet gives the whole call 45 s).
     pub api_timeout: Duration,
+    /// Each NodePrepare/NodeUnprepare call answers within this; a claim whose work
+    /// is still running then gets a retryable error while the work goes on in the
+    /// background (below the kubelet's 45 s call timeout).
+    pub call_budget: Duration,
     /// Mirror of the policy's `binding.allow-foreign-group-members`.
     pub allow_foreign_group_members: bool,
 }
@@ -68,6 +75,7 @@ impl PluginConfig {
             node_name: node_name.into(),
             cdi_root: PathBuf::from("/var/run/cdi"),
             api_timeout: Duration::from_secs(20),
+            call_budget: Duration::from_secs(40),
             allow_foreign_group_members: false,
         }
     }
@@ -105,25 +113,32 @@ struct Planned {
 
 /// The kubelet DRA backend of vfio-gpu-dra.
 pub struct VfioPlugin {
+    /// Lets kubelet calls hand their work to tasks that outlive the call.
+    me: Weak<VfioPlugin>,
     engine: Arc<Engine>,
     client: kube::Client,
     config: PluginConfig,
     cdi: CdiWriter,
     metadata: MetadataWriter,
     locks: ClaimLocks,
+    preparing: Runs<Vec<PreparedDevice>>,
+    unpreparing: Runs<()>,
 }
 
 impl VfioPlugin {
     /// A plugin driving `engine`, reading claims through `client`.
-    pub fn new(engine: Arc<Engine>, client: kube::Client, config: PluginConfig) -> Self {
-        Self {
+    pub fn new(engine: Arc<Engine>, client: kube::Client, config: PluginConfig) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             cdi: CdiWriter::new(&config.cdi_root, &config.driver_name),
             metadata: MetadataWriter::new(&config.driver_name, &config.data_dir, &config.cdi_root),
             engine,
             client,
             config,
             locks: StdMutex::new(HashMap::new()),
-        }
+            preparing: Runs::default(),
+            unpreparing: Runs::default(),
+        })
     }
 
     /// The engine.
@@ -470,30 +485,16 @@ impl VfioPlugin {
             .collect())
     }
 
+    /// A device of the metadata file, with the attributes its ResourceSlice carries
+    /// (from the view discovered before the move, as the scheduler saw it).
     fn metadata_device(&self, p: &Planned) -> MetadataDevice {
-        let f = &p.view.gpu.function;
-        let mut attributes = BTreeMap::new();
-        attributes.insert(
-            "resource.kubernetes.io/pciBusID".to_string(),
-            AttributeValue::String(p.bdf.to_string()),
-        );
-        if let Some(root) = &f.pcie_root {
-            attributes.insert(
-                "resource.kubernetes.io/pcieRoot".to_string(),
-                AttributeValue::String(root.clone()),
-            );
-        }
-        if let Some(g) = f.iommu_group {
-            attributes.insert("iommuGroup".to_string(), AttributeValue::Int(g.into()));
-        }
-        if let Some(n) = f.numa_node {
-            attributes.insert("numaNode".to_string(), AttributeValue::Int(n.into()));
-        }
         MetadataDevice {
             driver: self.config.driver_name.clone(),
             pool: p.result.pool.clone(),
             name: p.result.device.clone(),
-            attributes,
+            attributes: DeviceInfo::from_view(&p.view)
+                .map(|info| device_attributes(&info))
+                .unwrap_or_default(),
         }
     }
 
@@ -669,11 +670,129 @@ fn with_undo(error: String, undo: Vec<String>) -> String {
     }
 }
 
+/// The result of one claim's prepare or unprepare.
+type ClaimResult<T> = Result<T, String>;
+/// A claim's work running in the background, awaitable by every call that asks.
+type Run<T> = Shared<futures::future::BoxFuture<'static, ClaimResult<T>>>;
+
+/// Claim work still running, by claim UID. An entry leaves when its work ends, so a
+/// later call starts afresh and finds the host state the work left (the engine's
+/// operations are idempotent): no result is ever served stale.
+struct Runs<T: Clone> {
+    running: StdMutex<HashMap<String, (u64, Run<T>)>>,
+    next_id: AtomicU64,
+}
+
+impl<T: Clone> Default for Runs<T> {
+    fn default() -> Self {
+        Self {
+            running: StdMutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> Runs<T> {
+    /// The running work for `uid`, or `work` started in the background. `runs` is
+    /// how the spawned task finds this map again to leave it.
+    fn join_or_start<F, W>(&self, uid: &str, runs: F, work: W) -> Run<T>
+    where
+        F: FnOnce() -> Option<Arc<VfioPlugin>> + Send + 'static,
+        W: Future<Output = ClaimResult<T>> + Send + 'static,
+        VfioPlugin: HasRuns<T>,
+    {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, run)) = running.get(uid) {
+            return run.clone();
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let key = uid.to_string();
+        // The map lock is held until the entry is in, so the task's removal comes after.
+        let task = tokio::spawn(async move {
+            let result = work.await;
+            if let Some(plugin) = runs() {
+                plugin.runs().finish(&key, id);
+            }
+            result
+        });
+        let run = async move {
+            task.await
+                .unwrap_or_else(|e| Err(format!("claim task failed: {e}")))
+        }
+        .boxed()
+        .shared();
+        running.insert(uid.to_string(), (id, run.clone()));
+        run
+    }
+
+    fn finish(&self, uid: &str, id: u64) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if running.get(uid).is_some_and(|(i, _)| *i == id) {
+            running.remove(uid);
+        }
+    }
+}
+
+/// Which [`Runs`] map of the plugin holds work of result type `T`.
+trait HasRuns<T: Clone> {
+    fn runs(&self) -> &Runs<T>;
+}
+
+impl HasRuns<Vec<PreparedDevice>> for VfioPlugin {
+    fn runs(&self) -> &Runs<Vec<PreparedDevice>> {
+        &self.preparing
+    }
+}
+
+impl HasRuns<()> for VfioPlugin {
+    fn runs(&self) -> &Runs<()> {
+        &self.unpreparing
+    }
+}
+
+impl VfioPlugin {
+    /// Runs `work` for claim `c` in the background (or joins the run already going)
+    /// and waits for it until `deadline`; past it, answers `busy` so the kubelet
+    /// retries while the work goes on.
+    async fn within_budget<T, W>(
+        &self,
+        c: &ClaimRef,
+        deadline: tokio::time::Instant,
+        busy: &str,
+        work: impl FnOnce(Arc<VfioPlugin>, ClaimRef) -> W,
+    ) -> ClaimResult<T>
+    where
+        T: Clone + Send + Sync + 'static,
+        W: Future<Output = ClaimResult<T>> + Send + 'static,
+        VfioPlugin: HasRuns<T>,
+    {
+        let Some(me) = self.me.upgrade() else {
+            return Err("the plugin is shutting down".to_string());
+        };
+        let weak = self.me.clone();
+        let run = self
+            .runs()
+            .join_or_start(&c.uid, move || weak.upgrade(), work(me, c.clone()));
+        match tokio::time::timeout_at(deadline, run).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "claim {}/{} ({}): {busy} still in progress, kubelet will retry",
+                c.namespace, c.name, c.uid
+            )),
+        }
+    }
+}
+
 impl DraBackend for VfioPlugin {
     fn prepare(&self, claims: Vec<ClaimRef>) -> BoxFuture<'_, PrepareResults> {
+        let deadline = tokio::time::Instant::now() + self.config.call_budget;
         Box::pin(async move {
             join_all(claims.iter().map(|c| async move {
-                let r = self.prepare_claim(c).await;
+                let r = self
+                    .within_budget(c, deadline, "preparation", |me, c| async move {
+                        me.prepare_claim(&c).await
+                    })
+                    .await;
                 match &r {
                     Ok(d) => tracing::info!(claim = %c.uid, devices = d.len(), "prepared"),
                     Err(e) => tracing::warn!(claim = %c.uid, error = %e, "prepare failed"),
@@ -687,9 +806,14 @@ impl DraBackend for VfioPlugin {
     }
 
     fn unprepare(&self, claims: Vec<ClaimRef>) -> BoxFuture<'_, UnprepareResults> {
+        let deadline = tokio::time::Instant::now() + self.config.call_budget;
         Box::pin(async move {
             join_all(claims.iter().map(|c| async move {
-                let r = self.unprepare_claim(c).await;
+                let r = self
+                    .within_budget(c, deadline, "release", |me, c| async move {
+                        me.unprepare_claim(&c).await
+                    })
+                    .await;
                 match &r {
                     Ok(()) => tracing::info!(claim = %c.uid, "unprepared"),
                     Err(e) => tracing::warn!(claim = %c.uid, error = %e, "unprepare failed"),

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::task::JoinHandle;
 pub use tokio_util::sync::CancellationToken;
 use vfio_gpu_engine::kernel::Kernel;
 use vfio_gpu_engine::{Engine, EngineConfig};
@@ -20,6 +19,7 @@ use vfio_gpu_intent::Policy;
 
 use crate::grpc::server::{ServerConfig, serve as serve_grpc};
 use crate::plugin::{PluginConfig, VfioPlugin};
+use crate::slices::{PublisherContext, start_publisher};
 
 /// Where the Kubernetes client comes from.
 #[derive(Clone)]
@@ -41,24 +41,6 @@ impl std::fmt::Debug for KubeSource {
         }
     }
 }
-
-/// What the ResourceSlice publisher gets to run with.
-pub struct PublisherContext {
-    /// Kubernetes client.
-    pub client: kube::Client,
-    /// Node name (and pool name).
-    pub node_name: String,
-    /// Driver name.
-    pub driver_name: String,
-    /// The engine, the source of the node's GPUs.
-    pub engine: Arc<Engine>,
-    /// Cancelled when the plugin stops.
-    pub shutdown: CancellationToken,
-}
-
-/// Starts the ResourceSlice publisher; [`ServeOptions::new`] wires
-/// [`crate::slices::start_publisher`].
-pub type PublisherHook = Box<dyn FnOnce(PublisherContext) -> JoinHandle<anyhow::Result<()>> + Send>;
 
 /// Everything `serve` needs.
 pub struct ServeOptions {
@@ -89,13 +71,16 @@ pub struct ServeOptions {
     /// How often to release half-prepared claims (a prepare that never completed)
     /// whose ResourceClaim is gone or replaced; completed claims are the kubelet's.
     pub cleanup_interval: Duration,
-    /// The ResourceSlice publisher; `None` publishes nothing.
-    pub publisher: Option<PublisherHook>,
+    /// Each kubelet call answers within this (below the kubelet's 45 s timeout);
+    /// slower claims get a retryable "still in progress" while the work goes on.
+    pub call_budget: Duration,
+    /// Publish this node's GPUs as ResourceSlices (off: publish nothing).
+    pub publish_slices: bool,
 }
 
 impl ServeOptions {
     /// Defaults for a real node: kubelet paths, `/var/run/cdi`, in-cluster client,
-    /// reconcile every 60 s, cleanup every 5 min, the slices publisher.
+    /// reconcile every 60 s, cleanup every 5 min, ResourceSlices published.
     pub fn new(
         node_name: impl Into<String>,
         driver_name: impl Into<String>,
@@ -115,7 +100,8 @@ impl ServeOptions {
             engine_config: EngineConfig::default(),
             reconcile_interval: Duration::from_secs(60),
             cleanup_interval: Duration::from_secs(300),
-            publisher: Some(Box::new(crate::slices::start_publisher)),
+            call_budget: Duration::from_secs(40),
+            publish_slices: true,
         }
     }
 
@@ -123,6 +109,54 @@ impl ServeOptions {
     pub fn data_dir(&self) -> PathBuf {
         self.plugins_dir.join(&self.driver_name)
     }
+}
+
+/// Longest driver name: the API validates `spec.driver` as a CSI driver name.
+pub const MAX_DRIVER_NAME: usize = 63;
+
+/// Why a driver name is refused.
+#[derive(Debug, thiserror::Error)]
+#[error("driver name {name:?} is invalid: {reason}")]
+pub struct InvalidDriverName {
+    /// The name.
+    pub name: String,
+    /// Which rule it breaks.
+    pub reason: &'static str,
+}
+
+/// Checks a driver name against the rules of everything that carries it: the API's
+/// CSI driver-name rule for `ResourceSlice.spec.driver` (a DNS-1123 subdomain of at
+/// most 63 bytes), the CDI vendor rule for CDI kinds (starts with a letter), and
+/// lower case, as it also names sockets and state files.
+pub fn validate_driver_name(name: &str) -> Result<(), InvalidDriverName> {
+    let fail = |reason| {
+        Err(InvalidDriverName {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return fail("it is empty");
+    }
+    if name.len() > MAX_DRIVER_NAME {
+        return fail("longer than 63 bytes (Kubernetes CSI driver-name rule)");
+    }
+    if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return fail("it must start with a lower-case letter (CDI vendor rule)");
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if !name.split('.').all(label_ok) {
+        return fail(
+            "not a DNS subdomain: dot-separated labels of lower-case letters, digits and '-', each starting and ending with a letter or digit",
+        );
+    }
+    Ok(())
 }
 
 /// Installs rustls' ring provider as the process default, which kube's TLS needs when
@@ -172,6 +206,9 @@ async fn reconcile(engine: &Arc<Engine>) -> anyhow::Result<()> {
 
 /// Runs the node plugin until `shutdown` is cancelled (or a server fails).
 pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // The name reaches the API, CDI and file names: refuse a bad one before anything
+    // is created.
+    validate_driver_name(&opts.driver_name)?;
     let data_dir = opts.data_dir();
     let state_dir = opts.state_dir.clone().unwrap_or_else(|| data_dir.clone());
     std::fs::create_dir_all(&state_dir)
@@ -209,11 +246,8 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
     plugin_config.cdi_root = opts.cdi_root.clone();
     plugin_config.data_dir = data_dir;
     plugin_config.allow_foreign_group_members = allow_foreign;
-    let plugin = Arc::new(VfioPlugin::new(
-        Arc::clone(&engine),
-        client.clone(),
-        plugin_config,
-    ));
+    plugin_config.call_budget = opts.call_budget;
+    let plugin = VfioPlugin::new(Arc::clone(&engine), client.clone(), plugin_config);
 
     let stop = shutdown.child_token();
     let server = serve_grpc(
@@ -232,18 +266,17 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
     );
     let mut server_task = tokio::spawn(server.wait());
 
-    let publisher = match opts.publisher {
-        Some(start) => Some(start(PublisherContext {
+    let publisher = if opts.publish_slices {
+        Some(start_publisher(PublisherContext {
             client,
             node_name: opts.node_name.clone(),
             driver_name: opts.driver_name.clone(),
             engine: Arc::clone(&engine),
             shutdown: stop.clone(),
-        })),
-        None => {
-            tracing::warn!("no ResourceSlice publisher wired: this node's GPUs are not published");
-            None
-        }
+        }))
+    } else {
+        tracing::warn!("ResourceSlice publishing is off: this node's GPUs are not published");
+        None
     };
 
     let mut reconcile_tick = tokio::time::interval(opts.reconcile_interval);

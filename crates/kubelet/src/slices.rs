@@ -74,6 +74,26 @@ pub struct DeviceInfo {
     pub bar_bytes: u64,
 }
 
+impl DeviceInfo {
+    /// The device as the engine sees it, whether or not it is offered; `None` only
+    /// without an IOMMU group (such a GPU cannot be handed over VFIO at all).
+    pub fn from_view(view: &GpuView) -> Option<Self> {
+        let f = &view.gpu.function;
+        Some(DeviceInfo {
+            bdf: f.bdf,
+            vendor: f.identity.vendor,
+            device: f.identity.device,
+            product_name: view.gpu.product_name.clone(),
+            driver: f.driver.as_ref().map(ToString::to_string),
+            iommu_group: f.iommu_group?,
+            numa_node: f.numa_node,
+            pcie_root: f.pcie_root.clone(),
+            keep_on_vfio: view.verdict.keep_on_vfio,
+            bar_bytes: f.bar_bytes,
+        })
+    }
+}
+
 /// The device to offer for an engine view, or `None` when the GPU must not be
 /// offered: pinned by the admin, sharing its IOMMU group with a foreign device
 /// or another GPU (it could not move alone), without an IOMMU group, or with a
@@ -85,19 +105,7 @@ pub fn device_info(view: &GpuView) -> Option<DeviceInfo> {
     {
         return None;
     }
-    let f = &view.gpu.function;
-    Some(DeviceInfo {
-        bdf: f.bdf,
-        vendor: f.identity.vendor,
-        device: f.identity.device,
-        product_name: view.gpu.product_name.clone(),
-        driver: f.driver.as_ref().map(ToString::to_string),
-        iommu_group: f.iommu_group?,
-        numa_node: f.numa_node,
-        pcie_root: f.pcie_root.clone(),
-        keep_on_vfio: view.verdict.keep_on_vfio,
-        bar_bytes: f.bar_bytes,
-    })
+    DeviceInfo::from_view(view)
 }
 
 /// The offerable devices among `views`, in BDF order.
@@ -214,8 +222,8 @@ fn truncate_bytes(s: &str, max: usize) -> String {
 }
 
 /// The attributes of one device. Unprefixed names live in the driver's domain
-/// (`device.attributes["<driver>"].keepOnVfio` in CEL). Also meant for device
-/// metadata, so KubeVirt sees the same values the scheduler did.
+/// (`device.attributes["<driver>"].keepOnVfio` in CEL). Prepare writes the same
+/// map into the KEP-5304 device metadata, so KubeVirt sees what the scheduler saw.
 pub fn device_attributes(info: &DeviceInfo) -> BTreeMap<String, DeviceAttribute> {
     let mut attrs = BTreeMap::new();
     attrs.insert(
@@ -800,9 +808,23 @@ pub async fn watch_engine_devices(
     rx
 }
 
-/// Starts the publisher for `serve` (fits `serve::PublisherHook`): default
-/// [`SliceConfig`], devices re-discovered from the engine every 10 s.
-pub fn start_publisher(ctx: crate::serve::PublisherContext) -> JoinHandle<anyhow::Result<()>> {
+/// What the ResourceSlice publisher runs with (the options of [`start_publisher`]).
+pub struct PublisherContext {
+    /// Kubernetes client.
+    pub client: kube::Client,
+    /// Node name (and pool name).
+    pub node_name: String,
+    /// Driver name.
+    pub driver_name: String,
+    /// The engine, the source of the node's GPUs.
+    pub engine: Arc<Engine>,
+    /// Cancelled when the plugin stops.
+    pub shutdown: CancellationToken,
+}
+
+/// Starts the publisher for `serve`: default [`SliceConfig`], devices re-discovered
+/// from the engine every 10 s.
+pub fn start_publisher(ctx: PublisherContext) -> JoinHandle<anyhow::Result<()>> {
     tokio::spawn(async move {
         let cfg = SliceConfig::new(ctx.driver_name, ctx.node_name);
         let devices =

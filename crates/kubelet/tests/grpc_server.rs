@@ -101,6 +101,7 @@ async fn start_in(dir: tempfile::TempDir) -> Fixture {
         &dir.path().join("plugins_registry"),
     );
     config.registration_retry_backoff = Duration::from_millis(300);
+    config.socket_check_interval = Duration::from_millis(100);
     let backend = Arc::new(MockBackend::default());
     let token = CancellationToken::new();
     let handle = serve(config.clone(), backend.clone(), token.clone())
@@ -389,6 +390,55 @@ async fn failed_registration_is_surfaced_and_socket_recreated() {
         f.token.cancel();
         f.handle.wait().await.unwrap();
         assert!(!path.exists());
+    })
+    .await
+    .unwrap();
+}
+
+/// Waits until `path` is a socket again whose identity differs from `old`.
+async fn wait_for_new_socket(path: &Path, old: (u64, i64, i64), within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if std::fs::symlink_metadata(path).is_ok() && file_id(path) != old {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} was not re-created within {within:?}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn registration_socket_deleted_by_someone_else_is_recreated() {
+    tokio::time::timeout(Duration::from_secs(40), async {
+        let f = start().await;
+        let reg = f.handle.registration_socket.clone();
+        KubeletEmulator::new(&reg).register().await.unwrap();
+
+        // plugins_registry wiped: the socket file disappears.
+        let first = file_id(&reg);
+        std::fs::remove_file(&reg).unwrap();
+        wait_for_new_socket(&reg, first, Duration::from_secs(5)).await;
+        let plugin = KubeletEmulator::new(&reg).register().await.unwrap();
+        let r = plugin.prepare(&[claim("after-wipe")]).await.unwrap();
+        assert!(r["after-wipe"].is_ok(), "{r:?}");
+
+        // Replaced by some other socket: ours is bound again.
+        let second = file_id(&reg);
+        std::fs::remove_file(&reg).unwrap();
+        let intruder = std::os::unix::net::UnixListener::bind(&reg).unwrap();
+        let intruder_id = file_id(&reg);
+        wait_for_new_socket(&reg, intruder_id, Duration::from_secs(5)).await;
+        assert_ne!(file_id(&reg), second);
+        drop(intruder);
+        KubeletEmulator::new(&reg).register().await.unwrap();
+
+        f.token.cancel();
+        f.handle.wait().await.unwrap();
+        assert!(!reg.exists(), "our socket is removed at shutdown");
     })
     .await
     .unwrap();

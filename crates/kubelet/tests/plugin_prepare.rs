@@ -7,12 +7,14 @@ mod plugin_common;
 use plugin_common::*;
 use serde_json::{Value, json};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vfio_gpu_engine::ledger::OpState;
+use vfio_gpu_engine::sim::{BlockHandle, Fault, FaultAction};
 use vfio_gpu_engine::{CrashMode, Engine, EngineConfig, Holder};
 use vfio_gpu_host::GpuSelector;
 use vfio_gpu_intent::Policy;
 use vfio_gpu_kubelet::grpc::emulator::DraVersion;
+use vfio_gpu_kubelet::slices::{device_attributes, device_infos};
 
 fn ok_devices(
     r: &vfio_gpu_kubelet::grpc::dra::PrepareResults,
@@ -44,6 +46,13 @@ async fn prepare_cdi_metadata_unprepare_round_trip_on_both_versions() {
     // One claim, two requests: a nvidia GPU with an HDA companion and the GPU the
     // kernel command line pre-binds to vfio-pci.
     let claim = env.claim("vm-1", &[("gpu", AB), ("pre", H100)]);
+    // What the slice publisher offers for AB right now (before the move).
+    let (views, _) = running.plugin.engine().discover().expect("discover");
+    let published = device_infos(&views)
+        .into_iter()
+        .find(|d| d.bdf == bdf(AB))
+        .expect("AB is offered");
+    let published = serde_json::to_value(device_attributes(&published)).expect("JSON");
     let r = running
         .kubelet
         .prepare(std::slice::from_ref(&claim))
@@ -159,6 +168,8 @@ async fn prepare_cdi_metadata_unprepare_round_trip_on_both_versions() {
         d["attributes"]["resource.kubernetes.io/pciBusID"]["string"],
         "0000:ab:00.0"
     );
+    // KubeVirt sees the attributes the scheduler saw: the same names and values.
+    assert_eq!(d["attributes"], published);
 
     // Unprepare: back to the original drivers, except the admin's pre-bound H100.
     let u = running
@@ -769,5 +780,111 @@ async fn api_server_without_resource_v1_is_reported_as_such() {
         .await
         .expect("rpc");
     assert!(err_text(&r, &claim.uid).contains("not found"), "{r:?}");
+    running.stop().await;
+}
+
+/// `bind 0000:ab:00.0 to vfio-pci`-style entries of the simulated kernel's log.
+fn writes_like(env: &Env, prefix: &str) -> usize {
+    env.kernel
+        .log()
+        .iter()
+        .filter(|w| w.starts_with(prefix))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_calls_answer_within_the_budget_and_a_retry_gets_the_result() {
+    // The kubelet gives each call 45 s; a blocked bind (NVLink training, a driver
+    // waiting for clients) must not make the call time out.
+    let env = Env::new().await;
+    let mut config = env.plugin_config();
+    config.call_budget = Duration::from_millis(400);
+    let running = env.start_with(config).await;
+    let claim = env.claim("slow", &[("gpu", AB)]);
+    let bind_ab = format!("bind {AB} to vfio-pci");
+
+    let gate = BlockHandle::new();
+    env.kernel
+        .inject(Fault::on("bind", bdf(AB), FaultAction::Block(gate.clone())));
+    let started = Instant::now();
+    let r = running
+        .kubelet
+        .prepare(std::slice::from_ref(&claim))
+        .await
+        .expect("rpc");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let e = err_text(&r, &claim.uid);
+    assert!(e.contains("still in progress, kubelet will retry"), "{e}");
+    // A retry while the bind is still blocked joins the running work: no second move.
+    let r = running
+        .kubelet
+        .prepare(std::slice::from_ref(&claim))
+        .await
+        .expect("rpc");
+    assert!(
+        err_text(&r, &claim.uid).contains("still in progress"),
+        "{r:?}"
+    );
+    assert_eq!(writes_like(&env, &bind_ab), 1);
+
+    gate.release();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let devices = loop {
+        let r = running
+            .kubelet
+            .prepare(std::slice::from_ref(&claim))
+            .await
+            .expect("rpc");
+        match &r[&claim.uid] {
+            Ok(d) => break d.clone(),
+            Err(e) => {
+                assert!(e.contains("still in progress"), "{e}");
+                assert!(Instant::now() < deadline, "never finished");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0].device_name, dev(AB));
+    assert_eq!(env.driver_of(AB).as_deref(), Some("vfio-pci"));
+    assert_eq!(writes_like(&env, &bind_ab), 1, "moved once");
+
+    // The same for a release stuck in the bind back to nvidia.
+    let gate = BlockHandle::new();
+    env.kernel.inject(Fault {
+        driver: Some("nvidia".into()),
+        ..Fault::on("bind", bdf(AB), FaultAction::Block(gate.clone()))
+    });
+    let started = Instant::now();
+    let u = running
+        .kubelet
+        .unprepare(std::slice::from_ref(&claim))
+        .await
+        .expect("rpc");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    match &u[&claim.uid] {
+        Err(e) => assert!(e.contains("still in progress, kubelet will retry"), "{e}"),
+        Ok(()) => panic!("unprepare cannot have finished while the bind is blocked"),
+    }
+    gate.release();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let u = running
+            .kubelet
+            .unprepare(std::slice::from_ref(&claim))
+            .await
+            .expect("rpc");
+        if u[&claim.uid].is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{u:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(env.driver_of(AB).as_deref(), Some("nvidia"));
+    assert!(!env.claim_spec_path(&claim.uid).exists());
     running.stop().await;
 }

@@ -102,10 +102,7 @@ async fn serve_reconciles_first_leaves_prepared_claims_to_the_kubelet_and_stops_
         .insert(serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}}))
         .expect("node");
     let mut opts = ServeOptions::new(NODE, DRIVER, Arc::new(env.kernel.clone()));
-    assert!(
-        opts.publisher.is_some(),
-        "the slices publisher is wired by default"
-    );
+    assert!(opts.publish_slices, "slices are published by default");
     opts.plugins_dir = env.path("plugins");
     opts.registrar_dir = env.path("registry");
     opts.cdi_root = env.cdi_root();
@@ -187,4 +184,43 @@ async fn serve_reconciles_first_leaves_prepared_claims_to_the_kubelet_and_stops_
         .expect("serve returns Ok");
     assert!(!registration.exists(), "registration socket removed");
     assert!(!dra.exists(), "DRA socket removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_invalid_driver_names_before_creating_anything() {
+    let env = Env::new().await;
+    let long = format!("{}.io", "a".repeat(61));
+    assert_eq!(long.len(), 64);
+    for bad in [
+        "1gpu.example.com", // CDI vendor must start with a letter
+        long.as_str(),      // CSI driver names are at most 63 bytes
+        "gpu..example.com",
+        "gpu-.example.com",
+        "Gpu.example.com",
+        "gpu_x.example.com",
+        "",
+    ] {
+        let mut opts = ServeOptions::new(NODE, bad, Arc::new(env.kernel.clone()));
+        opts.plugins_dir = env.path("plugins");
+        opts.registrar_dir = env.path("registry");
+        opts.cdi_root = env.cdi_root();
+        opts.kube = KubeSource::Client(env.client.clone());
+        let token = CancellationToken::new();
+        let result = tokio::time::timeout(Duration::from_secs(5), serve(opts, token.clone())).await;
+        token.cancel();
+        let err = match result {
+            Ok(Err(e)) => format!("{e:#}"),
+            Ok(Ok(())) => panic!("{bad:?}: serve returned Ok"),
+            Err(_) => panic!("{bad:?}: serve accepted the driver name and kept running"),
+        };
+        assert!(err.contains("driver name"), "{bad:?}: {err}");
+        for dir in ["plugins", "registry", "cdi"] {
+            assert!(!env.path(dir).exists(), "{bad:?}: {dir} was created");
+        }
+    }
+    // Names the API and CDI both accept pass the check.
+    for good in ["vfio-gpu.dra.dev", "gpu.example.com", "a", &"a".repeat(63)] {
+        vfio_gpu_kubelet::serve::validate_driver_name(good)
+            .unwrap_or_else(|e| panic!("{good:?}: {e}"));
+    }
 }

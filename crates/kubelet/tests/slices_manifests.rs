@@ -3,7 +3,7 @@
 //! unknown fields, so a typo shows up as a difference), and agrees with the
 //! code: driver name, attribute names, service account, mounts and flags.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::admissionregistration::v1::{
@@ -19,6 +19,8 @@ use serde_json::Value;
 use vfio_gpu_kubelet::slices::{DeviceInfo, device_attributes};
 
 const DRIVER: &str = "vfio-gpu.dra.dev";
+/// The node label the DaemonSet selects on: nodes opt in to the plugin.
+const NODE_OPT_IN_LABEL: &str = "vfio-gpu.dra.dev/enabled";
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
@@ -171,45 +173,42 @@ fn rbac_covers_what_the_plugin_does() {
     let [role] = p.roles.as_slice() else {
         panic!("one ClusterRole");
     };
-    let allows = |group: &str, resource: &str, verb: &str| {
-        role.rules.iter().flatten().any(|r| {
-            r.api_groups.iter().flatten().any(|g| g == group)
-                && r.resources.iter().flatten().any(|x| x == resource)
-                && r.verbs.iter().any(|v| v == verb)
-        })
-    };
-    for verb in [
-        "get", "list", "watch", "create", "update", "patch", "delete",
-    ] {
+    // Exactly what the code calls, nothing more: claims GET (prepare, cleanup), the
+    // Node GET (owner reference), and the slice publisher's list/watch/create/
+    // update (replace)/delete. No status writes, no patch.
+    let mut granted: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    for rule in role.rules.iter().flatten() {
         assert!(
-            allows("resource.k8s.io", "resourceslices", verb),
-            "resourceslices {verb}"
+            rule.resource_names.is_none() && rule.non_resource_urls.is_none(),
+            "{rule:?}"
         );
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                granted
+                    .entry((group.clone(), resource.clone()))
+                    .or_default()
+                    .extend(rule.verbs.iter().cloned());
+            }
+        }
     }
-    for verb in ["get", "list", "watch"] {
-        assert!(
-            allows("resource.k8s.io", "resourceclaims", verb),
-            "claims {verb}"
-        );
-    }
-    assert!(allows("resource.k8s.io", "resourceclaims/status", "update"));
-    assert!(allows("", "nodes", "get"));
-    let driver_rule = role
-        .rules
-        .iter()
-        .flatten()
-        .find(|r| {
-            r.resources
-                .iter()
-                .flatten()
-                .any(|x| x == "resourceclaims/driver")
-        })
-        .expect("resourceclaims/driver rule");
-    assert_eq!(driver_rule.resource_names, Some(vec![DRIVER.to_string()]));
-    assert_eq!(
-        driver_rule.verbs,
-        ["associated-node:update", "associated-node:patch"]
-    );
+    let want: BTreeMap<(String, String), BTreeSet<String>> = [
+        ("resource.k8s.io", "resourceclaims", &["get"][..]),
+        ("", "nodes", &["get"][..]),
+        (
+            "resource.k8s.io",
+            "resourceslices",
+            &["list", "watch", "create", "update", "delete"][..],
+        ),
+    ]
+    .into_iter()
+    .map(|(g, r, verbs)| {
+        (
+            (g.to_string(), r.to_string()),
+            verbs.iter().map(|v| v.to_string()).collect(),
+        )
+    })
+    .collect();
+    assert_eq!(granted, want);
 
     // The binding ties that role to the DaemonSet's service account.
     let [binding] = p.bindings.as_slice() else {
@@ -283,6 +282,20 @@ fn daemonset_mounts_and_flags() {
         .and_then(|v| v.field_ref.as_ref())
         .map(|f| f.field_path.clone());
     assert_eq!(node_name.as_deref(), Some("spec.nodeName"));
+    // Only NODE_NAME is read; POD_UID/NAMESPACE would be dead configuration.
+    let env_names: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
+    assert_eq!(env_names, ["NODE_NAME"]);
+    // Opt-in per node: without the label no plugin (and no empty pool) on a node.
+    let selector = pod.node_selector.clone().unwrap_or_default();
+    assert_eq!(
+        selector,
+        BTreeMap::from([(NODE_OPT_IN_LABEL.to_string(), "true".to_string())])
+    );
+    let readme = std::fs::read_to_string(deploy_dir().join("../README.md")).expect("README");
+    assert!(
+        readme.contains(&format!("{NODE_OPT_IN_LABEL}=true")),
+        "README documents the opt-in label"
+    );
 
     let host_paths: BTreeMap<String, String> = pod
         .volumes
@@ -392,4 +405,41 @@ fn kubevirt_example_references_its_claim_template() {
     {
         assert!(volumes.contains(&&disk["name"]), "disk {}", disk["name"]);
     }
+}
+
+#[test]
+fn documented_requirements_match_what_the_code_needs() {
+    let readme = std::fs::read_to_string(deploy_dir().join("../README.md")).expect("README");
+    let start = readme
+        .find("\n## Requirements\n")
+        .expect("README has a Requirements section");
+    let section = &readme[start..];
+    let section = &section[..section[1..].find("\n## ").map_or(section.len(), |i| i + 1)];
+    for needed in [
+        "resource.k8s.io/v1",
+        "1.34",
+        "1.34.1",
+        "kubernetes#133920",
+        "v1beta1",
+        "1.8.3",
+        "GPUsWithDRA",
+        "1.9.0",
+        "CDI",
+        "enable_cdi = true",
+        "cdi_spec_dirs",
+        "iommufd",
+    ] {
+        assert!(
+            section.contains(needed),
+            "Requirements lacks {needed:?}:\n{section}"
+        );
+    }
+    // KEP-5304 has no Kubernetes feature gate: the example must not claim one.
+    let vm = std::fs::read_to_string(deploy_dir().join("kubevirt-vm.yaml")).expect("vm");
+    let header: String = vm.lines().take_while(|l| l.starts_with('#')).collect();
+    assert!(!header.contains("1.36"), "{header}");
+    assert!(
+        header.contains("1.8.3") && header.contains("1.9.0"),
+        "{header}"
+    );
 }

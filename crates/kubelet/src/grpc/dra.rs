@@ -1,5 +1,5 @@
-//! Version-neutral DRA backend trait and the tonic `DRAPlugin` service (v1 and v1beta1)
-//! that delegates to it.
+//! Version-neutral DRA backend trait and the tonic `DRAPlugin` service that delegates
+//! to it: v1 here, v1beta1 through the wrapper in [`super::v1beta1_adapter`].
 //!
 //! The kubelet treats a response without an entry for a requested claim as an error
 //! ("skipped N ResourceClaims") and retries, so the service guarantees one entry per
@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::v1beta1_adapter::{ServedAsV1beta1, V1beta1Server};
 use super::{v1, v1beta1};
 
 /// A boxed, sendable future, used so the backend trait stays object-safe without macros.
@@ -119,8 +120,8 @@ fn complete<T>(
     }
 }
 
-/// tonic service implementing both `v1.DRAPlugin` and `v1beta1.DRAPlugin` on top of a
-/// [`DraBackend`].
+/// tonic service implementing `v1.DRAPlugin` on top of a [`DraBackend`]; `v1beta1` is
+/// served through [`V1beta1Server`].
 pub struct DraService {
     backend: Arc<dyn DraBackend>,
 }
@@ -136,11 +137,11 @@ impl DraService {
         v1::dra_plugin_server::DraPluginServer::from_arc(Arc::clone(self))
     }
 
-    /// The v1beta1 tonic server for this service.
+    /// The v1beta1 tonic server: the v1 service behind the version wrapper.
     pub fn v1beta1_server(
         self: &Arc<Self>,
-    ) -> v1beta1::dra_plugin_server::DraPluginServer<DraService> {
-        v1beta1::dra_plugin_server::DraPluginServer::from_arc(Arc::clone(self))
+    ) -> v1beta1::dra_plugin_server::DraPluginServer<V1beta1Server<DraService>> {
+        v1beta1::dra_plugin_server::DraPluginServer::new(V1beta1Server(Arc::clone(self)))
     }
 }
 
@@ -155,15 +156,13 @@ fn claims_from_v1(claims: Vec<v1::Claim>) -> Vec<ClaimRef> {
         .collect()
 }
 
-fn claims_from_v1beta1(claims: Vec<v1beta1::Claim>) -> Vec<ClaimRef> {
-    claims
-        .into_iter()
-        .map(|c| ClaimRef {
-            uid: c.uid,
-            namespace: c.namespace,
-            name: c.name,
-        })
-        .collect()
+/// The API version the kubelet called: v1, unless the v1beta1 wrapper marked it.
+fn served_version<T>(request: &Request<T>) -> &'static str {
+    if request.extensions().get::<ServedAsV1beta1>().is_some() {
+        "v1beta1"
+    } else {
+        "v1"
+    }
 }
 
 fn log_request(op: &str, version: &str, claims: &[ClaimRef]) {
@@ -205,37 +204,6 @@ pub fn prepare_results_to_v1(results: PrepareResults) -> v1::NodePrepareResource
     v1::NodePrepareResourcesResponse { claims }
 }
 
-/// Converts version-neutral results to v1beta1 wire types (`share_id` is not carried).
-pub fn prepare_results_to_v1beta1(
-    results: PrepareResults,
-) -> v1beta1::NodePrepareResourcesResponse {
-    let claims = results
-        .into_iter()
-        .map(|(uid, r)| {
-            let entry = match r {
-                Ok(devices) => v1beta1::NodePrepareResourceResponse {
-                    devices: devices
-                        .into_iter()
-                        .map(|d| v1beta1::Device {
-                            request_names: d.request_names,
-                            pool_name: d.pool_name,
-                            device_name: d.device_name,
-                            cdi_device_ids: d.cdi_device_ids,
-                        })
-                        .collect(),
-                    error: String::new(),
-                },
-                Err(error) => v1beta1::NodePrepareResourceResponse {
-                    devices: Vec::new(),
-                    error,
-                },
-            };
-            (uid, entry)
-        })
-        .collect();
-    v1beta1::NodePrepareResourcesResponse { claims }
-}
-
 fn unprepare_error_text(r: Result<(), String>) -> String {
     // The wire format has no separate success flag: an empty error means success.
     r.err().unwrap_or_default()
@@ -247,8 +215,9 @@ impl v1::dra_plugin_server::DraPlugin for DraService {
         &self,
         request: Request<v1::NodePrepareResourcesRequest>,
     ) -> Result<Response<v1::NodePrepareResourcesResponse>, Status> {
+        let version = served_version(&request);
         let claims = claims_from_v1(request.into_inner().claims);
-        log_request("prepare", "v1", &claims);
+        log_request("prepare", version, &claims);
         let results = prepare_complete(self.backend.as_ref(), claims).await;
         Ok(Response::new(prepare_results_to_v1(results)))
     }
@@ -257,8 +226,9 @@ impl v1::dra_plugin_server::DraPlugin for DraService {
         &self,
         request: Request<v1::NodeUnprepareResourcesRequest>,
     ) -> Result<Response<v1::NodeUnprepareResourcesResponse>, Status> {
+        let version = served_version(&request);
         let claims = claims_from_v1(request.into_inner().claims);
-        log_request("unprepare", "v1", &claims);
+        log_request("unprepare", version, &claims);
         let results = unprepare_complete(self.backend.as_ref(), claims).await;
         let claims = results
             .into_iter()
@@ -268,38 +238,6 @@ impl v1::dra_plugin_server::DraPlugin for DraService {
             })
             .collect();
         Ok(Response::new(v1::NodeUnprepareResourcesResponse { claims }))
-    }
-}
-
-#[tonic::async_trait]
-impl v1beta1::dra_plugin_server::DraPlugin for DraService {
-    async fn node_prepare_resources(
-        &self,
-        request: Request<v1beta1::NodePrepareResourcesRequest>,
-    ) -> Result<Response<v1beta1::NodePrepareResourcesResponse>, Status> {
-        let claims = claims_from_v1beta1(request.into_inner().claims);
-        log_request("prepare", "v1beta1", &claims);
-        let results = prepare_complete(self.backend.as_ref(), claims).await;
-        Ok(Response::new(prepare_results_to_v1beta1(results)))
-    }
-
-    async fn node_unprepare_resources(
-        &self,
-        request: Request<v1beta1::NodeUnprepareResourcesRequest>,
-    ) -> Result<Response<v1beta1::NodeUnprepareResourcesResponse>, Status> {
-        let claims = claims_from_v1beta1(request.into_inner().claims);
-        log_request("unprepare", "v1beta1", &claims);
-        let results = unprepare_complete(self.backend.as_ref(), claims).await;
-        let claims = results
-            .into_iter()
-            .map(|(uid, r)| {
-                let error = unprepare_error_text(r);
-                (uid, v1beta1::NodeUnprepareResourceResponse { error })
-            })
-            .collect();
-        Ok(Response::new(v1beta1::NodeUnprepareResourcesResponse {
-            claims,
-        }))
     }
 }
 

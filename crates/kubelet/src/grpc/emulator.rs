@@ -690,149 +690,109 @@ impl RegisteredPlugin {
         self.unprepare_with(self.version, claims).await
     }
 
-    /// Prepares claims over an explicit version.
+    /// Prepares claims over an explicit version. Requests and answers are v1 messages;
+    /// for v1beta1 they pass through the same `From` conversions the server uses.
     pub async fn prepare_with(
         &self,
         version: DraVersion,
         claims: &[ClaimRef],
     ) -> Result<PrepareResults, EmulatorError> {
         const METHOD: &str = "NodePrepareResources";
-        let entry = |devices: Vec<PreparedDevice>, error: String| {
-            if error.is_empty() {
-                Ok(devices)
-            } else {
-                Err(error)
-            }
+        let req = v1::NodePrepareResourcesRequest {
+            claims: claims.iter().map(claim_v1).collect(),
         };
-        match version {
+        let t = &self.transport;
+        let resp: v1::NodePrepareResourcesResponse = match version {
             DraVersion::V1 => {
-                let req = v1::NodePrepareResourcesRequest {
-                    claims: claims.iter().map(claim_v1).collect(),
-                };
-                let resp: v1::NodePrepareResourcesResponse = self
-                    .transport
-                    .unary(
-                        "/k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin/NodePrepareResources",
-                        METHOD,
-                        version,
-                        req,
-                    )
-                    .await?;
-                Ok(resp
-                    .claims
-                    .into_iter()
-                    .map(|(uid, r)| {
-                        let devices = r
-                            .devices
-                            .into_iter()
-                            .map(|d| PreparedDevice {
-                                request_names: d.request_names,
-                                pool_name: d.pool_name,
-                                device_name: d.device_name,
-                                cdi_device_ids: d.cdi_device_ids,
-                                share_id: d.share_id,
-                            })
-                            .collect();
-                        (uid, entry(devices, r.error))
-                    })
-                    .collect())
+                t.unary(
+                    "/k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin/NodePrepareResources",
+                    METHOD,
+                    version,
+                    req,
+                )
+                .await?
             }
-            DraVersion::V1beta1 => {
-                let req = v1beta1::NodePrepareResourcesRequest {
-                    claims: claims.iter().map(claim_v1beta1).collect(),
+            DraVersion::V1beta1 => t
+                .unary::<_, v1beta1::NodePrepareResourcesResponse>(
+                    "/k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin/NodePrepareResources",
+                    METHOD,
+                    version,
+                    v1beta1::NodePrepareResourcesRequest::from(req),
+                )
+                .await?
+                .into(),
+        };
+        Ok(resp
+            .claims
+            .into_iter()
+            .map(|(uid, r)| {
+                let entry = if r.error.is_empty() {
+                    Ok(r.devices
+                        .into_iter()
+                        .map(|d| PreparedDevice {
+                            request_names: d.request_names,
+                            pool_name: d.pool_name,
+                            device_name: d.device_name,
+                            cdi_device_ids: d.cdi_device_ids,
+                            share_id: d.share_id,
+                        })
+                        .collect())
+                } else {
+                    Err(r.error)
                 };
-                let resp: v1beta1::NodePrepareResourcesResponse = self
-                    .transport
-                    .unary(
-                        "/k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin/NodePrepareResources",
-                        METHOD,
-                        version,
-                        req,
-                    )
-                    .await?;
-                Ok(resp
-                    .claims
-                    .into_iter()
-                    .map(|(uid, r)| {
-                        let devices = r
-                            .devices
-                            .into_iter()
-                            .map(|d| PreparedDevice {
-                                request_names: d.request_names,
-                                pool_name: d.pool_name,
-                                device_name: d.device_name,
-                                cdi_device_ids: d.cdi_device_ids,
-                                share_id: None,
-                            })
-                            .collect();
-                        (uid, entry(devices, r.error))
-                    })
-                    .collect())
-            }
-        }
+                (uid, entry)
+            })
+            .collect())
     }
 
-    /// Unprepares claims over an explicit version.
+    /// Unprepares claims over an explicit version (v1 messages, converted for v1beta1).
     pub async fn unprepare_with(
         &self,
         version: DraVersion,
         claims: &[ClaimRef],
     ) -> Result<UnprepareResults, EmulatorError> {
         const METHOD: &str = "NodeUnprepareResources";
-        let entry = |error: String| if error.is_empty() { Ok(()) } else { Err(error) };
-        match version {
+        let req = v1::NodeUnprepareResourcesRequest {
+            claims: claims.iter().map(claim_v1).collect(),
+        };
+        let t = &self.transport;
+        let resp: v1::NodeUnprepareResourcesResponse = match version {
             DraVersion::V1 => {
-                let req = v1::NodeUnprepareResourcesRequest {
-                    claims: claims.iter().map(claim_v1).collect(),
-                };
-                let resp: v1::NodeUnprepareResourcesResponse = self
-                    .transport
-                    .unary(
-                        "/k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin/NodeUnprepareResources",
-                        METHOD,
-                        version,
-                        req,
-                    )
-                    .await?;
-                Ok(resp
-                    .claims
-                    .into_iter()
-                    .map(|(uid, r)| (uid, entry(r.error)))
-                    .collect())
+                t.unary(
+                    "/k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin/NodeUnprepareResources",
+                    METHOD,
+                    version,
+                    req,
+                )
+                .await?
             }
-            DraVersion::V1beta1 => {
-                let req = v1beta1::NodeUnprepareResourcesRequest {
-                    claims: claims.iter().map(claim_v1beta1).collect(),
+            DraVersion::V1beta1 => t
+                .unary::<_, v1beta1::NodeUnprepareResourcesResponse>(
+                    "/k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin/NodeUnprepareResources",
+                    METHOD,
+                    version,
+                    v1beta1::NodeUnprepareResourcesRequest::from(req),
+                )
+                .await?
+                .into(),
+        };
+        Ok(resp
+            .claims
+            .into_iter()
+            .map(|(uid, r)| {
+                let entry = if r.error.is_empty() {
+                    Ok(())
+                } else {
+                    Err(r.error)
                 };
-                let resp: v1beta1::NodeUnprepareResourcesResponse = self
-                    .transport
-                    .unary(
-                        "/k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin/NodeUnprepareResources",
-                        METHOD,
-                        version,
-                        req,
-                    )
-                    .await?;
-                Ok(resp
-                    .claims
-                    .into_iter()
-                    .map(|(uid, r)| (uid, entry(r.error)))
-                    .collect())
-            }
-        }
+                (uid, entry)
+            })
+            .collect())
     }
 }
 
 fn claim_v1(c: &ClaimRef) -> v1::Claim {
     v1::Claim {
-        namespace: c.namespace.clone(),
-        uid: c.uid.clone(),
-        name: c.name.clone(),
-    }
-}
-
-fn claim_v1beta1(c: &ClaimRef) -> v1beta1::Claim {
-    v1beta1::Claim {
         namespace: c.namespace.clone(),
         uid: c.uid.clone(),
         name: c.name.clone(),

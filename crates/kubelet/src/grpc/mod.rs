@@ -18,3 +18,4 @@ pub mod dra;
 pub mod emulator;
 pub mod registration;
 pub mod server;
+pub mod v1beta1_adapter;

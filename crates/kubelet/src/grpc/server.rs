@@ -37,6 +37,9 @@ pub struct ServerConfig {
     pub registration_socket: PathBuf,
     /// Delay before re-creating the registration socket after the kubelet rejected us.
     pub registration_retry_backoff: Duration,
+    /// How often to check that the registration socket file is still ours; it is
+    /// re-created when someone deleted or replaced it (e.g. `plugins_registry` wiped).
+    pub socket_check_interval: Duration,
 }
 
 impl ServerConfig {
@@ -50,6 +53,7 @@ impl ServerConfig {
             registration_socket: registrar_dir.join(format!("{driver_name}-reg.sock")),
             driver_name,
             registration_retry_backoff: Duration::from_secs(5),
+            socket_check_interval: Duration::from_secs(5),
         }
     }
 }
@@ -234,7 +238,9 @@ impl ServerHandle {
 /// Returns once both sockets are bound. The servers run until `shutdown` is cancelled; if
 /// one fails, the other is stopped too. Sockets are removed on the way out (only if they
 /// are still ours). When the kubelet reports a failed registration, the registration
-/// socket is re-created after `registration_retry_backoff` so the kubelet tries again.
+/// socket is re-created after `registration_retry_backoff` so the kubelet tries again;
+/// when the socket file is deleted or replaced by someone else, it is re-created within
+/// `socket_check_interval`.
 pub async fn serve(
     config: ServerConfig,
     backend: Arc<dyn DraBackend>,
@@ -348,6 +354,15 @@ async fn registration_loop(
                 }
             })
         };
+        // The kubelet only learns about us through this file: if it is deleted or
+        // replaced, nothing else re-creates it.
+        let lost = CancellationToken::new();
+        let socket_watch = tokio::spawn(watch_socket(
+            owned.path.clone(),
+            owned.id,
+            config.socket_check_interval,
+            lost.clone(),
+        ));
         // Every accepted connection goes through the :authority adapter (kubelet dials
         // this socket with a percent-encoded path as authority).
         let incoming =
@@ -355,10 +370,12 @@ async fn registration_loop(
         let signal = {
             let stop = stop.clone();
             let rejected = rejected.clone();
+            let lost = lost.clone();
             async move {
                 tokio::select! {
                     _ = stop.cancelled() => {}
                     _ = rejected.cancelled() => {}
+                    _ = lost.cancelled() => {}
                 }
             }
         };
@@ -369,7 +386,9 @@ async fn registration_loop(
             .serve_with_incoming_shutdown(incoming, signal)
             .await;
         watcher.abort();
-        // Removing the socket makes the kubelet forget this registration attempt.
+        socket_watch.abort();
+        // Removing the socket makes the kubelet forget this registration attempt
+        // (a no-op when the file is no longer ours).
         drop(owned);
         if let Err(source) = result {
             stop.cancel();
@@ -382,6 +401,13 @@ async fn registration_loop(
         if stop.is_cancelled() {
             return Ok(());
         }
+        if lost.is_cancelled() && !rejected.is_cancelled() {
+            tracing::warn!(
+                path = %config.registration_socket.display(),
+                "registration socket was deleted or replaced; re-creating it"
+            );
+            continue;
+        }
         tracing::warn!(
             backoff = ?config.registration_retry_backoff,
             path = %config.registration_socket.display(),
@@ -390,6 +416,33 @@ async fn registration_loop(
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(config.registration_retry_backoff) => {}
+        }
+    }
+}
+
+/// Cancels `lost` once `path` no longer is the socket `id` we bound (deleted, or
+/// replaced by another file); checks every `interval`.
+async fn watch_socket(
+    path: PathBuf,
+    id: Option<SocketId>,
+    interval: Duration,
+    lost: CancellationToken,
+) {
+    let Some(id) = id else { return };
+    loop {
+        tokio::time::sleep(interval).await;
+        let ours = match std::fs::symlink_metadata(&path) {
+            Ok(m) => SocketId::of(&m) == id,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => {
+                // Cannot tell: keep serving rather than fight over the path.
+                tracing::debug!(path = %path.display(), error = %e, "checking the registration socket");
+                true
+            }
+        };
+        if !ours {
+            lost.cancel();
+            return;
         }
     }
 }

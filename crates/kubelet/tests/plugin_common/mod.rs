@@ -127,17 +127,18 @@ impl Env {
     }
 
     pub fn plugin(&self) -> Arc<VfioPlugin> {
-        Arc::new(VfioPlugin::new(
-            self.engine(),
-            self.client.clone(),
-            self.plugin_config(),
-        ))
+        VfioPlugin::new(self.engine(), self.client.clone(), self.plugin_config())
     }
 
     /// Serves a fresh engine + plugin on the real sockets and registers it like the
     /// kubelet (percent-encoded `:authority`).
     pub async fn start(&self) -> Running {
-        let plugin = self.plugin();
+        self.start_with(self.plugin_config()).await
+    }
+
+    /// [`Env::start`] with plugin settings of the test's choice.
+    pub async fn start_with(&self, config: PluginConfig) -> Running {
+        let plugin = VfioPlugin::new(self.engine(), self.client.clone(), config);
         let token = CancellationToken::new();
         let server = serve(
             ServerConfig::new(DRIVER, &self.path("plugins"), &self.path("registry")),
