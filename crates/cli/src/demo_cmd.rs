@@ -172,7 +172,8 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
         .join(format!("{DRIVER}-reg.sock"));
     let mut server = server;
     let waited = within("registration socket", async {
-        while !reg_socket.exists() {
+        // The file appears at bind(), before listen(): wait until it accepts.
+        while std::os::unix::net::UnixStream::connect(&reg_socket).is_err() {
             if server.is_finished() {
                 return Ok(false);
             }

@@ -244,14 +244,17 @@ fn crash_hook() -> Result<Option<u64>> {
 
 fn report_open(report: &OpenReport) {
     if let Some(p) = &report.ledger_problem {
-        eprintln!(
-            "warning: ledger not trusted ({}); moved to {}; state rebuilt from the host",
-            p.reason,
-            p.moved_to
-                .as_deref()
-                .map(|m| m.display().to_string())
-                .unwrap_or_else(|| "(could not move)".into())
-        );
+        match &p.moved_to {
+            Some(to) => eprintln!(
+                "warning: ledger corrupt ({}); moved to {}; state rebuilt from the host",
+                p.reason,
+                to.display()
+            ),
+            None => eprintln!(
+                "warning: ledger kept read-only ({}); nothing will be recorded or moved",
+                p.reason
+            ),
+        }
     }
     for r in &report.earlier_boot_records {
         eprintln!("note: dropped a record from an earlier boot: {r}");

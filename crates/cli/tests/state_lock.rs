@@ -182,3 +182,33 @@ fn serve_refuses_to_orphan_a_ledger_in_the_old_default_dir() {
     assert!(err.contains("a ledger from an earlier version"), "{err}");
     assert!(!Path::new("/var/lib/vfio-gpu-dra/ledger.json").exists());
 }
+
+/// m3 as the admin sees it: a corrupt ledger is moved aside and said so; a
+/// ledger of a newer format is kept and nothing is moved.
+#[test]
+fn ledger_problems_are_reported_as_what_happened() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (o, _) = cli(d, &["devices"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let state = d.join("demo/state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("ledger.json"), "garbage").unwrap();
+    let (o, _) = cli(d, &["bind", "0000:ab:00.0", "-o", "json"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("ledger corrupt") && err.contains("moved to"),
+        "{err}"
+    );
+    // A newer format: kept byte for byte, reported, nothing recorded over it.
+    let newer = "vfio-gpu-dra-ledger format=99 sha256=00\n{}";
+    std::fs::write(state.join("ledger.json"), newer).unwrap();
+    let (o, _) = cli(d, &["release", "0000:ab:00.0", "-o", "json"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("read-only"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(state.join("ledger.json")).unwrap(),
+        newer
+    );
+}
