@@ -205,7 +205,11 @@ pub enum EngineError {
     /// Test hook: the process "died" after this step.
     #[error("simulated crash after step {0}")]
     SimulatedCrash(u64),
-    /// Another engine owns the state directory.
-    #[error("state directory {0} is locked by another vfio-gpu-dra process")]
+    /// Another engine owns the state directory; names the holder (pid, command).
+    #[error("{0}")]
     StateLocked(String),
+    /// The state directory's lock could not be taken for another reason
+    /// (read-only file system, permissions): not a contention.
+    #[error(transparent)]
+    StateLock(crate::lock::LockError),
 }

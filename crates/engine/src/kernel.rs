@@ -76,10 +76,11 @@ impl SysfsWrite {
         match self {
             SysfsWrite::DriverOverride { bdf, driver } => (
                 root.pci_attr(bdf, "driver_override"),
-                // sysfs drops zero-length writes; "\n" is how to clear.
+                // sysfs drops zero-length writes; "\n" is how to clear (an
+                // empty name from a hand-edited ledger clears too).
                 match driver {
-                    Some(d) => d.as_bytes().to_vec(),
-                    None => b"\n".to_vec(),
+                    Some(d) if !d.is_empty() => d.as_bytes().to_vec(),
+                    _ => b"\n".to_vec(),
                 },
             ),
             SysfsWrite::Unbind { bdf, driver } => (

@@ -13,7 +13,7 @@ mod engine;
 mod error;
 pub mod kernel;
 pub mod ledger;
-mod lock;
+pub mod lock;
 pub mod preflight;
 pub mod sim;
 pub mod state;

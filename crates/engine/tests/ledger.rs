@@ -88,13 +88,17 @@ fn future_format_is_kept_not_discarded() {
         .replacen("format=1", "format=7", 1);
     std::fs::write(state.join("ledger.json"), &text).unwrap();
     let k = sim(&dir.path().join("host"));
-    if let Ok((_e, report)) = vfio_gpu_engine::Engine::open(
+    // The engine opens read-only and refuses every change at its first commit.
+    let opened = vfio_gpu_engine::Engine::open(
         std::sync::Arc::new(k),
         &state,
         vfio_gpu_host::GpuSelector::default(),
         vfio_gpu_intent::Policy::default(),
         config(),
-    ) {
+    );
+    assert!(opened.is_ok(), "{:?}", opened.as_ref().err());
+    if let Ok((e, report)) = opened {
+        assert!(e.configure(bdf(A), vfio_gpu_engine::Holder::Admin).is_err());
         let problem = report.ledger_problem.expect("problem reported");
         assert!(
             problem.reason.contains("format 7 is newer"),

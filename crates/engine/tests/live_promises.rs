@@ -507,3 +507,45 @@ fn m16_a_gpu_that_vanished_is_released_and_forgotten_not_an_error_forever() {
     assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
     assert!(!e.ledger().gpus.contains_key(&bdf(A)));
 }
+
+// ------------------------------------------------------------------ m1, m2 (open)
+
+#[test]
+fn open_names_the_lock_holder_and_refuses_a_host_without_boot_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let state = dir.path().join("state");
+    let _first = engine(&k, &state);
+    let second = Engine::open(
+        Arc::new(k.clone()),
+        &state,
+        GpuSelector::default(),
+        Policy::default(),
+        EngineConfig {
+            state_lock_wait: Duration::from_millis(50),
+            ..config()
+        },
+    );
+    let err = second.err().expect("the state directory is taken");
+    assert!(matches!(err, EngineError::StateLocked(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+
+    let other = dir.path().join("state2");
+    fs::remove_file(host.join("proc/sys/kernel/random/boot_id")).unwrap();
+    let err = Engine::open(
+        Arc::new(k.clone()),
+        &other,
+        GpuSelector::default(),
+        Policy::default(),
+        config(),
+    )
+    .err()
+    .expect("no boot id: refuse");
+    assert!(err.to_string().contains("no boot id"), "{err}");
+}

@@ -40,8 +40,9 @@ use crate::commands::{HostCommands, RealCommands};
 use crate::deadline::StuckSet;
 use crate::error::EngineError;
 use crate::kernel::Kernel;
+use crate::ledger::LedgerError;
 use crate::ledger::{LedgerBody, LedgerFile};
-use crate::lock::StateLock;
+use crate::lock::{LockError, StateLock};
 
 /// What to do when the crash hook fires.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,9 +158,16 @@ impl Engine {
     ) -> Result<(Engine, OpenReport), EngineError> {
         let root = kernel.root().clone();
         let file = LedgerFile::new(state_dir)?;
-        let state_lock = StateLock::acquire(state_dir, config.state_lock_wait)
-            .map_err(|_| EngineError::StateLocked(state_dir.display().to_string()))?;
-        let boot_id = root.boot_id()?.unwrap_or_default();
+        let state_lock =
+            StateLock::acquire(state_dir, config.state_lock_wait).map_err(|e| match e {
+                e @ LockError::Held { .. } => EngineError::StateLocked(e.to_string()),
+                e => EngineError::StateLock(e),
+            })?;
+        // Without a boot id, records of an earlier boot would be trusted after a reboot.
+        let boot_id = match root.boot_id()? {
+            Some(id) if !id.trim().is_empty() => id,
+            _ => return Err(LedgerError::NoBootId { path: file.path() }.into()),
+        };
         let (mut body, problem) = file.load();
         let mut report = OpenReport {
             ledger_problem: problem,
@@ -205,7 +213,12 @@ impl Engine {
             config,
             _lock: state_lock,
         };
-        if report.ledger_problem.is_some() || !report.earlier_boot_records.is_empty() {
+        // A ledger this build cannot understand stays as it is (read-only):
+        // every change is refused at its first commit instead.
+        let read_only = report.ledger_problem.as_ref().is_some_and(|p| p.read_only);
+        if !read_only
+            && (report.ledger_problem.is_some() || !report.earlier_boot_records.is_empty())
+        {
             let body = lock(&engine.ledger).clone();
             engine.file.store(&body)?;
         }
