@@ -322,6 +322,9 @@ fn daemonset_mounts_and_flags() {
         ("/host-root", "/", true),
         ("/host-root/sys", "/sys", false),
         ("/host-root/dev", "/dev", false),
+        // The unbind lock is written under /proc; the ledger outlives the pod.
+        ("/host-root/proc", "/proc", false),
+        ("/var/lib/vfio-gpu-dra", "/var/lib/vfio-gpu-dra", false),
         (
             "/var/lib/kubelet/plugins_registry",
             "/var/lib/kubelet/plugins_registry",
