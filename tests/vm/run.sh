@@ -4,7 +4,7 @@
 # and run our CLI against the guest's real sysfs. See tests/vm/README.md.
 #
 # Usage: tests/vm/run.sh [--no-cli] [GROUP...]
-#   GROUP      boots to run (default: all): cmdline modprobe crash
+#   GROUP      boots to run (default: all): cmdline modprobe crash live
 #   --no-cli   run only the raw-kernel parts (boot, modules, sysfs); the CLI
 #              scenarios print SKIP. Without it a binary lacking the CLI fails.
 # Environment:
@@ -25,7 +25,7 @@ ROOT=$(cd "$HERE/../.." && pwd)
 WORK=$HERE/work
 LOGS=$WORK/logs
 HOSTLOG=$LOGS/host.log
-ALL_GROUPS=(cmdline modprobe crash)
+ALL_GROUPS=(cmdline modprobe crash live)
 NO_CLI=0
 GROUPS_SEL=()
 for a in "$@"; do
@@ -243,6 +243,10 @@ options vfio-pci ids=8086:10d3"
         build_initramfs crash "baseline crash" "PREBOUND=yes
 PREBOUND_SOURCE=kernel-cmdline"
         EXTRA[$g]=$CMDLINE_IDS ;;
+    live)
+        build_initramfs live "baseline plugin-intent plugin-deleted-claim plugin-crash" "PREBOUND=yes
+PREBOUND_SOURCE=kernel-cmdline"
+        EXTRA[$g]=$CMDLINE_IDS ;;
     *) echo "run.sh: unknown group $g (known: ${ALL_GROUPS[*]})" >&2; exit 2 ;;
     esac
     timing "initramfs-$g" "$(since "$t")"
@@ -252,7 +256,7 @@ done
 t=$(date +%s.%N)
 JOBS=${VM_JOBS:-2}
 order=()
-for g in crash cmdline modprobe; do
+for g in crash live cmdline modprobe; do
     for s in "${GROUPS_SEL[@]}"; do [ "$s" = "$g" ] && order+=("$g"); done
 done
 running=0
