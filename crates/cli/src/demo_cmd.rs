@@ -45,7 +45,24 @@ pub struct DemoArgs {
     /// The GPUs the claim asks for (default on the demo host: 0000:ab:00.0 and 0000:18:00.0).
     #[arg(long = "claim", value_name = "BDF")]
     pub claim: Vec<String>,
+    /// Test hook: delete the ResourceClaim from the API server right after the
+    /// prepare, as a force-deleted pod does; the kubelet still unprepares it.
+    #[arg(long, hide = true)]
+    pub delete_claim_after_prepare: bool,
+    /// Test hook: `sh -c` this after the prepare (and the deletion), before the
+    /// unprepare, with the plugin still serving; a failure stops the demo.
+    #[arg(long, hide = true, value_name = "SHELL COMMAND")]
+    pub between_prepare_and_unprepare: Option<String>,
+    /// Seconds between the plugin's cleanups of stale claims (serve's --cleanup-interval).
+    #[arg(long, hide = true, default_value_t = 300)]
+    pub cleanup_interval: u64,
+    /// Seconds between the plugin's periodic reconciles (serve's --reconcile-interval).
+    #[arg(long, hide = true, default_value_t = 60)]
+    pub reconcile_interval: u64,
 }
+
+/// The between-prepare-and-unprepare hook may sleep through several cleanup intervals.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn step(n: u32, title: &str) {
     println!("\n━━ {n}. {title}");
@@ -132,6 +149,9 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
         }
     };
     let root = HostRoot::open(&host)?;
+    // The plugin's ledger: without it the verdicts call the plugin's own
+    // driver_override and binding someone else's.
+    let state_dir = dir.join("state");
     let claimed: Vec<String> = if args.claim.is_empty() {
         vec!["0000:ab:00.0".into(), "0000:18:00.0".into()]
     } else {
@@ -160,11 +180,15 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
     );
     let mut opts = ServeOptions::new(NODE, DRIVER, kernel.clone());
     opts.selector = selector.clone();
-    opts.state_dir = Some(dir.join("state"));
+    opts.state_dir = Some(state_dir.clone());
     opts.plugins_dir = dir.join("plugins");
     opts.registrar_dir = dir.join("plugins_registry");
     opts.cdi_root = dir.join("cdi");
     opts.kube = KubeSource::Kubeconfig(kubeconfig.clone());
+    opts.cleanup_interval = Duration::from_secs(args.cleanup_interval.max(1));
+    opts.reconcile_interval = Duration::from_secs(args.reconcile_interval.max(1));
+    // The crash tests kill the plugin mid-prepare the same way they kill `bind`.
+    opts.engine_config.crash_after_step = crate::setup::crash_hook()?;
     let token = CancellationToken::new();
     let server = tokio::spawn(serve(opts, token.clone()));
     let reg_socket = dir
@@ -298,7 +322,7 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
             d.cdi_device_ids.join(", ")
         );
     }
-    let view = inspect(&root, &selector, &Policy::default(), None)?;
+    let view = inspect(&root, &selector, &Policy::default(), Some(&state_dir))?;
     for g in view
         .gpus
         .iter()
@@ -336,6 +360,30 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
         println!("{name}:\n{pretty}");
     }
 
+    if args.delete_claim_after_prepare {
+        println!("\n━━ test hook: the ResourceClaim is deleted while prepared (pod force-deleted)");
+        api.delete("resourceclaims", Some(NAMESPACE), "vm-gpus")
+            .ok_or_else(|| {
+                anyhow!("ResourceClaim {NAMESPACE}/vm-gpus was not in the API server")
+            })?;
+        // A finalizer would only mark it: the test needs it really gone.
+        if api
+            .get("resourceclaims", Some(NAMESPACE), "vm-gpus")
+            .is_some()
+        {
+            bail!("ResourceClaim {NAMESPACE}/vm-gpus is still in the API server after the delete");
+        }
+        println!(
+            "ResourceClaim {NAMESPACE}/vm-gpus deleted; plugin cleanup every {} s, reconcile every {} s",
+            args.cleanup_interval.max(1),
+            args.reconcile_interval.max(1)
+        );
+    }
+    if let Some(cmd) = &args.between_prepare_and_unprepare {
+        println!("\n━━ test hook: `sh -c {cmd:?}` while the claim is prepared");
+        run_hook(cmd).await?;
+    }
+
     step(9, "kubelet: NodeUnprepareResources (the VM is gone)");
     let unprepared = within("NodeUnprepareResources", async {
         Ok(kubelet.unprepare(std::slice::from_ref(&claim)).await?)
@@ -348,7 +396,7 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
     }
 
     step(10, "Where each GPU went, and why");
-    let view = inspect(&root, &selector, &Policy::default(), None)?;
+    let view = inspect(&root, &selector, &Policy::default(), Some(&state_dir))?;
     for b in &claimed {
         let g = view
             .gpus
@@ -396,6 +444,25 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
         !reg_socket.exists()
     );
     api.shutdown().await;
+    Ok(())
+}
+
+/// Runs a test hook with the plugin still serving (the runtime keeps going).
+async fn run_hook(cmd: &str) -> Result<()> {
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the test hook")?;
+    let status = tokio::time::timeout(HOOK_TIMEOUT, child.wait())
+        .await
+        .map_err(|_| anyhow!("test hook: not done within {} s", HOOK_TIMEOUT.as_secs()))?
+        .context("waiting for the test hook")?;
+    if !status.success() {
+        bail!("test hook failed: {status}");
+    }
+    println!("test hook done");
     Ok(())
 }
 

@@ -233,7 +233,7 @@ fn secs(v: f64) -> Result<Duration> {
 }
 
 /// Fault injection for crash tests: abort after the N-th mutation.
-fn crash_hook() -> Result<Option<u64>> {
+pub(crate) fn crash_hook() -> Result<Option<u64>> {
     match std::env::var("VFIO_GPU_DRA_CRASH_AFTER_STEP") {
         Ok(v) => Ok(Some(v.trim().parse().with_context(|| {
             format!("VFIO_GPU_DRA_CRASH_AFTER_STEP={v:?} is not a step number")

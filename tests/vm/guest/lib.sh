@@ -186,3 +186,18 @@ new_state() {
     rm -rf "$STATE"
     mkdir -p "$STATE"
 }
+
+# ---------------------------------------------------------------- crash checks
+# all_original "bdf:orig ...": all functions on their original driver, override cleared
+all_original() {
+    for _p in $1; do
+        is_drv "${_p%:*}" "${_p##*:}" || return 1
+        is_ovr "${_p%:*}" "(null)" || return 1
+    done
+}
+all_vfio() {
+    for _p in $1; do is_drv "${_p%:*}" vfio-pci || return 1; done
+}
+consistent() { all_original "$1" || all_vfio "$1" || { DETAIL="mixed state: $(for _p in $1; do printf '%s=%s/%s ' "${_p%:*}" "$(drv "${_p%:*}")" "$(ovr "${_p%:*}")"; done)"; return 1; }; }
+restore_all() { for _p in $1; do raw_restore "${_p%:*}" "${_p##*:}"; done; }
+crashed() { [ "$1" -ge 128 ] 2>/dev/null; }

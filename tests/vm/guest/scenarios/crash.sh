@@ -14,20 +14,6 @@
 #     plain release is a no-op that leaves it so.
 MAXSTEP=${CRASH_MAXSTEP:-40}
 
-# crash_state_ok NAME "bdf:orig ..." : all functions on their original driver, override cleared
-all_original() {
-    for _p in $1; do
-        is_drv "${_p%:*}" "${_p##*:}" || return 1
-        is_ovr "${_p%:*}" "(null)" || return 1
-    done
-}
-all_vfio() {
-    for _p in $1; do is_drv "${_p%:*}" vfio-pci || return 1; done
-}
-consistent() { all_original "$1" || all_vfio "$1" || { DETAIL="mixed state: $(for _p in $1; do printf '%s=%s/%s ' "${_p%:*}" "$(drv "${_p%:*}")" "$(ovr "${_p%:*}")"; done)"; return 1; }; }
-restore_all() { for _p in $1; do raw_restore "${_p%:*}" "${_p##*:}"; done; }
-crashed() { [ "$1" -ge 128 ] 2>/dev/null; }
-
 # crash_sweep OP NAME GPUID BDF "bdf:orig ..."
 crash_sweep() {
     _op=$1 _nm=$2 _id=$3 _bdf=$4 _fns=$5
