@@ -549,3 +549,40 @@ fn open_names_the_lock_holder_and_refuses_a_host_without_boot_id() {
     .expect("no boot id: refuse");
     assert!(err.to_string().contains("no boot id"), "{err}");
 }
+
+// ------------------------------------------------------------------ m8 (engine side)
+
+#[test]
+fn discovery_reports_host_processes_holding_a_gpu_but_not_a_lone_persistenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    let h = build_host(&host);
+    h.write(
+        "proc/driver/nvidia/gpus/0000:66:00.0/information",
+        "Device Minor: 3\n",
+    )
+    .unwrap();
+    h.write("dev/nvidia3", "").unwrap();
+    h.write("usr/bin/nvidia-smi", "#!/bin/sh\n").unwrap();
+    add_persistenced_process(&host, 99, 3);
+    let k = sim(&host);
+    let e = engine(&k, &dir.path().join("state"));
+    let holders_of_b = |e: &Engine| {
+        let (views, _) = e.discover().unwrap();
+        views
+            .into_iter()
+            .find(|v| v.gpu.bdf() == bdf(B))
+            .unwrap()
+            .holders
+    };
+    assert!(
+        holders_of_b(&e).is_empty(),
+        "persistence mode can be turned off"
+    );
+    fs::create_dir_all(host.join("proc/98/fd")).unwrap();
+    fs::write(host.join("proc/98/comm"), "python3\n").unwrap();
+    symlink(host.join("dev/nvidia3"), host.join("proc/98/fd/7")).unwrap();
+    let mut pids: Vec<u32> = holders_of_b(&e).iter().map(|h| h.pid).collect();
+    pids.sort();
+    assert_eq!(pids, [98, 99]);
+}

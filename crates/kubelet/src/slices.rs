@@ -99,8 +99,12 @@ impl DeviceInfo {
 /// or another GPU (it could not move alone), without an IOMMU group, or with a
 /// host write still stuck past its deadline.
 pub fn device_info(view: &GpuView) -> Option<DeviceInfo> {
+    // Not offered: what a prepare would refuse anyway (pinned, stuck, a
+    // foreign device in the group, a host process holding it), so the
+    // scheduler never hands a pod a GPU it cannot get.
     if view.verdict.pinned.is_some()
         || view.stuck.is_some()
+        || !view.holders.is_empty()
         || view.gpu.blocking_members().next().is_some()
     {
         return None;

@@ -139,6 +139,14 @@ fn pinned_stuck_and_shared_group_gpus_are_not_offered() {
     let mut stuck = a100.clone();
     stuck.stuck = Some("unbind from nvidia".into());
     assert!(device_info(&stuck).is_none(), "stuck");
+    let mut held = a100.clone();
+    held.holders = vec![vfio_gpu_engine::preflight::NodeHolder {
+        pid: 4242,
+        comm: "python3".into(),
+        node: "/dev/nvidia3".into(),
+        program: Some("python3".into()),
+    }];
+    assert!(device_info(&held).is_none(), "a host process holds it (m8)");
     let mut no_iommu = a100.clone();
     no_iommu.gpu.function.iommu_group = None;
     assert!(device_info(&no_iommu).is_none(), "no IOMMU group");

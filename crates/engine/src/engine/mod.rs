@@ -253,6 +253,7 @@ impl Engine {
         let gpus = discover_gpus(&host, &self.selector, self.pci_ids.as_ref());
         let ledger = self.ledger();
         let intent = self.intent.read();
+        let mut holders = self.host_holders(&gpus);
         let views = gpus
             .into_iter()
             .map(|gpu| {
@@ -264,6 +265,7 @@ impl Engine {
                         .functions
                         .iter()
                         .find_map(|f| self.stuck.stuck_on(f.bdf)),
+                    holders: holders.remove(&bdf).unwrap_or_default(),
                     gpu,
                     verdict,
                 }

@@ -1,17 +1,18 @@
 //! Single host writes under deadlines, and the small write sequences the operations share.
 
 use super::Engine;
+use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use vfio_gpu_host::{Bdf, Binding, DriverName, HostError, PciFunction};
+use vfio_gpu_host::{Bdf, Binding, DriverName, Gpu, HostError, PciFunction};
 
 use crate::deadline::{Timed, read_with_deadline, run_with_deadline};
 use crate::error::EngineError;
 use crate::kernel::{SysfsWrite, nvidia_unbind_lock_path};
 use crate::ledger::GpuRecord;
-use crate::preflight::{NodeHolder, find_holders};
+use crate::preflight::{NodeHolder, device_nodes, find_holders, scan_holders};
 
 impl Engine {
     /// Runs one host write with its deadline. `Err(Stuck)` past it.
@@ -119,6 +120,61 @@ impl Engine {
             op,
             secs: self.config.command_deadline.as_secs_f64(),
         })
+    }
+
+    /// Processes holding each GPU's host-driver nodes, from one `/proc` scan
+    /// under the command deadline. A scan that blocks or fails reports no
+    /// holders here: listings stay available, and a move still checks for itself.
+    pub(super) fn host_holders(&self, gpus: &[Gpu]) -> HashMap<Bdf, Vec<NodeHolder>> {
+        // The GPU function's own nodes (nvidia, DRM): what a host workload opens.
+        let nodes_of = |g: &Gpu| -> Vec<PathBuf> {
+            if g.function.on_vfio() {
+                Vec::new()
+            } else {
+                device_nodes(&self.root, &g.function)
+            }
+        };
+        let shown = |n: &PathBuf| {
+            n.strip_prefix(self.root.path())
+                .map(|r| format!("/{}", r.display()))
+                .unwrap_or_else(|_| n.display().to_string())
+        };
+        let per_gpu: Vec<(Bdf, Vec<String>)> = gpus
+            .iter()
+            .map(|g| (g.bdf(), nodes_of(g).iter().map(shown).collect()))
+            .collect();
+        let all: Vec<PathBuf> = gpus.iter().flat_map(nodes_of).collect();
+        if all.is_empty() {
+            return HashMap::new();
+        }
+        let root = self.root.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("holder-scan".into())
+            .spawn(move || {
+                let _ = tx.send(scan_holders(&root, &all));
+            });
+        let found = match spawned
+            .ok()
+            .and_then(|_| rx.recv_timeout(self.config.command_deadline).ok())
+        {
+            Some(Ok(found)) => found,
+            _ => return HashMap::new(),
+        };
+        let exception = self.commands.exists(&self.root, "nvidia-smi");
+        per_gpu
+            .into_iter()
+            .filter_map(|(bdf, nodes)| {
+                let held: Vec<NodeHolder> = found
+                    .iter()
+                    .filter(|h| nodes.contains(&h.node))
+                    .cloned()
+                    .collect();
+                let only_persistenced = held.iter().all(|h| h.is_nvidia_persistenced());
+                let movable_anyway = held.is_empty() || (only_persistenced && exception);
+                (!movable_anyway).then_some((bdf, held))
+            })
+            .collect()
     }
 
     pub(super) fn read(&self, bdf: Bdf) -> Result<PciFunction, EngineError> {

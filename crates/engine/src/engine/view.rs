@@ -13,6 +13,7 @@ use vfio_gpu_intent::{IntentSources, OwnRecords, Policy, Verdict, evaluate};
 
 use crate::error::{EngineError, FunctionState};
 use crate::ledger::{GpuRecord, LedgerBody, LedgerProblem, OpState};
+use crate::preflight::NodeHolder;
 
 /// What an operation did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -77,6 +78,11 @@ pub struct GpuView {
     pub record: Option<GpuRecord>,
     /// A write still running past its deadline, if any.
     pub stuck: Option<String>,
+    /// Host processes that keep the GPU open on its host driver, so a move
+    /// would be refused (nvidia-persistenced alone does not count: the move
+    /// turns persistence mode off). Filled by [`crate::Engine::discover`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<NodeHolder>,
 }
 
 /// What opening the engine found.
@@ -165,6 +171,7 @@ pub fn inspect(
             verdict: evaluate(&sources, &gpu, &Records(&ledger)),
             record: ledger.gpus.get(&gpu.bdf()).cloned(),
             stuck: None,
+            holders: Vec::new(),
             gpu,
         })
         .collect();
