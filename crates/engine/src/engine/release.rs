@@ -254,7 +254,8 @@ impl Engine {
             let mut kept = rec.clone();
             kept.state = OpState::Prebound;
             kept.holder = None;
-            kept.was_on_vfio = true;
+            // Admin-owned from now on; `was_on_vfio` stays the truth about
+            // where we found it.
             self.set_record(bdf, on_vfio.then_some(kept))?;
             return Ok(self.outcome(
                 &gpu,

@@ -18,7 +18,7 @@ pub(super) fn apply(
                 if records.recorded_prebound(f.bdf) {
                     v.reason(
                         Source::BoundAtStart,
-                        format!("{} is on {d} and recorded as pre-bound (on vfio before this plugin touched it)", f.bdf),
+                        format!("{} is on {d} and recorded as admin-owned (found on vfio, or kept there by admin intent at a release)", f.bdf),
                     );
                 } else if !records.bound_by_us(f.bdf) {
                     v.reason(
