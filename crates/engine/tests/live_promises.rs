@@ -586,3 +586,31 @@ fn discovery_reports_host_processes_holding_a_gpu_but_not_a_lone_persistenced() 
     pids.sort();
     assert_eq!(pids, [98, 99]);
 }
+
+// ------------------------------------------------------------------ m10
+
+#[test]
+fn an_iommufd_only_kernel_without_group_nodes_still_moves_a_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    k.set_vfio_nodes(vfio_gpu_engine::sim::VfioNodes {
+        group: false,
+        cdev: true,
+    });
+    let e = engine(&k, &dir.path().join("state"));
+    let out = e.configure(bdf(B), claim("u1")).unwrap();
+    assert_eq!(out.action, Action::Moved, "{}", out.detail);
+    assert!(!host.join("dev/vfio/12").exists());
+    assert_eq!(out.vfio_devices.len(), 1);
+    // Neither node: the move cannot serve a VM and is rolled back.
+    k.set_vfio_nodes(vfio_gpu_engine::sim::VfioNodes {
+        group: false,
+        cdev: false,
+    });
+    let err = e.configure(bdf(A), claim("u2")).unwrap_err();
+    assert!(err.to_string().contains("/dev/vfio/11"), "{err}");
+    assert_eq!(driver_of(&host, A).as_deref(), Some("nvidia"));
+    assert_eq!(driver_of(&host, A_AUDIO).as_deref(), Some("snd_hda_intel"));
+}

@@ -102,7 +102,17 @@ pub fn device_info(view: &GpuView) -> Option<DeviceInfo> {
     // Not offered: what a prepare would refuse anyway (pinned, stuck, a
     // foreign device in the group, a host process holding it), so the
     // scheduler never hands a pod a GPU it cannot get.
-    if view.verdict.pinned.is_some()
+    // An operation still in flight (a move or release a crash interrupted,
+    // which reconcile will finish) is not offered until it settles.
+    let unsettled = view.record.as_ref().is_some_and(|r| {
+        matches!(
+            r.state,
+            vfio_gpu_engine::ledger::OpState::Configuring
+                | vfio_gpu_engine::ledger::OpState::Releasing
+        )
+    });
+    if unsettled
+        || view.verdict.pinned.is_some()
         || view.stuck.is_some()
         || !view.holders.is_empty()
         || view.gpu.blocking_members().next().is_some()

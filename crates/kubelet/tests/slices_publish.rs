@@ -147,6 +147,26 @@ fn pinned_stuck_and_shared_group_gpus_are_not_offered() {
         program: Some("python3".into()),
     }];
     assert!(device_info(&held).is_none(), "a host process holds it (m8)");
+    let mut releasing = a100.clone();
+    let mut record = vfio_gpu_engine::ledger::GpuRecord::configuring(
+        vfio_gpu_engine::Holder::Admin,
+        &[releasing.gpu.function.clone()],
+        &vfio_gpu_host::DriverName::vfio_pci(),
+        Default::default(),
+        "boot".into(),
+        1,
+    );
+    assert!(
+        device_info(&{
+            releasing.record = Some(record.clone());
+            releasing.clone()
+        })
+        .is_none(),
+        "a move in flight (review m12)"
+    );
+    record.state = vfio_gpu_engine::ledger::OpState::Releasing;
+    releasing.record = Some(record);
+    assert!(device_info(&releasing).is_none(), "a release in flight");
     let mut no_iommu = a100.clone();
     no_iommu.gpu.function.iommu_group = None;
     assert!(device_info(&no_iommu).is_none(), "no IOMMU group");

@@ -360,8 +360,18 @@ impl Engine {
                 ));
             }
         }
-        // The group node appears with the first vfio member; a VM needs it.
-        if !self.root.dev_vfio_group(group).exists() {
+        // The group node appears with the first vfio member; a VM needs it,
+        // or, on an iommufd-only kernel (CONFIG_VFIO_GROUP=n), each moved
+        // function's device cdev.
+        let cdevs_present = || {
+            funcs.iter().filter(|f| !f.on_vfio()).all(|f| {
+                self.binding(f.bdf)
+                    .ok()
+                    .and_then(|b| b.vfio_dev)
+                    .is_some_and(|v| self.root.rel("dev/vfio/devices").join(v).exists())
+            })
+        };
+        if !self.root.dev_vfio_group(group).exists() && !cdevs_present() {
             return Err(StepError::verify(
                 format!("verify /dev/vfio/{group}"),
                 "the group node did not appear".into(),
