@@ -6,7 +6,11 @@
 # hand-copied, so a new minor with new staging modules needs nothing but a re-run.
 #
 #   tests/k8s/gen-replaces.sh 1.34.4 go.mod
-#   tests/k8s/gen-replaces.sh 1.36.3 lane-1.36.mod
+#   tests/k8s/gen-replaces.sh 1.36.3 lane-1.36.mod k8s136
+#
+# The third argument is the lane's build tag. `go mod tidy` looks at every build tag at
+# once, so it sees the other lanes' version files too (importing packages this version
+# lacks): it runs with -e and the lane is then checked to resolve with its own tag.
 #
 # Uses only the go command and the Go module proxy. Commit the .mod and .sum it writes.
 set -euo pipefail
@@ -14,11 +18,14 @@ cd "$(dirname "$0")"
 V=${1:?usage: gen-replaces.sh <k8s version, e.g. 1.34.4> [modfile]}
 V=${V#v}
 MODFILE=${2:-go.mod}
+TAGS=${3:-}
 STAGING_TAG=v0.${V#1.}
-[ -f "$MODFILE" ] || { echo "no $MODFILE" >&2; exit 1; }
 # -modfile for lanes other than go.mod (go.mod must exist; the lane's .sum sits next to its .mod).
 MF=()
 [ "$MODFILE" = go.mod ] || MF=(-modfile="$MODFILE")
+if [ ! -f "$MODFILE" ]; then
+  printf 'module %s\n\ngo 1.24.0\n' "$(go mod edit -json | sed -n 's/^[[:space:]]*"Path": "\(.*\)"$/\1/p' | head -1)" > "$MODFILE"
+fi
 
 K8S_GOMOD=$(go mod download -json "k8s.io/kubernetes@v$V" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",*$/\1/p')
 [ -f "$K8S_GOMOD" ] || { echo "cannot download k8s.io/kubernetes@v$V" >&2; exit 1; }
@@ -37,5 +44,11 @@ done
 gd=$(sed -n 's/^godebug default=\(go[0-9.]*\)$/\1/p' "$K8S_GOMOD" | head -1)
 [ -z "$gd" ] || go mod edit "${MF[@]}" -godebug="default=$gd"
 go mod edit "${MF[@]}" -require="k8s.io/kubernetes@v$V"
-go mod tidy "${MF[@]}"
+tidy_log=$(mktemp)
+go mod tidy -e "${MF[@]}" 2> "$tidy_log" || true
+# Every package of the lane must resolve with its tag (tidy -e would not say).
+if ! go list "${MF[@]}" -tags "$TAGS" -test -deps . > /dev/null; then
+  cat "$tidy_log" >&2; rm -f "$tidy_log"; exit 1
+fi
+rm -f "$tidy_log"
 echo "$MODFILE: k8s.io/kubernetes v$V, $n staging modules at $STAGING_TAG${gd:+, godebug default=$gd}"

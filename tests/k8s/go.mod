@@ -2,77 +2,22 @@ module github.com/vfio-gpu-dra/vfio-gpu-dra/tests/k8s
 
 go 1.24.0
 
-replace k8s.io/api => k8s.io/api v0.34.4
-
-replace k8s.io/apiextensions-apiserver => k8s.io/apiextensions-apiserver v0.34.4
-
-replace k8s.io/apimachinery => k8s.io/apimachinery v0.34.4
-
-replace k8s.io/apiserver => k8s.io/apiserver v0.34.4
-
-replace k8s.io/cli-runtime => k8s.io/cli-runtime v0.34.4
-
-replace k8s.io/client-go => k8s.io/client-go v0.34.4
-
-replace k8s.io/cloud-provider => k8s.io/cloud-provider v0.34.4
-
-replace k8s.io/cluster-bootstrap => k8s.io/cluster-bootstrap v0.34.4
-
-replace k8s.io/code-generator => k8s.io/code-generator v0.34.4
-
-replace k8s.io/component-base => k8s.io/component-base v0.34.4
-
-replace k8s.io/component-helpers => k8s.io/component-helpers v0.34.4
-
-replace k8s.io/controller-manager => k8s.io/controller-manager v0.34.4
-
-replace k8s.io/cri-api => k8s.io/cri-api v0.34.4
-
-replace k8s.io/cri-client => k8s.io/cri-client v0.34.4
-
-replace k8s.io/csi-translation-lib => k8s.io/csi-translation-lib v0.34.4
-
-replace k8s.io/dynamic-resource-allocation => k8s.io/dynamic-resource-allocation v0.34.4
-
-replace k8s.io/endpointslice => k8s.io/endpointslice v0.34.4
-
-replace k8s.io/externaljwt => k8s.io/externaljwt v0.34.4
-
-replace k8s.io/kms => k8s.io/kms v0.34.4
-
-replace k8s.io/kube-aggregator => k8s.io/kube-aggregator v0.34.4
-
-replace k8s.io/kube-controller-manager => k8s.io/kube-controller-manager v0.34.4
-
-replace k8s.io/kube-proxy => k8s.io/kube-proxy v0.34.4
-
-replace k8s.io/kube-scheduler => k8s.io/kube-scheduler v0.34.4
-
-replace k8s.io/kubectl => k8s.io/kubectl v0.34.4
-
-replace k8s.io/kubelet => k8s.io/kubelet v0.34.4
-
-replace k8s.io/metrics => k8s.io/metrics v0.34.4
-
-replace k8s.io/mount-utils => k8s.io/mount-utils v0.34.4
-
-replace k8s.io/pod-security-admission => k8s.io/pod-security-admission v0.34.4
-
-replace k8s.io/sample-apiserver => k8s.io/sample-apiserver v0.34.4
-
-replace k8s.io/sample-cli-plugin => k8s.io/sample-cli-plugin v0.34.4
-
-replace k8s.io/sample-controller => k8s.io/sample-controller v0.34.4
-
 godebug default=go1.24
 
 require (
+	google.golang.org/grpc v1.72.1
+	k8s.io/api v0.34.4
 	k8s.io/apimachinery v0.34.4
 	k8s.io/apiserver v0.34.4
 	k8s.io/client-go v0.34.4
+	k8s.io/component-base v0.34.4
 	k8s.io/dynamic-resource-allocation v0.0.0
+	k8s.io/klog/v2 v2.130.1
+	k8s.io/kubelet v0.34.4
 	k8s.io/kubernetes v1.34.4
+	k8s.io/utils v0.0.0-20250604170112-4c0f3b243397
 	tags.cncf.io/container-device-interface v1.1.2
+	tags.cncf.io/container-device-interface/specs-go v1.1.1
 )
 
 require (
@@ -184,18 +129,15 @@ require (
 	golang.org/x/tools v0.26.0 // indirect
 	google.golang.org/genproto/googleapis/api v0.0.0-20250303144028-a0af3efb3deb // indirect
 	google.golang.org/genproto/googleapis/rpc v0.0.0-20250303144028-a0af3efb3deb // indirect
-	google.golang.org/grpc v1.72.1 // indirect
 	google.golang.org/protobuf v1.36.5 // indirect
 	gopkg.in/evanphx/json-patch.v4 v4.12.0 // indirect
 	gopkg.in/go-jose/go-jose.v2 v2.6.3 // indirect
 	gopkg.in/inf.v0 v0.9.1 // indirect
 	gopkg.in/natefinch/lumberjack.v2 v2.2.1 // indirect
 	gopkg.in/yaml.v3 v3.0.1 // indirect
-	k8s.io/api v0.34.4 // indirect
 	k8s.io/apiextensions-apiserver v0.0.0 // indirect
 	k8s.io/cloud-provider v0.0.0 // indirect
 	k8s.io/cluster-bootstrap v0.0.0 // indirect
-	k8s.io/component-base v0.34.4 // indirect
 	k8s.io/component-helpers v0.34.4 // indirect
 	k8s.io/controller-manager v0.34.4 // indirect
 	k8s.io/cri-api v0.34.4 // indirect
@@ -203,19 +145,77 @@ require (
 	k8s.io/csi-translation-lib v0.0.0 // indirect
 	k8s.io/endpointslice v0.0.0 // indirect
 	k8s.io/externaljwt v0.0.0 // indirect
-	k8s.io/klog/v2 v2.130.1 // indirect
 	k8s.io/kms v0.34.4 // indirect
 	k8s.io/kube-aggregator v0.0.0 // indirect
 	k8s.io/kube-openapi v0.0.0-20250710124328-f3f2b991d03b // indirect
 	k8s.io/kubectl v0.0.0 // indirect
-	k8s.io/kubelet v0.34.4 // indirect
 	k8s.io/mount-utils v0.0.0 // indirect
 	k8s.io/pod-security-admission v0.0.0 // indirect
-	k8s.io/utils v0.0.0-20250604170112-4c0f3b243397 // indirect
 	sigs.k8s.io/apiserver-network-proxy/konnectivity-client v0.31.2 // indirect
 	sigs.k8s.io/json v0.0.0-20241014173422-cfa47c3a1cc8 // indirect
 	sigs.k8s.io/randfill v1.0.0 // indirect
 	sigs.k8s.io/structured-merge-diff/v6 v6.3.0 // indirect
 	sigs.k8s.io/yaml v1.6.0 // indirect
-	tags.cncf.io/container-device-interface/specs-go v1.1.1 // indirect
 )
+
+replace k8s.io/api => k8s.io/api v0.34.4
+
+replace k8s.io/apiextensions-apiserver => k8s.io/apiextensions-apiserver v0.34.4
+
+replace k8s.io/apimachinery => k8s.io/apimachinery v0.34.4
+
+replace k8s.io/apiserver => k8s.io/apiserver v0.34.4
+
+replace k8s.io/cli-runtime => k8s.io/cli-runtime v0.34.4
+
+replace k8s.io/client-go => k8s.io/client-go v0.34.4
+
+replace k8s.io/cloud-provider => k8s.io/cloud-provider v0.34.4
+
+replace k8s.io/cluster-bootstrap => k8s.io/cluster-bootstrap v0.34.4
+
+replace k8s.io/code-generator => k8s.io/code-generator v0.34.4
+
+replace k8s.io/component-base => k8s.io/component-base v0.34.4
+
+replace k8s.io/component-helpers => k8s.io/component-helpers v0.34.4
+
+replace k8s.io/controller-manager => k8s.io/controller-manager v0.34.4
+
+replace k8s.io/cri-api => k8s.io/cri-api v0.34.4
+
+replace k8s.io/cri-client => k8s.io/cri-client v0.34.4
+
+replace k8s.io/csi-translation-lib => k8s.io/csi-translation-lib v0.34.4
+
+replace k8s.io/dynamic-resource-allocation => k8s.io/dynamic-resource-allocation v0.34.4
+
+replace k8s.io/endpointslice => k8s.io/endpointslice v0.34.4
+
+replace k8s.io/externaljwt => k8s.io/externaljwt v0.34.4
+
+replace k8s.io/kms => k8s.io/kms v0.34.4
+
+replace k8s.io/kube-aggregator => k8s.io/kube-aggregator v0.34.4
+
+replace k8s.io/kube-controller-manager => k8s.io/kube-controller-manager v0.34.4
+
+replace k8s.io/kube-proxy => k8s.io/kube-proxy v0.34.4
+
+replace k8s.io/kube-scheduler => k8s.io/kube-scheduler v0.34.4
+
+replace k8s.io/kubectl => k8s.io/kubectl v0.34.4
+
+replace k8s.io/kubelet => k8s.io/kubelet v0.34.4
+
+replace k8s.io/metrics => k8s.io/metrics v0.34.4
+
+replace k8s.io/mount-utils => k8s.io/mount-utils v0.34.4
+
+replace k8s.io/pod-security-admission => k8s.io/pod-security-admission v0.34.4
+
+replace k8s.io/sample-apiserver => k8s.io/sample-apiserver v0.34.4
+
+replace k8s.io/sample-cli-plugin => k8s.io/sample-cli-plugin v0.34.4
+
+replace k8s.io/sample-controller => k8s.io/sample-controller v0.34.4
