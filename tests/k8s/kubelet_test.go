@@ -83,19 +83,21 @@ func (h *recordingHandler) count(op string) int {
 }
 
 type kubelet struct {
-	node    string
-	client  kubernetes.Interface
-	mgr     *dra.Manager
-	handler *recordingHandler
-	cancel  context.CancelFunc
-	mu      sync.Mutex
-	pods    map[types.UID]*v1.Pod
+	node     string
+	client   kubernetes.Interface
+	mgr      *dra.Manager
+	handler  *recordingHandler
+	cancel   context.CancelFunc
+	stopOnce sync.Once
+	mu       sync.Mutex
+	pods     map[types.UID]*v1.Pod
 }
 
 // startKubelet starts a DRA manager with its checkpoint in stateDir and a plugin
 // manager watching regDir, both as kubelet wires them (pkg/kubelet/kubelet.go,
 // cm/container_manager_linux.go), with the kubelet's node identity.
-func (c *cluster) startKubelet(t *testing.T, node, regDir, stateDir string) *kubelet {
+// owner is the test whose end stops it (nil: t).
+func (c *cluster) startKubelet(t, owner *testing.T, node, regDir, stateDir string) *kubelet {
 	t.Helper()
 	registerKubeletMetrics()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -117,12 +119,19 @@ func (c *cluster) startKubelet(t *testing.T, node, regDir, stateDir string) *kub
 	}
 	k.handler = &recordingHandler{inner: mgr.GetWatcherHandler()}
 	runPluginManager(ctx, regDir, k.handler)
-	t.Cleanup(k.stop)
+	if owner == nil {
+		owner = t
+	}
+	owner.Cleanup(k.stop)
 	return k
 }
 
 // stop ends the kubelet: its contexts are cancelled, the DRA plugin manager stops.
 func (k *kubelet) stop() {
+	k.stopOnce.Do(k.doStop)
+}
+
+func (k *kubelet) doStop() {
 	k.cancel()
 	if pm, ok := k.mgr.GetWatcherHandler().(*draplugin.DRAPluginManager); ok {
 		pm.Stop()

@@ -80,6 +80,9 @@ type pluginProc struct {
 type pluginOpts struct {
 	token string   // bearer token; default: a driver token bound to a pod on the node
 	args  []string // extra serve flags
+	// owner is the test whose end stops the plugin (default: the calling test);
+	// a subtest can start a plugin that outlives it.
+	owner *testing.T
 }
 
 // startPlugin runs `vfio-gpu-dra serve --demo` for node.
@@ -115,7 +118,7 @@ func (c *cluster) startPlugin(t *testing.T, node string, dirs *nodeDirs, o plugi
 		}
 		cmd.Env = append(cmd.Env, kv)
 	}
-	cmd.Env = append(cmd.Env, "VFIO_GPU_DRA_LOG=info", "RUST_BACKTRACE=1")
+	cmd.Env = append(cmd.Env, "VFIO_GPU_DRA_LOG=info", "RUST_BACKTRACE=1", "NO_COLOR=1")
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -125,10 +128,14 @@ func (c *cluster) startPlugin(t *testing.T, node string, dirs *nodeDirs, o plugi
 		logf.Close()
 		close(p.done)
 	}()
-	t.Cleanup(func() {
-		p.stop(t)
-		if t.Failed() {
-			t.Logf("plugin log (%s):\n%s", node, indent(p.logs()))
+	owner := o.owner
+	if owner == nil {
+		owner = t
+	}
+	owner.Cleanup(func() {
+		p.stop(owner)
+		if owner.Failed() {
+			owner.Logf("plugin log (%s):\n%s", node, indent(p.logs()))
 		}
 	})
 	return p

@@ -148,10 +148,23 @@ func (e *prepareEnv) wantDriver(t *testing.T, bdf, want string) {
 	}
 }
 
+func dedup(s []string) []string {
+	seen := map[string]bool{}
+	var out []string
+	for _, x := range s {
+		if !seen[x] {
+			seen[x] = true
+			out = append(out, x)
+		}
+	}
+	return sortedStrings(out)
+}
+
 func testPrepare(t *testing.T, c *cluster) {
 	const node = "prep-node"
 	e := &prepareEnv{c: c, node: c.createNode(t, node), dirs: c.newNodeDirs(t, node)}
-	e.k = c.startKubelet(t, node, e.dirs.regDir, e.dirs.kubeletDir)
+	owner := t
+	e.k = c.startKubelet(t, nil, node, e.dirs.regDir, e.dirs.kubeletDir)
 	// A short stale-claim cleanup period, so a plugin that unprepares claims behind
 	// the kubelet's back is caught within the test.
 	e.p = c.startPlugin(t, node, e.dirs, pluginOpts{args: []string{"--cleanup-interval", "2"}})
@@ -216,7 +229,7 @@ func testPrepare(t *testing.T, c *cluster) {
 		c.forceDelete(t, claim)
 	})
 
-	t.Run("NewManagerSameStateNoSecondPrepare", func(t *testing.T) {
+	t.Run("RestartedKubeletSameStateIdempotent", func(t *testing.T) {
 		claim, pod, device := e.claimAndPod(t, "prep-restart", classAll, movableSelector)
 		bdf := bdfOf(device)
 		before := e.dirs.hostDriver(t, bdf)
@@ -224,25 +237,36 @@ func testPrepare(t *testing.T, c *cluster) {
 		e.wantDriver(t, bdf, "vfio-pci")
 
 		// Kubelet restart: a new DRA manager on the same checkpoint directory. It
-		// wipes the node's slices at start (the plugin must publish them again).
+		// restores the claim from the checkpoint, wipes the node's slices at start
+		// (the plugin must publish them again) and, as kubelet does, sends the
+		// restored claim's NodePrepareResources again: the plugin must answer
+		// with the same devices without preparing anything twice.
 		e.k.stop()
-		e.k = c.startKubelet(t, node, e.dirs.regDir, e.dirs.kubeletDir)
+		e.k = c.startKubelet(t, owner, node, e.dirs.regDir, e.dirs.kubeletDir)
 		e.k.waitRegistered(t, 1, 30*time.Second)
 		calls := grpcCalls(t, "NodePrepareResources")
 		info := e.k.prepare(t, pod)
-		if n := grpcCalls(t, "NodePrepareResources") - calls; n != 0 {
-			t.Errorf("the restarted kubelet called NodePrepareResources %d times for a checkpointed claim", n)
+		n := grpcCalls(t, "NodePrepareResources") - calls
+		t.Logf("the restarted kubelet called NodePrepareResources %d time(s) for the checkpointed claim", n)
+		if n > 1 {
+			t.Errorf("NodePrepareResources called %d times", n)
 		}
-		if got := cdiIDs(info); strings.Join(got, ",") != strings.Join(ids, ",") {
+		if got := dedup(cdiIDs(info)); strings.Join(got, ",") != strings.Join(dedup(ids), ",") {
 			t.Errorf("CDI after restart %v, before %v", got, ids)
 		}
+		e.wantDriver(t, bdf, "vfio-pci")
+		e.checkPrepared(t, claim, device, dedup(cdiIDs(info)))
 		t.Run("SlicesRepublishedAfterKubeletWipe", func(t *testing.T) {
 			// The startup wipe is asynchronous; give it and the republish time.
 			time.Sleep(3 * time.Second)
 			c.waitForSlices(t, e.p, 45*time.Second)
 		})
+		// One unprepare undoes it: nothing was prepared twice.
 		e.k.unprepare(t, pod)
 		e.wantDriver(t, bdf, before)
+		if _, err := resolveCDI(e.dirs.cdiDir, ids); err == nil {
+			t.Errorf("CDI IDs %v still resolve after unprepare", ids)
+		}
 		c.forceDelete(t, claim)
 	})
 

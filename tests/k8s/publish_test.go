@@ -38,36 +38,42 @@ func nodeName(prefix string, n int, dots ...int) string {
 	return string(b)
 }
 
-func publishNames() []string {
+type namedNode struct{ label, name string }
+
+func publishNames() []namedNode {
 	label63 := strings.Repeat("y", 63)
-	names := []string{
-		"n",
-		"node-a",
-		"worker-1.example.com",
+	names := []namedNode{
+		{"len001", "n"},
+		{"len006", "node-a"},
+		{"len020-fqdn", "worker-1.example.com"},
 	}
 	// Lengths around the driver-name boundary of generateName (<node>-<driver>-
 	// truncated to 57 characters): a '.' of "vfio-gpu.dra.dev" lands at the cut for 43 and 47.
 	for _, n := range []int{40, 42, 43, 44, 46, 47, 48, 56} {
-		names = append(names, nodeName(fmt.Sprintf("len%d-", n), n))
+		names = append(names, namedNode{fmt.Sprintf("len%03d", n), nodeName(fmt.Sprintf("len%d-", n), n)})
 	}
 	names = append(names,
-		nodeName("dot55-", 60, 55), // a dot inside the 57-character prefix
-		nodeName("dot57-", 62, 57), // a dot exactly at the cut
-		nodeName("dot62-", 63, 62), // a dot near the 63rd character
-		nodeName("dot64-", 70, 64), // a 63-character first label
-		nodeName("len63-", 63),     // longest DNS label
-		label63+"."+label63+"."+label63+"."+strings.Repeat("z", 61), // 253: longest DNS subdomain
+		namedNode{"len060-dot55", nodeName("dot55-", 60, 55)},                                        // a dot inside the 57-character prefix
+		namedNode{"len062-dot57", nodeName("dot57-", 62, 57)},                                        // a dot exactly at the cut
+		namedNode{"len063-dot62", nodeName("dot62-", 63, 62)},                                        // a dot near the 63rd character
+		namedNode{"len070-dot64", nodeName("dot64-", 70, 64)},                                        // a 63-character first label
+		namedNode{"len063", nodeName("len63-", 63)},                                                  // longest DNS label
+		namedNode{"len253", label63 + "." + label63 + "." + label63 + "." + strings.Repeat("z", 61)}, // longest DNS subdomain
 	)
 	return names
 }
 
 func testPublish(t *testing.T, c *cluster) {
 	t.Run("NodeNames", func(t *testing.T) {
-		for _, name := range publishNames() {
+		for _, nn := range publishNames() {
+			name := nn.name
+			if len(name) != len(nn.label) && !strings.HasPrefix(nn.label, fmt.Sprintf("len%03d", len(name))) {
+				t.Fatalf("test bug: %q is %d characters, labelled %s", name, len(name), nn.label)
+			}
 			if errs := validation.IsDNS1123Subdomain(name); len(errs) > 0 {
 				t.Fatalf("test bug: %q is not a valid node name: %v", name, errs)
 			}
-			t.Run(fmt.Sprintf("len%03d", len(name)), func(t *testing.T) {
+			t.Run(nn.label, func(t *testing.T) {
 				t.Parallel()
 				t.Logf("node name %q", name)
 				node := c.createNode(t, name)

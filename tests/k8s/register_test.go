@@ -24,11 +24,12 @@ func testRegister(t *testing.T, c *cluster) {
 	const node = "reg-node"
 	c.createNode(t, node)
 	dirs := c.newNodeDirs(t, node)
-	k := c.startKubelet(t, node, dirs.regDir, dirs.kubeletDir)
+	k := c.startKubelet(t, nil, node, dirs.regDir, dirs.kubeletDir)
+	owner := t
 	var p *pluginProc
 
 	ok := t.Run("RegistersV1", func(t *testing.T) {
-		p = c.startPlugin(t, node, dirs, pluginOpts{})
+		p = c.startPlugin(t, node, dirs, pluginOpts{owner: owner})
 		k.waitRegistered(t, 1, 30*time.Second)
 		var reg regEvent
 		for _, e := range k.handler.events() {
@@ -59,7 +60,7 @@ func testRegister(t *testing.T, c *cluster) {
 		eventually(t, 20*time.Second, "deregistration after SIGTERM", func() (bool, error) {
 			return k.handler.count("deregister") >= 1, nil
 		})
-		p = c.startPlugin(t, node, dirs, pluginOpts{})
+		p = c.startPlugin(t, node, dirs, pluginOpts{owner: owner})
 		k.waitRegistered(t, 2, 30*time.Second)
 		c.waitForSlices(t, p, 30*time.Second)
 		if _, err := k.plugin().NodeUnprepareResources(context.Background(), &drapbv1.NodeUnprepareResourcesRequest{}); err != nil {
@@ -79,7 +80,7 @@ func testRegister(t *testing.T, c *cluster) {
 		t.Logf("slices wiped %v after SIGKILL", time.Since(start).Round(time.Second))
 		// A new plugin replaces the stale sockets, registers and republishes.
 		regs := k.handler.count("register")
-		p = c.startPlugin(t, node, dirs, pluginOpts{})
+		p = c.startPlugin(t, node, dirs, pluginOpts{owner: owner})
 		k.waitRegistered(t, regs+1, 30*time.Second)
 		c.waitForSlices(t, p, 30*time.Second)
 	})
