@@ -56,3 +56,7 @@ func laneRBACChecks() []rbacCheck { return nil }
 
 // The gogo-generated protos of 1.34 name the field CDIDeviceIDs.
 func protoCDIDeviceIDs(d *drapbv1.Device) []string { return d.GetCDIDeviceIDs() }
+
+func protoClaim(namespace, uid, name string) *drapbv1.Claim {
+	return &drapbv1.Claim{Namespace: namespace, UID: uid, Name: name}
+}

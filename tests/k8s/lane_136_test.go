@@ -88,15 +88,19 @@ func decodeMetadata(r io.Reader) (*deviceMetadata, error) {
 	return out, nil
 }
 
-// 1.36: status writes of a node-local driver are authorized per node and driver
-// (DRAResourceClaimGranularStatusAuthorization): deploy/rbac.yaml must grant them.
+// 1.36: claim status writes are authorized per node and driver
+// (DRAResourceClaimGranularStatusAuthorization); whatever deploy/rbac.yaml grants
+// there, it must never be the right to write claims of every node.
 func laneRBACChecks() []rbacCheck {
 	return []rbacCheck{
-		{"resource.k8s.io", "resourceclaims", "driver", "associated-node:update", driverName, true},
-		{"resource.k8s.io", "resourceclaims", "driver", "associated-node:patch", driverName, true},
 		{"resource.k8s.io", "resourceclaims", "driver", "arbitrary-node:update", driverName, false},
+		{"resource.k8s.io", "resourceclaims", "driver", "arbitrary-node:patch", driverName, false},
 		{"resource.k8s.io", "resourceclaims", "driver", "associated-node:update", "other.example.com", false},
 	}
+}
+
+func protoClaim(namespace, uid, name string) *drapbv1.Claim {
+	return &drapbv1.Claim{Namespace: namespace, Uid: uid, Name: name}
 }
 
 // The protoc-gen-go protos of 1.35+ name the field CdiDeviceIds.

@@ -134,6 +134,10 @@ func (c *cluster) startPlugin(t *testing.T, node string, dirs *nodeDirs, o plugi
 	}
 	owner.Cleanup(func() {
 		p.stop(owner)
+		// RBAC and the admission policy must allow everything the plugin does.
+		if b, _ := os.ReadFile(p.log); strings.Contains(string(b), "Forbidden") || strings.Contains(string(b), "forbidden") {
+			owner.Errorf("the API server refused the plugin on %s a request (RBAC or admission policy)", node)
+		}
 		if owner.Failed() {
 			owner.Logf("plugin log (%s):\n%s", node, indent(p.logs()))
 		}
