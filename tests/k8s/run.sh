@@ -70,8 +70,16 @@ for lane in $LANES; do
     ${K8S_RUN:+-test.run="$K8S_RUN"} 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
   go tool test2json -p "k8s/$lane" < "$log" > "$OUT/lane-$lane.json"
-  p=$(grep '"Action":"pass"' "$OUT/lane-$lane.json" | grep -c '"Test":"')
-  f=$(grep '"Action":"fail"' "$OUT/lane-$lane.json" | grep -c '"Test":"')
+  # Count leaf tests only: a group (TestK8s, TestK8s/Publish, ...) fails whenever one
+  # of its subtests does and would count each failure several times.
+  counts=$(sed -n 's/.*"Action":"\(pass\|fail\)".*"Test":"\([^"]*\)".*/\1 \2/p' "$OUT/lane-$lane.json" |
+    awk '{ act[$2] = $1; n[NR] = $2 }
+         END { for (i in n) { t = n[i]; for (j in n) if (index(n[j], t "/") == 1) { parent[t] = 1; break } }
+               for (t in act) if (!(t in parent)) c[act[t]]++
+               printf "%d %d\n", c["pass"], c["fail"] }')
+  counts=${counts:-0 0}
+  p=${counts% *}
+  f=${counts#* }
   t3=$(date +%s)
   # A crash, timeout or build problem with no failed test still fails the lane.
   if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
