@@ -109,6 +109,8 @@ func (c *cluster) startPlugin(t *testing.T, node string, dirs *nodeDirs, o plugi
 	args = append(args, o.args...)
 	cmd := exec.Command(c.bin, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
+	// A killed or timed-out test binary takes its plugins with it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	// Nothing of the plugin's configuration comes from the CI environment: the
 	// flags above are the only source (clap would read NODE_NAME, KUBECONFIG, ...).
 	for _, kv := range os.Environ() {
