@@ -8,7 +8,6 @@ package k8s
 import (
 	"context"
 	"fmt"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -271,5 +270,3 @@ type metadataDevice struct {
 	Driver, Pool, Name string
 	Attributes         map[string]string // values rendered as strings
 }
-
-var _ = os.Open

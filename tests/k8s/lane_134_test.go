@@ -8,7 +8,6 @@ import (
 	"context"
 	"errors"
 	"io"
-	"time"
 
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/kubernetes"
@@ -48,8 +47,6 @@ var errNoMetadataAPI = errors.New("KEP-5304 metadata types (k8s.io/dynamic-resou
 
 // decodeMetadata decodes a KEP-5304 metadata stream with the upstream consumer code.
 func decodeMetadata(r io.Reader) (*deviceMetadata, error) { return nil, errNoMetadataAPI }
-
-var _ = time.Second
 
 // 1.34 has no resourceclaims/driver authorization (DRAResourceClaimGranularStatusAuthorization is 1.36+).
 func laneRBACChecks() []rbacCheck { return nil }

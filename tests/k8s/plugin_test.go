@@ -10,7 +10,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -188,8 +187,6 @@ func (p *pluginProc) kill() {
 	_ = p.cmd.Process.Kill()
 	<-p.done
 }
-
-var sliceListMu sync.Mutex
 
 // nodeSlices lists the driver's slices of node as the admin sees them.
 func (c *cluster) nodeSlices(node string) ([]resourceapi.ResourceSlice, error) {
