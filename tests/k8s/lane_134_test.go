@@ -1,0 +1,59 @@
+//go:build !k8s136
+
+package k8s
+
+// Lane 1.34 (oldest supported): the version-specific calls, nothing else.
+
+import (
+	"context"
+	"errors"
+	"io"
+
+	v1 "k8s.io/api/core/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/record"
+	"k8s.io/dynamic-resource-allocation/structured"
+	"k8s.io/klog/v2"
+	drapbv1 "k8s.io/kubelet/pkg/apis/dra/v1"
+	pluginwatcherapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
+	"k8s.io/kubernetes/pkg/kubelet/cm/dra"
+	"k8s.io/kubernetes/pkg/kubelet/pluginmanager"
+	"k8s.io/kubernetes/pkg/kubelet/pluginmanager/cache"
+)
+
+const lane = "1.34"
+
+func newDRAManager(logger klog.Logger, client kubernetes.Interface, stateDir string) (*dra.Manager, error) {
+	return dra.NewManager(logger, client, stateDir)
+}
+
+func startDRAManager(ctx context.Context, mgr *dra.Manager, activePods func() []*v1.Pod, getNode func(context.Context) (*v1.Node, error), ready allReady) error {
+	return mgr.Start(ctx, activePods, func() (*v1.Node, error) { return getNode(ctx) }, ready)
+}
+
+func runPluginManager(ctx context.Context, regDir string, handler cache.PluginHandler) {
+	pm := pluginmanager.NewPluginManager(regDir, record.NewFakeRecorder(1000))
+	pm.AddHandler(pluginwatcherapi.DRAPlugin, handler)
+	go pm.Run(allReady{}, ctx.Done())
+}
+
+// The scheduler's allocator features with 1.34's default feature gates
+// (DRAAdminAccess, DRAPrioritizedList, DRAResourceClaimDeviceStatus beta/on).
+func allocatorFeatures() structured.Features {
+	return structured.Features{AdminAccess: true, PrioritizedList: true, DeviceStatus: true}
+}
+
+var errNoMetadataAPI = errors.New("KEP-5304 metadata types (k8s.io/dynamic-resource-allocation/api/metadata) first ship in v0.36: decoded in the 1.36 lane")
+
+// decodeMetadata decodes a KEP-5304 metadata stream with the upstream consumer code.
+func decodeMetadata(r io.Reader) (*deviceMetadata, error) { return nil, errNoMetadataAPI }
+
+// 1.34 has no resourceclaims/driver authorization (DRAResourceClaimGranularStatusAuthorization is 1.36+).
+func laneRBACChecks() []rbacCheck { return nil }
+
+// The gogo-generated protos of 1.34 name the field CDIDeviceIDs.
+func protoCDIDeviceIDs(d *drapbv1.Device) []string { return d.GetCDIDeviceIDs() }
+
+func protoClaim(namespace, uid, name string) *drapbv1.Claim {
+	return &drapbv1.Claim{Namespace: namespace, UID: uid, Name: name}
+}
