@@ -58,6 +58,7 @@ fn bdf(s: &str) -> io::Result<Bdf> {
 }
 
 /// Builds the demo host under `root` (an empty directory).
+#[allow(clippy::too_many_lines)] // a table of the demo node, one statement per fact
 pub fn build_demo_host(root: &Path) -> io::Result<FixtureHost> {
     let mut h = FixtureHost::create(root)?;
     h.write(
