@@ -320,29 +320,48 @@ fn check_iommu(f: &NodeFacts) -> Check {
             fix.push(format!("remove `{n}=off` from the kernel command line"));
         }
     }
-    let add = match f.cpu.vendor {
+    // Name only the parameters still missing, so the fix never repeats what is set.
+    let intel_on = f
+        .param("intel_iommu")
+        .is_some_and(|v| v.split(',').any(|o| o == "on"));
+    let pt = f.param("iommu") == Some("pt");
+    let add = |params: &[(&str, bool)]| -> Option<String> {
+        let missing: Vec<&str> = params
+            .iter()
+            .filter(|(_, set)| !set)
+            .map(|(p, _)| *p)
+            .collect();
+        (!missing.is_empty()).then(|| {
+            format!(
+                "add `{}` to the kernel command line (GRUB: GRUB_CMDLINE_LINUX in \
+                     /etc/default/grub, then update-grub or grub2-mkconfig)",
+                missing.join(" ")
+            )
+        })
+    };
+    match f.cpu.vendor {
         Some(CpuVendor::Intel) => {
-            "add `intel_iommu=on iommu=pt` to the kernel command line and enable VT-d in the \
-             firmware setup"
+            fix.extend(add(&[("intel_iommu=on", intel_on), ("iommu=pt", pt)]));
+            fix.push("enable VT-d in the firmware setup".into());
         }
         Some(CpuVendor::Amd) => {
-            "enable the IOMMU (AMD-Vi) in the firmware setup (the kernel turns AMD-Vi on by \
-             default; `amd_iommu=on` is not needed) and add `iommu=pt` to the kernel command line"
+            fix.extend(add(&[("iommu=pt", pt)]));
+            fix.push(
+                "enable the IOMMU (AMD-Vi) in the firmware setup (the kernel turns AMD-Vi on by \
+                 default; `amd_iommu=on` is not a valid value)"
+                    .into(),
+            );
         }
-        Some(CpuVendor::Other) => {
-            "enable the platform IOMMU (e.g. the SMMU) in the firmware and the kernel"
-        }
-        None => {
+        Some(CpuVendor::Other) => fix.push(
+            "enable the platform IOMMU (e.g. the SMMU) in the firmware and the kernel".into(),
+        ),
+        None => fix.push(
             "add `intel_iommu=on iommu=pt` (Intel CPU; and enable VT-d in the firmware) or \
              `iommu=pt` with AMD-Vi enabled in the firmware (AMD CPU) to the kernel command line"
-        }
-    };
-    fix.push(add.to_string());
-    fix.push(
-        "(GRUB: GRUB_CMDLINE_LINUX in /etc/default/grub, then update-grub or grub2-mkconfig), \
-         and reboot"
-            .into(),
-    );
+                .into(),
+        ),
+    }
+    fix.push("reboot".into());
     let mut detail =
         format!("IOMMU off: no groups in /sys/kernel/iommu_groups; {params}; {vendor}");
     if f.cpu.hypervisor {
@@ -545,12 +564,12 @@ fn check_vfio_driver(f: &NodeFacts) -> Check {
             ID,
             Status::Fail,
             format!(
-                "vfio-pci missing: not loaded, not built in ({}), and no vfio-pci module for \
-                 kernel {release} in modules.dep or kernel/drivers/vfio/pci",
+                "vfio-pci missing: not loaded; {}; no vfio-pci module for kernel {release} in \
+                 modules.dep or kernel/drivers/vfio/pci",
                 f.builtin.detail
             ),
             "install the kernel's modules package that ships vfio-pci (Ubuntu: \
-             linux-modules-extra-$(uname -r)) or boot a kernel built with CONFIG_VFIO_PCI=m or \
+             `linux-modules-extra-$(uname -r)`) or boot a kernel built with CONFIG_VFIO_PCI=m or \
              =y, then `modprobe vfio-pci`"
                 .into(),
         ),
@@ -715,7 +734,8 @@ fn check_gpus(view: &Inspection) -> Check {
         );
     }
     let list: Vec<String> = view.gpus.iter().map(|g| g.gpu.bdf().to_string()).collect();
-    let detail = format!("{} GPUs: {}", list.len(), list.join(" "));
+    let noun = if list.len() == 1 { "GPU" } else { "GPUs" };
+    let detail = format!("{} {noun}: {}", list.len(), list.join(" "));
     if problems.is_empty() {
         Check::pass("gpus", detail)
     } else {
@@ -906,6 +926,26 @@ fn cut(s: &str, width: usize) -> String {
     }
 }
 
+/// Whitespace-separated words, a `backquoted span` kept as one so a
+/// command or configuration line is never broken across lines.
+fn words(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut open = false;
+    for w in text.split_whitespace() {
+        match out.last_mut() {
+            Some(last) if open => {
+                last.push(' ');
+                last.push_str(w);
+            }
+            _ => out.push(w.to_string()),
+        }
+        if w.matches('`').count() % 2 == 1 {
+            open = !open;
+        }
+    }
+    out
+}
+
 /// Wraps `text` at word boundaries to [`WIDTH`], the first line after
 /// `lead`, the rest indented as deep.
 fn wrap(lead: &str, text: &str) -> String {
@@ -913,7 +953,8 @@ fn wrap(lead: &str, text: &str) -> String {
     let mut out = String::new();
     let mut line = lead.to_string();
     let mut empty = true;
-    for word in text.split_whitespace() {
+    for word in words(text) {
+        let word = word.as_str();
         let len = line.chars().count();
         if !empty && len + 1 + word.chars().count() > WIDTH {
             out.push_str(&line);
@@ -924,9 +965,8 @@ fn wrap(lead: &str, text: &str) -> String {
         if !empty {
             line.push(' ');
         }
-        // A single word longer than the line is cut rather than overflowing.
-        let room = WIDTH.saturating_sub(line.chars().count());
-        line.push_str(&cut(word, room.max(1)));
+        // A span longer than a line overflows: a cut command would be wrong.
+        line.push_str(word);
         empty = false;
     }
     out.push_str(&line);
@@ -993,6 +1033,21 @@ mod tests {
                 .fix
                 .starts_with("give this VM a virtual IOMMU")
         );
+        // Parameters already set are not asked for again: the firmware is the culprit.
+        f.cpu = CpuInfo {
+            vendor: Some(CpuVendor::Intel),
+            hypervisor: false,
+        };
+        f.params = kernel_params("ro intel_iommu=on iommu=pt");
+        let c = check_iommu(&f);
+        assert!(!c.fix.contains("add `"), "{}", c.fix);
+        assert!(
+            c.fix.contains("enable VT-d in the firmware setup"),
+            "{}",
+            c.fix
+        );
+        f.params = kernel_params("ro intel_iommu=on");
+        assert!(check_iommu(&f).fix.contains("add `iommu=pt`"));
     }
 
     #[test]
@@ -1058,6 +1113,15 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("  fix: "));
+    }
+
+    #[test]
+    fn wrap_never_splits_a_backquoted_line() {
+        let w = wrap(
+            "  fix: ",
+            &format!("{} add `softdep nvidia pre: vfio-pci` now", "x".repeat(80)),
+        );
+        assert!(w.contains("`softdep nvidia pre: vfio-pci`"), "{w}");
     }
 
     #[test]
