@@ -2,6 +2,7 @@
 //! kubelet DRA plugin. A thin layer over the library crates.
 
 mod demo_cmd;
+mod doctor;
 mod render;
 mod serve_cmd;
 mod setup;
@@ -54,6 +55,14 @@ enum Command {
     /// Print the ledger: what vfio-gpu-dra did to which GPU, and who holds it
     /// (read without the lock, so it shows what a running `serve` did).
     Ledger {
+        #[command(flatten)]
+        host: HostOpts,
+        #[command(flatten)]
+        state: StateOpts,
+    },
+    /// Tell whether this node is ready for GPU passthrough and, for each
+    /// problem, the exact fix (read-only; exit status 1 when a check fails).
+    Doctor {
         #[command(flatten)]
         host: HostOpts,
         #[command(flatten)]
@@ -197,6 +206,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 .unzip();
             render::outcomes("reconcile", &bdfs, &results, opts.host.output, &setup)
         }
+        Command::Doctor { host, state } => doctor::run(&host, &state),
         Command::Serve(args) => serve_cmd::run(*args),
         Command::Demo(args) => demo_cmd::run(args),
         Command::Roundtrip {

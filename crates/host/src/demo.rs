@@ -86,6 +86,17 @@ pub fn build_demo_host(root: &Path) -> io::Result<FixtureHost> {
         "# Pass the H200s through to VMs (overridden: the kernel command line sets ids= too)\noptions vfio_pci ids=10de:2335\nsoftdep nvidia pre: vfio-pci\n",
     )?;
     h.write("etc/modprobe.d/nouveau.conf", "blacklist nouveau\n")?;
+    // What `doctor` reads: the CPU vendor and a VT-d unit whose ECAP has
+    // bit 3 (interrupt remapping) set, with unsafe interrupts not allowed.
+    h.write(
+        "proc/cpuinfo",
+        "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n",
+    )?;
+    h.write("sys/class/iommu/dmar0/intel-iommu/ecap", "f0205ef\n")?;
+    h.write(
+        "sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts",
+        "N\n",
+    )?;
     h.write("etc/driverctl.d/pci-0000:3a:00.0", "vfio-pci\n")?;
     h.write("usr/share/misc/pci.ids", PCI_IDS)?;
     for d in [

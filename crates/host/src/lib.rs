@@ -15,6 +15,7 @@ pub mod demo;
 mod error;
 pub mod fixture;
 mod gpu;
+mod node;
 mod pci;
 mod pciids;
 mod root;
@@ -22,6 +23,10 @@ mod root;
 pub use bdf::{Bdf, DriverName, is_vfio_driver};
 pub use error::HostError;
 pub use gpu::{FunctionRole, Gpu, GpuFunction, GpuSelector, IdMatch, discover_gpus};
+pub use node::{
+    CpuInfo, CpuVendor, IommuKind, IommuUnit, VfioModuleFiles, cpu_info, iommu_group_count,
+    iommu_units, vfio_module_files,
+};
 pub use pci::{Binding, FunctionReader, PciFunction, PciHost, PciIdentity};
 pub use pciids::PciIdsDb;
 pub use root::HostRoot;

@@ -1,0 +1,282 @@
+//! Node-level facts for `vfio-gpu-dra doctor`: IOMMU hardware units, IOMMU
+//! groups, the CPU vendor and where the vfio-pci module lives. Read-only, and
+//! every path is built from literals or validated directory entries under the
+//! [`HostRoot`].
+
+use std::fs;
+use std::io::ErrorKind;
+
+use crate::root::is_safe_component;
+use crate::{HostError, HostRoot};
+
+/// What kind of IOMMU a `sys/class/iommu/<unit>` is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IommuKind {
+    /// Intel VT-d remapping unit (`dmarN`, with an `intel-iommu/` directory).
+    IntelVtd,
+    /// AMD-Vi unit (`ivhdN`, with an `amd-iommu/` directory).
+    AmdVi,
+    /// Anything else (ARM SMMU, virtio-iommu, …).
+    Other,
+}
+
+/// One IOMMU hardware unit from `sys/class/iommu`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IommuUnit {
+    /// The unit's name, e.g. `dmar0`.
+    pub name: String,
+    /// Its kind.
+    pub kind: IommuKind,
+    /// Intel only: the VT-d extended capability register
+    /// (`intel-iommu/ecap`, hex); `None` when absent or unparsable.
+    pub ecap: Option<u64>,
+}
+
+impl IommuUnit {
+    /// VT-d ECAP bit 3 (IR): the unit supports interrupt remapping.
+    /// `None` for non-Intel units or an unreadable register.
+    pub fn supports_interrupt_remapping(&self) -> Option<bool> {
+        self.ecap.map(|e| e & (1 << 3) != 0)
+    }
+}
+
+/// The CPU vendor from `proc/cpuinfo`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuVendor {
+    /// `GenuineIntel`.
+    Intel,
+    /// `AuthenticAMD` (or `HygonGenuine`, which uses AMD-Vi).
+    Amd,
+    /// Another vendor or no `vendor_id` line (e.g. ARM).
+    Other,
+}
+
+/// What `proc/cpuinfo` says that matters for the IOMMU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuInfo {
+    /// Vendor; `None` when `proc/cpuinfo` is missing.
+    pub vendor: Option<CpuVendor>,
+    /// The `hypervisor` flag: this node is itself a virtual machine.
+    pub hypervisor: bool,
+}
+
+/// Lists `sys/class/iommu`: empty when the directory is missing (no IOMMU
+/// driver registered any unit).
+pub fn iommu_units(root: &HostRoot) -> Result<Vec<IommuUnit>, HostError> {
+    let dir = root.rel("sys/class/iommu");
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(HostError::io(&dir, e)),
+    };
+    let mut units = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| HostError::io(&dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // A directory entry is one component already; refuse anything odd anyway.
+        if !is_safe_component(&name) {
+            continue;
+        }
+        let unit = dir.join(&name);
+        let (kind, ecap) = if unit.join("intel-iommu").is_dir() {
+            let ecap = root
+                .read_opt(&unit.join("intel-iommu/ecap"))?
+                .and_then(|s| parse_hex_u64(&s));
+            (IommuKind::IntelVtd, ecap)
+        } else if unit.join("amd-iommu").is_dir() {
+            (IommuKind::AmdVi, None)
+        } else {
+            (IommuKind::Other, None)
+        };
+        units.push(IommuUnit { name, kind, ecap });
+    }
+    units.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(units)
+}
+
+/// The number of IOMMU groups in `sys/kernel/iommu_groups` (0 when the
+/// directory is missing or empty: the IOMMU is off).
+pub fn iommu_group_count(root: &HostRoot) -> Result<usize, HostError> {
+    let dir = root.iommu_groups_dir();
+    match fs::read_dir(&dir) {
+        Ok(entries) => {
+            let mut n = 0;
+            for e in entries {
+                let e = e.map_err(|err| HostError::io(&dir, err))?;
+                if e.file_name().to_string_lossy().parse::<u32>().is_ok() {
+                    n += 1;
+                }
+            }
+            Ok(n)
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(HostError::io(&dir, e)),
+    }
+}
+
+/// Reads `proc/cpuinfo` (the first `vendor_id` and `flags` lines).
+pub fn cpu_info(root: &HostRoot) -> Result<CpuInfo, HostError> {
+    let Some(text) = root.read_opt(&root.rel("proc/cpuinfo"))? else {
+        return Ok(CpuInfo {
+            vendor: None,
+            hypervisor: false,
+        });
+    };
+    Ok(parse_cpuinfo(&text))
+}
+
+fn parse_cpuinfo(text: &str) -> CpuInfo {
+    let field = |key: &str| {
+        text.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == key).then(|| v.trim().to_string())
+        })
+    };
+    let vendor = match field("vendor_id").as_deref() {
+        Some("GenuineIntel") => CpuVendor::Intel,
+        Some("AuthenticAMD" | "HygonGenuine") => CpuVendor::Amd,
+        _ => CpuVendor::Other,
+    };
+    let hypervisor =
+        field("flags").is_some_and(|f| f.split_whitespace().any(|w| w == "hypervisor"));
+    CpuInfo {
+        vendor: Some(vendor),
+        hypervisor,
+    }
+}
+
+/// Where the vfio-pci module can come from on this kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VfioModuleFiles {
+    /// The running kernel release, if known.
+    pub release: Option<String>,
+    /// The `modules.dep` entry naming vfio-pci (e.g.
+    /// `kernel/drivers/vfio/pci/vfio-pci.ko.zst`), if any.
+    pub modules_dep_entry: Option<String>,
+    /// True when `modules.dep` could be read at all.
+    pub modules_dep_read: bool,
+    /// The `.ko` file found under `lib/modules/<release>/kernel/drivers/vfio/pci/`.
+    pub ko_file: Option<String>,
+}
+
+impl VfioModuleFiles {
+    /// True when modprobe could load vfio-pci.
+    pub fn loadable(&self) -> bool {
+        self.modules_dep_entry.is_some() || self.ko_file.is_some()
+    }
+}
+
+/// Looks for vfio-pci in `lib/modules/<release>/modules.dep` and for its
+/// `.ko` (any compression) in the kernel's module tree.
+pub fn vfio_module_files(root: &HostRoot) -> Result<VfioModuleFiles, HostError> {
+    let release = root.kernel_release()?;
+    let mut out = VfioModuleFiles {
+        release,
+        modules_dep_entry: None,
+        modules_dep_read: false,
+        ko_file: None,
+    };
+    if let Some(path) = root.modules_file("modules.dep")?
+        && let Some(text) = read_large(&path)?
+    {
+        out.modules_dep_read = true;
+        out.modules_dep_entry = text.lines().find_map(|l| {
+            let module = l.split(':').next()?.trim();
+            is_vfio_pci_ko(module).then(|| module.to_string())
+        });
+    }
+    for name in [
+        "vfio-pci.ko",
+        "vfio-pci.ko.xz",
+        "vfio-pci.ko.zst",
+        "vfio-pci.ko.gz",
+    ] {
+        if let Some(dir) = root.modules_file("kernel/drivers/vfio/pci")?
+            && dir.join(name).is_file()
+        {
+            out.ko_file = Some(format!("kernel/drivers/vfio/pci/{name}"));
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// `…/vfio-pci.ko` or `…/vfio_pci.ko`, compressed or not.
+fn is_vfio_pci_ko(path: &str) -> bool {
+    let base = path.rsplit('/').next().unwrap_or("");
+    let stem = base
+        .strip_suffix(".xz")
+        .or_else(|| base.strip_suffix(".zst"))
+        .or_else(|| base.strip_suffix(".gz"))
+        .unwrap_or(base);
+    matches!(stem, "vfio-pci.ko" | "vfio_pci.ko")
+}
+
+/// `modules.dep` is far larger than a sysfs attribute (hundreds of KiB);
+/// cap it well above any real one.
+fn read_large(path: &std::path::Path) -> Result<Option<String>, HostError> {
+    use std::io::Read;
+    const MAX: u64 = 32 << 20;
+    let file = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(HostError::io(path, e)),
+    };
+    let mut bytes = Vec::new();
+    file.take(MAX)
+        .read_to_end(&mut bytes)
+        .map_err(|e| HostError::io(path, e))?;
+    Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+fn parse_hex_u64(s: &str) -> Option<u64> {
+    let t = s.trim();
+    let t = t.strip_prefix("0x").unwrap_or(t);
+    u64::from_str_radix(t, 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpuinfo_vendor_and_hypervisor() {
+        let i = parse_cpuinfo(
+            "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu vmx hypervisor\n",
+        );
+        assert_eq!(i.vendor, Some(CpuVendor::Intel));
+        assert!(i.hypervisor);
+        let a = parse_cpuinfo("vendor_id : AuthenticAMD\nflags : fpu svm\n");
+        assert_eq!(a.vendor, Some(CpuVendor::Amd));
+        assert!(!a.hypervisor);
+        assert_eq!(
+            parse_cpuinfo("CPU implementer : 0x41\n").vendor,
+            Some(CpuVendor::Other)
+        );
+    }
+
+    #[test]
+    fn ecap_interrupt_remapping_bit() {
+        let unit = |ecap| IommuUnit {
+            name: "dmar0".into(),
+            kind: IommuKind::IntelVtd,
+            ecap,
+        };
+        // 0x66 = 0b0110_0110: bit 3 clear; 0x…ef has bit 3 set.
+        assert_eq!(unit(Some(0x66)).supports_interrupt_remapping(), Some(false));
+        assert_eq!(
+            unit(Some(0xf0205ef)).supports_interrupt_remapping(),
+            Some(true)
+        );
+        assert_eq!(unit(None).supports_interrupt_remapping(), None);
+        assert_eq!(parse_hex_u64("f0205ef\n"), Some(0xf0205ef));
+    }
+
+    #[test]
+    fn vfio_pci_ko_names() {
+        assert!(is_vfio_pci_ko("kernel/drivers/vfio/pci/vfio-pci.ko.zst"));
+        assert!(is_vfio_pci_ko("kernel/drivers/vfio/pci/vfio-pci.ko"));
+        assert!(!is_vfio_pci_ko("kernel/drivers/vfio/pci/vfio-pci-core.ko"));
+        assert!(!is_vfio_pci_ko("kernel/drivers/vfio/vfio.ko"));
+    }
+}
