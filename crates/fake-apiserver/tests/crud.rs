@@ -474,6 +474,7 @@ async fn delete_collection_by_field_selector() {
 }
 
 #[tokio::test]
+#[allow(clippy::too_many_lines)] // one object through every patch kind in order
 async fn patches_and_status_subresource() {
     let (server, client) = setup().await;
     let claims: Api<ResourceClaim> = Api::namespaced(client.clone(), "default");

@@ -34,6 +34,7 @@ fn err_text(r: &vfio_gpu_kubelet::grpc::dra::PrepareResults, uid: &str) -> Strin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)] // one scenario, step by step, on both protocol versions
 async fn prepare_cdi_metadata_unprepare_round_trip_on_both_versions() {
     let env = Env::new().await;
     let running = env.start().await;
