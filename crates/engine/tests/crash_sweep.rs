@@ -284,3 +284,130 @@ fn crash_sweep_covers_every_step() {
         "only {total} crash points: the sweep is not reaching the steps"
     );
 }
+
+/// nvidia-smi as the sweep needs it: `-pm 0` makes nvidia-persistenced close
+/// the GPU, `-pm 1` makes it open it again; every call is counted.
+struct Smi {
+    host: std::path::PathBuf,
+    calls: std::sync::Mutex<Vec<String>>,
+}
+
+impl vfio_gpu_engine::commands::HostCommands for Smi {
+    fn run(&self, _: &vfio_gpu_host::HostRoot, _: &str, args: &[&str]) -> Result<String, String> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(args.join(" "));
+        let fd = self.host.join("proc/99/fd/4");
+        if args.ends_with(&["-pm", "0"]) {
+            let _ = std::fs::remove_file(&fd);
+        } else if args.ends_with(&["-pm", "1"]) && !fd.exists() {
+            let _ = std::os::unix::fs::symlink(self.host.join("dev/nvidia3"), &fd);
+        }
+        Ok(String::new())
+    }
+    fn exists(&self, _: &vfio_gpu_host::HostRoot, program: &str) -> bool {
+        program == "nvidia-smi"
+    }
+}
+
+/// GPU B with nvidia's unbind lock and nvidia-persistenced holding it.
+fn persistence_host(host: &std::path::Path) {
+    let h = build_host(host);
+    h.write("proc/driver/nvidia/gpus/0000:66:00.0/unbindLock", "0\n")
+        .unwrap();
+    h.write(
+        "proc/driver/nvidia/gpus/0000:66:00.0/information",
+        "Device Minor: 3\n",
+    )
+    .unwrap();
+    h.write("dev/nvidia3", "").unwrap();
+    add_persistenced_process(host, 99, 3);
+}
+
+fn open_with_smi(
+    k: &vfio_gpu_engine::sim::SimKernel,
+    state: &std::path::Path,
+    smi: std::sync::Arc<Smi>,
+    crash_after_step: Option<u64>,
+) -> vfio_gpu_engine::Engine {
+    vfio_gpu_engine::Engine::open_with_commands(
+        std::sync::Arc::new(k.clone()),
+        smi,
+        state,
+        vfio_gpu_host::GpuSelector::default(),
+        vfio_gpu_intent::Policy::default(),
+        EngineConfig {
+            crash_after_step,
+            ..config()
+        },
+    )
+    .unwrap()
+    .0
+}
+
+/// The persistence-mode and unbind-lock steps (review M9): a crash after
+/// any step of configure or unconfigure of a GPU with both leaves, after
+/// reconcile, B on nvidia with persistence back on (its daemon holding it
+/// again) or fully configured, and a second reconcile changes nothing.
+#[test]
+fn crash_sweep_covers_persistence_and_unbind_lock_steps() {
+    let mut swept = 0;
+    for release in [false, true] {
+        let mut n = 1;
+        loop {
+            let dir = tempfile::tempdir().unwrap();
+            let host = dir.path().join("host");
+            persistence_host(&host);
+            let before = snapshot(&host);
+            let k = sim(&host);
+            let state = dir.path().join("state");
+            let smi = std::sync::Arc::new(Smi {
+                host: host.clone(),
+                calls: Default::default(),
+            });
+            if release {
+                open_with_smi(&k, &state, smi.clone(), None)
+                    .configure(bdf(B), claim())
+                    .unwrap();
+            }
+            let e = open_with_smi(&k, &state, smi.clone(), Some(n));
+            let r = if release {
+                e.unconfigure(bdf(B), Some(&claim()))
+            } else {
+                e.configure(bdf(B), claim())
+            };
+            drop(e);
+            match r {
+                Err(EngineError::SimulatedCrash(_)) => {}
+                Ok(_) => break,
+                Err(other) => panic!("release={release}: failed at crash point {n}: {other}"),
+            }
+            let e = open_with_smi(&k, &state, smi.clone(), None);
+            for r in e.reconcile().unwrap() {
+                assert!(r.is_ok(), "release={release}, crash {n}: {r:?}");
+            }
+            let ctx = format!("release={release}, crash after step {n}");
+            let configured = e
+                .ledger()
+                .gpus
+                .get(&bdf(B))
+                .is_some_and(|r| r.state == OpState::Configured);
+            if configured {
+                assert_eq!(driver_of(&host, B).as_deref(), Some("vfio-pci"), "{ctx}");
+            } else {
+                assert_invariants(&host, &before, &[B], &ctx);
+                assert!(
+                    host.join("proc/99/fd/4").exists(),
+                    "{ctx}: persistence mode back on (daemon holds the GPU again): {:?}",
+                    smi.calls.lock().unwrap()
+                );
+            }
+            assert_fixed_point(&e, &host, &ctx);
+            swept += 1;
+            n += 1;
+        }
+    }
+    println!("persistence/unbind-lock crash points swept: {swept}");
+    assert!(swept >= 8, "only {swept} crash points");
+}
