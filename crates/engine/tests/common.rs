@@ -164,3 +164,14 @@ pub fn add_persistenced_process(host: &Path, pid: u32, minor: u32) {
     }
     std::os::unix::fs::symlink(&node, p.join("fd/4")).unwrap();
 }
+
+/// Gives the function at `b` (on nvidia) the device minor `minor`, as
+/// `/proc/driver/nvidia/gpus/<b>/information` reports it, and its `/dev/nvidia<minor>`.
+pub fn add_nvidia_minor(h: &FixtureHost, b: &str, minor: u32) {
+    h.write(
+        &format!("proc/driver/nvidia/gpus/{b}/information"),
+        &format!("Device Minor: {minor}\n"),
+    )
+    .unwrap();
+    h.write(&format!("dev/nvidia{minor}"), "").unwrap();
+}

@@ -316,12 +316,7 @@ fn persistence_host(host: &std::path::Path) {
     let h = build_host(host);
     h.write("proc/driver/nvidia/gpus/0000:66:00.0/unbindLock", "0\n")
         .unwrap();
-    h.write(
-        "proc/driver/nvidia/gpus/0000:66:00.0/information",
-        "Device Minor: 3\n",
-    )
-    .unwrap();
-    h.write("dev/nvidia3", "").unwrap();
+    add_nvidia_minor(&h, B, 3);
     add_persistenced_process(host, 99, 3);
 }
 

@@ -454,12 +454,7 @@ fn m3_a_hanging_nvidia_smi_is_cut_off_by_its_deadline_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host");
     let h = build_host(&host);
-    h.write(
-        "proc/driver/nvidia/gpus/0000:66:00.0/information",
-        "Device Minor: 3\n",
-    )
-    .unwrap();
-    h.write("dev/nvidia3", "").unwrap();
+    add_nvidia_minor(&h, B, 3);
     add_persistenced_process(&host, 99, 3);
     let k = sim(&host);
     let e = Engine::open_with_commands(
@@ -557,12 +552,7 @@ fn discovery_reports_host_processes_holding_a_gpu_but_not_a_lone_persistenced() 
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host");
     let h = build_host(&host);
-    h.write(
-        "proc/driver/nvidia/gpus/0000:66:00.0/information",
-        "Device Minor: 3\n",
-    )
-    .unwrap();
-    h.write("dev/nvidia3", "").unwrap();
+    add_nvidia_minor(&h, B, 3);
     h.write("usr/bin/nvidia-smi", "#!/bin/sh\n").unwrap();
     add_persistenced_process(&host, 99, 3);
     let k = sim(&host);
