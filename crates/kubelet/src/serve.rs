@@ -19,6 +19,7 @@ use vfio_gpu_intent::Policy;
 
 use crate::grpc::registration::RegistrationState;
 use crate::grpc::server::{ServerConfig, serve as serve_grpc};
+use crate::health::{DEFAULT_RESEND, HealthConfig, HealthMonitor};
 use crate::metrics::Metrics;
 use crate::plugin::{PluginConfig, VfioPlugin};
 use crate::slices::{PublisherContext, start_publisher};
@@ -255,33 +256,6 @@ pub async fn serve(mut opts: ServeOptions, shutdown: CancellationToken) -> anyho
     result
 }
 
-/// Re-discovers the devices every `interval`, and soon after a prepare/unprepare,
-/// for the device gauges.
-async fn scan_devices(
-    engine: Arc<Engine>,
-    metrics: Arc<Metrics>,
-    interval: Duration,
-    stop: CancellationToken,
-) {
-    loop {
-        let started = std::time::Instant::now();
-        let e = Arc::clone(&engine);
-        match tokio::task::spawn_blocking(move || e.discover()).await {
-            Ok(Ok((views, _))) => metrics.record_scan(&views, 0, started.elapsed()),
-            Ok(Err(e)) => {
-                metrics.record_error(&e);
-                tracing::warn!(error = %e, "device scan: discovery failed");
-            }
-            Err(e) => tracing::warn!(error = %e, "device scan task failed"),
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-            _ = metrics.changed.notified() => {}
-        }
-    }
-}
-
 async fn serve_plugin(
     opts: ServeOptions,
     shutdown: CancellationToken,
@@ -329,13 +303,24 @@ async fn serve_plugin(
     let plugin = VfioPlugin::new(Arc::clone(&engine), client.clone(), plugin_config);
 
     let stop = shutdown.child_token();
-    let server = serve_grpc(
-        ServerConfig::new(&opts.driver_name, &opts.plugins_dir, &opts.registrar_dir),
-        plugin.clone(),
+    // Scans once before the socket exists, so the kubelet's first health message is real.
+    let feed = HealthMonitor::start(
+        Arc::clone(&engine),
+        Arc::clone(&metrics),
+        opts.device_scan_interval,
         stop.clone(),
     )
-    .await
-    .context("starting the kubelet plugin sockets")?;
+    .await;
+    let mut server_config =
+        ServerConfig::new(&opts.driver_name, &opts.plugins_dir, &opts.registrar_dir);
+    server_config.health = Some(HealthConfig {
+        feed,
+        pool: opts.node_name.clone(),
+        resend: DEFAULT_RESEND,
+    });
+    let server = serve_grpc(server_config, plugin.clone(), stop.clone())
+        .await
+        .context("starting the kubelet plugin sockets")?;
     tracing::info!(
         dra = %server.dra_socket.display(),
         registration = %server.registration_socket.display(),
@@ -360,12 +345,6 @@ async fn serve_plugin(
             }
         });
     }
-    tokio::spawn(scan_devices(
-        Arc::clone(&engine),
-        Arc::clone(&metrics),
-        opts.device_scan_interval,
-        stop.clone(),
-    ));
 
     let publisher = if opts.publish_slices {
         Some(start_publisher(PublisherContext {
