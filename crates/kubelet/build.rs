@@ -7,6 +7,7 @@ const PROTOS: &[&str] = &[
     "proto/dra/v1/api.proto",
     "proto/dra/v1beta1/api.proto",
     "proto/pluginregistration/api.proto",
+    "proto/dra-health/v1alpha1/api.proto",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {

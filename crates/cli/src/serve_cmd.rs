@@ -62,6 +62,11 @@ pub struct ServeArgs {
     /// answered "still in progress" (kubelet retries; the kubelet's own limit is 45).
     #[arg(long, default_value_t = 40)]
     pub call_budget: u64,
+    /// HOST:PORT for Prometheus /metrics and the /healthz and /readyz probes
+    /// (plain HTTP); off when unset. E.g. 0.0.0.0:9464, or 127.0.0.1:9464 with
+    /// hostNetwork.
+    #[arg(long, env = "VFIO_GPU_DRA_METRICS_ADDR", value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
     #[command(flatten)]
     pub host: HostOpts,
 }
@@ -96,6 +101,12 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     opts.reconcile_interval = Duration::from_secs(args.reconcile_interval.max(1));
     opts.cleanup_interval = Duration::from_secs(args.cleanup_interval.max(1));
     opts.call_budget = Duration::from_secs(args.call_budget.max(1));
+    // Bound here so a taken port or a bad address fails before anything starts.
+    if let Some(addr) = args.metrics_addr.as_deref().filter(|a| !a.is_empty()) {
+        let listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("binding the metrics endpoint --metrics-addr {addr}"))?;
+        opts.metrics_listener = Some(listener);
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -37,6 +37,7 @@ use crate::grpc::dra::{
 use crate::metadata::{
     ClaimIdentity, MetadataDevice, MetadataWriter, POD_CLAIM_NAME_ANNOTATION, is_safe_name,
 };
+use crate::metrics::{Direction, Metrics};
 use crate::slices::{DeviceInfo, device_attributes};
 
 /// The ResourceSlice device name of a GPU (`gpu-0000-ab-00-0`): the publisher's rule,
@@ -62,6 +63,8 @@ pub struct PluginConfig {
     pub call_budget: Duration,
     /// Mirror of the policy's `binding.allow-foreign-group-members`.
     pub allow_foreign_group_members: bool,
+    /// Where call durations, moves and rollbacks are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 impl PluginConfig {
@@ -77,6 +80,7 @@ impl PluginConfig {
             api_timeout: Duration::from_secs(20),
             call_budget: Duration::from_secs(40),
             allow_foreign_group_members: false,
+            metrics: Metrics::new(),
         }
     }
 }
@@ -326,6 +330,7 @@ impl VfioPlugin {
         let mut newly: Vec<Bdf> = Vec::new();
         let mut errors: Vec<String> = Vec::new();
         for (bdf, r) in bdfs.iter().zip(results) {
+            self.config.metrics.record_move(Direction::ToVfio, &r);
             match r {
                 Ok(o) => {
                     if o.action != Action::AlreadyConfigured {
@@ -506,17 +511,22 @@ impl VfioPlugin {
         }
         let reqs: Vec<(Bdf, Option<Holder>)> =
             bdfs.iter().map(|b| (*b, Some(holder.clone()))).collect();
-        match self
+        let failed: Vec<String> = match self
             .blocking("releasing GPUs", move |e| e.unconfigure_many(&reqs))
             .await
         {
             Ok(results) => bdfs
                 .iter()
                 .zip(results)
-                .filter_map(|(b, r)| r.err().map(|e| describe_engine_error(*b, &e)))
+                .filter_map(|(b, r)| {
+                    self.config.metrics.record_move(Direction::Release, &r);
+                    r.err().map(|e| describe_engine_error(*b, &e))
+                })
                 .collect(),
             Err(e) => vec![e],
-        }
+        };
+        self.config.metrics.record_undo(failed.is_empty());
+        failed
     }
 
     /// Unprepares one claim from the ledger; an unknown UID is already unprepared.
@@ -554,6 +564,7 @@ impl VfioPlugin {
                 .await?;
             let mut errors = Vec::new();
             for (b, r) in bdfs.iter().zip(results) {
+                self.config.metrics.record_move(Direction::Release, &r);
                 match r {
                     Ok(o) => {
                         tracing::info!(claim = %uid, gpu = %b, action = ?o.action, detail = %o.detail, "released")
@@ -788,11 +799,14 @@ impl DraBackend for VfioPlugin {
         let deadline = tokio::time::Instant::now() + self.config.call_budget;
         Box::pin(async move {
             join_all(claims.iter().map(|c| async move {
+                let started = std::time::Instant::now();
                 let r = self
                     .within_budget(c, deadline, "preparation", |me, c| async move {
                         me.prepare_claim(&c).await
                     })
                     .await;
+                self.config.metrics.observe_prepare(started.elapsed());
+                self.config.metrics.devices_changed();
                 match &r {
                     Ok(d) => tracing::info!(claim = %c.uid, devices = d.len(), "prepared"),
                     Err(e) => tracing::warn!(claim = %c.uid, error = %e, "prepare failed"),
@@ -809,11 +823,14 @@ impl DraBackend for VfioPlugin {
         let deadline = tokio::time::Instant::now() + self.config.call_budget;
         Box::pin(async move {
             join_all(claims.iter().map(|c| async move {
+                let started = std::time::Instant::now();
                 let r = self
                     .within_budget(c, deadline, "release", |me, c| async move {
                         me.unprepare_claim(&c).await
                     })
                     .await;
+                self.config.metrics.observe_unprepare(started.elapsed());
+                self.config.metrics.devices_changed();
                 match &r {
                     Ok(()) => tracing::info!(claim = %c.uid, "unprepared"),
                     Err(e) => tracing::warn!(claim = %c.uid, error = %e, "unprepare failed"),

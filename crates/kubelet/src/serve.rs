@@ -17,7 +17,10 @@ use vfio_gpu_engine::{Engine, EngineConfig};
 use vfio_gpu_host::GpuSelector;
 use vfio_gpu_intent::Policy;
 
+use crate::grpc::registration::RegistrationState;
 use crate::grpc::server::{ServerConfig, serve as serve_grpc};
+use crate::health::{DEFAULT_RESEND, HealthConfig, HealthMonitor};
+use crate::metrics::Metrics;
 use crate::plugin::{PluginConfig, VfioPlugin};
 use crate::slices::{PublisherContext, start_publisher};
 
@@ -76,6 +79,16 @@ pub struct ServeOptions {
     pub call_budget: Duration,
     /// Publish this node's GPUs as ResourceSlices (off: publish nothing).
     pub publish_slices: bool,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (HTTP), bound by the
+    /// caller so a bad address fails early; `None`: not served.
+    pub metrics_listener: Option<std::net::TcpListener>,
+    /// The metrics the plugin records into (recorded even when not served).
+    pub metrics: Arc<Metrics>,
+    /// How often the serve loop ticks (the liveness heartbeat).
+    pub heartbeat_interval: Duration,
+    /// How often the devices are re-scanned for the device gauges and health; a
+    /// prepare or unprepare triggers a scan too.
+    pub device_scan_interval: Duration,
 }
 
 impl ServeOptions {
@@ -102,6 +115,10 @@ impl ServeOptions {
             cleanup_interval: Duration::from_secs(300),
             call_budget: Duration::from_secs(40),
             publish_slices: true,
+            metrics_listener: None,
+            metrics: Metrics::new(),
+            heartbeat_interval: Duration::from_secs(10),
+            device_scan_interval: Duration::from_secs(30),
         }
     }
 
@@ -187,12 +204,14 @@ pub async fn kube_client(source: &KubeSource) -> anyhow::Result<kube::Client> {
     }
 }
 
-async fn reconcile(engine: &Arc<Engine>) -> anyhow::Result<()> {
+async fn reconcile(engine: &Arc<Engine>, metrics: &Metrics) -> anyhow::Result<()> {
     let e = Arc::clone(engine);
     let results = tokio::task::spawn_blocking(move || e.reconcile())
         .await
         .context("reconcile task")?
+        .inspect_err(|e| metrics.record_error(e))
         .context("reconcile")?;
+    metrics.record_reconcile(&results);
     for r in results {
         match r {
             Ok(o) => {
@@ -205,10 +224,43 @@ async fn reconcile(engine: &Arc<Engine>) -> anyhow::Result<()> {
 }
 
 /// Runs the node plugin until `shutdown` is cancelled (or a server fails).
-pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(mut opts: ServeOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
     // The name reaches the API, CDI and file names: refuse a bad one before anything
     // is created.
     validate_driver_name(&opts.driver_name)?;
+    let metrics = Arc::clone(&opts.metrics);
+    // First, so the probes answer while the engine opens and reconciles.
+    let metrics_stop = CancellationToken::new();
+    let metrics_task = match opts.metrics_listener.take() {
+        Some(l) => {
+            let listener = crate::metrics::tokio_listener(l)?;
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+            }
+            Some(tokio::spawn(crate::metrics::serve_http(
+                listener,
+                Arc::clone(&metrics),
+                metrics_stop.clone(),
+            )))
+        }
+        None => None,
+    };
+    let result = serve_plugin(opts, shutdown, Arc::clone(&metrics)).await;
+    metrics.set_registered(false);
+    metrics_stop.cancel();
+    if let Some(t) = metrics_task
+        && let Err(e) = t.await
+    {
+        tracing::warn!(error = %e, "metrics endpoint task failed");
+    }
+    result
+}
+
+async fn serve_plugin(
+    opts: ServeOptions,
+    shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
     let data_dir = opts.data_dir();
     let state_dir = opts.state_dir.clone().unwrap_or_else(|| data_dir.clone());
     std::fs::create_dir_all(&state_dir)
@@ -239,7 +291,7 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
 
     // Before the sockets exist: the kubelet must not prepare against a host that still
     // has interrupted operations in it.
-    reconcile(&engine).await?;
+    reconcile(&engine, &metrics).await?;
 
     let client = kube_client(&opts.kube).await?;
     let mut plugin_config = PluginConfig::new(&opts.driver_name, &opts.node_name);
@@ -247,16 +299,28 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
     plugin_config.data_dir = data_dir;
     plugin_config.allow_foreign_group_members = allow_foreign;
     plugin_config.call_budget = opts.call_budget;
+    plugin_config.metrics = Arc::clone(&metrics);
     let plugin = VfioPlugin::new(Arc::clone(&engine), client.clone(), plugin_config);
 
     let stop = shutdown.child_token();
-    let server = serve_grpc(
-        ServerConfig::new(&opts.driver_name, &opts.plugins_dir, &opts.registrar_dir),
-        plugin.clone(),
+    // Scans once before the socket exists, so the kubelet's first health message is real.
+    let feed = HealthMonitor::start(
+        Arc::clone(&engine),
+        Arc::clone(&metrics),
+        opts.device_scan_interval,
         stop.clone(),
     )
-    .await
-    .context("starting the kubelet plugin sockets")?;
+    .await;
+    let mut server_config =
+        ServerConfig::new(&opts.driver_name, &opts.plugins_dir, &opts.registrar_dir);
+    server_config.health = Some(HealthConfig {
+        feed,
+        pool: opts.node_name.clone(),
+        resend: DEFAULT_RESEND,
+    });
+    let server = serve_grpc(server_config, plugin.clone(), stop.clone())
+        .await
+        .context("starting the kubelet plugin sockets")?;
     tracing::info!(
         dra = %server.dra_socket.display(),
         registration = %server.registration_socket.display(),
@@ -264,7 +328,23 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
         driver = %opts.driver_name,
         "kubelet plugin serving"
     );
+    let mut registration = server.registration_status();
     let mut server_task = tokio::spawn(server.wait());
+    {
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            loop {
+                let registered = matches!(
+                    *registration.borrow_and_update(),
+                    RegistrationState::Registered
+                );
+                metrics.set_registered(registered);
+                if registration.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
 
     let publisher = if opts.publish_slices {
         Some(start_publisher(PublisherContext {
@@ -273,14 +353,19 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
             driver_name: opts.driver_name.clone(),
             engine: Arc::clone(&engine),
             shutdown: stop.clone(),
+            metrics: Some(Arc::clone(&metrics)),
         }))
     } else {
         tracing::warn!("ResourceSlice publishing is off: this node's GPUs are not published");
+        // Nothing to wait for before the node is usable.
+        metrics.set_slices_published();
         None
     };
 
     let mut reconcile_tick = tokio::time::interval(opts.reconcile_interval);
     let mut cleanup_tick = tokio::time::interval(opts.cleanup_interval);
+    let mut heartbeat = tokio::time::interval(opts.heartbeat_interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Both fire immediately once; the startup reconcile already ran.
     reconcile_tick.tick().await;
     let result: anyhow::Result<()> = loop {
@@ -293,8 +378,9 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
                     Err(e) => Err(anyhow::Error::from(e).context("kubelet plugin server task")),
                 };
             }
+            _ = heartbeat.tick() => metrics.heartbeat(),
             _ = reconcile_tick.tick() => {
-                if let Err(e) = reconcile(&engine).await {
+                if let Err(e) = reconcile(&engine, &metrics).await {
                     tracing::warn!(error = %format!("{e:#}"), "periodic reconcile failed");
                 }
             }

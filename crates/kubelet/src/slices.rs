@@ -35,6 +35,7 @@ use vfio_gpu_engine::{Engine, GpuView};
 use vfio_gpu_host::Bdf;
 
 use crate::apiserver::missing_resource_v1_after;
+use crate::metrics::Metrics;
 
 /// At most this many devices per slice (API limit without taints or counters).
 pub const MAX_DEVICES_PER_SLICE: usize = 128;
@@ -688,8 +689,19 @@ pub async fn publish_once(
 pub async fn run_publisher(
     client: kube::Client,
     cfg: SliceConfig,
+    devices: watch::Receiver<Vec<DeviceInfo>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    run_publisher_observed(client, cfg, devices, shutdown, None).await
+}
+
+/// [`run_publisher`] that marks `metrics` once a sync succeeded (for `/readyz`).
+pub async fn run_publisher_observed(
+    client: kube::Client,
+    cfg: SliceConfig,
     mut devices: watch::Receiver<Vec<DeviceInfo>>,
     shutdown: CancellationToken,
+    metrics: Option<Arc<Metrics>>,
 ) -> anyhow::Result<()> {
     let api: Api<ResourceSlice> = Api::all(client.clone());
     let watch_cfg = watcher::Config::default().fields(&cfg.field_selector());
@@ -752,6 +764,9 @@ pub async fn run_publisher(
                 };
                 match result {
                     Ok(outcome) => {
+                        if let Some(m) = &metrics {
+                            m.set_slices_published();
+                        }
                         failures = 0;
                         due = None;
                         periodic = Instant::now() + cfg.resync;
@@ -834,6 +849,8 @@ pub struct PublisherContext {
     pub engine: Arc<Engine>,
     /// Cancelled when the plugin stops.
     pub shutdown: CancellationToken,
+    /// Told when a sync succeeded (readiness).
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 /// Starts the publisher for `serve`: default [`SliceConfig`], devices re-discovered
@@ -843,7 +860,7 @@ pub fn start_publisher(ctx: PublisherContext) -> JoinHandle<anyhow::Result<()>> 
         let cfg = SliceConfig::new(ctx.driver_name, ctx.node_name);
         let devices =
             watch_engine_devices(ctx.engine, Duration::from_secs(10), ctx.shutdown.clone()).await;
-        run_publisher(ctx.client, cfg, devices, ctx.shutdown).await
+        run_publisher_observed(ctx.client, cfg, devices, ctx.shutdown, ctx.metrics).await
     })
 }
 

@@ -282,9 +282,10 @@ fn daemonset_mounts_and_flags() {
         .and_then(|v| v.field_ref.as_ref())
         .map(|f| f.field_path.clone());
     assert_eq!(node_name.as_deref(), Some("spec.nodeName"));
-    // Only NODE_NAME is read; POD_UID/NAMESPACE would be dead configuration.
+    // Only what serve reads; POD_UID/NAMESPACE would be dead configuration.
     let env_names: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
-    assert_eq!(env_names, ["NODE_NAME"]);
+    assert_eq!(env_names, ["NODE_NAME", METRICS_ENV]);
+    daemonset_probes(c);
     // Opt-in per node: without the label no plugin (and no empty pool) on a node.
     let selector = pod.node_selector.clone().unwrap_or_default();
     assert_eq!(
@@ -344,6 +345,55 @@ fn daemonset_mounts_and_flags() {
             "mount {mount}"
         );
     }
+}
+
+/// The environment variable of `serve --metrics-addr`.
+const METRICS_ENV: &str = "VFIO_GPU_DRA_METRICS_ADDR";
+
+/// The metrics port serves the probes: liveness on /healthz, readiness on /readyz,
+/// and the address `serve` listens on is that port (set through the flag's env var).
+fn daemonset_probes(c: &k8s_openapi::api::core::v1::Container) {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let serve_cmd = std::fs::read_to_string(deploy_dir().join("../crates/cli/src/serve_cmd.rs"))
+        .expect("serve_cmd.rs");
+    assert!(
+        serve_cmd.contains(&format!("env = \"{METRICS_ENV}\"")),
+        "serve reads --metrics-addr from {METRICS_ENV}"
+    );
+    let addr = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == METRICS_ENV)
+        .and_then(|e| e.value.clone())
+        .expect("metrics address set");
+    let port: i32 = addr
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or_else(|| panic!("{addr} is HOST:PORT"));
+    let ports = c.ports.clone().unwrap_or_default();
+    let metrics = ports
+        .iter()
+        .find(|p| p.name.as_deref() == Some("metrics"))
+        .expect("a port named metrics");
+    assert_eq!(
+        metrics.container_port, port,
+        "serve listens on the metrics port"
+    );
+    for (probe, path) in [
+        (c.liveness_probe.as_ref(), "/healthz"),
+        (c.readiness_probe.as_ref(), "/readyz"),
+    ] {
+        let get = probe
+            .and_then(|p| p.http_get.as_ref())
+            .unwrap_or_else(|| panic!("an httpGet probe on {path}"));
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(get.port, IntOrString::String("metrics".into()), "{path}");
+    }
+    // Liveness must outlast a slow but healthy startup (engine lock, reconcile).
+    let live = c.liveness_probe.as_ref().expect("liveness");
+    let budget = live.period_seconds.unwrap_or(10) * live.failure_threshold.unwrap_or(3);
+    assert!(budget >= 60, "liveness gives up after only {budget} s");
 }
 
 #[test]

@@ -13,6 +13,12 @@ pub mod v1beta1 {
     tonic::include_proto!("k8s.io.kubelet.pkg.apis.dra.v1beta1");
 }
 
+/// Generated types for the kubelet's `v1alpha1.DRAResourceHealth` (package `v1alpha1`).
+#[allow(missing_docs, clippy::all)]
+pub mod health_v1alpha1 {
+    tonic::include_proto!("v1alpha1");
+}
+
 pub mod authority;
 pub mod dra;
 pub mod emulator;

@@ -22,6 +22,7 @@ use tonic::transport::Server;
 use super::authority::AuthorityFixStream;
 use super::dra::{DraBackend, DraService};
 use super::registration::{RegistrationService, RegistrationState, registration_server};
+use crate::health::{HealthConfig, HealthService};
 
 /// Longest usable AF_UNIX socket path (108-byte `sun_path` including the NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -40,6 +41,9 @@ pub struct ServerConfig {
     /// How often to check that the registration socket file is still ours; it is
     /// re-created when someone deleted or replaced it (e.g. `plugins_registry` wiped).
     pub socket_check_interval: Duration,
+    /// Serve `v1alpha1.DRAResourceHealth` on the DRA socket from this feed (the
+    /// kubelet opens the stream whether or not it is advertised); `None`: not served.
+    pub health: Option<HealthConfig>,
 }
 
 impl ServerConfig {
@@ -54,6 +58,7 @@ impl ServerConfig {
             driver_name,
             registration_retry_backoff: Duration::from_secs(5),
             socket_check_interval: Duration::from_secs(5),
+            health: None,
         }
     }
 }
@@ -259,11 +264,16 @@ pub async fn serve(
     let stop = shutdown.child_token();
 
     let (dra_listener, dra_owned) = bind_socket(&config.dra_socket)?;
-    tracing::info!(path = %config.dra_socket.display(), "serving DRA v1 and v1beta1");
+    tracing::info!(path = %config.dra_socket.display(), health = config.health.is_some(), "serving DRA v1 and v1beta1");
     let service = Arc::new(DraService::new(backend));
+    let health = config
+        .health
+        .clone()
+        .map(|h| HealthService::new(h.feed, h.pool, h.resend).server());
     let dra_router = Server::builder()
         .add_service(service.v1_server())
-        .add_service(service.v1beta1_server());
+        .add_service(service.v1beta1_server())
+        .add_optional_service(health);
     let dra_stop = stop.clone();
     let dra_path = config.dra_socket.clone();
     let dra_task = tokio::spawn(async move {

@@ -1,0 +1,507 @@
+//! Device health for the kubelet (`v1alpha1.DRAResourceHealth`), from what the host
+//! shows: the device is present, its config space answers (vendor not `0xffff`), the
+//! driver it is bound to agrees with the ledger, and no operation on it is stuck.
+//!
+//! [`HealthMonitor`] re-discovers the GPUs periodically (and soon after a prepare or
+//! unprepare), updates the device gauges and publishes a [`HealthReport`] whenever a
+//! device's health or reason changes. [`HealthService`] streams each report to the
+//! kubelet as the complete device list, and repeats it every `resend` so the kubelet
+//! never marks devices Unknown for lack of updates.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::Stream;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use vfio_gpu_engine::ledger::{GpuRecord, OpState};
+use vfio_gpu_engine::{Engine, GpuView};
+use vfio_gpu_host::{Bdf, HostRoot};
+
+use crate::grpc::health_v1alpha1 as pb;
+use crate::metrics::Metrics;
+use crate::slices::device_name;
+
+/// Longest `message` the kubelet accepts.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// Health of one device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Operating normally as far as the host can tell.
+    Healthy,
+    /// Something the host can see is wrong (see the message).
+    Unhealthy,
+}
+
+/// One device's health, as reported to the kubelet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceHealth {
+    /// The GPU.
+    pub bdf: Bdf,
+    /// ResourceSlice device name.
+    pub device_name: String,
+    /// Health.
+    pub health: Health,
+    /// Why (empty when healthy and nothing to say).
+    pub message: String,
+}
+
+/// Every device's health after one scan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HealthReport {
+    /// By address; devices seen once and gone since stay in it as unhealthy.
+    pub devices: Vec<DeviceHealth>,
+}
+
+/// What reading the first bytes of the config space gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigRead {
+    /// The vendor ID read.
+    Vendor(u16),
+    /// Not checked: no `config` file (test hosts), or the device is in D3cold, where a
+    /// read would wake it.
+    Skipped,
+    /// The read failed.
+    Failed(String),
+}
+
+/// Reads the vendor ID from `<device dir>/config`, unless the device sleeps in D3cold.
+pub fn read_config_vendor(root: &HostRoot, bdf: &Bdf) -> ConfigRead {
+    let dir = root.pci_device_dir(bdf);
+    if std::fs::read_to_string(dir.join("power_state")).is_ok_and(|s| s.trim() == "D3cold") {
+        return ConfigRead::Skipped;
+    }
+    read_vendor(&dir.join("config"))
+}
+
+fn read_vendor(path: &Path) -> ConfigRead {
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return ConfigRead::Skipped,
+        Err(e) => return ConfigRead::Failed(e.to_string()),
+    };
+    let mut id = [0u8; 2];
+    match f.read_exact(&mut id) {
+        Ok(()) => ConfigRead::Vendor(u16::from_le_bytes(id)),
+        Err(e) => ConfigRead::Failed(e.to_string()),
+    }
+}
+
+/// The health of a present GPU from what the host shows: `stuck` (a write past its
+/// deadline), its ledger `record`, the `driver` its GPU function is bound to, and its
+/// config space.
+pub fn assess(
+    stuck: Option<&str>,
+    record: Option<&GpuRecord>,
+    driver: Option<&str>,
+    config: &ConfigRead,
+) -> (Health, String) {
+    let mut problems: Vec<String> = Vec::new();
+    match config {
+        ConfigRead::Vendor(0xffff) => problems.push(
+            "config space reads 0xffff: the device does not answer (fell off the bus, or a failed reset)"
+                .to_string(),
+        ),
+        ConfigRead::Failed(e) => problems.push(format!("config space unreadable: {e}")),
+        ConfigRead::Vendor(_) | ConfigRead::Skipped => {}
+    }
+    if let Some(op) = stuck {
+        problems.push(format!(
+            "stuck: {op} did not return; the GPU is left alone until it does"
+        ));
+    }
+    let shown = driver.unwrap_or("no driver");
+    match record.map(|r| (r.state, r.vfio_driver.as_ref())) {
+        Some((OpState::Configured | OpState::Prebound, want)) => {
+            let ok = match (driver, want) {
+                (Some(d), Some(w)) => d == w.as_str(),
+                (Some(d), None) => vfio_gpu_host::is_vfio_driver(d),
+                (None, _) => false,
+            };
+            if !ok {
+                let want = want.map_or("a vfio driver", |w| w.as_str());
+                problems.push(format!(
+                    "bound to {shown}, but the ledger has it on {want}"
+                ));
+            }
+        }
+        // A move or release in flight passes through "no driver"; stuck ones are
+        // reported above.
+        Some((OpState::Configuring | OpState::Releasing, _)) => {}
+        // Released to no driver, as it was found.
+        Some((OpState::ReleasedUnbound, _)) => {}
+        None if driver.is_none() => problems.push(
+            "no driver bound and no ledger record: the host left it driverless (reconcile rebinds it)"
+                .to_string(),
+        ),
+        None => {}
+    }
+    if problems.is_empty() {
+        (Health::Healthy, String::new())
+    } else {
+        (Health::Unhealthy, truncate(problems.join("; ")))
+    }
+}
+
+fn truncate(mut s: String) -> String {
+    if s.len() > MAX_MESSAGE {
+        let mut cut = MAX_MESSAGE;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+/// Scans the views; `seen` remembers devices of earlier scans so a vanished one is
+/// reported unhealthy instead of silently dropped.
+pub fn scan(views: &[GpuView], root: &HostRoot, seen: &mut BTreeMap<Bdf, String>) -> HealthReport {
+    let mut devices: BTreeMap<Bdf, DeviceHealth> = BTreeMap::new();
+    for v in views {
+        let bdf = v.gpu.bdf();
+        let config = read_config_vendor(root, &bdf);
+        let driver = v.gpu.function.driver.as_ref().map(|d| d.as_str());
+        let (health, message) = assess(v.stuck.as_deref(), v.record.as_ref(), driver, &config);
+        let name = device_name(&bdf);
+        seen.insert(bdf, name.clone());
+        devices.insert(
+            bdf,
+            DeviceHealth {
+                bdf,
+                device_name: name,
+                health,
+                message,
+            },
+        );
+    }
+    for (bdf, name) in seen.iter() {
+        devices.entry(*bdf).or_insert_with(|| DeviceHealth {
+            bdf: *bdf,
+            device_name: name.clone(),
+            health: Health::Unhealthy,
+            message: "no longer present on the PCI bus (removed, or fell off the bus)".into(),
+        });
+    }
+    HealthReport {
+        devices: devices.into_values().collect(),
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The latest health report and when it was determined; cheap to clone.
+#[derive(Clone)]
+pub struct HealthFeed {
+    report: watch::Receiver<Arc<HealthReport>>,
+    /// Unix seconds of the last completed scan (changed or not).
+    last_scan: Arc<AtomicI64>,
+}
+
+impl std::fmt::Debug for HealthFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthFeed")
+            .field("devices", &self.report.borrow().devices.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl HealthFeed {
+    /// The current report.
+    pub fn current(&self) -> Arc<HealthReport> {
+        Arc::clone(&self.report.borrow())
+    }
+}
+
+/// Periodic device scans feeding the device gauges and the health stream.
+pub struct HealthMonitor;
+
+impl HealthMonitor {
+    /// Scans once before returning (so the first stream message is real), then every
+    /// `interval` and soon after each prepare/unprepare (`metrics.devices_changed()`),
+    /// until `shutdown`.
+    pub async fn start(
+        engine: Arc<Engine>,
+        metrics: Arc<Metrics>,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) -> HealthFeed {
+        let mut seen = BTreeMap::new();
+        let first = scan_once(&engine, &metrics, &mut seen)
+            .await
+            .unwrap_or_default();
+        let last_scan = Arc::new(AtomicI64::new(unix_now()));
+        let (tx, rx) = watch::channel(Arc::new(first));
+        let stamp = Arc::clone(&last_scan);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = metrics.changed.notified() => {}
+                }
+                let Some(report) = scan_once(&engine, &metrics, &mut seen).await else {
+                    continue;
+                };
+                stamp.store(unix_now(), Ordering::Relaxed);
+                tx.send_if_modified(|cur| {
+                    let changed = **cur != report;
+                    if changed {
+                        for d in &report.devices {
+                            if d.health == Health::Unhealthy {
+                                tracing::warn!(gpu = %d.bdf, reason = %d.message, "device unhealthy");
+                            }
+                        }
+                        *cur = Arc::new(report);
+                    }
+                    changed
+                });
+            }
+        });
+        HealthFeed {
+            report: rx,
+            last_scan,
+        }
+    }
+}
+
+/// One discovery plus health checks; `None` when discovery failed (the last report
+/// stays: a failed read of the host is not evidence against the devices).
+async fn scan_once(
+    engine: &Arc<Engine>,
+    metrics: &Arc<Metrics>,
+    seen: &mut BTreeMap<Bdf, String>,
+) -> Option<HealthReport> {
+    let e = Arc::clone(engine);
+    let mut seen_copy = std::mem::take(seen);
+    let started = Instant::now();
+    let result = tokio::task::spawn_blocking(move || {
+        let r = e.discover().map(|(views, _)| {
+            let report = scan(&views, e.root(), &mut seen_copy);
+            (views, report)
+        });
+        (r, seen_copy)
+    })
+    .await;
+    match result {
+        Ok((Ok((views, report)), back)) => {
+            *seen = back;
+            let unhealthy = report
+                .devices
+                .iter()
+                .filter(|d| d.health == Health::Unhealthy)
+                .count();
+            metrics.record_scan(&views, unhealthy, started.elapsed());
+            Some(report)
+        }
+        Ok((Err(e), back)) => {
+            *seen = back;
+            metrics.record_error(&e);
+            tracing::warn!(error = %e, "device scan: discovery failed");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "device scan task failed");
+            None
+        }
+    }
+}
+
+/// What the DRA socket needs to serve device health.
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    /// The reports.
+    pub feed: HealthFeed,
+    /// Pool name of the devices (the node name).
+    pub pool: String,
+    /// The complete list is repeated this often even without changes.
+    pub resend: Duration,
+}
+
+/// Default for [`HealthConfig::resend`].
+pub const DEFAULT_RESEND: Duration = Duration::from_secs(20);
+
+/// The `v1alpha1.DRAResourceHealth` service over a [`HealthFeed`].
+pub struct HealthService {
+    feed: HealthFeed,
+    pool: String,
+    resend: Duration,
+}
+
+impl HealthService {
+    /// Streams `feed` for the devices of `pool` (the node name); the list is repeated
+    /// every `resend` even without changes.
+    pub fn new(feed: HealthFeed, pool: impl Into<String>, resend: Duration) -> Self {
+        Self {
+            feed,
+            pool: pool.into(),
+            resend,
+        }
+    }
+
+    /// The tonic server.
+    pub fn server(self) -> pb::dra_resource_health_server::DraResourceHealthServer<Self> {
+        pb::dra_resource_health_server::DraResourceHealthServer::new(self)
+    }
+}
+
+/// One stream message: the complete device list.
+fn to_message(
+    report: &HealthReport,
+    pool: &str,
+    at: i64,
+    resend: Duration,
+) -> pb::NodeWatchResourcesResponse {
+    // Three missed repeats before the kubelet gives up on us.
+    let timeout = i64::try_from(resend.as_secs().saturating_mul(3)).unwrap_or(0);
+    pb::NodeWatchResourcesResponse {
+        devices: report
+            .devices
+            .iter()
+            .map(|d| pb::DeviceHealth {
+                device: Some(pb::DeviceIdentifier {
+                    pool_name: pool.to_string(),
+                    device_name: d.device_name.clone(),
+                }),
+                health: match d.health {
+                    Health::Healthy => pb::HealthStatus::Healthy,
+                    Health::Unhealthy => pb::HealthStatus::Unhealthy,
+                } as i32,
+                last_updated_time: at,
+                health_check_timeout_seconds: timeout,
+                message: d.message.clone(),
+            })
+            .collect(),
+    }
+}
+
+type ResponseStream =
+    Pin<Box<dyn Stream<Item = Result<pb::NodeWatchResourcesResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::dra_resource_health_server::DraResourceHealth for HealthService {
+    type NodeWatchResourcesStream = ResponseStream;
+
+    async fn node_watch_resources(
+        &self,
+        _request: Request<pb::NodeWatchResourcesRequest>,
+    ) -> Result<Response<Self::NodeWatchResourcesStream>, Status> {
+        tracing::info!("kubelet opened the device health stream");
+        let pool = self.pool.clone();
+        let resend = self.resend;
+        let stream =
+            futures::stream::unfold((true, self.feed.clone()), move |(first, mut feed)| {
+                let pool = pool.clone();
+                async move {
+                    if !first {
+                        tokio::select! {
+                            changed = feed.report.changed() => {
+                                // The monitor is gone: the plugin is stopping; end the stream.
+                                changed.ok()?;
+                            }
+                            _ = tokio::time::sleep(resend) => {}
+                        }
+                    }
+                    let report = Arc::clone(&feed.report.borrow_and_update());
+                    let at = feed.last_scan.load(Ordering::Relaxed);
+                    let msg = to_message(&report, &pool, at, resend);
+                    Some((Ok(msg), (false, feed)))
+                }
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(state: OpState, vfio: Option<&str>) -> GpuRecord {
+        serde_json::from_value(serde_json::json!({
+            "state": state,
+            "vfioDriver": vfio,
+            "bootId": "b",
+        }))
+        .expect("record")
+    }
+
+    #[test]
+    fn healthy_when_the_host_matches_the_ledger() {
+        let rec = record(OpState::Configured, Some("vfio-pci"));
+        let (h, m) = assess(
+            None,
+            Some(&rec),
+            Some("vfio-pci"),
+            &ConfigRead::Vendor(0x10de),
+        );
+        assert_eq!((h, m.as_str()), (Health::Healthy, ""));
+        // Not ours, on its host driver.
+        assert_eq!(
+            assess(None, None, Some("nvidia"), &ConfigRead::Skipped).0,
+            Health::Healthy
+        );
+        // In flight and not stuck: passing through "no driver" is normal.
+        let rec = record(OpState::Releasing, Some("vfio-pci"));
+        assert_eq!(
+            assess(None, Some(&rec), None, &ConfigRead::Skipped).0,
+            Health::Healthy
+        );
+    }
+
+    #[test]
+    fn unhealthy_reasons() {
+        let rec = record(OpState::Configured, Some("vfio-pci"));
+        let (h, m) = assess(None, Some(&rec), Some("nvidia"), &ConfigRead::Skipped);
+        assert_eq!(h, Health::Unhealthy);
+        assert!(
+            m.contains("bound to nvidia") && m.contains("vfio-pci"),
+            "{m}"
+        );
+        let (h, m) = assess(
+            Some("unbind"),
+            Some(&rec),
+            Some("vfio-pci"),
+            &ConfigRead::Skipped,
+        );
+        assert_eq!(h, Health::Unhealthy);
+        assert!(m.contains("stuck: unbind"), "{m}");
+        let (h, m) = assess(None, None, Some("nvidia"), &ConfigRead::Vendor(0xffff));
+        assert_eq!(h, Health::Unhealthy);
+        assert!(m.contains("0xffff"), "{m}");
+        let (h, m) = assess(None, None, None, &ConfigRead::Skipped);
+        assert_eq!(h, Health::Unhealthy);
+        assert!(m.contains("no driver"), "{m}");
+    }
+
+    #[test]
+    fn config_space_vendor_is_read_little_endian() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("config");
+        std::fs::write(&p, [0xde, 0x10, 0x30, 0x23]).expect("write");
+        assert_eq!(read_vendor(&p), ConfigRead::Vendor(0x10de));
+        std::fs::write(&p, [0xff, 0xff]).expect("write");
+        assert_eq!(read_vendor(&p), ConfigRead::Vendor(0xffff));
+        std::fs::write(&p, [0x01]).expect("write");
+        assert!(matches!(read_vendor(&p), ConfigRead::Failed(_)));
+        assert_eq!(read_vendor(&dir.path().join("none")), ConfigRead::Skipped);
+    }
+
+    #[test]
+    fn messages_fit_the_kubelet_limit() {
+        let long = "é".repeat(MAX_MESSAGE);
+        let t = truncate(long);
+        assert!(t.len() <= MAX_MESSAGE && t.is_char_boundary(t.len()));
+    }
+}

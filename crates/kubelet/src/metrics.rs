@@ -1,0 +1,496 @@
+//! Prometheus metrics and the liveness/readiness probes of `serve`.
+//!
+//! The plugin always records into a [`Metrics`]; `serve --metrics-addr` exposes it over
+//! HTTP ([`serve_http`]): `/metrics` (OpenMetrics text), `/healthz` (the serve loop
+//! ticked recently) and `/readyz` (registered with the kubelet and ResourceSlices
+//! published at least once).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use vfio_gpu_engine::{Action, EngineError, GpuView, Outcome};
+
+/// Label set of the counters: `[(name, value), ...]`, values from a fixed set.
+type Labels2 = [(&'static str, String); 2];
+type Labels1 = [(&'static str, &'static str); 1];
+
+/// `/healthz` fails once the serve loop has not ticked for this long.
+pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(90);
+
+/// Direction of a GPU move, the `direction` label of `vfio_gpu_dra_moves_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Prepare: the GPU goes to vfio.
+    ToVfio,
+    /// Unprepare (or undo): the GPU is released.
+    Release,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::ToVfio => "to_vfio",
+            Direction::Release => "release",
+        }
+    }
+}
+
+/// The plugin's metrics and probe state. Cheap to share (`Arc`); all methods take `&self`.
+pub struct Metrics {
+    registry: Registry,
+    prepare_duration: Histogram,
+    unprepare_duration: Histogram,
+    moves: Family<Labels2, Counter>,
+    rollbacks: Family<Labels1, Counter>,
+    ledger_failures: Counter,
+    stuck: Gauge,
+    devices: Family<Labels1, Gauge>,
+    unhealthy: Gauge,
+    health_scan: Histogram,
+    started: Instant,
+    /// Milliseconds since `started` of the last serve-loop tick; 0 = loop not running yet.
+    heartbeat_ms: AtomicU64,
+    registered: AtomicBool,
+    slices_published: AtomicBool,
+    stale_after: Duration,
+    /// Wakes the device scanner after a prepare/unprepare changed the host.
+    pub(crate) changed: tokio::sync::Notify,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("registered", &self.registered.load(Ordering::Relaxed))
+            .field(
+                "slices_published",
+                &self.slices_published.load(Ordering::Relaxed),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::with_stale_after(DEFAULT_STALE_AFTER)
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric at zero.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Like [`Metrics::new`], with `/healthz` failing after `stale_after` without a tick.
+    pub fn with_stale_after(stale_after: Duration) -> Self {
+        let mut registry = Registry::with_prefix("vfio_gpu_dra");
+        // 10 ms .. ~80 s: a no-op prepare is milliseconds, a slow unbind tens of seconds.
+        let buckets = || exponential_buckets(0.01, 2.0, 14);
+        let prepare_duration = Histogram::new(buckets());
+        let unprepare_duration = Histogram::new(buckets());
+        let health_scan = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        let moves = Family::<Labels2, Counter>::default();
+        let rollbacks = Family::<Labels1, Counter>::default();
+        let ledger_failures = Counter::default();
+        let stuck = Gauge::default();
+        let devices = Family::<Labels1, Gauge>::default();
+        let unhealthy = Gauge::default();
+        registry.register(
+            "prepare_duration_seconds",
+            "Time to answer one claim of NodePrepareResources",
+            prepare_duration.clone(),
+        );
+        registry.register(
+            "unprepare_duration_seconds",
+            "Time to answer one claim of NodeUnprepareResources",
+            unprepare_duration.clone(),
+        );
+        registry.register(
+            "moves",
+            "GPU moves by direction (to_vfio, release) and outcome (engine action, or error kind)",
+            moves.clone(),
+        );
+        registry.register(
+            "rollbacks",
+            "Rollbacks by outcome: engine (complete, incomplete), plugin undo after a later failure (undone, undo_failed), reconcile (reconcile)",
+            rollbacks.clone(),
+        );
+        registry.register(
+            "ledger_commit_failures",
+            "Engine operations that failed because the ledger could not be written",
+            ledger_failures.clone(),
+        );
+        registry.register(
+            "stuck_devices",
+            "GPUs with a sysfs write still running past its deadline",
+            stuck.clone(),
+        );
+        registry.register(
+            "devices",
+            "GPUs on this node by the keepOnVfio verdict",
+            devices.clone(),
+        );
+        registry.register(
+            "unhealthy_devices",
+            "GPUs reported UNHEALTHY to the kubelet",
+            unhealthy.clone(),
+        );
+        registry.register(
+            "health_scan_duration_seconds",
+            "Time of one device scan (discovery plus health checks)",
+            health_scan.clone(),
+        );
+        Self {
+            registry,
+            prepare_duration,
+            unprepare_duration,
+            moves,
+            rollbacks,
+            ledger_failures,
+            stuck,
+            devices,
+            unhealthy,
+            health_scan,
+            started: Instant::now(),
+            heartbeat_ms: AtomicU64::new(0),
+            registered: AtomicBool::new(false),
+            slices_published: AtomicBool::new(false),
+            stale_after,
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Records the time one claim's prepare took.
+    pub fn observe_prepare(&self, d: Duration) {
+        self.prepare_duration.observe(d.as_secs_f64());
+    }
+
+    /// Records the time one claim's unprepare took.
+    pub fn observe_unprepare(&self, d: Duration) {
+        self.unprepare_duration.observe(d.as_secs_f64());
+    }
+
+    /// Counts one engine result of a move in `direction` (and its rollback and ledger
+    /// failure, if any).
+    pub fn record_move(&self, direction: Direction, result: &Result<Outcome, EngineError>) {
+        let outcome = match result {
+            Ok(o) => action_label(o.action),
+            Err(e) => {
+                match e {
+                    EngineError::RolledBack { .. } => self.rollback("complete"),
+                    EngineError::RollbackIncomplete { .. } => self.rollback("incomplete"),
+                    EngineError::Ledger(_) => {
+                        self.ledger_failures.inc();
+                    }
+                    _ => {}
+                }
+                error_label(e).to_string()
+            }
+        };
+        self.moves
+            .get_or_create(&[
+                ("direction", direction.as_str().to_string()),
+                ("outcome", outcome),
+            ])
+            .inc();
+    }
+
+    /// Counts the plugin undoing the GPUs of a failed prepare.
+    pub fn record_undo(&self, ok: bool) {
+        self.rollback(if ok { "undone" } else { "undo_failed" });
+    }
+
+    /// Counts what a reconcile did: interrupted moves it rolled back, ledger failures.
+    pub fn record_reconcile(&self, results: &[Result<Outcome, (vfio_gpu_host::Bdf, EngineError)>]) {
+        for r in results {
+            match r {
+                Ok(o) if o.action == Action::RolledBack => self.rollback("reconcile"),
+                Err((_, EngineError::Ledger(_))) => {
+                    self.ledger_failures.inc();
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Counts an engine error that is not a move (e.g. a failed discovery).
+    pub fn record_error(&self, e: &EngineError) {
+        if matches!(e, EngineError::Ledger(_)) {
+            self.ledger_failures.inc();
+        }
+    }
+
+    fn rollback(&self, outcome: &'static str) {
+        self.rollbacks.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    /// Updates the device gauges from a discovery, `unhealthy` from the health checks,
+    /// and records how long the scan took.
+    pub fn record_scan(&self, views: &[GpuView], unhealthy: usize, took: Duration) {
+        let keep = views.iter().filter(|v| v.verdict.keep_on_vfio).count();
+        let stuck = views.iter().filter(|v| v.stuck.is_some()).count();
+        self.devices
+            .get_or_create(&[("keep_on_vfio", "true")])
+            .set(gauge_value(keep));
+        self.devices
+            .get_or_create(&[("keep_on_vfio", "false")])
+            .set(gauge_value(views.len() - keep));
+        self.stuck.set(gauge_value(stuck));
+        self.unhealthy.set(gauge_value(unhealthy));
+        self.health_scan.observe(took.as_secs_f64());
+    }
+
+    /// Tells the device scanner that the host changed (after a prepare/unprepare).
+    pub fn devices_changed(&self) {
+        self.changed.notify_one();
+    }
+
+    /// The serve loop is alive: called on every tick.
+    pub fn heartbeat(&self) {
+        // +1 so a tick in the first millisecond is not mistaken for "not started".
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.heartbeat_ms
+            .store(ms.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// Whether the kubelet accepted the registration.
+    pub fn set_registered(&self, registered: bool) {
+        self.registered.store(registered, Ordering::Relaxed);
+    }
+
+    /// ResourceSlices were published (or publishing is off).
+    pub fn set_slices_published(&self) {
+        self.slices_published.store(true, Ordering::Relaxed);
+    }
+
+    /// Liveness: true while starting (engine open and the first reconcile have their own
+    /// deadlines), then as long as the serve loop ticked within `stale_after`.
+    pub fn alive(&self) -> Result<(), String> {
+        let beat = self.heartbeat_ms.load(Ordering::Relaxed);
+        if beat == 0 {
+            return Ok(());
+        }
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let age = Duration::from_millis(now.saturating_sub(beat - 1));
+        if age > self.stale_after {
+            Err(format!(
+                "the serve loop last ticked {:.0} s ago (limit {:.0} s)",
+                age.as_secs_f64(),
+                self.stale_after.as_secs_f64()
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Readiness: registered with the kubelet and slices published at least once.
+    pub fn ready(&self) -> Result<(), String> {
+        let mut missing = Vec::new();
+        if !self.registered.load(Ordering::Relaxed) {
+            missing.push("not registered with the kubelet");
+        }
+        if !self.slices_published.load(Ordering::Relaxed) {
+            missing.push("ResourceSlices not published yet");
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(missing.join("; "))
+        }
+    }
+
+    /// The metrics in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail; an encoder error would be a bug.
+        if let Err(e) = encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "encoding metrics");
+        }
+        out
+    }
+}
+
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The engine action as a label value (`moved`, `already_on_vfio`, ...).
+fn action_label(a: Action) -> String {
+    serde_json::to_value(a)
+        .ok()
+        .and_then(|v| v.as_str().map(|s| s.replace('-', "_")))
+        .unwrap_or_else(|| "other".to_string())
+}
+
+/// A bounded label value for an engine error.
+fn error_label(e: &EngineError) -> &'static str {
+    match e {
+        EngineError::Ledger(_) => "ledger_error",
+        EngineError::RolledBack { .. } => "rolled_back",
+        EngineError::RollbackIncomplete { .. } => "rollback_incomplete",
+        EngineError::RestoreFailed { .. } => "restore_failed",
+        EngineError::Stuck { .. } => "stuck",
+        EngineError::Busy { .. } | EngineError::UnbindLock { .. } => "busy",
+        EngineError::HeldByOther { .. } => "held_by_other",
+        EngineError::Pinned { .. } | EngineError::ForeignGroupMembers { .. } => "refused",
+        _ => "error",
+    }
+}
+
+/// Errors of the metrics endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The listener could not be set up.
+    #[error("metrics listener on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Turns a bound std listener (bound early, so a bad `--metrics-addr` fails before
+/// anything else starts) into a tokio one.
+pub fn tokio_listener(listener: std::net::TcpListener) -> Result<TcpListener, MetricsError> {
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let err = |source| MetricsError::Listen {
+        addr: addr.clone(),
+        source,
+    };
+    listener.set_nonblocking(true).map_err(err)?;
+    TcpListener::from_std(listener).map_err(err)
+}
+
+fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+const PLAIN: &str = "text/plain; charset=utf-8";
+
+/// Answers one request: `/metrics`, `/healthz`, `/readyz`.
+fn route(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into(), PLAIN);
+    }
+    let probe = |r: Result<(), String>| match r {
+        Ok(()) => text(StatusCode::OK, "ok\n".into(), PLAIN),
+        Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"), PLAIN),
+    };
+    match req.uri().path() {
+        "/metrics" => text(
+            StatusCode::OK,
+            metrics.encode(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        "/healthz" | "/livez" => probe(metrics.alive()),
+        "/readyz" => probe(metrics.ready()),
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into(), PLAIN),
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` (HTTP/1.1) until
+/// `shutdown`; connections still open are dropped then.
+pub async fn serve_http(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // E.g. EMFILE: keep serving once descriptors are free again.
+                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = Arc::clone(&metrics);
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let resp = route(&metrics, &req);
+                async move { Ok::<_, std::convert::Infallible>(resp) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(Duration::from_secs(10))
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "metrics endpoint connection");
+                },
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn healthz_fails_when_the_loop_stops_ticking() {
+        let m = Metrics::with_stale_after(Duration::from_millis(50));
+        assert!(m.alive().is_ok(), "alive while starting");
+        m.heartbeat();
+        assert!(m.alive().is_ok());
+        std::thread::sleep(Duration::from_millis(120));
+        let e = m.alive().expect_err("stale heartbeat");
+        assert!(e.contains("last ticked"), "{e}");
+        m.heartbeat();
+        assert!(m.alive().is_ok());
+    }
+
+    #[test]
+    fn ready_needs_registration_and_slices() {
+        let m = Metrics::new();
+        assert!(m.ready().is_err());
+        m.set_registered(true);
+        assert!(m.ready().unwrap_err().contains("ResourceSlices"));
+        m.set_slices_published();
+        assert!(m.ready().is_ok());
+    }
+
+    #[test]
+    fn exposition_names() {
+        let m = Metrics::new();
+        m.observe_prepare(Duration::from_millis(3));
+        m.record_undo(false);
+        let text = m.encode();
+        for name in [
+            "vfio_gpu_dra_prepare_duration_seconds_count 1",
+            "vfio_gpu_dra_unprepare_duration_seconds_count 0",
+            "vfio_gpu_dra_rollbacks_total{outcome=\"undo_failed\"} 1",
+            "vfio_gpu_dra_ledger_commit_failures_total 0",
+            "vfio_gpu_dra_stuck_devices 0",
+        ] {
+            assert!(text.contains(name), "{name} missing in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! `v1alpha1.DRAResourceHealth` over the real DRA socket: the stream starts with every
+//! GPU of the demo host healthy, and a GPU whose driver no longer matches the ledger,
+//! or that vanished from the bus, turns unhealthy in the next message.
+
+mod plugin_common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use plugin_common::*;
+use tokio_util::sync::CancellationToken;
+use vfio_gpu_host::HostRoot;
+use vfio_gpu_kubelet::grpc::emulator::{KubeletEmulator, connect_dra};
+use vfio_gpu_kubelet::grpc::health_v1alpha1::dra_resource_health_client::DraResourceHealthClient;
+use vfio_gpu_kubelet::grpc::health_v1alpha1::{
+    HealthStatus, NodeWatchResourcesRequest, NodeWatchResourcesResponse,
+};
+use vfio_gpu_kubelet::grpc::server::{ServerConfig, serve};
+use vfio_gpu_kubelet::health::{HealthConfig, HealthMonitor};
+use vfio_gpu_kubelet::metrics::Metrics;
+use vfio_gpu_kubelet::plugin::VfioPlugin;
+
+/// device name -> (health, message)
+fn by_device(m: &NodeWatchResourcesResponse) -> BTreeMap<String, (HealthStatus, String)> {
+    m.devices
+        .iter()
+        .map(|d| {
+            let id = d.device.clone().expect("device identifier");
+            assert_eq!(id.pool_name, NODE);
+            assert!(d.last_updated_time > 0);
+            (id.device_name, (d.health(), d.message.clone()))
+        })
+        .collect()
+}
+
+async fn next(
+    stream: &mut tonic::Streaming<NodeWatchResourcesResponse>,
+) -> BTreeMap<String, (HealthStatus, String)> {
+    let m = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("a message in time")
+        .expect("stream ok")
+        .expect("stream open");
+    by_device(&m)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_stream_reports_driver_mismatch_and_removal() {
+    let env = Env::new().await;
+    let engine = env.engine();
+    let metrics = Metrics::new();
+    let token = CancellationToken::new();
+    let feed = HealthMonitor::start(
+        engine.clone(),
+        metrics.clone(),
+        Duration::from_millis(100),
+        token.clone(),
+    )
+    .await;
+    let mut config = env.plugin_config();
+    config.metrics = metrics.clone();
+    let plugin = VfioPlugin::new(engine, env.client.clone(), config);
+    let mut server_config = ServerConfig::new(DRIVER, &env.path("plugins"), &env.path("registry"));
+    server_config.health = Some(HealthConfig {
+        feed,
+        pool: NODE.into(),
+        resend: Duration::from_secs(3600),
+    });
+    let server = serve(server_config, plugin, token.clone())
+        .await
+        .expect("server starts");
+    let kubelet = KubeletEmulator::new(&server.registration_socket)
+        .register()
+        .await
+        .expect("registers");
+
+    let channel = connect_dra(server.dra_socket.to_str().expect("utf-8 path"))
+        .await
+        .expect("DRA socket");
+    let mut client = DraResourceHealthClient::new(channel);
+    let mut stream = client
+        .node_watch_resources(NodeWatchResourcesRequest {})
+        .await
+        .expect("stream opens")
+        .into_inner();
+
+    let first = next(&mut stream).await;
+    assert_eq!(first.len(), 8, "every demo GPU: {first:?}");
+    for (name, (health, message)) in &first {
+        assert_eq!(*health, HealthStatus::Healthy, "{name}: {message}");
+    }
+    assert!(first.contains_key(&dev(AB)));
+
+    // A prepared GPU is on vfio-pci as the ledger says: still healthy, no message.
+    let claim = env.claim("vm", &[("gpu", AB)]);
+    let r = kubelet
+        .prepare(std::slice::from_ref(&claim))
+        .await
+        .expect("rpc");
+    assert!(r[&claim.uid].is_ok(), "{r:?}");
+
+    // Someone unbinds it behind the plugin's back.
+    let root = HostRoot::open(&env.host).expect("host root");
+    std::fs::remove_file(root.pci_device_dir(&bdf(AB)).join("driver")).expect("unbind");
+    let m = next(&mut stream).await;
+    assert_eq!(m.len(), 8);
+    let (health, message) = &m[&dev(AB)];
+    assert_eq!(*health, HealthStatus::Unhealthy, "{message}");
+    assert!(message.contains("ledger"), "{message}");
+    for (name, (h, _)) in m.iter().filter(|(n, _)| **n != dev(AB)) {
+        assert_eq!(*h, HealthStatus::Healthy, "{name}");
+    }
+
+    // A GPU falls off the bus: still listed, unhealthy.
+    env.kernel.remove_device(bdf(BA)).expect("remove");
+    let m = next(&mut stream).await;
+    assert_eq!(m.len(), 8, "a vanished GPU stays in the list");
+    let (health, message) = &m[&dev(BA)];
+    assert_eq!(*health, HealthStatus::Unhealthy);
+    assert!(message.contains("no longer present"), "{message}");
+
+    // The gauge follows.
+    let text = metrics.encode();
+    assert!(text.contains("vfio_gpu_dra_unhealthy_devices 2"), "{text}");
+
+    token.cancel();
+    // The stream ends with the monitor, so shutdown is not held up by it.
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(_)) = stream.message().await {}
+    })
+    .await;
+    assert!(end.is_ok(), "health stream ends on shutdown");
+    tokio::time::timeout(Duration::from_secs(10), server.wait())
+        .await
+        .expect("server stops in time")
+        .expect("server stops cleanly");
+}
