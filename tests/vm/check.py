@@ -218,6 +218,9 @@ def check_blocks(c, group, blocks, lspci):
         c.ok(f"{n}.reason-driver-override", "driver-override" in reasons_of(d),
              f"reasons {d.get('reasons')}, want source driver-override")
 
+    for src in ("kernel-cmdline", "modprobe"):
+        check_doctor(c, group, blocks, src, groups)
+
     # the kernel stayed healthy
     dm = blocks.get("dmesg")
     if dm is not None:
@@ -237,6 +240,74 @@ def check_blocks(c, group, blocks, lspci):
             continue
         ok = isinstance(res, list) and any(isinstance(r, dict) and r.get("pciBusID") == want and "action" in r for r in res)
         c.ok(f"{group}/{name}.result-for-{want}", ok, f"no {{pciBusID: {want}, action}} in {b.text[:300]}")
+
+
+DOCTOR_STATUSES = {"pass", "warn", "fail"}
+
+
+def check_doctor(c, group, blocks, src, groups):
+    """`doctor --output json` in a ready guest: the schema the README promises,
+    and each check agreeing with the guest's sysfs (lspci_lite's groups)."""
+    b = blocks.get(f"doctor-{src}.json")
+    if b is None or b.rc != 0:
+        return  # the guest already reported the rc (or skipped)
+    n = f"{group}/doctor-{src}"
+    try:
+        checks = b.json()
+    except ValueError:
+        return  # valid-json already failed
+    if not c.ok(f"{n}.json-array", isinstance(checks, list) and checks, f"not a non-empty array: {b.text[:200]}"):
+        return
+    bad = [x for x in checks if not (isinstance(x, dict) and {"check", "status", "detail", "fix"} <= x.keys()
+                                     and x.get("status") in DOCTOR_STATUSES)]
+    c.ok(f"{n}.schema", not bad, f"entries without check/status/detail/fix or with unknown status: {bad[:2]}")
+    c.ok(f"{n}.fix-empty-on-pass", all(x.get("fix") == "" for x in checks if isinstance(x, dict) and x.get("status") == "pass"),
+         "a passing check carries a fix")
+    c.ok(f"{n}.fix-given-otherwise", all(x.get("fix") for x in checks if isinstance(x, dict) and x.get("status") != "pass"),
+         "a warn/fail check has no fix")
+    by = {}
+    for x in checks:
+        if isinstance(x, dict):
+            by.setdefault((x.get("check"), x.get("pciBusID")), x)
+
+    def status(cid, bdf=None, want=("pass",)):
+        x = by.get((cid, bdf))
+        what = cid + (f"[{bdf}]" if bdf else "")
+        if not c.ok(f"{n}.{what}-present", x is not None, f"no {what} check in {sorted(k for k in by if k[0])}"):
+            return None
+        c.ok(f"{n}.{what}-{'-or-'.join(want)}", x.get("status") in want,
+             f"status {x.get('status')!r} ({x.get('detail')!r}; fix {x.get('fix')!r})")
+        return x
+
+    x = status("iommu")
+    if x is not None and groups:
+        # the count doctor read is the count the guest has
+        want = len(set(groups.values()))
+        m = re.search(r"(\d+) groups", x.get("detail", ""))
+        c.ok(f"{n}.iommu-group-count", m is not None and int(m.group(1)) >= want,
+             f"detail {x.get('detail')!r}, the guest has at least {want} groups")
+    status("interrupt-remapping")
+    status("vfio-driver")
+    # E1000E is named by ids= and vfio-pci (a module) won this boot, but no
+    # softdep orders it before e1000e: a warning whose fix names e1000e,
+    # the module modules.alias gives for 8086:10d3 (not a vendor guess).
+    x = status("vfio-load-order", want=("warn",))
+    if x is not None:
+        fix = x.get("fix", "")
+        c.ok(f"{n}.vfio-load-order-names-e1000e", "softdep e1000e pre: vfio-pci" in fix and "i915" not in fix,
+             f"fix {fix!r}")
+    for gpu in (E1000E, VIRTIO, E1000):
+        status("gpu-isolation", gpu)
+        x = status("intent", gpu, want=("pass", "warn"))
+        if x is None:
+            continue
+        detail = x.get("detail", "")
+        if gpu == E1000E:
+            c.ok(f"{n}.intent[{gpu}]-names-{src}", "keepOnVfio" in detail and f"{src}:" in detail,
+                 f"detail {detail!r} does not say it stays on vfio because of {src}")
+        else:
+            c.ok(f"{n}.intent[{gpu}]-movable", "movable" in detail and src not in detail,
+                 f"detail {detail!r} names {src} for a GPU no admin setting names")
 
 
 def main(paths):

@@ -231,12 +231,12 @@ for g in "${GROUPS_SEL[@]}"; do
     t=$(date +%s.%N)
     case "$g" in
     cmdline)
-        build_initramfs cmdline "baseline prebound runtime-move two-function no-host-driver foreign-override measure" \
+        build_initramfs cmdline "baseline prebound doctor runtime-move two-function no-host-driver foreign-override measure" \
             "PREBOUND=yes
 PREBOUND_SOURCE=kernel-cmdline"
         EXTRA[$g]=$CMDLINE_IDS ;;
     modprobe)
-        build_initramfs modprobe "baseline prebound plugin" \
+        build_initramfs modprobe "baseline prebound doctor plugin" \
             "PREBOUND=yes
 PREBOUND_SOURCE=modprobe" \
             "# written by tests/vm/run.sh: vfio-pci is a module here, so kmod applies this

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
+use vfio_gpu_engine::preflight::ModuleAliases;
 use vfio_gpu_engine::{GpuView, Inspection, pin_text};
 use vfio_gpu_host::{
     Bdf, CpuInfo, CpuVendor, DriverName, FunctionRole, GpuFunction, HostRoot, IommuKind, IommuUnit,
@@ -135,6 +136,10 @@ pub struct NodeFacts {
     pub pci_drivers: BTreeSet<String>,
     /// Where vfio-pci is loaded early by the initramfs, if anywhere.
     pub early_vfio: Vec<String>,
+    /// `modules.alias`: which host modules claim a GPU; `None` if unreadable.
+    pub aliases: Option<ModuleAliases>,
+    /// Modules built into the kernel (`modules.builtin`), normalised.
+    pub builtin_modules: BTreeSet<String>,
 }
 
 impl NodeFacts {
@@ -179,6 +184,8 @@ impl NodeFacts {
             module_files: vfio_module_files(root)?,
             vfio_loaded,
             modules: modules_dep_names(root),
+            aliases: ModuleAliases::read(root),
+            builtin_modules: builtin_module_names(root),
             modprobe: ModprobeConfig::load(root),
             pci_drivers,
             early_vfio,
@@ -214,6 +221,19 @@ fn modules_dep_names(root: &HostRoot) -> Option<BTreeSet<String>> {
             .map(normalize_module)
             .collect(),
     )
+}
+
+/// Module names in `modules.builtin`, normalised: drivers that bind during
+/// boot before any module loads.
+fn builtin_module_names(root: &HostRoot) -> BTreeSet<String> {
+    let Ok(Some(text)) = root.read_module_index("modules.builtin") else {
+        return BTreeSet::new();
+    };
+    text.lines()
+        .filter_map(|l| l.trim().rsplit('/').next())
+        .filter_map(|b| b.strip_suffix(".ko"))
+        .map(normalize_module)
+        .collect()
 }
 
 /// vfio-pci in the initramfs: `/etc/initramfs-tools/modules` (first word of
@@ -576,8 +596,33 @@ fn check_vfio_driver(f: &NodeFacts) -> Check {
     }
 }
 
-/// Host drivers that could claim a GPU of this vendor before vfio-pci.
-fn host_driver_candidates(vendor: u16) -> &'static [&'static str] {
+/// Host drivers that race vfio-pci for a GPU at boot: the driver holding it
+/// now (if not a vfio one) and the modules whose `modules.alias` entry
+/// matches its modalias; a vendor guess only when modules.alias is unreadable.
+fn host_driver_candidates(f: &NodeFacts, g: &GpuView) -> Vec<String> {
+    let function = &g.gpu.function;
+    let mut found: Vec<String> = function
+        .driver
+        .as_ref()
+        .filter(|d| !is_vfio_driver(d.as_str()))
+        .map(|d| normalize_module(d.as_str()))
+        .into_iter()
+        .collect();
+    match (&f.aliases, function.modalias.as_deref()) {
+        (Some(aliases), Some(modalias)) => found.extend(aliases.host_modules(modalias)),
+        _ => found.extend(
+            vendor_host_drivers(function.identity.vendor)
+                .iter()
+                .map(|d| d.to_string()),
+        ),
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// Without modules.alias: the usual host drivers of a GPU vendor.
+fn vendor_host_drivers(vendor: u16) -> &'static [&'static str] {
     match vendor {
         0x10de => &["nvidia", "nouveau"],
         0x1002 => &["amdgpu", "radeon"],
@@ -639,19 +684,31 @@ fn check_load_order(f: &NodeFacts, view: &Inspection) -> Check {
         f.pci_drivers.contains(drv) || f.modules.as_ref().is_none_or(|m| m.contains(drv))
     };
     let gpus: Vec<String> = by_ids.iter().map(|g| g.gpu.bdf().to_string()).collect();
-    let mut needed: Vec<&str> = Vec::new();
-    let mut have: Vec<&str> = Vec::new();
+    let mut needed: Vec<String> = Vec::new();
+    let mut have: Vec<String> = Vec::new();
+    // (GPU, driver): a built-in driver holding a GPU the ids= name.
+    let mut built_in: Vec<(String, String)> = Vec::new();
     for g in &by_ids {
-        for drv in host_driver_candidates(g.gpu.function.identity.vendor) {
-            if suppressed(drv) || !present(drv) || needed.contains(drv) || have.contains(drv) {
+        let bound = g.gpu.function.driver.as_ref().map(|d| normalize_module(d.as_str()));
+        for drv in host_driver_candidates(f, g) {
+            if f.builtin_modules.contains(&drv) {
+                if bound.as_deref() == Some(drv.as_str()) {
+                    built_in.push((g.gpu.bdf().to_string(), drv));
+                }
                 continue;
             }
-            if satisfied(drv) {
+            if suppressed(&drv) || !present(&drv) || needed.contains(&drv) || have.contains(&drv) {
+                continue;
+            }
+            if satisfied(&drv) {
                 have.push(drv);
             } else {
                 needed.push(drv);
             }
         }
+    }
+    if !built_in.is_empty() {
+        return built_in_winner(&gpus, &built_in);
     }
     let early = (!f.early_vfio.is_empty()).then(|| {
         format!(
@@ -716,6 +773,36 @@ fn check_load_order(f: &NodeFacts, view: &Inspection) -> Check {
             fix,
         )
     }
+}
+
+/// A built-in host driver binds during boot, before any module (vfio-pci
+/// included) loads: no softdep or initramfs order lets `ids=` win; an
+/// override applied after boot (driverctl's udev rule) does.
+fn built_in_winner(gpus: &[String], built_in: &[(String, String)]) -> Check {
+    let held: Vec<String> = built_in
+        .iter()
+        .map(|(bdf, drv)| format!("{bdf} is on {drv}, which is built into the kernel"))
+        .collect();
+    let overrides: Vec<String> = built_in
+        .iter()
+        .map(|(bdf, _)| format!("`driverctl set-override {bdf} vfio-pci`"))
+        .collect();
+    Check::new(
+        "vfio-load-order",
+        Status::Fail,
+        format!(
+            "vfio-pci is a module and claims {} by ids=, but {}: it binds during boot before \
+             any module loads, so ids= cannot win",
+            gpus.join(" "),
+            held.join("; ")
+        ),
+        format!(
+            "run {} (persistent: driverctl's udev rule moves it to vfio-pci at every boot); \
+             or boot a kernel with vfio-pci built in. Until then the plugin moves it at \
+             prepare time and keeps it on vfio-pci afterwards (ids= counts as admin intent)",
+            overrides.join(" and ")
+        ),
+    )
 }
 
 /// `gpus`: what the selector found, and functions that could not be read.

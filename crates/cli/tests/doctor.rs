@@ -439,3 +439,84 @@ fn real_h200_vm_capture_has_the_iommu_off_and_doctor_writes_nothing() {
         "doctor wrote into the host root"
     );
 }
+
+/// A node whose "GPU" 8086:10d3 is claimed by `vfio-pci.ids` on the command
+/// line but sits on its host driver `driver` (the shape the real-kernel VM
+/// showed: doctor must name the driver modules.alias says races vfio-pci,
+/// not guess one from the vendor).
+fn ids_node_on_host_driver(root: &Path, driver: &str, builtin: &str) -> FixtureHost {
+    let mut h = healthy(root);
+    h.write(
+        "proc/cmdline",
+        "BOOT_IMAGE=/vmlinuz ro intel_iommu=on iommu=pt vfio-pci.ids=8086:10d3\n",
+    )
+    .unwrap();
+    h.write(
+        "lib/modules/6.1.0-fixture/modules.alias",
+        "alias pci:v00008086d000010D3sv*sd*bc*sc*i* e1000e\n\
+         alias pci:v00008086d*sv*sd*bc03sc*i* i915\n\
+         alias vfio_pci:v*d*sv*sd*bc*sc*i* vfio_pci\n",
+    )
+    .unwrap();
+    h.write(
+        "lib/modules/6.1.0-fixture/modules.dep",
+        "kernel/drivers/vfio/pci/vfio-pci.ko: kernel/drivers/vfio/pci/vfio-pci-core.ko\n\
+         kernel/drivers/net/ethernet/intel/e1000e/e1000e.ko:\n\
+         kernel/drivers/gpu/drm/i915/i915.ko:\n",
+    )
+    .unwrap();
+    h.write("lib/modules/6.1.0-fixture/modules.builtin", builtin)
+        .unwrap();
+    h.add_driver(driver).unwrap();
+    h.add_function(
+        &FunctionSpec::new("0000:01:00.0".parse().unwrap(), 0x8086, 0x10d3, 0x020000)
+            .driver(driver)
+            .group(12),
+    )
+    .unwrap();
+    h
+}
+
+#[test]
+fn load_order_names_the_driver_modules_alias_gives_not_a_vendor_guess() {
+    let dir = tempfile::tempdir().unwrap();
+    let _h = ids_node_on_host_driver(dir.path(), "e1000e", "kernel/drivers/pci/pcie/portdrv.ko\n");
+    let o = doctor(dir.path(), &["-o", "json", "--gpu-id", "8086:10d3"]);
+    let cs = checks(&o);
+    let c = entry(&cs, "vfio-load-order", None);
+    assert_eq!(c["status"], "fail", "{c:#}");
+    let fix = c["fix"].as_str().unwrap();
+    assert!(fix.contains("`softdep e1000e pre: vfio-pci`"), "{fix}");
+    // i915 claims only display-class (bc03) Intel devices: not this one.
+    assert!(!fix.contains("i915"), "{fix}");
+    assert!(
+        c["detail"].as_str().unwrap().contains("0000:01:00.0 came up on the host driver"),
+        "{c:#}"
+    );
+    assert_eq!(o.status.code(), Some(1));
+}
+
+#[test]
+fn a_built_in_host_driver_cannot_be_ordered_and_doctor_says_what_works() {
+    let dir = tempfile::tempdir().unwrap();
+    // As on Debian's 6.12, where virtio_pci is built in: modules.builtin
+    // lists the host driver, so no softdep or initramfs order helps.
+    let h = ids_node_on_host_driver(
+        dir.path(),
+        "e1000e",
+        "kernel/drivers/pci/pcie/portdrv.ko\nkernel/drivers/net/ethernet/intel/e1000e/e1000e.ko\n",
+    );
+    h.write(
+        "lib/modules/6.1.0-fixture/modules.dep",
+        "kernel/drivers/vfio/pci/vfio-pci.ko: kernel/drivers/vfio/pci/vfio-pci-core.ko\n",
+    )
+    .unwrap();
+    let cs = checks(&doctor(dir.path(), &["-o", "json", "--gpu-id", "8086:10d3"]));
+    let c = entry(&cs, "vfio-load-order", None);
+    assert_eq!(c["status"], "fail", "{c:#}");
+    let detail = c["detail"].as_str().unwrap();
+    assert!(detail.contains("e1000e") && detail.contains("built into the kernel"), "{detail}");
+    let fix = c["fix"].as_str().unwrap();
+    assert!(fix.contains("driverctl set-override 0000:01:00.0 vfio-pci"), "{fix}");
+    assert!(!fix.contains("softdep"), "a softdep cannot order a built-in driver: {fix}");
+}

@@ -9,6 +9,78 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use vfio_gpu_host::{DriverName, HostRoot, PciFunction};
 
+/// The `alias` lines of the running kernel's `modules.alias`: which module
+/// claims which modalias pattern.
+#[derive(Clone, Debug, Default)]
+pub struct ModuleAliases {
+    entries: Vec<(String, String)>,
+}
+
+impl ModuleAliases {
+    /// Reads `lib/modules/<release>/modules.alias` whole; `None` when the
+    /// release, the file or a read fails (callers fall back to defaults).
+    pub fn read(root: &HostRoot) -> Option<Self> {
+        root.read_module_index("modules.alias")
+            .ok()
+            .flatten()
+            .map(|text| Self::parse(&text))
+    }
+
+    /// Parses `alias <pattern> <module>` lines; anything else is skipped.
+    pub fn parse(text: &str) -> Self {
+        let entries = text
+            .lines()
+            .filter_map(|line| {
+                let mut it = line.split_whitespace();
+                match (it.next(), it.next(), it.next()) {
+                    (Some("alias"), Some(pattern), Some(module)) => {
+                        Some((pattern.to_string(), module.to_string()))
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        ModuleAliases { entries }
+    }
+
+    /// The `vfio_pci:` alias matching `modalias` (without its `pci:`
+    /// prefix) with the fewest wildcards: a variant driver's module.
+    fn vfio_module(&self, modalias: &str) -> Option<&str> {
+        let mut best: Option<(usize, &str)> = None;
+        for (pattern, module) in &self.entries {
+            let Some(pattern) = pattern.strip_prefix("vfio_pci:") else {
+                continue;
+            };
+            if glob_match(pattern.as_bytes(), modalias.as_bytes()) {
+                let wild = pattern.matches('*').count();
+                if best.is_none_or(|(w, _)| wild < w) {
+                    best = Some((wild, module));
+                }
+            }
+        }
+        best.map(|(_, module)| module)
+    }
+
+    /// Host (non-vfio) modules whose `pci:` alias matches a function's
+    /// `modalias` (`pci:v…`): the drivers that race vfio-pci for it at boot.
+    /// Names normalised (`-` → `_`), sorted, without duplicates.
+    pub fn host_modules(&self, modalias: &str) -> Vec<String> {
+        let mut found: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(pattern, _)| {
+                pattern.starts_with("pci:") && glob_match(pattern.as_bytes(), modalias.as_bytes())
+            })
+            .map(|(_, module)| module.replace('-', "_"))
+            // vfio-pci and its variants are what the GPU should end on.
+            .filter(|module| !module.starts_with("vfio") && !module.contains("vfio_pci"))
+            .collect();
+        found.sort();
+        found.dedup();
+        found
+    }
+}
+
 /// The vfio driver for a function: the `vfio_pci:` alias in
 /// `lib/modules/<release>/modules.alias` that matches its modalias with the
 /// fewest wildcards (a variant such as `nvgrace_gpu_vfio_pci`), else `vfio-pci`.
@@ -17,30 +89,11 @@ pub fn choose_vfio_driver(root: &HostRoot, f: &PciFunction) -> DriverName {
     let Some(modalias) = f.modalias.as_deref().and_then(|m| m.strip_prefix("pci:")) else {
         return fallback();
     };
-    let Ok(Some(path)) = root.modules_file("modules.alias") else {
+    let Some(aliases) = ModuleAliases::read(root) else {
         return fallback();
     };
-    let Ok(Some(text)) = root.read_opt(&path) else {
-        return fallback();
-    };
-    let mut best: Option<(usize, &str)> = None;
-    for line in text.lines() {
-        let mut it = line.split_whitespace();
-        let (Some("alias"), Some(pattern), Some(module)) = (it.next(), it.next(), it.next()) else {
-            continue;
-        };
-        let Some(pattern) = pattern.strip_prefix("vfio_pci:") else {
-            continue;
-        };
-        if glob_match(pattern.as_bytes(), modalias.as_bytes()) {
-            let wild = pattern.matches('*').count();
-            if best.is_none_or(|(w, _)| wild < w) {
-                best = Some((wild, module));
-            }
-        }
-    }
-    match best {
-        Some((_, module)) => module_to_driver(root, module).unwrap_or_else(fallback),
+    match aliases.vfio_module(modalias) {
+        Some(module) => module_to_driver(root, module).unwrap_or_else(fallback),
         None => fallback(),
     }
 }
@@ -462,7 +515,48 @@ pub fn find_holders(root: &HostRoot, nodes: &[PathBuf]) -> Vec<NodeHolder> {
 
 #[cfg(test)]
 mod tests {
-    use super::glob_match;
+    use super::*;
+    use vfio_gpu_host::fixture::{FixtureHost, FunctionSpec};
+
+    /// A distribution kernel's modules.alias is about 1.3 MB and the
+    /// `vfio_pci:` lines sit near its end (line 20117 of 26223 in Debian's
+    /// 6.1): the variant must be found there, not only in the first page.
+    #[test]
+    fn a_variant_alias_deep_in_a_real_sized_modules_alias_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = FixtureHost::create(dir.path()).unwrap();
+        let gpu = FunctionSpec::new("0000:01:00.0".parse().unwrap(), 0x10de, 0x2941, 0x030200);
+        h.add_function(&gpu.clone().driver("nvidia").group(1)).unwrap();
+        let mut text = String::new();
+        for i in 0..26_000 {
+            text.push_str(&format!("alias pci:v0000ABCDd{i:08X}sv*sd*bc*sc*i* filler{i}\n"));
+        }
+        assert!(text.len() > 1_000_000);
+        text.push_str("alias vfio_pci:v000010DEd00002941sv*sd*bc*sc*i* nvgrace_gpu_vfio_pci\n");
+        text.push_str("alias vfio_pci:v*d*sv*sd*bc*sc*i* vfio_pci\n");
+        h.write("lib/modules/6.1.0-fixture/modules.alias", &text).unwrap();
+        let root = HostRoot::open(dir.path()).unwrap();
+        let f = PciFunction::read(&root, "0000:01:00.0".parse().unwrap()).unwrap();
+        assert_eq!(choose_vfio_driver(&root, &f).as_str(), "nvgrace_gpu_vfio_pci");
+    }
+
+    #[test]
+    fn host_modules_are_the_non_vfio_aliases_that_match() {
+        let a = ModuleAliases::parse(
+            "# comment\n\
+             alias pci:v00008086d000010D3sv*sd*bc*sc*i* e1000e\n\
+             alias pci:v00008086d*sv*sd*bc03sc*i* i915\n\
+             alias vfio_pci:v*d*sv*sd*bc*sc*i* vfio_pci\n\
+             alias pci:v00008086d000010D3sv*sd*bc*sc*i* mlx5-vfio-pci\n\
+             alias pci:v00008086d000010D3sv*sd*bc*sc*i* e1000e\n\
+             alias usb:v*p* usbcore\n",
+        );
+        assert_eq!(
+            a.host_modules("pci:v00008086d000010D3sv00008086sd00000000bc02sc00i00"),
+            vec!["e1000e".to_string()]
+        );
+        assert!(a.host_modules("pci:v000010DEd00002330sv0sd0bc03sc02i00").is_empty());
+    }
 
     #[test]
     fn globbing() {

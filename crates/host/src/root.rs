@@ -18,6 +18,10 @@ pub struct HostRoot {
 /// The largest attribute we read; sysfs attributes are at most one page.
 const MAX_ATTR: u64 = 64 * 1024;
 
+/// The largest module index we read: a distribution kernel's `modules.alias`
+/// is about 1.3 MB, far past [`MAX_ATTR`].
+const MAX_MODULE_INDEX: u64 = 32 * 1024 * 1024;
+
 impl HostRoot {
     /// Opens a host root, checking that it is an existing directory with a
     /// `sys/bus/pci` tree.
@@ -98,19 +102,17 @@ impl HostRoot {
     /// Reads a text file, trimmed of the trailing newline. `Ok(None)` when
     /// it does not exist (a legitimate state for many sysfs attributes).
     pub fn read_opt(&self, path: &Path) -> Result<Option<String>, HostError> {
-        let file = match fs::File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(HostError::io(path, e)),
-        };
-        let mut s = String::new();
-        file.take(MAX_ATTR)
-            .read_to_string(&mut s)
-            .map_err(|e| HostError::io(path, e))?;
-        if s.ends_with('\n') {
-            s.pop();
+        read_bounded(path, MAX_ATTR)
+    }
+
+    /// Reads a module index of the running kernel
+    /// (`lib/modules/<release>/<file>`, e.g. `modules.alias`) whole.
+    /// `Ok(None)` when the release is unknown or the file does not exist.
+    pub fn read_module_index(&self, file: &str) -> Result<Option<String>, HostError> {
+        match self.modules_file(file)? {
+            Some(path) => read_bounded(&path, MAX_MODULE_INDEX),
+            None => Ok(None),
         }
-        Ok(Some(s))
     }
 
     /// The last component of a symlink's target (`driver` → `nvidia`,
@@ -154,4 +156,21 @@ pub(crate) fn is_safe_component(s: &str) -> bool {
         && s != ".."
         && !s.contains('/')
         && !s.chars().any(|c| c.is_control())
+}
+
+/// Reads at most `max` bytes of a text file, trimmed of the trailing newline.
+fn read_bounded(path: &Path, max: u64) -> Result<Option<String>, HostError> {
+    let file = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(HostError::io(path, e)),
+    };
+    let mut s = String::new();
+    file.take(max)
+        .read_to_string(&mut s)
+        .map_err(|e| HostError::io(path, e))?;
+    if s.ends_with('\n') {
+        s.pop();
+    }
+    Ok(Some(s))
 }
