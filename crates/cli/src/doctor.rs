@@ -689,7 +689,12 @@ fn check_load_order(f: &NodeFacts, view: &Inspection) -> Check {
     // (GPU, driver): a built-in driver holding a GPU the ids= name.
     let mut built_in: Vec<(String, String)> = Vec::new();
     for g in &by_ids {
-        let bound = g.gpu.function.driver.as_ref().map(|d| normalize_module(d.as_str()));
+        let bound = g
+            .gpu
+            .function
+            .driver
+            .as_ref()
+            .map(|d| normalize_module(d.as_str()));
         for drv in host_driver_candidates(f, g) {
             if f.builtin_modules.contains(&drv) {
                 if bound.as_deref() == Some(drv.as_str()) {

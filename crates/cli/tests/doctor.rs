@@ -490,7 +490,10 @@ fn load_order_names_the_driver_modules_alias_gives_not_a_vendor_guess() {
     // i915 claims only display-class (bc03) Intel devices: not this one.
     assert!(!fix.contains("i915"), "{fix}");
     assert!(
-        c["detail"].as_str().unwrap().contains("0000:01:00.0 came up on the host driver"),
+        c["detail"]
+            .as_str()
+            .unwrap()
+            .contains("0000:01:00.0 came up on the host driver"),
         "{c:#}"
     );
     assert_eq!(o.status.code(), Some(1));
@@ -511,12 +514,24 @@ fn a_built_in_host_driver_cannot_be_ordered_and_doctor_says_what_works() {
         "kernel/drivers/vfio/pci/vfio-pci.ko: kernel/drivers/vfio/pci/vfio-pci-core.ko\n",
     )
     .unwrap();
-    let cs = checks(&doctor(dir.path(), &["-o", "json", "--gpu-id", "8086:10d3"]));
+    let cs = checks(&doctor(
+        dir.path(),
+        &["-o", "json", "--gpu-id", "8086:10d3"],
+    ));
     let c = entry(&cs, "vfio-load-order", None);
     assert_eq!(c["status"], "fail", "{c:#}");
     let detail = c["detail"].as_str().unwrap();
-    assert!(detail.contains("e1000e") && detail.contains("built into the kernel"), "{detail}");
+    assert!(
+        detail.contains("e1000e") && detail.contains("built into the kernel"),
+        "{detail}"
+    );
     let fix = c["fix"].as_str().unwrap();
-    assert!(fix.contains("driverctl set-override 0000:01:00.0 vfio-pci"), "{fix}");
-    assert!(!fix.contains("softdep"), "a softdep cannot order a built-in driver: {fix}");
+    assert!(
+        fix.contains("driverctl set-override 0000:01:00.0 vfio-pci"),
+        "{fix}"
+    );
+    assert!(
+        !fix.contains("softdep"),
+        "a softdep cannot order a built-in driver: {fix}"
+    );
 }

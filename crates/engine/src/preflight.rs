@@ -526,18 +526,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut h = FixtureHost::create(dir.path()).unwrap();
         let gpu = FunctionSpec::new("0000:01:00.0".parse().unwrap(), 0x10de, 0x2941, 0x030200);
-        h.add_function(&gpu.clone().driver("nvidia").group(1)).unwrap();
+        h.add_function(&gpu.clone().driver("nvidia").group(1))
+            .unwrap();
         let mut text = String::new();
         for i in 0..26_000 {
-            text.push_str(&format!("alias pci:v0000ABCDd{i:08X}sv*sd*bc*sc*i* filler{i}\n"));
+            text.push_str(&format!(
+                "alias pci:v0000ABCDd{i:08X}sv*sd*bc*sc*i* filler{i}\n"
+            ));
         }
         assert!(text.len() > 1_000_000);
         text.push_str("alias vfio_pci:v000010DEd00002941sv*sd*bc*sc*i* nvgrace_gpu_vfio_pci\n");
         text.push_str("alias vfio_pci:v*d*sv*sd*bc*sc*i* vfio_pci\n");
-        h.write("lib/modules/6.1.0-fixture/modules.alias", &text).unwrap();
+        h.write("lib/modules/6.1.0-fixture/modules.alias", &text)
+            .unwrap();
         let root = HostRoot::open(dir.path()).unwrap();
         let f = PciFunction::read(&root, "0000:01:00.0".parse().unwrap()).unwrap();
-        assert_eq!(choose_vfio_driver(&root, &f).as_str(), "nvgrace_gpu_vfio_pci");
+        assert_eq!(
+            choose_vfio_driver(&root, &f).as_str(),
+            "nvgrace_gpu_vfio_pci"
+        );
     }
 
     #[test]
@@ -555,7 +562,10 @@ mod tests {
             a.host_modules("pci:v00008086d000010D3sv00008086sd00000000bc02sc00i00"),
             vec!["e1000e".to_string()]
         );
-        assert!(a.host_modules("pci:v000010DEd00002330sv0sd0bc03sc02i00").is_empty());
+        assert!(
+            a.host_modules("pci:v000010DEd00002330sv0sd0bc03sc02i00")
+                .is_empty()
+        );
     }
 
     #[test]
