@@ -1099,6 +1099,8 @@ mod tests {
             modprobe: ModprobeConfig::default(),
             pci_drivers: BTreeSet::new(),
             early_vfio: Vec::new(),
+            aliases: None,
+            builtin_modules: BTreeSet::new(),
         }
     }
 
