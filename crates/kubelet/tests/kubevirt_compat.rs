@@ -281,7 +281,7 @@ fn kubevirt_class_config() -> Value {
 async fn kubevirt_1_9_finds_the_gpu_of_template_and_named_claims() {
     let env = Env::new().await;
     let running = env.start().await;
-    let (ab, ba) = (dev(AB), dev(BA));
+    let ab = dev(AB);
     // A VM's template claim (`resourceClaimTemplateName`) and a named claim.
     let template = env.claim_with(
         "gpu-vm-gpu-claim-x7k2p",
