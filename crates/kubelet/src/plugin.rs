@@ -40,24 +40,6 @@ use crate::metadata::{
 use crate::metrics::{Direction, Metrics};
 use crate::slices::{DeviceInfo, device_attributes};
 
-/// Why a device's configuration asks for an iommufd layout nobody can use: its
-/// consumer cannot open it, or the kernel cannot provide it (`iommufd_kernel`).
-fn iommufd_refusal(config: &VfioDeviceConfig, iommufd_kernel: Option<&str>) -> Option<String> {
-    if config.iommu_backend != IommuBackend::Iommufd {
-        return None;
-    }
-    if config.consumer == Some(Consumer::KubeVirt) {
-        // KubeVirt ≤ 1.9 (pkg/virt-launcher/virtwrap/device/hostdevice/dra) builds an
-        // unmanaged PCI hostdev that libvirt opens through /dev/vfio/<group>; its
-        // iommufd mode takes the descriptor from KubeVirt's own device plugin.
-        return Some(
-            "the DeviceClass says the consumer is KubeVirt, whose DRA host devices open /dev/vfio/<group> (use iommuBackend \"legacy\")"
-                .into(),
-        );
-    }
-    iommufd_kernel.map(String::from)
-}
-
 /// The ResourceSlice device name of a GPU (`gpu-0000-ab-00-0`): the publisher's rule,
 /// re-exported so prepare maps names back to GPUs exactly as they were published.
 pub use crate::slices::device_name;
@@ -713,6 +695,24 @@ fn claims_in(ledger: &LedgerBody, keep: impl Fn(&str) -> bool) -> Vec<ClaimRef> 
         }
     }
     out
+}
+
+/// Why a device's configuration asks for an iommufd layout nobody can use: its
+/// consumer cannot open it, or the kernel cannot provide it (`iommufd_kernel`).
+fn iommufd_refusal(config: &VfioDeviceConfig, iommufd_kernel: Option<&str>) -> Option<String> {
+    if config.iommu_backend != IommuBackend::Iommufd {
+        return None;
+    }
+    if config.consumer == Some(Consumer::KubeVirt) {
+        // KubeVirt ≤ 1.9 (pkg/virt-launcher/virtwrap/device/hostdevice/dra) builds an
+        // unmanaged PCI hostdev that libvirt opens through /dev/vfio/<group>; its
+        // iommufd mode takes the descriptor from KubeVirt's own device plugin.
+        return Some(
+            "the DeviceClass says the consumer is KubeVirt, whose DRA host devices open /dev/vfio/<group> (use iommuBackend \"legacy\")"
+                .into(),
+        );
+    }
+    iommufd_kernel.map(String::from)
 }
 
 fn describe_engine_error(bdf: Bdf, e: &EngineError) -> String {
