@@ -88,6 +88,8 @@ func testAllocate(t *testing.T, c *cluster) {
 		}
 	})
 
+	t.Run("KubeVirtTemplateFromDeploy", func(t *testing.T) { testKubeVirtTemplate(t, c, n) })
+
 	t.Run("OtherNodesGPUsNotAllocated", func(t *testing.T) {
 		claim := c.newClaim(t, "alloc-one", classAll, 1)
 		res := c.allocate(t, claim, n)

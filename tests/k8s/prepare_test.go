@@ -103,12 +103,22 @@ func (e *prepareEnv) checkPrepared(t *testing.T, claim *resourceapi.ResourceClai
 	defer f.Close()
 	md, err := decodeMetadata(f)
 	if err == errNoMetadataAPI {
-		// Older lane: at least a JSON stream with the v1alpha1 object.
+		// Older lane: at least a JSON stream holding the v1alpha1 object (after the
+		// v1beta1 one) that KubeVirt reads.
 		t.Logf("%v", err)
 		f.Seek(0, 0)
-		var obj map[string]any
-		if err := json.NewDecoder(f).Decode(&obj); err != nil || obj["apiVersion"] != "metadata.resource.k8s.io/v1alpha1" {
-			t.Errorf("metadata stream: %v %v", err, obj["apiVersion"])
+		dec := json.NewDecoder(f)
+		var versions []any
+		for dec.More() {
+			var obj map[string]any
+			if err := dec.Decode(&obj); err != nil {
+				t.Errorf("metadata stream: %v", err)
+				return
+			}
+			versions = append(versions, obj["apiVersion"])
+		}
+		if !slices.Contains(versions, any("metadata.resource.k8s.io/v1alpha1")) {
+			t.Errorf("metadata stream versions %v lack v1alpha1", versions)
 		}
 		return
 	}

@@ -67,6 +67,11 @@ pub struct ServeArgs {
     /// hostNetwork.
     #[arg(long, env = "VFIO_GPU_DRA_METRICS_ADDR", value_name = "HOST:PORT")]
     pub metrics_addr: Option<String>,
+    /// Also mount each claim's device metadata where KubeVirt 1.8.0-1.8.2 read it
+    /// (/var/run/dra-device-attributes/<claim>/<request>/); KubeVirt >= 1.8.3 does
+    /// not need it.
+    #[arg(long, env = "VFIO_GPU_DRA_KUBEVIRT_LEGACY_METADATA")]
+    pub kubevirt_legacy_metadata: bool,
     #[command(flatten)]
     pub host: HostOpts,
 }
@@ -101,6 +106,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     opts.reconcile_interval = Duration::from_secs(args.reconcile_interval.max(1));
     opts.cleanup_interval = Duration::from_secs(args.cleanup_interval.max(1));
     opts.call_budget = Duration::from_secs(args.call_budget.max(1));
+    opts.legacy_kubevirt_metadata = args.kubevirt_legacy_metadata;
     // Bound here so a taken port or a bad address fails before anything starts.
     if let Some(addr) = args.metrics_addr.as_deref().filter(|a| !a.is_empty()) {
         let listener = std::net::TcpListener::bind(addr)

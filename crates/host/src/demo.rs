@@ -263,5 +263,7 @@ pub fn build_demo_host(root: &Path) -> io::Result<FixtureHost> {
         }
     }
     h.write("dev/vfio/vfio", "")?;
+    // The simulated kernel creates vfio device cdevs too (an iommufd-capable kernel).
+    h.write("dev/iommu", "")?;
     Ok(h)
 }

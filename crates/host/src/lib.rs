@@ -25,7 +25,7 @@ pub use error::HostError;
 pub use gpu::{FunctionRole, Gpu, GpuFunction, GpuSelector, IdMatch, discover_gpus};
 pub use node::{
     CpuInfo, CpuVendor, IommuKind, IommuUnit, VfioModuleFiles, cpu_info, iommu_group_count,
-    iommu_units, vfio_module_files,
+    iommu_units, iommufd_unsupported, vfio_module_files,
 };
 pub use pci::{Binding, FunctionReader, PciFunction, PciHost, PciIdentity};
 pub use pciids::PciIdsDb;

@@ -201,6 +201,65 @@ pub fn vfio_module_files(root: &HostRoot) -> Result<VfioModuleFiles, HostError> 
     Ok(out)
 }
 
+/// Why this kernel cannot serve VFIO's iommufd interface (`/dev/iommu` plus
+/// `/dev/vfio/devices/vfioN`), or `None` when it can or nothing rules it out.
+///
+/// Meant to run before a GPU moves: a function's cdev appears only once it is on
+/// vfio-pci, so what can be known beforehand is the kernel's build configuration
+/// (`boot/config-<release>`), else the `/dev/iommu` node or an iommufd module.
+pub fn iommufd_unsupported(root: &HostRoot) -> Result<Option<String>, HostError> {
+    let release = root.kernel_release()?;
+    if let Some(rel) = &release
+        && let Some(config) = read_large(&root.rel("boot").join(format!("config-{rel}")))?
+    {
+        let enabled = |option: &str| {
+            config.lines().any(|l| {
+                l.strip_prefix(option)
+                    .and_then(|v| v.strip_prefix('='))
+                    .is_some_and(|v| v == "y" || v == "m")
+            })
+        };
+        if !enabled("CONFIG_IOMMUFD") {
+            return Ok(Some(format!(
+                "kernel {rel} is built without CONFIG_IOMMUFD (no /dev/iommu)"
+            )));
+        }
+        if !enabled("CONFIG_VFIO_DEVICE_CDEV") {
+            return Ok(Some(format!(
+                "kernel {rel} is built without CONFIG_VFIO_DEVICE_CDEV (no /dev/vfio/devices/vfioN)"
+            )));
+        }
+        return Ok(None);
+    }
+    if root.rel("dev/iommu").exists() {
+        return Ok(None);
+    }
+    // iommufd as a module (or built in): loading vfio brings it.
+    for file in ["modules.builtin", "modules.dep"] {
+        if let Some(path) = root.modules_file(file)?
+            && let Some(text) = read_large(&path)?
+            && text
+                .lines()
+                .any(|l| is_iommufd_ko(l.split(':').next().unwrap_or_default()))
+        {
+            return Ok(None);
+        }
+    }
+    Ok(Some(format!(
+        "kernel {} has no /dev/iommu and no iommufd module (the iommufd backend needs Linux >= 6.6 with CONFIG_IOMMUFD and CONFIG_VFIO_DEVICE_CDEV)",
+        release.as_deref().unwrap_or("(release unknown)")
+    )))
+}
+
+/// `…/iommufd.ko`, compressed or not.
+fn is_iommufd_ko(path: &str) -> bool {
+    let base = path.trim().rsplit('/').next().unwrap_or("");
+    matches!(
+        base,
+        "iommufd.ko" | "iommufd.ko.xz" | "iommufd.ko.zst" | "iommufd.ko.gz"
+    )
+}
+
 /// `…/vfio-pci.ko` or `…/vfio_pci.ko`, compressed or not.
 fn is_vfio_pci_ko(path: &str) -> bool {
     let base = path.rsplit('/').next().unwrap_or("");
@@ -278,5 +337,48 @@ mod tests {
         assert!(is_vfio_pci_ko("kernel/drivers/vfio/pci/vfio-pci.ko"));
         assert!(!is_vfio_pci_ko("kernel/drivers/vfio/pci/vfio-pci-core.ko"));
         assert!(!is_vfio_pci_ko("kernel/drivers/vfio/vfio.ko"));
+    }
+
+    #[test]
+    fn iommufd_support_from_config_node_or_module() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = crate::fixture::FixtureHost::create(dir.path()).unwrap();
+        let root = HostRoot::open(dir.path()).unwrap();
+        let rel = root
+            .kernel_release()
+            .unwrap()
+            .expect("fixture has a release");
+        let why = iommufd_unsupported(&root)
+            .unwrap()
+            .expect("nothing says iommufd");
+        assert!(why.contains("no /dev/iommu"), "{why}");
+        h.write(
+            &format!("lib/modules/{rel}/modules.dep"),
+            "kernel/drivers/iommu/iommufd/iommufd.ko.zst:\n",
+        )
+        .unwrap();
+        assert_eq!(iommufd_unsupported(&root).unwrap(), None);
+        // The build configuration, when readable, is the authority.
+        h.write(
+            &format!("boot/config-{rel}"),
+            "CONFIG_IOMMUFD=m\n# CONFIG_VFIO_DEVICE_CDEV is not set\n",
+        )
+        .unwrap();
+        let why = iommufd_unsupported(&root).unwrap().expect("no cdev");
+        assert!(why.contains("CONFIG_VFIO_DEVICE_CDEV"), "{why}");
+        h.write(
+            &format!("boot/config-{rel}"),
+            "CONFIG_IOMMUFD=y\nCONFIG_VFIO_DEVICE_CDEV=y\n",
+        )
+        .unwrap();
+        assert_eq!(iommufd_unsupported(&root).unwrap(), None);
+        h.write(&format!("boot/config-{rel}"), "CONFIG_VFIO_DEVICE_CDEV=y\n")
+            .unwrap();
+        assert!(
+            iommufd_unsupported(&root)
+                .unwrap()
+                .unwrap()
+                .contains("CONFIG_IOMMUFD")
+        );
     }
 }

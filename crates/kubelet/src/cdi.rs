@@ -353,6 +353,7 @@ mod tests {
             config: VfioDeviceConfig {
                 iommu_backend: backend,
                 api_device: true,
+                consumer: None,
             },
         }
     }

@@ -3,7 +3,7 @@
 //!
 //! ```json
 //! {"apiVersion": "vfio-gpu.dra.dev/v1alpha1", "kind": "VfioDeviceConfig",
-//!  "iommuBackend": "legacy", "apiDevice": true}
+//!  "iommuBackend": "legacy", "apiDevice": true, "consumer": "kubevirt"}
 //! ```
 //!
 //! Entries of `status.allocation.devices.config[]` whose `opaque.driver` is this driver
@@ -36,6 +36,9 @@ pub struct VfioDeviceConfig {
     /// Expose the API device (`/dev/vfio/vfio` for legacy). KubeVirt always needs it,
     /// hence the default (the NVIDIA driver's default of false broke it, upstream #1415).
     pub api_device: bool,
+    /// Who opens the device, when a DeviceClass says so; prepare refuses layouts that
+    /// consumer cannot use.
+    pub consumer: Option<Consumer>,
 }
 
 impl Default for VfioDeviceConfig {
@@ -43,8 +46,18 @@ impl Default for VfioDeviceConfig {
         Self {
             iommu_backend: IommuBackend::Legacy,
             api_device: true,
+            consumer: None,
         }
     }
+}
+
+/// The program that opens the device in the container (`consumer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consumer {
+    /// KubeVirt's virt-launcher: libvirt opens `/dev/vfio/<group>` for DRA host
+    /// devices and gets an iommufd descriptor only from KubeVirt's own device plugin,
+    /// so the `iommufd` layout of this driver is of no use to it.
+    KubeVirt,
 }
 
 /// A configuration entry this driver cannot accept.
@@ -85,6 +98,16 @@ pub fn parse_parameters(params: &Value) -> Result<VfioDeviceConfig, String> {
                     }
                 }
             }
+            "consumer" => {
+                cfg.consumer = match string_field(key, value)? {
+                    "kubevirt" => Some(Consumer::KubeVirt),
+                    other => {
+                        return Err(format!(
+                            "field consumer: unknown value {other:?} (expected \"kubevirt\")"
+                        ));
+                    }
+                }
+            }
             "apiDevice" => {
                 cfg.api_device = value.as_bool().ok_or_else(|| {
                     format!(
@@ -95,7 +118,7 @@ pub fn parse_parameters(params: &Value) -> Result<VfioDeviceConfig, String> {
             }
             other => {
                 return Err(format!(
-                    "unknown field {other:?} (known: apiVersion, kind, iommuBackend, apiDevice)"
+                    "unknown field {other:?} (known: apiVersion, kind, iommuBackend, apiDevice, consumer)"
                 ));
             }
         }
@@ -192,14 +215,23 @@ impl ClaimConfig {
     }
 
     /// The configuration for the device allocated to `request`: the last applicable
-    /// entry wins, defaults when none applies.
+    /// entry wins, defaults when none applies. `consumer` is the exception: an entry
+    /// that does not name one keeps the class's, so a claim choosing a backend cannot
+    /// make a KubeVirt class forget who opens the device.
     pub fn for_request(&self, request: &str) -> VfioDeviceConfig {
-        self.entries
+        let mut applicable = self
+            .entries
             .iter()
             .rev()
-            .find(|(requests, _)| covers(requests, request))
-            .map(|(_, c)| *c)
-            .unwrap_or_default()
+            .filter(|(requests, _)| covers(requests, request));
+        let Some((_, last)) = applicable.next() else {
+            return VfioDeviceConfig::default();
+        };
+        let mut cfg = *last;
+        if cfg.consumer.is_none() {
+            cfg.consumer = applicable.find_map(|(_, c)| c.consumer);
+        }
+        cfg
     }
 }
 
@@ -233,7 +265,8 @@ mod tests {
             d,
             VfioDeviceConfig {
                 iommu_backend: IommuBackend::Legacy,
-                api_device: true
+                api_device: true,
+                consumer: None
             }
         );
         let f = parse_parameters(&cfg("iommufd", false)).unwrap();
@@ -241,7 +274,8 @@ mod tests {
             f,
             VfioDeviceConfig {
                 iommu_backend: IommuBackend::Iommufd,
-                api_device: false
+                api_device: false,
+                consumer: None
             }
         );
     }
@@ -298,14 +332,16 @@ mod tests {
             c.for_request("other"),
             VfioDeviceConfig {
                 iommu_backend: IommuBackend::Legacy,
-                api_device: true
+                api_device: true,
+                consumer: None
             }
         );
         assert_eq!(
             c.for_request("third"),
             VfioDeviceConfig {
                 iommu_backend: IommuBackend::Legacy,
-                api_device: false
+                api_device: false,
+                consumer: None
             }
         );
         // `main/sub` listed explicitly does not cover `main/other`.
@@ -339,5 +375,28 @@ mod tests {
         let e = ClaimConfig::from_allocation(&config, d).unwrap_err();
         assert_eq!(e.index, 1);
         assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn consumer_from_the_class_survives_a_claim_entry_without_one() {
+        let d = "vfio-gpu.dra.dev";
+        let class = json!({"apiVersion": API_VERSION, "kind": KIND, "consumer": "kubevirt"});
+        let c = ClaimConfig::from_allocation(
+            &[
+                entry("FromClass", d, &[], class),
+                entry("FromClaim", d, &["gpu"], cfg("iommufd", true)),
+            ],
+            d,
+        )
+        .unwrap();
+        let gpu = c.for_request("gpu");
+        assert_eq!(gpu.iommu_backend, IommuBackend::Iommufd);
+        assert_eq!(gpu.consumer, Some(Consumer::KubeVirt));
+        assert_eq!(c.for_request("other").consumer, Some(Consumer::KubeVirt));
+        assert_eq!(ClaimConfig::default().for_request("gpu").consumer, None);
+        let e =
+            parse_parameters(&json!({"apiVersion": API_VERSION, "kind": KIND, "consumer": "qemu"}))
+                .unwrap_err();
+        assert!(e.starts_with("field consumer"), "{e}");
     }
 }

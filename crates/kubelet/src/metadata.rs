@@ -2,15 +2,25 @@
 //! address of each GPU it got through DRA.
 //!
 //! Per prepared request this writes, like the Go helper
-//! (`k8s.io/dynamic-resource-allocation/kubeletplugin`, `metadataWriter`):
-//! - a JSON stream with one `DeviceMetadata` object per supported API version (only
-//!   `metadata.resource.k8s.io/v1alpha1` exists) under the plugin data directory;
+//! (`k8s.io/dynamic-resource-allocation/kubeletplugin`, `metadataWriter`, 1.37):
+//! - a JSON stream with one `DeviceMetadata` object per API version, newest first
+//!   (`metadata.resource.k8s.io/v1beta1`, then `v1alpha1`), each pretty-printed as Go
+//!   does and followed by a newline, under the plugin data directory. Readers take the
+//!   first object whose version they know: KubeVirt ≥ 1.8.3 knows only `v1alpha1`
+//!   (`pkg/dra/metadata/types.go`) and skips the `v1beta1` one; the 1.36 Go reader
+//!   does the same; 1.37 readers take `v1beta1`;
 //! - a CDI spec (kind `<driver>/metadata`, device `<claimUID>_<request>`) that
 //!   bind-mounts it read-only at
 //!   `/var/run/kubernetes.io/dra-device-attributes/resourceclaims/<claim>/<request>/<driver>-metadata.json`
 //!   or, for claims made from a template (annotation
 //!   `resource.kubernetes.io/pod-claim-name`),
 //!   `.../resourceclaimtemplates/<podClaimName>/<request>/<driver>-metadata.json`.
+//!
+//! Optionally ([`MetadataWriter::with_legacy_kubevirt_path`]) the same CDI device also
+//! mounts a single `v1alpha1` object at
+//! `/var/run/dra-device-attributes/<claim>/<request>/<driver>-metadata.json`, where
+//! KubeVirt 1.8.0–1.8.2 look (they parse the whole file as one object, so it cannot be
+//! the stream, and find template claims by `podClaimName` under the claim's own name).
 //!
 //! One deliberate difference: the host directory is `<ns>_<claim>_<uid>` instead of
 //! the helper's `<ns>_<claim>`, so unpreparing a replaced claim (same name, new UID)
@@ -24,15 +34,24 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::resource::v1::DeviceAttribute;
 use serde::Serialize;
+use serde_json::ser::{Formatter, PrettyFormatter};
 
 use crate::cdi::{self, CdiError, ContainerEdits, Device, Mount, Spec};
 
-/// API version of the metadata objects written.
-pub const METADATA_API_VERSION: &str = "metadata.resource.k8s.io/v1alpha1";
+/// `metadata.resource.k8s.io/v1beta1` (Kubernetes 1.37 and later readers).
+pub const METADATA_V1BETA1: &str = "metadata.resource.k8s.io/v1beta1";
+/// `metadata.resource.k8s.io/v1alpha1` (Kubernetes 1.36 readers, every KubeVirt).
+pub const METADATA_V1ALPHA1: &str = "metadata.resource.k8s.io/v1alpha1";
+/// The versions of the stream, in file order: newest first, as the Go helper is
+/// configured (readers take the first they know).
+pub const METADATA_API_VERSIONS: [&str; 2] = [METADATA_V1BETA1, METADATA_V1ALPHA1];
 /// Kind of the metadata objects written.
 pub const METADATA_KIND: &str = "DeviceMetadata";
 /// Where metadata appears in containers.
 pub const CONTAINER_ROOT: &str = "/var/run/kubernetes.io/dra-device-attributes";
+/// Where KubeVirt 1.8.0–1.8.2 look for it (`pkg/dra/utils.go`
+/// `DefaultMetadataBasePath` at v1.8.2).
+pub const LEGACY_KUBEVIRT_CONTAINER_ROOT: &str = "/var/run/dra-device-attributes";
 /// Annotation on claims generated from a pod's ResourceClaimTemplate.
 pub const POD_CLAIM_NAME_ANNOTATION: &str = "resource.kubernetes.io/pod-claim-name";
 /// Sub-directory of the plugin data directory holding metadata files.
@@ -72,7 +91,7 @@ pub struct MetadataDevice {
 #[serde(rename_all = "camelCase")]
 struct DeviceMetadata<'a> {
     kind: &'static str,
-    api_version: &'static str,
+    api_version: &'a str,
     metadata: ObjectMeta<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pod_claim_name: Option<&'a str>,
@@ -90,7 +109,71 @@ struct ObjectMeta<'a> {
 #[derive(Serialize)]
 struct RequestMetadata<'a> {
     name: &'a str,
+    #[serde(skip_serializing_if = "<[MetadataDevice]>::is_empty")]
     devices: &'a [MetadataDevice],
+}
+
+/// `serde_json`'s pretty printer with Go's string escaping: `encoding/json` (which the
+/// Go helper's serializer uses through `json.MarshalIndent`) writes `<`, `>`, `&`,
+/// U+2028 and U+2029 as `\u003c`-style escapes. Both forms decode the same; this
+/// keeps the bytes identical to the helper's.
+struct GoFormatter(PrettyFormatter<'static>);
+
+impl Formatter for GoFormatter {
+    fn write_string_fragment<W: ?Sized + io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
+        let mut start = 0;
+        for (i, c) in fragment.char_indices() {
+            if matches!(c, '<' | '>' | '&' | '\u{2028}' | '\u{2029}') {
+                writer.write_all(&fragment.as_bytes()[start..i])?;
+                write!(writer, "\\u{:04x}", u32::from(c))?;
+                start = i + c.len_utf8();
+            }
+        }
+        writer.write_all(&fragment.as_bytes()[start..])
+    }
+    fn begin_array<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.begin_array(w)
+    }
+    fn end_array<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.end_array(w)
+    }
+    fn begin_array_value<W: ?Sized + io::Write>(&mut self, w: &mut W, f: bool) -> io::Result<()> {
+        self.0.begin_array_value(w, f)
+    }
+    fn end_array_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.end_array_value(w)
+    }
+    fn begin_object<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.begin_object(w)
+    }
+    fn end_object<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.end_object(w)
+    }
+    fn begin_object_key<W: ?Sized + io::Write>(&mut self, w: &mut W, f: bool) -> io::Result<()> {
+        self.0.begin_object_key(w, f)
+    }
+    fn begin_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.begin_object_value(w)
+    }
+    fn end_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.end_object_value(w)
+    }
+}
+
+/// One object as Go's `json.MarshalIndent(v, "", "  ")` writes it, plus the newline
+/// the helper puts after each object of the stream.
+fn go_pretty<T: Serialize>(value: &T, out: &mut Vec<u8>) {
+    let mut ser = serde_json::Serializer::with_formatter(
+        &mut *out,
+        GoFormatter(PrettyFormatter::with_indent(b"  ")),
+    );
+    // Strings, integers and maps with string keys into a Vec cannot fail.
+    let _ = value.serialize(&mut ser);
+    out.push(b'\n');
 }
 
 /// Errors writing metadata.
@@ -126,6 +209,7 @@ pub struct MetadataWriter {
     driver: String,
     data_dir: PathBuf,
     cdi_root: PathBuf,
+    legacy_kubevirt: bool,
 }
 
 impl MetadataWriter {
@@ -140,7 +224,16 @@ impl MetadataWriter {
             driver: driver.into(),
             data_dir: data_dir.into(),
             cdi_root: cdi_root.into(),
+            legacy_kubevirt: false,
         }
+    }
+
+    /// Also mount a single-object `v1alpha1` file where KubeVirt 1.8.0–1.8.2 read it
+    /// ([`LEGACY_KUBEVIRT_CONTAINER_ROOT`]); off by default (KubeVirt ≥ 1.8.3 reads
+    /// the KEP-5304 path).
+    pub fn with_legacy_kubevirt_path(mut self, on: bool) -> Self {
+        self.legacy_kubevirt = on;
+        self
     }
 
     fn claim_dir(&self, claim: &ClaimIdentity) -> PathBuf {
@@ -154,6 +247,23 @@ impl MetadataWriter {
         self.claim_dir(claim)
             .join(base_request)
             .join("metadata.json")
+    }
+
+    /// Host path of a request's single-object file for KubeVirt 1.8.0–1.8.2.
+    pub fn legacy_host_file(&self, claim: &ClaimIdentity, base_request: &str) -> PathBuf {
+        self.claim_dir(claim)
+            .join(base_request)
+            .join("metadata-v1alpha1.json")
+    }
+
+    /// Where KubeVirt 1.8.0–1.8.2 look: `<root>/<claim>/<request>/*-metadata.json`,
+    /// with the claim's own name for template claims too (they match `podClaimName`
+    /// inside the file).
+    pub fn legacy_container_file(&self, claim: &ClaimIdentity, base_request: &str) -> String {
+        format!(
+            "{LEGACY_KUBEVIRT_CONTAINER_ROOT}/{}/{base_request}/{}-metadata.json",
+            claim.name, self.driver
+        )
     }
 
     /// Path of the metadata file inside the container.
@@ -187,33 +297,54 @@ impl MetadataWriter {
     }
 
     /// The metadata stream for one request (`request_ref` may be `main/sub`; it is
-    /// recorded in full inside the file).
+    /// recorded in full inside the file): one object per [`METADATA_API_VERSIONS`].
     pub fn render(
         &self,
         claim: &ClaimIdentity,
         request_ref: &str,
         devices: &[MetadataDevice],
     ) -> Vec<u8> {
-        let doc = DeviceMetadata {
-            kind: METADATA_KIND,
-            api_version: METADATA_API_VERSION,
-            metadata: ObjectMeta {
-                name: &claim.name,
-                namespace: &claim.namespace,
-                uid: &claim.uid,
-                // Written once per prepare with identical content: a retried prepare
-                // must not look like an update.
-                generation: 1,
-            },
-            pod_claim_name: claim.pod_claim_name.as_deref(),
-            requests: vec![RequestMetadata {
-                name: request_ref,
-                devices,
-            }],
-        };
-        // Serialising plain strings and integers cannot fail.
-        let mut out = serde_json::to_vec_pretty(&doc).unwrap_or_default();
-        out.push(b'\n');
+        self.render_versions(claim, request_ref, devices, &METADATA_API_VERSIONS)
+    }
+
+    /// The single `v1alpha1` object KubeVirt 1.8.0–1.8.2 can parse.
+    pub fn render_legacy(
+        &self,
+        claim: &ClaimIdentity,
+        request_ref: &str,
+        devices: &[MetadataDevice],
+    ) -> Vec<u8> {
+        self.render_versions(claim, request_ref, devices, &[METADATA_V1ALPHA1])
+    }
+
+    fn render_versions(
+        &self,
+        claim: &ClaimIdentity,
+        request_ref: &str,
+        devices: &[MetadataDevice],
+        versions: &[&'static str],
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        for api_version in versions {
+            let doc = DeviceMetadata {
+                kind: METADATA_KIND,
+                api_version,
+                metadata: ObjectMeta {
+                    name: &claim.name,
+                    namespace: &claim.namespace,
+                    uid: &claim.uid,
+                    // Written once per prepare with identical content: a retried
+                    // prepare must not look like an update.
+                    generation: 1,
+                },
+                pod_claim_name: claim.pod_claim_name.as_deref(),
+                requests: vec![RequestMetadata {
+                    name: request_ref,
+                    devices,
+                }],
+            };
+            go_pretty(&doc, &mut out);
+        }
         out
     }
 
@@ -235,14 +366,29 @@ impl MetadataWriter {
                 source,
             },
         )?;
+        let mut mounts = vec![Mount {
+            host_path: file.to_string_lossy().into_owned(),
+            container_path: self.container_file(claim, base),
+            options: vec!["ro".into(), "bind".into()],
+        }];
+        if self.legacy_kubevirt {
+            let legacy = self.legacy_host_file(claim, base);
+            cdi::write_bytes_atomic(&legacy, &self.render_legacy(claim, request_ref, devices))
+                .map_err(|source| CdiError::Io {
+                    step: "writing metadata",
+                    path: legacy.clone(),
+                    source,
+                })?;
+            mounts.push(Mount {
+                host_path: legacy.to_string_lossy().into_owned(),
+                container_path: self.legacy_container_file(claim, base),
+                options: vec!["ro".into(), "bind".into()],
+            });
+        }
         let device = Device {
             name: format!("{}_{base}", claim.uid),
             container_edits: ContainerEdits {
-                mounts: vec![Mount {
-                    host_path: file.to_string_lossy().into_owned(),
-                    container_path: self.container_file(claim, base),
-                    options: vec!["ro".into(), "bind".into()],
-                }],
+                mounts,
                 ..ContainerEdits::default()
             },
         };
@@ -371,27 +517,84 @@ mod tests {
         }
     }
 
+    /// The claim and device of the golden files in `tests/data`, which
+    /// `tests/metadata-golden` wrote with the upstream Go types and codec
+    /// (`k8s.io/dynamic-resource-allocation` v0.37.2).
+    fn golden_device() -> MetadataDevice {
+        let info = crate::slices::DeviceInfo {
+            bdf: "0000:ab:00.0".parse().unwrap(),
+            vendor: 0x10de,
+            device: 0x26b1,
+            product_name: Some("AD102GL [RTX 6000 Ada] <A&B>".into()),
+            driver: Some("nvidia".into()),
+            iommu_group: 11,
+            numa_node: Some(1),
+            pcie_root: Some("pci0000:a0".into()),
+            keep_on_vfio: false,
+            bar_bytes: 0,
+        };
+        MetadataDevice {
+            driver: "vfio-gpu.dra.dev".into(),
+            pool: "node-a".into(),
+            name: "gpu-0000-ab-00-0".into(),
+            attributes: crate::slices::device_attributes(&info),
+        }
+    }
+
+    #[track_caller]
+    fn assert_same_bytes(ours: &[u8], golden: &[u8]) {
+        assert!(
+            ours == golden,
+            "differs from the Go encoding:\n--- ours\n{}\n--- Go\n{}",
+            String::from_utf8_lossy(ours),
+            String::from_utf8_lossy(golden)
+        );
+    }
+
     #[test]
-    fn schema_matches_go_helper() {
+    fn stream_is_byte_identical_to_the_go_helpers() {
+        let w = MetadataWriter::new("vfio-gpu.dra.dev", "/data", "/cdi");
+        assert_same_bytes(
+            &w.render(&claim(Some("gpu")), "gpu", &[golden_device()]),
+            include_bytes!("../tests/data/metadata-template-claim.json"),
+        );
+        assert_same_bytes(
+            &w.render(&claim(None), "gpu", &[golden_device()]),
+            include_bytes!("../tests/data/metadata-direct-claim.json"),
+        );
+        assert_same_bytes(
+            &w.render_legacy(&claim(Some("gpu")), "gpu", &[golden_device()]),
+            include_bytes!("../tests/data/metadata-legacy-kubevirt.json"),
+        );
+    }
+
+    #[test]
+    fn stream_holds_v1beta1_then_v1alpha1_with_the_full_request_ref() {
         let w = MetadataWriter::new("vfio-gpu.dra.dev", "/data", "/cdi");
         let bytes = w.render(&claim(Some("gpu")), "gpu/big", &[dev()]);
-        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(v["kind"], "DeviceMetadata");
-        assert_eq!(v["apiVersion"], "metadata.resource.k8s.io/v1alpha1");
-        assert_eq!(v["metadata"]["generation"], 1);
-        assert_eq!(v["metadata"]["uid"], "7d6c7a3e-0000-4000-8000-000000000001");
-        assert_eq!(v["podClaimName"], "gpu");
-        assert_eq!(v["requests"][0]["name"], "gpu/big");
-        let d = &v["requests"][0]["devices"][0];
-        assert_eq!(d["driver"], "vfio-gpu.dra.dev");
-        assert_eq!(d["pool"], "node-a");
-        assert_eq!(
-            d["attributes"]["resource.kubernetes.io/pciBusID"]["string"],
-            "0000:ab:00.0"
-        );
-        let plain = w.render(&claim(None), "gpu", &[dev()]);
-        let v: serde_json::Value = serde_json::from_slice(&plain).unwrap();
-        assert!(v.get("podClaimName").is_none());
+        let objects: Vec<serde_json::Value> = serde_json::Deserializer::from_slice(&bytes)
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let versions: Vec<&str> = objects
+            .iter()
+            .map(|o| o["apiVersion"].as_str().unwrap())
+            .collect();
+        assert_eq!(versions, METADATA_API_VERSIONS);
+        for v in &objects {
+            assert_eq!(v["kind"], "DeviceMetadata");
+            assert_eq!(v["requests"][0]["name"], "gpu/big");
+            assert_eq!(v["requests"][0]["devices"][0]["pool"], "node-a");
+        }
+        // The two objects differ in apiVersion only.
+        let mut a = objects[0].clone();
+        a["apiVersion"] = objects[1]["apiVersion"].clone();
+        assert_eq!(a, objects[1]);
+        // The legacy file is one object: KubeVirt 1.8.2 unmarshals the whole file.
+        let legacy = w.render_legacy(&claim(Some("gpu")), "gpu/big", &[dev()]);
+        let one: serde_json::Value = serde_json::from_slice(&legacy).unwrap();
+        assert_eq!(one["apiVersion"], METADATA_V1ALPHA1);
+        assert!(serde_json::from_slice::<serde_json::Value>(&bytes).is_err());
     }
 
     #[test]
@@ -423,7 +626,24 @@ mod tests {
         );
         assert!(w.host_file(&c, "gpu").exists());
         assert!(w.spec_path(&c.uid, "gpu").exists());
+        assert!(
+            !w.legacy_host_file(&c, "gpu").exists(),
+            "legacy file is opt-in"
+        );
+        let w = w.with_legacy_kubevirt_path(true);
+        w.write_request(&c, "gpu", &[dev()]).unwrap();
+        let legacy = w.legacy_host_file(&c, "gpu");
+        assert!(legacy.exists());
+        let spec: serde_json::Value =
+            serde_json::from_slice(&fs::read(w.spec_path(&c.uid, "gpu")).unwrap()).unwrap();
+        let mounts = &spec["devices"][0]["containerEdits"]["mounts"];
+        assert_eq!(
+            mounts[1]["containerPath"],
+            "/var/run/dra-device-attributes/vm-1-gpu-x7k2p/gpu/vfio-gpu.dra.dev-metadata.json"
+        );
+        assert_eq!(mounts[1]["hostPath"], legacy.to_string_lossy().as_ref());
         w.remove_claim(&c.uid).unwrap();
+        assert!(!legacy.exists());
         assert!(!w.host_file(&c, "gpu").exists());
         assert!(!w.spec_path(&c.uid, "gpu").exists());
         w.remove_claim(&c.uid).unwrap();

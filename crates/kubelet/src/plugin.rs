@@ -30,7 +30,7 @@ use vfio_gpu_host::Bdf;
 
 use crate::apiserver::{missing_resource_v1, missing_resource_v1_after};
 use crate::cdi::{CdiGpu, CdiWriter, is_safe_uid};
-use crate::config::{ClaimConfig, VfioDeviceConfig, base_request};
+use crate::config::{ClaimConfig, Consumer, IommuBackend, VfioDeviceConfig, base_request};
 use crate::grpc::dra::{
     BoxFuture, ClaimRef, DraBackend, PrepareResults, PreparedDevice, UnprepareResults,
 };
@@ -65,6 +65,9 @@ pub struct PluginConfig {
     pub allow_foreign_group_members: bool,
     /// Where call durations, moves and rollbacks are counted.
     pub metrics: Arc<Metrics>,
+    /// Also mount each request's metadata where KubeVirt 1.8.0–1.8.2 read it
+    /// (`/var/run/dra-device-attributes/...`, one `v1alpha1` object).
+    pub legacy_kubevirt_metadata: bool,
 }
 
 impl PluginConfig {
@@ -81,6 +84,7 @@ impl PluginConfig {
             call_budget: Duration::from_secs(40),
             allow_foreign_group_members: false,
             metrics: Metrics::new(),
+            legacy_kubevirt_metadata: false,
         }
     }
 }
@@ -135,7 +139,8 @@ impl VfioPlugin {
         Arc::new_cyclic(|me| Self {
             me: me.clone(),
             cdi: CdiWriter::new(&config.cdi_root, &config.driver_name),
-            metadata: MetadataWriter::new(&config.driver_name, &config.data_dir, &config.cdi_root),
+            metadata: MetadataWriter::new(&config.driver_name, &config.data_dir, &config.cdi_root)
+                .with_legacy_kubevirt_path(config.legacy_kubevirt_metadata),
             engine,
             client,
             config,
@@ -308,12 +313,33 @@ impl VfioPlugin {
             name: c.name.clone(),
         };
 
+        // What the kernel offers for iommufd is known only from files; read them once,
+        // and only for claims that ask for it.
+        let iommufd_kernel = if ours
+            .iter()
+            .any(|r| claim_config.for_request(&r.request).iommu_backend == IommuBackend::Iommufd)
+        {
+            self.blocking("checking iommufd support", |e| {
+                vfio_gpu_host::iommufd_unsupported(e.root())
+            })
+            .await?
+            .map_err(|e| format!("checking iommufd support: {e}"))?
+        } else {
+            None
+        };
+
         let _guard = self.lock_claim(&c.uid).await;
         let (views, _) = self
             .blocking("discovering GPUs", |e| e.discover())
             .await?
             .map_err(|e| format!("discovering GPUs: {e}"))?;
-        let planned = self.plan(&c.uid, ours, &views, &claim_config)?;
+        let planned = self.plan(
+            &c.uid,
+            ours,
+            &views,
+            &claim_config,
+            iommufd_kernel.as_deref(),
+        )?;
 
         // Distinct GPUs, in allocation order.
         let mut bdfs: Vec<Bdf> = Vec::new();
@@ -356,12 +382,14 @@ impl VfioPlugin {
     }
 
     /// Resolves our results to GPUs and runs every check that needs no host change.
+    /// `iommufd_kernel` is why this kernel cannot serve the iommufd backend, if so.
     fn plan(
         &self,
         uid: &str,
         ours: Vec<DeviceRequestAllocationResult>,
         views: &[GpuView],
         claim_config: &ClaimConfig,
+        iommufd_kernel: Option<&str>,
     ) -> Result<Vec<Planned>, String> {
         let by_name: HashMap<String, &GpuView> = views
             .iter()
@@ -416,8 +444,16 @@ impl VfioPlugin {
                 errors.push(format!("{bdf} is stuck in {op}"));
                 continue;
             }
+            let config = claim_config.for_request(&r.request);
+            if let Some(why) = iommufd_refusal(&config, iommufd_kernel) {
+                errors.push(format!(
+                    "device {:?} ({bdf}, request {:?}): iommuBackend \"iommufd\" refused: {why}",
+                    r.device, r.request
+                ));
+                continue;
+            }
             planned.push(Planned {
-                config: claim_config.for_request(&r.request),
+                config,
                 bdf,
                 view: (*view).clone(),
                 result: r,
@@ -659,6 +695,24 @@ fn claims_in(ledger: &LedgerBody, keep: impl Fn(&str) -> bool) -> Vec<ClaimRef> 
         }
     }
     out
+}
+
+/// Why a device's configuration asks for an iommufd layout nobody can use: its
+/// consumer cannot open it, or the kernel cannot provide it (`iommufd_kernel`).
+fn iommufd_refusal(config: &VfioDeviceConfig, iommufd_kernel: Option<&str>) -> Option<String> {
+    if config.iommu_backend != IommuBackend::Iommufd {
+        return None;
+    }
+    if config.consumer == Some(Consumer::KubeVirt) {
+        // KubeVirt ≤ 1.9 (pkg/virt-launcher/virtwrap/device/hostdevice/dra) builds an
+        // unmanaged PCI hostdev that libvirt opens through /dev/vfio/<group>; its
+        // iommufd mode takes the descriptor from KubeVirt's own device plugin.
+        return Some(
+            "the DeviceClass says the consumer is KubeVirt, whose DRA host devices open /dev/vfio/<group> (use iommuBackend \"legacy\")"
+                .into(),
+        );
+    }
+    iommufd_kernel.map(String::from)
 }
 
 fn describe_engine_error(bdf: Bdf, e: &EngineError) -> String {

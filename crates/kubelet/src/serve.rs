@@ -89,6 +89,8 @@ pub struct ServeOptions {
     /// How often the devices are re-scanned for the device gauges and health; a
     /// prepare or unprepare triggers a scan too.
     pub device_scan_interval: Duration,
+    /// Also mount device metadata where KubeVirt 1.8.0–1.8.2 read it.
+    pub legacy_kubevirt_metadata: bool,
 }
 
 impl ServeOptions {
@@ -119,6 +121,7 @@ impl ServeOptions {
             metrics: Metrics::new(),
             heartbeat_interval: Duration::from_secs(10),
             device_scan_interval: Duration::from_secs(30),
+            legacy_kubevirt_metadata: false,
         }
     }
 
@@ -298,6 +301,7 @@ async fn serve_plugin(
     plugin_config.cdi_root = opts.cdi_root.clone();
     plugin_config.data_dir = data_dir;
     plugin_config.allow_foreign_group_members = allow_foreign;
+    plugin_config.legacy_kubevirt_metadata = opts.legacy_kubevirt_metadata;
     plugin_config.call_budget = opts.call_budget;
     plugin_config.metrics = Arc::clone(&metrics);
     let plugin = VfioPlugin::new(Arc::clone(&engine), client.clone(), plugin_config);

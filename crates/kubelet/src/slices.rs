@@ -47,6 +47,9 @@ pub const MAX_STRING_ATTRIBUTE: usize = 64;
 pub const ATTR_PCI_BUS_ID: &str = "resource.kubernetes.io/pciBusID";
 /// Standard attribute: PCIe root complex, `pci0000:17`.
 pub const ATTR_PCIE_ROOT: &str = "resource.kubernetes.io/pcieRoot";
+/// Standard attribute (`k8s.io/dynamic-resource-allocation/deviceattribute` 1.37):
+/// the device's NUMA node from sysfs, absent when the kernel reports none (-1).
+pub const ATTR_NUMA_NODE: &str = "resource.kubernetes.io/numaNode";
 /// Capacity: total size of the GPU's memory BARs.
 pub const CAPACITY_ADDRESSABLE_MEMORY: &str = "addressableMemory";
 
@@ -254,6 +257,9 @@ pub fn device_attributes(info: &DeviceInfo) -> BTreeMap<String, DeviceAttribute>
         attrs.insert(ATTR_PCIE_ROOT.to_string(), string_attr(root.clone()));
     }
     if let Some(numa) = info.numa_node {
+        attrs.insert(ATTR_NUMA_NODE.to_string(), int_attr(numa));
+        // The driver-domain name published before the standard one existed; kept so
+        // existing selectors (`device.attributes["<driver>"].numaNode`) still match.
         attrs.insert("numaNode".to_string(), int_attr(numa));
     }
     attrs.insert(

@@ -154,9 +154,21 @@ async fn prepare_cdi_metadata_unprepare_round_trip_on_both_versions() {
         "{}",
         host_file.display()
     );
-    let meta: Value =
-        serde_json::from_slice(&std::fs::read(&host_file).expect("metadata file")).expect("JSON");
-    assert_eq!(meta["apiVersion"], "metadata.resource.k8s.io/v1alpha1");
+    // A stream: the same object once per version, newest first.
+    let stream: Vec<Value> =
+        serde_json::Deserializer::from_slice(&std::fs::read(&host_file).expect("metadata file"))
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .expect("JSON stream");
+    let versions: Vec<&Value> = stream.iter().map(|o| &o["apiVersion"]).collect();
+    assert_eq!(
+        versions,
+        [
+            "metadata.resource.k8s.io/v1beta1",
+            "metadata.resource.k8s.io/v1alpha1"
+        ]
+    );
+    let meta = &stream[1];
     assert_eq!(meta["kind"], "DeviceMetadata");
     assert_eq!(meta["metadata"]["uid"], uid.as_str());
     assert_eq!(meta["metadata"]["name"], "vm-1");

@@ -75,6 +75,7 @@ async fn first_publish_offers_the_movable_gpus_with_their_attributes() {
         json!({
             "resource.kubernetes.io/pciBusID": {"string": "0000:18:00.0"},
             "resource.kubernetes.io/pcieRoot": {"string": "pci0000:17"},
+            "resource.kubernetes.io/numaNode": {"int": 0},
             "numaNode": {"int": 0},
             "vendorID": {"string": "0x10de"},
             "deviceID": {"string": "0x2330"},
