@@ -518,7 +518,7 @@ mod tests {
     }
 
     /// The claim and device of the golden files in `tests/data`, which
-    /// `tests/metadata-golden` wrote with the upstream Go types and codec
+    /// `tests/k8s/metadata-golden` wrote with the upstream Go types and codec
     /// (`k8s.io/dynamic-resource-allocation` v0.37.2).
     fn golden_device() -> MetadataDevice {
         let info = crate::slices::DeviceInfo {

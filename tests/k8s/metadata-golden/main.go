@@ -5,7 +5,7 @@
 // version, in the order given, each followed by a newline. It then decodes every
 // file again with devicemetadata.DecodeMetadataFromStream, the upstream reader.
 //
-//	go run . -out ../../crates/kubelet/tests/data
+//	go run . -out ../../../crates/kubelet/tests/data
 package main
 
 import (

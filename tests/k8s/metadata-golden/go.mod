@@ -1,4 +1,4 @@
-module github.com/vfio-gpu-dra/vfio-gpu-dra/tests/metadata-golden
+module github.com/vfio-gpu-dra/vfio-gpu-dra/tests/k8s/metadata-golden
 
 go 1.26.0
 
