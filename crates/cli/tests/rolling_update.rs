@@ -229,22 +229,24 @@ async fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
     }
 }
 
-/// One kubelet-like worker: `rounds` claims on `gpu`, each prepared on one
+/// One kubelet-like worker: claims on `gpu` until `stop`, each prepared on one
 /// instance and unprepared on the other. A call the old instance cannot answer
-/// (it is stopping) is retried on the new one, as the kubelet does once the old
-/// registration is gone.
+/// (it is stopping or gone) is retried on the new one, as the kubelet does once
+/// the old registration is gone. Returns (rounds, calls A did not answer).
 async fn traffic(
     api: Arc<FakeApiServer>,
     d: PathBuf,
     a: Arc<RegisteredPlugin>,
     b: Arc<RegisteredPlugin>,
     gpu: &'static str,
-    rounds: usize,
+    stop: Arc<AtomicBool>,
     done: Arc<AtomicUsize>,
-) -> usize {
+) -> (usize, usize) {
     let a_alive = AtomicBool::new(true);
     let mut a_failures = 0;
-    for round in 0..rounds {
+    let mut round = 0;
+    while !stop.load(Ordering::SeqCst) {
+        assert!(round < 500, "traffic never told to stop");
         let c = claim(&api, &format!("t-{}-{round}", &gpu[5..7]), &[gpu]);
         let (first, second) = if round % 2 == 0 { (&a, &b) } else { (&b, &a) };
         for (step, k) in [("prepare", first), ("unprepare", second)] {
@@ -280,8 +282,9 @@ async fn traffic(
         }
         api.delete("resourceclaims", Some(NS), &c.name);
         done.fetch_add(1, Ordering::SeqCst);
+        round += 1;
     }
-    a_failures
+    (round, a_failures)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -365,8 +368,8 @@ async fn two_serve_processes_share_one_node_through_a_rolling_update() {
     assert_eq!(driver_of(&d, H100).as_deref(), Some("vfio-pci"));
 
     // Traffic on both GPUs through both instances; the old one gets SIGTERM
-    // in the middle of it.
-    let rounds = 8;
+    // in the middle of it, and the traffic goes on after it is gone.
+    let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicUsize::new(0));
     let workers: Vec<_> = [AB, BA]
         .into_iter()
@@ -377,7 +380,7 @@ async fn two_serve_processes_share_one_node_through_a_rolling_update() {
                 Arc::clone(&ka),
                 Arc::clone(&kb),
                 gpu,
-                rounds,
+                Arc::clone(&stop),
                 Arc::clone(&done),
             ))
         })
@@ -387,34 +390,43 @@ async fn two_serve_processes_share_one_node_through_a_rolling_update() {
     })
     .await;
     a.sigterm();
-    let mut a_failures = 0;
-    for w in workers {
-        a_failures += w.await.expect("worker");
-    }
-    let status = tokio::task::spawn_blocking(move || {
+    let (status, a) = tokio::task::spawn_blocking(move || {
         let s = a.wait_exit(Duration::from_secs(30));
         (s, a)
     })
     .await
     .expect("join");
-    let (status, a) = status;
     assert!(status.success(), "A stopped cleanly on SIGTERM: {status}");
     drop(a);
+    let after = done.load(Ordering::SeqCst);
+    wait_for("traffic after A is gone", Duration::from_secs(60), || {
+        done.load(Ordering::SeqCst) >= after + 4
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let mut rounds = HashMap::new();
+    let mut a_failures = 0;
+    for (gpu, w) in [AB, BA].into_iter().zip(workers) {
+        let (n, f) = w.await.expect("worker");
+        rounds.insert(gpu, n);
+        a_failures += f;
+    }
+    eprintln!("rounds {rounds:?}; calls the stopped instance did not answer: {a_failures}");
+    assert!(a_failures > 0, "no call reached the stopped instance");
     assert!(!registration_socket(&d, UID_A).exists(), "A deregistered");
     assert!(!dra_socket(&d, UID_A).exists(), "A removed its DRA socket");
     assert!(registration_socket(&d, UID_B).exists(), "B's socket untouched");
     assert!(dra_socket(&d, UID_B).exists(), "B's socket untouched");
-    eprintln!("calls the stopping instance did not answer: {a_failures}");
 
     // Every claim moved its GPU exactly once each way, nothing is left held.
-    let expected = 2 + rounds;
-    assert_eq!(moves(&d, AB, "nvidia"), (expected, expected));
+    let (ab, ba) = (2 + rounds[AB], 2 + rounds[BA]);
+    assert_eq!(moves(&d, AB, "nvidia"), (ab, ab));
     assert_eq!(
         kernel_count(&d, "unbind 0000:ab:00.1 from snd_hda_intel"),
-        expected,
+        ab,
         "the audio function moved with its GPU, once per claim"
     );
-    assert_eq!(moves(&d, BA, "nvidia"), (expected, expected));
+    assert_eq!(moves(&d, BA, "nvidia"), (ba, ba));
     let body = ledger(&d);
     let claims: HashMap<_, _> = body
         .gpus
