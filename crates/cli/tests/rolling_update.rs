@@ -108,7 +108,9 @@ fn registration_socket(d: &Path, uid: &str) -> PathBuf {
 }
 
 fn dra_socket(d: &Path, uid: &str) -> PathBuf {
-    d.join("plugins").join(DRIVER).join(format!("dra-{uid}.sock"))
+    d.join("plugins")
+        .join(DRIVER)
+        .join(format!("dra-{uid}.sock"))
 }
 
 /// Waits for the instance's registration socket and registers it like the kubelet.
@@ -175,9 +177,13 @@ fn held_by(d: &Path, uid: &str) -> Vec<String> {
 }
 
 fn driver_of(d: &Path, bdf: &str) -> Option<String> {
-    std::fs::read_link(d.join("demo/host/sys/bus/pci/devices").join(bdf).join("driver"))
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+    std::fs::read_link(
+        d.join("demo/host/sys/bus/pci/devices")
+            .join(bdf)
+            .join("driver"),
+    )
+    .ok()
+    .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
 }
 
 /// How often the simulated kernel (both processes) was asked for `line`.
@@ -190,7 +196,10 @@ fn kernel_count(d: &Path, line: &str) -> usize {
 }
 
 async fn prepare_ok(k: &RegisteredPlugin, c: &ClaimRef) {
-    let r = k.prepare(std::slice::from_ref(c)).await.expect("prepare rpc");
+    let r = k
+        .prepare(std::slice::from_ref(c))
+        .await
+        .expect("prepare rpc");
     assert!(
         matches!(r.get(&c.uid), Some(Ok(devs)) if !devs.is_empty()),
         "{r:?}"
@@ -301,11 +310,15 @@ async fn two_serve_processes_share_one_node_through_a_rolling_update() {
     // The old instance alone.
     let mut a = Serve::start(&d, UID_A);
     let ka = Arc::new(register(&d, UID_A, &mut a).await);
-    wait_for("instance A publishes slices", Duration::from_secs(20), || {
-        slice_devices(&api).contains(&vfio_gpu_kubelet::plugin::device_name(
-            &AB.parse().expect("bdf"),
-        ))
-    })
+    wait_for(
+        "instance A publishes slices",
+        Duration::from_secs(20),
+        || {
+            slice_devices(&api).contains(&vfio_gpu_kubelet::plugin::device_name(
+                &AB.parse().expect("bdf"),
+            ))
+        },
+    )
     .await;
     let c1 = claim(&api, "c1", &[AB]);
     prepare_ok(&ka, &c1).await;
@@ -415,7 +428,10 @@ async fn two_serve_processes_share_one_node_through_a_rolling_update() {
     assert!(a_failures > 0, "no call reached the stopped instance");
     assert!(!registration_socket(&d, UID_A).exists(), "A deregistered");
     assert!(!dra_socket(&d, UID_A).exists(), "A removed its DRA socket");
-    assert!(registration_socket(&d, UID_B).exists(), "B's socket untouched");
+    assert!(
+        registration_socket(&d, UID_B).exists(),
+        "B's socket untouched"
+    );
     assert!(dra_socket(&d, UID_B).exists(), "B's socket untouched");
 
     // Every claim moved its GPU exactly once each way, nothing is left held.
@@ -446,9 +462,15 @@ async fn two_serve_processes_share_one_node_through_a_rolling_update() {
 
     // A left the slices in place; B publishes now: slices deleted behind its
     // back come back.
-    assert!(!slice_devices(&api).is_empty(), "A left the slices in place");
+    assert!(
+        !slice_devices(&api).is_empty(),
+        "A left the slices in place"
+    );
     for s in api.list("resourceslices", None) {
-        let name = s["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let name = s["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         api.delete("resourceslices", None, &name);
     }
     wait_for("B republishes the slices", Duration::from_secs(20), || {

@@ -190,10 +190,7 @@ impl SharedStateLock {
     /// (waiting for another process up to `wait`) and runs `on_take` before
     /// any operation of this process proceeds: the moment to re-read what
     /// another process may have written.
-    pub fn acquire(
-        self: &Arc<Self>,
-        on_take: impl FnOnce(),
-    ) -> Result<SharedLease, LockError> {
+    pub fn acquire(self: &Arc<Self>, on_take: impl FnOnce()) -> Result<SharedLease, LockError> {
         let mut st = self.state();
         loop {
             if st.holders > 0 {

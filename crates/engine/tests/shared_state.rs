@@ -100,7 +100,10 @@ fn a_hold_excludes_the_other_engine_and_the_cli_until_released() {
         })
     };
     std::thread::sleep(Duration::from_millis(300));
-    assert!(!done.load(Ordering::SeqCst), "the other engine ran during the hold");
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "the other engine ran during the hold"
+    );
     drop(hold);
     let r = waiter.join().unwrap().unwrap();
     assert_eq!(r.action, Action::Restored);

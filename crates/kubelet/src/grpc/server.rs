@@ -73,7 +73,9 @@ impl ServerConfig {
         let driver_name = driver_name.into();
         let part = pod_uid.map(|u| format!("-{u}")).unwrap_or_default();
         Self {
-            dra_socket: plugins_dir.join(&driver_name).join(format!("dra{part}.sock")),
+            dra_socket: plugins_dir
+                .join(&driver_name)
+                .join(format!("dra{part}.sock")),
             registration_socket: registrar_dir.join(format!("{driver_name}{part}-reg.sock")),
             driver_name,
             registration_retry_backoff: Duration::from_secs(5),
