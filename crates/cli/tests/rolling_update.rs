@@ -296,6 +296,90 @@ async fn traffic(
     (round, a_failures)
 }
 
+/// Claims prepared by one instance and unprepared by the other, and calls to
+/// both at once; `c1` (on AB) was prepared by A, `c2` (on BA) by B.
+async fn cross_instance_calls(
+    d: &Path,
+    api: &FakeApiServer,
+    ka: &RegisteredPlugin,
+    kb: &RegisteredPlugin,
+    (c1, c2): (&ClaimRef, &ClaimRef),
+) {
+    // Each instance unprepares what the other prepared, and again (idempotent).
+    unprepare_ok(ka, c2).await;
+    assert_eq!(driver_of(d, BA).as_deref(), Some("nvidia"));
+    unprepare_ok(kb, c1).await;
+    assert_eq!(driver_of(d, AB).as_deref(), Some("nvidia"));
+    unprepare_ok(ka, c1).await;
+    unprepare_ok(kb, c2).await;
+    assert!(held_by(d, &c1.uid).is_empty() && held_by(d, &c2.uid).is_empty());
+    assert_eq!(moves(d, AB, "nvidia"), (1, 1));
+    assert_eq!(moves(d, BA, "nvidia"), (1, 1));
+
+    // Concurrent calls to both: the same claim prepared on both at once moves
+    // its GPU once; different claims on both at once.
+    let c3 = claim(api, "c3", &[AB]);
+    let c4 = claim(api, "c4", &[BA]);
+    let c5 = claim(api, "c5", &[H100]);
+    let (r3a, r3b, r4, r5) = tokio::join!(
+        ka.prepare(std::slice::from_ref(&c3)),
+        kb.prepare(std::slice::from_ref(&c3)),
+        kb.prepare(std::slice::from_ref(&c4)),
+        ka.prepare(std::slice::from_ref(&c5)),
+    );
+    let (r3a, r3b) = (r3a.expect("rpc"), r3b.expect("rpc"));
+    assert!(matches!(r3a.get(&c3.uid), Some(Ok(_))), "{r3a:?}");
+    assert_eq!(r3a.get(&c3.uid), r3b.get(&c3.uid), "same answer from both");
+    assert!(matches!(r4.expect("rpc").get(&c4.uid), Some(Ok(_))));
+    assert!(matches!(r5.expect("rpc").get(&c5.uid), Some(Ok(_))));
+    assert_eq!(held_by(d, &c3.uid), vec![AB.to_string()]);
+    assert_eq!(held_by(d, &c4.uid), vec![BA.to_string()]);
+    assert_eq!(held_by(d, &c5.uid), vec![H100.to_string()]);
+    assert_eq!(moves(d, AB, "nvidia"), (2, 1), "c3 moved AB once");
+    let (u3a, u3b, u4, u5) = tokio::join!(
+        ka.unprepare(std::slice::from_ref(&c3)),
+        kb.unprepare(std::slice::from_ref(&c3)),
+        ka.unprepare(std::slice::from_ref(&c4)),
+        kb.unprepare(std::slice::from_ref(&c5)),
+    );
+    for (r, c) in [(u3a, &c3), (u3b, &c3), (u4, &c4), (u5, &c5)] {
+        assert_eq!(r.expect("rpc").get(&c.uid), Some(&Ok(())), "{}", c.name);
+    }
+    assert_eq!(moves(d, AB, "nvidia"), (2, 2));
+    assert_eq!(moves(d, BA, "nvidia"), (2, 2));
+    assert_eq!(driver_of(d, H100).as_deref(), Some("vfio-pci"));
+}
+
+/// Every claim moved its GPU exactly once each way (`rounds` traffic rounds
+/// per GPU after two claims each), nothing is left held.
+fn check_every_move_once(d: &Path, rounds: &HashMap<&str, usize>) {
+    // Every claim moved its GPU exactly once each way, nothing is left held.
+    let (ab, ba) = (2 + rounds[AB], 2 + rounds[BA]);
+    assert_eq!(moves(d, AB, "nvidia"), (ab, ab));
+    assert_eq!(
+        kernel_count(d, "unbind 0000:ab:00.1 from snd_hda_intel"),
+        ab,
+        "the audio function moved with its GPU, once per claim"
+    );
+    assert_eq!(moves(d, BA, "nvidia"), (ba, ba));
+    let body = ledger(d);
+    let claims: HashMap<_, _> = body
+        .gpus
+        .iter()
+        .filter_map(|(b, r)| match &r.holder {
+            Some(Holder::Claim { uid, .. }) => Some((b.to_string(), uid.clone())),
+            _ => None,
+        })
+        .collect();
+    assert!(claims.is_empty(), "{claims:?}");
+    assert_eq!(driver_of(d, AB).as_deref(), Some("nvidia"));
+    assert_eq!(driver_of(d, BA).as_deref(), Some("nvidia"));
+    let cdi: Vec<_> = std::fs::read_dir(d.join("cdi"))
+        .map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(cdi.is_empty(), "CDI specs left: {cdi:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_serve_processes_share_one_node_through_a_rolling_update() {
     vfio_gpu_kubelet::serve::install_crypto_provider();
@@ -336,49 +420,7 @@ async fn two_serve_processes_share_one_node_through_a_rolling_update() {
     assert_eq!(held_by(&d, &c1.uid), vec![AB.to_string()]);
     assert_eq!(held_by(&d, &c2.uid), vec![BA.to_string()]);
 
-    // Each instance unprepares what the other prepared, and again (idempotent).
-    unprepare_ok(&ka, &c2).await;
-    assert_eq!(driver_of(&d, BA).as_deref(), Some("nvidia"));
-    unprepare_ok(&kb, &c1).await;
-    assert_eq!(driver_of(&d, AB).as_deref(), Some("nvidia"));
-    unprepare_ok(&ka, &c1).await;
-    unprepare_ok(&kb, &c2).await;
-    assert!(held_by(&d, &c1.uid).is_empty() && held_by(&d, &c2.uid).is_empty());
-    assert_eq!(moves(&d, AB, "nvidia"), (1, 1));
-    assert_eq!(moves(&d, BA, "nvidia"), (1, 1));
-
-    // Concurrent calls to both: the same claim prepared on both at once moves
-    // its GPU once; different claims on both at once.
-    let c3 = claim(&api, "c3", &[AB]);
-    let c4 = claim(&api, "c4", &[BA]);
-    let c5 = claim(&api, "c5", &[H100]);
-    let (r3a, r3b, r4, r5) = tokio::join!(
-        ka.prepare(std::slice::from_ref(&c3)),
-        kb.prepare(std::slice::from_ref(&c3)),
-        kb.prepare(std::slice::from_ref(&c4)),
-        ka.prepare(std::slice::from_ref(&c5)),
-    );
-    let (r3a, r3b) = (r3a.expect("rpc"), r3b.expect("rpc"));
-    assert!(matches!(r3a.get(&c3.uid), Some(Ok(_))), "{r3a:?}");
-    assert_eq!(r3a.get(&c3.uid), r3b.get(&c3.uid), "same answer from both");
-    assert!(matches!(r4.expect("rpc").get(&c4.uid), Some(Ok(_))));
-    assert!(matches!(r5.expect("rpc").get(&c5.uid), Some(Ok(_))));
-    assert_eq!(held_by(&d, &c3.uid), vec![AB.to_string()]);
-    assert_eq!(held_by(&d, &c4.uid), vec![BA.to_string()]);
-    assert_eq!(held_by(&d, &c5.uid), vec![H100.to_string()]);
-    assert_eq!(moves(&d, AB, "nvidia"), (2, 1), "c3 moved AB once");
-    let (u3a, u3b, u4, u5) = tokio::join!(
-        ka.unprepare(std::slice::from_ref(&c3)),
-        kb.unprepare(std::slice::from_ref(&c3)),
-        ka.unprepare(std::slice::from_ref(&c4)),
-        kb.unprepare(std::slice::from_ref(&c5)),
-    );
-    for (r, c) in [(u3a, &c3), (u3b, &c3), (u4, &c4), (u5, &c5)] {
-        assert_eq!(r.expect("rpc").get(&c.uid), Some(&Ok(())), "{}", c.name);
-    }
-    assert_eq!(moves(&d, AB, "nvidia"), (2, 2));
-    assert_eq!(moves(&d, BA, "nvidia"), (2, 2));
-    assert_eq!(driver_of(&d, H100).as_deref(), Some("vfio-pci"));
+    cross_instance_calls(&d, &api, &ka, &kb, (&c1, &c2)).await;
 
     // Traffic on both GPUs through both instances; the old one gets SIGTERM
     // in the middle of it, and the traffic goes on after it is gone.
@@ -434,31 +476,7 @@ async fn two_serve_processes_share_one_node_through_a_rolling_update() {
     );
     assert!(dra_socket(&d, UID_B).exists(), "B's socket untouched");
 
-    // Every claim moved its GPU exactly once each way, nothing is left held.
-    let (ab, ba) = (2 + rounds[AB], 2 + rounds[BA]);
-    assert_eq!(moves(&d, AB, "nvidia"), (ab, ab));
-    assert_eq!(
-        kernel_count(&d, "unbind 0000:ab:00.1 from snd_hda_intel"),
-        ab,
-        "the audio function moved with its GPU, once per claim"
-    );
-    assert_eq!(moves(&d, BA, "nvidia"), (ba, ba));
-    let body = ledger(&d);
-    let claims: HashMap<_, _> = body
-        .gpus
-        .iter()
-        .filter_map(|(b, r)| match &r.holder {
-            Some(Holder::Claim { uid, .. }) => Some((b.to_string(), uid.clone())),
-            _ => None,
-        })
-        .collect();
-    assert!(claims.is_empty(), "{claims:?}");
-    assert_eq!(driver_of(&d, AB).as_deref(), Some("nvidia"));
-    assert_eq!(driver_of(&d, BA).as_deref(), Some("nvidia"));
-    let cdi: Vec<_> = std::fs::read_dir(d.join("cdi"))
-        .map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    assert!(cdi.is_empty(), "CDI specs left: {cdi:?}");
+    check_every_move_once(&d, &rounds);
 
     // A left the slices in place; B publishes now: slices deleted behind its
     // back come back.

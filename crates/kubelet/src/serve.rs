@@ -372,48 +372,24 @@ async fn serve_plugin(
         driver = %opts.driver_name,
         "kubelet plugin serving"
     );
-    let mut registration = server.registration_status();
+    tokio::spawn(mirror_registration(
+        server.registration_status(),
+        Arc::clone(&metrics),
+    ));
     let mut server_task = tokio::spawn(server.wait());
-    {
-        let metrics = Arc::clone(&metrics);
-        tokio::spawn(async move {
-            loop {
-                let registered = matches!(
-                    *registration.borrow_and_update(),
-                    RegistrationState::Registered
-                );
-                metrics.set_registered(registered);
-                if registration.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
 
-    let publisher = if opts.publish_slices {
-        let ctx = PublisherContext {
+    let publisher = start_slices(
+        &opts,
+        PublisherContext {
             client,
             node_name: opts.node_name.clone(),
             driver_name: opts.driver_name.clone(),
             engine: Arc::clone(&engine),
             shutdown: stop.clone(),
             metrics: Some(Arc::clone(&metrics)),
-        };
-        Some(if opts.pod_uid.is_some() {
-            tokio::spawn(publish_when_elected(
-                ctx,
-                state_dir.clone(),
-                opts.standby_poll,
-            ))
-        } else {
-            start_publisher(ctx)
-        })
-    } else {
-        tracing::warn!("ResourceSlice publishing is off: this node's GPUs are not published");
-        // Nothing to wait for before the node is usable.
-        metrics.set_slices_published();
-        None
-    };
+        },
+        state_dir,
+    );
 
     let mut reconcile_tick = tokio::time::interval(opts.reconcile_interval);
     let mut cleanup_tick = tokio::time::interval(opts.cleanup_interval);
@@ -470,6 +446,45 @@ async fn serve_plugin(
     }
     tracing::info!("kubelet plugin stopped");
     result
+}
+
+/// Keeps the `registered` readiness input in line with what the kubelet reports.
+async fn mirror_registration(
+    mut registration: tokio::sync::watch::Receiver<RegistrationState>,
+    metrics: Arc<Metrics>,
+) {
+    loop {
+        let registered = matches!(
+            *registration.borrow_and_update(),
+            RegistrationState::Registered
+        );
+        metrics.set_registered(registered);
+        if registration.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Starts publishing (see [`publish_when_elected`] for rolling updates), or
+/// nothing when publishing is off.
+fn start_slices(
+    opts: &ServeOptions,
+    ctx: PublisherContext,
+    state_dir: PathBuf,
+) -> Option<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    if !opts.publish_slices {
+        tracing::warn!("ResourceSlice publishing is off: this node's GPUs are not published");
+        // Nothing to wait for before the node is usable.
+        if let Some(m) = &ctx.metrics {
+            m.set_slices_published();
+        }
+        return None;
+    }
+    Some(if opts.pod_uid.is_some() {
+        tokio::spawn(publish_when_elected(ctx, state_dir, opts.standby_poll))
+    } else {
+        start_publisher(ctx)
+    })
 }
 
 /// Publishes ResourceSlices once this instance holds [`PUBLISHER_LOCK`] in

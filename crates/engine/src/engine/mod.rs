@@ -292,8 +292,8 @@ impl Engine {
 
     /// Holds the state lock until the returned value is dropped: with
     /// [`StateLockMode::PerOperation`], takes it (or joins this process's
-    /// operations holding it) and re-reads the ledger if another process
-    /// took it since; with [`StateLockMode::Lifetime`], the engine holds it
+    /// operations holding it) and, when taking it, re-reads the ledger
+    /// (another process may have written it meanwhile); with [`StateLockMode::Lifetime`], the engine holds it
     /// already and this does nothing. Blocks up to `state_lock_wait`. Hold it
     /// across a read of the ledger and the operations that act on what was
     /// read; take it before any lock of the caller's own.

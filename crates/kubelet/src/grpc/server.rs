@@ -509,3 +509,29 @@ async fn watch_socket(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_pod_socket_names_follow_the_go_helper() {
+        let (plugins, registry) = (Path::new("/p"), Path::new("/r"));
+        let single = ServerConfig::new("gpu.example.com", plugins, registry);
+        assert_eq!(single.dra_socket, Path::new("/p/gpu.example.com/dra.sock"));
+        assert_eq!(
+            single.registration_socket,
+            Path::new("/r/gpu.example.com-reg.sock")
+        );
+        let pod = ServerConfig::for_pod("gpu.example.com", plugins, registry, Some("u-1"));
+        assert_eq!(pod.dra_socket, Path::new("/p/gpu.example.com/dra-u-1.sock"));
+        assert_eq!(
+            pod.registration_socket,
+            Path::new("/r/gpu.example.com-u-1-reg.sock")
+        );
+        validate_pod_uid("0f6c2a1e-7f41-4c5e-9b1a-2d3c4e5f6a7b").unwrap();
+        for bad in ["", "../x", "A", "a/b", &"a".repeat(64)] {
+            assert!(validate_pod_uid(bad).is_err(), "{bad:?}");
+        }
+    }
+}
