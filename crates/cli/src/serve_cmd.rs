@@ -72,6 +72,13 @@ pub struct ServeArgs {
     /// not need it.
     #[arg(long, env = "VFIO_GPU_DRA_KUBEVIRT_LEGACY_METADATA")]
     pub kubevirt_legacy_metadata: bool,
+    /// This pod's UID (downward API metadata.uid): enables rolling updates, a
+    /// second instance on the node during a DaemonSet surge update. Sockets get
+    /// per-pod names, the state lock is taken per operation instead of for the
+    /// whole run, and one instance at a time publishes ResourceSlices. Needs
+    /// kubelet >= 1.33. Unset: one instance per node.
+    #[arg(long, env = "POD_UID")]
+    pub pod_uid: Option<String>,
     #[command(flatten)]
     pub host: HostOpts,
 }
@@ -107,6 +114,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     opts.cleanup_interval = Duration::from_secs(args.cleanup_interval.max(1));
     opts.call_budget = Duration::from_secs(args.call_budget.max(1));
     opts.legacy_kubevirt_metadata = args.kubevirt_legacy_metadata;
+    opts.pod_uid = args.pod_uid.clone().filter(|u| !u.is_empty());
     // Bound here so a taken port or a bad address fails before anything starts.
     if let Some(addr) = args.metrics_addr.as_deref().filter(|a| !a.is_empty()) {
         let listener = std::net::TcpListener::bind(addr)

@@ -151,7 +151,9 @@ impl HostOpts {
                     .with_context(|| format!("building demo host in {}", host.display()))?;
             }
             let root = HostRoot::open(&host)?;
-            let kernel: Arc<dyn Kernel> = Arc::new(SimKernel::booted(root.clone()));
+            // Every simulated sysfs write, from every command on this demo host.
+            let kernel: Arc<dyn Kernel> =
+                Arc::new(SimKernel::booted(root.clone()).with_log_file(dir.join("kernel.log")));
             return Ok(Setup {
                 root,
                 kernel,

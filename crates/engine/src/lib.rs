@@ -21,7 +21,7 @@ pub mod state;
 pub use deadline::{LateResult, StuckSet};
 pub use engine::{
     Action, CrashMode, Engine, EngineConfig, GpuView, Inspection, OpenReport, Outcome,
-    ReconcileResult, inspect, pin_text, source_name,
+    ReconcileResult, StateHold, StateLockMode, inspect, pin_text, source_name,
 };
 pub use error::{EngineError, FunctionState};
 pub use ledger::Holder;

@@ -1,13 +1,20 @@
-//! One engine per state directory: an exclusive `flock` held for the
-//! engine's lifetime, so the CLI and a running plugin never interleave
-//! ledger updates. The holder writes its pid and command line into the lock
-//! file, so a process that finds the directory locked can say by whom.
+//! One writer per state directory at a time: an exclusive `flock` on
+//! `engine.lock`, so the CLI and a running plugin never interleave ledger
+//! updates. The holder writes its pid and command line into the lock file, so
+//! a process that finds the directory locked can say by whom.
+//!
+//! Two ways to hold it: [`StateLock`] for an engine's whole lifetime (the
+//! CLI's one-shot commands, a single plugin instance), or [`SharedStateLock`]
+//! per operation (plugin instances side by side during a rolling update): the
+//! first operation of a process takes the `flock`, concurrent operations of
+//! the same process join it, the last one out releases it.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// The lock file in a state directory.
@@ -95,7 +102,13 @@ impl StateLock {
     /// Takes `<dir>/engine.lock`, waiting up to `wait` (zero: one attempt),
     /// and records this process in it.
     pub fn acquire(dir: &Path, wait: Duration) -> Result<StateLock, LockError> {
-        let path = dir.join(LOCK_FILE);
+        Self::acquire_named(dir, LOCK_FILE, wait)
+    }
+
+    /// Like [`StateLock::acquire`] on another lock file of `dir` (e.g. the
+    /// plugin's ResourceSlice publisher lock); `file` is a plain file name.
+    pub fn acquire_named(dir: &Path, file: &str, wait: Duration) -> Result<StateLock, LockError> {
+        let path = dir.join(file);
         let mut file = open_lock_file(&path)?;
         let start = Instant::now();
         loop {
@@ -123,6 +136,111 @@ impl StateLock {
         file.set_len(0).map_err(io_err)?;
         file.write_all(describe_self().as_bytes()).map_err(io_err)?;
         Ok(StateLock { _file: file })
+    }
+}
+
+/// The state lock taken per operation and shared by the concurrent
+/// operations of this process (see the module docs). Another process waits
+/// while any operation here holds it; nothing stops this process's own
+/// operations from overlapping, so a process kept busy without a gap can make
+/// the other one wait until its [`SharedStateLock::new`] `wait` runs out (a
+/// retryable error for the kubelet).
+#[derive(Debug)]
+pub struct SharedStateLock {
+    dir: PathBuf,
+    wait: Duration,
+    inner: Mutex<Shared>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// Operations of this process holding the lock.
+    holders: usize,
+    /// The open, locked file while `holders > 0`.
+    file: Option<File>,
+    /// One thread is taking the `flock` (and running the on-take hook).
+    acquiring: bool,
+}
+
+/// One operation's share of a [`SharedStateLock`]; the last one dropped
+/// releases the `flock`.
+#[derive(Debug)]
+pub struct SharedLease {
+    lock: Arc<SharedStateLock>,
+}
+
+impl SharedStateLock {
+    /// A lock on `<dir>/engine.lock`, each take waiting up to `wait` for
+    /// another process. Nothing is locked yet.
+    pub fn new(dir: &Path, wait: Duration) -> Arc<Self> {
+        Arc::new(SharedStateLock {
+            dir: dir.to_path_buf(),
+            wait,
+            inner: Mutex::new(Shared::default()),
+            changed: Condvar::new(),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, Shared> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Joins the operations of this process holding the lock, or takes it
+    /// (waiting for another process up to `wait`) and runs `on_take` before
+    /// any operation of this process proceeds: the moment to re-read what
+    /// another process may have written.
+    pub fn acquire(self: &Arc<Self>, on_take: impl FnOnce()) -> Result<SharedLease, LockError> {
+        let mut st = self.state();
+        loop {
+            if st.holders > 0 {
+                st.holders += 1;
+                return Ok(SharedLease {
+                    lock: Arc::clone(self),
+                });
+            }
+            if !st.acquiring {
+                break;
+            }
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.acquiring = true;
+        drop(st);
+        let taken = StateLock::acquire(&self.dir, self.wait);
+        if taken.is_ok() {
+            on_take();
+        }
+        let mut st = self.state();
+        st.acquiring = false;
+        let result = taken.map(|lock| {
+            st.file = Some(lock._file);
+            st.holders = 1;
+            SharedLease {
+                lock: Arc::clone(self),
+            }
+        });
+        drop(st);
+        self.changed.notify_all();
+        result
+    }
+
+    /// Runs `f` only if no operation of this process holds or is taking the
+    /// lock, and keeps any from starting until `f` returns: a reader can
+    /// refresh its copy of the state without racing a take's re-read.
+    pub fn when_idle<T>(&self, f: impl FnOnce() -> T) -> Option<T> {
+        let st = self.state();
+        (st.holders == 0 && !st.acquiring).then(f)
+    }
+}
+
+impl Drop for SharedLease {
+    fn drop(&mut self) {
+        let mut st = self.lock.state();
+        st.holders = st.holders.saturating_sub(1);
+        if st.holders == 0 {
+            // Closing the file releases the flock.
+            st.file = None;
+        }
     }
 }
 
@@ -156,5 +274,31 @@ mod tests {
         let err = StateLock::acquire(dir.path(), Duration::ZERO).unwrap_err();
         assert!(matches!(err, LockError::Io { .. }), "{err}");
         assert!(!other.path().join("x").exists());
+    }
+
+    #[test]
+    fn shared_lock_is_joined_in_process_and_excludes_other_holders() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = SharedStateLock::new(dir.path(), Duration::ZERO);
+        let mut takes = 0;
+        let a = shared.acquire(|| takes += 1).unwrap();
+        let b = shared.acquire(|| takes += 1).unwrap();
+        assert_eq!(takes, 1, "the second operation joins without re-taking");
+        assert!(shared.when_idle(|| ()).is_none());
+        // Another holder (a separate open file description) is shut out.
+        assert!(matches!(
+            StateLock::acquire(dir.path(), Duration::ZERO),
+            Err(LockError::Held { .. })
+        ));
+        drop(a);
+        assert!(StateLock::acquire(dir.path(), Duration::ZERO).is_err());
+        drop(b);
+        assert!(shared.when_idle(|| ()).is_some());
+        let cli = StateLock::acquire(dir.path(), Duration::ZERO).unwrap();
+        assert!(matches!(shared.acquire(|| ()), Err(LockError::Held { .. })));
+        drop(cli);
+        let mut takes = 0;
+        let _c = shared.acquire(|| takes += 1).unwrap();
+        assert_eq!(takes, 1, "a new take after release runs the hook again");
     }
 }

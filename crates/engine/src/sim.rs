@@ -234,6 +234,9 @@ pub struct SimKernel {
     state: Arc<Mutex<SimState>>,
     /// Signalled whenever VFIO users, clients or device locks change.
     users_changed: Arc<Condvar>,
+    /// Every write is also appended here (one line each), so processes sharing
+    /// one demo host leave one log.
+    log_file: Option<Arc<PathBuf>>,
 }
 
 fn err(code: i32, what: String) -> io::Error {
@@ -276,6 +279,28 @@ impl SimKernel {
             fixture,
             state: Arc::new(Mutex::new(state)),
             users_changed: Arc::new(Condvar::new()),
+            log_file: None,
+        }
+    }
+
+    /// Also appends every write to `path` (created if missing), one line per
+    /// write in a single `O_APPEND` write, so several processes on one demo
+    /// host interleave whole lines. Failing appends are ignored: the log is
+    /// for people and tests, not for the simulation.
+    pub fn with_log_file(mut self, path: PathBuf) -> Self {
+        self.log_file = Some(Arc::new(path));
+        self
+    }
+
+    fn append_log(&self, line: &str) {
+        use std::io::Write;
+        let Some(path) = &self.log_file else { return };
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path.as_path());
+        if let Ok(mut f) = file {
+            let _ = f.write_all(format!("{line}\n").as_bytes());
         }
     }
 
@@ -906,6 +931,7 @@ impl Kernel for SimKernel {
             .get(&(op.kind().to_string(), driver))
             .copied();
         self.lock().log.push(op.to_string());
+        self.append_log(&op.to_string());
         let gate = match self.take_fault(op) {
             Some(FaultAction::Fail(code)) => {
                 return Err(err(code, format!("injected fault on {op}")));

@@ -11,6 +11,12 @@
 //! the GPUs held by the claim's UID, then remove its CDI spec and metadata.
 //!
 //! Calls for one claim are serialised; different claims run concurrently.
+//!
+//! Each claim's work holds the engine's state lock ([`Engine::hold`]) from its
+//! first ledger read to its last write: with a second plugin instance on the
+//! node (a rolling update, [`vfio_gpu_engine::StateLockMode::PerOperation`]) it
+//! then works on the ledger as the other instance left it, and the two never
+//! write it at once. The lock comes before the claim lock, never after.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -25,7 +31,9 @@ use k8s_openapi::api::resource::v1::{DeviceRequestAllocationResult, ResourceClai
 use kube::Api;
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 use vfio_gpu_engine::ledger::{LedgerBody, OpState};
-use vfio_gpu_engine::{Action, Engine, EngineError, GpuView, Holder, Outcome};
+use vfio_gpu_engine::{
+    Action, Engine, EngineError, GpuView, Holder, Outcome, StateHold, StateLockMode,
+};
 use vfio_gpu_host::Bdf;
 
 use crate::apiserver::{missing_resource_v1, missing_resource_v1_after};
@@ -194,6 +202,17 @@ impl VfioPlugin {
             .map_err(|e| format!("{what}: engine task failed: {e}"))
     }
 
+    /// The engine's state lock for one claim's work (see the module docs);
+    /// waits off the runtime when another process may hold it.
+    async fn hold_state(&self) -> Result<StateHold, String> {
+        let held = if self.engine.config().state_lock_mode == StateLockMode::Lifetime {
+            self.engine.hold()
+        } else {
+            self.blocking("taking the state lock", |e| e.hold()).await?
+        };
+        held.map_err(|e| format!("state lock: {e}"))
+    }
+
     /// GETs the claim; `Ok(None)` when it does not exist.
     async fn get_claim(&self, c: &ClaimRef) -> Result<Option<ResourceClaim>, String> {
         if !is_safe_name(&c.namespace) || !is_safe_name(&c.name) {
@@ -328,6 +347,7 @@ impl VfioPlugin {
             None
         };
 
+        let _hold = self.hold_state().await?;
         let _guard = self.lock_claim(&c.uid).await;
         let (views, _) = self
             .blocking("discovering GPUs", |e| e.discover())
@@ -576,6 +596,7 @@ impl VfioPlugin {
         if !is_safe_uid(uid) {
             return Err(format!("invalid claim UID {uid:?}"));
         }
+        let _hold = self.hold_state().await?;
         let _guard = self.lock_claim(uid).await;
         self.release_claim_locked(uid).await
     }
@@ -659,8 +680,16 @@ impl VfioPlugin {
             if !stale {
                 continue;
             }
+            let _hold = match self.hold_state().await {
+                Ok(h) => h,
+                Err(e) => {
+                    out.push((c, Err(e)));
+                    continue;
+                }
+            };
             let _guard = self.lock_claim(&c.uid).await;
-            // A prepare that was running when we looked may have completed since.
+            // A prepare that was running (here or in another instance) when we
+            // looked may have completed since.
             if !self.unfinished_claims().iter().any(|u| u.uid == c.uid) {
                 continue;
             }
@@ -790,6 +819,13 @@ impl<T: Clone + Send + Sync + 'static> Runs<T> {
         run
     }
 
+    fn is_empty(&self) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
     fn finish(&self, uid: &str, id: u64) {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         if running.get(uid).is_some_and(|(i, _)| *i == id) {
@@ -844,6 +880,25 @@ impl VfioPlugin {
                 "claim {}/{} ({}): {busy} still in progress, kubelet will retry",
                 c.namespace, c.name, c.uid
             )),
+        }
+    }
+}
+
+impl VfioPlugin {
+    /// Waits until no claim work runs in the background (work a call handed off
+    /// when its budget ran out), at most `timeout`; true when none is left. For
+    /// a clean stop: the ledger and host are consistent either way, but work
+    /// cut short leaves the kubelet a retry.
+    pub async fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.preparing.is_empty() && self.unpreparing.is_empty() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }

@@ -5,6 +5,18 @@
 //! plugin whose host state is still half-done), start the ResourceSlice publisher, and
 //! run periodic reconcile and cleanup of half-prepared stale claims until the shutdown
 //! token fires.
+//!
+//! Rolling updates ([`ServeOptions::pod_uid`]): two instances on one node, as a
+//! DaemonSet with `maxSurge` runs them, following the Go helper's `RollingUpdate`.
+//! Each registers under per-pod socket names; the kubelet keeps both and calls the
+//! newest connected one, either may get any call. The engine then takes the state
+//! lock per operation and re-reads the ledger another instance wrote, so every call
+//! works on the ledger as it is on disk and the two never write it at once. One
+//! instance at a time publishes ResourceSlices (the holder of `publisher.lock`);
+//! the other stands by and takes over when the lock is free. On shutdown the
+//! registration socket goes first (the kubelet turns to the other instance),
+//! calls in flight and claim work handed to the background are finished, and
+//! slices are left in place for the instance that stays.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,12 +25,13 @@ use std::time::Duration;
 use anyhow::Context;
 pub use tokio_util::sync::CancellationToken;
 use vfio_gpu_engine::kernel::Kernel;
-use vfio_gpu_engine::{Engine, EngineConfig};
+use vfio_gpu_engine::lock::{LockError, StateLock};
+use vfio_gpu_engine::{Engine, EngineConfig, StateLockMode};
 use vfio_gpu_host::GpuSelector;
 use vfio_gpu_intent::Policy;
 
 use crate::grpc::registration::RegistrationState;
-use crate::grpc::server::{ServerConfig, serve as serve_grpc};
+use crate::grpc::server::{ServerConfig, serve as serve_grpc, validate_pod_uid};
 use crate::health::{DEFAULT_RESEND, HealthConfig, HealthMonitor};
 use crate::metrics::Metrics;
 use crate::plugin::{PluginConfig, VfioPlugin};
@@ -91,7 +104,20 @@ pub struct ServeOptions {
     pub device_scan_interval: Duration,
     /// Also mount device metadata where KubeVirt 1.8.0–1.8.2 read it.
     pub legacy_kubevirt_metadata: bool,
+    /// This pod's UID (downward API `metadata.uid`): turns on rolling updates
+    /// (see the module docs). `None`: a single instance per node, fixed socket
+    /// names, the state lock held for the whole run.
+    pub pod_uid: Option<String>,
+    /// With a pod UID, how often a standby instance checks whether it may
+    /// publish ResourceSlices.
+    pub standby_poll: Duration,
+    /// On shutdown, how long to wait for claim work still running in the background.
+    pub drain_timeout: Duration,
 }
+
+/// The lock file in the state directory held by the instance that publishes
+/// ResourceSlices (rolling updates).
+pub const PUBLISHER_LOCK: &str = "publisher.lock";
 
 impl ServeOptions {
     /// Defaults for a real node: kubelet paths, `/var/run/cdi`, in-cluster client,
@@ -122,6 +148,9 @@ impl ServeOptions {
             heartbeat_interval: Duration::from_secs(10),
             device_scan_interval: Duration::from_secs(30),
             legacy_kubevirt_metadata: false,
+            pod_uid: None,
+            standby_poll: Duration::from_secs(2),
+            drain_timeout: Duration::from_secs(20),
         }
     }
 
@@ -231,6 +260,9 @@ pub async fn serve(mut opts: ServeOptions, shutdown: CancellationToken) -> anyho
     // The name reaches the API, CDI and file names: refuse a bad one before anything
     // is created.
     validate_driver_name(&opts.driver_name)?;
+    if let Some(uid) = &opts.pod_uid {
+        validate_pod_uid(uid)?;
+    }
     let metrics = Arc::clone(&opts.metrics);
     // First, so the probes answer while the engine opens and reconciles.
     let metrics_stop = CancellationToken::new();
@@ -270,12 +302,16 @@ async fn serve_plugin(
         .with_context(|| format!("creating state directory {}", state_dir.display()))?;
     let allow_foreign = opts.policy.binding.allow_foreign_group_members;
 
-    let (kernel, selector, policy, engine_config) = (
+    let (kernel, selector, policy, mut engine_config) = (
         Arc::clone(&opts.kernel),
         opts.selector.clone(),
         opts.policy.clone(),
         opts.engine_config.clone(),
     );
+    if opts.pod_uid.is_some() {
+        // Another instance of the driver may serve this node at the same time.
+        engine_config.state_lock_mode = StateLockMode::PerOperation;
+    }
     let dir = state_dir.clone();
     // Opening may wait for another instance's state lock: keep it off the runtime.
     let (engine, report) = tokio::task::spawn_blocking(move || {
@@ -315,8 +351,16 @@ async fn serve_plugin(
         stop.clone(),
     )
     .await;
-    let mut server_config =
-        ServerConfig::new(&opts.driver_name, &opts.plugins_dir, &opts.registrar_dir);
+    let mut server_config = ServerConfig::for_pod(
+        &opts.driver_name,
+        &opts.plugins_dir,
+        &opts.registrar_dir,
+        opts.pod_uid.as_deref(),
+    );
+    if opts.pod_uid.is_some() {
+        // The other instance takes the kubelet's calls once it has seen us go.
+        server_config.dra_linger = Duration::from_secs(2);
+    }
     server_config.health = Some(HealthConfig {
         feed,
         pool: opts.node_name.clone(),
@@ -332,39 +376,24 @@ async fn serve_plugin(
         driver = %opts.driver_name,
         "kubelet plugin serving"
     );
-    let mut registration = server.registration_status();
+    tokio::spawn(mirror_registration(
+        server.registration_status(),
+        Arc::clone(&metrics),
+    ));
     let mut server_task = tokio::spawn(server.wait());
-    {
-        let metrics = Arc::clone(&metrics);
-        tokio::spawn(async move {
-            loop {
-                let registered = matches!(
-                    *registration.borrow_and_update(),
-                    RegistrationState::Registered
-                );
-                metrics.set_registered(registered);
-                if registration.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
 
-    let publisher = if opts.publish_slices {
-        Some(start_publisher(PublisherContext {
+    let publisher = start_slices(
+        &opts,
+        PublisherContext {
             client,
             node_name: opts.node_name.clone(),
             driver_name: opts.driver_name.clone(),
             engine: Arc::clone(&engine),
             shutdown: stop.clone(),
             metrics: Some(Arc::clone(&metrics)),
-        }))
-    } else {
-        tracing::warn!("ResourceSlice publishing is off: this node's GPUs are not published");
-        // Nothing to wait for before the node is usable.
-        metrics.set_slices_published();
-        None
-    };
+        },
+        state_dir,
+    );
 
     let mut reconcile_tick = tokio::time::interval(opts.reconcile_interval);
     let mut cleanup_tick = tokio::time::interval(opts.cleanup_interval);
@@ -405,6 +434,11 @@ async fn serve_plugin(
             Ok(Ok(())) => {}
         }
     }
+    // The DRA server finished the calls it had; work those calls handed to the
+    // background (past their budget) finishes too, so none is cut short.
+    if !plugin.wait_idle(opts.drain_timeout).await {
+        tracing::warn!(timeout = ?opts.drain_timeout, "claim work still running at shutdown; the kubelet will retry it");
+    }
     if let Some(p) = publisher {
         match p.await {
             Ok(Ok(())) => {}
@@ -416,4 +450,84 @@ async fn serve_plugin(
     }
     tracing::info!("kubelet plugin stopped");
     result
+}
+
+/// Keeps the `registered` readiness input in line with what the kubelet reports.
+async fn mirror_registration(
+    mut registration: tokio::sync::watch::Receiver<RegistrationState>,
+    metrics: Arc<Metrics>,
+) {
+    loop {
+        let registered = matches!(
+            *registration.borrow_and_update(),
+            RegistrationState::Registered
+        );
+        metrics.set_registered(registered);
+        if registration.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Starts publishing (see [`publish_when_elected`] for rolling updates), or
+/// nothing when publishing is off.
+fn start_slices(
+    opts: &ServeOptions,
+    ctx: PublisherContext,
+    state_dir: PathBuf,
+) -> Option<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    if !opts.publish_slices {
+        tracing::warn!("ResourceSlice publishing is off: this node's GPUs are not published");
+        // Nothing to wait for before the node is usable.
+        if let Some(m) = &ctx.metrics {
+            m.set_slices_published();
+        }
+        return None;
+    }
+    Some(if opts.pod_uid.is_some() {
+        tokio::spawn(publish_when_elected(ctx, state_dir, opts.standby_poll))
+    } else {
+        start_publisher(ctx)
+    })
+}
+
+/// Publishes ResourceSlices once this instance holds [`PUBLISHER_LOCK`] in
+/// `state_dir`; until then another instance publishes them, this one stands by
+/// (counted as published for `/readyz`) and checks every `poll`. Two publishers
+/// would not corrupt anything (identical slices converge), but two versions
+/// with different attributes would rewrite each other's slices.
+async fn publish_when_elected(
+    ctx: PublisherContext,
+    state_dir: PathBuf,
+    poll: Duration,
+) -> anyhow::Result<()> {
+    let mut standing_by = false;
+    let _lock = loop {
+        match StateLock::acquire_named(&state_dir, PUBLISHER_LOCK, Duration::ZERO) {
+            Ok(lock) => break Some(lock),
+            Err(LockError::Held { holder, .. }) => {
+                if !standing_by {
+                    tracing::info!(%holder, "another instance publishes ResourceSlices; standing by");
+                    standing_by = true;
+                }
+                if let Some(m) = &ctx.metrics {
+                    m.set_slices_published();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no publisher lock; publishing anyway");
+                break None;
+            }
+        }
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(poll) => {}
+        }
+    };
+    if standing_by {
+        tracing::info!("the other instance stopped publishing ResourceSlices; taking over");
+    }
+    start_publisher(ctx)
+        .await
+        .context("ResourceSlice publisher task")?
 }

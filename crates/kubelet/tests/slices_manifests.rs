@@ -13,6 +13,7 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::api::resource::v1::{DeviceClass, ResourceClaimTemplate};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize as _, Serialize};
 use serde_json::Value;
@@ -282,9 +283,28 @@ fn daemonset_mounts_and_flags() {
         .and_then(|v| v.field_ref.as_ref())
         .map(|f| f.field_path.clone());
     assert_eq!(node_name.as_deref(), Some("spec.nodeName"));
-    // Only what serve reads; POD_UID/NAMESPACE would be dead configuration.
+    // Only what serve reads; NAMESPACE would be dead configuration.
     let env_names: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
-    assert_eq!(env_names, ["NODE_NAME", METRICS_ENV]);
+    assert_eq!(env_names, ["NODE_NAME", "POD_UID", METRICS_ENV]);
+    // Rolling updates: per-pod sockets from the pod UID, the new pod up before
+    // the old one goes.
+    let pod_uid = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "POD_UID")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.clone());
+    assert_eq!(pod_uid.as_deref(), Some("metadata.uid"));
+    let rolling = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.update_strategy.as_ref())
+        .and_then(|u| u.rolling_update.as_ref())
+        .expect("rollingUpdate");
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
     daemonset_probes(c);
     // Opt-in per node: without the label no plugin (and no empty pool) on a node.
     let selector = pod.node_selector.clone().unwrap_or_default();
@@ -353,7 +373,6 @@ const METRICS_ENV: &str = "VFIO_GPU_DRA_METRICS_ADDR";
 /// The metrics port serves the probes: liveness on /healthz, readiness on /readyz,
 /// and the address `serve` listens on is that port (set through the flag's env var).
 fn daemonset_probes(c: &k8s_openapi::api::core::v1::Container) {
-    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     let serve_cmd = std::fs::read_to_string(deploy_dir().join("../crates/cli/src/serve_cmd.rs"))
         .expect("serve_cmd.rs");
     assert!(

@@ -24,6 +24,8 @@ impl Engine {
     /// the write-ahead record, persistence off, the move, the completion commit.
     pub fn configure(&self, bdf: Bdf, holder: Holder) -> Result<Outcome, EngineError> {
         self.check_alive()?;
+        // Before the group lock: another process may be mid-operation.
+        let _hold = self.hold()?;
         let started = Instant::now();
         let guard = self.group_guard(bdf);
         let _g = lock(&guard);

@@ -42,7 +42,7 @@ use crate::error::EngineError;
 use crate::kernel::Kernel;
 use crate::ledger::LedgerError;
 use crate::ledger::{LedgerBody, LedgerFile};
-use crate::lock::{LockError, StateLock};
+use crate::lock::{LockError, SharedLease, SharedStateLock, StateLock};
 
 /// What to do when the crash hook fires.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +52,22 @@ pub enum CrashMode {
     /// Return [`EngineError::SimulatedCrash`] and refuse all further work
     /// (in-process crash tests: open a new engine on the same state).
     Return,
+}
+
+/// How an engine holds the state directory lock.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StateLockMode {
+    /// For the engine's lifetime: one engine per state directory (the CLI,
+    /// a single plugin instance). Another process waits `state_lock_wait` at
+    /// open and then fails naming the holder.
+    #[default]
+    Lifetime,
+    /// Per operation: configure, unconfigure, reconcile and
+    /// [`Engine::hold`] take the lock (joined by concurrent operations of
+    /// this process) and re-read the ledger from disk first, so plugin
+    /// instances side by side during a rolling update each see what the
+    /// other wrote and never write at the same time.
+    PerOperation,
 }
 
 /// Engine settings.
@@ -80,6 +96,8 @@ pub struct EngineConfig {
     pub crash_mode: CrashMode,
     /// How long to wait for the state directory lock.
     pub state_lock_wait: Duration,
+    /// Whether the state lock is held for the engine's lifetime or per operation.
+    pub state_lock_mode: StateLockMode,
     /// The admin's policy file, re-read by every operation (`None`: the
     /// policy given to [`Engine::open`] is fixed).
     pub policy_file: Option<PathBuf>,
@@ -99,6 +117,7 @@ impl Default for EngineConfig {
             crash_after_step: None,
             crash_mode: CrashMode::Abort,
             state_lock_wait: Duration::from_secs(30),
+            state_lock_mode: StateLockMode::Lifetime,
             policy_file: None,
         }
     }
@@ -123,7 +142,45 @@ pub struct Engine {
     steps: AtomicU64,
     crashed: AtomicBool,
     config: EngineConfig,
-    _lock: StateLock,
+    state_lock: EngineLock,
+}
+
+/// The state lock as the engine holds it (see [`StateLockMode`]).
+enum EngineLock {
+    Lifetime(#[allow(dead_code)] StateLock),
+    PerOperation {
+        shared: Arc<SharedStateLock>,
+        /// The ledger file as last read, to skip re-reading an unchanged one.
+        seen: Mutex<Option<FileStamp>>,
+    },
+}
+
+/// What changes whenever the ledger file is replaced (it is written by
+/// rename, so every store is a new inode with a fresh change time).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    ino: u64,
+    size: u64,
+    ctime: i64,
+    ctime_nsec: i64,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(path).ok().map(|m| FileStamp {
+            ino: m.ino(),
+            size: m.size(),
+            ctime: m.ctime(),
+            ctime_nsec: m.ctime_nsec(),
+        })
+    }
+}
+
+/// An operation's hold on the state lock ([`Engine::hold`]); released on drop.
+#[derive(Debug)]
+pub struct StateHold {
+    _lease: Option<SharedLease>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -210,8 +267,14 @@ impl Engine {
             commands,
             steps: AtomicU64::new(0),
             crashed: AtomicBool::new(false),
+            state_lock: match config.state_lock_mode {
+                StateLockMode::Lifetime => EngineLock::Lifetime(state_lock),
+                StateLockMode::PerOperation => EngineLock::PerOperation {
+                    shared: SharedStateLock::new(state_dir, config.state_lock_wait),
+                    seen: Mutex::new(None),
+                },
+            },
             config,
-            _lock: state_lock,
         };
         // A ledger this build cannot understand stays as it is (read-only):
         // every change is refused at its first commit instead.
@@ -222,7 +285,51 @@ impl Engine {
             let body = lock(&engine.ledger).clone();
             engine.file.store(&body)?;
         }
+        // Per operation: the lock taken for opening is let go here (the
+        // first operation re-reads the ledger).
         Ok((engine, report))
+    }
+
+    /// Holds the state lock until the returned value is dropped: with
+    /// [`StateLockMode::PerOperation`], takes it (or joins this process's
+    /// operations holding it) and, when taking it, re-reads the ledger
+    /// (another process may have written it meanwhile); with [`StateLockMode::Lifetime`], the engine holds it
+    /// already and this does nothing. Blocks up to `state_lock_wait`. Hold it
+    /// across a read of the ledger and the operations that act on what was
+    /// read; take it before any lock of the caller's own.
+    pub fn hold(&self) -> Result<StateHold, EngineError> {
+        let EngineLock::PerOperation { shared, seen } = &self.state_lock else {
+            return Ok(StateHold { _lease: None });
+        };
+        let lease = shared
+            .acquire(|| self.reload_ledger(seen, true))
+            .map_err(|e| match e {
+                e @ LockError::Held { .. } => EngineError::StateLocked(e.to_string()),
+                e => EngineError::StateLock(e),
+            })?;
+        Ok(StateHold {
+            _lease: Some(lease),
+        })
+    }
+
+    /// Replaces the in-memory ledger with the file's, unless the file is
+    /// unchanged since it was last read and `always` is false. The caller
+    /// holds the state lock, or no operation of this process runs.
+    fn reload_ledger(&self, seen: &Mutex<Option<FileStamp>>, always: bool) {
+        let path = self.file.path();
+        let stamp = FileStamp::of(&path);
+        let mut seen = lock(seen);
+        if !always && stamp.is_some() && *seen == stamp {
+            return;
+        }
+        let (mut body, problem) = self.file.load();
+        if let Some(p) = problem {
+            tracing::warn!(reason = %p.reason, moved_to = ?p.moved_to, read_only = p.read_only, "re-reading the ledger another process wrote");
+        }
+        body.gpus.retain(|_, rec| rec.boot_id == self.boot_id);
+        body.boot_id = self.boot_id.clone();
+        *lock(&self.ledger) = body;
+        *seen = stamp;
     }
 
     /// The host root.
@@ -235,8 +342,18 @@ impl Engine {
         &self.selector
     }
 
-    /// A copy of the ledger.
+    /// The settings the engine was opened with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// A copy of the ledger. With [`StateLockMode::PerOperation`] and no
+    /// operation of this process running, re-read first if the file changed
+    /// (the file is replaced atomically, so it is never read half-written).
     pub fn ledger(&self) -> LedgerBody {
+        if let EngineLock::PerOperation { shared, seen } = &self.state_lock {
+            shared.when_idle(|| self.reload_ledger(seen, false));
+        }
         lock(&self.ledger).clone()
     }
 

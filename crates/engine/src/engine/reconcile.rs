@@ -83,6 +83,8 @@ impl Engine {
     /// found on vfio without a record of ours as admin-owned.
     pub fn reconcile(&self) -> Result<Vec<ReconcileResult>, EngineError> {
         self.check_alive()?;
+        // Before the group lock: another process may be mid-operation.
+        let _hold = self.hold()?;
         let (views, _) = self.discover()?;
         let mut out = Vec::new();
         let ledger_gpus: Vec<Bdf> = self.ledger().gpus.keys().copied().collect();

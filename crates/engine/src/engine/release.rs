@@ -184,6 +184,8 @@ impl Engine {
     /// this holder (`None`: whoever holds it).
     pub fn unconfigure(&self, bdf: Bdf, holder: Option<&Holder>) -> Result<Outcome, EngineError> {
         self.check_alive()?;
+        // Before the group lock: another process may be mid-operation.
+        let _hold = self.hold()?;
         let started = Instant::now();
         let guard = self.group_guard(bdf);
         let _g = lock(&guard);

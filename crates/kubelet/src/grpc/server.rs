@@ -44,6 +44,11 @@ pub struct ServerConfig {
     /// Serve `v1alpha1.DRAResourceHealth` on the DRA socket from this feed (the
     /// kubelet opens the stream whether or not it is advertised); `None`: not served.
     pub health: Option<HealthConfig>,
+    /// On shutdown the registration socket goes at once; the DRA socket keeps
+    /// serving this long, so calls the kubelet sends before it has noticed the
+    /// deregistration (its plugin manager reconciles every second) still succeed
+    /// instead of failing against a closed socket (rolling updates).
+    pub dra_linger: Duration,
 }
 
 impl ServerConfig {
@@ -51,15 +56,50 @@ impl ServerConfig {
     /// `<registrar_dir>/<driver>-reg.sock` (e.g. `/var/lib/kubelet/plugins` and
     /// `/var/lib/kubelet/plugins_registry`).
     pub fn new(driver_name: impl Into<String>, plugins_dir: &Path, registrar_dir: &Path) -> Self {
+        Self::for_pod(driver_name, plugins_dir, registrar_dir, None)
+    }
+
+    /// [`ServerConfig::new`], or with a pod UID (rolling updates) the Go helper's
+    /// per-pod names `<plugins_dir>/<driver>/dra-<uid>.sock` and
+    /// `<registrar_dir>/<driver>-<uid>-reg.sock`, so two instances of the driver
+    /// register side by side (the kubelet, 1.33+, keeps both and calls the newest
+    /// connected one). The UID must pass [`validate_pod_uid`].
+    pub fn for_pod(
+        driver_name: impl Into<String>,
+        plugins_dir: &Path,
+        registrar_dir: &Path,
+        pod_uid: Option<&str>,
+    ) -> Self {
         let driver_name = driver_name.into();
+        let part = pod_uid.map(|u| format!("-{u}")).unwrap_or_default();
         Self {
-            dra_socket: plugins_dir.join(&driver_name).join("dra.sock"),
-            registration_socket: registrar_dir.join(format!("{driver_name}-reg.sock")),
+            dra_socket: plugins_dir
+                .join(&driver_name)
+                .join(format!("dra{part}.sock")),
+            registration_socket: registrar_dir.join(format!("{driver_name}{part}-reg.sock")),
             driver_name,
             registration_retry_backoff: Duration::from_secs(5),
             socket_check_interval: Duration::from_secs(5),
             health: None,
+            dra_linger: Duration::ZERO,
         }
+    }
+}
+
+/// Checks a pod UID before it becomes part of socket file names: 1 to 63
+/// lower-case letters, digits and '-' (a Kubernetes UID is a 36-character UUID).
+pub fn validate_pod_uid(uid: &str) -> Result<(), ServerError> {
+    let ok = !uid.is_empty()
+        && uid.len() <= 63
+        && uid
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ServerError::Config(format!(
+            "pod UID {uid:?} is not 1-63 lower-case letters, digits and '-'"
+        )))
     }
 }
 
@@ -260,8 +300,20 @@ pub async fn serve(
             config.dra_socket.display()
         )));
     }
-    // A failure in either server stops both.
+    // A failure in either server stops both; a shutdown stops the DRA server
+    // `dra_linger` after the registration server.
     let stop = shutdown.child_token();
+    let dra_stop = CancellationToken::new();
+    {
+        let (stop, dra_stop, linger) = (stop.clone(), dra_stop.clone(), config.dra_linger);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => tokio::time::sleep(linger).await,
+                _ = dra_stop.cancelled() => {}
+            }
+            dra_stop.cancel();
+        });
+    }
 
     let (dra_listener, dra_owned) = bind_socket(&config.dra_socket)?;
     tracing::info!(path = %config.dra_socket.display(), health = config.health.is_some(), "serving DRA v1 and v1beta1");
@@ -274,7 +326,7 @@ pub async fn serve(
         .add_service(service.v1_server())
         .add_service(service.v1beta1_server())
         .add_optional_service(health);
-    let dra_stop = stop.clone();
+    let (dra_stop, both_stop) = (dra_stop.clone(), stop.clone());
     let dra_path = config.dra_socket.clone();
     let dra_task = tokio::spawn(async move {
         let _owned = dra_owned;
@@ -292,6 +344,7 @@ pub async fn serve(
                 source,
             });
         if result.is_err() {
+            both_stop.cancel();
             dra_stop.cancel();
         }
         result
@@ -453,6 +506,32 @@ async fn watch_socket(
         if !ours {
             lost.cancel();
             return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_pod_socket_names_follow_the_go_helper() {
+        let (plugins, registry) = (Path::new("/p"), Path::new("/r"));
+        let single = ServerConfig::new("gpu.example.com", plugins, registry);
+        assert_eq!(single.dra_socket, Path::new("/p/gpu.example.com/dra.sock"));
+        assert_eq!(
+            single.registration_socket,
+            Path::new("/r/gpu.example.com-reg.sock")
+        );
+        let pod = ServerConfig::for_pod("gpu.example.com", plugins, registry, Some("u-1"));
+        assert_eq!(pod.dra_socket, Path::new("/p/gpu.example.com/dra-u-1.sock"));
+        assert_eq!(
+            pod.registration_socket,
+            Path::new("/r/gpu.example.com-u-1-reg.sock")
+        );
+        validate_pod_uid("0f6c2a1e-7f41-4c5e-9b1a-2d3c4e5f6a7b").unwrap();
+        for bad in ["", "../x", "A", "a/b", &"a".repeat(64)] {
+            assert!(validate_pod_uid(bad).is_err(), "{bad:?}");
         }
     }
 }
