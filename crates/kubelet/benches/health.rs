@@ -50,7 +50,13 @@ fn fixture(root: &Path, others: usize) -> Vec<Bdf> {
         })
         .collect();
     for n in 0..others {
-        let b = Bdf::new(1, 0x90 + (n / 256) as u8, ((n / 8) % 32) as u8, (n % 8) as u8).unwrap();
+        let b = Bdf::new(
+            1,
+            0x90 + (n / 256) as u8,
+            ((n / 8) % 32) as u8,
+            (n % 8) as u8,
+        )
+        .unwrap();
         h.add_function(&FunctionSpec::new(b, 0x15b3, 0x101d, 0x020000).group(100 + n as u32))
             .unwrap();
     }
