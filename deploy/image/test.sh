@@ -54,7 +54,6 @@ extra=$(cd "$RFS" && find . ! -type d ! -path './usr/bin/vfio-gpu-dra' ! -path '
 [ -z "$extra" ] && pass "root filesystem holds only the binary, chroot, their libraries and licences: $(cd "$RFS" && find . ! -type d | sort | tr '\n' ' ')" ||
     fail "unexpected files in the image: $extra"
 
-
 out=$(run "$ENTRY" --version 2>&1) && [ "$out" = "vfio-gpu-dra $TAG" ] &&
     pass "chroot: $ENTRY --version: $out" || fail "chroot: $ENTRY --version: $out"
 
