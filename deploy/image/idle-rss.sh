@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Measures the resident memory of an idle `vfio-gpu-dra serve` with metrics on:
+# serve --demo (the built-in 8-GPU demo host, simulated kernel) against the fake
+# API server (crates/fake-apiserver, example `standalone`), registered through the
+# kubelet emulator (crates/kubelet, example `register`), /readyz 200. Then it idles
+# for IDLE seconds (default 65: past one periodic health scan at 30 s and one
+# reconcile at 60 s) and prints VmRSS and VmHWM from /proc/PID/status.
+#
+# Usage: deploy/image/idle-rss.sh [BIN]   (default target/release/vfio-gpu-dra)
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+BIN=${1:-$ROOT/target/release/vfio-gpu-dra}
+IDLE=${IDLE:-65}
+[ -x "$BIN" ] || { echo "idle-rss.sh: $BIN is not an executable" >&2; exit 1; }
+
+(cd "$ROOT" && cargo build -q -p fake-apiserver --example standalone &&
+    cargo build -q -p vfio-gpu-kubelet --example register)
+EX=$ROOT/target/debug/examples
+
+T=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2> /dev/null || true; done
+    wait 2> /dev/null || true
+    rm -rf "$T"
+}
+trap cleanup EXIT
+
+"$EX/standalone" "$T/kubeconfig" demo-node > "$T/api.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do [ -s "$T/kubeconfig" ] && break; sleep 0.1; done
+[ -s "$T/kubeconfig" ] || { cat "$T/api.log" >&2; exit 1; }
+
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$BIN" serve --demo --demo-dir "$T/demo" --node-name demo-node --kubeconfig "$T/kubeconfig" \
+    --kubelet-plugins-dir "$T/plugins" --kubelet-registrar-dir "$T/registry" \
+    --cdi-root "$T/cdi" --metrics-addr "127.0.0.1:$PORT" > "$T/serve.log" 2>&1 &
+PID=$!
+PIDS+=("$PID")
+"$EX/register" "$T/registry/vfio-gpu.dra.dev-reg.sock"
+
+status() {
+    python3 - "$PORT" "$1" <<'PY'
+import sys, urllib.request, urllib.error
+try:
+    with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}{sys.argv[2]}", timeout=5) as r:
+        print(r.status)
+except urllib.error.HTTPError as e:
+    print(e.code)
+except OSError:
+    print(0)
+PY
+}
+for _ in $(seq 150); do [ "$(status /readyz)" = 200 ] && break; sleep 0.2; done
+[ "$(status /readyz)" = 200 ] || { echo "idle-rss.sh: /readyz never 200" >&2; cat "$T/serve.log" >&2; exit 1; }
+status /metrics > /dev/null
+rss() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$PID/status"; }
+echo "ready: VmRSS $(rss VmRSS) kB"
+sleep "$IDLE"
+kill -0 "$PID" || { echo "idle-rss.sh: serve exited" >&2; cat "$T/serve.log" >&2; exit 1; }
+[ "$(status /healthz)" = 200 ] || { echo "idle-rss.sh: /healthz not 200" >&2; exit 1; }
+echo "idle ${IDLE} s: VmRSS $(rss VmRSS) kB, VmHWM $(rss VmHWM) kB, threads $(rss Threads) ($BIN, $(stat -c %s "$BIN") bytes)"
