@@ -272,8 +272,17 @@ fn daemonset_mounts_and_flags() {
     );
     assert_eq!(
         c.args.clone().unwrap_or_default(),
-        ["serve", "--host-root", "/host-root"]
+        ["serve"]
     );
+    // The host root comes from the environment, so `kubectl exec … vfio-gpu-dra
+    // explain` in the pod reads the host, not the container's /etc.
+    let host_root = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "VFIO_GPU_DRA_HOST_ROOT")
+        .and_then(|e| e.value.clone());
+    assert_eq!(host_root.as_deref(), Some("/host-root"));
     let node_name = c
         .env
         .iter()
@@ -285,7 +294,10 @@ fn daemonset_mounts_and_flags() {
     assert_eq!(node_name.as_deref(), Some("spec.nodeName"));
     // Only what serve reads; NAMESPACE would be dead configuration.
     let env_names: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
-    assert_eq!(env_names, ["NODE_NAME", "POD_UID", METRICS_ENV]);
+    assert_eq!(
+        env_names,
+        ["NODE_NAME", "POD_UID", "VFIO_GPU_DRA_HOST_ROOT", METRICS_ENV]
+    );
     // Rolling updates: per-pod sockets from the pod UID, the new pod up before
     // the old one goes.
     let pod_uid = c
