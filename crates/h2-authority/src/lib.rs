@@ -15,6 +15,8 @@
 //! All other frames and the server→client direction pass through untouched, so flow
 //! control is unaffected.
 
+#![warn(missing_docs)]
+
 use std::borrow::Cow;
 use std::io;
 use std::pin::Pin;
@@ -29,25 +31,37 @@ pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub const REPLACEMENT_AUTHORITY: &str = "localhost";
 
 /// Length of an HTTP/2 frame header.
-pub(crate) const FRAME_HEADER_LEN: usize = 9;
+pub const FRAME_HEADER_LEN: usize = 9;
 
 /// Largest frame payload we emit: the HTTP/2 default `SETTINGS_MAX_FRAME_SIZE`, which h2
 /// also uses to bound the number of CONTINUATION frames it accepts per block.
-pub(crate) const MAX_FRAME_PAYLOAD: usize = 16_384;
+pub const MAX_FRAME_PAYLOAD: usize = 16_384;
 
-pub(crate) const TYPE_DATA: u8 = 0x0;
-pub(crate) const TYPE_HEADERS: u8 = 0x1;
-pub(crate) const TYPE_RST_STREAM: u8 = 0x3;
-pub(crate) const TYPE_SETTINGS: u8 = 0x4;
-pub(crate) const TYPE_PING: u8 = 0x6;
-pub(crate) const TYPE_GOAWAY: u8 = 0x7;
-pub(crate) const TYPE_CONTINUATION: u8 = 0x9;
+/// Frame type DATA.
+pub const TYPE_DATA: u8 = 0x0;
+/// Frame type HEADERS.
+pub const TYPE_HEADERS: u8 = 0x1;
+/// Frame type RST_STREAM.
+pub const TYPE_RST_STREAM: u8 = 0x3;
+/// Frame type SETTINGS.
+pub const TYPE_SETTINGS: u8 = 0x4;
+/// Frame type PING.
+pub const TYPE_PING: u8 = 0x6;
+/// Frame type GOAWAY.
+pub const TYPE_GOAWAY: u8 = 0x7;
+/// Frame type CONTINUATION.
+pub const TYPE_CONTINUATION: u8 = 0x9;
 
-pub(crate) const FLAG_END_STREAM: u8 = 0x1;
-pub(crate) const FLAG_ACK: u8 = 0x1;
-pub(crate) const FLAG_END_HEADERS: u8 = 0x4;
-pub(crate) const FLAG_PADDED: u8 = 0x8;
-pub(crate) const FLAG_PRIORITY: u8 = 0x20;
+/// Flag END_STREAM (DATA, HEADERS).
+pub const FLAG_END_STREAM: u8 = 0x1;
+/// Flag ACK (SETTINGS, PING).
+pub const FLAG_ACK: u8 = 0x1;
+/// Flag END_HEADERS (HEADERS, CONTINUATION).
+pub const FLAG_END_HEADERS: u8 = 0x4;
+/// Flag PADDED (DATA, HEADERS).
+pub const FLAG_PADDED: u8 = 0x8;
+/// Flag PRIORITY (HEADERS).
+pub const FLAG_PRIORITY: u8 = 0x20;
 
 /// Why the adapter gave up on a connection (surfaced to h2 as `InvalidData`).
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +101,7 @@ pub enum AuthorityError {
 }
 
 /// Appends an HTTP/2 frame header.
-pub(crate) fn put_frame_header(out: &mut Vec<u8>, len: usize, ty: u8, flags: u8, stream_id: u32) {
+pub fn put_frame_header(out: &mut Vec<u8>, len: usize, ty: u8, flags: u8, stream_id: u32) {
     // Payload lengths are at most 2^24-1 by construction (we never emit more than
     // MAX_FRAME_PAYLOAD), so the truncation to 24 bits is lossless.
     let len = len as u32;
@@ -373,7 +387,7 @@ impl HeaderRewriter {
 
 /// Emits a header block as HEADERS + CONTINUATION frames of at most
 /// [`MAX_FRAME_PAYLOAD`] bytes each.
-pub(crate) fn emit_header_block(out: &mut Vec<u8>, stream_id: u32, end_stream: bool, block: &[u8]) {
+pub fn emit_header_block(out: &mut Vec<u8>, stream_id: u32, end_stream: bool, block: &[u8]) {
     let mut chunks = block.chunks(MAX_FRAME_PAYLOAD).peekable();
     let mut first = true;
     // An empty block still needs one HEADERS frame.
@@ -522,6 +536,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for AuthorityFixStream<T> {
     }
 }
 
+#[cfg(feature = "tonic")]
 impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected
     for AuthorityFixStream<T>
 {

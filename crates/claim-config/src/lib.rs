@@ -10,6 +10,8 @@
 //! apply in order `FromClass` then `FromClaim`; a later entry replaces an earlier one
 //! for the requests it covers (empty `requests` = all, `main` covers `main/sub`).
 
+#![warn(missing_docs)]
+
 use k8s_openapi::api::resource::v1::DeviceAllocationConfiguration;
 use serde_json::Value;
 
