@@ -14,7 +14,8 @@
 
 pub mod apiserver;
 pub mod cdi;
-pub mod config;
+/// `VfioDeviceConfig` lives in its own crate (small enough to fuzz); this path stays.
+pub use vfio_gpu_claim_config as config;
 pub mod grpc;
 pub mod health;
 pub mod metadata;

@@ -1,0 +1,55 @@
+//! Replays every committed fuzz corpus (`fuzz/corpus/<target>/`) and every
+//! regression input (`fuzz/regressions/<target>/`) through its target's
+//! property, so CI checks them with `cargo test` and no fuzzing toolchain.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+fn inputs(kind: &str, target: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fuzz")
+        .join(kind)
+        .join(target);
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    v.sort();
+    v
+}
+
+fn replay(target: &str, check: fn(&[u8])) {
+    let corpus = inputs("corpus", target);
+    assert!(!corpus.is_empty(), "no committed corpus for {target}");
+    for path in corpus.iter().chain(&inputs("regressions", target)) {
+        let data = fs::read(path).expect("corpus file");
+        // Name the input when its property fails.
+        let r = std::panic::catch_unwind(|| check(&data));
+        assert!(r.is_ok(), "{target}: {} fails its property", path.display());
+    }
+}
+
+#[test]
+fn authority_corpus() {
+    replay("authority", vfio_gpu_fuzz_checks::authority::check);
+}
+
+#[test]
+fn config_corpus() {
+    replay("config", vfio_gpu_fuzz_checks::config::check);
+}
+
+#[test]
+fn ledger_corpus() {
+    replay("ledger", vfio_gpu_fuzz_checks::ledger::check);
+}
+
+#[test]
+fn sysfs_corpus() {
+    replay("sysfs", vfio_gpu_fuzz_checks::sysfs::check);
+}
+
+#[test]
+fn parse_intent_corpus() {
+    replay("parse_intent", vfio_gpu_fuzz_checks::intent::check);
+}

@@ -1,0 +1,8 @@
+//! Fuzz target `config`: see `vfio_gpu_fuzz_checks::config` for the input format
+//! and the properties checked. How to run: fuzz/README.md.
+
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    vfio_gpu_fuzz_checks::config::check(data);
+});
