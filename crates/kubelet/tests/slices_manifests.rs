@@ -270,10 +270,7 @@ fn daemonset_mounts_and_flags() {
         c.security_context.as_ref().and_then(|s| s.privileged),
         Some(true)
     );
-    assert_eq!(
-        c.args.clone().unwrap_or_default(),
-        ["serve"]
-    );
+    assert_eq!(c.args.clone().unwrap_or_default(), ["serve"]);
     // The host root comes from the environment, so `kubectl exec … vfio-gpu-dra
     // explain` in the pod reads the host, not the container's /etc.
     let host_root = c
@@ -296,7 +293,12 @@ fn daemonset_mounts_and_flags() {
     let env_names: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
     assert_eq!(
         env_names,
-        ["NODE_NAME", "POD_UID", "VFIO_GPU_DRA_HOST_ROOT", METRICS_ENV]
+        [
+            "NODE_NAME",
+            "POD_UID",
+            "VFIO_GPU_DRA_HOST_ROOT",
+            METRICS_ENV
+        ]
     );
     // Rolling updates: per-pod sockets from the pod UID, the new pod up before
     // the old one goes.
