@@ -685,6 +685,8 @@ async fn iommufd_claim_on_a_kernel_without_vfio_device_cdev_fails_and_names_no_m
     );
     let e = err_text(&r, &claim.uid);
     assert!(e.contains("VFIO_DEVICE_CDEV"), "{e}");
+    // the failed prepare rolled the move back
+    assert_eq!(env.driver_of(BA).as_deref(), Some("nvidia"));
     running.stop().await;
 }
 
