@@ -29,7 +29,7 @@ done
 if [ ${#need[@]} -gt 0 ]; then
     log "installing ${need[*]}"
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
+    apt-get install -y -qq --no-install-recommends "${need[@]}" > /dev/null
 fi
 
 candidate() { apt-cache policy "$SRCPKG" 2>/dev/null | awk '/Candidate:/ { print $2 }'; }
