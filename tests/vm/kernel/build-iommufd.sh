@@ -47,17 +47,25 @@ fi
 t0=$(date +%s)
 mkdir -p "$CACHE"
 B=$OUT.build
-rm -rf "$OUT" "$B"
-mkdir -p "$B/deb" "$OUT"
 LOG=$OUT.log
-: > "$LOG"
-log "fetching $SRCPKG=$VER (log: $LOG)"
-# apt-get download writes to the cwd; as root it warns that _apt cannot: harmless.
-(cd "$B/deb" && apt-get download -q "$SRCPKG=$VER" >> "$LOG" 2>&1)
-dpkg-deb -x "$B/deb/"*.deb "$B/deb/x"
-tarball=$(ls "$B"/deb/x/usr/src/linux-source-*.tar.*)
-tar -C "$B" -xaf "$tarball"
-rm -rf "$B/deb"
+rm -rf "$OUT"
+mkdir -p "$OUT"
+if [ -e "$B/.extracted" ]; then
+    # an interrupted build of the same version and fragment: make resumes it
+    log "resuming the build in $B (log: $LOG)"
+else
+    rm -rf "$B"
+    mkdir -p "$B/deb"
+    : > "$LOG"
+    log "fetching $SRCPKG=$VER (log: $LOG)"
+    # apt-get download writes to the cwd; as root it warns that _apt cannot: harmless.
+    (cd "$B/deb" && apt-get download -q "$SRCPKG=$VER" >> "$LOG" 2>&1)
+    dpkg-deb -x "$B/deb/"*.deb "$B/deb/x"
+    tarball=$(ls "$B"/deb/x/usr/src/linux-source-*.tar.*)
+    tar -C "$B" -xaf "$tarball"
+    rm -rf "$B/deb"
+    touch "$B/.extracted"
+fi
 SRC=$(ls -d "$B"/linux-source-*/)
 cd "$SRC"
 log "configuring (x86_64_defconfig + $(basename "$FRAG"))"
