@@ -191,6 +191,20 @@ def check_blocks(c, group, blocks, lspci):
         expect(c, n, d, "driverOverride", None)
         expect(c, n, d, "keepOnVfio", False)
 
+    # a built-in host driver won the race for a device vfio-pci.ids names
+    d = devices("builtin-race.devices", VIRTIO)
+    if d is not None:
+        n = f"{group}/builtin-race.devices"
+        expect(c, n, d, "driver", "virtio-pci")
+        expect(c, n, d, "keepOnVfio", True)
+        c.ok(f"{n}.reason-kernel-cmdline", "kernel-cmdline" in reasons_of(d),
+             f"reasons {d.get('reasons')}, want source kernel-cmdline")
+    d = devices("builtin-race.devices-after", VIRTIO)
+    if d is not None:
+        n = f"{group}/builtin-race.devices-after"
+        expect(c, n, d, "driver", "vfio-pci")
+        expect(c, n, d, "keepOnVfio", True)
+
     d = devices("two-function.devices", E1000)
     if d is not None:
         n = f"{group}/two-function.devices"
@@ -229,10 +243,10 @@ def check_blocks(c, group, blocks, lspci):
 
     # bind/release JSON results name the GPU they acted on
     for name, b in sorted(blocks.items()):
-        m = re.match(r"^(prebound-[a-z-]+|runtime-move|two-function|no-host-driver|foreign-override)\.(bind|release)(-again)?$", name)
+        m = re.match(r"^(prebound-[a-z-]+|runtime-move|builtin-race|two-function|no-host-driver|foreign-override)\.(bind|release)(-again)?$", name)
         if not m or b.rc != 0:
             continue
-        want = {"runtime-move": VIRTIO, "two-function": E1000, "no-host-driver": EDU,
+        want = {"runtime-move": VIRTIO, "builtin-race": VIRTIO, "two-function": E1000, "no-host-driver": EDU,
                 "foreign-override": EDU}.get(m.group(1), E1000E)
         try:
             res = b.json()
@@ -310,27 +324,42 @@ def check_doctor(c, group, blocks, src, groups):
                  f"detail {detail!r} names {src} for a GPU no admin setting names")
 
 
+def counts(c):
+    tail = f", {c.skipped} skipped" if c.skipped else ""
+    return f"{c.passed} passed, {c.failed} failed{tail}"
+
+
 def main(paths):
     c = Checker()
     metrics = []
+    # boots are named <kernel>-<group> (run.sh); one subtotal per kernel
+    per_kernel = {}
     for path in paths:
         try:
             group, results, blocks, mets, done = parse(path)
         except OSError as e:
             c.ok(f"log.{path}", False, str(e))
             continue
+        before = (c.passed, c.failed, c.skipped)
         if group != "host":
             c.ok(f"{group}/vm-completed", done, f"no '=== VM DONE ===' in {path} (timeout, panic or init died)")
         for line in results:
             c.report(re.sub(r"^(PASS|FAIL|SKIP) ", lambda m: f"{m.group(1)} {group}/" if group != "host" else m.group(0), line))
         check_blocks(c, group, blocks, blocks.get("baseline.lspci"))
         metrics += [f"{group}: {m}" for m in mets]
+        if group != "host":
+            k = per_kernel.setdefault(group.split("-", 1)[0], Checker())
+            k.passed += c.passed - before[0]
+            k.failed += c.failed - before[1]
+            k.skipped += c.skipped - before[2]
     if metrics:
         print("--- metrics")
         for m in metrics:
             print(m)
-    tail = f", {c.skipped} skipped" if c.skipped else ""
-    print(f"VM: {c.passed} passed, {c.failed} failed{tail}")
+    for k, kc in per_kernel.items():
+        print(f"VM {k}: {counts(kc)}")
+    kernels = f" ({len(per_kernel)} kernels: {', '.join(per_kernel)})" if per_kernel else ""
+    print(f"VM: {counts(c)}{kernels}")
     return 1 if c.failed else 0
 
 

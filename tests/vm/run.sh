@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# Real-kernel tests for vfio-gpu-dra: boot Debian's stock kernel under qemu (TCG,
-# no KVM) with emulated PCI devices, an emulated Intel IOMMU and the vfio modules,
-# and run our CLI against the guest's real sysfs. See tests/vm/README.md.
+# Real-kernel tests for vfio-gpu-dra: boot real kernels under qemu (TCG, no KVM)
+# with emulated PCI devices, an emulated Intel IOMMU and the vfio modules, and run
+# our CLI against the guest's real sysfs. See tests/vm/README.md.
 #
-# Usage: tests/vm/run.sh [--no-cli] [GROUP...]
-#   GROUP      boots to run (default: all): cmdline modprobe crash live
+# Usage: tests/vm/run.sh [--no-cli] [--kernel K]... [GROUP...]
+#   GROUP      boots to run on each kernel that has them (default: all):
+#              cmdline modprobe crash live builtin
+#   --kernel K kernels to boot (repeatable; default: all, or $VM_KERNELS):
+#              deb6.1    Debian's current 6.1 (linux-image-amd64)
+#              deb6.12   Debian's current 6.12 (linux-image-6.12-amd64): virtio_pci
+#                        built in (boot "builtin")
+#              iommufd   6.12 built from Debian's linux-source-6.12 with
+#                        tests/vm/kernel/iommufd.config (/dev/iommu, vfio cdevs);
+#                        cached in $VM_KERNEL_CACHE (default /var/cache/vfio-gpu-dra-vm)
 #   --no-cli   run only the raw-kernel parts (boot, modules, sysfs); the CLI
 #              scenarios print SKIP. Without it a binary lacking the CLI fails.
 # Environment:
+#   VM_KERNELS="deb6.1 ..."  default kernel list (--kernel wins)
+#   VM_KERNEL_CACHE=dir      where build-iommufd.sh keeps its kernel builds
 #   VM_BIN=path     use this vfio-gpu-dra binary (static or dynamic) instead of
 #                   building one
 #   VM_STATIC=1     build a static binary (crt-static, target dir target/vm)
@@ -25,18 +35,48 @@ ROOT=$(cd "$HERE/../.." && pwd)
 WORK=$HERE/work
 LOGS=$WORK/logs
 HOSTLOG=$LOGS/host.log
-ALL_GROUPS=(cmdline modprobe crash live)
+ALL_GROUPS=(cmdline modprobe crash live builtin)
+ALL_KERNELS=(deb6.1 deb6.12 iommufd)
+# The boots of each kernel; builtin needs a built-in virtio_pci (6.12 kernels).
+kernel_groups() {
+    case "$1" in
+    deb6.1) echo cmdline modprobe crash live ;;
+    deb6.12|iommufd) echo cmdline modprobe crash live builtin ;;
+    esac
+}
 NO_CLI=0
 GROUPS_SEL=()
-for a in "$@"; do
-    case "$a" in
+KERNELS_SEL=()
+while [ $# -gt 0 ]; do
+    case "$1" in
     --no-cli) NO_CLI=1 ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
-    -*) echo "run.sh: unknown option $a" >&2; exit 2 ;;
-    *) GROUPS_SEL+=("$a") ;;
+    --kernel) [ $# -ge 2 ] || { echo "run.sh: --kernel needs a value" >&2; exit 2; }; KERNELS_SEL+=("$2"); shift ;;
+    --kernel=*) KERNELS_SEL+=("${1#--kernel=}") ;;
+    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+    -*) echo "run.sh: unknown option $1" >&2; exit 2 ;;
+    *) GROUPS_SEL+=("$1") ;;
     esac
+    shift
 done
 [ ${#GROUPS_SEL[@]} -gt 0 ] || GROUPS_SEL=("${ALL_GROUPS[@]}")
+if [ ${#KERNELS_SEL[@]} = 0 ]; then
+    # shellcheck disable=SC2206
+    if [ -n "${VM_KERNELS:-}" ]; then KERNELS_SEL=($VM_KERNELS); else KERNELS_SEL=("${ALL_KERNELS[@]}"); fi
+fi
+for k in "${KERNELS_SEL[@]}"; do
+    [ -n "$(kernel_groups "$k")" ] || { echo "run.sh: unknown kernel $k (known: ${ALL_KERNELS[*]})" >&2; exit 2; }
+done
+for g in "${GROUPS_SEL[@]}"; do
+    case " ${ALL_GROUPS[*]} " in *" $g "*) ;; *) echo "run.sh: unknown group $g (known: ${ALL_GROUPS[*]})" >&2; exit 2 ;; esac
+done
+# BOOTS: "<kernel>-<group>" for each selected group the kernel runs
+BOOTS=()
+for k in "${KERNELS_SEL[@]}"; do
+    for g in $(kernel_groups "$k"); do
+        for s in "${GROUPS_SEL[@]}"; do [ "$s" = "$g" ] && BOOTS+=("$k-$g"); done
+    done
+done
+[ ${#BOOTS[@]} -gt 0 ] || { echo "run.sh: no boot selected (kernels ${KERNELS_SEL[*]}, groups ${GROUPS_SEL[*]})" >&2; exit 2; }
 export DEBIAN_FRONTEND=noninteractive
 
 T_START=$(date +%s.%N)
@@ -63,32 +103,63 @@ fi
 command -v python3 > /dev/null || { apt_update; apt-get install -y -qq --no-install-recommends python3 > /dev/null; }
 timing packages "$(since "$t")"
 
-# ------------------------------------------------------------------ kernel
-t=$(date +%s.%N)
-kpkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ { print $2; exit }'; }
-KPKG=$(kpkg || true)
-if [ -z "$KPKG" ]; then apt_update; KPKG=$(kpkg); fi
-[ -n "$KPKG" ] || { echo "run.sh: cannot resolve linux-image-amd64's kernel package" >&2; exit 1; }
-KDIR=$WORK/kernel/$KPKG
-if [ ! -e "$KDIR/.ready" ]; then
-    log "fetching $KPKG"
-    rm -rf "$KDIR" "$WORK/debs"
-    mkdir -p "$KDIR" "$WORK/debs"
-    # apt-get download writes to the cwd; _apt cannot write there, so apt warns
-    # and downloads as root: harmless.
-    (cd "$WORK/debs" && { apt-get download -q "$KPKG" 2>&1 || { apt_update && apt-get download -q "$KPKG"; }; } | grep -v '^W: Download is performed unsandboxed' || true)
-    deb=$(ls "$WORK/debs/${KPKG}_"*.deb)
-    dpkg-deb -x "$deb" "$KDIR"
-    rm -f "$deb"
-    depmod -b "$KDIR" "$(ls "$KDIR/lib/modules")"
-    touch "$KDIR/.ready"
+# ------------------------------------------------------------------ kernels
+# Each kernel ends up as an extracted-package tree: boot/vmlinuz-<kver>,
+# lib/modules/<kver> (depmod'ed). KVERS/VMLINUZ/MDIRS/KTREE by kernel name.
+declare -A KVERS VMLINUZ MDIRS KTREE
+# deb_kernel NAME META: Debian's current kernel behind the meta package META,
+# downloaded and extracted (never installed) under work/kernel/
+deb_kernel() {
+    local name=$1 meta=$2 pkg dir deb
+    kpkg() { apt-cache depends "$meta" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ { print $2; exit }'; }
+    pkg=$(kpkg || true)
+    if [ -z "$pkg" ]; then apt_update; pkg=$(kpkg); fi
+    [ -n "$pkg" ] || { echo "run.sh: cannot resolve $meta's kernel package" >&2; exit 1; }
+    dir=$WORK/kernel/$pkg
+    if [ ! -e "$dir/.ready" ]; then
+        log "fetching $pkg"
+        rm -rf "$dir" "$WORK/debs"
+        mkdir -p "$dir" "$WORK/debs"
+        # apt-get download writes to the cwd; _apt cannot write there, so apt warns
+        # and downloads as root: harmless.
+        (cd "$WORK/debs" && { apt-get download -q "$pkg" 2>&1 || { apt_update && apt-get download -q "$pkg"; }; } | grep -v '^W: Download is performed unsandboxed' || true)
+        deb=$(ls "$WORK/debs/${pkg}_"*.deb)
+        dpkg-deb -x "$deb" "$dir"
+        rm -f "$deb"
+        depmod -b "$dir" "$(ls "$dir/lib/modules")"
+        touch "$dir/.ready"
+    fi
+    KTREE[$name]=$dir
+    KPKGNAME[$name]=$pkg
+}
+declare -A KPKGNAME
+for k in "${KERNELS_SEL[@]}"; do
+    t=$(date +%s.%N)
+    case "$k" in
+    deb6.1) deb_kernel "$k" linux-image-amd64 ;;
+    deb6.12) deb_kernel "$k" linux-image-6.12-amd64 ;;
+    iommufd)
+        # built once per (source version, config fragment), cached outside the clone
+        KTREE[$k]=$("$HERE/kernel/build-iommufd.sh" | tail -1)
+        KPKGNAME[$k]="linux-source-6.12 $(cat "${KTREE[$k]}/source-version") + kernel/iommufd.config" ;;
+    esac
+    KVERS[$k]=$(ls "${KTREE[$k]}/lib/modules")
+    VMLINUZ[$k]=${KTREE[$k]}/boot/vmlinuz-${KVERS[$k]}
+    MDIRS[$k]=${KTREE[$k]}/lib/modules/${KVERS[$k]}
+    [ -r "${VMLINUZ[$k]}" ] || { echo "run.sh: no ${VMLINUZ[$k]}" >&2; exit 1; }
+    log "kernel $k: ${KVERS[$k]} (${KPKGNAME[$k]})"
+    hostline "KERNEL $k ${KVERS[$k]} (${KPKGNAME[$k]})"
+    timing "kernel-$k" "$(since "$t")"
+done
+# Guest test programs per kernel. iommufd-bind (guest/iommufd-bind.c) opens a vfio
+# cdev and binds it to an iommufd like QEMU does; static, built against the uAPI
+# headers of the kernel it runs on (bookworm's linux-libc-dev 6.1 has no iommufd).
+declare -A GUEST_TOOLS
+if [ -n "${KTREE[iommufd]:-}" ]; then
+    gcc -static -O2 -Wall -Werror -I "${KTREE[iommufd]}/usr/include" \
+        -o "$WORK/iommufd-bind" "$HERE/guest/iommufd-bind.c"
+    GUEST_TOOLS[iommufd]=$WORK/iommufd-bind
 fi
-KVER=$(ls "$KDIR/lib/modules")
-VMLINUZ=$KDIR/boot/vmlinuz-$KVER
-MDIR=$KDIR/lib/modules/$KVER
-[ -r "$VMLINUZ" ] || { echo "run.sh: no $VMLINUZ" >&2; exit 1; }
-log "kernel $KVER ($KPKG)"
-timing kernel "$(since "$t")"
 
 # ------------------------------------------------------------------ binary
 t=$(date +%s.%N)
@@ -142,9 +213,11 @@ copy_with_libs() {
     fi
 }
 
-# build_initramfs GROUP SCENARIOS ENVLINES [MODPROBE_CONF]
+# build_initramfs BOOT SCENARIOS ENVLINES [MODPROBE_CONF]
+# (BOOT = <kernel>-<group>; the modules are those of kernel $K)
 build_initramfs() {
-    local g=$1 scenarios=$2 envlines=$3 modconf=${4:-} d=$WORK/initramfs/$g
+    local g=$1 scenarios=$2 envlines=$3 modconf=${4:-} d=$WORK/initramfs/$1
+    local MDIR=${MDIRS[$K]} KVER=${KVERS[$K]}
     rm -rf "$d"
     mkdir -p "$d"/{bin,sbin,etc/vm,etc/modprobe.d,lib/vm/scenarios,proc,sys,dev,tmp,run,var/lib,usr/bin,usr/sbin,root}
     cp /bin/busybox "$d/bin/busybox"
@@ -182,6 +255,7 @@ build_initramfs() {
     cp "$HERE/guest/init" "$d/init"
     cp "$HERE/guest/lib.sh" "$HERE/guest/topology.sh" "$d/lib/vm/"
     cp "$HERE"/guest/scenarios/*.sh "$d/lib/vm/scenarios/"
+    [ -z "${GUEST_TOOLS[$K]:-}" ] || cp ${GUEST_TOOLS[$K]} "$d/bin/"
     echo "$scenarios" > "$d/etc/vm/scenarios"
     printf '%s\n' "$envlines" > "$d/etc/vm/env"
     [ -z "$modconf" ] || printf '%s\n' "$modconf" > "$d/etc/modprobe.d/vfio.conf"
@@ -201,9 +275,9 @@ QEMU_DEVICES=(
     -device edu,bus=pcie.0,addr=0x5
 )
 
-# boot GROUP EXTRA_CMDLINE
+# boot BOOT EXTRA_CMDLINE  (BOOT = <kernel>-<group>)
 boot() {
-    local g=$1 extra=$2 log=$LOGS/$g.log quiet=quiet rc=0 t
+    local g=$1 extra=$2 log=$LOGS/$1.log quiet=quiet rc=0 t k=${1%%-*}
     [ "${VM_VERBOSE:-0}" = 1 ] && quiet=
     t=$(date +%s.%N)
     rm -f "$log"
@@ -213,59 +287,65 @@ boot() {
     timeout "${VM_TIMEOUT:-600}" qemu-system-x86_64 -machine q35 -accel tcg -m 1024 -smp 1 \
         -nodefaults -no-user-config -display none -monitor none -no-reboot \
         -serial "file:$log" \
-        -kernel "$VMLINUZ" -initrd "$WORK/initramfs-$g.cpio" \
+        -kernel "${VMLINUZ[$k]}" -initrd "$WORK/initramfs-$g.cpio" \
         -append "console=ttyS0 intel_iommu=on iommu=pt no_timer_check panic=-1 rdinit=/init $quiet $extra" \
         "${QEMU_DEVICES[@]}" < /dev/null > "$LOGS/$g.qemu.log" 2>&1 || rc=$?
     local wall
     wall=$(since "$t")
     local init_up
     init_up=$(sed -n 's/^VM-INIT uptime=\([0-9.]*\).*/\1/p' "$log" 2>/dev/null | tr -d '\r' | head -1)
-    hostline "BOOT $g kernel_to_init=${init_up:-?}s vm_wall=${wall}s qemu_rc=$rc"
-    log "boot $g: kernel->init ${init_up:-?}s, whole VM run ${wall}s (qemu exit $rc)"
+    hostline "BOOT $g kernel=${KVERS[$k]} kernel_to_init=${init_up:-?}s vm_wall=${wall}s qemu_rc=$rc"
+    log "boot $g (${KVERS[$k]}): kernel->init ${init_up:-?}s, whole VM run ${wall}s (qemu exit $rc)"
     if [ $rc = 124 ]; then hostline "FAIL host.$g-timeout: qemu killed after ${VM_TIMEOUT:-600}s"; fi
 }
 
 CMDLINE_IDS="vfio-pci.ids=8086:10d3"
 declare -A EXTRA
-for g in "${GROUPS_SEL[@]}"; do
+for b in "${BOOTS[@]}"; do
     t=$(date +%s.%N)
-    case "$g" in
+    K=${b%%-*}
+    case "${b#*-}" in
     cmdline)
-        build_initramfs cmdline "baseline prebound doctor runtime-move two-function no-host-driver foreign-override measure" \
+        build_initramfs "$b" "baseline prebound doctor runtime-move two-function no-host-driver foreign-override measure" \
             "PREBOUND=yes
 PREBOUND_SOURCE=kernel-cmdline"
-        EXTRA[$g]=$CMDLINE_IDS ;;
+        EXTRA[$b]=$CMDLINE_IDS ;;
     modprobe)
-        build_initramfs modprobe "baseline prebound doctor plugin" \
+        build_initramfs "$b" "baseline prebound doctor plugin iommufd" \
             "PREBOUND=yes
 PREBOUND_SOURCE=modprobe" \
             "# written by tests/vm/run.sh: vfio-pci is a module here, so kmod applies this
 options vfio-pci ids=8086:10d3"
-        EXTRA[$g]= ;;
+        EXTRA[$b]= ;;
     crash)
-        build_initramfs crash "baseline crash" "PREBOUND=yes
+        build_initramfs "$b" "baseline crash" "PREBOUND=yes
 PREBOUND_SOURCE=kernel-cmdline"
-        EXTRA[$g]=$CMDLINE_IDS ;;
+        EXTRA[$b]=$CMDLINE_IDS ;;
     live)
-        build_initramfs live "baseline plugin-intent plugin-deleted-claim plugin-crash" "PREBOUND=yes
+        build_initramfs "$b" "baseline plugin-intent plugin-deleted-claim plugin-crash" "PREBOUND=yes
 PREBOUND_SOURCE=kernel-cmdline"
-        EXTRA[$g]=$CMDLINE_IDS ;;
-    *) echo "run.sh: unknown group $g (known: ${ALL_GROUPS[*]})" >&2; exit 2 ;;
+        EXTRA[$b]=$CMDLINE_IDS ;;
+    builtin)
+        # virtio-net's id is named too, but the built-in virtio_pci binds it at
+        # PCI enumeration, long before the vfio-pci module loads
+        build_initramfs "$b" "baseline builtin-race" "PREBOUND=yes
+PREBOUND_SOURCE=kernel-cmdline"
+        EXTRA[$b]="$CMDLINE_IDS,1af4:1041" ;;
     esac
-    timing "initramfs-$g" "$(since "$t")"
+    timing "initramfs-$b" "$(since "$t")"
 done
 
 # Boots run VM_JOBS at a time (default 2: one TCG vCPU each); the longest first.
 t=$(date +%s.%N)
 JOBS=${VM_JOBS:-2}
 order=()
-for g in crash live cmdline modprobe; do
-    for s in "${GROUPS_SEL[@]}"; do [ "$s" = "$g" ] && order+=("$g"); done
+for g in crash live cmdline modprobe builtin; do
+    for b in "${BOOTS[@]}"; do [ "${b#*-}" = "$g" ] && order+=("$b"); done
 done
 running=0
-for g in "${order[@]}"; do
+for b in "${order[@]}"; do
     if [ "$running" -ge "$JOBS" ]; then wait -n || true; running=$((running - 1)); fi
-    boot "$g" "${EXTRA[$g]}" &
+    boot "$b" "${EXTRA[$b]}" &
     running=$((running + 1))
 done
 wait || true
@@ -274,7 +354,7 @@ timing boots "$(since "$t")"
 # ------------------------------------------------------------------ results
 timing total "$(since "$T_START")"
 logs=()
-for g in "${GROUPS_SEL[@]}"; do logs+=("$LOGS/$g.log"); done
+for b in "${BOOTS[@]}"; do logs+=("$LOGS/$b.log"); done
 rc=0
 python3 "$HERE/check.py" "$HOSTLOG" "${logs[@]}" | tee "$LOGS/summary.txt" || rc=$?
 if [ $rc != 0 ]; then

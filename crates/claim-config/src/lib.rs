@@ -26,7 +26,7 @@ pub enum IommuBackend {
     /// `/dev/vfio/<group>` (+ `/dev/vfio/vfio`): what KubeVirt uses.
     #[default]
     Legacy,
-    /// `/dev/vfio/devices/vfioN` + `/dev/iommu` (kernel ≥ 6.2 iommufd cdev).
+    /// `/dev/vfio/devices/vfioN` + `/dev/iommu` (kernel ≥ 6.6 with `CONFIG_IOMMUFD` and `CONFIG_VFIO_DEVICE_CDEV`).
     Iommufd,
 }
 

@@ -45,6 +45,11 @@ pub struct DemoArgs {
     /// The GPUs the claim asks for (default on the demo host: 0000:ab:00.0 and 0000:18:00.0).
     #[arg(long = "claim", value_name = "BDF")]
     pub claim: Vec<String>,
+    /// The claim's opaque `VfioDeviceConfig` `iommuBackend`: `legacy`
+    /// (`/dev/vfio/<group>`) or `iommufd` (`/dev/iommu` + `/dev/vfio/devices/vfioN`);
+    /// default: no config (the driver's default, legacy).
+    #[arg(long, value_name = "BACKEND", value_parser = ["legacy", "iommufd"])]
+    pub iommu_backend: Option<String>,
     /// Test hook: delete the ResourceClaim from the API server right after the
     /// prepare, as a force-deleted pod does; the kubelet still unprepares it.
     #[arg(long, hide = true)]
@@ -286,12 +291,27 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
         results.push(json!({"request": request, "driver": DRIVER, "pool": NODE,
                             "device": device_name(&bdf(b)?)}));
     }
+    // The opaque config as the scheduler copies it into the allocation (the
+    // copy the plugin reads).
+    let config: Vec<Value> = args
+        .iommu_backend
+        .iter()
+        .map(|b| {
+            json!({"source": "FromClaim", "requests": [],
+                   "opaque": {"driver": DRIVER, "parameters": {
+                       "apiVersion": "vfio-gpu.dra.dev/v1alpha1", "kind": "VfioDeviceConfig",
+                       "iommuBackend": b}}})
+        })
+        .collect();
     let stored = api.insert(json!({
         "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
         "metadata": {"name": "vm-gpus", "namespace": NAMESPACE},
         "spec": {"devices": {"requests": requests}},
-        "status": {"allocation": {"devices": {"results": results}}}
+        "status": {"allocation": {"devices": {"results": results, "config": config}}}
     }))?;
+    if let Some(b) = &args.iommu_backend {
+        println!("  opaque VfioDeviceConfig: iommuBackend {b}");
+    }
     let claim = ClaimRef {
         uid: stored["metadata"]["uid"]
             .as_str()

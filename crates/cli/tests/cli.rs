@@ -343,3 +343,26 @@ fn demo_runs_the_whole_plugin_lifecycle() {
     assert!(out.contains("CDI specs left: 0"), "{out}");
     assert!(out.contains("sockets removed: true"), "{out}");
 }
+
+#[test]
+fn demo_iommu_backend_iommufd_names_dev_iommu_and_the_cdevs() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(&[
+        "demo",
+        "--dir",
+        dir.path().to_str().unwrap(),
+        "--iommu-backend",
+        "iommufd",
+    ]);
+    let out = stdout(&o);
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("iommuBackend iommufd"), "{out}");
+    assert!(out.contains("\"path\": \"/dev/iommu\""), "{out}");
+    assert!(out.contains("\"path\": \"/dev/vfio/devices/vfio"), "{out}");
+    assert!(!out.contains("\"path\": \"/dev/vfio/15\""), "{out}");
+    assert!(out.contains("CDI specs left: 0"), "{out}");
+}

@@ -307,7 +307,10 @@ impl FixtureHost {
             self.add_driver(driver)?;
             self.link_driver(bdf, driver)?;
             if crate::is_vfio_driver(driver) {
-                self.add_vfio_dev(bdf)?;
+                // Bound at boot on a kernel with both interfaces (the simulated
+                // kernel's default): the device cdev next to the group node.
+                let vfio = self.add_vfio_dev(bdf)?;
+                self.write(&format!("dev/vfio/devices/{vfio}"), "")?;
                 if let Some(group) = spec.iommu_group {
                     self.write(&format!("dev/vfio/{group}"), "")?;
                 }

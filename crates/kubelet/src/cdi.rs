@@ -213,7 +213,7 @@ impl CdiWriter {
                 IommuBackend::Iommufd => {
                     if g.vfio_devices.is_empty() {
                         return Err(invalid(
-                            "iommufd backend requested but the kernel exposes no vfio-dev cdev (needs Linux ≥ 6.2 with VFIO_DEVICE_CDEV)".into(),
+                            "iommufd backend requested but the kernel has no /dev/vfio/devices cdev for it (needs Linux ≥ 6.6 with CONFIG_IOMMUFD and CONFIG_VFIO_DEVICE_CDEV; Debian 12 kernels have neither)".into(),
                         ));
                     }
                     for v in &g.vfio_devices {

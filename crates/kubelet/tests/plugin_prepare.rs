@@ -666,6 +666,43 @@ async fn opaque_config_selects_iommufd_and_bad_config_fails_the_claim() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iommufd_claim_on_a_kernel_without_vfio_device_cdev_fails_and_names_no_missing_node() {
+    // Debian's 6.1 and 6.12 (tests/vm): vfio-pci still creates sysfs
+    // `vfio-dev/vfioN`, but without CONFIG_VFIO_DEVICE_CDEV there is no
+    // /dev/vfio/devices/vfioN. A spec naming it fails only at container start.
+    let env = Env::new().await;
+    env.kernel.set_vfio_nodes(vfio_gpu_engine::sim::VfioNodes {
+        group: true,
+        cdev: false,
+    });
+    let running = env.start().await;
+    let ba = dev(BA);
+    let claim = env.claim_with(
+        "fd-nocdev",
+        &[("gpu", DRIVER, NODE, ba.as_str())],
+        json!([{"source": "FromClaim", "requests": [],
+            "opaque": {"driver": DRIVER, "parameters": {"apiVersion": "vfio-gpu.dra.dev/v1alpha1", "kind": "VfioDeviceConfig", "iommuBackend": "iommufd"}}}]),
+        json!({}),
+    );
+    let r = running
+        .kubelet
+        .prepare(std::slice::from_ref(&claim))
+        .await
+        .expect("rpc");
+    let spec = env.claim_spec_path(&claim.uid);
+    let named = std::fs::read_to_string(&spec).unwrap_or_default();
+    assert!(
+        !named.contains("/dev/vfio/devices/"),
+        "the spec names a node the kernel does not have: {named}"
+    );
+    let e = err_text(&r, &claim.uid);
+    assert!(e.contains("VFIO_DEVICE_CDEV"), "{e}");
+    // the failed prepare rolled the move back
+    assert_eq!(env.driver_of(BA).as_deref(), Some("nvidia"));
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleanup_leaves_fully_prepared_claims_whose_object_is_gone() {
     // A force-deleted pod: its claim object is gone while QEMU may still run. The
     // kubelet unprepares it; the plugin must not pull the GPU on its own.

@@ -58,7 +58,8 @@ pub struct Outcome {
     pub functions: Vec<FunctionState>,
     /// IOMMU group.
     pub iommu_group: Option<u32>,
-    /// `vfio-dev/vfioN` of each function on vfio (iommufd cdev names).
+    /// `vfio-dev/vfioN` of each function on vfio whose `/dev/vfio/devices/vfioN`
+    /// exists (iommufd cdev names; empty without `CONFIG_VFIO_DEVICE_CDEV`).
     pub vfio_devices: Vec<String>,
     /// Milliseconds the operation took.
     pub millis: u64,
@@ -226,9 +227,12 @@ impl Engine {
     ) -> Outcome {
         let bdfs: Vec<Bdf> = gpu.functions.iter().map(|f| f.bdf).collect();
         let functions = self.states(&bdfs, &BTreeMap::new());
+        // Only names with a device node: without CONFIG_VFIO_DEVICE_CDEV the kernel
+        // still lists `vfio-dev/vfioN` in sysfs (6.1+), but there is no cdev to open.
         let vfio_devices = bdfs
             .iter()
             .filter_map(|b| self.kernel.read_binding(*b).ok().and_then(|f| f.vfio_dev))
+            .filter(|v| self.root.rel("dev/vfio/devices").join(v).exists())
             .collect();
         Outcome {
             bdf: gpu.bdf(),
