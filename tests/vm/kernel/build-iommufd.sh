@@ -23,7 +23,8 @@ export DEBIAN_FRONTEND=noninteractive
 log() { echo "build-iommufd: $*" >&2; }
 
 need=()
-for p in build-essential flex bison bc libelf-dev libssl-dev xz-utils kmod; do
+# rsync: headers_install copies the uAPI headers with it
+for p in build-essential flex bison bc libelf-dev libssl-dev xz-utils kmod rsync; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
