@@ -172,7 +172,7 @@ pub struct LedgerBody {
     #[serde(default)]
     pub boot_id: String,
     /// Records by GPU address.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "one_record_per_gpu")]
     pub gpus: BTreeMap<Bdf, GpuRecord>,
     /// Next operation number.
     #[serde(default)]
@@ -292,6 +292,38 @@ fn decode_classified(bytes: &[u8]) -> Result<LedgerBody, DecodeError> {
     serde_json::from_slice(body).map_err(|e| {
         DecodeError::Unsupported(format!("body is not a ledger this build understands: {e}"))
     })
+}
+
+/// Reads `gpus`, refusing two records for one GPU (`0000:3a:00.0` and
+/// `0000:3A:00.0` in a hand-edited file) instead of keeping the last and
+/// silently losing the other.
+fn one_record_per_gpu<'de, D>(d: D) -> Result<BTreeMap<Bdf, GpuRecord>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Records;
+    impl<'de> serde::de::Visitor<'de> for Records {
+        type Value = BTreeMap<Bdf, GpuRecord>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("GPU records by PCI address")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut records = BTreeMap::new();
+            while let Some((bdf, record)) = map.next_entry::<Bdf, GpuRecord>()? {
+                if records.contains_key(&bdf) {
+                    return Err(serde::de::Error::custom(format!(
+                        "two records for GPU {bdf} (its address is spelled twice)"
+                    )));
+                }
+                records.insert(bdf, record);
+            }
+            Ok(records)
+        }
+    }
+    d.deserialize_map(Records)
 }
 
 /// Serialises a ledger with its header.

@@ -209,3 +209,36 @@ fn unknown_numeric_fields_survive_rewrite() {
         assert_eq!(again, first, "{number} changed on rewrite");
     }
 }
+
+/// Found by the `ledger` fuzz target (fuzz/regressions/ledger/): two records
+/// for one GPU under two spellings of its address (`0000:3a:00.0` and
+/// `0000:3A:00.0`, as a hand edit makes) were silently merged, the first one
+/// lost. Such a file is refused with a reason naming the GPU, kept as it is,
+/// and never written over.
+#[test]
+fn two_records_for_one_gpu_are_refused_not_merged() {
+    let body = r#"{"bootId":"b1","gpus":{
+        "0000:3a:00.0":{"state":"prebound","holder":{"kind":"admin"},"bootId":"b1","extra":"x"},
+        "0000:3A:00.0":{"state":"prebound","holder":{"kind":"admin"},"bootId":"b0"}}}"#;
+    let sum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body.as_bytes()));
+    let file = format!("vfio-gpu-dra-ledger format=1 sha256={sum}\n{body}");
+    let err = decode(file.as_bytes()).expect_err("two records for one GPU must not decode");
+    assert!(err.contains("0000:3a:00.0"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = LedgerFile::new(dir.path()).unwrap();
+    std::fs::write(ledger.path(), &file).unwrap();
+    let (loaded, problem) = ledger.load();
+    assert!(loaded.gpus.is_empty());
+    let problem = problem.expect("the reader reports the duplicate");
+    assert!(
+        problem.reason.contains("0000:3a:00.0"),
+        "{}",
+        problem.reason
+    );
+    assert_eq!(
+        std::fs::read_to_string(ledger.path()).unwrap(),
+        file,
+        "the file is kept as it was"
+    );
+}
