@@ -19,6 +19,9 @@ use vfio_gpu_engine::ledger::{LedgerBody, decode};
 use vfio_gpu_kubelet::grpc::dra::ClaimRef;
 use vfio_gpu_kubelet::grpc::emulator::{KubeletEmulator, RegisteredPlugin};
 
+mod common;
+use common::{demo_host_under, kubelet_dirs_under};
+
 const DRIVER: &str = "vfio-gpu.dra.dev";
 const NODE: &str = "n1";
 const NS: &str = "vms";
@@ -52,8 +55,8 @@ impl Drop for Serve {
 impl Serve {
     fn start(d: &Path, uid: &str) -> Serve {
         let log = d.join(format!("serve-{uid}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_vfio-gpu-dra"))
-            .env_remove("VFIO_GPU_DRA_CRASH_AFTER_STEP")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vfio-gpu-dra"));
+        cmd.env_remove("VFIO_GPU_DRA_CRASH_AFTER_STEP")
             .env_remove("VFIO_GPU_DRA_STATE_DIR")
             .env("VFIO_GPU_DRA_POLICY", "/nonexistent/policy.toml")
             .env("VFIO_GPU_DRA_LOG", "info")
@@ -61,16 +64,8 @@ impl Serve {
             // Background loops run while the two instances serve calls.
             .args(["--reconcile-interval", "1", "--cleanup-interval", "1"])
             .arg("--kubeconfig")
-            .arg(d.join("kubeconfig"))
-            .arg("--kubelet-plugins-dir")
-            .arg(d.join("plugins"))
-            .arg("--kubelet-registrar-dir")
-            .arg(d.join("registry"))
-            .arg("--cdi-root")
-            .arg(d.join("cdi"))
-            .arg("--demo")
-            .arg("--demo-dir")
-            .arg(d.join("demo"))
+            .arg(d.join("kubeconfig"));
+        let child = demo_host_under(kubelet_dirs_under(&mut cmd, d), d)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))

@@ -6,6 +6,9 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{demo_host_under, kubelet_dirs_under};
+
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_vfio-gpu-dra"));
     c.env_remove("VFIO_GPU_DRA_CRASH_AFTER_STEP")
@@ -34,19 +37,11 @@ fn start_serve(d: &Path) -> Serve {
          current-context: x\n",
     )
     .unwrap();
-    let child = bin()
-        .args(["serve", "--node-name", "n1", "--reconcile-interval", "3600"])
+    let mut cmd = bin();
+    cmd.args(["serve", "--node-name", "n1", "--reconcile-interval", "3600"])
         .arg("--kubeconfig")
-        .arg(d.join("kubeconfig"))
-        .arg("--kubelet-plugins-dir")
-        .arg(d.join("plugins"))
-        .arg("--kubelet-registrar-dir")
-        .arg(d.join("registry"))
-        .arg("--cdi-root")
-        .arg(d.join("cdi"))
-        .arg("--demo")
-        .arg("--demo-dir")
-        .arg(d.join("demo"))
+        .arg(d.join("kubeconfig"));
+    let child = demo_host_under(kubelet_dirs_under(&mut cmd, d), d)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -147,16 +142,11 @@ fn serve_refuses_to_orphan_a_ledger_in_the_old_default_dir() {
         "vfio-gpu-dra-ledger format=1 sha256=x\n{}",
     )
     .unwrap();
-    let mut child = bin()
-        .args(["serve", "--node-name", "n1"])
+    let mut cmd = bin();
+    cmd.args(["serve", "--node-name", "n1"])
         .arg("--host-root")
-        .arg(&host)
-        .arg("--kubelet-plugins-dir")
-        .arg(d.join("plugins"))
-        .arg("--kubelet-registrar-dir")
-        .arg(d.join("registry"))
-        .arg("--cdi-root")
-        .arg(d.join("cdi"))
+        .arg(&host);
+    let mut child = kubelet_dirs_under(&mut cmd, d)
         .arg("--kubeconfig")
         .arg(d.join("no-kubeconfig"))
         .stdin(Stdio::null())
