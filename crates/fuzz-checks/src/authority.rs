@@ -15,12 +15,16 @@
 //! - every byte that is not part of a header block passes through unchanged,
 //!   in order; without the preface the output is the input;
 //! - the adapter fails only where the input itself is broken (an HPACK block
-//!   that does not decode, a header block interrupted, malformed HEADERS).
+//!   that does not decode, a header block interrupted, malformed HEADERS) or
+//!   where h2 behind it would close the connection (a frame over the maximum
+//!   size, a CONTINUATION flood, an HPACK bomb); a block over h2's header list
+//!   size is forwarded up to the field that crosses it, so h2 still refuses it.
 
 use loona_hpack::{Decoder, Encoder};
 use vfio_gpu_h2_authority::{
     FLAG_END_HEADERS, FLAG_END_STREAM, FLAG_PADDED, FLAG_PRIORITY, FRAME_HEADER_LEN,
-    HeaderRewriter, MAX_FRAME_PAYLOAD, PREFACE, REPLACEMENT_AUTHORITY, TYPE_CONTINUATION,
+    HEADER_LIST_ABUSE_SIZE, HEADER_TABLE_SIZE, HeaderRewriter, MAX_CONTINUATIONS,
+    MAX_FRAME_PAYLOAD, MAX_HEADER_LIST_SIZE, PREFACE, REPLACEMENT_AUTHORITY, TYPE_CONTINUATION,
     TYPE_HEADERS, authority_is_acceptable, put_frame_header,
 };
 
@@ -180,10 +184,15 @@ enum Event {
     },
 }
 
-fn frames(mut b: &[u8]) -> Vec<&[u8]> {
+/// The complete frames of a stream, and whether a frame header announces more than the
+/// server's maximum frame size (h2 then closes the connection).
+fn frames(mut b: &[u8]) -> (Vec<&[u8]>, bool) {
     let mut v = Vec::new();
     while b.len() >= FRAME_HEADER_LEN {
         let len = usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]);
+        if len > MAX_FRAME_PAYLOAD {
+            return (v, true);
+        }
         if b.len() < FRAME_HEADER_LEN + len {
             break;
         }
@@ -191,22 +200,37 @@ fn frames(mut b: &[u8]) -> Vec<&[u8]> {
         v.push(f);
         b = rest;
     }
-    v
+    (v, false)
 }
 
 /// The reference reading of a client stream (after the preface): events in
 /// order, and whether it breaks somewhere (the adapter must then fail).
+///
+/// It reads as h2 does with the limits the plugin's servers set: a frame over the
+/// maximum size, more than [`MAX_CONTINUATIONS`] CONTINUATIONs without END_HEADERS, a
+/// table size update beyond [`HEADER_TABLE_SIZE`] or a block decoding to more than
+/// [`HEADER_LIST_ABUSE_SIZE`] break the stream; a block over [`MAX_HEADER_LIST_SIZE`]
+/// is expected up to the field that crosses it (h2 then refuses the stream).
 fn reference(stream: &[u8], fix: bool) -> (Vec<Event>, bool) {
     let mut dec = Decoder::new();
+    dec.set_max_allowed_table_size(HEADER_TABLE_SIZE);
     let mut events = Vec::new();
     let mut open: Option<(u32, bool, Vec<u8>)> = None;
-    for f in frames(stream) {
+    let mut continuations = 0;
+    let (frames, oversized) = frames(stream);
+    for f in frames {
         let (ty, flags) = (f[3], f[4]);
         let sid = u32::from_be_bytes([f[5], f[6], f[7], f[8]]) & 0x7fff_ffff;
         let payload = &f[FRAME_HEADER_LEN..];
         if let Some((osid, _, frag)) = open.as_mut() {
             if ty != TYPE_CONTINUATION || sid != *osid {
                 return (events, true);
+            }
+            if flags & FLAG_END_HEADERS == 0 {
+                continuations += 1;
+                if continuations > MAX_CONTINUATIONS {
+                    return (events, true);
+                }
             }
             frag.extend_from_slice(payload);
         } else if ty == TYPE_HEADERS {
@@ -229,6 +253,7 @@ fn reference(stream: &[u8], fix: bool) -> (Vec<Event>, bool) {
                 return (events, true);
             };
             open = Some((sid, flags & FLAG_END_STREAM != 0, p[..end].to_vec()));
+            continuations = 0;
         } else {
             events.push(Event::Frame(f.to_vec()));
             continue;
@@ -245,6 +270,18 @@ fn reference(stream: &[u8], fix: bool) -> (Vec<Event>, bool) {
                     *v = REPLACEMENT_AUTHORITY.as_bytes().to_vec();
                 }
             }
+            let mut size = 0usize;
+            let mut kept = 0;
+            for (n, v) in &headers {
+                if size < MAX_HEADER_LIST_SIZE {
+                    kept += 1;
+                }
+                size += n.len() + v.len() + 32;
+            }
+            if size > HEADER_LIST_ABUSE_SIZE {
+                return (events, true);
+            }
+            headers.truncate(kept);
             events.push(Event::Block {
                 stream_id,
                 end_stream,
@@ -252,7 +289,7 @@ fn reference(stream: &[u8], fix: bool) -> (Vec<Event>, bool) {
             });
         }
     }
-    (events, false)
+    (events, oversized)
 }
 
 /// The property for one input.

@@ -37,6 +37,31 @@ pub const FRAME_HEADER_LEN: usize = 9;
 /// also uses to bound the number of CONTINUATION frames it accepts per block.
 pub const MAX_FRAME_PAYLOAD: usize = 16_384;
 
+/// Largest header list, counted as RFC 7541 §4.1 does (name + value + 32 per field), that
+/// the server behind the adapter accepts: hyper's default, which the kubelet plugin's
+/// servers also set explicitly. h2 refuses a longer list by resetting the stream, so the
+/// adapter forwards a block only up to the field that crosses this size.
+pub const MAX_HEADER_LIST_SIZE: usize = 16 << 10;
+
+/// Decoded size of one block past which h2 closes the connection
+/// (`MAX_HEADER_LIST_ABUSE_MULTIPLIER` times the list size); the adapter does the same
+/// instead of expanding an HPACK bomb.
+pub const HEADER_LIST_ABUSE_SIZE: usize = 4 * MAX_HEADER_LIST_SIZE;
+
+/// CONTINUATION frames without END_HEADERS that h2 accepts in one block for these limits
+/// (its `calc_max_continuation_frames`); one more is a CONTINUATION flood.
+pub const MAX_CONTINUATIONS: usize = max_continuations(MAX_HEADER_LIST_SIZE, MAX_FRAME_PAYLOAD);
+
+/// HPACK dynamic table size the server advertises (the HTTP/2 default); h2 refuses a
+/// table size update beyond it, and so does the adapter's decoder.
+pub const HEADER_TABLE_SIZE: usize = 4096;
+
+const fn max_continuations(list: usize, frame: usize) -> usize {
+    let frames = if list / frame > 1 { list / frame } else { 1 };
+    let padded = frames + (frames >> 2);
+    if padded > 5 { padded } else { 5 }
+}
+
 /// Frame type DATA.
 pub const TYPE_DATA: u8 = 0x0;
 /// Frame type HEADERS.
@@ -90,6 +115,31 @@ pub enum AuthorityError {
     #[error("malformed HEADERS frame on stream {stream_id}: padding/priority exceed payload")]
     MalformedHeaders {
         /// Stream of the frame.
+        stream_id: u32,
+    },
+    /// A frame announced a payload longer than the server's `SETTINGS_MAX_FRAME_SIZE`
+    /// (h2 answers FRAME_SIZE_ERROR); refused before its payload is buffered.
+    #[error(
+        "frame of {len} bytes on stream {stream_id} exceeds the {MAX_FRAME_PAYLOAD}-byte maximum"
+    )]
+    FrameTooLarge {
+        /// Stream of the frame.
+        stream_id: u32,
+        /// Payload length the frame header announced.
+        len: usize,
+    },
+    /// A header block went on for more CONTINUATION frames than h2 accepts.
+    #[error("header block of stream {stream_id} exceeds {MAX_CONTINUATIONS} CONTINUATION frames")]
+    TooManyContinuations {
+        /// Stream of the block.
+        stream_id: u32,
+    },
+    /// A header block decoded to more than [`HEADER_LIST_ABUSE_SIZE`] bytes.
+    #[error(
+        "header block of stream {stream_id} decodes to more than {HEADER_LIST_ABUSE_SIZE} bytes"
+    )]
+    HeaderListWayTooLarge {
+        /// Stream of the block.
         stream_id: u32,
     },
     /// A dynamic-table size update had a malformed integer.
@@ -184,6 +234,8 @@ struct OpenBlock {
     stream_id: u32,
     end_stream: bool,
     fragment: Vec<u8>,
+    /// CONTINUATION frames without END_HEADERS received so far.
+    continuations: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,11 +269,13 @@ impl Default for HeaderRewriter {
 impl HeaderRewriter {
     /// A rewriter for a fresh connection.
     pub fn new() -> Self {
+        let mut decoder = loona_hpack::Decoder::new();
+        decoder.set_max_allowed_table_size(HEADER_TABLE_SIZE);
         Self {
             mode: Mode::Preface,
             pending: Vec::new(),
             open: None,
-            decoder: loona_hpack::Decoder::new(),
+            decoder,
             replaced: 0,
             blocks: 0,
         }
@@ -277,6 +331,13 @@ impl HeaderRewriter {
                 break Ok(());
             }
             let len = (rest[0] as usize) << 16 | (rest[1] as usize) << 8 | rest[2] as usize;
+            if len > MAX_FRAME_PAYLOAD {
+                break Err(AuthorityError::FrameTooLarge {
+                    stream_id: u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]])
+                        & 0x7fff_ffff,
+                    len,
+                });
+            }
             let total = FRAME_HEADER_LEN + len;
             if rest.len() < total {
                 break Ok(());
@@ -323,6 +384,7 @@ impl HeaderRewriter {
                         stream_id,
                         end_stream: flags & FLAG_END_STREAM != 0,
                         fragment: payload[start..end].to_vec(),
+                        continuations: 0,
                     });
                     if flags & FLAG_END_HEADERS != 0
                         && let Err(e) = self.finish_block(out)
@@ -332,6 +394,12 @@ impl HeaderRewriter {
                 }
                 TYPE_CONTINUATION if self.open.is_some() => {
                     if let Some(open) = self.open.as_mut() {
+                        if flags & FLAG_END_HEADERS == 0 {
+                            open.continuations += 1;
+                            if open.continuations > MAX_CONTINUATIONS {
+                                break Err(AuthorityError::TooManyContinuations { stream_id });
+                            }
+                        }
                         open.fragment.extend_from_slice(&frame[FRAME_HEADER_LEN..]);
                     }
                     if flags & FLAG_END_HEADERS != 0
@@ -361,22 +429,37 @@ impl HeaderRewriter {
             encode_hpack_integer(&mut encoded, size, 5, 0x20);
         }
         let mut replaced = 0;
+        let mut list_size = 0usize;
+        let mut cut = 0usize;
+        // The whole block is decoded even past the limits: the dynamic table is
+        // connection state, and h2 decodes on for the same reason.
         self.decoder
             .decode_with_cb(&block.fragment, |name: Cow<[u8]>, value: Cow<[u8]>| {
-                if name.as_ref() == b":authority" && !authority_is_acceptable(&value) {
-                    replaced += 1;
-                    encode_literal_without_indexing(
-                        &mut encoded,
-                        &name,
-                        REPLACEMENT_AUTHORITY.as_bytes(),
-                    );
+                let value: &[u8] =
+                    if name.as_ref() == b":authority" && !authority_is_acceptable(&value) {
+                        replaced += 1;
+                        REPLACEMENT_AUTHORITY.as_bytes()
+                    } else {
+                        &value
+                    };
+                // Up to the field that crosses the limit, so h2 still sees a list over
+                // its size and refuses the stream, without the rest being expanded.
+                if list_size < MAX_HEADER_LIST_SIZE {
+                    encode_literal_without_indexing(&mut encoded, &name, value);
                 } else {
-                    encode_literal_without_indexing(&mut encoded, &name, &value);
+                    cut += 1;
                 }
+                list_size = list_size.saturating_add(name.len() + value.len() + 32);
             })
             .map_err(|source| AuthorityError::Hpack { stream_id, source })?;
+        if list_size > HEADER_LIST_ABUSE_SIZE {
+            return Err(AuthorityError::HeaderListWayTooLarge { stream_id });
+        }
         if replaced > 0 {
             tracing::debug!(stream_id, "replaced an :authority h2 would reject");
+        }
+        if cut > 0 {
+            tracing::debug!(stream_id, cut, "header list over the server's limit: cut");
         }
         self.replaced += replaced;
         self.blocks += 1;
@@ -845,6 +928,136 @@ mod tests {
         assert!(authority_is_acceptable(b"localhost:50051"));
         assert!(!authority_is_acceptable(b"%2Fvar%2Flib%2Fx.sock"));
         assert!(!authority_is_acceptable(b"/tmp/x.sock"));
+    }
+
+    fn fed(stream: &[u8]) -> (Result<(), AuthorityError>, Vec<u8>) {
+        let mut out = Vec::new();
+        let result = HeaderRewriter::new().feed(stream, &mut out);
+        (result, out)
+    }
+
+    #[test]
+    fn a_frame_longer_than_the_server_accepts_is_refused_at_its_header() {
+        // 16 MiB announced: refused from the 9-byte header, before any payload is buffered.
+        let mut s = PREFACE.to_vec();
+        put_frame_header(&mut s, (1 << 24) - 1, TYPE_DATA, 0, 1);
+        let (result, out) = fed(&s);
+        assert!(
+            matches!(result, Err(AuthorityError::FrameTooLarge { len, .. }) if len == (1 << 24) - 1),
+            "{result:?}"
+        );
+        assert_eq!(out, PREFACE);
+        // The largest frame the server accepts still passes.
+        let mut s = PREFACE.to_vec();
+        s.extend(frame(TYPE_DATA, 0, 1, &[7; MAX_FRAME_PAYLOAD]));
+        let (result, out) = fed(&s);
+        assert!(result.is_ok());
+        assert_eq!(out, s);
+    }
+
+    /// HEADERS without END_HEADERS, then `n` CONTINUATIONs, the last one ending the block
+    /// when `end` is set.
+    fn continued_block(n: usize, end: bool) -> Vec<u8> {
+        let block = loona_hpack::Encoder::new().encode(pairs(&req_headers("%2Fz", "/p")));
+        let mut s = PREFACE.to_vec();
+        s.extend(frame(TYPE_HEADERS, 0, 1, &block));
+        for i in 0..n {
+            let flags = if end && i + 1 == n {
+                FLAG_END_HEADERS
+            } else {
+                0
+            };
+            s.extend(frame(TYPE_CONTINUATION, flags, 1, &[]));
+        }
+        s
+    }
+
+    #[test]
+    fn a_continuation_flood_is_refused_where_h2_refuses_it() {
+        // h2 with a 16 KiB list and 16 KiB frames allows five CONTINUATIONs without
+        // END_HEADERS per block (calc_max_continuation_frames), and so does the adapter.
+        let (result, out) = fed(&continued_block(MAX_CONTINUATIONS + 1, true));
+        assert!(result.is_ok(), "{result:?}");
+        let (blocks, _) = decode_output(&out);
+        assert_eq!(blocks[0].2[3].1, b"localhost");
+        let (result, _) = fed(&continued_block(MAX_CONTINUATIONS, false));
+        assert!(result.is_ok(), "{result:?}");
+        let (result, out) = fed(&continued_block(MAX_CONTINUATIONS + 1, false));
+        assert!(
+            matches!(
+                result,
+                Err(AuthorityError::TooManyContinuations { stream_id: 1, .. })
+            ),
+            "{result:?}"
+        );
+        assert_eq!(out, PREFACE);
+    }
+
+    /// A block that adds one `size`-byte value to the dynamic table and then references
+    /// it `refs` more times, one byte per reference.
+    fn table_bomb(size: usize, refs: usize) -> Vec<u8> {
+        let mut block = vec![0x40];
+        encode_hpack_integer(&mut block, 3, 7, 0);
+        block.extend_from_slice(b"x-a");
+        encode_hpack_integer(&mut block, size, 7, 0);
+        block.resize(block.len() + size, b'a');
+        // Index 62: the newest dynamic-table entry.
+        block.resize(block.len() + refs, 0x80 | 62);
+        let mut s = PREFACE.to_vec();
+        s.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block));
+        s
+    }
+
+    #[test]
+    fn an_hpack_bomb_is_refused_not_expanded() {
+        // 5 KB of input that decodes to 30 headers of 3 KB: more than h2's abuse bound
+        // (four times the list size), where h2 answers GOAWAY.
+        let (result, out) = fed(&table_bomb(3000, 29));
+        assert!(
+            matches!(
+                result,
+                Err(AuthorityError::HeaderListWayTooLarge { stream_id: 1, .. })
+            ),
+            "{result:?}"
+        );
+        assert_eq!(out, PREFACE, "nothing of the block is forwarded");
+    }
+
+    #[test]
+    fn an_over_size_block_is_cut_after_the_limit_so_h2_still_refuses_the_stream() {
+        // 11 headers of 3035 bytes (RFC 7541 accounting): over the 16 KiB list h2
+        // accepts but under its abuse bound, where h2 refuses only the stream.
+        let (result, out) = fed(&table_bomb(3000, 10));
+        assert!(result.is_ok(), "{result:?}");
+        let (blocks, _) = decode_output(&out);
+        let sizes: Vec<usize> = blocks[0]
+            .2
+            .iter()
+            .map(|(n, v)| n.len() + v.len() + 32)
+            .collect();
+        let total: usize = sizes.iter().sum();
+        // Forwarded up to and including the field that crosses the limit: h2 still
+        // counts at least MAX_HEADER_LIST_SIZE, and no more than that is expanded.
+        assert!(total >= MAX_HEADER_LIST_SIZE, "{total}");
+        assert!(
+            total - sizes[sizes.len() - 1] < MAX_HEADER_LIST_SIZE,
+            "{total}"
+        );
+        assert_eq!(sizes.len(), 6);
+    }
+
+    #[test]
+    fn a_table_size_beyond_what_the_server_advertises_is_refused() {
+        let mut block = Vec::new();
+        encode_hpack_integer(&mut block, HEADER_TABLE_SIZE + 1, 5, 0x20);
+        block.extend(loona_hpack::Encoder::new().encode(pairs(&req_headers("%2Fy", "/p"))));
+        let mut s = PREFACE.to_vec();
+        s.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block));
+        let (result, _) = fed(&s);
+        assert!(
+            matches!(result, Err(AuthorityError::Hpack { stream_id: 1, .. })),
+            "{result:?}"
+        );
     }
 
     #[tokio::test]

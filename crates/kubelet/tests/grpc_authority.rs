@@ -255,3 +255,117 @@ async fn dra_socket_accepts_kubelet_and_c_core_authorities_on_v1_and_v1beta1() {
     .await
     .unwrap();
 }
+
+/// Reads until the server closes the connection; `None` if it is still open after `wait`.
+async fn closed_within(conn: &mut tokio::net::UnixStream, wait: Duration) -> Option<()> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(wait, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+/// Any local process that reaches the socket can send a header block that never ends.
+/// h2 refuses a CONTINUATION flood itself, but the adapter sits in front of h2 and
+/// assembles blocks first: it must refuse the flood as early as h2 would, not buffer
+/// it, and the server must go on serving other connections.
+#[tokio::test]
+async fn a_continuation_flood_is_cut_off_and_the_server_keeps_serving() {
+    use tokio::io::AsyncWriteExt;
+    use vfio_gpu_kubelet::grpc::authority::{
+        PREFACE, TYPE_CONTINUATION, TYPE_HEADERS, TYPE_SETTINGS, put_frame_header,
+    };
+    tokio::time::timeout(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ServerConfig::new(
+            "drv.example.com",
+            &dir.path().join("plugins"),
+            &dir.path().join("registry"),
+        );
+        let token = CancellationToken::new();
+        let handle = serve(config, Arc::new(NoopBackend), token.clone())
+            .await
+            .unwrap();
+        for socket in [&handle.registration_socket, &handle.dra_socket] {
+            let mut conn = tokio::net::UnixStream::connect(socket).await.unwrap();
+            let mut start = PREFACE.to_vec();
+            put_frame_header(&mut start, 0, TYPE_SETTINGS, 0, 0);
+            put_frame_header(&mut start, 1, TYPE_HEADERS, 0, 1);
+            start.push(0x82); // :method GET, and no END_HEADERS
+            conn.write_all(&start).await.unwrap();
+            // 1000 CONTINUATIONs of 16 KiB: 16 MiB that would all be held in memory.
+            let mut continuation = Vec::new();
+            put_frame_header(&mut continuation, 16_384, TYPE_CONTINUATION, 0, 1);
+            continuation.resize(continuation.len() + 16_384, 0x82);
+            let mut sent = 0;
+            for _ in 0..1000 {
+                if conn.write_all(&continuation).await.is_err() {
+                    break;
+                }
+                sent += 1;
+            }
+            assert!(
+                closed_within(&mut conn, STEP).await.is_some(),
+                "{}: still open after {sent} CONTINUATIONs without END_HEADERS",
+                socket.display()
+            );
+        }
+        // Other connections are unaffected.
+        let reg = handle.registration_socket.clone();
+        let mut raw = RawGrpcClient::connect(&reg, kubelet_authority(&reg), STEP)
+            .await
+            .unwrap();
+        assert_eq!(raw.get_info().await.unwrap().name, "drv.example.com");
+        drop(raw);
+        token.cancel();
+        handle.wait().await.unwrap();
+    })
+    .await
+    .unwrap();
+}
+
+/// A request whose headers exceed the server's list size is refused by h2 for that
+/// stream only; the adapter forwards the block only up to the limit, and the real h2
+/// must still refuse the stream and keep the connection for the next call.
+#[tokio::test]
+async fn an_over_size_header_list_costs_its_stream_not_the_connection() {
+    tokio::time::timeout(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ServerConfig::new(
+            "drv.example.com",
+            &dir.path().join("plugins"),
+            &dir.path().join("registry"),
+        );
+        let token = CancellationToken::new();
+        let handle = serve(config, Arc::new(NoopBackend), token.clone())
+            .await
+            .unwrap();
+        let channel = connect_dra(&handle.registration_socket.to_string_lossy())
+            .await
+            .unwrap();
+        let mut client = registration_client::RegistrationClient::new(channel);
+        let mut req = tonic::Request::new(InfoRequest {});
+        // Four 8 KB fields: the third crosses 16 KiB and is the last one forwarded.
+        for name in ["x-pad-a", "x-pad-b", "x-pad-c", "x-pad-d"] {
+            req.metadata_mut()
+                .insert(name, "p".repeat(8000).parse().unwrap());
+        }
+        let refused = client.get_info(req).await.unwrap_err();
+        assert_ne!(refused.code(), tonic::Code::Ok);
+        // The same connection serves the next call.
+        let info = client.get_info(InfoRequest {}).await.unwrap().into_inner();
+        assert_eq!(info.name, "drv.example.com");
+        drop(client);
+        token.cancel();
+        handle.wait().await.unwrap();
+    })
+    .await
+    .unwrap();
+}

@@ -278,6 +278,16 @@ impl ServerHandle {
     }
 }
 
+/// A tonic server whose h2 limits are the ones [`AuthorityFixStream`] enforces in front
+/// of it (frame size, header list size): the adapter refuses a CONTINUATION flood or an
+/// HPACK bomb before buffering it, which is only safe while h2 would refuse it too.
+fn adapted_server() -> Server {
+    use super::authority::{MAX_FRAME_PAYLOAD, MAX_HEADER_LIST_SIZE};
+    Server::builder()
+        .max_frame_size(MAX_FRAME_PAYLOAD as u32)
+        .http2_max_header_list_size(MAX_HEADER_LIST_SIZE as u32)
+}
+
 /// Starts serving `backend` on the DRA socket and then the registration socket.
 ///
 /// Returns once both sockets are bound. The servers run until `shutdown` is cancelled; if
@@ -322,7 +332,7 @@ pub async fn serve(
         .health
         .clone()
         .map(|h| HealthService::new(h.feed, h.pool, h.resend).server());
-    let dra_router = Server::builder()
+    let dra_router = adapted_server()
         .add_service(service.v1_server())
         .add_service(service.v1beta1_server())
         .add_optional_service(health);
@@ -442,7 +452,7 @@ async fn registration_loop(
                 }
             }
         };
-        let result = Server::builder()
+        let result = adapted_server()
             .add_service(registration_server::RegistrationServer::from_arc(
                 Arc::clone(&service),
             ))
