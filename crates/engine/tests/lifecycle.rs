@@ -261,7 +261,11 @@ fn vm_still_attached_blocks_release() {
 }
 
 #[test]
-fn nvidia_unbind_lock_is_taken_and_released() {
+fn nvidia_unbind_lock_is_taken_and_dies_with_the_unbound_instance() {
+    // nvidia's unbind lock is a flag of the bound instance: the unbind removes it
+    // with /proc/driver/nvidia/gpus/<BDF>, and a re-probe starts unlocked. Writing 0
+    // to the new instance on release could only drop a lock somebody else took
+    // there (review m19).
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host");
     let h = build_host(&host);
@@ -277,14 +281,84 @@ fn nvidia_unbind_lock_is_taken_and_released() {
     );
     assert!(e.ledger().gpus[&bdf(B)].changes.unbind_lock_taken);
     e.unconfigure(bdf(B), None).unwrap();
+    assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
     assert!(
-        k.log()
+        !k.log()
             .iter()
-            .any(|l| l.contains("release nvidia unbind lock"))
+            .any(|l| l.contains("release nvidia unbind lock")),
+        "{:?}",
+        k.log()
     );
     let v = std::fs::read_to_string(host.join("proc/driver/nvidia/gpus/0000:66:00.0/unbindLock"))
         .unwrap();
     assert_eq!(v.trim(), "0");
+}
+
+#[test]
+fn a_lock_on_a_function_never_unbound_is_released_by_rollback() {
+    // The move fails after the lock is taken and before the unbind: the GPU is
+    // still on the instance we locked, so rollback must unlock it or nobody
+    // (nvidia-smi, CUDA) can open it again.
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    let h = build_host(&host);
+    h.write("proc/driver/nvidia/gpus/0000:66:00.0/unbindLock", "0\n")
+        .unwrap();
+    let k = sim(&host);
+    k.inject(Fault::on(
+        "driver_override",
+        bdf(B),
+        FaultAction::Fail(errno::EIO),
+    ));
+    let e = engine(&k, &dir.path().join("state"));
+    let err = e.configure(bdf(B), claim("u1")).unwrap_err();
+    assert!(matches!(err, EngineError::RolledBack { .. }), "{err}");
+    assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
+    let log = k.log();
+    let taken = log
+        .iter()
+        .position(|l| l.contains("take nvidia unbind lock"));
+    let released = log
+        .iter()
+        .position(|l| l.contains("release nvidia unbind lock"));
+    assert!(
+        matches!((taken, released), (Some(t), Some(r)) if t < r),
+        "{log:?}"
+    );
+    let v = std::fs::read_to_string(host.join("proc/driver/nvidia/gpus/0000:66:00.0/unbindLock"))
+        .unwrap();
+    assert_eq!(v.trim(), "0");
+}
+
+#[test]
+fn a_rollback_after_the_unbind_writes_nothing_to_the_re_probed_instance() {
+    // The unbind went through and the vfio bind failed: the locked instance is
+    // gone, and the one rollback re-probes is not ours to unlock.
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    let h = build_host(&host);
+    h.write("proc/driver/nvidia/gpus/0000:66:00.0/unbindLock", "0\n")
+        .unwrap();
+    let k = sim(&host);
+    k.inject(Fault {
+        driver: Some("vfio-pci".into()),
+        ..Fault::on("bind", bdf(B), FaultAction::Fail(errno::EIO))
+    });
+    let e = engine(&k, &dir.path().join("state"));
+    let err = e.configure(bdf(B), claim("u1")).unwrap_err();
+    assert!(matches!(err, EngineError::RolledBack { .. }), "{err}");
+    assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
+    let log = k.log();
+    let unbound = log
+        .iter()
+        .position(|l| l == "unbind 0000:66:00.0 from nvidia")
+        .expect("unbind happened");
+    assert!(
+        !log[unbound..]
+            .iter()
+            .any(|l| l.contains("release nvidia unbind lock")),
+        "{log:?}"
+    );
 }
 
 #[test]

@@ -100,21 +100,23 @@ impl Engine {
             });
         }
         let stuck = |b: Bdf| self.stuck.stuck_on(b).is_some();
+        // A stuck device is not written again, not even to release its lock or
+        // turn persistence back on: that would prolong its hang.
+        if !rec.functions.iter().any(|f| stuck(f.bdf)) {
+            self.release_unbind_locks_still_held(bdf, &rec);
+        }
         let mut first_err = None;
         for fr in rec.functions.iter().filter(|f| !stuck(f.bdf)) {
             if let Err(e) = self.restore_function(bdf, fr, rec.vfio_driver.as_ref()) {
                 first_err.get_or_insert(e);
             }
         }
-        // A stuck device is not written again, not even to release its lock
-        // or turn persistence back on: that would prolong its hang.
         if rec.functions.iter().any(|f| stuck(f.bdf)) {
             return match first_err {
                 Some(StepError::Engine(e)) => Err(e),
                 _ => Ok(()),
             };
         }
-        self.release_unbind_lock(bdf, &rec);
         if first_err.is_none() {
             self.restore_persistence(&rec);
         }
@@ -298,7 +300,7 @@ impl Engine {
         }
         match failure {
             None => {
-                self.release_unbind_lock(bdf, rec);
+                // No unbind lock to release: it went with the instance we unbound.
                 self.restore_persistence(rec);
                 // A GPU found without a driver goes back to none; remember that
                 // it is meant to be so, or reconcile would probe a driver for it.

@@ -276,12 +276,22 @@ impl Engine {
         }
     }
 
-    pub(super) fn release_unbind_lock(&self, gpu: Bdf, rec: &GpuRecord) {
+    /// Releases nvidia's unbind lock on functions still bound to the nvidia
+    /// instance it was taken on. The lock is a flag of that instance: an unbind
+    /// drops it with the instance, and a re-probed instance starts unlocked, so
+    /// a lock seen there is somebody else's and is left alone. Call this before
+    /// anything is re-probed.
+    pub(super) fn release_unbind_locks_still_held(&self, gpu: Bdf, rec: &GpuRecord) {
         if !rec.changes.unbind_lock_taken {
             return;
         }
         for fr in &rec.functions {
-            if nvidia_unbind_lock_path(&self.root, &fr.bdf).exists() {
+            let on_nvidia = self
+                .binding(fr.bdf)
+                .is_ok_and(|b| b.driver.is_some_and(|d| d.as_str() == "nvidia"));
+            let path = nvidia_unbind_lock_path(&self.root, &fr.bdf);
+            let held = matches!(self.root.read_opt(&path), Ok(Some(v)) if v.trim() == "1");
+            if on_nvidia && held {
                 let _ = self.step(
                     gpu,
                     SysfsWrite::NvidiaUnbindLock {
