@@ -573,3 +573,47 @@ fn persistence_failure_or_other_holders_change_nothing() {
     assert!(smi.calls.lock().unwrap().is_empty());
     assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
 }
+
+#[test]
+fn reconcile_works_on_gpus_side_by_side_so_one_slow_gpu_does_not_hold_the_others() {
+    // Review m17: reconcile ran GPUs one after another, so at start a node with
+    // one GPU whose probe hangs waited out that deadline before looking at the
+    // next. B (first in order) blocks in drivers_probe; F must be rebound
+    // while B is still blocked.
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    let h = build_host(&host);
+    h.unlink_driver(bdf(B)).unwrap();
+    let k = sim(&host);
+    let gate = BlockHandle::new();
+    k.inject(Fault::on(
+        "drivers_probe",
+        bdf(B),
+        FaultAction::Block(gate.clone()),
+    ));
+    let e = engine_with(
+        &k,
+        &dir.path().join("state"),
+        EngineConfig {
+            write_deadline: Duration::from_secs(60),
+            ..config()
+        },
+    );
+    std::thread::scope(|s| {
+        let reconcile = s.spawn(|| e.reconcile());
+        let waited = Instant::now();
+        let mut f_rebound = false;
+        while waited.elapsed() < Duration::from_secs(20) {
+            if driver_of(&host, F).as_deref() == Some("nvidia") {
+                f_rebound = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        gate.release();
+        let results = reconcile.join().unwrap().unwrap();
+        assert!(f_rebound, "F waited for B: {:?}", k.log());
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+    });
+    assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
+}

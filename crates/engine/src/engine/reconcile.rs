@@ -1,5 +1,6 @@
 //! reconcile: finishing or rolling back interrupted operations, recording GPUs found on vfio.
 
+use super::batch::in_parallel;
 use super::view::{Action, Outcome, ReconcileResult, reasons_text};
 use super::{Engine, lock};
 use std::time::Instant;
@@ -98,10 +99,15 @@ impl Engine {
                 out.push(result.map_err(|e| (bdf, e)));
             }
         }
-        for view in views {
-            let bdf = view.gpu.bdf();
-            out.push(self.reconcile_one(bdf).map_err(|e| (bdf, e)));
-        }
+        // Side by side, as a batch: one GPU waiting out a deadline must not
+        // hold the others (GPUs of one IOMMU group still take turns).
+        let bdfs: Vec<Bdf> = views.iter().map(|v| v.gpu.bdf()).collect();
+        let results = in_parallel(&bdfs, |b| *b, |b| self.reconcile_one(*b));
+        out.extend(
+            bdfs.into_iter()
+                .zip(results)
+                .map(|(bdf, r)| r.map_err(|e| (bdf, e))),
+        );
         Ok(out)
     }
 
