@@ -504,3 +504,68 @@ async fn two_serve_processes_share_one_node_through_a_rolling_update() {
     .expect("join");
     assert!(status.0.success(), "B stopped cleanly: {}", status.0);
 }
+
+/// A pod killed with SIGKILL (OOM, node pressure) cannot remove its sockets, and the
+/// kubelet keeps dialling a registration socket nobody serves. The next instance
+/// removes what the dead one left, never a live instance's sockets, and never
+/// another driver's file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sigkilled_instance_s_sockets_are_removed_by_the_next_and_live_ones_kept() {
+    const UID_C: &str = "cccccccc-0000-4000-8000-00000000000c";
+    const UID_D: &str = "dddddddd-0000-4000-8000-00000000000d";
+    vfio_gpu_kubelet::serve::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_path_buf();
+    let api = Arc::new(FakeApiServer::start().await.expect("fake API server"));
+    api.write_kubeconfig(d.join("kubeconfig"))
+        .expect("kubeconfig");
+    api.insert(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}}))
+        .expect("node");
+    // Another driver's leftover socket, and a file of ours that is not a socket.
+    std::fs::create_dir_all(d.join("registry")).expect("registry dir");
+    let foreign = d
+        .join("registry")
+        .join(format!("other.example.com-{UID_C}-reg.sock"));
+    drop(std::os::unix::net::UnixListener::bind(&foreign).expect("bind"));
+    let not_a_socket = d
+        .join("registry")
+        .join(format!("{DRIVER}-{UID_C}-reg.sock"));
+    std::fs::write(&not_a_socket, "keep me").expect("write");
+
+    let mut a = Serve::start(&d, UID_A);
+    let _ka = register(&d, UID_A, &mut a).await;
+    wait_for("A's DRA socket", Duration::from_secs(20), || {
+        dra_socket(&d, UID_A).exists()
+    })
+    .await;
+    a.child.kill().expect("SIGKILL");
+    a.child.wait().expect("reaped");
+    for path in [registration_socket(&d, UID_A), dra_socket(&d, UID_A)] {
+        assert!(path.exists(), "SIGKILL leaves {}", path.display());
+    }
+
+    let mut b = Serve::start(&d, UID_B);
+    let kb = register(&d, UID_B, &mut b).await;
+    for path in [registration_socket(&d, UID_A), dra_socket(&d, UID_A)] {
+        assert!(
+            !path.exists(),
+            "{} left for the kubelet to dial",
+            path.display()
+        );
+    }
+    assert!(foreign.exists(), "another driver's socket was removed");
+    assert_eq!(
+        std::fs::read_to_string(&not_a_socket).expect("still there"),
+        "keep me"
+    );
+
+    // A third instance next to a live B keeps B's sockets, and B still serves.
+    let mut c = Serve::start(&d, UID_D);
+    let _kc = register(&d, UID_D, &mut c).await;
+    for path in [registration_socket(&d, UID_B), dra_socket(&d, UID_B)] {
+        assert!(path.exists(), "a live instance lost {}", path.display());
+    }
+    let c1 = claim(&api, "c1", &[AB]);
+    prepare_ok(&kb, &c1).await;
+    assert_eq!(driver_of(&d, AB).as_deref(), Some("vfio-pci"));
+}

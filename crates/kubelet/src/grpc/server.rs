@@ -191,6 +191,97 @@ fn remove_if_ours(path: &Path, id: Option<SocketId>) {
     }
 }
 
+/// Whether `s` is a Kubernetes UID (a UUID: 8-4-4-4-12 lower-case hex digits).
+fn is_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| {
+            g.len() == n
+                && g.chars()
+                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+        })
+}
+
+/// The names another instance of this driver would have used next to ours: the plain
+/// name and the per-pod names of [`ServerConfig::for_pod`] with any pod UID.
+fn is_sibling_socket(name: &str, plain: &str, prefix: &str, suffix: &str) -> bool {
+    name == plain
+        || name
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_suffix(suffix))
+            .is_some_and(is_uuid)
+}
+
+/// Nobody listens on `path`: connecting is refused, twice, 100 ms apart (a listener
+/// binds and listens in one step, so a live instance never refuses twice).
+async fn nobody_listens(path: &Path) -> bool {
+    for attempt in 0..2 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let dial = tokio::net::UnixStream::connect(path);
+        match tokio::time::timeout(Duration::from_secs(1), dial).await {
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Removes the sockets a killed instance of this driver left beside ours (a SIGKILLed
+/// or OOM-killed pod of a rolling update cannot clean up): the kubelet would keep
+/// dialling a registration socket nobody serves. Only this driver's names are
+/// considered, only sockets, and only those nobody listens on; a live old instance
+/// (still draining) keeps its sockets. Returns what was removed.
+pub async fn remove_stale_sockets(config: &ServerConfig) -> Vec<PathBuf> {
+    let driver = &config.driver_name;
+    let places = [
+        (
+            &config.registration_socket,
+            format!("{driver}-reg.sock"),
+            format!("{driver}-"),
+            "-reg.sock",
+        ),
+        (
+            &config.dra_socket,
+            "dra.sock".to_string(),
+            "dra-".to_string(),
+            ".sock",
+        ),
+    ];
+    let mut removed = Vec::new();
+    for (ours, plain, prefix, suffix) in places {
+        let Some(dir) = ours.parent() else { continue };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if path == *ours || !is_sibling_socket(name, &plain, &prefix, suffix) {
+                continue;
+            }
+            let is_socket =
+                std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket());
+            if !is_socket || !nobody_listens(&path).await {
+                continue;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "removed a socket another instance left behind");
+                    removed.push(path);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "removing a stale socket")
+                }
+            }
+        }
+    }
+    removed
+}
+
 /// Creates the parent directory, removes a stale socket, binds and restricts to 0600.
 fn bind_socket(path: &Path) -> Result<(UnixListener, OwnedSocket), ServerError> {
     let fs_err = |step, source| ServerError::Fs {
@@ -325,6 +416,7 @@ pub async fn serve(
         });
     }
 
+    remove_stale_sockets(&config).await;
     let (dra_listener, dra_owned) = bind_socket(&config.dra_socket)?;
     tracing::info!(path = %config.dra_socket.display(), health = config.health.is_some(), "serving DRA v1 and v1beta1");
     let service = Arc::new(DraService::new(backend));
@@ -543,5 +635,21 @@ mod tests {
         for bad in ["", "../x", "A", "a/b", &"a".repeat(64)] {
             assert!(validate_pod_uid(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn only_this_driver_s_socket_names_are_siblings() {
+        let uid = "0f6c2a1e-7f41-4c5e-9b1a-2d3c4e5f6a7b";
+        let reg = |name: &str| is_sibling_socket(name, "a.com-reg.sock", "a.com-", "-reg.sock");
+        assert!(reg("a.com-reg.sock"));
+        assert!(reg(&format!("a.com-{uid}-reg.sock")));
+        // Another driver whose name extends ours, upper case, a partial UID.
+        assert!(!reg("a.com-x.org-reg.sock"));
+        assert!(!reg(&format!("a.com-{}-reg.sock", uid.to_uppercase())));
+        assert!(!reg("a.com-0f6c2a1e-reg.sock"));
+        assert!(!reg(&format!("b.com-{uid}-reg.sock")));
+        let dra = |name: &str| is_sibling_socket(name, "dra.sock", "dra-", ".sock");
+        assert!(dra("dra.sock") && dra(&format!("dra-{uid}.sock")));
+        assert!(!dra("dra-x.sock") && !dra("metrics.sock"));
     }
 }
