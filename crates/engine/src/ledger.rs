@@ -177,7 +177,31 @@ pub struct LedgerBody {
     /// Next operation number.
     #[serde(default)]
     pub next_operation: u64,
+    /// GPUs given back with nvidia persistence mode still off because turning
+    /// it on failed; reconcile retries until it works (or the node reboots).
+    #[serde(
+        default,
+        deserialize_with = "one_record_per_gpu",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub persistence_to_restore: BTreeMap<Bdf, PendingPersistence>,
     /// Fields written by other versions.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+/// Persistence mode that could not be turned back on at release.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingPersistence {
+    /// Boot it was turned off in (a reboot resets it; the entry is then dropped).
+    pub boot_id: String,
+    /// The last failure, as the host's `nvidia-smi` said it.
+    pub error: String,
+    /// When it was first left off (seconds since the epoch).
+    #[serde(default)]
+    pub since: u64,
+    /// Fields written by other versions, kept as they were.
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,
 }
@@ -297,22 +321,23 @@ fn decode_classified(bytes: &[u8]) -> Result<LedgerBody, DecodeError> {
 /// Reads `gpus`, refusing two records for one GPU (`0000:3a:00.0` and
 /// `0000:3A:00.0` in a hand-edited file) instead of keeping the last and
 /// silently losing the other.
-fn one_record_per_gpu<'de, D>(d: D) -> Result<BTreeMap<Bdf, GpuRecord>, D::Error>
+fn one_record_per_gpu<'de, D, T>(d: D) -> Result<BTreeMap<Bdf, T>, D::Error>
 where
     D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
 {
-    struct Records;
-    impl<'de> serde::de::Visitor<'de> for Records {
-        type Value = BTreeMap<Bdf, GpuRecord>;
+    struct Records<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Records<T> {
+        type Value = BTreeMap<Bdf, T>;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("GPU records by PCI address")
+            f.write_str("records by GPU PCI address")
         }
         fn visit_map<A: serde::de::MapAccess<'de>>(
             self,
             mut map: A,
         ) -> Result<Self::Value, A::Error> {
             let mut records = BTreeMap::new();
-            while let Some((bdf, record)) = map.next_entry::<Bdf, GpuRecord>()? {
+            while let Some((bdf, record)) = map.next_entry::<Bdf, T>()? {
                 if records.contains_key(&bdf) {
                     return Err(serde::de::Error::custom(format!(
                         "two records for GPU {bdf} (its address is spelled twice)"
@@ -323,7 +348,7 @@ where
             Ok(records)
         }
     }
-    d.deserialize_map(Records)
+    d.deserialize_map(Records(std::marker::PhantomData))
 }
 
 /// Serialises a ledger with its header.

@@ -479,7 +479,7 @@ fn reconcile_records_bound_at_start_and_rebinds_driverless() {
 struct FakeNvidiaSmi {
     host: std::path::PathBuf,
     calls: std::sync::Mutex<Vec<String>>,
-    fail: bool,
+    fail: std::sync::atomic::AtomicBool,
 }
 
 impl vfio_gpu_engine::commands::HostCommands for FakeNvidiaSmi {
@@ -493,7 +493,7 @@ impl vfio_gpu_engine::commands::HostCommands for FakeNvidiaSmi {
             .lock()
             .unwrap()
             .push(format!("{program} {}", args.join(" ")));
-        if self.fail {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
             return Err("Unable to set persistence mode".into());
         }
         if args.ends_with(&["-pm", "0"]) {
@@ -526,7 +526,7 @@ fn persistence_mode_is_turned_off_for_the_move_and_back_on_at_release() {
     let smi = std::sync::Arc::new(FakeNvidiaSmi {
         host: host.clone(),
         calls: Default::default(),
-        fail: false,
+        fail: false.into(),
     });
     let e = engine_with_commands(&k, &dir.path().join("state"), smi.clone());
     assert_eq!(
@@ -549,6 +549,51 @@ fn persistence_mode_is_turned_off_for_the_move_and_back_on_at_release() {
 }
 
 #[test]
+fn persistence_left_off_at_release_is_reported_kept_and_retried_by_reconcile() {
+    // Review m14: when `-pm 1` failed at release the record was dropped and the
+    // failure only logged, so the GPU stayed without persistence mode for good.
+    let dir = tempfile::tempdir().unwrap();
+    let host = persistenced_host(dir.path());
+    let k = sim(&host);
+    let smi = std::sync::Arc::new(FakeNvidiaSmi {
+        host: host.clone(),
+        calls: Default::default(),
+        fail: false.into(),
+    });
+    let e = engine_with_commands(&k, &dir.path().join("state"), smi.clone());
+    e.configure(bdf(B), claim("u1")).unwrap();
+    smi.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let released = e.unconfigure(bdf(B), None).unwrap();
+    assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
+    assert!(
+        released.detail.contains("persistence mode is still off")
+            && released.detail.contains("Unable to set persistence mode"),
+        "{}",
+        released.detail
+    );
+    let pending = &e.ledger().persistence_to_restore;
+    assert_eq!(pending.keys().copied().collect::<Vec<_>>(), vec![bdf(B)]);
+    // Survives a restart.
+    drop(e);
+    let e = engine_with_commands(&k, &dir.path().join("state"), smi.clone());
+    assert!(e.ledger().persistence_to_restore.contains_key(&bdf(B)));
+    // Still failing: kept, with the newest error.
+    e.reconcile().unwrap();
+    assert!(e.ledger().persistence_to_restore.contains_key(&bdf(B)));
+    smi.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    smi.calls.lock().unwrap().clear();
+    e.reconcile().unwrap();
+    assert!(e.ledger().persistence_to_restore.is_empty());
+    assert_eq!(
+        *smi.calls.lock().unwrap(),
+        ["nvidia-smi -i 0000:66:00.0 -pm 1"]
+    );
+    // Nothing left to do: the next reconcile runs nothing.
+    e.reconcile().unwrap();
+    assert_eq!(smi.calls.lock().unwrap().len(), 1);
+}
+
+#[test]
 fn persistence_failure_or_other_holders_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let host = persistenced_host(dir.path());
@@ -556,7 +601,7 @@ fn persistence_failure_or_other_holders_change_nothing() {
     let smi = std::sync::Arc::new(FakeNvidiaSmi {
         host: host.clone(),
         calls: Default::default(),
-        fail: true,
+        fail: true.into(),
     });
     let e = engine_with_commands(&k, &dir.path().join("state"), smi.clone());
     let err = e.configure(bdf(B), claim("u1")).unwrap_err();

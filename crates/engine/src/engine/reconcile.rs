@@ -108,6 +108,7 @@ impl Engine {
                 .zip(results)
                 .map(|(bdf, r)| r.map_err(|e| (bdf, e))),
         );
+        self.retry_persistence()?;
         Ok(out)
     }
 

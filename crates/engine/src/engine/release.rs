@@ -1,5 +1,6 @@
 //! unconfigure and rollback: returning functions to their recorded drivers.
 
+use super::persistence::persistence_left_off;
 use super::steps::StepError;
 use super::view::{Action, Outcome, reasons_text};
 use super::{Engine, lock};
@@ -117,12 +118,9 @@ impl Engine {
                 _ => Ok(()),
             };
         }
-        if first_err.is_none() {
-            self.restore_persistence(&rec);
-        }
         match first_err {
             None => {
-                self.set_record(bdf, rec.after_restore())?;
+                self.restore_persistence_and_record(bdf, &rec, rec.after_restore())?;
                 Ok(())
             }
             Some(StepError::Engine(e)) => Err(e),
@@ -301,10 +299,10 @@ impl Engine {
         match failure {
             None => {
                 // No unbind lock to release: it went with the instance we unbound.
-                self.restore_persistence(rec);
                 // A GPU found without a driver goes back to none; remember that
                 // it is meant to be so, or reconcile would probe a driver for it.
-                self.set_record(bdf, rec.after_restore())?;
+                let left_off =
+                    self.restore_persistence_and_record(bdf, rec, rec.after_restore())?;
                 let back: Vec<String> = rec
                     .functions
                     .iter()
@@ -322,7 +320,11 @@ impl Engine {
                 Ok(self.outcome(
                     gpu,
                     action,
-                    format!("returned to original drivers: {}", back.join(", ")),
+                    format!(
+                        "returned to original drivers: {}{}",
+                        back.join(", "),
+                        persistence_left_off(&left_off)
+                    ),
                     started,
                 ))
             }
