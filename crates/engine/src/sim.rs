@@ -20,6 +20,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -92,6 +93,7 @@ pub enum FaultAction {
 #[derive(Clone, Debug, Default)]
 pub struct BlockHandle {
     inner: Arc<(Mutex<bool>, Condvar)>,
+    waiting: Arc<AtomicUsize>,
 }
 
 impl BlockHandle {
@@ -105,12 +107,18 @@ impl BlockHandle {
         *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
         c.notify_all();
     }
-    fn wait(&self) {
+    /// Whether a write is held at the gate now.
+    pub fn is_holding(&self) -> bool {
+        self.waiting.load(Ordering::SeqCst) > 0
+    }
+    pub(crate) fn wait(&self) {
         let (m, c) = &*self.inner;
         let mut open = m.lock().unwrap_or_else(|p| p.into_inner());
+        self.waiting.fetch_add(1, Ordering::SeqCst);
         while !*open {
             open = c.wait(open).unwrap_or_else(|p| p.into_inner());
         }
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -662,3 +662,48 @@ fn reconcile_works_on_gpus_side_by_side_so_one_slow_gpu_does_not_hold_the_others
     });
     assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
 }
+
+#[test]
+fn a_slow_ledger_write_does_not_hold_up_readers() {
+    // Review m18: commits wrote and fsynced the ledger under the mutex every
+    // reader takes, so while one GPU's commit waited on the disk, verdicts,
+    // discovery and the slice publisher of every other GPU waited too.
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let gate = BlockHandle::new();
+    let e = engine_with(
+        &k,
+        &dir.path().join("state"),
+        EngineConfig {
+            ledger_write_gate: Some(gate.clone()),
+            ..config()
+        },
+    );
+    std::thread::scope(|s| {
+        let configure = s.spawn(|| e.configure(bdf(B), claim("u1")));
+        let waited = Instant::now();
+        while !gate.is_holding() {
+            assert!(
+                waited.elapsed() < Duration::from_secs(10),
+                "no ledger write"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The configure is now waiting in its write-ahead commit.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let e = &e;
+        s.spawn(move || {
+            let ledger = e.ledger();
+            let seen = e.discover().map(|(views, _)| views.len());
+            let _ = tx.send((ledger.gpus.len(), seen));
+        });
+        let read = rx.recv_timeout(Duration::from_secs(10));
+        gate.release();
+        let (records, views) = read.expect("readers waited for the ledger write");
+        assert_eq!(records, 0, "the write in flight is not visible yet");
+        assert!(views.is_ok_and(|n| n > 0));
+        assert_eq!(configure.join().unwrap().unwrap().action, Action::Moved);
+    });
+}

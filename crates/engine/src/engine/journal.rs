@@ -45,11 +45,19 @@ impl Engine {
     pub(super) fn commit(&self, update: impl FnOnce(&mut LedgerBody)) -> Result<(), EngineError> {
         self.check_alive()?;
         {
-            // Disk before memory: a commit that does not reach disk changes nothing.
-            let mut body = lock(&self.ledger);
-            let mut next = body.clone();
+            // One commit at a time, so the disk sees them in the order memory
+            // does; readers take only the memory lock and never wait on the disk.
+            let _writing = lock(&self.ledger_writer);
+            let mut next = lock(&self.ledger).clone();
             update(&mut next);
+            if let Some(gate) = &self.config.ledger_write_gate {
+                gate.wait();
+            }
+            // Disk before memory: a commit that does not reach disk changes nothing.
             self.file.store(&next)?;
+            let mut body = lock(&self.ledger);
+            // Operation numbers handed out while this was written are kept.
+            next.next_operation = next.next_operation.max(body.next_operation);
             *body = next;
         }
         self.mutation_done()

@@ -101,6 +101,9 @@ pub struct EngineConfig {
     /// The admin's policy file, re-read by every operation (`None`: the
     /// policy given to [`Engine::open`] is fixed).
     pub policy_file: Option<PathBuf>,
+    /// Tests: every ledger write waits at this gate before it reaches the
+    /// disk, standing in for a slow fsync.
+    pub ledger_write_gate: Option<crate::sim::BlockHandle>,
 }
 
 impl Default for EngineConfig {
@@ -119,6 +122,7 @@ impl Default for EngineConfig {
             state_lock_wait: Duration::from_secs(30),
             state_lock_mode: StateLockMode::Lifetime,
             policy_file: None,
+            ledger_write_gate: None,
         }
     }
 }
@@ -134,7 +138,10 @@ pub struct Engine {
     /// Product names, read once: pci.ids is megabytes and does not change under us.
     pci_ids: Option<PciIdsDb>,
     file: LedgerFile,
+    /// The ledger as last committed; held only to read or swap it.
     ledger: Mutex<LedgerBody>,
+    /// Held by a commit while it writes the file.
+    ledger_writer: Mutex<()>,
     boot_id: String,
     groups: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     stuck: StuckSet,
@@ -261,6 +268,7 @@ impl Engine {
             pci_ids,
             file,
             ledger: Mutex::new(body),
+            ledger_writer: Mutex::new(()),
             boot_id,
             groups: Mutex::new(HashMap::new()),
             stuck: StuckSet::default(),
