@@ -241,7 +241,7 @@ pub fn device_nodes(root: &HostRoot, f: &PciFunction) -> Vec<PathBuf> {
                 }
             }
         }
-        if d.is_vfio() {
+        if f.on_vfio() {
             if let Some(g) = f.iommu_group {
                 nodes.push(root.dev_vfio_group(g));
             }

@@ -313,3 +313,41 @@ fn vfio_device_fds_are_attributed_by_fdinfo() {
     .unwrap();
     assert_eq!(find_holders(&root, &nodes), vec![]);
 }
+
+/// m11: "on vfio" was decided from the driver's name alone (`vfio-pci`, `*vfio_pci*`,
+/// `*-vfio`). A vfio driver under another name (an out-of-tree vendor variant) has the
+/// kernel's `vfio-dev/vfioN` class device all the same: the GPU is on vfio, found
+/// there without a record of ours, so it is the admin's, recorded, never moved and
+/// never "returned" to another driver.
+#[test]
+fn a_vfio_driver_is_recognised_by_its_vfio_dev_not_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let mut h = FixtureHost::open(&host);
+    let g = bdf("0000:6b:00.0");
+    h.add_function(
+        // Not in the host's vfio-pci.ids=10de:2330: only its binding speaks.
+        &FunctionSpec::new(g, 0x10de, 0x2335, 0x030200)
+            .driver("acme_passthru")
+            .group(17),
+    )
+    .unwrap();
+    let vfio = h.add_vfio_dev(g).unwrap();
+    h.write(&format!("dev/vfio/devices/{vfio}"), "").unwrap();
+    h.write("dev/vfio/17", "").unwrap();
+    let k = sim(&host);
+    let e = engine(&k, &dir.path().join("state"));
+    let (views, _) = e.discover().unwrap();
+    let view = views.iter().find(|v| v.gpu.bdf() == g).expect("found");
+    assert!(view.verdict.keep_on_vfio, "{:?}", view.verdict);
+    let done = e.configure(g, claim("u1")).unwrap();
+    assert_eq!(done.action, vfio_gpu_engine::Action::AlreadyOnVfio);
+    let released = e.unconfigure(g, None).unwrap();
+    assert_eq!(released.action, vfio_gpu_engine::Action::LeftOnVfio);
+    assert!(k.log().is_empty(), "{:?}", k.log());
+    assert_eq!(
+        driver_of(&host, "0000:6b:00.0").as_deref(),
+        Some("acme_passthru")
+    );
+}

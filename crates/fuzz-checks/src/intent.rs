@@ -45,6 +45,7 @@ fn gpu(driver: &str, driver_override: Option<String>) -> Option<Gpu> {
             identity,
             driver,
             driver_override,
+            vfio_dev: None,
         }],
         iommu_group_members: Vec::new(),
         product_name: None,

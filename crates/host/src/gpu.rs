@@ -185,6 +185,18 @@ pub struct GpuFunction {
     pub driver: Option<DriverName>,
     /// `driver_override`, if set.
     pub driver_override: Option<String>,
+    /// Its `vfio-dev/vfioN` class device, when a vfio driver has it.
+    #[serde(skip)]
+    pub vfio_dev: Option<String>,
+}
+
+impl GpuFunction {
+    /// True when bound to a vfio driver (see [`PciFunction::on_vfio`]).
+    pub fn on_vfio(&self) -> bool {
+        self.driver
+            .as_ref()
+            .is_some_and(|d| d.is_vfio() || self.vfio_dev.is_some())
+    }
 }
 
 /// A GPU and everything that moves with it.
@@ -243,6 +255,7 @@ pub fn discover_gpus(host: &PciHost, selector: &GpuSelector, ids: Option<&PciIds
                 identity: f.identity,
                 driver: f.driver.clone(),
                 driver_override: f.driver_override.clone(),
+                vfio_dev: f.vfio_dev.clone(),
             };
             let role_of = |f: &PciFunction| {
                 if f.bdf == gpu.bdf {

@@ -170,9 +170,11 @@ impl PciFunction {
         })
     }
 
-    /// True when bound to vfio-pci or a vfio-pci variant driver.
+    /// True when bound to a vfio driver: vfio-pci, a variant named as such,
+    /// or any driver that registered the device with vfio (the kernel's
+    /// `vfio-dev/vfioN` class device, with `CONFIG_VFIO_DEVICE_CDEV`).
     pub fn on_vfio(&self) -> bool {
-        self.driver.as_ref().is_some_and(|d| d.is_vfio())
+        bound_to_vfio(self.driver.as_ref(), self.vfio_dev.as_deref())
     }
 }
 
@@ -333,8 +335,8 @@ impl Binding {
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty() && s != "(null)");
         let vfio_dev = match &driver {
-            Some(d) if d.is_vfio() => first_entry(&dir.join("vfio-dev"))?,
-            _ => None,
+            Some(_) => first_entry(&dir.join("vfio-dev"))?,
+            None => None,
         };
         Ok(Binding {
             driver,
@@ -342,6 +344,17 @@ impl Binding {
             vfio_dev,
         })
     }
+
+    /// True when bound to a vfio driver (see [`PciFunction::on_vfio`]).
+    pub fn on_vfio(&self) -> bool {
+        bound_to_vfio(self.driver.as_ref(), self.vfio_dev.as_deref())
+    }
+}
+
+/// A bound driver is a vfio driver by its name, or, whatever its name, when
+/// the device has a `vfio-dev/` class device.
+fn bound_to_vfio(driver: Option<&DriverName>, vfio_dev: Option<&str>) -> bool {
+    driver.is_some_and(|d| d.is_vfio() || vfio_dev.is_some())
 }
 
 /// The PCI view of a host: every function's address, full attributes for the

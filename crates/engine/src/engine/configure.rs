@@ -108,10 +108,7 @@ impl Engine {
                 secs: 0.0,
             });
         }
-        let all_on_vfio = gpu
-            .functions
-            .iter()
-            .all(|f| f.driver.as_ref().is_some_and(|d| d.is_vfio()));
+        let all_on_vfio = gpu.functions.iter().all(|f| f.on_vfio());
         match rec.on_configure(holder, all_on_vfio) {
             OnConfigure::AlreadyDone => Ok(Prior::Done(self.outcome(
                 &gpu,
@@ -383,7 +380,7 @@ impl Engine {
         for m in gpu.iommu_group_members.iter().map(|m| m.bdf) {
             let f = self.binding(m)?;
             if let Some(d) = &f.driver
-                && !(d.is_vfio() || d.as_str() == "pci-stub" || d.as_str() == "pcieport")
+                && !(f.on_vfio() || d.as_str() == "pci-stub" || d.as_str() == "pcieport")
             {
                 return Err(StepError::verify(
                     format!("verify group {group} viable"),

@@ -34,7 +34,7 @@ impl Engine {
                 let drift: Vec<String> = gpu
                     .functions
                     .iter()
-                    .filter(|f| !f.driver.as_ref().is_some_and(|d| d.is_vfio()))
+                    .filter(|f| !f.on_vfio())
                     .map(|f| f.bdf.to_string())
                     .collect();
                 let detail = match (&rec.holder, drift.is_empty()) {

@@ -748,6 +748,8 @@ struct FnView<'a> {
     identity: &'a PciIdentity,
     driver: Option<&'a DriverName>,
     driver_override: Option<&'a str>,
+    /// Bound to a vfio driver ([`vfio_gpu_host::PciFunction::on_vfio`]).
+    on_vfio: bool,
 }
 
 fn functions_of(gpu: &Gpu) -> Vec<FnView<'_>> {
@@ -757,6 +759,7 @@ fn functions_of(gpu: &Gpu) -> Vec<FnView<'_>> {
             identity: &gpu.function.identity,
             driver: gpu.function.driver.as_ref(),
             driver_override: gpu.function.driver_override.as_deref(),
+            on_vfio: gpu.function.on_vfio(),
         }];
     }
     gpu.functions
@@ -766,6 +769,7 @@ fn functions_of(gpu: &Gpu) -> Vec<FnView<'_>> {
             identity: &f.identity,
             driver: f.driver.as_ref(),
             driver_override: f.driver_override.as_deref(),
+            on_vfio: f.on_vfio(),
         })
         .collect()
 }
@@ -845,6 +849,7 @@ mod tests {
                 },
                 driver: drv.map(|d| DriverName::new(d).unwrap()),
                 driver_override: ovr.map(str::to_string),
+                vfio_dev: None,
             })
             .collect();
         let first = &fs[0];

@@ -14,7 +14,7 @@ pub(super) fn apply(
     // Bound at start (libvirt's rule) and pre-bound records.
     for f in fns {
         match f.driver {
-            Some(d) if d.is_vfio() => {
+            Some(d) if f.on_vfio => {
                 if records.recorded_prebound(f.bdf) {
                     v.reason(
                         Source::BoundAtStart,

@@ -18,7 +18,7 @@ pub(super) fn apply(
         .collect();
     for f in fns {
         if let Some(d) = f.driver
-            && !d.is_vfio()
+            && !f.on_vfio
         {
             relevant.insert(module_of_driver(d.as_str()));
         }
