@@ -85,9 +85,13 @@ pub struct EngineOpts {
     /// Seconds an unbind may take before the GPU is reported stuck.
     #[arg(long, default_value_t = 10.0)]
     pub unbind_timeout: f64,
-    /// Seconds a bind may take before the GPU is reported stuck.
+    /// Seconds a bind (or a driver probe) may take before the GPU is reported stuck.
     #[arg(long, default_value_t = 20.0)]
     pub bind_timeout: f64,
+    /// Seconds a prepare may spend before it starts no further step and rolls
+    /// back (the kubelet gives a call 45 s).
+    #[arg(long, default_value_t = 20.0)]
+    pub prepare_budget: f64,
 }
 
 /// An opened host.
@@ -187,6 +191,7 @@ impl EngineOpts {
         let config = EngineConfig {
             unbind_deadline: secs(self.unbind_timeout)?,
             bind_deadline: secs(self.bind_timeout)?,
+            operation_budget: secs(self.prepare_budget)?,
             crash_after_step: crash_hook()?,
             crash_mode: CrashMode::Abort,
             state_lock_wait: Duration::ZERO,

@@ -604,3 +604,80 @@ fn an_iommufd_only_kernel_without_group_nodes_still_moves_a_gpu() {
     assert_eq!(driver_of(&host, A).as_deref(), Some("nvidia"));
     assert_eq!(driver_of(&host, A_AUDIO).as_deref(), Some("snd_hda_intel"));
 }
+
+// ------------------------------------------------------------------ M3 (budget)
+
+#[test]
+fn m3_a_prepare_that_spent_its_budget_starts_no_further_step_and_rolls_back() {
+    // Per-write deadlines added up with nothing bounding their sum, so a prepare
+    // could outlive the kubelet's 45 s call. The operation now has a budget,
+    // checked before each forward step; past it the move is rolled back.
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let gate = BlockHandle::new();
+    k.inject(Fault::on(
+        "driver_override",
+        bdf(B),
+        FaultAction::Block(gate.clone()),
+    ));
+    let e = engine_with(
+        &k,
+        &dir.path().join("state"),
+        EngineConfig {
+            operation_budget: Duration::from_millis(300),
+            write_deadline: Duration::from_secs(60),
+            ..config()
+        },
+    );
+    let err = std::thread::scope(|s| {
+        let configure = s.spawn(|| e.configure(bdf(B), claim("u1")));
+        std::thread::sleep(Duration::from_millis(600));
+        gate.release();
+        configure.join().unwrap().unwrap_err()
+    });
+    assert!(matches!(err, EngineError::RolledBack { .. }), "{err}");
+    assert!(err.to_string().contains("budget"), "{err}");
+    let log = k.log();
+    assert!(
+        !log.iter().any(|l| l.starts_with("unbind 0000:66:00.0")),
+        "no step after the budget: {log:?}"
+    );
+    assert_eq!(state_of(&host, B), (Some("nvidia".into()), None));
+    assert!(!e.ledger().gpus.contains_key(&bdf(B)));
+}
+
+#[test]
+fn m3_drivers_probe_gets_the_bind_deadline_not_the_short_write_deadline() {
+    // drivers_probe runs the driver's probe (nvidia with NVLink training: 30 s+);
+    // under the 5 s write deadline such a GPU was declared stuck mid-probe.
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    let h = build_host(&host);
+    h.unlink_driver(bdf(B)).unwrap();
+    let k = sim(&host);
+    let gate = BlockHandle::new();
+    k.inject(Fault::on(
+        "drivers_probe",
+        bdf(B),
+        FaultAction::Block(gate.clone()),
+    ));
+    let e = engine_with(
+        &k,
+        &dir.path().join("state"),
+        EngineConfig {
+            write_deadline: Duration::from_millis(200),
+            bind_deadline: Duration::from_secs(60),
+            ..config()
+        },
+    );
+    let results = std::thread::scope(|s| {
+        let reconcile = s.spawn(|| e.reconcile());
+        std::thread::sleep(Duration::from_millis(800));
+        gate.release();
+        reconcile.join().unwrap().unwrap()
+    });
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
+}

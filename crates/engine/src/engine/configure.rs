@@ -1,6 +1,6 @@
 //! configure: moving a GPU's IOMMU group to vfio.
 
-use super::steps::StepError;
+use super::steps::{OperationBudget, StepError};
 use super::view::{Action, Outcome, pin_text};
 use super::{Engine, lock};
 use std::collections::BTreeMap;
@@ -24,6 +24,7 @@ impl Engine {
     /// the write-ahead record, persistence off, the move, the completion commit.
     pub fn configure(&self, bdf: Bdf, holder: Holder) -> Result<Outcome, EngineError> {
         self.check_alive()?;
+        let _budget = OperationBudget::start(self.config.operation_budget);
         // Before the group lock: another process may be mid-operation.
         let _hold = self.hold()?;
         let started = Instant::now();

@@ -75,10 +75,15 @@ pub enum StateLockMode {
 pub struct EngineConfig {
     /// Deadline for `unbind` (blocks while a driver's remove() waits for clients).
     pub unbind_deadline: Duration,
-    /// Deadline for `bind` (nvidia probe with NVLink training can take 30 s+).
+    /// Deadline for `bind` and `drivers_probe` (nvidia probe with NVLink
+    /// training can take 30 s+).
     pub bind_deadline: Duration,
-    /// Deadline for other writes (`driver_override`, `drivers_probe`, unbind lock).
+    /// Deadline for other writes (`driver_override`, unbind lock).
     pub write_deadline: Duration,
+    /// Budget of a whole prepare: no forward step starts once it is spent and
+    /// the move is rolled back, so a call ends before the kubelet's 45 s
+    /// deadline gives up on it (a step already running keeps its own deadline).
+    pub operation_budget: Duration,
     /// Deadline for reads of one device's attributes (some take the device
     /// lock, which a blocked unbind holds).
     pub read_deadline: Duration,
@@ -113,6 +118,8 @@ impl Default for EngineConfig {
             unbind_deadline: Duration::from_secs(10),
             bind_deadline: Duration::from_secs(20),
             write_deadline: Duration::from_secs(5),
+            // A step started just before it may still run its own deadline.
+            operation_budget: Duration::from_secs(20),
             read_deadline: Duration::from_secs(5),
             command_deadline: Duration::from_secs(10),
             unbind_lock_attempts: 5,

@@ -1,7 +1,7 @@
 //! unconfigure and rollback: returning functions to their recorded drivers.
 
 use super::persistence::persistence_left_off;
-use super::steps::StepError;
+use super::steps::{OperationBudget, StepError};
 use super::view::{Action, Outcome, reasons_text};
 use super::{Engine, lock};
 use std::collections::BTreeMap;
@@ -89,6 +89,7 @@ impl Engine {
     /// Returns every function of a record to its origin (a failed or
     /// interrupted configure) and drops the record.
     pub(super) fn rollback(&self, bdf: Bdf) -> Result<(), EngineError> {
+        let _no_budget = OperationBudget::suspend();
         let Some(rec) = self.ledger().gpus.get(&bdf).cloned() else {
             return Ok(());
         };

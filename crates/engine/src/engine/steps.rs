@@ -15,12 +15,24 @@ use crate::ledger::GpuRecord;
 use crate::preflight::{NodeHolder, device_nodes, find_holders, scan_holders};
 
 impl Engine {
-    /// Runs one host write with its deadline. `Err(Stuck)` past it.
+    /// Runs one host write with its deadline. `Err(Stuck)` past it. Inside
+    /// an operation whose budget is spent ([`OperationBudget`]) the write is
+    /// not started and fails, so the operation rolls back.
     pub(super) fn write(&self, gpu: Bdf, op: SysfsWrite) -> Result<io::Result<()>, EngineError> {
         self.check_alive()?;
+        if let Some(budget) = OperationBudget::spent() {
+            return Ok(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "not started: the operation's {}s budget is spent",
+                    budget.as_secs_f64()
+                ),
+            )));
+        }
         let deadline = match op {
             SysfsWrite::Unbind { .. } => self.config.unbind_deadline,
-            SysfsWrite::Bind { .. } => self.config.bind_deadline,
+            // drivers_probe runs a driver's probe, as a bind does.
+            SysfsWrite::Bind { .. } | SysfsWrite::DriversProbe { .. } => self.config.bind_deadline,
             _ => self.config.write_deadline,
         };
         tracing::debug!(%op, "host write");
@@ -334,5 +346,47 @@ impl From<EngineError> for StepError {
 impl From<HostError> for StepError {
     fn from(e: HostError) -> Self {
         StepError::Engine(e.into())
+    }
+}
+
+thread_local! {
+    /// The budget of the operation running on this thread: its start and length.
+    static BUDGET: std::cell::Cell<Option<(std::time::Instant, std::time::Duration)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// The budget of the operation on this thread, while this guard lives. Every
+/// operation of a batch runs on its own thread, so each has its own budget.
+pub(super) struct OperationBudget {
+    outer: Option<(std::time::Instant, std::time::Duration)>,
+}
+
+impl OperationBudget {
+    /// Starts a budget of `length` from now.
+    pub(super) fn start(length: std::time::Duration) -> Self {
+        let outer = BUDGET.replace(Some((std::time::Instant::now(), length)));
+        OperationBudget { outer }
+    }
+
+    /// No budget while this guard lives: putting things back (rollback) is
+    /// never cut short, each of its writes still has its own deadline.
+    pub(super) fn suspend() -> Self {
+        OperationBudget {
+            outer: BUDGET.replace(None),
+        }
+    }
+
+    /// The budget's length, when it is spent.
+    fn spent() -> Option<std::time::Duration> {
+        BUDGET
+            .get()
+            .filter(|(start, length)| start.elapsed() >= *length)
+            .map(|(_, length)| length)
+    }
+}
+
+impl Drop for OperationBudget {
+    fn drop(&mut self) {
+        BUDGET.set(self.outer);
     }
 }
