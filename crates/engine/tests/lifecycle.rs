@@ -573,6 +573,14 @@ fn persistence_left_off_at_release_is_reported_kept_and_retried_by_reconcile() {
     );
     let pending = &e.ledger().persistence_to_restore;
     assert_eq!(pending.keys().copied().collect::<Vec<_>>(), vec![bdf(B)]);
+    // `explain` and the metrics see it on the GPU's view.
+    let (views, _) = e.discover().unwrap();
+    let view = views.iter().find(|v| v.gpu.bdf() == bdf(B)).unwrap();
+    assert!(
+        view.persistence_left_off
+            .as_ref()
+            .is_some_and(|p| p.error.contains("Unable to set persistence mode"))
+    );
     // Survives a restart.
     drop(e);
     let e = engine_with_commands(&k, &dir.path().join("state"), smi.clone());

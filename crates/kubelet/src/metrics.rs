@@ -59,6 +59,7 @@ pub struct Metrics {
     rollbacks: Family<Labels1, Counter>,
     ledger_failures: Counter,
     stuck: Gauge,
+    persistence_left_off: Gauge,
     devices: Family<Labels1, Gauge>,
     unhealthy: Gauge,
     health_scan: Histogram,
@@ -108,6 +109,7 @@ impl Metrics {
         let rollbacks = Family::<Labels1, Counter>::default();
         let ledger_failures = Counter::default();
         let stuck = Gauge::default();
+        let persistence_left_off = Gauge::default();
         let devices = Family::<Labels1, Gauge>::default();
         let unhealthy = Gauge::default();
         registry.register(
@@ -141,6 +143,11 @@ impl Metrics {
             stuck.clone(),
         );
         registry.register(
+            "persistence_left_off_devices",
+            "GPUs given back with nvidia persistence mode still off (turning it on failed; reconcile retries)",
+            persistence_left_off.clone(),
+        );
+        registry.register(
             "devices",
             "GPUs on this node by the keepOnVfio verdict",
             devices.clone(),
@@ -163,6 +170,7 @@ impl Metrics {
             rollbacks,
             ledger_failures,
             stuck,
+            persistence_left_off,
             devices,
             unhealthy,
             health_scan,
@@ -251,6 +259,11 @@ impl Metrics {
             .get_or_create(&[("keep_on_vfio", "false")])
             .set(gauge_value(views.len() - keep));
         self.stuck.set(gauge_value(stuck));
+        let left_off = views
+            .iter()
+            .filter(|v| v.persistence_left_off.is_some())
+            .count();
+        self.persistence_left_off.set(gauge_value(left_off));
         self.unhealthy.set(gauge_value(unhealthy));
         self.health_scan.observe(took.as_secs_f64());
     }
@@ -489,6 +502,7 @@ mod tests {
             "vfio_gpu_dra_rollbacks_total{outcome=\"undo_failed\"} 1",
             "vfio_gpu_dra_ledger_commit_failures_total 0",
             "vfio_gpu_dra_stuck_devices 0",
+            "vfio_gpu_dra_persistence_left_off_devices 0",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }

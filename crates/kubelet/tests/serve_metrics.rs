@@ -151,6 +151,7 @@ async fn metrics_and_probes_follow_registration_and_calls() {
                 .unwrap_or(0.0);
         if devices == 8.0 {
             assert_eq!(m["vfio_gpu_dra_stuck_devices"], 0.0);
+            assert_eq!(m["vfio_gpu_dra_persistence_left_off_devices"], 0.0);
             assert!(
                 m["vfio_gpu_dra_devices{keep_on_vfio=\"true\"}"] >= 1.0,
                 "H100 is kept"

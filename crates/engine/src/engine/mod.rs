@@ -398,6 +398,7 @@ impl Engine {
                         .iter()
                         .find_map(|f| self.stuck.stuck_on(f.bdf)),
                     holders: holders.remove(&bdf).unwrap_or_default(),
+                    persistence_left_off: ledger.persistence_to_restore.get(&bdf).cloned(),
                     gpu,
                     verdict,
                 }

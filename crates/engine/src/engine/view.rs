@@ -12,7 +12,7 @@ use vfio_gpu_host::{Bdf, Gpu, GpuSelector, HostRoot, PciHost, PciIdsDb, discover
 use vfio_gpu_intent::{IntentSources, OwnRecords, Policy, Verdict, evaluate};
 
 use crate::error::{EngineError, FunctionState};
-use crate::ledger::{GpuRecord, LedgerBody, LedgerProblem, OpState};
+use crate::ledger::{GpuRecord, LedgerBody, LedgerProblem, OpState, PendingPersistence};
 use crate::preflight::NodeHolder;
 
 /// What an operation did.
@@ -84,6 +84,10 @@ pub struct GpuView {
     /// turns persistence mode off). Filled by [`crate::Engine::discover`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holders: Vec<NodeHolder>,
+    /// Persistence mode left off at a release because turning it on failed;
+    /// reconcile retries it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistence_left_off: Option<PendingPersistence>,
 }
 
 /// What opening the engine found.
@@ -173,6 +177,11 @@ pub fn inspect(
             record: ledger.gpus.get(&gpu.bdf()).cloned(),
             stuck: None,
             holders: Vec::new(),
+            persistence_left_off: ledger
+                .persistence_to_restore
+                .get(&gpu.bdf())
+                .filter(|p| p.boot_id == boot_id)
+                .cloned(),
             gpu,
         })
         .collect();
