@@ -150,6 +150,9 @@ pub fn explain(v: &GpuView, output: Output, _setup: &Setup) -> Result<()> {
     if output == Output::Json {
         let mut obj = gpu_json(v);
         obj["signals"] = serde_json::to_value(&v.verdict.signals)?;
+        if let Some(p) = &v.persistence_left_off {
+            obj["persistenceLeftOff"] = serde_json::to_value(p)?;
+        }
         println!("{}", serde_json::to_string_pretty(&obj)?);
         return Ok(());
     }
@@ -206,6 +209,12 @@ pub fn explain(v: &GpuView, output: Output, _setup: &Setup) -> Result<()> {
     }
     for w in &v.verdict.warnings {
         println!("warning: {w}");
+    }
+    if let Some(p) = &v.persistence_left_off {
+        println!(
+            "warning: nvidia persistence mode was left off at a release ({}); reconcile retries `nvidia-smi -pm 1`",
+            p.error
+        );
     }
     if let Some(r) = &v.record {
         println!("\nLedger: {}", serde_json::to_string(r)?);

@@ -146,6 +146,66 @@ fn explain_lists_every_signal_and_the_verdict() {
 }
 
 #[test]
+fn explain_names_persistence_mode_left_off_at_a_release() {
+    let dir = tempfile::tempdir().unwrap();
+    host(dir.path());
+    let boot = "4f1c6a2e-0000-4000-8000-000000000001";
+    std::fs::write(dir.path().join("proc/sys/kernel/random/boot_id"), boot).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let mut body = vfio_gpu_engine::ledger::LedgerBody {
+        boot_id: boot.into(),
+        ..Default::default()
+    };
+    body.persistence_to_restore.insert(
+        "0000:00:07.0".parse().unwrap(),
+        vfio_gpu_engine::ledger::PendingPersistence {
+            boot_id: boot.into(),
+            error: "Unable to set persistence mode".into(),
+            since: 1,
+            extra: Default::default(),
+        },
+    );
+    std::fs::write(
+        state.join("ledger.json"),
+        vfio_gpu_engine::ledger::encode(&body),
+    )
+    .unwrap();
+    let root = dir.path().to_str().unwrap();
+    let state = state.to_str().unwrap();
+    let args = [
+        "explain",
+        "0000:00:07.0",
+        "--host-root",
+        root,
+        "--state-dir",
+        state,
+    ];
+    let out = stdout(&run(&args));
+    assert!(
+        out.contains("persistence mode was left off at a release (Unable to set persistence mode)"),
+        "{out}"
+    );
+    let v = json(&run(&[&args[..], &["-o", "json"]].concat()));
+    assert_eq!(
+        v["persistenceLeftOff"]["error"],
+        "Unable to set persistence mode"
+    );
+    // Another GPU says nothing of it.
+    let v = json(&run(&[
+        "explain",
+        "0000:00:06.0",
+        "--host-root",
+        root,
+        "--state-dir",
+        state,
+        "-o",
+        "json",
+    ]));
+    assert!(v.get("persistenceLeftOff").is_none(), "{v}");
+}
+
+#[test]
 fn missing_host_root_is_a_clear_error() {
     let o = run(&["devices", "--host-root", "/nonexistent/root"]);
     assert_eq!(o.status.code(), Some(1));
