@@ -375,16 +375,22 @@ fn check_every_move_once(d: &Path, rounds: &HashMap<&str, usize>) {
     assert!(cdi.is_empty(), "CDI specs left: {cdi:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_serve_processes_share_one_node_through_a_rolling_update() {
+/// A temp dir holding a kubeconfig for a fresh fake API server that knows the node.
+async fn node_with_api_server() -> (tempfile::TempDir, Arc<FakeApiServer>) {
     vfio_gpu_kubelet::serve::install_crypto_provider();
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path().to_path_buf();
     let api = Arc::new(FakeApiServer::start().await.expect("fake API server"));
-    api.write_kubeconfig(d.join("kubeconfig"))
+    api.write_kubeconfig(dir.path().join("kubeconfig"))
         .expect("kubeconfig");
     api.insert(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}}))
         .expect("node");
+    (dir, api)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_serve_processes_share_one_node_through_a_rolling_update() {
+    let (dir, api) = node_with_api_server().await;
+    let d = dir.path().to_path_buf();
 
     // The old instance alone.
     let mut a = Serve::start(&d, UID_A);
@@ -513,14 +519,8 @@ async fn two_serve_processes_share_one_node_through_a_rolling_update() {
 async fn a_sigkilled_instance_s_sockets_are_removed_by_the_next_and_live_ones_kept() {
     const UID_C: &str = "cccccccc-0000-4000-8000-00000000000c";
     const UID_D: &str = "dddddddd-0000-4000-8000-00000000000d";
-    vfio_gpu_kubelet::serve::install_crypto_provider();
-    let dir = tempfile::tempdir().expect("tempdir");
+    let (dir, api) = node_with_api_server().await;
     let d = dir.path().to_path_buf();
-    let api = Arc::new(FakeApiServer::start().await.expect("fake API server"));
-    api.write_kubeconfig(d.join("kubeconfig"))
-        .expect("kubeconfig");
-    api.insert(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}}))
-        .expect("node");
     // Another driver's leftover socket, and a file of ours that is not a socket.
     std::fs::create_dir_all(d.join("registry")).expect("registry dir");
     let foreign = d

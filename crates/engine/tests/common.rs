@@ -175,3 +175,40 @@ pub fn add_nvidia_minor(h: &FixtureHost, b: &str, minor: u32) {
     .unwrap();
     h.write(&format!("dev/nvidia{minor}"), "").unwrap();
 }
+
+/// nvidia's unbind lock file of B, under the host root.
+pub const B_UNBIND_LOCK: &str = "proc/driver/nvidia/gpus/0000:66:00.0/unbindLock";
+
+/// The fixture host with B offering nvidia's unbind lock (released), its
+/// simulated kernel, and the temp dir holding both.
+pub fn host_with_b_unbind_lock() -> (tempfile::TempDir, std::path::PathBuf, SimKernel) {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    let h = build_host(&host);
+    h.write(B_UNBIND_LOCK, "0\n").unwrap();
+    let k = sim(&host);
+    (dir, host, k)
+}
+
+/// The fixture host with B driverless and its `drivers_probe` held at the
+/// returned gate (a probe that takes long, as nvidia's with NVLink training).
+pub fn host_with_b_probe_held() -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    SimKernel,
+    vfio_gpu_engine::sim::BlockHandle,
+) {
+    use vfio_gpu_engine::sim::{BlockHandle, Fault, FaultAction};
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    let h = build_host(&host);
+    h.unlink_driver(bdf(B)).unwrap();
+    let k = sim(&host);
+    let gate = BlockHandle::new();
+    k.inject(Fault::on(
+        "drivers_probe",
+        bdf(B),
+        FaultAction::Block(gate.clone()),
+    ));
+    (dir, host, k, gate)
+}

@@ -266,12 +266,7 @@ fn nvidia_unbind_lock_is_taken_and_dies_with_the_unbound_instance() {
     // with /proc/driver/nvidia/gpus/<BDF>, and a re-probe starts unlocked. Writing 0
     // to the new instance on release could only drop a lock somebody else took
     // there (review m19).
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    let h = build_host(&host);
-    h.write("proc/driver/nvidia/gpus/0000:66:00.0/unbindLock", "0\n")
-        .unwrap();
-    let k = sim(&host);
+    let (dir, host, k) = host_with_b_unbind_lock();
     let e = engine(&k, &dir.path().join("state"));
     e.configure(bdf(B), claim("u1")).unwrap();
     assert!(
@@ -289,8 +284,7 @@ fn nvidia_unbind_lock_is_taken_and_dies_with_the_unbound_instance() {
         "{:?}",
         k.log()
     );
-    let v = std::fs::read_to_string(host.join("proc/driver/nvidia/gpus/0000:66:00.0/unbindLock"))
-        .unwrap();
+    let v = std::fs::read_to_string(host.join(B_UNBIND_LOCK)).unwrap();
     assert_eq!(v.trim(), "0");
 }
 
@@ -299,12 +293,7 @@ fn a_lock_on_a_function_never_unbound_is_released_by_rollback() {
     // The move fails after the lock is taken and before the unbind: the GPU is
     // still on the instance we locked, so rollback must unlock it or nobody
     // (nvidia-smi, CUDA) can open it again.
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    let h = build_host(&host);
-    h.write("proc/driver/nvidia/gpus/0000:66:00.0/unbindLock", "0\n")
-        .unwrap();
-    let k = sim(&host);
+    let (dir, host, k) = host_with_b_unbind_lock();
     k.inject(Fault::on(
         "driver_override",
         bdf(B),
@@ -325,8 +314,7 @@ fn a_lock_on_a_function_never_unbound_is_released_by_rollback() {
         matches!((taken, released), (Some(t), Some(r)) if t < r),
         "{log:?}"
     );
-    let v = std::fs::read_to_string(host.join("proc/driver/nvidia/gpus/0000:66:00.0/unbindLock"))
-        .unwrap();
+    let v = std::fs::read_to_string(host.join(B_UNBIND_LOCK)).unwrap();
     assert_eq!(v.trim(), "0");
 }
 
@@ -334,12 +322,7 @@ fn a_lock_on_a_function_never_unbound_is_released_by_rollback() {
 fn a_rollback_after_the_unbind_writes_nothing_to_the_re_probed_instance() {
     // The unbind went through and the vfio bind failed: the locked instance is
     // gone, and the one rollback re-probes is not ours to unlock.
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    let h = build_host(&host);
-    h.write("proc/driver/nvidia/gpus/0000:66:00.0/unbindLock", "0\n")
-        .unwrap();
-    let k = sim(&host);
+    let (dir, host, k) = host_with_b_unbind_lock();
     k.inject(Fault {
         driver: Some("vfio-pci".into()),
         ..Fault::on("bind", bdf(B), FaultAction::Fail(errno::EIO))
@@ -633,17 +616,7 @@ fn reconcile_works_on_gpus_side_by_side_so_one_slow_gpu_does_not_hold_the_others
     // one GPU whose probe hangs waited out that deadline before looking at the
     // next. B (first in order) blocks in drivers_probe; F must be rebound
     // while B is still blocked.
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    let h = build_host(&host);
-    h.unlink_driver(bdf(B)).unwrap();
-    let k = sim(&host);
-    let gate = BlockHandle::new();
-    k.inject(Fault::on(
-        "drivers_probe",
-        bdf(B),
-        FaultAction::Block(gate.clone()),
-    ));
+    let (dir, host, k, gate) = host_with_b_probe_held();
     let e = engine_with(
         &k,
         &dir.path().join("state"),

@@ -652,17 +652,7 @@ fn m3_a_prepare_that_spent_its_budget_starts_no_further_step_and_rolls_back() {
 fn m3_drivers_probe_gets_the_bind_deadline_not_the_short_write_deadline() {
     // drivers_probe runs the driver's probe (nvidia with NVLink training: 30 s+);
     // under the 5 s write deadline such a GPU was declared stuck mid-probe.
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    let h = build_host(&host);
-    h.unlink_driver(bdf(B)).unwrap();
-    let k = sim(&host);
-    let gate = BlockHandle::new();
-    k.inject(Fault::on(
-        "drivers_probe",
-        bdf(B),
-        FaultAction::Block(gate.clone()),
-    ));
+    let (dir, host, k, gate) = host_with_b_probe_held();
     let e = engine_with(
         &k,
         &dir.path().join("state"),

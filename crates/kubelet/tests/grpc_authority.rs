@@ -21,7 +21,7 @@ use vfio_gpu_kubelet::grpc::registration::{
     InfoRequest, RegistrationService, RegistrationState, RegistrationStatus, registration_client,
     registration_server,
 };
-use vfio_gpu_kubelet::grpc::server::{ServerConfig, serve};
+use vfio_gpu_kubelet::grpc::server::{ServerConfig, ServerHandle, serve};
 
 const LIMIT: Duration = Duration::from_secs(20);
 const STEP: Duration = Duration::from_secs(5);
@@ -64,6 +64,21 @@ async fn serve_registration(
                 .unwrap();
         }
     })
+}
+
+/// The plugin's own server (both sockets, behind the adapter) for `drv.example.com`,
+/// with a backend that succeeds at everything.
+async fn serve_noop(dir: &tempfile::TempDir) -> (ServerHandle, CancellationToken) {
+    let config = ServerConfig::new(
+        "drv.example.com",
+        &dir.path().join("plugins"),
+        &dir.path().join("registry"),
+    );
+    let token = CancellationToken::new();
+    let handle = serve(config, Arc::new(NoopBackend), token.clone())
+        .await
+        .unwrap();
+    (handle, token)
 }
 
 fn reg_path(dir: &tempfile::TempDir) -> PathBuf {
@@ -144,15 +159,7 @@ async fn adapter_accepts_kubelet_authority_with_dynamic_table_references() {
 async fn ordinary_tonic_client_works_through_adapter() {
     tokio::time::timeout(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
-        let config = ServerConfig::new(
-            "drv.example.com",
-            &dir.path().join("plugins"),
-            &dir.path().join("registry"),
-        );
-        let token = CancellationToken::new();
-        let handle = serve(config, Arc::new(NoopBackend), token.clone())
-            .await
-            .unwrap();
+        let (handle, token) = serve_noop(&dir).await;
 
         let channel = connect_dra(&handle.registration_socket.to_string_lossy())
             .await
@@ -200,15 +207,7 @@ async fn ordinary_tonic_client_works_through_adapter() {
 async fn dra_socket_accepts_kubelet_and_c_core_authorities_on_v1_and_v1beta1() {
     tokio::time::timeout(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
-        let config = ServerConfig::new(
-            "drv.example.com",
-            &dir.path().join("plugins"),
-            &dir.path().join("registry"),
-        );
-        let token = CancellationToken::new();
-        let handle = serve(config, Arc::new(NoopBackend), token.clone())
-            .await
-            .unwrap();
+        let (handle, token) = serve_noop(&dir).await;
         let relative = handle.dra_socket.strip_prefix("/").unwrap().to_path_buf();
         let c_core = kubelet_authority(&relative);
         assert!(!c_core.starts_with("%2F"), "{c_core}");
@@ -284,15 +283,7 @@ async fn a_continuation_flood_is_cut_off_and_the_server_keeps_serving() {
     };
     tokio::time::timeout(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
-        let config = ServerConfig::new(
-            "drv.example.com",
-            &dir.path().join("plugins"),
-            &dir.path().join("registry"),
-        );
-        let token = CancellationToken::new();
-        let handle = serve(config, Arc::new(NoopBackend), token.clone())
-            .await
-            .unwrap();
+        let (handle, token) = serve_noop(&dir).await;
         for socket in [&handle.registration_socket, &handle.dra_socket] {
             let mut conn = tokio::net::UnixStream::connect(socket).await.unwrap();
             let mut start = PREFACE.to_vec();
@@ -338,15 +329,7 @@ async fn a_continuation_flood_is_cut_off_and_the_server_keeps_serving() {
 async fn an_over_size_header_list_costs_its_stream_not_the_connection() {
     tokio::time::timeout(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
-        let config = ServerConfig::new(
-            "drv.example.com",
-            &dir.path().join("plugins"),
-            &dir.path().join("registry"),
-        );
-        let token = CancellationToken::new();
-        let handle = serve(config, Arc::new(NoopBackend), token.clone())
-            .await
-            .unwrap();
+        let (handle, token) = serve_noop(&dir).await;
         let channel = connect_dra(&handle.registration_socket.to_string_lossy())
             .await
             .unwrap();
