@@ -501,17 +501,32 @@ fn persistenced_host(dir: &std::path::Path) -> std::path::PathBuf {
     host
 }
 
-#[test]
-fn persistence_mode_is_turned_off_for_the_move_and_back_on_at_release() {
+/// The persistenced host, its kernel, a stand-in nvidia-smi (failing when
+/// `fail`) and an engine using it.
+fn persistenced_engine(
+    fail: bool,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    vfio_gpu_engine::sim::SimKernel,
+    std::sync::Arc<FakeNvidiaSmi>,
+    vfio_gpu_engine::Engine,
+) {
     let dir = tempfile::tempdir().unwrap();
     let host = persistenced_host(dir.path());
     let k = sim(&host);
     let smi = std::sync::Arc::new(FakeNvidiaSmi {
         host: host.clone(),
         calls: Default::default(),
-        fail: false.into(),
+        fail: fail.into(),
     });
     let e = engine_with_commands(&k, &dir.path().join("state"), smi.clone());
+    (dir, host, k, smi, e)
+}
+
+#[test]
+fn persistence_mode_is_turned_off_for_the_move_and_back_on_at_release() {
+    let (_dir, host, _k, smi, e) = persistenced_engine(false);
     assert_eq!(
         e.configure(bdf(B), claim("u1")).unwrap().action,
         Action::Moved
@@ -535,15 +550,7 @@ fn persistence_mode_is_turned_off_for_the_move_and_back_on_at_release() {
 fn persistence_left_off_at_release_is_reported_kept_and_retried_by_reconcile() {
     // Review m14: when `-pm 1` failed at release the record was dropped and the
     // failure only logged, so the GPU stayed without persistence mode for good.
-    let dir = tempfile::tempdir().unwrap();
-    let host = persistenced_host(dir.path());
-    let k = sim(&host);
-    let smi = std::sync::Arc::new(FakeNvidiaSmi {
-        host: host.clone(),
-        calls: Default::default(),
-        fail: false.into(),
-    });
-    let e = engine_with_commands(&k, &dir.path().join("state"), smi.clone());
+    let (dir, host, k, smi, e) = persistenced_engine(false);
     e.configure(bdf(B), claim("u1")).unwrap();
     smi.fail.store(true, std::sync::atomic::Ordering::SeqCst);
     let released = e.unconfigure(bdf(B), None).unwrap();
@@ -586,15 +593,7 @@ fn persistence_left_off_at_release_is_reported_kept_and_retried_by_reconcile() {
 
 #[test]
 fn persistence_failure_or_other_holders_change_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = persistenced_host(dir.path());
-    let k = sim(&host);
-    let smi = std::sync::Arc::new(FakeNvidiaSmi {
-        host: host.clone(),
-        calls: Default::default(),
-        fail: true.into(),
-    });
-    let e = engine_with_commands(&k, &dir.path().join("state"), smi.clone());
+    let (_dir, host, k, smi, e) = persistenced_engine(true);
     let err = e.configure(bdf(B), claim("u1")).unwrap_err();
     assert!(matches!(err, EngineError::Persistence { .. }), "{err}");
     assert!(k.log().is_empty(), "no sysfs writes: {:?}", k.log());

@@ -81,6 +81,16 @@ async fn serve_noop(dir: &tempfile::TempDir) -> (ServerHandle, CancellationToken
     (handle, token)
 }
 
+/// A kubelet-style client (percent-encoded path as `:authority`) gets the plugin's
+/// info from the server's registration socket.
+async fn kubelet_style_get_info(handle: &ServerHandle) {
+    let reg = handle.registration_socket.clone();
+    let mut raw = RawGrpcClient::connect(&reg, kubelet_authority(&reg), STEP)
+        .await
+        .unwrap();
+    assert_eq!(raw.get_info().await.unwrap().name, "drv.example.com");
+}
+
 fn reg_path(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("drv-reg.sock")
 }
@@ -185,12 +195,7 @@ async fn ordinary_tonic_client_works_through_adapter() {
             .unwrap();
 
         // The raw kubelet-style client works against the real server as well.
-        let reg = handle.registration_socket.clone();
-        let mut raw = RawGrpcClient::connect(&reg, kubelet_authority(&reg), STEP)
-            .await
-            .unwrap();
-        raw.get_info().await.unwrap();
-        drop(raw);
+        kubelet_style_get_info(&handle).await;
         drop(client);
         token.cancel();
         handle.wait().await.unwrap();
@@ -309,12 +314,7 @@ async fn a_continuation_flood_is_cut_off_and_the_server_keeps_serving() {
             );
         }
         // Other connections are unaffected.
-        let reg = handle.registration_socket.clone();
-        let mut raw = RawGrpcClient::connect(&reg, kubelet_authority(&reg), STEP)
-            .await
-            .unwrap();
-        assert_eq!(raw.get_info().await.unwrap().name, "drv.example.com");
-        drop(raw);
+        kubelet_style_get_info(&handle).await;
         token.cancel();
         handle.wait().await.unwrap();
     })
