@@ -136,6 +136,58 @@ impl Default for EngineConfig {
 
 /// The binding engine. Share it behind an `Arc`; every method may be called
 /// from several threads.
+///
+/// Moving a GPU to vfio-pci and back on the demo host's simulated kernel, as
+/// `cargo run -p vfio-gpu-engine --example move_gpu` does
+/// (`examples/move_gpu.rs`):
+///
+/// ```no_run
+/// use std::sync::Arc;
+///
+/// use vfio_gpu_engine::sim::SimKernel;
+/// use vfio_gpu_engine::{Engine, EngineConfig, Holder};
+/// use vfio_gpu_host::{GpuSelector, HostRoot, demo::build_demo_host};
+/// use vfio_gpu_intent::Policy;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let host = dir.path().join("host");
+/// build_demo_host(&host)?;
+/// // The simulated kernel follows driver-core rules on the fixture's sysfs;
+/// // `SysfsKernel` is the same edge on a real host.
+/// let kernel = Arc::new(SimKernel::booted(HostRoot::open(&host)?));
+/// let (engine, _) = Engine::open(
+///     kernel,
+///     &dir.path().join("state"),
+///     GpuSelector::default(),
+///     Policy::default(),
+///     EngineConfig::default(),
+/// )?;
+///
+/// let (gpus, _) = engine.discover()?;
+/// for view in &gpus {
+///     println!("{} keepOnVfio={}", view.gpu.bdf(), view.verdict.keep_on_vfio);
+/// }
+///
+/// let gpu = "0000:ab:00.0".parse()?;
+/// let holder = Holder::Claim {
+///     uid: "example-uid".into(),
+///     namespace: "vms".into(),
+///     name: "gpu-claim".into(),
+/// };
+/// // Write-ahead record, then every function of the IOMMU group to vfio-pci.
+/// let moved = engine.configure(gpu, holder.clone())?;
+/// println!("configure: {:?}, {}", moved.action, moved.detail);
+/// for f in &engine.ledger().gpus[&gpu].functions {
+///     let from = f.original_driver.as_ref().map(|d| d.as_str());
+///     println!("recorded {}: came from {}", f.bdf, from.unwrap_or("no driver"));
+/// }
+/// // Back to the recorded drivers (the GPU has no admin intent to keep it on vfio).
+/// let released = engine.unconfigure(gpu, Some(&holder))?;
+/// println!("unconfigure: {:?}, {}", released.action, released.detail);
+/// # Ok(())
+/// # }
+/// ```
 pub struct Engine {
     kernel: Arc<dyn Kernel>,
     root: HostRoot,
