@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use vfio_gpu_host::Bdf;
 
 use crate::kernel::{Kernel, SysfsWrite};
+use crate::lock::{LockError, StateLock};
 
 /// Outcome of a write run with a deadline.
 #[derive(Debug)]
@@ -40,20 +42,67 @@ pub struct LateResult {
 #[derive(Clone, Default)]
 pub struct StuckSet {
     inner: Arc<Mutex<StuckInner>>,
+    /// The state directory, where a blocked write's owner holds
+    /// `stuck-<BDF>.lock` until the write returns or the process dies, so
+    /// another process can tell a live blocked write from a dead one (n4).
+    lock_dir: Option<Arc<PathBuf>>,
+}
+
+/// A write past its deadline, and this process's claim on it.
+struct Running {
+    op: String,
+    /// Released (closed) when the write returns or the process dies.
+    _owner: Option<StateLock>,
 }
 
 #[derive(Default)]
 struct StuckInner {
     /// Writes past their deadline. At most one per device: a device with a
     /// running write is refused further writes, so threads cannot pile up.
-    running: HashMap<Bdf, String>,
+    running: HashMap<Bdf, Running>,
     /// Reads past their deadline (attributes that take the device lock block
-    /// while an unbind holds it). At most one per device, like writes.
-    reading: HashMap<Bdf, String>,
+    /// while an unbind holds it). At most one per device, like writes; each
+    /// with the token of the read that set it.
+    reading: HashMap<Bdf, (u64, String)>,
     late: HashMap<Bdf, LateResult>,
 }
 
+/// Tokens of bounded reads: which read owns a quarantine.
+static NEXT_READ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn stuck_lock_name(bdf: Bdf) -> String {
+    format!("stuck-{bdf}.lock")
+}
+
 impl StuckSet {
+    /// A set whose blocked writes are also claimed in `state_dir`, visible
+    /// to other processes ([`StuckSet::blocked_elsewhere`]).
+    pub fn with_lock_dir(state_dir: PathBuf) -> Self {
+        StuckSet {
+            inner: Arc::default(),
+            lock_dir: Some(Arc::new(state_dir)),
+        }
+    }
+
+    /// True while another live process has a write on `bdf` still blocked
+    /// (or when that cannot be told: a lock file that cannot be opened).
+    pub fn blocked_elsewhere(&self, bdf: Bdf) -> bool {
+        let Some(dir) = &self.lock_dir else {
+            return false;
+        };
+        if self.lock().running.contains_key(&bdf) {
+            return false;
+        }
+        match StateLock::acquire_named(dir, &stuck_lock_name(bdf), Duration::ZERO) {
+            Ok(_free) => false,
+            Err(LockError::Held { .. }) => true,
+            Err(e) => {
+                tracing::warn!(%bdf, error = %e, "cannot tell whether another process's write is still blocked; assuming it is");
+                true
+            }
+        }
+    }
+
     /// The write (or read) still running on `bdf` past its deadline, if any:
     /// such a device is quarantined until it returns.
     pub fn stuck_on(&self, bdf: Bdf) -> Option<String> {
@@ -61,8 +110,8 @@ impl StuckSet {
         inner
             .running
             .get(&bdf)
-            .or_else(|| inner.reading.get(&bdf))
-            .cloned()
+            .map(|r| r.op.clone())
+            .or_else(|| inner.reading.get(&bdf).map(|(_, what)| what.clone()))
     }
     /// Takes the result of a write on `bdf` that returned after its deadline.
     pub fn take_late(&self, bdf: Bdf) -> Option<LateResult> {
@@ -73,7 +122,7 @@ impl StuckSet {
         self.lock()
             .running
             .iter()
-            .map(|(b, s)| (*b, s.clone()))
+            .map(|(b, r)| (*b, r.op.clone()))
             .collect()
     }
     fn lock(&self) -> std::sync::MutexGuard<'_, StuckInner> {
@@ -96,11 +145,18 @@ pub fn read_with_deadline<T: Send + 'static>(
     }
     let (tx, rx) = mpsc::channel();
     let stuck2 = stuck.clone();
+    // The quarantine this read may set is lifted only by this read's own
+    // return, never by another read of the same device that returns (n7).
+    let token = NEXT_READ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let spawned = thread::Builder::new()
         .name("sysfs-read".into())
         .spawn(move || {
             let result = read();
-            stuck2.lock().reading.remove(&bdf);
+            let mut inner = stuck2.lock();
+            if inner.reading.get(&bdf).is_some_and(|(t, _)| *t == token) {
+                inner.reading.remove(&bdf);
+            }
+            drop(inner);
             let _ = tx.send(result);
         });
     if let Err(e) = spawned {
@@ -114,7 +170,7 @@ pub fn read_with_deadline<T: Send + 'static>(
                 Ok(r) => Ok(r),
                 Err(_) => {
                     let text = format!("{what} (blocked {:.1} s)", deadline.as_secs_f64());
-                    inner.reading.insert(bdf, what.to_string());
+                    inner.reading.insert(bdf, (token, what.to_string()));
                     Err(text)
                 }
             }
@@ -130,7 +186,8 @@ pub fn run_with_deadline(
     deadline: Duration,
     stuck: &StuckSet,
 ) -> Timed {
-    if stuck.lock().running.contains_key(&op.bdf()) {
+    // A device with a blocked read or write is not written (n7).
+    if stuck.stuck_on(op.bdf()).is_some() {
         return Timed::Stuck {
             waited: Duration::ZERO,
         };
@@ -169,7 +226,18 @@ pub fn run_with_deadline(
             match rx.try_recv() {
                 Ok(r) => Timed::Done(r),
                 Err(_) => {
-                    inner.running.insert(op.bdf(), op.to_string());
+                    let owner = stuck.lock_dir.as_ref().and_then(|dir| {
+                        StateLock::acquire_named(dir, &stuck_lock_name(op.bdf()), Duration::ZERO)
+                            .inspect_err(|e| tracing::warn!(error = %e, "cannot claim the blocked write in the state directory"))
+                            .ok()
+                    });
+                    inner.running.insert(
+                        op.bdf(),
+                        Running {
+                            op: op.to_string(),
+                            _owner: owner,
+                        },
+                    );
                     Timed::Stuck {
                         waited: start.elapsed(),
                     }

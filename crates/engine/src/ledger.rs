@@ -451,7 +451,12 @@ impl LedgerFile {
             }
         };
         match decode_classified(&bytes) {
-            Ok(body) => (body, None),
+            Ok(body) => {
+                // A file another process made readable again (an upgrade
+                // finished, a fix) is trusted again.
+                *self.read_only.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                (body, None)
+            }
             Err(DecodeError::Unsupported(reason)) => {
                 (LedgerBody::default(), Some(self.set_read_only(reason)))
             }

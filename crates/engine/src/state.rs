@@ -10,11 +10,17 @@
 //!     └──────────────── (dropped, or          Releasing ──▶ (dropped, or
 //!                        ReleasedUnbound)                   ReleasedUnbound)
 //!   found on vfio, not by us ─▶ Prebound (admin-owned; released = kept)
+//!   settled while intent says keep ─▶ Prebound, origins kept
 //! ```
+//!
+//! Every path that could send a function back to a host driver (a release,
+//! the finish of an interrupted release, a rollback, reconcile) asks one pure
+//! function, [`decide_settle`], with the admin's intent read at that instant
+//! and the host as observed then. None of them decides inline.
 
 use std::collections::BTreeMap;
 
-use vfio_gpu_host::{DriverName, PciFunction};
+use vfio_gpu_host::{Bdf, DriverName, PciFunction};
 
 use crate::ledger::{Changes, FunctionRecord, GpuRecord, Holder, OpState};
 
@@ -44,6 +50,90 @@ pub enum OnRelease {
     AdminOwned,
     /// A move of ours to undo (or to keep, if intent says so).
     Undo,
+}
+
+/// The admin's intent for a GPU at the instant a settle is decided, read
+/// live (never carried over from an earlier decision, a crash or a restart).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IntentNow {
+    /// Every function stays on vfio, for this reason (keep-on-vfio intent,
+    /// found there before us, a suppressed host driver, or a pin whose target
+    /// cannot be read).
+    Keep(String),
+    /// Back to the recorded origins, except functions the admin pinned to a
+    /// driver (`None`: to no driver) since.
+    Restore {
+        /// Pinned functions and the driver each is pinned to.
+        pins: BTreeMap<Bdf, Option<DriverName>>,
+    },
+}
+
+impl IntentNow {
+    /// Where `f` goes when restored: the admin's pin, or its recorded origin.
+    pub fn target(&self, f: &FunctionRecord) -> Option<DriverName> {
+        match self {
+            IntentNow::Restore { pins } => match pins.get(&f.bdf) {
+                Some(pinned) => pinned.clone(),
+                None => f.original_driver.clone(),
+            },
+            IntentNow::Keep(_) => None,
+        }
+    }
+}
+
+/// The host as observed for a record's functions when a settle is decided.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// The GPU is gone from sysfs.
+    pub vanished: bool,
+    /// A write or read of one of its functions is still blocked (here, or in
+    /// another live process per the record's `stuck_on`).
+    pub stuck: bool,
+    /// A process (a VM) holds one of its vfio nodes.
+    pub vfio_in_use: bool,
+}
+
+/// What settling a record must do: the one keep-or-restore decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Settle {
+    /// The device is gone: drop the record, there is nothing to restore.
+    Forget,
+    /// Released to no driver already: nothing to do.
+    AlreadyReleased,
+    /// Admin-owned: stays on vfio, nothing of ours to undo.
+    AdminOwned,
+    /// A blocked write or read: touch nothing until it returns.
+    WaitStuck,
+    /// A VM still has the group open: never unbind vfio under it.
+    WaitBusy,
+    /// Intent says keep: park what is driverless on vfio, send nothing to a
+    /// host driver, keep the record (origins included) as admin-owned.
+    Keep(String),
+    /// Return every function to its target ([`IntentNow::target`]).
+    Restore,
+}
+
+/// The one keep-or-restore decision, for every path that settles a record of
+/// ours: `state` as recorded, `intent` read at this instant, `observed` the
+/// host now. Pure; tested exhaustively over its inputs.
+pub fn decide_settle(state: OpState, intent: &IntentNow, observed: Observed) -> Settle {
+    if observed.vanished {
+        return Settle::Forget;
+    }
+    match state {
+        OpState::ReleasedUnbound => return Settle::AlreadyReleased,
+        OpState::Prebound => return Settle::AdminOwned,
+        OpState::Configuring | OpState::Configured | OpState::Releasing => {}
+    }
+    if observed.stuck {
+        return Settle::WaitStuck;
+    }
+    match intent {
+        // Keeping never unbinds vfio, so a VM holding the group does not matter.
+        IntentNow::Keep(why) => Settle::Keep(why.clone()),
+        IntentNow::Restore { .. } if observed.vfio_in_use => Settle::WaitBusy,
+        IntentNow::Restore { .. } => Settle::Restore,
+    }
 }
 
 impl FunctionRecord {
@@ -159,18 +249,74 @@ impl GpuRecord {
     }
 
     /// What is left once every function is back at its origin: a tombstone
-    /// for a GPU that had no driver when we found it (so reconcile does not
-    /// "repair" it by probing one), nothing otherwise.
+    /// for a GPU any of whose functions had no driver when we found it (so
+    /// reconcile does not "repair" it by probing one), nothing otherwise.
     pub fn after_restore(&self) -> Option<GpuRecord> {
-        let unbound = self
-            .functions
-            .first()
-            .is_some_and(|f| f.original_driver.is_none());
+        let unbound = self.functions.iter().any(|f| f.original_driver.is_none());
         unbound.then(|| GpuRecord {
             state: OpState::ReleasedUnbound,
             holder: None,
             stuck_on: None,
             ..self.clone()
+        })
+    }
+}
+
+/// What reconcile does with a record, from its state and the GPU function now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnReconcile {
+    /// An interrupted move or release: settle it ([`decide_settle`]).
+    Settle,
+    /// Held (configured): report, and any drift off vfio.
+    NoteHeld,
+    /// The record no longer applies: drop it, for this reason.
+    Drop(&'static str),
+    /// The record still applies: keep it, for this reason.
+    Keep(&'static str),
+}
+
+impl GpuRecord {
+    /// What reconcile does with this record. `has_driver`, `on_vfio`: the
+    /// GPU function now.
+    pub fn on_reconcile(&self, has_driver: bool, on_vfio: bool) -> OnReconcile {
+        match self.state {
+            OpState::Configuring | OpState::Releasing => OnReconcile::Settle,
+            OpState::Configured => OnReconcile::NoteHeld,
+            OpState::ReleasedUnbound if has_driver => {
+                OnReconcile::Drop("released unbound earlier, has a driver now: record dropped")
+            }
+            OpState::ReleasedUnbound => OnReconcile::Keep("released to no driver, as it was found"),
+            OpState::Prebound if !on_vfio => {
+                OnReconcile::Drop("was admin-owned on vfio, now on another driver: record dropped")
+            }
+            OpState::Prebound => OnReconcile::Keep("admin-owned, on vfio"),
+        }
+    }
+
+    /// What is left once intent kept the GPU on vfio at a settle: an
+    /// admin-owned record that keeps the origins and the changes we made (a
+    /// later look at the ledger still knows where it came from), or nothing
+    /// when no function is on vfio (nothing of ours stayed).
+    pub fn after_keep(&self, any_on_vfio: bool) -> Option<GpuRecord> {
+        any_on_vfio.then(|| GpuRecord {
+            state: OpState::Prebound,
+            holder: None,
+            stuck_on: None,
+            ..self.clone()
+        })
+    }
+
+    /// True when this record says the plugin put `bdf` on vfio (or was
+    /// about to): any record but an admin-owned one, for a function not found
+    /// on vfio. A state the plugin produced is never admin intent.
+    pub fn put_on_vfio_by_us(&self, bdf: Bdf) -> bool {
+        if self.state == OpState::Prebound || self.was_on_vfio {
+            return false;
+        }
+        self.function(bdf).is_some_and(|f| {
+            f.bound_by_us
+                || f.override_written.is_some()
+                || f.original_driver.as_ref() != self.vfio_driver.as_ref()
         })
     }
 }

@@ -24,12 +24,15 @@ impl Engine {
     /// the write-ahead record, persistence off, the move, the completion commit.
     pub fn configure(&self, bdf: Bdf, holder: Holder) -> Result<Outcome, EngineError> {
         self.check_alive()?;
-        let _budget = OperationBudget::start(self.config.operation_budget);
         // Before the group lock: another process may be mid-operation.
         let _hold = self.hold()?;
+        self.check_ledger_trusted()?;
         let started = Instant::now();
         let guard = self.group_guard(bdf);
         let _g = lock(&guard);
+        // Only once the locks are ours: waiting for another instance is not
+        // this prepare's work (n8).
+        let _budget = OperationBudget::start(self.config.operation_budget);
         let carried = match self.prior_record(bdf, &holder, started)? {
             Prior::Done(outcome) => return Ok(outcome),
             Prior::Carry(rec) => rec,
@@ -46,8 +49,22 @@ impl Engine {
         let funcs = self.members_to_move(&gpu, &intent.policy)?;
         let vfio_driver = self.vfio_driver_for(&intent.policy, &gpu.function)?;
         if funcs.iter().all(|f| f.on_vfio()) {
-            let rec =
-                self.found_on_vfio_record(&gpu, &funcs, OpState::Configured, Some(holder.clone()));
+            // A drifted function that came back meanwhile: the carried record
+            // keeps the origins (n14); only a GPU we never moved is recorded as found.
+            let rec = match carried {
+                Some(mut rec) => {
+                    rec.state = OpState::Configured;
+                    rec.holder = Some(holder.clone());
+                    rec.stuck_on = None;
+                    rec
+                }
+                None => self.found_on_vfio_record(
+                    &gpu,
+                    &funcs,
+                    OpState::Configured,
+                    Some(holder.clone()),
+                ),
+            };
             self.set_record(bdf, Some(rec))?;
             return Ok(self.outcome(
                 &gpu,

@@ -201,6 +201,9 @@ pub struct Engine {
     ledger: Mutex<LedgerBody>,
     /// Held by a commit while it writes the file.
     ledger_writer: Mutex<()>,
+    /// Set while the file another process wrote could not be re-read: the
+    /// records in memory may be stale, so no operation answers from them (n9).
+    ledger_untrusted: Mutex<Option<String>>,
     boot_id: String,
     groups: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     stuck: StuckSet,
@@ -328,9 +331,10 @@ impl Engine {
             file,
             ledger: Mutex::new(body),
             ledger_writer: Mutex::new(()),
+            ledger_untrusted: Mutex::new(None),
             boot_id,
             groups: Mutex::new(HashMap::new()),
-            stuck: StuckSet::default(),
+            stuck: StuckSet::with_lock_dir(state_dir.to_path_buf()),
             commands,
             steps: AtomicU64::new(0),
             crashed: AtomicBool::new(false),
@@ -392,11 +396,35 @@ impl Engine {
         let (mut body, problem) = self.file.load();
         if let Some(p) = problem {
             tracing::warn!(reason = %p.reason, moved_to = ?p.moved_to, read_only = p.read_only, "re-reading the ledger another process wrote");
+            // Keep the last good records and refuse to answer from them until
+            // a later read succeeds: an empty ledger would make every release
+            // a false "not moved by us" (n9). The stamp is not taken, so the
+            // next operation reads again.
+            *lock(&self.ledger_untrusted) = Some(p.reason);
+            return;
         }
+        *lock(&self.ledger_untrusted) = None;
         body.gpus.retain(|_, rec| rec.boot_id == self.boot_id);
         body.boot_id = self.boot_id.clone();
         *lock(&self.ledger) = body;
         *seen = stamp;
+    }
+
+    /// Fails while the ledger cannot be trusted (kept read-only, or another
+    /// process's file could not be re-read): an operation answered from it
+    /// could report a GPU it holds as "not moved by us". Nothing is changed.
+    pub(super) fn check_ledger_trusted(&self) -> Result<(), EngineError> {
+        let reason = lock(&self.ledger_untrusted)
+            .clone()
+            .or_else(|| self.file.read_only());
+        match reason {
+            Some(reason) => Err(LedgerError::ReadOnly {
+                path: self.file.path(),
+                reason,
+            }
+            .into()),
+            None => Ok(()),
+        }
     }
 
     /// The host root.

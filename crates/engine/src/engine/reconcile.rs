@@ -1,6 +1,7 @@
 //! reconcile: finishing or rolling back interrupted operations, recording GPUs found on vfio.
 
 use super::batch::in_parallel;
+use super::release::SettlePath;
 use super::view::{Action, Outcome, ReconcileResult, reasons_text};
 use super::{Engine, lock};
 use std::time::Instant;
@@ -10,6 +11,7 @@ use vfio_gpu_host::{Bdf, Gpu, PciFunction};
 use crate::error::EngineError;
 use crate::kernel::SysfsWrite;
 use crate::ledger::{GpuRecord, OpState};
+use crate::state::OnReconcile;
 
 impl Engine {
     pub(super) fn reconcile_record(
@@ -19,18 +21,16 @@ impl Engine {
     ) -> Result<Outcome, EngineError> {
         let started = Instant::now();
         let bdf = gpu.bdf();
-        match rec.state {
-            OpState::Configuring => {
-                self.rollback(bdf)?;
-                Ok(self.outcome(
-                    gpu,
-                    Action::RolledBack,
-                    "an interrupted move to vfio was rolled back".into(),
-                    started,
-                ))
+        let fn0 = &gpu.function;
+        match rec.on_reconcile(fn0.driver.is_some(), fn0.on_vfio()) {
+            OnReconcile::Settle => {
+                let path = match rec.state {
+                    OpState::Configuring => SettlePath::Rollback,
+                    _ => SettlePath::FinishRelease,
+                };
+                self.settle(bdf, &rec, path, started)
             }
-            OpState::Releasing => self.finish_release(gpu, &rec, started, Action::FinishedRelease),
-            OpState::Configured => {
+            OnReconcile::NoteHeld => {
                 let drift: Vec<String> = gpu
                     .functions
                     .iter()
@@ -47,35 +47,11 @@ impl Engine {
                 };
                 Ok(self.outcome(gpu, Action::Noted, detail, started))
             }
-            OpState::ReleasedUnbound => {
-                if gpu.function.driver.is_some() {
-                    self.set_record(bdf, None)?;
-                    return Ok(self.outcome(
-                        gpu,
-                        Action::Noted,
-                        "released unbound earlier, has a driver now: record dropped".into(),
-                        started,
-                    ));
-                }
-                Ok(self.outcome(
-                    gpu,
-                    Action::Noted,
-                    "released to no driver, as it was found".into(),
-                    started,
-                ))
+            OnReconcile::Drop(why) => {
+                self.set_record(bdf, None)?;
+                Ok(self.outcome(gpu, Action::Noted, why.into(), started))
             }
-            OpState::Prebound => {
-                if !gpu.function.on_vfio() {
-                    self.set_record(bdf, None)?;
-                    return Ok(self.outcome(
-                        gpu,
-                        Action::Noted,
-                        "was admin-owned on vfio, now on another driver: record dropped".into(),
-                        started,
-                    ));
-                }
-                Ok(self.outcome(gpu, Action::Noted, "admin-owned, on vfio".into(), started))
-            }
+            OnReconcile::Keep(why) => Ok(self.outcome(gpu, Action::Noted, why.into(), started)),
         }
     }
 
@@ -86,6 +62,9 @@ impl Engine {
         self.check_alive()?;
         // Before the group lock: another process may be mid-operation.
         let _hold = self.hold()?;
+        // A ledger that cannot be trusted hides records of ours: nothing is
+        // repaired from it, not even GPUs it seems to have no record of (n15).
+        self.check_ledger_trusted()?;
         let (views, _) = self.discover()?;
         let mut out = Vec::new();
         let ledger_gpus: Vec<Bdf> = self.ledger().gpus.keys().copied().collect();
@@ -119,14 +98,14 @@ impl Engine {
         let gpu = self.load_gpu(bdf)?;
         if let Some(mut rec) = self.ledger().gpus.get(&bdf).cloned() {
             if let Some(op) = rec.stuck_on.clone() {
-                if gpu
-                    .functions
-                    .iter()
-                    .any(|f| self.stuck.stuck_on(f.bdf).is_some())
-                {
+                // Here, or in another live process (a rolling update's other
+                // instance, the CLI): its claim in the state directory says (n4).
+                if gpu.functions.iter().any(|f| {
+                    self.stuck.stuck_on(f.bdf).is_some() || self.stuck.blocked_elsewhere(f.bdf)
+                }) {
                     return Err(EngineError::Stuck { bdf, op, secs: 0.0 });
                 }
-                // The blocked write has returned (or the process that made it is gone).
+                // The blocked write has returned, or the process that made it is gone.
                 rec.stuck_on = None;
                 self.update_record(bdf, |r| r.stuck_on = None)?;
             }

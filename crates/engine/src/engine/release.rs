@@ -1,4 +1,6 @@
-//! unconfigure and rollback: returning functions to their recorded drivers.
+//! Settling records of ours: a release, the finish of an interrupted release
+//! and a rollback all go through [`Engine::settle`], which asks the record
+//! state machine ([`crate::state::decide_settle`]) with intent read now.
 
 use super::persistence::persistence_left_off;
 use super::steps::{OperationBudget, StepError};
@@ -14,21 +16,43 @@ use crate::error::EngineError;
 use crate::kernel::SysfsWrite;
 use crate::ledger::{FunctionRecord, GpuRecord, Holder, OpState};
 use crate::preflight::{NodeHolder, device_nodes};
-use crate::state::OnRelease;
+use crate::state::{IntentNow, Observed, Settle, decide_settle};
 use vfio_gpu_intent::ReleaseDecision;
 
+/// Which operation settles a record: decides only the outcome's wording.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum SettlePath {
+    /// The holder released it (unprepare, `release`).
+    Release,
+    /// Reconcile (or a prepare) finishes a release a crash or failure interrupted.
+    FinishRelease,
+    /// A move to vfio failed or was interrupted.
+    Rollback,
+}
+
+impl SettlePath {
+    fn restored(self) -> Action {
+        match self {
+            SettlePath::Release => Action::Restored,
+            SettlePath::FinishRelease => Action::FinishedRelease,
+            SettlePath::Rollback => Action::RolledBack,
+        }
+    }
+}
+
 impl Engine {
-    /// Puts one function back where its record says it came from.
+    /// Puts one function where `target` says (its recorded origin, or the
+    /// admin's pin). A bind that fails parks it back on vfio: never driverless.
     pub(super) fn restore_function(
         &self,
         gpu: Bdf,
         fr: &FunctionRecord,
+        target: Option<&DriverName>,
         vfio: Option<&DriverName>,
     ) -> Result<(), StepError> {
         let cur = self.binding(fr.bdf)?;
-        let at_origin = cur.driver == fr.original_driver;
-        if !at_origin {
-            match &fr.original_driver {
+        if cur.driver.as_ref() != target {
+            match target {
                 Some(orig) => {
                     // An explicit override also beats a stray vfio-pci dynid on re-probe.
                     self.steer_and_unbind(gpu, fr.bdf, orig, cur.driver.as_ref())?;
@@ -73,6 +97,11 @@ impl Engine {
                 }
             }
         }
+        self.restore_override(gpu, fr)
+    }
+
+    /// `driver_override` back to what it was when we found the function.
+    fn restore_override(&self, gpu: Bdf, fr: &FunctionRecord) -> Result<(), StepError> {
         let cur = self.binding(fr.bdf)?;
         if cur.driver_override != fr.original_override {
             self.step(
@@ -87,42 +116,264 @@ impl Engine {
     }
 
     /// Returns every function of a record to its origin (a failed or
-    /// interrupted configure) and drops the record.
+    /// interrupted configure), unless intent now says keep: [`Engine::settle`].
     pub(super) fn rollback(&self, bdf: Bdf) -> Result<(), EngineError> {
-        let _no_budget = OperationBudget::suspend();
         let Some(rec) = self.ledger().gpus.get(&bdf).cloned() else {
             return Ok(());
         };
-        // Never unbind vfio under a process (a VM) that has the group open.
-        let users = self.vfio_users(&rec)?;
-        if !users.is_empty() {
-            return Err(EngineError::Busy {
-                bdf,
-                holders: users,
-            });
+        self.settle(bdf, &rec, SettlePath::Rollback, Instant::now())
+            .map(|_| ())
+    }
+
+    /// The admin's intent for `gpu` at this instant, as the settle decision
+    /// needs it, with the verdict's reasons in words.
+    pub(super) fn intent_now(&self, gpu: &Gpu, rec: Option<&GpuRecord>) -> (IntentNow, String) {
+        let verdict = self.verdict(&self.intent(), gpu);
+        let reasons = reasons_text(&verdict);
+        let was_on_vfio = rec.is_some_and(|r| r.was_on_vfio);
+        let originals: Vec<&str> = rec
+            .map(|r| {
+                r.functions
+                    .iter()
+                    .filter_map(|f| f.original_driver.as_ref().map(|d| d.as_str()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let ReleaseDecision::Keep(why) = verdict.on_release(was_on_vfio, originals) {
+            return (IntentNow::Keep(why), reasons);
         }
-        let stuck = |b: Bdf| self.stuck.stuck_on(b).is_some();
-        // A stuck device is not written again, not even to release its lock or
-        // turn persistence back on: that would prolong its hang.
-        if !rec.functions.iter().any(|f| stuck(f.bdf)) {
-            self.release_unbind_locks_still_held(bdf, &rec);
-        }
-        let mut first_err = None;
-        for fr in rec.functions.iter().filter(|f| !stuck(f.bdf)) {
-            if let Err(e) = self.restore_function(bdf, fr, rec.vfio_driver.as_ref()) {
-                first_err.get_or_insert(e);
+        let mut pins = BTreeMap::new();
+        if let Some(pin) = &verdict.pinned {
+            let target = match (pin.bdf, pin.driver.as_deref()) {
+                (Some(b), Some("none")) => Some((b, None)),
+                (Some(b), Some(d)) => DriverName::new(d).ok().map(|d| (b, Some(d))),
+                _ => None,
+            };
+            match target {
+                Some((b, d)) => {
+                    pins.insert(b, d);
+                }
+                // A pin whose target cannot be read: move nothing anywhere.
+                None => {
+                    return (
+                        IntentNow::Keep(format!(
+                            "pinned ({}) to a target that cannot be read",
+                            pin.detail
+                        )),
+                        reasons,
+                    );
+                }
             }
         }
-        if rec.functions.iter().any(|f| stuck(f.bdf)) {
-            return match first_err {
-                Some(StepError::Engine(e)) => Err(e),
-                _ => Ok(()),
-            };
+        (IntentNow::Restore { pins }, reasons)
+    }
+
+    /// The one way a record of ours is settled: observes the host, reads
+    /// intent now, asks [`decide_settle`] and carries out what it says.
+    /// Putting things back is never cut short by a prepare's budget.
+    pub(super) fn settle(
+        &self,
+        bdf: Bdf,
+        rec: &GpuRecord,
+        path: SettlePath,
+        started: Instant,
+    ) -> Result<Outcome, EngineError> {
+        let _no_budget = OperationBudget::suspend();
+        let gpu = match self.load_gpu(bdf) {
+            Ok(gpu) => Some(gpu),
+            Err(EngineError::UnknownGpu(_)) if self.vanished(bdf) => None,
+            Err(e) => return Err(e),
+        };
+        let (intent, reasons) = match &gpu {
+            Some(g) => self.intent_now(g, Some(rec)),
+            None => (
+                IntentNow::Restore {
+                    pins: BTreeMap::new(),
+                },
+                String::new(),
+            ),
+        };
+        let stuck_here = rec
+            .functions
+            .iter()
+            .find_map(|f| self.stuck.stuck_on(f.bdf));
+        let mut observed = Observed {
+            vanished: gpu.is_none(),
+            stuck: rec.stuck_on.is_some() || stuck_here.is_some(),
+            vfio_in_use: false,
+        };
+        // The holder scan is only worth its cost when it can change the answer.
+        let mut holders = Vec::new();
+        if decide_settle(rec.state, &intent, observed) == Settle::Restore {
+            holders = self.vfio_users(rec)?;
+            observed.vfio_in_use = !holders.is_empty();
         }
-        match first_err {
+        let Some(gpu) = gpu else {
+            return self.forget_vanished(bdf, started);
+        };
+        match decide_settle(rec.state, &intent, observed) {
+            Settle::Forget => self.forget_vanished(bdf, started),
+            Settle::AlreadyReleased => Ok(self.outcome(
+                &gpu,
+                Action::NothingToDo,
+                "already released".into(),
+                started,
+            )),
+            Settle::AdminOwned => Ok(self.outcome(
+                &gpu,
+                Action::LeftOnVfio,
+                format!("admin-owned; stays on vfio: {reasons}"),
+                started,
+            )),
+            Settle::WaitStuck => Err(EngineError::Stuck {
+                bdf,
+                op: stuck_here
+                    .or_else(|| rec.stuck_on.clone())
+                    .unwrap_or_default(),
+                secs: 0.0,
+            }),
+            Settle::WaitBusy => Err(EngineError::Busy { bdf, holders }),
+            Settle::Keep(why) => self.keep_on_vfio(&gpu, rec, &why, started),
+            Settle::Restore => self.restore_all(&gpu, rec, &intent, path, started),
+        }
+    }
+
+    /// Intent says keep: nothing goes to a host driver. Driverless functions
+    /// are parked on vfio, functions never moved get their override back, and
+    /// the record stays as admin-owned with its origins.
+    fn keep_on_vfio(
+        &self,
+        gpu: &Gpu,
+        rec: &GpuRecord,
+        why: &str,
+        started: Instant,
+    ) -> Result<Outcome, EngineError> {
+        let bdf = gpu.bdf();
+        if !rec
+            .functions
+            .iter()
+            .any(|f| self.stuck.stuck_on(f.bdf).is_some())
+        {
+            self.release_unbind_locks_still_held(bdf, rec);
+        }
+        let mut failure = None;
+        for fr in &rec.functions {
+            let now = self.binding(fr.bdf)?;
+            let result = match (&now.driver, rec.vfio_driver.as_ref()) {
+                (None, Some(vfio)) => {
+                    self.park_on_vfio(bdf, fr.bdf, vfio);
+                    match self.binding(fr.bdf)?.driver {
+                        Some(_) => Ok(()),
+                        None => Err(StepError::verify(
+                            format!("park {} on {vfio}", fr.bdf),
+                            "it has no driver".into(),
+                        )),
+                    }
+                }
+                (Some(_), _) if now.on_vfio() => Ok(()),
+                // Never moved (still on its host driver): only our override goes.
+                _ => self.restore_override(bdf, fr),
+            };
+            if let Err(e) = result {
+                failure.get_or_insert(e);
+            }
+        }
+        let all: Vec<Bdf> = rec.functions.iter().map(|f| f.bdf).collect();
+        match failure {
+            None => {}
+            Some(StepError::Engine(e)) => return Err(e),
+            Some(StepError::Step { step, source }) => {
+                // Left for reconcile to retry, as a release to finish.
+                self.update_record(bdf, |r| {
+                    r.state = OpState::Releasing;
+                    r.holder = None;
+                })?;
+                return Err(EngineError::RestoreFailed {
+                    bdf,
+                    step,
+                    cause: source,
+                    functions: self.states(&all, &BTreeMap::new()),
+                });
+            }
+        }
+        let any_on_vfio = all
+            .iter()
+            .any(|b| self.binding(*b).is_ok_and(|f| f.on_vfio()));
+        match rec.after_keep(any_on_vfio) {
+            Some(kept) => self.set_record(bdf, Some(kept))?,
+            // Nothing of ours stayed on vfio: what we changed goes back.
             None => {
-                self.restore_persistence_and_record(bdf, &rec, rec.after_restore())?;
-                Ok(())
+                self.restore_persistence_and_record(bdf, rec, None)?;
+            }
+        }
+        Ok(self.outcome(
+            gpu,
+            Action::LeftOnVfio,
+            format!("released; stays on vfio: {why}"),
+            started,
+        ))
+    }
+
+    /// Intent allows it and nobody holds the group: every function back to
+    /// its target, persistence mode back on, the record dropped (or a tombstone).
+    fn restore_all(
+        &self,
+        gpu: &Gpu,
+        rec: &GpuRecord,
+        intent: &IntentNow,
+        path: SettlePath,
+        started: Instant,
+    ) -> Result<Outcome, EngineError> {
+        let bdf = gpu.bdf();
+        if path == SettlePath::Release {
+            self.update_record(bdf, |r| {
+                r.state = OpState::Releasing;
+                r.holder = None;
+            })?;
+        }
+        // Before anything is re-probed: a lock seen after that is somebody else's.
+        self.release_unbind_locks_still_held(bdf, rec);
+        let mut failure = None;
+        for fr in &rec.functions {
+            let target = intent.target(fr);
+            if let Err(e) =
+                self.restore_function(bdf, fr, target.as_ref(), rec.vfio_driver.as_ref())
+            {
+                failure.get_or_insert(e);
+            }
+        }
+        match failure {
+            None => {
+                // A GPU found without a driver goes back to none; remember that
+                // it is meant to be so, or reconcile would probe a driver for it.
+                let left_off =
+                    self.restore_persistence_and_record(bdf, rec, rec.after_restore())?;
+                let back: Vec<String> = rec
+                    .functions
+                    .iter()
+                    .map(|f| {
+                        let target = intent.target(f);
+                        format!(
+                            "{} → {}",
+                            f.bdf,
+                            target.as_ref().map(|d| d.as_str()).unwrap_or("no driver")
+                        )
+                    })
+                    .collect();
+                let what = match path {
+                    SettlePath::Rollback => "an interrupted move to vfio was rolled back",
+                    _ => "returned to original drivers",
+                };
+                Ok(self.outcome(
+                    gpu,
+                    path.restored(),
+                    format!(
+                        "{what}: {}{}",
+                        back.join(", "),
+                        persistence_left_off(&left_off)
+                    ),
+                    started,
+                ))
             }
             Some(StepError::Engine(e)) => Err(e),
             Some(StepError::Step { step, source }) => Err(EngineError::RestoreFailed {
@@ -164,15 +415,17 @@ impl Engine {
         })
     }
 
-    /// Processes holding the vfio nodes of the record's functions that are on vfio now.
+    /// Processes holding the vfio nodes of the record's functions that are on
+    /// vfio now. A function that cannot be read fails the check: a release
+    /// never assumes nobody holds what it could not see (n12).
     pub(super) fn vfio_users(&self, rec: &GpuRecord) -> Result<Vec<NodeHolder>, EngineError> {
-        let nodes: Vec<PathBuf> = rec
-            .functions
-            .iter()
-            .filter_map(|f| self.read(f.bdf).ok())
-            .filter(|f| f.on_vfio())
-            .flat_map(|f| device_nodes(&self.root, &f))
-            .collect();
+        let mut nodes: Vec<PathBuf> = Vec::new();
+        for f in &rec.functions {
+            let f = self.read(f.bdf)?;
+            if f.on_vfio() {
+                nodes.extend(device_nodes(&self.root, &f));
+            }
+        }
         let gpu = rec.functions.first().map(|f| f.bdf);
         match gpu {
             Some(gpu) => self.holders_of(gpu, nodes),
@@ -187,24 +440,17 @@ impl Engine {
         self.check_alive()?;
         // Before the group lock: another process may be mid-operation.
         let _hold = self.hold()?;
+        self.check_ledger_trusted()?;
         let started = Instant::now();
         let guard = self.group_guard(bdf);
         let _g = lock(&guard);
-        let rec = self.ledger().gpus.get(&bdf).cloned();
-        let gpu = match self.load_gpu(bdf) {
-            Ok(gpu) => gpu,
-            Err(EngineError::UnknownGpu(_)) if rec.is_some() && self.vanished(bdf) => {
-                return self.forget_vanished(bdf, started);
-            }
-            Err(e) => return Err(e),
-        };
-        let intent = self.intent();
-        let verdict = self.verdict(&intent, &gpu);
-        let Some(rec) = rec else {
+        let Some(rec) = self.ledger().gpus.get(&bdf).cloned() else {
+            let gpu = self.load_gpu(bdf)?;
             let (action, detail) = if gpu.function.on_vfio() {
+                let (_, reasons) = self.intent_now(&gpu, None);
                 (
                     Action::LeftOnVfio,
-                    format!("not moved by us; stays on vfio: {}", reasons_text(&verdict)),
+                    format!("not moved by us; stays on vfio: {reasons}"),
                 )
             } else {
                 (
@@ -222,123 +468,6 @@ impl Engine {
                 holder: have.clone(),
             });
         }
-        if let Some(op) = &rec.stuck_on {
-            return Err(EngineError::Stuck {
-                bdf,
-                op: op.clone(),
-                secs: 0.0,
-            });
-        }
-        match rec.on_release() {
-            OnRelease::AlreadyReleased => {
-                return Ok(self.outcome(
-                    &gpu,
-                    Action::NothingToDo,
-                    "already released".into(),
-                    started,
-                ));
-            }
-            OnRelease::AdminOwned => {
-                return Ok(self.outcome(
-                    &gpu,
-                    Action::LeftOnVfio,
-                    format!("admin-owned; stays on vfio: {}", reasons_text(&verdict)),
-                    started,
-                ));
-            }
-            OnRelease::Undo => {}
-        }
-        let originals = rec
-            .functions
-            .iter()
-            .filter_map(|f| f.original_driver.as_ref().map(|d| d.as_str()));
-        if let ReleaseDecision::Keep(why) = verdict.on_release(rec.was_on_vfio, originals) {
-            let on_vfio = gpu.function.on_vfio();
-            let mut kept = rec.clone();
-            kept.state = OpState::Prebound;
-            kept.holder = None;
-            // Admin-owned from now on; `was_on_vfio` stays the truth about
-            // where we found it.
-            self.set_record(bdf, on_vfio.then_some(kept))?;
-            return Ok(self.outcome(
-                &gpu,
-                Action::LeftOnVfio,
-                format!("released; stays on vfio: {why}"),
-                started,
-            ));
-        }
-        // Never unbind vfio while a VM still has the group open.
-        let holders = self.vfio_users(&rec)?;
-        if !holders.is_empty() {
-            return Err(EngineError::Busy { bdf, holders });
-        }
-        self.update_record(bdf, |r| {
-            r.state = OpState::Releasing;
-            r.holder = None;
-        })?;
-        self.finish_release(&gpu, &rec, started, Action::Restored)
-    }
-
-    pub(super) fn finish_release(
-        &self,
-        gpu: &Gpu,
-        rec: &GpuRecord,
-        started: Instant,
-        action: Action,
-    ) -> Result<Outcome, EngineError> {
-        let bdf = gpu.bdf();
-        let holders = self.vfio_users(rec)?;
-        if !holders.is_empty() {
-            return Err(EngineError::Busy { bdf, holders });
-        }
-        let mut failure = None;
-        for fr in &rec.functions {
-            if let Err(e) = self.restore_function(bdf, fr, rec.vfio_driver.as_ref()) {
-                failure.get_or_insert(e);
-            }
-        }
-        match failure {
-            None => {
-                // No unbind lock to release: it went with the instance we unbound.
-                // A GPU found without a driver goes back to none; remember that
-                // it is meant to be so, or reconcile would probe a driver for it.
-                let left_off =
-                    self.restore_persistence_and_record(bdf, rec, rec.after_restore())?;
-                let back: Vec<String> = rec
-                    .functions
-                    .iter()
-                    .map(|f| {
-                        format!(
-                            "{} → {}",
-                            f.bdf,
-                            f.original_driver
-                                .as_ref()
-                                .map(|d| d.as_str())
-                                .unwrap_or("no driver")
-                        )
-                    })
-                    .collect();
-                Ok(self.outcome(
-                    gpu,
-                    action,
-                    format!(
-                        "returned to original drivers: {}{}",
-                        back.join(", "),
-                        persistence_left_off(&left_off)
-                    ),
-                    started,
-                ))
-            }
-            Some(StepError::Engine(e)) => Err(e),
-            Some(StepError::Step { step, source }) => Err(EngineError::RestoreFailed {
-                bdf,
-                step,
-                cause: source,
-                functions: self.states(
-                    &rec.functions.iter().map(|f| f.bdf).collect::<Vec<_>>(),
-                    &BTreeMap::new(),
-                ),
-            }),
-        }
+        self.settle(bdf, &rec, SettlePath::Release, started)
     }
 }

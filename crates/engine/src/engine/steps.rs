@@ -13,6 +13,7 @@ use crate::error::EngineError;
 use crate::kernel::{SysfsWrite, nvidia_unbind_lock_path};
 use crate::ledger::GpuRecord;
 use crate::preflight::{NodeHolder, device_nodes, find_holders, scan_holders};
+use crate::state::IntentNow;
 
 impl Engine {
     /// Runs one host write with its deadline. `Err(Stuck)` past it. Inside
@@ -28,6 +29,9 @@ impl Engine {
                     budget.as_secs_f64()
                 ),
             )));
+        }
+        if let Some(why) = self.refused_by_intent(gpu, &op)? {
+            return Ok(Err(io::Error::new(io::ErrorKind::PermissionDenied, why)));
         }
         let deadline = match op {
             SysfsWrite::Unbind { .. } => self.config.unbind_deadline,
@@ -53,6 +57,29 @@ impl Engine {
                 })
             }
         }
+    }
+
+    /// Defence in depth for the core promise: a write that could hand a
+    /// function to a host driver (a bind to a non-vfio driver, a
+    /// `drivers_probe`) is refused when the admin's intent read at this
+    /// instant says keep, whatever path asked for it.
+    fn refused_by_intent(&self, gpu: Bdf, op: &SysfsWrite) -> Result<Option<String>, EngineError> {
+        let to_host = match op {
+            SysfsWrite::Bind { driver, .. } => !driver.is_vfio(),
+            SysfsWrite::DriversProbe { .. } => true,
+            _ => false,
+        };
+        if !to_host {
+            return Ok(None);
+        }
+        let gpu_now = self.load_gpu(gpu)?;
+        let rec = self.ledger().gpus.get(&gpu).cloned();
+        Ok(match self.intent_now(&gpu_now, rec.as_ref()).0 {
+            IntentNow::Keep(why) => Some(format!(
+                "refused: {op} would take it off vfio, and admin intent keeps {gpu} there ({why})"
+            )),
+            IntentNow::Restore { .. } => None,
+        })
     }
 
     /// Reads one function under the read deadline: some attributes take the

@@ -112,10 +112,9 @@ impl OwnRecords for Records<'_> {
         })
     }
     fn bound_by_us(&self, bdf: Bdf) -> bool {
-        self.0
-            .gpus
-            .values()
-            .any(|r| r.state != OpState::Prebound && r.function(bdf).is_some_and(|f| f.bound_by_us))
+        // Any record of ours that moved (or was moving) it, whether or not the
+        // move completed: a failed rollback parked on vfio is still ours (n2).
+        self.0.gpus.values().any(|r| r.put_on_vfio_by_us(bdf))
     }
     fn recorded_prebound(&self, bdf: Bdf) -> bool {
         self.0
