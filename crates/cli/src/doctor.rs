@@ -98,7 +98,7 @@ pub fn run(host: &HostOpts, state: &StateOpts) -> Result<ExitCode> {
         .context("reading the GPUs and their verdicts")?;
     let facts = NodeFacts::read(&setup.root)
         .with_context(|| format!("reading {}", setup.describe_root()))?;
-    let checks = diagnose(&facts, &view, &setup.policy, &host.policy);
+    let checks = diagnose(&facts, &view, &setup.policy, &setup.policy_file);
     match host.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&checks)?),
         Output::Table => print!("{}", table(&checks)),

@@ -7,12 +7,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use vfio_gpu_engine::EngineConfig;
 use vfio_gpu_kubelet::serve::{
     CancellationToken, KubeSource, ServeOptions, serve, validate_driver_name,
 };
 
-use crate::setup::{HostOpts, resolve_state_dir};
+use crate::setup::{HostOpts, TimeoutOpts, resolve_state_dir};
 
 /// Flags of `serve`; each has an environment fallback for DaemonSet manifests.
 #[derive(Args, Debug)]
@@ -81,6 +80,8 @@ pub struct ServeArgs {
     pub pod_uid: Option<String>,
     #[command(flatten)]
     pub host: HostOpts,
+    #[command(flatten)]
+    pub timeouts: TimeoutOpts,
 }
 
 /// Runs the plugin until SIGTERM or SIGINT.
@@ -109,7 +110,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         Some(p) => KubeSource::Kubeconfig(p.clone()),
         None => KubeSource::InCluster,
     };
-    opts.engine_config = EngineConfig::default();
+    // The host's policy re-read by every operation, and the admin's
+    // deadlines (review n1, n18).
+    opts.engine_config = args.timeouts.engine_config(&setup.policy_file)?;
     opts.reconcile_interval = Duration::from_secs(args.reconcile_interval.max(1));
     opts.cleanup_interval = Duration::from_secs(args.cleanup_interval.max(1));
     opts.call_budget = Duration::from_secs(args.call_budget.max(1));

@@ -38,13 +38,11 @@ pub struct HostOpts {
     /// Select GPUs by class (0xCCSSPP[/0xMASK], repeatable).
     #[arg(long = "gpu-class", value_name = "CLASS[/MASK]")]
     pub gpu_classes: Vec<String>,
-    /// Admin policy file (TOML); read when it exists.
-    #[arg(
-        long,
-        env = "VFIO_GPU_DRA_POLICY",
-        default_value = "/etc/vfio-gpu-dra/policy.toml"
-    )]
-    pub policy: PathBuf,
+    /// Admin policy file (TOML); read when it exists, and re-read by every
+    /// operation. Default: etc/vfio-gpu-dra/policy.toml under the host root
+    /// (the host's file, also from inside the DaemonSet's pod).
+    #[arg(long, env = "VFIO_GPU_DRA_POLICY")]
+    pub policy: Option<PathBuf>,
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -75,6 +73,35 @@ pub fn resolve_state_dir(flag: Option<&Path>, setup: &Setup) -> PathBuf {
     }
 }
 
+/// Deadlines and the prepare budget: the same flags for the admin commands
+/// and `serve`.
+#[derive(Args, Debug, Clone)]
+pub struct TimeoutOpts {
+    /// Seconds an unbind may take before the GPU is reported stuck.
+    #[arg(long, env = "VFIO_GPU_DRA_UNBIND_TIMEOUT", default_value_t = 10.0)]
+    pub unbind_timeout: f64,
+    /// Seconds a bind (or a driver probe) may take before the GPU is reported stuck.
+    #[arg(long, env = "VFIO_GPU_DRA_BIND_TIMEOUT", default_value_t = 20.0)]
+    pub bind_timeout: f64,
+    /// Seconds a prepare may spend before it starts no further step and rolls
+    /// back (the kubelet gives a call 45 s).
+    #[arg(long, env = "VFIO_GPU_DRA_PREPARE_BUDGET", default_value_t = 20.0)]
+    pub prepare_budget: f64,
+}
+
+impl TimeoutOpts {
+    /// Engine settings with these deadlines, re-reading `policy_file` on every operation.
+    pub fn engine_config(&self, policy_file: &Path) -> Result<EngineConfig> {
+        Ok(EngineConfig {
+            unbind_deadline: secs(self.unbind_timeout)?,
+            bind_deadline: secs(self.bind_timeout)?,
+            operation_budget: secs(self.prepare_budget)?,
+            policy_file: Some(policy_file.to_path_buf()),
+            ..EngineConfig::default()
+        })
+    }
+}
+
 /// Host options plus what the engine needs.
 #[derive(Args, Debug, Clone)]
 pub struct EngineOpts {
@@ -82,16 +109,8 @@ pub struct EngineOpts {
     pub host: HostOpts,
     #[command(flatten)]
     pub state: StateOpts,
-    /// Seconds an unbind may take before the GPU is reported stuck.
-    #[arg(long, default_value_t = 10.0)]
-    pub unbind_timeout: f64,
-    /// Seconds a bind (or a driver probe) may take before the GPU is reported stuck.
-    #[arg(long, default_value_t = 20.0)]
-    pub bind_timeout: f64,
-    /// Seconds a prepare may spend before it starts no further step and rolls
-    /// back (the kubelet gives a call 45 s).
-    #[arg(long, default_value_t = 20.0)]
-    pub prepare_budget: f64,
+    #[command(flatten)]
+    pub timeouts: TimeoutOpts,
 }
 
 /// An opened host.
@@ -100,6 +119,8 @@ pub struct Setup {
     pub kernel: Arc<dyn Kernel>,
     pub selector: GpuSelector,
     pub policy: Policy,
+    /// The policy file, re-read by every engine operation.
+    pub policy_file: PathBuf,
     pub demo: bool,
     pub state_dir: Option<PathBuf>,
 }
@@ -136,11 +157,21 @@ impl HostOpts {
         })
     }
 
+    /// The policy file (the flag, else the host's under the host root, n1)
+    /// and what it says now.
+    fn load_policy(&self, root: &HostRoot) -> Result<(Policy, PathBuf)> {
+        let path = self
+            .policy
+            .clone()
+            .unwrap_or_else(|| root.rel("etc/vfio-gpu-dra/policy.toml"));
+        let policy =
+            Policy::load_or_default(&path).with_context(|| format!("policy {}", path.display()))?;
+        Ok((policy, path))
+    }
+
     /// Opens the real host or the demo host.
     pub fn open(&self) -> Result<Setup> {
         let selector = self.selector()?;
-        let policy = Policy::load_or_default(&self.policy)
-            .with_context(|| format!("policy {}", self.policy.display()))?;
         if self.demo {
             let dir = self.demo_dir.clone().unwrap_or_else(default_demo_dir);
             let host = dir.join("host");
@@ -155,6 +186,7 @@ impl HostOpts {
                     .with_context(|| format!("building demo host in {}", host.display()))?;
             }
             let root = HostRoot::open(&host)?;
+            let (policy, policy_file) = self.load_policy(&root)?;
             // Every simulated sysfs write, from every command on this demo host.
             let kernel: Arc<dyn Kernel> =
                 Arc::new(SimKernel::booted(root.clone()).with_log_file(dir.join("kernel.log")));
@@ -163,16 +195,19 @@ impl HostOpts {
                 kernel,
                 selector,
                 policy,
+                policy_file,
                 demo: true,
                 state_dir: Some(dir.join("state")),
             });
         }
         let root = HostRoot::open(&self.host_root)?;
+        let (policy, policy_file) = self.load_policy(&root)?;
         Ok(Setup {
             kernel: Arc::new(SysfsKernel::new(root.clone())),
             root,
             selector,
             policy,
+            policy_file,
             demo: false,
             state_dir: None,
         })
@@ -189,13 +224,10 @@ impl EngineOpts {
         let state_dir = self.state.resolve(&setup);
         setup.state_dir = Some(state_dir.clone());
         let config = EngineConfig {
-            unbind_deadline: secs(self.unbind_timeout)?,
-            bind_deadline: secs(self.bind_timeout)?,
-            operation_budget: secs(self.prepare_budget)?,
             crash_after_step: crash_hook()?,
             crash_mode: CrashMode::Abort,
             state_lock_wait: Duration::ZERO,
-            ..EngineConfig::default()
+            ..self.timeouts.engine_config(&setup.policy_file)?
         };
         let opened = Engine::open(
             Arc::clone(&setup.kernel),
@@ -308,7 +340,7 @@ mod tests {
             demo_reset: false,
             gpu_ids: Vec::new(),
             gpu_classes: Vec::new(),
-            policy: "/nonexistent/policy.toml".into(),
+            policy: Some("/nonexistent/policy.toml".into()),
             output: Output::Table,
         };
         let setup = host.open_with_state(&StateOpts::default()).unwrap();

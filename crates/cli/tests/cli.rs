@@ -426,3 +426,32 @@ fn demo_iommu_backend_iommufd_names_dev_iommu_and_the_cdevs() {
     assert!(!out.contains("\"path\": \"/dev/vfio/15\""), "{out}");
     assert!(out.contains("CDI specs left: 0"), "{out}");
 }
+
+/// Review n1: the default policy file is the host's (under the host root, as
+/// the DaemonSet's pod sees it), and an entry written while the GPU is bound
+/// decides its release.
+#[test]
+fn a_policy_entry_under_the_host_root_added_while_bound_keeps_the_gpu_on_vfio() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().to_str().unwrap();
+    let cli = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vfio-gpu-dra"));
+        c.env_remove("VFIO_GPU_DRA_CRASH_AFTER_STEP")
+            .env_remove("VFIO_GPU_DRA_POLICY");
+        c.args(args)
+            .args(["--demo", "--demo-dir", demo, "-o", "json"])
+            .output()
+            .unwrap()
+    };
+    assert_eq!(json(&cli(&["bind", "0000:ab:00.0"]))[0]["action"], "moved");
+    let etc = dir.path().join("host/etc/vfio-gpu-dra");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(
+        etc.join("policy.toml"),
+        "[keep-on-vfio]\npci-bus-ids = [\"0000:ab:00.0\"]\n",
+    )
+    .unwrap();
+    let v = json(&cli(&["release", "0000:ab:00.0"]));
+    assert_eq!(v[0]["action"], "left-on-vfio", "{v}");
+    assert!(v[0]["detail"].as_str().unwrap().contains("policy"), "{v}");
+}

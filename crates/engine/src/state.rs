@@ -403,4 +403,131 @@ mod tests {
                 .is_none()
         );
     }
+
+    /// Every input of the settle decision: the promise holds for each (n10,
+    /// n17): keep intent never restores, a VM holding the group is never
+    /// unbound, a blocked device is never touched, admin-owned stays.
+    #[test]
+    fn settle_decision_over_every_input() {
+        let states = [
+            OpState::Configuring,
+            OpState::Configured,
+            OpState::Releasing,
+            OpState::ReleasedUnbound,
+            OpState::Prebound,
+        ];
+        let pinned: BTreeMap<Bdf, Option<DriverName>> =
+            [("0000:66:00.0".parse().unwrap(), None)].into();
+        let intents = [
+            IntentNow::Keep("driverctl".into()),
+            IntentNow::Restore {
+                pins: BTreeMap::new(),
+            },
+            IntentNow::Restore { pins: pinned },
+        ];
+        let mut seen = 0;
+        for state in states {
+            for intent in &intents {
+                for bits in 0..8u8 {
+                    let observed = Observed {
+                        vanished: bits & 1 != 0,
+                        stuck: bits & 2 != 0,
+                        vfio_in_use: bits & 4 != 0,
+                    };
+                    let got = decide_settle(state, intent, observed);
+                    seen += 1;
+                    let keep = matches!(intent, IntentNow::Keep(_));
+                    let ours = matches!(
+                        state,
+                        OpState::Configuring | OpState::Configured | OpState::Releasing
+                    );
+                    let expected = if observed.vanished {
+                        Settle::Forget
+                    } else if state == OpState::ReleasedUnbound {
+                        Settle::AlreadyReleased
+                    } else if state == OpState::Prebound {
+                        Settle::AdminOwned
+                    } else if observed.stuck {
+                        Settle::WaitStuck
+                    } else if let IntentNow::Keep(why) = intent {
+                        Settle::Keep(why.clone())
+                    } else if observed.vfio_in_use {
+                        Settle::WaitBusy
+                    } else {
+                        Settle::Restore
+                    };
+                    assert_eq!(got, expected, "{state:?} {intent:?} {observed:?}");
+                    // The promise, stated directly.
+                    if got == Settle::Restore {
+                        assert!(!keep && !observed.vfio_in_use && !observed.stuck && ours);
+                    }
+                }
+            }
+        }
+        assert_eq!(seen, 5 * 3 * 8);
+    }
+
+    /// Pins decide the target of a restore; otherwise the recorded origin.
+    #[test]
+    fn restore_targets_follow_pins_then_origins() {
+        let rec = record(OpState::Releasing, None, Some("nvidia"));
+        let f = &rec.functions[0];
+        let origin = IntentNow::Restore {
+            pins: BTreeMap::new(),
+        };
+        assert_eq!(
+            origin.target(f).map(|d| d.to_string()),
+            Some("nvidia".into())
+        );
+        let to_none = IntentNow::Restore {
+            pins: [(f.bdf, None)].into(),
+        };
+        assert_eq!(to_none.target(f), None);
+        let to_nouveau = IntentNow::Restore {
+            pins: [(f.bdf, Some(DriverName::new("nouveau").unwrap()))].into(),
+        };
+        assert_eq!(
+            to_nouveau.target(f).map(|d| d.to_string()),
+            Some("nouveau".into())
+        );
+    }
+
+    /// A record of ours marks its functions as put on vfio by us, whether or
+    /// not the move completed (n2); admin-owned and found-on-vfio ones do not.
+    #[test]
+    fn a_failed_rollback_parked_on_vfio_is_still_ours() {
+        let b: Bdf = "0000:66:00.0".parse().unwrap();
+        let mut rec = record(OpState::Configuring, None, Some("nvidia"));
+        rec.functions[0].bound_by_us = false;
+        rec.vfio_driver = Some(DriverName::new("vfio-pci").unwrap());
+        assert!(rec.put_on_vfio_by_us(b));
+        rec.state = OpState::Prebound;
+        assert!(!rec.put_on_vfio_by_us(b));
+        rec.state = OpState::Configured;
+        rec.was_on_vfio = true;
+        assert!(!rec.put_on_vfio_by_us(b));
+    }
+
+    /// Reconcile's record transitions, over every state and host view.
+    #[test]
+    fn reconcile_transitions_over_every_input() {
+        for state in [
+            OpState::Configuring,
+            OpState::Configured,
+            OpState::Releasing,
+            OpState::ReleasedUnbound,
+            OpState::Prebound,
+        ] {
+            for (has_driver, on_vfio) in [(false, false), (true, false), (true, true)] {
+                let got = record(state, None, Some("nvidia")).on_reconcile(has_driver, on_vfio);
+                let ok = match state {
+                    OpState::Configuring | OpState::Releasing => got == OnReconcile::Settle,
+                    OpState::Configured => got == OnReconcile::NoteHeld,
+                    OpState::ReleasedUnbound => matches!(got, OnReconcile::Drop(_)) == has_driver,
+                    OpState::Prebound => matches!(got, OnReconcile::Drop(_)) == !on_vfio,
+                };
+                assert!(ok, "{state:?} driver={has_driver} vfio={on_vfio}: {got:?}");
+            }
+        }
+    }
 }
