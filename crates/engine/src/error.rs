@@ -20,10 +20,17 @@ pub struct FunctionState {
     pub driver_override: Option<String>,
     /// The driver it should be on, when it is not.
     pub expected: Option<String>,
+    /// Set when the function could not be read: where it is is unknown
+    /// (never reported as "no driver", which a failed read does not show).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unreadable: Option<String>,
 }
 
 impl fmt::Display for FunctionState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(why) = &self.unreadable {
+            return write!(f, "{} unknown (could not be read: {why})", self.bdf);
+        }
         write!(
             f,
             "{} on {}",

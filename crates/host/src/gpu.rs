@@ -228,14 +228,14 @@ impl Gpu {
     }
 }
 
-/// True when `f` belongs to `gpu` and moves with it: the same slot, a
+/// True when `f` belongs to `gpu` and moves with it: the same slot, or a
 /// `consumer:pci:<bdf>` link from the GPU (the kernel's quirk links for
-/// audio/USB/UCSI functions), or the GPU's vendor. A class alone proves
-/// nothing: chipset xHCI or HDA controllers share groups with GPUs on
-/// consumer boards, and the host must keep them.
+/// audio/USB/UCSI functions). Neither a class nor a vendor proves it:
+/// chipset xHCI, HDA or SATA controllers (vendor 8086 beside an Intel GPU)
+/// and another NVIDIA GPU share groups on some boards, and the host must
+/// keep them (review n6).
 fn belongs_to_gpu(host: &PciHost, gpu: &PciFunction, f: &PciFunction) -> bool {
     f.bdf.same_slot(&gpu.bdf)
-        || f.identity.vendor == gpu.identity.vendor
         || std::fs::symlink_metadata(
             host.device_dir(&gpu.bdf)
                 .join(format!("consumer:pci:{}", f.bdf)),
@@ -262,7 +262,10 @@ pub fn discover_gpus(host: &PciHost, selector: &GpuSelector, ids: Option<&PciIds
                     FunctionRole::Gpu
                 } else if f.is_bridge {
                     FunctionRole::Bridge
-                } else if selector.matches(f) {
+                } else if selector.matches(f)
+                    || (f.identity.class >> 16 == 0x03 && !f.bdf.same_slot(&gpu.bdf))
+                {
+                    // A display controller the selector did not pick is still a GPU.
                     FunctionRole::OtherGpu
                 } else if belongs_to_gpu(host, gpu, f) {
                     FunctionRole::Companion

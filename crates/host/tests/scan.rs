@@ -295,11 +295,12 @@ fn proc_bus_prefilter_agrees_with_sysfs() {
     assert_eq!(without.len(), 4);
 }
 
-/// M6: a group member is the GPU's companion only when it is on the GPU's
-/// slot, linked as the GPU's consumer, or made by the GPU's vendor. A
-/// chipset xHCI of another vendor in the same group is foreign.
+/// A group member is the GPU's companion only when it is on the GPU's slot
+/// or linked as the GPU's consumer (M6, then review n6: not by vendor). A
+/// chipset xHCI or a same-vendor device elsewhere is foreign; an unselected
+/// display controller is another GPU.
 #[test]
-fn only_slot_consumer_or_vendor_members_are_companions() {
+fn only_slot_or_consumer_members_are_companions() {
     let dir = tempfile::tempdir().unwrap();
     let mut h = FixtureHost::create(dir.path()).unwrap();
     for d in ["nvidia", "xhci_hcd", "snd_hda_intel"] {
@@ -329,9 +330,17 @@ fn only_slot_consumer_or_vendor_members_are_companions() {
     let gdir = h.device_dir(gpu).unwrap();
     let cdir = h.device_dir(bdf("0000:00:1f.3")).unwrap();
     rel_symlink(&cdir, &gdir.join("consumer:pci:0000:00:1f.3")).unwrap();
-    // Same vendor on another slot: companion.
+    // Same vendor on another slot, no consumer link: foreign (review n6: a
+    // vendor proves nothing, an Intel GPU's chipset neighbours are 8086 too).
     h.add_function(&FunctionSpec::new(bdf("0000:00:15.0"), 0x10de, 0x1aeb, 0x0c8000).group(12))
         .unwrap();
+    // A display controller the selector did not pick: another GPU, never a companion.
+    h.add_function(
+        &FunctionSpec::new(bdf("0000:00:16.0"), 0x1002, 0x73bf, 0x030000)
+            .driver("snd_hda_intel")
+            .group(12),
+    )
+    .unwrap();
     let root = HostRoot::open(dir.path()).unwrap();
     let sel = GpuSelector::default();
     let host = PciHost::scan(&root, &sel).unwrap();
@@ -345,7 +354,8 @@ fn only_slot_consumer_or_vendor_members_are_companions() {
         roles,
         [
             ("0000:00:14.0".to_string(), FunctionRole::Foreign),
-            ("0000:00:15.0".to_string(), FunctionRole::Companion),
+            ("0000:00:15.0".to_string(), FunctionRole::Foreign),
+            ("0000:00:16.0".to_string(), FunctionRole::OtherGpu),
             ("0000:00:1f.3".to_string(), FunctionRole::Companion),
             ("0000:66:00.0".to_string(), FunctionRole::Gpu),
         ]
@@ -354,5 +364,5 @@ fn only_slot_consumer_or_vendor_members_are_companions() {
         .blocking_members()
         .map(|m| m.bdf.to_string())
         .collect();
-    assert_eq!(blocking, ["0000:00:14.0"]);
+    assert_eq!(blocking, ["0000:00:14.0", "0000:00:15.0", "0000:00:16.0"]);
 }

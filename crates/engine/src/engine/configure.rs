@@ -13,7 +13,7 @@ use vfio_gpu_intent::{Policy, VfioDriverChoice};
 use crate::error::EngineError;
 use crate::kernel::SysfsWrite;
 use crate::ledger::{Changes, GpuRecord, Holder, OpState};
-use crate::preflight::{choose_vfio_driver, device_nodes};
+use crate::preflight::choose_vfio_driver;
 use crate::state::OnConfigure;
 
 impl Engine {
@@ -190,11 +190,10 @@ impl Engine {
         bdf: Bdf,
         funcs: &[PciFunction],
     ) -> Result<(Vec<PathBuf>, Vec<Bdf>), EngineError> {
-        let nodes: Vec<PathBuf> = funcs
-            .iter()
-            .filter(|f| !f.on_vfio())
-            .flat_map(|f| device_nodes(&self.root, f))
-            .collect();
+        let mut nodes: Vec<PathBuf> = Vec::new();
+        for f in funcs.iter().filter(|f| !f.on_vfio()) {
+            nodes.extend(self.nodes_of(f)?);
+        }
         let holders = self.holders_of(bdf, nodes.clone())?;
         let only_persistenced = !holders.is_empty()
             && holders.iter().all(|h| h.is_nvidia_persistenced())
@@ -233,17 +232,18 @@ impl Engine {
             }
             self.mutation_done()?;
         }
-        let still = self.holders_of(bdf, nodes).unwrap_or_default();
-        if failed.is_none() && still.is_empty() {
+        // A scan that cannot finish is not "no holders" (n12): roll back.
+        let still = self.holders_of(bdf, nodes);
+        if failed.is_none() && still.as_ref().is_ok_and(|h| h.is_empty()) {
             return Ok(());
         }
-        let _ = self.rollback(bdf);
-        match failed {
-            Some(detail) => Err(EngineError::Persistence { bdf, detail }),
-            None => Err(EngineError::Busy {
-                bdf,
-                holders: still,
-            }),
+        if let Err(e) = self.rollback(bdf) {
+            tracing::warn!(gpu = %bdf, error = %e, "rollback after persistence mode failed; reconcile retries");
+        }
+        match (failed, still) {
+            (Some(detail), _) => Err(EngineError::Persistence { bdf, detail }),
+            (None, Ok(holders)) => Err(EngineError::Busy { bdf, holders }),
+            (None, Err(e)) => Err(e),
         }
     }
 

@@ -15,7 +15,7 @@ use vfio_gpu_host::{Bdf, DriverName, Gpu};
 use crate::error::EngineError;
 use crate::kernel::SysfsWrite;
 use crate::ledger::{FunctionRecord, GpuRecord, Holder, OpState};
-use crate::preflight::{NodeHolder, device_nodes};
+use crate::preflight::NodeHolder;
 use crate::state::{IntentNow, Observed, Settle, decide_settle};
 use vfio_gpu_intent::ReleaseDecision;
 
@@ -423,7 +423,7 @@ impl Engine {
         for f in &rec.functions {
             let f = self.read(f.bdf)?;
             if f.on_vfio() {
-                nodes.extend(device_nodes(&self.root, &f));
+                nodes.extend(self.nodes_of(&f)?);
             }
         }
         let gpu = rec.functions.first().map(|f| f.bdf);

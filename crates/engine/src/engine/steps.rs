@@ -161,28 +161,67 @@ impl Engine {
         })
     }
 
+    /// The device nodes of `f` (nvidia's minor comes from procfs, whose read
+    /// takes RM locks and hangs on a wedged GPU, n5), under the read deadline:
+    /// past it the function is quarantined like any blocked read.
+    pub(super) fn nodes_of(&self, f: &PciFunction) -> Result<Vec<PathBuf>, EngineError> {
+        let root = self.root.clone();
+        let func = f.clone();
+        read_with_deadline(
+            &self.stuck,
+            f.bdf,
+            "read of nvidia's procfs information",
+            self.config.read_deadline,
+            move || device_nodes(&root, &func),
+        )
+        .map_err(|op| EngineError::Stuck {
+            bdf: f.bdf,
+            op,
+            secs: self.config.read_deadline.as_secs_f64(),
+        })
+    }
+
+    /// nvidia's unbind lock reads "1" (held), read under the read deadline.
+    fn unbind_lock_held(&self, bdf: Bdf, path: PathBuf) -> bool {
+        let root = self.root.clone();
+        read_with_deadline(
+            &self.stuck,
+            bdf,
+            "read of nvidia's unbindLock",
+            self.config.read_deadline,
+            move || matches!(root.read_opt(&path), Ok(Some(v)) if v.trim() == "1"),
+        )
+        .unwrap_or(false)
+    }
+
     /// Processes holding each GPU's host-driver nodes, from one `/proc` scan
     /// under the command deadline. A scan that blocks or fails reports no
     /// holders here: listings stay available, and a move still checks for itself.
     pub(super) fn host_holders(&self, gpus: &[Gpu]) -> HashMap<Bdf, Vec<NodeHolder>> {
-        // The GPU function's own nodes (nvidia, DRM): what a host workload opens.
-        let nodes_of = |g: &Gpu| -> Vec<PathBuf> {
-            if g.function.on_vfio() {
-                Vec::new()
-            } else {
-                device_nodes(&self.root, &g.function)
-            }
-        };
+        // The GPU function's own nodes (nvidia, DRM): what a host workload
+        // opens. A GPU whose nodes cannot be read in time is quarantined (and
+        // so not offered) by the bounded read itself.
+        let nodes: Vec<(Bdf, Vec<PathBuf>)> = gpus
+            .iter()
+            .map(|g| {
+                let n = if g.function.on_vfio() {
+                    Vec::new()
+                } else {
+                    self.nodes_of(&g.function).unwrap_or_default()
+                };
+                (g.bdf(), n)
+            })
+            .collect();
         let shown = |n: &PathBuf| {
             n.strip_prefix(self.root.path())
                 .map(|r| format!("/{}", r.display()))
                 .unwrap_or_else(|_| n.display().to_string())
         };
-        let per_gpu: Vec<(Bdf, Vec<String>)> = gpus
+        let per_gpu: Vec<(Bdf, Vec<String>)> = nodes
             .iter()
-            .map(|g| (g.bdf(), nodes_of(g).iter().map(shown).collect()))
+            .map(|(b, n)| (*b, n.iter().map(shown).collect()))
             .collect();
-        let all: Vec<PathBuf> = gpus.iter().flat_map(nodes_of).collect();
+        let all: Vec<PathBuf> = nodes.into_iter().flat_map(|(_, n)| n).collect();
         if all.is_empty() {
             return HashMap::new();
         }
@@ -254,7 +293,7 @@ impl Engine {
                 },
             )?;
             // nvidia grants it only with no clients: read back "1".
-            if matches!(self.root.read_opt(&path), Ok(Some(v)) if v.trim() == "1") {
+            if self.unbind_lock_held(f.bdf, path.clone()) {
                 return Ok(true);
             }
             std::thread::sleep(pause);
@@ -329,8 +368,7 @@ impl Engine {
                 .binding(fr.bdf)
                 .is_ok_and(|b| b.driver.is_some_and(|d| d.as_str() == "nvidia"));
             let path = nvidia_unbind_lock_path(&self.root, &fr.bdf);
-            let held = matches!(self.root.read_opt(&path), Ok(Some(v)) if v.trim() == "1");
-            if on_nvidia && held {
+            if on_nvidia && self.unbind_lock_held(fr.bdf, path) {
                 let _ = self.step(
                     gpu,
                     SysfsWrite::NvidiaUnbindLock {

@@ -198,7 +198,8 @@ impl Engine {
         expected: &BTreeMap<Bdf, Option<String>>,
     ) -> Vec<FunctionState> {
         bdfs.iter()
-            .map(|b| match self.kernel.read_binding(*b) {
+            // Bounded like every read: a report must not hang on the device it reports.
+            .map(|b| match self.binding(*b) {
                 Ok(f) => {
                     let driver = f.driver.map(|d| d.to_string());
                     let exp = expected.get(b).cloned().flatten();
@@ -214,13 +215,15 @@ impl Engine {
                         },
                         driver,
                         driver_override: f.driver_override,
+                        unreadable: None,
                     }
                 }
                 Err(e) => FunctionState {
                     bdf: *b,
                     driver: None,
                     driver_override: None,
-                    expected: Some(format!("unreadable: {e}")),
+                    expected: None,
+                    unreadable: Some(e.to_string()),
                 },
             })
             .collect()
