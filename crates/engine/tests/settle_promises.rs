@@ -249,3 +249,22 @@ fn another_process_s_blocked_write_is_left_alone() {
     assert!(cli.ledger().gpus[&bdf(B)].stuck_on.is_some());
     gate.release();
 }
+
+/// n13: a group member that cannot be read is neither moved nor silently
+/// left out: the move is refused before any host write.
+#[test]
+fn an_unreadable_group_member_blocks_the_move() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("host");
+    build_host(&root);
+    let k = sim(&root);
+    let e = engine(&k, &dir.path().join("state"));
+    k.fail_reads(bdf(A_AUDIO), Some(EIO));
+    let err = e.configure(bdf(A), claim("u1")).unwrap_err();
+    assert!(
+        matches!(err, EngineError::ForeignGroupMembers { .. }),
+        "{err}"
+    );
+    assert!(k.log().is_empty(), "{:?}", k.log());
+    assert_eq!(driver_of(&root, A).as_deref(), Some("nvidia"));
+}

@@ -48,6 +48,7 @@ fn gpu(driver: &str, driver_override: Option<String>) -> Option<Gpu> {
             vfio_dev: None,
         }],
         iommu_group_members: Vec::new(),
+        unreadable_members: Vec::new(),
         product_name: None,
     })
 }

@@ -213,6 +213,10 @@ pub struct Gpu {
     pub functions: Vec<GpuFunction>,
     /// Every member of the IOMMU group (bridges, foreign devices included).
     pub iommu_group_members: Vec<GpuFunction>,
+    /// Group members that could not be read: nobody knows what they are, so
+    /// a move refuses them rather than leave them out unseen (review n13).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unreadable_members: Vec<Bdf>,
 }
 
 impl Gpu {
@@ -273,11 +277,17 @@ pub fn discover_gpus(host: &PciHost, selector: &GpuSelector, ids: Option<&PciIds
                     FunctionRole::Foreign
                 }
             };
-            let group: Vec<&PciFunction> = match gpu.iommu_group.and_then(|g| host.group_members(g))
-            {
-                Some(members) => members.iter().filter_map(|b| host.function(b)).collect(),
-                None => Vec::new(),
-            };
+            let members: &[Bdf] = gpu
+                .iommu_group
+                .and_then(|g| host.group_members(g))
+                .unwrap_or(&[]);
+            let group: Vec<&PciFunction> =
+                members.iter().filter_map(|b| host.function(b)).collect();
+            let unreadable_members: Vec<Bdf> = members
+                .iter()
+                .filter(|b| host.function(b).is_none())
+                .copied()
+                .collect();
             let iommu_group_members: Vec<GpuFunction> =
                 group.iter().map(|f| describe(f, role_of(f))).collect();
             // Without an IOMMU, slot siblings are still the GPU's functions.
@@ -306,6 +316,7 @@ pub fn discover_gpus(host: &PciHost, selector: &GpuSelector, ids: Option<&PciIds
                 function: (*gpu).clone(),
                 functions,
                 iommu_group_members,
+                unreadable_members,
             }
         })
         .collect()

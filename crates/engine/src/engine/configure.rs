@@ -148,6 +148,17 @@ impl Engine {
     /// plus foreign group members when the policy allows them. No SR-IOV VFs.
     fn members_to_move(&self, gpu: &Gpu, policy: &Policy) -> Result<Vec<PciFunction>, EngineError> {
         let bdf = gpu.bdf();
+        if !gpu.unreadable_members.is_empty() {
+            let members: Vec<String> = gpu
+                .unreadable_members
+                .iter()
+                .map(|b| format!("{b} (could not be read)"))
+                .collect();
+            return Err(EngineError::ForeignGroupMembers {
+                bdf,
+                members: members.join(", "),
+            });
+        }
         let mut movable: Vec<Bdf> = gpu.functions.iter().map(|f| f.bdf).collect();
         let blocking: Vec<String> = gpu
             .blocking_members()

@@ -873,6 +873,7 @@ mod tests {
             },
             functions: fs,
             iommu_group_members: Vec::new(),
+            unreadable_members: Vec::new(),
             product_name: None,
         }
     }
