@@ -1,4 +1,5 @@
-//! Device health for the kubelet (`v1alpha1.DRAResourceHealth`), from what the host
+//! Device health for the kubelet (`v1.DRAResourceHealth` and
+//! `v1alpha1.DRAResourceHealth`, both advertised at registration), from what the host
 //! shows: the device is present, its config space answers (vendor not `0xffff`), the
 //! driver it is bound to agrees with the ledger, and no operation on it is stuck.
 //!
@@ -24,6 +25,7 @@ use vfio_gpu_engine::ledger::{GpuRecord, OpState};
 use vfio_gpu_engine::{Engine, GpuView};
 use vfio_gpu_host::{Bdf, HostRoot};
 
+use crate::grpc::health_v1 as pb_v1;
 use crate::grpc::health_v1alpha1 as pb;
 use crate::metrics::Metrics;
 use crate::slices::device_name;
@@ -333,7 +335,9 @@ pub struct HealthConfig {
 /// Default for [`HealthConfig::resend`].
 pub const DEFAULT_RESEND: Duration = Duration::from_secs(20);
 
-/// The `v1alpha1.DRAResourceHealth` service over a [`HealthFeed`].
+/// The `v1alpha1.DRAResourceHealth` and `v1.DRAResourceHealth` services over a
+/// [`HealthFeed`].
+#[derive(Clone)]
 pub struct HealthService {
     feed: HealthFeed,
     pool: String,
@@ -351,9 +355,62 @@ impl HealthService {
         }
     }
 
-    /// The tonic server.
+    /// The tonic server of `v1alpha1.DRAResourceHealth`.
     pub fn server(self) -> pb::dra_resource_health_server::DraResourceHealthServer<Self> {
         pb::dra_resource_health_server::DraResourceHealthServer::new(self)
+    }
+
+    /// The tonic server of `v1.DRAResourceHealth` (Kubernetes 1.37+).
+    pub fn server_v1(self) -> pb_v1::dra_resource_health_server::DraResourceHealthServer<Self> {
+        pb_v1::dra_resource_health_server::DraResourceHealthServer::new(self)
+    }
+
+    /// The stream both versions serve, in v1alpha1 types.
+    fn stream(&self) -> ResponseStream {
+        tracing::info!("kubelet opened the device health stream");
+        let pool = self.pool.clone();
+        let resend = self.resend;
+        let stream =
+            futures::stream::unfold((true, self.feed.clone()), move |(first, mut feed)| {
+                let pool = pool.clone();
+                async move {
+                    if !first {
+                        tokio::select! {
+                            changed = feed.report.changed() => {
+                                // The monitor is gone: the plugin is stopping; end the stream.
+                                changed.ok()?;
+                            }
+                            _ = tokio::time::sleep(resend) => {}
+                        }
+                    }
+                    let report = Arc::clone(&feed.report.borrow_and_update());
+                    let at = feed.last_scan.load(Ordering::Relaxed);
+                    let msg = to_message(&report, &pool, at, resend);
+                    Some((Ok(msg), (false, feed)))
+                }
+            });
+        Box::pin(stream)
+    }
+}
+
+/// The same message in v1 types (v1 kept v1alpha1's messages and field numbers).
+fn to_v1(m: pb::NodeWatchResourcesResponse) -> pb_v1::NodeWatchResourcesResponse {
+    pb_v1::NodeWatchResourcesResponse {
+        devices: m
+            .devices
+            .into_iter()
+            .map(|d| pb_v1::DeviceHealth {
+                device: d.device.map(|id| pb_v1::DeviceIdentifier {
+                    pool_name: id.pool_name,
+                    device_name: id.device_name,
+                }),
+                // Same enum numbers in both versions.
+                health: d.health,
+                last_updated_time: d.last_updated_time,
+                health_check_timeout_seconds: d.health_check_timeout_seconds,
+                message: d.message,
+            })
+            .collect(),
     }
 }
 
@@ -389,6 +446,8 @@ fn to_message(
 
 type ResponseStream =
     Pin<Box<dyn Stream<Item = Result<pb::NodeWatchResourcesResponse, Status>> + Send>>;
+type ResponseStreamV1 =
+    Pin<Box<dyn Stream<Item = Result<pb_v1::NodeWatchResourcesResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::dra_resource_health_server::DraResourceHealth for HealthService {
@@ -398,29 +457,20 @@ impl pb::dra_resource_health_server::DraResourceHealth for HealthService {
         &self,
         _request: Request<pb::NodeWatchResourcesRequest>,
     ) -> Result<Response<Self::NodeWatchResourcesStream>, Status> {
-        tracing::info!("kubelet opened the device health stream");
-        let pool = self.pool.clone();
-        let resend = self.resend;
-        let stream =
-            futures::stream::unfold((true, self.feed.clone()), move |(first, mut feed)| {
-                let pool = pool.clone();
-                async move {
-                    if !first {
-                        tokio::select! {
-                            changed = feed.report.changed() => {
-                                // The monitor is gone: the plugin is stopping; end the stream.
-                                changed.ok()?;
-                            }
-                            _ = tokio::time::sleep(resend) => {}
-                        }
-                    }
-                    let report = Arc::clone(&feed.report.borrow_and_update());
-                    let at = feed.last_scan.load(Ordering::Relaxed);
-                    let msg = to_message(&report, &pool, at, resend);
-                    Some((Ok(msg), (false, feed)))
-                }
-            });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(self.stream()))
+    }
+}
+
+#[tonic::async_trait]
+impl pb_v1::dra_resource_health_server::DraResourceHealth for HealthService {
+    type NodeWatchResourcesStream = ResponseStreamV1;
+
+    async fn node_watch_resources(
+        &self,
+        _request: Request<pb_v1::NodeWatchResourcesRequest>,
+    ) -> Result<Response<Self::NodeWatchResourcesStream>, Status> {
+        use futures::StreamExt;
+        Ok(Response::new(Box::pin(self.stream().map(|m| m.map(to_v1)))))
     }
 }
 

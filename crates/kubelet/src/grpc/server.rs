@@ -41,8 +41,8 @@ pub struct ServerConfig {
     /// How often to check that the registration socket file is still ours; it is
     /// re-created when someone deleted or replaced it (e.g. `plugins_registry` wiped).
     pub socket_check_interval: Duration,
-    /// Serve `v1alpha1.DRAResourceHealth` on the DRA socket from this feed (the
-    /// kubelet opens the stream whether or not it is advertised); `None`: not served.
+    /// Serve and advertise `v1.DRAResourceHealth` and `v1alpha1.DRAResourceHealth` on
+    /// the DRA socket from this feed; `None`: neither served nor advertised.
     pub health: Option<HealthConfig>,
     /// On shutdown the registration socket goes at once; the DRA socket keeps
     /// serving this long, so calls the kubelet sends before it has noticed the
@@ -423,11 +423,14 @@ pub async fn serve(
     let health = config
         .health
         .clone()
-        .map(|h| HealthService::new(h.feed, h.pool, h.resend).server());
+        .map(|h| HealthService::new(h.feed, h.pool, h.resend));
+    let health_v1 = health.clone().map(HealthService::server_v1);
+    let health_v1alpha1 = health.map(HealthService::server);
     let dra_router = adapted_server()
         .add_service(service.v1_server())
         .add_service(service.v1beta1_server())
-        .add_optional_service(health);
+        .add_optional_service(health_v1alpha1)
+        .add_optional_service(health_v1);
     let (dra_stop, both_stop) = (dra_stop.clone(), stop.clone());
     let dra_path = config.dra_socket.clone();
     let dra_task = tokio::spawn(async move {
@@ -452,10 +455,14 @@ pub async fn serve(
         result
     });
 
-    let registration = Arc::new(RegistrationService::new(
+    let mut registration = RegistrationService::new(
         config.driver_name.clone(),
         config.dra_socket.to_string_lossy().into_owned(),
-    ));
+    );
+    if config.health.is_some() {
+        registration = registration.with_health();
+    }
+    let registration = Arc::new(registration);
     let status = registration.subscribe();
     // Bind the first registration socket here so bind errors reach the caller directly.
     let first = match bind_socket(&config.registration_socket) {
