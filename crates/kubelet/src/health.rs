@@ -72,6 +72,9 @@ pub enum ConfigRead {
     Skipped,
     /// The read failed.
     Failed(String),
+    /// The read did not return within the engine's read deadline (a reset holding
+    /// the device lock); the text says what blocked.
+    TimedOut(String),
 }
 
 /// Reads the vendor ID from `<device dir>/config`, unless the device sleeps in D3cold.
@@ -112,6 +115,9 @@ pub fn assess(
                 .to_string(),
         ),
         ConfigRead::Failed(e) => problems.push(format!("config space unreadable: {e}")),
+        ConfigRead::TimedOut(e) => problems.push(format!(
+            "config read timed out: {e} (the device lock is held, e.g. by a reset that does not finish)"
+        )),
         ConfigRead::Vendor(_) | ConfigRead::Skipped => {}
     }
     if let Some(op) = stuck {
@@ -163,13 +169,44 @@ fn truncate(mut s: String) -> String {
     s
 }
 
-/// Scans the views; `seen` remembers devices of earlier scans so a vanished one is
-/// reported unhealthy instead of silently dropped.
+/// [`read_config_vendor`] through the engine's bounded read: a read blocked past the
+/// engine's read deadline gives [`ConfigRead::TimedOut`] for this device alone, and
+/// the device stays quarantined until the read returns.
+pub fn bounded_config_vendor(engine: &Engine, bdf: Bdf) -> ConfigRead {
+    let root = engine.root().clone();
+    let what = format!("config-space read of {bdf}");
+    engine
+        .read_device_bounded(bdf, &what, move || read_config_vendor(&root, &bdf))
+        .unwrap_or_else(ConfigRead::TimedOut)
+}
+
+/// Scans the views with unbounded config reads (tests, benchmarks); `seen`
+/// remembers devices of earlier scans so a vanished one is reported unhealthy
+/// instead of silently dropped.
 pub fn scan(views: &[GpuView], root: &HostRoot, seen: &mut BTreeMap<Bdf, String>) -> HealthReport {
+    scan_with(views, seen, |bdf| read_config_vendor(root, bdf))
+}
+
+/// [`scan`] as the health monitor runs it: each config read bounded by `engine`'s
+/// read deadline ([`bounded_config_vendor`]), so one hung device cannot stop the
+/// reports for all of them.
+pub fn scan_bounded(
+    engine: &Engine,
+    views: &[GpuView],
+    seen: &mut BTreeMap<Bdf, String>,
+) -> HealthReport {
+    scan_with(views, seen, |bdf| bounded_config_vendor(engine, *bdf))
+}
+
+fn scan_with(
+    views: &[GpuView],
+    seen: &mut BTreeMap<Bdf, String>,
+    read_config: impl Fn(&Bdf) -> ConfigRead,
+) -> HealthReport {
     let mut devices: BTreeMap<Bdf, DeviceHealth> = BTreeMap::new();
     for v in views {
         let bdf = v.gpu.bdf();
-        let config = read_config_vendor(root, &bdf);
+        let config = read_config(&bdf);
         let driver = v.gpu.function.driver.as_ref().map(|d| d.as_str());
         let (health, message) = assess(v.stuck.as_deref(), v.record.as_ref(), driver, &config);
         let name = device_name(&bdf);
@@ -291,7 +328,7 @@ async fn scan_once(
     let started = Instant::now();
     let result = tokio::task::spawn_blocking(move || {
         let r = e.discover().map(|(views, _)| {
-            let report = scan(&views, e.root(), &mut seen_copy);
+            let report = scan_bounded(&e, &views, &mut seen_copy);
             (views, report)
         });
         (r, seen_copy)

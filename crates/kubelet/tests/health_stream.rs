@@ -214,3 +214,71 @@ async fn registration_advertises_both_health_versions_and_v1_streams() {
         .expect("server stops in time")
         .expect("server stops cleanly");
 }
+
+/// N3: the health scan reads each GPU's config space, which blocks while a reset
+/// holds the device lock. That read must be bounded: the blocked GPU is reported
+/// UNHEALTHY ("config read timed out") and every other GPU is still reported, instead
+/// of the scan hanging and the kubelet turning all devices Unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_read_that_blocks_makes_only_that_gpu_unhealthy() {
+    use vfio_gpu_engine::{CrashMode, Engine, EngineConfig};
+    use vfio_gpu_host::GpuSelector;
+    use vfio_gpu_intent::Policy;
+    use vfio_gpu_kubelet::health::{Health, scan_bounded};
+
+    let env = Env::new().await;
+    let config = EngineConfig {
+        crash_mode: CrashMode::Return,
+        read_deadline: Duration::from_millis(300),
+        ..EngineConfig::default()
+    };
+    let (engine, _) = Engine::open(
+        std::sync::Arc::new(env.kernel.clone()),
+        &env.state_dir(),
+        GpuSelector::default(),
+        Policy::default(),
+        config,
+    )
+    .expect("engine opens");
+    let (views, _) = engine.discover().expect("discover");
+    // A FIFO: opening it for reading blocks until a writer comes, like a config
+    // read behind a held device lock.
+    let root = HostRoot::open(&env.host).expect("host root");
+    let fifo = root.pci_device_dir(&bdf(AB)).join("config");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success(), "mkfifo {}", fifo.display());
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = BTreeMap::new();
+        let _ = tx.send(scan_bounded(&engine, &views, &mut seen));
+    });
+    let report = rx.recv_timeout(Duration::from_secs(10));
+    // Let the blocked reader go, whatever happened.
+    let unblock = fifo.clone();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        if let Ok(mut w) = std::fs::OpenOptions::new().write(true).open(unblock) {
+            let _ = w.write_all(&[0xde, 0x10]);
+        }
+    });
+    let report = report.expect("the scan returns despite the blocked read");
+    assert_eq!(report.devices.len(), 8);
+    for d in &report.devices {
+        if d.device_name == dev(AB) {
+            assert_eq!(d.health, Health::Unhealthy);
+            assert!(d.message.contains("config read timed out"), "{}", d.message);
+        } else {
+            assert_eq!(
+                d.health,
+                Health::Healthy,
+                "{}: {}",
+                d.device_name,
+                d.message
+            );
+        }
+    }
+}
