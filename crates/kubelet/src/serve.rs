@@ -377,6 +377,10 @@ async fn serve_plugin(
         driver = %opts.driver_name,
         "kubelet plugin serving"
     );
+    metrics.set_liveness_sockets(
+        server.registration_socket.clone(),
+        server.dra_socket.clone(),
+    );
     tokio::spawn(mirror_registration(
         server.registration_status(),
         Arc::clone(&metrics),
