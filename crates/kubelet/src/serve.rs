@@ -431,18 +431,7 @@ async fn serve_plugin(
         }
     };
     stop.cancel();
-    // A round in progress finishes (its host writes are not cut short), within the
-    // drain timeout; past it the task is dropped (engine work already started on a
-    // blocking thread still completes, and the ledger stays consistent).
-    for mut task in periodic {
-        if tokio::time::timeout(opts.drain_timeout, &mut task)
-            .await
-            .is_err()
-        {
-            tracing::warn!(timeout = ?opts.drain_timeout, "periodic reconcile or cleanup still running at shutdown");
-            task.abort();
-        }
-    }
+    stop_periodic(periodic, opts.drain_timeout).await;
     if !server_task.is_finished() {
         match server_task.await {
             Ok(Err(e)) => tracing::warn!(error = %e, "kubelet plugin server stopped with an error"),
@@ -466,6 +455,22 @@ async fn serve_plugin(
     }
     tracing::info!("kubelet plugin stopped");
     result
+}
+
+/// Waits for the periodic tasks after `stop`: a round in progress finishes (its host
+/// writes are not cut short), within `timeout`; past it the task is dropped (engine
+/// work already started on a blocking thread still completes, and the ledger stays
+/// consistent).
+async fn stop_periodic(tasks: [tokio::task::JoinHandle<()>; 2], timeout: Duration) {
+    for mut task in tasks {
+        if tokio::time::timeout(timeout, &mut task).await.is_err() {
+            tracing::warn!(
+                ?timeout,
+                "periodic reconcile or cleanup still running at shutdown"
+            );
+            task.abort();
+        }
+    }
 }
 
 /// Reconciles the host against the ledger every `interval` until `stop`; the first

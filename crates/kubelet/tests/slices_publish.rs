@@ -422,7 +422,10 @@ async fn slices_recreated_after_the_node_is_re_registered_carry_the_new_node_uid
             })
             .collect()
     };
-    assert_eq!(owner_uids(&stored_slices(&server)), [old_uid.clone()]);
+    assert_eq!(
+        owner_uids(&stored_slices(&server)),
+        std::slice::from_ref(&old_uid)
+    );
 
     // `kubectl delete node`, the kubelet registers it again, the GC collects the slice.
     server.delete("nodes", None, NODE).expect("node deleted");
