@@ -275,14 +275,60 @@ func testPrepare(t *testing.T, c *cluster) {
 		bdf := bdfOf(device)
 		before := e.dirs.hostDriver(t, bdf)
 		ids := cdiIDs(e.k.prepare(t, pod))
+		vmExits := e.holdGroup(t, bdf)
 		c.forceDelete(t, claim)
-		// Several of the plugin's cleanup periods: the pod still runs, the GPU stays.
+		// Several of the plugin's cleanup periods: the pod's VM still holds the
+		// group, the GPU stays.
 		time.Sleep(8 * time.Second)
 		e.wantDriver(t, bdf, "vfio-pci")
 		if _, err := resolveCDI(e.dirs.cdiDir, ids); err != nil {
 			t.Errorf("CDI of the running pod's deleted claim: %v", err)
 		}
+		vmExits()
 		e.k.unprepare(t, pod)
 		e.wantDriver(t, bdf, before)
 	})
+
+	t.Run("DeletedIdleClaimReleasedByCleanup", func(t *testing.T) {
+		// A prepare that finished after the kubelet's unprepare (or a claim deleted
+		// with nothing using it): the kubelet never unprepares it again, so the
+		// cleanup releases it once two of its periods (2 s) found no process on
+		// the group, with the real API server answering 404 for the claim.
+		claim, pod, device := e.claimAndPod(t, "prep-orphan", classAll, movableSelector)
+		bdf := bdfOf(device)
+		before := e.dirs.hostDriver(t, bdf)
+		e.k.prepare(t, pod)
+		c.forceDelete(t, claim)
+		deadline := time.Now().Add(20 * time.Second)
+		for e.dirs.hostDriver(t, bdf) != before {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s still on %s 20 s after its idle claim was deleted", bdf, e.dirs.hostDriver(t, bdf))
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		// Already released: the kubelet's unprepare is a no-op success.
+		e.k.unprepare(t, pod)
+		e.wantDriver(t, bdf, before)
+	})
+}
+
+// holdGroup makes a process of the simulated host hold /dev/vfio/<group> of bdf,
+// as a running VM does (the plugin's holder scan reads <host>/proc/*/fd); the
+// returned func closes it.
+func (e *prepareEnv) holdGroup(t *testing.T, bdf string) func() {
+	t.Helper()
+	host := filepath.Join(e.dirs.demoDir, "host")
+	fdDir := filepath.Join(host, "proc", "4242", "fd")
+	if err := os.MkdirAll(fdDir, 0o755); err != nil {
+		t.Fatalf("simulated VM process: %v", err)
+	}
+	fd := filepath.Join(fdDir, "30")
+	if err := os.Symlink(filepath.Join(host, "dev", "vfio", e.iommuGroup(t, bdf)), fd); err != nil {
+		t.Fatalf("simulated VM fd: %v", err)
+	}
+	return func() {
+		if err := os.Remove(fd); err != nil {
+			t.Errorf("closing the simulated VM fd: %v", err)
+		}
+	}
 }

@@ -54,7 +54,9 @@ pub struct ServeArgs {
     /// Seconds between reconciles of the host against the ledger.
     #[arg(long, default_value_t = 60)]
     pub reconcile_interval: u64,
-    /// Seconds between cleanups of half-prepared claims whose ResourceClaim is gone.
+    /// Seconds between cleanups of claims whose ResourceClaim is gone or replaced:
+    /// half-prepared ones are released at once, prepared ones once no process held
+    /// their vfio devices on two cleanups in a row.
     #[arg(long, default_value_t = 300)]
     pub cleanup_interval: u64,
     /// Seconds each kubelet prepare/unprepare call may take before slower claims are

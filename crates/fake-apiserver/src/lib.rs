@@ -109,6 +109,7 @@ impl FakeApiServer {
             disrupt: watch::channel(0).0,
             bookmark_ms: AtomicU64::new(5_000),
             addr: listener.local_addr()?,
+            get_delay: Mutex::new(std::collections::HashMap::new()),
         });
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(serve(listener, shared.clone(), stop_rx));
@@ -227,6 +228,22 @@ impl FakeApiServer {
     pub fn set_bookmark_interval(&self, interval: Duration) {
         let ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
         self.shared.bookmark_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Delays every GET of a single object of `resource` (plural, e.g.
+    /// `resourceclaims`) by `delay` before it is answered, like a slow API server;
+    /// `Duration::ZERO` removes the delay. Lists and watches are not delayed.
+    pub fn set_get_delay(&self, resource: &str, delay: Duration) {
+        let mut delays = self
+            .shared
+            .get_delay
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if delay.is_zero() {
+            delays.remove(resource);
+        } else {
+            delays.insert(resource.to_string(), delay);
+        }
     }
 
     /// Every request received so far, oldest first.

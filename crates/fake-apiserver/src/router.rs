@@ -12,6 +12,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use serde_json::{Value, json};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,6 +39,8 @@ pub(crate) struct Shared {
     pub disrupt: watch::Sender<u64>,
     pub bookmark_ms: AtomicU64,
     pub addr: SocketAddr,
+    /// Single-object GETs of these resources (plural) wait this long first.
+    pub get_delay: Mutex<HashMap<String, Duration>>,
 }
 
 impl Shared {
@@ -97,6 +100,9 @@ pub(crate) async fn handle(
         path: req.uri().path().to_owned(),
         query: req.uri().query().unwrap_or("").to_owned(),
     });
+    if let Some(delay) = get_delay(&shared, &req) {
+        tokio::time::sleep(delay).await;
+    }
     if shared.unavailable.load(Ordering::SeqCst) {
         let err = ApiError::new(
             503,
@@ -108,6 +114,31 @@ pub(crate) async fn handle(
     Ok(route(&shared, req)
         .await
         .unwrap_or_else(|e| error_response(&e)))
+}
+
+/// The delay set for `req` when it GETs one object (`.../<plural>/<name>`, not a
+/// subresource, list or watch) of a resource with a delay.
+fn get_delay(shared: &Shared, req: &Request<Incoming>) -> Option<Duration> {
+    if req.method() != Method::GET {
+        return None;
+    }
+    let delays = shared
+        .get_delay
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if delays.is_empty() {
+        return None;
+    }
+    let segs: Vec<&str> = req
+        .uri()
+        .path()
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    match segs.as_slice() {
+        [.., plural, _name] => delays.get(*plural).copied(),
+        _ => None,
+    }
 }
 
 async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {

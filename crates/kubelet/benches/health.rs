@@ -22,7 +22,7 @@ use vfio_gpu_engine::{Engine, EngineConfig, Holder};
 use vfio_gpu_host::fixture::{FixtureHost, FunctionSpec};
 use vfio_gpu_host::{Bdf, GpuSelector, HostRoot};
 use vfio_gpu_intent::Policy;
-use vfio_gpu_kubelet::health::{Health, scan};
+use vfio_gpu_kubelet::health::{Health, scan_bounded};
 
 /// Writes a config space header (vendor, device) for `bdf`.
 fn write_config(h: &FixtureHost, bdf: Bdf, vendor: u16, device: u16) {
@@ -79,7 +79,7 @@ fn open(dir: &Path, host: &Path) -> Engine {
 /// What `scan_once` runs on its blocking thread.
 fn scan_host(engine: &Engine, seen: &mut BTreeMap<Bdf, String>) -> usize {
     let (views, _) = engine.discover().unwrap();
-    let report = scan(&views, engine.root(), seen);
+    let report = scan_bounded(engine, &views, seen);
     assert_eq!(report.devices.len(), 8);
     report
         .devices

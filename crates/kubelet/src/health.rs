@@ -1,4 +1,5 @@
-//! Device health for the kubelet (`v1alpha1.DRAResourceHealth`), from what the host
+//! Device health for the kubelet (`v1.DRAResourceHealth` and
+//! `v1alpha1.DRAResourceHealth`, both advertised at registration), from what the host
 //! shows: the device is present, its config space answers (vendor not `0xffff`), the
 //! driver it is bound to agrees with the ledger, and no operation on it is stuck.
 //!
@@ -24,6 +25,7 @@ use vfio_gpu_engine::ledger::{GpuRecord, OpState};
 use vfio_gpu_engine::{Engine, GpuView};
 use vfio_gpu_host::{Bdf, HostRoot};
 
+use crate::grpc::health_v1 as pb_v1;
 use crate::grpc::health_v1alpha1 as pb;
 use crate::metrics::Metrics;
 use crate::slices::device_name;
@@ -70,6 +72,9 @@ pub enum ConfigRead {
     Skipped,
     /// The read failed.
     Failed(String),
+    /// The read did not return within the engine's read deadline (a reset holding
+    /// the device lock); the text says what blocked.
+    TimedOut(String),
 }
 
 /// Reads the vendor ID from `<device dir>/config`, unless the device sleeps in D3cold.
@@ -110,6 +115,9 @@ pub fn assess(
                 .to_string(),
         ),
         ConfigRead::Failed(e) => problems.push(format!("config space unreadable: {e}")),
+        ConfigRead::TimedOut(e) => problems.push(format!(
+            "config read timed out: {e} (the device lock is held, e.g. by a reset that does not finish)"
+        )),
         ConfigRead::Vendor(_) | ConfigRead::Skipped => {}
     }
     if let Some(op) = stuck {
@@ -161,13 +169,44 @@ fn truncate(mut s: String) -> String {
     s
 }
 
-/// Scans the views; `seen` remembers devices of earlier scans so a vanished one is
-/// reported unhealthy instead of silently dropped.
+/// [`read_config_vendor`] through the engine's bounded read: a read blocked past the
+/// engine's read deadline gives [`ConfigRead::TimedOut`] for this device alone, and
+/// the device stays quarantined until the read returns.
+pub fn bounded_config_vendor(engine: &Engine, bdf: Bdf) -> ConfigRead {
+    let root = engine.root().clone();
+    let what = format!("config-space read of {bdf}");
+    engine
+        .read_device_bounded(bdf, &what, move || read_config_vendor(&root, &bdf))
+        .unwrap_or_else(ConfigRead::TimedOut)
+}
+
+/// Scans the views with unbounded config reads (tests, benchmarks); `seen`
+/// remembers devices of earlier scans so a vanished one is reported unhealthy
+/// instead of silently dropped.
 pub fn scan(views: &[GpuView], root: &HostRoot, seen: &mut BTreeMap<Bdf, String>) -> HealthReport {
+    scan_with(views, seen, |bdf| read_config_vendor(root, bdf))
+}
+
+/// [`scan`] as the health monitor runs it: each config read bounded by `engine`'s
+/// read deadline ([`bounded_config_vendor`]), so one hung device cannot stop the
+/// reports for all of them.
+pub fn scan_bounded(
+    engine: &Engine,
+    views: &[GpuView],
+    seen: &mut BTreeMap<Bdf, String>,
+) -> HealthReport {
+    scan_with(views, seen, |bdf| bounded_config_vendor(engine, *bdf))
+}
+
+fn scan_with(
+    views: &[GpuView],
+    seen: &mut BTreeMap<Bdf, String>,
+    read_config: impl Fn(&Bdf) -> ConfigRead,
+) -> HealthReport {
     let mut devices: BTreeMap<Bdf, DeviceHealth> = BTreeMap::new();
     for v in views {
         let bdf = v.gpu.bdf();
-        let config = read_config_vendor(root, &bdf);
+        let config = read_config(&bdf);
         let driver = v.gpu.function.driver.as_ref().map(|d| d.as_str());
         let (health, message) = assess(v.stuck.as_deref(), v.record.as_ref(), driver, &config);
         let name = device_name(&bdf);
@@ -289,7 +328,7 @@ async fn scan_once(
     let started = Instant::now();
     let result = tokio::task::spawn_blocking(move || {
         let r = e.discover().map(|(views, _)| {
-            let report = scan(&views, e.root(), &mut seen_copy);
+            let report = scan_bounded(&e, &views, &mut seen_copy);
             (views, report)
         });
         (r, seen_copy)
@@ -333,7 +372,9 @@ pub struct HealthConfig {
 /// Default for [`HealthConfig::resend`].
 pub const DEFAULT_RESEND: Duration = Duration::from_secs(20);
 
-/// The `v1alpha1.DRAResourceHealth` service over a [`HealthFeed`].
+/// The `v1alpha1.DRAResourceHealth` and `v1.DRAResourceHealth` services over a
+/// [`HealthFeed`].
+#[derive(Clone)]
 pub struct HealthService {
     feed: HealthFeed,
     pool: String,
@@ -351,9 +392,62 @@ impl HealthService {
         }
     }
 
-    /// The tonic server.
+    /// The tonic server of `v1alpha1.DRAResourceHealth`.
     pub fn server(self) -> pb::dra_resource_health_server::DraResourceHealthServer<Self> {
         pb::dra_resource_health_server::DraResourceHealthServer::new(self)
+    }
+
+    /// The tonic server of `v1.DRAResourceHealth` (Kubernetes 1.37+).
+    pub fn server_v1(self) -> pb_v1::dra_resource_health_server::DraResourceHealthServer<Self> {
+        pb_v1::dra_resource_health_server::DraResourceHealthServer::new(self)
+    }
+
+    /// The stream both versions serve, in v1alpha1 types.
+    fn stream(&self) -> ResponseStream {
+        tracing::info!("kubelet opened the device health stream");
+        let pool = self.pool.clone();
+        let resend = self.resend;
+        let stream =
+            futures::stream::unfold((true, self.feed.clone()), move |(first, mut feed)| {
+                let pool = pool.clone();
+                async move {
+                    if !first {
+                        tokio::select! {
+                            changed = feed.report.changed() => {
+                                // The monitor is gone: the plugin is stopping; end the stream.
+                                changed.ok()?;
+                            }
+                            _ = tokio::time::sleep(resend) => {}
+                        }
+                    }
+                    let report = Arc::clone(&feed.report.borrow_and_update());
+                    let at = feed.last_scan.load(Ordering::Relaxed);
+                    let msg = to_message(&report, &pool, at, resend);
+                    Some((Ok(msg), (false, feed)))
+                }
+            });
+        Box::pin(stream)
+    }
+}
+
+/// The same message in v1 types (v1 kept v1alpha1's messages and field numbers).
+fn to_v1(m: pb::NodeWatchResourcesResponse) -> pb_v1::NodeWatchResourcesResponse {
+    pb_v1::NodeWatchResourcesResponse {
+        devices: m
+            .devices
+            .into_iter()
+            .map(|d| pb_v1::DeviceHealth {
+                device: d.device.map(|id| pb_v1::DeviceIdentifier {
+                    pool_name: id.pool_name,
+                    device_name: id.device_name,
+                }),
+                // Same enum numbers in both versions.
+                health: d.health,
+                last_updated_time: d.last_updated_time,
+                health_check_timeout_seconds: d.health_check_timeout_seconds,
+                message: d.message,
+            })
+            .collect(),
     }
 }
 
@@ -389,6 +483,8 @@ fn to_message(
 
 type ResponseStream =
     Pin<Box<dyn Stream<Item = Result<pb::NodeWatchResourcesResponse, Status>> + Send>>;
+type ResponseStreamV1 =
+    Pin<Box<dyn Stream<Item = Result<pb_v1::NodeWatchResourcesResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::dra_resource_health_server::DraResourceHealth for HealthService {
@@ -398,29 +494,20 @@ impl pb::dra_resource_health_server::DraResourceHealth for HealthService {
         &self,
         _request: Request<pb::NodeWatchResourcesRequest>,
     ) -> Result<Response<Self::NodeWatchResourcesStream>, Status> {
-        tracing::info!("kubelet opened the device health stream");
-        let pool = self.pool.clone();
-        let resend = self.resend;
-        let stream =
-            futures::stream::unfold((true, self.feed.clone()), move |(first, mut feed)| {
-                let pool = pool.clone();
-                async move {
-                    if !first {
-                        tokio::select! {
-                            changed = feed.report.changed() => {
-                                // The monitor is gone: the plugin is stopping; end the stream.
-                                changed.ok()?;
-                            }
-                            _ = tokio::time::sleep(resend) => {}
-                        }
-                    }
-                    let report = Arc::clone(&feed.report.borrow_and_update());
-                    let at = feed.last_scan.load(Ordering::Relaxed);
-                    let msg = to_message(&report, &pool, at, resend);
-                    Some((Ok(msg), (false, feed)))
-                }
-            });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(self.stream()))
+    }
+}
+
+#[tonic::async_trait]
+impl pb_v1::dra_resource_health_server::DraResourceHealth for HealthService {
+    type NodeWatchResourcesStream = ResponseStreamV1;
+
+    async fn node_watch_resources(
+        &self,
+        _request: Request<pb_v1::NodeWatchResourcesRequest>,
+    ) -> Result<Response<Self::NodeWatchResourcesStream>, Status> {
+        use futures::StreamExt;
+        Ok(Response::new(Box::pin(self.stream().map(|m| m.map(to_v1)))))
     }
 }
 

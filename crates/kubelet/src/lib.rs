@@ -5,7 +5,7 @@
 //! - [`cdi`], [`metadata`]: CDI specs and KEP-5304 device metadata for KubeVirt.
 //! - [`config`]: the opaque per-claim configuration of this driver.
 //! - [`slices`]: publishing the node's GPUs as ResourceSlices.
-//! - [`health`]: device health for the kubelet (`v1alpha1.DRAResourceHealth`).
+//! - [`health`]: device health for the kubelet (`v1.DRAResourceHealth`, `v1alpha1.DRAResourceHealth`).
 //! - [`metrics`]: Prometheus metrics and the liveness/readiness endpoint.
 //! - [`serve`]: `vfio-gpu-dra serve`, wiring it all together.
 //! - [`apiserver`]: telling "object not found" from "API server too old".

@@ -2,9 +2,10 @@
 //!
 //! The plugin always records into a [`Metrics`]; `serve --metrics-addr` exposes it over
 //! HTTP ([`serve_http`]): `/metrics` (OpenMetrics text), `/healthz` (the serve loop
-//! ticked recently) and `/readyz` (registered with the kubelet and ResourceSlices
+//! ticked recently, and the registration and DRA sockets answer a call) and `/readyz` (registered with the kubelet and ResourceSlices
 //! published at least once).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -31,6 +32,10 @@ type Labels1 = [(&'static str, &'static str); 1];
 
 /// `/healthz` fails once the serve loop has not ticked for this long.
 pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(90);
+
+/// How long `/healthz` waits for each socket to answer (below the DaemonSet's 5 s
+/// probe timeout; both are dialled at once).
+pub const SOCKET_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Direction of a GPU move, the `direction` label of `vfio_gpu_dra_moves_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +74,8 @@ pub struct Metrics {
     registered: AtomicBool,
     slices_published: AtomicBool,
     stale_after: Duration,
+    /// Registration and DRA socket that `/healthz` dials, once they are served.
+    sockets: std::sync::Mutex<Option<(PathBuf, PathBuf)>>,
     /// Wakes the device scanner after a prepare/unprepare changed the host.
     pub(crate) changed: tokio::sync::Notify,
 }
@@ -179,6 +186,7 @@ impl Metrics {
             registered: AtomicBool::new(false),
             slices_published: AtomicBool::new(false),
             stale_after,
+            sockets: std::sync::Mutex::new(None),
             changed: tokio::sync::Notify::new(),
         }
     }
@@ -279,6 +287,29 @@ impl Metrics {
         let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.heartbeat_ms
             .store(ms.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// From now on `/healthz` also dials these sockets ([`Metrics::alive_and_answering`]).
+    pub fn set_liveness_sockets(&self, registration: PathBuf, dra: PathBuf) {
+        *self.sockets.lock().unwrap_or_else(|p| p.into_inner()) = Some((registration, dra));
+    }
+
+    /// `/healthz`: [`Metrics::alive`], and both sockets set with
+    /// [`Metrics::set_liveness_sockets`] answer a call within [`SOCKET_PROBE_TIMEOUT`]
+    /// (a socket file deleted, or a server that stopped serving, fails it).
+    pub async fn alive_and_answering(&self) -> Result<(), String> {
+        self.alive()?;
+        let sockets = self
+            .sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match sockets {
+            Some((registration, dra)) => {
+                crate::grpc::server::probe_sockets(&registration, &dra, SOCKET_PROBE_TIMEOUT).await
+            }
+            None => Ok(()),
+        }
     }
 
     /// Whether the kubelet accepted the registration.
@@ -406,7 +437,7 @@ fn text(status: StatusCode, body: String, content_type: &'static str) -> Respons
 const PLAIN: &str = "text/plain; charset=utf-8";
 
 /// Answers one request: `/metrics`, `/healthz`, `/readyz`.
-fn route(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into(), PLAIN);
     }
@@ -420,7 +451,7 @@ fn route(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             metrics.encode(),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
-        "/healthz" | "/livez" => probe(metrics.alive()),
+        "/healthz" | "/livez" => probe(metrics.alive_and_answering().await),
         "/readyz" => probe(metrics.ready()),
         _ => text(StatusCode::NOT_FOUND, "not found\n".into(), PLAIN),
     }
@@ -446,8 +477,8 @@ pub async fn serve_http(listener: TcpListener, metrics: Arc<Metrics>, shutdown: 
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
-                let resp = route(&metrics, &req);
-                async move { Ok::<_, std::convert::Infallible>(resp) }
+                let metrics = Arc::clone(&metrics);
+                async move { Ok::<_, std::convert::Infallible>(route(&metrics, &req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .header_read_timeout(Duration::from_secs(10))

@@ -10,15 +10,20 @@
 //! Unprepare: from the engine's ledger alone (the claim object may be gone): release
 //! the GPUs held by the claim's UID, then remove its CDI spec and metadata.
 //!
-//! Calls for one claim are serialised; different claims run concurrently.
+//! Calls for one claim are serialised, from before the claim is read from the API
+//! server: an unprepare that arrives while a prepare still waits for the API server
+//! waits for that prepare and then releases what it configured, instead of finding
+//! nothing and letting the prepare leak the GPU afterwards. Different claims run
+//! concurrently.
 //!
 //! Each claim's work holds the engine's state lock ([`Engine::hold`]) from its
 //! first ledger read to its last write: with a second plugin instance on the
 //! node (a rolling update, [`vfio_gpu_engine::StateLockMode::PerOperation`]) it
 //! then works on the ledger as the other instance left it, and the two never
-//! write it at once. The lock comes before the claim lock, never after.
+//! write it at once. The claim lock comes before the state lock, never after, so
+//! a slow API server delays only calls for the same claim.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -139,6 +144,9 @@ pub struct VfioPlugin {
     locks: ClaimLocks,
     preparing: Runs<Vec<PreparedDevice>>,
     unpreparing: Runs<()>,
+    /// Completed claims the last cleanup found gone or replaced with no process on
+    /// their vfio devices: released if the next cleanup finds them so again.
+    idle_orphans: StdMutex<HashSet<String>>,
 }
 
 impl VfioPlugin {
@@ -155,6 +163,7 @@ impl VfioPlugin {
             locks: StdMutex::new(HashMap::new()),
             preparing: Runs::default(),
             unpreparing: Runs::default(),
+            idle_orphans: StdMutex::new(HashSet::new()),
         })
     }
 
@@ -258,8 +267,9 @@ impl VfioPlugin {
         if !is_safe_uid(&c.uid) {
             return Err(format!("invalid claim UID {:?}", c.uid));
         }
-        // Fetched before taking the claim lock, as the Go helper does: a slow API
-        // server must not block an unprepare of the same claim.
+        // Locked before the claim is read: an unprepare arriving meanwhile must wait
+        // and then release what this prepare configures (it would find nothing now).
+        let _guard = self.lock_claim(&c.uid).await;
         let claim = self
             .get_claim(c)
             .await?
@@ -348,7 +358,6 @@ impl VfioPlugin {
         };
 
         let _hold = self.hold_state().await?;
-        let _guard = self.lock_claim(&c.uid).await;
         let (views, _) = self
             .blocking("discovering GPUs", |e| e.discover())
             .await?
@@ -596,8 +605,8 @@ impl VfioPlugin {
         if !is_safe_uid(uid) {
             return Err(format!("invalid claim UID {uid:?}"));
         }
-        let _hold = self.hold_state().await?;
         let _guard = self.lock_claim(uid).await;
+        let _hold = self.hold_state().await?;
         self.release_claim_locked(uid).await
     }
 
@@ -661,33 +670,72 @@ impl VfioPlugin {
         claims_in(&ledger, |uid| unfinished.contains(&uid))
     }
 
-    /// Unprepares claims whose prepare never completed ([`Self::unfinished_claims`])
-    /// and whose ResourceClaim is gone or was replaced (new UID). Completed claims are
-    /// never touched: the kubelet unprepares them, and a claim object can vanish while
-    /// its VM still runs (a force-deleted pod). Claims the API server could not be
-    /// asked about are left alone. Returns the claims acted on with their results.
+    /// Whether the claim object is gone or was replaced (new UID); `false` when the
+    /// API server could not be asked.
+    async fn claim_is_stale(&self, c: &ClaimRef) -> bool {
+        match self.get_claim(c).await {
+            Ok(None) => true,
+            Ok(Some(obj)) => obj.metadata.uid.as_deref() != Some(c.uid.as_str()),
+            Err(e) => {
+                tracing::debug!(claim = %c.uid, error = %e, "cleanup: cannot check claim; keeping it");
+                false
+            }
+        }
+    }
+
+    /// Whether no process holds the vfio nodes of any GPU the ledger gives `uid`;
+    /// a failed or blocked holder scan counts as held.
+    async fn claim_vfio_idle(&self, uid: &str) -> bool {
+        let bdfs: Vec<Bdf> = self
+            .engine
+            .ledger()
+            .gpus
+            .iter()
+            .filter(
+                |(_, rec)| matches!(&rec.holder, Some(Holder::Claim { uid: u, .. }) if u == uid),
+            )
+            .map(|(b, _)| *b)
+            .collect();
+        let scans = self
+            .blocking("scanning for vfio holders", move |e| {
+                bdfs.iter()
+                    .map(|b| e.vfio_holders(*b).map(|h| h.is_empty()))
+                    .collect::<Vec<_>>()
+            })
+            .await;
+        match scans {
+            Ok(all) => all.into_iter().all(|r| r.unwrap_or(false)),
+            Err(_) => false,
+        }
+    }
+
+    /// Releases stale claims, in two kinds:
+    ///
+    /// - Claims whose prepare never completed ([`Self::unfinished_claims`]) and whose
+    ///   ResourceClaim is gone or was replaced (new UID): at once.
+    /// - Completed claims whose ResourceClaim is gone or was replaced and whose vfio
+    ///   devices no process holds, on this scan and the one before: a prepare that
+    ///   finished after the kubelet's unprepare leaves such a claim, and the kubelet
+    ///   never unprepares it again. A claim object can vanish while its VM still
+    ///   runs (a force-deleted pod), so the holder scan (fail closed) decides, twice.
+    ///
+    /// Claims the API server could not be asked about are left alone. Returns the
+    /// claims acted on with their results.
     pub async fn cleanup_stale_claims(&self) -> Vec<(ClaimRef, Result<(), String>)> {
         let mut out = Vec::new();
-        for c in self.unfinished_claims() {
-            let stale = match self.get_claim(&c).await {
-                Ok(None) => true,
-                Ok(Some(obj)) => obj.metadata.uid.as_deref() != Some(c.uid.as_str()),
-                Err(e) => {
-                    tracing::debug!(claim = %c.uid, error = %e, "cleanup: cannot check claim; keeping it");
-                    false
-                }
-            };
-            if !stale {
+        let unfinished = self.unfinished_claims();
+        for c in &unfinished {
+            if !self.claim_is_stale(c).await {
                 continue;
             }
+            let _guard = self.lock_claim(&c.uid).await;
             let _hold = match self.hold_state().await {
                 Ok(h) => h,
                 Err(e) => {
-                    out.push((c, Err(e)));
+                    out.push((c.clone(), Err(e)));
                     continue;
                 }
             };
-            let _guard = self.lock_claim(&c.uid).await;
             // A prepare that was running (here or in another instance) when we
             // looked may have completed since.
             if !self.unfinished_claims().iter().any(|u| u.uid == c.uid) {
@@ -698,8 +746,48 @@ impl VfioPlugin {
                 .release_claim_locked(&c.uid)
                 .await
                 .map_err(|e| format!("claim {}/{} ({}): {e}", c.namespace, c.name, c.uid));
+            out.push((c.clone(), r));
+        }
+
+        let previous =
+            std::mem::take(&mut *self.idle_orphans.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut idle_now = HashSet::new();
+        let completed: Vec<ClaimRef> = self
+            .prepared_claims()
+            .into_iter()
+            .filter(|c| !unfinished.iter().any(|u| u.uid == c.uid))
+            .collect();
+        for c in completed {
+            if !self.claim_is_stale(&c).await {
+                continue;
+            }
+            let _guard = self.lock_claim(&c.uid).await;
+            let _hold = match self.hold_state().await {
+                Ok(h) => h,
+                Err(e) => {
+                    out.push((c, Err(e)));
+                    continue;
+                }
+            };
+            // Under the locks: an unprepare may have released it meanwhile.
+            if !self.prepared_claims().iter().any(|p| p.uid == c.uid)
+                || !self.claim_vfio_idle(&c.uid).await
+            {
+                continue;
+            }
+            if !previous.contains(&c.uid) {
+                tracing::info!(claim = %c.uid, namespace = %c.namespace, name = %c.name, "cleanup: prepared claim is gone or replaced and nothing holds its GPUs; releasing it if still so at the next cleanup");
+                idle_now.insert(c.uid);
+                continue;
+            }
+            tracing::warn!(claim = %c.uid, namespace = %c.namespace, name = %c.name, "cleanup: prepared claim is gone or replaced and nothing held its GPUs on two cleanups; releasing it");
+            let r = self
+                .release_claim_locked(&c.uid)
+                .await
+                .map_err(|e| format!("claim {}/{} ({}): {e}", c.namespace, c.name, c.uid));
             out.push((c, r));
         }
+        *self.idle_orphans.lock().unwrap_or_else(|p| p.into_inner()) = idle_now;
         out
     }
 }

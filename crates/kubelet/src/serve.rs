@@ -3,8 +3,8 @@
 //! Order: open the engine (state lock, ledger), reconcile the host against the ledger,
 //! build the Kubernetes client, then open the sockets (so the kubelet never reaches a
 //! plugin whose host state is still half-done), start the ResourceSlice publisher, and
-//! run periodic reconcile and cleanup of half-prepared stale claims until the shutdown
-//! token fires.
+//! run periodic reconcile and cleanup of stale claims, each in its own task so the
+//! liveness heartbeat never waits for them, until the shutdown token fires.
 //!
 //! Rolling updates ([`ServeOptions::pod_uid`]): two instances on one node, as a
 //! DaemonSet with `maxSurge` runs them, following the Go helper's `RollingUpdate`.
@@ -84,8 +84,9 @@ pub struct ServeOptions {
     pub engine_config: EngineConfig,
     /// How often to reconcile the host against the ledger.
     pub reconcile_interval: Duration,
-    /// How often to release half-prepared claims (a prepare that never completed)
-    /// whose ResourceClaim is gone or replaced; completed claims are the kubelet's.
+    /// How often to release stale claims whose ResourceClaim is gone or replaced:
+    /// half-prepared ones at once, completed ones after two cleanups in a row found
+    /// no process on their vfio devices ([`VfioPlugin::cleanup_stale_claims`]).
     pub cleanup_interval: Duration,
     /// Each kubelet call answers within this (below the kubelet's 45 s timeout);
     /// slower claims get a retryable "still in progress" while the work goes on.
@@ -376,6 +377,10 @@ async fn serve_plugin(
         driver = %opts.driver_name,
         "kubelet plugin serving"
     );
+    metrics.set_liveness_sockets(
+        server.registration_socket.clone(),
+        server.dra_socket.clone(),
+    );
     tokio::spawn(mirror_registration(
         server.registration_status(),
         Arc::clone(&metrics),
@@ -395,12 +400,23 @@ async fn serve_plugin(
         state_dir,
     );
 
-    let mut reconcile_tick = tokio::time::interval(opts.reconcile_interval);
-    let mut cleanup_tick = tokio::time::interval(opts.cleanup_interval);
+    // Periodic work runs in its own tasks: a cleanup waiting for the API server or a
+    // reconcile waiting for a deadline must not stop the liveness heartbeat below.
+    let periodic = [
+        tokio::spawn(reconcile_loop(
+            Arc::clone(&engine),
+            Arc::clone(&metrics),
+            opts.reconcile_interval,
+            stop.clone(),
+        )),
+        tokio::spawn(cleanup_loop(
+            Arc::clone(&plugin),
+            opts.cleanup_interval,
+            stop.clone(),
+        )),
+    ];
     let mut heartbeat = tokio::time::interval(opts.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Both fire immediately once; the startup reconcile already ran.
-    reconcile_tick.tick().await;
     let result: anyhow::Result<()> = loop {
         tokio::select! {
             _ = stop.cancelled() => break Ok(()),
@@ -412,21 +428,10 @@ async fn serve_plugin(
                 };
             }
             _ = heartbeat.tick() => metrics.heartbeat(),
-            _ = reconcile_tick.tick() => {
-                if let Err(e) = reconcile(&engine, &metrics).await {
-                    tracing::warn!(error = %format!("{e:#}"), "periodic reconcile failed");
-                }
-            }
-            _ = cleanup_tick.tick() => {
-                for (c, r) in plugin.cleanup_stale_claims().await {
-                    if let Err(e) = r {
-                        tracing::warn!(claim = %c.uid, error = %e, "cleanup of a stale claim failed");
-                    }
-                }
-            }
         }
     };
     stop.cancel();
+    stop_periodic(periodic, opts.drain_timeout).await;
     if !server_task.is_finished() {
         match server_task.await {
             Ok(Err(e)) => tracing::warn!(error = %e, "kubelet plugin server stopped with an error"),
@@ -450,6 +455,60 @@ async fn serve_plugin(
     }
     tracing::info!("kubelet plugin stopped");
     result
+}
+
+/// Waits for the periodic tasks after `stop`: a round in progress finishes (its host
+/// writes are not cut short), within `timeout`; past it the task is dropped (engine
+/// work already started on a blocking thread still completes, and the ledger stays
+/// consistent).
+async fn stop_periodic(tasks: [tokio::task::JoinHandle<()>; 2], timeout: Duration) {
+    for mut task in tasks {
+        if tokio::time::timeout(timeout, &mut task).await.is_err() {
+            tracing::warn!(
+                ?timeout,
+                "periodic reconcile or cleanup still running at shutdown"
+            );
+            task.abort();
+        }
+    }
+}
+
+/// Reconciles the host against the ledger every `interval` until `stop`; the first
+/// round is one interval after start (`serve` reconciled before the sockets opened).
+async fn reconcile_loop(
+    engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = reconcile(&engine, &metrics).await {
+            tracing::warn!(error = %format!("{e:#}"), "periodic reconcile failed");
+        }
+    }
+}
+
+/// Releases stale claims ([`VfioPlugin::cleanup_stale_claims`]) at start and every
+/// `interval` until `stop`.
+async fn cleanup_loop(plugin: Arc<VfioPlugin>, interval: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for (c, r) in plugin.cleanup_stale_claims().await {
+            if let Err(e) = r {
+                tracing::warn!(claim = %c.uid, error = %e, "cleanup of a stale claim failed");
+            }
+        }
+    }
 }
 
 /// Keeps the `registered` readiness input in line with what the kubelet reports.

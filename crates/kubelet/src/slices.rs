@@ -467,7 +467,8 @@ impl SyncOutcome {
     }
 }
 
-/// Syncs the node's slices; keeps the Node's owner reference between syncs.
+/// Syncs the node's slices; keeps the Node's owner reference between syncs and
+/// re-reads it whenever a sync creates slices.
 pub struct SlicePublisher {
     client: kube::Client,
     cfg: SliceConfig,
@@ -498,10 +499,11 @@ impl SlicePublisher {
         &self.cfg
     }
 
-    /// The owner reference to this node; the Node is read once, as its UID
-    /// does not change while this process runs.
-    async fn owner(&mut self) -> anyhow::Result<OwnerReference> {
-        if let Some(owner) = &self.owner {
+    /// The owner reference to this node, read from the Node when not cached or
+    /// when `refresh`: a Node deleted and re-registered gets a new UID, and slices
+    /// owned by the old one are garbage-collected.
+    async fn owner(&mut self, refresh: bool) -> anyhow::Result<OwnerReference> {
+        if !refresh && let Some(owner) = &self.owner {
             return Ok(owner.clone());
         }
         let nodes: Api<Node> = Api::all(self.client.clone());
@@ -530,7 +532,8 @@ impl SlicePublisher {
     /// with the Go helper's rules. Stops at the first API error (the next sync
     /// continues from whatever state the server then holds).
     pub async fn sync(&mut self, devices: &[DeviceInfo]) -> anyhow::Result<SyncOutcome> {
-        let owner = self.owner().await?;
+        let cached = self.owner.is_some();
+        let mut owner = self.owner(false).await?;
         let api: Api<ResourceSlice> = Api::all(self.client.clone());
         let listed = match api
             .list(&ListParams::default().fields(&self.cfg.field_selector()))
@@ -614,6 +617,11 @@ impl SlicePublisher {
             slices: count,
             ..Default::default()
         };
+        // Slices to create (first sync, the kubelet's wipe, or the garbage collector
+        // removing slices whose owner UID is stale): re-read the Node's UID first.
+        if new_slices > 0 && cached {
+            owner = self.owner(true).await?;
+        }
         let pp = PostParams::default();
         for (i, (slot, devices)) in matched.iter().zip(&desired).enumerate() {
             let Some(current) = slot else {

@@ -443,3 +443,102 @@ async fn registration_socket_deleted_by_someone_else_is_recreated() {
     .await
     .unwrap();
 }
+
+/// N4: the DRA socket is watched like the registration socket. Deleted (a node
+/// cleanup script), it is bound again within the check interval, new connections to
+/// the registered endpoint work, and connections accepted before go on.
+#[tokio::test]
+async fn dra_socket_deleted_by_someone_else_is_recreated() {
+    tokio::time::timeout(Duration::from_secs(40), async {
+        let f = start().await;
+        let dra = f.handle.dra_socket.clone();
+        let before = KubeletEmulator::new(&f.handle.registration_socket)
+            .register()
+            .await
+            .unwrap();
+        let r = before.prepare(&[claim("before")]).await.unwrap();
+        assert!(r["before"].is_ok(), "{r:?}");
+
+        let first = file_id(&dra);
+        std::fs::remove_file(&dra).unwrap();
+        wait_for_new_socket(&dra, first, Duration::from_secs(5)).await;
+        // A fresh connection (what the kubelet makes after losing its own).
+        let after = KubeletEmulator::new(&f.handle.registration_socket)
+            .register()
+            .await
+            .unwrap();
+        let r = after.prepare(&[claim("after-wipe")]).await.unwrap();
+        assert!(r["after-wipe"].is_ok(), "{r:?}");
+        // The connection from before the wipe still works.
+        let r = before.prepare(&[claim("old-conn")]).await.unwrap();
+        assert!(r["old-conn"].is_ok(), "{r:?}");
+
+        // Replaced by some other socket: ours is bound again.
+        std::fs::remove_file(&dra).unwrap();
+        let intruder = std::os::unix::net::UnixListener::bind(&dra).unwrap();
+        let intruder_id = file_id(&dra);
+        wait_for_new_socket(&dra, intruder_id, Duration::from_secs(5)).await;
+        drop(intruder);
+        let r = KubeletEmulator::new(&f.handle.registration_socket)
+            .register()
+            .await
+            .unwrap()
+            .prepare(&[claim("after-replace")])
+            .await
+            .unwrap();
+        assert!(r["after-replace"].is_ok(), "{r:?}");
+
+        f.token.cancel();
+        f.handle.wait().await.unwrap();
+        assert!(!dra.exists(), "our socket is removed at shutdown");
+    })
+    .await
+    .unwrap();
+}
+
+/// N4: `/healthz` dials both sockets: it fails when either does not answer (a socket
+/// file deleted and not re-created, or no server), not only when the serve loop stalls.
+#[tokio::test]
+async fn liveness_fails_when_a_socket_does_not_answer() {
+    use vfio_gpu_kubelet::metrics::Metrics;
+    tokio::time::timeout(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ServerConfig::new(
+            DRIVER,
+            &dir.path().join("plugins"),
+            &dir.path().join("plugins_registry"),
+        );
+        // No re-creation during this test.
+        config.socket_check_interval = Duration::from_secs(3600);
+        let token = CancellationToken::new();
+        let handle = serve(config, Arc::new(MockBackend::default()), token.clone())
+            .await
+            .unwrap();
+        let metrics = Metrics::new();
+        metrics.heartbeat();
+        metrics.set_liveness_sockets(
+            handle.registration_socket.clone(),
+            handle.dra_socket.clone(),
+        );
+        metrics.alive_and_answering().await.unwrap();
+
+        let moved = dir.path().join("moved-dra.sock");
+        std::fs::rename(&handle.dra_socket, &moved).unwrap();
+        let e = metrics.alive_and_answering().await.unwrap_err();
+        assert!(e.contains("DRA socket"), "{e}");
+        assert!(!e.contains("registration socket"), "{e}");
+        std::fs::rename(&moved, &handle.dra_socket).unwrap();
+        metrics.alive_and_answering().await.unwrap();
+
+        let reg_moved = dir.path().join("moved-reg.sock");
+        std::fs::rename(&handle.registration_socket, &reg_moved).unwrap();
+        let e = metrics.alive_and_answering().await.unwrap_err();
+        assert!(e.contains("registration socket"), "{e}");
+        std::fs::rename(&reg_moved, &handle.registration_socket).unwrap();
+
+        token.cancel();
+        handle.wait().await.unwrap();
+    })
+    .await
+    .unwrap();
+}

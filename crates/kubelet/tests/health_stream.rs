@@ -135,3 +135,150 @@ async fn health_stream_reports_driver_mismatch_and_removal() {
         .expect("server stops in time")
         .expect("server stops cleanly");
 }
+
+/// N1: kubelet 1.37 opens the health stream only for an advertised health service, so
+/// GetInfo must list `v1.DRAResourceHealth` and `v1alpha1.DRAResourceHealth` next to the
+/// DRAPlugin versions (which keep their order and the kubelet's choice), and the v1
+/// service must stream the same devices as v1alpha1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_advertises_both_health_versions_and_v1_streams() {
+    use vfio_gpu_kubelet::grpc::emulator::DraVersion;
+    use vfio_gpu_kubelet::grpc::health_v1;
+
+    let env = Env::new().await;
+    let engine = env.engine();
+    let token = CancellationToken::new();
+    let feed = HealthMonitor::start(
+        engine.clone(),
+        Metrics::new(),
+        Duration::from_millis(100),
+        token.clone(),
+    )
+    .await;
+    let plugin = VfioPlugin::new(engine, env.client.clone(), env.plugin_config());
+    let mut server_config = ServerConfig::new(DRIVER, &env.path("plugins"), &env.path("registry"));
+    server_config.health = Some(HealthConfig {
+        feed,
+        pool: NODE.into(),
+        resend: Duration::from_secs(3600),
+    });
+    let server = serve(server_config, plugin, token.clone())
+        .await
+        .expect("server starts");
+    let kubelet = KubeletEmulator::new(&server.registration_socket)
+        .register()
+        .await
+        .expect("registers");
+    assert_eq!(
+        kubelet.info.supported_versions,
+        [
+            "v1.DRAPlugin",
+            "v1beta1.DRAPlugin",
+            "v1.DRAResourceHealth",
+            "v1alpha1.DRAResourceHealth"
+        ]
+    );
+    assert_eq!(kubelet.version, DraVersion::V1);
+
+    let channel = connect_dra(server.dra_socket.to_str().expect("utf-8 path"))
+        .await
+        .expect("DRA socket");
+    let mut client = health_v1::dra_resource_health_client::DraResourceHealthClient::new(channel);
+    let mut stream = client
+        .node_watch_resources(health_v1::NodeWatchResourcesRequest {})
+        .await
+        .expect("v1 stream opens")
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("a message in time")
+        .expect("stream ok")
+        .expect("stream open");
+    assert_eq!(first.devices.len(), 8, "every demo GPU: {first:?}");
+    for d in &first.devices {
+        let id = d.device.clone().expect("device identifier");
+        assert_eq!(id.pool_name, NODE);
+        assert_eq!(d.health(), health_v1::HealthStatus::Healthy, "{d:?}");
+        assert!(d.last_updated_time > 0 && d.health_check_timeout_seconds > 0);
+    }
+    assert!(first.devices.iter().any(|d| {
+        d.device
+            .as_ref()
+            .is_some_and(|id| id.device_name == dev(AB))
+    }));
+
+    token.cancel();
+    drop(stream);
+    tokio::time::timeout(Duration::from_secs(10), server.wait())
+        .await
+        .expect("server stops in time")
+        .expect("server stops cleanly");
+}
+
+/// N3: the health scan reads each GPU's config space, which blocks while a reset
+/// holds the device lock. That read must be bounded: the blocked GPU is reported
+/// UNHEALTHY ("config read timed out") and every other GPU is still reported, instead
+/// of the scan hanging and the kubelet turning all devices Unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_read_that_blocks_makes_only_that_gpu_unhealthy() {
+    use vfio_gpu_engine::{CrashMode, Engine, EngineConfig};
+    use vfio_gpu_host::GpuSelector;
+    use vfio_gpu_intent::Policy;
+    use vfio_gpu_kubelet::health::{Health, scan_bounded};
+
+    let env = Env::new().await;
+    let config = EngineConfig {
+        crash_mode: CrashMode::Return,
+        read_deadline: Duration::from_millis(300),
+        ..EngineConfig::default()
+    };
+    let (engine, _) = Engine::open(
+        std::sync::Arc::new(env.kernel.clone()),
+        &env.state_dir(),
+        GpuSelector::default(),
+        Policy::default(),
+        config,
+    )
+    .expect("engine opens");
+    let (views, _) = engine.discover().expect("discover");
+    // A FIFO: opening it for reading blocks until a writer comes, like a config
+    // read behind a held device lock.
+    let root = HostRoot::open(&env.host).expect("host root");
+    let fifo = root.pci_device_dir(&bdf(AB)).join("config");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success(), "mkfifo {}", fifo.display());
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = BTreeMap::new();
+        let _ = tx.send(scan_bounded(&engine, &views, &mut seen));
+    });
+    let report = rx.recv_timeout(Duration::from_secs(10));
+    // Let the blocked reader go, whatever happened.
+    let unblock = fifo.clone();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        if let Ok(mut w) = std::fs::OpenOptions::new().write(true).open(unblock) {
+            let _ = w.write_all(&[0xde, 0x10]);
+        }
+    });
+    let report = report.expect("the scan returns despite the blocked read");
+    assert_eq!(report.devices.len(), 8);
+    for d in &report.devices {
+        if d.device_name == dev(AB) {
+            assert_eq!(d.health, Health::Unhealthy);
+            assert!(d.message.contains("config read timed out"), "{}", d.message);
+        } else {
+            assert_eq!(
+                d.health,
+                Health::Healthy,
+                "{}: {}",
+                d.device_name,
+                d.message
+            );
+        }
+    }
+}

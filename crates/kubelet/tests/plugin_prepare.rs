@@ -705,7 +705,8 @@ async fn iommufd_claim_on_a_kernel_without_vfio_device_cdev_fails_and_names_no_m
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleanup_leaves_fully_prepared_claims_whose_object_is_gone() {
     // A force-deleted pod: its claim object is gone while QEMU may still run. The
-    // kubelet unprepares it; the plugin must not pull the GPU on its own.
+    // kubelet unprepares it; one cleanup never pulls the GPU on its own (two in a row
+    // with no process on its vfio devices do, see the N2 test below).
     let env = Env::new().await;
     let running = env.start().await;
     let gone = env.claim("gone", &[("gpu", AB)]);
@@ -936,5 +937,113 @@ async fn slow_calls_answer_within_the_budget_and_a_retry_gets_the_result() {
     }
     assert_eq!(env.driver_of(AB).as_deref(), Some("nvidia"));
     assert!(!env.claim_spec_path(&claim.uid).exists());
+    running.stop().await;
+}
+
+/// N2: the kubelet may unprepare a claim while its prepare still waits for the API
+/// server. The unprepare must wait for that prepare and release what it configured;
+/// answering "nothing to release" at once let the prepare leak the GPU afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unprepare_during_a_slow_claim_get_releases_what_the_prepare_configured() {
+    let env = Env::new().await;
+    let running = env.start().await;
+    let claim = env.claim("vm", &[("gpu", AB)]);
+    env.api
+        .set_get_delay("resourceclaims", Duration::from_millis(1500));
+    let (prepared, unprepared) = tokio::join!(
+        running.kubelet.prepare(std::slice::from_ref(&claim)),
+        async {
+            // The prepare is now waiting for its claim GET.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            running
+                .kubelet
+                .unprepare(std::slice::from_ref(&claim))
+                .await
+        }
+    );
+    env.api.set_get_delay("resourceclaims", Duration::ZERO);
+    let prepared = prepared.expect("prepare rpc");
+    let unprepared = unprepared.expect("unprepare rpc");
+    assert!(unprepared[&claim.uid].is_ok(), "{unprepared:?}");
+    // Whatever the prepare answered, nothing of the claim is left behind.
+    let held: Vec<_> = running
+        .plugin
+        .prepared_claims()
+        .into_iter()
+        .map(|c| c.uid)
+        .collect();
+    assert!(
+        held.is_empty(),
+        "claim still holds GPUs after its unprepare (prepare said {prepared:?})"
+    );
+    assert_eq!(env.driver_of(AB).as_deref(), Some("nvidia"));
+    assert!(!env.claim_spec_path(&claim.uid).exists());
+    running.stop().await;
+}
+
+/// N2: a completed claim whose object is gone, or replaced by a new UID, is released
+/// by the periodic cleanup once no process has held its vfio devices on two cleanups
+/// in a row; while a process (a VM) holds them, it stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_releases_completed_orphans_after_two_idle_scans_and_keeps_held_ones() {
+    let env = Env::new().await;
+    let running = env.start().await;
+    let gone = env.claim("gone", &[("gpu", AB)]);
+    let replaced = env.claim("replaced", &[("gpu", BA)]);
+    let r = running
+        .kubelet
+        .prepare(&[gone.clone(), replaced.clone()])
+        .await
+        .expect("rpc");
+    assert!(r.values().all(|r| r.is_ok()), "{r:?}");
+    env.api
+        .delete("resourceclaims", Some(NS), "gone")
+        .expect("deleted");
+    env.api
+        .delete("resourceclaims", Some(NS), "replaced")
+        .expect("deleted");
+    env.claim("replaced", &[("gpu", BA)]);
+
+    // A VM holds the group of `gone`'s GPU.
+    let group = group_of(&env, AB);
+    let fd_dir = env.host.join("proc/4242/fd");
+    std::fs::create_dir_all(&fd_dir).expect("fd dir");
+    std::fs::write(env.host.join("proc/4242/comm"), "qemu-kvm\n").expect("comm");
+    std::os::unix::fs::symlink(
+        env.host.join(format!("dev/vfio/{group}")),
+        fd_dir.join("30"),
+    )
+    .expect("fd link");
+
+    // First idle scan of `replaced`: nothing released yet.
+    let first = running.plugin.cleanup_stale_claims().await;
+    assert!(first.is_empty(), "{first:?}");
+    assert_eq!(env.driver_of(BA).as_deref(), Some("vfio-pci"));
+    // Second: `replaced` goes; `gone` stays while its group is held.
+    let second = running.plugin.cleanup_stale_claims().await;
+    let names: Vec<(&str, bool)> = second
+        .iter()
+        .map(|(c, r)| (c.name.as_str(), r.is_ok()))
+        .collect();
+    assert_eq!(names, [("replaced", true)], "{second:?}");
+    assert_eq!(env.driver_of(BA).as_deref(), Some("nvidia"));
+    assert!(!env.claim_spec_path(&replaced.uid).exists());
+    for _ in 0..2 {
+        assert!(running.plugin.cleanup_stale_claims().await.is_empty());
+    }
+    assert_eq!(env.driver_of(AB).as_deref(), Some("vfio-pci"));
+
+    // The VM exits: one idle scan is not enough, the second releases.
+    std::fs::remove_file(fd_dir.join("30")).expect("close fd");
+    assert!(running.plugin.cleanup_stale_claims().await.is_empty());
+    assert_eq!(env.driver_of(AB).as_deref(), Some("vfio-pci"));
+    let last = running.plugin.cleanup_stale_claims().await;
+    let names: Vec<(&str, bool)> = last
+        .iter()
+        .map(|(c, r)| (c.name.as_str(), r.is_ok()))
+        .collect();
+    assert_eq!(names, [("gone", true)], "{last:?}");
+    assert_eq!(env.driver_of(AB).as_deref(), Some("nvidia"));
+    assert!(running.plugin.prepared_claims().is_empty());
     running.stop().await;
 }

@@ -160,14 +160,23 @@ async fn serve_reconciles_first_leaves_prepared_claims_to_the_kubelet_and_stops_
     assert!(r[&claim.uid].is_ok(), "{r:?}");
     assert_eq!(env.driver_of(BA).as_deref(), Some("vfio-pci"));
 
-    // The claim is deleted without an unprepare (a force-deleted pod): the cleanup
-    // loop leaves the fully prepared claim to the kubelet, whose unprepare releases it.
+    // The claim is deleted without an unprepare (a force-deleted pod) while its VM
+    // still holds the group: the cleanup loop leaves the fully prepared claim to the
+    // kubelet, whose unprepare releases it once the VM is gone.
+    let fd_dir = env.host.join("proc/4242/fd");
+    std::fs::create_dir_all(&fd_dir).expect("fd dir");
+    std::os::unix::fs::symlink(
+        env.host.join(format!("dev/vfio/{}", group_of(&env, BA))),
+        fd_dir.join("30"),
+    )
+    .expect("the VM holds the group");
     env.api
         .delete("resourceclaims", Some(NS), "vm")
         .expect("deleted");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(env.driver_of(BA).as_deref(), Some("vfio-pci"));
     assert!(env.claim_spec_path(&claim.uid).exists());
+    std::fs::remove_file(fd_dir.join("30")).expect("the VM exits");
     let u = kubelet
         .unprepare(std::slice::from_ref(&claim))
         .await

@@ -177,3 +177,69 @@ async fn metrics_and_probes_follow_registration_and_calls() {
         "metrics endpoint closed on shutdown"
     );
 }
+
+/// N5: the liveness heartbeat must not wait for periodic work. A cleanup stuck on a
+/// slow API server (each claim GET takes seconds) used to stall the serve loop that
+/// ticks the heartbeat, so `/healthz` failed and the kubelet killed the pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_stays_ok_while_cleanup_waits_for_a_slow_api_server() {
+    let env = Env::new().await;
+    env.api
+        .insert(serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}}))
+        .expect("node");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+    let addr = listener.local_addr().expect("bound address");
+    let mut opts = ServeOptions::new(NODE, DRIVER, Arc::new(env.kernel.clone()));
+    opts.plugins_dir = env.path("plugins");
+    opts.registrar_dir = env.path("registry");
+    opts.cdi_root = env.cdi_root();
+    opts.kube = KubeSource::Client(env.client.clone());
+    opts.metrics_listener = Some(listener);
+    opts.metrics = Arc::new(vfio_gpu_kubelet::metrics::Metrics::with_stale_after(
+        Duration::from_millis(800),
+    ));
+    opts.heartbeat_interval = Duration::from_millis(50);
+    opts.cleanup_interval = Duration::from_millis(100);
+    opts.drain_timeout = Duration::from_secs(5);
+    let token = CancellationToken::new();
+    let task = tokio::spawn(serve(opts, token.clone()));
+
+    let registration = env.path("registry").join(format!("{DRIVER}-reg.sock"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !registration.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no registration socket"
+        );
+        assert!(!task.is_finished(), "serve ended early: {:?}", task.await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let kubelet = KubeletEmulator::new(&registration)
+        .register()
+        .await
+        .expect("registers");
+    let claim = env.claim("vm", &[("gpu", AB)]);
+    let r = kubelet
+        .prepare(std::slice::from_ref(&claim))
+        .await
+        .expect("rpc");
+    assert!(r[&claim.uid].is_ok(), "{r:?}");
+
+    // Every cleanup now spends 3 s on this claim's GET.
+    env.api
+        .set_get_delay("resourceclaims", Duration::from_secs(3));
+    let until = tokio::time::Instant::now() + Duration::from_millis(2500);
+    while tokio::time::Instant::now() < until {
+        let (status, body) = get(addr, "/healthz").await;
+        assert_eq!(status, 200, "liveness failed during a slow cleanup: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.api.set_get_delay("resourceclaims", Duration::ZERO);
+
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .expect("serve stops in time")
+        .expect("serve task")
+        .expect("serve returns Ok");
+}

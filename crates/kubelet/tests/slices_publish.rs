@@ -398,3 +398,52 @@ async fn api_server_without_resource_v1_is_reported_as_such() {
         "{text}"
     );
 }
+
+/// N8: a Node deleted and re-registered gets a new UID, and the garbage collector
+/// deletes slices owned by the old one. The publisher must create the replacements
+/// with the new UID (it cached the first UID for the life of the process, so every
+/// re-created slice was collected again).
+#[tokio::test]
+async fn slices_recreated_after_the_node_is_re_registered_carry_the_new_node_uid() {
+    let (server, client, old_uid) = setup().await;
+    let mut publisher = SlicePublisher::new(client, config());
+    let devices = demo_devices();
+    bounded(LIMIT, "first sync", publisher.sync(&devices))
+        .await
+        .expect("first sync");
+    let owner_uids = |slices: &[Value]| -> Vec<String> {
+        slices
+            .iter()
+            .map(|s| {
+                s["metadata"]["ownerReferences"][0]["uid"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect()
+    };
+    assert_eq!(
+        owner_uids(&stored_slices(&server)),
+        std::slice::from_ref(&old_uid)
+    );
+
+    // `kubectl delete node`, the kubelet registers it again, the GC collects the slice.
+    server.delete("nodes", None, NODE).expect("node deleted");
+    let node = server
+        .insert(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}}))
+        .expect("node re-registered");
+    let new_uid = node["metadata"]["uid"].as_str().expect("uid").to_string();
+    assert_ne!(new_uid, old_uid);
+    for s in stored_slices(&server) {
+        let name = s["metadata"]["name"].as_str().expect("name");
+        server
+            .delete("resourceslices", None, name)
+            .expect("slice collected");
+    }
+
+    let outcome = bounded(LIMIT, "sync after GC", publisher.sync(&devices))
+        .await
+        .expect("sync");
+    assert_eq!(outcome.created, 1, "{outcome:?}");
+    assert_eq!(owner_uids(&stored_slices(&server)), [new_uid]);
+}

@@ -415,6 +415,16 @@ impl Engine {
         })
     }
 
+    /// Processes holding the vfio nodes of `bdf`'s recorded functions that are on
+    /// vfio now (none without a record): the check a release makes before it
+    /// unbinds, for callers that must know first. Fails closed like the scan.
+    pub fn vfio_holders(&self, bdf: Bdf) -> Result<Vec<NodeHolder>, EngineError> {
+        match self.ledger().gpus.get(&bdf) {
+            Some(rec) => self.vfio_users(rec),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// Processes holding the vfio nodes of the record's functions that are on
     /// vfio now. A function that cannot be read fails the check: a release
     /// never assumes nobody holds what it could not see (n12).

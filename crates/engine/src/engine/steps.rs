@@ -90,6 +90,20 @@ impl Engine {
         self.bounded(bdf, "read", move || kernel.read_function(bdf))
     }
 
+    /// Runs `read` (a read of `bdf` outside the engine, e.g. a health check of its
+    /// config space) like the engine's own bounded reads: on a worker thread, at most
+    /// the read deadline. Past it the device is quarantined (stuck) until the read
+    /// returns; while an earlier read of it is blocked, refuses at once. `Err` says
+    /// what blocked.
+    pub fn read_device_bounded<T: Send + 'static>(
+        &self,
+        bdf: Bdf,
+        what: &str,
+        read: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, String> {
+        read_with_deadline(&self.stuck, bdf, what, self.config.read_deadline, read)
+    }
+
     fn bounded<T: Send + 'static>(
         &self,
         bdf: Bdf,

@@ -19,6 +19,13 @@ pub mod health_v1alpha1 {
     tonic::include_proto!("v1alpha1");
 }
 
+/// Generated types for the kubelet's `v1.DRAResourceHealth` (package `v1`, Kubernetes
+/// 1.37+): the same messages as [`health_v1alpha1`].
+#[allow(missing_docs, clippy::all)]
+pub mod health_v1 {
+    tonic::include_proto!("v1");
+}
+
 pub mod dra;
 pub mod emulator;
 pub mod registration;

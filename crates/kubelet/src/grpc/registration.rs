@@ -22,6 +22,12 @@ pub const DRA_PLUGIN_TYPE: &str = "DRAPlugin";
 /// first entry of this list it knows, so v1 must come first.
 pub const SUPPORTED_VERSIONS: [&str; 2] = ["v1.DRAPlugin", "v1beta1.DRAPlugin"];
 
+/// Health service versions advertised next to [`SUPPORTED_VERSIONS`] when the DRA socket
+/// serves them. Kubelet 1.37 (and 1.36 with kubernetes#141858) opens the health stream
+/// only for an advertised version, picking the newest both sides know; the kubelet's
+/// DRAPlugin choice ignores these names.
+pub const HEALTH_VERSIONS: [&str; 2] = ["v1.DRAResourceHealth", "v1alpha1.DRAResourceHealth"];
+
 /// What the kubelet last reported through `NotifyRegistrationStatus`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegistrationState {
@@ -41,7 +47,7 @@ pub struct RegistrationService {
 
 impl RegistrationService {
     /// Creates the service for `driver_name` whose DRA socket is at the absolute path
-    /// `endpoint`.
+    /// `endpoint` and serves no health service.
     pub fn new(driver_name: impl Into<String>, endpoint: impl Into<String>) -> Self {
         let (status, _) = watch::channel(RegistrationState::Pending);
         Self {
@@ -53,6 +59,14 @@ impl RegistrationService {
             },
             status,
         }
+    }
+
+    /// Also advertises [`HEALTH_VERSIONS`]: for a DRA socket that serves them.
+    pub fn with_health(mut self) -> Self {
+        self.info
+            .supported_versions
+            .extend(HEALTH_VERSIONS.iter().map(|v| (*v).to_owned()));
+        self
     }
 
     /// The `PluginInfo` answered to `GetInfo`.

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
@@ -38,11 +38,12 @@ pub struct ServerConfig {
     pub registration_socket: PathBuf,
     /// Delay before re-creating the registration socket after the kubelet rejected us.
     pub registration_retry_backoff: Duration,
-    /// How often to check that the registration socket file is still ours; it is
-    /// re-created when someone deleted or replaced it (e.g. `plugins_registry` wiped).
+    /// How often to check that the registration and DRA socket files are still ours;
+    /// each is re-created when someone deleted or replaced it (e.g. `plugins_registry`
+    /// wiped, or a node cleanup script).
     pub socket_check_interval: Duration,
-    /// Serve `v1alpha1.DRAResourceHealth` on the DRA socket from this feed (the
-    /// kubelet opens the stream whether or not it is advertised); `None`: not served.
+    /// Serve and advertise `v1.DRAResourceHealth` and `v1alpha1.DRAResourceHealth` on
+    /// the DRA socket from this feed; `None`: neither served nor advertised.
     pub health: Option<HealthConfig>,
     /// On shutdown the registration socket goes at once; the DRA socket keeps
     /// serving this long, so calls the kubelet sends before it has noticed the
@@ -423,21 +424,35 @@ pub async fn serve(
     let health = config
         .health
         .clone()
-        .map(|h| HealthService::new(h.feed, h.pool, h.resend).server());
+        .map(|h| HealthService::new(h.feed, h.pool, h.resend));
+    let health_v1 = health.clone().map(HealthService::server_v1);
+    let health_v1alpha1 = health.map(HealthService::server);
     let dra_router = adapted_server()
         .add_service(service.v1_server())
         .add_service(service.v1beta1_server())
-        .add_optional_service(health);
+        .add_optional_service(health_v1alpha1)
+        .add_optional_service(health_v1);
     let (dra_stop, both_stop) = (dra_stop.clone(), stop.clone());
     let dra_path = config.dra_socket.clone();
+    let check_interval = config.socket_check_interval;
     let dra_task = tokio::spawn(async move {
-        let _owned = dra_owned;
+        // One server for the whole run; the acceptor feeds it connections from
+        // whichever socket file is current, so a re-created socket needs no restart
+        // (a restart would wait for the kubelet's open health stream to end).
+        let (conns, accepted) = tokio::sync::mpsc::channel(16);
+        let acceptor = tokio::spawn(dra_acceptor(
+            (dra_listener, dra_owned),
+            check_interval,
+            conns,
+            dra_stop.clone(),
+            both_stop.clone(),
+        ));
         // The adapter here too: kubelets 1.32/1.33 (and the 1.34+ re-dial after a
         // shutdown) dial the raw path, so grpc-go sends it percent-encoded as
         // `:authority`, which h2 would answer with RST_STREAM.
-        let incoming =
-            UnixListenerStream::new(dra_listener).map(|conn| conn.map(AuthorityFixStream::new));
-        let result = dra_router
+        let incoming = tokio_stream::wrappers::ReceiverStream::new(accepted)
+            .map(|conn: io::Result<UnixStream>| conn.map(AuthorityFixStream::new));
+        let served = dra_router
             .serve_with_incoming_shutdown(incoming, dra_stop.clone().cancelled_owned())
             .await
             .map_err(|source| ServerError::Serve {
@@ -445,6 +460,12 @@ pub async fn serve(
                 path: dra_path,
                 source,
             });
+        dra_stop.cancel();
+        let acceptor = acceptor.await.map_err(|source| ServerError::Join {
+            what: "DRA socket acceptor",
+            source,
+        });
+        let result = served.and(acceptor.and_then(|r| r));
         if result.is_err() {
             both_stop.cancel();
             dra_stop.cancel();
@@ -452,10 +473,14 @@ pub async fn serve(
         result
     });
 
-    let registration = Arc::new(RegistrationService::new(
+    let mut registration = RegistrationService::new(
         config.driver_name.clone(),
         config.dra_socket.to_string_lossy().into_owned(),
-    ));
+    );
+    if config.health.is_some() {
+        registration = registration.with_health();
+    }
+    let registration = Arc::new(registration);
     let status = registration.subscribe();
     // Bind the first registration socket here so bind errors reach the caller directly.
     let first = match bind_socket(&config.registration_socket) {
@@ -481,6 +506,133 @@ pub async fn serve(
         dra_task,
         registration_task,
     })
+}
+
+/// Accepts connections on the DRA socket for the DRA server (through `conns`) until
+/// `dra_stop`. When the socket file is deleted or replaced, binds it again: the
+/// kubelet re-dials the path it registered, and connections already accepted go on.
+/// A failed re-bind stops both servers (`both_stop`), so the pod restarts instead of
+/// running with a DRA socket nobody can reach. Removes the socket on the way out
+/// if it is still ours.
+async fn dra_acceptor(
+    first: (UnixListener, OwnedSocket),
+    interval: Duration,
+    conns: tokio::sync::mpsc::Sender<io::Result<UnixStream>>,
+    dra_stop: CancellationToken,
+    both_stop: CancellationToken,
+) -> Result<(), ServerError> {
+    let path = first.1.path.clone();
+    let mut bound = Some(first);
+    loop {
+        let (listener, owned) = match bound.take() {
+            Some(b) => b,
+            None => match bind_socket(&path) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot re-create the DRA socket; stopping");
+                    both_stop.cancel();
+                    dra_stop.cancel();
+                    return Err(e);
+                }
+            },
+        };
+        let lost = CancellationToken::new();
+        let socket_watch = tokio::spawn(watch_socket(
+            owned.path.clone(),
+            owned.id,
+            interval,
+            lost.clone(),
+        ));
+        let rebind = loop {
+            tokio::select! {
+                _ = dra_stop.cancelled() => break false,
+                _ = lost.cancelled() => break true,
+                accepted = listener.accept() => {
+                    if conns.send(accepted.map(|(conn, _)| conn)).await.is_err() {
+                        break false; // the server is gone
+                    }
+                }
+            }
+        };
+        socket_watch.abort();
+        drop(listener);
+        drop(owned);
+        if !rebind {
+            return Ok(());
+        }
+        tracing::warn!(path = %path.display(), "DRA socket was deleted or replaced; re-creating it");
+    }
+}
+
+/// Dials both sockets as the kubelet uses them, each within `timeout`: `GetInfo` on
+/// the registration socket and an empty `NodePrepareResources` (v1) on the DRA
+/// socket. `Err` says which socket did not answer (for `/healthz`).
+pub async fn probe_sockets(
+    registration: &Path,
+    dra: &Path,
+    timeout: Duration,
+) -> Result<(), String> {
+    use super::registration::{InfoRequest, registration_client::RegistrationClient};
+    use super::v1::{NodePrepareResourcesRequest, dra_plugin_client::DraPluginClient};
+    let reg_call = async {
+        let channel = unix_channel(registration).await?;
+        RegistrationClient::new(channel)
+            .get_info(InfoRequest {})
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    };
+    let dra_call = async {
+        let channel = unix_channel(dra).await?;
+        DraPluginClient::new(channel)
+            .node_prepare_resources(NodePrepareResourcesRequest { claims: Vec::new() })
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    };
+    let within = |what: &'static str, path: &Path, r: Result<Result<(), String>, _>| match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!(
+            "{what} socket {} does not answer: {e}",
+            path.display()
+        )),
+        Err(_) => Err(format!(
+            "{what} socket {} did not answer within {timeout:?}",
+            path.display()
+        )),
+    };
+    let (r, d) = tokio::join!(
+        tokio::time::timeout(timeout, reg_call),
+        tokio::time::timeout(timeout, dra_call)
+    );
+    let errors: Vec<String> = [
+        within("registration", registration, r),
+        within("DRA", dra, d),
+    ]
+    .into_iter()
+    .filter_map(Result::err)
+    .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+/// A tonic channel over the Unix socket `path` (the URI is a placeholder).
+async fn unix_channel(path: &Path) -> Result<tonic::transport::Channel, String> {
+    let path = path.to_path_buf();
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                UnixStream::connect(path)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .map_err(|e| format!("connecting: {e}"))
 }
 
 /// Serves the registration socket; when the kubelet reports failure, tears the socket
