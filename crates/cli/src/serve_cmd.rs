@@ -114,7 +114,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     };
     // The host's policy re-read by every operation, and the admin's
     // deadlines (review n1, n18).
-    opts.engine_config = args.timeouts.engine_config(&setup.policy_file)?;
+    opts.engine_config = args.timeouts.engine_config(&setup)?;
     opts.reconcile_interval = Duration::from_secs(args.reconcile_interval.max(1));
     opts.cleanup_interval = Duration::from_secs(args.cleanup_interval.max(1));
     opts.call_budget = Duration::from_secs(args.call_budget.max(1));

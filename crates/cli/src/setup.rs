@@ -90,13 +90,16 @@ pub struct TimeoutOpts {
 }
 
 impl TimeoutOpts {
-    /// Engine settings with these deadlines, re-reading `policy_file` on every operation.
-    pub fn engine_config(&self, policy_file: &Path) -> Result<EngineConfig> {
+    /// Engine settings with these deadlines for the host `setup` opened:
+    /// its policy file re-read on every operation, and the ledger mirrored
+    /// under the host's `/run` for the life of the boot.
+    pub fn engine_config(&self, setup: &Setup) -> Result<EngineConfig> {
         Ok(EngineConfig {
             unbind_deadline: secs(self.unbind_timeout)?,
             bind_deadline: secs(self.bind_timeout)?,
             operation_budget: secs(self.prepare_budget)?,
-            policy_file: Some(policy_file.to_path_buf()),
+            policy_file: Some(setup.policy_file.clone()),
+            boot_mirror_dir: Some(setup.root.rel(BOOT_MIRROR_DIR)),
             ..EngineConfig::default()
         })
     }
@@ -124,6 +127,10 @@ pub struct Setup {
     pub demo: bool,
     pub state_dir: Option<PathBuf>,
 }
+
+/// The boot mirror of the ledger, under the host root: the host's `/run` is a
+/// tmpfs, so the mirror dies with the boot whose bindings it records.
+pub const BOOT_MIRROR_DIR: &str = "run/vfio-gpu-dra";
 
 /// Where the ledger lives on a real host unless `--state-dir` says otherwise;
 /// `serve` uses the same, so the lock excludes the CLI and the plugin.
@@ -227,7 +234,7 @@ impl EngineOpts {
             crash_after_step: crash_hook()?,
             crash_mode: CrashMode::Abort,
             state_lock_wait: Duration::ZERO,
-            ..self.timeouts.engine_config(&setup.policy_file)?
+            ..self.timeouts.engine_config(&setup)?
         };
         let opened = Engine::open(
             Arc::clone(&setup.kernel),
@@ -297,6 +304,9 @@ fn report_open(report: &OpenReport) {
     }
     for r in &report.earlier_boot_records {
         eprintln!("note: dropped a record from an earlier boot: {r}");
+    }
+    if let Some(a) = &report.adopted_from_mirror {
+        eprintln!("note: {a}");
     }
 }
 

@@ -493,6 +493,15 @@ impl LedgerFile {
         }
     }
 
+    /// Removes the file (a mirror that could not be kept current must never
+    /// be adopted stale). A missing file is fine.
+    pub fn discard(&self) -> std::io::Result<()> {
+        match fs::remove_file(self.path()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Writes atomically: temp file (0600, not following symlinks), fsync,
     /// rename, fsync directory. Refused when the file is read-only or the
     /// body has no boot id.

@@ -327,6 +327,9 @@ async fn serve_plugin(
     for r in &report.earlier_boot_records {
         tracing::info!(record = %r, "dropped a ledger record from an earlier boot");
     }
+    if let Some(a) = &report.adopted_from_mirror {
+        tracing::warn!(detail = %a, "state directory was empty; records taken from the boot mirror");
+    }
     let engine = Arc::new(engine);
 
     // Before the sockets exist: the kubelet must not prepare against a host that still

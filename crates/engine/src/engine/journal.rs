@@ -55,6 +55,7 @@ impl Engine {
             }
             // Disk before memory: a commit that does not reach disk changes nothing.
             self.file.store(&next)?;
+            self.mirror_commit(&next);
             let mut body = lock(&self.ledger);
             // Operation numbers handed out while this was written are kept.
             next.next_operation = next.next_operation.max(body.next_operation);

@@ -106,6 +106,13 @@ pub struct EngineConfig {
     /// The admin's policy file, re-read by every operation (`None`: the
     /// policy given to [`Engine::open`] is fixed).
     pub policy_file: Option<PathBuf>,
+    /// A directory on the host's `/run` (tmpfs: it lives exactly as long as
+    /// the boot whose bindings it describes) where every commit is mirrored.
+    /// A state directory found empty (a reinstall with another state dir, a
+    /// wiped hostPath) adopts this boot's records from it, so a GPU we moved
+    /// still goes back to its original driver instead of reading our own
+    /// `driver_override` as admin intent. `None`: no mirror.
+    pub boot_mirror_dir: Option<PathBuf>,
     /// Tests: every ledger write waits at this gate before it reaches the
     /// disk, standing in for a slow fsync.
     pub ledger_write_gate: Option<crate::sim::BlockHandle>,
@@ -129,6 +136,7 @@ impl Default for EngineConfig {
             state_lock_wait: Duration::from_secs(30),
             state_lock_mode: StateLockMode::Lifetime,
             policy_file: None,
+            boot_mirror_dir: None,
             ledger_write_gate: None,
         }
     }
@@ -197,6 +205,8 @@ pub struct Engine {
     /// Product names, read once: pci.ids is megabytes and does not change under us.
     pci_ids: Option<PciIdsDb>,
     file: LedgerFile,
+    /// The boot-scoped copy of every commit ([`EngineConfig::boot_mirror_dir`]).
+    mirror: Option<LedgerFile>,
     /// The ledger as last committed; held only to read or swap it.
     ledger: Mutex<LedgerBody>,
     /// Held by a commit while it writes the file.
@@ -294,11 +304,35 @@ impl Engine {
             Some(id) if !id.trim().is_empty() => id,
             _ => return Err(LedgerError::NoBootId { path: file.path() }.into()),
         };
+        let mirror = match &config.boot_mirror_dir {
+            Some(dir) => match LedgerFile::new(dir) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no boot mirror of the ledger");
+                    None
+                }
+            },
+            None => None,
+        };
         let (mut body, problem) = file.load();
         let mut report = OpenReport {
             ledger_problem: problem,
             ..OpenReport::default()
         };
+        if report.ledger_problem.is_none()
+            && !file.path().exists()
+            && let Some(m) = &mirror
+        {
+            let (kept, mirror_problem) = m.load();
+            if mirror_problem.is_none() && kept.boot_id == boot_id && !kept.gpus.is_empty() {
+                report.adopted_from_mirror = Some(format!(
+                    "the state directory had no ledger; adopted {} record(s) of this boot from {}",
+                    kept.gpus.len(),
+                    m.path().display()
+                ));
+                body = kept;
+            }
+        }
         // Drivers were re-probed at boot: what an earlier boot recorded is a hint only.
         body.gpus.retain(|bdf, rec| {
             if rec.boot_id == boot_id {
@@ -329,6 +363,7 @@ impl Engine {
             intent,
             pci_ids,
             file,
+            mirror,
             ledger: Mutex::new(body),
             ledger_writer: Mutex::new(()),
             ledger_untrusted: Mutex::new(None),
@@ -351,10 +386,13 @@ impl Engine {
         // every change is refused at its first commit instead.
         let read_only = report.ledger_problem.as_ref().is_some_and(|p| p.read_only);
         if !read_only
-            && (report.ledger_problem.is_some() || !report.earlier_boot_records.is_empty())
+            && (report.ledger_problem.is_some()
+                || !report.earlier_boot_records.is_empty()
+                || report.adopted_from_mirror.is_some())
         {
             let body = lock(&engine.ledger).clone();
             engine.file.store(&body)?;
+            engine.mirror_commit(&body);
         }
         // Per operation: the lock taken for opening is let go here (the
         // first operation re-reads the ledger).
@@ -408,6 +446,20 @@ impl Engine {
         body.boot_id = self.boot_id.clone();
         *lock(&self.ledger) = body;
         *seen = stamp;
+    }
+
+    /// Copies a committed body to the boot mirror. A mirror that cannot be
+    /// written is removed, so it is never adopted stale.
+    pub(super) fn mirror_commit(&self, body: &LedgerBody) {
+        let Some(m) = &self.mirror else {
+            return;
+        };
+        if let Err(e) = m.store(body) {
+            tracing::warn!(error = %e, "boot mirror of the ledger not written; removing it");
+            if let Err(e) = m.discard() {
+                tracing::warn!(error = %e, path = %m.path().display(), "stale boot mirror could not be removed");
+            }
+        }
     }
 
     /// Fails while the ledger cannot be trusted (kept read-only, or another

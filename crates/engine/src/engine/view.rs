@@ -98,6 +98,9 @@ pub struct OpenReport {
     pub ledger_problem: Option<LedgerProblem>,
     /// Records from an earlier boot that were dropped (hints only).
     pub earlier_boot_records: Vec<String>,
+    /// The state directory had no ledger and this boot's records were taken
+    /// from the boot mirror ([`crate::EngineConfig::boot_mirror_dir`]).
+    pub adopted_from_mirror: Option<String>,
 }
 
 /// The ledger as the intent evaluation sees it.
