@@ -174,6 +174,13 @@ impl SliceConfig {
         )
     }
 
+    /// Whether `slice` is one this publisher may update or delete: this driver's,
+    /// on this node.
+    pub fn owns(&self, slice: &ResourceSlice) -> bool {
+        slice.spec.driver == self.driver_name
+            && slice.spec.node_name.as_deref() == Some(self.node_name.as_str())
+    }
+
     /// `generateName` for new slices: `<node>-<driver>-`, made a valid name
     /// prefix. Every dot-separated label must start and end with an alphanumeric
     /// (the server validates the generated name as a DNS subdomain), so labels are
@@ -544,6 +551,24 @@ impl SlicePublisher {
                 return Err(e).context("listing ResourceSlices");
             }
         };
+        // Only ever touch our own slices, whatever the server returned: a proxy or
+        // server that ignores the field selector, or a wrong kubeconfig, must not make
+        // us update or delete another driver's or node's slices (security review L5).
+        let listed: Vec<ResourceSlice> = listed
+            .into_iter()
+            .filter(|s| {
+                let ours = self.cfg.owns(s);
+                if !ours {
+                    tracing::warn!(
+                        slice = s.metadata.name.as_deref().unwrap_or(""),
+                        driver = %s.spec.driver,
+                        node = s.spec.node_name.as_deref().unwrap_or(""),
+                        "ignoring a listed ResourceSlice of another driver or node (field selector not applied?)"
+                    );
+                }
+                ours
+            })
+            .collect();
         let desired = device_chunks(devices);
         let pool_name = self.cfg.node_name.as_str();
 

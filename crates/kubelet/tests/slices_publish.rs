@@ -398,3 +398,100 @@ async fn api_server_without_resource_v1_is_reported_as_such() {
         "{text}"
     );
 }
+
+/// A client whose requests lose their `fieldSelector`, as through a proxy or server
+/// that ignores it: every list returns every slice in the cluster.
+fn client_ignoring_field_selectors(server: &fake_apiserver::FakeApiServer) -> kube::Client {
+    let mut config = kube::Config::new(server.url().parse().expect("URL"));
+    config.default_retry = false;
+    let strip = tower::util::MapRequestLayer::new(|mut req: http::Request<kube::client::Body>| {
+        let uri = req.uri().clone();
+        if let Some(query) = uri.query() {
+            let kept: Vec<&str> = query
+                .split('&')
+                .filter(|kv| !kv.starts_with("fieldSelector="))
+                .collect();
+            let path_and_query = if kept.is_empty() {
+                uri.path().to_string()
+            } else {
+                format!("{}?{}", uri.path(), kept.join("&"))
+            };
+            let mut parts = uri.into_parts();
+            parts.path_and_query = Some(path_and_query.parse().expect("path and query"));
+            *req.uri_mut() = http::Uri::from_parts(parts).expect("uri");
+        }
+        req
+    });
+    kube::client::ClientBuilder::try_from(config)
+        .expect("client builder")
+        .with_layer(&strip)
+        .build()
+}
+
+fn foreign_slice(name: &str, driver: &str, node: &str, pool: &str) -> Value {
+    json!({
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+        "metadata": {"name": name},
+        "spec": {
+            "driver": driver, "nodeName": node,
+            "pool": {"name": pool, "generation": 1, "resourceSliceCount": 1},
+            "devices": [{"name": "gpu-0"}]
+        }
+    })
+}
+
+/// L5 (security review): when the list returns slices of another driver on this node
+/// and of this driver on another node (field selector ignored), the sync neither
+/// updates nor deletes them; only this driver's slices on this node are touched.
+#[tokio::test]
+async fn sync_leaves_other_drivers_and_other_nodes_slices_alone_when_the_selector_is_ignored() {
+    let (server, _, _) = setup().await;
+    let client = client_ignoring_field_selectors(&server);
+    // Same pool name as ours: the old code took it for our current slice.
+    server
+        .insert(foreign_slice("nvidia-here", "gpu.nvidia.com", NODE, NODE))
+        .expect("insert");
+    server
+        .insert(foreign_slice(
+            "ours-elsewhere",
+            DRIVER,
+            "other-node",
+            "other-node",
+        ))
+        .expect("insert");
+    // Ours, in an obsolete pool: still deleted.
+    server
+        .insert(foreign_slice("ours-old-pool", DRIVER, NODE, "old-pool"))
+        .expect("insert");
+    let before_nvidia = server
+        .get("resourceslices", None, "nvidia-here")
+        .expect("stored");
+
+    let cfg = config();
+    let outcome = bounded(
+        LIMIT,
+        "publish",
+        publish_once(&client, &cfg, &demo_devices()),
+    )
+    .await
+    .expect("publish");
+    assert_eq!((outcome.created, outcome.deleted), (1, 1), "{outcome:?}");
+    assert_eq!(
+        server.get("resourceslices", None, "nvidia-here"),
+        Some(before_nvidia),
+        "another driver's slice was changed"
+    );
+    assert!(
+        server
+            .get("resourceslices", None, "ours-elsewhere")
+            .is_some(),
+        "another node's slice was deleted"
+    );
+    assert!(
+        server
+            .get("resourceslices", None, "ours-old-pool")
+            .is_none(),
+        "our obsolete slice was kept"
+    );
+    assert_eq!(device_names(&stored_slices(&server)).len(), 7);
+}
