@@ -173,6 +173,49 @@ fn pinned_stuck_and_shared_group_gpus_are_not_offered() {
     assert!(device_info(&no_iommu).is_none(), "no IOMMU group");
 }
 
+/// N7 (Kubernetes review): a GPU this driver moves for a claim stays published, and
+/// with the host driver it returns to, so a prepare does not rewrite the slice and a
+/// selector on `driver` keeps its meaning under the allocated claim.
+#[test]
+fn a_gpu_moved_for_a_claim_stays_published_with_its_host_driver() {
+    let views = demo_views();
+    let a100 = views
+        .iter()
+        .find(|v| v.gpu.function.bdf.to_string() == "0000:ba:00.0")
+        .expect("the A100");
+    let idle = device_info(a100).expect("offered");
+    assert_eq!(idle.driver.as_deref(), Some("nvidia"));
+    let claim = vfio_gpu_engine::Holder::Claim {
+        uid: "claim-uid".into(),
+        namespace: "vms".into(),
+        name: "vm-gpu".into(),
+    };
+    let mut record = vfio_gpu_engine::ledger::GpuRecord::configuring(
+        claim,
+        &[a100.gpu.function.clone()],
+        &vfio_gpu_host::DriverName::vfio_pci(),
+        Default::default(),
+        "boot".into(),
+        1,
+    );
+    let mut moving = a100.clone();
+    moving.record = Some(record.clone());
+    assert_eq!(
+        device_info(&moving),
+        Some(idle.clone()),
+        "moving for its claim: unchanged"
+    );
+    record.state = vfio_gpu_engine::ledger::OpState::Configured;
+    let mut on_vfio = a100.clone();
+    on_vfio.record = Some(record);
+    on_vfio.gpu.function.driver = Some(vfio_gpu_host::DriverName::vfio_pci());
+    assert_eq!(
+        device_info(&on_vfio),
+        Some(idle),
+        "on vfio for its claim: unchanged"
+    );
+}
+
 #[test]
 fn desired_slices_are_pure_and_stable() {
     let cfg = config();
@@ -242,12 +285,13 @@ async fn one_slice_changes_in_place_without_a_new_generation() {
     publisher.sync(&devices).await.expect("first sync");
     let before = stored_slices(&server);
 
-    // A VM got the A100: it is on vfio-pci now.
+    // The admin now wants the A100 kept on vfio. (A move for a VM no longer
+    // changes the device: its driver attribute is the host driver, review N7.)
     let a100 = devices
         .iter_mut()
         .find(|d| d.bdf.to_string() == "0000:ba:00.0")
         .expect("A100");
-    a100.driver = Some("vfio-pci".into());
+    a100.keep_on_vfio = true;
     server.clear_requests();
     let outcome = publisher.sync(&devices).await.expect("sync");
     assert_eq!(
@@ -265,8 +309,8 @@ async fn one_slice_changes_in_place_without_a_new_generation() {
     let after = stored_slices(&server);
     assert_eq!(after[0]["metadata"]["uid"], before[0]["metadata"]["uid"]);
     assert_eq!(
-        device(&after, "gpu-0000-ba-00-0")["attributes"]["driver"]["string"],
-        "vfio-pci"
+        device(&after, "gpu-0000-ba-00-0")["attributes"]["keepOnVfio"]["bool"],
+        true
     );
     assert_eq!(pool_state(&after), Some((1, 1)));
 }
