@@ -192,7 +192,7 @@ fn a_gpu_moved_for_a_claim_stays_published_with_its_host_driver() {
     };
     let mut record = vfio_gpu_engine::ledger::GpuRecord::configuring(
         claim,
-        &[a100.gpu.function.clone()],
+        std::slice::from_ref(&a100.gpu.function),
         &vfio_gpu_host::DriverName::vfio_pci(),
         Default::default(),
         "boot".into(),
