@@ -144,6 +144,24 @@ func testAdmissionPolicy(t *testing.T, c *cluster) {
 		t.Errorf("denied, but not by the shipped policy's message: %v", denied)
 	}
 
+	// Its own node, another driver: denied (review M3/N6: the policy pins spec.driver).
+	foreign := sliceFor("vap-a", "vap-a-foreign-driver")
+	foreign.Spec.Driver = "gpu.example.com"
+	if s, err := asA.ResourceV1().ResourceSlices().Create(ctx, foreign, metav1.CreateOptions{}); err == nil {
+		_ = c.client.ResourceV1().ResourceSlices().Delete(ctx, s.Name, metav1.DeleteOptions{})
+		t.Errorf("the plugin of vap-a created a slice of another driver")
+	} else if !strings.Contains(err.Error(), "may not write ResourceSlices of driver 'gpu.example.com'") {
+		t.Errorf("another driver's slice denied, but not by the policy: %v", err)
+	}
+	othersDriver, err := c.client.ResourceV1().ResourceSlices().Create(ctx, foreign, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := asA.ResourceV1().ResourceSlices().Delete(ctx, othersDriver.Name, metav1.DeleteOptions{}); err == nil {
+		t.Errorf("the plugin of vap-a deleted another driver's slice on its node")
+	}
+	_ = c.client.ResourceV1().ResourceSlices().Delete(ctx, othersDriver.Name, metav1.DeleteOptions{})
+
 	// Its own node: allowed (the denial above is the policy, not RBAC).
 	s, err := asA.ResourceV1().ResourceSlices().Create(ctx, sliceFor("vap-a", "vap-a-own"), metav1.CreateOptions{})
 	if err != nil {

@@ -265,16 +265,16 @@ fn reference(stream: &[u8], fix: bool) -> (Vec<Event>, bool) {
             let Ok(mut headers) = dec.decode(&block) else {
                 return (events, true);
             };
-            for (n, v) in &mut headers {
-                if fix && n == b":authority" && !authority_is_acceptable(v) {
-                    *v = REPLACEMENT_AUTHORITY.as_bytes().to_vec();
-                }
-            }
+            // Fields past the one crossing the list limit are dropped unchecked, so
+            // they count with the value as received.
             let mut size = 0usize;
             let mut kept = 0;
-            for (n, v) in &headers {
+            for (n, v) in &mut headers {
                 if size < MAX_HEADER_LIST_SIZE {
                     kept += 1;
+                    if fix && n == b":authority" && !authority_is_acceptable(v) {
+                        *v = REPLACEMENT_AUTHORITY.as_bytes().to_vec();
+                    }
                 }
                 size += n.len() + v.len() + 32;
             }
@@ -304,6 +304,20 @@ pub fn check(data: &[u8]) {
             break;
         }
     }
+    // Cost: at most one full header list (plus its crossing field, at most a table
+    // entry) per block, on top of the input itself; references past the limit must
+    // not be parsed or re-encoded (security review L1).
+    let blocks = rw.rewritten_blocks().saturating_add(1);
+    let per_block = 2 * (MAX_HEADER_LIST_SIZE + HEADER_TABLE_SIZE) as u64;
+    let bound = blocks
+        .saturating_mul(per_block)
+        .saturating_add(2 * stream.len() as u64);
+    assert!(
+        rw.header_work() <= bound,
+        "{} bytes of header work for {} input bytes and {blocks} blocks",
+        rw.header_work(),
+        stream.len()
+    );
     let Some(frames_in) = stream.strip_prefix(PREFACE.as_slice()) else {
         // Not HTTP/2 with prior knowledge: forwarded verbatim (a prefix of the
         // preface is held back until it can be told apart).

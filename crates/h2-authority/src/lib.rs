@@ -258,6 +258,8 @@ pub struct HeaderRewriter {
     decoder: loona_hpack::Decoder<'static>,
     replaced: u64,
     blocks: u64,
+    /// Bytes of header fields checked or re-encoded (see [`HeaderRewriter::header_work`]).
+    work: u64,
 }
 
 impl Default for HeaderRewriter {
@@ -278,6 +280,7 @@ impl HeaderRewriter {
             decoder,
             replaced: 0,
             blocks: 0,
+            work: 0,
         }
     }
 
@@ -289,6 +292,13 @@ impl HeaderRewriter {
     /// Number of header blocks re-encoded so far.
     pub fn rewritten_blocks(&self) -> u64 {
         self.blocks
+    }
+
+    /// Bytes of header names and values parsed as `:authority` or re-encoded so far:
+    /// the part of the adapter's cost that a block can amplify through references to
+    /// the dynamic table, so tests and fuzzing can bound it (security review L1).
+    pub fn header_work(&self) -> u64 {
+        self.work
     }
 
     /// Whether the preface did not match and bytes are forwarded verbatim.
@@ -431,27 +441,44 @@ impl HeaderRewriter {
         let mut replaced = 0;
         let mut list_size = 0usize;
         let mut cut = 0usize;
+        let mut work = 0usize;
         // The whole block is decoded even past the limits: the dynamic table is
-        // connection state, and h2 decodes on for the same reason.
+        // connection state, and h2 decodes on for the same reason. Only the fields up
+        // to the one crossing the list limit are checked and re-encoded, so a block of
+        // references to one large table entry costs O(1) per reference after that
+        // (security review L1). Sizes past the limit count the value as received.
         self.decoder
             .decode_with_cb(&block.fragment, |name: Cow<[u8]>, value: Cow<[u8]>| {
-                let value: &[u8] =
-                    if name.as_ref() == b":authority" && !authority_is_acceptable(&value) {
+                if list_size > HEADER_LIST_ABUSE_SIZE {
+                    // The connection is closed after this block: nothing more to count.
+                    return;
+                }
+                if list_size >= MAX_HEADER_LIST_SIZE {
+                    cut += 1;
+                    list_size = list_size.saturating_add(name.len() + value.len() + 32);
+                    return;
+                }
+                let value: &[u8] = if name.as_ref() == b":authority" {
+                    work = work.saturating_add(value.len());
+                    if authority_is_acceptable(&value) {
+                        &value
+                    } else {
                         replaced += 1;
                         REPLACEMENT_AUTHORITY.as_bytes()
-                    } else {
-                        &value
-                    };
+                    }
+                } else {
+                    &value
+                };
                 // Up to the field that crosses the limit, so h2 still sees a list over
                 // its size and refuses the stream, without the rest being expanded.
-                if list_size < MAX_HEADER_LIST_SIZE {
-                    encode_literal_without_indexing(&mut encoded, &name, value);
-                } else {
-                    cut += 1;
-                }
+                work = work.saturating_add(name.len() + value.len());
+                encode_literal_without_indexing(&mut encoded, &name, value);
                 list_size = list_size.saturating_add(name.len() + value.len() + 32);
             })
             .map_err(|source| AuthorityError::Hpack { stream_id, source })?;
+        self.work = self
+            .work
+            .saturating_add(u64::try_from(work).unwrap_or(u64::MAX));
         if list_size > HEADER_LIST_ABUSE_SIZE {
             return Err(AuthorityError::HeaderListWayTooLarge { stream_id });
         }
@@ -1021,6 +1048,52 @@ mod tests {
             "{result:?}"
         );
         assert_eq!(out, PREFACE, "nothing of the block is forwarded");
+    }
+
+    /// L1 (security review): a block of HEADERS + the most CONTINUATIONs h2 accepts,
+    /// filled with 1-byte references to a 4000-byte `:authority` in the dynamic table.
+    /// Past the header-list limit each reference must cost O(1): the work stays within
+    /// one full header list per block plus the input size, instead of 4000 bytes of
+    /// authority parsing per input byte.
+    #[test]
+    fn authority_references_past_the_list_limit_cost_no_parsing() {
+        let mut block = vec![0x41]; // literal with indexing, name = static 1 (:authority)
+        encode_hpack_integer(&mut block, 4000, 7, 0);
+        block.resize(block.len() + 4000, b'a');
+        let frames = MAX_CONTINUATIONS + 2;
+        block.resize(frames * MAX_FRAME_PAYLOAD, 0x80 | 62);
+        let mut s = PREFACE.to_vec();
+        let chunks: Vec<&[u8]> = block.chunks(MAX_FRAME_PAYLOAD).collect();
+        for (i, c) in chunks.iter().enumerate() {
+            let ty = if i == 0 {
+                TYPE_HEADERS
+            } else {
+                TYPE_CONTINUATION
+            };
+            let flags = if i + 1 == chunks.len() {
+                FLAG_END_HEADERS
+            } else {
+                0
+            };
+            s.extend(frame(ty, flags, 1, c));
+        }
+        let mut rw = HeaderRewriter::new();
+        let mut out = Vec::new();
+        let result = rw.feed(&s, &mut out);
+        assert!(
+            matches!(
+                result,
+                Err(AuthorityError::HeaderListWayTooLarge { stream_id: 1 })
+            ),
+            "{result:?}"
+        );
+        let bound = 2 * (MAX_HEADER_LIST_SIZE + HEADER_TABLE_SIZE) + 2 * s.len();
+        assert!(
+            rw.header_work() <= bound as u64,
+            "{} bytes of header work for {} input bytes (bound {bound})",
+            rw.header_work(),
+            s.len()
+        );
     }
 
     #[test]

@@ -293,15 +293,18 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), Cdi
     write_bytes_atomic(path, &bytes).map_err(io_err("writing", path))
 }
 
-/// [`write_json_atomic`] for raw bytes.
+/// [`write_json_atomic`] for raw bytes. Neither the temporary file nor the target is
+/// followed if it is a symlink (security review L4): the temporary is created with
+/// `O_CREAT | O_EXCL | O_NOFOLLOW`, and the rename replaces a link at the target
+/// rather than writing through it.
 pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
     // A retried prepare writes identical content: skip the fsyncs (about 12 ms each on
     // a plain ext4 disk). The existing file was renamed into place after an fsync, so
-    // it is already durable.
-    if fs::read(path).is_ok_and(|old| old == bytes) {
+    // it is already durable. A symlink there is never ours: replace it.
+    if read_nofollow(path).is_ok_and(|old| old == bytes) {
         return Ok(());
     }
     fs::create_dir_all(dir)?;
@@ -312,18 +315,48 @@ pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     tmp_name.push(file_name);
     tmp_name.push(format!(".{}.tmp", std::process::id()));
     let tmp = dir.join(tmp_name);
+    let mut f = match create_new_nofollow(&tmp) {
+        // Left by a crash of an earlier process with our pid, or planted: remove the
+        // entry itself (a link, not its target) and try once more.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            fs::remove_file(&tmp)?;
+            create_new_nofollow(&tmp)?
+        }
+        r => r?,
+    };
     let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        drop(f);
         fs::rename(&tmp, path)?;
         fs::File::open(dir)?.sync_all()
     })();
+    drop(f);
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+fn create_new_nofollow(path: &Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+fn read_nofollow(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    let mut out = Vec::new();
+    f.read_to_end(&mut out)?;
+    Ok(out)
 }
 
 /// Removes a file, treating "not found" as success.
@@ -437,6 +470,43 @@ mod tests {
         w.remove_claim("u1").unwrap();
         w.remove_claim("u1").unwrap();
         assert!(!p.exists());
+    }
+
+    /// L4: a symlink planted at the temporary name is not written through; the
+    /// target ends up a regular file and the link's target is untouched.
+    #[test]
+    fn write_does_not_follow_a_symlink_planted_at_the_temp_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let target = dir.path().join("spec.json");
+        let tmp = dir
+            .path()
+            .join(format!(".spec.json.{}.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        write_bytes_atomic(&target, b"new").unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(fs::symlink_metadata(&target).unwrap().is_file());
+        assert_eq!(fs::read(&target).unwrap(), b"new");
+        assert!(fs::symlink_metadata(&tmp).is_err(), "temp name left behind");
+    }
+
+    /// L4: a symlink at the target whose file already holds the bytes is not taken
+    /// as our spec: it is replaced by a regular file, and its target is untouched.
+    #[test]
+    fn write_replaces_a_symlink_at_the_target_instead_of_trusting_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"same").unwrap();
+        let target = dir.path().join("spec.json");
+        std::os::unix::fs::symlink(&victim, &target).unwrap();
+        write_bytes_atomic(&target, b"same").unwrap();
+        assert!(
+            fs::symlink_metadata(&target).unwrap().is_file(),
+            "target is still a symlink"
+        );
+        assert_eq!(fs::read(&target).unwrap(), b"same");
+        assert_eq!(fs::read(&victim).unwrap(), b"same");
     }
 
     #[test]

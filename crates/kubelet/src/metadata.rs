@@ -187,6 +187,14 @@ pub enum MetadataError {
         /// The value.
         value: String,
     },
+    /// A path built from the claim's names exceeds `NAME_MAX` or `PATH_MAX`.
+    #[error("metadata path {path} is too long: {why}")]
+    PathTooLong {
+        /// The path.
+        path: PathBuf,
+        /// Which limit.
+        why: String,
+    },
     /// Writing the file or its CDI spec failed.
     #[error(transparent)]
     Cdi(#[from] CdiError),
@@ -201,6 +209,51 @@ pub fn is_safe_name(s: &str) -> bool {
         && s != ".."
         && s.chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+}
+
+/// Longest file-name component Linux accepts (`NAME_MAX`), in bytes.
+pub const NAME_MAX: usize = 255;
+/// Longest path Linux accepts (`PATH_MAX`), in bytes, including the final NUL.
+pub const PATH_MAX: usize = 4096;
+
+/// The host directory name of a claim's metadata: `<ns>_<name>_<uid>`, with the
+/// `<ns>_<name>` part cut to fit [`NAME_MAX`] (a 253-byte claim name is valid in
+/// Kubernetes; security review M2). The UID alone makes it unique, and removal finds
+/// it by the `_<uid>` suffix; readers find the file through the CDI mount, never by
+/// this name.
+pub fn claim_dir_name(claim: &ClaimIdentity) -> String {
+    let mut prefix = format!("{}_{}", claim.namespace, claim.name);
+    let room = NAME_MAX.saturating_sub(claim.uid.len() + 1);
+    if prefix.len() > room {
+        let mut cut = room;
+        while !prefix.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        prefix.truncate(cut);
+    }
+    format!("{prefix}_{}", claim.uid)
+}
+
+/// Checks that `path` fits the kernel's limits: every component at most
+/// [`NAME_MAX`] bytes, the whole below [`PATH_MAX`].
+pub fn check_path_limits(path: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    if path.as_os_str().len() >= PATH_MAX {
+        return Err(format!(
+            "path is {} bytes, the limit is {}",
+            path.as_os_str().len(),
+            PATH_MAX - 1
+        ));
+    }
+    for c in path.components() {
+        let len = c.as_os_str().as_bytes().len();
+        if len > NAME_MAX {
+            return Err(format!(
+                "a path component is {len} bytes, the limit is {NAME_MAX}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Writes and removes KEP-5304 metadata files and their CDI mount specs.
@@ -237,9 +290,7 @@ impl MetadataWriter {
     }
 
     fn claim_dir(&self, claim: &ClaimIdentity) -> PathBuf {
-        self.data_dir
-            .join(HOST_SUBDIR)
-            .join(format!("{}_{}_{}", claim.namespace, claim.name, claim.uid))
+        self.data_dir.join(HOST_SUBDIR).join(claim_dir_name(claim))
     }
 
     /// Host path of a request's metadata file.
@@ -405,7 +456,7 @@ impl MetadataWriter {
 
     /// Checks every claim-supplied name that becomes a path component or CDI name;
     /// prepare calls it before the first host change so bad names change nothing.
-    pub(crate) fn check_names(
+    pub fn check_names(
         &self,
         claim: &ClaimIdentity,
         base_request: &str,
@@ -431,6 +482,23 @@ impl MetadataWriter {
             && !is_safe_name(p)
         {
             return Err(unsafe_name("pod claim name", p));
+        }
+        // Every path built from these names must fit the kernel's limits, or the
+        // write fails after the GPU has moved (security review M2).
+        let container_file = self.container_file(claim, base_request);
+        let legacy_container_file = self.legacy_container_file(claim, base_request);
+        let paths = [
+            self.host_file(claim, base_request),
+            self.legacy_host_file(claim, base_request),
+            self.spec_path(&claim.uid, base_request),
+            PathBuf::from(container_file),
+            PathBuf::from(legacy_container_file),
+        ];
+        for path in &paths {
+            check_path_limits(path).map_err(|why| MetadataError::PathTooLong {
+                path: path.clone(),
+                why,
+            })?;
         }
         Ok(())
     }

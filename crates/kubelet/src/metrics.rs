@@ -457,22 +457,91 @@ async fn route(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Byte
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` (HTTP/1.1) until
-/// `shutdown`; connections still open are dropped then.
+/// At most this many metrics connections are open at once. The endpoint listens on
+/// the pod IP, so any pod in the cluster can connect; each connection costs a file
+/// descriptor that GPU moves and their rollbacks need (security review H1).
+pub const MAX_CONNECTIONS: usize = 16;
+/// A connection must send its request headers within this time.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
+/// A connection is closed after this time whatever it does (e.g. a slow reader of a
+/// large `/metrics` answer).
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Pause after a failed accept, doubling up to the maximum (like Go's `net/http`):
+/// on EMFILE the pending connection stays queued and accept fails again at once.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The open connections, oldest first, each with the token that closes it.
+#[derive(Default)]
+struct Slots {
+    next_id: u64,
+    open: std::collections::VecDeque<(u64, CancellationToken)>,
+}
+
+impl Slots {
+    /// Registers a new connection; when the cap is reached, closes the oldest one
+    /// first. Evicting the oldest rather than refusing the newest keeps `/healthz`
+    /// answering while someone holds [`MAX_CONNECTIONS`] idle connections: a probe
+    /// sends its request at once, an idle flood does not.
+    fn admit(&mut self) -> (u64, CancellationToken) {
+        while self.open.len() >= MAX_CONNECTIONS {
+            match self.open.pop_front() {
+                Some((_, evicted)) => evicted.cancel(),
+                None => break,
+            }
+        }
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let token = CancellationToken::new();
+        self.open.push_back((id, token.clone()));
+        (id, token)
+    }
+
+    fn release(&mut self, id: u64) {
+        self.open.retain(|(i, _)| *i != id);
+    }
+}
+
+fn lock_slots(slots: &std::sync::Mutex<Slots>) -> std::sync::MutexGuard<'_, Slots> {
+    // The data stays consistent even if a holder panicked (no invariant spans calls).
+    slots
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` (HTTP/1.1, one request
+/// per connection) until `shutdown`; connections still open are dropped then.
+///
+/// At most [`MAX_CONNECTIONS`] are open at once (the oldest is closed to admit a
+/// new one), each must send its headers within [`HEADER_TIMEOUT`] and is closed
+/// after [`CONNECTION_DEADLINE`].
 pub async fn serve_http(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let slots = Arc::new(std::sync::Mutex::new(Slots::default()));
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    a
+                }
                 Err(e) => {
-                    // E.g. EMFILE: keep serving once descriptors are free again.
-                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // E.g. EMFILE: keep serving once descriptors are free again,
+                    // without spinning on the connection that stays queued.
+                    tracing::warn!(error = %e, retry_in = ?backoff, "metrics endpoint: accept failed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     continue;
                 }
             },
         };
+        let (id, evicted) = lock_slots(&slots).admit();
+        let slots = Arc::clone(&slots);
         let metrics = Arc::clone(&metrics);
         let stop = shutdown.clone();
         tokio::spawn(async move {
@@ -481,17 +550,47 @@ pub async fn serve_http(listener: TcpListener, metrics: Arc<Metrics>, shutdown: 
                 async move { Ok::<_, std::convert::Infallible>(route(&metrics, &req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
                 .timer(hyper_util::rt::TokioTimer::new())
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = stop.cancelled() => {}
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(%peer, error = %e, "metrics endpoint connection");
+                _ = evicted.cancelled() => {
+                    tracing::debug!(%peer, "metrics endpoint: closed to admit a newer connection");
+                }
+                r = tokio::time::timeout(CONNECTION_DEADLINE, conn) => match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics endpoint connection"),
+                    Err(_) => tracing::debug!(%peer, "metrics endpoint: connection deadline passed"),
                 },
             }
+            lock_slots(&slots).release(id);
         });
     }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, as Go's runtime does: container
+/// runtimes start processes at a soft limit of 1024, which an fd flood reaches long
+/// before memory (security review H1). Returns the (old, new) soft limits.
+pub fn raise_fd_limit() -> std::io::Result<(libc::rlim_t, libc::rlim_t)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let old = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid rlimit; the call only reads it.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok((old, lim.rlim_cur))
 }
 
 #[cfg(test)]

@@ -264,6 +264,18 @@ pub async fn serve(mut opts: ServeOptions, shutdown: CancellationToken) -> anyho
     if let Some(uid) = &opts.pod_uid {
         validate_pod_uid(uid)?;
     }
+    // Before anything opens files: GPU moves and their rollbacks need descriptors.
+    match crate::metrics::raise_fd_limit() {
+        Ok((old, new)) if old != new => {
+            tracing::info!(
+                old,
+                new,
+                "raised the soft open-file limit to the hard limit"
+            );
+        }
+        Ok((old, _)) => tracing::info!(limit = old, "open-file limit already at the hard limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
     let metrics = Arc::clone(&opts.metrics);
     // First, so the probes answer while the engine opens and reconciles.
     let metrics_stop = CancellationToken::new();

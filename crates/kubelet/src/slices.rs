@@ -64,7 +64,10 @@ pub struct DeviceInfo {
     pub device: u16,
     /// Name from pci.ids, if known.
     pub product_name: Option<String>,
-    /// Currently bound driver, if any.
+    /// The host driver the GPU belongs to: while this driver holds it (moving, on
+    /// vfio, or moving back), the driver the ledger will restore; otherwise the bound
+    /// one. Publishing the bound driver would rewrite the slice on every move and
+    /// change what a selector on it means under an allocated claim (review N7).
     pub driver: Option<String>,
     /// IOMMU group; a GPU without one cannot be handed over VFIO.
     pub iommu_group: u32,
@@ -88,13 +91,29 @@ impl DeviceInfo {
             vendor: f.identity.vendor,
             device: f.identity.device,
             product_name: view.gpu.product_name.clone(),
-            driver: f.driver.as_ref().map(ToString::to_string),
+            driver: host_driver(view),
             iommu_group: f.iommu_group?,
             numa_node: f.numa_node,
             pcie_root: f.pcie_root.clone(),
             keep_on_vfio: view.verdict.keep_on_vfio,
             bar_bytes: f.bar_bytes,
         })
+    }
+}
+
+/// See [`DeviceInfo::driver`].
+fn host_driver(view: &GpuView) -> Option<String> {
+    use vfio_gpu_engine::ledger::OpState;
+    let f = &view.gpu.function;
+    let moved = view.record.as_ref().filter(|r| {
+        matches!(
+            r.state,
+            OpState::Configuring | OpState::Configured | OpState::Releasing
+        )
+    });
+    match moved.and_then(|r| r.functions.iter().find(|rf| rf.bdf == f.bdf)) {
+        Some(rf) => rf.original_driver.as_ref().map(ToString::to_string),
+        None => f.driver.as_ref().map(ToString::to_string),
     }
 }
 
@@ -107,13 +126,16 @@ pub fn device_info(view: &GpuView) -> Option<DeviceInfo> {
     // foreign device in the group, a host process holding it), so the
     // scheduler never hands a pod a GPU it cannot get.
     // An operation still in flight (a move or release a crash interrupted,
-    // which reconcile will finish) is not offered until it settles.
-    let unsettled = view.record.as_ref().is_some_and(|r| {
-        matches!(
-            r.state,
-            vfio_gpu_engine::ledger::OpState::Configuring
-                | vfio_gpu_engine::ledger::OpState::Releasing
-        )
+    // which reconcile will finish) is not offered until it settles. A move to
+    // vfio for a claim stays published: that claim holds the device's allocation,
+    // so nobody else can get it, and hiding it would rewrite the slice twice per
+    // prepare (review N7).
+    let unsettled = view.record.as_ref().is_some_and(|r| match r.state {
+        vfio_gpu_engine::ledger::OpState::Configuring => {
+            !matches!(r.holder, Some(vfio_gpu_engine::Holder::Claim { .. }))
+        }
+        vfio_gpu_engine::ledger::OpState::Releasing => true,
+        _ => false,
     });
     if unsettled
         || view.verdict.pinned.is_some()
@@ -172,6 +194,13 @@ impl SliceConfig {
             "spec.driver={},spec.nodeName={}",
             self.driver_name, self.node_name
         )
+    }
+
+    /// Whether `slice` is one this publisher may update or delete: this driver's,
+    /// on this node.
+    pub fn owns(&self, slice: &ResourceSlice) -> bool {
+        slice.spec.driver == self.driver_name
+            && slice.spec.node_name.as_deref() == Some(self.node_name.as_str())
     }
 
     /// `generateName` for new slices: `<node>-<driver>-`, made a valid name
@@ -547,6 +576,24 @@ impl SlicePublisher {
                 return Err(e).context("listing ResourceSlices");
             }
         };
+        // Only ever touch our own slices, whatever the server returned: a proxy or
+        // server that ignores the field selector, or a wrong kubeconfig, must not make
+        // us update or delete another driver's or node's slices (security review L5).
+        let listed: Vec<ResourceSlice> = listed
+            .into_iter()
+            .filter(|s| {
+                let ours = self.cfg.owns(s);
+                if !ours {
+                    tracing::warn!(
+                        slice = s.metadata.name.as_deref().unwrap_or(""),
+                        driver = %s.spec.driver,
+                        node = s.spec.node_name.as_deref().unwrap_or(""),
+                        "ignoring a listed ResourceSlice of another driver or node (field selector not applied?)"
+                    );
+                }
+                ours
+            })
+            .collect();
         let desired = device_chunks(devices);
         let pool_name = self.cfg.node_name.as_str();
 

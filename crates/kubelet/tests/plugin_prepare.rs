@@ -462,6 +462,56 @@ async fn path_like_request_or_pod_claim_names_are_refused_before_any_change() {
     running.stop().await;
 }
 
+/// M2 (security review): a claim name of 253 bytes is valid in Kubernetes; its
+/// metadata directory used to exceed NAME_MAX, so every prepare moved the GPU, failed
+/// writing the file and moved it back. It must prepare, and unprepare clean up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn longest_valid_claim_name_prepares_and_unprepares() {
+    let env = Env::new().await;
+    let running = env.start().await;
+    let name = format!(
+        "{}.{}.{}.{}",
+        "a".repeat(63),
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(61)
+    );
+    assert_eq!(name.len(), 253);
+    let claim = env.claim(&name, &[("gpu", BA)]);
+    let r = running
+        .kubelet
+        .prepare(std::slice::from_ref(&claim))
+        .await
+        .expect("rpc");
+    ok_devices(&r, &claim.uid);
+    assert_eq!(env.driver_of(BA).as_deref(), Some("vfio-pci"));
+    let meta_spec = validated_spec(
+        &env.cdi_root()
+            .join(format!("{DRIVER}_metadata_{}_gpu.json", claim.uid)),
+    );
+    let mount =
+        &spec_device(&meta_spec, &format!("{}_gpu", claim.uid))["containerEdits"]["mounts"][0];
+    assert_eq!(
+        mount["containerPath"],
+        format!(
+            "/var/run/kubernetes.io/dra-device-attributes/resourceclaims/{name}/gpu/{DRIVER}-metadata.json"
+        )
+    );
+    let host_file = std::path::PathBuf::from(mount["hostPath"].as_str().expect("hostPath"));
+    assert!(host_file.exists(), "{}", host_file.display());
+
+    let u = running
+        .kubelet
+        .unprepare(std::slice::from_ref(&claim))
+        .await
+        .expect("rpc");
+    assert_eq!(u.get(&claim.uid), Some(&Ok(())));
+    assert_eq!(env.driver_of(BA).as_deref(), Some("nvidia"));
+    assert!(!host_file.exists());
+    assert!(env.cdi_files().is_empty(), "{:?}", env.cdi_files());
+    running.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_for_another_driver_or_another_nodes_pool_are_refused() {
     let env = Env::new().await;

@@ -236,8 +236,8 @@ fn rbac_covers_what_the_plugin_does() {
     assert!(p.accounts.iter().any(
         |a| a.metadata.name.as_ref() == Some(&sa) && a.metadata.namespace.as_ref() == Some(&ns)
     ));
-    // The optional admission policy names the same account.
-    let username = format!("system:serviceaccount:{ns}:{sa}");
+    // The admission policy matches the same account by its name, in any namespace
+    // (review N6: a hard-coded namespace silently matched nothing elsewhere).
     for policy in &p.policies {
         let conditions = policy
             .spec
@@ -245,10 +245,72 @@ fn rbac_covers_what_the_plugin_does() {
             .and_then(|s| s.match_conditions.clone())
             .unwrap_or_default();
         assert!(
-            conditions.iter().any(|c| c.expression.contains(&username)),
-            "policy matches {username}"
+            conditions.iter().any(|c| {
+                c.expression
+                    .contains(r#"startsWith("system:serviceaccount:")"#)
+                    && c.expression.contains(&format!(r#"endsWith(":{sa}")"#))
+                    && !c.expression.contains(&format!(":{ns}:"))
+            }),
+            "policy matches the account {sa} without naming namespace {ns}"
         );
     }
+}
+
+/// M3/N6 (reviews): the admission policy is part of the default install and pins
+/// both the slice's node and its driver, on DELETE through `oldObject`.
+#[test]
+fn admission_policy_is_default_and_pins_driver_and_node() {
+    let p = parse_all();
+    let [policy] = p.policies.as_slice() else {
+        panic!("one ValidatingAdmissionPolicy");
+    };
+    let text = std::fs::read_to_string(deploy_dir().join("admission-policy.yaml"))
+        .expect("admission-policy.yaml");
+    assert!(
+        !text.to_lowercase().contains("optional"),
+        "the policy is not optional"
+    );
+    assert!(
+        text.contains("default install"),
+        "says it is installed by default"
+    );
+    let spec = policy.spec.as_ref().expect("spec");
+    let validations: Vec<String> = spec
+        .validations
+        .iter()
+        .flatten()
+        .map(|v| {
+            v.expression
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    let driver_pin = format!(
+        r#"(request.operation == "DELETE" ? oldObject : object).spec.driver == "{DRIVER}""#
+    );
+    assert!(
+        validations.iter().any(|v| v == &driver_pin),
+        "no driver pin in {validations:?}"
+    );
+    assert!(
+        validations
+            .iter()
+            .any(|v| v == "variables.userNode == variables.objectNode"),
+        "no node pin in {validations:?}"
+    );
+    let variables: BTreeMap<String, String> = spec
+        .variables
+        .iter()
+        .flatten()
+        .map(|v| (v.name.clone(), v.expression.clone()))
+        .collect();
+    assert!(
+        variables["objectNode"]
+            .contains(r#"(request.operation == "DELETE" ? oldObject : object).spec.?nodeName"#),
+        "{variables:?}"
+    );
+    assert_eq!(spec.failure_policy.as_deref(), Some("Fail"));
 }
 
 #[test]
@@ -356,7 +418,8 @@ fn daemonset_mounts_and_flags() {
     let want = [
         ("/host-root", "/", true),
         ("/host-root/sys", "/sys", false),
-        ("/host-root/dev", "/dev", false),
+        // Only read (review N9).
+        ("/host-root/dev", "/dev", true),
         // The unbind lock is written under /proc; the ledger outlives the pod.
         ("/host-root/proc", "/proc", false),
         ("/var/lib/vfio-gpu-dra", "/var/lib/vfio-gpu-dra", false),
@@ -365,19 +428,50 @@ fn daemonset_mounts_and_flags() {
             "/var/lib/kubelet/plugins_registry",
             false,
         ),
+        // Only the plugin's own directory, not every driver's sockets (review M4).
         (
-            "/var/lib/kubelet/plugins",
-            "/var/lib/kubelet/plugins",
+            "/var/lib/kubelet/plugins/vfio-gpu.dra.dev",
+            "/var/lib/kubelet/plugins/vfio-gpu.dra.dev",
             false,
         ),
         ("/var/run/cdi", "/var/run/cdi", false),
     ];
-    for (mount, host, ro) in want {
+    for (mount, host, ro) in &want {
         assert_eq!(
-            mounts.get(mount),
-            Some(&(host.to_string(), ro)),
+            mounts.get(*mount),
+            Some(&(host.to_string(), *ro)),
             "mount {mount}"
         );
+    }
+    assert_eq!(mounts.len(), want.len(), "no other mounts: {mounts:?}");
+    // Where serve writes (plugins/<driver>) is inside that mount.
+    let dra = vfio_gpu_kubelet::grpc::server::ServerConfig::new(
+        DRIVER,
+        Path::new("/var/lib/kubelet/plugins"),
+        Path::new("/var/lib/kubelet/plugins_registry"),
+    );
+    assert!(
+        dra.dra_socket
+            .starts_with(format!("/var/lib/kubelet/plugins/{DRIVER}")),
+        "{}",
+        dra.dra_socket.display()
+    );
+    // Read-only host mounts are recursively so (review M4/N9): /var, /run and the
+    // pods' volumes under the host root must not stay writable.
+    for m in c.volume_mounts.iter().flatten() {
+        if m.mount_path.starts_with("/host-root") && m.read_only == Some(true) {
+            assert_eq!(
+                m.recursive_read_only.as_deref(),
+                Some("IfPossible"),
+                "{} is not recursively read-only",
+                m.mount_path
+            );
+            assert!(
+                m.mount_propagation.is_none(),
+                "{}: recursiveReadOnly needs mountPropagation None",
+                m.mount_path
+            );
+        }
     }
 }
 

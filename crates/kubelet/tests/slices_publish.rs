@@ -173,6 +173,49 @@ fn pinned_stuck_and_shared_group_gpus_are_not_offered() {
     assert!(device_info(&no_iommu).is_none(), "no IOMMU group");
 }
 
+/// N7 (Kubernetes review): a GPU this driver moves for a claim stays published, and
+/// with the host driver it returns to, so a prepare does not rewrite the slice and a
+/// selector on `driver` keeps its meaning under the allocated claim.
+#[test]
+fn a_gpu_moved_for_a_claim_stays_published_with_its_host_driver() {
+    let views = demo_views();
+    let a100 = views
+        .iter()
+        .find(|v| v.gpu.function.bdf.to_string() == "0000:ba:00.0")
+        .expect("the A100");
+    let idle = device_info(a100).expect("offered");
+    assert_eq!(idle.driver.as_deref(), Some("nvidia"));
+    let claim = vfio_gpu_engine::Holder::Claim {
+        uid: "claim-uid".into(),
+        namespace: "vms".into(),
+        name: "vm-gpu".into(),
+    };
+    let mut record = vfio_gpu_engine::ledger::GpuRecord::configuring(
+        claim,
+        std::slice::from_ref(&a100.gpu.function),
+        &vfio_gpu_host::DriverName::vfio_pci(),
+        Default::default(),
+        "boot".into(),
+        1,
+    );
+    let mut moving = a100.clone();
+    moving.record = Some(record.clone());
+    assert_eq!(
+        device_info(&moving),
+        Some(idle.clone()),
+        "moving for its claim: unchanged"
+    );
+    record.state = vfio_gpu_engine::ledger::OpState::Configured;
+    let mut on_vfio = a100.clone();
+    on_vfio.record = Some(record);
+    on_vfio.gpu.function.driver = Some(vfio_gpu_host::DriverName::vfio_pci());
+    assert_eq!(
+        device_info(&on_vfio),
+        Some(idle),
+        "on vfio for its claim: unchanged"
+    );
+}
+
 #[test]
 fn desired_slices_are_pure_and_stable() {
     let cfg = config();
@@ -242,12 +285,13 @@ async fn one_slice_changes_in_place_without_a_new_generation() {
     publisher.sync(&devices).await.expect("first sync");
     let before = stored_slices(&server);
 
-    // A VM got the A100: it is on vfio-pci now.
+    // The admin now wants the A100 kept on vfio. (A move for a VM no longer
+    // changes the device: its driver attribute is the host driver, review N7.)
     let a100 = devices
         .iter_mut()
         .find(|d| d.bdf.to_string() == "0000:ba:00.0")
         .expect("A100");
-    a100.driver = Some("vfio-pci".into());
+    a100.keep_on_vfio = true;
     server.clear_requests();
     let outcome = publisher.sync(&devices).await.expect("sync");
     assert_eq!(
@@ -265,8 +309,8 @@ async fn one_slice_changes_in_place_without_a_new_generation() {
     let after = stored_slices(&server);
     assert_eq!(after[0]["metadata"]["uid"], before[0]["metadata"]["uid"]);
     assert_eq!(
-        device(&after, "gpu-0000-ba-00-0")["attributes"]["driver"]["string"],
-        "vfio-pci"
+        device(&after, "gpu-0000-ba-00-0")["attributes"]["keepOnVfio"]["bool"],
+        true
     );
     assert_eq!(pool_state(&after), Some((1, 1)));
 }
@@ -446,4 +490,101 @@ async fn slices_recreated_after_the_node_is_re_registered_carry_the_new_node_uid
         .expect("sync");
     assert_eq!(outcome.created, 1, "{outcome:?}");
     assert_eq!(owner_uids(&stored_slices(&server)), [new_uid]);
+}
+
+/// A client whose requests lose their `fieldSelector`, as through a proxy or server
+/// that ignores it: every list returns every slice in the cluster.
+fn client_ignoring_field_selectors(server: &fake_apiserver::FakeApiServer) -> kube::Client {
+    let mut config = kube::Config::new(server.url().parse().expect("URL"));
+    config.default_retry = false;
+    let strip = tower::util::MapRequestLayer::new(|mut req: http::Request<kube::client::Body>| {
+        let uri = req.uri().clone();
+        if let Some(query) = uri.query() {
+            let kept: Vec<&str> = query
+                .split('&')
+                .filter(|kv| !kv.starts_with("fieldSelector="))
+                .collect();
+            let path_and_query = if kept.is_empty() {
+                uri.path().to_string()
+            } else {
+                format!("{}?{}", uri.path(), kept.join("&"))
+            };
+            let mut parts = uri.into_parts();
+            parts.path_and_query = Some(path_and_query.parse().expect("path and query"));
+            *req.uri_mut() = http::Uri::from_parts(parts).expect("uri");
+        }
+        req
+    });
+    kube::client::ClientBuilder::try_from(config)
+        .expect("client builder")
+        .with_layer(&strip)
+        .build()
+}
+
+fn foreign_slice(name: &str, driver: &str, node: &str, pool: &str) -> Value {
+    json!({
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+        "metadata": {"name": name},
+        "spec": {
+            "driver": driver, "nodeName": node,
+            "pool": {"name": pool, "generation": 1, "resourceSliceCount": 1},
+            "devices": [{"name": "gpu-0"}]
+        }
+    })
+}
+
+/// L5 (security review): when the list returns slices of another driver on this node
+/// and of this driver on another node (field selector ignored), the sync neither
+/// updates nor deletes them; only this driver's slices on this node are touched.
+#[tokio::test]
+async fn sync_leaves_other_drivers_and_other_nodes_slices_alone_when_the_selector_is_ignored() {
+    let (server, _, _) = setup().await;
+    let client = client_ignoring_field_selectors(&server);
+    // Same pool name as ours: the old code took it for our current slice.
+    server
+        .insert(foreign_slice("nvidia-here", "gpu.nvidia.com", NODE, NODE))
+        .expect("insert");
+    server
+        .insert(foreign_slice(
+            "ours-elsewhere",
+            DRIVER,
+            "other-node",
+            "other-node",
+        ))
+        .expect("insert");
+    // Ours, in an obsolete pool: still deleted.
+    server
+        .insert(foreign_slice("ours-old-pool", DRIVER, NODE, "old-pool"))
+        .expect("insert");
+    let before_nvidia = server
+        .get("resourceslices", None, "nvidia-here")
+        .expect("stored");
+
+    let cfg = config();
+    let outcome = bounded(
+        LIMIT,
+        "publish",
+        publish_once(&client, &cfg, &demo_devices()),
+    )
+    .await
+    .expect("publish");
+    assert_eq!((outcome.created, outcome.deleted), (1, 1), "{outcome:?}");
+    assert_eq!(
+        server.get("resourceslices", None, "nvidia-here"),
+        Some(before_nvidia),
+        "another driver's slice was changed"
+    );
+    assert!(
+        server
+            .get("resourceslices", None, "ours-elsewhere")
+            .is_some(),
+        "another node's slice was deleted"
+    );
+    assert!(
+        server
+            .get("resourceslices", None, "ours-old-pool")
+            .is_none(),
+        "our obsolete slice was kept"
+    );
+    assert_eq!(device_names(&stored_slices(&server)).len(), 7);
 }
