@@ -423,6 +423,8 @@ fn daemonset_mounts_and_flags() {
         // The unbind lock is written under /proc; the ledger outlives the pod.
         ("/host-root/proc", "/proc", false),
         ("/var/lib/vfio-gpu-dra", "/var/lib/vfio-gpu-dra", false),
+        // The ledger's boot mirror on the host's /run (issue 18 item 6).
+        ("/host-root/run/vfio-gpu-dra", "/run/vfio-gpu-dra", false),
         (
             "/var/lib/kubelet/plugins_registry",
             "/var/lib/kubelet/plugins_registry",
