@@ -11,6 +11,7 @@ pub mod commands;
 mod deadline;
 mod engine;
 mod error;
+mod holder_scan;
 pub mod kernel;
 pub mod ledger;
 pub mod lock;

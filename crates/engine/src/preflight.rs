@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -437,66 +438,161 @@ pub fn scan_holders(
     nodes: &[PathBuf],
 ) -> Result<Vec<NodeHolder>, HolderScanError> {
     let w = wanted(root, nodes)?;
-    let mut out = Vec::new();
     if w.is_empty() {
-        return Ok(out);
+        return Ok(Vec::new());
     }
     let proc_dir = root.rel("proc");
     let proc_err = |path: &Path, source| HolderScanError::Proc {
         path: path.to_path_buf(),
         source,
     };
-    let dev_prefix = root.rel("dev");
+    let mut pids: Vec<(u32, PathBuf)> = Vec::new();
     for p in fs::read_dir(&proc_dir).map_err(|e| proc_err(&proc_dir, e))? {
         let p = p.map_err(|e| proc_err(&proc_dir, e))?;
-        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let fd_dir = p.path().join("fd");
-        let fds = match fs::read_dir(&fd_dir) {
-            Ok(fds) => fds,
-            // Exited during the scan.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(proc_err(&fd_dir, e)),
-        };
-        for fd in fds.flatten() {
-            let Ok(target) = fs::read_link(fd.path()) else {
-                continue; // closed meanwhile
-            };
-            let text = target.to_string_lossy();
-            let hit = if text.starts_with("anon_inode:[vfio") {
-                let info = p.path().join("fdinfo").join(fd.file_name());
-                fs::read_to_string(info).ok().and_then(|t| {
-                    t.lines()
-                        .find_map(|l| l.strip_prefix("vfio-device-syspath:"))
-                        .and_then(|s| s.trim().rsplit('/').next().map(str::to_string))
-                        .and_then(|b| w.vfio_bdf.get(&b).cloned())
-                })
-            } else if text.starts_with("/dev/") || target.starts_with(&dev_prefix) {
-                // Only now stat the open file (a device node, never a mount).
-                match fs::metadata(fd.path()) {
-                    Ok(m) if m.file_type().is_char_device() => w.rdev.get(&m.rdev()).cloned(),
-                    Ok(m) => w.ino.get(&(m.dev(), m.ino())).cloned(),
-                    Err(_) => None,
-                }
-            } else {
-                None
-            };
-            if let Some(node) = hit {
-                let comm = fs::read_to_string(p.path().join("comm"))
-                    .map(|s| s.trim().to_string())
-                    .unwrap_or_else(|_| "?".into());
-                out.push(NodeHolder {
-                    pid,
-                    comm,
-                    node,
-                    program: program_of(&p.path()),
-                });
-                break;
-            }
+        if let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() {
+            pids.push((pid, p.path()));
         }
     }
+    // Any pod on the node controls how many fds there are to look at (review
+    // M1): the processes are shared out over the cores, each worker taking the
+    // next one, so one process with 500 k fds does not hold up the rest.
+    let dev_prefix = root.rel("dev");
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8)
+        .min(pids.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<Result<Vec<NodeHolder>, HolderScanError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut found = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some((pid, path)) = pids.get(i) else {
+                            return Ok(found);
+                        };
+                        found.extend(scan_process(*pid, path, &w, &dev_prefix)?);
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(HolderScanError::Proc {
+                        path: proc_dir.clone(),
+                        source: std::io::Error::other("a scan worker panicked"),
+                    })
+                })
+            })
+            .collect()
+    });
+    let mut out = Vec::new();
+    for r in results {
+        out.extend(r?);
+    }
+    out.sort_by_key(|h| h.pid);
     Ok(out)
+}
+
+/// Every wanted node one process holds (each once). Links are read relative
+/// to the open fd directory (`readlinkat`), which spares the kernel a path
+/// walk per descriptor.
+fn scan_process(
+    pid: u32,
+    proc_path: &Path,
+    w: &Wanted,
+    dev_prefix: &Path,
+) -> Result<Vec<NodeHolder>, HolderScanError> {
+    let mut held: Vec<NodeHolder> = Vec::new();
+    let fd_dir = proc_path.join("fd");
+    let proc_err = |source| HolderScanError::Proc {
+        path: fd_dir.clone(),
+        source,
+    };
+    let fds = match fs::read_dir(&fd_dir) {
+        Ok(fds) => fds,
+        // Exited during the scan.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(held),
+        Err(e) => return Err(proc_err(e)),
+    };
+    let dir = match fs::File::open(&fd_dir) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(held),
+        Err(e) => return Err(proc_err(e)),
+    };
+    let mut buf = vec![0u8; 4096];
+    for fd in fds.flatten() {
+        let Some(target) = readlink_at(&dir, &fd.file_name(), &mut buf) else {
+            continue; // closed meanwhile
+        };
+        let target = Path::new(std::ffi::OsStr::from_bytes(target));
+        let text = target.to_string_lossy();
+        let hit = if text.starts_with("anon_inode:[vfio") {
+            let info = proc_path.join("fdinfo").join(fd.file_name());
+            fs::read_to_string(info).ok().and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("vfio-device-syspath:"))
+                    .and_then(|s| s.trim().rsplit('/').next().map(str::to_string))
+                    .and_then(|b| w.vfio_bdf.get(&b).cloned())
+            })
+        } else if text.starts_with("/dev/") || target.starts_with(dev_prefix) {
+            // Only now stat the open file (a device node, never a mount).
+            match fs::metadata(fd.path()) {
+                Ok(m) if m.file_type().is_char_device() => w.rdev.get(&m.rdev()).cloned(),
+                Ok(m) => w.ino.get(&(m.dev(), m.ino())).cloned(),
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
+        if let Some(node) = hit
+            && !held.iter().any(|h| h.node == node)
+        {
+            let comm = fs::read_to_string(proc_path.join("comm"))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "?".into());
+            held.push(NodeHolder {
+                pid,
+                comm,
+                node,
+                program: program_of(proc_path),
+            });
+        }
+    }
+    Ok(held)
+}
+
+/// Holders of `nodes` among `found` (a scan for more nodes): what
+/// [`scan_holders`] of `nodes` alone would have answered.
+pub fn holders_among(root: &HostRoot, found: &[NodeHolder], nodes: &[PathBuf]) -> Vec<NodeHolder> {
+    let names: Vec<String> = nodes.iter().map(|n| shown(root, n)).collect();
+    found
+        .iter()
+        .filter(|h| names.contains(&h.node))
+        .cloned()
+        .collect()
+}
+
+/// `readlinkat(dir, name)` into `buf`; `None` when the link is gone.
+fn readlink_at<'b>(dir: &fs::File, name: &std::ffi::OsStr, buf: &'b mut [u8]) -> Option<&'b [u8]> {
+    use std::os::fd::AsRawFd;
+    let name = std::ffi::CString::new(name.as_bytes()).ok()?;
+    // SAFETY: `dir` is an open directory fd, `name` a NUL-terminated string,
+    // and the kernel writes at most `buf.len()` bytes into `buf`.
+    let n = unsafe {
+        libc::readlinkat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let n = usize::try_from(n).ok()?;
+    buf.get(..n)
 }
 
 /// [`scan_holders`] for callers that take a list: a failed scan is returned

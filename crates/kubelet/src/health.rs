@@ -343,6 +343,7 @@ async fn scan_once(
                 .filter(|d| d.health == Health::Unhealthy)
                 .count();
             metrics.record_scan(&views, unhealthy, started.elapsed());
+            metrics.record_holder_scan(engine.last_holder_scan());
             Some(report)
         }
         Ok((Err(e), back)) => {

@@ -65,6 +65,7 @@ pub struct Metrics {
     ledger_failures: Counter,
     stuck: Gauge,
     persistence_left_off: Gauge,
+    holder_scan: Gauge<f64, std::sync::atomic::AtomicU64>,
     devices: Family<Labels1, Gauge>,
     unhealthy: Gauge,
     health_scan: Histogram,
@@ -117,6 +118,7 @@ impl Metrics {
         let ledger_failures = Counter::default();
         let stuck = Gauge::default();
         let persistence_left_off = Gauge::default();
+        let holder_scan = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let devices = Family::<Labels1, Gauge>::default();
         let unhealthy = Gauge::default();
         registry.register(
@@ -155,6 +157,11 @@ impl Metrics {
             persistence_left_off.clone(),
         );
         registry.register(
+            "holder_scan_seconds",
+            "Duration of the last /proc holder scan (grows with the descriptors open on the node; past the command deadline prepares answer busy)",
+            holder_scan.clone(),
+        );
+        registry.register(
             "devices",
             "GPUs on this node by the keepOnVfio verdict",
             devices.clone(),
@@ -178,6 +185,7 @@ impl Metrics {
             ledger_failures,
             stuck,
             persistence_left_off,
+            holder_scan,
             devices,
             unhealthy,
             health_scan,
@@ -274,6 +282,13 @@ impl Metrics {
         self.persistence_left_off.set(gauge_value(left_off));
         self.unhealthy.set(gauge_value(unhealthy));
         self.health_scan.observe(took.as_secs_f64());
+    }
+
+    /// Records how long the engine's last `/proc` holder scan took.
+    pub fn record_holder_scan(&self, took: Option<Duration>) {
+        if let Some(t) = took {
+            self.holder_scan.set(t.as_secs_f64());
+        }
     }
 
     /// Tells the device scanner that the host changed (after a prepare/unprepare).
@@ -625,6 +640,7 @@ mod tests {
         let m = Metrics::new();
         m.observe_prepare(Duration::from_millis(3));
         m.record_undo(false);
+        m.record_holder_scan(Some(Duration::from_millis(250)));
         let text = m.encode();
         for name in [
             "vfio_gpu_dra_prepare_duration_seconds_count 1",
@@ -633,6 +649,7 @@ mod tests {
             "vfio_gpu_dra_ledger_commit_failures_total 0",
             "vfio_gpu_dra_stuck_devices 0",
             "vfio_gpu_dra_persistence_left_off_devices 0",
+            "vfio_gpu_dra_holder_scan_seconds 0.25",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }

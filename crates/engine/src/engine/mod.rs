@@ -39,6 +39,7 @@ use vfio_gpu_intent::{IntentSnapshot, LiveIntent, Policy, Verdict, evaluate};
 use crate::commands::{HostCommands, RealCommands};
 use crate::deadline::StuckSet;
 use crate::error::EngineError;
+use crate::holder_scan::HolderScanner;
 use crate::kernel::Kernel;
 use crate::ledger::LedgerError;
 use crate::ledger::{LedgerBody, LedgerFile};
@@ -217,6 +218,8 @@ pub struct Engine {
     boot_id: String,
     groups: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     stuck: StuckSet,
+    /// One `/proc` holder scan at a time, shared by the operations waiting.
+    scanner: HolderScanner,
     commands: Arc<dyn HostCommands>,
     steps: AtomicU64,
     crashed: AtomicBool,
@@ -356,6 +359,7 @@ impl Engine {
             None => LiveIntent::fixed(root.clone(), policy),
         };
         let pci_ids = PciIdsDb::load(&root).ok().flatten();
+        let scanner = HolderScanner::new(root.clone());
         let engine = Engine {
             kernel,
             root,
@@ -370,6 +374,7 @@ impl Engine {
             boot_id,
             groups: Mutex::new(HashMap::new()),
             stuck: StuckSet::with_lock_dir(state_dir.to_path_buf()),
+            scanner,
             commands,
             steps: AtomicU64::new(0),
             crashed: AtomicBool::new(false),
@@ -477,6 +482,12 @@ impl Engine {
             .into()),
             None => Ok(()),
         }
+    }
+
+    /// How long the last `/proc` holder scan took (it grows with the number
+    /// of descriptors open on the node, which any pod controls).
+    pub fn last_holder_scan(&self) -> Option<Duration> {
+        self.scanner.last_duration()
     }
 
     /// The host root.

@@ -12,7 +12,7 @@ use crate::deadline::{Timed, read_with_deadline, run_with_deadline};
 use crate::error::EngineError;
 use crate::kernel::{SysfsWrite, nvidia_unbind_lock_path};
 use crate::ledger::GpuRecord;
-use crate::preflight::{NodeHolder, device_nodes, find_holders, scan_holders};
+use crate::preflight::{NodeHolder, device_nodes};
 use crate::state::IntentNow;
 
 impl Engine {
@@ -151,28 +151,30 @@ impl Engine {
         .unwrap_or_else(Err)
     }
 
-    /// Processes holding any of `nodes`, found under the command deadline.
+    /// Processes holding any of `nodes`, from the shared scanner under the
+    /// command deadline. A scan that cannot answer in time or fails counts
+    /// as a holder (fail closed), so the caller answers "busy, retry"; the GPU
+    /// is not quarantined for it (security review M1).
     pub(super) fn holders_of(
         &self,
-        gpu: Bdf,
+        _gpu: Bdf,
         nodes: Vec<PathBuf>,
     ) -> Result<Vec<NodeHolder>, EngineError> {
-        if nodes.is_empty() {
-            return Ok(Vec::new());
-        }
-        let root = self.root.clone();
-        read_with_deadline(
-            &self.stuck,
-            gpu,
-            "scan of /proc for holders",
-            self.config.command_deadline,
-            move || find_holders(&root, &nodes),
-        )
-        .map_err(|op| EngineError::Stuck {
-            bdf: gpu,
-            op,
-            secs: self.config.command_deadline.as_secs_f64(),
-        })
+        let mut holders = self
+            .scanner
+            .holders(nodes, self.config.command_deadline)
+            .unwrap_or_else(|why| {
+                vec![NodeHolder {
+                    pid: 0,
+                    comm: String::new(),
+                    node: why,
+                    program: None,
+                }]
+            });
+        // One entry per process, as reports have always listed them.
+        let mut seen = std::collections::HashSet::new();
+        holders.retain(|h| seen.insert(h.pid));
+        Ok(holders)
     }
 
     /// The device nodes of `f` (nvidia's minor comes from procfs, whose read
@@ -239,19 +241,10 @@ impl Engine {
         if all.is_empty() {
             return HashMap::new();
         }
-        let root = self.root.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let spawned = std::thread::Builder::new()
-            .name("holder-scan".into())
-            .spawn(move || {
-                let _ = tx.send(scan_holders(&root, &all));
-            });
-        let found = match spawned
-            .ok()
-            .and_then(|_| rx.recv_timeout(self.config.command_deadline).ok())
-        {
-            Some(Ok(found)) => found,
-            _ => return HashMap::new(),
+        // One pass for every GPU; no new thread per call (review n11).
+        let found = match self.scanner.holders(all, self.config.command_deadline) {
+            Ok(found) => found,
+            Err(_) => return HashMap::new(),
         };
         let exception = self.commands.exists(&self.root, "nvidia-smi");
         per_gpu
