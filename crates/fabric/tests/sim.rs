@@ -312,3 +312,95 @@ fn state_round_trips_as_json() {
     let back: SimState = serde_json::from_str(&text).unwrap();
     assert_eq!(back, s);
 }
+
+#[test]
+fn ambiguous_codes_are_only_normalised_after_a_requery() {
+    let (fm, _) = sim(Platform::HgxH100, Dialect::Documented);
+    fm.activate(P(0)).unwrap();
+    // −4 from deactivate while FM still lists the partition active: not "not
+    // active" (−4 is also "library not initialised", §13.5).
+    fm.with(|s| {
+        s.faults.push(Fault {
+            call: Call::Deactivate,
+            action: FaultAction::Return(-4),
+            times: Some(1),
+        });
+    });
+    let e = fm.deactivate(P(0)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            FmError::Fm {
+                call: Call::Deactivate,
+                code: FmCode::Uninitialized
+            }
+        ),
+        "{e}"
+    );
+    // −4 and the re-query fails too: the original error, never NotActive.
+    fm.with(|s| {
+        s.active.clear();
+        s.faults.push(Fault {
+            call: Call::Deactivate,
+            action: FaultAction::Return(-4),
+            times: Some(1),
+        });
+        s.faults.push(Fault {
+            call: Call::GetSupportedPartitions,
+            action: FaultAction::Return(-4),
+            times: Some(1),
+        });
+    });
+    let e = fm.deactivate(P(0)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            FmError::Fm {
+                call: Call::Deactivate,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // IN_USE for a partition FM does not list.
+    fm.with(|s| {
+        s.faults.push(Fault {
+            call: Call::Activate,
+            action: FaultAction::Return(-7),
+            times: Some(1),
+        });
+    });
+    assert!(matches!(fm.activate(P(99)), Err(FmError::UnknownPartition(p)) if p == P(99)));
+}
+
+#[test]
+fn backends_are_send_and_sync() {
+    fn check<T: Send + Sync + 'static>() {}
+    check::<SimFabricManager>();
+    check::<vfio_gpu_fabric::NvfmLibrary>();
+    check::<DeadlineFm>();
+    check::<FmError>();
+    check::<vfio_gpu_fabric::NvmlModuleIds>();
+}
+
+#[test]
+fn concurrent_activations_never_overlap() {
+    let (fm, _) = sim(Platform::HgxH100, Dialect::Newer);
+    let fm = Arc::new(fm);
+    let handles: Vec<_> = (0..15)
+        .map(|id| {
+            let fm = Arc::clone(&fm);
+            std::thread::spawn(move || fm.activate(P(id)).is_ok())
+        })
+        .collect();
+    let _ok: usize = handles
+        .into_iter()
+        .map(|h| usize::from(h.join().unwrap()))
+        .sum();
+    let active: Vec<PartitionId> = fm.state().active.into_iter().collect();
+    let t = Platform::HgxH100.topology();
+    for a in &active {
+        assert!(t.overlaps_active(*a, &active).is_empty(), "{active:?}");
+    }
+    assert!(!active.is_empty());
+}
