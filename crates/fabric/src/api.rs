@@ -1,7 +1,8 @@
 //! The [`FabricManager`] trait, the idempotency normalisation every backend
 //! shares, and a deadline wrapper.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
@@ -155,7 +156,9 @@ pub fn code_text(e: &FmError) -> String {
 pub struct DeadlineFm {
     inner: Arc<dyn FabricManager>,
     deadline: Duration,
-    blocked: Arc<Mutex<Option<String>>>,
+    /// Calls past their deadline and still running, by token.
+    blocked: Arc<Mutex<BTreeMap<u64, String>>>,
+    next: Arc<AtomicU64>,
 }
 
 impl DeadlineFm {
@@ -164,7 +167,8 @@ impl DeadlineFm {
         DeadlineFm {
             inner,
             deadline,
-            blocked: Arc::new(Mutex::new(None)),
+            blocked: Arc::new(Mutex::new(BTreeMap::new())),
+            next: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -173,9 +177,9 @@ impl DeadlineFm {
         self.deadline
     }
 
-    /// The call still running past its deadline, if any.
+    /// A call still running past its deadline, if any.
     pub fn blocked_on(&self) -> Option<String> {
-        lock(&self.blocked).clone()
+        lock(&self.blocked).values().next().cloned()
     }
 
     /// Runs `f` against the inner backend on a worker thread, waiting at most
@@ -191,19 +195,20 @@ impl DeadlineFm {
         let (tx, rx) = mpsc::channel();
         let inner = Arc::clone(&self.inner);
         let blocked = Arc::clone(&self.blocked);
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
         let start = Instant::now();
-        let what_owned = what.to_string();
         thread::Builder::new()
             .name("fabric-manager".into())
             .spawn(move || {
                 let result = f(inner.as_ref());
+                // Send under the lock: the caller's timeout path checks the
+                // channel under the same lock before it marks the call
+                // blocked, so the mark is always cleared here.
                 let mut b = lock(&blocked);
-                if b.as_deref() == Some(what_owned.as_str()) {
-                    tracing::warn!(call = %what_owned, late_by = ?start.elapsed(), "blocked Fabric Manager call returned");
-                    *b = None;
-                }
-                drop(b);
                 let _ = tx.send(result);
+                if let Some(what) = b.remove(&token) {
+                    tracing::warn!(call = %what, after = ?start.elapsed(), "blocked Fabric Manager call returned");
+                }
             })
             .map_err(|e| FmError::Worker(format!("cannot start a worker thread: {e}")))?;
         match rx.recv_timeout(deadline) {
@@ -217,7 +222,7 @@ impl DeadlineFm {
                 if let Ok(r) = rx.try_recv() {
                     return r;
                 }
-                *b = Some(what.to_string());
+                b.insert(token, what.to_string());
                 Err(FmError::Deadline {
                     what: what.to_string(),
                     waited: deadline,

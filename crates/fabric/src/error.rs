@@ -356,8 +356,9 @@ impl FmError {
         self.code() == Some(FmCode::VersionMismatch)
     }
 
-    /// FM could not be reached or the connection broke (connect per
-    /// operation makes a retry reconnect).
+    /// `fmConnect` failed (any code: FM not listening, wrong endpoint, struct
+    /// refused) or a call reported `CONNECTION_NOT_VALID`. Connect per
+    /// operation makes a retry reconnect.
     pub fn is_connection(&self) -> bool {
         matches!(
             self,

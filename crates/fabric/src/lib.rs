@@ -13,8 +13,10 @@
 //! - [`ModuleMap`]: module id ↔ BDF, from ranked sources; [`NvmlModuleIds`]
 //!   reads module ids through NVML.
 //!
-//! Design and sources: `docs` reference "NVIDIA Fabric Manager: NVLink
-//! partitions for passthrough VMs".
+//! Design and sources: the project reference "NVIDIA Fabric Manager: NVLink
+//! partitions for passthrough VMs" (`fabric-manager.md`: §4 SDK, §5
+//! partition tables, §6 module ids, §8 restarts, §11 design, §13
+//! corrections). No NVIDIA header or code is vendored.
 
 #![warn(missing_docs)]
 
