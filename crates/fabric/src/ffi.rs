@@ -11,7 +11,8 @@
 //! unsupported-partition structs), the field list is the one whose sizes add
 //! up exactly under the limits the reference names (`FM_MAX_NUM_GPUS`,
 //! `FM_MAX_NUM_NVSWITCHES`, `FM_MAX_NUM_NVLINK_PORTS`, the UUID and BDF buffer
-//! sizes); callers only read the counts and ids from them.
+//! sizes); the field order was cross-checked against the public layout (as
+//! the reference allows for go-nvfm), nothing copied.
 
 use std::ffi::{c_char, c_int, c_uint, c_void};
 use std::mem::{offset_of, size_of};

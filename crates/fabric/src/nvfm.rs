@@ -69,9 +69,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// [`FabricManager`] over the host's `libnvfm`.
 ///
 /// `fmLibInit` runs once per process and library (reference-counted;
-/// `fmLibShutdown` when the last user drops). Every operation connects,
-/// calls and disconnects; operations are serialised (the library's thread
-/// safety is undocumented). Use [`crate::DeadlineFm`] for deadlines.
+/// `fmLibShutdown` when the last user drops; an `IN_USE` answer means another
+/// component of the process initialised it, and then we never shut it down).
+/// Every operation connects, calls and disconnects, so an FM restart between
+/// operations costs nothing. Operations on one `NvfmLibrary` are serialised
+/// (the library's thread safety is undocumented): share one instance. Use
+/// [`crate::DeadlineFm`] for deadlines.
+///
+/// The v2 connect struct is tried first; after a `VERSION_MISMATCH` the v1
+/// struct is used (if allowed) and remembered for later operations.
 pub struct NvfmLibrary {
     // Field order: the symbols are plain copies; `_lib` must outlive calls,
     // and it is only dropped with `self`, after `Drop::drop` ran.
@@ -149,13 +155,17 @@ impl NvfmLibrary {
                         Some(FmCode::Success) => true,
                         // Initialised by someone else in this process.
                         Some(FmCode::InUse) => false,
-                        _ => {
-                            return Err(api::check(Call::LibInit, raw).err().unwrap_or(
-                                FmError::UnknownCode {
-                                    call: Call::LibInit,
-                                    raw,
-                                },
-                            ));
+                        Some(code) => {
+                            return Err(FmError::Fm {
+                                call: Call::LibInit,
+                                code,
+                            });
+                        }
+                        None => {
+                            return Err(FmError::UnknownCode {
+                                call: Call::LibInit,
+                                raw,
+                            });
                         }
                     };
                     map.insert(init_key, (1, ours));
@@ -183,8 +193,11 @@ impl NvfmLibrary {
         self.connect_version.load(Ordering::Relaxed)
     }
 
+    /// `timeoutMs`, at least 1: what 0 means is undocumented (§13.12).
     fn timeout_ms(&self) -> u32 {
-        u32::try_from(self.config.connect_timeout.as_millis()).unwrap_or(u32::MAX)
+        u32::try_from(self.config.connect_timeout.as_millis())
+            .unwrap_or(u32::MAX)
+            .max(1)
     }
 
     fn connect_with(&self, params: *mut c_void) -> Result<ffi::FmHandle, FmError> {

@@ -392,3 +392,24 @@ fn nvml_without_module_id_symbol_is_a_clear_error() {
     let e = NvmlModuleIds::open_path(Path::new("/nonexistent/libnvidia-ml.so.1"));
     assert!(matches!(e, Err(NvmlError::Load { .. })));
 }
+
+#[test]
+fn library_initialised_by_someone_else_is_used_and_left_initialised() {
+    let dir = TempDir::new().unwrap();
+    install(dir.path());
+    let path = dir.path().join("libnvfm.so.1");
+    let state = dir.path().join("fm-socket");
+    write_state(&state, &SimState::new(Platform::HgxH100));
+    // SAFETY: loads the test's own fake library copy.
+    let other = unsafe { libloading::Library::new(&path) }.unwrap();
+    // SAFETY: `fmLibInit` is `int(void)` in the fake (and the SDK).
+    let init = unsafe { other.get::<unsafe extern "C" fn() -> i32>(b"fmLibInit\0") }.unwrap();
+    // SAFETY: plain C call into the loaded library.
+    assert_eq!(unsafe { init() }, 0);
+    let lib = NvfmLibrary::open_path(&path, NvfmConfig::new(Endpoint::Unix(state))).unwrap();
+    assert_eq!(lib.activate(P(0)).unwrap(), Activated::Activated);
+    drop(lib);
+    // We did not initialise it, so we did not shut it down.
+    // SAFETY: as above.
+    assert_eq!(unsafe { init() }, FmCode::InUse.raw());
+}
