@@ -62,7 +62,7 @@ pub const fn make_version(size: usize, ver: u32) -> c_uint {
 pub struct FmConnectParamsV2 {
     /// [`FM_CONNECT_PARAMS_V2_VERSION`].
     pub version: c_uint,
-    /// NUL-terminated address: IPv4[:port], Unix socket path, or `cid:port`.
+    /// NUL-terminated address: `IPv4[:port]`, Unix socket path, or `cid:port`.
     pub address_info: [c_char; FM_MAX_STR_LENGTH],
     /// Connect timeout in milliseconds.
     pub timeout_ms: c_uint,
@@ -78,7 +78,7 @@ pub struct FmConnectParamsV2 {
 pub struct FmConnectParamsV1 {
     /// [`FM_CONNECT_PARAMS_V1_VERSION`].
     pub version: c_uint,
-    /// NUL-terminated address: IPv4[:port] or Unix socket path.
+    /// NUL-terminated address: `IPv4[:port]` or Unix socket path.
     pub address_info: [c_char; FM_MAX_STR_LENGTH],
     /// Connect timeout in milliseconds.
     pub timeout_ms: c_uint,
