@@ -1,0 +1,275 @@
+//! The [`FabricManager`] trait, the idempotency normalisation every backend
+//! shares, and a deadline wrapper.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::error::{Call, FmCode, FmError};
+use crate::types::{
+    Activated, Deactivated, ModuleId, NvlinkFailedDevices, PartitionId, PartitionList,
+    UnsupportedPartition,
+};
+
+/// One method per Fabric Manager SDK call we use. Implementations connect per
+/// operation (so an FM restart between calls costs nothing) and are `Send +
+/// Sync`, so the engine can run any call on a worker thread under a deadline
+/// ([`DeadlineFm`]).
+///
+/// # Idempotency
+///
+/// FM speaks two dialects (reference §4, §13.2–13.5). Implementations
+/// normalise both the same way:
+///
+/// | FM answer | to | result |
+/// |---|---|---|
+/// | `IN_USE` (−7) or `PARTITION_ID_IN_USE` (−17) | activate | re-query: partition active → `Ok(AlreadyActive(code))`; inactive → `Err(Overlap)`; unlisted → `Err(UnknownPartition)` |
+/// | `UNINITIALIZED` (−4) or `PARTITION_ID_NOT_IN_USE` (−18) | deactivate | re-query: listed and inactive → `Ok(NotActive(code))`; otherwise (still active, or the re-query fails because the library really is uninitialised) the original error |
+/// | `NOT_CONFIGURED` (−8) or `NOT_READY` (−22) | any | `Err`, [`FmError::is_retryable`] |
+///
+/// The re-query runs on the same connection as the call.
+pub trait FabricManager: Send + Sync {
+    /// `fmGetSupportedFabricPartitions`: every partition with `isActive`.
+    fn get_supported_partitions(&self) -> Result<PartitionList, FmError>;
+    /// `fmActivateFabricPartition` (Shared NVSwitch mode), normalised.
+    fn activate(&self, id: PartitionId) -> Result<Activated, FmError>;
+    /// `fmDeactivateFabricPartition`, normalised.
+    fn deactivate(&self, id: PartitionId) -> Result<Deactivated, FmError>;
+    /// `fmSetActivatedFabricPartitions`: the replay FM waits for (60 s) after
+    /// a `--restart`; the list may be empty but must be sent.
+    fn set_activated_partitions(&self, ids: &[PartitionId]) -> Result<(), FmError>;
+    /// `fmGetNvlinkFailedDevices` (always empty on H100+; `NOT_SUPPORTED`
+    /// in `--restart` mode is not a health failure).
+    fn get_nvlink_failed_devices(&self) -> Result<NvlinkFailedDevices, FmError>;
+    /// `fmGetUnsupportedFabricPartitions` (always empty on H100+).
+    fn get_unsupported_partitions(&self) -> Result<Vec<UnsupportedPartition>, FmError>;
+}
+
+/// One connected session: the raw calls the normalisation needs.
+pub(crate) trait Session {
+    fn list(&mut self) -> Result<PartitionList, FmError>;
+    fn activate_raw(&mut self, id: PartitionId) -> Result<(), FmError>;
+    fn deactivate_raw(&mut self, id: PartitionId) -> Result<(), FmError>;
+}
+
+/// Activate with the dialects normalised (see [`FabricManager`]).
+pub(crate) fn activate_normalised(
+    s: &mut dyn Session,
+    id: PartitionId,
+) -> Result<Activated, FmError> {
+    let err = match s.activate_raw(id) {
+        Ok(()) => return Ok(Activated::Activated),
+        Err(e) => e,
+    };
+    let Some(code) = err.code().filter(|c| c.is_in_use_dialect()) else {
+        return Err(err);
+    };
+    let Ok(list) = s.list() else {
+        return Err(err);
+    };
+    let Some(p) = list.get(id) else {
+        return Err(FmError::UnknownPartition(id));
+    };
+    if p.is_active {
+        return Ok(Activated::AlreadyActive(code));
+    }
+    let mine: BTreeSet<ModuleId> = p.modules().collect();
+    let active = list
+        .partitions
+        .iter()
+        .filter(|o| o.is_active && o.id != id && o.modules().any(|m| mine.contains(&m)))
+        .map(|o| o.id)
+        .collect();
+    Err(FmError::Overlap {
+        call: Call::Activate,
+        partition: id,
+        code,
+        active,
+    })
+}
+
+/// Deactivate with the dialects normalised (see [`FabricManager`]).
+pub(crate) fn deactivate_normalised(
+    s: &mut dyn Session,
+    id: PartitionId,
+) -> Result<Deactivated, FmError> {
+    let err = match s.deactivate_raw(id) {
+        Ok(()) => return Ok(Deactivated::Deactivated),
+        Err(e) => e,
+    };
+    let Some(code) = err.code().filter(|c| c.is_not_in_use_dialect()) else {
+        return Err(err);
+    };
+    match s.list() {
+        Ok(list) => match list.get(id) {
+            Some(p) if !p.is_active => Ok(Deactivated::NotActive(code)),
+            Some(_) => Err(err),
+            None => Err(FmError::UnknownPartition(id)),
+        },
+        Err(_) => Err(err),
+    }
+}
+
+/// Checks a partition list FM returned: unique partition ids and no
+/// duplicate member within a partition (NVIDIA validates the same).
+pub(crate) fn validate_list(call: Call, list: &PartitionList) -> Result<(), FmError> {
+    let mut ids = BTreeSet::new();
+    for p in &list.partitions {
+        if !ids.insert(p.id) {
+            return Err(FmError::Abi {
+                call,
+                detail: format!("partition id {} listed twice", p.id),
+            });
+        }
+        let mut members = BTreeSet::new();
+        if let Some(dup) = p.modules().find(|m| !members.insert(*m)) {
+            return Err(FmError::Abi {
+                call,
+                detail: format!("partition {} lists GPU {dup} twice", p.id),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Maps a raw code to `Ok`/`Err`; shorthand for [`FmError::check`].
+pub(crate) fn check(call: Call, raw: i32) -> Result<(), FmError> {
+    FmError::check(call, raw)
+}
+
+/// The code FM answered an error with, for logs.
+pub fn code_text(e: &FmError) -> String {
+    e.code()
+        .map_or_else(|| e.to_string(), |c: FmCode| c.to_string())
+}
+
+/// Runs every call of an inner [`FabricManager`] on a worker thread and
+/// waits at most a deadline (the kubelet gives a whole Prepare 45 s).
+///
+/// A call past its deadline keeps running (a C call cannot be cancelled); until
+/// it returns, new calls fail at once with [`FmError::Stuck`] rather than
+/// queueing behind it.
+#[derive(Clone)]
+pub struct DeadlineFm {
+    inner: Arc<dyn FabricManager>,
+    deadline: Duration,
+    /// Calls past their deadline and still running, by token.
+    blocked: Arc<Mutex<BTreeMap<u64, String>>>,
+    next: Arc<AtomicU64>,
+}
+
+impl DeadlineFm {
+    /// Wraps `inner`; each trait call waits at most `deadline`.
+    pub fn new(inner: Arc<dyn FabricManager>, deadline: Duration) -> Self {
+        DeadlineFm {
+            inner,
+            deadline,
+            blocked: Arc::new(Mutex::new(BTreeMap::new())),
+            next: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The default deadline.
+    pub fn deadline(&self) -> Duration {
+        self.deadline
+    }
+
+    /// A call still running past its deadline, if any.
+    pub fn blocked_on(&self) -> Option<String> {
+        lock(&self.blocked).values().next().cloned()
+    }
+
+    /// Runs `f` against the inner backend on a worker thread, waiting at most
+    /// `deadline`.
+    pub fn call_within<T, F>(&self, what: &str, deadline: Duration, f: F) -> Result<T, FmError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn FabricManager) -> Result<T, FmError> + Send + 'static,
+    {
+        if let Some(b) = self.blocked_on() {
+            return Err(FmError::Stuck(b));
+        }
+        let (tx, rx) = mpsc::channel();
+        let inner = Arc::clone(&self.inner);
+        let blocked = Arc::clone(&self.blocked);
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        let start = Instant::now();
+        thread::Builder::new()
+            .name("fabric-manager".into())
+            .spawn(move || {
+                let result = f(inner.as_ref());
+                // Send under the lock: the caller's timeout path checks the
+                // channel under the same lock before it marks the call
+                // blocked, so the mark is always cleared here.
+                let mut b = lock(&blocked);
+                let _ = tx.send(result);
+                if let Some(what) = b.remove(&token) {
+                    tracing::warn!(call = %what, after = ?start.elapsed(), "blocked Fabric Manager call returned");
+                }
+            })
+            .map_err(|e| FmError::Worker(format!("cannot start a worker thread: {e}")))?;
+        match rx.recv_timeout(deadline) {
+            Ok(r) => r,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(FmError::Worker(format!("{what}: worker thread died")))
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let mut b = lock(&self.blocked);
+                // The worker may have finished between the timeout and the lock.
+                if let Ok(r) = rx.try_recv() {
+                    return r;
+                }
+                b.insert(token, what.to_string());
+                Err(FmError::Deadline {
+                    what: what.to_string(),
+                    waited: deadline,
+                })
+            }
+        }
+    }
+
+    fn call<T, F>(&self, what: &str, f: F) -> Result<T, FmError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn FabricManager) -> Result<T, FmError> + Send + 'static,
+    {
+        self.call_within(what, self.deadline, f)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl FabricManager for DeadlineFm {
+    fn get_supported_partitions(&self) -> Result<PartitionList, FmError> {
+        self.call(Call::GetSupportedPartitions.symbol(), |fm| {
+            fm.get_supported_partitions()
+        })
+    }
+    fn activate(&self, id: PartitionId) -> Result<Activated, FmError> {
+        self.call(Call::Activate.symbol(), move |fm| fm.activate(id))
+    }
+    fn deactivate(&self, id: PartitionId) -> Result<Deactivated, FmError> {
+        self.call(Call::Deactivate.symbol(), move |fm| fm.deactivate(id))
+    }
+    fn set_activated_partitions(&self, ids: &[PartitionId]) -> Result<(), FmError> {
+        let ids = ids.to_vec();
+        self.call(Call::SetActivatedPartitions.symbol(), move |fm| {
+            fm.set_activated_partitions(&ids)
+        })
+    }
+    fn get_nvlink_failed_devices(&self) -> Result<NvlinkFailedDevices, FmError> {
+        self.call(Call::GetNvlinkFailedDevices.symbol(), |fm| {
+            fm.get_nvlink_failed_devices()
+        })
+    }
+    fn get_unsupported_partitions(&self) -> Result<Vec<UnsupportedPartition>, FmError> {
+        self.call(Call::GetUnsupportedPartitions.symbol(), |fm| {
+            fm.get_unsupported_partitions()
+        })
+    }
+}
