@@ -124,6 +124,21 @@ pub enum EngineError {
         /// Who.
         holders: Vec<NodeHolder>,
     },
+    /// Too few file descriptors are free for a move and its rollback: nothing
+    /// was changed; retry once descriptors are free again.
+    #[error(
+        "{bdf}: only {free} file descriptors are free (of {limit}); a move needs {needed} so that its rollback can never be starved; nothing was changed, retry"
+    )]
+    FdsExhausted {
+        /// GPU.
+        bdf: Bdf,
+        /// Descriptors free now.
+        free: u64,
+        /// The soft limit.
+        limit: u64,
+        /// What a move reserves.
+        needed: u64,
+    },
     /// Turning nvidia persistence mode off failed.
     #[error("{bdf}: could not turn nvidia persistence mode off: {detail}")]
     Persistence {

@@ -33,6 +33,9 @@ impl Engine {
         // Only once the locks are ours: waiting for another instance is not
         // this prepare's work (n8).
         let _budget = OperationBudget::start(self.config.operation_budget);
+        // Before the first host write: a move that could not open the files
+        // its rollback needs would strand the GPU (security review H1).
+        check_fd_headroom(bdf)?;
         let carried = match self.prior_record(bdf, &holder, started)? {
             Prior::Done(outcome) => return Ok(outcome),
             Prior::Carry(rec) => rec,
@@ -427,4 +430,38 @@ enum Prior {
     Done(Outcome),
     /// Go on, carrying this record's origins (a re-drive) or starting afresh.
     Carry(Option<GpuRecord>),
+}
+
+/// Descriptors a move keeps free for itself and its rollback: every sysfs
+/// write and read opens one, a few at a time per function, plus the ledger.
+pub(crate) const FD_RESERVE: u64 = 64;
+
+/// Refuses a move while fewer than [`FD_RESERVE`] descriptors are free under
+/// the soft `RLIMIT_NOFILE`. Counting needs a descriptor too: when even that
+/// fails, nothing is free.
+fn check_fd_headroom(bdf: Bdf) -> Result<(), EngineError> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
+        || lim.rlim_cur == libc::RLIM_INFINITY
+    {
+        return Ok(());
+    }
+    let limit = lim.rlim_cur;
+    let open = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count() as u64)
+        .unwrap_or(limit);
+    let free = limit.saturating_sub(open);
+    if free < FD_RESERVE {
+        return Err(EngineError::FdsExhausted {
+            bdf,
+            free,
+            limit,
+            needed: FD_RESERVE,
+        });
+    }
+    Ok(())
 }

@@ -138,6 +138,7 @@ impl Engine {
         let commands = Arc::clone(&self.commands);
         let root = self.root.clone();
         let label = format!("{program} {}", args.join(" "));
+        let limit = self.config.command_deadline + std::time::Duration::from_secs(1);
         read_with_deadline(
             &self.stuck,
             gpu,
@@ -145,7 +146,9 @@ impl Engine {
             self.config.command_deadline,
             move || {
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                commands.run(&root, program, &args)
+                // Killed a little after the caller stops waiting, so neither
+                // the program nor this thread lingers (review n11).
+                commands.run_for(&root, program, &args, limit)
             },
         )
         .unwrap_or_else(Err)
