@@ -806,6 +806,23 @@ impl World {
         Ok(())
     }
 
+    /// The ledger on disk in short, for traces.
+    fn ledger_states(&self) -> String {
+        match fs::read(self.state.join("ledger.json")) {
+            Err(_) => "none".into(),
+            Ok(b) => match vfio_gpu_engine::ledger::decode(&b) {
+                Err(e) => e,
+                Ok(body) => format!(
+                    "{:?}",
+                    body.gpus
+                        .iter()
+                        .map(|(b, r)| (b.to_string(), r.state, r.holder.as_ref().map(|h| h.to_string())))
+                        .collect::<Vec<_>>()
+                ),
+            },
+        }
+    }
+
     /// I3: the ledger on disk against sysfs and the kubelet's claims.
     fn check_ledger(&self) -> Check {
         let path = self.state.join("ledger.json");
@@ -887,7 +904,12 @@ fn run_with(ops: &[Op], skip: BTreeSet<String>) -> Result<(), String> {
         let log = w.k.log().len();
         let r = w.step(op);
         if std::env::var_os("MODEL_TRACE").is_some() {
-            eprintln!("{op:?}: {:?}\n  {}", &w.k.log()[log..], w.describe());
+            eprintln!(
+                "{op:?}: {:?}\n  {}\n  ledger: {}",
+                &w.k.log()[log..],
+                w.describe(),
+                w.ledger_states()
+            );
         }
         r
             .map_err(|e| format!("{e}\n  after {done:?}\n  host: {}", w.describe()))?;
@@ -971,7 +993,7 @@ proptest! {
     })]
 
     #[test]
-    fn engine_keeps_its_promises(ops in prop::collection::vec(op(), 5..25)) {
+    fn engine_keeps_its_promises(ops in prop::collection::vec(op(), 1..25)) {
         let skip = skip_from_env();
         if let Err(e) = run_with(&ops, skip) {
             prop_assert!(false, "{}", e);
@@ -1052,6 +1074,18 @@ fn a_release_finished_by_a_prepare_out_of_budget_leaves_no_function_driverless()
         unconfigure(0, 1),
         Op::SlowRemove(true),
         Op::Tight(Box::new(configure(0, 2))),
+    ])
+    .unwrap();
+}
+
+#[test]
+#[ignore = "fails until n2 (and n16) are fixed: a failed rollback released later is kept as admin-owned, reported on vfio with its HDA on snd_hda_intel"]
+fn a_failed_rollback_of_a_gpu_with_audio_released_later_is_restored() {
+    run(&[
+        bind_fails(1, true, 1),
+        bind_fails(0, false, 1),
+        configure(0, 2),
+        unconfigure(0, 2),
     ])
     .unwrap();
 }
