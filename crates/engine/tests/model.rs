@@ -220,6 +220,10 @@ struct World {
     main: Option<Engine>,
     gates: Vec<(Bdf, BlockHandle)>,
     model: Model,
+    /// Injected bind failures not yet consumed, per (function, to vfio-pci).
+    bind_faults: std::collections::BTreeMap<(usize, bool), usize>,
+    /// Injected "probe binds nothing" not yet consumed, per function.
+    probe_faults: [usize; 4],
     /// The ledger as it was before another version replaced it (`None`: no file).
     newer_saved: Option<Option<Vec<u8>>>,
     skip: BTreeSet<String>,
@@ -289,6 +293,8 @@ impl World {
             k,
             main: None,
             gates: Vec::new(),
+            bind_faults: Default::default(),
+            probe_faults: [0; 4],
             model,
             newer_saved: None,
             skip,
@@ -479,6 +485,7 @@ impl World {
                 errno,
             } => {
                 let driver = if *vfio { "vfio-pci" } else { host_driver(*f) };
+                *self.bind_faults.entry((*f, *vfio)).or_default() += times;
                 for _ in 0..*times {
                     self.k.inject(Fault {
                         kind: Some("bind"),
@@ -491,6 +498,7 @@ impl World {
                 Ok(())
             }
             Op::ProbeBindsNothing { f } => {
+                self.probe_faults[*f] += 1;
                 self.k.inject(Fault::on(
                     "drivers_probe",
                     fbdf(*f),
@@ -576,6 +584,7 @@ impl World {
 
     fn engine_op_results(&mut self, who: Who, op: &Op) -> Outcomes {
         let before = self.drivers();
+        let log_start = self.k.log().len();
         let keep: [bool; 3] = std::array::from_fn(|g| self.model.keep(g));
         let pinned: [bool; 3] = std::array::from_fn(|g| self.model.pinned(g));
         for g in 0..GPUS.len() {
@@ -681,9 +690,16 @@ impl World {
                 })?;
             }
         }
-        // I2: never driverless after an operation, unless a write is blocked.
+        // I2: never driverless after an operation, unless a write to it is
+        // blocked, or the kernel refused both ways out (vfio-pci and the
+        // host driver) or a probe bound nothing. Functions the operation did
+        // not write keep the verdict of the one that did; `settle` checks all.
+        let excused = self.consume_faults(&self.k.log()[log_start..]);
         for (f, driver) in after.iter().enumerate() {
-            let ok = driver.is_some() || self.blocked(f);
+            let ok = driver.is_some() || self.blocked(f) || excused[f] || {
+                let name = FNS[f];
+                !self.k.log()[log_start..].iter().any(|l| l.contains(name))
+            };
             self.check("I2", ok, || {
                 format!("{who:?} {op:?} left {} without a driver: {}", FNS[f], self.describe())
             })?;
@@ -705,6 +721,40 @@ impl World {
             }
         }
         Ok(outcomes)
+    }
+
+    /// Counts the injected faults the writes in `log` used up; per function,
+    /// whether the kernel left it no way to a driver (both vfio-pci and the
+    /// host driver refused, or a probe bound nothing).
+    fn consume_faults(&mut self, log: &[String]) -> [bool; 4] {
+        let mut refused = [[false; 2]; 4];
+        let mut probed_nothing = [false; 4];
+        for line in log {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let f = |b: &str| (0..FNS.len()).find(|&f| FNS[f] == b);
+            match words.as_slice() {
+                ["bind", b, "to", d] => {
+                    let Some(f) = f(b) else { continue };
+                    let vfio = *d == "vfio-pci";
+                    if !vfio && *d != host_driver(f) {
+                        continue;
+                    }
+                    if let Some(n) = self.bind_faults.get_mut(&(f, vfio)).filter(|n| **n > 0) {
+                        *n -= 1;
+                        refused[f][usize::from(vfio)] = true;
+                    }
+                }
+                ["drivers_probe", b] => {
+                    let Some(f) = f(b) else { continue };
+                    if self.probe_faults[f] > 0 {
+                        self.probe_faults[f] -= 1;
+                        probed_nothing[f] = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        std::array::from_fn(|f| (refused[f][0] && refused[f][1]) || probed_nothing[f])
     }
 
     /// I6 for an unprepare that reported success: what it says it did is
@@ -754,6 +804,8 @@ impl World {
     /// operations it runs, the per-operation invariants).
     fn settle(&mut self) -> Check {
         self.k.clear_faults();
+        self.bind_faults.clear();
+        self.probe_faults = [0; 4];
         self.step(&Op::SlowRemove(false))?;
         self.step(&Op::LedgerFull(false))?;
         self.step(&Op::LedgerNewer(false))?;
@@ -777,6 +829,11 @@ impl World {
             self.check("I3", r.is_ok(), || format!("reconcile at rest failed: {r:?}"))?;
         }
         self.check_ledger()?;
+        for f in 0..FNS.len() {
+            self.check("I2", self.sysfs(f).0.is_some(), || {
+                format!("{} has no driver at rest: {}", FNS[f], self.describe())
+            })?;
+        }
         // I5: origins are never forgotten.
         for g in 0..GPUS.len() {
             let m = &self.model;
@@ -1047,6 +1104,19 @@ fn a_release_finished_by_reconcile_honours_driverctl_written_meanwhile() {
             f: 2,
             to: Some(Dc::Vfio),
         },
+        Op::Reconcile,
+    ])
+    .unwrap();
+}
+
+#[test]
+#[ignore = "fails until n10 is fixed: reconcile finishes a release without asking intent again"]
+fn a_release_finished_by_reconcile_honours_a_policy_entry_added_meanwhile() {
+    run(&[
+        configure(1, 2),
+        bind_fails(2, false, 1),
+        unconfigure(1, 2),
+        Op::Policy { gpu: 1, on: true },
         Op::Reconcile,
     ])
     .unwrap();
