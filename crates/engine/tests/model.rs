@@ -1123,6 +1123,20 @@ fn a_release_finished_by_reconcile_honours_a_policy_entry_added_meanwhile() {
 }
 
 #[test]
+#[ignore = "fails until fixed (new): the admin's driver_override vfio-pci counts as ours once a prepare writes the same value, so the release restores the host driver"]
+fn an_admin_override_to_vfio_written_before_a_prepare_keeps_the_gpu_on_vfio() {
+    run(&[
+        Op::AdminOverride {
+            f: 0,
+            to: Some(true),
+        },
+        configure(0, 2),
+        unconfigure(0, 2),
+    ])
+    .unwrap();
+}
+
+#[test]
 #[ignore = "fails until n2 is fixed: a failed rollback released later is taken for admin ownership"]
 fn a_failed_rollback_released_later_returns_to_the_original_driver() {
     run(&[
