@@ -23,6 +23,7 @@
 //!   says (original drivers, or vfio when the admin keeps it).
 //! - I7: a prepare that reports success leaves the whole group on vfio.
 //! - I8: the drivers an `Outcome` reports are the ones sysfs shows.
+//! - I9: no process writes to a device while a write to it is blocked.
 //!
 //! "At rest" is reached by `Settle` and at the end of every case: faults
 //! cleared, blocked writes let go, the ledger made writable, a reconcile, the
@@ -114,7 +115,8 @@ pub enum Op {
     /// A second process (the CLI, the other instance of a rolling update)
     /// reconciles the same state directory.
     OtherReconcile,
-    /// The operation runs with a 75 ms budget (spent by one slow remove).
+    /// The operation runs with a 75 ms budget, and vfio-pci's `remove()`
+    /// takes 150 ms during it: the budget runs out mid-operation.
     Tight(Box<Op>),
     /// `/etc/driverctl.d/pci-<BDF>` written (`Some`) or removed.
     Driverctl { f: usize, to: Option<Dc> },
@@ -220,6 +222,8 @@ struct World {
     main: Option<Engine>,
     gates: Vec<(Bdf, BlockHandle)>,
     model: Model,
+    /// vfio-pci's `remove()` is slow (`SlowRemove`).
+    slow: bool,
     /// Injected bind failures not yet consumed, per (function, to vfio-pci).
     bind_faults: std::collections::BTreeMap<(usize, bool), usize>,
     /// Injected "probe binds nothing" not yet consumed, per function.
@@ -228,6 +232,10 @@ struct World {
     newer_saved: Option<Option<Vec<u8>>>,
     skip: BTreeSet<String>,
 }
+
+/// How long a slow vfio-pci `remove()` takes: past a tight budget (75 ms),
+/// within the unbind deadline (300 ms).
+const SLOW_REMOVE: Duration = Duration::from_millis(150);
 
 type Check = Result<(), String>;
 /// An operation's per-GPU results, or the first invariant it broke.
@@ -293,6 +301,7 @@ impl World {
             k,
             main: None,
             gates: Vec::new(),
+            slow: false,
             bind_faults: Default::default(),
             probe_faults: [0; 4],
             model,
@@ -521,7 +530,8 @@ impl World {
                 Ok(())
             }
             Op::SlowRemove(on) => {
-                let t = Duration::from_millis(if *on { 150 } else { 0 });
+                self.slow = *on;
+                let t = if *on { SLOW_REMOVE } else { Duration::ZERO };
                 self.k.set_latency("unbind", "vfio-pci", t);
                 Ok(())
             }
@@ -585,6 +595,7 @@ impl World {
     fn engine_op_results(&mut self, who: Who, op: &Op) -> Outcomes {
         let before = self.drivers();
         let log_start = self.k.log().len();
+        let blocked_before: Vec<usize> = (0..FNS.len()).filter(|&f| self.blocked(f)).collect();
         let keep: [bool; 3] = std::array::from_fn(|g| self.model.keep(g));
         let pinned: [bool; 3] = std::array::from_fn(|g| self.model.pinned(g));
         for g in 0..GPUS.len() {
@@ -601,6 +612,9 @@ impl World {
             }
             Who::Tight | Who::Other => self.open(who),
         };
+        if who == Who::Tight {
+            self.k.set_latency("unbind", "vfio-pci", SLOW_REMOVE);
+        }
         let mut crashed = false;
         let mut outcomes = Vec::new();
         let result: Result<(), String> = match *op {
@@ -641,6 +655,9 @@ impl World {
                 self.main = Some(main);
             }
             Who::Tight | Who::Other => drop(e),
+        }
+        if who == Who::Tight && !self.slow {
+            self.k.set_latency("unbind", "vfio-pci", Duration::ZERO);
         }
         let after = self.drivers();
 
@@ -702,6 +719,14 @@ impl World {
             };
             self.check("I2", ok, || {
                 format!("{who:?} {op:?} left {} without a driver: {}", FNS[f], self.describe())
+            })?;
+        }
+        // I9: a device with a write still blocked is left alone by everyone.
+        for &f in &blocked_before {
+            let log = self.k.log();
+            let touched: Vec<&String> = log[log_start..].iter().filter(|l| l.contains(FNS[f])).collect();
+            self.check("I9", touched.is_empty(), || {
+                format!("{who:?} {op:?} wrote to {} while a write to it is blocked: {touched:?}", FNS[f])
             })?;
         }
         // I8: what an outcome says is what sysfs shows.
@@ -951,7 +976,7 @@ fn run_with(ops: &[Op], skip: BTreeSet<String>) -> Result<(), String> {
     // Operations named in MODEL_SKIP are left out (a known defect's trigger).
     let named = |op: &Op| {
         let text = format!("{op:?}");
-        skip.iter().any(|s| text.starts_with(s.as_str()))
+        skip.iter().any(|s| text.contains(s.as_str()))
     };
     let ops: Vec<&Op> = ops.iter().filter(|op| !named(op)).collect();
     let mut w = World::new(skip);
@@ -1156,7 +1181,6 @@ fn a_release_finished_by_a_prepare_out_of_budget_leaves_no_function_driverless()
         configure(0, 1),
         bind_fails(0, false, 1),
         unconfigure(0, 1),
-        Op::SlowRemove(true),
         Op::Tight(Box::new(configure(0, 2))),
     ])
     .unwrap();
@@ -1170,6 +1194,63 @@ fn a_failed_rollback_of_a_gpu_with_audio_released_later_is_restored() {
         bind_fails(0, false, 1),
         configure(0, 2),
         unconfigure(0, 2),
+    ])
+    .unwrap();
+}
+
+// ------------------------------------------------------------ the model itself
+//
+// Where the engine is right, the model must agree with it: these pass.
+
+#[test]
+fn every_intent_source_keeps_a_released_gpu_on_vfio_and_the_model_agrees() {
+    let sources = [
+        Op::Driverctl {
+            f: 2,
+            to: Some(Dc::Vfio),
+        },
+        Op::Modprobe { f: 2, on: true },
+        Op::Cmdline { f: 2, on: true },
+        Op::Policy { gpu: 1, on: true },
+    ];
+    for intent in sources {
+        run(&[configure(1, 1), intent, unconfigure(1, 1)]).unwrap();
+    }
+    // A pin refuses the prepare; nothing moves.
+    run(&[
+        Op::Driverctl {
+            f: 1,
+            to: Some(Dc::Host),
+        },
+        configure(0, 1),
+    ])
+    .unwrap();
+}
+
+#[test]
+fn a_crash_at_any_step_of_a_prepare_or_release_settles() {
+    for step in 1..=14 {
+        run(&[
+            Op::Crash {
+                step,
+                op: Box::new(configure(0, 1)),
+            },
+            Op::Crash {
+                step,
+                op: Box::new(unconfigure(0, 1)),
+            },
+        ])
+        .unwrap_or_else(|e| panic!("crash after step {step}: {e}"));
+    }
+}
+
+#[test]
+#[ignore = "fails until n4 is fixed: another process clears stuck_on and writes to the stuck device"]
+fn a_second_process_leaves_a_device_with_a_blocked_unbind_alone() {
+    run(&[
+        Op::UnbindBlocks { f: 2 },
+        configure(1, 1),
+        Op::OtherReconcile,
     ])
     .unwrap();
 }
