@@ -411,6 +411,25 @@ impl World {
             }
             Op::OtherReconcile => self.engine_op(Who::Other, &Op::Reconcile),
             Op::Tight(op) => self.engine_op(Who::Tight, op),
+            Op::Driverctl { .. }
+            | Op::Modprobe { .. }
+            | Op::Cmdline { .. }
+            | Op::AdminOverride { .. }
+            | Op::Policy { .. } => {
+                self.admin(op);
+                Ok(())
+            }
+            Op::Settle => self.settle(),
+            _ => {
+                self.fault(op);
+                Ok(())
+            }
+        }
+    }
+
+    /// The admin changes intent through one source.
+    fn admin(&mut self, op: &Op) {
+        match op {
             Op::Driverctl { f, to } => {
                 let path = self.host.join(format!("etc/driverctl.d/pci-{}", FNS[*f]));
                 match to {
@@ -428,7 +447,6 @@ impl World {
                     }
                 }
                 self.model.driverctl[*f] = *to;
-                Ok(())
             }
             Op::Modprobe { f, on } => {
                 set(&mut self.model.modprobe, *f, *on);
@@ -442,7 +460,6 @@ impl World {
                     )
                     .unwrap();
                 }
-                Ok(())
             }
             Op::Cmdline { f, on } => {
                 set(&mut self.model.cmdline, *f, *on);
@@ -451,7 +468,6 @@ impl World {
                     line += &format!(" vfio-pci.ids={}", ids(&self.model.cmdline));
                 }
                 fs::write(self.host.join("proc/cmdline"), line + "\n").unwrap();
-                Ok(())
             }
             Op::AdminOverride { f, to } => {
                 let current = self.sysfs(*f).1;
@@ -461,7 +477,7 @@ impl World {
                         Some(if *vfio { "vfio-pci" } else { host_driver(*f) }.to_string())
                     }
                     None if current.is_some() && current == self.model.admin_override[*f] => None,
-                    _ => return Ok(()),
+                    _ => return,
                 };
                 self.k
                     .write(&SysfsWrite::DriverOverride {
@@ -470,7 +486,6 @@ impl World {
                     })
                     .unwrap();
                 self.model.admin_override[*f] = value;
-                Ok(())
             }
             Op::Policy { gpu, on } => {
                 set(&mut self.model.policy, GPUS[*gpu][0], *on);
@@ -485,8 +500,14 @@ impl World {
                     format!("[keep-on-vfio]\npci-bus-ids = [{}]\n", list.join(", ")),
                 )
                 .unwrap();
-                Ok(())
             }
+            _ => unreachable!("not an intent change: {op:?}"),
+        }
+    }
+
+    /// The kernel (or the disk) misbehaves, or stops misbehaving.
+    fn fault(&mut self, op: &Op) {
+        match op {
             Op::BindFails {
                 f,
                 vfio,
@@ -504,7 +525,6 @@ impl World {
                         action: FaultAction::Fail(*errno),
                     });
                 }
-                Ok(())
             }
             Op::ProbeBindsNothing { f } => {
                 self.probe_faults[*f] += 1;
@@ -513,7 +533,6 @@ impl World {
                     fbdf(*f),
                     FaultAction::ProbeBindsNothing,
                 ));
-                Ok(())
             }
             Op::UnbindBlocks { f } => {
                 let gate = BlockHandle::new();
@@ -523,17 +542,14 @@ impl World {
                     FaultAction::Block(gate.clone()),
                 ));
                 self.gates.push((fbdf(*f), gate));
-                Ok(())
             }
             Op::Unblock => {
                 self.unblock();
-                Ok(())
             }
             Op::SlowRemove(on) => {
                 self.slow = *on;
                 let t = if *on { SLOW_REMOVE } else { Duration::ZERO };
                 self.k.set_latency("unbind", "vfio-pci", t);
-                Ok(())
             }
             Op::LedgerNewer(on) => {
                 let path = self.state.join("ledger.json");
@@ -554,7 +570,6 @@ impl World {
                         }
                     }
                 }
-                Ok(())
             }
             Op::LedgerFull(on) => {
                 let tmp = self.state.join(".ledger.json.tmp");
@@ -564,9 +579,8 @@ impl World {
                 } else {
                     let _ = fs::remove_dir(&tmp);
                 }
-                Ok(())
             }
-            Op::Settle => self.settle(),
+            _ => unreachable!("not a fault: {op:?}"),
         }
     }
 
@@ -603,62 +617,7 @@ impl World {
                 self.model.intent_seen[g] = true;
             }
         }
-        // serve's engine is taken out for the operation and put back after.
-        let e = match who {
-            Who::Main => self.main.take().unwrap(),
-            Who::Crash(_) => {
-                drop(self.main.take());
-                self.open(who)
-            }
-            Who::Tight | Who::Other => self.open(who),
-        };
-        if who == Who::Tight {
-            self.k.set_latency("unbind", "vfio-pci", SLOW_REMOVE);
-        }
-        let mut crashed = false;
-        let mut outcomes = Vec::new();
-        let result: Result<(), String> = match *op {
-            Op::Configure { gpu, claim: c } | Op::Unconfigure { gpu, claim: c } => {
-                let b = fbdf(GPUS[gpu][0]);
-                let r = if matches!(op, Op::Configure { .. }) {
-                    e.configure(b, claim(c))
-                } else {
-                    e.unconfigure(b, Some(&claim(c)))
-                };
-                crashed = matches!(r, Err(EngineError::SimulatedCrash(_)));
-                let r = r.map_err(|e| e.to_string());
-                outcomes.push(r.clone());
-                r.map(|_| ())
-            }
-            Op::Reconcile => match e.reconcile() {
-                Ok(rs) => {
-                    for r in rs {
-                        crashed |= matches!(&r, Err((_, EngineError::SimulatedCrash(_))));
-                        outcomes.push(r.map_err(|(b, e)| format!("{b}: {e}")));
-                    }
-                    Ok(())
-                }
-                Err(err) => {
-                    crashed = matches!(err, EngineError::SimulatedCrash(_));
-                    Err(err.to_string())
-                }
-            },
-            _ => unreachable!("not an engine operation: {op:?}"),
-        };
-        match who {
-            Who::Main => self.main = Some(e),
-            Who::Crash(_) => {
-                drop(e);
-                // serve restarts on the same state and reconciles first.
-                let main = self.open(Who::Main);
-                let _ = main.reconcile();
-                self.main = Some(main);
-            }
-            Who::Tight | Who::Other => drop(e),
-        }
-        if who == Who::Tight && !self.slow {
-            self.k.set_latency("unbind", "vfio-pci", Duration::ZERO);
-        }
+        let (result, outcomes, crashed) = self.call(who, op);
         let after = self.drivers();
 
         // Model: what the kubelet now believes about the claim.
@@ -718,15 +677,25 @@ impl World {
                 !self.k.log()[log_start..].iter().any(|l| l.contains(name))
             };
             self.check("I2", ok, || {
-                format!("{who:?} {op:?} left {} without a driver: {}", FNS[f], self.describe())
+                format!(
+                    "{who:?} {op:?} left {} without a driver: {}",
+                    FNS[f],
+                    self.describe()
+                )
             })?;
         }
         // I9: a device with a write still blocked is left alone by everyone.
         for &f in &blocked_before {
             let log = self.k.log();
-            let touched: Vec<&String> = log[log_start..].iter().filter(|l| l.contains(FNS[f])).collect();
+            let touched: Vec<&String> = log[log_start..]
+                .iter()
+                .filter(|l| l.contains(FNS[f]))
+                .collect();
             self.check("I9", touched.is_empty(), || {
-                format!("{who:?} {op:?} wrote to {} while a write to it is blocked: {touched:?}", FNS[f])
+                format!(
+                    "{who:?} {op:?} wrote to {} while a write to it is blocked: {touched:?}",
+                    FNS[f]
+                )
             })?;
         }
         // I8: what an outcome says is what sysfs shows.
@@ -746,6 +715,72 @@ impl World {
             }
         }
         Ok(outcomes)
+    }
+
+    /// Calls the engine as `who`; returns the result, the per-GPU outcomes
+    /// and whether the simulated crash fired (serve has then restarted).
+    fn call(
+        &mut self,
+        who: Who,
+        op: &Op,
+    ) -> (Result<(), String>, Vec<Result<Outcome, String>>, bool) {
+        // serve's engine is taken out for the operation and put back after.
+        let e = match who {
+            Who::Main => self.main.take().unwrap(),
+            Who::Crash(_) => {
+                drop(self.main.take());
+                self.open(who)
+            }
+            Who::Tight | Who::Other => self.open(who),
+        };
+        if who == Who::Tight {
+            self.k.set_latency("unbind", "vfio-pci", SLOW_REMOVE);
+        }
+        let mut crashed = false;
+        let mut outcomes = Vec::new();
+        let result = match *op {
+            Op::Configure { gpu, claim: c } | Op::Unconfigure { gpu, claim: c } => {
+                let b = fbdf(GPUS[gpu][0]);
+                let r = if matches!(op, Op::Configure { .. }) {
+                    e.configure(b, claim(c))
+                } else {
+                    e.unconfigure(b, Some(&claim(c)))
+                };
+                crashed = matches!(r, Err(EngineError::SimulatedCrash(_)));
+                let r = r.map_err(|e| e.to_string());
+                outcomes.push(r.clone());
+                r.map(|_| ())
+            }
+            Op::Reconcile => match e.reconcile() {
+                Ok(rs) => {
+                    for r in rs {
+                        crashed |= matches!(&r, Err((_, EngineError::SimulatedCrash(_))));
+                        outcomes.push(r.map_err(|(b, e)| format!("{b}: {e}")));
+                    }
+                    Ok(())
+                }
+                Err(err) => {
+                    crashed = matches!(err, EngineError::SimulatedCrash(_));
+                    Err(err.to_string())
+                }
+            },
+            _ => unreachable!("not an engine operation: {op:?}"),
+        };
+        match who {
+            Who::Main => self.main = Some(e),
+            Who::Crash(_) => {
+                drop(e);
+                // serve restarts on the same state and reconciles first.
+                let main = self.open(Who::Main);
+                let _ = main.reconcile();
+                self.main = Some(main);
+            }
+            Who::Tight | Who::Other => drop(e),
+        }
+        if who == Who::Tight && !self.slow {
+            self.k.set_latency("unbind", "vfio-pci", Duration::ZERO);
+        }
+        (result, outcomes, crashed)
     }
 
     /// Counts the injected faults the writes in `log` used up; per function,
@@ -831,13 +866,15 @@ impl World {
         self.k.clear_faults();
         self.bind_faults.clear();
         self.probe_faults = [0; 4];
-        self.step(&Op::SlowRemove(false))?;
-        self.step(&Op::LedgerFull(false))?;
-        self.step(&Op::LedgerNewer(false))?;
+        self.fault(&Op::SlowRemove(false));
+        self.fault(&Op::LedgerFull(false));
+        self.fault(&Op::LedgerNewer(false));
         self.unblock();
         let first = self.engine_op_results(Who::Main, &Op::Reconcile)?;
         for r in &first {
-            self.check("I3", r.is_ok(), || format!("reconcile at rest failed: {r:?}"))?;
+            self.check("I3", r.is_ok(), || {
+                format!("reconcile at rest failed: {r:?}")
+            })?;
         }
         // The kubelet retries every unprepare it has not seen succeed.
         for g in 0..GPUS.len() {
@@ -851,12 +888,14 @@ impl World {
         }
         let second = self.engine_op_results(Who::Main, &Op::Reconcile)?;
         for r in &second {
-            self.check("I3", r.is_ok(), || format!("reconcile at rest failed: {r:?}"))?;
+            self.check("I3", r.is_ok(), || {
+                format!("reconcile at rest failed: {r:?}")
+            })?;
         }
         self.check_ledger()?;
-        for f in 0..FNS.len() {
+        for (f, name) in FNS.iter().enumerate() {
             self.check("I2", self.sysfs(f).0.is_some(), || {
-                format!("{} has no driver at rest: {}", FNS[f], self.describe())
+                format!("{name} has no driver at rest: {}", self.describe())
             })?;
         }
         // I5: origins are never forgotten.
@@ -898,7 +937,11 @@ impl World {
                     "{:?}",
                     body.gpus
                         .iter()
-                        .map(|(b, r)| (b.to_string(), r.state, r.holder.as_ref().map(|h| h.to_string())))
+                        .map(|(b, r)| (
+                            b.to_string(),
+                            r.state,
+                            r.holder.as_ref().map(|h| h.to_string())
+                        ))
                         .collect::<Vec<_>>()
                 ),
             },
@@ -914,8 +957,8 @@ impl World {
                 .map_err(|e| format!("[I3] ledger at rest does not decode: {e}"))?,
         };
         let body: vfio_gpu_engine::ledger::LedgerBody = body;
-        for g in 0..GPUS.len() {
-            let rec = body.gpus.get(&fbdf(GPUS[g][0]));
+        for (g, fns) in GPUS.iter().enumerate() {
+            let rec = body.gpus.get(&fbdf(fns[0]));
             let held = self.model.holder[g].map(|(c, _)| c);
             if let Some(c) = held {
                 let ok = rec.is_some_and(|r| {
@@ -928,7 +971,9 @@ impl World {
             match rec.map(|r| r.state) {
                 Some(OpState::Configured) => {
                     self.check("I3", held.is_some(), || {
-                        format!("GPU {g} recorded Configured but the kubelet holds no claim: {rec:?}")
+                        format!(
+                            "GPU {g} recorded Configured but the kubelet holds no claim: {rec:?}"
+                        )
                     })?;
                     self.check("I3", self.on_vfio(g), || {
                         format!("GPU {g} recorded Configured, host: {}", self.describe())
@@ -948,9 +993,11 @@ impl World {
                 None => {
                     for &f in GPUS[g] {
                         let ovr = self.sysfs(f).1;
-                        self.check("I3", ovr.is_none() || ovr == self.model.admin_override[f], || {
-                            format!("{} has override {ovr:?} and no record", FNS[f])
-                        })?;
+                        self.check(
+                            "I3",
+                            ovr.is_none() || ovr == self.model.admin_override[f],
+                            || format!("{} has override {ovr:?} and no record", FNS[f]),
+                        )?;
                     }
                 }
             }
@@ -993,8 +1040,7 @@ fn run_with(ops: &[Op], skip: BTreeSet<String>) -> Result<(), String> {
                 w.ledger_states()
             );
         }
-        r
-            .map_err(|e| format!("{e}\n  after {done:?}\n  host: {}", w.describe()))?;
+        r.map_err(|e| format!("{e}\n  after {done:?}\n  host: {}", w.describe()))?;
     }
     Ok(())
 }
