@@ -12,29 +12,47 @@
 //! - I1: no engine operation moves a function off vfio while the admin's
 //!   intent keeps its GPU there (the decision is taken when the release or
 //!   rollback is carried out, so it is checked per operation).
-//! - I2: after an operation returns, no function is driverless unless a
-//!   write to it is still blocked.
+//! - I2: after an operation returns, no function it wrote is driverless
+//!   unless a write to it is still blocked or the kernel refused both ways
+//!   out (vfio-pci and the host driver) or a probe bound nothing; at rest,
+//!   none is.
 //! - I3: at rest the ledger on disk agrees with sysfs and with the claims the
-//!   kubelet holds; no override of ours is left behind without a record.
+//!   kubelet holds (no Configuring/Releasing left; Configured and Prebound
+//!   mean on vfio); no override is left behind without a record.
 //! - I4: at rest, a second reconcile makes no host write.
 //! - I5: a GPU moved by us and released while no keep or pin intent ever
 //!   applied is back on its original drivers at rest.
-//! - I6: an unprepare that reports success leaves the GPU where the promise
-//!   says (original drivers, or vfio when the admin keeps it).
+//! - I6: an unprepare that reports success did what its action says, and
+//!   what the intent asks (original drivers; under keep, vfio stays vfio).
 //! - I7: a prepare that reports success leaves the whole group on vfio.
 //! - I8: the drivers an `Outcome` reports are the ones sysfs shows.
 //! - I9: no process writes to a device while a write to it is blocked.
+//!
+//! How the world is modelled (see [`Op`]): serve is one long-lived engine
+//! with the state lock per operation (as with a pod UID), the policy file
+//! set. A crash opens an engine with `crash_after_step` (`CrashMode::Return`)
+//! for the one operation, then a new engine reconciles as serve does at
+//! start. A second process, and an operation whose budget runs out (75 ms,
+//! with vfio-pci's `remove()` taking 150 ms), run on short-lived engines on
+//! the same state, so what they leave stuck is known to others only through
+//! the ledger. Faults are the sim's: failing binds, a probe binding nothing,
+//! an unbind blocked until released (past a 300 ms deadline), slow removes;
+//! plus the disk: a newer-format ledger written by "another version", and
+//! an unwritable ledger (a directory where its temporary file goes: ENOSPC
+//! in effect). Intent is written to the host's files; the model evaluates it
+//! itself (an `ids=` on the command line wins over modprobe.d).
 //!
 //! "At rest" is reached by `Settle` and at the end of every case: faults
 //! cleared, blocked writes let go, the ledger made writable, a reconcile, the
 //! kubelet's retry of every unprepare (or failed prepare) not yet answered
 //! with success, and another reconcile.
 //!
-//! CI runs `MODEL_CASES` cases (default 64). A long run:
-//! `MODEL_CASES=3000 cargo test -p vfio-gpu-engine --test model -- --include-ignored`.
-//! `MODEL_TRACE=1` prints every step with its host writes.
-//! `MODEL_SKIP=I1,I5,LedgerNewer` leaves invariants unchecked and operations
-//! out, to look for defects behind a known one. Counterexamples found are pinned as the named tests at the end.
+//! CI runs `MODEL_CASES` cases (default 64, about 20 s in debug). A long run:
+//! `MODEL_CASES=3000 cargo test -p vfio-gpu-engine --test model -- --include-ignored engine_keeps`.
+//! `MODEL_TRACE=1` prints every step with its host writes and the ledger.
+//! `MODEL_SKIP=I1,I9,LedgerNewer,vfio: false` leaves invariants unchecked and
+//! operations whose debug text contains an entry out, to look past a known
+//! defect. Counterexamples found are pinned as the named tests at the end.
 
 mod common;
 
@@ -1120,7 +1138,12 @@ proptest! {
         ..ProptestConfig::default()
     })]
 
+    // On b11271c this finds, depending on the seed: n9 (read-only ledger),
+    // n10 (intent ignored finishing a release), n2 (failed rollback taken
+    // for admin-owned), n4 (another process writes to a stuck device) and
+    // an admin's vfio-pci override taken for ours; all pinned below.
     #[test]
+    #[ignore = "fails until n2, n4, n9, n10 and the admin-override defect are fixed (regressions below)"]
     fn engine_keeps_its_promises(ops in prop::collection::vec(op(), 1..25)) {
         let skip = skip_from_env();
         if let Err(e) = run_with(&ops, skip) {
@@ -1244,6 +1267,17 @@ fn a_failed_rollback_of_a_gpu_with_audio_released_later_is_restored() {
     .unwrap();
 }
 
+#[test]
+#[ignore = "fails until n4 is fixed: another process clears stuck_on and writes to the stuck device"]
+fn a_second_process_leaves_a_device_with_a_blocked_unbind_alone() {
+    run(&[
+        Op::UnbindBlocks { f: 2 },
+        configure(1, 1),
+        Op::OtherReconcile,
+    ])
+    .unwrap();
+}
+
 // ------------------------------------------------------------ the model itself
 //
 // Where the engine is right, the model must agree with it: these pass.
@@ -1288,15 +1322,4 @@ fn a_crash_at_any_step_of_a_prepare_or_release_settles() {
         ])
         .unwrap_or_else(|e| panic!("crash after step {step}: {e}"));
     }
-}
-
-#[test]
-#[ignore = "fails until n4 is fixed: another process clears stuck_on and writes to the stuck device"]
-fn a_second_process_leaves_a_device_with_a_blocked_unbind_alone() {
-    run(&[
-        Op::UnbindBlocks { f: 2 },
-        configure(1, 1),
-        Op::OtherReconcile,
-    ])
-    .unwrap();
 }
