@@ -47,7 +47,7 @@
 //! kubelet's retry of every unprepare (or failed prepare) not yet answered
 //! with success, and another reconcile.
 //!
-//! CI runs `MODEL_CASES` cases (default 64, about 20 s in debug). A long run:
+//! CI runs `MODEL_CASES` cases (default 64, about 30 s in debug). A long run:
 //! `MODEL_CASES=3000 cargo test -p vfio-gpu-engine --test model -- --include-ignored engine_keeps`.
 //! `MODEL_TRACE=1` prints every step with its host writes and the ledger.
 //! `MODEL_SKIP=I1,I9,LedgerNewer,vfio: false` leaves invariants unchecked and
