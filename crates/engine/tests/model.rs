@@ -690,7 +690,9 @@ impl World {
         // not write keep the verdict of the one that did; `settle` checks all.
         let excused = self.consume_faults(&self.k.log()[log_start..]);
         for (f, driver) in after.iter().enumerate() {
-            let ok = driver.is_some() || self.blocked(f) || excused[f] || {
+            // driverctl `none`: the admin asked for no driver (n17).
+            let pinned_none = matches!(self.model.driverctl[f], Some(Dc::Unbound));
+            let ok = driver.is_some() || pinned_none || self.blocked(f) || excused[f] || {
                 let name = FNS[f];
                 !self.k.log()[log_start..].iter().any(|l| l.contains(name))
             };
@@ -832,7 +834,14 @@ impl World {
                 _ => {}
             }
         }
-        std::array::from_fn(|f| (refused[f][0] && refused[f][1]) || probed_nothing[f])
+        // Under keep intent the host driver is not a way out (never sent back
+        // to nvidia): vfio-pci refusing is enough; reconcile retries it.
+        let kept = |f: usize| {
+            (0..GPUS.len()).any(|g| GPUS[g].contains(&f) && self.model.keep(g))
+        };
+        std::array::from_fn(|f| {
+            (refused[f][1] && (refused[f][0] || kept(f))) || probed_nothing[f]
+        })
     }
 
     /// I6 for an unprepare that reported success: what it says it did is
@@ -916,7 +925,8 @@ impl World {
         }
         self.check_ledger()?;
         for (f, name) in FNS.iter().enumerate() {
-            self.check("I2", self.sysfs(f).0.is_some(), || {
+            let pinned_none = matches!(self.model.driverctl[f], Some(Dc::Unbound));
+            self.check("I2", self.sysfs(f).0.is_some() || pinned_none, || {
                 format!("{name} has no driver at rest: {}", self.describe())
             })?;
         }
@@ -1001,8 +1011,11 @@ impl World {
                         format!("GPU {g} recorded Configured, host: {}", self.describe())
                     })?;
                 }
+                // Admin-owned: the GPU function is on vfio (a companion a
+                // failed move never reached may stay on its host driver).
                 Some(OpState::Prebound) => {
-                    self.check("I3", self.on_vfio(g), || {
+                    let gpu_fn = self.sysfs(GPUS[g][0]).0;
+                    self.check("I3", gpu_fn.as_deref() == Some("vfio-pci"), || {
                         format!("GPU {g} recorded Prebound, host: {}", self.describe())
                     })?;
                 }
