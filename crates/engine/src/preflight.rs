@@ -225,6 +225,16 @@ pub enum HolderScanError {
 /// driver: `/dev/nvidia<minor>` for nvidia, DRM nodes, ALSA nodes of an
 /// audio function, `/dev/vfio/<group>` and `/dev/vfio/devices/vfioN` for vfio.
 pub fn device_nodes(root: &HostRoot, f: &PciFunction) -> Vec<PathBuf> {
+    device_nodes_with(root, f, &|p| root.read_opt(p).ok().flatten())
+}
+
+/// [`device_nodes`] with nvidia's procfs read by `read` (the engine passes
+/// its kernel edge, so the read has a deadline and the simulator can block it).
+pub fn device_nodes_with(
+    root: &HostRoot,
+    f: &PciFunction,
+    read: &dyn Fn(&Path) -> Option<String>,
+) -> Vec<PathBuf> {
     let mut nodes = Vec::new();
     if let Some(d) = &f.driver {
         if d.as_str() == "nvidia" {
@@ -232,7 +242,7 @@ pub fn device_nodes(root: &HostRoot, f: &PciFunction) -> Vec<PathBuf> {
                 .rel("proc/driver/nvidia/gpus")
                 .join(f.bdf.to_string())
                 .join("information");
-            if let Ok(Some(text)) = root.read_opt(&info) {
+            if let Some(text) = read(&info) {
                 for line in text.lines() {
                     if let Some(v) = line.strip_prefix("Device Minor:")
                         && let Ok(minor) = v.trim().parse::<u32>()

@@ -333,13 +333,19 @@ impl Engine {
             VfioDriverChoice::Named(name) => name.clone(),
             VfioDriverChoice::Auto => choose_vfio_driver(&self.root, f),
         };
-        if self.root.pci_driver_dir(&driver).is_dir() {
+        let loaded = |d: &DriverName| {
+            let dir = self.root.pci_driver_dir(d);
+            self.host_read(f.bdf, "read of the driver directory", move |k| {
+                k.is_dir(&dir)
+            })
+        };
+        if loaded(&driver)? {
             return Ok(driver);
         }
         let module = driver.as_str().replace('-', "_");
         if policy.binding.load_vfio_module {
             self.modprobe(f.bdf, &module)?;
-            if self.root.pci_driver_dir(&driver).is_dir() {
+            if loaded(&driver)? {
                 return Ok(driver);
             }
         }
@@ -394,15 +400,19 @@ impl Engine {
         // The group node appears with the first vfio member; a VM needs it,
         // or, on an iommufd-only kernel (CONFIG_VFIO_GROUP=n), each moved
         // function's device cdev.
+        let node_exists = |path: PathBuf| {
+            self.host_read(gb, "read of /dev/vfio", move |k| k.exists(&path))
+                .unwrap_or(false)
+        };
         let cdevs_present = || {
             funcs.iter().filter(|f| !f.on_vfio()).all(|f| {
                 self.binding(f.bdf)
                     .ok()
                     .and_then(|b| b.vfio_dev)
-                    .is_some_and(|v| self.root.rel("dev/vfio/devices").join(v).exists())
+                    .is_some_and(|v| node_exists(self.root.rel("dev/vfio/devices").join(v)))
             })
         };
-        if !self.root.dev_vfio_group(group).exists() && !cdevs_present() {
+        if !node_exists(self.root.dev_vfio_group(group)) && !cdevs_present() {
             return Err(StepError::verify(
                 format!("verify /dev/vfio/{group}"),
                 "the group node did not appear".into(),

@@ -359,7 +359,7 @@ impl Engine {
             None => LiveIntent::fixed(root.clone(), policy),
         };
         let pci_ids = PciIdsDb::load(&root).ok().flatten();
-        let scanner = HolderScanner::new(root.clone());
+        let scanner = HolderScanner::new(Arc::clone(&kernel));
         let engine = Engine {
             kernel,
             root,
@@ -576,8 +576,11 @@ impl Engine {
 
     /// Operations on one IOMMU group are serialised; different groups run in parallel.
     pub(super) fn group_guard(&self, bdf: Bdf) -> Arc<Mutex<()>> {
+        // Through the kernel edge but not the quarantine: a readlink in sysfs
+        // never takes the device lock, and a quarantined device must still
+        // map to its group's guard.
         let key = match self
-            .root
+            .kernel
             .link_name(&self.root.pci_attr(&bdf, "iommu_group"))
         {
             Ok(Some(g)) => format!("group-{g}"),

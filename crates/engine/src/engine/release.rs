@@ -389,11 +389,11 @@ impl Engine {
     }
 
     /// The device is gone from sysfs (hot-unplug, `remove`, a fallen-off-the-bus GPU).
+    /// A read that fails or blocks is not "gone": the record is kept.
     pub(super) fn vanished(&self, bdf: Bdf) -> bool {
-        matches!(
-            std::fs::symlink_metadata(self.root.pci_device_dir(&bdf)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound
-        )
+        let dir = self.root.pci_device_dir(&bdf);
+        self.host_read(bdf, "read of the device directory", move |k| k.exists(&dir))
+            .is_ok_and(|exists| !exists)
     }
 
     /// Drops the record of a device that is gone: there is nothing left to

@@ -10,9 +10,10 @@ use vfio_gpu_host::{Bdf, Binding, DriverName, Gpu, HostError, PciFunction};
 
 use crate::deadline::{Timed, read_with_deadline, run_with_deadline};
 use crate::error::EngineError;
+use crate::kernel::Kernel;
 use crate::kernel::{SysfsWrite, nvidia_unbind_lock_path};
 use crate::ledger::GpuRecord;
-use crate::preflight::{NodeHolder, device_nodes};
+use crate::preflight::{NodeHolder, device_nodes_with};
 use crate::state::IntentNow;
 
 impl Engine {
@@ -184,33 +185,46 @@ impl Engine {
     /// takes RM locks and hangs on a wedged GPU, n5), under the read deadline:
     /// past it the function is quarantined like any blocked read.
     pub(super) fn nodes_of(&self, f: &PciFunction) -> Result<Vec<PathBuf>, EngineError> {
-        let root = self.root.clone();
         let func = f.clone();
+        self.host_read(f.bdf, "read of nvidia's procfs information", move |k| {
+            Ok(device_nodes_with(k.root(), &func, &|p| {
+                k.read_text(p).ok().flatten()
+            }))
+        })
+    }
+
+    /// One host read through the kernel edge under the read deadline, keyed
+    /// by `bdf`: past it the device is quarantined until this read returns
+    /// (and only this read lifts it). Every engine read of the host that is
+    /// not a function or binding read goes through here.
+    pub(super) fn host_read<T: Send + 'static>(
+        &self,
+        bdf: Bdf,
+        what: &str,
+        read: impl FnOnce(&dyn Kernel) -> Result<T, HostError> + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let kernel = Arc::clone(&self.kernel);
         read_with_deadline(
             &self.stuck,
-            f.bdf,
-            "read of nvidia's procfs information",
+            bdf,
+            what,
             self.config.read_deadline,
-            move || device_nodes(&root, &func),
+            move || read(kernel.as_ref()),
         )
         .map_err(|op| EngineError::Stuck {
-            bdf: f.bdf,
+            bdf,
             op,
             secs: self.config.read_deadline.as_secs_f64(),
-        })
+        })?
+        .map_err(EngineError::from)
     }
 
     /// nvidia's unbind lock reads "1" (held), read under the read deadline.
     fn unbind_lock_held(&self, bdf: Bdf, path: PathBuf) -> bool {
-        let root = self.root.clone();
-        read_with_deadline(
-            &self.stuck,
-            bdf,
-            "read of nvidia's unbindLock",
-            self.config.read_deadline,
-            move || matches!(root.read_opt(&path), Ok(Some(v)) if v.trim() == "1"),
-        )
-        .unwrap_or(false)
+        self.host_read(bdf, "read of nvidia's unbindLock", move |k| {
+            k.read_text(&path)
+        })
+        .is_ok_and(|v| v.is_some_and(|v| v.trim() == "1"))
     }
 
     /// Processes holding each GPU's host-driver nodes, from one `/proc` scan
@@ -286,7 +300,13 @@ impl Engine {
     /// nvidia's unbind lock file for a function on nvidia, when the driver offers one.
     pub(super) fn unbind_lock_path(&self, f: &PciFunction) -> Option<PathBuf> {
         let path = nvidia_unbind_lock_path(&self.root, &f.bdf);
-        (f.driver.as_ref().is_some_and(|d| d.as_str() == "nvidia") && path.exists()).then_some(path)
+        if !f.driver.as_ref().is_some_and(|d| d.as_str() == "nvidia") {
+            return None;
+        }
+        let p = path.clone();
+        self.host_read(f.bdf, "read of nvidia's procfs", move |k| k.exists(&p))
+            .unwrap_or(false)
+            .then_some(path)
     }
 
     pub(super) fn take_unbind_lock(&self, gpu: Bdf, f: &PciFunction) -> Result<bool, StepError> {

@@ -248,8 +248,13 @@ impl Engine {
         // still lists `vfio-dev/vfioN` in sysfs (6.1+), but there is no cdev to open.
         let vfio_devices = bdfs
             .iter()
-            .filter_map(|b| self.kernel.read_binding(*b).ok().and_then(|f| f.vfio_dev))
-            .filter(|v| self.root.rel("dev/vfio/devices").join(v).exists())
+            .filter_map(|b| {
+                let v = self.binding(*b).ok()?.vfio_dev?;
+                let node = self.root.rel("dev/vfio/devices").join(&v);
+                self.host_read(*b, "read of /dev/vfio/devices", move |k| k.exists(&node))
+                    .unwrap_or(false)
+                    .then_some(v)
+            })
             .collect();
         Outcome {
             bdf: gpu.bdf(),
