@@ -300,7 +300,7 @@ impl Engine {
     /// nvidia's unbind lock file for a function on nvidia, when the driver offers one.
     pub(super) fn unbind_lock_path(&self, f: &PciFunction) -> Option<PathBuf> {
         let path = nvidia_unbind_lock_path(&self.root, &f.bdf);
-        if !f.driver.as_ref().is_some_and(|d| d.as_str() == "nvidia") {
+        if f.driver.as_ref().is_none_or(|d| d.as_str() != "nvidia") {
             return None;
         }
         let p = path.clone();
