@@ -246,3 +246,72 @@ pub fn run_with_deadline(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review n7: a blocked read's quarantine is lifted only by that read's
+    /// return, not by another read of the same device that returns first; and
+    /// a device with a blocked read is not written.
+    #[test]
+    fn a_quarantine_is_lifted_only_by_the_read_that_set_it() {
+        let stuck = StuckSet::default();
+        let bdf: Bdf = "0000:66:00.0".parse().unwrap();
+        let (release_slow, slow_gate) = mpsc::channel::<()>();
+        let (release_fast, fast_gate) = mpsc::channel::<()>();
+        // A read that is already running when the slow one times out.
+        let s2 = stuck.clone();
+        let fast = thread::spawn(move || {
+            read_with_deadline(
+                &s2,
+                bdf,
+                "discover read",
+                Duration::from_secs(5),
+                move || {
+                    let _ = fast_gate.recv();
+                },
+            )
+        });
+        thread::sleep(Duration::from_millis(50));
+        let r = read_with_deadline(
+            &stuck,
+            bdf,
+            "holder scan",
+            Duration::from_millis(50),
+            move || {
+                let _ = slow_gate.recv();
+            },
+        );
+        assert!(r.is_err(), "the slow read timed out");
+        assert_eq!(stuck.stuck_on(bdf).as_deref(), Some("holder scan"));
+        // The other read returns: the scan is still hung, the quarantine stays.
+        release_fast.send(()).unwrap();
+        assert!(fast.join().unwrap().is_ok());
+        assert_eq!(stuck.stuck_on(bdf).as_deref(), Some("holder scan"));
+        // Writes are refused while a read is blocked.
+        let kernel: Arc<dyn Kernel> = Arc::new(NeverWrite);
+        let op = SysfsWrite::DriversProbe { bdf };
+        assert!(matches!(
+            run_with_deadline(&kernel, &op, Duration::from_secs(1), &stuck),
+            Timed::Stuck { .. }
+        ));
+        // Its own return lifts it.
+        release_slow.send(()).unwrap();
+        let start = Instant::now();
+        while stuck.stuck_on(bdf).is_some() && start.elapsed() < Duration::from_secs(5) {
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(stuck.stuck_on(bdf), None);
+    }
+
+    struct NeverWrite;
+    impl Kernel for NeverWrite {
+        fn root(&self) -> &vfio_gpu_host::HostRoot {
+            unreachable!("not read")
+        }
+        fn write(&self, _op: &SysfsWrite) -> io::Result<()> {
+            panic!("a quarantined device was written")
+        }
+    }
+}
