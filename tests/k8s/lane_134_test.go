@@ -1,4 +1,4 @@
-//go:build !k8s136
+//go:build !k8s136 && !k8s137
 
 package k8s
 
