@@ -183,6 +183,16 @@ func chosenService(p *draplugin.DRAPlugin) string {
 	return v.String()
 }
 
+// chosenHealthService is the DRAResourceHealth service version the kubelet picked
+// for p ("" = none; a kubelet before 1.37 has no such field and opens the stream anyway).
+func chosenHealthService(p *draplugin.DRAPlugin) string {
+	v := reflect.ValueOf(p).Elem().FieldByName("chosenHealthService")
+	if !v.IsValid() {
+		return "<unknown: kubelet's DRAPlugin has no chosenHealthService field>"
+	}
+	return v.String()
+}
+
 // waitRegistered waits until the kubelet's handler registered the driver n times.
 func (k *kubelet) waitRegistered(t *testing.T, n int, timeout time.Duration) {
 	t.Helper()

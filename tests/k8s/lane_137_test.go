@@ -12,6 +12,8 @@ import (
 	"io"
 
 	v1 "k8s.io/api/core/v1"
+	utilfeature "k8s.io/apiserver/pkg/util/feature"
+	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/dynamic-resource-allocation/api/metadata"
@@ -20,9 +22,11 @@ import (
 	"k8s.io/klog/v2"
 	drapbv1 "k8s.io/kubelet/pkg/apis/dra/v1"
 	pluginwatcherapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
+	"k8s.io/kubernetes/pkg/controller/resourceclaim"
 	"k8s.io/kubernetes/pkg/kubelet/cm/dra"
 	"k8s.io/kubernetes/pkg/kubelet/pluginmanager"
 	"k8s.io/kubernetes/pkg/kubelet/pluginmanager/cache"
+	"k8s.io/kubernetes/pkg/scheduler/framework/plugins/feature"
 )
 
 const lane = "1.37"
@@ -41,14 +45,52 @@ func runPluginManager(ctx context.Context, regDir string, handler cache.PluginHa
 	go pm.Run(ctx, allReady{}, ctx.Done())
 }
 
-// The scheduler's allocator features with 1.36's default feature gates (admin
-// access, prioritized list GA; binding conditions, device status, taints,
-// partitionable devices, consumable capacity beta/on).
+// The scheduler's allocator features from 1.37's default feature gates, mapped
+// exactly as the DynamicResources plugin maps them (dynamicresources.go,
+// features from feature.NewSchedulerFeaturesFromGates).
 func allocatorFeatures() structured.Features {
+	fts := feature.NewSchedulerFeaturesFromGates(utilfeature.DefaultFeatureGate)
 	return structured.Features{
-		AdminAccess: true, PrioritizedList: true, DeviceBindingAndStatus: true,
-		DeviceTaints: true, PartitionableDevices: true, ConsumableCapacity: true,
+		AdminAccess:             fts.EnableDRAAdminAccess,
+		PrioritizedList:         fts.EnableDRAPrioritizedList,
+		PartitionableDevices:    fts.EnableDRAPartitionableDevices,
+		DeviceTaints:            fts.EnableDRADeviceTaints,
+		DeviceBindingAndStatus:  fts.EnableDRADeviceBindingConditions && fts.EnableDRAResourceClaimDeviceStatus,
+		ConsumableCapacity:      fts.EnableDRAConsumableCapacity,
+		FractionalCapacityRange: fts.EnableDRAFractionalCapacityRange,
+		ListTypeAttributes:      fts.EnableDRAListTypeAttributes,
+		OptionalNodeOperations:  fts.EnableDRAOptionalNodeOperations,
+		DerivedAttributes:       fts.EnableDRADerivedAttributes,
+		CompatibilityGroups:     fts.EnableDRADeviceCompatibilityGroups,
 	}
+}
+
+// Health: ResourceHealthStatus is beta/on since 1.36, and 1.37's kubelet opens the
+// stream only for a plugin that advertises a health service, the newest both know
+// (pickHealthService, kubernetes#139477): v1.DRAResourceHealth.
+const laneHealth = true
+
+const laneHealthService = "v1.DRAResourceHealth"
+
+func allocatedResourcesStatus(mgr *dra.Manager, pod *v1.Pod, status *v1.PodStatus) {
+	mgr.UpdateAllocatedResourcesStatus(klog.Background(), pod, status)
+}
+
+// startClaimController runs the kube-controller-manager's resource-claim
+// controller (1.37: no Features argument, gates read inside; PodGroups from
+// scheduling/v1beta1, only used with GenericWorkload/DRAWorkloadResourceClaims,
+// both off by default).
+func startClaimController(ctx context.Context, client kubernetes.Interface) error {
+	f := informers.NewSharedInformerFactory(client, 0)
+	ctrl, err := resourceclaim.NewController(klog.FromContext(ctx), client,
+		f.Core().V1().Pods(), f.Scheduling().V1beta1().PodGroups(),
+		f.Resource().V1().ResourceClaims(), f.Resource().V1().ResourceClaimTemplates())
+	if err != nil {
+		return err
+	}
+	f.Start(ctx.Done())
+	go ctrl.Run(ctx, 1)
+	return nil
 }
 
 var errNoMetadataAPI = errors.New("unused in this lane")
@@ -88,7 +130,7 @@ func decodeMetadata(r io.Reader) (*deviceMetadata, error) {
 	return out, nil
 }
 
-// 1.36: claim status writes are authorized per node and driver
+// 1.36+: claim status writes are authorized per node and driver
 // (DRAResourceClaimGranularStatusAuthorization); whatever deploy/rbac.yaml grants
 // there, it must never be the right to write claims of every node.
 func laneRBACChecks() []rbacCheck {
