@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"time"
 
 	v1 "k8s.io/api/core/v1"
 	utilfeature "k8s.io/apiserver/pkg/util/feature"
@@ -147,3 +148,21 @@ func protoClaim(namespace, uid, name string) *drapbv1.Claim {
 
 // The protoc-gen-go protos of 1.35+ name the field CdiDeviceIds.
 func protoCDIDeviceIDs(d *drapbv1.Device) []string { return d.GetCdiDeviceIds() }
+
+// 1.37: the plugin handler's methods take a context.
+func (h *recordingHandler) ValidatePlugin(ctx context.Context, name, endpoint string, versions []string) error {
+	err := h.inner.ValidatePlugin(ctx, name, endpoint, versions)
+	h.add(regEvent{op: "validate", name: name, endpoint: endpoint, versions: versions, err: err})
+	return err
+}
+
+func (h *recordingHandler) RegisterPlugin(ctx context.Context, name, endpoint string, versions []string, timeout *time.Duration) error {
+	err := h.inner.RegisterPlugin(ctx, name, endpoint, versions, timeout)
+	h.add(regEvent{op: "register", name: name, endpoint: endpoint, versions: versions, err: err})
+	return err
+}
+
+func (h *recordingHandler) DeRegisterPlugin(ctx context.Context, name, endpoint string) {
+	h.inner.DeRegisterPlugin(ctx, name, endpoint)
+	h.add(regEvent{op: "deregister", name: name, endpoint: endpoint})
+}

@@ -255,13 +255,15 @@ func testPrepare(t *testing.T, c *cluster) {
 			oldSlices[uid] = true
 		}
 
-		// Kubelet restart: a new DRA manager on the same checkpoint directory. It
+		// Kubelet restart: a new DRA manager on the same checkpoint directory, the
+		// pod still running (known to it before its reconcile loop runs). It
 		// restores the claim from the checkpoint, wipes the node's slices at start
 		// (the plugin must publish them again) and, as kubelet does, sends the
 		// restored claim's NodePrepareResources again: the plugin must answer
 		// with the same devices without preparing anything twice.
+		running := e.k.activePods()
 		e.k.stop()
-		e.k = c.startKubelet(t, owner, node, e.dirs.regDir, e.dirs.kubeletDir)
+		e.k = c.startKubelet(t, owner, node, e.dirs.regDir, e.dirs.kubeletDir, running...)
 		e.k.waitRegistered(t, 1, 30*time.Second)
 		calls := grpcCalls(t, "NodePrepareResources")
 		info := e.k.prepare(t, pod)

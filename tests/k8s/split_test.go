@@ -68,6 +68,22 @@ func addDemoGPU(t *testing.T, root, src, bdf string, group int) {
 	link(filepath.Join(groupDir, "devices", bdf), dir)
 	link(filepath.Join(root, "sys/bus/pci/devices", bdf), dir)
 	link(filepath.Join(driverLink, bdf), dir)
+	// /proc/bus/pci/devices (bus+devfn, no domain): the plugin's vendor pre-filter.
+	proc := filepath.Join(root, "proc/bus/pci/devices")
+	b, err := os.ReadFile(proc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srcKey, key := src[5:7]+"00\t", bdf[5:7]+"00\t"
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, srcKey) {
+			b = append(b, key+strings.TrimPrefix(line, srcKey)+"\n"...)
+			break
+		}
+	}
+	if err := os.WriteFile(proc, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func testSliceSplit(t *testing.T, c *cluster) {
