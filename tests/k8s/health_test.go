@@ -1,10 +1,13 @@
+//go:build k8s136 || k8s137
+
 package k8s
 
 // Device health through the kubelet's own DRA manager: the plugin's
 // DRAResourceHealth stream feeds the manager's health cache, which the kubelet
 // reads into pod.status.containerStatuses[].allocatedResourcesStatus
 // (Manager.UpdateAllocatedResourcesStatus) and announces on Manager.Updates() when
-// a device of a prepared claim changes.
+// a device of a prepared claim changes. Lanes 1.36+ (1.34: ResourceHealthStatus is
+// alpha and off, and v1.ResourceHealth has no message; its lane file skips).
 
 import (
 	"context"
@@ -61,9 +64,6 @@ func (e *prepareEnv) waitHealth(t *testing.T, pod *v1.Pod, want v1.ResourceHealt
 }
 
 func (e *prepareEnv) testHealth(t *testing.T) {
-	if !laneHealth {
-		t.Skipf("lane %s: ResourceHealthStatus is alpha and off, the kubelet opens no health stream", lane)
-	}
 	if laneHealthService != "" {
 		// 1.37: the kubelet only watches health of a plugin that advertised it.
 		if got := chosenHealthService(e.k.plugin()); got != laneHealthService {

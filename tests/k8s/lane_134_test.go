@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"testing"
 
 	v1 "k8s.io/api/core/v1"
 	utilfeature "k8s.io/apiserver/pkg/util/feature"
@@ -47,13 +48,10 @@ func allocatorFeatures() structured.Features {
 	return structured.Features{AdminAccess: true, PrioritizedList: true, DeviceStatus: true}
 }
 
-// Health: ResourceHealthStatus is alpha/off in 1.34, the kubelet never opens the stream.
-const laneHealth = false
-
-const laneHealthService = ""
-
-func allocatedResourcesStatus(mgr *dra.Manager, pod *v1.Pod, status *v1.PodStatus) {
-	mgr.UpdateAllocatedResourcesStatus(pod, status)
+// Health: ResourceHealthStatus is alpha/off in 1.34, the kubelet never opens the
+// stream (and v1.ResourceHealth has no message yet): health_test.go is 1.36+.
+func (e *prepareEnv) testHealth(t *testing.T) {
+	t.Skipf("lane %s: ResourceHealthStatus is alpha and off, the kubelet opens no health stream", lane)
 }
 
 // startClaimController runs the kube-controller-manager's resource-claim

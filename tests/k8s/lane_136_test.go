@@ -58,8 +58,6 @@ func allocatorFeatures() structured.Features {
 // Health: ResourceHealthStatus is beta/on in 1.36; 1.36.3's kubelet opens the
 // v1alpha1 stream whether or not the plugin advertises it (no health service choice
 // before 1.37, and #141858's backport is not in 1.36.3).
-const laneHealth = true
-
 const laneHealthService = ""
 
 func allocatedResourcesStatus(mgr *dra.Manager, pod *v1.Pod, status *v1.PodStatus) {

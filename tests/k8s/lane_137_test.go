@@ -69,8 +69,6 @@ func allocatorFeatures() structured.Features {
 // Health: ResourceHealthStatus is beta/on since 1.36, and 1.37's kubelet opens the
 // stream only for a plugin that advertises a health service, the newest both know
 // (pickHealthService, kubernetes#139477): v1.DRAResourceHealth.
-const laneHealth = true
-
 const laneHealthService = "v1.DRAResourceHealth"
 
 func allocatedResourcesStatus(mgr *dra.Manager, pod *v1.Pod, status *v1.PodStatus) {
