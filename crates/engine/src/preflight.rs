@@ -171,6 +171,17 @@ impl NodeHolder {
 /// cannot fake), else argv[0]. `None` when neither is readable (kernel
 /// threads, a process that just exited).
 fn program_of(proc_dir: &std::path::Path) -> Option<String> {
+    // A container can run a binary named anything: a program is only named
+    // when the process shares the host's mount namespace (that of pid 1),
+    // where its executable is the host's own (security review L2).
+    let host_ns = proc_dir
+        .parent()
+        .and_then(|procfs| fs::read_link(procfs.join("1/ns/mnt")).ok());
+    if let Some(host_ns) = host_ns
+        && fs::read_link(proc_dir.join("ns/mnt")).ok() != Some(host_ns)
+    {
+        return None;
+    }
     let base = |s: &str| {
         let s = s.strip_suffix(" (deleted)").unwrap_or(s);
         s.rsplit('/')

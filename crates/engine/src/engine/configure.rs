@@ -52,6 +52,16 @@ impl Engine {
         let funcs = self.members_to_move(&gpu, &intent.policy)?;
         let vfio_driver = self.vfio_driver_for(&intent.policy, &gpu.function)?;
         if funcs.iter().all(|f| f.on_vfio()) {
+            // Already on vfio (admin-owned): a VM outside Kubernetes may hold
+            // it; handing it out would fail the tenant's open (review L3).
+            let mut nodes = Vec::new();
+            for f in &funcs {
+                nodes.extend(self.nodes_of(f)?);
+            }
+            let holders = self.holders_of(bdf, nodes)?;
+            if !holders.is_empty() {
+                return Err(EngineError::Busy { bdf, holders });
+            }
             // A drifted function that came back meanwhile: the carried record
             // keeps the origins (n14); only a GPU we never moved is recorded as found.
             let rec = match carried {
