@@ -1361,3 +1361,21 @@ fn a_tight_unprepare_of_an_idle_gpu_then_a_prepare_settles() {
         run_with(&ops, BTreeSet::new()).unwrap();
     }
 }
+
+/// Found by a long random run: a release whose first unbind blocks must not
+/// go on to the companion and leave it driverless (the companion's bind was
+/// refused because the GPU could not be read behind the held device lock).
+#[test]
+fn a_release_blocked_on_the_gpu_leaves_its_companion_bound() {
+    run_with(
+        &[
+            configure(1, 1),
+            Op::Tight(Box::new(configure(0, 2))),
+            Op::Unblock,
+            Op::UnbindBlocks { f: 0 },
+            Op::Tight(Box::new(unconfigure(0, 2))),
+        ],
+        BTreeSet::new(),
+    )
+    .unwrap();
+}

@@ -275,7 +275,11 @@ impl Engine {
                 _ => self.restore_override(bdf, fr),
             };
             if let Err(e) = result {
+                let stop = matches!(e, StepError::Engine(_));
                 failure.get_or_insert(e);
+                if stop {
+                    break;
+                }
             }
         }
         let all: Vec<Bdf> = rec.functions.iter().map(|f| f.bdf).collect();
@@ -339,7 +343,14 @@ impl Engine {
             if let Err(e) =
                 self.restore_function(bdf, fr, target.as_ref(), rec.vfio_driver.as_ref())
             {
+                // A blocked write (or read) stops the settle: the rest of the
+                // group is left as it is until that returns, never half-moved
+                // behind a device whose lock is held.
+                let stop = matches!(e, StepError::Engine(_));
                 failure.get_or_insert(e);
+                if stop {
+                    break;
+                }
             }
         }
         match failure {

@@ -73,7 +73,17 @@ impl Engine {
         if !to_host {
             return Ok(None);
         }
-        let gpu_now = self.load_gpu(gpu)?;
+        // A GPU that cannot be read now cannot be shown to be free of keep
+        // intent: refused as a failed step, so the caller parks the function
+        // back on vfio rather than leave it without a driver.
+        let gpu_now = match self.load_gpu(gpu) {
+            Ok(g) => g,
+            Err(e) => {
+                return Ok(Some(format!(
+                    "refused: {op} needs admin intent read first, and {gpu} cannot be read ({e})"
+                )));
+            }
+        };
         let rec = self.ledger().gpus.get(&gpu).cloned();
         Ok(match self.intent_now(&gpu_now, rec.as_ref()).0 {
             IntentNow::Keep(why) => Some(format!(
