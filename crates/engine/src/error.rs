@@ -139,6 +139,11 @@ pub enum EngineError {
         /// What a move reserves.
         needed: u64,
     },
+    /// The admin's intent sources (policy, driverctl, modprobe.d, the
+    /// command line) could not be read in time: nothing was moved; a release
+    /// keeps the GPU on vfio until they can be read again.
+    #[error("the admin's intent cannot be read now ({0}); nothing was moved off vfio, retry")]
+    IntentUnreadable(String),
     /// Turning nvidia persistence mode off failed.
     #[error("{bdf}: could not turn nvidia persistence mode off: {detail}")]
     Persistence {

@@ -97,3 +97,45 @@ fn a_blocked_holder_scan_answers_busy() {
     assert!(k.log().is_empty());
     gate.release();
 }
+
+/// The admin's intent sources are read under the read deadline too: a
+/// policy file that hangs (a FIFO standing in for a hung mount) makes a
+/// prepare fail and a release keep the GPU on vfio, never guess "restore".
+#[test]
+fn intent_that_cannot_be_read_in_time_never_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("host");
+    build_host(&root);
+    let k = sim(&root);
+    let policy = dir.path().join("policy.toml");
+    let e = engine_with(
+        &k,
+        &dir.path().join("state"),
+        EngineConfig {
+            policy_file: Some(policy.clone()),
+            ..quick()
+        },
+    );
+    e.configure(bdf(B), claim("u1")).unwrap();
+    let c = std::ffi::CString::new(policy.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let err = e.configure(bdf(A), claim("u2")).unwrap_err();
+    assert!(matches!(err, EngineError::IntentUnreadable(_)), "{err}");
+    let out = e.unconfigure(bdf(B), Some(&claim("u1")));
+    assert_eq!(driver_of(&root, B).as_deref(), Some("vfio-pci"), "{out:?}");
+    assert!(
+        matches!(out, Err(EngineError::IntentUnreadable(_))),
+        "never recorded as admin-owned: {out:?}"
+    );
+    // Unblock the hung read (a writer, then EOF), and intent reads again.
+    let w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&policy)
+        .unwrap();
+    std::fs::remove_file(&policy).unwrap();
+    drop(w);
+    std::thread::sleep(Duration::from_millis(50));
+    let out = e.unconfigure(bdf(B), Some(&claim("u1"))).unwrap();
+    assert_eq!(out.action, Action::Restored, "{}", out.detail);
+}

@@ -41,7 +41,7 @@ impl Engine {
             Prior::Carry(rec) => rec,
         };
         let gpu = self.load_gpu(bdf)?;
-        let intent = self.intent();
+        let intent = self.intent()?;
         if let Some(pin) = &self.verdict(&intent, &gpu).pinned {
             return Err(EngineError::Pinned {
                 bdf,

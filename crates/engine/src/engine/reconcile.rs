@@ -111,7 +111,7 @@ impl Engine {
             }
             return self.reconcile_record(&gpu, rec);
         }
-        let intent = self.intent();
+        let intent = self.intent()?;
         let verdict = self.verdict(&intent, &gpu);
         if gpu.function.on_vfio() {
             let funcs: Vec<PciFunction> = gpu

@@ -128,7 +128,12 @@ impl Engine {
     /// The admin's intent for `gpu` at this instant, as the settle decision
     /// needs it, with the verdict's reasons in words.
     pub(super) fn intent_now(&self, gpu: &Gpu, rec: Option<&GpuRecord>) -> (IntentNow, String) {
-        let verdict = self.verdict(&self.intent(), gpu);
+        let snapshot = match self.intent() {
+            Ok(s) => s,
+            // Unknown intent is never "restore", nor admin ownership: wait.
+            Err(e) => return (IntentNow::Unknown(e.to_string()), e.to_string()),
+        };
+        let verdict = self.verdict(&snapshot, gpu);
         let reasons = reasons_text(&verdict);
         let was_on_vfio = rec.is_some_and(|r| r.was_on_vfio);
         let originals: Vec<&str> = rec
@@ -234,6 +239,16 @@ impl Engine {
             }),
             Settle::WaitBusy => Err(EngineError::Busy { bdf, holders }),
             Settle::Keep(why) => self.keep_on_vfio(&gpu, rec, &why, started),
+            Settle::WaitIntent(why) => {
+                for fr in &rec.functions {
+                    if let (Ok(b), Some(vfio)) = (self.binding(fr.bdf), rec.vfio_driver.as_ref())
+                        && b.driver.is_none()
+                    {
+                        self.park_on_vfio(bdf, fr.bdf, vfio);
+                    }
+                }
+                Err(EngineError::IntentUnreadable(why))
+            }
             Settle::Restore => self.restore_all(&gpu, rec, &intent, path, started),
         }
     }

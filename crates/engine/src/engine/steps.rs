@@ -89,6 +89,9 @@ impl Engine {
             IntentNow::Keep(why) => Some(format!(
                 "refused: {op} would take it off vfio, and admin intent keeps {gpu} there ({why})"
             )),
+            IntentNow::Unknown(why) => Some(format!(
+                "refused: {op} would take it off vfio, and admin intent cannot be read ({why})"
+            )),
             IntentNow::Restore { .. } => None,
         })
     }
