@@ -1379,3 +1379,20 @@ fn a_release_blocked_on_the_gpu_leaves_its_companion_bound() {
     )
     .unwrap();
 }
+
+/// Found by a long random run: the companion's unbind blocked in serve; a
+/// second process's reconcile must leave the group alone (n4 through a
+/// function other than the GPU's).
+#[test]
+fn a_blocked_companion_unbind_is_left_alone_by_another_process() {
+    run_with(
+        &[
+            Op::UnbindBlocks { f: 1 },
+            configure(0, 1),
+            Op::Reconcile,
+            Op::OtherReconcile,
+        ],
+        BTreeSet::new(),
+    )
+    .unwrap();
+}
