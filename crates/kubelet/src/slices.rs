@@ -563,6 +563,27 @@ impl SlicePublisher {
         Ok(owner)
     }
 
+    /// Only ever touch our own slices, whatever the server returned: a proxy or
+    /// server that ignores the field selector, or a wrong kubeconfig, must not make
+    /// us update or delete another driver's or node's slices (security review L5).
+    fn only_ours(&self, listed: Vec<ResourceSlice>) -> Vec<ResourceSlice> {
+        listed
+            .into_iter()
+            .filter(|s| {
+                let ours = self.cfg.owns(s);
+                if !ours {
+                    tracing::warn!(
+                        slice = s.metadata.name.as_deref().unwrap_or(""),
+                        driver = %s.spec.driver,
+                        node = s.spec.node_name.as_deref().unwrap_or(""),
+                        "ignoring a listed ResourceSlice of another driver or node (field selector not applied?)"
+                    );
+                }
+                ours
+            })
+            .collect()
+    }
+
     /// PCI addresses (`…/pciBusID` attributes, any domain) that other
     /// drivers' slices on this node publish, with the driver. A list that
     /// fails hides nothing (logged): it must not stop this driver publishing.
@@ -623,24 +644,7 @@ impl SlicePublisher {
                 return Err(e).context("listing ResourceSlices");
             }
         };
-        // Only ever touch our own slices, whatever the server returned: a proxy or
-        // server that ignores the field selector, or a wrong kubeconfig, must not make
-        // us update or delete another driver's or node's slices (security review L5).
-        let listed: Vec<ResourceSlice> = listed
-            .into_iter()
-            .filter(|s| {
-                let ours = self.cfg.owns(s);
-                if !ours {
-                    tracing::warn!(
-                        slice = s.metadata.name.as_deref().unwrap_or(""),
-                        driver = %s.spec.driver,
-                        node = s.spec.node_name.as_deref().unwrap_or(""),
-                        "ignoring a listed ResourceSlice of another driver or node (field selector not applied?)"
-                    );
-                }
-                ours
-            })
-            .collect();
+        let listed = self.only_ours(listed);
         // One GPU, one owner: a GPU another driver on this node publishes too
         // (NVIDIA's driver with PassthroughSupport, the GPU Operator's) is not
         // offered here, or two drivers could hand it to two pods.
