@@ -119,17 +119,48 @@ pub enum Settle {
     Restore,
 }
 
+/// What a record is, for the settle decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    /// A move or release of ours (configuring, configured, releasing).
+    Ours,
+    /// Released to no driver, as it was found.
+    ReleasedUnbound,
+    /// Found on vfio, not by us: the admin's.
+    FoundOnVfio,
+    /// Moved by us and kept on vfio because intent said so when it was
+    /// settled: still ours (origins known), re-decided while nobody holds it.
+    KeptByIntent,
+}
+
+impl GpuRecord {
+    /// What this record is for [`decide_settle`].
+    pub fn kind(&self) -> RecordKind {
+        match self.state {
+            OpState::ReleasedUnbound => RecordKind::ReleasedUnbound,
+            OpState::Prebound
+                if self.was_on_vfio
+                    || self.functions.iter().all(|f| f.override_written.is_none()) =>
+            {
+                RecordKind::FoundOnVfio
+            }
+            OpState::Prebound => RecordKind::KeptByIntent,
+            OpState::Configuring | OpState::Configured | OpState::Releasing => RecordKind::Ours,
+        }
+    }
+}
+
 /// The one keep-or-restore decision, for every path that settles a record of
-/// ours: `state` as recorded, `intent` read at this instant, `observed` the
+/// ours: `kind` of the record, `intent` read at this instant, `observed` the
 /// host now. Pure; tested exhaustively over its inputs.
-pub fn decide_settle(state: OpState, intent: &IntentNow, observed: Observed) -> Settle {
+pub fn decide_settle(kind: RecordKind, intent: &IntentNow, observed: Observed) -> Settle {
     if observed.vanished {
         return Settle::Forget;
     }
-    match state {
-        OpState::ReleasedUnbound => return Settle::AlreadyReleased,
-        OpState::Prebound => return Settle::AdminOwned,
-        OpState::Configuring | OpState::Configured | OpState::Releasing => {}
+    match kind {
+        RecordKind::ReleasedUnbound => return Settle::AlreadyReleased,
+        RecordKind::FoundOnVfio => return Settle::AdminOwned,
+        RecordKind::Ours | RecordKind::KeptByIntent => {}
     }
     if observed.stuck {
         return Settle::WaitStuck;
@@ -235,6 +266,8 @@ impl GpuRecord {
         match self.state {
             OpState::Configured if ours && all_on_vfio => OnConfigure::AlreadyDone,
             OpState::Configured if ours => OnConfigure::Redrive,
+            // Kept for intent after a move of ours: the origins come along.
+            OpState::Prebound if self.kind() == RecordKind::KeptByIntent => OnConfigure::Redrive,
             OpState::Prebound | OpState::ReleasedUnbound => OnConfigure::Fresh,
             OpState::Configuring | OpState::Releasing if ours || self.holder.is_none() => {
                 OnConfigure::FinishFirst
@@ -293,6 +326,9 @@ impl GpuRecord {
                 OnReconcile::Drop("released unbound earlier, has a driver now: record dropped")
             }
             OpState::ReleasedUnbound => OnReconcile::Keep("released to no driver, as it was found"),
+            // Moved by us and kept for intent: decided again with intent as it
+            // is now (an admin who drops the intent gets the GPU back).
+            OpState::Prebound if self.kind() == RecordKind::KeptByIntent => OnReconcile::Settle,
             OpState::Prebound if !on_vfio => {
                 OnReconcile::Drop("was admin-owned on vfio, now on another driver: record dropped")
             }
@@ -317,7 +353,7 @@ impl GpuRecord {
     /// about to): any record but an admin-owned one, for a function not found
     /// on vfio. A state the plugin produced is never admin intent.
     pub fn put_on_vfio_by_us(&self, bdf: Bdf) -> bool {
-        if self.state == OpState::Prebound || self.was_on_vfio {
+        if !matches!(self.kind(), RecordKind::Ours | RecordKind::KeptByIntent) || self.was_on_vfio {
             return false;
         }
         self.function(bdf).is_some_and(|f| {
@@ -416,12 +452,11 @@ mod tests {
     /// unbound, a blocked device is never touched, admin-owned stays.
     #[test]
     fn settle_decision_over_every_input() {
-        let states = [
-            OpState::Configuring,
-            OpState::Configured,
-            OpState::Releasing,
-            OpState::ReleasedUnbound,
-            OpState::Prebound,
+        let kinds = [
+            RecordKind::Ours,
+            RecordKind::ReleasedUnbound,
+            RecordKind::FoundOnVfio,
+            RecordKind::KeptByIntent,
         ];
         let pinned: BTreeMap<Bdf, Option<DriverName>> =
             [("0000:66:00.0".parse().unwrap(), None)].into();
@@ -434,7 +469,7 @@ mod tests {
             IntentNow::Restore { pins: pinned },
         ];
         let mut seen = 0;
-        for state in states {
+        for kind in kinds {
             for intent in &intents {
                 for bits in 0..8u8 {
                     let observed = Observed {
@@ -442,18 +477,15 @@ mod tests {
                         stuck: bits & 2 != 0,
                         vfio_in_use: bits & 4 != 0,
                     };
-                    let got = decide_settle(state, intent, observed);
+                    let got = decide_settle(kind, intent, observed);
                     seen += 1;
                     let keep = matches!(intent, IntentNow::Keep(_) | IntentNow::Unknown(_));
-                    let ours = matches!(
-                        state,
-                        OpState::Configuring | OpState::Configured | OpState::Releasing
-                    );
+                    let ours = matches!(kind, RecordKind::Ours | RecordKind::KeptByIntent);
                     let expected = if observed.vanished {
                         Settle::Forget
-                    } else if state == OpState::ReleasedUnbound {
+                    } else if kind == RecordKind::ReleasedUnbound {
                         Settle::AlreadyReleased
-                    } else if state == OpState::Prebound {
+                    } else if kind == RecordKind::FoundOnVfio {
                         Settle::AdminOwned
                     } else if observed.stuck {
                         Settle::WaitStuck
@@ -466,7 +498,7 @@ mod tests {
                     } else {
                         Settle::Restore
                     };
-                    assert_eq!(got, expected, "{state:?} {intent:?} {observed:?}");
+                    assert_eq!(got, expected, "{kind:?} {intent:?} {observed:?}");
                     // The promise, stated directly.
                     if got == Settle::Restore {
                         assert!(!keep && !observed.vfio_in_use && !observed.stuck && ours);
@@ -474,7 +506,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen, 5 * 4 * 8);
+        assert_eq!(seen, 4 * 4 * 8);
     }
 
     /// Pins decide the target of a restore; otherwise the recorded origin.

@@ -1396,3 +1396,22 @@ fn a_blocked_companion_unbind_is_left_alone_by_another_process() {
     )
     .unwrap();
 }
+
+/// Found by a long random run: intent kept a GPU we moved on vfio when a
+/// crashed prepare was settled; once the admin drops the intent, the GPU is
+/// still ours and goes back to its driver (its origins are never forgotten).
+#[test]
+fn a_gpu_kept_for_intent_returns_once_the_intent_is_gone() {
+    run_with(
+        &[
+            Op::Cmdline { f: 1, on: true },
+            Op::Crash {
+                step: 3,
+                op: Box::new(configure(0, 1)),
+            },
+            Op::Cmdline { f: 1, on: false },
+        ],
+        BTreeSet::new(),
+    )
+    .unwrap();
+}

@@ -209,14 +209,14 @@ impl Engine {
         };
         // The holder scan is only worth its cost when it can change the answer.
         let mut holders = Vec::new();
-        if decide_settle(rec.state, &intent, observed) == Settle::Restore {
+        if decide_settle(rec.kind(), &intent, observed) == Settle::Restore {
             holders = self.vfio_users(rec)?;
             observed.vfio_in_use = !holders.is_empty();
         }
         let Some(gpu) = gpu else {
             return self.forget_vanished(bdf, started);
         };
-        match decide_settle(rec.state, &intent, observed) {
+        match decide_settle(rec.kind(), &intent, observed) {
             Settle::Forget => self.forget_vanished(bdf, started),
             Settle::AlreadyReleased => Ok(self.outcome(
                 &gpu,
@@ -319,6 +319,9 @@ impl Engine {
             .iter()
             .any(|b| self.binding(*b).is_ok_and(|f| f.on_vfio()));
         match rec.after_keep(any_on_vfio) {
+            // Already kept as it is: nothing to commit (reconcile re-decides
+            // kept records every round).
+            Some(kept) if kept.state == rec.state && kept.holder == rec.holder => {}
             Some(kept) => self.set_record(bdf, Some(kept))?,
             // Nothing of ours stayed on vfio: what we changed goes back.
             None => {

@@ -12,8 +12,9 @@ use vfio_gpu_host::{Bdf, Gpu, GpuSelector, HostRoot, PciHost, PciIdsDb, discover
 use vfio_gpu_intent::{IntentSources, OwnRecords, Policy, Verdict, evaluate};
 
 use crate::error::{EngineError, FunctionState};
-use crate::ledger::{GpuRecord, LedgerBody, LedgerProblem, OpState, PendingPersistence};
+use crate::ledger::{GpuRecord, LedgerBody, LedgerProblem, PendingPersistence};
 use crate::preflight::NodeHolder;
+use crate::state::RecordKind;
 
 /// What an operation did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -126,7 +127,11 @@ impl OwnRecords for Records<'_> {
         self.0
             .gpus
             .values()
-            .any(|r| (r.state == OpState::Prebound || r.was_on_vfio) && r.function(bdf).is_some())
+            // Found on vfio: the admin's. A GPU kept there for intent at a
+            // settle is still ours, and intent alone decides it.
+            .any(|r| {
+                (r.kind() == RecordKind::FoundOnVfio || r.was_on_vfio) && r.function(bdf).is_some()
+            })
     }
 }
 
