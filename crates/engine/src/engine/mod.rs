@@ -2,7 +2,8 @@
 //! file per container operation). Where to change what:
 //!
 //! - `configure`: the move to vfio (preflight, write-ahead record, per-function steps, verify).
-//! - `release`: unconfigure, finishing a release, restoring functions, rollback.
+//! - `release`: unconfigure, and `settle`: the one way a record of ours is released,
+//!   finished or rolled back, as `state::decide_settle` says.
 //! - `reconcile`: bringing host and ledger back in line after a crash or drift.
 //! - `persistence`: nvidia persistence mode around a move.
 //! - `steps`: single host writes with deadlines, steer-and-unbind, unbind lock, parking on vfio.
