@@ -455,3 +455,19 @@ fn a_policy_entry_under_the_host_root_added_while_bound_keeps_the_gpu_on_vfio() 
     assert_eq!(v[0]["action"], "left-on-vfio", "{v}");
     assert!(v[0]["detail"].as_str().unwrap().contains("policy"), "{v}");
 }
+
+/// Review n18: `serve` takes the same deadlines and budget as the admin
+/// commands (it used the built-in defaults whatever the admin set).
+#[test]
+fn serve_takes_the_deadlines_and_the_prepare_budget() {
+    let out = run(&["serve", "--help"]);
+    let help = stdout(&out);
+    for flag in [
+        "--unbind-timeout",
+        "--bind-timeout",
+        "--prepare-budget",
+        "--policy",
+    ] {
+        assert!(help.contains(flag), "serve --help lacks {flag}:\n{help}");
+    }
+}

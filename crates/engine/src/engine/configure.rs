@@ -341,7 +341,13 @@ impl Engine {
     ) -> Result<DriverName, EngineError> {
         let driver = match &policy.binding.vfio_driver {
             VfioDriverChoice::Named(name) => name.clone(),
-            VfioDriverChoice::Auto => choose_vfio_driver(&self.root, f),
+            // modules.alias is read through the kernel edge's root under the read deadline.
+            VfioDriverChoice::Auto => {
+                let func = f.clone();
+                self.host_read(f.bdf, "read of modules.alias", move |k| {
+                    Ok(choose_vfio_driver(k.root(), &func))
+                })?
+            }
         };
         let loaded = |d: &DriverName| {
             let dir = self.root.pci_driver_dir(d);
