@@ -232,6 +232,7 @@ impl GpuRecord {
     /// record does not know yet are recorded as found.
     pub fn redriven(
         mut self,
+        holder: Holder,
         funcs: &[PciFunction],
         vfio: &DriverName,
         changes: Changes,
@@ -248,6 +249,9 @@ impl GpuRecord {
             }
         }
         self.state = OpState::Configuring;
+        // The same holder re-driving its GPU, or a new one taking a GPU kept
+        // for intent: either way it holds it now.
+        self.holder = Some(holder);
         self.stuck_on = None;
         self.changes.unbind_lock_taken |= changes.unbind_lock_taken;
         for b in changes.persistence_disabled {

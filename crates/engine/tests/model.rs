@@ -1415,3 +1415,24 @@ fn a_gpu_kept_for_intent_returns_once_the_intent_is_gone() {
     )
     .unwrap();
 }
+
+/// Found by a long random run: a new claim taking a GPU kept for intent
+/// (its companion not on vfio) must record that claim as the holder.
+#[test]
+fn a_claim_taking_a_gpu_kept_for_intent_holds_it() {
+    run_with(
+        &[
+            Op::UnbindBlocks { f: 0 },
+            configure(0, 1),
+            Op::Modprobe { f: 0, on: true },
+            Op::Unblock,
+            Op::Crash {
+                step: 1,
+                op: Box::new(configure(0, 1)),
+            },
+            Op::Tight(Box::new(configure(0, 1))),
+        ],
+        BTreeSet::new(),
+    )
+    .unwrap();
+}

@@ -94,7 +94,13 @@ impl Engine {
             ..Changes::default()
         };
         let rec = match carried {
-            Some(rec) => rec.redriven(&funcs, &vfio_driver, changes, self.new_operation()),
+            Some(rec) => rec.redriven(
+                holder.clone(),
+                &funcs,
+                &vfio_driver,
+                changes,
+                self.new_operation(),
+            ),
             None => GpuRecord::configuring(
                 holder.clone(),
                 &funcs,
