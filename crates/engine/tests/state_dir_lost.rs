@@ -78,3 +78,27 @@ fn a_mirror_from_another_boot_is_ignored() {
     let e = engine_with(&k, &dir.path().join("s2"), with_mirror(&run));
     assert!(e.ledger().gpus.is_empty());
 }
+
+/// Two engines with different state directories on one host (the plugin and
+/// an admin's `--state-dir` experiment) keep separate mirrors: losing the
+/// first state directory adopts its records, not the other one's.
+#[test]
+fn each_state_dir_has_its_own_mirror() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("host");
+    build_host(&root);
+    let k = sim(&root);
+    let run = root.join("run/vfio-gpu-dra");
+    let first = dir.path().join("s1");
+    let e1 = engine_with(&k, &first, with_mirror(&run));
+    e1.configure(bdf(B), claim()).unwrap();
+    drop(e1);
+    let second = dir.path().join("s2");
+    let e2 = engine_with(&k, &second, with_mirror(&run));
+    e2.configure(bdf(A), claim()).unwrap();
+    drop(e2);
+    std::fs::remove_dir_all(&first).unwrap();
+    let e = engine_with(&k, &first, with_mirror(&run));
+    let gpus: Vec<_> = e.ledger().gpus.keys().copied().collect();
+    assert_eq!(gpus, [bdf(B)], "its own records, not the other state dir's");
+}

@@ -180,10 +180,12 @@ cli() {
     esac
 }
 
-# Fresh state dir for a scenario
+# Fresh state dir for a scenario. Scenarios are independent installations, so
+# the boot mirror of the ledger (/run/vfio-gpu-dra, which a fresh state dir
+# would adopt records from) goes too.
 new_state() {
     STATE=/var/lib/vfio-gpu-dra-$1
-    rm -rf "$STATE"
+    rm -rf "$STATE" /run/vfio-gpu-dra
     mkdir -p "$STATE"
 }
 

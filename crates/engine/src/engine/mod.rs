@@ -52,6 +52,75 @@ fn intent_sources_key() -> Bdf {
     Bdf::HIGHEST
 }
 
+/// The mirror of one state directory: `<mirror dir>/<hash of its path>/`,
+/// with the path itself in `state-dir` (engines with different state
+/// directories never overwrite each other's mirror).
+fn mirror_dir_for(mirror_root: &Path, state_dir: &Path) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let path = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    let digest = Sha256::digest(path.as_os_str().as_encoded_bytes());
+    mirror_root.join(hex::encode(&digest[..8]))
+}
+
+fn open_mirror(mirror_root: &Path, state_dir: &Path) -> Option<LedgerFile> {
+    let dir = mirror_dir_for(mirror_root, state_dir);
+    let opened = LedgerFile::new(&dir).and_then(|m| {
+        let path = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+        std::fs::write(dir.join("state-dir"), path.as_os_str().as_encoded_bytes()).map_err(
+            |source| LedgerError::StateDir {
+                path: dir.clone(),
+                source,
+            },
+        )?;
+        Ok(m)
+    });
+    match opened {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(error = %e, "no boot mirror of the ledger");
+            None
+        }
+    }
+}
+
+/// This boot's records for a state directory found without a ledger: from
+/// its own mirror (a wiped hostPath), else from the mirror of a state
+/// directory that has no ledger any more (a reinstall with another one).
+/// The mirror of a state directory whose ledger still exists is never taken:
+/// that ledger is still the truth there.
+fn adoptable_mirror(
+    mirror_root: &Path,
+    state_dir: &Path,
+    boot_id: &str,
+) -> Option<(LedgerBody, PathBuf)> {
+    let own = mirror_dir_for(mirror_root, state_dir);
+    let mut candidates = vec![own.clone()];
+    if let Ok(entries) = std::fs::read_dir(mirror_root) {
+        for e in entries.flatten() {
+            let dir = e.path();
+            if dir == own {
+                continue;
+            }
+            let Ok(mirrored) = std::fs::read(dir.join("state-dir")) else {
+                continue;
+            };
+            let mirrored = PathBuf::from(String::from_utf8_lossy(&mirrored).into_owned());
+            if !mirrored.join("ledger.json").exists() {
+                candidates.push(dir);
+            }
+        }
+    }
+    candidates.into_iter().find_map(|dir| {
+        let m = LedgerFile::new(&dir).ok()?;
+        if !m.path().exists() {
+            return None;
+        }
+        let (kept, problem) = m.load();
+        (problem.is_none() && kept.boot_id == boot_id && !kept.gpus.is_empty())
+            .then(|| (kept, m.path()))
+    })
+}
+
 /// What to do when the crash hook fires.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CrashMode {
@@ -314,16 +383,10 @@ impl Engine {
             Some(id) if !id.trim().is_empty() => id,
             _ => return Err(LedgerError::NoBootId { path: file.path() }.into()),
         };
-        let mirror = match &config.boot_mirror_dir {
-            Some(dir) => match LedgerFile::new(dir) {
-                Ok(m) => Some(m),
-                Err(e) => {
-                    tracing::warn!(error = %e, "no boot mirror of the ledger");
-                    None
-                }
-            },
-            None => None,
-        };
+        let mirror = config
+            .boot_mirror_dir
+            .as_deref()
+            .and_then(|dir| open_mirror(dir, state_dir));
         let (mut body, problem) = file.load();
         let mut report = OpenReport {
             ledger_problem: problem,
@@ -331,17 +394,15 @@ impl Engine {
         };
         if report.ledger_problem.is_none()
             && !file.path().exists()
-            && let Some(m) = &mirror
+            && let Some(dir) = &config.boot_mirror_dir
+            && let Some((kept, from)) = adoptable_mirror(dir, state_dir, &boot_id)
         {
-            let (kept, mirror_problem) = m.load();
-            if mirror_problem.is_none() && kept.boot_id == boot_id && !kept.gpus.is_empty() {
-                report.adopted_from_mirror = Some(format!(
-                    "the state directory had no ledger; adopted {} record(s) of this boot from {}",
-                    kept.gpus.len(),
-                    m.path().display()
-                ));
-                body = kept;
-            }
+            report.adopted_from_mirror = Some(format!(
+                "the state directory had no ledger; adopted {} record(s) of this boot from {}",
+                kept.gpus.len(),
+                from.display()
+            ));
+            body = kept;
         }
         // Drivers were re-probed at boot: what an earlier boot recorded is a hint only.
         body.gpus.retain(|bdf, rec| {

@@ -73,7 +73,7 @@ impl Engine {
                 let result = if self.vanished(bdf) {
                     self.forget_vanished(bdf, Instant::now())
                 } else {
-                    Err(EngineError::UnknownGpu(bdf))
+                    self.not_selected(bdf)
                 };
                 out.push(result.map_err(|e| (bdf, e)));
             }
@@ -89,6 +89,27 @@ impl Engine {
         );
         self.retry_persistence()?;
         Ok(out)
+    }
+
+    /// A record for a device that exists but is not among the GPUs seen: one
+    /// this engine's selector does not select (a record adopted from another
+    /// installation's mirror, or a changed `--gpu-id`) is left as it is, with
+    /// a note; a selected one that could not be read is an error.
+    fn not_selected(&self, bdf: Bdf) -> Result<Outcome, EngineError> {
+        let f = self.read(bdf)?;
+        if self.selector.matches(&f) {
+            return Err(EngineError::UnknownGpu(bdf));
+        }
+        Ok(Outcome {
+            bdf,
+            action: Action::Noted,
+            detail: "recorded, but not a GPU this instance's selector picks: record left as it is"
+                .into(),
+            functions: Vec::new(),
+            iommu_group: f.iommu_group,
+            vfio_devices: Vec::new(),
+            millis: 0,
+        })
     }
 
     pub(super) fn reconcile_one(&self, bdf: Bdf) -> Result<Outcome, EngineError> {
