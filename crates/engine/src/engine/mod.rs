@@ -628,7 +628,9 @@ impl Engine {
             &self.stuck,
             intent_sources_key(),
             "read of the admin's intent sources",
-            self.config.read_deadline,
+            // Files on disk, some large (modules.dep): the command deadline,
+            // not the device-attribute one.
+            self.config.command_deadline,
             move || live.read(),
         )
         .map_err(EngineError::IntentUnreadable)
