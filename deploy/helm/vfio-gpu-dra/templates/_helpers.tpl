@@ -7,7 +7,7 @@
 {{- define "vfio-gpu-dra.image" -}}
 {{- $img := .Values.image -}}
 {{- if $img.digest -}}
-{{- if not (hasPrefix "sha256:" $img.digest) -}}
+{{- if not (regexMatch "^sha256:[0-9a-f]{64}$" $img.digest) -}}
 {{- fail (printf "image.digest %q: expected sha256:<hex>" $img.digest) -}}
 {{- end -}}
 {{- printf "%s@%s" $img.repository $img.digest -}}
