@@ -48,6 +48,30 @@ VFIO_GPU_DRA_BIN=$(cd "$(dirname "$VFIO_GPU_DRA_BIN")" && pwd)/$(basename "$VFIO
 export VFIO_GPU_DRA_BIN
 echo "== k8s: binary $VFIO_GPU_DRA_BIN"
 
+# The Helm chart's value sets for TestK8s/HelmChart (helm_test.go), rendered with
+# Helm's Go packages in their own module (helmrender/), not the lanes' go.mod files.
+if [ -z "${K8S_HELM_RENDERED:-}" ]; then
+  K8S_HELM_RENDERED="$OUT/helm"
+  rm -rf "$K8S_HELM_RENDERED"
+  render_set() { # name -set... : one value set into $K8S_HELM_RENDERED/<name>
+    local name=$1; shift
+    mkdir -p "$K8S_HELM_RENDERED/$name"
+    (cd "$HERE/helmrender" && go run . -chart "$REPO/deploy/helm/vfio-gpu-dra" -out "$K8S_HELM_RENDERED/$name" "$@")
+  }
+  echo "== k8s: rendering the Helm chart (tests/k8s/helmrender)"
+  t0=$(date +%s)
+  if ! { render_set defaults &&
+    render_set k0s-nfd-digest --set kubeletRootDir=/var/lib/k0s/kubelet --set namespace.name=gpu-system \
+      --set nodeTargeting.mode=nfd --set image.digest=sha256:$(printf 'ab%.0s' $(seq 32)) \
+      --set logLevel=debug --set 'imagePullSecrets=[{name: regcred}]' &&
+    render_set minimal --set metrics.enabled=false --set networkPolicy.enabled=false \
+      --set admissionPolicy.enabled=false --set namespace.create=false; }; then
+    echo "k8s: rendering the Helm chart failed"; echo "k8s: 0 passed, 1 failed"; exit 1
+  fi
+  echo "== k8s: chart rendered ($(( $(date +%s) - t0 ))s)"
+fi
+export K8S_HELM_RENDERED
+
 for lane in $LANES; do
   args=$(lane_args "$lane") || { failed=$((failed+1)); status=1; continue; }
   bin="$OUT/lane-$lane.test"
