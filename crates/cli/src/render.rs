@@ -114,6 +114,7 @@ pub fn devices(view: &Inspection, output: Output, setup: &Setup) -> Result<()> {
                 FunctionRole::Bridge => "bridge, stays",
                 FunctionRole::OtherGpu => "another GPU!",
                 FunctionRole::Foreign => "foreign: blocks",
+                FunctionRole::NvSwitch => "NVSwitch: blocks",
                 FunctionRole::Gpu => "",
             };
             println!(
