@@ -377,6 +377,14 @@ impl VfioPlugin {
                 bdfs.push(p.bdf);
             }
         }
+        // NVLink fabric (crate::fabric): a claim whose GPU set is not exactly one
+        // partition fails here, before any GPU moves.
+        let (fh, fb) = (holder.clone(), bdfs.clone());
+        self.blocking("checking the NVLink partition", move |e| {
+            e.fabric_preflight(&fh, &fb)
+        })
+        .await?
+        .map_err(|e| e.to_string())?;
         let reqs: Vec<(Bdf, Holder)> = bdfs.iter().map(|b| (*b, holder.clone())).collect();
         let results = self
             .blocking("configuring GPUs", move |e| e.configure_many(&reqs))
@@ -401,10 +409,29 @@ impl VfioPlugin {
             return Err(with_undo(errors.join("; "), undo));
         }
 
+        // Every GPU is on vfio: activate the claim's partition (crate::fabric).
+        let (fh, fb) = (holder.clone(), bdfs.clone());
+        let activated = self
+            .blocking("activating the NVLink partition", move |e| {
+                e.fabric_activate(&fh, &fb)
+            })
+            .await?;
+        match activated {
+            Ok(o) => {
+                tracing::info!(claim = %c.uid, partitions = ?o.partitions, action = ?o.action, detail = %o.detail, "NVLink partition")
+            }
+            Err(e) => {
+                let mut undo = self.undo_fabric(&holder).await;
+                undo.extend(self.release(&newly, &holder).await);
+                return Err(with_undo(e.to_string(), undo));
+            }
+        }
+
         match self.write_files(&identity, &planned, &outcomes) {
             Ok(devices) => Ok(devices),
             Err(e) => {
-                let undo = self.release(&newly, &holder).await;
+                let mut undo = self.undo_fabric(&holder).await;
+                undo.extend(self.release(&newly, &holder).await);
                 Err(with_undo(e, undo))
             }
         }
@@ -568,6 +595,22 @@ impl VfioPlugin {
         }
     }
 
+    /// Deactivates the claim's partition after a later step failed; returns what
+    /// could not be undone.
+    async fn undo_fabric(&self, holder: &Holder) -> Vec<String> {
+        let h = holder.clone();
+        match self
+            .blocking("deactivating the NVLink partition", move |e| {
+                e.fabric_deactivate(&h)
+            })
+            .await
+        {
+            Ok(Ok(_)) => Vec::new(),
+            Ok(Err(e)) => vec![e.to_string()],
+            Err(e) => vec![e],
+        }
+    }
+
     /// Releases GPUs this call configured after a later step failed; returns what
     /// could not be undone.
     async fn release(&self, bdfs: &[Bdf], holder: &Holder) -> Vec<String> {
@@ -613,6 +656,15 @@ impl VfioPlugin {
     /// Releases the GPUs the ledger records for `uid`, then its CDI spec and metadata;
     /// the caller holds the claim's lock.
     async fn release_claim_locked(&self, uid: &str) -> Result<(), String> {
+        // The claim's NVLink partition first (the id the ledger recorded), and
+        // never while its GPUs are open: the kubelet retries.
+        if let Some(h) = crate::fabric::claim_holder(&self.engine.ledger(), uid) {
+            self.blocking("deactivating the NVLink partition", move |e| {
+                e.fabric_deactivate(&h)
+            })
+            .await?
+            .map_err(|e| e.to_string())?;
+        }
         let held: Vec<(Bdf, Option<Holder>)> = self
             .engine
             .ledger()

@@ -245,6 +245,7 @@ async fn reconcile(engine: &Arc<Engine>, metrics: &Metrics) -> anyhow::Result<()
         .inspect_err(|e| metrics.record_error(e))
         .context("reconcile")?;
     metrics.record_reconcile(&results);
+    crate::fabric::reconcile(engine).await;
     for r in results {
         match r {
             Ok(o) => {
