@@ -969,9 +969,10 @@ impl Engine {
             out.push(r?);
         }
         // Active partitions the ledger does not know.
+        // (FM's list is from before the loop above: a partition it handled is skipped.)
         let recorded = self.ledger().fabric;
         for id in list.active() {
-            if recorded.partitions.contains_key(&id) {
+            if recorded.partitions.contains_key(&id) || ledger.fabric.partitions.contains_key(&id) {
                 continue;
             }
             let spec: Vec<ModuleId> = topology
