@@ -95,12 +95,25 @@ pub struct FabricLedger {
     /// Fields written by other versions.
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,
+    /// The file had a `fabric` key (even an empty one): it is written back.
+    #[serde(skip)]
+    present: bool,
+}
+
+/// Reads the ledger's `fabric` key, remembering it was there, so a rewrite
+/// keeps it even when empty (no field of a ledger is dropped on rewrite).
+pub(crate) fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<FabricLedger, D::Error> {
+    let mut f = FabricLedger::deserialize(d)?;
+    f.present = true;
+    Ok(f)
 }
 
 impl FabricLedger {
-    /// Nothing recorded: the section is left out of the file.
+    /// Nothing recorded and no `fabric` key read: the section is left out of
+    /// the file.
     pub fn is_empty(&self) -> bool {
-        self.platform.is_none()
+        !self.present
+            && self.platform.is_none()
             && self.topology_hash.is_none()
             && self.partitions.is_empty()
             && self.module_map.is_empty()

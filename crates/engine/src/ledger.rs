@@ -190,6 +190,7 @@ pub struct LedgerBody {
     /// same ledger as before.
     #[serde(
         default,
+        deserialize_with = "crate::fabric_state::present",
         skip_serializing_if = "crate::fabric_state::FabricLedger::is_empty"
     )]
     pub fabric: crate::fabric_state::FabricLedger,

@@ -629,3 +629,25 @@ fn records_of_an_earlier_boot_are_dropped() {
     // The module map stays (a hint, re-verified by device id).
     assert_eq!(e.ledger().fabric.module_map.len(), 8);
 }
+
+#[test]
+fn the_fabric_section_is_absent_without_a_fabric_and_kept_when_read() {
+    use vfio_gpu_engine::ledger::{LedgerBody, decode, encode};
+    let body = LedgerBody {
+        boot_id: "b".into(),
+        ..LedgerBody::default()
+    };
+    let text = String::from_utf8(encode(&body)).unwrap();
+    assert!(!text.contains("fabric"), "{text}");
+    // An empty section another version wrote survives a rewrite.
+    let json = r#"{"bootId":"b","gpus":{},"nextOperation":0,"fabric":{}}"#;
+    let sum = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(json.as_bytes()))
+    };
+    let bytes = format!("vfio-gpu-dra-ledger format=1 sha256={sum}\n{json}");
+    let decoded = decode(bytes.as_bytes()).unwrap();
+    let again = String::from_utf8(encode(&decoded)).unwrap();
+    assert!(again.contains("\"fabric\""), "{again}");
+    assert_eq!(decode(again.as_bytes()).unwrap(), decoded);
+}
