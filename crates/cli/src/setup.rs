@@ -385,6 +385,8 @@ mod tests {
             demo: false,
             demo_dir: None,
             demo_reset: false,
+            hgx: false,
+            fabric: crate::fabric_cmd::FabricOpts::default(),
             gpu_ids: Vec::new(),
             gpu_classes: Vec::new(),
             policy: Some("/nonexistent/policy.toml".into()),

@@ -379,12 +379,7 @@ impl VfioPlugin {
         }
         // NVLink fabric (crate::fabric): a claim whose GPU set is not exactly one
         // partition fails here, before any GPU moves.
-        let (fh, fb) = (holder.clone(), bdfs.clone());
-        self.blocking("checking the NVLink partition", move |e| {
-            e.fabric_preflight(&fh, &fb)
-        })
-        .await?
-        .map_err(|e| e.to_string())?;
+        self.fabric_preflight(&holder, &bdfs).await?;
         let reqs: Vec<(Bdf, Holder)> = bdfs.iter().map(|b| (*b, holder.clone())).collect();
         let results = self
             .blocking("configuring GPUs", move |e| e.configure_many(&reqs))
@@ -410,22 +405,7 @@ impl VfioPlugin {
         }
 
         // Every GPU is on vfio: activate the claim's partition (crate::fabric).
-        let (fh, fb) = (holder.clone(), bdfs.clone());
-        let activated = self
-            .blocking("activating the NVLink partition", move |e| {
-                e.fabric_activate(&fh, &fb)
-            })
-            .await?;
-        match activated {
-            Ok(o) => {
-                tracing::info!(claim = %c.uid, partitions = ?o.partitions, action = ?o.action, detail = %o.detail, "NVLink partition")
-            }
-            Err(e) => {
-                let mut undo = self.undo_fabric(&holder).await;
-                undo.extend(self.release(&newly, &holder).await);
-                return Err(with_undo(e.to_string(), undo));
-            }
-        }
+        self.fabric_activate(&holder, &bdfs, &newly).await?;
 
         match self.write_files(&identity, &planned, &outcomes) {
             Ok(devices) => Ok(devices),
@@ -592,6 +572,45 @@ impl VfioPlugin {
             attributes: DeviceInfo::from_view(&p.view)
                 .map(|info| device_attributes(&info))
                 .unwrap_or_default(),
+        }
+    }
+
+    /// The claim's GPUs must be exactly one NVLink partition (engine policy);
+    /// nothing changes.
+    async fn fabric_preflight(&self, holder: &Holder, bdfs: &[Bdf]) -> Result<(), String> {
+        let (h, b) = (holder.clone(), bdfs.to_vec());
+        self.blocking("checking the NVLink partition", move |e| {
+            e.fabric_preflight(&h, &b)
+        })
+        .await?
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    }
+
+    /// Activates the claim's partition; on failure releases the GPUs this call
+    /// configured (`newly`) and says what could not be undone.
+    async fn fabric_activate(
+        &self,
+        holder: &Holder,
+        bdfs: &[Bdf],
+        newly: &[Bdf],
+    ) -> Result<(), String> {
+        let (h, b) = (holder.clone(), bdfs.to_vec());
+        let activated = self
+            .blocking("activating the NVLink partition", move |e| {
+                e.fabric_activate(&h, &b)
+            })
+            .await?;
+        match activated {
+            Ok(o) => {
+                tracing::info!(holder = %holder, partitions = ?o.partitions, action = ?o.action, detail = %o.detail, "NVLink partition");
+                Ok(())
+            }
+            Err(e) => {
+                let mut undo = self.undo_fabric(holder).await;
+                undo.extend(self.release(newly, holder).await);
+                Err(with_undo(e.to_string(), undo))
+            }
         }
     }
 

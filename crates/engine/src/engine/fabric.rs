@@ -901,6 +901,19 @@ impl Engine {
                 b.fabric.topology_hash = hash;
             })?;
         }
+        self.reconcile_recorded(fc, &list, &ledger, &mut out)?;
+        self.reconcile_unrecorded(fc, &list, &topology, &map, &ledger, &mut out)?;
+        Ok(out)
+    }
+
+    /// Reconcile, part 1: every partition the ledger records, against FM's list.
+    fn reconcile_recorded(
+        &self,
+        fc: &FabricConfig,
+        list: &PartitionList,
+        ledger: &LedgerBody,
+        out: &mut Vec<FabricOutcome>,
+    ) -> Result<(), EngineError> {
         for (id, rec) in ledger.fabric.partitions.clone() {
             let one = |action, detail: String| FabricOutcome::new(action, vec![id], detail);
             let Some(p) = list.get(id) else {
@@ -968,6 +981,20 @@ impl Engine {
             };
             out.push(r?);
         }
+        Ok(())
+    }
+
+    /// Reconcile, part 2: active partitions the ledger did not record
+    /// (adopted, deactivated when idle, or reported).
+    fn reconcile_unrecorded(
+        &self,
+        fc: &FabricConfig,
+        list: &PartitionList,
+        topology: &Topology,
+        map: &ModuleMap,
+        ledger: &LedgerBody,
+        out: &mut Vec<FabricOutcome>,
+    ) -> Result<(), EngineError> {
         // Active partitions the ledger does not know.
         // (FM's list is from before the loop above: a partition it handled is skipped.)
         let recorded = self.ledger().fabric;
@@ -999,7 +1026,7 @@ impl Engine {
                     holders.push(h);
                 }
             }
-            let claim = match holders.iter().next() {
+            let claim = match holders.first() {
                 Some(Some(h @ Holder::Claim { .. })) if holders.len() == 1 => Some((*h).clone()),
                 _ => None,
             };
@@ -1050,7 +1077,7 @@ impl Engine {
                 Err(e) => return Err(e),
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     fn fm_list_cached(&self, list: &PartitionList) -> Result<(), EngineError> {
