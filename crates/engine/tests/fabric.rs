@@ -343,6 +343,22 @@ fn fm_restart_with_replay_keeps_the_partition() {
 }
 
 #[test]
+fn the_watch_replays_as_soon_as_fm_waits_for_it() {
+    let t = Hgx::new();
+    let e = t.engine();
+    let h = claim("u1");
+    prepare(&e, &h, &[M1, M3]).unwrap();
+    assert!(e.fabric_watch().unwrap().is_none(), "nothing pending");
+    let now = t.fm.now_ms();
+    t.fm.with(|s| s.restart_resilient(now));
+    let o = e.fabric_watch().unwrap().expect("replayed");
+    assert_eq!(o.action, FabricAction::Replayed);
+    assert_eq!(o.partitions, vec![PartitionId(3)]);
+    assert_eq!(t.active(), BTreeSet::from([3]));
+    assert!(e.fabric_watch().unwrap().is_none());
+}
+
+#[test]
 fn fm_restart_without_the_agent_is_reported_and_then_repaired_after_a_normal_start() {
     let t = Hgx::new();
     let e = t.engine_with(None, t.fabric(FabricPolicy::Required, false));

@@ -85,3 +85,37 @@ pub async fn reconcile(engine: &Arc<Engine>) {
         Err(e) => tracing::warn!(error = %e, "fabric reconcile task failed"),
     }
 }
+
+/// How often `serve` checks Fabric Manager for a pending restart replay (FM
+/// waits 60 s for it, then exits).
+pub const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Starts the fabric watch: every [`WATCH_INTERVAL`] until `stop`, lists FM
+/// and replays the active partitions when it restarted with `--restart`
+/// ([`Engine::fabric_watch`]). Does nothing without a configured FM.
+pub fn spawn_watch(
+    engine: &Arc<Engine>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    engine.config().fabric.as_ref()?;
+    let engine = Arc::clone(engine);
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(WATCH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let e = Arc::clone(&engine);
+            match tokio::task::spawn_blocking(move || e.fabric_watch()).await {
+                Ok(Ok(Some(o))) => {
+                    tracing::warn!(partitions = ?o.partitions, detail = %o.detail, "Fabric Manager restart replayed");
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "Fabric Manager watch"),
+                Err(e) => tracing::warn!(error = %e, "Fabric Manager watch task failed"),
+            }
+        }
+    }))
+}

@@ -839,45 +839,7 @@ impl Engine {
         self.check_ledger_trusted()?;
         let _op = lock(&self.fabric.op);
         let mut out = Vec::new();
-        let list = match fc.fm.get_supported_partitions() {
-            Ok(l) => {
-                self.fm_list_cached(&l)?;
-                l
-            }
-            Err(e) if e.is_retryable() && fc.resiliency_agent => {
-                let ids: Vec<PartitionId> = self
-                    .ledger()
-                    .fabric
-                    .partitions
-                    .iter()
-                    .filter(|(_, r)| r.state != PartitionState::Activating)
-                    .map(|(id, _)| *id)
-                    .collect();
-                fc.fm.set_activated_partitions(&ids).map_err(|e| {
-                    fm_err(
-                        "replaying the active partitions (fmSetActivatedFabricPartitions)",
-                        &e,
-                    )
-                })?;
-                self.mutation_done()?;
-                tracing::warn!(partitions = %ids_text(&ids), "Fabric Manager restarted: active partitions replayed");
-                out.push(FabricOutcome::new(
-                    FabricAction::Replayed,
-                    ids.clone(),
-                    format!(
-                        "Fabric Manager was waiting for its restart replay; sent [{}]",
-                        ids_text(&ids)
-                    ),
-                ));
-                self.fm_list(fc)?
-            }
-            Err(e) => {
-                if let Some((_, ok)) = lock(&self.fabric.cache).as_mut() {
-                    *ok = false;
-                }
-                return Err(fm_err("listing partitions", &e));
-            }
-        };
+        let list = self.list_replaying(fc, &mut out)?;
         let topology = Topology::from_list(&list)
             .map_err(|e| EngineError::Fabric(format!("Fabric Manager's partition table: {e}")))?;
         let gpus = self.fabric_gpus()?;
@@ -1078,6 +1040,88 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// FM's list; when FM waits for its restart replay and this engine is
+    /// the resiliency agent, replays the ledger's active partitions first
+    /// (`fmSetActivatedFabricPartitions`). The caller holds the state and
+    /// fabric locks.
+    fn list_replaying(
+        &self,
+        fc: &FabricConfig,
+        out: &mut Vec<FabricOutcome>,
+    ) -> Result<PartitionList, EngineError> {
+        let list = match fc.fm.get_supported_partitions() {
+            Ok(l) => {
+                self.fm_list_cached(&l)?;
+                l
+            }
+            Err(e) if e.is_retryable() && fc.resiliency_agent => {
+                let ids: Vec<PartitionId> = self
+                    .ledger()
+                    .fabric
+                    .partitions
+                    .iter()
+                    .filter(|(_, r)| r.state != PartitionState::Activating)
+                    .map(|(id, _)| *id)
+                    .collect();
+                fc.fm.set_activated_partitions(&ids).map_err(|e| {
+                    fm_err(
+                        "replaying the active partitions (fmSetActivatedFabricPartitions)",
+                        &e,
+                    )
+                })?;
+                self.mutation_done()?;
+                tracing::warn!(partitions = %ids_text(&ids), "Fabric Manager restarted: active partitions replayed");
+                out.push(FabricOutcome::new(
+                    FabricAction::Replayed,
+                    ids.clone(),
+                    format!(
+                        "Fabric Manager was waiting for its restart replay; sent [{}]",
+                        ids_text(&ids)
+                    ),
+                ));
+                self.fm_list(fc)?
+            }
+            Err(e) => {
+                if let Some((_, ok)) = lock(&self.fabric.cache).as_mut() {
+                    *ok = false;
+                }
+                return Err(fm_err("listing partitions", &e));
+            }
+        };
+        Ok(list)
+    }
+
+    /// Cheap check for `serve`'s fabric watch (every few seconds): lists FM
+    /// and, when it waits for its restart replay and this engine is the
+    /// resiliency agent, replays at once (FM exits if no replay comes within
+    /// 60 s). `Ok(None)`: nothing to do, or no FM configured.
+    pub fn fabric_watch(&self) -> Result<Option<FabricOutcome>, EngineError> {
+        self.check_alive()?;
+        let Some(fc) = self.fabric_config() else {
+            return Ok(None);
+        };
+        match fc.fm.get_supported_partitions() {
+            Ok(l) => {
+                self.fm_list_cached(&l)?;
+                Ok(None)
+            }
+            Err(e) if e.is_retryable() && fc.resiliency_agent => {
+                let _hold = self.hold()?;
+                self.check_ledger_trusted()?;
+                let _op = lock(&self.fabric.op);
+                let mut out = Vec::new();
+                self.list_replaying(fc, &mut out)?;
+                Ok(out.pop())
+            }
+            Err(e) => {
+                if let Some((_, ok)) = lock(&self.fabric.cache).as_mut() {
+                    *ok = false;
+                }
+                Err(fm_err("listing partitions", &e))
+            }
+        }
     }
 
     fn fm_list_cached(&self, list: &PartitionList) -> Result<(), EngineError> {
