@@ -33,6 +33,7 @@ esac
 case "$LANE" in
   1.34) lane_args=() ;;
   1.36) lane_args=(-modfile=lane-1.36.mod -tags=k8s136) ;;
+  1.37) lane_args=(-modfile=lane-1.37.mod -tags=k8s137) ;;
   *) echo "unknown lane $LANE" >&2; exit 2 ;;
 esac
 

@@ -7,6 +7,7 @@
 #
 #   tests/k8s/gen-replaces.sh 1.34.4 go.mod
 #   tests/k8s/gen-replaces.sh 1.36.3 lane-1.36.mod k8s136
+#   tests/k8s/gen-replaces.sh 1.37.2 lane-1.37.mod k8s137
 #
 # The third argument is the lane's build tag. `go mod tidy` looks at every build tag at
 # once, so it sees the other lanes' version files too (importing packages this version

@@ -49,22 +49,8 @@ func (h *recordingHandler) add(e regEvent) {
 	h.evs = append(h.evs, e)
 }
 
-func (h *recordingHandler) ValidatePlugin(name, endpoint string, versions []string) error {
-	err := h.inner.ValidatePlugin(name, endpoint, versions)
-	h.add(regEvent{op: "validate", name: name, endpoint: endpoint, versions: versions, err: err})
-	return err
-}
-
-func (h *recordingHandler) RegisterPlugin(name, endpoint string, versions []string, timeout *time.Duration) error {
-	err := h.inner.RegisterPlugin(name, endpoint, versions, timeout)
-	h.add(regEvent{op: "register", name: name, endpoint: endpoint, versions: versions, err: err})
-	return err
-}
-
-func (h *recordingHandler) DeRegisterPlugin(name, endpoint string) {
-	h.inner.DeRegisterPlugin(name, endpoint)
-	h.add(regEvent{op: "deregister", name: name, endpoint: endpoint})
-}
+// ValidatePlugin, RegisterPlugin, DeRegisterPlugin: handler_pre137_test.go (no
+// context before 1.37) and lane_137_test.go.
 
 func (h *recordingHandler) events() []regEvent {
 	h.mu.Lock()
@@ -96,14 +82,19 @@ type kubelet struct {
 // startKubelet starts a DRA manager with its checkpoint in stateDir and a plugin
 // manager watching regDir, both as kubelet wires them (pkg/kubelet/kubelet.go,
 // cm/container_manager_linux.go), with the kubelet's node identity.
-// owner is the test whose end stops it (nil: t).
-func (c *cluster) startKubelet(t, owner *testing.T, node, regDir, stateDir string) *kubelet {
+// owner is the test whose end stops it (nil: t). active are the pods running on
+// the node when it starts (a restarted kubelet knows them from its pod sources
+// before its DRA reconcile loop runs, which unprepares the claims of other pods).
+func (c *cluster) startKubelet(t, owner *testing.T, node, regDir, stateDir string, active ...*v1.Pod) *kubelet {
 	t.Helper()
 	registerKubeletMetrics()
 	ctx, cancel := context.WithCancel(context.Background())
 	logger := klog.Background().WithName("kubelet").WithValues("node", node)
 	ctx = klog.NewContext(ctx, logger)
 	k := &kubelet{node: node, client: c.nodeClient(node), cancel: cancel, pods: map[types.UID]*v1.Pod{}}
+	for _, p := range active {
+		k.pods[p.UID] = p
+	}
 	mgr, err := newDRAManager(logger, k.client, stateDir)
 	if err != nil {
 		cancel()
@@ -179,6 +170,16 @@ func chosenService(p *draplugin.DRAPlugin) string {
 	v := reflect.ValueOf(p).Elem().FieldByName("chosenService")
 	if !v.IsValid() {
 		return "<unknown: kubelet's DRAPlugin has no chosenService field>"
+	}
+	return v.String()
+}
+
+// chosenHealthService is the DRAResourceHealth service version the kubelet picked
+// for p ("" = none; a kubelet before 1.37 has no such field and opens the stream anyway).
+func chosenHealthService(p *draplugin.DRAPlugin) string {
+	v := reflect.ValueOf(p).Elem().FieldByName("chosenHealthService")
+	if !v.IsValid() {
+		return "<unknown: kubelet's DRAPlugin has no chosenHealthService field>"
 	}
 	return v.String()
 }

@@ -1,4 +1,4 @@
-//go:build !k8s136
+//go:build !k8s136 && !k8s137
 
 package k8s
 
@@ -8,14 +8,19 @@ import (
 	"context"
 	"errors"
 	"io"
+	"testing"
 
 	v1 "k8s.io/api/core/v1"
+	utilfeature "k8s.io/apiserver/pkg/util/feature"
+	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/dynamic-resource-allocation/structured"
 	"k8s.io/klog/v2"
 	drapbv1 "k8s.io/kubelet/pkg/apis/dra/v1"
 	pluginwatcherapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
+	"k8s.io/kubernetes/pkg/controller/resourceclaim"
+	"k8s.io/kubernetes/pkg/features"
 	"k8s.io/kubernetes/pkg/kubelet/cm/dra"
 	"k8s.io/kubernetes/pkg/kubelet/pluginmanager"
 	"k8s.io/kubernetes/pkg/kubelet/pluginmanager/cache"
@@ -41,6 +46,29 @@ func runPluginManager(ctx context.Context, regDir string, handler cache.PluginHa
 // (DRAAdminAccess, DRAPrioritizedList, DRAResourceClaimDeviceStatus beta/on).
 func allocatorFeatures() structured.Features {
 	return structured.Features{AdminAccess: true, PrioritizedList: true, DeviceStatus: true}
+}
+
+// Health: ResourceHealthStatus is alpha/off in 1.34, the kubelet never opens the
+// stream (and v1.ResourceHealth has no message yet): health_test.go is 1.36+.
+func (e *prepareEnv) testHealth(t *testing.T) {
+	t.Skipf("lane %s: ResourceHealthStatus is alpha and off, the kubelet opens no health stream", lane)
+}
+
+// startClaimController runs the kube-controller-manager's resource-claim
+// controller with its features from the gates, as kube-controller-manager 1.34 does.
+func startClaimController(ctx context.Context, client kubernetes.Interface) error {
+	f := informers.NewSharedInformerFactory(client, 0)
+	ctrl, err := resourceclaim.NewController(klog.FromContext(ctx), resourceclaim.Features{
+		AdminAccess:     utilfeature.DefaultFeatureGate.Enabled(features.DRAAdminAccess),
+		PrioritizedList: utilfeature.DefaultFeatureGate.Enabled(features.DRAPrioritizedList),
+	}, client, f.Core().V1().Pods(),
+		f.Resource().V1().ResourceClaims(), f.Resource().V1().ResourceClaimTemplates())
+	if err != nil {
+		return err
+	}
+	f.Start(ctx.Done())
+	go ctrl.Run(ctx, 1)
+	return nil
 }
 
 var errNoMetadataAPI = errors.New("KEP-5304 metadata types (k8s.io/dynamic-resource-allocation/api/metadata) first ship in v0.36: decoded in the 1.36 lane")

@@ -12,6 +12,8 @@ import (
 	"io"
 
 	v1 "k8s.io/api/core/v1"
+	utilfeature "k8s.io/apiserver/pkg/util/feature"
+	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/dynamic-resource-allocation/api/metadata"
@@ -20,6 +22,8 @@ import (
 	"k8s.io/klog/v2"
 	drapbv1 "k8s.io/kubelet/pkg/apis/dra/v1"
 	pluginwatcherapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
+	"k8s.io/kubernetes/pkg/controller/resourceclaim"
+	"k8s.io/kubernetes/pkg/features"
 	"k8s.io/kubernetes/pkg/kubelet/cm/dra"
 	"k8s.io/kubernetes/pkg/kubelet/pluginmanager"
 	"k8s.io/kubernetes/pkg/kubelet/pluginmanager/cache"
@@ -49,6 +53,35 @@ func allocatorFeatures() structured.Features {
 		AdminAccess: true, PrioritizedList: true, DeviceBindingAndStatus: true,
 		DeviceTaints: true, PartitionableDevices: true, ConsumableCapacity: true,
 	}
+}
+
+// Health: ResourceHealthStatus is beta/on in 1.36; 1.36.3's kubelet opens the
+// v1alpha1 stream whether or not the plugin advertises it (no health service choice
+// before 1.37, and #141858's backport is not in 1.36.3).
+const laneHealthService = ""
+
+func allocatedResourcesStatus(mgr *dra.Manager, pod *v1.Pod, status *v1.PodStatus) {
+	mgr.UpdateAllocatedResourcesStatus(pod, status)
+}
+
+// startClaimController runs the kube-controller-manager's resource-claim
+// controller with its features from the gates, as kube-controller-manager 1.36
+// does (PodGroups from scheduling/v1alpha2, only used with DRAWorkloadResourceClaims,
+// off by default).
+func startClaimController(ctx context.Context, client kubernetes.Interface) error {
+	f := informers.NewSharedInformerFactory(client, 0)
+	ctrl, err := resourceclaim.NewController(klog.FromContext(ctx), resourceclaim.Features{
+		AdminAccess:            utilfeature.DefaultFeatureGate.Enabled(features.DRAAdminAccess),
+		PrioritizedList:        utilfeature.DefaultFeatureGate.Enabled(features.DRAPrioritizedList),
+		WorkloadResourceClaims: utilfeature.DefaultFeatureGate.Enabled(features.DRAWorkloadResourceClaims),
+	}, client, f.Core().V1().Pods(), f.Scheduling().V1alpha2().PodGroups(),
+		f.Resource().V1().ResourceClaims(), f.Resource().V1().ResourceClaimTemplates())
+	if err != nil {
+		return err
+	}
+	f.Start(ctx.Done())
+	go ctrl.Run(ctx, 1)
+	return nil
 }
 
 var errNoMetadataAPI = errors.New("unused in this lane")

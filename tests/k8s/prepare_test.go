@@ -24,6 +24,8 @@ const (
 	movableSelector  = `device.attributes["vfio-gpu.dra.dev"].keepOnVfio == false`
 	metadataCDIClass = driverName + "/metadata"
 	containerRoot    = "/var/run/kubernetes.io/dra-device-attributes"
+	// Set by the resource-claim controller on claims it makes from a template.
+	podClaimNameAnnotation = "resource.kubernetes.io/pod-claim-name"
 )
 
 // prepareEnv is one node with a kubelet and a plugin.
@@ -86,7 +88,13 @@ func (e *prepareEnv) checkPrepared(t *testing.T, claim *resourceapi.ResourceClai
 	}
 	// KEP-5304 metadata, the way KubeVirt finds it: the metadata CDI device mounts
 	// one file per request at a path fixed by the claim and request names.
+	// Claims made from a template (the resource-claim controller's annotation) are
+	// found by the pod's claim name instead (KEP-5304).
+	podClaimName := claim.Annotations[podClaimNameAnnotation]
 	want := fmt.Sprintf("%s/resourceclaims/%s/%s/%s-metadata.json", containerRoot, claim.Name, "gpu", driverName)
+	if podClaimName != "" {
+		want = fmt.Sprintf("%s/resourceclaimtemplates/%s/%s/%s-metadata.json", containerRoot, podClaimName, "gpu", driverName)
+	}
 	var hostFile string
 	for _, m := range r.mounts {
 		if m.ContainerPath == want {
@@ -127,6 +135,9 @@ func (e *prepareEnv) checkPrepared(t *testing.T, claim *resourceapi.ResourceClai
 	}
 	if md.ClaimName != claim.Name {
 		t.Errorf("metadata claim %q, want %q", md.ClaimName, claim.Name)
+	}
+	if md.PodClaimName != podClaimName {
+		t.Errorf("metadata podClaimName %q, want %q", md.PodClaimName, podClaimName)
 	}
 	// KubeVirt: exactly one device per request, its PCI address from pciBusID.
 	if len(md.Requests) != 1 || md.Requests[0].Name != "gpu" || len(md.Requests[0].Devices) != 1 {
@@ -215,6 +226,10 @@ func testPrepare(t *testing.T, c *cluster) {
 		c.forceDelete(t, claim)
 	})
 
+	t.Run("Health", func(t *testing.T) { e.testHealth(t) })
+
+	t.Run("TemplateClaim", func(t *testing.T) { e.testTemplateClaim(t) })
+
 	t.Run("AdminKeptStaysOnVfio", func(t *testing.T) {
 		claim, pod, device := e.claimAndPod(t, "prep-kept", classPrebound)
 		bdf := bdfOf(device)
@@ -235,21 +250,29 @@ func testPrepare(t *testing.T, c *cluster) {
 		before := e.dirs.hostDriver(t, bdf)
 		ids := cdiIDs(e.k.prepare(t, pod))
 		e.wantDriver(t, bdf, "vfio-pci")
+		oldSlices := map[string]bool{}
+		for _, uid := range e.sliceUIDs(t) {
+			oldSlices[uid] = true
+		}
 
-		// Kubelet restart: a new DRA manager on the same checkpoint directory. It
+		// Kubelet restart: a new DRA manager on the same checkpoint directory, the
+		// pod still running (known to it before its reconcile loop runs). It
 		// restores the claim from the checkpoint, wipes the node's slices at start
 		// (the plugin must publish them again) and, as kubelet does, sends the
 		// restored claim's NodePrepareResources again: the plugin must answer
 		// with the same devices without preparing anything twice.
+		running := e.k.activePods()
 		e.k.stop()
-		e.k = c.startKubelet(t, owner, node, e.dirs.regDir, e.dirs.kubeletDir)
+		e.k = c.startKubelet(t, owner, node, e.dirs.regDir, e.dirs.kubeletDir, running...)
 		e.k.waitRegistered(t, 1, 30*time.Second)
 		calls := grpcCalls(t, "NodePrepareResources")
 		info := e.k.prepare(t, pod)
 		n := grpcCalls(t, "NodePrepareResources") - calls
 		t.Logf("the restarted kubelet called NodePrepareResources %d time(s) for the checkpointed claim", n)
-		if n > 1 {
-			t.Errorf("NodePrepareResources called %d times", n)
+		// Kubelets 1.34-1.37 keep no "prepared" flag in their checkpoint: a restored
+		// claim is sent to the plugin exactly once more.
+		if n != 1 {
+			t.Errorf("the restarted kubelet called NodePrepareResources %d times for the restored claim, want 1", n)
 		}
 		if got := dedup(cdiIDs(info)); strings.Join(got, ",") != strings.Join(dedup(ids), ",") {
 			t.Errorf("CDI after restart %v, before %v", got, ids)
@@ -257,9 +280,27 @@ func testPrepare(t *testing.T, c *cluster) {
 		e.wantDriver(t, bdf, "vfio-pci")
 		e.checkPrepared(t, claim, device, dedup(cdiIDs(info)))
 		t.Run("SlicesRepublishedAfterKubeletWipe", func(t *testing.T) {
-			// The startup wipe is asynchronous; give it and the republish time.
-			time.Sleep(3 * time.Second)
-			c.waitForSlices(t, e.p, 45*time.Second)
+			// The new manager's startup wipe deletes every slice of the node (its
+			// DRAPluginManager wipes at start), the plugin must publish new ones:
+			// within the time, none of the slices from before the restart is left,
+			// and a complete pool of new slices offers every GPU again.
+			eventually(t, 45*time.Second, "the pre-restart slices of "+node+" wiped", func() (bool, error) {
+				for _, uid := range e.sliceUIDs(t) {
+					if oldSlices[uid] {
+						return false, nil
+					}
+				}
+				return true, nil
+			})
+			devices := c.waitForSlices(t, e.p, 45*time.Second)
+			for _, uid := range e.sliceUIDs(t) {
+				if oldSlices[uid] {
+					t.Errorf("slice %s from before the kubelet restart is back", uid)
+				}
+			}
+			if got := deviceNames(devices); strings.Join(got, ",") != strings.Join(demoOffered, ",") {
+				t.Errorf("republished devices %v, want %v", got, demoOffered)
+			}
 		})
 		// One unprepare undoes it: nothing was prepared twice.
 		e.k.unprepare(t, pod)
@@ -310,6 +351,20 @@ func testPrepare(t *testing.T, c *cluster) {
 		e.k.unprepare(t, pod)
 		e.wantDriver(t, bdf, before)
 	})
+}
+
+// sliceUIDs lists the UIDs of the node's slices of the driver.
+func (e *prepareEnv) sliceUIDs(t *testing.T) []string {
+	t.Helper()
+	slices, err := e.c.nodeSlices(e.node.Name)
+	if err != nil {
+		t.Fatalf("listing the slices of %s: %v", e.node.Name, err)
+	}
+	var out []string
+	for _, s := range slices {
+		out = append(out, string(s.UID))
+	}
+	return out
 }
 
 // holdGroup makes a process of the simulated host hold /dev/vfio/<group> of bdf,

@@ -101,6 +101,7 @@ func testPublish(t *testing.T, c *cluster) {
 
 	t.Run("AdmissionPolicy", func(t *testing.T) { testAdmissionPolicy(t, c) })
 	t.Run("RBAC", func(t *testing.T) { testRBAC(t, c) })
+	t.Run("SliceSplit", func(t *testing.T) { testSliceSplit(t, c) })
 }
 
 // rbacCheck is one request of the driver's ServiceAccount and whether RBAC must allow it.

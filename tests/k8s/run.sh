@@ -16,7 +16,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 cd "$HERE"
 
-LANES=${K8S_LANES:-"1.34 1.36"}
+LANES=${K8S_LANES:-"1.34 1.36 1.37"}
 OUT=${K8S_OUT:-$(mktemp -d /tmp/k8s-suite.XXXXXX)}
 mkdir -p "$OUT"
 LANE_TIMEOUT=${K8S_LANE_TIMEOUT:-25m}
@@ -25,6 +25,7 @@ lane_args() { # lane -> go flags selecting its go.mod and version file
   case "$1" in
     1.34) echo "" ;;
     1.36) echo "-modfile=lane-1.36.mod -tags=k8s136" ;;
+    1.37) echo "-modfile=lane-1.37.mod -tags=k8s137" ;;
     *) echo "unknown lane $1" >&2; return 1 ;;
   esac
 }

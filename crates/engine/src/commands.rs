@@ -12,6 +12,19 @@ use vfio_gpu_host::HostRoot;
 pub trait HostCommands: Send + Sync {
     /// Runs `program args…`; `Ok(stdout)` on exit status 0, else `Err(stderr or why)`.
     fn run(&self, root: &HostRoot, program: &str, args: &[&str]) -> Result<String, String>;
+    /// Like [`HostCommands::run`], but a program still running after `limit`
+    /// is killed, so a hung `nvidia-smi` does not linger with the thread that
+    /// waits for it (review n11). Test doubles may ignore the limit.
+    fn run_for(
+        &self,
+        root: &HostRoot,
+        program: &str,
+        args: &[&str],
+        limit: std::time::Duration,
+    ) -> Result<String, String> {
+        let _ = limit;
+        self.run(root, program, args)
+    }
     /// Loads `module` with the host's `modprobe`. The name must not look
     /// like an option, and `--` ends modprobe's options before it anyway.
     fn modprobe(&self, root: &HostRoot, module: &str) -> Result<String, String> {
@@ -63,8 +76,8 @@ fn check_modprobe_args(args: &[&str]) -> Result<(), String> {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RealCommands;
 
-impl HostCommands for RealCommands {
-    fn run(&self, root: &HostRoot, program: &str, args: &[&str]) -> Result<String, String> {
+impl RealCommands {
+    fn command(root: &HostRoot, program: &str, args: &[&str]) -> Result<Command, String> {
         if program == "modprobe" {
             check_modprobe_args(args)?;
         }
@@ -75,10 +88,79 @@ impl HostCommands for RealCommands {
             c.arg(root.path()).arg(program);
             c
         };
-        let out = cmd
-            .args(args)
+        cmd.args(args);
+        Ok(cmd)
+    }
+}
+
+impl HostCommands for RealCommands {
+    fn run(&self, root: &HostRoot, program: &str, args: &[&str]) -> Result<String, String> {
+        let out = Self::command(root, program, args)?
             .output()
             .map_err(|e| format!("running {program}: {e}"))?;
+        finish(program, args, &out)
+    }
+
+    fn run_for(
+        &self,
+        root: &HostRoot,
+        program: &str,
+        args: &[&str],
+        limit: std::time::Duration,
+    ) -> Result<String, String> {
+        use std::io::Read;
+        use std::process::Stdio;
+        let mut child = Self::command(root, program, args)?
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("running {program}: {e}"))?;
+        // Drained as they come, so a chatty program never blocks on a full pipe.
+        let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut p) = pipe {
+                    let _ = p.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+        let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+        let start = std::time::Instant::now();
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if start.elapsed() >= limit => {
+                    // SIGKILL; a process in uninterruptible sleep dies when its
+                    // call returns, and a reaper thread collects it then.
+                    let _ = child.kill();
+                    let _ = std::thread::Builder::new()
+                        .name("reap".into())
+                        .spawn(move || child.wait());
+                    return Err(format!(
+                        "{program} {}: killed after {:.1} s without an answer",
+                        args.join(" "),
+                        limit.as_secs_f64()
+                    ));
+                }
+                Ok(None) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                Err(e) => return Err(format!("waiting for {program}: {e}")),
+            }
+        };
+        let out = std::process::Output {
+            status,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        };
+        finish(program, args, &out)
+    }
+}
+
+/// `Ok(stdout)` on exit status 0, else the stderr and status.
+fn finish(program: &str, args: &[&str], out: &std::process::Output) -> Result<String, String> {
+    {
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
@@ -131,5 +213,27 @@ mod tests {
             .unwrap_err();
         assert!(e.contains("option-like"), "{e}");
         assert!(check_modprobe_args(&["--", "-odd"]).is_ok());
+    }
+
+    /// Review n11: a program that does not answer is killed at its limit,
+    /// not left running with a thread waiting for it.
+    #[test]
+    fn a_hung_program_is_killed_at_its_limit() {
+        let root = HostRoot::open(Path::new("/")).unwrap();
+        let start = std::time::Instant::now();
+        let e = RealCommands
+            .run_for(
+                &root,
+                "sleep",
+                &["30"],
+                std::time::Duration::from_millis(200),
+            )
+            .unwrap_err();
+        assert!(e.contains("killed after"), "{e}");
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        let out = RealCommands
+            .run_for(&root, "echo", &["hi"], std::time::Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(out.trim(), "hi");
     }
 }

@@ -67,6 +67,49 @@ struct StuckInner {
     late: HashMap<Bdf, LateResult>,
 }
 
+/// Idle worker threads kept for bounded host calls: a thread per call costs
+/// tens of microseconds, and an operation makes dozens of calls.
+const IDLE_WORKERS: usize = 8;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Idle workers waiting for a job, each behind its own channel.
+static IDLE: Mutex<Vec<mpsc::Sender<Job>>> = Mutex::new(Vec::new());
+
+/// Runs `job` on an idle worker, or a new one when none is idle (a worker
+/// whose call blocks is simply not idle: blocked calls never delay others).
+fn run_on_worker(job: impl FnOnce() + Send + 'static) -> io::Result<()> {
+    let mut job: Job = Box::new(job);
+    loop {
+        let idle = IDLE.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let Some(tx) = idle else { break };
+        match tx.send(job) {
+            Ok(()) => return Ok(()),
+            // That worker is gone; try the next.
+            Err(mpsc::SendError(back)) => job = back,
+        }
+    }
+    thread::Builder::new()
+        .name("host-call".into())
+        .spawn(move || {
+            let mut next = Some(job);
+            while let Some(job) = next.take() {
+                job();
+                let (tx, rx) = mpsc::channel::<Job>();
+                {
+                    let mut idle = IDLE.lock().unwrap_or_else(|p| p.into_inner());
+                    if idle.len() >= IDLE_WORKERS {
+                        return;
+                    }
+                    idle.push(tx);
+                }
+                // Idle workers exit after a while; the pool refills on demand.
+                next = rx.recv_timeout(Duration::from_secs(30)).ok();
+            }
+        })
+        .map(|_| ())
+}
+
 /// Tokens of bounded reads: which read owns a quarantine.
 static NEXT_READ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -148,17 +191,15 @@ pub fn read_with_deadline<T: Send + 'static>(
     // The quarantine this read may set is lifted only by this read's own
     // return, never by another read of the same device that returns (n7).
     let token = NEXT_READ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let spawned = thread::Builder::new()
-        .name("sysfs-read".into())
-        .spawn(move || {
-            let result = read();
-            let mut inner = stuck2.lock();
-            if inner.reading.get(&bdf).is_some_and(|(t, _)| *t == token) {
-                inner.reading.remove(&bdf);
-            }
-            drop(inner);
-            let _ = tx.send(result);
-        });
+    let spawned = run_on_worker(move || {
+        let result = read();
+        let mut inner = stuck2.lock();
+        if inner.reading.get(&bdf).is_some_and(|(t, _)| *t == token) {
+            inner.reading.remove(&bdf);
+        }
+        drop(inner);
+        let _ = tx.send(result);
+    });
     if let Err(e) = spawned {
         return Err(format!("cannot start a reader thread: {e}"));
     }
@@ -197,24 +238,22 @@ pub fn run_with_deadline(
     let op2 = op.clone();
     let stuck2 = stuck.clone();
     let start = Instant::now();
-    let spawned = thread::Builder::new()
-        .name(format!("sysfs-{}", op.kind()))
-        .spawn(move || {
-            let result = k.write(&op2);
-            let mut inner = stuck2.lock();
-            // If the caller already gave up, the send fails: record the late result.
-            if inner.running.remove(&op2.bdf()).is_some() {
-                inner.late.insert(
-                    op2.bdf(),
-                    LateResult {
-                        op: op2.to_string(),
-                        result: result.as_ref().map(|_| ()).map_err(|e| e.to_string()),
-                        finished: Instant::now(),
-                    },
-                );
-            }
-            let _ = tx.send(result);
-        });
+    let spawned = run_on_worker(move || {
+        let result = k.write(&op2);
+        let mut inner = stuck2.lock();
+        // If the caller already gave up, the send fails: record the late result.
+        if inner.running.remove(&op2.bdf()).is_some() {
+            inner.late.insert(
+                op2.bdf(),
+                LateResult {
+                    op: op2.to_string(),
+                    result: result.as_ref().map(|_| ()).map_err(|e| e.to_string()),
+                    finished: Instant::now(),
+                },
+            );
+        }
+        let _ = tx.send(result);
+    });
     if let Err(e) = spawned {
         return Timed::Done(Err(e));
     }
@@ -243,6 +282,75 @@ pub fn run_with_deadline(
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review n7: a blocked read's quarantine is lifted only by that read's
+    /// return, not by another read of the same device that returns first; and
+    /// a device with a blocked read is not written.
+    #[test]
+    fn a_quarantine_is_lifted_only_by_the_read_that_set_it() {
+        let stuck = StuckSet::default();
+        let bdf: Bdf = "0000:66:00.0".parse().unwrap();
+        let (release_slow, slow_gate) = mpsc::channel::<()>();
+        let (release_fast, fast_gate) = mpsc::channel::<()>();
+        // A read that is already running when the slow one times out.
+        let s2 = stuck.clone();
+        let fast = thread::spawn(move || {
+            read_with_deadline(
+                &s2,
+                bdf,
+                "discover read",
+                Duration::from_secs(5),
+                move || {
+                    let _ = fast_gate.recv();
+                },
+            )
+        });
+        thread::sleep(Duration::from_millis(50));
+        let r = read_with_deadline(
+            &stuck,
+            bdf,
+            "holder scan",
+            Duration::from_millis(50),
+            move || {
+                let _ = slow_gate.recv();
+            },
+        );
+        assert!(r.is_err(), "the slow read timed out");
+        assert_eq!(stuck.stuck_on(bdf).as_deref(), Some("holder scan"));
+        // The other read returns: the scan is still hung, the quarantine stays.
+        release_fast.send(()).unwrap();
+        assert!(fast.join().unwrap().is_ok());
+        assert_eq!(stuck.stuck_on(bdf).as_deref(), Some("holder scan"));
+        // Writes are refused while a read is blocked.
+        let kernel: Arc<dyn Kernel> = Arc::new(NeverWrite);
+        let op = SysfsWrite::DriversProbe { bdf };
+        assert!(matches!(
+            run_with_deadline(&kernel, &op, Duration::from_secs(1), &stuck),
+            Timed::Stuck { .. }
+        ));
+        // Its own return lifts it.
+        release_slow.send(()).unwrap();
+        let start = Instant::now();
+        while stuck.stuck_on(bdf).is_some() && start.elapsed() < Duration::from_secs(5) {
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(stuck.stuck_on(bdf), None);
+    }
+
+    struct NeverWrite;
+    impl Kernel for NeverWrite {
+        fn root(&self) -> &vfio_gpu_host::HostRoot {
+            unreachable!("not read")
+        }
+        fn write(&self, _op: &SysfsWrite) -> io::Result<()> {
+            panic!("a quarantined device was written")
         }
     }
 }

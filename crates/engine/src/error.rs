@@ -124,6 +124,26 @@ pub enum EngineError {
         /// Who.
         holders: Vec<NodeHolder>,
     },
+    /// Too few file descriptors are free for a move and its rollback: nothing
+    /// was changed; retry once descriptors are free again.
+    #[error(
+        "{bdf}: only {free} file descriptors are free (of {limit}); a move needs {needed} so that its rollback can never be starved; nothing was changed, retry"
+    )]
+    FdsExhausted {
+        /// GPU.
+        bdf: Bdf,
+        /// Descriptors free now.
+        free: u64,
+        /// The soft limit.
+        limit: u64,
+        /// What a move reserves.
+        needed: u64,
+    },
+    /// The admin's intent sources (policy, driverctl, modprobe.d, the
+    /// command line) could not be read in time: nothing was moved; a release
+    /// keeps the GPU on vfio until they can be read again.
+    #[error("the admin's intent cannot be read now ({0}); nothing was moved off vfio, retry")]
+    IntentUnreadable(String),
     /// Turning nvidia persistence mode off failed.
     #[error("{bdf}: could not turn nvidia persistence mode off: {detail}")]
     Persistence {

@@ -12,9 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use vfio_gpu_host::HostRoot;
-
-use crate::preflight::{NodeHolder, holders_among, scan_holders};
+use crate::kernel::Kernel;
+use crate::preflight::{NodeHolder, holders_among};
 
 /// Requests waiting beyond this many are answered "busy" at once.
 const MAX_QUEUED: usize = 64;
@@ -26,7 +25,8 @@ struct Request {
 
 /// The engine's holder scanner (see the module docs).
 pub(crate) struct HolderScanner {
-    root: HostRoot,
+    /// The scan goes through the kernel edge (the simulator can block it).
+    kernel: Arc<dyn Kernel>,
     queue: Mutex<Option<mpsc::Sender<Request>>>,
     queued: Arc<AtomicUsize>,
     /// How long the last completed pass took, for metrics and messages.
@@ -34,9 +34,9 @@ pub(crate) struct HolderScanner {
 }
 
 impl HolderScanner {
-    pub(crate) fn new(root: HostRoot) -> Self {
+    pub(crate) fn new(kernel: Arc<dyn Kernel>) -> Self {
         HolderScanner {
-            root,
+            kernel,
             queue: Mutex::new(None),
             queued: Arc::new(AtomicUsize::new(0)),
             last: Arc::new(Mutex::new(None)),
@@ -54,12 +54,12 @@ impl HolderScanner {
             return Some(tx.clone());
         }
         let (tx, rx) = mpsc::channel::<Request>();
-        let root = self.root.clone();
+        let kernel = Arc::clone(&self.kernel);
         let queued = Arc::clone(&self.queued);
         let last = Arc::clone(&self.last);
         std::thread::Builder::new()
             .name("holder-scan".into())
-            .spawn(move || worker(&root, &rx, &queued, &last))
+            .spawn(move || worker(kernel.as_ref(), &rx, &queued, &last))
             .ok()?;
         *q = Some(tx.clone());
         Some(tx)
@@ -100,7 +100,7 @@ impl HolderScanner {
 }
 
 fn worker(
-    root: &HostRoot,
+    kernel: &dyn Kernel,
     rx: &mpsc::Receiver<Request>,
     queued: &AtomicUsize,
     last: &Mutex<Option<Duration>>,
@@ -120,11 +120,11 @@ fn worker(
             }
         }
         let started = Instant::now();
-        let found = scan_holders(root, &union);
+        let found = kernel.scan_holders(&union);
         *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(started.elapsed());
         for r in batch {
             let answer = match &found {
-                Ok(all) => Ok(holders_among(root, all, &r.nodes)),
+                Ok(all) => Ok(holders_among(kernel.root(), all, &r.nodes)),
                 Err(e) => Err(e.to_string()),
             };
             // A caller that gave up is gone; nothing to do.

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::fs::OpenOptions;
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use vfio_gpu_host::{Bdf, Binding, DriverName, HostError, HostRoot, PciFunction};
 
@@ -145,6 +145,47 @@ pub trait Kernel: Send + Sync + 'static {
     /// Reads where one function is bound (driver, override, vfio-dev).
     fn read_binding(&self, bdf: Bdf) -> Result<Binding, HostError> {
         Binding::read(self.root(), bdf)
+    }
+    /// Reads a small host file under the root (a sysfs or procfs attribute,
+    /// nvidia's `information`, its `unbindLock`); `Ok(None)` when absent.
+    fn read_text(&self, path: &Path) -> Result<Option<String>, HostError> {
+        self.root().read_opt(path)
+    }
+    /// Whether `path` exists (not following a last symlink: a dangling
+    /// link exists).
+    fn exists(&self, path: &Path) -> Result<bool, HostError> {
+        match std::fs::symlink_metadata(path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(HostError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            }),
+        }
+    }
+    /// Whether `path` is a directory (following links, as a driver's
+    /// directory under `bus/pci/drivers` is one).
+    fn is_dir(&self, path: &Path) -> Result<bool, HostError> {
+        match std::fs::metadata(path) {
+            Ok(m) => Ok(m.is_dir()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(HostError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            }),
+        }
+    }
+    /// The last component of a symlink's target (`iommu_group` → `12`).
+    fn link_name(&self, path: &Path) -> Result<Option<String>, HostError> {
+        self.root().link_name(path)
+    }
+    /// Processes holding any of `nodes`, from one pass over the host's
+    /// `/proc` (see [`crate::preflight::scan_holders`]).
+    fn scan_holders(
+        &self,
+        nodes: &[std::path::PathBuf],
+    ) -> Result<Vec<crate::preflight::NodeHolder>, crate::preflight::HolderScanError> {
+        crate::preflight::scan_holders(self.root(), nodes)
     }
 }
 

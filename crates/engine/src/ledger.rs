@@ -450,6 +450,8 @@ impl LedgerFile {
         let bytes = match read_nofollow(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Nothing kept any more: nothing to protect from overwriting.
+                *self.read_only.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 return (LedgerBody::default(), None);
             }
             Err(e) => {

@@ -171,6 +171,17 @@ impl NodeHolder {
 /// cannot fake), else argv[0]. `None` when neither is readable (kernel
 /// threads, a process that just exited).
 fn program_of(proc_dir: &std::path::Path) -> Option<String> {
+    // A container can run a binary named anything: a program is only named
+    // when the process shares the host's mount namespace (that of pid 1),
+    // where its executable is the host's own (security review L2).
+    let host_ns = proc_dir
+        .parent()
+        .and_then(|procfs| fs::read_link(procfs.join("1/ns/mnt")).ok());
+    if let Some(host_ns) = host_ns
+        && fs::read_link(proc_dir.join("ns/mnt")).ok() != Some(host_ns)
+    {
+        return None;
+    }
     let base = |s: &str| {
         let s = s.strip_suffix(" (deleted)").unwrap_or(s);
         s.rsplit('/')
@@ -225,6 +236,16 @@ pub enum HolderScanError {
 /// driver: `/dev/nvidia<minor>` for nvidia, DRM nodes, ALSA nodes of an
 /// audio function, `/dev/vfio/<group>` and `/dev/vfio/devices/vfioN` for vfio.
 pub fn device_nodes(root: &HostRoot, f: &PciFunction) -> Vec<PathBuf> {
+    device_nodes_with(root, f, &|p| root.read_opt(p).ok().flatten())
+}
+
+/// [`device_nodes`] with nvidia's procfs read by `read` (the engine passes
+/// its kernel edge, so the read has a deadline and the simulator can block it).
+pub fn device_nodes_with(
+    root: &HostRoot,
+    f: &PciFunction,
+    read: &dyn Fn(&Path) -> Option<String>,
+) -> Vec<PathBuf> {
     let mut nodes = Vec::new();
     if let Some(d) = &f.driver {
         if d.as_str() == "nvidia" {
@@ -232,7 +253,7 @@ pub fn device_nodes(root: &HostRoot, f: &PciFunction) -> Vec<PathBuf> {
                 .rel("proc/driver/nvidia/gpus")
                 .join(f.bdf.to_string())
                 .join("information");
-            if let Ok(Some(text)) = root.read_opt(&info) {
+            if let Some(text) = read(&info) {
                 for line in text.lines() {
                     if let Some(v) = line.strip_prefix("Device Minor:")
                         && let Ok(minor) = v.trim().parse::<u32>()

@@ -19,7 +19,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -228,6 +228,9 @@ struct SimState {
     device_locked: HashMap<Bdf, u32>,
     locked_reads: LockedReads,
     read_faults: HashMap<Bdf, i32>,
+    /// Faults on host reads by path prefix (procfs, `/dev/vfio`, driver
+    /// directories, the `/proc` holder scan): fail with an errno or block.
+    path_faults: Vec<(PathBuf, FaultAction)>,
     vfio_nodes: VfioNodes,
     /// `/proc/driver/nvidia/gpus/<BDF>` files of unbound GPUs, recreated on bind.
     nvidia_proc: HashMap<Bdf, Vec<(std::ffi::OsString, Vec<u8>)>>,
@@ -351,7 +354,39 @@ impl SimKernel {
 
     /// Removes every pending fault rule.
     pub fn clear_faults(&self) {
-        self.lock().faults.clear();
+        let mut s = self.lock();
+        s.faults.clear();
+        s.path_faults.clear();
+    }
+
+    /// Every host read (other than a function's attributes) of a path under
+    /// `prefix` (relative to the host root, e.g. `proc/*` for the holder
+    /// scan, `proc/driver/nvidia/gpus/<BDF>` for nvidia's procfs) gets `action`:
+    /// `Fail(errno)` (EMFILE, ENOMEM, EIO...) or `Block` until released.
+    pub fn fault_reads_under(&self, prefix: &str, action: FaultAction) {
+        let path = self.root.rel(prefix);
+        self.lock().path_faults.push((path, action));
+    }
+
+    /// Applies a path fault to a read of `path`, if one matches.
+    fn gate_path(&self, path: &Path) -> Result<(), HostError> {
+        let action = self
+            .lock()
+            .path_faults
+            .iter()
+            .find(|(p, _)| path.starts_with(p))
+            .map(|(_, a)| a.clone());
+        match action {
+            Some(FaultAction::Fail(code)) => Err(HostError::Io {
+                path: path.to_path_buf(),
+                source: err(code, format!("injected read fault on {}", path.display())),
+            }),
+            Some(FaultAction::Block(h)) => {
+                h.wait();
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Sets the time an operation (`unbind`, `bind`) takes for a driver.
@@ -962,6 +997,43 @@ impl Kernel for SimKernel {
     fn read_binding(&self, bdf: Bdf) -> Result<Binding, HostError> {
         self.gate_read(bdf, |r| r.driver_override)?;
         Binding::read(&self.root, bdf)
+    }
+
+    fn read_text(&self, path: &Path) -> Result<Option<String>, HostError> {
+        self.gate_path(path)?;
+        self.root.read_opt(path)
+    }
+
+    fn exists(&self, path: &Path) -> Result<bool, HostError> {
+        self.gate_path(path)?;
+        match std::fs::symlink_metadata(path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(HostError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            }),
+        }
+    }
+
+    fn is_dir(&self, path: &Path) -> Result<bool, HostError> {
+        self.gate_path(path)?;
+        Ok(path.is_dir())
+    }
+
+    fn scan_holders(
+        &self,
+        nodes: &[PathBuf],
+    ) -> Result<Vec<crate::preflight::NodeHolder>, crate::preflight::HolderScanError> {
+        // The scan's own key (a fault under `proc/*` hits the scan, not
+        // nvidia's procfs files).
+        let proc_dir = self.root.rel("proc/*/fd");
+        self.gate_path(&proc_dir)
+            .map_err(|e| crate::preflight::HolderScanError::Proc {
+                path: proc_dir.clone(),
+                source: io::Error::other(e.to_string()),
+            })?;
+        crate::preflight::scan_holders(&self.root, nodes)
     }
 }
 

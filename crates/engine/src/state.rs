@@ -60,6 +60,9 @@ pub enum IntentNow {
     /// found there before us, a suppressed host driver, or a pin whose target
     /// cannot be read).
     Keep(String),
+    /// The intent sources could not be read (in time): nothing may go to a
+    /// host driver, and nothing may be recorded as admin-owned either.
+    Unknown(String),
     /// Back to the recorded origins, except functions the admin pinned to a
     /// driver (`None`: to no driver) since.
     Restore {
@@ -76,7 +79,7 @@ impl IntentNow {
                 Some(pinned) => pinned.clone(),
                 None => f.original_driver.clone(),
             },
-            IntentNow::Keep(_) => None,
+            IntentNow::Keep(_) | IntentNow::Unknown(_) => None,
         }
     }
 }
@@ -106,6 +109,9 @@ pub enum Settle {
     WaitStuck,
     /// A VM still has the group open: never unbind vfio under it.
     WaitBusy,
+    /// Intent cannot be read: park what is driverless on vfio, change the
+    /// record in no other way, and retry later.
+    WaitIntent(String),
     /// Intent says keep: park what is driverless on vfio, send nothing to a
     /// host driver, keep the record (origins included) as admin-owned.
     Keep(String),
@@ -131,6 +137,7 @@ pub fn decide_settle(state: OpState, intent: &IntentNow, observed: Observed) -> 
     match intent {
         // Keeping never unbinds vfio, so a VM holding the group does not matter.
         IntentNow::Keep(why) => Settle::Keep(why.clone()),
+        IntentNow::Unknown(why) => Settle::WaitIntent(why.clone()),
         IntentNow::Restore { .. } if observed.vfio_in_use => Settle::WaitBusy,
         IntentNow::Restore { .. } => Settle::Restore,
     }
@@ -420,6 +427,7 @@ mod tests {
             [("0000:66:00.0".parse().unwrap(), None)].into();
         let intents = [
             IntentNow::Keep("driverctl".into()),
+            IntentNow::Unknown("policy unreadable".into()),
             IntentNow::Restore {
                 pins: BTreeMap::new(),
             },
@@ -436,7 +444,7 @@ mod tests {
                     };
                     let got = decide_settle(state, intent, observed);
                     seen += 1;
-                    let keep = matches!(intent, IntentNow::Keep(_));
+                    let keep = matches!(intent, IntentNow::Keep(_) | IntentNow::Unknown(_));
                     let ours = matches!(
                         state,
                         OpState::Configuring | OpState::Configured | OpState::Releasing
@@ -451,6 +459,8 @@ mod tests {
                         Settle::WaitStuck
                     } else if let IntentNow::Keep(why) = intent {
                         Settle::Keep(why.clone())
+                    } else if let IntentNow::Unknown(why) = intent {
+                        Settle::WaitIntent(why.clone())
                     } else if observed.vfio_in_use {
                         Settle::WaitBusy
                     } else {
@@ -464,7 +474,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen, 5 * 3 * 8);
+        assert_eq!(seen, 5 * 4 * 8);
     }
 
     /// Pins decide the target of a restore; otherwise the recorded origin.

@@ -687,3 +687,69 @@ fn a_slow_ledger_write_does_not_hold_up_readers() {
         assert_eq!(configure.join().unwrap().unwrap().action, Action::Moved);
     });
 }
+
+/// Security review L2: a process in a container (another mount namespace
+/// than pid 1's) whose binary is named nvidia-persistenced is not the host's
+/// daemon: it is a holder like any other, and nothing runs nvidia-smi.
+#[test]
+fn a_containerised_process_named_nvidia_persistenced_is_a_holder() {
+    let (_dir, host, k, smi, e) = persistenced_engine(false);
+    let ns = |pid: u32, id: &str| {
+        let d = host.join(format!("proc/{pid}/ns"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::os::unix::fs::symlink(format!("mnt:[{id}]"), d.join("mnt")).unwrap();
+    };
+    ns(1, "4026531841");
+    ns(99, "4026532999");
+    let err = e.configure(bdf(B), claim("u1")).unwrap_err();
+    assert!(
+        matches!(err, vfio_gpu_engine::EngineError::Busy { .. }),
+        "{err}"
+    );
+    assert!(smi.calls.lock().unwrap().is_empty());
+    assert!(k.log().is_empty());
+    // The same process in the host's namespace is the daemon again.
+    std::fs::remove_file(host.join("proc/99/ns/mnt")).unwrap();
+    ns(99, "4026531841");
+    assert_eq!(
+        e.configure(bdf(B), claim("u1")).unwrap().action,
+        Action::Moved
+    );
+}
+
+/// Security review L3: a GPU the admin keeps on vfio is not handed to a
+/// claim while a process (a VM outside Kubernetes) holds its group.
+#[test]
+fn a_gpu_already_on_vfio_held_by_a_process_is_not_handed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let e = engine(&k, &dir.path().join("state"));
+    // C is on vfio-pci at boot; a qemu process holds its group node.
+    let group = std::fs::read_link(host.join(format!("sys/bus/pci/devices/{C}/iommu_group")))
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let node = host.join(format!("dev/vfio/{group}"));
+    if !node.exists() {
+        std::fs::create_dir_all(node.parent().unwrap()).unwrap();
+        std::fs::write(&node, "").unwrap();
+    }
+    let p = host.join("proc/4321");
+    std::fs::create_dir_all(p.join("fd")).unwrap();
+    std::fs::write(p.join("comm"), "qemu-system-x86\n").unwrap();
+    std::os::unix::fs::symlink(&node, p.join("fd/9")).unwrap();
+    let err = e.configure(bdf(C), claim("u1")).unwrap_err();
+    assert!(
+        matches!(err, vfio_gpu_engine::EngineError::Busy { .. }),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&p).unwrap();
+    assert_eq!(
+        e.configure(bdf(C), claim("u1")).unwrap().action,
+        Action::AlreadyOnVfio
+    );
+}

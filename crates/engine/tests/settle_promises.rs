@@ -268,3 +268,75 @@ fn an_unreadable_group_member_blocks_the_move() {
     assert!(k.log().is_empty(), "{:?}", k.log());
     assert_eq!(driver_of(&root, A).as_deref(), Some("nvidia"));
 }
+
+/// n8: a prepare's budget starts once the locks are its own: waiting for
+/// another instance's operation is not its work.
+#[test]
+fn waiting_for_the_state_lock_does_not_spend_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("host");
+    build_host(&root);
+    let k = sim(&root);
+    let state = dir.path().join("state");
+    let shared = EngineConfig {
+        state_lock_mode: StateLockMode::PerOperation,
+        operation_budget: Duration::from_millis(300),
+        ..config()
+    };
+    let other = engine_with(&k, &state, shared.clone());
+    let e = engine_with(&k, &state, shared);
+    let held = other.hold().unwrap();
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        drop(held);
+    });
+    let out = e.configure(bdf(B), claim("u1")).unwrap();
+    assert_eq!(out.action, Action::Moved, "{}", out.detail);
+    releaser.join().unwrap();
+}
+
+/// n15: with the ledger kept read-only (a newer version's file), reconcile
+/// repairs nothing from it, not even GPUs it seems to have no record of.
+#[test]
+fn reconcile_on_a_read_only_ledger_writes_nothing_to_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("host");
+    build_host(&root);
+    let k = sim(&root);
+    let state = dir.path().join("state");
+    let e = engine(&k, &state);
+    e.configure(bdf(B), claim("u1")).unwrap();
+    drop(e);
+    let path = state.join("ledger.json");
+    let newer = String::from_utf8(std::fs::read(&path).unwrap())
+        .unwrap()
+        .replacen("format=1", "format=2", 1);
+    std::fs::write(&path, newer).unwrap();
+    let before = k.log().len();
+    let e = engine(&k, &state);
+    assert!(e.reconcile().is_err());
+    assert_eq!(k.log()[before..], [] as [String; 0], "no host write");
+    assert!(e.unconfigure(bdf(B), None).is_err(), "no release either");
+}
+
+/// n17: a driverctl `none` pin written while the GPU is held decides its
+/// release: left unbound, as the admin asked, not bound back to nvidia.
+#[test]
+fn a_pin_to_no_driver_written_while_held_is_honoured_at_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("host");
+    let h = build_host(&root);
+    let k = sim(&root);
+    let e = engine(&k, &dir.path().join("state"));
+    e.configure(bdf(B), claim("u1")).unwrap();
+    h.write(&format!("etc/driverctl.d/pci-{B}"), "none\n")
+        .unwrap();
+    let out = e.unconfigure(bdf(B), Some(&claim("u1"))).unwrap();
+    assert_eq!(out.action, Action::Restored, "{}", out.detail);
+    assert_eq!(driver_of(&root, B), None, "{}", out.detail);
+    assert!(
+        !k.log().iter().any(|l| l == &format!("bind {B} to nvidia")),
+        "{:?}",
+        k.log()
+    );
+}

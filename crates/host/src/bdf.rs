@@ -20,6 +20,14 @@ pub struct Bdf {
 }
 
 impl Bdf {
+    /// The highest address (ffff:ff:1f.7): a key no GPU has.
+    pub const HIGHEST: Bdf = Bdf {
+        domain: 0xffff,
+        bus: 0xff,
+        device: 0x1f,
+        function: 7,
+    };
+
     /// Builds an address from its parts; `None` if device > 0x1f or function > 7.
     pub fn new(domain: u16, bus: u8, device: u8, function: u8) -> Option<Self> {
         (device <= 0x1f && function <= 7).then_some(Bdf {

@@ -404,7 +404,9 @@ fn error_label(e: &EngineError) -> &'static str {
         EngineError::RollbackIncomplete { .. } => "rollback_incomplete",
         EngineError::RestoreFailed { .. } => "restore_failed",
         EngineError::Stuck { .. } => "stuck",
-        EngineError::Busy { .. } | EngineError::UnbindLock { .. } => "busy",
+        EngineError::Busy { .. }
+        | EngineError::UnbindLock { .. }
+        | EngineError::FdsExhausted { .. } => "busy",
         EngineError::HeldByOther { .. } => "held_by_other",
         EngineError::Pinned { .. } | EngineError::ForeignGroupMembers { .. } => "refused",
         _ => "error",

@@ -494,6 +494,9 @@ pub struct SyncOutcome {
     pub updated: usize,
     /// Obsolete slices deleted (including ones already gone).
     pub deleted: usize,
+    /// GPUs not offered because another driver's slice on this node
+    /// publishes the same PCI address (NVIDIA's driver with passthrough).
+    pub published_by_others: Vec<(String, String)>,
 }
 
 impl SyncOutcome {
@@ -509,6 +512,8 @@ pub struct SlicePublisher {
     client: kube::Client,
     cfg: SliceConfig,
     owner: Option<OwnerReference>,
+    /// PCI addresses already reported as another driver's (logged once each).
+    warned_foreign: std::collections::BTreeSet<String>,
 }
 
 impl std::fmt::Debug for SlicePublisher {
@@ -527,6 +532,7 @@ impl SlicePublisher {
             client,
             cfg,
             owner: None,
+            warned_foreign: Default::default(),
         }
     }
 
@@ -564,6 +570,68 @@ impl SlicePublisher {
         Ok(owner)
     }
 
+    /// Only ever touch our own slices, whatever the server returned: a proxy or
+    /// server that ignores the field selector, or a wrong kubeconfig, must not make
+    /// us update or delete another driver's or node's slices (security review L5).
+    fn only_ours(&self, listed: Vec<ResourceSlice>) -> Vec<ResourceSlice> {
+        listed
+            .into_iter()
+            .filter(|s| {
+                let ours = self.cfg.owns(s);
+                if !ours {
+                    tracing::warn!(
+                        slice = s.metadata.name.as_deref().unwrap_or(""),
+                        driver = %s.spec.driver,
+                        node = s.spec.node_name.as_deref().unwrap_or(""),
+                        "ignoring a listed ResourceSlice of another driver or node (field selector not applied?)"
+                    );
+                }
+                ours
+            })
+            .collect()
+    }
+
+    /// PCI addresses (`…/pciBusID` attributes, any domain) that other
+    /// drivers' slices on this node publish, with the driver. A list that
+    /// fails hides nothing (logged): it must not stop this driver publishing.
+    async fn published_by_other_drivers(
+        &mut self,
+        api: &Api<ResourceSlice>,
+    ) -> BTreeMap<String, String> {
+        let params = ListParams::default().fields(&format!("spec.nodeName={}", self.cfg.node_name));
+        let listed = match api.list(&params).await {
+            Ok(l) => l.items,
+            Err(e) => {
+                tracing::debug!(error = %e, "listing this node's ResourceSlices of other drivers");
+                return BTreeMap::new();
+            }
+        };
+        let mut found = BTreeMap::new();
+        for s in listed.iter().filter(|s| {
+            s.spec.driver != self.cfg.driver_name
+                && s.spec.node_name.as_deref() == Some(self.cfg.node_name.as_str())
+        }) {
+            for d in s.spec.devices.iter().flatten() {
+                for (key, value) in d.attributes.iter().flatten() {
+                    let pci = key == "pciBusID" || key.ends_with("/pciBusID");
+                    if let (true, Some(addr)) = (pci, value.string.as_deref()) {
+                        found.insert(addr.to_ascii_lowercase(), s.spec.driver.clone());
+                    }
+                }
+            }
+        }
+        for (addr, driver) in &found {
+            if self.warned_foreign.insert(addr.clone()) {
+                tracing::warn!(
+                    pci = %addr,
+                    other_driver = %driver,
+                    "another driver publishes this GPU on this node: not offered here (give each GPU one driver; see docs/operating.md)"
+                );
+            }
+        }
+        found
+    }
+
     /// Makes the server's slices for this node and driver match `devices`,
     /// with the Go helper's rules. Stops at the first API error (the next sync
     /// continues from whatever state the server then holds).
@@ -583,25 +651,17 @@ impl SlicePublisher {
                 return Err(e).context("listing ResourceSlices");
             }
         };
-        // Only ever touch our own slices, whatever the server returned: a proxy or
-        // server that ignores the field selector, or a wrong kubeconfig, must not make
-        // us update or delete another driver's or node's slices (security review L5).
-        let listed: Vec<ResourceSlice> = listed
-            .into_iter()
-            .filter(|s| {
-                let ours = self.cfg.owns(s);
-                if !ours {
-                    tracing::warn!(
-                        slice = s.metadata.name.as_deref().unwrap_or(""),
-                        driver = %s.spec.driver,
-                        node = s.spec.node_name.as_deref().unwrap_or(""),
-                        "ignoring a listed ResourceSlice of another driver or node (field selector not applied?)"
-                    );
-                }
-                ours
-            })
+        let listed = self.only_ours(listed);
+        // One GPU, one owner: a GPU another driver on this node publishes too
+        // (NVIDIA's driver with PassthroughSupport, the GPU Operator's) is not
+        // offered here, or two drivers could hand it to two pods.
+        let foreign = self.published_by_other_drivers(&api).await;
+        let offered: Vec<DeviceInfo> = devices
+            .iter()
+            .filter(|d| !foreign.contains_key(&d.bdf.to_string()))
+            .cloned()
             .collect();
-        let desired = device_chunks(devices);
+        let desired = device_chunks(&offered);
         let pool_name = self.cfg.node_name.as_str();
 
         // Slices of another pool (e.g. from an older naming) are obsolete.
@@ -669,6 +729,13 @@ impl SlicePublisher {
         let mut outcome = SyncOutcome {
             generation,
             slices: count,
+            published_by_others: devices
+                .iter()
+                .filter_map(|d| {
+                    let b = d.bdf.to_string();
+                    foreign.get(&b).map(|drv| (b, drv.clone()))
+                })
+                .collect(),
             ..Default::default()
         };
         // Slices to create (first sync, the kubelet's wipe, or the garbage collector

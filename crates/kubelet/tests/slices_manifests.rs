@@ -11,6 +11,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::api::resource::v1::{DeviceClass, ResourceClaimTemplate};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -83,6 +84,7 @@ fn kind(doc: &Value) -> String {
 
 #[derive(Default)]
 struct Parsed {
+    network_policies: Vec<NetworkPolicy>,
     classes: Vec<DeviceClass>,
     roles: Vec<ClusterRole>,
     bindings: Vec<ClusterRoleBinding>,
@@ -108,6 +110,9 @@ fn parse_all() -> Parsed {
                 p.bindings.push(typed(&file, &doc))
             }
             ("apps/v1", "DaemonSet") => p.daemonsets.push(typed(&file, &doc)),
+            ("networking.k8s.io/v1", "NetworkPolicy") => {
+                p.network_policies.push(typed(&file, &doc))
+            }
             ("resource.k8s.io/v1", "DeviceClass") => p.classes.push(typed(&file, &doc)),
             ("resource.k8s.io/v1", "ResourceClaimTemplate") => p.templates.push(typed(&file, &doc)),
             ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy") => {
@@ -624,5 +629,71 @@ fn documented_requirements_match_what_the_code_needs() {
     assert!(
         header.contains("1.8.3") && header.contains("1.9.0"),
         "{header}"
+    );
+}
+
+/// Security review H1: only the monitoring namespace reaches the plugin pods,
+/// and only on the metrics port the DaemonSet names.
+#[test]
+fn network_policy_admits_only_monitoring_on_the_metrics_port() {
+    let p = parse_all();
+    let [np] = p.network_policies.as_slice() else {
+        panic!("one NetworkPolicy");
+    };
+    let [ds] = p.daemonsets.as_slice() else {
+        panic!("one DaemonSet");
+    };
+    assert_eq!(np.metadata.namespace, ds.metadata.namespace);
+    let spec = np.spec.as_ref().expect("spec");
+    let pod_labels = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    let selector = spec
+        .pod_selector
+        .as_ref()
+        .and_then(|s| s.match_labels.clone());
+    assert!(selector.as_ref().is_some_and(|m| !m.is_empty()));
+    for (k, v) in selector.unwrap_or_default() {
+        assert_eq!(pod_labels.get(&k), Some(&v), "selects the plugin pods");
+    }
+    assert_eq!(spec.policy_types.clone().unwrap_or_default(), ["Ingress"]);
+    let [rule] = spec.ingress.as_deref().unwrap_or_default() else {
+        panic!("one ingress rule");
+    };
+    let ports: Vec<_> = rule
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| p.port.clone())
+        .collect();
+    assert_eq!(ports, [Some(IntOrString::String("metrics".into()))]);
+    let container_ports: Vec<String> = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .map(|s| {
+            s.containers
+                .iter()
+                .flat_map(|c| c.ports.iter().flatten())
+                .filter_map(|p| p.name.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(container_ports.contains(&"metrics".to_string()));
+    let [from] = rule.from.as_deref().unwrap_or_default() else {
+        panic!("one source");
+    };
+    assert!(from.pod_selector.is_none() && from.ip_block.is_none());
+    assert_eq!(
+        from.namespace_selector
+            .as_ref()
+            .and_then(|s| s.match_labels.clone())
+            .unwrap_or_default()
+            .get("kubernetes.io/metadata.name")
+            .map(String::as_str),
+        Some("monitoring")
     );
 }

@@ -588,3 +588,50 @@ async fn sync_leaves_other_drivers_and_other_nodes_slices_alone_when_the_selecto
     );
     assert_eq!(device_names(&stored_slices(&server)).len(), 7);
 }
+
+/// Coexistence: a GPU that another driver on this node publishes too (NVIDIA's
+/// driver with PassthroughSupport) is not offered here; the others are, and
+/// the sync says which GPU and which driver.
+#[tokio::test]
+async fn a_gpu_another_driver_publishes_on_this_node_is_not_offered() {
+    let (server, client, _) = setup().await;
+    let devices = demo_devices();
+    let taken = devices[0].bdf.to_string();
+    let mut nvidia = foreign_slice("nvidia-gpus", "gpu.nvidia.com", NODE, NODE);
+    nvidia["spec"]["devices"] = json!([{
+        "name": "gpu-0",
+        "attributes": {"resource.kubernetes.io/pciBusID": {"string": taken}}
+    }]);
+    server.insert(nvidia).expect("insert");
+    // Another node's slice naming the same address changes nothing here.
+    let mut elsewhere = foreign_slice(
+        "nvidia-elsewhere",
+        "gpu.nvidia.com",
+        "other-node",
+        "other-node",
+    );
+    elsewhere["spec"]["devices"] = json!([{
+        "name": "gpu-0",
+        "attributes": {"resource.kubernetes.io/pciBusID": {"string": devices[1].bdf.to_string()}}
+    }]);
+    server.insert(elsewhere).expect("insert");
+    let outcome = bounded(LIMIT, "publish", publish_once(&client, &config(), &devices))
+        .await
+        .expect("publish");
+    assert_eq!(
+        outcome.published_by_others,
+        [(taken.clone(), "gpu.nvidia.com".to_string())]
+    );
+    let names = device_names(&stored_slices(&server));
+    assert_eq!(names.len(), devices.len() - 1, "{names:?}");
+    let published: Vec<String> = stored_slices(&server)
+        .iter()
+        .flat_map(|s| s["spec"]["devices"].as_array().cloned().unwrap_or_default())
+        .filter_map(|d| {
+            d["attributes"]["resource.kubernetes.io/pciBusID"]["string"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert!(!published.contains(&taken), "{published:?}");
+}

@@ -33,12 +33,15 @@ impl Engine {
         // Only once the locks are ours: waiting for another instance is not
         // this prepare's work (n8).
         let _budget = OperationBudget::start(self.config.operation_budget);
+        // Before the first host write: a move that could not open the files
+        // its rollback needs would strand the GPU (security review H1).
+        check_fd_headroom(bdf)?;
         let carried = match self.prior_record(bdf, &holder, started)? {
             Prior::Done(outcome) => return Ok(outcome),
             Prior::Carry(rec) => rec,
         };
         let gpu = self.load_gpu(bdf)?;
-        let intent = self.intent();
+        let intent = self.intent()?;
         if let Some(pin) = &self.verdict(&intent, &gpu).pinned {
             return Err(EngineError::Pinned {
                 bdf,
@@ -49,6 +52,16 @@ impl Engine {
         let funcs = self.members_to_move(&gpu, &intent.policy)?;
         let vfio_driver = self.vfio_driver_for(&intent.policy, &gpu.function)?;
         if funcs.iter().all(|f| f.on_vfio()) {
+            // Already on vfio (admin-owned): a VM outside Kubernetes may hold
+            // it; handing it out would fail the tenant's open (review L3).
+            let mut nodes = Vec::new();
+            for f in &funcs {
+                nodes.extend(self.nodes_of(f)?);
+            }
+            let holders = self.holders_of(bdf, nodes)?;
+            if !holders.is_empty() {
+                return Err(EngineError::Busy { bdf, holders });
+            }
             // A drifted function that came back meanwhile: the carried record
             // keeps the origins (n14); only a GPU we never moved is recorded as found.
             let rec = match carried {
@@ -332,13 +345,19 @@ impl Engine {
             VfioDriverChoice::Named(name) => name.clone(),
             VfioDriverChoice::Auto => choose_vfio_driver(&self.root, f),
         };
-        if self.root.pci_driver_dir(&driver).is_dir() {
+        let loaded = |d: &DriverName| {
+            let dir = self.root.pci_driver_dir(d);
+            self.host_read(f.bdf, "read of the driver directory", move |k| {
+                k.is_dir(&dir)
+            })
+        };
+        if loaded(&driver)? {
             return Ok(driver);
         }
         let module = driver.as_str().replace('-', "_");
         if policy.binding.load_vfio_module {
             self.modprobe(f.bdf, &module)?;
-            if self.root.pci_driver_dir(&driver).is_dir() {
+            if loaded(&driver)? {
                 return Ok(driver);
             }
         }
@@ -393,15 +412,19 @@ impl Engine {
         // The group node appears with the first vfio member; a VM needs it,
         // or, on an iommufd-only kernel (CONFIG_VFIO_GROUP=n), each moved
         // function's device cdev.
+        let node_exists = |path: PathBuf| {
+            self.host_read(gb, "read of /dev/vfio", move |k| k.exists(&path))
+                .unwrap_or(false)
+        };
         let cdevs_present = || {
             funcs.iter().filter(|f| !f.on_vfio()).all(|f| {
                 self.binding(f.bdf)
                     .ok()
                     .and_then(|b| b.vfio_dev)
-                    .is_some_and(|v| self.root.rel("dev/vfio/devices").join(v).exists())
+                    .is_some_and(|v| node_exists(self.root.rel("dev/vfio/devices").join(v)))
             })
         };
-        if !self.root.dev_vfio_group(group).exists() && !cdevs_present() {
+        if !node_exists(self.root.dev_vfio_group(group)) && !cdevs_present() {
             return Err(StepError::verify(
                 format!("verify /dev/vfio/{group}"),
                 "the group node did not appear".into(),
@@ -429,4 +452,38 @@ enum Prior {
     Done(Outcome),
     /// Go on, carrying this record's origins (a re-drive) or starting afresh.
     Carry(Option<GpuRecord>),
+}
+
+/// Descriptors a move keeps free for itself and its rollback: every sysfs
+/// write and read opens one, a few at a time per function, plus the ledger.
+pub(crate) const FD_RESERVE: u64 = 64;
+
+/// Refuses a move while fewer than [`FD_RESERVE`] descriptors are free under
+/// the soft `RLIMIT_NOFILE`. Counting needs a descriptor too: when even that
+/// fails, nothing is free.
+fn check_fd_headroom(bdf: Bdf) -> Result<(), EngineError> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
+        || lim.rlim_cur == libc::RLIM_INFINITY
+    {
+        return Ok(());
+    }
+    let limit = lim.rlim_cur;
+    let open = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count() as u64)
+        .unwrap_or(limit);
+    let free = limit.saturating_sub(open);
+    if free < FD_RESERVE {
+        return Err(EngineError::FdsExhausted {
+            bdf,
+            free,
+            limit,
+            needed: FD_RESERVE,
+        });
+    }
+    Ok(())
 }

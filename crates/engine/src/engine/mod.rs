@@ -38,13 +38,19 @@ use vfio_gpu_host::{Bdf, Gpu, GpuSelector, HostRoot, PciHost, PciIdsDb, discover
 use vfio_gpu_intent::{IntentSnapshot, LiveIntent, Policy, Verdict, evaluate};
 
 use crate::commands::{HostCommands, RealCommands};
-use crate::deadline::StuckSet;
+use crate::deadline::{StuckSet, read_with_deadline};
 use crate::error::EngineError;
 use crate::holder_scan::HolderScanner;
 use crate::kernel::Kernel;
 use crate::ledger::LedgerError;
 use crate::ledger::{LedgerBody, LedgerFile};
 use crate::lock::{LockError, SharedLease, SharedStateLock, StateLock};
+
+/// The stuck-set key of the intent sources: not a device, the highest PCI
+/// address (domain ffff, bus ff, device 1f, function 7), which no GPU has.
+fn intent_sources_key() -> Bdf {
+    Bdf::HIGHEST
+}
 
 /// What to do when the crash hook fires.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -207,7 +213,7 @@ pub struct Engine {
     root: HostRoot,
     selector: GpuSelector,
     /// Read afresh by every operation: intent changed while serving counts.
-    intent: LiveIntent,
+    intent: Arc<LiveIntent>,
     /// Product names, read once: pci.ids is megabytes and does not change under us.
     pci_ids: Option<PciIdsDb>,
     file: LedgerFile,
@@ -370,12 +376,12 @@ impl Engine {
             None => LiveIntent::fixed(root.clone(), policy),
         };
         let pci_ids = PciIdsDb::load(&root).ok().flatten();
-        let scanner = HolderScanner::new(root.clone());
+        let scanner = HolderScanner::new(Arc::clone(&kernel));
         let engine = Engine {
             kernel,
             root,
             selector,
-            intent,
+            intent: Arc::new(intent),
             pci_ids,
             file,
             mirror,
@@ -540,7 +546,7 @@ impl Engine {
         let host = PciHost::scan_with(&self.root, &self.selector, &|b| self.read_bounded(b))?;
         let gpus = discover_gpus(&host, &self.selector, self.pci_ids.as_ref());
         let ledger = self.ledger();
-        let intent = self.intent.read();
+        let intent = self.intent()?;
         let mut holders = self.host_holders(&gpus);
         let views = gpus
             .into_iter()
@@ -564,9 +570,20 @@ impl Engine {
         Ok((views, host.problems().to_vec()))
     }
 
-    /// The admin's intent as it is on disk now.
-    pub(super) fn intent(&self) -> IntentSnapshot {
-        self.intent.read()
+    /// The admin's intent as it is on disk now, read under the read deadline
+    /// (a policy or driverctl file on a hung mount must not hang an
+    /// operation). One read at a time may be blocked; until it returns, every
+    /// caller gets the error, and a settle then keeps the GPU on vfio.
+    pub(super) fn intent(&self) -> Result<IntentSnapshot, EngineError> {
+        let live = Arc::clone(&self.intent);
+        read_with_deadline(
+            &self.stuck,
+            intent_sources_key(),
+            "read of the admin's intent sources",
+            self.config.read_deadline,
+            move || live.read(),
+        )
+        .map_err(EngineError::IntentUnreadable)
     }
 
     /// The verdict for `gpu` under `intent` and the ledger as it is now.
@@ -590,8 +607,11 @@ impl Engine {
 
     /// Operations on one IOMMU group are serialised; different groups run in parallel.
     pub(super) fn group_guard(&self, bdf: Bdf) -> Arc<Mutex<()>> {
+        // Through the kernel edge but not the quarantine: a readlink in sysfs
+        // never takes the device lock, and a quarantined device must still
+        // map to its group's guard.
         let key = match self
-            .root
+            .kernel
             .link_name(&self.root.pci_attr(&bdf, "iommu_group"))
         {
             Ok(Some(g)) => format!("group-{g}"),

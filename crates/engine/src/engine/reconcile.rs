@@ -100,7 +100,9 @@ impl Engine {
             if let Some(op) = rec.stuck_on.clone() {
                 // Here, or in another live process (a rolling update's other
                 // instance, the CLI): its claim in the state directory says (n4).
-                if gpu.functions.iter().any(|f| {
+                // Every function the record names: one whose read blocks
+                // behind the held lock is missing from the GPU as loaded now.
+                if rec.functions.iter().any(|f| {
                     self.stuck.stuck_on(f.bdf).is_some() || self.stuck.blocked_elsewhere(f.bdf)
                 }) {
                     return Err(EngineError::Stuck { bdf, op, secs: 0.0 });
@@ -111,7 +113,7 @@ impl Engine {
             }
             return self.reconcile_record(&gpu, rec);
         }
-        let intent = self.intent();
+        let intent = self.intent()?;
         let verdict = self.verdict(&intent, &gpu);
         if gpu.function.on_vfio() {
             let funcs: Vec<PciFunction> = gpu

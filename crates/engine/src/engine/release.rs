@@ -128,7 +128,12 @@ impl Engine {
     /// The admin's intent for `gpu` at this instant, as the settle decision
     /// needs it, with the verdict's reasons in words.
     pub(super) fn intent_now(&self, gpu: &Gpu, rec: Option<&GpuRecord>) -> (IntentNow, String) {
-        let verdict = self.verdict(&self.intent(), gpu);
+        let snapshot = match self.intent() {
+            Ok(s) => s,
+            // Unknown intent is never "restore", nor admin ownership: wait.
+            Err(e) => return (IntentNow::Unknown(e.to_string()), e.to_string()),
+        };
+        let verdict = self.verdict(&snapshot, gpu);
         let reasons = reasons_text(&verdict);
         let was_on_vfio = rec.is_some_and(|r| r.was_on_vfio);
         let originals: Vec<&str> = rec
@@ -234,6 +239,16 @@ impl Engine {
             }),
             Settle::WaitBusy => Err(EngineError::Busy { bdf, holders }),
             Settle::Keep(why) => self.keep_on_vfio(&gpu, rec, &why, started),
+            Settle::WaitIntent(why) => {
+                for fr in &rec.functions {
+                    if let (Ok(b), Some(vfio)) = (self.binding(fr.bdf), rec.vfio_driver.as_ref())
+                        && b.driver.is_none()
+                    {
+                        self.park_on_vfio(bdf, fr.bdf, vfio);
+                    }
+                }
+                Err(EngineError::IntentUnreadable(why))
+            }
             Settle::Restore => self.restore_all(&gpu, rec, &intent, path, started),
         }
     }
@@ -275,7 +290,11 @@ impl Engine {
                 _ => self.restore_override(bdf, fr),
             };
             if let Err(e) = result {
+                let stop = matches!(e, StepError::Engine(_));
                 failure.get_or_insert(e);
+                if stop {
+                    break;
+                }
             }
         }
         let all: Vec<Bdf> = rec.functions.iter().map(|f| f.bdf).collect();
@@ -339,7 +358,14 @@ impl Engine {
             if let Err(e) =
                 self.restore_function(bdf, fr, target.as_ref(), rec.vfio_driver.as_ref())
             {
+                // A blocked write (or read) stops the settle: the rest of the
+                // group is left as it is until that returns, never half-moved
+                // behind a device whose lock is held.
+                let stop = matches!(e, StepError::Engine(_));
                 failure.get_or_insert(e);
+                if stop {
+                    break;
+                }
             }
         }
         match failure {
@@ -389,11 +415,11 @@ impl Engine {
     }
 
     /// The device is gone from sysfs (hot-unplug, `remove`, a fallen-off-the-bus GPU).
+    /// A read that fails or blocks is not "gone": the record is kept.
     pub(super) fn vanished(&self, bdf: Bdf) -> bool {
-        matches!(
-            std::fs::symlink_metadata(self.root.pci_device_dir(&bdf)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound
-        )
+        let dir = self.root.pci_device_dir(&bdf);
+        self.host_read(bdf, "read of the device directory", move |k| k.exists(&dir))
+            .is_ok_and(|exists| !exists)
     }
 
     /// Drops the record of a device that is gone: there is nothing left to

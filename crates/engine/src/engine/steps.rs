@@ -10,9 +10,10 @@ use vfio_gpu_host::{Bdf, Binding, DriverName, Gpu, HostError, PciFunction};
 
 use crate::deadline::{Timed, read_with_deadline, run_with_deadline};
 use crate::error::EngineError;
+use crate::kernel::Kernel;
 use crate::kernel::{SysfsWrite, nvidia_unbind_lock_path};
 use crate::ledger::GpuRecord;
-use crate::preflight::{NodeHolder, device_nodes};
+use crate::preflight::{NodeHolder, device_nodes_with};
 use crate::state::IntentNow;
 
 impl Engine {
@@ -72,11 +73,24 @@ impl Engine {
         if !to_host {
             return Ok(None);
         }
-        let gpu_now = self.load_gpu(gpu)?;
+        // A GPU that cannot be read now cannot be shown to be free of keep
+        // intent: refused as a failed step, so the caller parks the function
+        // back on vfio rather than leave it without a driver.
+        let gpu_now = match self.load_gpu(gpu) {
+            Ok(g) => g,
+            Err(e) => {
+                return Ok(Some(format!(
+                    "refused: {op} needs admin intent read first, and {gpu} cannot be read ({e})"
+                )));
+            }
+        };
         let rec = self.ledger().gpus.get(&gpu).cloned();
         Ok(match self.intent_now(&gpu_now, rec.as_ref()).0 {
             IntentNow::Keep(why) => Some(format!(
                 "refused: {op} would take it off vfio, and admin intent keeps {gpu} there ({why})"
+            )),
+            IntentNow::Unknown(why) => Some(format!(
+                "refused: {op} would take it off vfio, and admin intent cannot be read ({why})"
             )),
             IntentNow::Restore { .. } => None,
         })
@@ -138,6 +152,7 @@ impl Engine {
         let commands = Arc::clone(&self.commands);
         let root = self.root.clone();
         let label = format!("{program} {}", args.join(" "));
+        let limit = self.config.command_deadline + std::time::Duration::from_secs(1);
         read_with_deadline(
             &self.stuck,
             gpu,
@@ -145,7 +160,9 @@ impl Engine {
             self.config.command_deadline,
             move || {
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                commands.run(&root, program, &args)
+                // Killed a little after the caller stops waiting, so neither
+                // the program nor this thread lingers (review n11).
+                commands.run_for(&root, program, &args, limit)
             },
         )
         .unwrap_or_else(Err)
@@ -181,33 +198,46 @@ impl Engine {
     /// takes RM locks and hangs on a wedged GPU, n5), under the read deadline:
     /// past it the function is quarantined like any blocked read.
     pub(super) fn nodes_of(&self, f: &PciFunction) -> Result<Vec<PathBuf>, EngineError> {
-        let root = self.root.clone();
         let func = f.clone();
+        self.host_read(f.bdf, "read of nvidia's procfs information", move |k| {
+            Ok(device_nodes_with(k.root(), &func, &|p| {
+                k.read_text(p).ok().flatten()
+            }))
+        })
+    }
+
+    /// One host read through the kernel edge under the read deadline, keyed
+    /// by `bdf`: past it the device is quarantined until this read returns
+    /// (and only this read lifts it). Every engine read of the host that is
+    /// not a function or binding read goes through here.
+    pub(super) fn host_read<T: Send + 'static>(
+        &self,
+        bdf: Bdf,
+        what: &str,
+        read: impl FnOnce(&dyn Kernel) -> Result<T, HostError> + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let kernel = Arc::clone(&self.kernel);
         read_with_deadline(
             &self.stuck,
-            f.bdf,
-            "read of nvidia's procfs information",
+            bdf,
+            what,
             self.config.read_deadline,
-            move || device_nodes(&root, &func),
+            move || read(kernel.as_ref()),
         )
         .map_err(|op| EngineError::Stuck {
-            bdf: f.bdf,
+            bdf,
             op,
             secs: self.config.read_deadline.as_secs_f64(),
-        })
+        })?
+        .map_err(EngineError::from)
     }
 
     /// nvidia's unbind lock reads "1" (held), read under the read deadline.
     fn unbind_lock_held(&self, bdf: Bdf, path: PathBuf) -> bool {
-        let root = self.root.clone();
-        read_with_deadline(
-            &self.stuck,
-            bdf,
-            "read of nvidia's unbindLock",
-            self.config.read_deadline,
-            move || matches!(root.read_opt(&path), Ok(Some(v)) if v.trim() == "1"),
-        )
-        .unwrap_or(false)
+        self.host_read(bdf, "read of nvidia's unbindLock", move |k| {
+            k.read_text(&path)
+        })
+        .is_ok_and(|v| v.is_some_and(|v| v.trim() == "1"))
     }
 
     /// Processes holding each GPU's host-driver nodes, from one `/proc` scan
@@ -283,7 +313,13 @@ impl Engine {
     /// nvidia's unbind lock file for a function on nvidia, when the driver offers one.
     pub(super) fn unbind_lock_path(&self, f: &PciFunction) -> Option<PathBuf> {
         let path = nvidia_unbind_lock_path(&self.root, &f.bdf);
-        (f.driver.as_ref().is_some_and(|d| d.as_str() == "nvidia") && path.exists()).then_some(path)
+        if f.driver.as_ref().is_none_or(|d| d.as_str() != "nvidia") {
+            return None;
+        }
+        let p = path.clone();
+        self.host_read(f.bdf, "read of nvidia's procfs", move |k| k.exists(&p))
+            .unwrap_or(false)
+            .then_some(path)
     }
 
     pub(super) fn take_unbind_lock(&self, gpu: Bdf, f: &PciFunction) -> Result<bool, StepError> {

@@ -112,10 +112,13 @@ pub(super) struct Records<'a>(pub(super) &'a LedgerBody);
 
 impl OwnRecords for Records<'_> {
     fn wrote_override(&self, bdf: Bdf, value: &str) -> bool {
+        // An override the admin had written before we came is still the
+        // admin's, even once we write the same value over it.
         self.0.gpus.values().any(|r| {
-            r.function(bdf)
-                .and_then(|f| f.override_written.as_deref())
-                .is_some_and(|w| w == value)
+            r.function(bdf).is_some_and(|f| {
+                f.override_written.as_deref() == Some(value)
+                    && f.original_override.as_deref() != Some(value)
+            })
         })
     }
     fn bound_by_us(&self, bdf: Bdf) -> bool {
@@ -251,8 +254,13 @@ impl Engine {
         // still lists `vfio-dev/vfioN` in sysfs (6.1+), but there is no cdev to open.
         let vfio_devices = bdfs
             .iter()
-            .filter_map(|b| self.kernel.read_binding(*b).ok().and_then(|f| f.vfio_dev))
-            .filter(|v| self.root.rel("dev/vfio/devices").join(v).exists())
+            .filter_map(|b| {
+                let v = self.binding(*b).ok()?.vfio_dev?;
+                let node = self.root.rel("dev/vfio/devices").join(&v);
+                self.host_read(*b, "read of /dev/vfio/devices", move |k| k.exists(&node))
+                    .unwrap_or(false)
+                    .then_some(v)
+            })
             .collect();
         Outcome {
             bdf: gpu.bdf(),
