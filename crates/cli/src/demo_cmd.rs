@@ -64,6 +64,12 @@ pub struct DemoArgs {
     /// Seconds between the plugin's periodic reconciles (serve's --reconcile-interval).
     #[arg(long, hide = true, default_value_t = 60)]
     pub reconcile_interval: u64,
+    /// The HGX demo host: 8 × H100 SXM with NVSwitches and a simulated Fabric
+    /// Manager; the claim asks for two GPUs tied by
+    /// `matchAttribute: vfio-gpu.dra.dev/partition2`, and its NVLink partition
+    /// is activated at prepare and deactivated at unprepare.
+    #[arg(long, conflicts_with = "host_root")]
+    pub hgx: bool,
 }
 
 /// The between-prepare-and-unprepare hook may sleep through several cleanup intervals.
@@ -143,9 +149,19 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
                     .with_context(|| format!("clearing {}", host.display()))?;
             }
             std::fs::create_dir_all(&host)?;
-            step(1, "The node: an 8-GPU server with a simulated kernel");
-            vfio_gpu_host::demo::build_demo_host(&host).context("building the demo host")?;
-            println!("{}", vfio_gpu_host::demo::DEMO_DESCRIPTION);
+            if args.hgx {
+                step(
+                    1,
+                    "The node: an HGX H100 board with a simulated kernel and Fabric Manager",
+                );
+                vfio_gpu_host::demo::build_hgx_demo_host(&host)
+                    .context("building the HGX demo host")?;
+                println!("{}", vfio_gpu_host::demo::HGX_DESCRIPTION);
+            } else {
+                step(1, "The node: an 8-GPU server with a simulated kernel");
+                vfio_gpu_host::demo::build_demo_host(&host).context("building the demo host")?;
+                println!("{}", vfio_gpu_host::demo::DEMO_DESCRIPTION);
+            }
             let root = HostRoot::open(&host)?;
             (
                 host,
@@ -158,7 +174,10 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
     // The plugin's ledger: without it the verdicts call the plugin's own
     // driver_override and binding someone else's.
     let state_dir = dir.join("state");
-    let claimed: Vec<String> = if args.claim.is_empty() {
+    let claimed: Vec<String> = if args.claim.is_empty() && args.hgx {
+        // Modules 1 and 3: H100 partition 3, not adjacent in PCI order.
+        vec!["0000:9a:00.0".into(), "0000:ab:00.0".into()]
+    } else if args.claim.is_empty() {
         vec!["0000:ab:00.0".into(), "0000:18:00.0".into()]
     } else {
         args.claim.clone()
@@ -195,6 +214,11 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
     opts.reconcile_interval = Duration::from_secs(args.reconcile_interval.max(1));
     // The crash tests kill the plugin mid-prepare the same way they kill `bind`.
     opts.engine_config.crash_after_step = crate::setup::crash_hook()?;
+    let fm_file = dir.join("fabric-manager.json");
+    if args.hgx {
+        let _ = std::fs::remove_file(&fm_file);
+        opts.engine_config.fabric = Some(crate::fabric_cmd::demo_config(dir, &host)?);
+    }
     let token = CancellationToken::new();
     let server = tokio::spawn(serve(opts, token.clone()));
     let reg_socket = dir
@@ -273,8 +297,23 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
             attr("driver"),
             attr("keepOnVfio")
         );
+        if args.hgx {
+            println!(
+                "  {:<18} gpuModuleID {} partition1 {} partition2 {} partition4 {} partition8 {} nvlinkFabric {} fabricManaged {}",
+                "",
+                attr("gpuModuleID"),
+                attr("partition1"),
+                attr("partition2"),
+                attr("partition4"),
+                attr("partition8"),
+                attr("nvlinkFabric"),
+                attr("fabricManaged")
+            );
+        }
     }
-    if args.host_root.is_none() {
+    if args.hgx {
+        println!("  (the 4 NVSwitches, class 0x0680, are never offered)");
+    } else if args.host_root.is_none() {
         println!("  (0000:db:00.0 is not offered: a NIC shares its IOMMU group)");
     }
 
@@ -303,10 +342,26 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
                        "iommuBackend": b}}})
         })
         .collect();
+    // The HGX claim ties its requests to one 2-GPU partition, as the
+    // scheduler's allocator enforces (deploy/fabric-claim-template.yaml).
+    let constraints: Vec<Value> = if args.hgx {
+        let names: Vec<Value> = requests.iter().map(|r| r["name"].clone()).collect();
+        vec![json!({"requests": names,
+                    "matchAttribute": format!("{DRIVER}/partition{}", claimed.len())})]
+    } else {
+        Vec::new()
+    };
+    if args.hgx {
+        println!(
+            "  constraint: matchAttribute {DRIVER}/partition{} over {} requests",
+            claimed.len(),
+            requests.len()
+        );
+    }
     let stored = api.insert(json!({
         "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
         "metadata": {"name": "vm-gpus", "namespace": NAMESPACE},
-        "spec": {"devices": {"requests": requests}},
+        "spec": {"devices": {"requests": requests, "constraints": constraints}},
         "status": {"allocation": {"devices": {"results": results, "config": config}}}
     }))?;
     if let Some(b) = &args.iommu_backend {
@@ -356,6 +411,10 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
                 driver_of(&host, &f.bdf.to_string())?
             );
         }
+    }
+
+    if args.hgx {
+        print_fabric(&fm_file, &root, &selector, &state_dir, &claimed)?;
     }
 
     step(
@@ -453,6 +512,9 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
     }
     let left = std::fs::read_dir(&cdi)?.count();
     println!("  CDI specs left: {left}");
+    if args.hgx {
+        print_fabric(&fm_file, &root, &selector, &state_dir, &claimed)?;
+    }
 
     token.cancel();
     within("shutdown", async {
@@ -493,3 +555,59 @@ const DEVICE_CLASS: &str = r#"{
   "metadata": {"name": "vfio-gpu.dra.dev"},
   "spec": {"selectors": [{"cel": {"expression": "device.driver == \"vfio-gpu.dra.dev\""}}]}
 }"#;
+
+/// The HGX demo: FM's active partitions and the claimed GPUs' module and partition.
+fn print_fabric(
+    fm_file: &Path,
+    root: &HostRoot,
+    selector: &GpuSelector,
+    state_dir: &Path,
+    claimed: &[String],
+) -> Result<()> {
+    let state: vfio_gpu_fabric::SimState = serde_json::from_slice(
+        &std::fs::read(fm_file).with_context(|| format!("reading {}", fm_file.display()))?,
+    )?;
+    let active: Vec<String> = state.active.iter().map(ToString::to_string).collect();
+    println!(
+        "  Fabric Manager: active partitions [{}]; calls: {}",
+        active.join(", "),
+        state
+            .log
+            .iter()
+            .filter(|l| !matches!(
+                l.call,
+                vfio_gpu_fabric::Call::Connect | vfio_gpu_fabric::Call::GetSupportedPartitions
+            ))
+            .map(|l| format!(
+                "{}({:?})={}",
+                l.call,
+                l.partitions.iter().map(|p| p.0).collect::<Vec<_>>(),
+                l.code
+            ))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let view = inspect(root, selector, &Policy::default(), Some(state_dir))?;
+    for g in view
+        .gpus
+        .iter()
+        .filter(|g| claimed.contains(&g.gpu.bdf().to_string()))
+    {
+        let Some(f) = &g.fabric else { continue };
+        let part = match &f.partition {
+            Some((id, st, h)) => format!(
+                "ledger: partition {id} {st:?} for {}",
+                h.as_ref()
+                    .map_or_else(|| "nobody".to_string(), ToString::to_string)
+            ),
+            None => "ledger: no partition".to_string(),
+        };
+        println!(
+            "  {} module {}: {part}",
+            g.gpu.bdf(),
+            f.module_id
+                .map_or_else(|| "?".to_string(), |m| m.to_string())
+        );
+    }
+    Ok(())
+}

@@ -3,6 +3,7 @@
 
 mod demo_cmd;
 mod doctor;
+mod fabric_cmd;
 mod render;
 mod serve_cmd;
 mod setup;
@@ -68,6 +69,9 @@ enum Command {
         #[command(flatten)]
         state: StateOpts,
     },
+    /// NVLink partitions through NVIDIA Fabric Manager: status, reconcile.
+    #[command(subcommand)]
+    Fabric(fabric_cmd::FabricCommand),
     /// Run the kubelet DRA plugin on this node until SIGTERM.
     Serve(Box<serve_cmd::ServeArgs>),
     /// Run the whole plugin lifecycle on the built-in demo host: publish,
@@ -209,6 +213,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Doctor { host, state } => doctor::run(&host, &state),
         Command::Serve(args) => serve_cmd::run(*args),
         Command::Demo(args) => demo_cmd::run(args),
+        Command::Fabric(cmd) => fabric_cmd::run(cmd),
         Command::Roundtrip {
             bdf,
             iterations,

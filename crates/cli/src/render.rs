@@ -69,7 +69,9 @@ pub fn devices(view: &Inspection, output: Output, setup: &Setup) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&arr)?);
         return Ok(());
     }
-    if setup.demo {
+    if setup.hgx_demo.is_some() {
+        println!("{}\n", vfio_gpu_host::demo::HGX_DESCRIPTION);
+    } else if setup.demo {
         println!("{}\n", vfio_gpu_host::demo::DEMO_DESCRIPTION);
     }
     println!(
@@ -114,6 +116,7 @@ pub fn devices(view: &Inspection, output: Output, setup: &Setup) -> Result<()> {
                 FunctionRole::Bridge => "bridge, stays",
                 FunctionRole::OtherGpu => "another GPU!",
                 FunctionRole::Foreign => "foreign: blocks",
+                FunctionRole::NvSwitch => "NVSwitch: blocks",
                 FunctionRole::Gpu => "",
             };
             println!(
@@ -179,6 +182,9 @@ pub fn explain(v: &GpuView, output: Output, _setup: &Setup) -> Result<()> {
             .unwrap_or("none".into()),
         fns.join(", ")
     );
+    if let Some(fab) = &v.fabric {
+        println!("  {}", fabric_line(fab));
+    }
     println!("\nSignals considered:");
     for s in &v.verdict.signals {
         println!(
@@ -297,4 +303,26 @@ pub fn ledger(body: &LedgerBody, path: &Path, output: Output) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One GPU's NVLink facts for `explain`: module id and partition.
+fn fabric_line(f: &vfio_gpu_engine::GpuFabric) -> String {
+    let module = f
+        .module_id
+        .map_or_else(|| "unknown".to_string(), |m| m.to_string());
+    let partition = match &f.partition {
+        Some((id, state, holder)) => format!(
+            "partition {id} ({state:?}) held by {}",
+            holder
+                .as_ref()
+                .map_or_else(|| "nobody".to_string(), ToString::to_string)
+        ),
+        None => "in no partition the ledger records".to_string(),
+    };
+    format!(
+        "NVLink: module id {module}{}, {partition}",
+        f.module_source
+            .map(|s| format!(" (from {s:?})"))
+            .unwrap_or_default()
+    )
 }

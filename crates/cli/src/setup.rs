@@ -32,6 +32,12 @@ pub struct HostOpts {
     /// Rebuild the demo host from scratch.
     #[arg(long)]
     pub demo_reset: bool,
+    /// With --demo: the HGX demo host instead (8 × H100 SXM, NVSwitches, a
+    /// simulated Fabric Manager; default directory <tmp>/vfio-gpu-dra-demo-hgx).
+    #[arg(long, requires = "demo")]
+    pub hgx: bool,
+    #[command(flatten)]
+    pub fabric: crate::fabric_cmd::FabricOpts,
     /// Select GPUs by vendor:device (hex, repeatable), replacing the default NVIDIA display/3D selector.
     #[arg(long = "gpu-id", value_name = "VVVV:DDDD")]
     pub gpu_ids: Vec<String>,
@@ -100,6 +106,7 @@ impl TimeoutOpts {
             operation_budget: secs(self.prepare_budget)?,
             policy_file: Some(setup.policy_file.clone()),
             boot_mirror_dir: Some(setup.root.rel(BOOT_MIRROR_DIR)),
+            fabric: setup.fabric_config()?,
             ..EngineConfig::default()
         })
     }
@@ -126,6 +133,21 @@ pub struct Setup {
     pub policy_file: PathBuf,
     pub demo: bool,
     pub state_dir: Option<PathBuf>,
+    /// How to reach Fabric Manager (built when an engine opens).
+    pub fabric: crate::fabric_cmd::FabricOpts,
+    /// The HGX demo's directory and host tree, with --demo --hgx.
+    pub hgx_demo: Option<(PathBuf, PathBuf)>,
+}
+
+impl Setup {
+    /// The engine's fabric settings: the HGX demo's simulated FM, or
+    /// `--fm-endpoint`'s libnvfm; `None` without either.
+    pub fn fabric_config(&self) -> Result<Option<vfio_gpu_engine::FabricConfig>> {
+        match &self.hgx_demo {
+            Some((dir, host)) => Ok(Some(crate::fabric_cmd::demo_config(dir, host)?)),
+            None => self.fabric.config(),
+        }
+    }
 }
 
 /// The boot mirror of the ledger, under the host root: the host's `/run` is a
@@ -180,7 +202,14 @@ impl HostOpts {
     pub fn open(&self) -> Result<Setup> {
         let selector = self.selector()?;
         if self.demo {
-            let dir = self.demo_dir.clone().unwrap_or_else(default_demo_dir);
+            let dir = self.demo_dir.clone().unwrap_or_else(|| {
+                let d = default_demo_dir();
+                if self.hgx {
+                    d.with_file_name("vfio-gpu-dra-demo-hgx")
+                } else {
+                    d
+                }
+            });
             let host = dir.join("host");
             if self.demo_reset && dir.exists() {
                 std::fs::remove_dir_all(&dir)
@@ -189,8 +218,12 @@ impl HostOpts {
             if !host.join("sys/bus/pci/devices").exists() {
                 std::fs::create_dir_all(&host)
                     .with_context(|| format!("creating demo host {}", host.display()))?;
-                vfio_gpu_host::demo::build_demo_host(&host)
-                    .with_context(|| format!("building demo host in {}", host.display()))?;
+                if self.hgx {
+                    vfio_gpu_host::demo::build_hgx_demo_host(&host)
+                } else {
+                    vfio_gpu_host::demo::build_demo_host(&host)
+                }
+                .with_context(|| format!("building demo host in {}", host.display()))?;
             }
             let root = HostRoot::open(&host)?;
             let (policy, policy_file) = self.load_policy(&root)?;
@@ -205,6 +238,8 @@ impl HostOpts {
                 policy_file,
                 demo: true,
                 state_dir: Some(dir.join("state")),
+                fabric: self.fabric.clone(),
+                hgx_demo: self.hgx.then(|| (dir.clone(), host.clone())),
             });
         }
         let root = HostRoot::open(&self.host_root)?;
@@ -217,6 +252,8 @@ impl HostOpts {
             policy_file,
             demo: false,
             state_dir: None,
+            fabric: self.fabric.clone(),
+            hgx_demo: None,
         })
     }
 }
@@ -348,6 +385,8 @@ mod tests {
             demo: false,
             demo_dir: None,
             demo_reset: false,
+            hgx: false,
+            fabric: crate::fabric_cmd::FabricOpts::default(),
             gpu_ids: Vec::new(),
             gpu_classes: Vec::new(),
             policy: Some("/nonexistent/policy.toml".into()),

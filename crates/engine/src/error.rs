@@ -239,4 +239,28 @@ pub enum EngineError {
     /// (read-only file system, permissions): not a contention.
     #[error(transparent)]
     StateLock(crate::lock::LockError),
+    /// NVLink fabric (Fabric Manager) refusal or failure; the text names the
+    /// partition, the GPUs and the fix.
+    #[error("NVLink fabric: {0}")]
+    Fabric(String),
+    /// A partition's GPUs are still open through VFIO (a VM runs): it is
+    /// never deactivated under them; retry once the VM is gone.
+    #[error("NVLink partition {partition} is in use: {}", list(holders))]
+    FabricBusy {
+        /// FM partition id.
+        partition: u32,
+        /// Who holds its GPUs.
+        holders: Vec<NodeHolder>,
+    },
+    /// An NVSwitch (PCI class 0x0680) shares the GPU's IOMMU group: it is
+    /// never handed out, so the group cannot move.
+    #[error(
+        "{bdf}: its IOMMU group also holds NVSwitch {members} (PCI class 0x0680); NVSwitches stay with the host's Fabric Manager and are never passed through, so this GPU cannot be (fix the IOMMU grouping: ACS)"
+    )]
+    FabricSwitchInGroup {
+        /// GPU.
+        bdf: Bdf,
+        /// The switch functions.
+        members: String,
+    },
 }

@@ -185,6 +185,15 @@ pub struct LedgerBody {
         skip_serializing_if = "BTreeMap::is_empty"
     )]
     pub persistence_to_restore: BTreeMap<Bdf, PendingPersistence>,
+    /// NVLink partitions and the module map ([`crate::fabric_state`]); left
+    /// out of the file while empty, so a node without a fabric writes the
+    /// same ledger as before.
+    #[serde(
+        default,
+        deserialize_with = "crate::fabric_state::present",
+        skip_serializing_if = "crate::fabric_state::FabricLedger::is_empty"
+    )]
+    pub fabric: crate::fabric_state::FabricLedger,
     /// Fields written by other versions.
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,

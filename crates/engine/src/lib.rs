@@ -11,6 +11,7 @@ pub mod commands;
 mod deadline;
 mod engine;
 mod error;
+pub mod fabric_state;
 mod holder_scan;
 pub mod kernel;
 pub mod ledger;
@@ -20,6 +21,10 @@ pub mod sim;
 pub mod state;
 
 pub use deadline::{LateResult, StuckSet};
+pub use engine::fabric::{
+    FabricAction, FabricConfig, FabricOutcome, FabricPlan, FabricPolicy, FabricStatus, GpuFabric,
+    ModuleIdReader,
+};
 pub use engine::{
     Action, CrashMode, Engine, EngineConfig, GpuView, Inspection, OpenReport, Outcome,
     ReconcileResult, StateHold, StateLockMode, inspect, pin_text, source_name,

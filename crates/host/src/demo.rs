@@ -267,3 +267,134 @@ pub fn build_demo_host(root: &Path) -> io::Result<FixtureHost> {
     h.write("dev/iommu", "")?;
     Ok(h)
 }
+
+/// What the HGX demo host holds.
+pub const HGX_DESCRIPTION: &str = "\
+hgx-node: HGX H100 baseboard: 8 H100 SXM5 (10de:2330) on nvidia, 4 NVSwitches
+  (10de:22a3, class 0x0680, each alone in its IOMMU group, never handed out),
+  NVIDIA Fabric Manager (simulated) in Shared NVSwitch mode. Module ids are not
+  PCI order (module -> GPU):
+    1 9a:00.0   2 ba:00.0   3 ab:00.0   4 db:00.0
+    5 18:00.0   6 3a:00.0   7 2a:00.0   8 5d:00.0
+  2-GPU partitions (H100, not adjacent modules): 3={1,3} 4={2,4} 5={5,7} 6={6,8}";
+
+/// The HGX demo host's module map, GPU address → module id (the KubeSwift
+/// fixture's non-PCI order: module → PCI index {1:4, 2:6, 3:5, 4:7, 5:0,
+/// 6:2, 7:1, 8:3}).
+pub const HGX_MODULE_MAP: [(&str, u32); 8] = [
+    ("0000:18:00.0", 5),
+    ("0000:2a:00.0", 7),
+    ("0000:3a:00.0", 6),
+    ("0000:5d:00.0", 8),
+    ("0000:9a:00.0", 1),
+    ("0000:ab:00.0", 3),
+    ("0000:ba:00.0", 2),
+    ("0000:db:00.0", 4),
+];
+
+/// Where the HGX demo host keeps the admin's static module map.
+pub const HGX_MODULE_MAP_FILE: &str = "etc/vfio-gpu-dra/module-map.json";
+
+/// Builds the HGX demo host under `root` (an empty directory): 8 × H100 SXM
+/// on `nvidia`, 4 NVSwitches, and the static module map at
+/// [`HGX_MODULE_MAP_FILE`].
+pub fn build_hgx_demo_host(root: &Path) -> io::Result<FixtureHost> {
+    let mut h = FixtureHost::create(root)?;
+    h.write(
+        "proc/cmdline",
+        "BOOT_IMAGE=/vmlinuz-6.1.0-demo root=UUID=5f0c2e59-9b8e-4d8a-a3f1-0c2b7d3e9a11 ro \
+         intel_iommu=on iommu=pt quiet\n",
+    )?;
+    h.write("proc/sys/kernel/osrelease", "6.1.0-demo-amd64\n")?;
+    h.write(
+        "proc/sys/kernel/random/boot_id",
+        "4b1f2a60-7c1d-4e55-9a2e-6d3c8b7a1f20\n",
+    )?;
+    h.write(
+        "lib/modules/6.1.0-demo-amd64/modules.builtin",
+        "kernel/drivers/pci/pcie/portdrv.ko\nkernel/drivers/iommu/intel/iommu.ko\n",
+    )?;
+    h.write(
+        "lib/modules/6.1.0-demo-amd64/modules.alias",
+        "alias pci:v000010DEd*sv*sd*bc03sc*i* nvidia\n\
+         alias vfio_pci:v*d*sv*sd*bc*sc*i* vfio_pci\n",
+    )?;
+    h.write(
+        "proc/cpuinfo",
+        "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n",
+    )?;
+    h.write("sys/class/iommu/dmar0/intel-iommu/ecap", "f0205ef\n")?;
+    h.write(
+        "sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts",
+        "N\n",
+    )?;
+    h.write("usr/share/misc/pci.ids", PCI_IDS_HGX)?;
+    let map: Vec<String> = HGX_MODULE_MAP
+        .iter()
+        .map(|(b, m)| format!("  \"{b}\": {m}"))
+        .collect();
+    h.write(
+        HGX_MODULE_MAP_FILE,
+        &format!("{{\n{}\n}}\n", map.join(",\n")),
+    )?;
+    for d in ["vfio-pci", "nvidia", "pcieport"] {
+        h.add_driver(d)?;
+    }
+    let mut group = 0;
+    let mut next_group = || {
+        group += 1;
+        group
+    };
+    h.add_function(
+        &FunctionSpec::new(bdf("0000:00:00.0")?, 0x8086, 0x09a2, 0x088000).group(next_group()),
+    )?;
+    let bars = [16 << 20, 128u64 << 30, 32 << 20];
+    for (i, (addr, _)) in HGX_MODULE_MAP.iter().enumerate() {
+        let gpu = bdf(addr)?;
+        let port = Bdf::new(gpu.domain(), gpu.bus() - 1, 0, 0)
+            .ok_or_else(|| io::Error::other("bad port address"))?;
+        let numa = i32::from(i >= 4);
+        h.add_function(
+            &FunctionSpec::new(port, 0x1000, 0xc030, 0x060400)
+                .bridge()
+                .driver("pcieport")
+                .group(next_group())
+                .numa(numa),
+        )?;
+        h.add_function(
+            &FunctionSpec::new(gpu, 0x10de, 0x2330, 0x030200)
+                .subsystem(0x10de, 0x16c1)
+                .driver("nvidia")
+                .group(next_group())
+                .numa(numa)
+                .under(port)
+                .bars(&bars),
+        )?;
+    }
+    // The NVSwitches: NVIDIA class 0x0680, each alone in its IOMMU group, on nvidia.
+    for bus in [0x05u8, 0x06, 0x07, 0x08] {
+        let sw = Bdf::new(0, bus, 0, 0).ok_or_else(|| io::Error::other("bad switch address"))?;
+        h.add_function(
+            &FunctionSpec::new(sw, 0x10de, 0x22a3, 0x068000)
+                .subsystem(0x10de, 0x1796)
+                .driver("nvidia")
+                .group(next_group())
+                .numa(0)
+                .bars(&[32 << 20]),
+        )?;
+    }
+    h.write("dev/vfio/vfio", "")?;
+    h.write("dev/iommu", "")?;
+    Ok(h)
+}
+
+const PCI_IDS_HGX: &str = "\
+# Demo subset of the PCI ID database
+10de  NVIDIA Corporation
+\t22a3  GH100 [H100 NVSwitch]
+\t2330  GH100 [H100 SXM5 80GB]
+8086  Intel Corporation
+\t09a2  Ice Lake Memory Map/VT-d
+1000  Broadcom / LSI
+\tc030  PEX890xx PCIe Gen 5 Switch
+";

@@ -109,6 +109,7 @@ impl GpuSelector {
     pub fn matches(&self, f: &PciFunction) -> bool {
         (self.include_virtual_functions || !f.is_virtual_function)
             && !f.is_bridge
+            && !is_fabric_switch(&f.identity)
             && self.rules.iter().any(|r| r.matches(&f.identity))
     }
 
@@ -167,6 +168,16 @@ pub enum FunctionRole {
     OtherGpu,
     /// An unrelated device (e.g. a NIC behind the same non-ACS switch).
     Foreign,
+    /// An NVIDIA NVSwitch (class 0x0680): it belongs to the host's Fabric
+    /// Manager and is never handed out, so it blocks the move whatever the
+    /// policy allows.
+    NvSwitch,
+}
+
+/// An NVIDIA NVSwitch function (vendor 0x10de, PCI class 0x0680 "other
+/// bridge"): never a GPU, never moved, never passed through.
+pub fn is_fabric_switch(id: &PciIdentity) -> bool {
+    id.vendor == 0x10de && id.class >> 8 == 0x0680
 }
 
 /// One function of a GPU's IOMMU group, with its role.
@@ -226,9 +237,19 @@ impl Gpu {
     }
     /// Members that would block a move to vfio: foreign devices and other GPUs.
     pub fn blocking_members(&self) -> impl Iterator<Item = &GpuFunction> {
+        self.iommu_group_members.iter().filter(|m| {
+            matches!(
+                m.role,
+                FunctionRole::Foreign | FunctionRole::OtherGpu | FunctionRole::NvSwitch
+            )
+        })
+    }
+
+    /// NVSwitch functions in the GPU's IOMMU group (see [`FunctionRole::NvSwitch`]).
+    pub fn fabric_switch_members(&self) -> impl Iterator<Item = &GpuFunction> {
         self.iommu_group_members
             .iter()
-            .filter(|m| matches!(m.role, FunctionRole::Foreign | FunctionRole::OtherGpu))
+            .filter(|m| m.role == FunctionRole::NvSwitch)
     }
 }
 
@@ -264,6 +285,8 @@ pub fn discover_gpus(host: &PciHost, selector: &GpuSelector, ids: Option<&PciIds
             let role_of = |f: &PciFunction| {
                 if f.bdf == gpu.bdf {
                     FunctionRole::Gpu
+                } else if is_fabric_switch(&f.identity) {
+                    FunctionRole::NvSwitch
                 } else if f.is_bridge {
                     FunctionRole::Bridge
                 } else if selector.matches(f)

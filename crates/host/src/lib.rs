@@ -22,7 +22,9 @@ mod root;
 
 pub use bdf::{Bdf, DriverName, is_vfio_driver};
 pub use error::HostError;
-pub use gpu::{FunctionRole, Gpu, GpuFunction, GpuSelector, IdMatch, discover_gpus};
+pub use gpu::{
+    FunctionRole, Gpu, GpuFunction, GpuSelector, IdMatch, discover_gpus, is_fabric_switch,
+};
 pub use node::{
     CpuInfo, CpuVendor, IommuKind, IommuUnit, VfioModuleFiles, cpu_info, iommu_group_count,
     iommu_units, iommufd_unsupported, vfio_module_files,

@@ -5,6 +5,7 @@
 //! - [`cdi`], [`metadata`]: CDI specs and KEP-5304 device metadata for KubeVirt.
 //! - [`config`]: the opaque per-claim configuration of this driver.
 //! - [`slices`]: publishing the node's GPUs as ResourceSlices.
+//! - [`fabric`]: NVLink partition attributes and reconcile (the engine activates them).
 //! - [`health`]: device health for the kubelet (`v1.DRAResourceHealth`, `v1alpha1.DRAResourceHealth`).
 //! - [`metrics`]: Prometheus metrics and the liveness/readiness endpoint.
 //! - [`serve`]: `vfio-gpu-dra serve`, wiring it all together.
@@ -16,6 +17,7 @@ pub mod apiserver;
 pub mod cdi;
 /// `VfioDeviceConfig` lives in its own crate (small enough to fuzz); this path stays.
 pub use vfio_gpu_claim_config as config;
+pub mod fabric;
 pub mod grpc;
 pub mod health;
 pub mod metadata;

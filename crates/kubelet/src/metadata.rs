@@ -600,6 +600,7 @@ mod tests {
             pcie_root: Some("pci0000:a0".into()),
             keep_on_vfio: false,
             bar_bytes: 0,
+            fabric: None,
         };
         MetadataDevice {
             driver: "vfio-gpu.dra.dev".into(),

@@ -377,6 +377,9 @@ impl VfioPlugin {
                 bdfs.push(p.bdf);
             }
         }
+        // NVLink fabric (crate::fabric): a claim whose GPU set is not exactly one
+        // partition fails here, before any GPU moves.
+        self.fabric_preflight(&holder, &bdfs).await?;
         let reqs: Vec<(Bdf, Holder)> = bdfs.iter().map(|b| (*b, holder.clone())).collect();
         let results = self
             .blocking("configuring GPUs", move |e| e.configure_many(&reqs))
@@ -401,10 +404,14 @@ impl VfioPlugin {
             return Err(with_undo(errors.join("; "), undo));
         }
 
+        // Every GPU is on vfio: activate the claim's partition (crate::fabric).
+        self.fabric_activate(&holder, &bdfs, &newly).await?;
+
         match self.write_files(&identity, &planned, &outcomes) {
             Ok(devices) => Ok(devices),
             Err(e) => {
-                let undo = self.release(&newly, &holder).await;
+                let mut undo = self.undo_fabric(&holder).await;
+                undo.extend(self.release(&newly, &holder).await);
                 Err(with_undo(e, undo))
             }
         }
@@ -568,6 +575,61 @@ impl VfioPlugin {
         }
     }
 
+    /// The claim's GPUs must be exactly one NVLink partition (engine policy);
+    /// nothing changes.
+    async fn fabric_preflight(&self, holder: &Holder, bdfs: &[Bdf]) -> Result<(), String> {
+        let (h, b) = (holder.clone(), bdfs.to_vec());
+        self.blocking("checking the NVLink partition", move |e| {
+            e.fabric_preflight(&h, &b)
+        })
+        .await?
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    }
+
+    /// Activates the claim's partition; on failure releases the GPUs this call
+    /// configured (`newly`) and says what could not be undone.
+    async fn fabric_activate(
+        &self,
+        holder: &Holder,
+        bdfs: &[Bdf],
+        newly: &[Bdf],
+    ) -> Result<(), String> {
+        let (h, b) = (holder.clone(), bdfs.to_vec());
+        let activated = self
+            .blocking("activating the NVLink partition", move |e| {
+                e.fabric_activate(&h, &b)
+            })
+            .await?;
+        match activated {
+            Ok(o) => {
+                tracing::info!(holder = %holder, partitions = ?o.partitions, action = ?o.action, detail = %o.detail, "NVLink partition");
+                Ok(())
+            }
+            Err(e) => {
+                let mut undo = self.undo_fabric(holder).await;
+                undo.extend(self.release(newly, holder).await);
+                Err(with_undo(e.to_string(), undo))
+            }
+        }
+    }
+
+    /// Deactivates the claim's partition after a later step failed; returns what
+    /// could not be undone.
+    async fn undo_fabric(&self, holder: &Holder) -> Vec<String> {
+        let h = holder.clone();
+        match self
+            .blocking("deactivating the NVLink partition", move |e| {
+                e.fabric_deactivate(&h)
+            })
+            .await
+        {
+            Ok(Ok(_)) => Vec::new(),
+            Ok(Err(e)) => vec![e.to_string()],
+            Err(e) => vec![e],
+        }
+    }
+
     /// Releases GPUs this call configured after a later step failed; returns what
     /// could not be undone.
     async fn release(&self, bdfs: &[Bdf], holder: &Holder) -> Vec<String> {
@@ -613,6 +675,15 @@ impl VfioPlugin {
     /// Releases the GPUs the ledger records for `uid`, then its CDI spec and metadata;
     /// the caller holds the claim's lock.
     async fn release_claim_locked(&self, uid: &str) -> Result<(), String> {
+        // The claim's NVLink partition first (the id the ledger recorded), and
+        // never while its GPUs are open: the kubelet retries.
+        if let Some(h) = crate::fabric::claim_holder(&self.engine.ledger(), uid) {
+            self.blocking("deactivating the NVLink partition", move |e| {
+                e.fabric_deactivate(&h)
+            })
+            .await?
+            .map_err(|e| e.to_string())?;
+        }
         let held: Vec<(Bdf, Option<Holder>)> = self
             .engine
             .ledger()

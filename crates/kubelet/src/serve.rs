@@ -245,6 +245,7 @@ async fn reconcile(engine: &Arc<Engine>, metrics: &Metrics) -> anyhow::Result<()
         .inspect_err(|e| metrics.record_error(e))
         .context("reconcile")?;
     metrics.record_reconcile(&results);
+    crate::fabric::reconcile(engine).await;
     for r in results {
         match r {
             Ok(o) => {
@@ -430,6 +431,9 @@ async fn serve_plugin(
             stop.clone(),
         )),
     ];
+    // NVLink: replays FM's active partitions within its 60 s window after a
+    // `--restart` (crate::fabric); ends with `stop`.
+    let _fabric_watch = crate::fabric::spawn_watch(&engine, stop.clone());
     let mut heartbeat = tokio::time::interval(opts.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result: anyhow::Result<()> = loop {

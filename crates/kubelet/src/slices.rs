@@ -79,6 +79,9 @@ pub struct DeviceInfo {
     pub keep_on_vfio: bool,
     /// Total size of the memory BARs in bytes; 0 when unknown.
     pub bar_bytes: u64,
+    /// NVLink fabric facts (module id, partitions), when a Fabric Manager is
+    /// configured ([`crate::fabric`]).
+    pub fabric: Option<vfio_gpu_engine::GpuFabric>,
 }
 
 impl DeviceInfo {
@@ -97,6 +100,7 @@ impl DeviceInfo {
             pcie_root: f.pcie_root.clone(),
             keep_on_vfio: view.verdict.keep_on_vfio,
             bar_bytes: f.bar_bytes,
+            fabric: view.fabric.clone(),
         })
     }
 }
@@ -314,6 +318,9 @@ pub fn device_attributes(info: &DeviceInfo) -> BTreeMap<String, DeviceAttribute>
     }
     attrs.insert("keepOnVfio".to_string(), bool_attr(info.keep_on_vfio));
     attrs.insert("type".to_string(), string_attr("vfio"));
+    if let Some(f) = &info.fabric {
+        crate::fabric::insert_attributes(f, &mut attrs);
+    }
     attrs
 }
 
@@ -1008,6 +1015,7 @@ mod tests {
             pcie_root: Some("pci0000:17".into()),
             keep_on_vfio: true,
             bar_bytes: (128 << 30) + (48 << 20),
+            fabric: None,
         }
     }
 

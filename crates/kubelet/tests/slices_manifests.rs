@@ -169,6 +169,7 @@ fn device_classes_select_the_driver_and_published_attributes() {
         pcie_root: None,
         keep_on_vfio: true,
         bar_bytes: 0,
+        fabric: None,
     };
     assert_eq!(device_attributes(&info)["keepOnVfio"].bool, Some(true));
 }

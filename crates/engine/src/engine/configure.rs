@@ -167,6 +167,8 @@ impl Engine {
     /// plus foreign group members when the policy allows them. No SR-IOV VFs.
     fn members_to_move(&self, gpu: &Gpu, policy: &Policy) -> Result<Vec<PciFunction>, EngineError> {
         let bdf = gpu.bdf();
+        // Fabric guard rail (fabric.rs): an NVSwitch never moves, whatever the policy.
+        super::fabric::refuse_fabric_switches(gpu)?;
         if !gpu.unreadable_members.is_empty() {
             let members: Vec<String> = gpu
                 .unreadable_members

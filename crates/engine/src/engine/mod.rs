@@ -15,6 +15,7 @@
 
 mod batch;
 mod configure;
+pub(crate) mod fabric;
 mod journal;
 mod persistence;
 mod reconcile;
@@ -193,6 +194,9 @@ pub struct EngineConfig {
     /// Tests: every ledger write waits at this gate before it reaches the
     /// disk, standing in for a slow fsync.
     pub ledger_write_gate: Option<crate::sim::BlockHandle>,
+    /// NVLink partitions through NVIDIA Fabric Manager (`None`: no fabric;
+    /// every fabric call is a no-op and nothing else changes).
+    pub fabric: Option<fabric::FabricConfig>,
 }
 
 impl Default for EngineConfig {
@@ -215,6 +219,7 @@ impl Default for EngineConfig {
             policy_file: None,
             boot_mirror_dir: None,
             ledger_write_gate: None,
+            fabric: None,
         }
     }
 }
@@ -301,6 +306,8 @@ pub struct Engine {
     crashed: AtomicBool,
     config: EngineConfig,
     state_lock: EngineLock,
+    /// Fabric Manager state cached between calls (`fabric.rs`).
+    fabric: fabric::FabricRuntime,
 }
 
 /// The state lock as the engine holds it (see [`StateLockMode`]).
@@ -421,6 +428,10 @@ impl Engine {
                 false
             }
         });
+        // Fabric partitions of an earlier boot: FM and the switches were reset too.
+        report
+            .earlier_boot_records
+            .extend(body.fabric.drop_earlier_boot(&boot_id));
         body.boot_id = boot_id.clone();
         let intent = match &config.policy_file {
             Some(path) => LiveIntent::from_file(root.clone(), path, policy),
@@ -454,6 +465,7 @@ impl Engine {
                 },
             },
             config,
+            fabric: fabric::FabricRuntime::default(),
         };
         // A ledger this build cannot understand stays as it is (read-only):
         // every change is refused at its first commit instead.
@@ -516,6 +528,7 @@ impl Engine {
         }
         *lock(&self.ledger_untrusted) = None;
         body.gpus.retain(|_, rec| rec.boot_id == self.boot_id);
+        body.fabric.drop_earlier_boot(&self.boot_id);
         body.boot_id = self.boot_id.clone();
         *lock(&self.ledger) = body;
         *seen = stamp;
@@ -610,6 +623,7 @@ impl Engine {
                         .find_map(|f| self.stuck.stuck_on(f.bdf)),
                     holders: holders.remove(&bdf).unwrap_or_default(),
                     persistence_left_off: ledger.persistence_to_restore.get(&bdf).cloned(),
+                    fabric: self.gpu_fabric(&ledger, &gpu),
                     gpu,
                     verdict,
                 }

@@ -89,6 +89,10 @@ pub struct GpuView {
     /// reconcile retries it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistence_left_off: Option<PendingPersistence>,
+    /// Its NVLink fabric facts (module id, partitions), when the ledger or a
+    /// configured Fabric Manager knows any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fabric: Option<super::fabric::GpuFabric>,
 }
 
 /// What opening the engine found.
@@ -177,6 +181,7 @@ pub fn inspect(
         None => (LedgerBody::default(), None),
     };
     ledger.gpus.retain(|_, r| r.boot_id == boot_id);
+    ledger.fabric.drop_earlier_boot(&boot_id);
     let host = PciHost::scan(root, selector)?;
     let ids = PciIdsDb::load(root).ok().flatten();
     let sources = IntentSources::load(root, policy);
@@ -192,6 +197,7 @@ pub fn inspect(
                 .get(&gpu.bdf())
                 .filter(|p| p.boot_id == boot_id)
                 .cloned(),
+            fabric: super::fabric::gpu_fabric_from_ledger(&ledger, &gpu, None),
             gpu,
         })
         .collect();

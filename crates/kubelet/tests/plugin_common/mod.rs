@@ -47,6 +47,8 @@ pub struct Env {
     pub kernel: SimKernel,
     pub api: FakeApiServer,
     pub client: kube::Client,
+    /// The engine's Fabric Manager (the HGX host only, [`Env::new_hgx`]).
+    pub fabric: Option<vfio_gpu_engine::FabricConfig>,
 }
 
 pub struct Running {
@@ -68,11 +70,20 @@ impl Running {
 
 impl Env {
     pub async fn new() -> Env {
+        Env::with_host(|h| vfio_gpu_host::demo::build_demo_host(h).map(|_| ())).await
+    }
+
+    /// The HGX demo host (8 × H100 SXM, NVSwitches); set [`Env::fabric`] for FM.
+    pub async fn new_hgx() -> Env {
+        Env::with_host(|h| vfio_gpu_host::demo::build_hgx_demo_host(h).map(|_| ())).await
+    }
+
+    async fn with_host(build: impl FnOnce(&Path) -> std::io::Result<()>) -> Env {
         vfio_gpu_kubelet::serve::install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         let host = dir.path().join("host");
         std::fs::create_dir_all(&host).expect("host dir");
-        vfio_gpu_host::demo::build_demo_host(&host).expect("demo host");
+        build(&host).expect("demo host");
         let kernel = SimKernel::booted(HostRoot::open(&host).expect("host root"));
         let api = FakeApiServer::start().await.expect("fake API server");
         let mut config = kube::Config::new(api.url().parse().expect("url"));
@@ -87,6 +98,7 @@ impl Env {
             kernel,
             api,
             client,
+            fabric: None,
         }
     }
 
@@ -105,6 +117,7 @@ impl Env {
             crash_mode: CrashMode::Return,
             unbind_lock_backoff: Duration::from_millis(1),
             state_lock_wait: Duration::from_secs(5),
+            fabric: self.fabric.clone(),
             ..EngineConfig::default()
         };
         let (engine, _) = Engine::open(

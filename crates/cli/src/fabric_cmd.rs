@@ -1,0 +1,222 @@
+//! NVLink fabric options and `vfio-gpu-dra fabric status|reconcile`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use vfio_gpu_engine::{FabricConfig, FabricPolicy};
+use vfio_gpu_fabric::{
+    Activated, Deactivated, Endpoint, FabricManager, FmError, NvfmConfig, NvfmLibrary,
+    NvlinkFailedDevices, PartitionId, PartitionList, Platform, SimFabricManager, SimState,
+    SystemClock, UnsupportedPartition,
+};
+
+use crate::Output;
+use crate::setup::EngineOpts;
+
+/// How this node reaches NVIDIA Fabric Manager.
+#[derive(Args, Debug, Clone, Default)]
+pub struct FabricOpts {
+    /// Fabric Manager's API endpoint (`unix:/run/nvidia-fabricmanager/socket`,
+    /// `tcp:127.0.0.1:6666`, `vsock:<cid>:<port>`); unset: no NVLink
+    /// partitions are managed.
+    #[arg(long, env = "VFIO_GPU_DRA_FM_ENDPOINT", value_name = "ENDPOINT")]
+    pub fm_endpoint: Option<String>,
+    /// The host's `libnvfm.so.1` (default: the loader's search path).
+    #[arg(long, env = "VFIO_GPU_DRA_FM_LIBRARY", value_name = "PATH")]
+    pub fm_library: Option<PathBuf>,
+    /// A claim that is not exactly one partition: Required (fail), BestEffort
+    /// (1-GPU partitions), Disabled (no FM calls).
+    #[arg(long, env = "VFIO_GPU_DRA_FABRIC_POLICY", default_value = "Required")]
+    pub fabric_policy: String,
+    /// Replay the active partitions after an FM `--restart`
+    /// (`fmSetActivatedFabricPartitions`); exactly one component may.
+    #[arg(long, env = "VFIO_GPU_DRA_FM_RESILIENCY_AGENT")]
+    pub fm_resiliency_agent: bool,
+    /// Static module map `{"<BDF>": <module id>}` for GPUs on vfio since boot.
+    #[arg(long, env = "VFIO_GPU_DRA_MODULE_MAP", value_name = "PATH")]
+    pub module_map: Option<PathBuf>,
+}
+
+impl FabricOpts {
+    /// The engine's fabric settings; `None` without `--fm-endpoint`.
+    pub fn config(&self) -> Result<Option<FabricConfig>> {
+        let Some(ep) = &self.fm_endpoint else {
+            return Ok(None);
+        };
+        let endpoint: Endpoint = ep.parse().context("--fm-endpoint")?;
+        let nv = NvfmConfig::new(endpoint);
+        let lib = match &self.fm_library {
+            Some(p) => NvfmLibrary::open_path(p, nv),
+            None => NvfmLibrary::open(nv),
+        }
+        .context("loading Fabric Manager's libnvfm (install the FM devel package)")?;
+        let mut c = FabricConfig::new(Arc::new(lib));
+        c.policy = self.policy()?;
+        c.resiliency_agent = self.fm_resiliency_agent;
+        c.module_map_file.clone_from(&self.module_map);
+        Ok(Some(c))
+    }
+
+    fn policy(&self) -> Result<FabricPolicy> {
+        self.fabric_policy
+            .parse::<FabricPolicy>()
+            .map_err(anyhow::Error::msg)
+    }
+}
+
+/// A simulated Fabric Manager whose state lives in a JSON file, so the HGX
+/// demo's commands (`bind`, `fabric status`, `serve --demo --hgx`) share it.
+pub struct FileSimFm {
+    path: PathBuf,
+}
+
+impl FileSimFm {
+    /// Uses (and creates, with an HGX H100 table) the state file at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            let state = SimState::new(Platform::HgxH100);
+            std::fs::write(path, serde_json::to_vec_pretty(&state)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(FileSimFm {
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&SimFabricManager) -> Result<T, FmError>,
+    ) -> Result<T, FmError> {
+        let worker = |detail: String| FmError::Worker(format!("{}: {detail}", self.path.display()));
+        let text = std::fs::read(&self.path).map_err(|e| worker(e.to_string()))?;
+        let state: SimState = serde_json::from_slice(&text).map_err(|e| worker(e.to_string()))?;
+        let sim = SimFabricManager::with_state(state, Arc::new(SystemClock));
+        let r = f(&sim);
+        let bytes = serde_json::to_vec_pretty(&sim.state()).map_err(|e| worker(e.to_string()))?;
+        std::fs::write(&self.path, bytes).map_err(|e| worker(e.to_string()))?;
+        r
+    }
+}
+
+impl FabricManager for FileSimFm {
+    fn get_supported_partitions(&self) -> Result<PartitionList, FmError> {
+        self.with(|s| s.get_supported_partitions())
+    }
+    fn activate(&self, id: PartitionId) -> Result<Activated, FmError> {
+        self.with(|s| s.activate(id))
+    }
+    fn deactivate(&self, id: PartitionId) -> Result<Deactivated, FmError> {
+        self.with(|s| s.deactivate(id))
+    }
+    fn set_activated_partitions(&self, ids: &[PartitionId]) -> Result<(), FmError> {
+        self.with(|s| s.set_activated_partitions(ids))
+    }
+    fn get_nvlink_failed_devices(&self) -> Result<NvlinkFailedDevices, FmError> {
+        self.with(|s| s.get_nvlink_failed_devices())
+    }
+    fn get_unsupported_partitions(&self) -> Result<Vec<UnsupportedPartition>, FmError> {
+        self.with(|s| s.get_unsupported_partitions())
+    }
+}
+
+/// The HGX demo's fabric: the file-backed simulated FM under `demo_dir`,
+/// the host's static module map, this engine as the resiliency agent.
+pub fn demo_config(demo_dir: &Path, host: &Path) -> Result<FabricConfig> {
+    let fm = FileSimFm::open(&demo_dir.join("fabric-manager.json"))?;
+    let mut c = FabricConfig::new(Arc::new(fm));
+    c.resiliency_agent = true;
+    c.module_map_file = Some(host.join(vfio_gpu_host::demo::HGX_MODULE_MAP_FILE));
+    Ok(c)
+}
+
+/// `vfio-gpu-dra fabric …`.
+#[derive(Subcommand, Debug)]
+pub enum FabricCommand {
+    /// Fabric Manager's partitions, the ledger's, and the module map.
+    Status(EngineOpts),
+    /// Bring the ledger and FM's active partitions in line (what `serve`
+    /// does at start and periodically).
+    Reconcile(EngineOpts),
+}
+
+/// Runs a `fabric` subcommand.
+pub fn run(cmd: FabricCommand) -> Result<ExitCode> {
+    match cmd {
+        FabricCommand::Status(opts) => {
+            let (engine, _setup) = opts.open_engine()?;
+            let Some(status) = engine.fabric_status() else {
+                bail!("no Fabric Manager configured (--fm-endpoint, or --demo --hgx)");
+            };
+            if opts.host.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "policy {:?}, resiliency agent {}",
+                status.policy, status.resiliency_agent
+            );
+            match &status.fm {
+                Ok(list) => {
+                    println!("Fabric Manager: {} partitions", list.partitions.len());
+                    for p in &list.partitions {
+                        let modules: Vec<String> = p.modules().map(|m| m.to_string()).collect();
+                        println!(
+                            "  {:>3} {:<8} modules {}",
+                            p.id,
+                            if p.is_active { "ACTIVE" } else { "inactive" },
+                            modules.join(",")
+                        );
+                    }
+                }
+                Err(e) => println!("Fabric Manager: {e}"),
+            }
+            println!("Ledger partitions:");
+            if status.ledger.partitions.is_empty() {
+                println!("  none");
+            }
+            for (id, r) in &status.ledger.partitions {
+                let bdfs: Vec<String> = r.bdfs.iter().map(ToString::to_string).collect();
+                println!(
+                    "  {:>3} {:?} for {} ({}), operation {}",
+                    id,
+                    r.state,
+                    r.holder
+                        .as_ref()
+                        .map_or_else(|| "nobody".to_string(), ToString::to_string),
+                    bdfs.join(", "),
+                    r.operation
+                );
+            }
+            println!("Module map:");
+            match &status.module_map {
+                Ok(m) if m.is_empty() => println!("  empty"),
+                Ok(m) => {
+                    for (bdf, (module, source)) in m {
+                        println!("  {bdf}  module {module}  ({source:?})");
+                    }
+                }
+                Err(e) => println!("  {e}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        FabricCommand::Reconcile(opts) => {
+            let (engine, _setup) = opts.open_engine()?;
+            let results = engine.fabric_reconcile()?;
+            if opts.host.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&results)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            if results.is_empty() {
+                println!("nothing to do");
+            }
+            for o in results {
+                let ids: Vec<String> = o.partitions.iter().map(ToString::to_string).collect();
+                println!("partition {}: {:?}: {}", ids.join(","), o.action, o.detail);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

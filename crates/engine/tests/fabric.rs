@@ -1,0 +1,669 @@
+//! NVLink partitions through a simulated Fabric Manager on the HGX demo
+//! host: activation per claim, write-ahead records, crashes at every
+//! mutation step followed by a restart, FM restarts, leaks and the
+//! open-VFIO-group rule.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::symlink;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use vfio_gpu_engine::fabric_state::PartitionState;
+use vfio_gpu_engine::sim::SimKernel;
+use vfio_gpu_engine::{
+    CrashMode, Engine, EngineConfig, EngineError, FabricAction, FabricConfig, FabricPolicy, Holder,
+};
+use vfio_gpu_fabric::{
+    Dialect, FmCode, ManualClock, PartitionId, Platform, SimFabricManager, SimState,
+};
+use vfio_gpu_host::demo::{HGX_MODULE_MAP_FILE, build_hgx_demo_host};
+use vfio_gpu_host::fixture::FunctionSpec;
+use vfio_gpu_host::{Bdf, GpuSelector, HostRoot};
+use vfio_gpu_intent::Policy;
+
+/// Modules 1 and 3: H100 partition 3.
+const M1: &str = "0000:9a:00.0";
+const M3: &str = "0000:ab:00.0";
+/// Modules 2 and 4: H100 partition 4.
+const M2: &str = "0000:ba:00.0";
+const M4: &str = "0000:db:00.0";
+/// IOMMU groups of M1 and M3 on the HGX demo host.
+const G1: u32 = 11;
+
+fn bdf(s: &str) -> Bdf {
+    s.parse().unwrap()
+}
+
+fn claim(uid: &str) -> Holder {
+    Holder::Claim {
+        uid: uid.into(),
+        namespace: "vms".into(),
+        name: format!("vm-{uid}"),
+    }
+}
+
+struct Hgx {
+    _dir: tempfile::TempDir,
+    host: PathBuf,
+    state: PathBuf,
+    kernel: SimKernel,
+    fm: Arc<SimFabricManager>,
+    clock: ManualClock,
+}
+
+impl Hgx {
+    fn new() -> Hgx {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host");
+        std::fs::create_dir_all(&host).unwrap();
+        build_hgx_demo_host(&host).unwrap();
+        let kernel = SimKernel::booted(HostRoot::open(&host).unwrap());
+        let clock = ManualClock::at(1_000_000);
+        let fm = Arc::new(SimFabricManager::with_state(
+            SimState::new(Platform::HgxH100),
+            Arc::new(clock.clone()),
+        ));
+        Hgx {
+            state: dir.path().join("state"),
+            _dir: dir,
+            host,
+            kernel,
+            fm,
+            clock,
+        }
+    }
+
+    fn fabric(&self, policy: FabricPolicy, agent: bool) -> FabricConfig {
+        let mut c = FabricConfig::new(self.fm.clone());
+        c.policy = policy;
+        c.resiliency_agent = agent;
+        c.module_map_file = Some(self.host.join(HGX_MODULE_MAP_FILE));
+        c
+    }
+
+    fn engine_with(&self, crash: Option<u64>, fabric: FabricConfig) -> Engine {
+        let config = EngineConfig {
+            crash_mode: CrashMode::Return,
+            crash_after_step: crash,
+            unbind_lock_backoff: std::time::Duration::from_millis(1),
+            state_lock_wait: std::time::Duration::from_secs(5),
+            fabric: Some(fabric),
+            ..EngineConfig::default()
+        };
+        Engine::open(
+            Arc::new(self.kernel.clone()),
+            &self.state,
+            GpuSelector::default(),
+            Policy::default(),
+            config,
+        )
+        .unwrap()
+        .0
+    }
+
+    fn engine(&self) -> Engine {
+        self.engine_with(None, self.fabric(FabricPolicy::Required, true))
+    }
+
+    fn active(&self) -> BTreeSet<u32> {
+        self.fm.state().active.iter().map(|p| p.0).collect()
+    }
+
+    /// A process (a VM) holding `/dev/vfio/<group>`.
+    fn vm_holds(&self, pid: u32, group: u32) {
+        let node = self.host.join(format!("dev/vfio/{group}"));
+        assert!(node.exists(), "group node {group} exists");
+        std::fs::create_dir_all(self.host.join(format!("proc/{pid}/fd"))).unwrap();
+        std::fs::write(self.host.join(format!("proc/{pid}/comm")), "qemu-kvm\n").unwrap();
+        symlink(&node, self.host.join(format!("proc/{pid}/fd/20"))).unwrap();
+    }
+
+    fn vm_gone(&self, pid: u32) {
+        std::fs::remove_dir_all(self.host.join(format!("proc/{pid}"))).unwrap();
+    }
+}
+
+fn prepare(e: &Engine, h: &Holder, gpus: &[&str]) -> Result<FabricAction, EngineError> {
+    let bdfs: Vec<Bdf> = gpus.iter().map(|g| bdf(g)).collect();
+    e.fabric_preflight(h, &bdfs)?;
+    for b in &bdfs {
+        e.configure(*b, h.clone())?;
+    }
+    Ok(e.fabric_activate(h, &bdfs)?.action)
+}
+
+fn unprepare(e: &Engine, h: &Holder) -> Result<(), EngineError> {
+    e.fabric_deactivate(h)?;
+    for b in e.held_by(h) {
+        e.unconfigure(b, Some(h))?;
+    }
+    Ok(())
+}
+
+fn ledger_partitions(e: &Engine) -> Vec<(u32, PartitionState)> {
+    e.ledger()
+        .fabric
+        .partitions
+        .iter()
+        .map(|(id, r)| (id.0, r.state))
+        .collect()
+}
+
+#[test]
+fn a_two_gpu_claim_activates_exactly_its_partition_and_releases_it() {
+    let t = Hgx::new();
+    let e = t.engine();
+    assert!(e.fabric_reconcile().unwrap().is_empty());
+    let h = claim("u1");
+    assert_eq!(prepare(&e, &h, &[M1, M3]).unwrap(), FabricAction::Activated);
+    assert_eq!(t.active(), BTreeSet::from([3]));
+    let rec = &e.ledger().fabric.partitions[&PartitionId(3)];
+    assert_eq!(rec.state, PartitionState::Active);
+    assert_eq!(rec.holder.as_ref(), Some(&h));
+    assert_eq!(rec.bdfs, vec![bdf(M1), bdf(M3)]);
+    // A retried prepare answers from the ledger and FM's list.
+    assert_eq!(
+        e.fabric_activate(&h, &[bdf(M1), bdf(M3)]).unwrap().action,
+        FabricAction::AlreadyActive
+    );
+    // The slice view: module ids and partitionN.
+    let (views, _) = e.discover().unwrap();
+    let v = views.iter().find(|v| v.gpu.bdf() == bdf(M3)).unwrap();
+    let f = v.fabric.as_ref().unwrap();
+    assert_eq!(f.module_id.map(|m| m.0), Some(3));
+    assert_eq!(f.partitions.get(&2).map(|p| p.0), Some(3));
+    assert_eq!(f.partitions.get(&1).map(|p| p.0), Some(9));
+    assert_eq!(f.nvlink_fabric.as_deref(), Some("nvl4"));
+    assert!(f.fabric_managed);
+    unprepare(&e, &h).unwrap();
+    assert!(t.active().is_empty());
+    assert!(e.ledger().fabric.partitions.is_empty());
+    // A second reconcile changes nothing.
+    let again = e.fabric_reconcile().unwrap();
+    assert!(again.is_empty(), "{again:?}");
+}
+
+#[test]
+fn a_set_that_is_not_a_partition_fails_before_any_host_change() {
+    let t = Hgx::new();
+    let e = t.engine();
+    let h = claim("u1");
+    // Modules 1 and 2 are adjacent but no H100 pair.
+    let err = prepare(&e, &h, &[M1, M2]).unwrap_err().to_string();
+    assert!(
+        err.contains("not exactly one Fabric Manager partition"),
+        "{err}"
+    );
+    assert!(err.contains("partition2"), "{err}");
+    assert!(e.ledger().gpus.is_empty(), "no GPU moved");
+    assert!(t.active().is_empty());
+    // BestEffort: each GPU its 1-GPU partition.
+    let e2 = {
+        drop(e);
+        t.engine_with(None, t.fabric(FabricPolicy::BestEffort, false))
+    };
+    assert_eq!(
+        prepare(&e2, &h, &[M1, M2]).unwrap(),
+        FabricAction::Activated
+    );
+    assert_eq!(t.active(), BTreeSet::from([7, 8]));
+    unprepare(&e2, &h).unwrap();
+    assert!(t.active().is_empty());
+    // Disabled: no FM call at all.
+    drop(e2);
+    let e3 = t.engine_with(None, t.fabric(FabricPolicy::Disabled, false));
+    let calls = t.fm.state().log.len();
+    assert_eq!(prepare(&e3, &h, &[M1, M2]).unwrap(), FabricAction::Disabled);
+    assert_eq!(t.fm.state().log.len(), calls);
+}
+
+#[test]
+fn another_claims_partition_is_never_taken() {
+    let t = Hgx::new();
+    let e = t.engine();
+    prepare(&e, &claim("a"), &[M1, M3]).unwrap();
+    // Partition 1 (modules 1–4) overlaps partition 3 held by claim a.
+    let err = e
+        .fabric_preflight(&claim("b"), &[bdf(M1), bdf(M2), bdf(M3), bdf(M4)])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("held by claim vms/vm-a"), "{err}");
+    assert_eq!(t.active(), BTreeSet::from([3]));
+}
+
+#[test]
+fn never_deactivated_while_a_vfio_group_is_open() {
+    let t = Hgx::new();
+    let e = t.engine();
+    let h = claim("u1");
+    prepare(&e, &h, &[M1, M3]).unwrap();
+    t.vm_holds(4242, G1);
+    let err = e.fabric_deactivate(&h).unwrap_err();
+    assert!(
+        matches!(err, EngineError::FabricBusy { partition: 3, .. }),
+        "{err}"
+    );
+    assert_eq!(t.active(), BTreeSet::from([3]));
+    let out = e.fabric_reconcile().unwrap();
+    assert_eq!(t.active(), BTreeSet::from([3]), "{out:?}");
+    // The GPU the VM does not hold is released; the partition is now a leak
+    // of a holder that holds one GPU: still never deactivated under the VM.
+    e.unconfigure(bdf(M3), Some(&h)).unwrap();
+    let out = e.fabric_reconcile().unwrap();
+    assert_eq!(t.active(), BTreeSet::from([3]), "{out:?}");
+    t.vm_gone(4242);
+    e.fabric_reconcile().unwrap();
+    assert!(t.active().is_empty(), "idle now: deactivated");
+    assert!(e.ledger().fabric.partitions.is_empty());
+}
+
+#[test]
+fn idle_leaks_are_deactivated_and_held_ones_left() {
+    let t = Hgx::new();
+    // Partition 4 (modules 2, 4) active with no record of ours, GPUs idle on nvidia.
+    t.fm.with(|s| s.active.insert(PartitionId(4)));
+    let e = t.engine();
+    let out = e.fabric_reconcile().unwrap();
+    assert!(t.active().is_empty(), "{out:?}");
+    assert!(e.ledger().fabric.partitions.is_empty());
+    // Partition 5 (modules 5, 7 = 18:00.0, 2a:00.0) active; the admin bound
+    // both to vfio and a VM holds one.
+    t.fm.with(|s| s.active.insert(PartitionId(5)));
+    e.configure(bdf("0000:18:00.0"), Holder::Admin).unwrap();
+    e.configure(bdf("0000:2a:00.0"), Holder::Admin).unwrap();
+    t.vm_holds(99, 3);
+    let out = e.fabric_reconcile().unwrap();
+    assert_eq!(t.active(), BTreeSet::from([5]), "{out:?}");
+    assert!(
+        out.iter()
+            .any(|o| o.action == FabricAction::Noted && o.detail.contains("in use")),
+        "{out:?}"
+    );
+    // A claim needing an overlapping partition (0 = all 8) fails, naming it.
+    let all = [
+        M1,
+        M2,
+        M3,
+        M4,
+        "0000:18:00.0",
+        "0000:2a:00.0",
+        "0000:3a:00.0",
+        "0000:5d:00.0",
+    ];
+    let bdfs: Vec<Bdf> = all.iter().map(|b| bdf(b)).collect();
+    let err = e
+        .fabric_activate(&claim("big"), &bdfs)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("in use") || err.contains("qemu-kvm"), "{err}");
+    assert_eq!(t.active(), BTreeSet::from([5]));
+}
+
+#[test]
+fn a_partition_active_for_exactly_a_claims_gpus_is_adopted() {
+    let t = Hgx::new();
+    let e = t.engine();
+    let h = claim("u1");
+    e.configure(bdf(M1), h.clone()).unwrap();
+    e.configure(bdf(M3), h.clone()).unwrap();
+    t.fm.with(|s| s.active.insert(PartitionId(3)));
+    let out = e.fabric_reconcile().unwrap();
+    assert!(
+        out.iter().any(|o| o.action == FabricAction::Adopted),
+        "{out:?}"
+    );
+    assert_eq!(ledger_partitions(&e), vec![(3, PartitionState::Active)]);
+    unprepare(&e, &h).unwrap();
+    assert!(t.active().is_empty());
+}
+
+#[test]
+fn fm_restart_with_replay_keeps_the_partition() {
+    let t = Hgx::new();
+    let e = t.engine();
+    let h = claim("u1");
+    prepare(&e, &h, &[M1, M3]).unwrap();
+    let now = t.fm.now_ms();
+    t.fm.with(|s| s.restart_resilient(now));
+    // Every call is rejected until the replay.
+    assert!(e.fabric_preflight(&h, &[bdf(M1), bdf(M3)]).is_err());
+    let out = e.fabric_reconcile().unwrap();
+    assert_eq!(out[0].action, FabricAction::Replayed, "{out:?}");
+    assert_eq!(t.active(), BTreeSet::from([3]));
+    let log = t.fm.state().log;
+    assert!(
+        log.iter()
+            .any(|l| l.call == vfio_gpu_fabric::Call::SetActivatedPartitions
+                && l.partitions == vec![PartitionId(3)]
+                && l.code == 0),
+        "{log:?}"
+    );
+    unprepare(&e, &h).unwrap();
+    assert!(t.active().is_empty());
+}
+
+#[test]
+fn the_watch_replays_as_soon_as_fm_waits_for_it() {
+    let t = Hgx::new();
+    let e = t.engine();
+    let h = claim("u1");
+    prepare(&e, &h, &[M1, M3]).unwrap();
+    assert!(e.fabric_watch().unwrap().is_none(), "nothing pending");
+    let now = t.fm.now_ms();
+    t.fm.with(|s| s.restart_resilient(now));
+    let o = e.fabric_watch().unwrap().expect("replayed");
+    assert_eq!(o.action, FabricAction::Replayed);
+    assert_eq!(o.partitions, vec![PartitionId(3)]);
+    assert_eq!(t.active(), BTreeSet::from([3]));
+    assert!(e.fabric_watch().unwrap().is_none());
+}
+
+#[test]
+fn fm_restart_without_the_agent_is_reported_and_then_repaired_after_a_normal_start() {
+    let t = Hgx::new();
+    let e = t.engine_with(None, t.fabric(FabricPolicy::Required, false));
+    let h = claim("u1");
+    prepare(&e, &h, &[M1, M3]).unwrap();
+    let now = t.fm.now_ms();
+    t.fm.with(|s| s.restart_resilient(now));
+    let err = e.fabric_reconcile().unwrap_err().to_string();
+    assert!(err.contains("restart replay"), "{err}");
+    assert!(t.active().is_empty());
+    // Nobody replayed: FM gives up after 60 s; it is started normally.
+    t.clock.advance(std::time::Duration::from_secs(61));
+    let now = t.fm.now_ms();
+    t.fm.with(|s| s.start(now, std::time::Duration::ZERO));
+    let out = e.fabric_reconcile().unwrap();
+    assert_eq!(t.active(), BTreeSet::from([3]), "re-activated: {out:?}");
+    assert_eq!(ledger_partitions(&e), vec![(3, PartitionState::Active)]);
+}
+
+#[test]
+fn both_return_code_dialects() {
+    for dialect in [Dialect::Documented, Dialect::Newer] {
+        let t = Hgx::new();
+        t.fm.with(|s| s.dialect = dialect);
+        let e = t.engine();
+        let h = claim("u1");
+        prepare(&e, &h, &[M1, M3]).unwrap();
+        // FM already has it active while the ledger says activating (a crash
+        // between the call and the commit): the retry adopts it.
+        e.fabric_activate(&h, &[bdf(M1), bdf(M3)]).unwrap();
+        t.fm.with(|s| s.active.clear());
+        // Deactivating an inactive partition is success in both dialects.
+        unprepare(&e, &h).unwrap();
+        assert!(e.ledger().fabric.partitions.is_empty());
+    }
+}
+
+#[test]
+fn an_fm_failure_rolls_the_record_back() {
+    let t = Hgx::new();
+    let e = t.engine();
+    let h = claim("u1");
+    for b in [M1, M3] {
+        e.configure(bdf(b), h.clone()).unwrap();
+    }
+    t.fm.with(|s| {
+        s.faults.push(vfio_gpu_fabric::Fault {
+            call: vfio_gpu_fabric::Call::Activate,
+            action: vfio_gpu_fabric::FaultAction::Return(FmCode::NvlinkError.raw()),
+            times: Some(1),
+        });
+    });
+    let err = e
+        .fabric_activate(&h, &[bdf(M1), bdf(M3)])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("activating partition 3"), "{err}");
+    assert!(
+        e.ledger().fabric.partitions.is_empty(),
+        "FM says inactive: record dropped"
+    );
+    assert!(t.active().is_empty());
+}
+
+#[test]
+fn an_nvswitch_in_the_group_blocks_the_move_whatever_the_policy() {
+    let t = Hgx::new();
+    // A mis-grouped NVSwitch (no ACS) in M1's IOMMU group.
+    let mut h = vfio_gpu_host::fixture::FixtureHost::open(&t.host);
+    h.add_function(
+        &FunctionSpec::new(bdf("0000:9a:00.1"), 0x10de, 0x22a3, 0x068000)
+            .driver("nvidia")
+            .group(G1),
+    )
+    .unwrap();
+    let e = t.engine();
+    let (views, _) = e.discover().unwrap();
+    assert!(
+        views.iter().all(|v| v.gpu.bdf() != bdf("0000:05:00.0")),
+        "NVSwitches are never GPUs"
+    );
+    let err = e.configure(bdf(M1), claim("u1")).unwrap_err();
+    assert!(
+        matches!(err, EngineError::FabricSwitchInGroup { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("0000:9a:00.1"), "{err}");
+}
+
+/// The whole life of a claim: prepare (preflight, 2 × configure, activate)
+/// then unprepare (deactivate, 2 × release).
+fn lifecycle(e: &Engine, h: &Holder) -> Result<(), EngineError> {
+    prepare(e, h, &[M1, M3])?;
+    unprepare(e, h)
+}
+
+/// After a crash and a restart: reconcile, then check no partition leaked
+/// and the ledger agrees with FM.
+fn check_consistent(t: &Hgx, e: &Engine, ctx: &str) {
+    let ledger = e.ledger();
+    for id in t.active() {
+        let rec = ledger.fabric.partitions.get(&PartitionId(id));
+        let rec = rec.unwrap_or_else(|| panic!("{ctx}: partition {id} active without a record"));
+        assert_eq!(rec.state, PartitionState::Active, "{ctx}");
+        let h = rec.holder.clone().expect("a holder");
+        let mut held = e.held_by(&h);
+        held.sort();
+        assert_eq!(
+            held, rec.bdfs,
+            "{ctx}: active partition whose GPUs its holder does not hold"
+        );
+    }
+    for (id, r) in &ledger.fabric.partitions {
+        assert_eq!(
+            r.state,
+            PartitionState::Active,
+            "{ctx}: {id} unfinished after reconcile"
+        );
+        assert!(
+            t.active().contains(&id.0),
+            "{ctx}: {id} recorded active, FM says inactive"
+        );
+    }
+}
+
+#[test]
+fn crash_at_every_step_of_prepare_and_unprepare_then_restart() {
+    // Steps of the whole lifecycle without a crash.
+    let total = {
+        let t = Hgx::new();
+        let e = t.engine();
+        lifecycle(&e, &claim("u1")).unwrap();
+        e.steps()
+    };
+    assert!(total > 6, "{total}");
+    for n in 1..=total {
+        for retry_prepare in [false, true] {
+            let ctx = format!("crash after step {n}, retry prepare {retry_prepare}");
+            let t = Hgx::new();
+            let h = claim("u1");
+            {
+                let e = t.engine_with(Some(n), t.fabric(FabricPolicy::Required, true));
+                let r = lifecycle(&e, &h);
+                assert!(
+                    matches!(r, Err(EngineError::SimulatedCrash(_))),
+                    "{ctx}: {r:?}"
+                );
+            }
+            // Restart: reconcile the host, then the fabric.
+            let e = t.engine();
+            e.reconcile().unwrap();
+            e.fabric_reconcile().unwrap();
+            check_consistent(&t, &e, &ctx);
+            // A second reconcile changes nothing.
+            let before = (t.active(), ledger_partitions(&e));
+            e.fabric_reconcile().unwrap();
+            assert_eq!(
+                before,
+                (t.active(), ledger_partitions(&e)),
+                "{ctx}: not a fixed point"
+            );
+            // The kubelet retries: prepare again (the pod still wants its VM)
+            // or only unprepare (the pod is gone).
+            if retry_prepare {
+                prepare(&e, &h, &[M1, M3]).unwrap_or_else(|err| panic!("{ctx}: {err}"));
+                assert_eq!(t.active(), BTreeSet::from([3]), "{ctx}");
+                // The VM runs: a reconcile never deactivates under it.
+                t.vm_holds(500, G1);
+                e.fabric_reconcile().unwrap();
+                assert_eq!(
+                    t.active(),
+                    BTreeSet::from([3]),
+                    "{ctx}: deactivated under a VM"
+                );
+                assert!(e.fabric_deactivate(&h).is_err(), "{ctx}");
+                t.vm_gone(500);
+            }
+            unprepare(&e, &h).unwrap_or_else(|err| panic!("{ctx}: {err}"));
+            assert!(t.active().is_empty(), "{ctx}: partition leaked");
+            assert!(
+                e.ledger().fabric.partitions.is_empty(),
+                "{ctx}: record left"
+            );
+        }
+    }
+}
+
+#[test]
+fn crash_at_every_step_of_fabric_reconcile_then_restart() {
+    // Reconcile has work: an interrupted activation (record activating, FM
+    // active), an interrupted release (record deactivating, FM active), and
+    // an idle leak.
+    let setup = |t: &Hgx| -> Engine {
+        let e = t.engine();
+        prepare(&e, &claim("b"), &[M2, M4]).unwrap();
+        for b in [M1, M3] {
+            e.configure(bdf(b), claim("a")).unwrap();
+        }
+        drop(e);
+        // b's unprepare crashed right after its `deactivating` commit.
+        let e = t.engine_with(Some(1), t.fabric(FabricPolicy::Required, true));
+        assert!(e.fabric_deactivate(&claim("b")).is_err());
+        drop(e);
+        // a's prepare crashed after FM activated, before the `active` commit.
+        let e = t.engine_with(Some(2), t.fabric(FabricPolicy::Required, true));
+        assert!(e.fabric_activate(&claim("a"), &[bdf(M1), bdf(M3)]).is_err());
+        drop(e);
+        // And an idle leak nobody recorded.
+        t.fm.with(|s| s.active.insert(PartitionId(5)));
+        let e = t.engine();
+        assert_eq!(
+            ledger_partitions(&e),
+            vec![
+                (3, PartitionState::Activating),
+                (4, PartitionState::Deactivating)
+            ]
+        );
+        assert_eq!(t.active(), BTreeSet::from([3, 4, 5]));
+        e
+    };
+    let total = {
+        let t = Hgx::new();
+        let e = setup(&t);
+        let start = e.steps();
+        e.fabric_reconcile().unwrap();
+        e.steps() - start
+    };
+    assert!(total >= 4, "{total}");
+    for n in 1..=total {
+        let ctx = format!("reconcile crash after step {n}");
+        let t = Hgx::new();
+        {
+            let e = setup(&t);
+            drop(e);
+            let e = t.engine_with(Some(n), t.fabric(FabricPolicy::Required, true));
+            let r = e.fabric_reconcile();
+            assert!(
+                matches!(r, Err(EngineError::SimulatedCrash(_))),
+                "{ctx}: {r:?}"
+            );
+        }
+        let e = t.engine();
+        e.fabric_reconcile().unwrap();
+        check_consistent(&t, &e, &ctx);
+        assert_eq!(t.active(), BTreeSet::from([3]), "{ctx}");
+        let before = ledger_partitions(&e);
+        e.fabric_reconcile().unwrap();
+        assert_eq!(before, ledger_partitions(&e), "{ctx}: not a fixed point");
+    }
+}
+
+#[test]
+fn records_of_an_earlier_boot_are_dropped() {
+    let t = Hgx::new();
+    {
+        let e = t.engine();
+        prepare(&e, &claim("u1"), &[M1, M3]).unwrap();
+    }
+    std::fs::write(
+        t.host.join("proc/sys/kernel/random/boot_id"),
+        "00000000-0000-4000-8000-000000000001\n",
+    )
+    .unwrap();
+    let (e, report) = Engine::open(
+        Arc::new(t.kernel.clone()),
+        &t.state,
+        GpuSelector::default(),
+        Policy::default(),
+        EngineConfig {
+            fabric: Some(t.fabric(FabricPolicy::Required, true)),
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        report
+            .earlier_boot_records
+            .iter()
+            .any(|r| r.contains("fabric partition 3")),
+        "{:?}",
+        report.earlier_boot_records
+    );
+    assert!(e.ledger().fabric.partitions.is_empty());
+    // The module map stays (a hint, re-verified by device id).
+    assert_eq!(e.ledger().fabric.module_map.len(), 8);
+}
+
+#[test]
+fn the_fabric_section_is_absent_without_a_fabric_and_kept_when_read() {
+    use vfio_gpu_engine::ledger::{LedgerBody, decode, encode};
+    let body = LedgerBody {
+        boot_id: "b".into(),
+        ..LedgerBody::default()
+    };
+    let text = String::from_utf8(encode(&body)).unwrap();
+    assert!(!text.contains("fabric"), "{text}");
+    // An empty section another version wrote survives a rewrite.
+    let json = r#"{"bootId":"b","gpus":{},"nextOperation":0,"fabric":{}}"#;
+    let sum = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(json.as_bytes()))
+    };
+    let bytes = format!("vfio-gpu-dra-ledger format=1 sha256={sum}\n{json}");
+    let decoded = decode(bytes.as_bytes()).unwrap();
+    let again = String::from_utf8(encode(&decoded)).unwrap();
+    assert!(again.contains("\"fabric\""), "{again}");
+    assert_eq!(decode(again.as_bytes()).unwrap(), decoded);
+}
