@@ -340,3 +340,24 @@ fn a_pin_to_no_driver_written_while_held_is_honoured_at_release() {
         k.log()
     );
 }
+
+/// n12: a release never assumes nobody holds a function it could not read:
+/// with the companion unreadable, nothing is unbound, and once it reads
+/// again the release goes through.
+#[test]
+fn a_release_with_an_unreadable_function_touches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("host");
+    build_host(&root);
+    let k = sim(&root);
+    let e = engine(&k, &dir.path().join("state"));
+    e.configure(bdf(A), claim("u1")).unwrap();
+    let before = k.log().len();
+    k.fail_reads(bdf(A_AUDIO), Some(EIO));
+    assert!(e.unconfigure(bdf(A), Some(&claim("u1"))).is_err());
+    assert_eq!(k.log()[before..], [] as [String; 0], "nothing written");
+    assert_eq!(driver_of(&root, A).as_deref(), Some("vfio-pci"));
+    k.fail_reads(bdf(A_AUDIO), None);
+    let out = e.unconfigure(bdf(A), Some(&claim("u1"))).unwrap();
+    assert_eq!(out.action, Action::Restored, "{}", out.detail);
+}
