@@ -14,7 +14,7 @@ use fake_apiserver::FakeApiServer;
 use serde_json::{Value, json};
 use vfio_gpu_engine::kernel::{Kernel, SysfsKernel};
 use vfio_gpu_engine::sim::SimKernel;
-use vfio_gpu_engine::{inspect, source_name};
+use vfio_gpu_engine::{Inspection, inspect, source_name};
 use vfio_gpu_host::{Bdf, GpuSelector, HostRoot, IdMatch, PciFunction};
 use vfio_gpu_intent::Policy;
 use vfio_gpu_kubelet::grpc::dra::ClaimRef;
@@ -131,6 +131,18 @@ struct Node {
     cdi: PathBuf,
     /// The GPUs the claim asks for.
     claimed: Vec<String>,
+}
+
+impl Node {
+    /// The GPUs and verdicts as `devices` shows them, with the plugin's ledger.
+    fn inspect(&self) -> Result<Inspection> {
+        Ok(inspect(
+            &self.root,
+            &self.selector,
+            &Policy::default(),
+            Some(&self.state_dir),
+        )?)
+    }
 }
 
 /// The running plugin: how to stop it and the socket the kubelet dials.
@@ -418,12 +430,7 @@ async fn prepare(kubelet: &RegisteredPlugin, claim: &ClaimRef, node: &Node) -> R
             d.cdi_device_ids.join(", ")
         );
     }
-    let view = inspect(
-        &node.root,
-        &node.selector,
-        &Policy::default(),
-        Some(&node.state_dir),
-    )?;
+    let view = node.inspect()?;
     for g in view
         .gpus
         .iter()
@@ -513,12 +520,7 @@ async fn unprepare(kubelet: &RegisteredPlugin, claim: &ClaimRef) -> Result<()> {
 /// went back, and the CDI specs left.
 fn where_each_gpu_went(node: &Node) -> Result<()> {
     step(10, "Where each GPU went, and why");
-    let view = inspect(
-        &node.root,
-        &node.selector,
-        &Policy::default(),
-        Some(&node.state_dir),
-    )?;
+    let view = node.inspect()?;
     for b in &node.claimed {
         let g = view
             .gpus

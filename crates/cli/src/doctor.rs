@@ -141,13 +141,9 @@ mod tests {
     use super::*;
     use vfio_gpu_node::{NodeFacts, check_interrupt_remapping, check_iommu, check_vfio_driver};
 
-    fn facts() -> NodeFacts {
-        NodeFacts::ready_intel_example()
-    }
-
     #[test]
     fn table_lines_fit_in_100_columns() {
-        let mut f = facts();
+        let mut f = NodeFacts::ready_intel_example();
         f.groups = 0;
         f.units.clear();
         f.vfio_loaded = None;

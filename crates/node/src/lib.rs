@@ -40,24 +40,18 @@ pub fn check_node(
 /// Logs every check that did not pass, with its fix: a failure as an error,
 /// a warning as a warning. Passing checks stay silent.
 pub fn log_problems(checks: &[Check]) {
+    // One field list for both levels (a level in `tracing` must be constant).
+    macro_rules! log {
+        ($level:ident, $c:expr, $gpu:expr, $msg:literal) => {
+            tracing::$level!(check = $c.check, gpu = $gpu, detail = %$c.detail, fix = %$c.fix, $msg)
+        };
+    }
     for c in checks {
         let gpu = c.gpu.map(|b| b.to_string()).unwrap_or_default();
         match c.status {
             Status::Pass => {}
-            Status::Warn => tracing::warn!(
-                check = c.check,
-                gpu,
-                detail = %c.detail,
-                fix = %c.fix,
-                "node check warns"
-            ),
-            Status::Fail => tracing::error!(
-                check = c.check,
-                gpu,
-                detail = %c.detail,
-                fix = %c.fix,
-                "node check failed"
-            ),
+            Status::Warn => log!(warn, c, gpu, "node check warns"),
+            Status::Fail => log!(error, c, gpu, "node check failed"),
         }
     }
 }
