@@ -334,6 +334,24 @@ pub async fn serve(mut opts: ServeOptions, shutdown: CancellationToken) -> anyho
     result
 }
 
+/// [`log_node_checks`] for `opts`, on a blocking thread (it reads sysfs).
+fn check_node_at_start(
+    opts: &ServeOptions,
+    state_dir: &Path,
+) -> tokio::task::JoinHandle<Vec<Check>> {
+    let root = opts.kernel.root().clone();
+    let (selector, policy) = (opts.selector.clone(), opts.policy.clone());
+    let policy_path = opts
+        .engine_config
+        .policy_file
+        .clone()
+        .unwrap_or_else(|| root.rel("etc/vfio-gpu-dra/policy.toml"));
+    let dir = state_dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        log_node_checks(&root, &selector, &policy, &policy_path, &dir)
+    })
+}
+
 async fn serve_plugin(
     opts: ServeOptions,
     shutdown: CancellationToken,
@@ -344,22 +362,10 @@ async fn serve_plugin(
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating state directory {}", state_dir.display()))?;
     let allow_foreign = opts.policy.binding.allow_foreign_group_members;
-    {
-        // Before the engine touches anything: what doctor would say, in the log.
-        let root = opts.kernel.root().clone();
-        let (selector, policy) = (opts.selector.clone(), opts.policy.clone());
-        let policy_path = opts
-            .engine_config
-            .policy_file
-            .clone()
-            .unwrap_or_else(|| root.rel("etc/vfio-gpu-dra/policy.toml"));
-        let dir = state_dir.clone();
-        tokio::task::spawn_blocking(move || {
-            log_node_checks(&root, &selector, &policy, &policy_path, &dir)
-        })
+    // Before the engine touches anything: what doctor would say, in the log.
+    check_node_at_start(&opts, &state_dir)
         .await
         .context("node check task")?;
-    }
 
     let (kernel, selector, policy, mut engine_config) = (
         Arc::clone(&opts.kernel),
