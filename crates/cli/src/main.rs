@@ -1,6 +1,10 @@
 //! `vfio-gpu-dra`: inspect, bind and release passthrough GPUs, and serve the
 //! kubelet DRA plugin. A thin layer over the library crates.
 
+// The argument docs are clap's `--help` text, plain text where `<dir>` means a
+// placeholder, not an HTML tag; escaping them would show in the help.
+#![allow(rustdoc::invalid_html_tags)]
+
 mod commands;
 mod demo_cmd;
 mod doctor;

@@ -40,7 +40,7 @@ pub struct NodeHolder {
     pub comm: String,
     /// The node it holds.
     pub node: String,
-    /// The program it runs: basename of `/proc/<pid>/exe`, else of argv[0]
+    /// The program it runs: basename of `/proc/<pid>/exe`, else of `argv[0]`
     /// from `/proc/<pid>/cmdline`. Kept out of serialised (kubelet-visible)
     /// output.
     #[serde(skip)]
