@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use vfio_gpu_node::{Check, Status, check_node};
 
 use crate::Output;
+use crate::render::cut;
 use crate::setup::{HostOpts, StateOpts};
 
 /// Runs `doctor`: prints the report, exit status 1 when any check fails.
@@ -76,16 +77,6 @@ pub fn table(checks: &[Check]) -> String {
         s.push_str(&wrap("  fix: ", &c.fix));
     }
     s
-}
-
-fn cut(s: &str, width: usize) -> String {
-    if s.chars().count() <= width {
-        s.to_string()
-    } else {
-        let mut t: String = s.chars().take(width.saturating_sub(1)).collect();
-        t.push('…');
-        t
-    }
 }
 
 /// Whitespace-separated words, a `backquoted span` kept as one so a
