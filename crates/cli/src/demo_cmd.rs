@@ -14,11 +14,11 @@ use fake_apiserver::FakeApiServer;
 use serde_json::{Value, json};
 use vfio_gpu_engine::kernel::{Kernel, SysfsKernel};
 use vfio_gpu_engine::sim::SimKernel;
-use vfio_gpu_engine::{inspect, source_name};
+use vfio_gpu_engine::{Inspection, inspect, source_name};
 use vfio_gpu_host::{Bdf, GpuSelector, HostRoot, IdMatch, PciFunction};
 use vfio_gpu_intent::Policy;
 use vfio_gpu_kubelet::grpc::dra::ClaimRef;
-use vfio_gpu_kubelet::grpc::emulator::KubeletEmulator;
+use vfio_gpu_kubelet::grpc::emulator::{KubeletEmulator, RegisteredPlugin};
 use vfio_gpu_kubelet::plugin::device_name;
 use vfio_gpu_kubelet::serve::{CancellationToken, KubeSource, ServeOptions, serve};
 
@@ -123,8 +123,63 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-#[allow(clippy::too_many_lines)] // the demo script: each step prints what it shows
+/// What every step works on: the demo node and the plugin's paths.
+struct Node {
+    /// The host tree (the demo host, or `--host-root`).
+    host: PathBuf,
+    root: HostRoot,
+    kernel: Arc<dyn Kernel>,
+    selector: GpuSelector,
+    /// The plugin's ledger: without it the verdicts call the plugin's own
+    /// driver_override and binding someone else's.
+    state_dir: PathBuf,
+    /// Where the plugin writes CDI specs.
+    cdi: PathBuf,
+    /// The GPUs the claim asks for.
+    claimed: Vec<String>,
+    /// The simulated Fabric Manager's state file (the HGX demo).
+    fm_file: Option<PathBuf>,
+}
+
+impl Node {
+    /// The GPUs and verdicts as `devices` shows them, with the plugin's ledger.
+    fn inspect(&self) -> Result<Inspection> {
+        Ok(inspect(
+            &self.root,
+            &self.selector,
+            &Policy::default(),
+            Some(&self.state_dir),
+        )?)
+    }
+}
+
+/// The running plugin: how to stop it and the socket the kubelet dials.
+struct Plugin {
+    token: CancellationToken,
+    server: tokio::task::JoinHandle<Result<()>>,
+    reg_socket: PathBuf,
+}
+
+/// The main job, one function per printed step.
 async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
+    let node = the_node(dir, args)?;
+    let (api, kubeconfig) = start_api_server(dir).await?;
+    let plugin = start_plugin(dir, &node, args, kubeconfig).await?;
+    let kubelet = register(&plugin.reg_socket).await?;
+    show_resource_slice(&api, args).await?;
+    let claim = allocate_claim(&api, &node, args)?;
+    prepare(&kubelet, &claim, &node).await?;
+    print_fabric(&node)?;
+    show_cdi_specs(&node.cdi)?;
+    run_test_hooks(&api, args).await?;
+    unprepare(&kubelet, &claim).await?;
+    where_each_gpu_went(&node)?;
+    print_fabric(&node)?;
+    stop(plugin, api).await
+}
+
+/// Step 1: the demo host with a simulated kernel, or `--host-root` with real sysfs.
+fn the_node(dir: &Path, args: &DemoArgs) -> Result<Node> {
     let (host, kernel, selector): (PathBuf, Arc<dyn Kernel>, GpuSelector) = match &args.host_root {
         Some(real) => {
             step(1, "The node: this host, real sysfs");
@@ -170,10 +225,6 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
             )
         }
     };
-    let root = HostRoot::open(&host)?;
-    // The plugin's ledger: without it the verdicts call the plugin's own
-    // driver_override and binding someone else's.
-    let state_dir = dir.join("state");
     let claimed: Vec<String> = if args.claim.is_empty() && args.hgx {
         // Modules 1 and 3: H100 partition 3, not adjacent in PCI order.
         vec!["0000:9a:00.0".into(), "0000:ab:00.0".into()]
@@ -182,7 +233,20 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
     } else {
         args.claim.clone()
     };
+    Ok(Node {
+        root: HostRoot::open(&host)?,
+        host,
+        kernel,
+        selector,
+        state_dir: dir.join("state"),
+        cdi: dir.join("cdi"),
+        claimed,
+        fm_file: args.hgx.then(|| dir.join("fabric-manager.json")),
+    })
+}
 
+/// Step 2: the in-process API server with the Node and the DeviceClass; its kubeconfig.
+async fn start_api_server(dir: &Path) -> Result<(FakeApiServer, PathBuf)> {
     step(
         2,
         "A Kubernetes API server (in-process, plain HTTP on loopback)",
@@ -198,33 +262,40 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
         "API server at {}; Node {NODE} and DeviceClass {DRIVER} created",
         api.url()
     );
+    Ok((api, kubeconfig))
+}
 
+/// Step 3: `serve` in a task, until its registration socket accepts.
+async fn start_plugin(
+    dir: &Path,
+    node: &Node,
+    args: &DemoArgs,
+    kubeconfig: PathBuf,
+) -> Result<Plugin> {
     step(
         3,
         "Start the plugin: `vfio-gpu-dra serve` (reconcile, then the sockets)",
     );
-    let mut opts = ServeOptions::new(NODE, DRIVER, kernel.clone());
-    opts.selector = selector.clone();
-    opts.state_dir = Some(state_dir.clone());
+    let mut opts = ServeOptions::new(NODE, DRIVER, node.kernel.clone());
+    opts.selector = node.selector.clone();
+    opts.state_dir = Some(node.state_dir.clone());
     opts.plugins_dir = dir.join("plugins");
     opts.registrar_dir = dir.join("plugins_registry");
-    opts.cdi_root = dir.join("cdi");
-    opts.kube = KubeSource::Kubeconfig(kubeconfig.clone());
+    opts.cdi_root = node.cdi.clone();
+    opts.kube = KubeSource::Kubeconfig(kubeconfig);
     opts.cleanup_interval = Duration::from_secs(args.cleanup_interval.max(1));
     opts.reconcile_interval = Duration::from_secs(args.reconcile_interval.max(1));
     // The crash tests kill the plugin mid-prepare the same way they kill `bind`.
     opts.engine_config.crash_after_step = crate::setup::crash_hook()?;
-    let fm_file = dir.join("fabric-manager.json");
-    if args.hgx {
-        let _ = std::fs::remove_file(&fm_file);
-        opts.engine_config.fabric = Some(crate::fabric_cmd::demo_config(dir, &host)?);
+    if let Some(fm_file) = &node.fm_file {
+        let _ = std::fs::remove_file(fm_file);
+        opts.engine_config.fabric = Some(crate::fabric_cmd::demo_config(dir, &node.host)?);
     }
     let token = CancellationToken::new();
-    let server = tokio::spawn(serve(opts, token.clone()));
+    let mut server = tokio::spawn(serve(opts, token.clone()));
     let reg_socket = dir
         .join("plugins_registry")
         .join(format!("{DRIVER}-reg.sock"));
-    let mut server = server;
     let waited = within("registration socket", async {
         // The file appears at bind(), before listen(): wait until it accepts.
         while std::os::unix::net::UnixStream::connect(&reg_socket).is_err() {
@@ -245,13 +316,21 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
         bail!("the plugin stopped before it opened its sockets: {why}");
     }
     println!("registration socket {}", reg_socket.display());
+    Ok(Plugin {
+        token,
+        server,
+        reg_socket,
+    })
+}
 
+/// Step 4: the kubelet emulator registers the plugin.
+async fn register(reg_socket: &Path) -> Result<RegisteredPlugin> {
     step(
         4,
         "kubelet: register the plugin (kubelet-style percent-encoded :authority)",
     );
     let kubelet = within("registration", async {
-        Ok(KubeletEmulator::new(&reg_socket).register().await?)
+        Ok(KubeletEmulator::new(reg_socket).register().await?)
     })
     .await?;
     println!(
@@ -262,7 +341,11 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
         kubelet.info.supported_versions,
         kubelet.version.as_str()
     );
+    Ok(kubelet)
+}
 
+/// Step 5: the node's ResourceSlice, one line per device.
+async fn show_resource_slice(api: &FakeApiServer, args: &DemoArgs) -> Result<()> {
     step(5, "ResourceSlice published for the node");
     let slice = within("ResourceSlice", async {
         loop {
@@ -316,11 +399,15 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
     } else if args.host_root.is_none() {
         println!("  (0000:db:00.0 is not offered: a NIC shares its IOMMU group)");
     }
+    Ok(())
+}
 
+/// Step 6: the scheduler's allocation, as a ResourceClaim with its status.
+fn allocate_claim(api: &FakeApiServer, node: &Node, args: &DemoArgs) -> Result<ClaimRef> {
     step(6, "Scheduler: allocate a claim");
     let mut requests = Vec::new();
     let mut results = Vec::new();
-    for (i, b) in claimed.iter().enumerate() {
+    for (i, b) in node.claimed.iter().enumerate() {
         let request = if i == 0 {
             "gpu".to_string()
         } else {
@@ -342,22 +429,20 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
                        "iommuBackend": b}}})
         })
         .collect();
-    // The HGX claim ties its requests to one 2-GPU partition, as the
-    // scheduler's allocator enforces (deploy/fabric-claim-template.yaml).
+    // The HGX claim ties its requests to one partition of its size, as the
+    // scheduler's allocator enforces (deploy/fabric/kubevirt-vm-nvlink.yaml).
     let constraints: Vec<Value> = if args.hgx {
         let names: Vec<Value> = requests.iter().map(|r| r["name"].clone()).collect();
+        println!(
+            "  constraint: matchAttribute {DRIVER}/partition{} over {} requests",
+            node.claimed.len(),
+            requests.len()
+        );
         vec![json!({"requests": names,
-                    "matchAttribute": format!("{DRIVER}/partition{}", claimed.len())})]
+                    "matchAttribute": format!("{DRIVER}/partition{}", node.claimed.len())})]
     } else {
         Vec::new()
     };
-    if args.hgx {
-        println!(
-            "  constraint: matchAttribute {DRIVER}/partition{} over {} requests",
-            claimed.len(),
-            requests.len()
-        );
-    }
     let stored = api.insert(json!({
         "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
         "metadata": {"name": "vm-gpus", "namespace": NAMESPACE},
@@ -376,13 +461,17 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
         name: "vm-gpus".into(),
     };
     println!("ResourceClaim {NAMESPACE}/vm-gpus (uid {})", claim.uid);
-    for b in &claimed {
-        println!("  {b} (now on {})", driver_of(&host, b)?);
+    for b in &node.claimed {
+        println!("  {b} (now on {})", driver_of(&node.host, b)?);
     }
+    Ok(claim)
+}
 
+/// Step 7: NodePrepareResources, the CDI ids it answers and where each function went.
+async fn prepare(kubelet: &RegisteredPlugin, claim: &ClaimRef, node: &Node) -> Result<()> {
     step(7, "kubelet: NodePrepareResources");
     let prepared = within("NodePrepareResources", async {
-        Ok(kubelet.prepare(std::slice::from_ref(&claim)).await?)
+        Ok(kubelet.prepare(std::slice::from_ref(claim)).await?)
     })
     .await?;
     let devices = prepared
@@ -398,31 +487,30 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
             d.cdi_device_ids.join(", ")
         );
     }
-    let view = inspect(&root, &selector, &Policy::default(), Some(&state_dir))?;
+    let view = node.inspect()?;
     for g in view
         .gpus
         .iter()
-        .filter(|g| claimed.contains(&g.gpu.bdf().to_string()))
+        .filter(|g| node.claimed.contains(&g.gpu.bdf().to_string()))
     {
         for f in &g.gpu.functions {
             println!(
                 "  host: {} is on {}",
                 f.bdf,
-                driver_of(&host, &f.bdf.to_string())?
+                driver_of(&node.host, &f.bdf.to_string())?
             );
         }
     }
+    Ok(())
+}
 
-    if args.hgx {
-        print_fabric(&fm_file, &root, &selector, &state_dir, &claimed)?;
-    }
-
+/// Step 8: every CDI spec the plugin wrote (the metadata spec named only).
+fn show_cdi_specs(cdi: &Path) -> Result<()> {
     step(
         8,
         "The CDI spec the container runtime (and KubeVirt) will use",
     );
-    let cdi = dir.join("cdi");
-    let mut specs: Vec<PathBuf> = std::fs::read_dir(&cdi)?
+    let mut specs: Vec<PathBuf> = std::fs::read_dir(cdi)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     specs.sort();
@@ -439,7 +527,11 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
         let pretty = serde_json::to_string_pretty(&serde_json::from_str::<Value>(&text)?)?;
         println!("{name}:\n{pretty}");
     }
+    Ok(())
+}
 
+/// The hidden test hooks between prepare and unprepare: delete the claim, run a command.
+async fn run_test_hooks(api: &FakeApiServer, args: &DemoArgs) -> Result<()> {
     if args.delete_claim_after_prepare {
         println!("\n━━ test hook: the ResourceClaim is deleted while prepared (pod force-deleted)");
         api.delete("resourceclaims", Some(NAMESPACE), "vm-gpus")
@@ -463,10 +555,14 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
         println!("\n━━ test hook: `sh -c {cmd:?}` while the claim is prepared");
         run_hook(cmd).await?;
     }
+    Ok(())
+}
 
+/// Step 9: NodeUnprepareResources.
+async fn unprepare(kubelet: &RegisteredPlugin, claim: &ClaimRef) -> Result<()> {
     step(9, "kubelet: NodeUnprepareResources (the VM is gone)");
     let unprepared = within("NodeUnprepareResources", async {
-        Ok(kubelet.unprepare(std::slice::from_ref(&claim)).await?)
+        Ok(kubelet.unprepare(std::slice::from_ref(claim)).await?)
     })
     .await?;
     match unprepared.get(&claim.uid) {
@@ -474,10 +570,15 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
         Some(Err(e)) => bail!("unprepare failed: {e}"),
         None => bail!("no answer for the claim"),
     }
+    Ok(())
+}
 
+/// Step 10: each claimed GPU's functions, why it stays on vfio-pci or that it
+/// went back, and the CDI specs left.
+fn where_each_gpu_went(node: &Node) -> Result<()> {
     step(10, "Where each GPU went, and why");
-    let view = inspect(&root, &selector, &Policy::default(), Some(&state_dir))?;
-    for b in &claimed {
+    let view = node.inspect()?;
+    for b in &node.claimed {
         let g = view
             .gpus
             .iter()
@@ -510,21 +611,22 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
             );
         }
     }
-    let left = std::fs::read_dir(&cdi)?.count();
+    let left = std::fs::read_dir(&node.cdi)?.count();
     println!("  CDI specs left: {left}");
-    if args.hgx {
-        print_fabric(&fm_file, &root, &selector, &state_dir, &claimed)?;
-    }
+    Ok(())
+}
 
-    token.cancel();
+/// Stops the plugin (it removes its sockets) and the API server.
+async fn stop(plugin: Plugin, api: FakeApiServer) -> Result<()> {
+    plugin.token.cancel();
     within("shutdown", async {
-        server.await.context("plugin task")??;
+        plugin.server.await.context("plugin task")??;
         Ok(())
     })
     .await?;
     println!(
         "\nPlugin stopped; sockets removed: {}",
-        !reg_socket.exists()
+        !plugin.reg_socket.exists()
     );
     api.shutdown().await;
     Ok(())
@@ -556,14 +658,13 @@ const DEVICE_CLASS: &str = r#"{
   "spec": {"selectors": [{"cel": {"expression": "device.driver == \"vfio-gpu.dra.dev\""}}]}
 }"#;
 
-/// The HGX demo: FM's active partitions and the claimed GPUs' module and partition.
-fn print_fabric(
-    fm_file: &Path,
-    root: &HostRoot,
-    selector: &GpuSelector,
-    state_dir: &Path,
-    claimed: &[String],
-) -> Result<()> {
+/// The HGX demo: FM's active partitions and the claimed GPUs' module and
+/// partition (nothing on the other demo hosts).
+fn print_fabric(node: &Node) -> Result<()> {
+    let Some(fm_file) = &node.fm_file else {
+        return Ok(());
+    };
+    let claimed = &node.claimed;
     let state: vfio_gpu_fabric::SimState = serde_json::from_slice(
         &std::fs::read(fm_file).with_context(|| format!("reading {}", fm_file.display()))?,
     )?;
@@ -587,7 +688,7 @@ fn print_fabric(
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let view = inspect(root, selector, &Policy::default(), Some(state_dir))?;
+    let view = node.inspect()?;
     for g in view
         .gpus
         .iter()

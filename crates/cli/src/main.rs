@@ -1,6 +1,11 @@
 //! `vfio-gpu-dra`: inspect, bind and release passthrough GPUs, and serve the
 //! kubelet DRA plugin. A thin layer over the library crates.
 
+// The argument docs are clap's `--help` text, plain text where `<dir>` means a
+// placeholder, not an HTML tag; escaping them would show in the help.
+#![allow(rustdoc::invalid_html_tags)]
+
+mod commands;
 mod demo_cmd;
 mod doctor;
 mod fabric_cmd;
@@ -10,11 +15,11 @@ mod setup;
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use vfio_gpu_engine::Holder;
-use vfio_gpu_host::Bdf;
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
 
+use commands::bind::BindArgs;
+use commands::release::ReleaseArgs;
 use setup::{EngineOpts, HostOpts, StateOpts};
 
 /// Hands whole GPUs to virtual machines over VFIO, keeping the
@@ -91,27 +96,6 @@ enum Command {
     },
 }
 
-#[derive(Args, Debug)]
-struct BindArgs {
-    /// PCI addresses of the GPUs.
-    #[arg(required = true)]
-    bdfs: Vec<String>,
-    #[command(flatten)]
-    engine: EngineOpts,
-}
-
-#[derive(Args, Debug)]
-struct ReleaseArgs {
-    /// PCI addresses of the GPUs.
-    #[arg(required = true)]
-    bdfs: Vec<String>,
-    /// Also release GPUs held by a ResourceClaim (the VM may still use them).
-    #[arg(long)]
-    force: bool,
-    #[command(flatten)]
-    engine: EngineOpts,
-}
-
 /// Output format.
 #[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
 pub enum Output {
@@ -120,12 +104,6 @@ pub enum Output {
     Table,
     /// JSON for programs.
     Json,
-}
-
-fn parse_bdfs(args: &[String]) -> Result<Vec<Bdf>> {
-    args.iter()
-        .map(|a| a.parse::<Bdf>().map_err(anyhow::Error::from))
-        .collect()
 }
 
 fn init_logging(json: bool) {
@@ -155,61 +133,12 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Devices { host, state } => {
-            let setup = host.open_with_state(&state)?;
-            let view = setup.inspect()?;
-            render::devices(&view, host.output, &setup)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Explain { bdf, host, state } => {
-            let bdf: Bdf = bdf.parse()?;
-            let setup = host.open_with_state(&state)?;
-            let view = setup.inspect()?;
-            let Some(gpu) = view.gpus.iter().find(|g| g.gpu.bdf() == bdf) else {
-                bail!(
-                    "no GPU at {bdf} on {} (see `vfio-gpu-dra devices`; use --gpu-id to select other devices)",
-                    setup.describe_root()
-                );
-            };
-            render::explain(gpu, host.output, &setup)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bind(args) => {
-            let bdfs = parse_bdfs(&args.bdfs)?;
-            let (engine, setup) = args.engine.open_engine()?;
-            let reqs: Vec<(Bdf, Holder)> = bdfs.iter().map(|b| (*b, Holder::Admin)).collect();
-            let results = engine.configure_many(&reqs);
-            render::outcomes("bind", &bdfs, &results, args.engine.host.output, &setup)
-        }
-        Command::Release(args) => {
-            let bdfs = parse_bdfs(&args.bdfs)?;
-            let (engine, setup) = args.engine.open_engine()?;
-            let ledger = engine.ledger();
-            let mut reqs = Vec::new();
-            for b in &bdfs {
-                let holder = ledger.gpus.get(b).and_then(|r| r.holder.clone());
-                match holder {
-                    Some(h @ Holder::Claim { .. }) if !args.force => {
-                        bail!("{b} is held by {h}; release it through Kubernetes, or pass --force")
-                    }
-                    _ => reqs.push((*b, None)),
-                }
-            }
-            let results = engine.unconfigure_many(&reqs);
-            render::outcomes("release", &bdfs, &results, args.engine.host.output, &setup)
-        }
-        Command::Reconcile(opts) => {
-            let (engine, setup) = opts.open_engine()?;
-            let results = engine.reconcile().context("reconcile")?;
-            let (bdfs, results): (Vec<Bdf>, Vec<_>) = results
-                .into_iter()
-                .map(|r| match r {
-                    Ok(o) => (o.bdf, Ok(o)),
-                    Err((b, e)) => (b, Err(e)),
-                })
-                .unzip();
-            render::outcomes("reconcile", &bdfs, &results, opts.host.output, &setup)
-        }
+        Command::Devices { host, state } => commands::devices::run(&host, &state),
+        Command::Explain { bdf, host, state } => commands::explain::run(&bdf, &host, &state),
+        Command::Bind(args) => commands::bind::run(&args),
+        Command::Release(args) => commands::release::run(&args),
+        Command::Reconcile(opts) => commands::reconcile::run(&opts),
+        Command::Ledger { host, state } => commands::ledger::run(&host, &state),
         Command::Doctor { host, state } => doctor::run(&host, &state),
         Command::Serve(args) => serve_cmd::run(*args),
         Command::Demo(args) => demo_cmd::run(args),
@@ -218,48 +147,6 @@ fn run(command: Command) -> Result<ExitCode> {
             bdf,
             iterations,
             engine,
-        } => {
-            let bdf: Bdf = bdf.parse()?;
-            let (engine, _setup) = engine.open_engine()?;
-            let mut times = Vec::new();
-            for i in 0..iterations {
-                let t = std::time::Instant::now();
-                engine
-                    .configure(bdf, Holder::Admin)
-                    .with_context(|| format!("bind, round trip {i}"))?;
-                engine
-                    .unconfigure(bdf, None)
-                    .with_context(|| format!("release, round trip {i}"))?;
-                times.push(t.elapsed().as_secs_f64() * 1e3);
-            }
-            let total: f64 = times.iter().sum();
-            let mut sorted = times.clone();
-            sorted.sort_by(f64::total_cmp);
-            let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
-            println!(
-                "{}",
-                serde_json::json!({
-                    "iterations": iterations,
-                    "totalMs": total,
-                    "perRoundtripMs": total / f64::from(iterations.max(1)),
-                    "medianMs": median,
-                })
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Ledger { host, state } => {
-            let setup = host.open_with_state(&state)?;
-            let dir = state.resolve(&setup);
-            let path = dir.join(vfio_gpu_engine::ledger::LEDGER_FILE);
-            // Read-only: no lock, and an untrusted file is reported, never moved.
-            let body = match std::fs::read(&path) {
-                Ok(bytes) => vfio_gpu_engine::ledger::decode(&bytes)
-                    .map_err(|e| anyhow::anyhow!("ledger {}: {e}", path.display()))?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
-                Err(e) => bail!("reading ledger {}: {e}", path.display()),
-            };
-            render::ledger(&body, &path, host.output)?;
-            Ok(ExitCode::SUCCESS)
-        }
+        } => commands::roundtrip::run(&bdf, iterations, &engine),
     }
 }

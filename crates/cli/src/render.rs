@@ -12,7 +12,8 @@ use vfio_gpu_host::{Bdf, FunctionRole};
 use crate::Output;
 use crate::setup::Setup;
 
-fn cut(s: &str, width: usize) -> String {
+/// `s` cut to `width` characters, the last one `…` when cut.
+pub(crate) fn cut(s: &str, width: usize) -> String {
     if s.chars().count() <= width {
         s.to_string()
     } else {

@@ -446,34 +446,42 @@ impl LedgerFile {
     /// intact but not understood, or unreadable, is reported and kept: the
     /// returned body is empty and every later [`LedgerFile::store`] fails.
     pub fn load(&self) -> (LedgerBody, Option<LedgerProblem>) {
-        let path = self.path();
-        let bytes = match read_nofollow(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                // Nothing kept any more: nothing to protect from overwriting.
-                *self.read_only.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                return (LedgerBody::default(), None);
-            }
-            Err(e) => {
-                return (
-                    LedgerBody::default(),
-                    Some(self.set_read_only(format!("unreadable: {e}"))),
-                );
-            }
-        };
-        match decode_classified(&bytes) {
+        match read_ledger(&self.path()) {
             Ok(body) => {
-                // A file another process made readable again (an upgrade
-                // finished, a fix) is trusted again.
+                // A missing file, or one another process made readable again
+                // (an upgrade finished, a fix): nothing kept any more.
                 *self.read_only.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 (body, None)
             }
-            Err(DecodeError::Unsupported(reason)) => {
+            Err(ReadFailure::Io(e)) => (
+                LedgerBody::default(),
+                Some(self.set_read_only(format!("unreadable: {e}"))),
+            ),
+            Err(ReadFailure::Decode(DecodeError::Unsupported(reason))) => {
                 (LedgerBody::default(), Some(self.set_read_only(reason)))
             }
-            Err(DecodeError::Corrupt(reason)) => {
+            Err(ReadFailure::Decode(DecodeError::Corrupt(reason))) => {
                 (LedgerBody::default(), Some(self.move_aside(reason)))
             }
+        }
+    }
+
+    /// Reads the ledger in `dir` for display (`inspect`, the `ledger`
+    /// command): no lock, nothing created, a corrupt file never moved aside,
+    /// nothing marked read-only. Same reader as [`LedgerFile::load`] (no
+    /// symlink followed). A missing file is an empty ledger; any other
+    /// problem comes with an empty body.
+    pub fn read_only_view(dir: &Path) -> (LedgerBody, Option<LedgerViewProblem>) {
+        match read_ledger(&dir.join(LEDGER_FILE)) {
+            Ok(body) => (body, None),
+            Err(ReadFailure::Io(e)) => (
+                LedgerBody::default(),
+                Some(LedgerViewProblem::Unreadable(e)),
+            ),
+            Err(ReadFailure::Decode(DecodeError::Corrupt(s) | DecodeError::Unsupported(s))) => (
+                LedgerBody::default(),
+                Some(LedgerViewProblem::Undecodable(s)),
+            ),
         }
     }
 
@@ -544,6 +552,36 @@ impl LedgerFile {
         sync_dir(&self.dir).map_err(werr)?;
         Ok(())
     }
+}
+
+/// Why a ledger read failed.
+enum ReadFailure {
+    /// Not readable (not following a symlink included).
+    Io(std::io::Error),
+    /// Read, but not a ledger this build understands.
+    Decode(DecodeError),
+}
+
+/// The one reader of a ledger file: no symlink followed, a missing file an
+/// empty ledger.
+fn read_ledger(path: &Path) -> Result<LedgerBody, ReadFailure> {
+    match read_nofollow(path) {
+        Ok(bytes) => decode_classified(&bytes).map_err(ReadFailure::Decode),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LedgerBody::default()),
+        Err(e) => Err(ReadFailure::Io(e)),
+    }
+}
+
+/// Why [`LedgerFile::read_only_view`] shows an empty ledger. `Display` is
+/// the cause alone; callers add the path.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerViewProblem {
+    /// The file could not be read (a symlink at its name included).
+    #[error("{0}")]
+    Unreadable(#[source] std::io::Error),
+    /// The file was read but is not a ledger this build understands.
+    #[error("{0}")]
+    Undecodable(String),
 }
 
 /// Reads a file without following a symlink at its last component.

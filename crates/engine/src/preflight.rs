@@ -8,79 +8,9 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
+// Re-exported from where they live now (the host model), for existing callers.
 use vfio_gpu_host::{DriverName, HostRoot, PciFunction};
-
-/// The `alias` lines of the running kernel's `modules.alias`: which module
-/// claims which modalias pattern.
-#[derive(Clone, Debug, Default)]
-pub struct ModuleAliases {
-    entries: Vec<(String, String)>,
-}
-
-impl ModuleAliases {
-    /// Reads `lib/modules/<release>/modules.alias` whole; `None` when the
-    /// release, the file or a read fails (callers fall back to defaults).
-    pub fn read(root: &HostRoot) -> Option<Self> {
-        root.read_module_index("modules.alias")
-            .ok()
-            .flatten()
-            .map(|text| Self::parse(&text))
-    }
-
-    /// Parses `alias <pattern> <module>` lines; anything else is skipped.
-    pub fn parse(text: &str) -> Self {
-        let entries = text
-            .lines()
-            .filter_map(|line| {
-                let mut it = line.split_whitespace();
-                match (it.next(), it.next(), it.next()) {
-                    (Some("alias"), Some(pattern), Some(module)) => {
-                        Some((pattern.to_string(), module.to_string()))
-                    }
-                    _ => None,
-                }
-            })
-            .collect();
-        ModuleAliases { entries }
-    }
-
-    /// The `vfio_pci:` alias matching `modalias` (without its `pci:`
-    /// prefix) with the fewest wildcards: a variant driver's module.
-    fn vfio_module(&self, modalias: &str) -> Option<&str> {
-        let mut best: Option<(usize, &str)> = None;
-        for (pattern, module) in &self.entries {
-            let Some(pattern) = pattern.strip_prefix("vfio_pci:") else {
-                continue;
-            };
-            if glob_match(pattern.as_bytes(), modalias.as_bytes()) {
-                let wild = pattern.matches('*').count();
-                if best.is_none_or(|(w, _)| wild < w) {
-                    best = Some((wild, module));
-                }
-            }
-        }
-        best.map(|(_, module)| module)
-    }
-
-    /// Host (non-vfio) modules whose `pci:` alias matches a function's
-    /// `modalias` (`pci:v…`): the drivers that race vfio-pci for it at boot.
-    /// Names normalised (`-` → `_`), sorted, without duplicates.
-    pub fn host_modules(&self, modalias: &str) -> Vec<String> {
-        let mut found: Vec<String> = self
-            .entries
-            .iter()
-            .filter(|(pattern, _)| {
-                pattern.starts_with("pci:") && glob_match(pattern.as_bytes(), modalias.as_bytes())
-            })
-            .map(|(_, module)| module.replace('-', "_"))
-            // vfio-pci and its variants are what the GPU should end on.
-            .filter(|module| !module.starts_with("vfio") && !module.contains("vfio_pci"))
-            .collect();
-        found.sort();
-        found.dedup();
-        found
-    }
-}
+pub use vfio_gpu_host::{ModuleAliases, module_to_driver};
 
 /// The vfio driver for a function: the `vfio_pci:` alias in
 /// `lib/modules/<release>/modules.alias` that matches its modalias with the
@@ -99,45 +29,6 @@ pub fn choose_vfio_driver(root: &HostRoot, f: &PciFunction) -> DriverName {
     }
 }
 
-/// Module names use `_`; driver directories may use `-` (vfio_pci → vfio-pci).
-pub fn module_to_driver(root: &HostRoot, module: &str) -> Option<DriverName> {
-    let exact = DriverName::new(module).ok()?;
-    let dashed = DriverName::new(&module.replace('_', "-")).ok()?;
-    for cand in [&exact, &dashed] {
-        if root.pci_driver_dir(cand).is_dir() {
-            return Some(cand.clone());
-        }
-    }
-    // Not loaded: vfio_pci's directory is vfio-pci; variants keep underscores.
-    Some(if module == "vfio_pci" { dashed } else { exact })
-}
-
-/// Shell-style `*` matching (the only wildcard in modules.alias patterns we need).
-fn glob_match(p: &[u8], s: &[u8]) -> bool {
-    let (mut pi, mut si) = (0, 0);
-    let (mut star, mut mark) = (None, 0);
-    while si < s.len() {
-        if pi < p.len() && (p[pi] == s[si] || p[pi] == b'?') {
-            pi += 1;
-            si += 1;
-        } else if pi < p.len() && p[pi] == b'*' {
-            star = Some(pi);
-            mark = si;
-            pi += 1;
-        } else if let Some(sp) = star {
-            pi = sp + 1;
-            mark += 1;
-            si = mark;
-        } else {
-            return false;
-        }
-    }
-    while pi < p.len() && p[pi] == b'*' {
-        pi += 1;
-    }
-    pi == p.len()
-}
-
 /// A process holding one of a GPU's device nodes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -149,7 +40,7 @@ pub struct NodeHolder {
     pub comm: String,
     /// The node it holds.
     pub node: String,
-    /// The program it runs: basename of `/proc/<pid>/exe`, else of argv[0]
+    /// The program it runs: basename of `/proc/<pid>/exe`, else of `argv[0]`
     /// from `/proc/<pid>/cmdline`. Kept out of serialised (kubelet-visible)
     /// output.
     #[serde(skip)]
@@ -662,41 +553,5 @@ mod tests {
             choose_vfio_driver(&root, &f).as_str(),
             "nvgrace_gpu_vfio_pci"
         );
-    }
-
-    #[test]
-    fn host_modules_are_the_non_vfio_aliases_that_match() {
-        let a = ModuleAliases::parse(
-            "# comment\n\
-             alias pci:v00008086d000010D3sv*sd*bc*sc*i* e1000e\n\
-             alias pci:v00008086d*sv*sd*bc03sc*i* i915\n\
-             alias vfio_pci:v*d*sv*sd*bc*sc*i* vfio_pci\n\
-             alias pci:v00008086d000010D3sv*sd*bc*sc*i* mlx5-vfio-pci\n\
-             alias pci:v00008086d000010D3sv*sd*bc*sc*i* e1000e\n\
-             alias usb:v*p* usbcore\n",
-        );
-        assert_eq!(
-            a.host_modules("pci:v00008086d000010D3sv00008086sd00000000bc02sc00i00"),
-            vec!["e1000e".to_string()]
-        );
-        assert!(
-            a.host_modules("pci:v000010DEd00002330sv0sd0bc03sc02i00")
-                .is_empty()
-        );
-    }
-
-    #[test]
-    fn globbing() {
-        assert!(glob_match(
-            b"v000010DEd*sv*sd*bc*sc*i*",
-            b"v000010DEd00002941sv000010DEsd00001234bc03sc02i00"
-        ));
-        assert!(!glob_match(
-            b"v000010DEd00002941sv*",
-            b"v000010DEd00002330sv000010DE"
-        ));
-        assert!(glob_match(b"*", b""));
-        assert!(glob_match(b"a*b*c", b"axxbyyc"));
-        assert!(!glob_match(b"a*b*c", b"axxbyy"));
     }
 }

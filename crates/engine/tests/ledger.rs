@@ -242,3 +242,45 @@ fn two_records_for_one_gpu_are_refused_not_merged() {
         "the file is kept as it was"
     );
 }
+
+/// `inspect` and the `ledger` command read through `read_only_view`: a
+/// corrupt file is reported and left where it is, a symlink is not followed,
+/// and a later `load` still sees the file as it was.
+#[test]
+fn read_only_view_reports_but_never_moves_or_follows() {
+    use vfio_gpu_engine::ledger::LedgerViewProblem;
+    let (_dir, state, bytes) = configured_state();
+    let (body, problem) = LedgerFile::read_only_view(&state);
+    assert!(problem.is_none());
+    assert_eq!(body.gpus.len(), 1);
+
+    std::fs::write(state.join("ledger.json"), b"garbage").unwrap();
+    let (body, problem) = LedgerFile::read_only_view(&state);
+    assert!(body.gpus.is_empty());
+    assert!(matches!(problem, Some(LedgerViewProblem::Undecodable(_))));
+    assert_eq!(
+        std::fs::read(state.join("ledger.json")).unwrap(),
+        b"garbage"
+    );
+    let aside = std::fs::read_dir(&state)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".bad-"))
+        .count();
+    assert_eq!(aside, 0, "nothing moved aside");
+
+    let elsewhere = state.join("elsewhere.json");
+    std::fs::write(&elsewhere, &bytes).unwrap();
+    std::fs::remove_file(state.join("ledger.json")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, state.join("ledger.json")).unwrap();
+    let (body, problem) = LedgerFile::read_only_view(&state);
+    assert!(body.gpus.is_empty());
+    assert!(matches!(problem, Some(LedgerViewProblem::Unreadable(_))));
+
+    std::fs::remove_file(state.join("ledger.json")).unwrap();
+    let (body, problem) = LedgerFile::read_only_view(&state);
+    assert!(
+        body.gpus.is_empty() && problem.is_none(),
+        "missing is empty"
+    );
+}

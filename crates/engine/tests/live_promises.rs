@@ -57,8 +57,9 @@ fn open_with_policy_file(
 
 // ------------------------------------------------------------------ C1
 
+/// Review finding C1.
 #[test]
-fn c1_driverctl_written_while_prepared_keeps_the_gpu_on_vfio() {
+fn driverctl_written_while_prepared_keeps_the_gpu_on_vfio() {
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host");
     build_host(&host);
@@ -73,8 +74,9 @@ fn c1_driverctl_written_while_prepared_keeps_the_gpu_on_vfio() {
     assert_eq!(driver_of(&host, B).as_deref(), Some("vfio-pci"));
 }
 
+/// Review finding C1.
 #[test]
-fn c1_modprobe_ids_added_while_prepared_keep_the_gpu_on_vfio() {
+fn modprobe_ids_added_while_prepared_keep_the_gpu_on_vfio() {
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host");
     build_host(&host);
@@ -94,8 +96,9 @@ fn c1_modprobe_ids_added_while_prepared_keep_the_gpu_on_vfio() {
     assert_eq!(driver_of(&host, B).as_deref(), Some("vfio-pci"));
 }
 
+/// Review finding C1.
 #[test]
-fn c1_policy_file_changed_while_prepared_is_honoured_and_a_broken_one_counts_as_owned() {
+fn policy_file_changed_while_prepared_is_honoured_and_a_broken_one_counts_as_owned() {
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host");
     build_host(&host);
@@ -120,8 +123,9 @@ fn c1_policy_file_changed_while_prepared_is_honoured_and_a_broken_one_counts_as_
     assert_eq!(driver_of(&host, A).as_deref(), Some("vfio-pci"));
 }
 
+/// Review finding C1.
 #[test]
-fn c1_what_inspect_says_is_what_release_does() {
+fn what_inspect_says_is_what_release_does() {
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host");
     build_host(&host);
@@ -140,8 +144,9 @@ fn c1_what_inspect_says_is_what_release_does() {
 
 // ------------------------------------------------------------------ C2
 
+/// Review finding C2.
 #[test]
-fn c2_reprepare_after_drift_keeps_the_recorded_origins() {
+fn reprepare_after_drift_keeps_the_recorded_origins() {
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host");
     build_host(&host);
@@ -192,8 +197,9 @@ fn c2_reprepare_after_drift_keeps_the_recorded_origins() {
 
 // ------------------------------------------------------------------ C3
 
+/// Review finding C3.
 #[test]
-fn c3_a_failed_final_commit_changes_nothing_in_memory_and_rollback_spares_a_held_group() {
+fn a_failed_final_commit_changes_nothing_in_memory_and_rollback_spares_a_held_group() {
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host");
     build_host(&host);
@@ -264,8 +270,9 @@ fn c3_a_failed_final_commit_changes_nothing_in_memory_and_rollback_spares_a_held
 
 // ------------------------------------------------------------------ M7
 
+/// Review finding M7.
 #[test]
-fn m7_a_refused_unbind_lock_rolls_back_everything() {
+fn a_refused_unbind_lock_rolls_back_everything() {
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host");
     let h = build_host(&host);
@@ -293,8 +300,9 @@ fn m7_a_refused_unbind_lock_rolls_back_everything() {
 
 // ------------------------------------------------------------------ M2
 
+/// Review finding M2.
 #[test]
-fn m2_rollback_after_a_stuck_unbind_never_touches_the_stuck_device_again() {
+fn rollback_after_a_stuck_unbind_never_touches_the_stuck_device_again() {
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host");
     let h = build_host(&host);
@@ -340,8 +348,9 @@ fn m2_rollback_after_a_stuck_unbind_never_touches_the_stuck_device_again() {
 
 // ------------------------------------------------------------------ M1
 
+/// Review finding M1.
 #[test]
-fn m1_a_read_that_blocks_on_one_gpu_does_not_stall_discovery_or_other_gpus() {
+fn a_read_that_blocks_on_one_gpu_does_not_stall_discovery_or_other_gpus() {
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host");
     build_host(&host);
@@ -391,8 +400,9 @@ fn m1_a_read_that_blocks_on_one_gpu_does_not_stall_discovery_or_other_gpus() {
 
 // ------------------------------------------------------------------ M9 / R3
 
+/// Review finding M9.
 #[test]
-fn m9_rollback_of_a_driverless_gpu_leaves_a_tombstone_so_reconcile_is_a_fixed_point() {
+fn rollback_of_a_driverless_gpu_leaves_a_tombstone_so_reconcile_is_a_fixed_point() {
     // Steps of configure(F): write-ahead commit, override, bind; a crash
     // after any of them is rolled back by reconcile.
     for step in 1..=3 {
@@ -449,8 +459,9 @@ impl vfio_gpu_engine::commands::HostCommands for HangingSmi {
     }
 }
 
+/// Review finding M3.
 #[test]
-fn m3_a_hanging_nvidia_smi_is_cut_off_by_its_deadline_and_changes_nothing() {
+fn a_hanging_nvidia_smi_is_cut_off_by_its_deadline_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host");
     let h = build_host(&host);
@@ -482,8 +493,9 @@ fn m3_a_hanging_nvidia_smi_is_cut_off_by_its_deadline_and_changes_nothing() {
 
 // ------------------------------------------------------------------ m16
 
+/// Review finding m16.
 #[test]
-fn m16_a_gpu_that_vanished_is_released_and_forgotten_not_an_error_forever() {
+fn a_gpu_that_vanished_is_released_and_forgotten_not_an_error_forever() {
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host");
     build_host(&host);
@@ -607,8 +619,9 @@ fn an_iommufd_only_kernel_without_group_nodes_still_moves_a_gpu() {
 
 // ------------------------------------------------------------------ M3 (budget)
 
+/// Review finding M3.
 #[test]
-fn m3_a_prepare_that_spent_its_budget_starts_no_further_step_and_rolls_back() {
+fn a_prepare_that_spent_its_budget_starts_no_further_step_and_rolls_back() {
     // Per-write deadlines added up with nothing bounding their sum, so a prepare
     // could outlive the kubelet's 45 s call. The operation now has a budget,
     // checked before each forward step; past it the move is rolled back.
@@ -648,8 +661,9 @@ fn m3_a_prepare_that_spent_its_budget_starts_no_further_step_and_rolls_back() {
     assert!(!e.ledger().gpus.contains_key(&bdf(B)));
 }
 
+/// Review finding M3.
 #[test]
-fn m3_drivers_probe_gets_the_bind_deadline_not_the_short_write_deadline() {
+fn drivers_probe_gets_the_bind_deadline_not_the_short_write_deadline() {
     // drivers_probe runs the driver's probe (nvidia with NVLink training: 30 s+);
     // under the 5 s write deadline such a GPU was declared stuck mid-probe.
     let (dir, host, k, gate) = host_with_b_probe_held();

@@ -15,6 +15,7 @@ pub mod demo;
 mod error;
 pub mod fixture;
 mod gpu;
+mod modules;
 mod node;
 mod pci;
 mod pciids;
@@ -25,6 +26,7 @@ pub use error::HostError;
 pub use gpu::{
     FunctionRole, Gpu, GpuFunction, GpuSelector, IdMatch, discover_gpus, is_fabric_switch,
 };
+pub use modules::{ModuleAliases, VendorModules, module_to_driver, vendor_modules};
 pub use node::{
     CpuInfo, CpuVendor, IommuKind, IommuUnit, VfioModuleFiles, cpu_info, iommu_group_count,
     iommu_units, iommufd_unsupported, vfio_module_files,

@@ -1,6 +1,7 @@
 //! `vfio-gpu-dra serve`: the node plugin's main loop.
 //!
-//! Order: open the engine (state lock, ledger), reconcile the host against the ledger,
+//! Order: log the node checks `doctor` prints ([`log_node_checks`]), open the engine
+//! (state lock, ledger), reconcile the host against the ledger,
 //! build the Kubernetes client, then open the sockets (so the kubelet never reaches a
 //! plugin whose host state is still half-done), start the ResourceSlice publisher, and
 //! run periodic reconcile and cleanup of stale claims, each in its own task so the
@@ -18,7 +19,7 @@
 //! calls in flight and claim work handed to the background are finished, and
 //! slices are left in place for the instance that stays.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,8 +28,9 @@ pub use tokio_util::sync::CancellationToken;
 use vfio_gpu_engine::kernel::Kernel;
 use vfio_gpu_engine::lock::{LockError, StateLock};
 use vfio_gpu_engine::{Engine, EngineConfig, StateLockMode};
-use vfio_gpu_host::GpuSelector;
+use vfio_gpu_host::{GpuSelector, HostRoot};
 use vfio_gpu_intent::Policy;
+use vfio_gpu_node::Check;
 
 use crate::grpc::registration::RegistrationState;
 use crate::grpc::server::{ServerConfig, serve as serve_grpc, validate_pod_uid};
@@ -257,6 +259,34 @@ async fn reconcile(engine: &Arc<Engine>, metrics: &Metrics) -> anyhow::Result<()
     Ok(())
 }
 
+/// Runs `doctor`'s checks (`vfio_gpu_node`, one truth for both) and logs every
+/// failure and warning with its fix. Read-only and without the state lock; a
+/// node that cannot be read is logged, never fatal (each prepare still checks its
+/// GPU). Returns the checks run.
+pub fn log_node_checks(
+    root: &HostRoot,
+    selector: &GpuSelector,
+    policy: &Policy,
+    policy_path: &Path,
+    state_dir: &Path,
+) -> Vec<Check> {
+    let checks = vfio_gpu_engine::inspect(root, selector, policy, Some(state_dir))
+        .map_err(|e| e.to_string())
+        .and_then(|view| {
+            vfio_gpu_node::check_node(root, &view, policy, policy_path).map_err(|e| e.to_string())
+        });
+    match checks {
+        Ok(checks) => {
+            vfio_gpu_node::log_problems(&checks);
+            checks
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "node checks could not read the host; run `vfio-gpu-dra doctor`");
+            Vec::new()
+        }
+    }
+}
+
 /// Runs the node plugin until `shutdown` is cancelled (or a server fails).
 pub async fn serve(mut opts: ServeOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
     // The name reaches the API, CDI and file names: refuse a bad one before anything
@@ -305,6 +335,37 @@ pub async fn serve(mut opts: ServeOptions, shutdown: CancellationToken) -> anyho
     result
 }
 
+/// [`log_node_checks`] for `opts`, on a blocking thread (it reads sysfs).
+fn check_node_at_start(
+    opts: &ServeOptions,
+    state_dir: &Path,
+) -> tokio::task::JoinHandle<Vec<Check>> {
+    let root = opts.kernel.root().clone();
+    let (selector, policy) = (opts.selector.clone(), opts.policy.clone());
+    let policy_path = opts
+        .engine_config
+        .policy_file
+        .clone()
+        .unwrap_or_else(|| root.rel("etc/vfio-gpu-dra/policy.toml"));
+    let dir = state_dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        log_node_checks(&root, &selector, &policy, &policy_path, &dir)
+    })
+}
+
+/// What opening the engine found in the ledger, in the log.
+fn log_open_report(report: &vfio_gpu_engine::OpenReport) {
+    if let Some(p) = &report.ledger_problem {
+        tracing::warn!(reason = %p.reason, moved_to = ?p.moved_to, "ledger not trusted; rebuilt from the host");
+    }
+    for r in &report.earlier_boot_records {
+        tracing::info!(record = %r, "dropped a ledger record from an earlier boot");
+    }
+    if let Some(a) = &report.adopted_from_mirror {
+        tracing::warn!(detail = %a, "state directory was empty; records taken from the boot mirror");
+    }
+}
+
 async fn serve_plugin(
     opts: ServeOptions,
     shutdown: CancellationToken,
@@ -315,6 +376,10 @@ async fn serve_plugin(
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating state directory {}", state_dir.display()))?;
     let allow_foreign = opts.policy.binding.allow_foreign_group_members;
+    // Before the engine touches anything: what doctor would say, in the log.
+    check_node_at_start(&opts, &state_dir)
+        .await
+        .context("node check task")?;
 
     let (kernel, selector, policy, mut engine_config) = (
         Arc::clone(&opts.kernel),
@@ -334,15 +399,7 @@ async fn serve_plugin(
     .await
     .context("engine open task")?
     .with_context(|| format!("opening the engine on {}", state_dir.display()))?;
-    if let Some(p) = &report.ledger_problem {
-        tracing::warn!(reason = %p.reason, moved_to = ?p.moved_to, "ledger not trusted; rebuilt from the host");
-    }
-    for r in &report.earlier_boot_records {
-        tracing::info!(record = %r, "dropped a ledger record from an earlier boot");
-    }
-    if let Some(a) = &report.adopted_from_mirror {
-        tracing::warn!(detail = %a, "state directory was empty; records taken from the boot mirror");
-    }
+    log_open_report(&report);
     let engine = Arc::new(engine);
 
     // Before the sockets exist: the kubelet must not prepare against a host that still

@@ -2,8 +2,6 @@
 
 use super::Engine;
 use std::collections::BTreeMap;
-use std::fs;
-use std::io;
 use std::path::Path;
 use std::time::Instant;
 
@@ -12,7 +10,7 @@ use vfio_gpu_host::{Bdf, Gpu, GpuSelector, HostRoot, PciHost, PciIdsDb, discover
 use vfio_gpu_intent::{IntentSources, OwnRecords, Policy, Verdict, evaluate};
 
 use crate::error::{EngineError, FunctionState};
-use crate::ledger::{GpuRecord, LedgerBody, LedgerProblem, PendingPersistence};
+use crate::ledger::{GpuRecord, LedgerBody, LedgerFile, LedgerProblem, PendingPersistence};
 use crate::preflight::NodeHolder;
 use crate::state::RecordKind;
 
@@ -163,21 +161,12 @@ pub fn inspect(
     state_dir: Option<&Path>,
 ) -> Result<Inspection, EngineError> {
     let boot_id = root.boot_id()?.unwrap_or_default();
-    let (mut ledger, ledger_problem) = match state_dir.map(|d| d.join(crate::ledger::LEDGER_FILE)) {
-        Some(path) => match fs::read(&path) {
-            Ok(bytes) => match crate::ledger::decode(&bytes) {
-                Ok(body) => (body, None),
-                Err(e) => (
-                    LedgerBody::default(),
-                    Some(format!("{}: {e}", path.display())),
-                ),
-            },
-            Err(e) if e.kind() == io::ErrorKind::NotFound => (LedgerBody::default(), None),
-            Err(e) => (
-                LedgerBody::default(),
-                Some(format!("{}: {e}", path.display())),
-            ),
-        },
+    let (mut ledger, ledger_problem) = match state_dir {
+        Some(dir) => {
+            let (body, problem) = LedgerFile::read_only_view(dir);
+            let path = dir.join(crate::ledger::LEDGER_FILE);
+            (body, problem.map(|p| format!("{}: {p}", path.display())))
+        }
         None => (LedgerBody::default(), None),
     };
     ledger.gpus.retain(|_, r| r.boot_id == boot_id);

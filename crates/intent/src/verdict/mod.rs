@@ -285,16 +285,6 @@ pub struct IntentSources {
     pub warnings: Vec<String>,
 }
 
-/// GPU drivers per vendor, for suppression and corroboration facts.
-fn vendor_host_modules(vendor: u16) -> &'static [&'static str] {
-    match vendor {
-        0x10de => &["nvidia", "nvidia_drm", "nvidia_modeset", "nouveau"],
-        0x1002 => &["amdgpu", "radeon"],
-        0x8086 => &["i915", "xe"],
-        _ => &[],
-    }
-}
-
 /// The kmod module behind a PCI driver name (driver names are not module names).
 fn module_of_driver(driver: &str) -> String {
     match driver {

@@ -12,10 +12,12 @@ pub(super) fn apply(
     _records: &dyn OwnRecords,
 ) {
     // Host-driver suppression and corroboration: facts, not decisions.
-    let mut relevant: BTreeSet<String> = vendor_host_modules(gpu.function.identity.vendor)
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    // The vendor's whole stack: blacklisting nvidia_drm keeps nvidia off too.
+    let mut relevant: BTreeSet<String> =
+        vfio_gpu_host::vendor_modules(gpu.function.identity.vendor)
+            .all()
+            .map(str::to_string)
+            .collect();
     for f in fns {
         if let Some(d) = f.driver
             && !f.on_vfio

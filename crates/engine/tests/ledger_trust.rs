@@ -1,6 +1,9 @@
-//! Ledger and state-directory findings of the 2026-11-30 review: m1 (boot
-//! id), m3 (keep what this build cannot understand), m4 (unique, durable
-//! set-aside), m5 (permissions, ownership, symlinks).
+//! When the ledger and its state directory are trusted: a file this build
+//! cannot understand is kept read-only, a corrupt one set aside under a
+//! unique name, the directory private, and nothing recorded without a boot
+//! id. The ledger and state-directory findings of the 2026-11-30 review:
+//! m1 (boot id), m3 (keep what this build cannot understand), m4 (unique,
+//! durable set-aside), m5 (permissions, ownership, symlinks).
 
 mod common;
 

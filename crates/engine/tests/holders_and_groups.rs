@@ -1,5 +1,8 @@
-//! Regression tests for the host-side findings of the 2026-11-30 engine
-//! review (M5, M6, m7, m9, m21 …), one test per finding.
+//! How the engine reads the host before a move: which functions of an IOMMU
+//! group are foreign, who holds a GPU's device nodes (nvidia-persistenced,
+//! sound servers, VMs by fdinfo; failing closed), and how a vfio driver is
+//! recognised. Regression tests for the host-side findings of the
+//! 2026-11-30 engine review (M5, M6, m7, m9, m21 …), one test per finding.
 
 mod common;
 

@@ -1,0 +1,24 @@
+//! `explain`: every admin-intent signal considered for one GPU, and the verdict.
+
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use vfio_gpu_host::Bdf;
+
+use crate::render;
+use crate::setup::{HostOpts, StateOpts};
+
+/// Prints the verdict of the GPU at `bdf`; an error when no GPU is there.
+pub fn run(bdf: &str, host: &HostOpts, state: &StateOpts) -> Result<ExitCode> {
+    let bdf: Bdf = bdf.parse()?;
+    let setup = host.open_with_state(state)?;
+    let view = setup.inspect()?;
+    let Some(gpu) = view.gpus.iter().find(|g| g.gpu.bdf() == bdf) else {
+        bail!(
+            "no GPU at {bdf} on {} (see `vfio-gpu-dra devices`; use --gpu-id to select other devices)",
+            setup.describe_root()
+        );
+    };
+    render::explain(gpu, host.output, &setup)?;
+    Ok(ExitCode::SUCCESS)
+}
