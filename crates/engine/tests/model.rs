@@ -1436,3 +1436,21 @@ fn a_claim_taking_a_gpu_kept_for_intent_holds_it() {
     )
     .unwrap();
 }
+
+/// Found by a model run on another branch: a prepare whose GPU unbind blocks
+/// while driverctl names vfio-pci for it settles consistently at rest.
+#[test]
+fn a_blocked_prepare_under_driverctl_vfio_settles() {
+    run_with(
+        &[
+            Op::UnbindBlocks { f: 0 },
+            Op::Driverctl {
+                f: 0,
+                to: Some(Dc::Vfio),
+            },
+            configure(0, 1),
+        ],
+        BTreeSet::new(),
+    )
+    .unwrap();
+}
