@@ -328,12 +328,23 @@ impl Engine {
                 self.restore_persistence_and_record(bdf, rec, None)?;
             }
         }
-        Ok(self.outcome(
-            gpu,
-            Action::LeftOnVfio,
-            format!("released; stays on vfio: {why}"),
-            started,
-        ))
+        // "Left on vfio" only when the GPU function is: one a crashed release
+        // had already returned stays where it is (keeping never moves forward).
+        let gpu_on_vfio = self.binding(bdf).is_ok_and(|f| f.on_vfio());
+        let (action, detail) = if gpu_on_vfio {
+            (
+                Action::LeftOnVfio,
+                format!("released; stays on vfio: {why}"),
+            )
+        } else {
+            (
+                Action::NothingToDo,
+                format!(
+                    "intent keeps it on vfio ({why}), but {bdf} was already back on its host driver: nothing was moved"
+                ),
+            )
+        };
+        Ok(self.outcome(gpu, action, detail, started))
     }
 
     /// Intent allows it and nobody holds the group: every function back to
