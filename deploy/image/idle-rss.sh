@@ -4,19 +4,25 @@
 # API server (crates/fake-apiserver, example `standalone`), registered through the
 # kubelet emulator (crates/kubelet, example `register`), /readyz 200. Then it idles
 # for IDLE seconds (default 65: past one periodic health scan at 30 s and one
-# reconcile at 60 s) and prints VmRSS and VmHWM from /proc/PID/status.
+# reconcile at 60 s), prints VmRSS and VmHWM from /proc/PID/status with the split
+# between anonymous memory and mapped files (the binary's and glibc's pages), and
+# fails when VmRSS is over the limit: RSS_MAX_BYTES, default 15000000 (15 MB).
 #
-# Usage: deploy/image/idle-rss.sh [BIN]   (default target/release/vfio-gpu-dra)
+# Usage: deploy/image/idle-rss.sh [BIN]   (default <target>/release/vfio-gpu-dra;
+#        <target> is $CARGO_TARGET_DIR, else target/)
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
-BIN=${1:-$ROOT/target/release/vfio-gpu-dra}
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+case "$TARGET" in /*) ;; *) TARGET=$ROOT/$TARGET ;; esac
+BIN=${1:-$TARGET/release/vfio-gpu-dra}
 IDLE=${IDLE:-65}
+RSS_MAX_BYTES=${RSS_MAX_BYTES:-15000000}
 [ -x "$BIN" ] || { echo "idle-rss.sh: $BIN is not an executable" >&2; exit 1; }
 
 (cd "$ROOT" && cargo build -q -p fake-apiserver --example standalone &&
     cargo build -q -p vfio-gpu-kubelet --example register)
-EX=$ROOT/target/debug/examples
+EX=$TARGET/debug/examples
 
 T=$(mktemp -d)
 PIDS=()
@@ -60,4 +66,10 @@ echo "ready: VmRSS $(rss VmRSS) kB"
 sleep "$IDLE"
 kill -0 "$PID" || { echo "idle-rss.sh: serve exited" >&2; cat "$T/serve.log" >&2; exit 1; }
 [ "$(status /healthz)" = 200 ] || { echo "idle-rss.sh: /healthz not 200" >&2; exit 1; }
-echo "idle ${IDLE} s: VmRSS $(rss VmRSS) kB, VmHWM $(rss VmHWM) kB, threads $(rss Threads) ($BIN, $(stat -c %s "$BIN") bytes)"
+RSS_KB=$(rss VmRSS)
+echo "idle ${IDLE} s: VmRSS $RSS_KB kB (anonymous $(rss RssAnon) kB, files $(rss RssFile) kB), VmHWM $(rss VmHWM) kB, threads $(rss Threads) ($BIN, $(stat -c %s "$BIN") bytes)"
+if [ $((RSS_KB * 1024)) -gt "$RSS_MAX_BYTES" ]; then
+    echo "idle-rss.sh: FAIL VmRSS $((RSS_KB * 1024)) bytes is over the limit $RSS_MAX_BYTES" >&2
+    exit 1
+fi
+echo "idle-rss.sh: PASS VmRSS $((RSS_KB * 1024)) bytes <= $RSS_MAX_BYTES"

@@ -9,7 +9,7 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use vfio_gpu_node::{Check, Status, check_node};
+use vfio_gpu_node::{Check, Status, check_node, check_other_drivers_in};
 
 use crate::Output;
 use crate::render::cut;
@@ -21,8 +21,11 @@ pub fn run(host: &HostOpts, state: &StateOpts) -> Result<ExitCode> {
     let view = setup
         .inspect()
         .context("reading the GPUs and their verdicts")?;
-    let checks = check_node(&setup.root, &view, &setup.policy, &setup.policy_file)
+    let mut checks = check_node(&setup.root, &view, &setup.policy, &setup.policy_file)
         .with_context(|| format!("reading {}", setup.describe_root()))?;
+    // What serve's last slice sync found in the cluster (its record in the
+    // shared state directory): doctor itself needs no kubeconfig.
+    checks.extend(check_other_drivers_in(&view, setup.state_dir.as_deref()));
     match host.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&checks)?),
         Output::Table => print!("{}", table(&checks)),

@@ -150,10 +150,18 @@ pub fn devices(view: &Inspection, output: Output, setup: &Setup) -> Result<()> {
 }
 
 /// `explain`.
-pub fn explain(v: &GpuView, output: Output, _setup: &Setup) -> Result<()> {
+pub fn explain(
+    v: &GpuView,
+    other: Option<&OtherDriver>,
+    output: Output,
+    _setup: &Setup,
+) -> Result<()> {
     if output == Output::Json {
         let mut obj = gpu_json(v);
         obj["signals"] = serde_json::to_value(&v.verdict.signals)?;
+        if let Some(o) = other {
+            obj["publishedByOtherDriver"] = serde_json::to_value(o)?;
+        }
         if let Some(p) = &v.persistence_left_off {
             obj["persistenceLeftOff"] = serde_json::to_value(p)?;
         }
@@ -217,6 +225,13 @@ pub fn explain(v: &GpuView, output: Output, _setup: &Setup) -> Result<()> {
     for w in &v.verdict.warnings {
         println!("warning: {w}");
     }
+    if let Some(o) = other {
+        println!(
+            "Not offered: driver {} publishes this GPU on this node too (serve's slice sync at {}, Unix time), \
+             so vfio-gpu-dra leaves it out of its ResourceSlices; give each GPU one driver (README).",
+            o.driver, o.observed_at_unix
+        );
+    }
     if let Some(p) = &v.persistence_left_off {
         println!(
             "warning: nvidia persistence mode was left off at a release ({}); reconcile retries `nvidia-smi -pm 1`",
@@ -227,6 +242,16 @@ pub fn explain(v: &GpuView, output: Output, _setup: &Setup) -> Result<()> {
         println!("\nLedger: {}", serde_json::to_string(r)?);
     }
     Ok(())
+}
+
+/// Another driver publishing the GPU `explain` shows, from serve's record.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OtherDriver {
+    /// That driver's name.
+    pub driver: String,
+    /// When serve's slice sync saw it, in seconds since the Unix epoch.
+    pub observed_at_unix: u64,
 }
 
 /// `bind`, `release`, `reconcile`.

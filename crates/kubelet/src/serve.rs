@@ -469,6 +469,7 @@ async fn serve_plugin(
             engine: Arc::clone(&engine),
             shutdown: stop.clone(),
             metrics: Some(Arc::clone(&metrics)),
+            record_dir: Some(state_dir.clone()),
         },
         state_dir,
     );

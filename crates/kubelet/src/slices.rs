@@ -14,6 +14,7 @@
 //! list changes and periodically, and never gives up on API errors.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -178,6 +179,9 @@ pub struct SliceConfig {
     pub debounce: Duration,
     /// Upper bound of the retry backoff after failed syncs.
     pub max_backoff: Duration,
+    /// Where to record the GPUs other drivers publish (`serve`'s state
+    /// directory, which `doctor` and `explain` read); `None` records nothing.
+    pub other_drivers_record: Option<PathBuf>,
 }
 
 impl SliceConfig {
@@ -189,6 +193,7 @@ impl SliceConfig {
             resync: Duration::from_secs(30),
             debounce: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
+            other_drivers_record: None,
         }
     }
 
@@ -844,6 +849,8 @@ pub async fn run_publisher_observed(
     let mut events: std::pin::Pin<Box<dyn Stream<Item = _> + Send>> = Box::pin(new_watch());
     let mut devices_open = true;
     let mut publisher = SlicePublisher::new(client, cfg.clone());
+    // What the record in the state directory says, so it is written on change only.
+    let mut recorded: Option<BTreeMap<String, String>> = None;
 
     let mut due: Option<Instant> = Some(Instant::now());
     let mut periodic = Instant::now() + cfg.resync;
@@ -905,6 +912,7 @@ pub async fn run_publisher_observed(
                         failures = 0;
                         due = None;
                         periodic = Instant::now() + cfg.resync;
+                        record_other_drivers(&cfg, &outcome, &mut recorded);
                         if outcome.wrote() {
                             tracing::info!(?outcome, devices = list.len(), "published ResourceSlices");
                         } else {
@@ -920,6 +928,34 @@ pub async fn run_publisher_observed(
                 }
             },
         }
+    }
+}
+
+/// Writes the GPUs other drivers publish (`outcome`) to the record in the
+/// state directory when they differ from what it holds (`recorded`), for
+/// `doctor` and `explain`. A failed write is logged and retried at the next sync.
+fn record_other_drivers(
+    cfg: &SliceConfig,
+    outcome: &SyncOutcome,
+    recorded: &mut Option<BTreeMap<String, String>>,
+) {
+    let Some(dir) = &cfg.other_drivers_record else {
+        return;
+    };
+    let gpus: BTreeMap<String, String> = outcome.published_by_others.iter().cloned().collect();
+    if recorded.as_ref() == Some(&gpus) {
+        return;
+    }
+    let record = vfio_gpu_node::OtherDrivers {
+        observed_at_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        gpus,
+    };
+    match record.write(dir) {
+        Ok(()) => *recorded = Some(record.gpus),
+        Err(e) => tracing::warn!(error = %e, "recording the GPUs other drivers publish (for doctor and explain)"),
     }
 }
 
@@ -986,13 +1022,16 @@ pub struct PublisherContext {
     pub shutdown: CancellationToken,
     /// Told when a sync succeeded (readiness).
     pub metrics: Option<Arc<Metrics>>,
+    /// The state directory that receives the record of GPUs other drivers publish.
+    pub record_dir: Option<PathBuf>,
 }
 
 /// Starts the publisher for `serve`: default [`SliceConfig`], devices re-discovered
 /// from the engine every 10 s.
 pub fn start_publisher(ctx: PublisherContext) -> JoinHandle<anyhow::Result<()>> {
     tokio::spawn(async move {
-        let cfg = SliceConfig::new(ctx.driver_name, ctx.node_name);
+        let mut cfg = SliceConfig::new(ctx.driver_name, ctx.node_name);
+        cfg.other_drivers_record = ctx.record_dir;
         let devices =
             watch_engine_devices(ctx.engine, Duration::from_secs(10), ctx.shutdown.clone()).await;
         run_publisher_observed(ctx.client, cfg, devices, ctx.shutdown, ctx.metrics).await

@@ -40,7 +40,7 @@ impl Status {
 #[derive(Clone, Debug, Serialize)]
 pub struct Check {
     /// Check id: `iommu`, `interrupt-remapping`, `vfio-driver`,
-    /// `vfio-load-order`, `gpus`, `gpu-isolation`, `intent`.
+    /// `vfio-load-order`, `gpus`, `gpu-isolation`, `intent`, `other-driver`.
     pub check: &'static str,
     /// Outcome.
     pub status: Status,
@@ -54,7 +54,7 @@ pub struct Check {
 }
 
 impl Check {
-    fn new(check: &'static str, status: Status, detail: String, fix: String) -> Self {
+    pub(crate) fn new(check: &'static str, status: Status, detail: String, fix: String) -> Self {
         let fix = if status == Status::Pass {
             String::new()
         } else {
@@ -69,11 +69,11 @@ impl Check {
         }
     }
 
-    fn pass(check: &'static str, detail: String) -> Self {
+    pub(crate) fn pass(check: &'static str, detail: String) -> Self {
         Check::new(check, Status::Pass, detail, String::new())
     }
 
-    fn for_gpu(mut self, bdf: Bdf) -> Self {
+    pub(crate) fn for_gpu(mut self, bdf: Bdf) -> Self {
         self.gpu = Some(bdf);
         self
     }

@@ -14,6 +14,7 @@
 
 mod checks;
 mod facts;
+mod other_drivers;
 
 use std::path::Path;
 
@@ -25,6 +26,10 @@ pub use checks::{
     Check, Status, check_interrupt_remapping, check_iommu, check_vfio_driver, diagnose,
 };
 pub use facts::NodeFacts;
+pub use other_drivers::{
+    OTHER_DRIVERS_FILE, OtherDrivers, OtherDriversError, check_other_drivers,
+    check_other_drivers_in,
+};
 
 /// Reads the node under `root` and runs every check against it and `view`.
 pub fn check_node(

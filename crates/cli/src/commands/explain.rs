@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::{Result, bail};
 use vfio_gpu_host::Bdf;
+use vfio_gpu_node::OtherDrivers;
 
 use crate::render;
 use crate::setup::{HostOpts, StateOpts};
@@ -19,6 +20,21 @@ pub fn run(bdf: &str, host: &HostOpts, state: &StateOpts) -> Result<ExitCode> {
             setup.describe_root()
         );
     };
-    render::explain(gpu, host.output, &setup)?;
+    // serve's record of other drivers publishing this node's GPUs (see
+    // `vfio_gpu_node::OtherDrivers`); unreadable, it is a warning, not a failure.
+    let other = match setup.state_dir.as_deref().map(OtherDrivers::read) {
+        Some(Ok(Some(record))) => record
+            .driver_of(&bdf)
+            .map(|driver| render::OtherDriver {
+                driver: driver.to_string(),
+                observed_at_unix: record.observed_at_unix,
+            }),
+        Some(Err(e)) => {
+            eprintln!("warning: {e}");
+            None
+        }
+        Some(Ok(None)) | None => None,
+    };
+    render::explain(gpu, other.as_ref(), host.output, &setup)?;
     Ok(ExitCode::SUCCESS)
 }
