@@ -8,7 +8,7 @@
 #                     built with `cargo build --release -p vfio-gpu-dra` when absent).
 #                     CI passes the release binary it built once for the VM tests too.
 #   --bin-arm64 PATH  the arm64 binary (default: <target>/aarch64-unknown-linux-gnu/release/
-#                     vfio-gpu-dra, cross-built with Debian's gcc-aarch64-linux-gnu when absent)
+#                     vfio-gpu-dra, cross-built by deploy/image/cross-build.sh when absent)
 #   --arch LIST       the architectures, space-separated (default: "amd64 arm64")
 #   --out DIR         output directory (default: <target>/image)
 #   --print-name      print the image name (localhost/vfio-gpu-dra:<workspace version>)
@@ -84,18 +84,6 @@ command -v umoci > /dev/null || { log "installing umoci"; apt_install umoci; }
 rust_target() { case "$1" in amd64) echo x86_64-unknown-linux-gnu ;; arm64) echo aarch64-unknown-linux-gnu ;; esac; }
 triplet() { case "$1" in amd64) echo x86_64-linux-gnu ;; arm64) echo aarch64-linux-gnu ;; esac; }
 tool() { case "$1" in amd64) echo "$2" ;; arm64) echo "aarch64-linux-gnu-$2" ;; esac; }
-
-# The arm64 release binary, cross-built with Debian's cross toolchain (ring's C and
-# assembly included: cc picks the compiler from CC_<target>).
-cross_build_arm64() {
-    command -v aarch64-linux-gnu-gcc > /dev/null ||
-        { log "installing Debian's arm64 cross toolchain"; apt_install gcc-aarch64-linux-gnu libc6-dev-arm64-cross; }
-    rustup target list --installed 2> /dev/null | grep -qx aarch64-unknown-linux-gnu ||
-        rustup target add aarch64-unknown-linux-gnu
-    (cd "$ROOT" && CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
-        CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc \
-        cargo build -q --release -p vfio-gpu-dra --target aarch64-unknown-linux-gnu)
-}
 
 # The sysroot chroot and the libraries come from: / for amd64 (this machine), Debian's
 # arm64 packages otherwise. apt-get runs with its own lists and cache under
@@ -202,7 +190,7 @@ build_arch() {
         if [ "$arch" = amd64 ]; then bin=$TARGET/release/vfio-gpu-dra; else bin=$TARGET/$(rust_target "$arch")/release/vfio-gpu-dra; fi
         if [ ! -x "$bin" ]; then
             log "building $bin"
-            if [ "$arch" = amd64 ]; then (cd "$ROOT" && cargo build -q --release -p vfio-gpu-dra); else cross_build_arm64; fi
+            if [ "$arch" = amd64 ]; then (cd "$ROOT" && cargo build -q --release -p vfio-gpu-dra); else "$HERE/cross-build.sh" > /dev/null; fi
         fi
     fi
     [ -x "$bin" ] || { echo "build.sh: $bin is not an executable" >&2; exit 1; }
@@ -353,6 +341,7 @@ with open(index_path, "w") as f:
 print(digest, ",".join(sizes))
 PY
 )
+[ -n "$DIGEST" ] && [ -n "$SIZES" ] || { echo "build.sh: writing the image index failed" >&2; exit 1; }
 find "$L" -depth -exec touch -h -d "@$EPOCH" {} +
 ARCHIVE=$OUT/vfio-gpu-dra-$VERSION.oci.tar
 tar --sort=name --mtime="@$EPOCH" --owner=0 --group=0 --numeric-owner \

@@ -8,6 +8,8 @@
 # between anonymous memory and mapped files (the binary's and glibc's pages), and
 # fails when VmRSS is over the limit: RSS_MAX_BYTES, default 15000000 (15 MB).
 #
+# SERVE_ARGS adds arguments to serve (e.g. "--worker-threads 0" for tokio's one per CPU).
+#
 # Usage: deploy/image/idle-rss.sh [BIN]   (default <target>/release/vfio-gpu-dra;
 #        <target> is $CARGO_TARGET_DIR, else target/)
 set -euo pipefail
@@ -41,7 +43,7 @@ for _ in $(seq 100); do [ -s "$T/kubeconfig" ] && break; sleep 0.1; done
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "$BIN" serve --demo --demo-dir "$T/demo" --node-name demo-node --kubeconfig "$T/kubeconfig" \
     --kubelet-plugins-dir "$T/plugins" --kubelet-registrar-dir "$T/registry" \
-    --cdi-root "$T/cdi" --metrics-addr "127.0.0.1:$PORT" > "$T/serve.log" 2>&1 &
+    --cdi-root "$T/cdi" --metrics-addr "127.0.0.1:$PORT" ${SERVE_ARGS:-} > "$T/serve.log" 2>&1 &
 PID=$!
 PIDS+=("$PID")
 "$EX/register" "$T/registry/vfio-gpu.dra.dev-reg.sock"

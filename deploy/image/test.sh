@@ -206,7 +206,7 @@ check_arch() {
     # beside it, under the same build ID.
     if readelf -S "$shipped" | grep -qE '\.debug_(info|line|str|abbrev|ranges|loc)|\.symtab'; then
         fail "$arch: the shipped binary still has debug info or its symbol table"
-    elif ! readelf -S "$debug" | grep -q '\.debug_line' || ! readelf -S "$debug" | grep -q '\.symtab'; then
+    elif ! readelf -S "$debug" 2> /dev/null | grep -q "\.debug_line" || ! readelf -S "$debug" 2> /dev/null | grep -q "\.symtab"; then
         fail "$arch: $debug lacks .debug_line or .symtab"
     elif [ -z "$(bid "$shipped")" ] || [ "$(bid "$shipped")" != "$(bid "$debug")" ]; then
         fail "$arch: build IDs differ: shipped $(bid "$shipped"), debug file $(bid "$debug")"

@@ -228,7 +228,7 @@ pub fn explain(
     if let Some(o) = other {
         println!(
             "Not offered: driver {} publishes this GPU on this node too (serve's slice sync at {}, Unix time), \
-             so vfio-gpu-dra leaves it out of its ResourceSlices; give each GPU one driver (README).",
+             so vfio-gpu-dra leaves it out of its ResourceSlices; give each GPU one driver (docs/operating.md).",
             o.driver, o.observed_at_unix
         );
     }

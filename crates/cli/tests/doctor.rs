@@ -535,3 +535,74 @@ fn a_built_in_host_driver_cannot_be_ordered_and_doctor_says_what_works() {
         "a softdep cannot order a built-in driver: {fix}"
     );
 }
+
+/// Coexistence: with the plugin's record of GPUs another driver publishes in
+/// the state directory, `doctor` warns for exactly those GPUs and `explain`
+/// says the GPU is not offered, naming the driver; without a record neither
+/// says anything about other drivers.
+#[test]
+fn doctor_and_explain_report_the_gpus_serve_found_another_driver_publishing() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    let demo = demo.to_str().unwrap();
+    let run = |args: &[&str]| {
+        bin()
+            .args(args)
+            .args(["--demo", "--demo-dir", demo])
+            .output()
+            .unwrap()
+    };
+    let devices: serde_json::Value =
+        serde_json::from_slice(&run(&["devices", "-o", "json"]).stdout).unwrap();
+    let taken = devices[0]["pciBusID"].as_str().unwrap().to_string();
+    let free = devices[1]["pciBusID"].as_str().unwrap().to_string();
+
+    let before = checks(&run(&["doctor", "-o", "json"]));
+    assert!(
+        before.iter().all(|c| c["check"] != "other-driver"),
+        "{before:#?}"
+    );
+    let explained = String::from_utf8_lossy(&run(&["explain", &taken]).stdout).into_owned();
+    assert!(!explained.contains("Not offered"), "{explained}");
+
+    // What serve writes after a sync that found NVIDIA's driver publishing `taken`.
+    vfio_gpu_node::OtherDrivers {
+        observed_at_unix: 1_800_000_000,
+        gpus: [(taken.clone(), "gpu.nvidia.com".to_string())].into(),
+    }
+    .write(&dir.path().join("demo/state"))
+    .unwrap();
+
+    let after = checks(&run(&["doctor", "-o", "json"]));
+    let warned: Vec<&serde_json::Value> = after
+        .iter()
+        .filter(|c| c["check"] == "other-driver")
+        .collect();
+    assert_eq!(warned.len(), 1, "{after:#?}");
+    assert_eq!(warned[0]["status"], "warn");
+    assert_eq!(warned[0]["pciBusID"], taken.as_str());
+    assert!(
+        warned[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("gpu.nvidia.com")
+    );
+    let table = String::from_utf8_lossy(&run(&["doctor"]).stdout).into_owned();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("warn") && l.contains("other-driver") && l.contains(&taken)),
+        "{table}"
+    );
+
+    let explained = String::from_utf8_lossy(&run(&["explain", &taken]).stdout).into_owned();
+    assert!(
+        explained.contains("Not offered: driver gpu.nvidia.com publishes this GPU"),
+        "{explained}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&run(&["explain", &taken, "-o", "json"]).stdout).unwrap();
+    assert_eq!(json["publishedByOtherDriver"]["driver"], "gpu.nvidia.com");
+    let other = String::from_utf8_lossy(&run(&["explain", &free]).stdout).into_owned();
+    assert!(!other.contains("Not offered"), "{other}");
+}

@@ -955,7 +955,9 @@ fn record_other_drivers(
     };
     match record.write(dir) {
         Ok(()) => *recorded = Some(record.gpus),
-        Err(e) => tracing::warn!(error = %e, "recording the GPUs other drivers publish (for doctor and explain)"),
+        Err(e) => {
+            tracing::warn!(error = %e, "recording the GPUs other drivers publish (for doctor and explain)")
+        }
     }
 }
 

@@ -290,3 +290,54 @@ async fn a_move_for_a_claim_leaves_the_published_slice_unchanged() {
         .expect("join")
         .expect("Ok");
 }
+
+/// Coexistence for `doctor` and `explain`: the running publisher records in
+/// the state directory which GPU another driver on this node publishes, and
+/// rewrites the record when that driver's slice goes away.
+#[tokio::test]
+async fn the_gpus_another_driver_publishes_are_recorded_for_doctor_and_explain() {
+    use vfio_gpu_node::OtherDrivers;
+    let (server, client, _) = setup().await;
+    let devices = demo_devices();
+    let taken = devices[0].bdf.to_string();
+    server
+        .insert(serde_json::json!({
+            "apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+            "metadata": {"name": "nvidia-gpus"},
+            "spec": {
+                "driver": "gpu.nvidia.com", "nodeName": NODE,
+                "pool": {"name": NODE, "generation": 1, "resourceSliceCount": 1},
+                "devices": [{"name": "gpu-0",
+                    "attributes": {"resource.kubernetes.io/pciBusID": {"string": taken}}}]
+            }
+        }))
+        .expect("insert");
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config();
+    cfg.other_drivers_record = Some(state.path().to_path_buf());
+    // Another driver's slices are not watched: the periodic re-sync notices.
+    cfg.resync = Duration::from_millis(500);
+    let running = Running::start(client, cfg, devices.clone());
+    let record = wait_for(LIMIT, "the record names the other driver", || {
+        OtherDrivers::read(state.path()).ok().flatten()
+    })
+    .await;
+    assert_eq!(
+        record.gpus.into_iter().collect::<Vec<_>>(),
+        [(taken.clone(), "gpu.nvidia.com".to_string())]
+    );
+    assert!(record.observed_at_unix > 0);
+
+    // NVIDIA's driver stops publishing it: the next sync says so.
+    server
+        .delete("resourceslices", None, "nvidia-gpus")
+        .expect("delete");
+    wait_for(LIMIT, "the record is emptied", || {
+        OtherDrivers::read(state.path())
+            .ok()
+            .flatten()
+            .filter(|r| r.gpus.is_empty())
+    })
+    .await;
+    running.stop().await;
+}

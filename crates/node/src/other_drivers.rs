@@ -138,7 +138,10 @@ pub fn check_other_drivers(view: &Inspection, record: Option<&OtherDrivers>) -> 
     let Some(record) = record else {
         return Vec::new();
     };
-    let seen = format!("serve's slice sync at {} (Unix time)", record.observed_at_unix);
+    let seen = format!(
+        "serve's slice sync at {} (Unix time)",
+        record.observed_at_unix
+    );
     let shared: Vec<Check> = view
         .gpus
         .iter()
@@ -155,7 +158,7 @@ pub fn check_other_drivers(view: &Inspection, record: Option<&OtherDrivers>) -> 
                     ),
                     format!(
                         "give each GPU one driver: to pass it through with vfio-gpu-dra, stop {driver} \
-                         publishing {bdf} (README: Next to NVIDIA's DRA driver); else leave it to {driver}"
+                         publishing {bdf} (docs/operating.md: Sharing a node with NVIDIA's DRA driver); else leave it to {driver}"
                     ),
                 )
                 .for_gpu(bdf),
@@ -268,8 +271,15 @@ mod tests {
             .iter()
             .zip([(first, "gpu.nvidia.com"), (second, "other.example.com")])
         {
-            assert_eq!((c.check, c.status, c.gpu), ("other-driver", Status::Warn, Some(bdf)));
-            assert!(c.detail.contains(driver) && c.detail.contains("does not offer"), "{}", c.detail);
+            assert_eq!(
+                (c.check, c.status, c.gpu),
+                ("other-driver", Status::Warn, Some(bdf))
+            );
+            assert!(
+                c.detail.contains(driver) && c.detail.contains("does not offer"),
+                "{}",
+                c.detail
+            );
             assert!(c.fix.contains(driver), "{}", c.fix);
         }
     }
@@ -280,7 +290,10 @@ mod tests {
         assert!(check_other_drivers(&view, None).is_empty());
         let checks = check_other_drivers(&view, Some(&record(&[])));
         assert_eq!(checks.len(), 1);
-        assert_eq!((checks[0].check, checks[0].status), ("other-driver", Status::Pass));
+        assert_eq!(
+            (checks[0].check, checks[0].status),
+            ("other-driver", Status::Pass)
+        );
     }
 
     #[test]

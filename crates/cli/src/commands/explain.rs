@@ -23,12 +23,10 @@ pub fn run(bdf: &str, host: &HostOpts, state: &StateOpts) -> Result<ExitCode> {
     // serve's record of other drivers publishing this node's GPUs (see
     // `vfio_gpu_node::OtherDrivers`); unreadable, it is a warning, not a failure.
     let other = match setup.state_dir.as_deref().map(OtherDrivers::read) {
-        Some(Ok(Some(record))) => record
-            .driver_of(&bdf)
-            .map(|driver| render::OtherDriver {
-                driver: driver.to_string(),
-                observed_at_unix: record.observed_at_unix,
-            }),
+        Some(Ok(Some(record))) => record.driver_of(&bdf).map(|driver| render::OtherDriver {
+            driver: driver.to_string(),
+            observed_at_unix: record.observed_at_unix,
+        }),
         Some(Err(e)) => {
             eprintln!("warning: {e}");
             None
