@@ -565,12 +565,15 @@ fn doctor_and_explain_report_the_gpus_serve_found_another_driver_publishing() {
     let explained = String::from_utf8_lossy(&run(&["explain", &taken]).stdout).into_owned();
     assert!(!explained.contains("Not offered"), "{explained}");
 
-    // What serve writes after a sync that found NVIDIA's driver publishing `taken`.
+    // What serve writes after a sync that found NVIDIA's driver publishing `taken`
+    // (serve creates the state directory; the read-only commands above do not).
+    let state = dir.path().join("demo/state");
+    fs::create_dir_all(&state).unwrap();
     vfio_gpu_node::OtherDrivers {
         observed_at_unix: 1_800_000_000,
         gpus: [(taken.clone(), "gpu.nvidia.com".to_string())].into(),
     }
-    .write(&dir.path().join("demo/state"))
+    .write(&state)
     .unwrap();
 
     let after = checks(&run(&["doctor", "-o", "json"]));
