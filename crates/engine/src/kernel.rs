@@ -60,14 +60,15 @@ impl SysfsWrite {
         }
     }
 
-    /// Short name of the operation (`unbind`, `bind`, …) for logs and fault rules.
-    pub fn kind(&self) -> &'static str {
+    /// Which kind of write this is, without its operands (what fault rules
+    /// and latencies of the simulator match on).
+    pub fn kind(&self) -> WriteKind {
         match self {
-            SysfsWrite::DriverOverride { .. } => "driver_override",
-            SysfsWrite::Unbind { .. } => "unbind",
-            SysfsWrite::Bind { .. } => "bind",
-            SysfsWrite::DriversProbe { .. } => "drivers_probe",
-            SysfsWrite::NvidiaUnbindLock { .. } => "unbindLock",
+            SysfsWrite::DriverOverride { .. } => WriteKind::DriverOverride,
+            SysfsWrite::Unbind { .. } => WriteKind::Unbind,
+            SysfsWrite::Bind { .. } => WriteKind::Bind,
+            SysfsWrite::DriversProbe { .. } => WriteKind::DriversProbe,
+            SysfsWrite::NvidiaUnbindLock { .. } => WriteKind::NvidiaUnbindLock,
         }
     }
 
@@ -99,6 +100,41 @@ impl SysfsWrite {
                 if *take { b"1".to_vec() } else { b"0".to_vec() },
             ),
         }
+    }
+}
+
+/// The kind of a [`SysfsWrite`] without its operands: the variants of the
+/// write vocabulary, for matching a whole class of writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WriteKind {
+    /// [`SysfsWrite::DriverOverride`].
+    DriverOverride,
+    /// [`SysfsWrite::Unbind`].
+    Unbind,
+    /// [`SysfsWrite::Bind`].
+    Bind,
+    /// [`SysfsWrite::DriversProbe`].
+    DriversProbe,
+    /// [`SysfsWrite::NvidiaUnbindLock`].
+    NvidiaUnbindLock,
+}
+
+impl WriteKind {
+    /// The name of the file written (`unbind`, `bind`, `unbindLock`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteKind::DriverOverride => "driver_override",
+            WriteKind::Unbind => "unbind",
+            WriteKind::Bind => "bind",
+            WriteKind::DriversProbe => "drivers_probe",
+            WriteKind::NvidiaUnbindLock => "unbindLock",
+        }
+    }
+}
+
+impl fmt::Display for WriteKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -29,7 +29,7 @@ use vfio_gpu_host::{Bdf, Binding, HostError, HostRoot, PciFunction, is_vfio_driv
 
 use vfio_gpu_intent::IdEntry;
 
-use crate::kernel::{Kernel, SysfsWrite};
+use crate::kernel::{Kernel, SysfsWrite, WriteKind};
 
 /// errno values the simulated kernel returns, as the real one does.
 pub mod errno {
@@ -125,8 +125,8 @@ impl BlockHandle {
 /// A fault rule: the `nth` (0-based) matching write gets `action`.
 #[derive(Clone, Debug)]
 pub struct Fault {
-    /// Operation kind (`unbind`, `bind`, `driver_override`, `drivers_probe`), or any.
-    pub kind: Option<&'static str>,
+    /// Which kind of write it hits, or any.
+    pub kind: Option<WriteKind>,
     /// Device, or any.
     pub bdf: Option<Bdf>,
     /// For bind/unbind: the driver, or any.
@@ -139,7 +139,7 @@ pub struct Fault {
 
 impl Fault {
     /// A fault on the first matching write of `kind` on `bdf`.
-    pub fn on(kind: &'static str, bdf: Bdf, action: FaultAction) -> Self {
+    pub fn on(kind: WriteKind, bdf: Bdf, action: FaultAction) -> Self {
         Fault {
             kind: Some(kind),
             bdf: Some(bdf),
@@ -216,9 +216,10 @@ struct Removed {
 struct SimState {
     drivers: Vec<SimDriver>,
     faults: Vec<Fault>,
-    latency: HashMap<(String, String), Duration>,
+    latency: HashMap<(WriteKind, String), Duration>,
     vfio_users: HashSet<u32>,
-    log: Vec<String>,
+    /// Every write attempted, in order (failed and blocked ones too).
+    log: Vec<SysfsWrite>,
     /// Open clients of a device on its host driver (nvidia usage count,
     /// `/dev/snd` openers): its unbind waits for them, nvidia refuses its
     /// unbind lock while any exist.
@@ -389,11 +390,11 @@ impl SimKernel {
         }
     }
 
-    /// Sets the time an operation (`unbind`, `bind`) takes for a driver.
-    pub fn set_latency(&self, kind: &str, driver: &str, latency: Duration) {
+    /// Sets the time a kind of write (an unbind, a bind) takes for a driver.
+    pub fn set_latency(&self, kind: WriteKind, driver: &str, latency: Duration) {
         self.lock()
             .latency
-            .insert((kind.to_string(), driver.to_string()), latency);
+            .insert((kind, driver.to_string()), latency);
     }
 
     /// A VFIO user (a VM) opens or closes an IOMMU group.
@@ -408,8 +409,9 @@ impl SimKernel {
         self.users_changed.notify_all();
     }
 
-    /// Every write performed, in order, as text.
-    pub fn log(&self) -> Vec<String> {
+    /// Every write attempted, in order, as values (failed and blocked ones
+    /// too); each renders for people with `Display`.
+    pub fn log(&self) -> Vec<SysfsWrite> {
         self.lock().log.clone()
     }
 
@@ -968,12 +970,8 @@ impl Kernel for SimKernel {
             }
             _ => String::new(),
         };
-        let latency = self
-            .lock()
-            .latency
-            .get(&(op.kind().to_string(), driver))
-            .copied();
-        self.lock().log.push(op.to_string());
+        let latency = self.lock().latency.get(&(op.kind(), driver)).copied();
+        self.lock().log.push(op.clone());
         self.append_log(&op.to_string());
         let gate = match self.take_fault(op) {
             Some(FaultAction::Fail(code)) => {

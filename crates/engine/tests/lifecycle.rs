@@ -5,6 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use vfio_gpu_engine::kernel::WriteKind;
 use vfio_gpu_engine::sim::{BlockHandle, Fault, FaultAction, errno};
 use vfio_gpu_engine::{Action, EngineConfig, EngineError, Holder};
 
@@ -32,13 +33,12 @@ fn moves_gpu_with_companion_and_returns_both() {
     assert_eq!(out.vfio_devices.len(), 2);
     // Override first, then unbind, then bind: no auto-probe window.
     let log = k.log();
-    let first: Vec<&str> = log.iter().take(3).map(|s| s.as_str()).collect();
     assert_eq!(
-        first,
+        log[..3],
         [
-            "driver_override of 0000:65:00.0 ← vfio-pci",
-            "unbind 0000:65:00.0 from nvidia",
-            "bind 0000:65:00.0 to vfio-pci"
+            write::driver_override(A, Some("vfio-pci")),
+            write::unbind(A, "nvidia"),
+            write::bind(A, "vfio-pci"),
         ]
     );
     let rec = e.ledger().gpus[&bdf(A)].clone();
@@ -106,7 +106,7 @@ fn failed_bind_rolls_back_every_function() {
     let k = sim(&host);
     let e = engine(&k, &dir.path().join("state"));
     k.inject(Fault::on(
-        "bind",
+        WriteKind::Bind,
         bdf(A_AUDIO),
         FaultAction::Fail(errno::EBUSY),
     ));
@@ -137,7 +137,11 @@ fn probe_that_binds_nothing_is_caught_by_verification() {
     let k = sim(&host);
     let e = engine(&k, &dir.path().join("state"));
     // The kernel "accepts" the bind write but nothing binds.
-    k.inject(Fault::on("bind", bdf(B), FaultAction::ProbeBindsNothing));
+    k.inject(Fault::on(
+        WriteKind::Bind,
+        bdf(B),
+        FaultAction::ProbeBindsNothing,
+    ));
     let err = e.configure(bdf(B), claim("u1")).unwrap_err();
     assert!(
         err.to_string().contains("verify 0000:66:00.0 on vfio-pci"),
@@ -154,7 +158,11 @@ fn restore_failure_keeps_gpu_on_vfio_never_driverless() {
     let k = sim(&host);
     let e = engine(&k, &dir.path().join("state"));
     e.configure(bdf(B), claim("u1")).unwrap();
-    k.inject(Fault::on("bind", bdf(B), FaultAction::Fail(errno::EIO)));
+    k.inject(Fault::on(
+        WriteKind::Bind,
+        bdf(B),
+        FaultAction::Fail(errno::EIO),
+    ));
     let err = e.unconfigure(bdf(B), Some(&claim("u1"))).unwrap_err();
     assert!(matches!(err, EngineError::RestoreFailed { .. }), "{err}");
     assert_eq!(driver_of(&host, B).as_deref(), Some("vfio-pci"));
@@ -269,18 +277,12 @@ fn nvidia_unbind_lock_is_taken_and_dies_with_the_unbound_instance() {
     let (dir, host, k) = host_with_b_unbind_lock();
     let e = engine(&k, &dir.path().join("state"));
     e.configure(bdf(B), claim("u1")).unwrap();
-    assert!(
-        k.log()[0].contains("take nvidia unbind lock"),
-        "{:?}",
-        k.log()
-    );
+    assert_eq!(k.log()[0], write::unbind_lock(B, true), "{:?}", k.log());
     assert!(e.ledger().gpus[&bdf(B)].changes.unbind_lock_taken);
     e.unconfigure(bdf(B), None).unwrap();
     assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
     assert!(
-        !k.log()
-            .iter()
-            .any(|l| l.contains("release nvidia unbind lock")),
+        !k.log().contains(&write::unbind_lock(B, false)),
         "{:?}",
         k.log()
     );
@@ -295,7 +297,7 @@ fn a_lock_on_a_function_never_unbound_is_released_by_rollback() {
     // (nvidia-smi, CUDA) can open it again.
     let (dir, host, k) = host_with_b_unbind_lock();
     k.inject(Fault::on(
-        "driver_override",
+        WriteKind::DriverOverride,
         bdf(B),
         FaultAction::Fail(errno::EIO),
     ));
@@ -304,12 +306,8 @@ fn a_lock_on_a_function_never_unbound_is_released_by_rollback() {
     assert!(matches!(err, EngineError::RolledBack { .. }), "{err}");
     assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
     let log = k.log();
-    let taken = log
-        .iter()
-        .position(|l| l.contains("take nvidia unbind lock"));
-    let released = log
-        .iter()
-        .position(|l| l.contains("release nvidia unbind lock"));
+    let taken = log.iter().position(|w| *w == write::unbind_lock(B, true));
+    let released = log.iter().position(|w| *w == write::unbind_lock(B, false));
     assert!(
         matches!((taken, released), (Some(t), Some(r)) if t < r),
         "{log:?}"
@@ -325,7 +323,7 @@ fn a_rollback_after_the_unbind_writes_nothing_to_the_re_probed_instance() {
     let (dir, host, k) = host_with_b_unbind_lock();
     k.inject(Fault {
         driver: Some("vfio-pci".into()),
-        ..Fault::on("bind", bdf(B), FaultAction::Fail(errno::EIO))
+        ..Fault::on(WriteKind::Bind, bdf(B), FaultAction::Fail(errno::EIO))
     });
     let e = engine(&k, &dir.path().join("state"));
     let err = e.configure(bdf(B), claim("u1")).unwrap_err();
@@ -334,12 +332,10 @@ fn a_rollback_after_the_unbind_writes_nothing_to_the_re_probed_instance() {
     let log = k.log();
     let unbound = log
         .iter()
-        .position(|l| l == "unbind 0000:66:00.0 from nvidia")
+        .position(|w| *w == write::unbind(B, "nvidia"))
         .expect("unbind happened");
     assert!(
-        !log[unbound..]
-            .iter()
-            .any(|l| l.contains("release nvidia unbind lock")),
+        !log[unbound..].contains(&write::unbind_lock(B, false)),
         "{log:?}"
     );
 }
@@ -360,7 +356,7 @@ fn stuck_unbind_times_out_without_delaying_other_gpus() {
     );
     let gate = BlockHandle::new();
     k.inject(Fault::on(
-        "unbind",
+        WriteKind::Unbind,
         bdf(B),
         FaultAction::Block(gate.clone()),
     ));
@@ -393,7 +389,7 @@ fn same_group_is_serialised_and_second_holder_refused() {
     let host = dir.path().join("host");
     build_host(&host);
     let k = sim(&host);
-    k.set_latency("unbind", "nvidia", Duration::from_millis(100));
+    k.set_latency(WriteKind::Unbind, "nvidia", Duration::from_millis(100));
     let e = engine(&k, &dir.path().join("state"));
     let results = e.configure_many(&[(bdf(B), claim("u1")), (bdf(B), claim("u2"))]);
     let ok = results.iter().filter(|r| r.is_ok()).count();
@@ -416,7 +412,7 @@ fn different_groups_run_in_parallel() {
     let host = dir.path().join("host");
     build_host(&host);
     let k = sim(&host);
-    k.set_latency("unbind", "nvidia", Duration::from_millis(300));
+    k.set_latency(WriteKind::Unbind, "nvidia", Duration::from_millis(300));
     let e = engine(&k, &dir.path().join("state"));
     let start = Instant::now();
     let results = e.configure_many(&[

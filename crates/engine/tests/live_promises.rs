@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use vfio_gpu_engine::kernel::{Kernel, SysfsWrite};
+use vfio_gpu_engine::kernel::{Kernel, SysfsWrite, WriteKind};
 use vfio_gpu_engine::ledger::OpState;
 use vfio_gpu_engine::sim::{BlockHandle, Fault, FaultAction};
 use vfio_gpu_engine::{Action, Engine, EngineConfig, EngineError, Holder};
@@ -207,7 +207,11 @@ fn a_failed_final_commit_changes_nothing_in_memory_and_rollback_spares_a_held_gr
     let state = dir.path().join("state");
     let e = engine(&k, &state);
     let gate = BlockHandle::new();
-    k.inject(Fault::on("bind", bdf(B), FaultAction::Block(gate.clone())));
+    k.inject(Fault::on(
+        WriteKind::Bind,
+        bdf(B),
+        FaultAction::Block(gate.clone()),
+    ));
     let t = {
         let e = Arc::new(e);
         let e2 = Arc::clone(&e);
@@ -261,9 +265,9 @@ fn a_failed_final_commit_changes_nothing_in_memory_and_rollback_spares_a_held_gr
         Some("vfio-pci"),
         "{results:?}"
     );
-    let writes: Vec<String> = k.log()[before..].to_vec();
+    let writes = k.log()[before..].to_vec();
     assert!(
-        !writes.iter().any(|w| w.contains("0000:66:00.0")),
+        !writes.iter().any(|w| w.bdf() == bdf(B)),
         "no write touches the held GPU: {writes:?}"
     );
 }
@@ -311,7 +315,7 @@ fn rollback_after_a_stuck_unbind_never_touches_the_stuck_device_again() {
     let k = sim(&host);
     let gate = BlockHandle::new();
     k.inject(Fault::on(
-        "unbind",
+        WriteKind::Unbind,
         bdf(B),
         FaultAction::Block(gate.clone()),
     ));
@@ -328,12 +332,10 @@ fn rollback_after_a_stuck_unbind_never_touches_the_stuck_device_again() {
     let log = k.log();
     let unbind_at = log
         .iter()
-        .position(|l| l == "unbind 0000:66:00.0 from nvidia")
+        .position(|w| *w == write::unbind(B, "nvidia"))
         .expect("unbind was attempted");
     assert!(
-        log[unbind_at + 1..]
-            .iter()
-            .all(|l| !l.contains("0000:66:00.0")),
+        log[unbind_at + 1..].iter().all(|w| w.bdf() != bdf(B)),
         "nothing written to the stuck device after its unbind: {log:?}"
     );
     // Still stuck: every further operation refuses it at once.
@@ -631,7 +633,7 @@ fn a_prepare_that_spent_its_budget_starts_no_further_step_and_rolls_back() {
     let k = sim(&host);
     let gate = BlockHandle::new();
     k.inject(Fault::on(
-        "driver_override",
+        WriteKind::DriverOverride,
         bdf(B),
         FaultAction::Block(gate.clone()),
     ));
@@ -654,7 +656,8 @@ fn a_prepare_that_spent_its_budget_starts_no_further_step_and_rolls_back() {
     assert!(err.to_string().contains("budget"), "{err}");
     let log = k.log();
     assert!(
-        !log.iter().any(|l| l.starts_with("unbind 0000:66:00.0")),
+        !log.iter()
+            .any(|w| matches!(w, SysfsWrite::Unbind { bdf: b, .. } if *b == bdf(B))),
         "no step after the budget: {log:?}"
     );
     assert_eq!(state_of(&host, B), (Some("nvidia".into()), None));

@@ -64,7 +64,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use vfio_gpu_engine::kernel::{Kernel, SysfsWrite};
+use vfio_gpu_engine::kernel::{Kernel, SysfsWrite, WriteKind};
 use vfio_gpu_engine::ledger::OpState;
 use vfio_gpu_engine::sim::{BlockHandle, Fault, FaultAction, SimKernel, errno};
 use vfio_gpu_engine::{Action, Engine, EngineConfig, EngineError, Holder, Outcome, StateLockMode};
@@ -539,7 +539,7 @@ impl World {
                 *self.bind_faults.entry((*f, *vfio)).or_default() += times;
                 for _ in 0..*times {
                     self.k.inject(Fault {
-                        kind: Some("bind"),
+                        kind: Some(WriteKind::Bind),
                         bdf: Some(fbdf(*f)),
                         driver: Some(driver.into()),
                         nth: 0,
@@ -550,7 +550,7 @@ impl World {
             Op::ProbeBindsNothing { f } => {
                 self.probe_faults[*f] += 1;
                 self.k.inject(Fault::on(
-                    "drivers_probe",
+                    WriteKind::DriversProbe,
                     fbdf(*f),
                     FaultAction::ProbeBindsNothing,
                 ));
@@ -558,7 +558,7 @@ impl World {
             Op::UnbindBlocks { f } => {
                 let gate = BlockHandle::new();
                 self.k.inject(Fault::on(
-                    "unbind",
+                    WriteKind::Unbind,
                     fbdf(*f),
                     FaultAction::Block(gate.clone()),
                 ));
@@ -570,7 +570,7 @@ impl World {
             Op::SlowRemove(on) => {
                 self.slow = *on;
                 let t = if *on { SLOW_REMOVE } else { Duration::ZERO };
-                self.k.set_latency("unbind", "vfio-pci", t);
+                self.k.set_latency(WriteKind::Unbind, "vfio-pci", t);
             }
             Op::LedgerNewer(on) => {
                 let path = self.state.join("ledger.json");
@@ -696,8 +696,7 @@ impl World {
             // driverctl `none`: the admin asked for no driver (n17).
             let pinned_none = matches!(self.model.driverctl[f], Some(Dc::Unbound));
             let ok = driver.is_some() || pinned_none || self.blocked(f) || excused[f] || {
-                let name = FNS[f];
-                !self.k.log()[log_start..].iter().any(|l| l.contains(name))
+                !self.k.log()[log_start..].iter().any(|w| w.bdf() == fbdf(f))
             };
             self.check("I2", ok, || {
                 format!(
@@ -710,9 +709,9 @@ impl World {
         // I9: a device with a write still blocked is left alone by everyone.
         for &f in &blocked_before {
             let log = self.k.log();
-            let touched: Vec<&String> = log[log_start..]
+            let touched: Vec<&SysfsWrite> = log[log_start..]
                 .iter()
-                .filter(|l| l.contains(FNS[f]))
+                .filter(|w| w.bdf() == fbdf(f))
                 .collect();
             self.check("I9", touched.is_empty(), || {
                 format!(
@@ -757,7 +756,8 @@ impl World {
             Who::Tight | Who::Other => self.open(who),
         };
         if who == Who::Tight {
-            self.k.set_latency("unbind", "vfio-pci", SLOW_REMOVE);
+            self.k
+                .set_latency(WriteKind::Unbind, "vfio-pci", SLOW_REMOVE);
         }
         let mut crashed = false;
         let mut outcomes = Vec::new();
@@ -801,7 +801,8 @@ impl World {
             Who::Tight | Who::Other => drop(e),
         }
         if who == Who::Tight && !self.slow {
-            self.k.set_latency("unbind", "vfio-pci", Duration::ZERO);
+            self.k
+                .set_latency(WriteKind::Unbind, "vfio-pci", Duration::ZERO);
         }
         (result, outcomes, crashed)
     }
@@ -809,17 +810,16 @@ impl World {
     /// Counts the injected faults the writes in `log` used up; per function,
     /// whether the kernel left it no way to a driver (both vfio-pci and the
     /// host driver refused, or a probe bound nothing).
-    fn consume_faults(&mut self, log: &[String]) -> [bool; 4] {
+    fn consume_faults(&mut self, log: &[SysfsWrite]) -> [bool; 4] {
         let mut refused = [[false; 2]; 4];
         let mut probed_nothing = [false; 4];
-        for line in log {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            let f = |b: &str| (0..FNS.len()).find(|&f| FNS[f] == b);
-            match words.as_slice() {
-                ["bind", b, "to", d] => {
+        for write in log {
+            let f = |b: &Bdf| (0..FNS.len()).find(|&f| fbdf(f) == *b);
+            match write {
+                SysfsWrite::Bind { bdf: b, driver: d } => {
                     let Some(f) = f(b) else { continue };
-                    let vfio = *d == "vfio-pci";
-                    if !vfio && *d != host_driver(f) {
+                    let vfio = d.as_str() == "vfio-pci";
+                    if !vfio && d.as_str() != host_driver(f) {
                         continue;
                     }
                     if let Some(n) = self.bind_faults.get_mut(&(f, vfio)).filter(|n| **n > 0) {
@@ -827,7 +827,7 @@ impl World {
                         refused[f][usize::from(vfio)] = true;
                     }
                 }
-                ["drivers_probe", b] => {
+                SysfsWrite::DriversProbe { bdf: b } => {
                     let Some(f) = f(b) else { continue };
                     if self.probe_faults[f] > 0 {
                         self.probe_faults[f] -= 1;

@@ -57,7 +57,7 @@ fn each_engine_sees_what_the_other_wrote_and_nothing_moves_twice() {
     let unbinds = kernel
         .log()
         .iter()
-        .filter(|l| l.as_str() == format!("unbind {A} from nvidia"))
+        .filter(|w| **w == write::unbind(A, "nvidia"))
         .count();
     assert_eq!(unbinds, 1, "{:?}", kernel.log());
 }

@@ -8,10 +8,11 @@ use plugin_common::*;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vfio_gpu_engine::kernel::{SysfsWrite, WriteKind};
 use vfio_gpu_engine::ledger::OpState;
 use vfio_gpu_engine::sim::{BlockHandle, Fault, FaultAction};
 use vfio_gpu_engine::{CrashMode, Engine, EngineConfig, Holder};
-use vfio_gpu_host::GpuSelector;
+use vfio_gpu_host::{DriverName, GpuSelector};
 use vfio_gpu_intent::Policy;
 use vfio_gpu_kubelet::grpc::emulator::DraVersion;
 use vfio_gpu_kubelet::slices::{device_attributes, device_infos};
@@ -884,13 +885,9 @@ async fn api_server_without_resource_v1_is_reported_as_such() {
     running.stop().await;
 }
 
-/// `bind 0000:ab:00.0 to vfio-pci`-style entries of the simulated kernel's log.
-fn writes_like(env: &Env, prefix: &str) -> usize {
-    env.kernel
-        .log()
-        .iter()
-        .filter(|w| w.starts_with(prefix))
-        .count()
+/// How many times the simulated kernel's log holds `write`.
+fn times_written(env: &Env, write: &SysfsWrite) -> usize {
+    env.kernel.log().iter().filter(|w| *w == write).count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -902,11 +899,17 @@ async fn slow_calls_answer_within_the_budget_and_a_retry_gets_the_result() {
     config.call_budget = Duration::from_millis(400);
     let running = env.start_with(config).await;
     let claim = env.claim("slow", &[("gpu", AB)]);
-    let bind_ab = format!("bind {AB} to vfio-pci");
+    let bind_ab = SysfsWrite::Bind {
+        bdf: bdf(AB),
+        driver: DriverName::new("vfio-pci").expect("driver name"),
+    };
 
     let gate = BlockHandle::new();
-    env.kernel
-        .inject(Fault::on("bind", bdf(AB), FaultAction::Block(gate.clone())));
+    env.kernel.inject(Fault::on(
+        WriteKind::Bind,
+        bdf(AB),
+        FaultAction::Block(gate.clone()),
+    ));
     let started = Instant::now();
     let r = running
         .kubelet
@@ -930,7 +933,7 @@ async fn slow_calls_answer_within_the_budget_and_a_retry_gets_the_result() {
         err_text(&r, &claim.uid).contains("still in progress"),
         "{r:?}"
     );
-    assert_eq!(writes_like(&env, &bind_ab), 1);
+    assert_eq!(times_written(&env, &bind_ab), 1);
 
     gate.release();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -952,13 +955,13 @@ async fn slow_calls_answer_within_the_budget_and_a_retry_gets_the_result() {
     assert_eq!(devices.len(), 1);
     assert_eq!(devices[0].device_name, dev(AB));
     assert_eq!(env.driver_of(AB).as_deref(), Some("vfio-pci"));
-    assert_eq!(writes_like(&env, &bind_ab), 1, "moved once");
+    assert_eq!(times_written(&env, &bind_ab), 1, "moved once");
 
     // The same for a release stuck in the bind back to nvidia.
     let gate = BlockHandle::new();
     env.kernel.inject(Fault {
         driver: Some("nvidia".into()),
-        ..Fault::on("bind", bdf(AB), FaultAction::Block(gate.clone()))
+        ..Fault::on(WriteKind::Bind, bdf(AB), FaultAction::Block(gate.clone()))
     });
     let started = Instant::now();
     let u = running

@@ -198,6 +198,7 @@ pub fn host_with_b_probe_held() -> (
     SimKernel,
     vfio_gpu_engine::sim::BlockHandle,
 ) {
+    use vfio_gpu_engine::kernel::WriteKind;
     use vfio_gpu_engine::sim::{BlockHandle, Fault, FaultAction};
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host");
@@ -206,9 +207,56 @@ pub fn host_with_b_probe_held() -> (
     let k = sim(&host);
     let gate = BlockHandle::new();
     k.inject(Fault::on(
-        "drivers_probe",
+        WriteKind::DriversProbe,
         bdf(B),
         FaultAction::Block(gate.clone()),
     ));
     (dir, host, k, gate)
+}
+
+/// The simulator's log entries, built from the short names tests use, so a
+/// test compares [`vfio_gpu_engine::kernel::SysfsWrite`] values, not text.
+pub mod write {
+    use vfio_gpu_engine::kernel::SysfsWrite;
+    use vfio_gpu_host::DriverName;
+
+    use super::bdf;
+
+    fn driver(name: &str) -> DriverName {
+        DriverName::new(name).unwrap()
+    }
+
+    /// `drivers/<driver>/bind` ← `b`.
+    pub fn bind(b: &str, to: &str) -> SysfsWrite {
+        SysfsWrite::Bind {
+            bdf: bdf(b),
+            driver: driver(to),
+        }
+    }
+
+    /// `drivers/<driver>/unbind` ← `b`.
+    pub fn unbind(b: &str, from: &str) -> SysfsWrite {
+        SysfsWrite::Unbind {
+            bdf: bdf(b),
+            driver: driver(from),
+        }
+    }
+
+    /// `drivers_probe` ← `b`.
+    pub fn probe(b: &str) -> SysfsWrite {
+        SysfsWrite::DriversProbe { bdf: bdf(b) }
+    }
+
+    /// `driver_override` of `b` ← `to` (`None` clears).
+    pub fn driver_override(b: &str, to: Option<&str>) -> SysfsWrite {
+        SysfsWrite::DriverOverride {
+            bdf: bdf(b),
+            driver: to.map(str::to_string),
+        }
+    }
+
+    /// nvidia's `unbindLock` of `b` ← take (`true`) or release.
+    pub fn unbind_lock(b: &str, take: bool) -> SysfsWrite {
+        SysfsWrite::NvidiaUnbindLock { bdf: bdf(b), take }
+    }
 }
