@@ -1,8 +1,9 @@
 use std::fmt;
 
 use serde::Serialize;
-use vfio_gpu_host::{Bdf, HostError};
+use vfio_gpu_host::{Bdf, DriverName, HostError};
 
+use crate::kernel::SysfsWrite;
 use crate::ledger::{Holder, LedgerError};
 use crate::preflight::NodeHolder;
 
@@ -44,6 +45,71 @@ impl fmt::Display for FunctionState {
             write!(f, " [expected {e}]")?;
         }
         Ok(())
+    }
+}
+
+/// The step of a move or a release that failed: a host write, or a check
+/// that the host is as the writes left it. Renders as the text errors have
+/// always shown (`bind 0000:65:00.0 to vfio-pci`, `verify group 12 viable`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// A host write the kernel refused, or one not started (the operation's
+    /// budget spent, the admin's intent refusing it).
+    Write(SysfsWrite),
+    /// A check after the writes found the host not as they left it.
+    Verify(Verification),
+}
+
+/// A check the engine makes after its writes, because sysfs can report
+/// success for a write that did not do what it asked (a bind that probed
+/// nothing, a group node that never appeared).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verification {
+    /// The function is on the driver its bind named.
+    BoundTo {
+        /// The function that was bound.
+        bdf: Bdf,
+        /// The driver it should now be on.
+        driver: DriverName,
+    },
+    /// `/dev/vfio/<group>` (or every moved function's device cdev) appeared.
+    GroupNode {
+        /// The IOMMU group whose node a VM opens.
+        group: u32,
+    },
+    /// Every member of the group is unbound or on a driver that manages DMA
+    /// itself (vfio, pci-stub, pcieport), so VFIO can hand the group out.
+    GroupViable {
+        /// The IOMMU group checked.
+        group: u32,
+    },
+    /// A function found driverless during a release got back onto vfio
+    /// (it is never left without a driver).
+    ParkedOn {
+        /// The function parked.
+        bdf: Bdf,
+        /// The vfio driver it should be on.
+        driver: DriverName,
+    },
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Write(w) => w.fmt(f),
+            Step::Verify(v) => v.fmt(f),
+        }
+    }
+}
+
+impl fmt::Display for Verification {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verification::BoundTo { bdf, driver } => write!(f, "verify {bdf} on {driver}"),
+            Verification::GroupNode { group } => write!(f, "verify /dev/vfio/{group}"),
+            Verification::GroupViable { group } => write!(f, "verify group {group} viable"),
+            Verification::ParkedOn { bdf, driver } => write!(f, "park {bdf} on {driver}"),
+        }
     }
 }
 
@@ -185,8 +251,8 @@ pub enum EngineError {
     /// A step failed and everything was put back.
     #[error("{step} failed: {cause}; rolled back: {}", list(functions))]
     RolledBack {
-        /// The failing step.
-        step: String,
+        /// The step that failed (its write, or the check after it).
+        step: Step,
         /// Its error (the errno, for a sysfs write).
         #[source]
         cause: std::io::Error,
@@ -199,13 +265,13 @@ pub enum EngineError {
         list(functions)
     )]
     RollbackIncomplete {
-        /// The failing step.
-        step: String,
+        /// The step that failed (its write, or the check after it).
+        step: Step,
         /// Its error (the errno, for a sysfs write).
         #[source]
         cause: std::io::Error,
-        /// What went wrong in the rollback.
-        rollback: String,
+        /// Why putting things back failed (the rollback's own error).
+        rollback: Box<EngineError>,
         /// Where every function is now.
         functions: Vec<FunctionState>,
     },
@@ -217,8 +283,8 @@ pub enum EngineError {
     RestoreFailed {
         /// GPU.
         bdf: Bdf,
-        /// The failing step.
-        step: String,
+        /// The step that failed (its write, or the check after it).
+        step: Step,
         /// Its error (the errno, for a sysfs write).
         #[source]
         cause: std::io::Error,

@@ -32,5 +32,5 @@ pub use engine::{
     Action, CrashMode, Engine, EngineConfig, GpuView, Inspection, OpenReport, Outcome,
     ReconcileResult, StateHold, StateLockMode, inspect, pin_text, source_name,
 };
-pub use error::{EngineError, FunctionState};
+pub use error::{EngineError, FunctionState, Step, Verification};
 pub use ledger::Holder;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use vfio_gpu_engine::kernel::WriteKind;
 use vfio_gpu_engine::sim::{BlockHandle, Fault, FaultAction, errno};
-use vfio_gpu_engine::{Action, EngineConfig, EngineError, Holder};
+use vfio_gpu_engine::{Action, EngineConfig, EngineError, Holder, Step, Verification};
 
 fn claim(uid: &str) -> Holder {
     Holder::Claim {
@@ -143,8 +143,21 @@ fn probe_that_binds_nothing_is_caught_by_verification() {
         FaultAction::ProbeBindsNothing,
     ));
     let err = e.configure(bdf(B), claim("u1")).unwrap_err();
+    let EngineError::RolledBack { step, .. } = &err else {
+        panic!("{err}")
+    };
+    let vfio = vfio_gpu_host::DriverName::new("vfio-pci").unwrap();
+    assert_eq!(
+        *step,
+        Step::Verify(Verification::BoundTo {
+            bdf: bdf(B),
+            driver: vfio
+        })
+    );
+    // People read the step as they always did.
     assert!(
-        err.to_string().contains("verify 0000:66:00.0 on vfio-pci"),
+        err.to_string()
+            .starts_with("verify 0000:66:00.0 on vfio-pci failed: driver is none"),
         "{err}"
     );
     assert_eq!(state_of(&host, B), (Some("nvidia".into()), None));
@@ -164,7 +177,10 @@ fn restore_failure_keeps_gpu_on_vfio_never_driverless() {
         FaultAction::Fail(errno::EIO),
     ));
     let err = e.unconfigure(bdf(B), Some(&claim("u1"))).unwrap_err();
-    assert!(matches!(err, EngineError::RestoreFailed { .. }), "{err}");
+    let EngineError::RestoreFailed { step, .. } = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(*step, Step::Write(write::bind(B, "nvidia")), "{err}");
     assert_eq!(driver_of(&host, B).as_deref(), Some("vfio-pci"));
     // The record stays: reconcile retries later.
     let rec = e.ledger().gpus[&bdf(B)].clone();

@@ -10,7 +10,7 @@ use std::time::Instant;
 use vfio_gpu_host::{Bdf, DriverName, Gpu, PciFunction};
 use vfio_gpu_intent::{Policy, VfioDriverChoice};
 
-use crate::error::EngineError;
+use crate::error::{EngineError, Verification};
 use crate::kernel::SysfsWrite;
 use crate::ledger::{Changes, GpuRecord, Holder, OpState};
 use crate::preflight::choose_vfio_driver;
@@ -334,7 +334,7 @@ impl Engine {
                     Err(rb) => Err(EngineError::RollbackIncomplete {
                         step,
                         cause,
-                        rollback: rb.to_string(),
+                        rollback: Box::new(rb),
                         functions: self.states(&all, &expected),
                     }),
                 }
@@ -411,7 +411,10 @@ impl Engine {
             let now_on = self.binding(f.bdf)?.driver;
             if now_on.as_ref() != Some(vfio) {
                 return Err(StepError::verify(
-                    format!("verify {} on {vfio}", f.bdf),
+                    Verification::BoundTo {
+                        bdf: f.bdf,
+                        driver: vfio.clone(),
+                    },
                     format!(
                         "driver is {}",
                         now_on.map(|d| d.to_string()).unwrap_or("none".into())
@@ -436,7 +439,7 @@ impl Engine {
         };
         if !node_exists(self.root.dev_vfio_group(group)) && !cdevs_present() {
             return Err(StepError::verify(
-                format!("verify /dev/vfio/{group}"),
+                Verification::GroupNode { group },
                 "the group node did not appear".into(),
             ));
         }
@@ -447,7 +450,7 @@ impl Engine {
                 && !(f.on_vfio() || d.as_str() == "pci-stub" || d.as_str() == "pcieport")
             {
                 return Err(StepError::verify(
-                    format!("verify group {group} viable"),
+                    Verification::GroupViable { group },
                     format!("{m} is on {d}"),
                 ));
             }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use vfio_gpu_host::{Bdf, Binding, DriverName, Gpu, HostError, PciFunction};
 
 use crate::deadline::{Timed, read_with_deadline, run_with_deadline};
-use crate::error::EngineError;
+use crate::error::{EngineError, Step, Verification};
 use crate::kernel::Kernel;
 use crate::kernel::{SysfsWrite, nvidia_unbind_lock_path};
 use crate::ledger::GpuRecord;
@@ -303,10 +303,10 @@ impl Engine {
     }
 
     pub(super) fn step(&self, gpu: Bdf, op: SysfsWrite) -> Result<(), StepError> {
-        let text = op.to_string();
+        let step = Step::Write(op.clone());
         match self.write(gpu, op)? {
             Ok(()) => Ok(()),
-            Err(source) => Err(StepError::Step { step: text, source }),
+            Err(source) => Err(StepError::Step { step, source }),
         }
     }
 
@@ -430,16 +430,16 @@ pub(super) enum StepError {
     Engine(EngineError),
     /// A step failed; `source` keeps the kernel's errno.
     Step {
-        step: String,
+        step: Step,
         source: io::Error,
     },
 }
 
 impl StepError {
     /// A verification that found the host not as the step left it.
-    pub(super) fn verify(step: String, found: String) -> StepError {
+    pub(super) fn verify(check: Verification, found: String) -> StepError {
         StepError::Step {
-            step,
+            step: Step::Verify(check),
             source: io::Error::other(found),
         }
     }
