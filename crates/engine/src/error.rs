@@ -236,6 +236,15 @@ pub enum EngineError {
         /// Current holder.
         holder: Holder,
     },
+    /// An administrator's release of a GPU a ResourceClaim holds, refused:
+    /// nothing was changed.
+    #[error("{bdf} is held by {holder}; release it through Kubernetes, or force the release")]
+    HeldByClaim {
+        /// The GPU the admin asked to release.
+        bdf: Bdf,
+        /// The claim that holds it.
+        holder: Holder,
+    },
     /// A write outlived its deadline; the GPU is left alone until it returns.
     #[error(
         "{bdf} is stuck: {op} did not return within {secs:.1} s; the GPU is not touched until it does (other GPUs are unaffected)"

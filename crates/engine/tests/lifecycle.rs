@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use vfio_gpu_engine::kernel::WriteKind;
 use vfio_gpu_engine::sim::{BlockHandle, Fault, FaultAction, errno};
-use vfio_gpu_engine::{Action, EngineConfig, EngineError, Holder, Step, Verification};
+use vfio_gpu_engine::{
+    Action, ClaimHeld, EngineConfig, EngineError, Holder, Step, Verification,
+};
 
 fn claim(uid: &str) -> Holder {
     Holder::Claim {
@@ -764,4 +766,36 @@ fn a_gpu_already_on_vfio_held_by_a_process_is_not_handed_out() {
         e.configure(bdf(C), claim("u1")).unwrap().action,
         Action::AlreadyOnVfio
     );
+}
+
+/// The admin release guard lives in the engine: a GPU a claim holds is
+/// refused for the whole request before any write, and released only when
+/// the admin forces it.
+#[test]
+fn an_admin_release_of_a_claim_held_gpu_is_refused_before_any_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let e = engine(&k, &dir.path().join("state"));
+    e.configure(bdf(A), claim("u1")).unwrap();
+    e.configure(bdf(B), Holder::Admin).unwrap();
+    let before = k.log().len();
+
+    let err = e
+        .release_for_admin(&[bdf(B), bdf(A)], ClaimHeld::Refuse)
+        .unwrap_err();
+    assert!(
+        matches!(&err, EngineError::HeldByClaim { bdf: b, holder } if *b == bdf(A) && *holder == claim("u1")),
+        "{err}"
+    );
+    assert_eq!(k.log()[before..], [], "nothing written, B included");
+    assert_eq!(driver_of(&host, B).as_deref(), Some("vfio-pci"));
+
+    let results = e
+        .release_for_admin(&[bdf(B), bdf(A)], ClaimHeld::Release)
+        .unwrap();
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    assert_eq!(driver_of(&host, A).as_deref(), Some("nvidia"));
+    assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
 }

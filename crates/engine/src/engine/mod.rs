@@ -10,9 +10,11 @@
 //! - `journal`: ledger commits, record constructors, crash points.
 //! - `view`: what operations report (`Outcome`, `GpuView`, `inspect`).
 //! - `batch`: several GPUs in parallel.
+//! - `admin`: the administrator's release and its guard (a claim's GPU is Kubernetes').
 //! - Intent rules live in `vfio-gpu-intent`; the ledger format in `ledger`;
 //!   slice attributes in `vfio-gpu-kubelet`'s `slices`.
 
+mod admin;
 mod batch;
 mod configure;
 pub(crate) mod fabric;
@@ -23,6 +25,7 @@ mod release;
 mod steps;
 mod view;
 
+pub use admin::{ClaimHeld, admin_may_release};
 use view::Records;
 pub use view::{
     Action, GpuView, Inspection, OpenReport, Outcome, ReconcileResult, inspect, pin_text,
