@@ -83,7 +83,8 @@ fn describe_self() -> String {
 /// What the holder recorded in the lock file, for a "locked by" message.
 fn recorded_holder(file: &mut File) -> String {
     let mut text = String::new();
-    // A holder writes a few hundred bytes; never read more than that.
+    // A holder writes a few hundred bytes; never read more than that. An
+    // unreadable file names no holder, which the fields below then say.
     let _ = file.take(4096).read_to_string(&mut text);
     let field = |k: &str| {
         text.lines()

@@ -312,6 +312,7 @@ impl SimKernel {
             .append(true)
             .open(path.as_path());
         if let Ok(mut f) = file {
+            // The log is for people and tests, not the simulation (see above).
             let _ = f.write_all(format!("{line}\n").as_bytes());
         }
     }
@@ -471,6 +472,7 @@ impl SimKernel {
         fs::rename(&dir, &stash)?;
         fs::remove_file(self.root.pci_device_dir(&bdf))?;
         if let Some(g) = f.iommu_group {
+            // The fixture may not have listed it in its group; gone either way.
             let _ = fs::remove_file(self.root.iommu_group_devices_dir(g).join(bdf.to_string()));
         }
         let mut s = self.lock();
@@ -496,6 +498,7 @@ impl SimKernel {
             fs::rename(&r.stash, &r.dir)?;
             // A new struct device: the override is gone, no driver, no vfio-dev.
             fs::write(r.dir.join("driver_override"), "(null)\n")?;
+            // Absent when it had no driver: removing is all that is asked.
             let _ = fs::remove_file(r.dir.join("driver"));
             let _ = fs::remove_dir_all(r.dir.join("vfio-dev"));
             rel_symlink(&r.dir, &self.root.pci_device_dir(&bdf))?;
@@ -719,6 +722,7 @@ impl SimKernel {
     fn after_unbind(&self, f: &PciFunction, driver: &str) -> io::Result<()> {
         if is_vfio_driver(driver) {
             if let Some(v) = &f.vfio_dev {
+                // A fixture without the cdev node: nothing to remove.
                 let _ = fs::remove_file(self.root.rel("dev/vfio/devices").join(v));
             }
             self.fixture.remove_vfio_dev(f.bdf)?;
@@ -730,6 +734,7 @@ impl SimKernel {
                             .unwrap_or(false)
                 });
                 if !still {
+                    // A fixture without the group node: nothing to remove.
                     let _ = fs::remove_file(self.root.dev_vfio_group(g));
                 }
             }

@@ -332,6 +332,7 @@ pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     })();
     drop(f);
     if result.is_err() {
+        // The write's error is reported; a temp file left behind is only litter.
         let _ = fs::remove_file(&tmp);
     }
     result

@@ -304,7 +304,7 @@ impl Engine {
                     // Unrecorded success is no success: a restart would roll it
                     // back under a running VM. Undo it now, while nobody uses it.
                     if !matches!(e, EngineError::SimulatedCrash(_)) {
-                        let _ = self.rollback(bdf);
+                        self.rollback_logged(bdf, e);
                     }
                 }
                 done
@@ -313,7 +313,7 @@ impl Engine {
             Err(StepError::Engine(e)) => {
                 // Any failure after the write-ahead record puts back what can
                 // be put back (a stuck function stays as it is).
-                let _ = self.rollback(bdf);
+                self.rollback_logged(bdf, &e);
                 Err(e)
             }
             Err(StepError::Step {
@@ -339,6 +339,15 @@ impl Engine {
                     }),
                 }
             }
+        }
+    }
+
+    /// Rolls back after `cause` ended a configure; the caller returns
+    /// `cause`, so a failed rollback is logged (its record stays for
+    /// reconcile to finish).
+    fn rollback_logged(&self, bdf: Bdf, cause: &EngineError) {
+        if let Err(e) = self.rollback(bdf) {
+            tracing::error!(%bdf, %cause, error = %e, "rollback after a failed configure failed; reconcile retries it");
         }
     }
 

@@ -50,7 +50,9 @@ impl Engine {
                 tracing::warn!(%op, "write outlived its deadline; device marked stuck");
                 let text = op.to_string();
                 // Recording may fail (ledger unwritable); the stuck error matters more.
-                let _ = self.update_record(gpu, |r| r.stuck_on = Some(text.clone()));
+                if let Err(e) = self.update_record(gpu, |r| r.stuck_on = Some(text.clone())) {
+                    tracing::warn!(%gpu, error = %e, "could not record the stuck write in the ledger");
+                }
                 Err(EngineError::Stuck {
                     bdf: gpu,
                     op: text,
@@ -302,6 +304,14 @@ impl Engine {
             .map_err(|e| self.stuck_or(bdf, e))
     }
 
+    /// A write whose outcome the caller judges by reading the host back
+    /// afterwards: a failure is logged, not returned.
+    pub(super) fn step_best_effort(&self, gpu: Bdf, op: SysfsWrite) {
+        if let Err(e) = self.step(gpu, op) {
+            tracing::warn!(%gpu, error = %e, "best-effort host write failed; the state read back decides");
+        }
+    }
+
     pub(super) fn step(&self, gpu: Bdf, op: SysfsWrite) -> Result<(), StepError> {
         let step = Step::Write(op.clone());
         match self.write(gpu, op)? {
@@ -387,7 +397,7 @@ impl Engine {
             )
             .is_ok();
         if ok && self.binding(bdf).is_ok_and(|f| f.driver.is_none()) {
-            let _ = self.step(
+            self.step_best_effort(
                 gpu,
                 SysfsWrite::Bind {
                     bdf,
@@ -412,7 +422,7 @@ impl Engine {
                 .is_ok_and(|b| b.driver.is_some_and(|d| d.as_str() == "nvidia"));
             let path = nvidia_unbind_lock_path(&self.root, &fr.bdf);
             if on_nvidia && self.unbind_lock_held(fr.bdf, path) {
-                let _ = self.step(
+                self.step_best_effort(
                     gpu,
                     SysfsWrite::NvidiaUnbindLock {
                         bdf: fr.bdf,
@@ -441,6 +451,15 @@ impl StepError {
         StepError::Step {
             step: Step::Verify(check),
             source: io::Error::other(found),
+        }
+    }
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepError::Engine(e) => e.fmt(f),
+            StepError::Step { step, source } => write!(f, "{step} failed: {source}"),
         }
     }
 }

@@ -487,6 +487,8 @@ pub async fn serve(
         Ok(b) => b,
         Err(e) => {
             stop.cancel();
+            // The registration error `e` is the one to report; the stopped
+            // DRA task's own result (cancelled) adds nothing.
             let _ = dra_task.await;
             return Err(e);
         }
