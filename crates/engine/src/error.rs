@@ -12,12 +12,12 @@ use crate::preflight::NodeHolder;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FunctionState {
-    /// Address.
+    /// The function's PCI address.
     #[serde(rename = "pciBusID")]
     pub bdf: Bdf,
-    /// Current driver.
+    /// The driver it is bound to now (`None`: no driver).
     pub driver: Option<String>,
-    /// Current `driver_override`.
+    /// Its `driver_override` now (`None`: cleared).
     pub driver_override: Option<String>,
     /// The driver it should be on, when it is not.
     pub expected: Option<String>,
@@ -136,9 +136,9 @@ pub enum EngineError {
     /// The admin pinned the device; it is never moved.
     #[error("{bdf} is pinned by the administrator ({detail}); it is never moved")]
     Pinned {
-        /// GPU.
+        /// The GPU the operation was asked about (its first function's address).
         bdf: Bdf,
-        /// Which pin.
+        /// Which pin, as its source says it (driverctl, the policy, a kernel parameter).
         detail: String,
     },
     /// No IOMMU group: vfio-pci cannot take the device.
@@ -151,17 +151,17 @@ pub enum EngineError {
         "{bdf}: its IOMMU group also holds {members}; moving the group would take them from the host (set binding.allow-foreign-group-members in the policy to allow)"
     )]
     ForeignGroupMembers {
-        /// GPU.
+        /// The GPU the operation was asked about (its first function's address).
         bdf: Bdf,
-        /// The other members.
+        /// The other members of the IOMMU group, comma-separated.
         members: String,
     },
     /// SR-IOV VFs are enabled on the GPU.
     #[error("{bdf} has {count} SR-IOV VFs enabled; disable them (sriov_numvfs = 0) first")]
     VfsEnabled {
-        /// GPU.
+        /// The GPU the operation was asked about (its first function's address).
         bdf: Bdf,
-        /// Enabled VFs.
+        /// How many VFs `sriov_numvfs` reports.
         count: u32,
     },
     /// The vfio driver is not loaded.
@@ -169,25 +169,25 @@ pub enum EngineError {
         "driver {driver} is not loaded (no sys/bus/pci/drivers/{driver}); load it (modprobe {module}) or allow binding.load-vfio-module in the policy"
     )]
     VfioDriverMissing {
-        /// Driver name.
+        /// The vfio driver the move needs (`vfio-pci` or a variant driver).
         driver: String,
-        /// Module name.
+        /// The kernel module that provides it.
         module: String,
     },
     /// Running modprobe failed.
     #[error("modprobe {module} failed: {detail}")]
     Modprobe {
-        /// Module.
+        /// The module modprobe was asked to load.
         module: String,
-        /// Output or error.
+        /// modprobe's output, or why it could not run.
         detail: String,
     },
     /// A process still uses the GPU.
     #[error("{bdf} is in use: {}", list(holders))]
     Busy {
-        /// GPU.
+        /// The GPU the operation was asked about (its first function's address).
         bdf: Bdf,
-        /// Who.
+        /// The processes holding the GPU's device nodes (pid, command, node).
         holders: Vec<NodeHolder>,
     },
     /// Too few file descriptors are free for a move and its rollback: nothing
@@ -196,13 +196,13 @@ pub enum EngineError {
         "{bdf}: only {free} file descriptors are free (of {limit}); a move needs {needed} so that its rollback can never be starved; nothing was changed, retry"
     )]
     FdsExhausted {
-        /// GPU.
+        /// The GPU the operation was asked about (its first function's address).
         bdf: Bdf,
-        /// Descriptors free now.
+        /// File descriptors free in this process now.
         free: u64,
-        /// The soft limit.
+        /// The process's soft `RLIMIT_NOFILE`.
         limit: u64,
-        /// What a move reserves.
+        /// How many a move and its rollback reserve.
         needed: u64,
     },
     /// The admin's intent sources (policy, driverctl, modprobe.d, the
@@ -213,9 +213,9 @@ pub enum EngineError {
     /// Turning nvidia persistence mode off failed.
     #[error("{bdf}: could not turn nvidia persistence mode off: {detail}")]
     Persistence {
-        /// GPU.
+        /// The GPU the operation was asked about (its first function's address).
         bdf: Bdf,
-        /// What nvidia-smi said.
+        /// What `nvidia-smi` printed, or why it could not run.
         detail: String,
     },
     /// nvidia refused its unbind lock (clients still open).
@@ -223,17 +223,17 @@ pub enum EngineError {
         "{bdf}: nvidia would not grant its unbind lock after {attempts} attempts (clients still open?)"
     )]
     UnbindLock {
-        /// GPU.
+        /// The GPU the operation was asked about (its first function's address).
         bdf: Bdf,
-        /// Attempts made.
+        /// How many times the lock was asked for.
         attempts: u32,
     },
     /// Held by someone else.
     #[error("{bdf} is held by {holder}")]
     HeldByOther {
-        /// GPU.
+        /// The GPU the operation was asked about (its first function's address).
         bdf: Bdf,
-        /// Current holder.
+        /// The claim or admin that holds it now.
         holder: Holder,
     },
     /// An administrator's release of a GPU a ResourceClaim holds, refused:
@@ -250,11 +250,12 @@ pub enum EngineError {
         "{bdf} is stuck: {op} did not return within {secs:.1} s; the GPU is not touched until it does (other GPUs are unaffected)"
     )]
     Stuck {
-        /// GPU.
+        /// The GPU the operation was asked about (its first function's address).
         bdf: Bdf,
-        /// The write.
+        /// The host write (or bounded read) that is stuck, as recorded when it
+        /// outlived its deadline: the ledger keeps it as text across restarts.
         op: String,
-        /// Seconds waited.
+        /// How long it was waited for, in seconds (0 when found stuck before).
         secs: f64,
     },
     /// A step failed and everything was put back.
@@ -265,7 +266,7 @@ pub enum EngineError {
         /// Its error (the errno, for a sysfs write).
         #[source]
         cause: std::io::Error,
-        /// Where every function is now.
+        /// Where every function of the GPU is now, read after the failure.
         functions: Vec<FunctionState>,
     },
     /// A step failed and putting things back failed too.
@@ -281,7 +282,7 @@ pub enum EngineError {
         cause: std::io::Error,
         /// Why putting things back failed (the rollback's own error).
         rollback: Box<EngineError>,
-        /// Where every function is now.
+        /// Where every function of the GPU is now, read after the failure.
         functions: Vec<FunctionState>,
     },
     /// Restoring the host driver failed; the GPU was kept on vfio.
@@ -290,14 +291,14 @@ pub enum EngineError {
         list(functions)
     )]
     RestoreFailed {
-        /// GPU.
+        /// The GPU the operation was asked about (its first function's address).
         bdf: Bdf,
         /// The step that failed (its write, or the check after it).
         step: Step,
         /// Its error (the errno, for a sysfs write).
         #[source]
         cause: std::io::Error,
-        /// Where every function is now.
+        /// Where every function of the GPU is now, read after the failure.
         functions: Vec<FunctionState>,
     },
     /// The operation's thread panicked (a bug); the ledger and reconcile
@@ -322,9 +323,9 @@ pub enum EngineError {
     /// never deactivated under them; retry once the VM is gone.
     #[error("NVLink partition {partition} is in use: {}", list(holders))]
     FabricBusy {
-        /// FM partition id.
+        /// The Fabric Manager partition id.
         partition: u32,
-        /// Who holds its GPUs.
+        /// The processes holding its GPUs' vfio nodes.
         holders: Vec<NodeHolder>,
     },
     /// An NVSwitch (PCI class 0x0680) shares the GPU's IOMMU group: it is
@@ -333,9 +334,9 @@ pub enum EngineError {
         "{bdf}: its IOMMU group also holds NVSwitch {members} (PCI class 0x0680); NVSwitches stay with the host's Fabric Manager and are never passed through, so this GPU cannot be (fix the IOMMU grouping: ACS)"
     )]
     FabricSwitchInGroup {
-        /// GPU.
+        /// The GPU the operation was asked about (its first function's address).
         bdf: Bdf,
-        /// The switch functions.
+        /// The NVSwitch functions in the group, comma-separated.
         members: String,
     },
 }

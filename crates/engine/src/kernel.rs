@@ -15,33 +15,33 @@ use vfio_gpu_host::{Bdf, Binding, DriverName, HostError, HostRoot, PciFunction};
 pub enum SysfsWrite {
     /// `devices/<BDF>/driver_override` ← a driver name, or `"\n"` to clear.
     DriverOverride {
-        /// Device.
+        /// The PCI function written about.
         bdf: Bdf,
         /// A driver name, or `None` to clear (written as `"\n"`).
         driver: Option<String>,
     },
     /// `drivers/<driver>/unbind` ← BDF. Can block for minutes.
     Unbind {
-        /// Device.
+        /// The PCI function written about.
         bdf: Bdf,
         /// The driver it is bound to.
         driver: DriverName,
     },
     /// `drivers/<driver>/bind` ← BDF. Reports probe errors (ENODEV, EBUSY, EINVAL…).
     Bind {
-        /// Device.
+        /// The PCI function written about.
         bdf: Bdf,
-        /// Driver to bind.
+        /// The driver asked to bind it.
         driver: DriverName,
     },
     /// `drivers_probe` ← BDF. Succeeds even when nothing binds.
     DriversProbe {
-        /// Device.
+        /// The PCI function written about.
         bdf: Bdf,
     },
     /// `/proc/driver/nvidia/gpus/<BDF>/unbindLock` ← `1` (take) or `0` (release).
     NvidiaUnbindLock {
-        /// Device.
+        /// The PCI function written about.
         bdf: Bdf,
         /// Take (true) or release (false).
         take: bool,

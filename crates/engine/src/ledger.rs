@@ -235,18 +235,18 @@ pub enum LedgerError {
     /// Writing the ledger failed.
     #[error("writing ledger {path}: {source}")]
     Write {
-        /// The file.
+        /// The ledger file being written.
         path: PathBuf,
-        /// Cause.
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
     /// Creating the state directory failed, or it is not safe to use.
     #[error("state directory {path}: {source}")]
     StateDir {
-        /// The directory.
+        /// The state directory.
         path: PathBuf,
-        /// Cause.
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
@@ -256,9 +256,9 @@ pub enum LedgerError {
         "ledger {path} is kept read-only ({reason}); no GPU is moved until an administrator resolves it (upgrade vfio-gpu-dra, or fix the file)"
     )]
     ReadOnly {
-        /// The file.
+        /// The ledger file, left as it was.
         path: PathBuf,
-        /// Why.
+        /// Why it cannot be used (a newer format, undecodable, unreadable).
         reason: String,
     },
     /// The host has no boot id, so records could not be told from an

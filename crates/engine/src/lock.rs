@@ -37,7 +37,7 @@ pub enum LockError {
     Io {
         /// The lock file.
         path: PathBuf,
-        /// Cause.
+        /// Why opening or locking it failed.
         #[source]
         source: io::Error,
     },

@@ -109,7 +109,7 @@ pub enum HolderScanError {
     Proc {
         /// What could not be read.
         path: PathBuf,
-        /// Cause.
+        /// Why the read failed.
         #[source]
         source: std::io::Error,
     },
