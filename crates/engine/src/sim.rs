@@ -1009,14 +1009,7 @@ impl Kernel for SimKernel {
 
     fn exists(&self, path: &Path) -> Result<bool, HostError> {
         self.gate_path(path)?;
-        match std::fs::symlink_metadata(path) {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(HostError::Io {
-                path: path.to_path_buf(),
-                source: e,
-            }),
-        }
+        crate::kernel::exists_no_follow(path)
     }
 
     fn is_dir(&self, path: &Path) -> Result<bool, HostError> {

@@ -10,17 +10,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use vfio_gpu_engine::sim::{BlockHandle, FaultAction};
-use vfio_gpu_engine::{Action, EngineConfig, EngineError, Holder};
+use vfio_gpu_engine::{Action, EngineConfig, EngineError};
 
 const EMFILE: i32 = 24;
-
-fn claim(uid: &str) -> Holder {
-    Holder::Claim {
-        uid: uid.into(),
-        namespace: "ns".into(),
-        name: uid.into(),
-    }
-}
 
 fn quick() -> EngineConfig {
     EngineConfig {

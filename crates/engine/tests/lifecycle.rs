@@ -7,25 +7,11 @@ use std::time::{Duration, Instant};
 use common::*;
 use vfio_gpu_engine::kernel::WriteKind;
 use vfio_gpu_engine::sim::{BlockHandle, Fault, FaultAction, errno};
-use vfio_gpu_engine::{
-    Action, ClaimHeld, EngineConfig, EngineError, Holder, Step, Verification,
-};
-
-fn claim(uid: &str) -> Holder {
-    Holder::Claim {
-        uid: uid.into(),
-        namespace: "vms".into(),
-        name: format!("claim-{uid}"),
-    }
-}
+use vfio_gpu_engine::{Action, ClaimHeld, EngineConfig, EngineError, Holder, Step, Verification};
 
 #[test]
 fn moves_gpu_with_companion_and_returns_both() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, host, k, e) = world();
 
     let out = e.configure(bdf(A), claim("u1")).unwrap();
     assert_eq!(out.action, Action::Moved);
@@ -63,11 +49,7 @@ fn moves_gpu_with_companion_and_returns_both() {
 
 #[test]
 fn prebound_gpu_is_a_recorded_noop_and_stays_on_vfio() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, host, k, e) = world();
     let out = e.configure(bdf(C), claim("u1")).unwrap();
     assert_eq!(out.action, Action::AlreadyOnVfio);
     assert!(k.log().is_empty(), "no host writes: {:?}", k.log());
@@ -81,11 +63,7 @@ fn prebound_gpu_is_a_recorded_noop_and_stays_on_vfio() {
 
 #[test]
 fn cmdline_named_gpu_on_nvidia_stays_on_vfio_after_release_upstream_1099() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (dir, host, k, e) = world();
     assert_eq!(
         e.configure(bdf(D), claim("u1")).unwrap().action,
         Action::Moved
@@ -102,11 +80,7 @@ fn cmdline_named_gpu_on_nvidia_stays_on_vfio_after_release_upstream_1099() {
 
 #[test]
 fn failed_bind_rolls_back_every_function() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, host, k, e) = world();
     k.inject(Fault::on(
         WriteKind::Bind,
         bdf(A_AUDIO),
@@ -133,11 +107,7 @@ fn failed_bind_rolls_back_every_function() {
 
 #[test]
 fn probe_that_binds_nothing_is_caught_by_verification() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, host, k, e) = world();
     // The kernel "accepts" the bind write but nothing binds.
     k.inject(Fault::on(
         WriteKind::Bind,
@@ -167,11 +137,7 @@ fn probe_that_binds_nothing_is_caught_by_verification() {
 
 #[test]
 fn restore_failure_keeps_gpu_on_vfio_never_driverless() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, host, k, e) = world();
     e.configure(bdf(B), claim("u1")).unwrap();
     k.inject(Fault::on(
         WriteKind::Bind,
@@ -198,11 +164,7 @@ fn restore_failure_keeps_gpu_on_vfio_never_driverless() {
 
 #[test]
 fn foreign_group_member_is_refused_and_nothing_changes() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, _host, k, e) = world();
     let err = e.configure(bdf(E), claim("u1")).unwrap_err();
     assert!(
         matches!(err, EngineError::ForeignGroupMembers { .. }),
@@ -268,11 +230,7 @@ fn process_holding_the_gpu_blocks_the_move() {
 
 #[test]
 fn vm_still_attached_blocks_release() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, host, _k, e) = world();
     e.configure(bdf(B), claim("u1")).unwrap();
     std::fs::create_dir_all(host.join("proc/777/fd")).unwrap();
     std::fs::write(host.join("proc/777/comm"), "qemu-kvm\n").unwrap();
@@ -735,11 +693,7 @@ fn a_containerised_process_named_nvidia_persistenced_is_a_holder() {
 /// claim while a process (a VM outside Kubernetes) holds its group.
 #[test]
 fn a_gpu_already_on_vfio_held_by_a_process_is_not_handed_out() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, host, _k, e) = world();
     // C is on vfio-pci at boot; a qemu process holds its group node.
     let group = std::fs::read_link(host.join(format!("sys/bus/pci/devices/{C}/iommu_group")))
         .unwrap()
@@ -773,11 +727,7 @@ fn a_gpu_already_on_vfio_held_by_a_process_is_not_handed_out() {
 /// the admin forces it.
 #[test]
 fn an_admin_release_of_a_claim_held_gpu_is_refused_before_any_write() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, host, k, e) = world();
     e.configure(bdf(A), claim("u1")).unwrap();
     e.configure(bdf(B), Holder::Admin).unwrap();
     let before = k.log().len();

@@ -15,17 +15,9 @@ use common::*;
 use vfio_gpu_engine::kernel::{Kernel, SysfsWrite, WriteKind};
 use vfio_gpu_engine::ledger::OpState;
 use vfio_gpu_engine::sim::{BlockHandle, Fault, FaultAction};
-use vfio_gpu_engine::{Action, Engine, EngineConfig, EngineError, Holder};
+use vfio_gpu_engine::{Action, Engine, EngineConfig, EngineError};
 use vfio_gpu_host::{DriverName, GpuSelector};
 use vfio_gpu_intent::Policy;
-
-fn claim(uid: &str) -> Holder {
-    Holder::Claim {
-        uid: uid.into(),
-        namespace: "vms".into(),
-        name: format!("claim-{uid}"),
-    }
-}
 
 /// A process (a VM) holding `/dev/vfio/<group>`, as the holder scan sees it.
 fn vm_holds_group(host: &Path, pid: u32, group: u32) {
@@ -60,11 +52,7 @@ fn open_with_policy_file(
 /// Review finding C1.
 #[test]
 fn driverctl_written_while_prepared_keeps_the_gpu_on_vfio() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, host, _k, e) = world();
     e.configure(bdf(B), claim("u1")).unwrap();
     fs::create_dir_all(host.join("etc/driverctl.d")).unwrap();
     fs::write(host.join("etc/driverctl.d/pci-0000:66:00.0"), "vfio-pci\n").unwrap();
@@ -126,12 +114,7 @@ fn policy_file_changed_while_prepared_is_honoured_and_a_broken_one_counts_as_own
 /// Review finding C1.
 #[test]
 fn what_inspect_says_is_what_release_does() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let state = dir.path().join("state");
-    let e = engine(&k, &state);
+    let (_dir, host, _k, _state, e) = world_and_state();
     e.configure(bdf(B), claim("u1")).unwrap();
     fs::create_dir_all(host.join("etc/driverctl.d")).unwrap();
     fs::write(host.join("etc/driverctl.d/pci-0000:66:00.0"), "vfio-pci\n").unwrap();
@@ -147,11 +130,7 @@ fn what_inspect_says_is_what_release_does() {
 /// Review finding C2.
 #[test]
 fn reprepare_after_drift_keeps_the_recorded_origins() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, host, k, e) = world();
     for (g, uid) in [(A, "ua"), (B, "ub")] {
         e.configure(bdf(g), claim(uid)).unwrap();
         // Someone unbinds fn0 from vfio-pci while the claim holds it.
@@ -200,12 +179,7 @@ fn reprepare_after_drift_keeps_the_recorded_origins() {
 /// Review finding C3.
 #[test]
 fn a_failed_final_commit_changes_nothing_in_memory_and_rollback_spares_a_held_group() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let state = dir.path().join("state");
-    let e = engine(&k, &state);
+    let (_dir, host, k, state, e) = world_and_state();
     let gate = BlockHandle::new();
     k.inject(Fault::on(
         WriteKind::Bind,
@@ -498,11 +472,7 @@ fn a_hanging_nvidia_smi_is_cut_off_by_its_deadline_and_changes_nothing() {
 /// Review finding m16.
 #[test]
 fn a_gpu_that_vanished_is_released_and_forgotten_not_an_error_forever() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, host, _k, e) = world();
     e.configure(bdf(B), claim("u1")).unwrap();
     e.configure(bdf(A), claim("u2")).unwrap();
     // Hot-unplug: the devices disappear from the bus.
@@ -521,12 +491,7 @@ fn a_gpu_that_vanished_is_released_and_forgotten_not_an_error_forever() {
 
 #[test]
 fn open_names_the_lock_holder_and_refuses_a_host_without_boot_id() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let state = dir.path().join("state");
-    let _first = engine(&k, &state);
+    let (dir, host, k, state, _first) = world_and_state();
     let second = Engine::open(
         Arc::new(k.clone()),
         &state,

@@ -12,18 +12,10 @@ use common::*;
 use vfio_gpu_engine::kernel::{SysfsWrite, WriteKind};
 use vfio_gpu_engine::ledger::OpState;
 use vfio_gpu_engine::sim::{Fault, FaultAction};
-use vfio_gpu_engine::{Action, EngineConfig, EngineError, Holder, StateLockMode};
+use vfio_gpu_engine::{Action, EngineConfig, EngineError, StateLockMode};
 
 const EIO: i32 = 5;
 const ENODEV: i32 = 19;
-
-fn claim(uid: &str) -> Holder {
-    Holder::Claim {
-        uid: uid.into(),
-        namespace: "ns".into(),
-        name: uid.into(),
-    }
-}
 
 fn fail_bind(b: &str, driver: &str, errno: i32) -> Fault {
     Fault {
@@ -118,11 +110,7 @@ fn a_crash_mid_release_then_intent_keeps_the_gpu_on_vfio() {
 /// nvidia works, return B there.
 #[test]
 fn a_failed_rollback_is_not_relabelled_admin_owned() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("host");
-    build_host(&root);
-    let k = sim(&root);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, root, k, e) = world();
     k.inject(fail_bind(B, "vfio-pci", ENODEV));
     k.inject(fail_bind(B, "nvidia", EIO));
     let err = e.configure(bdf(B), claim("u1")).unwrap_err();
@@ -255,11 +243,7 @@ fn another_process_s_blocked_write_is_left_alone() {
 /// left out: the move is refused before any host write.
 #[test]
 fn an_unreadable_group_member_blocks_the_move() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("host");
-    build_host(&root);
-    let k = sim(&root);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, root, k, e) = world();
     k.fail_reads(bdf(A_AUDIO), Some(EIO));
     let err = e.configure(bdf(A), claim("u1")).unwrap_err();
     assert!(
@@ -300,12 +284,7 @@ fn waiting_for_the_state_lock_does_not_spend_the_budget() {
 /// repairs nothing from it, not even GPUs it seems to have no record of.
 #[test]
 fn reconcile_on_a_read_only_ledger_writes_nothing_to_the_host() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("host");
-    build_host(&root);
-    let k = sim(&root);
-    let state = dir.path().join("state");
-    let e = engine(&k, &state);
+    let (_dir, _root, k, state, e) = world_and_state();
     e.configure(bdf(B), claim("u1")).unwrap();
     drop(e);
     let path = state.join("ledger.json");
@@ -347,11 +326,7 @@ fn a_pin_to_no_driver_written_while_held_is_honoured_at_release() {
 /// again the release goes through.
 #[test]
 fn a_release_with_an_unreadable_function_touches_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("host");
-    build_host(&root);
-    let k = sim(&root);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, root, k, e) = world();
     e.configure(bdf(A), claim("u1")).unwrap();
     let before = k.log().len();
     k.fail_reads(bdf(A_AUDIO), Some(EIO));

@@ -19,14 +19,6 @@ fn shared() -> EngineConfig {
     }
 }
 
-fn claim(uid: &str) -> Holder {
-    Holder::Claim {
-        uid: uid.into(),
-        namespace: "ns".into(),
-        name: uid.into(),
-    }
-}
-
 #[test]
 fn each_engine_sees_what_the_other_wrote_and_nothing_moves_twice() {
     let dir = tempfile::tempdir().unwrap();

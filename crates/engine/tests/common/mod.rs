@@ -5,13 +5,59 @@ use std::path::Path;
 use std::sync::Arc;
 
 use vfio_gpu_engine::sim::SimKernel;
-use vfio_gpu_engine::{CrashMode, Engine, EngineConfig};
+use vfio_gpu_engine::{CrashMode, Engine, EngineConfig, Holder};
 use vfio_gpu_host::fixture::{FixtureHost, FunctionSpec};
 use vfio_gpu_host::{Bdf, GpuSelector, HostRoot};
 use vfio_gpu_intent::Policy;
 
 pub fn bdf(s: &str) -> Bdf {
     s.parse().unwrap()
+}
+
+/// The ResourceClaim holder `vms/claim-<uid>` with UID `uid`.
+pub fn claim(uid: &str) -> Holder {
+    Holder::Claim {
+        uid: uid.into(),
+        namespace: "vms".into(),
+        name: format!("claim-{uid}"),
+    }
+}
+
+/// A state directory whose ledger holds B configured for claim `u1`: the
+/// temp directory (keep it alive), the state directory, the ledger's bytes.
+pub fn configured_ledger() -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
+    let (dir, _host, _k, state, e) = world_and_state();
+    e.configure(bdf(B), claim("u1")).unwrap();
+    drop(e);
+    let bytes = std::fs::read(state.join("ledger.json")).unwrap();
+    (dir, state, bytes)
+}
+
+/// The standard host ([`build_host`]) in a fresh temporary directory, its
+/// simulated kernel, and an engine with its state beside the host: the temp
+/// directory (keep it alive), the host root, the kernel, the engine.
+pub fn world() -> (tempfile::TempDir, std::path::PathBuf, SimKernel, Engine) {
+    let (dir, host, k, _state, e) = world_and_state();
+    (dir, host, k, e)
+}
+
+/// [`world`], also giving the engine's state directory (to reopen an engine
+/// on it, or to edit its ledger): the temp directory, the host root, the
+/// kernel, the state directory, the engine.
+pub fn world_and_state() -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    SimKernel,
+    std::path::PathBuf,
+    Engine,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let state = dir.path().join("state");
+    let e = engine(&k, &state);
+    (dir, host, k, state, e)
 }
 
 /// GPU A: 0000:65:00.0 VGA on nvidia + 0000:65:00.1 HDA on snd_hda_intel (group 11).
