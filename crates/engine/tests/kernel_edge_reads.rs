@@ -107,7 +107,7 @@ fn a_blocked_holder_scan_answers_busy() {
 fn intent_that_cannot_be_read_in_time_never_restores() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("host");
-    let mut h = build_host(&root);
+    let h = build_host(&root);
     h.write("etc/vfio-gpu-dra/policy.toml", "").unwrap();
     let k = sim(&root);
     let policy = root.join("etc/vfio-gpu-dra/policy.toml");
@@ -184,7 +184,7 @@ fn an_unreadable_intent_source_keeps_a_released_gpu_on_vfio() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("host");
-        let mut h = build_host(&root);
+        let h = build_host(&root);
         h.write(
             "etc/modprobe.d/local.conf",
             "options snd_hda_intel index=0\n",
@@ -232,7 +232,7 @@ fn an_unreadable_intent_source_keeps_a_released_gpu_on_vfio() {
 fn a_blocked_intent_directory_listing_times_out_and_keeps_the_gpu_on_vfio() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("host");
-    let mut h = build_host(&root);
+    let h = build_host(&root);
     h.write("etc/driverctl.d/.keep", "").unwrap();
     let k = sim(&root);
     let e = engine_with(&k, &dir.path().join("state"), quick());
