@@ -290,7 +290,7 @@ fn a_blocked_pci_tree_listing_times_out_instead_of_hanging_discovery() {
 fn intent_files_module_indexes_and_listings_pass_the_kernel_edge() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("host");
-    let mut h = build_host(&root);
+    let h = build_host(&root);
     h.write("proc/sys/kernel/osrelease", "6.12.0\n").unwrap();
     h.write(
         "lib/modules/6.12.0/modules.alias",
