@@ -138,20 +138,6 @@ impl fmt::Display for WriteKind {
     }
 }
 
-/// Whether `path` exists, not following a last symlink (a dangling link
-/// exists): the one body of [`Kernel::exists`] for the real and the
-/// simulated kernel.
-pub(crate) fn exists_no_follow(path: &Path) -> Result<bool, HostError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(HostError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        }),
-    }
-}
-
 /// `proc/driver/nvidia/gpus/<BDF>/unbindLock`: one place for the path the engine
 /// checks, writes and releases.
 pub(crate) fn nvidia_unbind_lock_path(root: &HostRoot, bdf: &Bdf) -> PathBuf {
@@ -204,12 +190,12 @@ pub trait Kernel: Send + Sync + 'static {
     /// Whether `path` exists (not following a last symlink: a dangling
     /// link exists).
     fn exists(&self, path: &Path) -> Result<bool, HostError> {
-        exists_no_follow(path)
+        self.root().exists(path)
     }
     /// Whether `path` is a directory (following links, as a driver's
     /// directory under `bus/pci/drivers` is one).
     fn is_dir(&self, path: &Path) -> Result<bool, HostError> {
-        match std::fs::metadata(path) {
+        match self.root().metadata(path) {
             Ok(m) => Ok(m.is_dir()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(HostError::Io {
