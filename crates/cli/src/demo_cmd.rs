@@ -288,6 +288,7 @@ async fn start_plugin(
     // The crash tests kill the plugin mid-prepare the same way they kill `bind`.
     opts.engine_config.crash_after_step = crate::setup::crash_hook()?;
     if let Some(fm_file) = &node.fm_file {
+        // A leftover from an earlier demo, or none: the fabric starts afresh either way.
         let _ = std::fs::remove_file(fm_file);
         opts.engine_config.fabric = Some(crate::fabric_cmd::demo_config(dir, &node.host)?);
     }

@@ -25,6 +25,13 @@ fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
+/// `args` on the demo host in `demo`, answered as JSON (the command must succeed).
+fn demo_json(demo: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["--demo", "--demo-dir", demo, "-o", "json"]);
+    json(&run(&all))
+}
+
 /// A host with one GPU pre-bound by the command line and one on nvidia.
 fn host(root: &Path) {
     let mut h = FixtureHost::create(root).unwrap();
@@ -246,26 +253,10 @@ fn serve_refuses_a_driver_name_that_is_not_one_path_component() {
 fn bind_release_round_trip_on_the_demo_host() {
     let dir = tempfile::tempdir().unwrap();
     let demo = dir.path().to_str().unwrap();
-    let v = json(&run(&[
-        "bind",
-        "0000:ab:00.0",
-        "0000:18:00.0",
-        "--demo",
-        "--demo-dir",
-        demo,
-        "-o",
-        "json",
-    ]));
+    let v = demo_json(demo, &["bind", "0000:ab:00.0", "0000:18:00.0"]);
     assert_eq!(v[0]["action"], "moved");
     assert_eq!(v[1]["action"], "already-on-vfio");
-    let v = json(&run(&[
-        "devices",
-        "--demo",
-        "--demo-dir",
-        demo,
-        "-o",
-        "json",
-    ]));
+    let v = demo_json(demo, &["devices"]);
     let ada = v
         .as_array()
         .unwrap()
@@ -274,35 +265,12 @@ fn bind_release_round_trip_on_the_demo_host() {
         .unwrap();
     assert_eq!(ada["driver"], "vfio-pci");
     assert_eq!(ada["functions"][1]["driver"], "vfio-pci", "HDA moved too");
-    let v = json(&run(&[
-        "ledger",
-        "--demo",
-        "--demo-dir",
-        demo,
-        "-o",
-        "json",
-    ]));
+    let v = demo_json(demo, &["ledger"]);
     assert_eq!(v["gpus"]["0000:ab:00.0"]["state"], "configured");
-    let v = json(&run(&[
-        "release",
-        "0000:ab:00.0",
-        "0000:18:00.0",
-        "--demo",
-        "--demo-dir",
-        demo,
-        "-o",
-        "json",
-    ]));
+    let v = demo_json(demo, &["release", "0000:ab:00.0", "0000:18:00.0"]);
     assert_eq!(v[0]["action"], "restored");
     assert_eq!(v[1]["action"], "left-on-vfio");
-    let v = json(&run(&[
-        "devices",
-        "--demo",
-        "--demo-dir",
-        demo,
-        "-o",
-        "json",
-    ]));
+    let v = demo_json(demo, &["devices"]);
     let find = |b: &str| {
         v.as_array()
             .unwrap()
@@ -334,23 +302,9 @@ fn crash_injection_then_reconcile_restores() {
         .output()
         .unwrap();
     assert!(!o.status.success(), "the process must have died");
-    let v = json(&run(&[
-        "ledger",
-        "--demo",
-        "--demo-dir",
-        demo,
-        "-o",
-        "json",
-    ]));
+    let v = demo_json(demo, &["ledger"]);
     assert_eq!(v["gpus"]["0000:ba:00.0"]["state"], "configuring");
-    let v = json(&run(&[
-        "reconcile",
-        "--demo",
-        "--demo-dir",
-        demo,
-        "-o",
-        "json",
-    ]));
+    let v = demo_json(demo, &["reconcile"]);
     let r = v
         .as_array()
         .unwrap()
@@ -358,14 +312,7 @@ fn crash_injection_then_reconcile_restores() {
         .find(|r| r["pciBusID"] == "0000:ba:00.0")
         .unwrap();
     assert_eq!(r["action"], "rolled-back");
-    let v = json(&run(&[
-        "devices",
-        "--demo",
-        "--demo-dir",
-        demo,
-        "-o",
-        "json",
-    ]));
+    let v = demo_json(demo, &["devices"]);
     let a100 = v
         .as_array()
         .unwrap()

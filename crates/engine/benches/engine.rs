@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! Engine benchmarks (a bench binary: the latency runs take seconds each).
 //!
 //! 1. Parallel configure: 1, 2, 4, 8 GPUs with realistic simulated latencies
@@ -13,6 +14,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vfio_gpu_engine::kernel::WriteKind;
 use vfio_gpu_engine::sim::SimKernel;
 use vfio_gpu_engine::{Engine, EngineConfig, Holder};
 use vfio_gpu_host::fixture::{FixtureHost, FunctionSpec};
@@ -66,8 +68,8 @@ fn main() {
             let dir = tempfile::tempdir().unwrap();
             let gpus = host(&dir.path().join("host"), n);
             let k = SimKernel::booted(HostRoot::open(dir.path().join("host")).unwrap());
-            k.set_latency("unbind", "nvidia", Duration::from_secs(2));
-            k.set_latency("bind", "vfio-pci", Duration::from_millis(300));
+            k.set_latency(WriteKind::Unbind, "nvidia", Duration::from_secs(2));
+            k.set_latency(WriteKind::Bind, "vfio-pci", Duration::from_millis(300));
             let e = open(dir.path(), &k);
             let reqs: Vec<(Bdf, Holder)> = gpus.iter().map(|b| (*b, Holder::Admin)).collect();
             let t = Instant::now();

@@ -20,9 +20,8 @@ pub trait HostCommands: Send + Sync {
         root: &HostRoot,
         program: &str,
         args: &[&str],
-        limit: std::time::Duration,
+        _limit: std::time::Duration,
     ) -> Result<String, String> {
-        let _ = limit;
         self.run(root, program, args)
     }
     /// Loads `module` with the host's `modprobe`. The name must not look
@@ -33,9 +32,10 @@ pub trait HostCommands: Send + Sync {
     }
     /// Whether `program` exists on the host (under `usr/bin`, `usr/sbin`, `bin`, `sbin`).
     fn exists(&self, root: &HostRoot, program: &str) -> bool {
-        ["usr/bin", "usr/sbin", "bin", "sbin"]
-            .iter()
-            .any(|d| root.rel(d).join(program).is_file())
+        ["usr/bin", "usr/sbin", "bin", "sbin"].iter().any(|d| {
+            root.metadata(&root.rel(d).join(program))
+                .is_ok_and(|m| m.is_file())
+        })
     }
 }
 
@@ -121,6 +121,7 @@ impl HostCommands for RealCommands {
             std::thread::spawn(move || {
                 let mut buf = Vec::new();
                 if let Some(mut p) = pipe {
+                    // A failed read keeps what was read: the text is for an error message.
                     let _ = p.read_to_end(&mut buf);
                 }
                 buf
@@ -135,10 +136,14 @@ impl HostCommands for RealCommands {
                 Ok(None) if start.elapsed() >= limit => {
                     // SIGKILL; a process in uninterruptible sleep dies when its
                     // call returns, and a reaper thread collects it then.
+                    // Fails only when it exited meanwhile: the reaper collects it either way.
                     let _ = child.kill();
-                    let _ = std::thread::Builder::new()
+                    if let Err(e) = std::thread::Builder::new()
                         .name("reap".into())
-                        .spawn(move || child.wait());
+                        .spawn(move || child.wait())
+                    {
+                        tracing::warn!(%program, error = %e, "no thread to reap the killed program; it stays a zombie until we exit");
+                    }
                     return Err(format!(
                         "{program} {}: killed after {:.1} s without an answer",
                         args.join(" "),

@@ -198,6 +198,7 @@ pub fn read_with_deadline<T: Send + 'static>(
             inner.reading.remove(&bdf);
         }
         drop(inner);
+        // The caller stops listening when the deadline passed; the result is then unwanted.
         let _ = tx.send(result);
     });
     if let Err(e) = spawned {
@@ -252,6 +253,7 @@ pub fn run_with_deadline(
                 },
             );
         }
+        // The caller stops listening when the deadline passed; the result is then unwanted.
         let _ = tx.send(result);
     });
     if let Err(e) = spawned {

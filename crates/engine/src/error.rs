@@ -1,8 +1,9 @@
 use std::fmt;
 
 use serde::Serialize;
-use vfio_gpu_host::{Bdf, HostError};
+use vfio_gpu_host::{Bdf, DriverName, HostError};
 
+use crate::kernel::SysfsWrite;
 use crate::ledger::{Holder, LedgerError};
 use crate::preflight::NodeHolder;
 
@@ -11,12 +12,12 @@ use crate::preflight::NodeHolder;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FunctionState {
-    /// Address.
+    /// The function's PCI address.
     #[serde(rename = "pciBusID")]
     pub bdf: Bdf,
-    /// Current driver.
+    /// The driver it is bound to now (`None`: no driver).
     pub driver: Option<String>,
-    /// Current `driver_override`.
+    /// Its `driver_override` now (`None`: cleared).
     pub driver_override: Option<String>,
     /// The driver it should be on, when it is not.
     pub expected: Option<String>,
@@ -47,6 +48,71 @@ impl fmt::Display for FunctionState {
     }
 }
 
+/// The step of a move or a release that failed: a host write, or a check
+/// that the host is as the writes left it. Renders as the text errors have
+/// always shown (`bind 0000:65:00.0 to vfio-pci`, `verify group 12 viable`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// A host write the kernel refused, or one not started (the operation's
+    /// budget spent, the admin's intent refusing it).
+    Write(SysfsWrite),
+    /// A check after the writes found the host not as they left it.
+    Verify(Verification),
+}
+
+/// A check the engine makes after its writes, because sysfs can report
+/// success for a write that did not do what it asked (a bind that probed
+/// nothing, a group node that never appeared).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verification {
+    /// The function is on the driver its bind named.
+    BoundTo {
+        /// The function that was bound.
+        bdf: Bdf,
+        /// The driver it should now be on.
+        driver: DriverName,
+    },
+    /// `/dev/vfio/<group>` (or every moved function's device cdev) appeared.
+    GroupNode {
+        /// The IOMMU group whose node a VM opens.
+        group: u32,
+    },
+    /// Every member of the group is unbound or on a driver that manages DMA
+    /// itself (vfio, pci-stub, pcieport), so VFIO can hand the group out.
+    GroupViable {
+        /// The IOMMU group checked.
+        group: u32,
+    },
+    /// A function found driverless during a release got back onto vfio
+    /// (it is never left without a driver).
+    ParkedOn {
+        /// The function parked.
+        bdf: Bdf,
+        /// The vfio driver it should be on.
+        driver: DriverName,
+    },
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Write(w) => w.fmt(f),
+            Step::Verify(v) => v.fmt(f),
+        }
+    }
+}
+
+impl fmt::Display for Verification {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verification::BoundTo { bdf, driver } => write!(f, "verify {bdf} on {driver}"),
+            Verification::GroupNode { group } => write!(f, "verify /dev/vfio/{group}"),
+            Verification::GroupViable { group } => write!(f, "verify group {group} viable"),
+            Verification::ParkedOn { bdf, driver } => write!(f, "park {bdf} on {driver}"),
+        }
+    }
+}
+
 fn list<T: fmt::Display>(items: &[T]) -> String {
     items
         .iter()
@@ -70,9 +136,9 @@ pub enum EngineError {
     /// The admin pinned the device; it is never moved.
     #[error("{bdf} is pinned by the administrator ({detail}); it is never moved")]
     Pinned {
-        /// GPU.
+        /// The GPU the operation was asked about (its first function's address).
         bdf: Bdf,
-        /// Which pin.
+        /// Which pin, as its source says it (driverctl, the policy, a kernel parameter).
         detail: String,
     },
     /// No IOMMU group: vfio-pci cannot take the device.
@@ -85,17 +151,17 @@ pub enum EngineError {
         "{bdf}: its IOMMU group also holds {members}; moving the group would take them from the host (set binding.allow-foreign-group-members in the policy to allow)"
     )]
     ForeignGroupMembers {
-        /// GPU.
+        /// The GPU the operation was asked about (its first function's address).
         bdf: Bdf,
-        /// The other members.
+        /// The other members of the IOMMU group, comma-separated.
         members: String,
     },
     /// SR-IOV VFs are enabled on the GPU.
     #[error("{bdf} has {count} SR-IOV VFs enabled; disable them (sriov_numvfs = 0) first")]
     VfsEnabled {
-        /// GPU.
+        /// The GPU the operation was asked about (its first function's address).
         bdf: Bdf,
-        /// Enabled VFs.
+        /// How many VFs `sriov_numvfs` reports.
         count: u32,
     },
     /// The vfio driver is not loaded.
@@ -103,25 +169,25 @@ pub enum EngineError {
         "driver {driver} is not loaded (no sys/bus/pci/drivers/{driver}); load it (modprobe {module}) or allow binding.load-vfio-module in the policy"
     )]
     VfioDriverMissing {
-        /// Driver name.
+        /// The vfio driver the move needs (`vfio-pci` or a variant driver).
         driver: String,
-        /// Module name.
+        /// The kernel module that provides it.
         module: String,
     },
     /// Running modprobe failed.
     #[error("modprobe {module} failed: {detail}")]
     Modprobe {
-        /// Module.
+        /// The module modprobe was asked to load.
         module: String,
-        /// Output or error.
+        /// modprobe's output, or why it could not run.
         detail: String,
     },
     /// A process still uses the GPU.
     #[error("{bdf} is in use: {}", list(holders))]
     Busy {
-        /// GPU.
+        /// The GPU the operation was asked about (its first function's address).
         bdf: Bdf,
-        /// Who.
+        /// The processes holding the GPU's device nodes (pid, command, node).
         holders: Vec<NodeHolder>,
     },
     /// Too few file descriptors are free for a move and its rollback: nothing
@@ -130,13 +196,13 @@ pub enum EngineError {
         "{bdf}: only {free} file descriptors are free (of {limit}); a move needs {needed} so that its rollback can never be starved; nothing was changed, retry"
     )]
     FdsExhausted {
-        /// GPU.
+        /// The GPU the operation was asked about (its first function's address).
         bdf: Bdf,
-        /// Descriptors free now.
+        /// File descriptors free in this process now.
         free: u64,
-        /// The soft limit.
+        /// The process's soft `RLIMIT_NOFILE`.
         limit: u64,
-        /// What a move reserves.
+        /// How many a move and its rollback reserve.
         needed: u64,
     },
     /// The admin's intent sources (policy, driverctl, modprobe.d, the
@@ -147,9 +213,9 @@ pub enum EngineError {
     /// Turning nvidia persistence mode off failed.
     #[error("{bdf}: could not turn nvidia persistence mode off: {detail}")]
     Persistence {
-        /// GPU.
+        /// The GPU the operation was asked about (its first function's address).
         bdf: Bdf,
-        /// What nvidia-smi said.
+        /// What `nvidia-smi` printed, or why it could not run.
         detail: String,
     },
     /// nvidia refused its unbind lock (clients still open).
@@ -157,17 +223,26 @@ pub enum EngineError {
         "{bdf}: nvidia would not grant its unbind lock after {attempts} attempts (clients still open?)"
     )]
     UnbindLock {
-        /// GPU.
+        /// The GPU the operation was asked about (its first function's address).
         bdf: Bdf,
-        /// Attempts made.
+        /// How many times the lock was asked for.
         attempts: u32,
     },
     /// Held by someone else.
     #[error("{bdf} is held by {holder}")]
     HeldByOther {
-        /// GPU.
+        /// The GPU the operation was asked about (its first function's address).
         bdf: Bdf,
-        /// Current holder.
+        /// The claim or admin that holds it now.
+        holder: Holder,
+    },
+    /// An administrator's release of a GPU a ResourceClaim holds, refused:
+    /// nothing was changed.
+    #[error("{bdf} is held by {holder}; release it through Kubernetes, or force the release")]
+    HeldByClaim {
+        /// The GPU the admin asked to release.
+        bdf: Bdf,
+        /// The claim that holds it.
         holder: Holder,
     },
     /// A write outlived its deadline; the GPU is left alone until it returns.
@@ -175,22 +250,23 @@ pub enum EngineError {
         "{bdf} is stuck: {op} did not return within {secs:.1} s; the GPU is not touched until it does (other GPUs are unaffected)"
     )]
     Stuck {
-        /// GPU.
+        /// The GPU the operation was asked about (its first function's address).
         bdf: Bdf,
-        /// The write.
+        /// The host write (or bounded read) that is stuck, as recorded when it
+        /// outlived its deadline: the ledger keeps it as text across restarts.
         op: String,
-        /// Seconds waited.
+        /// How long it was waited for, in seconds (0 when found stuck before).
         secs: f64,
     },
     /// A step failed and everything was put back.
     #[error("{step} failed: {cause}; rolled back: {}", list(functions))]
     RolledBack {
-        /// The failing step.
-        step: String,
+        /// The step that failed (its write, or the check after it).
+        step: Step,
         /// Its error (the errno, for a sysfs write).
         #[source]
         cause: std::io::Error,
-        /// Where every function is now.
+        /// Where every function of the GPU is now, read after the failure.
         functions: Vec<FunctionState>,
     },
     /// A step failed and putting things back failed too.
@@ -199,14 +275,14 @@ pub enum EngineError {
         list(functions)
     )]
     RollbackIncomplete {
-        /// The failing step.
-        step: String,
+        /// The step that failed (its write, or the check after it).
+        step: Step,
         /// Its error (the errno, for a sysfs write).
         #[source]
         cause: std::io::Error,
-        /// What went wrong in the rollback.
-        rollback: String,
-        /// Where every function is now.
+        /// Why putting things back failed (the rollback's own error).
+        rollback: Box<EngineError>,
+        /// Where every function of the GPU is now, read after the failure.
         functions: Vec<FunctionState>,
     },
     /// Restoring the host driver failed; the GPU was kept on vfio.
@@ -215,14 +291,14 @@ pub enum EngineError {
         list(functions)
     )]
     RestoreFailed {
-        /// GPU.
+        /// The GPU the operation was asked about (its first function's address).
         bdf: Bdf,
-        /// The failing step.
-        step: String,
+        /// The step that failed (its write, or the check after it).
+        step: Step,
         /// Its error (the errno, for a sysfs write).
         #[source]
         cause: std::io::Error,
-        /// Where every function is now.
+        /// Where every function of the GPU is now, read after the failure.
         functions: Vec<FunctionState>,
     },
     /// The operation's thread panicked (a bug); the ledger and reconcile
@@ -247,9 +323,9 @@ pub enum EngineError {
     /// never deactivated under them; retry once the VM is gone.
     #[error("NVLink partition {partition} is in use: {}", list(holders))]
     FabricBusy {
-        /// FM partition id.
+        /// The Fabric Manager partition id.
         partition: u32,
-        /// Who holds its GPUs.
+        /// The processes holding its GPUs' vfio nodes.
         holders: Vec<NodeHolder>,
     },
     /// An NVSwitch (PCI class 0x0680) shares the GPU's IOMMU group: it is
@@ -258,9 +334,9 @@ pub enum EngineError {
         "{bdf}: its IOMMU group also holds NVSwitch {members} (PCI class 0x0680); NVSwitches stay with the host's Fabric Manager and are never passed through, so this GPU cannot be (fix the IOMMU grouping: ACS)"
     )]
     FabricSwitchInGroup {
-        /// GPU.
+        /// The GPU the operation was asked about (its first function's address).
         bdf: Bdf,
-        /// The switch functions.
+        /// The NVSwitch functions in the group, comma-separated.
         members: String,
     },
 }

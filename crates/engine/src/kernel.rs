@@ -15,33 +15,33 @@ use vfio_gpu_host::{Bdf, Binding, DriverName, HostError, HostRoot, PciFunction};
 pub enum SysfsWrite {
     /// `devices/<BDF>/driver_override` ← a driver name, or `"\n"` to clear.
     DriverOverride {
-        /// Device.
+        /// The PCI function written about.
         bdf: Bdf,
         /// A driver name, or `None` to clear (written as `"\n"`).
         driver: Option<String>,
     },
     /// `drivers/<driver>/unbind` ← BDF. Can block for minutes.
     Unbind {
-        /// Device.
+        /// The PCI function written about.
         bdf: Bdf,
         /// The driver it is bound to.
         driver: DriverName,
     },
     /// `drivers/<driver>/bind` ← BDF. Reports probe errors (ENODEV, EBUSY, EINVAL…).
     Bind {
-        /// Device.
+        /// The PCI function written about.
         bdf: Bdf,
-        /// Driver to bind.
+        /// The driver asked to bind it.
         driver: DriverName,
     },
     /// `drivers_probe` ← BDF. Succeeds even when nothing binds.
     DriversProbe {
-        /// Device.
+        /// The PCI function written about.
         bdf: Bdf,
     },
     /// `/proc/driver/nvidia/gpus/<BDF>/unbindLock` ← `1` (take) or `0` (release).
     NvidiaUnbindLock {
-        /// Device.
+        /// The PCI function written about.
         bdf: Bdf,
         /// Take (true) or release (false).
         take: bool,
@@ -60,14 +60,15 @@ impl SysfsWrite {
         }
     }
 
-    /// Short name of the operation (`unbind`, `bind`, …) for logs and fault rules.
-    pub fn kind(&self) -> &'static str {
+    /// Which kind of write this is, without its operands (what fault rules
+    /// and latencies of the simulator match on).
+    pub fn kind(&self) -> WriteKind {
         match self {
-            SysfsWrite::DriverOverride { .. } => "driver_override",
-            SysfsWrite::Unbind { .. } => "unbind",
-            SysfsWrite::Bind { .. } => "bind",
-            SysfsWrite::DriversProbe { .. } => "drivers_probe",
-            SysfsWrite::NvidiaUnbindLock { .. } => "unbindLock",
+            SysfsWrite::DriverOverride { .. } => WriteKind::DriverOverride,
+            SysfsWrite::Unbind { .. } => WriteKind::Unbind,
+            SysfsWrite::Bind { .. } => WriteKind::Bind,
+            SysfsWrite::DriversProbe { .. } => WriteKind::DriversProbe,
+            SysfsWrite::NvidiaUnbindLock { .. } => WriteKind::NvidiaUnbindLock,
         }
     }
 
@@ -99,6 +100,41 @@ impl SysfsWrite {
                 if *take { b"1".to_vec() } else { b"0".to_vec() },
             ),
         }
+    }
+}
+
+/// The kind of a [`SysfsWrite`] without its operands: the variants of the
+/// write vocabulary, for matching a whole class of writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WriteKind {
+    /// [`SysfsWrite::DriverOverride`].
+    DriverOverride,
+    /// [`SysfsWrite::Unbind`].
+    Unbind,
+    /// [`SysfsWrite::Bind`].
+    Bind,
+    /// [`SysfsWrite::DriversProbe`].
+    DriversProbe,
+    /// [`SysfsWrite::NvidiaUnbindLock`].
+    NvidiaUnbindLock,
+}
+
+impl WriteKind {
+    /// The name of the file written (`unbind`, `bind`, `unbindLock`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteKind::DriverOverride => "driver_override",
+            WriteKind::Unbind => "unbind",
+            WriteKind::Bind => "bind",
+            WriteKind::DriversProbe => "drivers_probe",
+            WriteKind::NvidiaUnbindLock => "unbindLock",
+        }
+    }
+}
+
+impl fmt::Display for WriteKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -154,19 +190,12 @@ pub trait Kernel: Send + Sync + 'static {
     /// Whether `path` exists (not following a last symlink: a dangling
     /// link exists).
     fn exists(&self, path: &Path) -> Result<bool, HostError> {
-        match std::fs::symlink_metadata(path) {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(HostError::Io {
-                path: path.to_path_buf(),
-                source: e,
-            }),
-        }
+        self.root().exists(path)
     }
     /// Whether `path` is a directory (following links, as a driver's
     /// directory under `bus/pci/drivers` is one).
     fn is_dir(&self, path: &Path) -> Result<bool, HostError> {
-        match std::fs::metadata(path) {
+        match self.root().metadata(path) {
             Ok(m) => Ok(m.is_dir()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(HostError::Io {

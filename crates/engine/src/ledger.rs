@@ -15,6 +15,10 @@
 //! The state directory is 0700 and must belong to the current user; files
 //! are 0600 and opened without following symlinks.
 
+// The state directory is this program's own files, not host state it
+// judges: read with std (its faults are the ledger's own, tested apart).
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -235,18 +239,18 @@ pub enum LedgerError {
     /// Writing the ledger failed.
     #[error("writing ledger {path}: {source}")]
     Write {
-        /// The file.
+        /// The ledger file being written.
         path: PathBuf,
-        /// Cause.
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
     /// Creating the state directory failed, or it is not safe to use.
     #[error("state directory {path}: {source}")]
     StateDir {
-        /// The directory.
+        /// The state directory.
         path: PathBuf,
-        /// Cause.
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
@@ -256,9 +260,9 @@ pub enum LedgerError {
         "ledger {path} is kept read-only ({reason}); no GPU is moved until an administrator resolves it (upgrade vfio-gpu-dra, or fix the file)"
     )]
     ReadOnly {
-        /// The file.
+        /// The ledger file, left as it was.
         path: PathBuf,
-        /// Why.
+        /// Why it cannot be used (a newer format, undecodable, unreadable).
         reason: String,
     },
     /// The host has no boot id, so records could not be told from an
@@ -385,6 +389,11 @@ pub struct LedgerFile {
 static ASIDE_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl LedgerFile {
+    /// Whether the ledger file exists now.
+    pub(crate) fn exists(&self) -> bool {
+        self.path().exists()
+    }
+
     /// Uses `dir`, created 0700 if missing. An existing directory must
     /// belong to the current user (anyone else could plant records or
     /// symlinks) and is tightened to 0700.

@@ -29,8 +29,8 @@ pub use engine::fabric::{
     ModuleIdReader,
 };
 pub use engine::{
-    Action, CrashMode, Engine, EngineConfig, GpuView, Inspection, OpenReport, Outcome,
-    ReconcileResult, StateHold, StateLockMode, inspect, pin_text, source_name,
+    Action, ClaimHeld, CrashMode, Engine, EngineConfig, GpuView, Inspection, OpenReport, Outcome,
+    ReconcileResult, StateHold, StateLockMode, admin_may_release, inspect, pin_text, source_name,
 };
-pub use error::{EngineError, FunctionState};
+pub use error::{EngineError, FunctionState, Step, Verification};
 pub use ledger::Holder;

@@ -9,6 +9,10 @@
 //! first operation of a process takes the `flock`, concurrent operations of
 //! the same process join it, the last one out releases it.
 
+// The state directory is this program's own files, not host state it
+// judges: read with std (its faults are the ledger's own, tested apart).
+#![allow(clippy::disallowed_methods)]
+
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
@@ -37,7 +41,7 @@ pub enum LockError {
     Io {
         /// The lock file.
         path: PathBuf,
-        /// Cause.
+        /// Why opening or locking it failed.
         #[source]
         source: io::Error,
     },
@@ -83,7 +87,8 @@ fn describe_self() -> String {
 /// What the holder recorded in the lock file, for a "locked by" message.
 fn recorded_holder(file: &mut File) -> String {
     let mut text = String::new();
-    // A holder writes a few hundred bytes; never read more than that.
+    // A holder writes a few hundred bytes; never read more than that. An
+    // unreadable file names no holder, which the fields below then say.
     let _ = file.take(4096).read_to_string(&mut text);
     let field = |k: &str| {
         text.lines()

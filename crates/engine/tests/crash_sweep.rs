@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! Crash-point sweep: for every mutation step of configure and unconfigure,
 //! "crash" there, open a fresh engine on the same state, reconcile, and check
 //! the invariants on the host tree.
@@ -6,18 +7,10 @@ mod common;
 
 use common::*;
 use vfio_gpu_engine::ledger::OpState;
-use vfio_gpu_engine::{Action, EngineConfig, EngineError, Holder};
+use vfio_gpu_engine::{Action, EngineConfig, EngineError};
 
 /// Crash points swept inside reconcile itself.
 static RECONCILE_STEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-fn claim() -> Holder {
-    Holder::Claim {
-        uid: "uid-1".into(),
-        namespace: "vms".into(),
-        name: "vm-gpu".into(),
-    }
-}
 
 /// (address, (driver, driver_override)) of every function in the fixture.
 type Snapshot = Vec<(String, (Option<String>, Option<String>))>;
@@ -163,7 +156,7 @@ fn sweep_configure(gpu: &str, functions: &[&str]) -> u64 {
                 ..config()
             },
         );
-        let r = e.configure(bdf(gpu), claim());
+        let r = e.configure(bdf(gpu), claim("u1"));
         drop(e);
         match r {
             Err(EngineError::SimulatedCrash(_)) => {}
@@ -216,7 +209,7 @@ fn sweep_configure(gpu: &str, functions: &[&str]) -> u64 {
                         ..config()
                     },
                 );
-                let _ = e.configure(bdf(gpu), claim());
+                let _ = e.configure(bdf(gpu), claim("u1"));
                 k
             };
             RECONCILE_STEPS.fetch_add(
@@ -240,7 +233,7 @@ fn sweep_unconfigure(gpu: &str, functions: &[&str], keep: bool) -> u64 {
         let state = dir.path().join("state");
         {
             let e = engine(&k, &state);
-            e.configure(bdf(gpu), claim()).unwrap();
+            e.configure(bdf(gpu), claim("u1")).unwrap();
         }
         let configured = snapshot(&host);
         let e = engine_with(
@@ -251,7 +244,7 @@ fn sweep_unconfigure(gpu: &str, functions: &[&str], keep: bool) -> u64 {
                 ..config()
             },
         );
-        let r = e.unconfigure(bdf(gpu), Some(&claim()));
+        let r = e.unconfigure(bdf(gpu), Some(&claim("u1")));
         drop(e);
         match r {
             Err(EngineError::SimulatedCrash(_)) => {}
@@ -389,14 +382,14 @@ fn crash_sweep_covers_persistence_and_unbind_lock_steps() {
             });
             if release {
                 open_with_smi(&k, &state, smi.clone(), None)
-                    .configure(bdf(B), claim())
+                    .configure(bdf(B), claim("u1"))
                     .unwrap();
             }
             let e = open_with_smi(&k, &state, smi.clone(), Some(n));
             let r = if release {
-                e.unconfigure(bdf(B), Some(&claim()))
+                e.unconfigure(bdf(B), Some(&claim("u1")))
             } else {
-                e.configure(bdf(B), claim())
+                e.configure(bdf(B), claim("u1"))
             };
             drop(e);
             match r {

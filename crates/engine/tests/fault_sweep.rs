@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! Resource exhaustion is a fault like any other: for every host write of a
 //! prepare and of a release, that write fails with EMFILE, ENOSPC or ENOMEM
 //! (once); then no function is without a driver, the error names where each
@@ -7,19 +8,11 @@
 mod common;
 
 use common::*;
+use vfio_gpu_engine::Engine;
 use vfio_gpu_engine::ledger::OpState;
 use vfio_gpu_engine::sim::{Fault, FaultAction};
-use vfio_gpu_engine::{Engine, Holder};
 
 const ERRNOS: [(i32, &str); 3] = [(24, "EMFILE"), (28, "ENOSPC"), (12, "ENOMEM")];
-
-fn claim() -> Holder {
-    Holder::Claim {
-        uid: "u1".into(),
-        namespace: "ns".into(),
-        name: "vm".into(),
-    }
-}
 
 fn nth_write_fails(n: usize, errno: i32) -> Fault {
     Fault {
@@ -74,13 +67,9 @@ fn every_write_of_a_prepare_failing_for_lack_of_resources_leaves_no_gpu_stranded
     let mut swept = 0;
     for (errno, name) in ERRNOS {
         for n in 0.. {
-            let dir = tempfile::tempdir().unwrap();
-            let root = dir.path().join("host");
-            build_host(&root);
-            let k = sim(&root);
-            let e = engine(&k, &dir.path().join("state"));
+            let (_dir, root, k, e) = world();
             k.inject(nth_write_fails(n, errno));
-            let r = e.configure(bdf(A), claim());
+            let r = e.configure(bdf(A), claim("u1"));
             let ctx = format!("prepare, write {n} fails with {name}");
             if r.is_ok() && k.log().len() <= n {
                 break; // the fault never fired: every write was swept
@@ -103,15 +92,11 @@ fn every_write_of_a_release_failing_for_lack_of_resources_leaves_no_gpu_stranded
     let mut swept = 0;
     for (errno, name) in ERRNOS {
         for n in 0.. {
-            let dir = tempfile::tempdir().unwrap();
-            let root = dir.path().join("host");
-            build_host(&root);
-            let k = sim(&root);
-            let e = engine(&k, &dir.path().join("state"));
-            e.configure(bdf(A), claim()).unwrap();
+            let (_dir, root, k, e) = world();
+            e.configure(bdf(A), claim("u1")).unwrap();
             let start = k.log().len();
             k.inject(nth_write_fails(n, errno));
-            let r = e.unconfigure(bdf(A), Some(&claim()));
+            let r = e.unconfigure(bdf(A), Some(&claim("u1")));
             let ctx = format!("release, write {n} fails with {name}");
             if r.is_ok() && k.log().len() - start <= n {
                 break;
@@ -125,7 +110,7 @@ fn every_write_of_a_release_failing_for_lack_of_resources_leaves_no_gpu_stranded
             check_at_rest(&e, &k, &root, &ctx);
             // The kubelet retries an unprepare until it succeeds.
             if r.is_err() {
-                e.unconfigure(bdf(A), Some(&claim())).unwrap();
+                e.unconfigure(bdf(A), Some(&claim("u1"))).unwrap();
                 assert_eq!(state_of(&root, A), (Some("nvidia".into()), None), "{ctx}");
             }
             swept += 1;

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! File-descriptor exhaustion is a fault like any other (security review H1:
 //! under a 1024-fd limit flooded by connections a prepare failed halfway and
 //! left a GPU on no driver). A move does not start without the descriptors
@@ -26,11 +27,7 @@ fn set_soft_limit(n: u64) -> u64 {
 
 #[test]
 fn a_move_without_fds_for_its_rollback_does_not_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("host");
-    build_host(&root);
-    let k = sim(&root);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, _root, k, e) = world();
     let claim = Holder::Claim {
         uid: "u1".into(),
         namespace: "ns".into(),

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! A `/proc` holder scan that cannot finish in time (any pod can open
 //! hundreds of thousands of descriptors) answers "busy, retry" and never
 //! quarantines the GPU; once the scan can finish, the same prepare works
@@ -9,15 +10,7 @@ use std::ffi::CString;
 use std::time::Duration;
 
 use common::*;
-use vfio_gpu_engine::{Action, EngineConfig, EngineError, Holder};
-
-fn claim() -> Holder {
-    Holder::Claim {
-        uid: "u1".into(),
-        namespace: "ns".into(),
-        name: "vm".into(),
-    }
-}
+use vfio_gpu_engine::{Action, EngineConfig, EngineError};
 
 #[test]
 fn a_scan_past_its_deadline_is_busy_not_stuck_and_the_gpu_stays_usable() {
@@ -44,7 +37,7 @@ fn a_scan_past_its_deadline_is_busy_not_stuck_and_the_gpu_stays_usable() {
             ..config()
         },
     );
-    let err = e.configure(bdf(B), claim()).unwrap_err();
+    let err = e.configure(bdf(B), claim("u1")).unwrap_err();
     match &err {
         EngineError::Busy { holders, .. } => {
             assert!(holders[0].node.contains("did not finish"), "{err}")
@@ -63,6 +56,6 @@ fn a_scan_past_its_deadline_is_busy_not_stuck_and_the_gpu_stays_usable() {
     std::fs::write(&plain, "flags: 02\n").unwrap();
     std::fs::rename(&plain, &fifo).unwrap();
     drop(writer);
-    let out = e.configure(bdf(B), claim()).unwrap();
+    let out = e.configure(bdf(B), claim("u1")).unwrap();
     assert_eq!(out.action, Action::Moved, "{}", out.detail);
 }

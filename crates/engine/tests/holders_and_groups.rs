@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! How the engine reads the host before a move: which functions of an IOMMU
 //! group are foreign, who holds a GPU's device nodes (nvidia-persistenced,
 //! sound servers, VMs by fdinfo; failing closed), and how a vfio driver is
@@ -7,16 +8,8 @@
 mod common;
 
 use common::*;
-use vfio_gpu_engine::{EngineError, Holder};
+use vfio_gpu_engine::EngineError;
 use vfio_gpu_host::fixture::{FixtureHost, FunctionSpec};
-
-fn claim(uid: &str) -> Holder {
-    Holder::Claim {
-        uid: uid.into(),
-        namespace: "vms".into(),
-        name: format!("claim-{uid}"),
-    }
-}
 
 /// R8 / M6: an Intel xHCI in B's IOMMU group is not B's companion; the move
 /// is refused without allow-foreign-group-members and nothing is written.
@@ -283,11 +276,7 @@ fn hda_companion_sound_nodes_are_holders() {
 /// fdinfo's vfio-device-syspath, without any node path.
 #[test]
 fn vfio_device_fds_are_attributed_by_fdinfo() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, host, _k, e) = world();
     e.configure(bdf(B), claim("u1")).unwrap();
     let root = host_root(&host);
     let f = vfio_gpu_host::PciFunction::read(&root, bdf(B)).unwrap();

@@ -1,35 +1,14 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! The ledger never crash-loops the process: untrusted files are moved
 //! aside and reported; unknown fields survive a round trip.
 
 mod common;
 
 use common::*;
-use vfio_gpu_engine::Holder;
 use vfio_gpu_engine::ledger::{LedgerFile, decode, encode};
 
-fn claim() -> Holder {
-    Holder::Claim {
-        uid: "u".into(),
-        namespace: "n".into(),
-        name: "c".into(),
-    }
-}
-
-fn configured_state() -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let state = dir.path().join("state");
-    let e = engine(&k, &state);
-    e.configure(bdf(B), claim()).unwrap();
-    drop(e);
-    let bytes = std::fs::read(state.join("ledger.json")).unwrap();
-    (dir, state, bytes)
-}
-
 fn reopen_with(bytes: &[u8], expect_reason: &str) {
-    let (dir, state, _) = configured_state();
+    let (dir, state, _) = configured_ledger();
     std::fs::write(state.join("ledger.json"), bytes).unwrap();
     let host = dir.path().join("host");
     let k = sim(&host);
@@ -51,13 +30,13 @@ fn reopen_with(bytes: &[u8], expect_reason: &str) {
     assert_eq!(out.action, vfio_gpu_engine::Action::LeftOnVfio);
     assert!(out.detail.contains("bound-at-start"), "{}", out.detail);
     // And a fresh ledger is written fine.
-    e.configure(bdf(A), claim()).unwrap();
+    e.configure(bdf(A), claim("u1")).unwrap();
     assert!(decode(&std::fs::read(state.join("ledger.json")).unwrap()).is_ok());
 }
 
 #[test]
 fn truncated_ledger() {
-    let (_d, _s, bytes) = configured_state();
+    let (_d, _s, bytes) = configured_ledger();
     reopen_with(&bytes[..bytes.len() / 2], "checksum mismatch");
     reopen_with(&bytes[..10], "no header line");
 }
@@ -70,7 +49,7 @@ fn garbage_ledger() {
 
 #[test]
 fn edited_ledger_fails_checksum() {
-    let (_d, _s, bytes) = configured_state();
+    let (_d, _s, bytes) = configured_ledger();
     let text = String::from_utf8(bytes)
         .unwrap()
         .replace("nvidia", "nouveau");
@@ -82,7 +61,7 @@ fn future_format_is_kept_not_discarded() {
     // m3 (review 2026-11-30): a newer format may hold another version's
     // intent; it is reported and kept, never moved aside and rebuilt.
     // (Was: future_format_is_set_aside_not_crashed_on, which asserted the move.)
-    let (dir, state, bytes) = configured_state();
+    let (dir, state, bytes) = configured_ledger();
     let text = String::from_utf8(bytes)
         .unwrap()
         .replacen("format=1", "format=7", 1);
@@ -115,7 +94,7 @@ fn future_format_is_kept_not_discarded() {
 
 #[test]
 fn unknown_fields_round_trip() {
-    let (dir, state, bytes) = configured_state();
+    let (dir, state, bytes) = configured_ledger();
     let mut body = decode(&bytes).unwrap();
     body.extra
         .insert("futureTopLevel".into(), serde_json::json!({"a": 1}));
@@ -130,7 +109,7 @@ fn unknown_fields_round_trip() {
     let host = dir.path().join("host");
     let k = sim(&host);
     let e = engine(&k, &state);
-    e.configure(bdf(A), claim()).unwrap();
+    e.configure(bdf(A), claim("u1")).unwrap();
     drop(e);
     let after = decode(&std::fs::read(state.join("ledger.json")).unwrap()).unwrap();
     assert_eq!(after.extra["futureTopLevel"], serde_json::json!({"a": 1}));
@@ -146,7 +125,7 @@ fn unknown_fields_round_trip() {
 
 #[test]
 fn records_from_an_earlier_boot_are_hints_only() {
-    let (dir, state, _) = configured_state();
+    let (dir, state, _) = configured_ledger();
     let host = dir.path().join("host");
     std::fs::write(
         host.join("proc/sys/kernel/random/boot_id"),
@@ -168,7 +147,7 @@ fn records_from_an_earlier_boot_are_hints_only() {
 
 #[test]
 fn concurrent_engines_on_one_state_dir_are_refused() {
-    let (dir, state, _) = configured_state();
+    let (dir, state, _) = configured_ledger();
     let host = dir.path().join("host");
     let k = sim(&host);
     let _first = engine(&k, &state);
@@ -249,7 +228,7 @@ fn two_records_for_one_gpu_are_refused_not_merged() {
 #[test]
 fn read_only_view_reports_but_never_moves_or_follows() {
     use vfio_gpu_engine::ledger::LedgerViewProblem;
-    let (_dir, state, bytes) = configured_state();
+    let (_dir, state, bytes) = configured_ledger();
     let (body, problem) = LedgerFile::read_only_view(&state);
     assert!(problem.is_none());
     assert_eq!(body.gpus.len(), 1);

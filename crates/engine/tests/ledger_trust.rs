@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! When the ledger and its state directory are trusted: a file this build
 //! cannot understand is kept read-only, a corrupt one set aside under a
 //! unique name, the directory private, and nothing recorded without a boot
@@ -10,30 +11,8 @@ mod common;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 use common::*;
+use vfio_gpu_engine::EngineError;
 use vfio_gpu_engine::ledger::{LedgerError, LedgerFile, decode, encode};
-use vfio_gpu_engine::{EngineError, Holder};
-
-fn claim() -> Holder {
-    Holder::Claim {
-        uid: "u".into(),
-        namespace: "n".into(),
-        name: "c".into(),
-    }
-}
-
-/// A state dir holding a ledger with B configured; returns (tmp, state, bytes).
-fn configured() -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let state = dir.path().join("state");
-    let e = engine(&k, &state);
-    e.configure(bdf(B), claim()).unwrap();
-    drop(e);
-    let bytes = std::fs::read(state.join("ledger.json")).unwrap();
-    (dir, state, bytes)
-}
 
 fn set_aside_files(state: &std::path::Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(state)
@@ -69,7 +48,7 @@ fn assert_kept_read_only(state: &std::path::Path, bytes: &[u8], reason: &str) {
 
 #[test]
 fn newer_format_is_kept_read_only() {
-    let (_d, state, bytes) = configured();
+    let (_d, state, bytes) = configured_ledger();
     let newer = String::from_utf8(bytes)
         .unwrap()
         .replacen("format=1", "format=2", 1)
@@ -80,7 +59,7 @@ fn newer_format_is_kept_read_only() {
 
 #[test]
 fn unknown_enum_value_is_kept_read_only() {
-    let (_d, state, bytes) = configured();
+    let (_d, state, bytes) = configured_ledger();
     // A newer version's state, with a valid checksum.
     let body = &bytes[bytes.iter().position(|b| *b == b'\n').unwrap() + 1..];
     let text = String::from_utf8(body.to_vec())
@@ -121,7 +100,7 @@ fn unreadable_ledger_is_kept_read_only() {
 /// refuse to open at all, or open read-only), and the host is untouched.
 #[test]
 fn engine_does_not_mutate_over_a_kept_ledger() {
-    let (dir, state, bytes) = configured();
+    let (dir, state, bytes) = configured_ledger();
     let newer = String::from_utf8(bytes)
         .unwrap()
         .replacen("format=1", "format=3", 1)
@@ -139,7 +118,7 @@ fn engine_does_not_mutate_over_a_kept_ledger() {
         Err(e) => assert!(e.to_string().contains("read-only"), "{e}"),
         Ok((e, report)) => {
             assert!(report.ledger_problem.is_some_and(|p| p.read_only));
-            assert!(e.configure(bdf(A), claim()).is_err());
+            assert!(e.configure(bdf(A), claim("u1")).is_err());
         }
     }
     assert!(k.log().is_empty(), "{:?}", k.log());
@@ -221,7 +200,7 @@ fn no_boot_id_refuses_to_record_or_move() {
     ) {
         Err(e) => assert!(e.to_string().contains("boot id"), "{e}"),
         Ok((e, _)) => {
-            let err = e.configure(bdf(B), claim()).unwrap_err();
+            let err = e.configure(bdf(B), claim("u1")).unwrap_err();
             assert!(
                 matches!(&err, EngineError::Ledger(LedgerError::NoBootId { .. })),
                 "{err}"

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! configure / unconfigure / rollback / deadlines / concurrency on the simulated kernel.
 
 mod common;
@@ -5,24 +6,13 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use vfio_gpu_engine::kernel::WriteKind;
 use vfio_gpu_engine::sim::{BlockHandle, Fault, FaultAction, errno};
-use vfio_gpu_engine::{Action, EngineConfig, EngineError, Holder};
-
-fn claim(uid: &str) -> Holder {
-    Holder::Claim {
-        uid: uid.into(),
-        namespace: "vms".into(),
-        name: format!("claim-{uid}"),
-    }
-}
+use vfio_gpu_engine::{Action, ClaimHeld, EngineConfig, EngineError, Holder, Step, Verification};
 
 #[test]
 fn moves_gpu_with_companion_and_returns_both() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, host, k, e) = world();
 
     let out = e.configure(bdf(A), claim("u1")).unwrap();
     assert_eq!(out.action, Action::Moved);
@@ -32,13 +22,12 @@ fn moves_gpu_with_companion_and_returns_both() {
     assert_eq!(out.vfio_devices.len(), 2);
     // Override first, then unbind, then bind: no auto-probe window.
     let log = k.log();
-    let first: Vec<&str> = log.iter().take(3).map(|s| s.as_str()).collect();
     assert_eq!(
-        first,
+        log[..3],
         [
-            "driver_override of 0000:65:00.0 ← vfio-pci",
-            "unbind 0000:65:00.0 from nvidia",
-            "bind 0000:65:00.0 to vfio-pci"
+            write::driver_override(A, Some("vfio-pci")),
+            write::unbind(A, "nvidia"),
+            write::bind(A, "vfio-pci"),
         ]
     );
     let rec = e.ledger().gpus[&bdf(A)].clone();
@@ -61,11 +50,7 @@ fn moves_gpu_with_companion_and_returns_both() {
 
 #[test]
 fn prebound_gpu_is_a_recorded_noop_and_stays_on_vfio() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, host, k, e) = world();
     let out = e.configure(bdf(C), claim("u1")).unwrap();
     assert_eq!(out.action, Action::AlreadyOnVfio);
     assert!(k.log().is_empty(), "no host writes: {:?}", k.log());
@@ -79,11 +64,7 @@ fn prebound_gpu_is_a_recorded_noop_and_stays_on_vfio() {
 
 #[test]
 fn cmdline_named_gpu_on_nvidia_stays_on_vfio_after_release_upstream_1099() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (dir, host, k, e) = world();
     assert_eq!(
         e.configure(bdf(D), claim("u1")).unwrap().action,
         Action::Moved
@@ -100,13 +81,9 @@ fn cmdline_named_gpu_on_nvidia_stays_on_vfio_after_release_upstream_1099() {
 
 #[test]
 fn failed_bind_rolls_back_every_function() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, host, k, e) = world();
     k.inject(Fault::on(
-        "bind",
+        WriteKind::Bind,
         bdf(A_AUDIO),
         FaultAction::Fail(errno::EBUSY),
     ));
@@ -131,16 +108,29 @@ fn failed_bind_rolls_back_every_function() {
 
 #[test]
 fn probe_that_binds_nothing_is_caught_by_verification() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, host, k, e) = world();
     // The kernel "accepts" the bind write but nothing binds.
-    k.inject(Fault::on("bind", bdf(B), FaultAction::ProbeBindsNothing));
+    k.inject(Fault::on(
+        WriteKind::Bind,
+        bdf(B),
+        FaultAction::ProbeBindsNothing,
+    ));
     let err = e.configure(bdf(B), claim("u1")).unwrap_err();
+    let EngineError::RolledBack { step, .. } = &err else {
+        panic!("{err}")
+    };
+    let vfio = vfio_gpu_host::DriverName::new("vfio-pci").unwrap();
+    assert_eq!(
+        *step,
+        Step::Verify(Verification::BoundTo {
+            bdf: bdf(B),
+            driver: vfio
+        })
+    );
+    // People read the step as they always did.
     assert!(
-        err.to_string().contains("verify 0000:66:00.0 on vfio-pci"),
+        err.to_string()
+            .starts_with("verify 0000:66:00.0 on vfio-pci failed: driver is none"),
         "{err}"
     );
     assert_eq!(state_of(&host, B), (Some("nvidia".into()), None));
@@ -148,15 +138,18 @@ fn probe_that_binds_nothing_is_caught_by_verification() {
 
 #[test]
 fn restore_failure_keeps_gpu_on_vfio_never_driverless() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, host, k, e) = world();
     e.configure(bdf(B), claim("u1")).unwrap();
-    k.inject(Fault::on("bind", bdf(B), FaultAction::Fail(errno::EIO)));
+    k.inject(Fault::on(
+        WriteKind::Bind,
+        bdf(B),
+        FaultAction::Fail(errno::EIO),
+    ));
     let err = e.unconfigure(bdf(B), Some(&claim("u1"))).unwrap_err();
-    assert!(matches!(err, EngineError::RestoreFailed { .. }), "{err}");
+    let EngineError::RestoreFailed { step, .. } = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(*step, Step::Write(write::bind(B, "nvidia")), "{err}");
     assert_eq!(driver_of(&host, B).as_deref(), Some("vfio-pci"));
     // The record stays: reconcile retries later.
     let rec = e.ledger().gpus[&bdf(B)].clone();
@@ -172,11 +165,7 @@ fn restore_failure_keeps_gpu_on_vfio_never_driverless() {
 
 #[test]
 fn foreign_group_member_is_refused_and_nothing_changes() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, _host, k, e) = world();
     let err = e.configure(bdf(E), claim("u1")).unwrap_err();
     assert!(
         matches!(err, EngineError::ForeignGroupMembers { .. }),
@@ -242,11 +231,7 @@ fn process_holding_the_gpu_blocks_the_move() {
 
 #[test]
 fn vm_still_attached_blocks_release() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, host, _k, e) = world();
     e.configure(bdf(B), claim("u1")).unwrap();
     std::fs::create_dir_all(host.join("proc/777/fd")).unwrap();
     std::fs::write(host.join("proc/777/comm"), "qemu-kvm\n").unwrap();
@@ -269,18 +254,12 @@ fn nvidia_unbind_lock_is_taken_and_dies_with_the_unbound_instance() {
     let (dir, host, k) = host_with_b_unbind_lock();
     let e = engine(&k, &dir.path().join("state"));
     e.configure(bdf(B), claim("u1")).unwrap();
-    assert!(
-        k.log()[0].contains("take nvidia unbind lock"),
-        "{:?}",
-        k.log()
-    );
+    assert_eq!(k.log()[0], write::unbind_lock(B, true), "{:?}", k.log());
     assert!(e.ledger().gpus[&bdf(B)].changes.unbind_lock_taken);
     e.unconfigure(bdf(B), None).unwrap();
     assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
     assert!(
-        !k.log()
-            .iter()
-            .any(|l| l.contains("release nvidia unbind lock")),
+        !k.log().contains(&write::unbind_lock(B, false)),
         "{:?}",
         k.log()
     );
@@ -295,7 +274,7 @@ fn a_lock_on_a_function_never_unbound_is_released_by_rollback() {
     // (nvidia-smi, CUDA) can open it again.
     let (dir, host, k) = host_with_b_unbind_lock();
     k.inject(Fault::on(
-        "driver_override",
+        WriteKind::DriverOverride,
         bdf(B),
         FaultAction::Fail(errno::EIO),
     ));
@@ -304,12 +283,8 @@ fn a_lock_on_a_function_never_unbound_is_released_by_rollback() {
     assert!(matches!(err, EngineError::RolledBack { .. }), "{err}");
     assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
     let log = k.log();
-    let taken = log
-        .iter()
-        .position(|l| l.contains("take nvidia unbind lock"));
-    let released = log
-        .iter()
-        .position(|l| l.contains("release nvidia unbind lock"));
+    let taken = log.iter().position(|w| *w == write::unbind_lock(B, true));
+    let released = log.iter().position(|w| *w == write::unbind_lock(B, false));
     assert!(
         matches!((taken, released), (Some(t), Some(r)) if t < r),
         "{log:?}"
@@ -325,7 +300,7 @@ fn a_rollback_after_the_unbind_writes_nothing_to_the_re_probed_instance() {
     let (dir, host, k) = host_with_b_unbind_lock();
     k.inject(Fault {
         driver: Some("vfio-pci".into()),
-        ..Fault::on("bind", bdf(B), FaultAction::Fail(errno::EIO))
+        ..Fault::on(WriteKind::Bind, bdf(B), FaultAction::Fail(errno::EIO))
     });
     let e = engine(&k, &dir.path().join("state"));
     let err = e.configure(bdf(B), claim("u1")).unwrap_err();
@@ -334,12 +309,10 @@ fn a_rollback_after_the_unbind_writes_nothing_to_the_re_probed_instance() {
     let log = k.log();
     let unbound = log
         .iter()
-        .position(|l| l == "unbind 0000:66:00.0 from nvidia")
+        .position(|w| *w == write::unbind(B, "nvidia"))
         .expect("unbind happened");
     assert!(
-        !log[unbound..]
-            .iter()
-            .any(|l| l.contains("release nvidia unbind lock")),
+        !log[unbound..].contains(&write::unbind_lock(B, false)),
         "{log:?}"
     );
 }
@@ -360,7 +333,7 @@ fn stuck_unbind_times_out_without_delaying_other_gpus() {
     );
     let gate = BlockHandle::new();
     k.inject(Fault::on(
-        "unbind",
+        WriteKind::Unbind,
         bdf(B),
         FaultAction::Block(gate.clone()),
     ));
@@ -393,7 +366,7 @@ fn same_group_is_serialised_and_second_holder_refused() {
     let host = dir.path().join("host");
     build_host(&host);
     let k = sim(&host);
-    k.set_latency("unbind", "nvidia", Duration::from_millis(100));
+    k.set_latency(WriteKind::Unbind, "nvidia", Duration::from_millis(100));
     let e = engine(&k, &dir.path().join("state"));
     let results = e.configure_many(&[(bdf(B), claim("u1")), (bdf(B), claim("u2"))]);
     let ok = results.iter().filter(|r| r.is_ok()).count();
@@ -416,7 +389,7 @@ fn different_groups_run_in_parallel() {
     let host = dir.path().join("host");
     build_host(&host);
     let k = sim(&host);
-    k.set_latency("unbind", "nvidia", Duration::from_millis(300));
+    k.set_latency(WriteKind::Unbind, "nvidia", Duration::from_millis(300));
     let e = engine(&k, &dir.path().join("state"));
     let start = Instant::now();
     let results = e.configure_many(&[
@@ -721,11 +694,7 @@ fn a_containerised_process_named_nvidia_persistenced_is_a_holder() {
 /// claim while a process (a VM outside Kubernetes) holds its group.
 #[test]
 fn a_gpu_already_on_vfio_held_by_a_process_is_not_handed_out() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, host, _k, e) = world();
     // C is on vfio-pci at boot; a qemu process holds its group node.
     let group = std::fs::read_link(host.join(format!("sys/bus/pci/devices/{C}/iommu_group")))
         .unwrap()
@@ -752,4 +721,32 @@ fn a_gpu_already_on_vfio_held_by_a_process_is_not_handed_out() {
         e.configure(bdf(C), claim("u1")).unwrap().action,
         Action::AlreadyOnVfio
     );
+}
+
+/// The admin release guard lives in the engine: a GPU a claim holds is
+/// refused for the whole request before any write, and released only when
+/// the admin forces it.
+#[test]
+fn an_admin_release_of_a_claim_held_gpu_is_refused_before_any_write() {
+    let (_dir, host, k, e) = world();
+    e.configure(bdf(A), claim("u1")).unwrap();
+    e.configure(bdf(B), Holder::Admin).unwrap();
+    let before = k.log().len();
+
+    let err = e
+        .release_for_admin(&[bdf(B), bdf(A)], ClaimHeld::Refuse)
+        .unwrap_err();
+    assert!(
+        matches!(&err, EngineError::HeldByClaim { bdf: b, holder } if *b == bdf(A) && *holder == claim("u1")),
+        "{err}"
+    );
+    assert_eq!(k.log()[before..], [], "nothing written, B included");
+    assert_eq!(driver_of(&host, B).as_deref(), Some("vfio-pci"));
+
+    let results = e
+        .release_for_admin(&[bdf(B), bdf(A)], ClaimHeld::Release)
+        .unwrap();
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    assert_eq!(driver_of(&host, A).as_deref(), Some("nvidia"));
+    assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
 }

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! The promises a long-running engine keeps (review findings C1–C3, M1, M2,
 //! M7, M9): intent read afresh, recorded origins never rewritten from drift,
 //! disk before memory, rollback on every error, stuck devices left alone,
@@ -12,20 +13,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use vfio_gpu_engine::kernel::{Kernel, SysfsWrite};
+use vfio_gpu_engine::kernel::{Kernel, SysfsWrite, WriteKind};
 use vfio_gpu_engine::ledger::OpState;
 use vfio_gpu_engine::sim::{BlockHandle, Fault, FaultAction};
-use vfio_gpu_engine::{Action, Engine, EngineConfig, EngineError, Holder};
+use vfio_gpu_engine::{Action, Engine, EngineConfig, EngineError};
 use vfio_gpu_host::{DriverName, GpuSelector};
 use vfio_gpu_intent::Policy;
-
-fn claim(uid: &str) -> Holder {
-    Holder::Claim {
-        uid: uid.into(),
-        namespace: "vms".into(),
-        name: format!("claim-{uid}"),
-    }
-}
 
 /// A process (a VM) holding `/dev/vfio/<group>`, as the holder scan sees it.
 fn vm_holds_group(host: &Path, pid: u32, group: u32) {
@@ -60,11 +53,7 @@ fn open_with_policy_file(
 /// Review finding C1.
 #[test]
 fn driverctl_written_while_prepared_keeps_the_gpu_on_vfio() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, host, _k, e) = world();
     e.configure(bdf(B), claim("u1")).unwrap();
     fs::create_dir_all(host.join("etc/driverctl.d")).unwrap();
     fs::write(host.join("etc/driverctl.d/pci-0000:66:00.0"), "vfio-pci\n").unwrap();
@@ -126,12 +115,7 @@ fn policy_file_changed_while_prepared_is_honoured_and_a_broken_one_counts_as_own
 /// Review finding C1.
 #[test]
 fn what_inspect_says_is_what_release_does() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let state = dir.path().join("state");
-    let e = engine(&k, &state);
+    let (_dir, host, _k, _state, e) = world_and_state();
     e.configure(bdf(B), claim("u1")).unwrap();
     fs::create_dir_all(host.join("etc/driverctl.d")).unwrap();
     fs::write(host.join("etc/driverctl.d/pci-0000:66:00.0"), "vfio-pci\n").unwrap();
@@ -147,11 +131,7 @@ fn what_inspect_says_is_what_release_does() {
 /// Review finding C2.
 #[test]
 fn reprepare_after_drift_keeps_the_recorded_origins() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, host, k, e) = world();
     for (g, uid) in [(A, "ua"), (B, "ub")] {
         e.configure(bdf(g), claim(uid)).unwrap();
         // Someone unbinds fn0 from vfio-pci while the claim holds it.
@@ -195,19 +175,68 @@ fn reprepare_after_drift_keeps_the_recorded_origins() {
     );
 }
 
+/// Review finding n14: the drifted function comes back to vfio-pci *during*
+/// the re-prepare (between reading the record and reading the group): the
+/// already-on-vfio branch must carry the record, not rebuild it as "found on
+/// vfio", or the origins are lost and the release keeps the GPU on vfio. The
+/// race is opened by blocking the intent read that sits between the two.
+#[test]
+fn a_function_back_on_vfio_mid_reprepare_keeps_the_recorded_origins() {
+    use vfio_gpu_engine::sim::{BlockHandle, FaultAction};
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let e = std::sync::Arc::new(engine(&k, &dir.path().join("state")));
+    e.configure(bdf(B), claim("ub")).unwrap();
+    k.write(&SysfsWrite::Unbind {
+        bdf: bdf(B),
+        driver: DriverName::vfio_pci(),
+    })
+    .unwrap();
+    let gate = BlockHandle::new();
+    k.fault_reads_under("proc/cmdline", FaultAction::Block(gate.clone()));
+    let e2 = std::sync::Arc::clone(&e);
+    let reprepare = std::thread::spawn(move || e2.configure(bdf(B), claim("ub")));
+    while !gate.is_holding() {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // The function returns to vfio-pci while the re-prepare reads intent.
+    k.write(&SysfsWrite::Bind {
+        bdf: bdf(B),
+        driver: DriverName::vfio_pci(),
+    })
+    .unwrap();
+    k.clear_read_faults();
+    gate.release();
+    let out = reprepare.join().unwrap().unwrap();
+    assert_eq!(out.action, Action::AlreadyOnVfio, "{}", out.detail);
+    let rec = e.ledger().gpus[&bdf(B)].clone();
+    assert_eq!(
+        rec.functions[0]
+            .original_driver
+            .as_ref()
+            .map(|d| d.as_str()),
+        Some("nvidia"),
+        "the carried record keeps the origin"
+    );
+    let out = e.unconfigure(bdf(B), Some(&claim("ub"))).unwrap();
+    assert_eq!(out.action, Action::Restored, "{}", out.detail);
+    assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
+}
+
 // ------------------------------------------------------------------ C3
 
 /// Review finding C3.
 #[test]
 fn a_failed_final_commit_changes_nothing_in_memory_and_rollback_spares_a_held_group() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let state = dir.path().join("state");
-    let e = engine(&k, &state);
+    let (_dir, host, k, state, e) = world_and_state();
     let gate = BlockHandle::new();
-    k.inject(Fault::on("bind", bdf(B), FaultAction::Block(gate.clone())));
+    k.inject(Fault::on(
+        WriteKind::Bind,
+        bdf(B),
+        FaultAction::Block(gate.clone()),
+    ));
     let t = {
         let e = Arc::new(e);
         let e2 = Arc::clone(&e);
@@ -261,9 +290,9 @@ fn a_failed_final_commit_changes_nothing_in_memory_and_rollback_spares_a_held_gr
         Some("vfio-pci"),
         "{results:?}"
     );
-    let writes: Vec<String> = k.log()[before..].to_vec();
+    let writes = k.log()[before..].to_vec();
     assert!(
-        !writes.iter().any(|w| w.contains("0000:66:00.0")),
+        !writes.iter().any(|w| w.bdf() == bdf(B)),
         "no write touches the held GPU: {writes:?}"
     );
 }
@@ -311,7 +340,7 @@ fn rollback_after_a_stuck_unbind_never_touches_the_stuck_device_again() {
     let k = sim(&host);
     let gate = BlockHandle::new();
     k.inject(Fault::on(
-        "unbind",
+        WriteKind::Unbind,
         bdf(B),
         FaultAction::Block(gate.clone()),
     ));
@@ -328,12 +357,10 @@ fn rollback_after_a_stuck_unbind_never_touches_the_stuck_device_again() {
     let log = k.log();
     let unbind_at = log
         .iter()
-        .position(|l| l == "unbind 0000:66:00.0 from nvidia")
+        .position(|w| *w == write::unbind(B, "nvidia"))
         .expect("unbind was attempted");
     assert!(
-        log[unbind_at + 1..]
-            .iter()
-            .all(|l| !l.contains("0000:66:00.0")),
+        log[unbind_at + 1..].iter().all(|w| w.bdf() != bdf(B)),
         "nothing written to the stuck device after its unbind: {log:?}"
     );
     // Still stuck: every further operation refuses it at once.
@@ -496,11 +523,7 @@ fn a_hanging_nvidia_smi_is_cut_off_by_its_deadline_and_changes_nothing() {
 /// Review finding m16.
 #[test]
 fn a_gpu_that_vanished_is_released_and_forgotten_not_an_error_forever() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, host, _k, e) = world();
     e.configure(bdf(B), claim("u1")).unwrap();
     e.configure(bdf(A), claim("u2")).unwrap();
     // Hot-unplug: the devices disappear from the bus.
@@ -519,12 +542,7 @@ fn a_gpu_that_vanished_is_released_and_forgotten_not_an_error_forever() {
 
 #[test]
 fn open_names_the_lock_holder_and_refuses_a_host_without_boot_id() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let state = dir.path().join("state");
-    let _first = engine(&k, &state);
+    let (dir, host, k, state, _first) = world_and_state();
     let second = Engine::open(
         Arc::new(k.clone()),
         &state,
@@ -631,7 +649,7 @@ fn a_prepare_that_spent_its_budget_starts_no_further_step_and_rolls_back() {
     let k = sim(&host);
     let gate = BlockHandle::new();
     k.inject(Fault::on(
-        "driver_override",
+        WriteKind::DriverOverride,
         bdf(B),
         FaultAction::Block(gate.clone()),
     ));
@@ -654,7 +672,8 @@ fn a_prepare_that_spent_its_budget_starts_no_further_step_and_rolls_back() {
     assert!(err.to_string().contains("budget"), "{err}");
     let log = k.log();
     assert!(
-        !log.iter().any(|l| l.starts_with("unbind 0000:66:00.0")),
+        !log.iter()
+            .any(|w| matches!(w, SysfsWrite::Unbind { bdf: b, .. } if *b == bdf(B))),
         "no step after the budget: {log:?}"
     );
     assert_eq!(state_of(&host, B), (Some("nvidia".into()), None));

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! Model-based property test: random sequences of prepares, unprepares,
 //! reconciles, crashes with a restart, a second process reconciling, admin
 //! intent edits through every source and kernel faults run against a small
@@ -64,7 +65,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use vfio_gpu_engine::kernel::{Kernel, SysfsWrite};
+use vfio_gpu_engine::kernel::{Kernel, SysfsWrite, WriteKind};
 use vfio_gpu_engine::ledger::OpState;
 use vfio_gpu_engine::sim::{BlockHandle, Fault, FaultAction, SimKernel, errno};
 use vfio_gpu_engine::{Action, Engine, EngineConfig, EngineError, Holder, Outcome, StateLockMode};
@@ -170,9 +171,21 @@ pub enum Op {
     LedgerNewer(bool),
     /// The ledger cannot be written (disk full), or can again.
     LedgerFull(bool),
+    /// One source of intent cannot be read (EIO on every read under it:
+    /// [`INTENT_SOURCES`]), or (`None`) every source reads again.
+    IntentUnreadable(Option<usize>),
     /// Reach rest and check the at-rest invariants mid-sequence.
     Settle,
 }
+
+/// The intent sources [`Op::IntentUnreadable`] makes unreadable, relative to
+/// the host root (the policy file lives under it, as in the DaemonSet).
+const INTENT_SOURCES: [&str; 4] = [
+    "proc/cmdline",
+    "etc/modprobe.d",
+    "etc/driverctl.d",
+    "etc/vfio-gpu-dra",
+];
 
 /// The admin's intent and the kubelet's view of the claims.
 #[derive(Clone, Debug, Default)]
@@ -191,10 +204,16 @@ struct Model {
     /// Per GPU: keep or pin intent applied to some operation since it was
     /// last seen restored (then I5 does not apply).
     intent_seen: [bool; 3],
+    /// A source of intent cannot be read: every GPU counts as kept (an
+    /// unreadable configuration is never read as "no intent").
+    unreadable: Option<usize>,
 }
 
 impl Model {
     fn keep(&self, g: usize) -> bool {
+        if self.unreadable.is_some() {
+            return true;
+        }
         // kmod and the kernel agree: an ids= on the command line wins over modprobe.d.
         let ids = if self.cmdline.is_empty() {
             &self.modprobe
@@ -305,7 +324,8 @@ impl World {
         let dir = tempfile::tempdir().unwrap();
         let host = dir.path().join("host");
         build_host(&host);
-        let policy = dir.path().join("policy.toml");
+        let policy = host.join("etc/vfio-gpu-dra/policy.toml");
+        fs::create_dir_all(host.join("etc/vfio-gpu-dra")).unwrap();
         fs::write(&policy, "[keep-on-vfio]\npci-bus-ids = []\n").unwrap();
         let k = SimKernel::booted(HostRoot::open(&host).unwrap());
         let model = Model {
@@ -539,7 +559,7 @@ impl World {
                 *self.bind_faults.entry((*f, *vfio)).or_default() += times;
                 for _ in 0..*times {
                     self.k.inject(Fault {
-                        kind: Some("bind"),
+                        kind: Some(WriteKind::Bind),
                         bdf: Some(fbdf(*f)),
                         driver: Some(driver.into()),
                         nth: 0,
@@ -550,7 +570,7 @@ impl World {
             Op::ProbeBindsNothing { f } => {
                 self.probe_faults[*f] += 1;
                 self.k.inject(Fault::on(
-                    "drivers_probe",
+                    WriteKind::DriversProbe,
                     fbdf(*f),
                     FaultAction::ProbeBindsNothing,
                 ));
@@ -558,7 +578,7 @@ impl World {
             Op::UnbindBlocks { f } => {
                 let gate = BlockHandle::new();
                 self.k.inject(Fault::on(
-                    "unbind",
+                    WriteKind::Unbind,
                     fbdf(*f),
                     FaultAction::Block(gate.clone()),
                 ));
@@ -570,7 +590,7 @@ impl World {
             Op::SlowRemove(on) => {
                 self.slow = *on;
                 let t = if *on { SLOW_REMOVE } else { Duration::ZERO };
-                self.k.set_latency("unbind", "vfio-pci", t);
+                self.k.set_latency(WriteKind::Unbind, "vfio-pci", t);
             }
             Op::LedgerNewer(on) => {
                 let path = self.state.join("ledger.json");
@@ -590,6 +610,14 @@ impl World {
                             let _ = fs::remove_file(&path);
                         }
                     }
+                }
+            }
+            Op::IntentUnreadable(source) => {
+                self.k.clear_read_faults();
+                self.model.unreadable = *source;
+                if let Some(i) = source {
+                    self.k
+                        .fault_reads_under(INTENT_SOURCES[*i], FaultAction::Fail(errno::EIO));
                 }
             }
             Op::LedgerFull(on) => {
@@ -696,8 +724,7 @@ impl World {
             // driverctl `none`: the admin asked for no driver (n17).
             let pinned_none = matches!(self.model.driverctl[f], Some(Dc::Unbound));
             let ok = driver.is_some() || pinned_none || self.blocked(f) || excused[f] || {
-                let name = FNS[f];
-                !self.k.log()[log_start..].iter().any(|l| l.contains(name))
+                !self.k.log()[log_start..].iter().any(|w| w.bdf() == fbdf(f))
             };
             self.check("I2", ok, || {
                 format!(
@@ -710,9 +737,9 @@ impl World {
         // I9: a device with a write still blocked is left alone by everyone.
         for &f in &blocked_before {
             let log = self.k.log();
-            let touched: Vec<&String> = log[log_start..]
+            let touched: Vec<&SysfsWrite> = log[log_start..]
                 .iter()
-                .filter(|l| l.contains(FNS[f]))
+                .filter(|w| w.bdf() == fbdf(f))
                 .collect();
             self.check("I9", touched.is_empty(), || {
                 format!(
@@ -757,7 +784,8 @@ impl World {
             Who::Tight | Who::Other => self.open(who),
         };
         if who == Who::Tight {
-            self.k.set_latency("unbind", "vfio-pci", SLOW_REMOVE);
+            self.k
+                .set_latency(WriteKind::Unbind, "vfio-pci", SLOW_REMOVE);
         }
         let mut crashed = false;
         let mut outcomes = Vec::new();
@@ -801,7 +829,8 @@ impl World {
             Who::Tight | Who::Other => drop(e),
         }
         if who == Who::Tight && !self.slow {
-            self.k.set_latency("unbind", "vfio-pci", Duration::ZERO);
+            self.k
+                .set_latency(WriteKind::Unbind, "vfio-pci", Duration::ZERO);
         }
         (result, outcomes, crashed)
     }
@@ -809,17 +838,16 @@ impl World {
     /// Counts the injected faults the writes in `log` used up; per function,
     /// whether the kernel left it no way to a driver (both vfio-pci and the
     /// host driver refused, or a probe bound nothing).
-    fn consume_faults(&mut self, log: &[String]) -> [bool; 4] {
+    fn consume_faults(&mut self, log: &[SysfsWrite]) -> [bool; 4] {
         let mut refused = [[false; 2]; 4];
         let mut probed_nothing = [false; 4];
-        for line in log {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            let f = |b: &str| (0..FNS.len()).find(|&f| FNS[f] == b);
-            match words.as_slice() {
-                ["bind", b, "to", d] => {
+        for write in log {
+            let f = |b: &Bdf| (0..FNS.len()).find(|&f| fbdf(f) == *b);
+            match write {
+                SysfsWrite::Bind { bdf: b, driver: d } => {
                     let Some(f) = f(b) else { continue };
-                    let vfio = *d == "vfio-pci";
-                    if !vfio && *d != host_driver(f) {
+                    let vfio = d.as_str() == "vfio-pci";
+                    if !vfio && d.as_str() != host_driver(f) {
                         continue;
                     }
                     if let Some(n) = self.bind_faults.get_mut(&(f, vfio)).filter(|n| **n > 0) {
@@ -827,7 +855,7 @@ impl World {
                         refused[f][usize::from(vfio)] = true;
                     }
                 }
-                ["drivers_probe", b] => {
+                SysfsWrite::DriversProbe { bdf: b } => {
                     let Some(f) = f(b) else { continue };
                     if self.probe_faults[f] > 0 {
                         self.probe_faults[f] -= 1;
@@ -899,6 +927,7 @@ impl World {
         self.fault(&Op::SlowRemove(false));
         self.fault(&Op::LedgerFull(false));
         self.fault(&Op::LedgerNewer(false));
+        self.fault(&Op::IntentUnreadable(None));
         self.unblock();
         let first = self.engine_op_results(Who::Main, &Op::Reconcile)?;
         for r in &first {
@@ -1143,6 +1172,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<bool>().prop_map(Op::SlowRemove),
         1 => any::<bool>().prop_map(Op::LedgerNewer),
         1 => any::<bool>().prop_map(Op::LedgerFull),
+        1 => prop::option::of(0..INTENT_SOURCES.len()).prop_map(Op::IntentUnreadable),
         1 => Just(Op::Settle),
     ]
 }

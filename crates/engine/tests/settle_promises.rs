@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! The promise at every path that settles a record (release, the finish of
 //! an interrupted release, rollback, reconcile): intent read at that instant
 //! decides, a state the plugin produced is never admin intent, budgets never
@@ -9,25 +10,18 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use vfio_gpu_engine::kernel::{SysfsWrite, WriteKind};
 use vfio_gpu_engine::ledger::OpState;
 use vfio_gpu_engine::sim::{Fault, FaultAction};
-use vfio_gpu_engine::{Action, EngineConfig, EngineError, Holder, StateLockMode};
+use vfio_gpu_engine::{Action, EngineConfig, EngineError, StateLockMode};
 
 const EIO: i32 = 5;
 const ENODEV: i32 = 19;
 
-fn claim(uid: &str) -> Holder {
-    Holder::Claim {
-        uid: uid.into(),
-        namespace: "ns".into(),
-        name: uid.into(),
-    }
-}
-
 fn fail_bind(b: &str, driver: &str, errno: i32) -> Fault {
     Fault {
         driver: Some(driver.into()),
-        ..Fault::on("bind", bdf(b), FaultAction::Fail(errno))
+        ..Fault::on(WriteKind::Bind, bdf(b), FaultAction::Fail(errno))
     }
 }
 
@@ -106,7 +100,7 @@ fn a_crash_mid_release_then_intent_keeps_the_gpu_on_vfio() {
     }
     assert_eq!(driver_of(&root, B).as_deref(), Some("vfio-pci"));
     assert!(
-        !k.log().iter().any(|l| l == &format!("bind {B} to nvidia")),
+        !k.log().contains(&write::bind(B, "nvidia")),
         "{:?}",
         k.log()
     );
@@ -117,11 +111,7 @@ fn a_crash_mid_release_then_intent_keeps_the_gpu_on_vfio() {
 /// nvidia works, return B there.
 #[test]
 fn a_failed_rollback_is_not_relabelled_admin_owned() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("host");
-    build_host(&root);
-    let k = sim(&root);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, root, k, e) = world();
     k.inject(fail_bind(B, "vfio-pci", ENODEV));
     k.inject(fail_bind(B, "nvidia", EIO));
     let err = e.configure(bdf(B), claim("u1")).unwrap_err();
@@ -159,7 +149,7 @@ fn a_spent_budget_never_starves_finishing_a_release() {
     assert!(e.unconfigure(bdf(A), Some(&claim("u1"))).is_err());
     assert_eq!(e.ledger().gpus[&bdf(A)].state, OpState::Releasing);
     k.clear_faults();
-    k.set_latency("unbind", "vfio-pci", Duration::from_millis(400));
+    k.set_latency(WriteKind::Unbind, "vfio-pci", Duration::from_millis(400));
     let _ = e.configure(bdf(A), claim("u2"));
     for f in [A, A_AUDIO] {
         assert!(
@@ -222,7 +212,7 @@ fn another_process_s_blocked_write_is_left_alone() {
     let serve = engine_with(&k, &state, shared.clone());
     let gate = BlockHandle::new();
     k.inject(Fault::on(
-        "unbind",
+        WriteKind::Unbind,
         bdf(B),
         FaultAction::Block(gate.clone()),
     ));
@@ -240,9 +230,9 @@ fn another_process_s_blocked_write_is_left_alone() {
         matches!(b, Some(Err((_, EngineError::Stuck { .. })))),
         "{b:?}"
     );
-    let b_writes: Vec<String> = k.log()[before..]
+    let b_writes: Vec<SysfsWrite> = k.log()[before..]
         .iter()
-        .filter(|l| l.contains(B))
+        .filter(|w| w.bdf() == bdf(B))
         .cloned()
         .collect();
     assert!(b_writes.is_empty(), "wrote to a stuck device: {b_writes:?}");
@@ -254,11 +244,7 @@ fn another_process_s_blocked_write_is_left_alone() {
 /// left out: the move is refused before any host write.
 #[test]
 fn an_unreadable_group_member_blocks_the_move() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("host");
-    build_host(&root);
-    let k = sim(&root);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, root, k, e) = world();
     k.fail_reads(bdf(A_AUDIO), Some(EIO));
     let err = e.configure(bdf(A), claim("u1")).unwrap_err();
     assert!(
@@ -299,12 +285,7 @@ fn waiting_for_the_state_lock_does_not_spend_the_budget() {
 /// repairs nothing from it, not even GPUs it seems to have no record of.
 #[test]
 fn reconcile_on_a_read_only_ledger_writes_nothing_to_the_host() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("host");
-    build_host(&root);
-    let k = sim(&root);
-    let state = dir.path().join("state");
-    let e = engine(&k, &state);
+    let (_dir, _root, k, state, e) = world_and_state();
     e.configure(bdf(B), claim("u1")).unwrap();
     drop(e);
     let path = state.join("ledger.json");
@@ -315,7 +296,7 @@ fn reconcile_on_a_read_only_ledger_writes_nothing_to_the_host() {
     let before = k.log().len();
     let e = engine(&k, &state);
     assert!(e.reconcile().is_err());
-    assert_eq!(k.log()[before..], [] as [String; 0], "no host write");
+    assert_eq!(k.log()[before..], [], "no host write");
     assert!(e.unconfigure(bdf(B), None).is_err(), "no release either");
 }
 
@@ -335,7 +316,7 @@ fn a_pin_to_no_driver_written_while_held_is_honoured_at_release() {
     assert_eq!(out.action, Action::Restored, "{}", out.detail);
     assert_eq!(driver_of(&root, B), None, "{}", out.detail);
     assert!(
-        !k.log().iter().any(|l| l == &format!("bind {B} to nvidia")),
+        !k.log().contains(&write::bind(B, "nvidia")),
         "{:?}",
         k.log()
     );
@@ -346,16 +327,12 @@ fn a_pin_to_no_driver_written_while_held_is_honoured_at_release() {
 /// again the release goes through.
 #[test]
 fn a_release_with_an_unreadable_function_touches_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("host");
-    build_host(&root);
-    let k = sim(&root);
-    let e = engine(&k, &dir.path().join("state"));
+    let (_dir, root, k, e) = world();
     e.configure(bdf(A), claim("u1")).unwrap();
     let before = k.log().len();
     k.fail_reads(bdf(A_AUDIO), Some(EIO));
     assert!(e.unconfigure(bdf(A), Some(&claim("u1"))).is_err());
-    assert_eq!(k.log()[before..], [] as [String; 0], "nothing written");
+    assert_eq!(k.log()[before..], [], "nothing written");
     assert_eq!(driver_of(&root, A).as_deref(), Some("vfio-pci"));
     k.fail_reads(bdf(A_AUDIO), None);
     let out = e.unconfigure(bdf(A), Some(&claim("u1"))).unwrap();

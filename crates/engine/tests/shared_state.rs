@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! Two engines on one state directory with the state lock per operation (two
 //! plugin instances during a rolling update): each works on the ledger as the
 //! other left it, holds exclude each other, and lifetime engines (the CLI)
@@ -16,14 +17,6 @@ fn shared() -> EngineConfig {
     EngineConfig {
         state_lock_mode: StateLockMode::PerOperation,
         ..config()
-    }
-}
-
-fn claim(uid: &str) -> Holder {
-    Holder::Claim {
-        uid: uid.into(),
-        namespace: "ns".into(),
-        name: uid.into(),
     }
 }
 
@@ -57,7 +50,7 @@ fn each_engine_sees_what_the_other_wrote_and_nothing_moves_twice() {
     let unbinds = kernel
         .log()
         .iter()
-        .filter(|l| l.as_str() == format!("unbind {A} from nvidia"))
+        .filter(|w| **w == write::unbind(A, "nvidia"))
         .count();
     assert_eq!(unbinds, 1, "{:?}", kernel.log());
 }

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! M8: the simulated kernel follows `kernel-vfio.md` where the engine's
 //! correctness depends on it: link timing of blocked unbinds and binds,
 //! reads that block on `device_lock`, nvidia's unbind lock and procfs
@@ -11,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use vfio_gpu_engine::kernel::{Kernel, SysfsWrite};
+use vfio_gpu_engine::kernel::{Kernel, SysfsWrite, WriteKind};
 use vfio_gpu_engine::sim::{
     BlockHandle, Fault, FaultAction, LockedReads, SimKernel, VfioNodes, errno,
 };
@@ -92,7 +93,7 @@ fn blocked_unbind_removes_the_driver_link_before_blocking() {
     let (_d, host, k) = setup();
     let gate = BlockHandle::new();
     k.inject(Fault::on(
-        "unbind",
+        WriteKind::Unbind,
         bdf(B),
         FaultAction::Block(gate.clone()),
     ));
@@ -126,7 +127,11 @@ fn blocked_bind_links_the_driver_before_probe_returns() {
         },
     );
     let gate = BlockHandle::new();
-    k.inject(Fault::on("bind", bdf(B), FaultAction::Block(gate.clone())));
+    k.inject(Fault::on(
+        WriteKind::Bind,
+        bdf(B),
+        FaultAction::Block(gate.clone()),
+    ));
     let done = spawn_write(
         &k,
         SysfsWrite::Bind {
@@ -161,7 +166,7 @@ fn reads_of_device_lock_attributes_block_during_a_hung_unbind() {
     .unwrap();
     let gate = BlockHandle::new();
     k.inject(Fault::on(
-        "unbind",
+        WriteKind::Unbind,
         bdf(g),
         FaultAction::Block(gate.clone()),
     ));

@@ -205,6 +205,7 @@ impl DeadlineFm {
                 // channel under the same lock before it marks the call
                 // blocked, so the mark is always cleared here.
                 let mut b = lock(&blocked);
+                // A caller past its deadline stopped listening; nothing to tell it.
                 let _ = tx.send(result);
                 if let Some(what) = b.remove(&token) {
                     tracing::warn!(call = %what, after = ?start.elapsed(), "blocked Fabric Manager call returned");

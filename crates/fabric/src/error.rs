@@ -237,7 +237,7 @@ pub enum FmError {
     /// FM answered with a non-success `fmReturn_t`.
     #[error("{call} returned {code}")]
     Fm {
-        /// The call.
+        /// The Fabric Manager SDK call that answered.
         call: Call,
         /// Its code (never `Success`).
         code: FmCode,
@@ -245,7 +245,7 @@ pub enum FmError {
     /// FM answered with a value outside the documented 0…−29.
     #[error("{call} returned undocumented fmReturn_t {raw}")]
     UnknownCode {
-        /// The call.
+        /// The Fabric Manager SDK call that answered.
         call: Call,
         /// The raw value.
         raw: i32,
@@ -254,7 +254,7 @@ pub enum FmError {
     /// partition (an `IN_USE`-dialect answer, re-queried: not active itself).
     #[error("partition {partition} overlaps an active partition ({call} returned {code})")]
     Overlap {
-        /// The call.
+        /// The Fabric Manager SDK call that answered.
         call: Call,
         /// The partition asked for.
         partition: PartitionId,
@@ -269,7 +269,7 @@ pub enum FmError {
     /// The library or FM broke the ABI contract (count out of range, ...).
     #[error("{call}: ABI error: {detail}")]
     Abi {
-        /// The call.
+        /// The Fabric Manager SDK call that answered.
         call: Call,
         /// What was wrong.
         detail: String,
@@ -285,9 +285,9 @@ pub enum FmError {
     /// The library lacks an SDK symbol.
     #[error("{} has no symbol {symbol}: {detail}", library.display())]
     MissingSymbol {
-        /// The library.
+        /// The Fabric Manager library that was loaded.
         library: PathBuf,
-        /// The symbol.
+        /// The SDK function it lacks.
         symbol: &'static str,
         /// The loader's error text.
         detail: String,
@@ -297,14 +297,14 @@ pub enum FmError {
     Endpoint {
         /// The endpoint text.
         endpoint: String,
-        /// Why.
+        /// Why it cannot be expressed (too long, a NUL byte…).
         reason: String,
     },
     /// The call did not return within its deadline; it keeps running on its
     /// worker thread.
     #[error("{what} did not return within {:.1} s", waited.as_secs_f64())]
     Deadline {
-        /// The operation.
+        /// The Fabric Manager operation that is late.
         what: String,
         /// How long we waited.
         waited: Duration,

@@ -77,27 +77,27 @@ pub enum ModuleMapError {
     /// Module id 0 is NVML's "unknown", never a real module.
     #[error("{from:?} gives {bdf} module id 0 (unknown)")]
     ZeroModule {
-        /// The GPU.
+        /// The GPU the source gave a module id to.
         bdf: Bdf,
-        /// The source.
+        /// Which source said it (NVML, the admin file, a hint).
         from: ModuleSource,
     },
     /// One source gives one BDF two module ids.
     #[error("{from:?} gives {bdf} two module ids: {a} and {b}")]
     TwoModules {
-        /// The GPU.
+        /// The GPU the source gave a module id to.
         bdf: Bdf,
-        /// The source.
+        /// Which source said it (NVML, the admin file, a hint).
         from: ModuleSource,
-        /// One id.
+        /// The first module id it gave.
         a: ModuleId,
-        /// The other.
+        /// The second, different module id.
         b: ModuleId,
     },
     /// Two non-hint sources disagree about one BDF.
     #[error("{bdf}: {:?} says module {}, {:?} says module {}", a.source, a.module, b.source, b.module)]
     SourcesDisagree {
-        /// The GPU.
+        /// The GPU the source gave a module id to.
         bdf: Bdf,
         /// The higher-ranked claim.
         a: ModuleEntry,
@@ -107,17 +107,17 @@ pub enum ModuleMapError {
     /// One module id resolved to two BDFs.
     #[error("module {module} is claimed by {} ({:?}) and {} ({:?})", a.0, a.1, b.0, b.1)]
     TwoBdfs {
-        /// The module.
+        /// The module id claimed twice.
         module: ModuleId,
-        /// One claim.
+        /// The first GPU that claims it, with its source.
         a: (Bdf, ModuleSource),
-        /// The other.
+        /// The second GPU that claims it, with its source.
         b: (Bdf, ModuleSource),
     },
     /// The admin map file is unreadable or malformed.
     #[error("module map file {}: {detail}", path.display())]
     BadFile {
-        /// The file.
+        /// The admin's module map file.
         path: PathBuf,
         /// What is wrong.
         detail: String,

@@ -35,9 +35,9 @@ pub enum NvmlError {
     /// A required symbol is missing (an NVML too old for module ids, or not NVML).
     #[error("{} has no symbol {symbol} (NVML too old, or not NVML): {detail}", path.display())]
     MissingSymbol {
-        /// The library.
+        /// The NVML library that was loaded.
         path: PathBuf,
-        /// The symbol.
+        /// The NVML function it lacks.
         symbol: &'static str,
         /// The loader's message.
         detail: String,
@@ -45,11 +45,11 @@ pub enum NvmlError {
     /// An NVML call failed.
     #[error("{call} failed for {bdf}: nvmlReturn_t {code}")]
     Call {
-        /// The function.
+        /// The NVML function that failed.
         call: &'static str,
-        /// The GPU.
+        /// The GPU it was called for.
         bdf: Bdf,
-        /// `nvmlReturn_t`.
+        /// The `nvmlReturn_t` it returned (never success).
         code: i32,
     },
 }

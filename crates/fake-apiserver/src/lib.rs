@@ -285,6 +285,7 @@ impl FakeApiServer {
     }
 
     fn signal_stop(&self) {
+        // No receiver means the accept loop is already gone: stopped either way.
         let _ = self.stop.send(true);
         self.shared.disrupt_watches();
     }

@@ -98,6 +98,7 @@ fn check_claim(claim: &ResourceClaim) {
     let config = devices.config.as_deref().unwrap_or_default();
     for e in config {
         if let Some(o) = &e.opaque {
+            // Only a panic is a finding; a refusal is a valid answer.
             let _ = check_parameters(&o.parameters.0);
         }
     }
@@ -141,6 +142,7 @@ pub fn check(data: &[u8]) {
             check_claim(&claim);
         }
     } else if let Ok(v) = serde_json::from_slice::<Value>(json) {
+        // Only a panic is a finding; a refusal is a valid answer.
         let _ = check_parameters(&v);
     }
 }

@@ -60,8 +60,9 @@ pub fn check(data: &[u8]) {
     };
     let text = String::from_utf8_lossy(rest);
 
-    let _ = kernel_params(&text);
     let kmod = kmod_options(&text);
+    // Only panics are findings here: every parser must take any text.
+    let _ = kernel_params(&text);
     let _ = parse_ids(&text);
     let _ = DriverctlSetting::classify(&text);
     let _ = Policy::parse(&text, Path::new("/fuzz/policy.toml"));
@@ -69,6 +70,7 @@ pub fn check(data: &[u8]) {
     let mut cfg = ModprobeConfig::default();
     cfg.absorb(parse_file(&text, "/etc/modprobe.d/fuzz.conf"));
     cfg.initramfs_options = parse_initramfs_modules(&text, "/etc/initramfs-tools/modules");
+    // Only a panic is a finding; any answer is valid.
     let _ = effective_vfio_ids(&cfg, &kmod);
 
     let builtin = match selector % 3 {

@@ -139,6 +139,7 @@ pub fn check(data: &[u8]) {
                         "set-aside file differs"
                     );
                     assert!(!path.exists(), "set aside but still in place");
+                    // Scratch cleanup; the next input starts from a fresh path anyway.
                     let _ = fs::remove_file(to);
                 }
                 // Kept: in place, untouched, and nothing may overwrite it.
@@ -161,5 +162,6 @@ pub fn check(data: &[u8]) {
             }
         }
     }
+    // Scratch cleanup; the next input starts from a fresh path anyway.
     let _ = fs::remove_file(&path);
 }

@@ -33,6 +33,7 @@ fn host() -> &'static Host {
     static HOST: OnceLock<Host> = OnceLock::new();
     HOST.get_or_init(|| {
         let path = crate::scratch::dir("sysfs");
+        // A leftover of an earlier run, or none: rebuilt below either way.
         let _ = fs::remove_dir_all(&path);
         let gpu: Bdf = GPU.parse().expect("fixture address");
         let audio = Bdf::new(0, 0x65, 0, 1).expect("fixture address");
@@ -120,6 +121,7 @@ fn check_attr(h: &Host, attr: &str, content: &[u8]) {
             // The whole scan and grouping must take whatever the attribute held.
             let selector = GpuSelector::default();
             if let Ok(pci) = PciHost::scan(&h.root, &selector) {
+                // Only a panic is a finding; an error is a valid answer.
                 let _ = discover_gpus(&pci, &selector, None);
             }
         }
@@ -170,6 +172,7 @@ fn check_pci_ids(text: &str) {
 /// One driverctl file: first line is its name, the rest its content.
 fn check_driverctl(h: &Host, data: &[u8]) {
     let dir = h.root.rel(vfio_gpu_intent::driverctl::DRIVERCTL_DIR);
+    // A leftover of the previous input, or none: recreated below either way.
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).expect("driverctl dir");
     let split = data.iter().position(|b| *b == b'\n').unwrap_or(data.len());
@@ -199,6 +202,7 @@ fn check_driverctl(h: &Host, data: &[u8]) {
         }
         None => assert!(dc.entries.is_empty(), "{name}: non-canonical file applied"),
     }
+    // Scratch cleanup; the next input removes it again anyway.
     let _ = fs::remove_dir_all(&dir);
 }
 

@@ -96,7 +96,7 @@ pub enum AuthorityError {
     Hpack {
         /// Stream of the block.
         stream_id: u32,
-        /// Decoder error.
+        /// Why the HPACK decoder rejected the block.
         source: loona_hpack::decoder::DecoderError,
     },
     /// A header block was interrupted by a frame other than its CONTINUATION.

@@ -23,7 +23,7 @@ pub enum HostError {
     /// A sysfs attribute held something that is not what the kernel writes.
     #[error("{path}: unexpected content {content:?}: {reason}")]
     Parse {
-        /// The attribute.
+        /// The sysfs attribute file that was read.
         path: PathBuf,
         /// What it held (truncated).
         content: String,

@@ -42,9 +42,9 @@ pub enum CdiError {
     /// The spec cannot express this device.
     #[error("CDI spec for {device}: {message}")]
     Invalid {
-        /// Device name.
+        /// The CDI device name the spec was being built for.
         device: String,
-        /// Why.
+        /// What the spec cannot express about it.
         message: String,
     },
     /// A filesystem step failed.
@@ -52,9 +52,9 @@ pub enum CdiError {
     Io {
         /// What we were doing.
         step: &'static str,
-        /// Path involved.
+        /// The file or directory the step acted on.
         path: PathBuf,
-        /// Cause.
+        /// The operating system's error for that step.
         source: io::Error,
     },
 }
@@ -332,6 +332,7 @@ pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     })();
     drop(f);
     if result.is_err() {
+        // The write's error is reported; a temp file left behind is only litter.
         let _ = fs::remove_file(&tmp);
     }
     result

@@ -2,6 +2,7 @@
 //!
 //! - [`grpc`]: kubelet registration and the DRA gRPC services (v1, v1beta1) over Unix sockets.
 //! - [`plugin`]: NodePrepareResources / NodeUnprepareResources on top of the engine.
+//! - [`prepare_error`]: why a claim could not be prepared, rendered once for the kubelet.
 //! - [`cdi`], [`metadata`]: CDI specs and KEP-5304 device metadata for KubeVirt.
 //! - [`config`]: the opaque per-claim configuration of this driver.
 //! - [`slices`]: publishing the node's GPUs as ResourceSlices.
@@ -23,5 +24,6 @@ pub mod health;
 pub mod metadata;
 pub mod metrics;
 pub mod plugin;
+pub mod prepare_error;
 pub mod serve;
 pub mod slices;

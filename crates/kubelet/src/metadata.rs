@@ -182,17 +182,17 @@ pub enum MetadataError {
     /// A name from the claim cannot be used as a path component.
     #[error("{what} {value:?} cannot be used in a metadata path")]
     UnsafeName {
-        /// Which name.
+        /// Which of the claim's names it is (`namespace`, `request`, `pod claim name`…).
         what: &'static str,
-        /// The value.
+        /// The name as the claim holds it.
         value: String,
     },
     /// A path built from the claim's names exceeds `NAME_MAX` or `PATH_MAX`.
     #[error("metadata path {path} is too long: {why}")]
     PathTooLong {
-        /// The path.
+        /// The metadata path that would have been built.
         path: PathBuf,
-        /// Which limit.
+        /// Which limit it exceeds (`NAME_MAX` for a component, `PATH_MAX` for the whole).
         why: String,
     },
     /// Writing the file or its CDI spec failed.

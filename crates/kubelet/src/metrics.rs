@@ -419,9 +419,9 @@ pub enum MetricsError {
     /// The listener could not be set up.
     #[error("metrics listener on {addr}: {source}")]
     Listen {
-        /// Address.
+        /// The address the listener was to bind (`host:port`).
         addr: String,
-        /// Cause.
+        /// Why binding or configuring the socket failed.
         source: std::io::Error,
     },
 }

@@ -36,9 +36,7 @@ use k8s_openapi::api::resource::v1::{DeviceRequestAllocationResult, ResourceClai
 use kube::Api;
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 use vfio_gpu_engine::ledger::{LedgerBody, OpState};
-use vfio_gpu_engine::{
-    Action, Engine, EngineError, GpuView, Holder, Outcome, StateHold, StateLockMode,
-};
+use vfio_gpu_engine::{Action, Engine, GpuView, Holder, Outcome, StateHold, StateLockMode};
 use vfio_gpu_host::Bdf;
 
 use crate::apiserver::{missing_resource_v1, missing_resource_v1_after};
@@ -51,6 +49,7 @@ use crate::metadata::{
     ClaimIdentity, MetadataDevice, MetadataWriter, POD_CLAIM_NAME_ANNOTATION, is_safe_name,
 };
 use crate::metrics::{Direction, Metrics};
+use crate::prepare_error::{GpuFailure, PrepareError, Refusal};
 use crate::slices::{DeviceInfo, device_attributes};
 
 /// The ResourceSlice device name of a GPU (`gpu-0000-ab-00-0`): the publisher's rule,
@@ -202,34 +201,42 @@ impl VfioPlugin {
 
     async fn blocking<T: Send + 'static>(
         &self,
-        what: &str,
+        what: &'static str,
         f: impl FnOnce(&Engine) -> T + Send + 'static,
-    ) -> Result<T, String> {
+    ) -> Result<T, PrepareError> {
         let engine = Arc::clone(&self.engine);
         tokio::task::spawn_blocking(move || f(&engine))
             .await
-            .map_err(|e| format!("{what}: engine task failed: {e}"))
+            .map_err(|e| PrepareError::TaskFailed {
+                what,
+                detail: e.to_string(),
+            })
     }
 
     /// The engine's state lock for one claim's work (see the module docs);
     /// waits off the runtime when another process may hold it.
-    async fn hold_state(&self) -> Result<StateHold, String> {
+    async fn hold_state(&self) -> Result<StateHold, PrepareError> {
         let held = if self.engine.config().state_lock_mode == StateLockMode::Lifetime {
             self.engine.hold()
         } else {
             self.blocking("taking the state lock", |e| e.hold()).await?
         };
-        held.map_err(|e| format!("state lock: {e}"))
+        held.map_err(|e| PrepareError::StateLock(e.to_string()))
     }
 
     /// GETs the claim; `Ok(None)` when it does not exist.
-    async fn get_claim(&self, c: &ClaimRef) -> Result<Option<ResourceClaim>, String> {
+    async fn get_claim(&self, c: &ClaimRef) -> Result<Option<ResourceClaim>, PrepareError> {
         if !is_safe_name(&c.namespace) || !is_safe_name(&c.name) {
-            return Err(format!(
-                "invalid claim namespace/name {:?}/{:?}",
-                c.namespace, c.name
-            ));
+            return Err(PrepareError::InvalidName {
+                namespace: c.namespace.clone(),
+                name: c.name.clone(),
+            });
         }
+        let fetch = |detail: String| PrepareError::Fetch {
+            namespace: c.namespace.clone(),
+            name: c.name.clone(),
+            detail,
+        };
         let api: Api<ResourceClaim> = Api::namespaced(self.client.clone(), &c.namespace);
         let lookup = async {
             match api.get_opt(&c.name).await {
@@ -237,35 +244,33 @@ impl VfioPlugin {
                 // A server without resource.k8s.io/v1 answers 404 too: say so instead
                 // of "not found".
                 Ok(None) => match missing_resource_v1(&self.client).await {
-                    Some(msg) => Err(msg.to_string()),
+                    Some(msg) => Err(PrepareError::ResourceApiMissing(msg)),
                     None => Ok(None),
                 },
                 Err(e) => Err(match missing_resource_v1_after(&self.client, &e).await {
-                    Some(msg) => msg.to_string(),
-                    None => format!("fetching ResourceClaim {}/{}: {e}", c.namespace, c.name),
+                    Some(msg) => PrepareError::ResourceApiMissing(msg),
+                    None => fetch(e.to_string()),
                 }),
             }
         };
         tokio::time::timeout(self.config.api_timeout, lookup)
             .await
             .unwrap_or_else(|_| {
-                Err(format!(
-                    "fetching ResourceClaim {}/{}: no answer from the API server within {:?}",
-                    c.namespace, c.name, self.config.api_timeout
-                ))
+                Err(fetch(format!(
+                    "no answer from the API server within {:?}",
+                    self.config.api_timeout
+                )))
             })
     }
 
     /// Prepares one claim (see the module docs); the error text goes to the kubelet.
-    pub async fn prepare_claim(&self, c: &ClaimRef) -> Result<Vec<PreparedDevice>, String> {
-        self.prepare_inner(c)
-            .await
-            .map_err(|e| format!("claim {}/{} ({}): {e}", c.namespace, c.name, c.uid))
+    pub async fn prepare_claim(&self, c: &ClaimRef) -> Result<Vec<PreparedDevice>, PrepareError> {
+        self.prepare_inner(c).await.map_err(|e| e.for_claim(c))
     }
 
-    async fn prepare_inner(&self, c: &ClaimRef) -> Result<Vec<PreparedDevice>, String> {
+    async fn prepare_inner(&self, c: &ClaimRef) -> Result<Vec<PreparedDevice>, PrepareError> {
         if !is_safe_uid(&c.uid) {
-            return Err(format!("invalid claim UID {:?}", c.uid));
+            return Err(PrepareError::InvalidUid(c.uid.clone()));
         }
         // Locked before the claim is read: an unprepare arriving meanwhile must wait
         // and then release what this prepare configures (it would find nothing now).
@@ -273,19 +278,23 @@ impl VfioPlugin {
         let claim = self
             .get_claim(c)
             .await?
-            .ok_or_else(|| format!("ResourceClaim {}/{} not found", c.namespace, c.name))?;
+            .ok_or_else(|| PrepareError::NotFound {
+                namespace: c.namespace.clone(),
+                name: c.name.clone(),
+            })?;
         let found_uid = claim.metadata.uid.as_deref().unwrap_or_default();
         if found_uid != c.uid {
-            return Err(format!(
-                "ResourceClaim {}/{} now has UID {found_uid:?}: the claim was replaced",
-                c.namespace, c.name
-            ));
+            return Err(PrepareError::Replaced {
+                namespace: c.namespace.clone(),
+                name: c.name.clone(),
+                found: found_uid.to_string(),
+            });
         }
         let allocation = claim
             .status
             .as_ref()
             .and_then(|s| s.allocation.as_ref())
-            .ok_or("the claim is not allocated")?;
+            .ok_or(PrepareError::NotAllocated)?;
         let devices = allocation.devices.clone().unwrap_or_default();
         let all_results = devices.results.unwrap_or_default();
         let driver = &self.config.driver_name;
@@ -303,21 +312,22 @@ impl VfioPlugin {
                     )
                 })
                 .collect();
-            return Err(format!(
-                "no device allocated from driver {driver} in pool {node} (allocation has: {})",
-                if seen.is_empty() {
+            return Err(PrepareError::NothingForUs {
+                driver: driver.clone(),
+                pool: node.clone(),
+                seen: if seen.is_empty() {
                     "nothing".to_string()
                 } else {
                     seen.join(", ")
-                }
-            ));
+                },
+            });
         }
         for r in others.iter().filter(|r| &r.driver == driver) {
             tracing::warn!(claim = %c.uid, device = %r.device, pool = %r.pool, "ignoring a result of our driver in another node's pool");
         }
         let claim_config =
             ClaimConfig::from_allocation(devices.config.as_deref().unwrap_or(&[]), driver)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| PrepareError::Invalid(e.to_string()))?;
         let identity = ClaimIdentity {
             namespace: c.namespace.clone(),
             name: c.name.clone(),
@@ -334,7 +344,7 @@ impl VfioPlugin {
         for r in &ours {
             self.metadata
                 .check_names(&identity, base_request(&r.request))
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| PrepareError::Invalid(e.to_string()))?;
         }
         let holder = Holder::Claim {
             uid: c.uid.clone(),
@@ -352,7 +362,10 @@ impl VfioPlugin {
                 vfio_gpu_host::iommufd_unsupported(e.root())
             })
             .await?
-            .map_err(|e| format!("checking iommufd support: {e}"))?
+            .map_err(|e| PrepareError::Host {
+                what: "checking iommufd support",
+                detail: e.to_string(),
+            })?
         } else {
             None
         };
@@ -361,7 +374,10 @@ impl VfioPlugin {
         let (views, _) = self
             .blocking("discovering GPUs", |e| e.discover())
             .await?
-            .map_err(|e| format!("discovering GPUs: {e}"))?;
+            .map_err(|e| PrepareError::Host {
+                what: "discovering GPUs",
+                detail: e.to_string(),
+            })?;
         let planned = self.plan(
             &c.uid,
             ours,
@@ -386,7 +402,7 @@ impl VfioPlugin {
             .await?;
         let mut outcomes: HashMap<Bdf, Outcome> = HashMap::new();
         let mut newly: Vec<Bdf> = Vec::new();
-        let mut errors: Vec<String> = Vec::new();
+        let mut errors: Vec<GpuFailure> = Vec::new();
         for (bdf, r) in bdfs.iter().zip(results) {
             self.config.metrics.record_move(Direction::ToVfio, &r);
             match r {
@@ -396,12 +412,12 @@ impl VfioPlugin {
                     }
                     outcomes.insert(*bdf, o);
                 }
-                Err(e) => errors.push(describe_engine_error(*bdf, &e)),
+                Err(e) => errors.push(GpuFailure::new(*bdf, &e)),
             }
         }
         if !errors.is_empty() {
             let undo = self.release(&newly, &holder).await;
-            return Err(with_undo(errors.join("; "), undo));
+            return Err(PrepareError::Gpus(errors).with_undo(undo));
         }
 
         // Every GPU is on vfio: activate the claim's partition (crate::fabric).
@@ -412,7 +428,7 @@ impl VfioPlugin {
             Err(e) => {
                 let mut undo = self.undo_fabric(&holder).await;
                 undo.extend(self.release(&newly, &holder).await);
-                Err(with_undo(e, undo))
+                Err(e.with_undo(undo))
             }
         }
     }
@@ -426,7 +442,7 @@ impl VfioPlugin {
         views: &[GpuView],
         claim_config: &ClaimConfig,
         iommufd_kernel: Option<&str>,
-    ) -> Result<Vec<Planned>, String> {
+    ) -> Result<Vec<Planned>, PrepareError> {
         let by_name: HashMap<String, &GpuView> = views
             .iter()
             .map(|v| (device_name(&v.gpu.bdf()), v))
@@ -437,24 +453,23 @@ impl VfioPlugin {
         for r in ours {
             // Debug formatting escapes whatever the name holds; it is never a path.
             let Some(view) = by_name.get(r.device.as_str()) else {
-                errors.push(format!(
-                    "device {:?} (request {:?}) is not a GPU on node {}",
-                    r.device, r.request, self.config.node_name
-                ));
+                errors.push(Refusal::NotOnNode {
+                    device: r.device.clone(),
+                    request: r.request.clone(),
+                    node: self.config.node_name.clone(),
+                });
                 continue;
             };
             let bdf = view.gpu.bdf();
             if r.admin_access == Some(true) {
-                errors.push(format!(
-                    "{bdf}: adminAccess is not supported for VFIO passthrough"
-                ));
+                errors.push(Refusal::AdminAccess(bdf));
                 continue;
             }
             if let Some(pin) = &view.verdict.pinned {
-                errors.push(format!(
-                    "{bdf} is pinned by the administrator ({}); it is never moved",
-                    vfio_gpu_engine::pin_text(pin)
-                ));
+                errors.push(Refusal::Pinned {
+                    bdf,
+                    pin: vfio_gpu_engine::pin_text(pin),
+                });
                 continue;
             }
             let blocking: Vec<String> = view
@@ -463,29 +478,37 @@ impl VfioPlugin {
                 .map(|m| m.bdf.to_string())
                 .collect();
             if !blocking.is_empty() && !self.config.allow_foreign_group_members {
-                errors.push(format!(
-                    "{bdf}: its IOMMU group also holds {}; passing it through would take them from the host",
-                    blocking.join(", ")
-                ));
+                errors.push(Refusal::ForeignGroupMembers {
+                    bdf,
+                    members: blocking.join(", "),
+                });
                 continue;
             }
             if let Some(holder) = ledger.gpus.get(&bdf).and_then(|rec| rec.holder.as_ref()) {
                 let ours = matches!(holder, Holder::Claim { uid: u, .. } if u == uid);
                 if !ours {
-                    errors.push(format!("{bdf} is held by {holder}"));
+                    errors.push(Refusal::HeldByOther {
+                        bdf,
+                        holder: holder.to_string(),
+                    });
                     continue;
                 }
             }
             if let Some(op) = &view.stuck {
-                errors.push(format!("{bdf} is stuck in {op}"));
+                errors.push(Refusal::Stuck {
+                    bdf,
+                    op: op.clone(),
+                });
                 continue;
             }
             let config = claim_config.for_request(&r.request);
             if let Some(why) = iommufd_refusal(&config, iommufd_kernel) {
-                errors.push(format!(
-                    "device {:?} ({bdf}, request {:?}): iommuBackend \"iommufd\" refused: {why}",
-                    r.device, r.request
-                ));
+                errors.push(Refusal::IommufdRefused {
+                    device: r.device.clone(),
+                    bdf,
+                    request: r.request.clone(),
+                    why,
+                });
                 continue;
             }
             planned.push(Planned {
@@ -498,7 +521,7 @@ impl VfioPlugin {
         if errors.is_empty() {
             Ok(planned)
         } else {
-            Err(errors.join("; "))
+            Err(PrepareError::Refused(errors))
         }
     }
 
@@ -508,12 +531,12 @@ impl VfioPlugin {
         claim: &ClaimIdentity,
         planned: &[Planned],
         outcomes: &HashMap<Bdf, Outcome>,
-    ) -> Result<Vec<PreparedDevice>, String> {
+    ) -> Result<Vec<PreparedDevice>, PrepareError> {
         let mut gpus = Vec::with_capacity(planned.len());
         for p in planned {
             let outcome = outcomes
                 .get(&p.bdf)
-                .ok_or_else(|| format!("{}: no engine outcome", p.bdf))?;
+                .ok_or_else(|| PrepareError::Files(format!("{}: no engine outcome", p.bdf)))?;
             gpus.push(CdiGpu {
                 device_name: p.result.device.clone(),
                 request: base_request(&p.result.request).to_string(),
@@ -525,7 +548,7 @@ impl VfioPlugin {
         }
         self.cdi
             .write_claim(&claim.uid, &gpus)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| PrepareError::Files(e.to_string()))?;
 
         // Metadata is grouped by the full request reference (`main/sub` recorded in the
         // file), stored under the base request.
@@ -541,7 +564,9 @@ impl VfioPlugin {
             let id = self
                 .metadata
                 .write_request(claim, request_ref, devices)
-                .map_err(|e| format!("device metadata for request {request_ref:?}: {e}"))?;
+                .map_err(|e| {
+                    PrepareError::Files(format!("device metadata for request {request_ref:?}: {e}"))
+                })?;
             metadata_ids.insert(base_request(request_ref).to_string(), id);
         }
 
@@ -577,14 +602,14 @@ impl VfioPlugin {
 
     /// The claim's GPUs must be exactly one NVLink partition (engine policy);
     /// nothing changes.
-    async fn fabric_preflight(&self, holder: &Holder, bdfs: &[Bdf]) -> Result<(), String> {
+    async fn fabric_preflight(&self, holder: &Holder, bdfs: &[Bdf]) -> Result<(), PrepareError> {
         let (h, b) = (holder.clone(), bdfs.to_vec());
         self.blocking("checking the NVLink partition", move |e| {
             e.fabric_preflight(&h, &b)
         })
         .await?
         .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(|e| PrepareError::Fabric(e.to_string()))
     }
 
     /// Activates the claim's partition; on failure releases the GPUs this call
@@ -594,7 +619,7 @@ impl VfioPlugin {
         holder: &Holder,
         bdfs: &[Bdf],
         newly: &[Bdf],
-    ) -> Result<(), String> {
+    ) -> Result<(), PrepareError> {
         let (h, b) = (holder.clone(), bdfs.to_vec());
         let activated = self
             .blocking("activating the NVLink partition", move |e| {
@@ -609,7 +634,7 @@ impl VfioPlugin {
             Err(e) => {
                 let mut undo = self.undo_fabric(holder).await;
                 undo.extend(self.release(newly, holder).await);
-                Err(with_undo(e.to_string(), undo))
+                Err(PrepareError::Fabric(e.to_string()).with_undo(undo))
             }
         }
     }
@@ -626,7 +651,7 @@ impl VfioPlugin {
         {
             Ok(Ok(_)) => Vec::new(),
             Ok(Err(e)) => vec![e.to_string()],
-            Err(e) => vec![e],
+            Err(e) => vec![e.to_string()],
         }
     }
 
@@ -647,25 +672,25 @@ impl VfioPlugin {
                 .zip(results)
                 .filter_map(|(b, r)| {
                     self.config.metrics.record_move(Direction::Release, &r);
-                    r.err().map(|e| describe_engine_error(*b, &e))
+                    r.err().map(|e| GpuFailure::new(*b, &e).to_string())
                 })
                 .collect(),
-            Err(e) => vec![e],
+            Err(e) => vec![e.to_string()],
         };
         self.config.metrics.record_undo(failed.is_empty());
         failed
     }
 
     /// Unprepares one claim from the ledger; an unknown UID is already unprepared.
-    pub async fn unprepare_claim(&self, c: &ClaimRef) -> Result<(), String> {
+    pub async fn unprepare_claim(&self, c: &ClaimRef) -> Result<(), PrepareError> {
         self.unprepare_inner(&c.uid)
             .await
-            .map_err(|e| format!("claim {}/{} ({}): {e}", c.namespace, c.name, c.uid))
+            .map_err(|e| e.for_claim(c))
     }
 
-    async fn unprepare_inner(&self, uid: &str) -> Result<(), String> {
+    async fn unprepare_inner(&self, uid: &str) -> Result<(), PrepareError> {
         if !is_safe_uid(uid) {
-            return Err(format!("invalid claim UID {uid:?}"));
+            return Err(PrepareError::InvalidUid(uid.to_string()));
         }
         let _guard = self.lock_claim(uid).await;
         let _hold = self.hold_state().await?;
@@ -674,7 +699,7 @@ impl VfioPlugin {
 
     /// Releases the GPUs the ledger records for `uid`, then its CDI spec and metadata;
     /// the caller holds the claim's lock.
-    async fn release_claim_locked(&self, uid: &str) -> Result<(), String> {
+    async fn release_claim_locked(&self, uid: &str) -> Result<(), PrepareError> {
         // The claim's NVLink partition first (the id the ledger recorded), and
         // never while its GPUs are open: the kubelet retries.
         if let Some(h) = crate::fabric::claim_holder(&self.engine.ledger(), uid) {
@@ -682,7 +707,7 @@ impl VfioPlugin {
                 e.fabric_deactivate(&h)
             })
             .await?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| PrepareError::Fabric(e.to_string()))?;
         }
         let held: Vec<(Bdf, Option<Holder>)> = self
             .engine
@@ -706,16 +731,20 @@ impl VfioPlugin {
                     Ok(o) => {
                         tracing::info!(claim = %uid, gpu = %b, action = ?o.action, detail = %o.detail, "released")
                     }
-                    Err(e) => errors.push(describe_engine_error(*b, &e)),
+                    Err(e) => errors.push(GpuFailure::new(*b, &e)),
                 }
             }
             if !errors.is_empty() {
                 // Keep the CDI spec: the GPU may still be in use; the kubelet retries.
-                return Err(errors.join("; "));
+                return Err(PrepareError::Gpus(errors));
             }
         }
-        self.cdi.remove_claim(uid).map_err(|e| e.to_string())?;
-        self.metadata.remove_claim(uid).map_err(|e| e.to_string())?;
+        self.cdi
+            .remove_claim(uid)
+            .map_err(|e| PrepareError::Files(e.to_string()))?;
+        self.metadata
+            .remove_claim(uid)
+            .map_err(|e| PrepareError::Files(e.to_string()))?;
         Ok(())
     }
 
@@ -792,7 +821,7 @@ impl VfioPlugin {
     ///
     /// Claims the API server could not be asked about are left alone. Returns the
     /// claims acted on with their results.
-    pub async fn cleanup_stale_claims(&self) -> Vec<(ClaimRef, Result<(), String>)> {
+    pub async fn cleanup_stale_claims(&self) -> Vec<(ClaimRef, Result<(), PrepareError>)> {
         let mut out = Vec::new();
         let unfinished = self.unfinished_claims();
         for c in &unfinished {
@@ -816,7 +845,7 @@ impl VfioPlugin {
             let r = self
                 .release_claim_locked(&c.uid)
                 .await
-                .map_err(|e| format!("claim {}/{} ({}): {e}", c.namespace, c.name, c.uid));
+                .map_err(|e| e.for_claim(c));
             out.push((c.clone(), r));
         }
 
@@ -855,7 +884,7 @@ impl VfioPlugin {
             let r = self
                 .release_claim_locked(&c.uid)
                 .await
-                .map_err(|e| format!("claim {}/{} ({}): {e}", c.namespace, c.name, c.uid));
+                .map_err(|e| e.for_claim(&c));
             out.push((c, r));
         }
         *self.idle_orphans.lock().unwrap_or_else(|p| p.into_inner()) = idle_now;
@@ -903,28 +932,8 @@ fn iommufd_refusal(config: &VfioDeviceConfig, iommufd_kernel: Option<&str>) -> O
     iommufd_kernel.map(String::from)
 }
 
-fn describe_engine_error(bdf: Bdf, e: &EngineError) -> String {
-    let text = e.to_string();
-    if text.contains(&bdf.to_string()) {
-        text
-    } else {
-        format!("{bdf}: {text}")
-    }
-}
-
-fn with_undo(error: String, undo: Vec<String>) -> String {
-    if undo.is_empty() {
-        error
-    } else {
-        format!(
-            "{error}; rolling back GPUs configured by this call also failed: {}",
-            undo.join("; ")
-        )
-    }
-}
-
 /// The result of one claim's prepare or unprepare.
-type ClaimResult<T> = Result<T, String>;
+type ClaimResult<T> = Result<T, PrepareError>;
 /// A claim's work running in the background, awaitable by every call that asks.
 type Run<T> = Shared<futures::future::BoxFuture<'static, ClaimResult<T>>>;
 
@@ -970,7 +979,7 @@ impl<T: Clone + Send + Sync + 'static> Runs<T> {
         });
         let run = async move {
             task.await
-                .unwrap_or_else(|e| Err(format!("claim task failed: {e}")))
+                .unwrap_or_else(|e| Err(PrepareError::ClaimTaskFailed(e.to_string())))
         }
         .boxed()
         .shared();
@@ -1018,7 +1027,7 @@ impl VfioPlugin {
         &self,
         c: &ClaimRef,
         deadline: tokio::time::Instant,
-        busy: &str,
+        busy: &'static str,
         work: impl FnOnce(Arc<VfioPlugin>, ClaimRef) -> W,
     ) -> ClaimResult<T>
     where
@@ -1027,7 +1036,7 @@ impl VfioPlugin {
         VfioPlugin: HasRuns<T>,
     {
         let Some(me) = self.me.upgrade() else {
-            return Err("the plugin is shutting down".to_string());
+            return Err(PrepareError::ShuttingDown);
         };
         let weak = self.me.clone();
         let run = self
@@ -1035,10 +1044,10 @@ impl VfioPlugin {
             .join_or_start(&c.uid, move || weak.upgrade(), work(me, c.clone()));
         match tokio::time::timeout_at(deadline, run).await {
             Ok(r) => r,
-            Err(_) => Err(format!(
-                "claim {}/{} ({}): {busy} still in progress, kubelet will retry",
-                c.namespace, c.name, c.uid
-            )),
+            Err(_) => Err(PrepareError::StillRunning {
+                claim: c.clone(),
+                work: busy,
+            }),
         }
     }
 }
@@ -1079,7 +1088,8 @@ impl DraBackend for VfioPlugin {
                     Ok(d) => tracing::info!(claim = %c.uid, devices = d.len(), "prepared"),
                     Err(e) => tracing::warn!(claim = %c.uid, error = %e, "prepare failed"),
                 }
-                (c.uid.clone(), r)
+                // The one place a prepare error becomes the kubelet's text.
+                (c.uid.clone(), r.map_err(|e| e.to_string()))
             }))
             .await
             .into_iter()
@@ -1103,7 +1113,8 @@ impl DraBackend for VfioPlugin {
                     Ok(()) => tracing::info!(claim = %c.uid, "unprepared"),
                     Err(e) => tracing::warn!(claim = %c.uid, error = %e, "unprepare failed"),
                 }
-                (c.uid.clone(), r)
+                // The one place an unprepare error becomes the kubelet's text.
+                (c.uid.clone(), r.map_err(|e| e.to_string()))
             }))
             .await
             .into_iter()

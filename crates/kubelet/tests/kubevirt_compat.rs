@@ -477,11 +477,7 @@ async fn iommufd_is_refused_for_a_kubevirt_class_before_any_change() {
         ]),
         json!({}),
     );
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&claim).await;
     assert_refused_untouched(&env, &r, &claim, writes, "KubeVirt");
     running.stop().await;
 }
@@ -501,20 +497,12 @@ async fn iommufd_is_refused_on_a_kernel_without_it_before_any_change() {
             {"apiVersion": "vfio-gpu.dra.dev/v1alpha1", "kind": "VfioDeviceConfig", "iommuBackend": "iommufd"}}}]),
         json!({}),
     );
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&claim).await;
     assert_refused_untouched(&env, &r, &claim, writes, "no /dev/iommu");
 
     // The same kernel serves the legacy backend.
     let legacy = env.claim("legacy", &[("gpu", BA)]);
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&legacy))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&legacy).await;
     ok_devices(&r, &legacy.uid);
     assert_eq!(env.driver_of(BA).as_deref(), Some("vfio-pci"));
     running.stop().await;

@@ -56,11 +56,7 @@ async fn a_two_gpu_nvlink_claim_activates_exactly_its_partition() {
     }
 
     let claim = env.claim("vm", &[("gpu0", M1), ("gpu1", M3)]);
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&claim).await;
     assert!(matches!(r.get(&claim.uid), Some(Ok(_))), "{r:?}");
     assert_eq!(active(&fm), BTreeSet::from([3]));
     let ledger = engine.ledger();
@@ -74,11 +70,7 @@ async fn a_two_gpu_nvlink_claim_activates_exactly_its_partition() {
     }
     // A retried prepare changes nothing at FM.
     let calls = fm.state().log.len();
-    let again = running
-        .kubelet
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let again = running.prepare_one(&claim).await;
     assert!(matches!(again.get(&claim.uid), Some(Ok(_))), "{again:?}");
     assert!(
         fm.state().log[calls..]
@@ -87,11 +79,7 @@ async fn a_two_gpu_nvlink_claim_activates_exactly_its_partition() {
         "no second activation"
     );
 
-    let u = running
-        .kubelet
-        .unprepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let u = running.unprepare_one(&claim).await;
     assert!(u.values().all(|r| r.is_ok()), "{u:?}");
     assert!(active(&fm).is_empty());
     assert!(engine.ledger().fabric.partitions.is_empty());
@@ -107,11 +95,7 @@ async fn a_claim_that_is_not_a_partition_fails_before_any_gpu_moves() {
     let running = env.start().await;
     // Modules 1 and 2: no H100 2-GPU partition.
     let claim = env.claim("vm", &[("gpu0", M1), ("gpu1", M2)]);
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&claim).await;
     let err = match r.get(&claim.uid) {
         Some(Err(e)) => e.clone(),
         other => panic!("should fail: {other:?}"),
@@ -141,11 +125,7 @@ async fn a_failed_activation_rolls_the_claims_gpus_back() {
     });
     let running = env.start().await;
     let claim = env.claim("vm", &[("gpu0", M1), ("gpu1", M3)]);
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&claim).await;
     let err = match r.get(&claim.uid) {
         Some(Err(e)) => e.clone(),
         other => panic!("should fail: {other:?}"),
@@ -170,11 +150,7 @@ async fn unprepare_never_deactivates_under_a_running_vm() {
     let (env, fm) = hgx().await;
     let running = env.start().await;
     let claim = env.claim("vm", &[("gpu0", M1), ("gpu1", M3)]);
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&claim).await;
     assert!(matches!(r.get(&claim.uid), Some(Ok(_))), "{r:?}");
     // The VM still holds M3's group.
     let group = group_of(&env, M3);
@@ -182,11 +158,7 @@ async fn unprepare_never_deactivates_under_a_running_vm() {
     std::fs::create_dir_all(env.host.join("proc/4242/fd")).expect("proc");
     std::fs::write(env.host.join("proc/4242/comm"), "qemu-kvm\n").expect("comm");
     std::os::unix::fs::symlink(&node, env.host.join("proc/4242/fd/20")).expect("fd");
-    let u = running
-        .kubelet
-        .unprepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let u = running.unprepare_one(&claim).await;
     let err = match u.get(&claim.uid) {
         Some(Err(e)) => e.clone(),
         other => panic!("should fail while the VM runs: {other:?}"),
@@ -194,11 +166,7 @@ async fn unprepare_never_deactivates_under_a_running_vm() {
     assert!(err.contains("NVLink partition 3 is in use"), "{err}");
     assert_eq!(active(&fm), BTreeSet::from([3]));
     std::fs::remove_dir_all(env.host.join("proc/4242")).expect("VM gone");
-    let u = running
-        .kubelet
-        .unprepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let u = running.unprepare_one(&claim).await;
     assert!(u.values().all(|r| r.is_ok()), "{u:?}");
     assert!(active(&fm).is_empty());
     running.stop().await;

@@ -6,13 +6,12 @@ mod plugin_common;
 
 use plugin_common::*;
 use serde_json::{Value, json};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vfio_gpu_engine::Holder;
+use vfio_gpu_engine::kernel::{SysfsWrite, WriteKind};
 use vfio_gpu_engine::ledger::OpState;
 use vfio_gpu_engine::sim::{BlockHandle, Fault, FaultAction};
-use vfio_gpu_engine::{CrashMode, Engine, EngineConfig, Holder};
-use vfio_gpu_host::GpuSelector;
-use vfio_gpu_intent::Policy;
+use vfio_gpu_host::DriverName;
 use vfio_gpu_kubelet::grpc::emulator::DraVersion;
 use vfio_gpu_kubelet::slices::{device_attributes, device_infos};
 
@@ -54,11 +53,7 @@ async fn prepare_cdi_metadata_unprepare_round_trip_on_both_versions() {
         .find(|d| d.bdf == bdf(AB))
         .expect("AB is offered");
     let published = serde_json::to_value(device_attributes(&published)).expect("JSON");
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&claim).await;
     assert_eq!(r.len(), 1);
     let devices = ok_devices(&r, &claim.uid);
     assert_eq!(devices.len(), 2);
@@ -185,11 +180,7 @@ async fn prepare_cdi_metadata_unprepare_round_trip_on_both_versions() {
     assert_eq!(d["attributes"], published);
 
     // Unprepare: back to the original drivers, except the admin's pre-bound H100.
-    let u = running
-        .kubelet
-        .unprepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let u = running.unprepare_one(&claim).await;
     assert_eq!(u.get(uid), Some(&Ok(())));
     assert_eq!(env.driver_of(AB).as_deref(), Some("nvidia"));
     assert_eq!(env.driver_of(AB_AUDIO).as_deref(), Some("snd_hda_intel"));
@@ -234,19 +225,11 @@ async fn retried_prepare_returns_the_same_answer_without_host_writes() {
     let env = Env::new().await;
     let running = env.start().await;
     let claim = env.claim("vm", &[("gpu", BA)]);
-    let first = running
-        .kubelet
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let first = running.prepare_one(&claim).await;
     let spec_before = std::fs::read(env.claim_spec_path(&claim.uid)).expect("spec");
     let writes = env.kernel.log().len();
     assert!(writes > 0, "first prepare wrote to the host");
-    let second = running
-        .kubelet
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let second = running.prepare_one(&claim).await;
     assert_eq!(
         ok_devices(&first, &claim.uid),
         ok_devices(&second, &claim.uid)
@@ -302,18 +285,10 @@ async fn gpu_held_by_another_claim_is_refused() {
     let running = env.start().await;
     let first = env.claim("vm-a", &[("gpu", BA)]);
     let second = env.claim("vm-b", &[("gpu", BA)]);
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&first))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&first).await;
     ok_devices(&r, &first.uid);
     let writes = env.kernel.log().len();
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&second))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&second).await;
     let e = err_text(&r, &second.uid);
     assert!(e.contains("is held by claim vms/vm-a"), "{e}");
     assert_eq!(env.kernel.log().len(), writes, "refusal changes nothing");
@@ -322,11 +297,7 @@ async fn gpu_held_by_another_claim_is_refused() {
     assert_eq!(env.driver_of(BA).as_deref(), Some("vfio-pci"));
     assert!(env.claim_spec_path(&first.uid).exists());
     // Unpreparing the refused claim must not release the other claim's GPU.
-    let u = running
-        .kubelet
-        .unprepare(std::slice::from_ref(&second))
-        .await
-        .expect("rpc");
+    let u = running.unprepare_one(&second).await;
     assert_eq!(u.get(&second.uid), Some(&Ok(())));
     assert_eq!(env.driver_of(BA).as_deref(), Some("vfio-pci"));
     running.stop().await;
@@ -342,30 +313,15 @@ async fn unprepare_of_unknown_claim_succeeds_and_is_idempotent() {
         name: "gone".into(),
     };
     for _ in 0..2 {
-        let u = running
-            .kubelet
-            .unprepare(std::slice::from_ref(&ghost))
-            .await
-            .expect("rpc");
+        let u = running.unprepare_one(&ghost).await;
         assert_eq!(u.get(&ghost.uid), Some(&Ok(())));
     }
     assert!(env.kernel.log().is_empty());
     // A real claim unprepared twice: the second is a no-op success.
     let c = env.claim("vm", &[("gpu", BA)]);
-    ok_devices(
-        &running
-            .kubelet
-            .prepare(std::slice::from_ref(&c))
-            .await
-            .expect("rpc"),
-        &c.uid,
-    );
+    ok_devices(&running.prepare_one(&c).await, &c.uid);
     for _ in 0..2 {
-        let u = running
-            .kubelet
-            .unprepare(std::slice::from_ref(&c))
-            .await
-            .expect("rpc");
+        let u = running.unprepare_one(&c).await;
         assert_eq!(u.get(&c.uid), Some(&Ok(())));
     }
     assert_eq!(env.driver_of(BA).as_deref(), Some("nvidia"));
@@ -478,11 +434,7 @@ async fn longest_valid_claim_name_prepares_and_unprepares() {
     );
     assert_eq!(name.len(), 253);
     let claim = env.claim(&name, &[("gpu", BA)]);
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&claim).await;
     ok_devices(&r, &claim.uid);
     assert_eq!(env.driver_of(BA).as_deref(), Some("vfio-pci"));
     let meta_spec = validated_spec(
@@ -500,11 +452,7 @@ async fn longest_valid_claim_name_prepares_and_unprepares() {
     let host_file = std::path::PathBuf::from(mount["hostPath"].as_str().expect("hostPath"));
     assert!(host_file.exists(), "{}", host_file.display());
 
-    let u = running
-        .kubelet
-        .unprepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let u = running.unprepare_one(&claim).await;
     assert_eq!(u.get(&claim.uid), Some(&Ok(())));
     assert_eq!(env.driver_of(BA).as_deref(), Some("nvidia"));
     assert!(!host_file.exists());
@@ -554,21 +502,13 @@ async fn api_server_down_missing_replaced_or_unallocated_claims_change_nothing()
     let ledger_before = std::fs::read(running.plugin.engine().ledger_path()).ok();
 
     env.api.set_refuse_connections(true);
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&claim).await;
     let e = err_text(&r, &claim.uid);
     assert!(e.contains("fetching ResourceClaim vms/vm"), "{e}");
     env.api.set_refuse_connections(false);
 
     env.api.set_unavailable(true);
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&claim).await;
     let e = err_text(&r, &claim.uid);
     assert!(e.contains("fetching ResourceClaim vms/vm"), "{e}");
     env.api.set_unavailable(false);
@@ -588,11 +528,7 @@ async fn api_server_down_missing_replaced_or_unallocated_claims_change_nothing()
         namespace: NS.into(),
         name: "no-such-claim".into(),
     };
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&ghost))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&ghost).await;
     assert!(err_text(&r, &ghost.uid).contains("ResourceClaim vms/no-such-claim not found"));
 
     // Replaced: same name, new UID.
@@ -601,11 +537,7 @@ async fn api_server_down_missing_replaced_or_unallocated_claims_change_nothing()
         .expect("deleted");
     let replacement = env.claim("vm", &[("gpu", BA)]);
     assert_ne!(replacement.uid, claim.uid);
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&claim).await;
     assert!(err_text(&r, &claim.uid).contains("the claim was replaced"));
 
     // Not allocated.
@@ -622,11 +554,7 @@ async fn api_server_down_missing_replaced_or_unallocated_claims_change_nothing()
         namespace: NS.into(),
         name: "pending".into(),
     };
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&pending))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&pending).await;
     assert!(err_text(&r, &pending.uid).contains("not allocated"));
     assert!(env.kernel.log().is_empty());
     running.stop().await;
@@ -637,11 +565,7 @@ async fn foreign_group_member_is_refused() {
     let env = Env::new().await;
     let running = env.start().await;
     let claim = env.claim("vm", &[("gpu", L4)]);
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&claim).await;
     let e = err_text(&r, &claim.uid);
     assert!(e.contains("0000:db:01.0"), "names the NIC: {e}");
     assert!(env.kernel.log().is_empty());
@@ -666,11 +590,7 @@ async fn opaque_config_selects_iommufd_and_bad_config_fails_the_claim() {
         config,
         json!({"resource.kubernetes.io/pod-claim-name": "gpus"}),
     );
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&claim).await;
     ok_devices(&r, &claim.uid);
     let spec = validated_spec(&env.claim_spec_path(&claim.uid));
     let d = spec_device(&spec, &format!("{}-{ba}", claim.uid));
@@ -689,11 +609,7 @@ async fn opaque_config_selects_iommufd_and_bad_config_fails_the_claim() {
             "/var/run/kubernetes.io/dra-device-attributes/resourceclaimtemplates/gpus/gpu/{DRIVER}-metadata.json"
         )
     );
-    let u = running
-        .kubelet
-        .unprepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let u = running.unprepare_one(&claim).await;
     assert_eq!(u.get(&claim.uid), Some(&Ok(())));
 
     let writes = env.kernel.log().len();
@@ -704,11 +620,7 @@ async fn opaque_config_selects_iommufd_and_bad_config_fails_the_claim() {
             "parameters": {"apiVersion": "vfio-gpu.dra.dev/v1alpha1", "kind": "VfioDeviceConfig", "iommuBackend": "legacy", "speed": "fast"}}}]),
         json!({}),
     );
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&bad))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&bad).await;
     let e = err_text(&r, &bad.uid);
     assert!(e.contains("\"speed\""), "{e}");
     assert_eq!(env.kernel.log().len(), writes, "nothing changed");
@@ -734,11 +646,7 @@ async fn iommufd_claim_on_a_kernel_without_vfio_device_cdev_fails_and_names_no_m
             "opaque": {"driver": DRIVER, "parameters": {"apiVersion": "vfio-gpu.dra.dev/v1alpha1", "kind": "VfioDeviceConfig", "iommuBackend": "iommufd"}}}]),
         json!({}),
     );
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&claim).await;
     let spec = env.claim_spec_path(&claim.uid);
     let named = std::fs::read_to_string(&spec).unwrap_or_default();
     assert!(
@@ -812,20 +720,7 @@ async fn cleanup_releases_half_prepared_claims_whose_object_is_gone() {
         name: name.into(),
     };
     {
-        let config = EngineConfig {
-            crash_after_step: Some(3),
-            crash_mode: CrashMode::Return,
-            unbind_lock_backoff: Duration::from_millis(1),
-            ..EngineConfig::default()
-        };
-        let (engine, _) = Engine::open(
-            Arc::new(env.kernel.clone()),
-            &env.state_dir(),
-            GpuSelector::default(),
-            Policy::default(),
-            config,
-        )
-        .expect("engine");
+        let engine = env.engine_crashing_after(3);
         assert!(
             engine.configure(bdf(BA), half("gone")).is_err(),
             "crash injected"
@@ -858,11 +753,7 @@ async fn api_server_without_resource_v1_is_reported_as_such() {
     let claim = env.claim("vm", &[("gpu", AB)]);
     env.api.set_resource_v1_served(false);
     let writes = env.kernel.log().len();
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&claim).await;
     let e = err_text(&r, &claim.uid);
     assert!(
         e.contains("API server does not serve resource.k8s.io/v1; Kubernetes ≥ 1.34 required"),
@@ -875,22 +766,14 @@ async fn api_server_without_resource_v1_is_reported_as_such() {
     env.api
         .delete("resourceclaims", Some(NS), "vm")
         .expect("deleted");
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&claim).await;
     assert!(err_text(&r, &claim.uid).contains("not found"), "{r:?}");
     running.stop().await;
 }
 
-/// `bind 0000:ab:00.0 to vfio-pci`-style entries of the simulated kernel's log.
-fn writes_like(env: &Env, prefix: &str) -> usize {
-    env.kernel
-        .log()
-        .iter()
-        .filter(|w| w.starts_with(prefix))
-        .count()
+/// How many times the simulated kernel's log holds `write`.
+fn times_written(env: &Env, write: &SysfsWrite) -> usize {
+    env.kernel.log().iter().filter(|w| *w == write).count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -902,17 +785,19 @@ async fn slow_calls_answer_within_the_budget_and_a_retry_gets_the_result() {
     config.call_budget = Duration::from_millis(400);
     let running = env.start_with(config).await;
     let claim = env.claim("slow", &[("gpu", AB)]);
-    let bind_ab = format!("bind {AB} to vfio-pci");
+    let bind_ab = SysfsWrite::Bind {
+        bdf: bdf(AB),
+        driver: DriverName::new("vfio-pci").expect("driver name"),
+    };
 
     let gate = BlockHandle::new();
-    env.kernel
-        .inject(Fault::on("bind", bdf(AB), FaultAction::Block(gate.clone())));
+    env.kernel.inject(Fault::on(
+        WriteKind::Bind,
+        bdf(AB),
+        FaultAction::Block(gate.clone()),
+    ));
     let started = Instant::now();
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&claim).await;
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "{:?}",
@@ -921,25 +806,17 @@ async fn slow_calls_answer_within_the_budget_and_a_retry_gets_the_result() {
     let e = err_text(&r, &claim.uid);
     assert!(e.contains("still in progress, kubelet will retry"), "{e}");
     // A retry while the bind is still blocked joins the running work: no second move.
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&claim).await;
     assert!(
         err_text(&r, &claim.uid).contains("still in progress"),
         "{r:?}"
     );
-    assert_eq!(writes_like(&env, &bind_ab), 1);
+    assert_eq!(times_written(&env, &bind_ab), 1);
 
     gate.release();
     let deadline = Instant::now() + Duration::from_secs(10);
     let devices = loop {
-        let r = running
-            .kubelet
-            .prepare(std::slice::from_ref(&claim))
-            .await
-            .expect("rpc");
+        let r = running.prepare_one(&claim).await;
         match &r[&claim.uid] {
             Ok(d) => break d.clone(),
             Err(e) => {
@@ -952,20 +829,16 @@ async fn slow_calls_answer_within_the_budget_and_a_retry_gets_the_result() {
     assert_eq!(devices.len(), 1);
     assert_eq!(devices[0].device_name, dev(AB));
     assert_eq!(env.driver_of(AB).as_deref(), Some("vfio-pci"));
-    assert_eq!(writes_like(&env, &bind_ab), 1, "moved once");
+    assert_eq!(times_written(&env, &bind_ab), 1, "moved once");
 
     // The same for a release stuck in the bind back to nvidia.
     let gate = BlockHandle::new();
     env.kernel.inject(Fault {
         driver: Some("nvidia".into()),
-        ..Fault::on("bind", bdf(AB), FaultAction::Block(gate.clone()))
+        ..Fault::on(WriteKind::Bind, bdf(AB), FaultAction::Block(gate.clone()))
     });
     let started = Instant::now();
-    let u = running
-        .kubelet
-        .unprepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let u = running.unprepare_one(&claim).await;
     assert!(started.elapsed() < Duration::from_secs(3));
     match &u[&claim.uid] {
         Err(e) => assert!(e.contains("still in progress, kubelet will retry"), "{e}"),
@@ -974,11 +847,7 @@ async fn slow_calls_answer_within_the_budget_and_a_retry_gets_the_result() {
     gate.release();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let u = running
-            .kubelet
-            .unprepare(std::slice::from_ref(&claim))
-            .await
-            .expect("rpc");
+        let u = running.unprepare_one(&claim).await;
         if u[&claim.uid].is_ok() {
             break;
         }

@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use plugin_common::*;
-use vfio_gpu_engine::{CrashMode, Engine, EngineConfig, Holder};
-use vfio_gpu_host::GpuSelector;
-use vfio_gpu_intent::Policy;
+use vfio_gpu_engine::Holder;
 use vfio_gpu_kubelet::grpc::emulator::KubeletEmulator;
 use vfio_gpu_kubelet::serve::{CancellationToken, KubeSource, ServeOptions, serve};
 
@@ -19,11 +17,7 @@ async fn restart_between_prepare_and_unprepare() {
     let env = Env::new().await;
     let running = env.start().await;
     let claim = env.claim("vm", &[("gpu", AB), ("pre", H100)]);
-    let r = running
-        .kubelet
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let r = running.prepare_one(&claim).await;
     assert!(r[&claim.uid].is_ok(), "{r:?}");
     let answer = r[&claim.uid].clone();
     running.stop().await;
@@ -51,11 +45,7 @@ async fn restart_between_prepare_and_unprepare() {
     );
     assert_eq!(env.driver_of(AB).as_deref(), Some("vfio-pci"));
 
-    let u = running
-        .kubelet
-        .unprepare(std::slice::from_ref(&claim))
-        .await
-        .expect("rpc");
+    let u = running.unprepare_one(&claim).await;
     assert_eq!(u.get(&claim.uid), Some(&Ok(())));
     assert_eq!(env.driver_of(AB).as_deref(), Some("nvidia"));
     assert_eq!(env.driver_of(AB_AUDIO).as_deref(), Some("snd_hda_intel"));
@@ -71,20 +61,7 @@ async fn serve_reconciles_first_leaves_prepared_claims_to_the_kubelet_and_stops_
 
     // A crash in the middle of moving BA to vfio, left for the next start to repair.
     {
-        let config = EngineConfig {
-            crash_after_step: Some(3),
-            crash_mode: CrashMode::Return,
-            unbind_lock_backoff: Duration::from_millis(1),
-            ..EngineConfig::default()
-        };
-        let (engine, _) = Engine::open(
-            Arc::new(env.kernel.clone()),
-            &env.state_dir(),
-            GpuSelector::default(),
-            Policy::default(),
-            config,
-        )
-        .expect("engine");
+        let engine = env.engine_crashing_after(3);
         let holder = Holder::Claim {
             uid: "crashed".into(),
             namespace: NS.into(),

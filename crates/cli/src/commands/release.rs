@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Result, bail};
 use clap::Args;
-use vfio_gpu_engine::Holder;
+use vfio_gpu_engine::{ClaimHeld, EngineError};
 
 use crate::render;
 use crate::setup::EngineOpts;
@@ -24,21 +24,20 @@ pub struct ReleaseArgs {
 }
 
 /// Releases every GPU and prints each outcome. A GPU a claim holds is
-/// refused without `--force`: Kubernetes, not the admin, owns it.
+/// refused without `--force` (the engine's guard, [`ClaimHeld`]):
+/// Kubernetes, not the admin, owns it.
 pub fn run(args: &ReleaseArgs) -> Result<ExitCode> {
     let bdfs = super::parse_bdfs(&args.bdfs)?;
     let (engine, setup) = args.engine.open_engine()?;
-    let ledger = engine.ledger();
-    let mut reqs = Vec::new();
-    for b in &bdfs {
-        let holder = ledger.gpus.get(b).and_then(|r| r.holder.clone());
-        match holder {
-            Some(h @ Holder::Claim { .. }) if !args.force => {
-                bail!("{b} is held by {h}; release it through Kubernetes, or pass --force")
-            }
-            _ => reqs.push((*b, None)),
-        }
-    }
-    let results = engine.unconfigure_many(&reqs);
+    let claims = if args.force {
+        ClaimHeld::Release
+    } else {
+        ClaimHeld::Refuse
+    };
+    let results = match engine.release_for_admin(&bdfs, claims) {
+        Ok(results) => results,
+        Err(e @ EngineError::HeldByClaim { .. }) => bail!("{e} (--force)"),
+        Err(e) => return Err(e.into()),
+    };
     render::outcomes("release", &bdfs, &results, args.engine.host.output, &setup)
 }

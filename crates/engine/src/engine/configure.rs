@@ -10,7 +10,7 @@ use std::time::Instant;
 use vfio_gpu_host::{Bdf, DriverName, Gpu, PciFunction};
 use vfio_gpu_intent::{Policy, VfioDriverChoice};
 
-use crate::error::EngineError;
+use crate::error::{EngineError, Verification};
 use crate::kernel::SysfsWrite;
 use crate::ledger::{Changes, GpuRecord, Holder, OpState};
 use crate::preflight::choose_vfio_driver;
@@ -304,7 +304,7 @@ impl Engine {
                     // Unrecorded success is no success: a restart would roll it
                     // back under a running VM. Undo it now, while nobody uses it.
                     if !matches!(e, EngineError::SimulatedCrash(_)) {
-                        let _ = self.rollback(bdf);
+                        self.rollback_logged(bdf, e);
                     }
                 }
                 done
@@ -313,7 +313,7 @@ impl Engine {
             Err(StepError::Engine(e)) => {
                 // Any failure after the write-ahead record puts back what can
                 // be put back (a stuck function stays as it is).
-                let _ = self.rollback(bdf);
+                self.rollback_logged(bdf, &e);
                 Err(e)
             }
             Err(StepError::Step {
@@ -334,11 +334,20 @@ impl Engine {
                     Err(rb) => Err(EngineError::RollbackIncomplete {
                         step,
                         cause,
-                        rollback: rb.to_string(),
+                        rollback: Box::new(rb),
                         functions: self.states(&all, &expected),
                     }),
                 }
             }
+        }
+    }
+
+    /// Rolls back after `cause` ended a configure; the caller returns
+    /// `cause`, so a failed rollback is logged (its record stays for
+    /// reconcile to finish).
+    fn rollback_logged(&self, bdf: Bdf, cause: &EngineError) {
+        if let Err(e) = self.rollback(bdf) {
+            tracing::error!(%bdf, %cause, error = %e, "rollback after a failed configure failed; reconcile retries it");
         }
     }
 
@@ -411,7 +420,10 @@ impl Engine {
             let now_on = self.binding(f.bdf)?.driver;
             if now_on.as_ref() != Some(vfio) {
                 return Err(StepError::verify(
-                    format!("verify {} on {vfio}", f.bdf),
+                    Verification::BoundTo {
+                        bdf: f.bdf,
+                        driver: vfio.clone(),
+                    },
                     format!(
                         "driver is {}",
                         now_on.map(|d| d.to_string()).unwrap_or("none".into())
@@ -436,7 +448,7 @@ impl Engine {
         };
         if !node_exists(self.root.dev_vfio_group(group)) && !cdevs_present() {
             return Err(StepError::verify(
-                format!("verify /dev/vfio/{group}"),
+                Verification::GroupNode { group },
                 "the group node did not appear".into(),
             ));
         }
@@ -447,7 +459,7 @@ impl Engine {
                 && !(f.on_vfio() || d.as_str() == "pci-stub" || d.as_str() == "pcieport")
             {
                 return Err(StepError::verify(
-                    format!("verify group {group} viable"),
+                    Verification::GroupViable { group },
                     format!("{m} is on {d}"),
                 ));
             }
@@ -483,6 +495,8 @@ fn check_fd_headroom(bdf: Bdf) -> Result<(), EngineError> {
         return Ok(());
     }
     let limit = lim.rlim_cur;
+    // This process's own descriptors, not the host's: no host-root path.
+    #[allow(clippy::disallowed_methods)]
     let open = std::fs::read_dir("/proc/self/fd")
         .map(|d| d.count() as u64)
         .unwrap_or(limit);

@@ -170,14 +170,15 @@ impl Engine {
             let f = self.read(*b)?;
             if verdict.keep_on_vfio {
                 let vfio = self.vfio_driver_for(&intent.policy, &f)?;
-                let _ = self.step(
+                // Best effort: the driverless functions read back below are the result.
+                self.step_best_effort(
                     bdf,
                     SysfsWrite::DriverOverride {
                         bdf: *b,
                         driver: Some(vfio.to_string()),
                     },
                 );
-                let _ = self.step(
+                self.step_best_effort(
                     bdf,
                     SysfsWrite::Bind {
                         bdf: *b,
@@ -186,7 +187,7 @@ impl Engine {
                 );
             } else {
                 // Let the kernel pick the driver it would pick at boot.
-                let _ = self.step(bdf, SysfsWrite::DriversProbe { bdf: *b });
+                self.step_best_effort(bdf, SysfsWrite::DriversProbe { bdf: *b });
             }
         }
         let still: Vec<String> = driverless

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use vfio_gpu_host::{Bdf, DriverName, Gpu};
 
-use crate::error::EngineError;
+use crate::error::{EngineError, Step, Verification};
 use crate::kernel::SysfsWrite;
 use crate::ledger::{FunctionRecord, GpuRecord, Holder, OpState};
 use crate::preflight::NodeHolder;
@@ -78,7 +78,10 @@ impl Engine {
                             self.park_on_vfio(gpu, fr.bdf, v);
                         }
                         return Err(StepError::Step {
-                            step: format!("bind {} to {orig}", fr.bdf),
+                            step: Step::Write(SysfsWrite::Bind {
+                                bdf: fr.bdf,
+                                driver: orig.clone(),
+                            }),
                             source: cause,
                         });
                     }
@@ -280,7 +283,10 @@ impl Engine {
                     match self.binding(fr.bdf)?.driver {
                         Some(_) => Ok(()),
                         None => Err(StepError::verify(
-                            format!("park {} on {vfio}", fr.bdf),
+                            Verification::ParkedOn {
+                                bdf: fr.bdf,
+                                driver: vfio.clone(),
+                            },
                             "it has no driver".into(),
                         )),
                     }

@@ -6,10 +6,10 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use vfio_gpu_host::{Bdf, Binding, DriverName, Gpu, HostError, PciFunction};
+use vfio_gpu_host::{Bdf, Binding, DriverName, Gpu, HostError, HostRoot, PciFunction, PciHost};
 
-use crate::deadline::{Timed, read_with_deadline, run_with_deadline};
-use crate::error::EngineError;
+use crate::deadline::{StuckSet, Timed, read_with_deadline, run_with_deadline};
+use crate::error::{EngineError, Step, Verification};
 use crate::kernel::Kernel;
 use crate::kernel::{SysfsWrite, nvidia_unbind_lock_path};
 use crate::ledger::GpuRecord;
@@ -50,7 +50,9 @@ impl Engine {
                 tracing::warn!(%op, "write outlived its deadline; device marked stuck");
                 let text = op.to_string();
                 // Recording may fail (ledger unwritable); the stuck error matters more.
-                let _ = self.update_record(gpu, |r| r.stuck_on = Some(text.clone()));
+                if let Err(e) = self.update_record(gpu, |r| r.stuck_on = Some(text.clone())) {
+                    tracing::warn!(%gpu, error = %e, "could not record the stuck write in the ledger");
+                }
                 Err(EngineError::Stuck {
                     bdf: gpu,
                     op: text,
@@ -116,6 +118,44 @@ impl Engine {
         read: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, String> {
         read_with_deadline(&self.stuck, bdf, what, self.config.read_deadline, read)
+    }
+
+    /// Reads the PCI tree (the listing of `sys/bus/pci/devices`, IOMMU
+    /// groups, slot siblings, and each function under the read deadline) as
+    /// one read under the command deadline: a listing on a hung sysfs must
+    /// not hang an operation. `one` narrows it to one GPU and its relatives.
+    /// While an earlier listing is still blocked, refuses at once.
+    pub(super) fn scan_pci(&self, one: Option<Bdf>) -> Result<PciHost, HostError> {
+        let kernel = Arc::clone(&self.kernel);
+        let root = self.root.clone();
+        let selector = self.selector.clone();
+        let stuck = self.stuck.clone();
+        let read_deadline = self.config.read_deadline;
+        let scan = move || {
+            let read = |bdf: Bdf| {
+                let kernel = Arc::clone(&kernel);
+                bounded_function_read(&stuck, &root, read_deadline, bdf, move || {
+                    kernel.read_function(bdf)
+                })
+            };
+            match one {
+                None => PciHost::scan_with(&root, &selector, &read),
+                Some(bdf) => PciHost::scan_one_with(&root, &selector, bdf, &read),
+            }
+        };
+        read_with_deadline(
+            &self.stuck,
+            pci_tree_key(),
+            "listing of the PCI tree",
+            self.config.command_deadline,
+            scan,
+        )
+        .unwrap_or_else(|blocked| {
+            Err(HostError::Io {
+                path: self.root.pci_devices_dir(),
+                source: io::Error::new(io::ErrorKind::TimedOut, blocked),
+            })
+        })
     }
 
     fn bounded<T: Send + 'static>(
@@ -302,11 +342,19 @@ impl Engine {
             .map_err(|e| self.stuck_or(bdf, e))
     }
 
+    /// A write whose outcome the caller judges by reading the host back
+    /// afterwards: a failure is logged, not returned.
+    pub(super) fn step_best_effort(&self, gpu: Bdf, op: SysfsWrite) {
+        if let Err(e) = self.step(gpu, op) {
+            tracing::warn!(%gpu, error = %e, "best-effort host write failed; the state read back decides");
+        }
+    }
+
     pub(super) fn step(&self, gpu: Bdf, op: SysfsWrite) -> Result<(), StepError> {
-        let text = op.to_string();
+        let step = Step::Write(op.clone());
         match self.write(gpu, op)? {
             Ok(()) => Ok(()),
-            Err(source) => Err(StepError::Step { step: text, source }),
+            Err(source) => Err(StepError::Step { step, source }),
         }
     }
 
@@ -387,7 +435,7 @@ impl Engine {
             )
             .is_ok();
         if ok && self.binding(bdf).is_ok_and(|f| f.driver.is_none()) {
-            let _ = self.step(
+            self.step_best_effort(
                 gpu,
                 SysfsWrite::Bind {
                     bdf,
@@ -412,7 +460,7 @@ impl Engine {
                 .is_ok_and(|b| b.driver.is_some_and(|d| d.as_str() == "nvidia"));
             let path = nvidia_unbind_lock_path(&self.root, &fr.bdf);
             if on_nvidia && self.unbind_lock_held(fr.bdf, path) {
-                let _ = self.step(
+                self.step_best_effort(
                     gpu,
                     SysfsWrite::NvidiaUnbindLock {
                         bdf: fr.bdf,
@@ -430,17 +478,26 @@ pub(super) enum StepError {
     Engine(EngineError),
     /// A step failed; `source` keeps the kernel's errno.
     Step {
-        step: String,
+        step: Step,
         source: io::Error,
     },
 }
 
 impl StepError {
     /// A verification that found the host not as the step left it.
-    pub(super) fn verify(step: String, found: String) -> StepError {
+    pub(super) fn verify(check: Verification, found: String) -> StepError {
         StepError::Step {
-            step,
+            step: Step::Verify(check),
             source: io::Error::other(found),
+        }
+    }
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepError::Engine(e) => e.fmt(f),
+            StepError::Step { step, source } => write!(f, "{step} failed: {source}"),
         }
     }
 }
@@ -497,4 +554,29 @@ impl Drop for OperationBudget {
     fn drop(&mut self) {
         BUDGET.set(self.outer);
     }
+}
+
+/// The quarantine key of the PCI tree listing: an address no device has
+/// (below [`Bdf::HIGHEST`], the key of the intent sources).
+pub(super) fn pci_tree_key() -> Bdf {
+    Bdf::new(0xffff, 0xff, 0x1f, 6).unwrap_or(Bdf::HIGHEST)
+}
+
+/// One function read under the read deadline, keyed by its address (as
+/// [`Engine::bounded`] does, for a reader that must own what it uses).
+fn bounded_function_read(
+    stuck: &StuckSet,
+    root: &HostRoot,
+    deadline: std::time::Duration,
+    bdf: Bdf,
+    read: impl FnOnce() -> Result<PciFunction, HostError> + Send + 'static,
+) -> Result<PciFunction, HostError> {
+    read_with_deadline(stuck, bdf, &format!("read of {bdf}"), deadline, read).unwrap_or_else(
+        |blocked| {
+            Err(HostError::Io {
+                path: root.pci_device_dir(&bdf),
+                source: io::Error::new(io::ErrorKind::TimedOut, blocked),
+            })
+        },
+    )
 }

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! Shared fixture for engine tests: a small host with the cases that matter.
 #![allow(dead_code)]
 
@@ -5,13 +6,59 @@ use std::path::Path;
 use std::sync::Arc;
 
 use vfio_gpu_engine::sim::SimKernel;
-use vfio_gpu_engine::{CrashMode, Engine, EngineConfig};
+use vfio_gpu_engine::{CrashMode, Engine, EngineConfig, Holder};
 use vfio_gpu_host::fixture::{FixtureHost, FunctionSpec};
 use vfio_gpu_host::{Bdf, GpuSelector, HostRoot};
 use vfio_gpu_intent::Policy;
 
 pub fn bdf(s: &str) -> Bdf {
     s.parse().unwrap()
+}
+
+/// The ResourceClaim holder `vms/claim-<uid>` with UID `uid`.
+pub fn claim(uid: &str) -> Holder {
+    Holder::Claim {
+        uid: uid.into(),
+        namespace: "vms".into(),
+        name: format!("claim-{uid}"),
+    }
+}
+
+/// A state directory whose ledger holds B configured for claim `u1`: the
+/// temp directory (keep it alive), the state directory, the ledger's bytes.
+pub fn configured_ledger() -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
+    let (dir, _host, _k, state, e) = world_and_state();
+    e.configure(bdf(B), claim("u1")).unwrap();
+    drop(e);
+    let bytes = std::fs::read(state.join("ledger.json")).unwrap();
+    (dir, state, bytes)
+}
+
+/// The standard host ([`build_host`]) in a fresh temporary directory, its
+/// simulated kernel, and an engine with its state beside the host: the temp
+/// directory (keep it alive), the host root, the kernel, the engine.
+pub fn world() -> (tempfile::TempDir, std::path::PathBuf, SimKernel, Engine) {
+    let (dir, host, k, _state, e) = world_and_state();
+    (dir, host, k, e)
+}
+
+/// [`world`], also giving the engine's state directory (to reopen an engine
+/// on it, or to edit its ledger): the temp directory, the host root, the
+/// kernel, the state directory, the engine.
+pub fn world_and_state() -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    SimKernel,
+    std::path::PathBuf,
+    Engine,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let state = dir.path().join("state");
+    let e = engine(&k, &state);
+    (dir, host, k, state, e)
 }
 
 /// GPU A: 0000:65:00.0 VGA on nvidia + 0000:65:00.1 HDA on snd_hda_intel (group 11).
@@ -198,6 +245,7 @@ pub fn host_with_b_probe_held() -> (
     SimKernel,
     vfio_gpu_engine::sim::BlockHandle,
 ) {
+    use vfio_gpu_engine::kernel::WriteKind;
     use vfio_gpu_engine::sim::{BlockHandle, Fault, FaultAction};
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host");
@@ -206,9 +254,56 @@ pub fn host_with_b_probe_held() -> (
     let k = sim(&host);
     let gate = BlockHandle::new();
     k.inject(Fault::on(
-        "drivers_probe",
+        WriteKind::DriversProbe,
         bdf(B),
         FaultAction::Block(gate.clone()),
     ));
     (dir, host, k, gate)
+}
+
+/// The simulator's log entries, built from the short names tests use, so a
+/// test compares [`vfio_gpu_engine::kernel::SysfsWrite`] values, not text.
+pub mod write {
+    use vfio_gpu_engine::kernel::SysfsWrite;
+    use vfio_gpu_host::DriverName;
+
+    use super::bdf;
+
+    fn driver(name: &str) -> DriverName {
+        DriverName::new(name).unwrap()
+    }
+
+    /// `drivers/<driver>/bind` ← `b`.
+    pub fn bind(b: &str, to: &str) -> SysfsWrite {
+        SysfsWrite::Bind {
+            bdf: bdf(b),
+            driver: driver(to),
+        }
+    }
+
+    /// `drivers/<driver>/unbind` ← `b`.
+    pub fn unbind(b: &str, from: &str) -> SysfsWrite {
+        SysfsWrite::Unbind {
+            bdf: bdf(b),
+            driver: driver(from),
+        }
+    }
+
+    /// `drivers_probe` ← `b`.
+    pub fn probe(b: &str) -> SysfsWrite {
+        SysfsWrite::DriversProbe { bdf: bdf(b) }
+    }
+
+    /// `driver_override` of `b` ← `to` (`None` clears).
+    pub fn driver_override(b: &str, to: Option<&str>) -> SysfsWrite {
+        SysfsWrite::DriverOverride {
+            bdf: bdf(b),
+            driver: to.map(str::to_string),
+        }
+    }
+
+    /// nvidia's `unbindLock` of `b` ← take (`true`) or release.
+    pub fn unbind_lock(b: &str, take: bool) -> SysfsWrite {
+        SysfsWrite::NvidiaUnbindLock { bdf: bdf(b), take }
+    }
 }

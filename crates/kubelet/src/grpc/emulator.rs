@@ -61,9 +61,9 @@ pub enum EmulatorError {
     /// Connecting to a socket failed.
     #[error("connecting to {path}: {source}")]
     Connect {
-        /// Socket path.
+        /// The Unix socket connected to.
         path: PathBuf,
-        /// Cause.
+        /// The operating system's error.
         source: io::Error,
     },
     /// Reading or writing the raw HTTP/2 connection failed.
@@ -71,7 +71,7 @@ pub enum EmulatorError {
     Io {
         /// Step that failed.
         step: &'static str,
-        /// Cause.
+        /// The operating system's error.
         source: io::Error,
     },
     /// The peer violated HTTP/2 or gRPC framing.
@@ -97,7 +97,7 @@ pub enum EmulatorError {
         method: String,
         /// gRPC status code.
         code: i32,
-        /// `grpc-message`.
+        /// The `grpc-message` trailer (the server's explanation).
         message: String,
     },
     /// A call did not finish in time.
@@ -105,7 +105,7 @@ pub enum EmulatorError {
     Timeout {
         /// Step that timed out.
         step: &'static str,
-        /// Limit.
+        /// How long the step was given.
         timeout: Duration,
     },
     /// The plugin's `PluginInfo` is not acceptable to a kubelet.
@@ -116,17 +116,17 @@ pub enum EmulatorError {
     DraConnect {
         /// DRA socket path.
         endpoint: String,
-        /// Cause.
+        /// tonic's transport error.
         source: tonic::transport::Error,
     },
     /// A DRA call failed with a gRPC error.
     #[error("DRA {method} ({version:?}) failed: {source}")]
     DraCall {
-        /// Method name.
+        /// The DRA method called (`NodePrepareResources`, …).
         method: &'static str,
         /// API version used.
         version: DraVersion,
-        /// gRPC status.
+        /// The gRPC status the plugin answered with.
         source: Box<tonic::Status>,
     },
 }

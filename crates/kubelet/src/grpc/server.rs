@@ -115,27 +115,27 @@ pub enum ServerError {
     Fs {
         /// What we were doing.
         step: &'static str,
-        /// Path involved.
+        /// The socket path (or its directory) the step acted on.
         path: PathBuf,
-        /// Cause.
+        /// The operating system's error for that step.
         source: io::Error,
     },
     /// The gRPC server failed.
     #[error("serving {what} on {path}: {source}")]
     Serve {
-        /// Which service.
+        /// Which service it was (`registration`, `DRA`, `health`).
         what: &'static str,
-        /// Socket path.
+        /// The Unix socket the service listened on.
         path: PathBuf,
-        /// Cause.
+        /// tonic's transport error that ended the server.
         source: tonic::transport::Error,
     },
     /// A server task panicked or was aborted.
     #[error("{what} server task failed: {source}")]
     Join {
-        /// Which service.
+        /// Which service it was (`registration`, `DRA`, `health`).
         what: &'static str,
-        /// Cause.
+        /// The panic or abort that ended the task.
         source: tokio::task::JoinError,
     },
 }
@@ -487,6 +487,8 @@ pub async fn serve(
         Ok(b) => b,
         Err(e) => {
             stop.cancel();
+            // The registration error `e` is the one to report; the stopped
+            // DRA task's own result (cancelled) adds nothing.
             let _ = dra_task.await;
             return Err(e);
         }

@@ -14,7 +14,7 @@ use vfio_gpu_engine::sim::SimKernel;
 use vfio_gpu_engine::{CrashMode, Engine, EngineConfig};
 use vfio_gpu_host::{Bdf, GpuSelector, HostRoot, PciFunction};
 use vfio_gpu_intent::Policy;
-use vfio_gpu_kubelet::grpc::dra::ClaimRef;
+use vfio_gpu_kubelet::grpc::dra::{ClaimRef, PrepareResults, UnprepareResults};
 use vfio_gpu_kubelet::grpc::emulator::{KubeletEmulator, RegisteredPlugin};
 use vfio_gpu_kubelet::grpc::server::{ServerConfig, ServerHandle, serve};
 use vfio_gpu_kubelet::plugin::{PluginConfig, VfioPlugin};
@@ -59,6 +59,23 @@ pub struct Running {
 }
 
 impl Running {
+    /// The kubelet's NodePrepareResources for one claim, over the negotiated
+    /// version; panics when the call itself fails (not the claim's result).
+    pub async fn prepare_one(&self, claim: &ClaimRef) -> PrepareResults {
+        self.kubelet
+            .prepare(std::slice::from_ref(claim))
+            .await
+            .expect("rpc")
+    }
+
+    /// The kubelet's NodeUnprepareResources for one claim, as [`Self::prepare_one`].
+    pub async fn unprepare_one(&self, claim: &ClaimRef) -> UnprepareResults {
+        self.kubelet
+            .unprepare(std::slice::from_ref(claim))
+            .await
+            .expect("rpc")
+    }
+
     pub async fn stop(self) {
         self.token.cancel();
         tokio::time::timeout(Duration::from_secs(10), self.server.wait())
@@ -113,7 +130,18 @@ impl Env {
     }
 
     pub fn engine(&self) -> Arc<Engine> {
+        self.engine_with(None)
+    }
+
+    /// An engine on this host that "dies" (returns) after `step` host
+    /// mutations, as a crashed prepare would leave the host and the ledger.
+    pub fn engine_crashing_after(&self, step: u64) -> Arc<Engine> {
+        self.engine_with(Some(step))
+    }
+
+    fn engine_with(&self, crash_after_step: Option<u64>) -> Arc<Engine> {
         let config = EngineConfig {
+            crash_after_step,
             crash_mode: CrashMode::Return,
             unbind_lock_backoff: Duration::from_millis(1),
             state_lock_wait: Duration::from_secs(5),
