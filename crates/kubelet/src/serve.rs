@@ -116,6 +116,9 @@ pub struct ServeOptions {
     pub standby_poll: Duration,
     /// On shutdown, how long to wait for claim work still running in the background.
     pub drain_timeout: Duration,
+    /// Which peer uids the registration and DRA sockets serve, and how many
+    /// connections each holds at once (security review L6).
+    pub socket_peers: crate::grpc::peers::PeerPolicy,
 }
 
 /// The lock file in the state directory held by the instance that publishes
@@ -154,6 +157,7 @@ impl ServeOptions {
             pod_uid: None,
             standby_poll: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(20),
+            socket_peers: crate::grpc::peers::PeerPolicy::default(),
         }
     }
 
@@ -435,6 +439,7 @@ async fn serve_plugin(
         // The other instance takes the kubelet's calls once it has seen us go.
         server_config.dra_linger = Duration::from_secs(2);
     }
+    server_config.peers = opts.socket_peers.clone();
     server_config.health = Some(HealthConfig {
         feed,
         pool: opts.node_name.clone(),

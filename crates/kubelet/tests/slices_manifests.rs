@@ -362,7 +362,10 @@ fn daemonset_mounts_and_flags() {
         .split_whitespace()
         .map(str::to_uppercase)
         .collect();
-    assert_eq!(vm_caps, added, "tests/vm plugin-caps runs the DaemonSet's capabilities");
+    assert_eq!(
+        vm_caps, added,
+        "tests/vm plugin-caps runs the DaemonSet's capabilities"
+    );
     for doc in ["SYS_PTRACE", "DAC_READ_SEARCH", "SYS_CHROOT", "SYS_MODULE"] {
         assert!(
             security_doc().contains(&format!("`CAP_{doc}`")),
