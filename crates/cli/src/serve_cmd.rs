@@ -80,6 +80,11 @@ pub struct ServeArgs {
     /// kubelet >= 1.33. Unset: one instance per node.
     #[arg(long, env = "POD_UID")]
     pub pod_uid: Option<String>,
+    /// Do not publish GPUs the admin keeps on vfio (found there, not moved by the
+    /// plugin), e.g. for host VMs outside Kubernetes; by default they are offered
+    /// to the vfio-gpu-prebound.dra.dev class.
+    #[arg(long, env = "VFIO_GPU_DRA_HIDE_ADMIN_OWNED_GPUS")]
+    pub hide_admin_owned_gpus: bool,
     /// Peer uid (SO_PEERCRED) the registration and DRA sockets serve; repeat for
     /// more. The kubelet runs as root; the plugin's own uid is always served.
     /// Others are closed unserved.
@@ -129,6 +134,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     opts.call_budget = Duration::from_secs(args.call_budget.max(1));
     opts.legacy_kubevirt_metadata = args.kubevirt_legacy_metadata;
     opts.pod_uid = args.pod_uid.clone().filter(|u| !u.is_empty());
+    if args.hide_admin_owned_gpus {
+        opts.admin_owned = vfio_gpu_kubelet::slices::AdminOwned::Hide;
+    }
     if args.socket_max_connections == 0 {
         bail!("--socket-max-connections 0 would refuse the kubelet");
     }

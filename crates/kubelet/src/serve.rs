@@ -119,6 +119,8 @@ pub struct ServeOptions {
     /// Which peer uids the registration and DRA sockets serve, and how many
     /// connections each holds at once (security review L6).
     pub socket_peers: crate::grpc::peers::PeerPolicy,
+    /// Whether GPUs the admin keeps on vfio are published (security review L3).
+    pub admin_owned: crate::slices::AdminOwned,
 }
 
 /// The lock file in the state directory held by the instance that publishes
@@ -158,6 +160,7 @@ impl ServeOptions {
             standby_poll: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(20),
             socket_peers: crate::grpc::peers::PeerPolicy::default(),
+            admin_owned: crate::slices::AdminOwned::Offer,
         }
     }
 
@@ -474,6 +477,7 @@ async fn serve_plugin(
             engine: Arc::clone(&engine),
             shutdown: stop.clone(),
             metrics: Some(Arc::clone(&metrics)),
+            admin_owned: opts.admin_owned,
         },
         state_dir,
     );
