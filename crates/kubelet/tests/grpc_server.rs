@@ -619,9 +619,8 @@ fn open_up(f: &Fixture) {
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
         dir = d.parent().map(Path::to_path_buf);
     }
-    for d in [f.config.registration_socket.parent().unwrap()] {
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
+    let registrar = f.config.registration_socket.parent().unwrap();
+    std::fs::set_permissions(registrar, std::fs::Permissions::from_mode(0o755)).unwrap();
     for s in [&f.handle.dra_socket, &f.handle.registration_socket] {
         std::fs::set_permissions(s, std::fs::Permissions::from_mode(0o666)).unwrap();
     }
