@@ -520,6 +520,16 @@ impl MetadataWriter {
             });
         }
         let dir = self.data_dir.join(HOST_SUBDIR);
+        // Listing through a planted link would remove another directory's
+        // entries (security review L4): the metadata directory is never a link.
+        if fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(CdiError::Io {
+                step: "removing metadata",
+                path: dir,
+                source: io::Error::other("is a symlink, not the plugin's directory"),
+            }
+            .into());
+        }
         let suffix = format!("_{claim_uid}");
         for entry in read_dir_or_empty(&dir)? {
             let name = entry.file_name();
@@ -784,5 +794,22 @@ mod tests {
             out.push(p);
         }
         out
+    }
+
+    /// L4: removing a claim's metadata does not list (and empty) a directory a
+    /// symlink planted at the metadata directory points to.
+    #[test]
+    fn l4_remove_claim_does_not_follow_a_symlinked_metadata_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let victim = dir.path().join("victim");
+        let c = claim(None);
+        let precious = victim.join(format!("x_{}", c.uid));
+        fs::create_dir_all(&precious).unwrap();
+        fs::create_dir_all(&data).unwrap();
+        std::os::unix::fs::symlink(&victim, data.join(HOST_SUBDIR)).unwrap();
+        let w = MetadataWriter::new("vfio-gpu.dra.dev", &data, dir.path().join("cdi"));
+        assert!(w.remove_claim(&c.uid).is_err());
+        assert!(precious.is_dir(), "the link's target was emptied");
     }
 }
