@@ -2,13 +2,14 @@
 # Builds the plugin's OCI image without a container engine: umoci lays an OCI
 # image layout from a staged root filesystem.
 #
-# Usage: deploy/image/build.sh [--bin PATH] [--out DIR] [--print-name]
+# Usage: deploy/image/build.sh [--bin PATH] [--out DIR] [--print-name] [--no-manifests]
 #   --bin PATH    the vfio-gpu-dra binary to ship (default: target/release/vfio-gpu-dra,
 #                 built with `cargo build --release -p vfio-gpu-dra` when absent).
 #                 CI passes the release binary it built once for the VM tests too.
 #   --out DIR     output directory (default: target/image)
 #   --print-name  print the image name (localhost/vfio-gpu-dra:<workspace version>)
 #                 and exit
+#   --no-manifests  do not render deploy/ (below; it needs Go and Helm's Go packages)
 #
 # Output in DIR:
 #   oci/                          OCI image layout, tag <version>
@@ -16,7 +17,10 @@
 #                                    `skopeo copy oci-archive:...`)
 #   vfio-gpu-dra-<version>.debug     the debug info stripped from the shipped binary
 #                                    (found by build ID / .gnu_debuglink)
-#   image.env                     NAME, TAG, DIGEST, sizes (for scripts)
+#   deploy/*.yaml                 the chart's manifests (deploy/helm/render.sh's) with
+#                                 image.digest set: the DaemonSet runs
+#                                 localhost/vfio-gpu-dra@sha256:<this build's digest>
+#   image.env                     NAME, TAG, DIGEST, MANIFESTS, sizes (for scripts)
 #
 # The root filesystem holds only: the binary stripped of debug info, /usr/sbin/chroot (the engine
 # runs the host's modprobe and nvidia-smi as `chroot <host-root> PROG`), the shared
@@ -32,12 +36,14 @@ ROOT=$(cd "$HERE/../.." && pwd)
 BIN=""
 OUT="$ROOT/target/image"
 PRINT_NAME=0
+MANIFESTS_ON=1
 while [ $# -gt 0 ]; do
     case "$1" in
     --bin) BIN=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --print-name) PRINT_NAME=1; shift ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    --no-manifests) MANIFESTS_ON=0; shift ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "build.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -181,10 +187,29 @@ print(desc["digest"], compressed, size)
 PY
 )
 rm -rf "$STAGE"
+
+# The manifests to deploy this very build: the chart rendered with image.digest, so
+# the DaemonSet names the image by content (repository@sha256:...), not by a tag
+# that can be moved (security review M4).
+MANIFESTS=
+if [ $MANIFESTS_ON = 1 ]; then
+    command -v go > /dev/null ||
+        { echo "build.sh: go not found: it renders $OUT/deploy (or pass --no-manifests)" >&2; exit 1; }
+    MANIFESTS=$OUT/deploy
+    mkdir -p "$MANIFESTS"
+    (cd "$ROOT/tests/k8s/helmrender" && go run . -chart "$ROOT/deploy/helm/vfio-gpu-dra" -out "$MANIFESTS" \
+        -set "image.repository=$REPO" -set "image.digest=$DIGEST") >&2
+    for f in "$MANIFESTS"/*.yaml; do
+        { echo "# Pinned by deploy/image/build.sh: image.digest=$DIGEST ($NAME)"; cat "$f"; } > "$f.new"
+        mv "$f.new" "$f"
+    done
+    log "manifests pinned to $REPO@$DIGEST in $MANIFESTS"
+fi
 cat > "$OUT/image.env" <<ENV
 NAME=$NAME
 TAG=$VERSION
 DIGEST=$DIGEST
+MANIFESTS=$MANIFESTS
 COMPRESSED_BYTES=$COMPRESSED
 UNCOMPRESSED_BYTES=$UNCOMPRESSED
 LAYOUT=$L

@@ -2,7 +2,7 @@
 # Builds the OCI image (deploy/image/build.sh), unpacks it with umoci and runs the
 # shipped binary from the unpacked root filesystem in a chroot, as the image's
 # config says (entrypoint, PATH). Checks that the DaemonSet references the built
-# name, that the binary is stripped with its debug info beside the image, that the
+# name, that the manifests the build renders pin the image by digest, that the binary is stripped with its debug info beside the image, that the
 # image's chroot (the engine's way to the host's modprobe) runs, and that a second
 # build gives the same digest. Prints the image's sizes.
 #
@@ -25,6 +25,7 @@ NAME=$("$HERE/build.sh" "${BUILD_ARGS[@]}")
 build_s=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
 # shellcheck disable=SC1091
 . "$ROOT/target/image/image.env"
+OUT_DIR=$ROOT/target/image
 [ "$NAME" = "$("$HERE/build.sh" --print-name)" ] && pass "build names the image $NAME" ||
     fail "build printed $NAME, --print-name says $("$HERE/build.sh" --print-name)"
 
@@ -35,6 +36,20 @@ if [ ${#refs[@]} -gt 0 ] && [ -z "$(printf '%s\n' "${refs[@]}" | grep -vxF "$NAM
 else
     fail "deploy/daemonset.yaml references '${refs[*]}', the build names $NAME"
 fi
+# The manifests the build produces run this build by digest (security review M4):
+# deploy/*.yaml with only the image line changed to repository@digest.
+PINNED=$OUT_DIR/deploy/daemonset.yaml
+REF=${NAME%:*}@$DIGEST
+if [ -f "$PINNED" ] && [ "$(sed -n 's/^[[:space:]]*image:[[:space:]]*//p' "$PINNED")" = "$REF" ] &&
+    diff <(tail -n +2 "$PINNED" | sed "s|$REF|$NAME|") "$ROOT/deploy/daemonset.yaml" > /dev/null; then
+    pass "$PINNED runs $REF, otherwise deploy/daemonset.yaml"
+else
+    fail "$PINNED does not pin $REF: $(sed -n 's/^[[:space:]]*image:[[:space:]]*//p' "$PINNED" 2>&1)"
+fi
+for f in rbac admission-policy deviceclass networkpolicy; do
+    cmp -s <(tail -n +2 "$OUT_DIR/deploy/$f.yaml") "$ROOT/deploy/$f.yaml" ||
+        fail "$OUT_DIR/deploy/$f.yaml differs from deploy/$f.yaml"
+done
 ann=$(python3 -c 'import json,sys; m=json.load(open(sys.argv[1]))["manifests"][0]["annotations"]; print(m["io.containerd.image.name"], m["org.opencontainers.image.ref.name"])' "$LAYOUT/index.json")
 [ "$ann" = "$NAME $TAG" ] && pass "index.json names $NAME (containerd) and tag $TAG" ||
     fail "index.json annotations: $ann"

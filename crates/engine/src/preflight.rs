@@ -445,8 +445,18 @@ fn scan_process(
     };
     let mut buf = vec![0u8; 4096];
     for fd in fds.flatten() {
-        let Some(target) = readlink_at(&dir, &fd.file_name(), &mut buf) else {
-            continue; // closed meanwhile
+        // A descriptor closed meanwhile is gone (ENOENT); any other failure
+        // (EACCES without CAP_SYS_PTRACE) hides what it points at, so the
+        // scan fails closed instead of calling the process harmless.
+        let target = match readlink_at(&dir, &fd.file_name(), &mut buf) {
+            Ok(Some(target)) => target,
+            Ok(None) => continue,
+            Err(source) => {
+                return Err(HolderScanError::Proc {
+                    path: fd.path(),
+                    source,
+                });
+            }
         };
         let target = Path::new(std::ffi::OsStr::from_bytes(target));
         let text = target.to_string_lossy();
@@ -502,10 +512,16 @@ pub fn holders_among(root: &HostRoot, found: &[NodeHolder], nodes: &[PathBuf]) -
         .collect()
 }
 
-/// `readlinkat(dir, name)` into `buf`; `None` when the link is gone.
-fn readlink_at<'b>(dir: &fs::File, name: &std::ffi::OsStr, buf: &'b mut [u8]) -> Option<&'b [u8]> {
+/// `readlinkat(dir, name)` into `buf`; `Ok(None)` when the link is gone
+/// (ENOENT, ESRCH: the descriptor or the process ended).
+fn readlink_at<'b>(
+    dir: &fs::File,
+    name: &std::ffi::OsStr,
+    buf: &'b mut [u8],
+) -> std::io::Result<Option<&'b [u8]>> {
     use std::os::fd::AsRawFd;
-    let name = std::ffi::CString::new(name.as_bytes()).ok()?;
+    let name = std::ffi::CString::new(name.as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     // SAFETY: `dir` is an open directory fd, `name` a NUL-terminated string,
     // and the kernel writes at most `buf.len()` bytes into `buf`.
     let n = unsafe {
@@ -516,8 +532,16 @@ fn readlink_at<'b>(dir: &fs::File, name: &std::ffi::OsStr, buf: &'b mut [u8]) ->
             buf.len(),
         )
     };
-    let n = usize::try_from(n).ok()?;
-    buf.get(..n)
+    match usize::try_from(n) {
+        Ok(n) => Ok(buf.get(..n)),
+        Err(_) => {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ENOENT) | Some(libc::ESRCH) => Ok(None),
+                _ => Err(e),
+            }
+        }
+    }
 }
 
 /// [`scan_holders`] for callers that take a list: a failed scan is returned

@@ -116,6 +116,11 @@ pub struct ServeOptions {
     pub standby_poll: Duration,
     /// On shutdown, how long to wait for claim work still running in the background.
     pub drain_timeout: Duration,
+    /// Which peer uids the registration and DRA sockets serve, and how many
+    /// connections each holds at once (security review L6).
+    pub socket_peers: crate::grpc::peers::PeerPolicy,
+    /// Whether GPUs the admin keeps on vfio are published (security review L3).
+    pub admin_owned: crate::slices::AdminOwned,
 }
 
 /// The lock file in the state directory held by the instance that publishes
@@ -154,6 +159,8 @@ impl ServeOptions {
             pod_uid: None,
             standby_poll: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(20),
+            socket_peers: crate::grpc::peers::PeerPolicy::default(),
+            admin_owned: crate::slices::AdminOwned::Offer,
         }
     }
 
@@ -435,6 +442,7 @@ async fn serve_plugin(
         // The other instance takes the kubelet's calls once it has seen us go.
         server_config.dra_linger = Duration::from_secs(2);
     }
+    server_config.peers = opts.socket_peers.clone();
     server_config.health = Some(HealthConfig {
         feed,
         pool: opts.node_name.clone(),
@@ -469,6 +477,7 @@ async fn serve_plugin(
             engine: Arc::clone(&engine),
             shutdown: stop.clone(),
             metrics: Some(Arc::clone(&metrics)),
+            admin_owned: opts.admin_owned,
         },
         state_dir,
     );

@@ -152,9 +152,42 @@ pub fn device_info(view: &GpuView) -> Option<DeviceInfo> {
     DeviceInfo::from_view(view)
 }
 
-/// The offerable devices among `views`, in BDF order.
+/// The offerable devices among `views`, in BDF order (admin-owned GPUs offered).
 pub fn device_infos(views: &[GpuView]) -> Vec<DeviceInfo> {
-    let mut out: Vec<DeviceInfo> = views.iter().filter_map(device_info).collect();
+    device_infos_for(views, AdminOwned::Offer)
+}
+
+/// Whether GPUs the admin keeps on vfio are published (`serve
+/// --hide-admin-owned-gpus`). Offered, they go to claims of the
+/// `vfio-gpu-prebound.dra.dev` class; hidden, a GPU the admin keeps for a host
+/// VM outside Kubernetes is never handed to a tenant at all (security review L3).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AdminOwned {
+    /// Published like every other GPU (the default, as before).
+    #[default]
+    Offer,
+    /// Not published.
+    Hide,
+}
+
+/// A GPU on vfio that the plugin did not put there: found there (its record
+/// says so, [`RecordKind::FoundOnVfio`](vfio_gpu_engine::state::RecordKind)),
+/// or on vfio with no record of the plugin's at all.
+pub fn is_admin_owned(view: &GpuView) -> bool {
+    use vfio_gpu_engine::state::RecordKind;
+    match &view.record {
+        Some(r) => r.kind() == RecordKind::FoundOnVfio,
+        None => view.gpu.function.on_vfio(),
+    }
+}
+
+/// [`device_infos`] with admin-owned GPUs offered or hidden.
+pub fn device_infos_for(views: &[GpuView], admin_owned: AdminOwned) -> Vec<DeviceInfo> {
+    let mut out: Vec<DeviceInfo> = views
+        .iter()
+        .filter(|v| admin_owned == AdminOwned::Offer || !is_admin_owned(v))
+        .filter_map(device_info)
+        .collect();
     out.sort_by_key(|d| d.bdf);
     out
 }
@@ -935,12 +968,13 @@ fn backoff(base: Duration, max: Duration, failures: u32) -> Duration {
 pub async fn watch_engine_devices(
     engine: Arc<Engine>,
     interval: Duration,
+    admin_owned: AdminOwned,
     shutdown: CancellationToken,
 ) -> watch::Receiver<Vec<DeviceInfo>> {
-    async fn discover(engine: &Arc<Engine>) -> Option<Vec<DeviceInfo>> {
+    async fn discover(engine: &Arc<Engine>, admin_owned: AdminOwned) -> Option<Vec<DeviceInfo>> {
         let engine = engine.clone();
         match tokio::task::spawn_blocking(move || engine.discover()).await {
-            Ok(Ok((views, _problems))) => Some(device_infos(&views)),
+            Ok(Ok((views, _problems))) => Some(device_infos_for(&views, admin_owned)),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "discovering GPUs for ResourceSlices");
                 None
@@ -951,14 +985,14 @@ pub async fn watch_engine_devices(
             }
         }
     }
-    let (tx, rx) = watch::channel(discover(&engine).await.unwrap_or_default());
+    let (tx, rx) = watch::channel(discover(&engine, admin_owned).await.unwrap_or_default());
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(interval) => {}
             }
-            if let Some(list) = discover(&engine).await {
+            if let Some(list) = discover(&engine, admin_owned).await {
                 tx.send_if_modified(|cur| {
                     let changed = *cur != list;
                     if changed {
@@ -986,6 +1020,8 @@ pub struct PublisherContext {
     pub shutdown: CancellationToken,
     /// Told when a sync succeeded (readiness).
     pub metrics: Option<Arc<Metrics>>,
+    /// Whether GPUs the admin keeps on vfio are published.
+    pub admin_owned: AdminOwned,
 }
 
 /// Starts the publisher for `serve`: default [`SliceConfig`], devices re-discovered
@@ -993,8 +1029,13 @@ pub struct PublisherContext {
 pub fn start_publisher(ctx: PublisherContext) -> JoinHandle<anyhow::Result<()>> {
     tokio::spawn(async move {
         let cfg = SliceConfig::new(ctx.driver_name, ctx.node_name);
-        let devices =
-            watch_engine_devices(ctx.engine, Duration::from_secs(10), ctx.shutdown.clone()).await;
+        let devices = watch_engine_devices(
+            ctx.engine,
+            Duration::from_secs(10),
+            ctx.admin_owned,
+            ctx.shutdown.clone(),
+        )
+        .await;
         run_publisher_observed(ctx.client, cfg, devices, ctx.shutdown, ctx.metrics).await
     })
 }
