@@ -13,5 +13,6 @@ pub mod authority;
 pub mod config;
 pub mod intent;
 pub mod ledger;
+pub mod lock_file;
 pub mod scratch;
 pub mod sysfs;

@@ -53,3 +53,8 @@ fn sysfs_corpus() {
 fn parse_intent_corpus() {
     replay("parse_intent", vfio_gpu_fuzz_checks::intent::check);
 }
+
+#[test]
+fn lock_file_corpus() {
+    replay("lock_file", vfio_gpu_fuzz_checks::lock_file::check);
+}
