@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod authority;
+pub mod claim_paths;
 pub mod config;
 pub mod intent;
 pub mod ledger;

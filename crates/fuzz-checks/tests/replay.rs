@@ -58,3 +58,8 @@ fn parse_intent_corpus() {
 fn lock_file_corpus() {
     replay("lock_file", vfio_gpu_fuzz_checks::lock_file::check);
 }
+
+#[test]
+fn claim_paths_corpus() {
+    replay("claim_paths", vfio_gpu_fuzz_checks::claim_paths::check);
+}
