@@ -12,6 +12,7 @@
 pub mod authority;
 pub mod claim_paths;
 pub mod config;
+pub mod doctor;
 pub mod intent;
 pub mod ledger;
 pub mod lock_file;

@@ -63,3 +63,8 @@ fn lock_file_corpus() {
 fn claim_paths_corpus() {
     replay("claim_paths", vfio_gpu_fuzz_checks::claim_paths::check);
 }
+
+#[test]
+fn doctor_readers_corpus() {
+    replay("doctor_readers", vfio_gpu_fuzz_checks::doctor::check);
+}
