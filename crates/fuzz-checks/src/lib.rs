@@ -16,5 +16,6 @@ pub mod doctor;
 pub mod intent;
 pub mod ledger;
 pub mod lock_file;
+pub mod proc_text;
 pub mod scratch;
 pub mod sysfs;

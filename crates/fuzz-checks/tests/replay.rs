@@ -68,3 +68,8 @@ fn claim_paths_corpus() {
 fn doctor_readers_corpus() {
     replay("doctor_readers", vfio_gpu_fuzz_checks::doctor::check);
 }
+
+#[test]
+fn proc_text_corpus() {
+    replay("proc_text", vfio_gpu_fuzz_checks::proc_text::check);
+}
