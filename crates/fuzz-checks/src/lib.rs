@@ -18,4 +18,5 @@ pub mod ledger;
 pub mod lock_file;
 pub mod proc_text;
 pub mod scratch;
+pub mod slice_diff;
 pub mod sysfs;

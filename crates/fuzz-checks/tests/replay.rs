@@ -73,3 +73,8 @@ fn doctor_readers_corpus() {
 fn proc_text_corpus() {
     replay("proc_text", vfio_gpu_fuzz_checks::proc_text::check);
 }
+
+#[test]
+fn slice_diff_corpus() {
+    replay("slice_diff", vfio_gpu_fuzz_checks::slice_diff::check);
+}
