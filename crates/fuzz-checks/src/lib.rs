@@ -13,6 +13,7 @@ pub mod authority;
 pub mod claim_paths;
 pub mod config;
 pub mod doctor;
+pub mod dra_service;
 pub mod intent;
 pub mod ledger;
 pub mod lock_file;

@@ -78,3 +78,8 @@ fn proc_text_corpus() {
 fn slice_diff_corpus() {
     replay("slice_diff", vfio_gpu_fuzz_checks::slice_diff::check);
 }
+
+#[test]
+fn dra_service_corpus() {
+    replay("dra_service", vfio_gpu_fuzz_checks::dra_service::check);
+}
