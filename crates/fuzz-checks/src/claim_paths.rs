@@ -133,8 +133,10 @@ fn check_removal(driver: &str, a: &ClaimIdentity, b: &ClaimIdentity, req: &str) 
     for f in files_a.iter().chain(&files_b) {
         touch(f);
     }
-    m.remove_claim(&b.uid).expect("removing the other claim's metadata");
-    cdi.remove_claim(&b.uid).expect("removing the other claim's spec");
+    m.remove_claim(&b.uid)
+        .expect("removing the other claim's metadata");
+    cdi.remove_claim(&b.uid)
+        .expect("removing the other claim's spec");
     for f in &files_a {
         assert!(
             f.exists(),
@@ -144,7 +146,8 @@ fn check_removal(driver: &str, a: &ClaimIdentity, b: &ClaimIdentity, req: &str) 
             a.uid
         );
     }
-    m.remove_claim(&a.uid).expect("removing the claim's metadata");
+    m.remove_claim(&a.uid)
+        .expect("removing the claim's metadata");
     cdi.remove_claim(&a.uid).expect("removing the claim's spec");
     for f in &files_a {
         assert!(

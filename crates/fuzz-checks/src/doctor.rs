@@ -69,13 +69,25 @@ fn host() -> &'static Host {
         fx.add_function(&FunctionSpec::new(audio, 0x10de, 0x22a3, 0x04_0300).group(7))
             .expect("fixture audio function");
         let files = [
-            ("proc/cmdline", "BOOT_IMAGE=/vmlinuz ro intel_iommu=on iommu=pt\n"),
-            ("proc/cpuinfo", "vendor_id\t: GenuineIntel\nflags\t\t: fpu vmx\n"),
+            (
+                "proc/cmdline",
+                "BOOT_IMAGE=/vmlinuz ro intel_iommu=on iommu=pt\n",
+            ),
+            (
+                "proc/cpuinfo",
+                "vendor_id\t: GenuineIntel\nflags\t\t: fpu vmx\n",
+            ),
             (FILES[2], "N\n"),
-            (FILES[3], "kernel/drivers/vfio/pci/vfio-pci.ko: kernel/drivers/vfio/vfio.ko\n"),
+            (
+                FILES[3],
+                "kernel/drivers/vfio/pci/vfio-pci.ko: kernel/drivers/vfio/vfio.ko\n",
+            ),
             (FILES[4], "kernel/drivers/pci/pcie/portdrv.ko\n"),
             (FILES[5], "alias pci:v000010DEd*sv*sd*bc03sc*i* nvidia\n"),
-            (FILES[6], "options vfio-pci ids=10de:2330\nsoftdep nvidia pre: vfio-pci\n"),
+            (
+                FILES[6],
+                "options vfio-pci ids=10de:2330\nsoftdep nvidia pre: vfio-pci\n",
+            ),
             (FILES[8], "vfio_pci\n"),
             (FILES[10], "f0205ef\n"),
         ];
@@ -216,6 +228,11 @@ pub fn check(data: &[u8]) {
     }
     for kind in ["gpu-isolation", "intent"] {
         let n = checks.iter().filter(|c| c.check == kind).count();
-        assert_eq!(n, view.gpus.len(), "{n} {kind} checks for {} GPUs", view.gpus.len());
+        assert_eq!(
+            n,
+            view.gpus.len(),
+            "{n} {kind} checks for {} GPUs",
+            view.gpus.len()
+        );
     }
 }

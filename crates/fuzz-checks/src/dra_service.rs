@@ -84,7 +84,9 @@ fn world() -> &'static World {
             .enable_all()
             .build()
             .expect("runtime");
-        let api = rt.block_on(FakeApiServer::start()).expect("fake API server");
+        let api = rt
+            .block_on(FakeApiServer::start())
+            .expect("fake API server");
         let mut config = kube::Config::new(api.url().parse().expect("url"));
         config.default_retry = false;
         config.read_timeout = Some(Duration::from_secs(5));
@@ -123,9 +125,18 @@ fn world() -> &'static World {
             json!({"request": request, "driver": driver, "pool": NODE, "device": device_name(&b)})
         };
         let stored = [
-            ("two-gpus", Some(vec![result("gpu", DRIVER, GPUS[0]), result("gpu2", DRIVER, GPUS[1])])),
+            (
+                "two-gpus",
+                Some(vec![
+                    result("gpu", DRIVER, GPUS[0]),
+                    result("gpu2", DRIVER, GPUS[1]),
+                ]),
+            ),
             ("shared-group", Some(vec![result("gpu", DRIVER, GPUS[2])])),
-            ("other-driver", Some(vec![result("gpu", "gpu.nvidia.com", GPUS[1])])),
+            (
+                "other-driver",
+                Some(vec![result("gpu", "gpu.nvidia.com", GPUS[1])]),
+            ),
             ("unallocated", None),
         ];
         let mut claims = Vec::new();
@@ -141,7 +152,8 @@ fn world() -> &'static World {
                 "spec": {"devices": {"requests": requests}},
             });
             if let Some(results) = results {
-                object["status"] = json!({"allocation": {"devices": {"results": results, "config": []}}});
+                object["status"] =
+                    json!({"allocation": {"devices": {"results": results, "config": []}}});
             }
             let stored = api.insert(object).expect("claim stored");
             claims.push(v1::Claim {
@@ -204,7 +216,10 @@ fn check_errors_and_count<T>(
         uids.len()
     );
     for (uid, a) in answers {
-        assert!(uids.contains(uid), "{what}: an answer for {uid:?}, never asked");
+        assert!(
+            uids.contains(uid),
+            "{what}: an answer for {uid:?}, never asked"
+        );
         let e = error(a);
         assert!(
             e.is_empty() || e.contains(uid.as_str()),
@@ -236,18 +251,19 @@ pub fn check(data: &[u8]) {
         let names_a_stored_claim = if op % 2 == 0 {
             claims.iter().any(|c| w.claims.contains(c))
         } else {
-            claims.iter().any(|c| w.claims.iter().any(|s| s.uid == c.uid))
+            claims
+                .iter()
+                .any(|c| w.claims.iter().any(|s| s.uid == c.uid))
         };
         let writes_before = w.kernel.log().len();
         if op % 2 == 0 {
             let req = Request::new(v1::NodePrepareResourcesRequest {
                 claims: claims.clone(),
             });
-            let resp = w
-                .rt
-                .block_on(w.service.node_prepare_resources(req))
-                .expect("prepare answers")
-                .into_inner();
+            let resp =
+                w.rt.block_on(w.service.node_prepare_resources(req))
+                    .expect("prepare answers")
+                    .into_inner();
             check_errors_and_count("prepare", &claims, &resp.claims, |r| r.error.as_str());
             for (uid, r) in &resp.claims {
                 if !r.error.is_empty() {
@@ -257,7 +273,9 @@ pub fn check(data: &[u8]) {
                     assert_eq!(d.pool_name, NODE, "claim {uid}: device of another pool");
                     assert!(
                         !d.cdi_device_ids.is_empty()
-                            && d.cdi_device_ids.iter().all(|id| id.starts_with(&format!("{DRIVER}/"))),
+                            && d.cdi_device_ids
+                                .iter()
+                                .all(|id| id.starts_with(&format!("{DRIVER}/"))),
                         "claim {uid}: CDI IDs {:?}",
                         d.cdi_device_ids
                     );
@@ -267,11 +285,10 @@ pub fn check(data: &[u8]) {
             let req = Request::new(v1::NodeUnprepareResourcesRequest {
                 claims: claims.clone(),
             });
-            let resp = w
-                .rt
-                .block_on(w.service.node_unprepare_resources(req))
-                .expect("unprepare answers")
-                .into_inner();
+            let resp =
+                w.rt.block_on(w.service.node_unprepare_resources(req))
+                    .expect("unprepare answers")
+                    .into_inner();
             check_errors_and_count("unprepare", &claims, &resp.claims, |r| r.error.as_str());
         }
         if !names_a_stored_claim {
@@ -288,11 +305,10 @@ pub fn check(data: &[u8]) {
     let req = Request::new(v1::NodeUnprepareResourcesRequest {
         claims: w.claims.clone(),
     });
-    let resp = w
-        .rt
-        .block_on(w.service.node_unprepare_resources(req))
-        .expect("unprepare answers")
-        .into_inner();
+    let resp =
+        w.rt.block_on(w.service.node_unprepare_resources(req))
+            .expect("unprepare answers")
+            .into_inner();
     for (uid, r) in &resp.claims {
         assert!(r.error.is_empty(), "releasing {uid} failed: {}", r.error);
     }

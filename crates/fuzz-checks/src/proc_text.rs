@@ -105,21 +105,8 @@ fn basename_is_persistenced(s: &str) -> bool {
     s.rsplit('/').next() == Some("nvidia-persistenced")
 }
 
-/// The property for one input.
-pub fn check(data: &[u8]) {
-    let h = host();
-    // A fresh /proc for every exec (pid 1 stays).
-    for pid in FIRST_PID..FIRST_PID + MAX_PROCESSES {
-        let _ = fs::remove_dir_all(h.path.join(format!("proc/{pid}")));
-    }
-    let info = h.path.join(format!("proc/driver/nvidia/gpus/{NVIDIA_GPU}/information"));
-    let devices = h.path.join("proc/devices");
-    let _ = fs::remove_file(&info);
-    let _ = fs::remove_file(&devices);
-
-    let Some((&flags, mut rest)) = data.split_first() else {
-        return;
-    };
+/// Writes the input's records into the fixture's `/proc`; returns the processes.
+fn build_proc(h: &Host, info: &Path, devices: &Path, mut rest: &[u8]) -> Vec<Process> {
     let mut procs: Vec<Process> = Vec::new();
     let mut fds = 0u32;
     while let Some((&sel, r)) = rest.split_first() {
@@ -133,11 +120,13 @@ pub fn check(data: &[u8]) {
         match sel % 8 {
             0 => {
                 fs::create_dir_all(info.parent().expect("parent")).expect("fixture procfs");
-                fs::write(&info, content).expect("writing information");
+                fs::write(info, content).expect("writing information");
             }
-            1 => fs::write(&devices, content).expect("writing /proc/devices"),
+            1 => fs::write(devices, content).expect("writing /proc/devices"),
             2 => {
-                let Ok(n) = u32::try_from(procs.len()) else { continue };
+                let Ok(n) = u32::try_from(procs.len()) else {
+                    continue;
+                };
                 if n >= MAX_PROCESSES {
                     continue;
                 }
@@ -195,6 +184,27 @@ pub fn check(data: &[u8]) {
             }
         }
     }
+    procs
+}
+
+/// The property for one input.
+pub fn check(data: &[u8]) {
+    let h = host();
+    // A fresh /proc for every exec (pid 1 stays).
+    for pid in FIRST_PID..FIRST_PID + MAX_PROCESSES {
+        let _ = fs::remove_dir_all(h.path.join(format!("proc/{pid}")));
+    }
+    let info = h
+        .path
+        .join(format!("proc/driver/nvidia/gpus/{NVIDIA_GPU}/information"));
+    let devices = h.path.join("proc/devices");
+    let _ = fs::remove_file(&info);
+    let _ = fs::remove_file(&devices);
+
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
+    let procs = build_proc(h, &info, &devices, rest);
 
     let gpu: Bdf = if flags & 1 == 0 { NVIDIA_GPU } else { VFIO_GPU }
         .parse()
@@ -242,7 +252,9 @@ pub fn check(data: &[u8]) {
                     a.node
                 );
                 assert!(
-                    !holders[..i].iter().any(|b| b.pid == a.pid && b.node == a.node),
+                    !holders[..i]
+                        .iter()
+                        .any(|b| b.pid == a.pid && b.node == a.node),
                     "{} listed twice for {}",
                     a.pid,
                     a.node

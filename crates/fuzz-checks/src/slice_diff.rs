@@ -70,7 +70,11 @@ fn listed_slice(inp: &mut Input<'_>, i: usize, gpus: &[DeviceInfo]) -> ResourceS
         3 => ("gpu.nvidia.com", Some(NODE)),
         _ => (DRIVER, (inp.byte() & 1 == 0).then_some("node-b")),
     };
-    let pool_name = if inp.byte() % 4 == 0 { "old-pool" } else { NODE };
+    let pool_name = if inp.byte().is_multiple_of(4) {
+        "old-pool"
+    } else {
+        NODE
+    };
     let generation = match inp.byte() {
         g @ 0..=250 => i64::from(g % 4),
         251 => i64::MAX,
@@ -226,7 +230,10 @@ pub fn check(data: &[u8]) {
 
     let others_before: Vec<&ResourceSlice> = listed.iter().filter(|s| !owned(&cfg, s)).collect();
     let others_after: Vec<&ResourceSlice> = server.values().filter(|s| !owned(&cfg, s)).collect();
-    assert_eq!(others_before, others_after, "another owner's slices changed");
+    assert_eq!(
+        others_before, others_after,
+        "another owner's slices changed"
+    );
 
     assert!(
         plan.generation >= highest_before.max(1),
@@ -256,7 +263,10 @@ pub fn check(data: &[u8]) {
     let expected: BTreeSet<String> = offered.iter().map(device_name).collect();
     let got: BTreeSet<String> = names.iter().cloned().collect();
     assert_eq!(got.len(), names.len(), "a device published twice");
-    assert_eq!(got, expected, "published devices differ from the offered GPUs");
+    assert_eq!(
+        got, expected,
+        "published devices differ from the offered GPUs"
+    );
     let want_slices = offered.len().div_ceil(MAX_DEVICES_PER_SLICE).max(1);
     assert_eq!(plan.slices, want_slices, "number of slices");
 
@@ -268,5 +278,8 @@ pub fn check(data: &[u8]) {
         again.creates.len(),
         again.deletes.len()
     );
-    assert_eq!(again.generation, plan.generation, "a second sync moves the generation");
+    assert_eq!(
+        again.generation, plan.generation,
+        "a second sync moves the generation"
+    );
 }

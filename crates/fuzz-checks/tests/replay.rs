@@ -83,3 +83,43 @@ fn slice_diff_corpus() {
 fn dra_service_corpus() {
     replay("dra_service", vfio_gpu_fuzz_checks::dra_service::check);
 }
+
+/// Every target above: a new fuzz target must be added here (and get a test).
+const REPLAYED: &[&str] = &[
+    "authority",
+    "config",
+    "ledger",
+    "sysfs",
+    "parse_intent",
+    "lock_file",
+    "claim_paths",
+    "doctor_readers",
+    "proc_text",
+    "slice_diff",
+    "dra_service",
+];
+
+/// CI builds every `[[bin]]` of fuzz/Cargo.toml; each must have its corpus
+/// replayed here, or a target could exist whose findings `cargo test` never sees.
+#[test]
+fn every_fuzz_target_has_a_replayed_corpus() {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/Cargo.toml");
+    let text = fs::read_to_string(&manifest).expect("fuzz/Cargo.toml");
+    let bins: Vec<&str> = text
+        .split("[[bin]]")
+        .skip(1)
+        .filter_map(|b| {
+            b.lines()
+                .find_map(|l| l.trim().strip_prefix("name = "))
+                .map(|n| n.trim_matches('"'))
+        })
+        .collect();
+    assert!(bins.len() >= REPLAYED.len(), "fuzz targets: {bins:?}");
+    for b in &bins {
+        assert!(REPLAYED.contains(b), "fuzz target {b} has no replay test");
+        assert!(
+            !inputs("corpus", b).is_empty(),
+            "fuzz target {b} has no corpus"
+        );
+    }
+}
