@@ -227,11 +227,13 @@ pub fn check(data: &[u8]) {
         assert!(device_name.len() <= 255, "CDI device name {device_name:?}");
     }
 
-    if is_safe_uid(&other_uid) && other_uid != claim.uid {
-        let other = ClaimIdentity {
-            uid: other_uid,
-            ..claim.clone()
-        };
+    // The other claim must pass the check too: the plugin never writes files for
+    // one that does not.
+    let other = ClaimIdentity {
+        uid: other_uid,
+        ..claim.clone()
+    };
+    if other.uid != claim.uid && m.check_names(&other, &request).is_ok() {
         check_removal(driver, &claim, &other, &request);
     }
 }
