@@ -225,9 +225,13 @@ pub fn check(data: &[u8]) {
             continue;
         };
         assert!(
-            info_text.lines().any(|l| l
-                .strip_prefix("Device Minor:")
-                .is_some_and(|v| v.trim() == minor)),
+            info_text
+                .lines()
+                .any(|l| l.strip_prefix("Device Minor:").is_some_and(|v| v
+                    .trim()
+                    .parse::<u32>()
+                    .ok()
+                    == minor.parse().ok())),
             "node /dev/nvidia{minor} without its Device Minor line"
         );
     }
