@@ -193,8 +193,8 @@ impl HostOpts {
             .policy
             .clone()
             .unwrap_or_else(|| root.rel("etc/vfio-gpu-dra/policy.toml"));
-        let policy =
-            Policy::load_or_default(&path).with_context(|| format!("policy {}", path.display()))?;
+        let policy = Policy::load_or_default(root, &path)
+            .with_context(|| format!("policy {}", path.display()))?;
         Ok((policy, path))
     }
 

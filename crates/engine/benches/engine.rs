@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! Engine benchmarks (a bench binary: the latency runs take seconds each).
 //!
 //! 1. Parallel configure: 1, 2, 4, 8 GPUs with realistic simulated latencies

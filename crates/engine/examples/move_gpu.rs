@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! The engine without Kubernetes: build the demo host (an 8-GPU node), move a
 //! GPU with its HDA function to vfio-pci on the simulated kernel, show the
 //! write-ahead record, and give it back.

@@ -33,9 +33,10 @@ pub trait HostCommands: Send + Sync {
     }
     /// Whether `program` exists on the host (under `usr/bin`, `usr/sbin`, `bin`, `sbin`).
     fn exists(&self, root: &HostRoot, program: &str) -> bool {
-        ["usr/bin", "usr/sbin", "bin", "sbin"]
-            .iter()
-            .any(|d| root.rel(d).join(program).is_file())
+        ["usr/bin", "usr/sbin", "bin", "sbin"].iter().any(|d| {
+            root.metadata(&root.rel(d).join(program))
+                .is_ok_and(|m| m.is_file())
+        })
     }
 }
 

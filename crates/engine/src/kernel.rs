@@ -154,19 +154,12 @@ pub trait Kernel: Send + Sync + 'static {
     /// Whether `path` exists (not following a last symlink: a dangling
     /// link exists).
     fn exists(&self, path: &Path) -> Result<bool, HostError> {
-        match std::fs::symlink_metadata(path) {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(HostError::Io {
-                path: path.to_path_buf(),
-                source: e,
-            }),
-        }
+        self.root().exists(path)
     }
     /// Whether `path` is a directory (following links, as a driver's
     /// directory under `bus/pci/drivers` is one).
     fn is_dir(&self, path: &Path) -> Result<bool, HostError> {
-        match std::fs::metadata(path) {
+        match self.root().metadata(path) {
             Ok(m) => Ok(m.is_dir()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(HostError::Io {

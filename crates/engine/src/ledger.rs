@@ -15,6 +15,10 @@
 //! The state directory is 0700 and must belong to the current user; files
 //! are 0600 and opened without following symlinks.
 
+// The state directory is this program's own files, not host state it
+// judges: read with std (its faults are the ledger's own, tested apart).
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -385,6 +389,11 @@ pub struct LedgerFile {
 static ASIDE_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl LedgerFile {
+    /// Whether the ledger file exists now.
+    pub(crate) fn exists(&self) -> bool {
+        self.path().exists()
+    }
+
     /// Uses `dir`, created 0700 if missing. An existing directory must
     /// belong to the current user (anyone else could plant records or
     /// symlinks) and is tightened to 0700.

@@ -61,15 +61,15 @@ impl NodeHolder {
 /// Basename of the program a process runs: the `exe` link (which the process
 /// cannot fake), else argv[0]. `None` when neither is readable (kernel
 /// threads, a process that just exited).
-fn program_of(proc_dir: &std::path::Path) -> Option<String> {
+fn program_of(root: &HostRoot, proc_dir: &std::path::Path) -> Option<String> {
     // A container can run a binary named anything: a program is only named
     // when the process shares the host's mount namespace (that of pid 1),
     // where its executable is the host's own (security review L2).
     let host_ns = proc_dir
         .parent()
-        .and_then(|procfs| fs::read_link(procfs.join("1/ns/mnt")).ok());
+        .and_then(|procfs| root.read_link(&procfs.join("1/ns/mnt")).ok());
     if let Some(host_ns) = host_ns
-        && fs::read_link(proc_dir.join("ns/mnt")).ok() != Some(host_ns)
+        && root.read_link(&proc_dir.join("ns/mnt")).ok() != Some(host_ns)
     {
         return None;
     }
@@ -80,12 +80,15 @@ fn program_of(proc_dir: &std::path::Path) -> Option<String> {
             .filter(|b| !b.is_empty())
             .map(str::to_string)
     };
-    if let Ok(target) = fs::read_link(proc_dir.join("exe"))
+    if let Ok(target) = root.read_link(&proc_dir.join("exe"))
         && let Some(b) = base(&target.to_string_lossy())
     {
         return Some(b);
     }
-    let cmdline = fs::read(proc_dir.join("cmdline")).ok()?;
+    // argv[0] is all we need; a page holds it.
+    let cmdline = root
+        .read_bytes_limited(&proc_dir.join("cmdline"), 4096)
+        .ok()??;
     let argv0 = cmdline.split(|b| *b == 0).next()?;
     base(&String::from_utf8_lossy(argv0))
 }
@@ -165,20 +168,20 @@ pub fn device_nodes_with(
     }
     // DRM nodes of the function (card*, renderD*), whatever the driver.
     nodes.extend(
-        child_names(&root.pci_attr(&f.bdf, "drm"))
+        child_names(root, &root.pci_attr(&f.bdf, "drm"))
             .into_iter()
             .filter(|n| n.starts_with("card") || n.starts_with("renderD"))
             .map(|n| root.rel("dev/dri").join(n)),
     );
     // ALSA nodes of an audio function (a sound server holding them makes
     // snd_hda_intel's unbind block): sound/card<N>/{controlC<N>,pcmC…,hwC…}.
-    for card in child_names(&root.pci_attr(&f.bdf, "sound")) {
+    for card in child_names(root, &root.pci_attr(&f.bdf, "sound")) {
         if !card.starts_with("card") {
             continue;
         }
         let dir = root.pci_attr(&f.bdf, "sound").join(&card);
         nodes.extend(
-            child_names(&dir)
+            child_names(root, &dir)
                 .into_iter()
                 .filter(|n| {
                     ["controlC", "pcmC", "hwC", "midiC"]
@@ -192,8 +195,8 @@ pub fn device_nodes_with(
 }
 
 /// Names in a sysfs directory that are safe single path components.
-fn child_names(dir: &Path) -> Vec<String> {
-    let Ok(entries) = fs::read_dir(dir) else {
+fn child_names(root: &HostRoot, dir: &Path) -> Vec<String> {
+    let Ok(entries) = root.read_dir(dir) else {
         return Vec::new();
     };
     let mut names: Vec<String> = entries
@@ -275,11 +278,11 @@ fn wanted(root: &HostRoot, nodes: &[PathBuf]) -> Result<Wanted, HolderScanError>
         if parent == "/dev/vfio"
             && let Ok(group) = file.parse::<u32>()
         {
-            for b in child_names(&root.iommu_group_devices_dir(group)) {
+            for b in child_names(root, &root.iommu_group_devices_dir(group)) {
                 w.vfio_bdf.insert(b, name.clone());
             }
         } else if parent == "/dev/vfio/devices"
-            && let Ok(dev) = fs::canonicalize(root.rel("sys/class/vfio-dev").join(&file))
+            && let Ok(dev) = root.canonicalize(&root.rel("sys/class/vfio-dev").join(&file))
             && let Some(b) = dev
                 .parent()
                 .and_then(Path::parent)
@@ -288,7 +291,7 @@ fn wanted(root: &HostRoot, nodes: &[PathBuf]) -> Result<Wanted, HolderScanError>
             w.vfio_bdf
                 .insert(b.to_string_lossy().into_owned(), name.clone());
         }
-        match fs::metadata(n) {
+        match root.metadata(n) {
             Ok(m) if m.file_type().is_char_device() => {
                 w.rdev.insert(m.rdev(), name);
             }
@@ -359,7 +362,10 @@ pub fn scan_holders(
         source,
     };
     let mut pids: Vec<(u32, PathBuf)> = Vec::new();
-    for p in fs::read_dir(&proc_dir).map_err(|e| proc_err(&proc_dir, e))? {
+    for p in root
+        .read_dir(&proc_dir)
+        .map_err(|e| proc_err(&proc_dir, e))?
+    {
         let p = p.map_err(|e| proc_err(&proc_dir, e))?;
         if let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() {
             pids.push((pid, p.path()));
@@ -385,7 +391,7 @@ pub fn scan_holders(
                         let Some((pid, path)) = pids.get(i) else {
                             return Ok(found);
                         };
-                        found.extend(scan_process(*pid, path, &w, &dev_prefix)?);
+                        found.extend(scan_process(root, *pid, path, &w, &dev_prefix)?);
                     }
                 })
             })
@@ -414,6 +420,7 @@ pub fn scan_holders(
 /// to the open fd directory (`readlinkat`), which spares the kernel a path
 /// walk per descriptor.
 fn scan_process(
+    root: &HostRoot,
     pid: u32,
     proc_path: &Path,
     w: &Wanted,
@@ -425,13 +432,13 @@ fn scan_process(
         path: fd_dir.clone(),
         source,
     };
-    let fds = match fs::read_dir(&fd_dir) {
+    let fds = match root.read_dir(&fd_dir) {
         Ok(fds) => fds,
         // Exited during the scan.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(held),
         Err(e) => return Err(proc_err(e)),
     };
-    let dir = match fs::File::open(&fd_dir) {
+    let dir = match root.open_file(&fd_dir) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(held),
         Err(e) => return Err(proc_err(e)),
@@ -445,15 +452,18 @@ fn scan_process(
         let text = target.to_string_lossy();
         let hit = if text.starts_with("anon_inode:[vfio") {
             let info = proc_path.join("fdinfo").join(fd.file_name());
-            fs::read_to_string(info).ok().and_then(|t| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix("vfio-device-syspath:"))
-                    .and_then(|s| s.trim().rsplit('/').next().map(str::to_string))
-                    .and_then(|b| w.vfio_bdf.get(&b).cloned())
-            })
+            root.read_limited(&info, 64 * 1024)
+                .ok()
+                .flatten()
+                .and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("vfio-device-syspath:"))
+                        .and_then(|s| s.trim().rsplit('/').next().map(str::to_string))
+                        .and_then(|b| w.vfio_bdf.get(&b).cloned())
+                })
         } else if text.starts_with("/dev/") || target.starts_with(dev_prefix) {
             // Only now stat the open file (a device node, never a mount).
-            match fs::metadata(fd.path()) {
+            match root.metadata(&fd.path()) {
                 Ok(m) if m.file_type().is_char_device() => w.rdev.get(&m.rdev()).cloned(),
                 Ok(m) => w.ino.get(&(m.dev(), m.ino())).cloned(),
                 Err(_) => None,
@@ -464,14 +474,17 @@ fn scan_process(
         if let Some(node) = hit
             && !held.iter().any(|h| h.node == node)
         {
-            let comm = fs::read_to_string(proc_path.join("comm"))
+            let comm = root
+                .read_opt(&proc_path.join("comm"))
+                .ok()
+                .flatten()
                 .map(|s| shown_comm(&s))
-                .unwrap_or_else(|_| "?".into());
+                .unwrap_or_else(|| "?".into());
             held.push(NodeHolder {
                 pid,
                 comm,
                 node,
-                program: program_of(proc_path),
+                program: program_of(root, proc_path),
             });
         }
     }

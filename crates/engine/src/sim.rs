@@ -16,6 +16,10 @@
 //! Faults: a failing write, a write that blocks until released, latency per
 //! operation and driver, a failing read.
 
+// The simulator is the kernel: it lays out and changes the fixture tree
+// with std; what the engine reads goes through `edge_root`.
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
@@ -25,7 +29,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use vfio_gpu_host::fixture::{FixtureHost, rel_symlink};
-use vfio_gpu_host::{Bdf, Binding, HostError, HostRoot, PciFunction, is_vfio_driver};
+use vfio_gpu_host::{Bdf, Binding, HostError, HostRoot, PciFunction, ReadGate, is_vfio_driver};
 
 use vfio_gpu_intent::IdEntry;
 
@@ -228,19 +232,62 @@ struct SimState {
     device_locked: HashMap<Bdf, u32>,
     locked_reads: LockedReads,
     read_faults: HashMap<Bdf, i32>,
-    /// Faults on host reads by path prefix (procfs, `/dev/vfio`, driver
-    /// directories, the `/proc` holder scan): fail with an errno or block.
-    path_faults: Vec<(PathBuf, FaultAction)>,
     vfio_nodes: VfioNodes,
     /// `/proc/driver/nvidia/gpus/<BDF>` files of unbound GPUs, recreated on bind.
     nvidia_proc: HashMap<Bdf, Vec<(std::ffi::OsString, Vec<u8>)>>,
     removed: HashMap<Bdf, Removed>,
 }
 
+/// Faults on host reads by path prefix (procfs, `/dev/vfio`, driver
+/// directories, intent files, module indexes, the `/proc` holder scan): fail
+/// with an errno or block. The gate of the edge root: every read made
+/// through it, by any crate, passes here.
+#[derive(Debug, Default)]
+struct PathFaults {
+    faults: Mutex<Vec<(PathBuf, FaultAction)>>,
+    /// Every path read through the edge, when a test asked to see them.
+    seen: Mutex<Option<Vec<PathBuf>>>,
+}
+
+impl PathFaults {
+    fn lock(&self) -> MutexGuard<'_, Vec<(PathBuf, FaultAction)>> {
+        self.faults.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl ReadGate for PathFaults {
+    fn before_read(&self, path: &Path) -> io::Result<()> {
+        if let Some(seen) = self.seen.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            seen.push(path.to_path_buf());
+        }
+        let action = self
+            .lock()
+            .iter()
+            .find(|(p, _)| path.starts_with(p))
+            .map(|(_, a)| a.clone());
+        match action {
+            Some(FaultAction::Fail(code)) => Err(err(
+                code,
+                format!("injected read fault on {}", path.display()),
+            )),
+            Some(FaultAction::Block(h)) => {
+                h.wait();
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The simulated kernel. Cheap to clone (shared state).
 #[derive(Clone)]
 pub struct SimKernel {
-    root: HostRoot,
+    /// The fixture tree as the simulation itself changes it (never gated).
+    tree: HostRoot,
+    /// The same tree as the engine reads it through the kernel edge: every
+    /// read first passes the path faults.
+    edge_root: HostRoot,
+    path_faults: Arc<PathFaults>,
     fixture: FixtureHost,
     state: Arc<Mutex<SimState>>,
     /// Signalled whenever VFIO users, clients or device locks change.
@@ -285,8 +332,12 @@ impl SimKernel {
                 id_table,
             });
         }
+        let path_faults = Arc::new(PathFaults::default());
+        let edge_root = root.clone().with_read_gate(path_faults.clone());
         SimKernel {
-            root,
+            tree: root,
+            edge_root,
+            path_faults,
             fixture,
             state: Arc::new(Mutex::new(state)),
             users_changed: Arc::new(Condvar::new()),
@@ -344,7 +395,7 @@ impl SimKernel {
     /// Unregisters a driver (module unloaded): its directory disappears.
     pub fn unload_driver(&self, name: &str) -> io::Result<()> {
         self.lock().drivers.retain(|d| d.name != name);
-        fs::remove_dir_all(self.root.pci_drivers_dir().join(name))
+        fs::remove_dir_all(self.tree.pci_drivers_dir().join(name))
     }
 
     /// Adds a fault rule.
@@ -354,9 +405,8 @@ impl SimKernel {
 
     /// Removes every pending fault rule.
     pub fn clear_faults(&self) {
-        let mut s = self.lock();
-        s.faults.clear();
-        s.path_faults.clear();
+        self.lock().faults.clear();
+        self.path_faults.lock().clear();
     }
 
     /// Every host read (other than a function's attributes) of a path under
@@ -364,29 +414,53 @@ impl SimKernel {
     /// scan, `proc/driver/nvidia/gpus/<BDF>` for nvidia's procfs) gets `action`:
     /// `Fail(errno)` (EMFILE, ENOMEM, EIO...) or `Block` until released.
     pub fn fault_reads_under(&self, prefix: &str, action: FaultAction) {
-        let path = self.root.rel(prefix);
-        self.lock().path_faults.push((path, action));
+        let path = self.tree.rel(prefix);
+        self.path_faults.lock().push((path, action));
+    }
+
+    /// Removes every read fault set by [`SimKernel::fault_reads_under`]
+    /// (write faults stay).
+    pub fn clear_read_faults(&self) {
+        self.path_faults.lock().clear();
+    }
+
+    /// Starts recording every path the engine reads through the kernel edge
+    /// (see [`SimKernel::reads`]).
+    pub fn record_reads(&self) {
+        *self
+            .path_faults
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+    }
+
+    /// The paths read through the kernel edge since [`SimKernel::record_reads`],
+    /// relative to the host root, in order (empty when not recording).
+    pub fn reads(&self) -> Vec<PathBuf> {
+        let seen = self
+            .path_faults
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default();
+        seen.into_iter()
+            .map(|p| {
+                p.strip_prefix(self.tree.path())
+                    .map(Path::to_path_buf)
+                    .unwrap_or(p)
+            })
+            .collect()
     }
 
     /// Applies a path fault to a read of `path`, if one matches.
     fn gate_path(&self, path: &Path) -> Result<(), HostError> {
-        let action = self
-            .lock()
-            .path_faults
-            .iter()
-            .find(|(p, _)| path.starts_with(p))
-            .map(|(_, a)| a.clone());
-        match action {
-            Some(FaultAction::Fail(code)) => Err(HostError::Io {
+        self.path_faults
+            .before_read(path)
+            .map_err(|source| HostError::Io {
                 path: path.to_path_buf(),
-                source: err(code, format!("injected read fault on {}", path.display())),
-            }),
-            Some(FaultAction::Block(h)) => {
-                h.wait();
-                Ok(())
-            }
-            _ => Ok(()),
-        }
+                source,
+            })
     }
 
     /// Sets the time an operation (`unbind`, `bind`) takes for a driver.
@@ -458,18 +532,18 @@ impl SimKernel {
     /// `driver_override`. [`SimKernel::rescan`] brings it back.
     pub fn remove_device(&self, bdf: Bdf) -> io::Result<()> {
         let f = self.read(bdf)?;
-        let dir = fs::canonicalize(self.root.pci_device_dir(&bdf))?;
+        let dir = fs::canonicalize(self.tree.pci_device_dir(&bdf))?;
         if let Some(d) = &f.driver {
             self.fixture.unlink_driver(bdf)?;
             self.after_unbind(&f, d.as_str())?;
         }
-        let stash_dir = self.root.rel(".sim-removed");
+        let stash_dir = self.tree.rel(".sim-removed");
         fs::create_dir_all(&stash_dir)?;
         let stash = stash_dir.join(bdf.dashed());
         fs::rename(&dir, &stash)?;
-        fs::remove_file(self.root.pci_device_dir(&bdf))?;
+        fs::remove_file(self.tree.pci_device_dir(&bdf))?;
         if let Some(g) = f.iommu_group {
-            let _ = fs::remove_file(self.root.iommu_group_devices_dir(g).join(bdf.to_string()));
+            let _ = fs::remove_file(self.tree.iommu_group_devices_dir(g).join(bdf.to_string()));
         }
         let mut s = self.lock();
         s.clients.remove(&bdf);
@@ -496,11 +570,11 @@ impl SimKernel {
             fs::write(r.dir.join("driver_override"), "(null)\n")?;
             let _ = fs::remove_file(r.dir.join("driver"));
             let _ = fs::remove_dir_all(r.dir.join("vfio-dev"));
-            rel_symlink(&r.dir, &self.root.pci_device_dir(&bdf))?;
+            rel_symlink(&r.dir, &self.tree.pci_device_dir(&bdf))?;
             if let Some(g) = r.group {
                 rel_symlink(
                     &r.dir,
-                    &self.root.iommu_group_devices_dir(g).join(bdf.to_string()),
+                    &self.tree.iommu_group_devices_dir(g).join(bdf.to_string()),
                 )?;
             }
             self.do_write(&SysfsWrite::DriversProbe { bdf }, None, None)?;
@@ -526,15 +600,15 @@ impl SimKernel {
     }
 
     fn read(&self, bdf: Bdf) -> io::Result<PciFunction> {
-        PciFunction::read(&self.root, bdf).map_err(|e| err(errno::ENODEV, format!("{bdf}: {e}")))
+        PciFunction::read(&self.tree, bdf).map_err(|e| err(errno::ENODEV, format!("{bdf}: {e}")))
     }
 
     fn exists(&self, bdf: Bdf) -> bool {
-        fs::symlink_metadata(self.root.pci_device_dir(&bdf)).is_ok()
+        fs::symlink_metadata(self.tree.pci_device_dir(&bdf)).is_ok()
     }
 
     fn group_members(&self, group: u32) -> Vec<Bdf> {
-        fs::read_dir(self.root.iommu_group_devices_dir(group))
+        fs::read_dir(self.tree.iommu_group_devices_dir(group))
             .map(|d| {
                 d.filter_map(|e| e.ok())
                     .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
@@ -583,7 +657,7 @@ impl SimKernel {
         };
         if let Some(code) = fault {
             return Err(HostError::Io {
-                path: self.root.pci_device_dir(&bdf),
+                path: self.tree.pci_device_dir(&bdf),
                 source: err(code, format!("injected read fault on {bdf}")),
             });
         }
@@ -624,14 +698,14 @@ impl SimKernel {
             let vfio = self.fixture.add_vfio_dev(f.bdf)?;
             let nodes = self.lock().vfio_nodes;
             if nodes.cdev {
-                let dir = self.root.rel("dev/vfio/devices");
+                let dir = self.tree.rel("dev/vfio/devices");
                 fs::create_dir_all(&dir)?;
                 fs::write(dir.join(vfio), "")?;
             }
             if nodes.group
                 && let Some(g) = f.iommu_group
             {
-                let node = self.root.dev_vfio_group(g);
+                let node = self.tree.dev_vfio_group(g);
                 if let Some(dir) = node.parent() {
                     fs::create_dir_all(dir)?;
                 }
@@ -673,7 +747,7 @@ impl SimKernel {
     }
 
     fn nvidia_proc_dir(&self, bdf: Bdf) -> PathBuf {
-        self.root
+        self.tree
             .rel("proc/driver/nvidia/gpus")
             .join(bdf.to_string())
     }
@@ -717,18 +791,18 @@ impl SimKernel {
     fn after_unbind(&self, f: &PciFunction, driver: &str) -> io::Result<()> {
         if is_vfio_driver(driver) {
             if let Some(v) = &f.vfio_dev {
-                let _ = fs::remove_file(self.root.rel("dev/vfio/devices").join(v));
+                let _ = fs::remove_file(self.tree.rel("dev/vfio/devices").join(v));
             }
             self.fixture.remove_vfio_dev(f.bdf)?;
             if let Some(g) = f.iommu_group {
                 let still = self.group_members(g).into_iter().any(|m| {
                     m != f.bdf
-                        && PciFunction::read(&self.root, m)
+                        && PciFunction::read(&self.tree, m)
                             .map(|mf| mf.on_vfio())
                             .unwrap_or(false)
                 });
                 if !still {
-                    let _ = fs::remove_file(self.root.dev_vfio_group(g));
+                    let _ = fs::remove_file(self.tree.dev_vfio_group(g));
                 }
             }
         } else if driver == "nvidia" {
@@ -773,7 +847,7 @@ impl SimKernel {
                     value.as_str()
                 };
                 fs::write(
-                    self.root.pci_attr(bdf, "driver_override"),
+                    self.tree.pci_attr(bdf, "driver_override"),
                     format!("{shown}\n"),
                 )
             }
@@ -879,7 +953,7 @@ impl SimKernel {
             }
             SysfsWrite::NvidiaUnbindLock { bdf, take } => {
                 Self::delay(gate, latency);
-                let (path, _) = op.target(&self.root);
+                let (path, _) = op.target(&self.tree);
                 if !path.exists() {
                     return Err(err(libc_enoent(), format!("{}", path.display())));
                 }
@@ -958,7 +1032,7 @@ fn default_id_table(name: &str) -> Vec<IdRule> {
 
 impl Kernel for SimKernel {
     fn root(&self) -> &HostRoot {
-        &self.root
+        &self.edge_root
     }
 
     fn write(&self, op: &SysfsWrite) -> io::Result<()> {
@@ -989,36 +1063,28 @@ impl Kernel for SimKernel {
     }
 
     fn read_function(&self, bdf: Bdf) -> Result<PciFunction, HostError> {
-        let has_sriov = self.root.pci_attr(&bdf, "sriov_numvfs").exists();
+        let has_sriov = self.tree.pci_attr(&bdf, "sriov_numvfs").exists();
         self.gate_read(bdf, |r| r.driver_override || (r.sriov_numvfs && has_sriov))?;
-        PciFunction::read(&self.root, bdf)
+        PciFunction::read(&self.edge_root, bdf)
     }
 
     fn read_binding(&self, bdf: Bdf) -> Result<Binding, HostError> {
         self.gate_read(bdf, |r| r.driver_override)?;
-        Binding::read(&self.root, bdf)
+        Binding::read(&self.edge_root, bdf)
     }
 
     fn read_text(&self, path: &Path) -> Result<Option<String>, HostError> {
-        self.gate_path(path)?;
-        self.root.read_opt(path)
+        self.edge_root.read_opt(path)
     }
 
     fn exists(&self, path: &Path) -> Result<bool, HostError> {
-        self.gate_path(path)?;
-        match std::fs::symlink_metadata(path) {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(HostError::Io {
-                path: path.to_path_buf(),
-                source: e,
-            }),
-        }
+        self.edge_root.exists(path)
     }
 
     fn is_dir(&self, path: &Path) -> Result<bool, HostError> {
+        // An injected fault is the read's error, not "not a directory".
         self.gate_path(path)?;
-        Ok(path.is_dir())
+        Ok(self.edge_root.is_dir(path))
     }
 
     fn scan_holders(
@@ -1027,13 +1093,13 @@ impl Kernel for SimKernel {
     ) -> Result<Vec<crate::preflight::NodeHolder>, crate::preflight::HolderScanError> {
         // The scan's own key (a fault under `proc/*` hits the scan, not
         // nvidia's procfs files).
-        let proc_dir = self.root.rel("proc/*/fd");
+        let proc_dir = self.tree.rel("proc/*/fd");
         self.gate_path(&proc_dir)
             .map_err(|e| crate::preflight::HolderScanError::Proc {
                 path: proc_dir.clone(),
                 source: io::Error::other(e.to_string()),
             })?;
-        crate::preflight::scan_holders(&self.root, nodes)
+        crate::preflight::scan_holders(&self.edge_root, nodes)
     }
 }
 

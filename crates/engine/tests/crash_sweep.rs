@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! Crash-point sweep: for every mutation step of configure and unconfigure,
 //! "crash" there, open a fresh engine on the same state, reconcile, and check
 //! the invariants on the host tree.

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! NVLink partitions through a simulated Fabric Manager on the HGX demo
 //! host: activation per claim, write-ahead records, crashes at every
 //! mutation step followed by a restart, FM restarts, leaks and the

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! Resource exhaustion is a fault like any other: for every host write of a
 //! prepare and of a release, that write fails with EMFILE, ENOSPC or ENOMEM
 //! (once); then no function is without a driver, the error names where each

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! File-descriptor exhaustion is a fault like any other (security review H1:
 //! under a 1024-fd limit flooded by connections a prepare failed halfway and
 //! left a GPU on no driver). A move does not start without the descriptors

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! A `/proc` holder scan that cannot finish in time (any pod can open
 //! hundreds of thousands of descriptors) answers "busy, retry" and never
 //! quarantines the GPU; once the scan can finish, the same prepare works

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! How the engine reads the host before a move: which functions of an IOMMU
 //! group are foreign, who holds a GPU's device nodes (nvidia-persistenced,
 //! sound servers, VMs by fdinfo; failing closed), and how a vfio driver is

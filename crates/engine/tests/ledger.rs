@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! The ledger never crash-loops the process: untrusted files are moved
 //! aside and reported; unknown fields survive a round trip.
 

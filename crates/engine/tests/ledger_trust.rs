@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! When the ledger and its state directory are trusted: a file this build
 //! cannot understand is kept read-only, a corrupt one set aside under a
 //! unique name, the directory private, and nothing recorded without a boot

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! configure / unconfigure / rollback / deadlines / concurrency on the simulated kernel.
 
 mod common;

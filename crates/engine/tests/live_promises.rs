@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! The promises a long-running engine keeps (review findings C1–C3, M1, M2,
 //! M7, M9): intent read afresh, recorded origins never rewritten from drift,
 //! disk before memory, rollback on every error, stuck devices left alone,
@@ -193,6 +194,56 @@ fn reprepare_after_drift_keeps_the_recorded_origins() {
         "{:?}",
         ledger.gpus
     );
+}
+
+/// Review finding n14: the drifted function comes back to vfio-pci *during*
+/// the re-prepare (between reading the record and reading the group): the
+/// already-on-vfio branch must carry the record, not rebuild it as "found on
+/// vfio", or the origins are lost and the release keeps the GPU on vfio. The
+/// race is opened by blocking the intent read that sits between the two.
+#[test]
+fn a_function_back_on_vfio_mid_reprepare_keeps_the_recorded_origins() {
+    use vfio_gpu_engine::sim::{BlockHandle, FaultAction};
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let e = std::sync::Arc::new(engine(&k, &dir.path().join("state")));
+    e.configure(bdf(B), claim("ub")).unwrap();
+    k.write(&SysfsWrite::Unbind {
+        bdf: bdf(B),
+        driver: DriverName::vfio_pci(),
+    })
+    .unwrap();
+    let gate = BlockHandle::new();
+    k.fault_reads_under("proc/cmdline", FaultAction::Block(gate.clone()));
+    let e2 = std::sync::Arc::clone(&e);
+    let reprepare = std::thread::spawn(move || e2.configure(bdf(B), claim("ub")));
+    while !gate.is_holding() {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // The function returns to vfio-pci while the re-prepare reads intent.
+    k.write(&SysfsWrite::Bind {
+        bdf: bdf(B),
+        driver: DriverName::vfio_pci(),
+    })
+    .unwrap();
+    k.clear_read_faults();
+    gate.release();
+    let out = reprepare.join().unwrap().unwrap();
+    assert_eq!(out.action, Action::AlreadyOnVfio, "{}", out.detail);
+    let rec = e.ledger().gpus[&bdf(B)].clone();
+    assert_eq!(
+        rec.functions[0]
+            .original_driver
+            .as_ref()
+            .map(|d| d.as_str()),
+        Some("nvidia"),
+        "the carried record keeps the origin"
+    );
+    let out = e.unconfigure(bdf(B), Some(&claim("ub"))).unwrap();
+    assert_eq!(out.action, Action::Restored, "{}", out.detail);
+    assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
 }
 
 // ------------------------------------------------------------------ C3

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! Model-based property test: random sequences of prepares, unprepares,
 //! reconciles, crashes with a restart, a second process reconciling, admin
 //! intent edits through every source and kernel faults run against a small
@@ -170,9 +171,21 @@ pub enum Op {
     LedgerNewer(bool),
     /// The ledger cannot be written (disk full), or can again.
     LedgerFull(bool),
+    /// One source of intent cannot be read (EIO on every read under it:
+    /// [`INTENT_SOURCES`]), or (`None`) every source reads again.
+    IntentUnreadable(Option<usize>),
     /// Reach rest and check the at-rest invariants mid-sequence.
     Settle,
 }
+
+/// The intent sources [`Op::IntentUnreadable`] makes unreadable, relative to
+/// the host root (the policy file lives under it, as in the DaemonSet).
+const INTENT_SOURCES: [&str; 4] = [
+    "proc/cmdline",
+    "etc/modprobe.d",
+    "etc/driverctl.d",
+    "etc/vfio-gpu-dra",
+];
 
 /// The admin's intent and the kubelet's view of the claims.
 #[derive(Clone, Debug, Default)]
@@ -191,10 +204,16 @@ struct Model {
     /// Per GPU: keep or pin intent applied to some operation since it was
     /// last seen restored (then I5 does not apply).
     intent_seen: [bool; 3],
+    /// A source of intent cannot be read: every GPU counts as kept (an
+    /// unreadable configuration is never read as "no intent").
+    unreadable: Option<usize>,
 }
 
 impl Model {
     fn keep(&self, g: usize) -> bool {
+        if self.unreadable.is_some() {
+            return true;
+        }
         // kmod and the kernel agree: an ids= on the command line wins over modprobe.d.
         let ids = if self.cmdline.is_empty() {
             &self.modprobe
@@ -305,7 +324,8 @@ impl World {
         let dir = tempfile::tempdir().unwrap();
         let host = dir.path().join("host");
         build_host(&host);
-        let policy = dir.path().join("policy.toml");
+        let policy = host.join("etc/vfio-gpu-dra/policy.toml");
+        fs::create_dir_all(host.join("etc/vfio-gpu-dra")).unwrap();
         fs::write(&policy, "[keep-on-vfio]\npci-bus-ids = []\n").unwrap();
         let k = SimKernel::booted(HostRoot::open(&host).unwrap());
         let model = Model {
@@ -590,6 +610,14 @@ impl World {
                             let _ = fs::remove_file(&path);
                         }
                     }
+                }
+            }
+            Op::IntentUnreadable(source) => {
+                self.k.clear_read_faults();
+                self.model.unreadable = *source;
+                if let Some(i) = source {
+                    self.k
+                        .fault_reads_under(INTENT_SOURCES[*i], FaultAction::Fail(errno::EIO));
                 }
             }
             Op::LedgerFull(on) => {
@@ -899,6 +927,7 @@ impl World {
         self.fault(&Op::SlowRemove(false));
         self.fault(&Op::LedgerFull(false));
         self.fault(&Op::LedgerNewer(false));
+        self.fault(&Op::IntentUnreadable(None));
         self.unblock();
         let first = self.engine_op_results(Who::Main, &Op::Reconcile)?;
         for r in &first {
@@ -1143,6 +1172,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<bool>().prop_map(Op::SlowRemove),
         1 => any::<bool>().prop_map(Op::LedgerNewer),
         1 => any::<bool>().prop_map(Op::LedgerFull),
+        1 => prop::option::of(0..INTENT_SOURCES.len()).prop_map(Op::IntentUnreadable),
         1 => Just(Op::Settle),
     ]
 }

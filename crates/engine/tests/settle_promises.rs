@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! The promise at every path that settles a record (release, the finish of
 //! an interrupted release, rollback, reconcile): intent read at that instant
 //! decides, a state the plugin produced is never admin intent, budgets never

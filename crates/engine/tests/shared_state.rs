@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! Two engines on one state directory with the state lock per operation (two
 //! plugin instances during a rolling update): each works on the ledger as the
 //! other left it, holds exclude each other, and lifetime engines (the CLI)

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! M8: the simulated kernel follows `kernel-vfio.md` where the engine's
 //! correctness depends on it: link timing of blocked unbinds and binds,
 //! reads that block on `device_lock`, nvidia's unbind lock and procfs

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! The state directory lost while a GPU is bound (a reinstall with another
 //! state dir, a wiped hostPath): the boot mirror under the host's `/run`
 //! still knows where the GPU came from, so it goes back to its driver; the

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // builds the simulated host; it is not a read of one
 //! Fixture hosts: real directory trees with real symlinks laid out as the
 //! kernel lays out sysfs, for tests, benchmarks and the built-in demo host.
 //!

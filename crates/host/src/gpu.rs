@@ -261,11 +261,11 @@ impl Gpu {
 /// keep them (review n6).
 fn belongs_to_gpu(host: &PciHost, gpu: &PciFunction, f: &PciFunction) -> bool {
     f.bdf.same_slot(&gpu.bdf)
-        || std::fs::symlink_metadata(
-            host.device_dir(&gpu.bdf)
+        || host.root().exists_lossy(
+            &host
+                .device_dir(&gpu.bdf)
                 .join(format!("consumer:pci:{}", f.bdf)),
         )
-        .is_ok()
 }
 
 /// Groups each selected GPU with its companion functions and IOMMU group.

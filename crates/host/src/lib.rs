@@ -33,4 +33,4 @@ pub use node::{
 };
 pub use pci::{Binding, FunctionReader, PciFunction, PciHost, PciIdentity};
 pub use pciids::PciIdsDb;
-pub use root::HostRoot;
+pub use root::{HostRoot, ReadGate};

@@ -81,7 +81,7 @@ pub fn module_to_driver(root: &HostRoot, module: &str) -> Option<DriverName> {
     let exact = DriverName::new(module).ok()?;
     let dashed = DriverName::new(&module.replace('_', "-")).ok()?;
     for cand in [&exact, &dashed] {
-        if root.pci_driver_dir(cand).is_dir() {
+        if root.is_dir(&root.pci_driver_dir(cand)) {
             return Some(cand.clone());
         }
     }

@@ -3,7 +3,6 @@
 //! every path is built from literals or validated directory entries under the
 //! [`HostRoot`].
 
-use std::fs;
 use std::io::ErrorKind;
 
 use crate::root::is_safe_component;
@@ -64,7 +63,7 @@ pub struct CpuInfo {
 /// driver registered any unit).
 pub fn iommu_units(root: &HostRoot) -> Result<Vec<IommuUnit>, HostError> {
     let dir = root.rel("sys/class/iommu");
-    let entries = match fs::read_dir(&dir) {
+    let entries = match root.read_dir(&dir) {
         Ok(e) => e,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(HostError::io(&dir, e)),
@@ -78,12 +77,12 @@ pub fn iommu_units(root: &HostRoot) -> Result<Vec<IommuUnit>, HostError> {
             continue;
         }
         let unit = dir.join(&name);
-        let (kind, ecap) = if unit.join("intel-iommu").is_dir() {
+        let (kind, ecap) = if root.is_dir(&unit.join("intel-iommu")) {
             let ecap = root
                 .read_opt(&unit.join("intel-iommu/ecap"))?
                 .and_then(|s| parse_hex_u64(&s));
             (IommuKind::IntelVtd, ecap)
-        } else if unit.join("amd-iommu").is_dir() {
+        } else if root.is_dir(&unit.join("amd-iommu")) {
             (IommuKind::AmdVi, None)
         } else {
             (IommuKind::Other, None)
@@ -98,7 +97,7 @@ pub fn iommu_units(root: &HostRoot) -> Result<Vec<IommuUnit>, HostError> {
 /// directory is missing or empty: the IOMMU is off).
 pub fn iommu_group_count(root: &HostRoot) -> Result<usize, HostError> {
     let dir = root.iommu_groups_dir();
-    match fs::read_dir(&dir) {
+    match root.read_dir(&dir) {
         Ok(entries) => {
             let mut n = 0;
             for e in entries {
@@ -177,7 +176,7 @@ pub fn vfio_module_files(root: &HostRoot) -> Result<VfioModuleFiles, HostError> 
         ko_file: None,
     };
     if let Some(path) = root.modules_file("modules.dep")?
-        && let Some(text) = read_large(&path)?
+        && let Some(text) = read_large(root, &path)?
     {
         out.modules_dep_read = true;
         out.modules_dep_entry = text.lines().find_map(|l| {
@@ -192,7 +191,7 @@ pub fn vfio_module_files(root: &HostRoot) -> Result<VfioModuleFiles, HostError> 
         "vfio-pci.ko.gz",
     ] {
         if let Some(dir) = root.modules_file("kernel/drivers/vfio/pci")?
-            && dir.join(name).is_file()
+            && root.metadata(&dir.join(name)).is_ok_and(|m| m.is_file())
         {
             out.ko_file = Some(format!("kernel/drivers/vfio/pci/{name}"));
             break;
@@ -210,7 +209,7 @@ pub fn vfio_module_files(root: &HostRoot) -> Result<VfioModuleFiles, HostError> 
 pub fn iommufd_unsupported(root: &HostRoot) -> Result<Option<String>, HostError> {
     let release = root.kernel_release()?;
     if let Some(rel) = &release
-        && let Some(config) = read_large(&root.rel("boot").join(format!("config-{rel}")))?
+        && let Some(config) = read_large(root, &root.rel("boot").join(format!("config-{rel}")))?
     {
         let enabled = |option: &str| {
             config.lines().any(|l| {
@@ -231,13 +230,13 @@ pub fn iommufd_unsupported(root: &HostRoot) -> Result<Option<String>, HostError>
         }
         return Ok(None);
     }
-    if root.rel("dev/iommu").exists() {
+    if root.exists_lossy(&root.rel("dev/iommu")) {
         return Ok(None);
     }
     // iommufd as a module (or built in): loading vfio brings it.
     for file in ["modules.builtin", "modules.dep"] {
         if let Some(path) = root.modules_file(file)?
-            && let Some(text) = read_large(&path)?
+            && let Some(text) = read_large(root, &path)?
             && text
                 .lines()
                 .any(|l| is_iommufd_ko(l.split(':').next().unwrap_or_default()))
@@ -273,19 +272,11 @@ fn is_vfio_pci_ko(path: &str) -> bool {
 
 /// `modules.dep` is far larger than a sysfs attribute (hundreds of KiB);
 /// cap it well above any real one.
-fn read_large(path: &std::path::Path) -> Result<Option<String>, HostError> {
-    use std::io::Read;
+fn read_large(root: &HostRoot, path: &std::path::Path) -> Result<Option<String>, HostError> {
     const MAX: u64 = 32 << 20;
-    let file = match fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(HostError::io(path, e)),
-    };
-    let mut bytes = Vec::new();
-    file.take(MAX)
-        .read_to_end(&mut bytes)
-        .map_err(|e| HostError::io(path, e))?;
-    Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
+    Ok(root
+        .read_bytes_limited(path, MAX)?
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
 }
 
 fn parse_hex_u64(s: &str) -> Option<u64> {

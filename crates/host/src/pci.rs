@@ -1,5 +1,4 @@
 use std::collections::BTreeMap;
-use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
@@ -141,10 +140,11 @@ impl PciFunction {
         };
         let sriov_total_vfs = dec("sriov_totalvfs")?;
         let sriov_num_vfs = dec("sriov_numvfs")?;
-        let is_virtual_function = exists(&dir.join("physfn"))?;
+        let is_virtual_function = root.exists(&dir.join("physfn"))?;
         let base_sub = identity.class >> 8;
-        let is_bridge = exists(&dir.join("pci_bus"))? || base_sub == 0x0604 || base_sub == 0x0609;
-        let vfio_dev = first_entry(&dir.join("vfio-dev"))?;
+        let is_bridge =
+            root.exists(&dir.join("pci_bus"))? || base_sub == 0x0604 || base_sub == 0x0609;
+        let vfio_dev = first_entry(root, &dir.join("vfio-dev"))?;
         let modalias = attr("modalias")?;
         let bar_bytes = match attr("resource")? {
             Some(text) => bar_bytes(&text),
@@ -178,16 +178,8 @@ impl PciFunction {
     }
 }
 
-fn exists(path: &Path) -> Result<bool, HostError> {
-    match fs::symlink_metadata(path) {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(HostError::io(path, e)),
-    }
-}
-
-fn first_entry(dir: &Path) -> Result<Option<String>, HostError> {
-    match fs::read_dir(dir) {
+fn first_entry(root: &HostRoot, dir: &Path) -> Result<Option<String>, HostError> {
+    match root.read_dir(dir) {
         Ok(entries) => {
             let mut names: Vec<String> = entries
                 .filter_map(|e| e.ok())
@@ -209,7 +201,9 @@ fn proc_bus_candidates(
     root: &HostRoot,
     vendors: &[u16],
 ) -> Option<std::collections::HashSet<(u8, u8)>> {
-    let text = fs::read_to_string(root.rel("proc/bus/pci/devices")).ok()?;
+    let text = root
+        .read_limited(&root.rel("proc/bus/pci/devices"), 4 << 20)
+        .ok()??;
     let mut out = std::collections::HashSet::new();
     for line in text.lines() {
         let mut fields = line.split('\t');
@@ -234,9 +228,9 @@ fn proc_bus_candidates(
 /// Reads a small hex attribute with one `read(2)`: the pre-filter runs on
 /// every function of the host, so it avoids the extra syscalls of
 /// `read_to_string` (size probe, second read for EOF).
-fn read_hex_fast(path: &Path) -> Option<u32> {
+fn read_hex_fast(root: &HostRoot, path: &Path) -> Option<u32> {
     use std::io::Read;
-    let mut f = fs::File::open(path).ok()?;
+    let mut f = root.open_file(path).ok()?;
     let mut buf = [0u8; 32];
     let n = f.read(&mut buf).ok()?;
     parse_hex(std::str::from_utf8(&buf[..n]).ok()?)
@@ -302,8 +296,8 @@ fn bar_bytes(text: &str) -> u64 {
 /// `pciDDDD:BB` from the resolved device path: the first component under
 /// `sys/devices`.
 fn pcie_root(root: &HostRoot, bdf: &Bdf) -> Option<String> {
-    let resolved = fs::canonicalize(root.pci_device_dir(bdf)).ok()?;
-    let devices = fs::canonicalize(root.rel("sys/devices")).ok()?;
+    let resolved = root.canonicalize(&root.pci_device_dir(bdf)).ok()?;
+    let devices = root.canonicalize(&root.rel("sys/devices")).ok()?;
     let first = resolved.strip_prefix(&devices).ok()?.components().next()?;
     let name = first.as_os_str().to_string_lossy().into_owned();
     name.starts_with("pci").then_some(name)
@@ -335,7 +329,7 @@ impl Binding {
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty() && s != "(null)");
         let vfio_dev = match &driver {
-            Some(_) => first_entry(&dir.join("vfio-dev"))?,
+            Some(_) => first_entry(root, &dir.join("vfio-dev"))?,
             None => None,
         };
         Ok(Binding {
@@ -390,7 +384,7 @@ impl PciHost {
         read: &FunctionReader<'_>,
     ) -> Result<Self, HostError> {
         let dir = root.pci_devices_dir();
-        let entries = fs::read_dir(&dir).map_err(|e| HostError::io(&dir, e))?;
+        let entries = root.read_dir(&dir).map_err(|e| HostError::io(&dir, e))?;
         let mut addresses = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| HostError::io(&dir, e))?;
@@ -408,7 +402,8 @@ impl PciHost {
             iommu_present: false,
             problems: Vec::new(),
         };
-        host.iommu_present = fs::read_dir(root.iommu_groups_dir())
+        host.iommu_present = root
+            .read_dir(&root.iommu_groups_dir())
             .map(|mut d| d.next().is_some())
             .unwrap_or(false);
 
@@ -425,7 +420,7 @@ impl PciHost {
             {
                 continue;
             }
-            if selector.needs_full_read(|attr| read_hex_fast(&root.pci_attr(bdf, attr))) {
+            if selector.needs_full_read(|attr| read_hex_fast(root, &root.pci_attr(bdf, attr))) {
                 wanted.push(*bdf);
             }
         }
@@ -466,14 +461,15 @@ impl PciHost {
             addresses: Vec::new(),
             functions: BTreeMap::new(),
             groups: BTreeMap::new(),
-            iommu_present: fs::read_dir(root.iommu_groups_dir())
+            iommu_present: root
+                .read_dir(&root.iommu_groups_dir())
                 .map(|mut d| d.next().is_some())
                 .unwrap_or(false),
             problems: Vec::new(),
         };
         for func in 0..8 {
             if let Some(sibling) = Bdf::new(bdf.domain(), bdf.bus(), bdf.device(), func)
-                && exists(&root.pci_device_dir(&sibling))?
+                && root.exists(&root.pci_device_dir(&sibling))?
             {
                 host.addresses.push(sibling);
             }
@@ -532,7 +528,7 @@ impl PciHost {
     fn read_group(&self, group: u32) -> Result<Vec<Bdf>, HostError> {
         let dir = self.root.iommu_group_devices_dir(group);
         let mut members = Vec::new();
-        match fs::read_dir(&dir) {
+        match self.root.read_dir(&dir) {
             Ok(entries) => {
                 for e in entries {
                     let e = e.map_err(|err| HostError::io(&dir, err))?;

@@ -17,16 +17,17 @@ impl PciIdsDb {
     pub fn load(root: &HostRoot) -> Result<Option<Self>, HostError> {
         for rel in ["usr/share/misc/pci.ids", "usr/share/hwdata/pci.ids"] {
             let path = root.rel(rel);
-            match std::fs::read(&path) {
+            // pci.ids is about 1.3 MB; cap it far above any real one.
+            match root.read_bytes_limited(&path, 32 << 20) {
                 // pci.ids is UTF-8 in practice; a stray byte must not hide every name.
-                Ok(bytes) => {
+                Ok(Some(bytes)) => {
                     return Ok(Some(PciIdsDb {
                         text: String::from_utf8_lossy(&bytes).into_owned(),
                         path,
                     }));
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(HostError::io(path, e)),
+                Ok(None) => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(None)

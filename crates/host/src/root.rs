@@ -1,6 +1,8 @@
+use std::fmt;
 use std::fs;
-use std::io::{ErrorKind, Read};
+use std::io::{self, ErrorKind, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::{Bdf, DriverName, HostError};
 
@@ -10,9 +12,26 @@ use crate::{Bdf, DriverName, HostError};
 ///
 /// Paths are built only from fixed relative paths and validated types
 /// ([`Bdf`], [`DriverName`], group numbers), never from free-form strings.
+///
+/// Every read of the host (a file, a directory listing, a link, a metadata
+/// probe) goes through a method of this type, which asks the [`ReadGate`]
+/// first: the simulated kernel can fail or block any of them by path, and
+/// `clippy.toml` of the crates that read the host forbids the `std::fs`
+/// read calls everywhere else.
 #[derive(Clone, Debug)]
 pub struct HostRoot {
     root: PathBuf,
+    gate: Option<Arc<dyn ReadGate>>,
+}
+
+/// The read side of the kernel edge as the simulated kernel sees it: called
+/// before every host read made through a [`HostRoot`]. The real host has no
+/// gate; `SimKernel` installs one that fails (EMFILE, EIO...) or blocks reads
+/// of the paths a test names.
+pub trait ReadGate: Send + Sync + fmt::Debug {
+    /// Called before `path` is read; an error becomes the read's error. May
+    /// block (a hung mount, a device lock) for as long as the test wants.
+    fn before_read(&self, path: &Path) -> io::Result<()>;
 }
 
 /// The largest attribute we read; sysfs attributes are at most one page.
@@ -31,12 +50,16 @@ impl HostRoot {
             path: root.clone(),
             reason,
         };
+        // Before any gate exists: the root itself, once, at start.
+        #[allow(clippy::disallowed_methods)]
         let meta = fs::metadata(&root).map_err(|e| bad(e.to_string()))?;
         if !meta.is_dir() {
             return Err(bad("not a directory".into()));
         }
         let pci = root.join("sys/bus/pci/devices");
-        match fs::read_dir(&pci) {
+        #[allow(clippy::disallowed_methods)]
+        let listed = fs::read_dir(&pci);
+        match listed {
             Ok(_) => {}
             Err(e) => {
                 return Err(bad(format!(
@@ -44,7 +67,101 @@ impl HostRoot {
                 )));
             }
         }
-        Ok(HostRoot { root })
+        Ok(HostRoot { root, gate: None })
+    }
+
+    /// The same root with every read first passed to `gate` (the simulated
+    /// kernel's faults).
+    pub fn with_read_gate(mut self, gate: Arc<dyn ReadGate>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    fn gate(&self, path: &Path) -> io::Result<()> {
+        match &self.gate {
+            Some(g) => g.before_read(path),
+            None => Ok(()),
+        }
+    }
+
+    /// `stat(2)` following links (through the gate).
+    pub fn metadata(&self, path: &Path) -> io::Result<fs::Metadata> {
+        self.gate(path)?;
+        #[allow(clippy::disallowed_methods)] // the one place that reads
+        fs::metadata(path)
+    }
+
+    /// `lstat(2)`: the link itself (through the gate).
+    pub fn symlink_metadata(&self, path: &Path) -> io::Result<fs::Metadata> {
+        self.gate(path)?;
+        #[allow(clippy::disallowed_methods)] // the one place that reads
+        fs::symlink_metadata(path)
+    }
+
+    /// Lists a directory (through the gate).
+    pub fn read_dir(&self, path: &Path) -> io::Result<fs::ReadDir> {
+        self.gate(path)?;
+        #[allow(clippy::disallowed_methods)] // the one place that reads
+        fs::read_dir(path)
+    }
+
+    /// The names in a directory, unsorted; `Ok(None)` when it does not exist.
+    pub fn list_names(&self, path: &Path) -> Result<Option<Vec<String>>, HostError> {
+        match self.read_dir(path) {
+            Ok(entries) => {
+                let mut names = Vec::new();
+                for entry in entries {
+                    let entry = entry.map_err(|e| HostError::io(path, e))?;
+                    names.push(entry.file_name().to_string_lossy().into_owned());
+                }
+                Ok(Some(names))
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(HostError::io(path, e)),
+        }
+    }
+
+    /// A symlink's target (through the gate).
+    pub fn read_link(&self, path: &Path) -> io::Result<PathBuf> {
+        self.gate(path)?;
+        #[allow(clippy::disallowed_methods)] // the one place that reads
+        fs::read_link(path)
+    }
+
+    /// The path with every link resolved (through the gate).
+    pub fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
+        self.gate(path)?;
+        #[allow(clippy::disallowed_methods)] // the one place that reads
+        fs::canonicalize(path)
+    }
+
+    /// Opens a file for reading (through the gate).
+    pub fn open_file(&self, path: &Path) -> io::Result<fs::File> {
+        self.gate(path)?;
+        #[allow(clippy::disallowed_methods)] // the one place that reads
+        fs::File::open(path)
+    }
+
+    /// Whether `path` exists, not following a last link (a dangling link
+    /// exists). Errors other than "not found" are errors, not "absent".
+    pub fn exists(&self, path: &Path) -> Result<bool, HostError> {
+        match self.symlink_metadata(path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(HostError::io(path, e)),
+        }
+    }
+
+    /// Whether `path` exists, for checks where an unreadable path counts as
+    /// absent (probes of optional kernel features).
+    pub fn exists_lossy(&self, path: &Path) -> bool {
+        self.symlink_metadata(path).is_ok()
+    }
+
+    /// Whether `path` is a directory, following links; an unreadable path
+    /// is not one.
+    pub fn is_dir(&self, path: &Path) -> bool {
+        self.metadata(path).is_ok_and(|m| m.is_dir())
     }
 
     /// The root directory itself.
@@ -102,7 +219,7 @@ impl HostRoot {
     /// Reads a text file, trimmed of the trailing newline. `Ok(None)` when
     /// it does not exist (a legitimate state for many sysfs attributes).
     pub fn read_opt(&self, path: &Path) -> Result<Option<String>, HostError> {
-        read_bounded(path, MAX_ATTR)
+        self.read_limited(path, MAX_ATTR)
     }
 
     /// Reads a module index of the running kernel
@@ -110,7 +227,7 @@ impl HostRoot {
     /// `Ok(None)` when the release is unknown or the file does not exist.
     pub fn read_module_index(&self, file: &str) -> Result<Option<String>, HostError> {
         match self.modules_file(file)? {
-            Some(path) => read_bounded(&path, MAX_MODULE_INDEX),
+            Some(path) => self.read_limited(&path, MAX_MODULE_INDEX),
             None => Ok(None),
         }
     }
@@ -118,7 +235,7 @@ impl HostRoot {
     /// The last component of a symlink's target (`driver` → `nvidia`,
     /// `iommu_group` → `12`); `Ok(None)` if the link does not exist.
     pub fn link_name(&self, path: &Path) -> Result<Option<String>, HostError> {
-        match fs::read_link(path) {
+        match self.read_link(path) {
             Ok(target) => Ok(target.file_name().map(|n| n.to_string_lossy().into_owned())),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(HostError::io(path, e)),
@@ -158,19 +275,37 @@ pub(crate) fn is_safe_component(s: &str) -> bool {
         && !s.chars().any(|c| c.is_control())
 }
 
-/// Reads at most `max` bytes of a text file, trimmed of the trailing newline.
-fn read_bounded(path: &Path, max: u64) -> Result<Option<String>, HostError> {
-    let file = match fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(HostError::io(path, e)),
-    };
-    let mut s = String::new();
-    file.take(max)
-        .read_to_string(&mut s)
-        .map_err(|e| HostError::io(path, e))?;
-    if s.ends_with('\n') {
-        s.pop();
+impl HostRoot {
+    /// Reads at most `max` bytes of a text file, trimmed of the trailing
+    /// newline; `Ok(None)` when it does not exist.
+    pub fn read_limited(&self, path: &Path, max: u64) -> Result<Option<String>, HostError> {
+        let file = match self.open_file(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(HostError::io(path, e)),
+        };
+        let mut s = String::new();
+        file.take(max)
+            .read_to_string(&mut s)
+            .map_err(|e| HostError::io(path, e))?;
+        if s.ends_with('\n') {
+            s.pop();
+        }
+        Ok(Some(s))
     }
-    Ok(Some(s))
+
+    /// Reads at most `max` bytes of a file as bytes; `Ok(None)` when it
+    /// does not exist.
+    pub fn read_bytes_limited(&self, path: &Path, max: u64) -> Result<Option<Vec<u8>>, HostError> {
+        let file = match self.open_file(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(HostError::io(path, e)),
+        };
+        let mut buf = Vec::new();
+        file.take(max)
+            .read_to_end(&mut buf)
+            .map_err(|e| HostError::io(path, e))?;
+        Ok(Some(buf))
+    }
 }

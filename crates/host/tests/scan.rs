@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the fixtures they build
 //! Host-model tests on real fixture trees (real directories, real symlinks).
 
 use std::fs;

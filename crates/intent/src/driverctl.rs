@@ -2,7 +2,6 @@
 //! driver name that a udev rule re-applies on every device add.
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::io::ErrorKind;
 
 use serde::Serialize;
@@ -75,7 +74,7 @@ impl Driverctl {
     pub fn load(root: &HostRoot) -> Driverctl {
         let mut out = Driverctl::default();
         let dir = root.rel(DRIVERCTL_DIR);
-        let entries = match fs::read_dir(&dir) {
+        let entries = match root.read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == ErrorKind::NotFound => return out,
             Err(e) => {
@@ -111,7 +110,7 @@ impl Driverctl {
                 continue;
             };
             let path = format!("{}/{name}", host_path(DRIVERCTL_DIR));
-            let setting = match read_text(&entry.path()) {
+            let setting = match read_text(root, &entry.path()) {
                 ReadOutcome::Text(t) => DriverctlSetting::classify(&t),
                 ReadOutcome::Missing => continue,
                 ReadOutcome::Failed(e) => DriverctlSetting::Unknown(format!("cannot read it: {e}")),

@@ -68,7 +68,7 @@ impl LiveIntent {
             PolicySource::Fixed(p) => (p.clone(), None),
             PolicySource::File(path) => {
                 let mut last = self.last_good.lock().unwrap_or_else(|p| p.into_inner());
-                match Policy::load_or_default(path) {
+                match Policy::load_or_default(&self.root, path) {
                     Ok(p) => {
                         *last = p.clone();
                         (p, None)

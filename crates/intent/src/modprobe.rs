@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::fs;
 use std::io::ErrorKind;
 use std::os::unix::ffi::OsStrExt;
 
@@ -399,7 +398,7 @@ impl ModprobeConfig {
         let mut chosen: BTreeMap<Vec<u8>, (String, std::path::PathBuf)> = BTreeMap::new();
         for dir in MODPROBE_DIRS {
             let abs = root.rel(dir);
-            let meta = match fs::metadata(&abs) {
+            let meta = match root.metadata(&abs) {
                 Ok(m) => m,
                 Err(e) if e.kind() == ErrorKind::NotFound => continue,
                 Err(e) => {
@@ -419,7 +418,7 @@ impl ModprobeConfig {
                 insert_conf(&mut chosen, &mut cfg.shadowed, name, host_path(dir), abs);
                 continue;
             }
-            let entries = match fs::read_dir(&abs) {
+            let entries = match root.read_dir(&abs) {
                 Ok(e) => e,
                 Err(e) => {
                     cfg.problems.push(ConfigProblem {
@@ -447,7 +446,7 @@ impl ModprobeConfig {
                 }
                 let file_abs = abs.join(&name);
                 let shown = format!("{}/{}", host_path(dir), name.to_string_lossy());
-                match fs::metadata(&file_abs) {
+                match root.metadata(&file_abs) {
                     Ok(m) if m.is_dir() => {
                         cfg.warnings.push(format!(
                             "{shown}: a directory; kmod skips it (\"Directories inside directories are not supported\")"
@@ -469,7 +468,7 @@ impl ModprobeConfig {
             }
         }
         for (shown, abs) in chosen.into_values() {
-            match read_text(&abs) {
+            match read_text(root, &abs) {
                 ReadOutcome::Text(text) => {
                     cfg.absorb(parse_file(&text, &shown));
                     cfg.files.push(shown);
@@ -482,7 +481,7 @@ impl ModprobeConfig {
                 }
             }
         }
-        match read_text(&root.rel(INITRAMFS_TOOLS_MODULES)) {
+        match read_text(root, &root.rel(INITRAMFS_TOOLS_MODULES)) {
             ReadOutcome::Text(text) => {
                 cfg.initramfs_options =
                     parse_initramfs_modules(&text, &host_path(INITRAMFS_TOOLS_MODULES))
@@ -672,7 +671,7 @@ pub fn builtin_status(root: &HostRoot) -> BuiltinStatus {
                     .unwrap_or(&path)
                     .to_string_lossy()
             );
-            match read_text(&path) {
+            match read_text(root, &path) {
                 ReadOutcome::Text(t) if lists_vfio_pci(&t) => {
                     return BuiltinStatus {
                         builtin: Some(true),
@@ -693,7 +692,7 @@ pub fn builtin_status(root: &HostRoot) -> BuiltinStatus {
         Err(e) => why.push(format!("kernel release: {e}")),
     }
     let module_dir = root.rel("sys/module/vfio_pci");
-    if fs::symlink_metadata(module_dir.join("initstate")).is_ok() {
+    if root.exists_lossy(&module_dir.join("initstate")) {
         return BuiltinStatus {
             builtin: Some(false),
             detail: format!(
@@ -702,7 +701,7 @@ pub fn builtin_status(root: &HostRoot) -> BuiltinStatus {
             ),
         };
     }
-    if fs::metadata(&module_dir).is_ok_and(|m| m.is_dir()) {
+    if root.is_dir(&module_dir) {
         return BuiltinStatus {
             builtin: Some(true),
             detail: format!(

@@ -15,7 +15,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use vfio_gpu_host::{Bdf, DriverName};
+use vfio_gpu_host::{Bdf, DriverName, HostRoot};
 
 use crate::IntentError;
 use crate::ids::IdEntry;
@@ -109,22 +109,37 @@ struct RawBinding {
 }
 
 impl Policy {
-    /// Reads and validates a policy file. Every error names the file.
-    pub fn load(path: impl AsRef<Path>) -> Result<Policy, IntentError> {
+    /// Reads and validates a policy file, through the host root (the
+    /// simulated kernel can fail or block it). Every error names the file.
+    pub fn load(root: &HostRoot, path: impl AsRef<Path>) -> Result<Policy, IntentError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| IntentError::ReadPolicy {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Policy::parse(&text, path)
+        match Policy::read(root, path)? {
+            Some(text) => Policy::parse(&text, path),
+            None => Err(IntentError::ReadPolicy {
+                path: path.to_path_buf(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            }),
+        }
     }
 
     /// Like [`Policy::load`], but a missing file is the default policy.
-    pub fn load_or_default(path: impl AsRef<Path>) -> Result<Policy, IntentError> {
+    pub fn load_or_default(root: &HostRoot, path: impl AsRef<Path>) -> Result<Policy, IntentError> {
         let path = path.as_ref();
-        match std::fs::metadata(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Policy::default()),
-            _ => Policy::load(path),
+        match Policy::read(root, path)? {
+            Some(text) => Policy::parse(&text, path),
+            None => Ok(Policy::default()),
+        }
+    }
+
+    fn read(root: &HostRoot, path: &Path) -> Result<Option<String>, IntentError> {
+        use crate::read::{ReadOutcome, read_text};
+        match read_text(root, path) {
+            ReadOutcome::Missing => Ok(None),
+            ReadOutcome::Text(text) => Ok(Some(text)),
+            ReadOutcome::Failed(reason) => Err(IntentError::ReadPolicy {
+                path: path.to_path_buf(),
+                source: std::io::Error::other(reason),
+            }),
         }
     }
 
@@ -251,12 +266,24 @@ vfio-driver = "vfio-pci"
     #[test]
     fn load_reports_missing_file() {
         let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("sys/bus/pci/devices")).unwrap();
+        let root = HostRoot::open(dir.path()).unwrap();
         let path = dir.path().join("policy.toml");
-        let e = Policy::load(&path).unwrap_err();
+        let e = Policy::load(&root, &path).unwrap_err();
         assert!(matches!(e, IntentError::ReadPolicy { .. }));
         assert!(e.to_string().contains("policy.toml"));
-        assert_eq!(Policy::load_or_default(&path).unwrap(), Policy::default());
+        assert_eq!(
+            Policy::load_or_default(&root, &path).unwrap(),
+            Policy::default()
+        );
         std::fs::write(&path, FULL).unwrap();
-        assert_eq!(Policy::load(&path).unwrap().keep_on_vfio.models.len(), 2);
+        assert_eq!(
+            Policy::load(&root, &path)
+                .unwrap()
+                .keep_on_vfio
+                .models
+                .len(),
+            2
+        );
     }
 }

@@ -4,9 +4,10 @@
 //! on non-UTF-8 bytes, and a Latin-1 comment in a modprobe.d file must not
 //! turn the whole file into "unreadable".
 
-use std::fs;
 use std::io::{ErrorKind, Read};
 use std::path::Path;
+
+use vfio_gpu_host::HostRoot;
 
 /// Larger files are not configuration anyone wrote by hand; treat as unknown.
 const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
@@ -22,8 +23,10 @@ pub(crate) enum ReadOutcome {
     Failed(String),
 }
 
-pub(crate) fn read_text(path: &Path) -> ReadOutcome {
-    let meta = match fs::metadata(path) {
+/// Reads a configuration file through the host root (so the simulated
+/// kernel can fail or block it like any other host read).
+pub(crate) fn read_text(root: &HostRoot, path: &Path) -> ReadOutcome {
+    let meta = match root.metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == ErrorKind::NotFound => return ReadOutcome::Missing,
         Err(e) => return ReadOutcome::Failed(e.to_string()),
@@ -35,7 +38,7 @@ pub(crate) fn read_text(path: &Path) -> ReadOutcome {
         // A FIFO or device would block or never end.
         return ReadOutcome::Failed("not a regular file".into());
     }
-    let file = match fs::File::open(path) {
+    let file = match root.open_file(path) {
         Ok(f) => f,
         Err(e) if e.kind() == ErrorKind::NotFound => return ReadOutcome::Missing,
         Err(e) => return ReadOutcome::Failed(e.to_string()),

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the fixtures they build
 //! Verdicts on real fixture trees (`FixtureHost`), read through the same
 //! code paths as on a node.
 
@@ -433,7 +434,7 @@ fn policy_file_keeps_by_bdf() {
     host(d.path(), "nvidia");
     let pol = d.path().join("policy.toml");
     fs::write(&pol, "[keep-on-vfio]\npci-bus-ids = [\"0000:65:00.0\"]\n").unwrap();
-    let policy = Policy::load(&pol).unwrap();
+    let policy = Policy::load(&HostRoot::open(d.path()).unwrap(), &pol).unwrap();
     let v = verdict_with(d.path(), &policy);
     assert!(v.keep_on_vfio);
     assert_eq!(v.reasons[0].source, Source::Policy);

@@ -1,7 +1,6 @@
 //! The node facts the checks judge, read under the host root. Never writes.
 
 use std::collections::BTreeSet;
-use std::fs;
 
 use vfio_gpu_host::{
     CpuInfo, CpuVendor, DriverName, HostError, HostRoot, IommuKind, IommuUnit, ModuleAliases,
@@ -55,14 +54,14 @@ impl NodeFacts {
         let allow_unsafe_interrupts = root
             .read_opt(&root.rel("sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts"))?
             .map(|v| matches!(v.trim(), "Y" | "y" | "1"));
-        let vfio_loaded = if root.pci_driver_dir(&DriverName::vfio_pci()).is_dir() {
+        let vfio_loaded = if root.is_dir(&root.pci_driver_dir(&DriverName::vfio_pci())) {
             Some("/sys/bus/pci/drivers/vfio-pci")
-        } else if root.rel("sys/module/vfio_pci").is_dir() {
+        } else if root.is_dir(&root.rel("sys/module/vfio_pci")) {
             Some("/sys/module/vfio_pci")
         } else {
             None
         };
-        let pci_drivers = match fs::read_dir(root.pci_drivers_dir()) {
+        let pci_drivers = match root.read_dir(&root.pci_drivers_dir()) {
             Ok(entries) => entries
                 .flatten()
                 .map(|e| normalize_module(&e.file_name().to_string_lossy()))
@@ -150,8 +149,7 @@ fn last<'a>(params: &'a [KernelParam], name: &str) -> Option<&'a str> {
 /// Module names in `modules.dep`, normalised (`-` → `_`), for "is this host
 /// driver installed at all".
 fn modules_dep_names(root: &HostRoot) -> Option<BTreeSet<String>> {
-    let path = root.modules_file("modules.dep").ok()??;
-    let text = fs::read_to_string(path).ok()?;
+    let text = root.read_module_index("modules.dep").ok()??;
     Some(
         text.lines()
             .filter_map(|l| l.split(':').next())
@@ -190,7 +188,7 @@ fn initramfs_vfio(root: &HostRoot) -> Vec<String> {
     {
         found.push("/etc/initramfs-tools/modules".into());
     }
-    if let Ok(entries) = fs::read_dir(root.rel("etc/dracut.conf.d")) {
+    if let Ok(entries) = root.read_dir(&root.rel("etc/dracut.conf.d")) {
         let mut paths: Vec<_> = entries.flatten().map(|e| e.path()).collect();
         paths.sort();
         for path in paths {

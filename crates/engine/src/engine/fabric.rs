@@ -23,7 +23,7 @@ use vfio_gpu_fabric::{
     DeadlineFm, FabricManager, FmError, ModuleId, ModuleMap, ModuleMapBuilder, ModuleSource,
     PartitionId, PartitionList, Topology,
 };
-use vfio_gpu_host::{Bdf, Gpu, PciHost, discover_gpus};
+use vfio_gpu_host::{Bdf, Gpu, discover_gpus};
 
 use crate::error::EngineError;
 use crate::fabric_state::{FabricLedger, ModuleRecord, PartitionRecord, PartitionState};
@@ -330,7 +330,7 @@ impl Engine {
 
     /// The GPUs on the host now (no holder scan, no product names).
     fn fabric_gpus(&self) -> Result<Vec<Gpu>, EngineError> {
-        let host = PciHost::scan_with(&self.root, &self.selector, &|b| self.read_bounded(b))?;
+        let host = self.scan_pci(None)?;
         Ok(discover_gpus(&host, &self.selector, None))
     }
 

@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use vfio_gpu_host::{Bdf, Gpu, GpuSelector, HostRoot, PciHost, PciIdsDb, discover_gpus};
+use vfio_gpu_host::{Bdf, Gpu, GpuSelector, HostRoot, PciIdsDb, discover_gpus};
 use vfio_gpu_intent::{IntentSnapshot, LiveIntent, Policy, Verdict, evaluate};
 
 use crate::commands::{HostCommands, RealCommands};
@@ -56,6 +56,8 @@ fn intent_sources_key() -> Bdf {
 /// The mirror of one state directory: `<mirror dir>/<hash of its path>/`,
 /// with the path itself in `state-dir` (engines with different state
 /// directories never overwrite each other's mirror).
+// The state directory and its boot mirror are this program's own files.
+#[allow(clippy::disallowed_methods)]
 fn mirror_dir_for(mirror_root: &Path, state_dir: &Path) -> PathBuf {
     use sha2::{Digest, Sha256};
     let path = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
@@ -63,6 +65,8 @@ fn mirror_dir_for(mirror_root: &Path, state_dir: &Path) -> PathBuf {
     mirror_root.join(hex::encode(&digest[..8]))
 }
 
+// The state directory and its boot mirror are this program's own files.
+#[allow(clippy::disallowed_methods)]
 fn open_mirror(mirror_root: &Path, state_dir: &Path) -> Option<LedgerFile> {
     let dir = mirror_dir_for(mirror_root, state_dir);
     let opened = LedgerFile::new(&dir).and_then(|m| {
@@ -89,6 +93,8 @@ fn open_mirror(mirror_root: &Path, state_dir: &Path) -> Option<LedgerFile> {
 /// directory that has no ledger any more (a reinstall with another one).
 /// The mirror of a state directory whose ledger still exists is never taken:
 /// that ledger is still the truth there.
+// The state directory and its boot mirror are this program's own files.
+#[allow(clippy::disallowed_methods)]
 fn adoptable_mirror(
     mirror_root: &Path,
     state_dir: &Path,
@@ -113,7 +119,7 @@ fn adoptable_mirror(
     }
     candidates.into_iter().find_map(|dir| {
         let m = LedgerFile::new(&dir).ok()?;
-        if !m.path().exists() {
+        if !m.exists() {
             return None;
         }
         let (kept, problem) = m.load();
@@ -331,6 +337,7 @@ struct FileStamp {
 }
 
 impl FileStamp {
+    #[allow(clippy::disallowed_methods)] // the ledger file: our own
     fn of(path: &Path) -> Option<FileStamp> {
         use std::os::unix::fs::MetadataExt;
         std::fs::symlink_metadata(path).ok().map(|m| FileStamp {
@@ -400,7 +407,7 @@ impl Engine {
             ..OpenReport::default()
         };
         if report.ledger_problem.is_none()
-            && !file.path().exists()
+            && !file.exists()
             && let Some(dir) = &config.boot_mirror_dir
             && let Some((kept, from)) = adoptable_mirror(dir, state_dir, &boot_id)
         {
@@ -605,7 +612,7 @@ impl Engine {
     pub fn discover(&self) -> Result<(Vec<GpuView>, Vec<String>), EngineError> {
         // One GPU whose reads block (a device lock held by a hung unbind) is
         // reported as a problem; every other GPU is still seen.
-        let host = PciHost::scan_with(&self.root, &self.selector, &|b| self.read_bounded(b))?;
+        let host = self.scan_pci(None)?;
         let gpus = discover_gpus(&host, &self.selector, self.pci_ids.as_ref());
         let ledger = self.ledger();
         let intent = self.intent()?;
@@ -656,12 +663,12 @@ impl Engine {
     }
 
     pub(super) fn load_gpu(&self, bdf: Bdf) -> Result<Gpu, EngineError> {
-        let host =
-            PciHost::scan_one_with(&self.root, &self.selector, bdf, &|b| self.read_bounded(b))
-                .map_err(|e| match self.stuck.stuck_on(bdf) {
-                    Some(op) => EngineError::Stuck { bdf, op, secs: 0.0 },
-                    None => e.into(),
-                })?;
+        let host = self
+            .scan_pci(Some(bdf))
+            .map_err(|e| match self.stuck.stuck_on(bdf) {
+                Some(op) => EngineError::Stuck { bdf, op, secs: 0.0 },
+                None => e.into(),
+            })?;
         // No product names: pci.ids is megabytes and a move does not need them.
         discover_gpus(&host, &self.selector, None)
             .into_iter()

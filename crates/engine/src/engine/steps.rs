@@ -6,9 +6,9 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use vfio_gpu_host::{Bdf, Binding, DriverName, Gpu, HostError, PciFunction};
+use vfio_gpu_host::{Bdf, Binding, DriverName, Gpu, HostError, HostRoot, PciFunction, PciHost};
 
-use crate::deadline::{Timed, read_with_deadline, run_with_deadline};
+use crate::deadline::{StuckSet, Timed, read_with_deadline, run_with_deadline};
 use crate::error::EngineError;
 use crate::kernel::Kernel;
 use crate::kernel::{SysfsWrite, nvidia_unbind_lock_path};
@@ -116,6 +116,44 @@ impl Engine {
         read: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, String> {
         read_with_deadline(&self.stuck, bdf, what, self.config.read_deadline, read)
+    }
+
+    /// Reads the PCI tree (the listing of `sys/bus/pci/devices`, IOMMU
+    /// groups, slot siblings, and each function under the read deadline) as
+    /// one read under the command deadline: a listing on a hung sysfs must
+    /// not hang an operation. `one` narrows it to one GPU and its relatives.
+    /// While an earlier listing is still blocked, refuses at once.
+    pub(super) fn scan_pci(&self, one: Option<Bdf>) -> Result<PciHost, HostError> {
+        let kernel = Arc::clone(&self.kernel);
+        let root = self.root.clone();
+        let selector = self.selector.clone();
+        let stuck = self.stuck.clone();
+        let read_deadline = self.config.read_deadline;
+        let scan = move || {
+            let read = |bdf: Bdf| {
+                let kernel = Arc::clone(&kernel);
+                bounded_function_read(&stuck, &root, read_deadline, bdf, move || {
+                    kernel.read_function(bdf)
+                })
+            };
+            match one {
+                None => PciHost::scan_with(&root, &selector, &read),
+                Some(bdf) => PciHost::scan_one_with(&root, &selector, bdf, &read),
+            }
+        };
+        read_with_deadline(
+            &self.stuck,
+            pci_tree_key(),
+            "listing of the PCI tree",
+            self.config.command_deadline,
+            scan,
+        )
+        .unwrap_or_else(|blocked| {
+            Err(HostError::Io {
+                path: self.root.pci_devices_dir(),
+                source: io::Error::new(io::ErrorKind::TimedOut, blocked),
+            })
+        })
     }
 
     fn bounded<T: Send + 'static>(
@@ -497,4 +535,29 @@ impl Drop for OperationBudget {
     fn drop(&mut self) {
         BUDGET.set(self.outer);
     }
+}
+
+/// The quarantine key of the PCI tree listing: an address no device has
+/// (below [`Bdf::HIGHEST`], the key of the intent sources).
+pub(super) fn pci_tree_key() -> Bdf {
+    Bdf::new(0xffff, 0xff, 0x1f, 6).unwrap_or(Bdf::HIGHEST)
+}
+
+/// One function read under the read deadline, keyed by its address (as
+/// [`Engine::bounded`] does, for a reader that must own what it uses).
+fn bounded_function_read(
+    stuck: &StuckSet,
+    root: &HostRoot,
+    deadline: std::time::Duration,
+    bdf: Bdf,
+    read: impl FnOnce() -> Result<PciFunction, HostError> + Send + 'static,
+) -> Result<PciFunction, HostError> {
+    read_with_deadline(stuck, bdf, &format!("read of {bdf}"), deadline, read).unwrap_or_else(
+        |blocked| {
+            Err(HostError::Io {
+                path: root.pci_device_dir(&bdf),
+                source: io::Error::new(io::ErrorKind::TimedOut, blocked),
+            })
+        },
+    )
 }

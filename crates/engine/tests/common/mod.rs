@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! Shared fixture for engine tests: a small host with the cases that matter.
 #![allow(dead_code)]
 

@@ -298,7 +298,7 @@ impl IntentSources {
     /// Reads every source under `root`. Never fails: malformed content
     /// becomes warnings, unreadable content admin-owned intent.
     pub fn load(root: &HostRoot, policy: &Policy) -> IntentSources {
-        let (cmdline, cmdline_problem) = match read_text(&root.rel("proc/cmdline")) {
+        let (cmdline, cmdline_problem) = match read_text(root, &root.rel("proc/cmdline")) {
             ReadOutcome::Text(t) => (Some(t), None),
             ReadOutcome::Missing => (
                 None,
