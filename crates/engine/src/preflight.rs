@@ -488,7 +488,7 @@ fn scan_process(
                 .read_opt(&proc_path.join("comm"))
                 .ok()
                 .flatten()
-                .map(|s| s.trim().to_string())
+                .map(|s| shown_comm(&s))
                 .unwrap_or_else(|| "?".into());
             held.push(NodeHolder {
                 pid,
@@ -499,6 +499,18 @@ fn scan_process(
         }
     }
     Ok(held)
+}
+
+/// A process's `comm` as messages show it. Any process sets its own (`prctl`,
+/// writing `/proc/self/comm`), so control characters become `?` and the text is
+/// cut: a tenant must not be able to forge log lines or drive a terminal through
+/// the "held by" message (found by the `proc_text` fuzz target).
+fn shown_comm(raw: &str) -> String {
+    raw.trim()
+        .chars()
+        .take(64)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 /// Holders of `nodes` among `found` (a scan for more nodes): what
@@ -562,6 +574,15 @@ pub fn find_holders(root: &HostRoot, nodes: &[PathBuf]) -> Vec<NodeHolder> {
 mod tests {
     use super::*;
     use vfio_gpu_host::fixture::{FixtureHost, FunctionSpec};
+
+    /// Found by the `proc_text` fuzz target: a holder's `comm` reached the
+    /// "held by" message with escape sequences and newlines.
+    #[test]
+    fn a_holders_comm_is_shown_without_control_characters() {
+        assert_eq!(shown_comm("\u{1b}[31mx\ny\n"), "?[31mx?y");
+        assert_eq!(shown_comm("nvidia-persiste\n"), "nvidia-persiste");
+        assert_eq!(shown_comm(&"a".repeat(100)).len(), 64);
+    }
 
     /// A distribution kernel's modules.alias is about 1.3 MB and the
     /// `vfio_pci:` lines sit near its end (line 20117 of 26223 in Debian's

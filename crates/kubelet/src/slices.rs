@@ -666,8 +666,8 @@ impl SlicePublisher {
     }
 
     /// Makes the server's slices for this node and driver match `devices`,
-    /// with the Go helper's rules. Stops at the first API error (the next sync
-    /// continues from whatever state the server then holds).
+    /// with the Go helper's rules ([`plan_sync`]). Stops at the first API error
+    /// (the next sync continues from whatever state the server then holds).
     pub async fn sync(&mut self, devices: &[DeviceInfo]) -> anyhow::Result<SyncOutcome> {
         let cached = self.owner.is_some();
         let mut owner = self.owner(false).await?;
@@ -689,104 +689,21 @@ impl SlicePublisher {
         // (NVIDIA's driver with PassthroughSupport, the GPU Operator's) is not
         // offered here, or two drivers could hand it to two pods.
         let foreign = self.published_by_other_drivers(&api).await;
-        let offered: Vec<DeviceInfo> = devices
-            .iter()
-            .filter(|d| !foreign.contains_key(&d.bdf.to_string()))
-            .cloned()
-            .collect();
-        let desired = device_chunks(&offered);
-        let pool_name = self.cfg.node_name.as_str();
-
-        // Slices of another pool (e.g. from an older naming) are obsolete.
-        let (mine, mut obsolete): (Vec<_>, Vec<_>) = listed
-            .into_iter()
-            .partition(|s| s.spec.pool.name == pool_name);
-        let highest = mine
-            .iter()
-            .map(|s| s.spec.pool.generation)
-            .max()
-            .unwrap_or(0);
-        let (current, older): (Vec<_>, Vec<_>) = mine
-            .into_iter()
-            .partition(|s| s.spec.pool.generation == highest);
-        obsolete.extend(older);
-
-        // Pair existing slices with desired ones. A lone slice is always
-        // updated in place; otherwise slices match by their device names.
-        let mut matched: Vec<Option<ResourceSlice>> = vec![None; desired.len()];
-        if current.len() == 1 && desired.len() == 1 {
-            matched[0] = current.into_iter().next();
-        } else {
-            for slice in current {
-                match (0..desired.len())
-                    .find(|&i| matched[i].is_none() && same_names(&slice, &desired[i]))
-                {
-                    Some(i) => matched[i] = Some(slice),
-                    None => obsolete.push(slice),
-                }
-            }
-        }
-
-        let count = desired.len();
-        let new_slices = matched.iter().filter(|m| m.is_none()).count();
-        let wanted_pool = pool(&self.cfg, highest, count);
-        let changed: BTreeSet<usize> = matched
-            .iter()
-            .enumerate()
-            .filter_map(|(i, m)| m.as_ref().map(|s| (i, s)))
-            .filter(|(i, s)| {
-                s.spec.pool != wanted_pool
-                    || s.spec.node_selector.is_some()
-                    || s.spec.all_nodes == Some(true)
-                    || s.spec.per_device_node_selection == Some(true)
-                    || s.spec
-                        .shared_counters
-                        .as_ref()
-                        .is_some_and(|c| !c.is_empty())
-                    || !same_devices(s.spec.devices.as_ref(), &desired[*i])
-            })
-            .map(|(i, _)| i)
-            .collect();
-
-        // One update is atomic for consumers; anything more needs a new generation.
-        // The generation comes from the server: never overflow on a hostile value.
-        let mut generation = if new_slices == 0 && changed.len() <= 1 {
-            highest
-        } else {
-            highest.saturating_add(1)
-        };
-        generation = generation.max(1);
-        let bumped = generation != highest;
-        let final_pool = pool(&self.cfg, generation, count);
-
+        let plan = plan_sync(&self.cfg, listed, devices, &foreign);
         let mut outcome = SyncOutcome {
-            generation,
-            slices: count,
-            published_by_others: devices
-                .iter()
-                .filter_map(|d| {
-                    let b = d.bdf.to_string();
-                    foreign.get(&b).map(|drv| (b, drv.clone()))
-                })
-                .collect(),
+            generation: plan.generation,
+            slices: plan.slices,
+            published_by_others: plan.published_by_others,
             ..Default::default()
         };
         // Slices to create (first sync, the kubelet's wipe, or the garbage collector
         // removing slices whose owner UID is stale): re-read the Node's UID first.
-        if new_slices > 0 && cached {
+        if !plan.creates.is_empty() && cached {
             owner = self.owner(true).await?;
         }
         let pp = PostParams::default();
-        for (i, (slot, devices)) in matched.iter().zip(&desired).enumerate() {
-            let Some(current) = slot else {
-                continue;
-            };
-            if !bumped && !changed.contains(&i) {
-                continue;
-            }
-            let mut slice = current.clone();
+        for slice in plan.updates {
             let name = slice.metadata.name.clone().unwrap_or_default();
-            slice.spec = slice_spec(&self.cfg, final_pool.clone(), devices.clone());
             // replace() carries the resourceVersion read above: a concurrent
             // change makes it fail with 409 and the next sync starts over.
             api.replace(&name, &pp, &slice)
@@ -794,17 +711,14 @@ impl SlicePublisher {
                 .with_context(|| format!("updating ResourceSlice {name}"))?;
             outcome.updated += 1;
         }
-        for (slot, devices) in matched.iter().zip(&desired) {
-            if slot.is_some() {
-                continue;
-            }
+        for spec in plan.creates {
             let slice = ResourceSlice {
                 metadata: ObjectMeta {
                     generate_name: Some(self.cfg.generate_name()),
                     owner_references: Some(vec![owner.clone()]),
                     ..Default::default()
                 },
-                spec: slice_spec(&self.cfg, final_pool.clone(), devices.clone()),
+                spec,
             };
             api.create(&pp, &slice)
                 .await
@@ -813,7 +727,7 @@ impl SlicePublisher {
         }
         // Delete last: until the new generation is complete, consumers keep
         // seeing the old one.
-        for slice in obsolete {
+        for slice in plan.deletes {
             let name = slice.metadata.name.clone().unwrap_or_default();
             let dp = DeleteParams {
                 preconditions: Some(Preconditions {
@@ -833,6 +747,138 @@ impl SlicePublisher {
         }
         Ok(outcome)
     }
+}
+
+/// What one sync writes, in order: updates, then creates, then deletes (see
+/// [`plan_sync`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SyncPlan {
+    /// The pool generation the slices end up in.
+    pub generation: i64,
+    /// Slices in that generation.
+    pub slices: usize,
+    /// Listed slices to replace in place, each with its new spec (metadata as
+    /// listed, so the replace carries the read resourceVersion).
+    pub updates: Vec<ResourceSlice>,
+    /// Specs of slices to create.
+    pub creates: Vec<ResourceSliceSpec>,
+    /// Listed slices to delete, last.
+    pub deletes: Vec<ResourceSlice>,
+    /// Devices not offered because another driver publishes them: (PCI address, driver).
+    pub published_by_others: Vec<(String, String)>,
+}
+
+/// The writes that make the listed slices match `devices` (pure), with the Go
+/// helper's rules: slices of another pool or an older generation are obsolete; a
+/// lone slice is updated in place, others are paired with the desired ones by
+/// their device names; one update is atomic for consumers, anything more needs a
+/// new generation. `foreign` maps PCI addresses another driver on this node
+/// publishes to that driver: those GPUs are not offered. Listed slices this
+/// publisher does not own ([`SliceConfig::owns`]) are never touched, whatever the
+/// list returned (security review L5).
+pub fn plan_sync(
+    cfg: &SliceConfig,
+    listed: Vec<ResourceSlice>,
+    devices: &[DeviceInfo],
+    foreign: &BTreeMap<String, String>,
+) -> SyncPlan {
+    let listed = listed.into_iter().filter(|s| cfg.owns(s));
+    let offered: Vec<DeviceInfo> = devices
+        .iter()
+        .filter(|d| !foreign.contains_key(&d.bdf.to_string()))
+        .cloned()
+        .collect();
+    let desired = device_chunks(&offered);
+    let pool_name = cfg.node_name.as_str();
+
+    // Slices of another pool (e.g. from an older naming) are obsolete.
+    let (mine, mut obsolete): (Vec<_>, Vec<_>) =
+        listed.partition(|s| s.spec.pool.name == pool_name);
+    let highest = mine
+        .iter()
+        .map(|s| s.spec.pool.generation)
+        .max()
+        .unwrap_or(0);
+    let (current, older): (Vec<_>, Vec<_>) = mine
+        .into_iter()
+        .partition(|s| s.spec.pool.generation == highest);
+    obsolete.extend(older);
+
+    // Pair existing slices with desired ones. A lone slice is always
+    // updated in place; otherwise slices match by their device names.
+    let mut matched: Vec<Option<ResourceSlice>> = vec![None; desired.len()];
+    if current.len() == 1 && desired.len() == 1 {
+        matched[0] = current.into_iter().next();
+    } else {
+        for slice in current {
+            match (0..desired.len())
+                .find(|&i| matched[i].is_none() && same_names(&slice, &desired[i]))
+            {
+                Some(i) => matched[i] = Some(slice),
+                None => obsolete.push(slice),
+            }
+        }
+    }
+
+    let count = desired.len();
+    let new_slices = matched.iter().filter(|m| m.is_none()).count();
+    let wanted_pool = pool(cfg, highest, count);
+    let changed: BTreeSet<usize> = matched
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| m.as_ref().map(|s| (i, s)))
+        .filter(|(i, s)| {
+            s.spec.pool != wanted_pool
+                || s.spec.node_selector.is_some()
+                || s.spec.all_nodes == Some(true)
+                || s.spec.per_device_node_selection == Some(true)
+                || s.spec
+                    .shared_counters
+                    .as_ref()
+                    .is_some_and(|c| !c.is_empty())
+                || !same_devices(s.spec.devices.as_ref(), &desired[*i])
+        })
+        .map(|(i, _)| i)
+        .collect();
+
+    // One update is atomic for consumers; anything more needs a new generation.
+    // The generation comes from the server: never overflow on a hostile value.
+    let mut generation = if new_slices == 0 && changed.len() <= 1 {
+        highest
+    } else {
+        highest.saturating_add(1)
+    };
+    generation = generation.max(1);
+    let bumped = generation != highest;
+    let final_pool = pool(cfg, generation, count);
+
+    let mut plan = SyncPlan {
+        generation,
+        slices: count,
+        published_by_others: devices
+            .iter()
+            .filter_map(|d| {
+                let b = d.bdf.to_string();
+                foreign.get(&b).map(|drv| (b, drv.clone()))
+            })
+            .collect(),
+        ..Default::default()
+    };
+    for (i, (slot, devices)) in matched.into_iter().zip(desired).enumerate() {
+        match slot {
+            Some(mut slice) => {
+                if bumped || changed.contains(&i) {
+                    slice.spec = slice_spec(cfg, final_pool.clone(), devices);
+                    plan.updates.push(slice);
+                }
+            }
+            None => plan
+                .creates
+                .push(slice_spec(cfg, final_pool.clone(), devices)),
+        }
+    }
+    plan.deletes = obsolete;
+    plan
 }
 
 /// One sync of the node's slices against `devices` (see [`SlicePublisher::sync`]);
