@@ -667,3 +667,135 @@ fn the_fabric_section_is_absent_without_a_fabric_and_kept_when_read() {
     assert!(again.contains("\"fabric\""), "{again}");
     assert_eq!(decode(again.as_bytes()).unwrap(), decoded);
 }
+
+/// NVML as the engine sees it: module ids for GPUs on `nvidia`, optionally
+/// slow, counting its calls.
+struct FakeNvml {
+    modules: std::collections::BTreeMap<Bdf, u32>,
+    delay: std::time::Duration,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl vfio_gpu_engine::ModuleIdReader for FakeNvml {
+    fn module_id(&self, bdf: Bdf) -> Result<Option<vfio_gpu_fabric::ModuleId>, String> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(self.delay);
+        Ok(self
+            .modules
+            .get(&bdf)
+            .map(|m| vfio_gpu_fabric::ModuleId(*m)))
+    }
+}
+
+impl Hgx {
+    /// The demo host's module map, as NVML would read it.
+    fn true_modules(&self) -> std::collections::BTreeMap<Bdf, u32> {
+        let text = std::fs::read_to_string(self.host.join(HGX_MODULE_MAP_FILE)).unwrap();
+        let m: std::collections::BTreeMap<String, u32> = serde_json::from_str(&text).unwrap();
+        m.into_iter().map(|(k, v)| (bdf(&k), v)).collect()
+    }
+
+    fn nvml_fabric(&self, nvml: Arc<FakeNvml>, static_map: bool) -> FabricConfig {
+        let mut c = self.fabric(FabricPolicy::Required, true);
+        if !static_map {
+            c.module_map_file = None;
+        }
+        c.module_ids = Some(nvml);
+        c
+    }
+}
+
+#[test]
+fn nvml_module_ids_are_recorded_with_device_and_boot_id_and_outlive_the_move() {
+    let t = Hgx::new();
+    let nvml = Arc::new(FakeNvml {
+        modules: t.true_modules(),
+        delay: std::time::Duration::ZERO,
+        calls: 0.into(),
+    });
+    let e = t.engine_with(None, t.nvml_fabric(nvml.clone(), false));
+    e.fabric_reconcile().unwrap();
+    let map = e.ledger().fabric.module_map;
+    assert_eq!(map.len(), 8, "{map:?}");
+    let m1 = &map[&bdf(M1)];
+    assert_eq!(m1.module_id.0, 1);
+    assert_eq!(m1.source, vfio_gpu_fabric::ModuleSource::Nvml);
+    assert_eq!(m1.device_id, "0x2330");
+    assert!(!m1.boot_id.is_empty());
+    // Once on vfio NVML cannot read them; the ledger's entries carry the claim.
+    let h = claim("u1");
+    assert_eq!(prepare(&e, &h, &[M1, M3]).unwrap(), FabricAction::Activated);
+    assert_eq!(t.active(), BTreeSet::from([3]));
+    let before = nvml.calls.load(std::sync::atomic::Ordering::SeqCst);
+    drop(e);
+    let e = t.engine_with(None, t.nvml_fabric(nvml.clone(), false));
+    e.fabric_reconcile().unwrap();
+    let after = nvml.calls.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(after - before, 6, "NVML is asked only about GPUs on nvidia");
+    assert_eq!(e.ledger().fabric.module_map[&bdf(M1)].module_id.0, 1);
+    unprepare(&e, &h).unwrap();
+    assert!(t.active().is_empty());
+}
+
+#[test]
+fn nvml_disagreeing_with_the_static_map_fails_before_any_host_change() {
+    let t = Hgx::new();
+    let mut modules = t.true_modules();
+    modules.insert(bdf(M1), 2);
+    modules.insert(bdf(M2), 1);
+    let nvml = Arc::new(FakeNvml {
+        modules,
+        delay: std::time::Duration::ZERO,
+        calls: 0.into(),
+    });
+    let e = t.engine_with(None, t.nvml_fabric(nvml, true));
+    let err = prepare(&e, &claim("u1"), &[M1, M3])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("module map"), "{err}");
+    assert!(err.contains("Nvml says module 2"), "{err}");
+    assert!(e.ledger().gpus.is_empty(), "no GPU moved");
+    assert!(t.active().is_empty());
+}
+
+#[test]
+fn a_hung_nvml_read_is_cut_by_the_read_deadline() {
+    let t = Hgx::new();
+    let nvml = Arc::new(FakeNvml {
+        modules: t.true_modules(),
+        delay: std::time::Duration::from_secs(3),
+        calls: 0.into(),
+    });
+    let mut config = t.nvml_fabric(nvml, true);
+    config.policy = FabricPolicy::Required;
+    let engine_config = EngineConfig {
+        read_deadline: std::time::Duration::from_millis(100),
+        state_lock_wait: std::time::Duration::from_secs(5),
+        fabric: Some(config),
+        ..EngineConfig::default()
+    };
+    let e = Engine::open(
+        Arc::new(t.kernel.clone()),
+        &t.state,
+        GpuSelector::default(),
+        Policy::default(),
+        engine_config,
+    )
+    .unwrap()
+    .0;
+    let start = std::time::Instant::now();
+    e.fabric_reconcile().unwrap();
+    // Eight GPUs × 3 s unbounded; bounded, each read gives up after 100 ms
+    // (later reads of a quarantined GPU are refused at once).
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    // The static map still resolves every GPU.
+    let map = e.ledger().fabric.module_map;
+    assert_eq!(
+        map[&bdf(M1)].source,
+        vfio_gpu_fabric::ModuleSource::AdminMap
+    );
+}
