@@ -799,3 +799,79 @@ fn a_hung_nvml_read_is_cut_by_the_read_deadline() {
         vfio_gpu_fabric::ModuleSource::AdminMap
     );
 }
+
+/// A ConnectX-7 function in M1's IOMMU group, with or without the NVLink
+/// management mark in its VPD.
+fn add_cx7(t: &Hgx, mark: &[u8]) {
+    let mut h = vfio_gpu_host::fixture::FixtureHost::open(&t.host);
+    let vpd = vfio_gpu_host::vpd::encode_vpd(
+        "NVIDIA ConnectX-7",
+        &[("PN", b"MCX750500B-0D00"), ("V3", mark), ("RV", &[0])],
+    );
+    h.add_function(
+        &FunctionSpec::new(bdf("0000:9b:00.0"), 0x15b3, 0x1021, 0x020700)
+            .driver("mlx5_core")
+            .group(G1)
+            .vpd(vpd),
+    )
+    .unwrap();
+}
+
+fn engine_allowing_foreign_members(t: &Hgx) -> Engine {
+    let config = EngineConfig {
+        state_lock_wait: std::time::Duration::from_secs(5),
+        fabric: Some(t.fabric(FabricPolicy::Required, true)),
+        ..EngineConfig::default()
+    };
+    let mut policy = Policy::default();
+    policy.binding.allow_foreign_group_members = true;
+    Engine::open(
+        Arc::new(t.kernel.clone()),
+        &t.state,
+        GpuSelector::default(),
+        policy,
+        config,
+    )
+    .unwrap()
+    .0
+}
+
+#[test]
+fn an_nvlink_management_bridge_in_the_group_blocks_the_move_even_when_foreign_members_may_move() {
+    let t = Hgx::new();
+    add_cx7(&t, b"SW_MNG");
+    let e = engine_allowing_foreign_members(&t);
+    let (views, _) = e.discover().unwrap();
+    let m1 = views.iter().find(|v| v.gpu.bdf() == bdf(M1)).unwrap();
+    let cx7 = m1
+        .gpu
+        .iommu_group_members
+        .iter()
+        .find(|m| m.bdf == bdf("0000:9b:00.0"))
+        .unwrap();
+    assert_eq!(cx7.role, vfio_gpu_host::FunctionRole::NvSwitch);
+    let err = e.configure(bdf(M1), claim("u1")).unwrap_err();
+    assert!(
+        matches!(err, EngineError::FabricSwitchInGroup { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("SW_MNG"), "{err}");
+    assert!(e.ledger().gpus.is_empty(), "nothing moved");
+}
+
+#[test]
+fn an_ordinary_connectx_in_the_group_follows_the_foreign_member_policy() {
+    let t = Hgx::new();
+    add_cx7(&t, b"ETH");
+    let e = engine_allowing_foreign_members(&t);
+    let (views, _) = e.discover().unwrap();
+    let m1 = views.iter().find(|v| v.gpu.bdf() == bdf(M1)).unwrap();
+    let cx7 = m1
+        .gpu
+        .iommu_group_members
+        .iter()
+        .find(|m| m.bdf == bdf("0000:9b:00.0"))
+        .unwrap();
+    assert_eq!(cx7.role, vfio_gpu_host::FunctionRole::Foreign);
+    e.configure(bdf(M1), claim("u1")).unwrap();
+}

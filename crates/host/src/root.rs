@@ -105,6 +105,21 @@ impl HostRoot {
         read_bounded(path, MAX_ATTR)
     }
 
+    /// Reads a binary file (at most `max` bytes). `Ok(None)` when it does not
+    /// exist.
+    pub fn read_bytes_opt(&self, path: &Path, max: usize) -> Result<Option<Vec<u8>>, HostError> {
+        let file = match fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(HostError::io(path, e)),
+        };
+        let mut bytes = Vec::new();
+        file.take(max as u64)
+            .read_to_end(&mut bytes)
+            .map_err(|e| HostError::io(path, e))?;
+        Ok(Some(bytes))
+    }
+
     /// Reads a module index of the running kernel
     /// (`lib/modules/<release>/<file>`, e.g. `modules.alias`) whole.
     /// `Ok(None)` when the release is unknown or the file does not exist.
