@@ -1,4 +1,4 @@
-//! NVLink fabric options and `vfio-gpu-dra fabric status|reconcile`.
+//! NVLink fabric options and `vfio-gpu-dra fabric status|reconcile|learn`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -168,7 +168,32 @@ pub enum FabricCommand {
     /// Bring the ledger and FM's active partitions in line (what `serve`
     /// does at start and periodically).
     Reconcile(EngineOpts),
+    /// Read a GPU's module id through NVML, binding it to `nvidia` for the
+    /// read when it is on vfio (and back). Needs --yes: the bind can hang.
+    Learn(LearnArgs),
 }
+
+/// `fabric learn` arguments.
+#[derive(Args, Debug)]
+pub struct LearnArgs {
+    /// The GPU's PCI address.
+    bdf: String,
+    /// Go ahead: rebinding a GPU to `nvidia` is what can hang on HGX boards.
+    #[arg(long)]
+    yes: bool,
+    #[command(flatten)]
+    engine: EngineOpts,
+}
+
+/// Printed before every learn, and instead of it without --yes.
+const LEARN_WARNING: &str = "\
+WARNING: `fabric learn` binds the GPU to the host's nvidia driver so NVML can read its
+module id, then binds it back to vfio. On HGX boards that bind is the operation that can
+hang (the reason this plugin keeps GPUs on vfio): run it on an idle node, in a maintenance
+window, once per GPU; the id is kept in the ledger. A GPU held by a claim, kept by the
+plugin, in an NVLink partition or open by a process is refused. The alternative that
+never rebinds: a static map (--module-map) written from `nvidia-smi -q` before the GPUs
+went to vfio.";
 
 /// Runs a `fabric` subcommand.
 pub fn run(cmd: FabricCommand) -> Result<ExitCode> {
@@ -227,6 +252,30 @@ pub fn run(cmd: FabricCommand) -> Result<ExitCode> {
                     }
                 }
                 Err(e) => println!("  {e}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        FabricCommand::Learn(args) => {
+            eprintln!("{LEARN_WARNING}");
+            if !args.yes {
+                bail!(
+                    "not done: pass --yes to bind {} to nvidia for the read",
+                    args.bdf
+                );
+            }
+            let bdf: vfio_gpu_host::Bdf = args.bdf.parse().context("the GPU's PCI address")?;
+            let (engine, _setup) = args.engine.open_engine()?;
+            let out = engine.fabric_learn(bdf)?;
+            if args.engine.host.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            match out.module_id {
+                Some(m) => println!("{bdf}: module {m} ({}); recorded in the ledger", out.detail),
+                None => println!(
+                    "{bdf}: NVML reports no module id (not a baseboard GPU; {})",
+                    out.detail
+                ),
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -875,3 +875,173 @@ fn an_ordinary_connectx_in_the_group_follows_the_foreign_member_policy() {
     assert_eq!(cx7.role, vfio_gpu_host::FunctionRole::Foreign);
     e.configure(bdf(M1), claim("u1")).unwrap();
 }
+
+/// NVML as on a real host: answers only for GPUs bound to `nvidia` (read
+/// from the host tree), and remembers which GPUs it was asked about.
+struct HostNvml {
+    host: PathBuf,
+    modules: std::collections::BTreeMap<Bdf, u32>,
+    seen_on_nvidia: std::sync::Mutex<Vec<Bdf>>,
+}
+
+impl vfio_gpu_engine::ModuleIdReader for HostNvml {
+    fn module_id(&self, bdf: Bdf) -> Result<Option<vfio_gpu_fabric::ModuleId>, String> {
+        let link = self.host.join(format!("sys/bus/pci/devices/{bdf}/driver"));
+        let driver = std::fs::read_link(&link).map_err(|e| e.to_string())?;
+        if driver.file_name().is_none_or(|n| n != "nvidia") {
+            return Err(format!("NVML_ERROR_NOT_FOUND: {bdf} is not on nvidia"));
+        }
+        self.seen_on_nvidia.lock().unwrap().push(bdf);
+        Ok(self
+            .modules
+            .get(&bdf)
+            .map(|m| vfio_gpu_fabric::ModuleId(*m)))
+    }
+}
+
+impl Hgx {
+    /// `gpu` on vfio-pci since boot (no record of ours), no static map entry.
+    fn on_vfio_since_boot(&self, gpu: &str) {
+        let h = vfio_gpu_host::fixture::FixtureHost::open(&self.host);
+        h.unlink_driver(bdf(gpu)).unwrap();
+        h.link_driver(bdf(gpu), "vfio-pci").unwrap();
+        h.add_vfio_dev(bdf(gpu)).unwrap();
+        let group = std::fs::read_link(
+            self.host
+                .join(format!("sys/bus/pci/devices/{gpu}/iommu_group")),
+        )
+        .unwrap();
+        let node = self.host.join("dev/vfio").join(group.file_name().unwrap());
+        if !node.exists() {
+            std::fs::write(node, "").unwrap();
+        }
+    }
+
+    fn learn_fabric(&self) -> (FabricConfig, Arc<HostNvml>) {
+        let nvml = Arc::new(HostNvml {
+            host: self.host.clone(),
+            modules: self.true_modules(),
+            seen_on_nvidia: Default::default(),
+        });
+        let mut c = self.fabric(FabricPolicy::Required, true);
+        c.module_map_file = None;
+        c.module_ids = Some(nvml.clone());
+        (c, nvml)
+    }
+
+    fn driver_of(&self, gpu: &str) -> String {
+        std::fs::read_link(self.host.join(format!("sys/bus/pci/devices/{gpu}/driver")))
+            .map(|t| t.file_name().unwrap().to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
+
+#[test]
+fn learn_reads_a_vfio_gpus_module_id_on_nvidia_and_puts_it_back() {
+    let t = Hgx::new();
+    t.on_vfio_since_boot(M1);
+    let (fc, nvml) = t.learn_fabric();
+    let e = t.engine_with(None, fc);
+    // Before: no module id for M1, so a claim naming it fails.
+    e.fabric_reconcile().unwrap();
+    assert!(!e.ledger().fabric.module_map.contains_key(&bdf(M1)));
+    let err = e
+        .fabric_preflight(&claim("u1"), &[bdf(M1), bdf(M3)])
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("no module id known for 0000:9a:00.0"),
+        "{err}"
+    );
+    let out = e.fabric_learn(bdf(M1)).unwrap();
+    assert!(out.visited_nvidia);
+    assert_eq!(out.module_id.map(|m| m.0), Some(1));
+    assert!(
+        nvml.seen_on_nvidia.lock().unwrap().contains(&bdf(M1)),
+        "read while on nvidia"
+    );
+    assert_eq!(t.driver_of(M1), "vfio-pci", "back on vfio");
+    let ledger = e.ledger();
+    assert!(ledger.fabric.learning.is_none());
+    assert!(ledger.gpus.is_empty(), "no GPU record left behind");
+    let rec = &ledger.fabric.module_map[&bdf(M1)];
+    assert_eq!(
+        (rec.module_id.0, rec.source),
+        (1, vfio_gpu_fabric::ModuleSource::Nvml)
+    );
+    // Now the claim resolves to partition 3.
+    let plan = e
+        .fabric_preflight(&claim("u1"), &[bdf(M1), bdf(M3)])
+        .unwrap();
+    assert_eq!(
+        plan.partitions.keys().map(|p| p.0).collect::<Vec<_>>(),
+        vec![3]
+    );
+    // A GPU on nvidia is read in place.
+    let out = e.fabric_learn(bdf(M2)).unwrap();
+    assert!(!out.visited_nvidia);
+    assert_eq!(t.driver_of(M2), "nvidia");
+}
+
+#[test]
+fn learn_refuses_a_held_gpu_and_an_open_group_changing_nothing() {
+    let t = Hgx::new();
+    t.on_vfio_since_boot(M1);
+    let (fc, _) = t.learn_fabric();
+    let e = t.engine_with(None, fc);
+    e.configure(bdf(M3), claim("u1")).unwrap();
+    let before = e.ledger();
+    let err = e.fabric_learn(bdf(M3)).unwrap_err().to_string();
+    assert!(
+        err.contains("refused") && err.contains("release it first"),
+        "{err}"
+    );
+    // A VM has M1's group open (outside Kubernetes).
+    t.vm_holds(4242, G1);
+    let err = e.fabric_learn(bdf(M1)).unwrap_err().to_string();
+    assert!(err.contains("holds its VFIO group"), "{err}");
+    assert_eq!(t.driver_of(M1), "vfio-pci");
+    assert_eq!(t.driver_of(M3), "vfio-pci");
+    let after = e.ledger();
+    assert_eq!(after.gpus, before.gpus);
+    assert_eq!(after.fabric, before.fabric);
+}
+
+#[test]
+fn a_crash_at_every_step_of_learn_is_finished_by_the_next_reconcile() {
+    let mut crashed_at = 0;
+    for n in 1.. {
+        let t = Hgx::new();
+        t.on_vfio_since_boot(M1);
+        let (fc, _) = t.learn_fabric();
+        let e = t.engine_with(Some(n), fc);
+        match e.fabric_learn(bdf(M1)) {
+            Ok(_) => break,
+            Err(EngineError::SimulatedCrash(_)) => crashed_at = n,
+            Err(other) => panic!("step {n}: {other}"),
+        }
+        drop(e);
+        let (fc, _) = t.learn_fabric();
+        let e = t.engine_with(None, fc);
+        e.fabric_reconcile().unwrap();
+        let ledger = e.ledger();
+        assert_eq!(
+            t.driver_of(M1),
+            "vfio-pci",
+            "crash after step {n}: back on vfio"
+        );
+        assert!(ledger.fabric.learning.is_none(), "crash after step {n}");
+        assert!(
+            ledger.gpus.is_empty(),
+            "crash after step {n}: no GPU record"
+        );
+        // And the learn can simply be run again.
+        let out = e.fabric_learn(bdf(M1)).unwrap();
+        assert_eq!(out.module_id.map(|m| m.0), Some(1), "crash after step {n}");
+        assert_eq!(t.driver_of(M1), "vfio-pci");
+    }
+    assert!(
+        crashed_at >= 5,
+        "the sweep covered the visit ({crashed_at} steps)"
+    );
+}

@@ -216,7 +216,7 @@ pub(crate) struct FabricRuntime {
     cache: Mutex<Option<(Topology, bool)>>,
     /// One fabric operation at a time in this process (they act on FM's
     /// global partition state).
-    op: Mutex<()>,
+    pub(super) op: Mutex<()>,
 }
 
 fn fm_err(what: &str, e: &FmError) -> EngineError {
@@ -420,7 +420,7 @@ impl Engine {
     /// One NVML module-id read, under the engine's read deadline: a driver
     /// that hangs in NVML quarantines the GPU's reads instead of blocking
     /// the operation.
-    fn read_module_id(
+    pub(super) fn read_module_id(
         &self,
         reader: &Arc<dyn ModuleIdReader>,
         bdf: Bdf,
@@ -863,6 +863,9 @@ impl Engine {
         let _hold = self.hold()?;
         self.check_ledger_trusted()?;
         let _op = lock(&self.fabric.op);
+        // Before FM is asked: a GPU a crashed learn left on nvidia goes back
+        // to vfio even while FM is unreachable.
+        self.finish_pending_learn()?;
         let mut out = Vec::new();
         let list = self.list_replaying(fc, &mut out)?;
         let topology = Topology::from_list(&list)

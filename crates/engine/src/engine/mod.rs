@@ -16,6 +16,7 @@
 mod batch;
 mod configure;
 pub(crate) mod fabric;
+pub(crate) mod fabric_learn;
 mod journal;
 mod persistence;
 mod reconcile;
