@@ -151,3 +151,18 @@ fn fabric_learn_reads_nvml_through_dlopen_and_needs_yes() {
     assert!(!ok, "{out}");
     assert!(err.contains("fix the static map"), "{err}");
 }
+
+#[test]
+fn doctor_runs_the_fabric_checks_on_the_hgx_demo_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().to_str().unwrap();
+    let (_, out, err) = run(&["doctor", "--demo", "--hgx", "--demo-dir", demo]);
+    for check in ["fabric-manager", "fabric-mode", "nvlsm", "module-map"] {
+        let line = out
+            .lines()
+            .find(|l| l.contains(check))
+            .unwrap_or_else(|| panic!("no {check} line:\n{out}\n{err}"));
+        assert!(line.starts_with("pass"), "{line}\n{out}");
+    }
+    assert!(out.contains("all 8 GPUs have a module id"), "{out}");
+}
