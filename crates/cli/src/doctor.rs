@@ -9,6 +9,9 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use std::collections::BTreeMap;
+
+use vfio_gpu_node::fabric::{FabricFacts, diagnose_fabric};
 use vfio_gpu_node::{Check, Status, check_node};
 
 use crate::Output;
@@ -21,8 +24,9 @@ pub fn run(host: &HostOpts, state: &StateOpts) -> Result<ExitCode> {
     let view = setup
         .inspect()
         .context("reading the GPUs and their verdicts")?;
-    let checks = check_node(&setup.root, &view, &setup.policy, &setup.policy_file)
+    let mut checks = check_node(&setup.root, &view, &setup.policy, &setup.policy_file)
         .with_context(|| format!("reading {}", setup.describe_root()))?;
+    checks.extend(fabric_checks(&setup, &view));
     match host.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&checks)?),
         Output::Table => print!("{}", table(&checks)),
@@ -32,6 +36,38 @@ pub fn run(host: &HostOpts, state: &StateOpts) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The NVLink fabric checks, when a Fabric Manager is configured
+/// (`--fm-endpoint`, or the HGX demo); a library that does not load is a
+/// failing `fabric-manager` check, not a failed doctor.
+fn fabric_checks(setup: &crate::setup::Setup, view: &vfio_gpu_engine::Inspection) -> Vec<Check> {
+    let gpus: Vec<vfio_gpu_host::Bdf> = view.gpus.iter().map(|g| g.gpu.bdf()).collect();
+    let facts = match setup.fabric_config() {
+        Ok(None) => return Vec::new(),
+        Ok(Some(fc)) => {
+            let ledger: BTreeMap<vfio_gpu_host::Bdf, u32> = view
+                .gpus
+                .iter()
+                .filter_map(|g| {
+                    let m = g.fabric.as_ref()?.module_id?;
+                    Some((g.gpu.bdf(), m.0))
+                })
+                .collect();
+            FabricFacts::read(
+                &setup.root,
+                &fc.fm,
+                &gpus,
+                &ledger,
+                fc.module_map_file.as_deref(),
+            )
+        }
+        Err(e) => FabricFacts {
+            fm: Some(Err(format!("{e:#}"))),
+            ..FabricFacts::default()
+        },
+    };
+    diagnose_fabric(&facts)
 }
 
 /// Total width of the table and the wrapped text under it.

@@ -74,7 +74,7 @@ enum Command {
         #[command(flatten)]
         state: StateOpts,
     },
-    /// NVLink partitions through NVIDIA Fabric Manager: status, reconcile.
+    /// NVLink partitions through NVIDIA Fabric Manager: status, reconcile, learn.
     #[command(subcommand)]
     Fabric(fabric_cmd::FabricCommand),
     /// Run the kubelet DRA plugin on this node until SIGTERM.

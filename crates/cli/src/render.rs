@@ -117,7 +117,7 @@ pub fn devices(view: &Inspection, output: Output, setup: &Setup) -> Result<()> {
                 FunctionRole::Bridge => "bridge, stays",
                 FunctionRole::OtherGpu => "another GPU!",
                 FunctionRole::Foreign => "foreign: blocks",
-                FunctionRole::NvSwitch => "NVSwitch: blocks",
+                FunctionRole::NvSwitch => "NVSwitch or NVLink management: blocks",
                 FunctionRole::Gpu => "",
             };
             println!(

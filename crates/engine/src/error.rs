@@ -328,10 +328,11 @@ pub enum EngineError {
         /// The processes holding its GPUs' vfio nodes.
         holders: Vec<NodeHolder>,
     },
-    /// An NVSwitch (PCI class 0x0680) shares the GPU's IOMMU group: it is
-    /// never handed out, so the group cannot move.
+    /// An NVSwitch (PCI class 0x0680) or an NVLink management bridge
+    /// (`SW_MNG` in its VPD) shares the GPU's IOMMU group: it is never
+    /// handed out, so the group cannot move.
     #[error(
-        "{bdf}: its IOMMU group also holds NVSwitch {members} (PCI class 0x0680); NVSwitches stay with the host's Fabric Manager and are never passed through, so this GPU cannot be (fix the IOMMU grouping: ACS)"
+        "{bdf}: its IOMMU group also holds NVLink fabric function {members} (an NVSwitch, PCI class 0x0680, or an NVLink management bridge, SW_MNG in its VPD); they stay with the host's Fabric Manager and are never passed through, so this GPU cannot be (fix the IOMMU grouping: ACS)"
     )]
     FabricSwitchInGroup {
         /// The GPU the operation was asked about (its first function's address).

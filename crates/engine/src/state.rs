@@ -306,6 +306,85 @@ impl GpuRecord {
     }
 }
 
+/// What `fabric learn` finds about a GPU before it touches anything.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LearnFacts {
+    /// The ledger has a record of the GPU (held, kept or mid-operation).
+    pub recorded: bool,
+    /// The GPU is a member of a partition the ledger records.
+    pub in_partition: bool,
+    /// An earlier learn has not finished.
+    pub learn_pending: bool,
+    /// A write or read of the GPU is still blocked.
+    pub stuck: bool,
+    /// The GPU function has a driver.
+    pub has_driver: bool,
+    /// That driver is a vfio driver.
+    pub on_vfio: bool,
+    /// A process holds the GPU's VFIO group.
+    pub vfio_in_use: bool,
+}
+
+/// What `fabric learn` does with a GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LearnPlan {
+    /// On a host driver already: NVML reads it where it is; nothing moves.
+    ReadInPlace,
+    /// On vfio and idle: bind it to `nvidia`, read, bind it back (write-ahead).
+    VisitNvidia,
+    /// Not now, for this reason; nothing is changed.
+    Refuse(&'static str),
+}
+
+/// The one decision of `fabric learn`. Pure; tested over every input. A GPU
+/// the plugin holds, keeps or is moving, one in a partition, one a process
+/// holds, or one blocked is never moved by a learn.
+pub fn decide_learn(f: LearnFacts) -> LearnPlan {
+    if f.stuck {
+        LearnPlan::Refuse("a write or read of it is still blocked")
+    } else if f.learn_pending {
+        LearnPlan::Refuse("an earlier learn has not finished (run `fabric reconcile`)")
+    } else if f.recorded {
+        LearnPlan::Refuse(
+            "the ledger records it (held by a claim, kept, or mid-operation): release it first",
+        )
+    } else if f.in_partition {
+        LearnPlan::Refuse("it is a member of an NVLink partition the ledger records")
+    } else if !f.has_driver {
+        LearnPlan::Refuse("it has no driver (bind it to vfio-pci or nvidia first)")
+    } else if !f.on_vfio {
+        LearnPlan::ReadInPlace
+    } else if f.vfio_in_use {
+        LearnPlan::Refuse("a process (a VM?) holds its VFIO group")
+    } else {
+        LearnPlan::VisitNvidia
+    }
+}
+
+/// What the next fabric reconcile does with an unfinished learn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnPendingLearn {
+    /// Bind the GPU back to its recorded vfio driver, then drop the record.
+    ReturnToVfio,
+    /// Drop the record, for this reason.
+    Drop(&'static str),
+}
+
+/// The decision for an unfinished learn. `same_boot`: the record is of this
+/// boot; `present`: the GPU is still in sysfs; `on_vfio`: its function is on
+/// a vfio driver now. Pure; tested over every input.
+pub fn on_pending_learn(same_boot: bool, present: bool, on_vfio: bool) -> OnPendingLearn {
+    if !same_boot {
+        OnPendingLearn::Drop("an earlier boot's learn: the GPU is where this boot put it")
+    } else if !present {
+        OnPendingLearn::Drop("the GPU is gone")
+    } else if on_vfio {
+        OnPendingLearn::Drop("the GPU is back on vfio")
+    } else {
+        OnPendingLearn::ReturnToVfio
+    }
+}
+
 /// What reconcile does with a record, from its state and the GPU function now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnReconcile {
@@ -574,6 +653,55 @@ mod tests {
                 };
                 assert!(ok, "{state:?} driver={has_driver} vfio={on_vfio}: {got:?}");
             }
+        }
+    }
+
+    #[test]
+    fn learn_decision_over_every_input() {
+        for bits in 0..128u8 {
+            let b = |i: u8| bits & (1 << i) != 0;
+            let f = LearnFacts {
+                recorded: b(0),
+                in_partition: b(1),
+                learn_pending: b(2),
+                stuck: b(3),
+                has_driver: b(4),
+                on_vfio: b(5),
+                vfio_in_use: b(6),
+            };
+            let plan = decide_learn(f);
+            let untouchable = f.recorded || f.in_partition || f.learn_pending || f.stuck;
+            match plan {
+                // Invariant: a learn moves only an idle, unrecorded GPU on vfio.
+                LearnPlan::VisitNvidia => assert!(
+                    !untouchable && f.has_driver && f.on_vfio && !f.vfio_in_use,
+                    "{f:?}"
+                ),
+                LearnPlan::ReadInPlace => {
+                    assert!(!untouchable && f.has_driver && !f.on_vfio, "{f:?}");
+                }
+                LearnPlan::Refuse(why) => {
+                    assert!(!why.is_empty());
+                    assert!(
+                        untouchable || !f.has_driver || (f.on_vfio && f.vfio_in_use),
+                        "{f:?} refused: {why}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pending_learn_decision_over_every_input() {
+        for bits in 0..8u8 {
+            let (same_boot, present, on_vfio) = (bits & 1 != 0, bits & 2 != 0, bits & 4 != 0);
+            let d = on_pending_learn(same_boot, present, on_vfio);
+            // Invariant: only this boot's learn of a present GPU off vfio moves it.
+            assert_eq!(
+                d == OnPendingLearn::ReturnToVfio,
+                same_boot && present && !on_vfio,
+                "{bits:03b}: {d:?}"
+            );
         }
     }
 }

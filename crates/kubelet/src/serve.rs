@@ -398,6 +398,10 @@ async fn serve_plugin(
         // Another instance of the driver may serve this node at the same time.
         engine_config.state_lock_mode = StateLockMode::PerOperation;
     }
+    // Every Fabric Manager call is timed and its errors counted.
+    if let Some(fc) = engine_config.fabric.as_mut() {
+        fc.fm = fc.fm.clone().observed(opts.metrics.fm_observer());
+    }
     let dir = state_dir.clone();
     // Opening may wait for another instance's state lock: keep it off the runtime.
     let (engine, report) = tokio::task::spawn_blocking(move || {

@@ -54,7 +54,7 @@ pub struct Check {
 }
 
 impl Check {
-    fn new(check: &'static str, status: Status, detail: String, fix: String) -> Self {
+    pub(crate) fn new(check: &'static str, status: Status, detail: String, fix: String) -> Self {
         let fix = if status == Status::Pass {
             String::new()
         } else {
@@ -69,7 +69,7 @@ impl Check {
         }
     }
 
-    fn pass(check: &'static str, detail: String) -> Self {
+    pub(crate) fn pass(check: &'static str, detail: String) -> Self {
         Check::new(check, Status::Pass, detail, String::new())
     }
 

@@ -18,6 +18,7 @@ mod admin;
 mod batch;
 mod configure;
 pub(crate) mod fabric;
+pub(crate) mod fabric_learn;
 mod journal;
 mod persistence;
 mod reconcile;
