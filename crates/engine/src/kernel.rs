@@ -46,6 +46,13 @@ pub enum SysfsWrite {
         /// Take (true) or release (false).
         take: bool,
     },
+    /// `devices/<BDF>/reset` ← `1`: the kernel resets the function with the
+    /// first method of its `reset_method` that works (FLR, PM, a bus reset
+    /// only when nothing else sits below the bridge). ENOENT: no method at all.
+    Reset {
+        /// Device.
+        bdf: Bdf,
+    },
 }
 
 impl SysfsWrite {
@@ -56,7 +63,8 @@ impl SysfsWrite {
             | SysfsWrite::Unbind { bdf, .. }
             | SysfsWrite::Bind { bdf, .. }
             | SysfsWrite::DriversProbe { bdf }
-            | SysfsWrite::NvidiaUnbindLock { bdf, .. } => *bdf,
+            | SysfsWrite::NvidiaUnbindLock { bdf, .. }
+            | SysfsWrite::Reset { bdf } => *bdf,
         }
     }
 
@@ -68,6 +76,7 @@ impl SysfsWrite {
             SysfsWrite::Bind { .. } => "bind",
             SysfsWrite::DriversProbe { .. } => "drivers_probe",
             SysfsWrite::NvidiaUnbindLock { .. } => "unbindLock",
+            SysfsWrite::Reset { .. } => "reset",
         }
     }
 
@@ -98,6 +107,7 @@ impl SysfsWrite {
                 nvidia_unbind_lock_path(root, bdf),
                 if *take { b"1".to_vec() } else { b"0".to_vec() },
             ),
+            SysfsWrite::Reset { bdf } => (root.pci_attr(bdf, "reset"), b"1".to_vec()),
         }
     }
 }
@@ -126,6 +136,7 @@ impl fmt::Display for SysfsWrite {
                 "{} nvidia unbind lock of {bdf}",
                 if *take { "take" } else { "release" }
             ),
+            SysfsWrite::Reset { bdf } => write!(f, "reset {bdf}"),
         }
     }
 }

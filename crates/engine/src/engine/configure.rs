@@ -36,6 +36,7 @@ impl Engine {
         // Before the first host write: a move that could not open the files
         // its rollback needs would strand the GPU (security review H1).
         check_fd_headroom(bdf)?;
+        self.check_handed_over(bdf)?;
         let carried = match self.prior_record(bdf, &holder, started)? {
             Prior::Done(outcome) => return Ok(outcome),
             Prior::Carry(rec) => rec,

@@ -16,6 +16,7 @@
 mod batch;
 mod configure;
 pub(crate) mod fabric;
+mod handover;
 mod journal;
 mod persistence;
 mod reconcile;

@@ -40,6 +40,11 @@ pub enum Action {
     RecordedPrebound,
     /// Reconcile: left as is, with a note.
     Noted,
+    /// Released, but its reset, verification or scrub hook failed: kept
+    /// from every tenant until an administrator resets it.
+    Quarantined,
+    /// An administrator's reset: reset, verified, out of quarantine.
+    Reset,
 }
 
 /// The result of one operation on one GPU.
