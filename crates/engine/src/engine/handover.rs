@@ -285,6 +285,16 @@ impl Engine {
             match self.step(gpu, SysfsWrite::Reset { bdf: f }) {
                 Ok(()) => methods.push(format!("{f}: {method}")),
                 Err(StepError::Engine(e)) => return Err(Failure::Engine(e)),
+                // Out of files or memory is this process's trouble, not the
+                // device's: the hand-over stays recorded and is retried.
+                Err(StepError::Step { step, source }) if transient(&source) => {
+                    return Err(Failure::Engine(EngineError::RestoreFailed {
+                        bdf: gpu,
+                        step,
+                        cause: source,
+                        functions: self.states(functions, &BTreeMap::new()),
+                    }));
+                }
                 Err(StepError::Step { source, .. }) => {
                     let why = if source.kind() == std::io::ErrorKind::NotFound {
                         format!("{f} has no reset method (no reset attribute): {source}")
@@ -518,6 +528,26 @@ fn push_audit(b: &mut LedgerBody, audit: HandoverAudit) {
     b.handovers.push(audit);
     let over = b.handovers.len().saturating_sub(HANDOVER_AUDIT_KEPT);
     b.handovers.drain(..over);
+}
+
+/// An error of the writer's resources (file descriptors, memory, an
+/// interrupted call), not an answer of the device.
+fn transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    if matches!(
+        e.kind(),
+        ErrorKind::OutOfMemory | ErrorKind::StorageFull | ErrorKind::Interrupted
+    ) {
+        return true;
+    }
+    // The kernel edge keeps the errno only in its message.
+    let text = e.to_string();
+    e.raw_os_error().is_some_and(|c| c == ENFILE || c == EMFILE)
+        || [ENFILE, EMFILE]
+            .iter()
+            .any(|c| text.contains(&format!("(os error {c})")))
 }
 
 fn first_line(s: &str) -> &str {
