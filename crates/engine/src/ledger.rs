@@ -215,6 +215,20 @@ pub struct Handover {
     pub extra: BTreeMap<String, Value>,
 }
 
+impl Handover {
+    /// A hand-over owed from now on, released by `released_by`.
+    pub fn owed(released_by: &str) -> Handover {
+        Handover {
+            released_by: released_by.to_string(),
+            released_at: now(),
+            phase: HandoverPhase::Resetting,
+            reset_method: None,
+            hook: None,
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
 /// The audit record of one finished tenant hand-over.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

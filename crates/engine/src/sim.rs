@@ -813,7 +813,18 @@ impl SimKernel {
             s.after_reset.remove(&bdf)
         };
         match effect {
-            None => Ok(()),
+            // A clean reset retrains the link to its maximum.
+            None => {
+                for (current, max) in [
+                    ("current_link_speed", "max_link_speed"),
+                    ("current_link_width", "max_link_width"),
+                ] {
+                    if let Ok(top) = fs::read_to_string(self.root.pci_attr(&bdf, max)) {
+                        fs::write(self.root.pci_attr(&bdf, current), top)?;
+                    }
+                }
+                Ok(())
+            }
             Some(ResetEffect::DegradedLink { speed, width }) => {
                 fs::write(
                     self.root.pci_attr(&bdf, "current_link_speed"),

@@ -109,14 +109,10 @@ impl Engine {
             holders = self.vfio_users(&rec)?;
             step = decide_handover(mode, phase, released_now, !holders.is_empty());
         }
-        let handover = rec.handover.clone().unwrap_or_else(|| Handover {
-            released_by: released_by.clone().unwrap_or_else(|| "unknown".into()),
-            released_at: now(),
-            phase: HandoverPhase::Resetting,
-            reset_method: None,
-            hook: None,
-            extra: BTreeMap::new(),
-        });
+        let handover = rec
+            .handover
+            .clone()
+            .unwrap_or_else(|| Handover::owed(released_by.as_deref().unwrap_or("unknown")));
         match step {
             HandoverStep::Nothing => Ok(AfterReset::Nothing),
             HandoverStep::Unsanitized => {
@@ -428,14 +424,7 @@ impl Engine {
             })
             .collect();
         let bdfs: Vec<Bdf> = gpu.functions.iter().map(|f| f.bdf).collect();
-        let handover = Handover {
-            released_by: "admin (vfio-gpu-dra reset)".into(),
-            released_at: now(),
-            phase: HandoverPhase::Resetting,
-            reset_method: None,
-            hook: None,
-            extra: BTreeMap::new(),
-        };
+        let handover = Handover::owed("admin (vfio-gpu-dra reset)");
         let outcome = match self.reset_functions(bdf, &bdfs) {
             Ok(method) => {
                 let problems = self.verify_functions(&expected)?;

@@ -15,7 +15,7 @@ use vfio_gpu_host::{Bdf, DriverName, Gpu};
 
 use crate::error::EngineError;
 use crate::kernel::SysfsWrite;
-use crate::ledger::{FunctionRecord, GpuRecord, Holder, OpState};
+use crate::ledger::{FunctionRecord, GpuRecord, Handover, Holder, OpState};
 use crate::preflight::NodeHolder;
 use crate::state::{IntentNow, Observed, Settle, decide_settle};
 use vfio_gpu_intent::ReleaseDecision;
@@ -356,8 +356,17 @@ impl Engine {
         match rec.after_keep(any_on_vfio) {
             // Already kept as it is: nothing to commit (reconcile re-decides
             // kept records every round).
-            Some(kept) if kept.state == rec.state && kept.holder == rec.holder => {}
-            Some(kept) => self.set_record(bdf, Some(kept))?,
+            Some(kept)
+                if kept.state == rec.state
+                    && kept.holder == rec.holder
+                    && released_by.is_none() => {}
+            Some(mut kept) => {
+                // The hand-over is owed from the commit that releases it.
+                if kept.handover.is_none() {
+                    kept.handover = released_by.as_deref().map(Handover::owed);
+                }
+                self.set_record(bdf, Some(kept))?
+            }
             // Nothing of ours stayed on vfio: what we changed goes back.
             None => {
                 self.restore_persistence_and_record(bdf, rec, None)?;
@@ -440,9 +449,15 @@ impl Engine {
     ) -> Result<Outcome, EngineError> {
         let bdf = gpu.bdf();
         if path == SettlePath::Release {
+            // The hand-over is owed from the same commit that releases it, so
+            // no crash can return the GPU unreset.
+            let owed = released_by.as_deref().map(Handover::owed);
             self.update_record(bdf, |r| {
                 r.state = OpState::Releasing;
                 r.holder = None;
+                if r.handover.is_none() {
+                    r.handover = owed;
+                }
             })?;
         }
         // Reset while every function is still on vfio and nobody holds it;
