@@ -835,10 +835,9 @@ impl SimKernel {
                     format!("{width}\n"),
                 )
             }
-            Some(ResetEffect::ChangedDeviceId(id)) => fs::write(
-                self.root.pci_attr(&bdf, "device"),
-                format!("0x{id:04x}\n"),
-            ),
+            Some(ResetEffect::ChangedDeviceId(id)) => {
+                fs::write(self.root.pci_attr(&bdf, "device"), format!("0x{id:04x}\n"))
+            }
             Some(ResetEffect::LostBars) => {
                 let zero = "0x0000000000000000 0x0000000000000000 0x0000000000000000\n";
                 fs::write(self.root.pci_attr(&bdf, "resource"), zero.repeat(7))

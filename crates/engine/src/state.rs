@@ -280,7 +280,9 @@ pub fn verify_function(expected: Option<&Fingerprint>, health: &FunctionHealth) 
     let b = health.bdf;
     if now.vendor == 0xffff {
         // All ones: config space does not answer at all.
-        problems.push(format!("{b}: config space reads all ones (device not responding)"));
+        problems.push(format!(
+            "{b}: config space reads all ones (device not responding)"
+        ));
         return problems;
     }
     if let Some(want) = expected {
@@ -290,9 +292,17 @@ pub fn verify_function(expected: Option<&Fingerprint>, health: &FunctionHealth) 
                 f.vendor, f.device, f.subsystem_vendor, f.subsystem_device
             )
         };
-        if (want.vendor, want.device, want.subsystem_vendor, want.subsystem_device)
-            != (now.vendor, now.device, now.subsystem_vendor, now.subsystem_device)
-        {
+        if (
+            want.vendor,
+            want.device,
+            want.subsystem_vendor,
+            want.subsystem_device,
+        ) != (
+            now.vendor,
+            now.device,
+            now.subsystem_vendor,
+            now.subsystem_device,
+        ) {
             problems.push(format!(
                 "{b}: answers as {} after the reset, was {}",
                 ids(now),
@@ -727,7 +737,8 @@ mod tests {
                                 hook: mode == SanitizeMode::ResetAndHook,
                             }
                         };
-                        let case = format!("{mode} {phase:?} released={released_now} in_use={in_use}");
+                        let case =
+                            format!("{mode} {phase:?} released={released_now} in_use={in_use}");
                         assert_eq!(got, expected, "{case}");
                         // The promises, stated directly.
                         if matches!(got, HandoverStep::Reset { .. }) {
@@ -775,7 +786,10 @@ mod tests {
         // No link attributes (conventional PCI): identity and BARs still checked.
         assert!(verify_function(Some(&want), &health(want.clone(), None)).is_empty());
         let cases = [
-            (health(fingerprint(0x2331, 1 << 30), None), "answers as 10de:2331"),
+            (
+                health(fingerprint(0x2331, 1 << 30), None),
+                "answers as 10de:2331",
+            ),
             (health(fingerprint(0x2330, 0), None), "BARs total 0 bytes"),
             (
                 health(want.clone(), Some(link("2.5 GT/s PCIe", 16))),

@@ -57,8 +57,14 @@ fn a_release_resets_every_function_on_vfio_before_returning_it_and_records_the_h
     let log = k.log()[start..].to_vec();
     // Both functions reset, while still on vfio, before the first unbind.
     let first_unbind = position(&log, &format!("unbind {A} from vfio-pci"));
-    assert!(position(&log, &format!("reset {A}")) < first_unbind, "{log:?}");
-    assert!(position(&log, &format!("reset {A_AUDIO}")) < first_unbind, "{log:?}");
+    assert!(
+        position(&log, &format!("reset {A}")) < first_unbind,
+        "{log:?}"
+    );
+    assert!(
+        position(&log, &format!("reset {A_AUDIO}")) < first_unbind,
+        "{log:?}"
+    );
     assert_eq!((k.resets(bdf(A)), k.resets(bdf(A_AUDIO))), (1, 1));
     assert_eq!(driver_of(&host, A).as_deref(), Some("nvidia"));
     let ledger = e.ledger();
@@ -68,7 +74,10 @@ fn a_release_resets_every_function_on_vfio_before_returning_it_and_records_the_h
     assert_eq!(audit[0].gpu, bdf(A));
     assert!(audit[0].released_by.contains("vms/vm-u1"), "{audit:?}");
     assert_eq!(audit[0].verification, "clean");
-    assert!(audit[0].reset_method.contains("reset attribute"), "{audit:?}");
+    assert!(
+        audit[0].reset_method.contains("reset attribute"),
+        "{audit:?}"
+    );
     assert!(audit[0].finished_at >= audit[0].released_at);
     // The next tenant gets it.
     e.configure(bdf(A), claim("u2")).unwrap();
@@ -89,7 +98,10 @@ fn a_failed_reset_quarantines_the_gpu_on_vfio_until_the_admin_resets_it() {
     assert!(e.ledger().handovers[0].verification.starts_with("failed"));
     // No tenant gets it; reconcile leaves it alone (twice: it writes nothing).
     let refused = e.configure(bdf(A), claim("u2")).unwrap_err();
-    assert!(matches!(refused, EngineError::Quarantined { .. }), "{refused}");
+    assert!(
+        matches!(refused, EngineError::Quarantined { .. }),
+        "{refused}"
+    );
     let before = k.log().len();
     for _ in 0..2 {
         for r in e.reconcile().unwrap() {
@@ -103,7 +115,10 @@ fn a_failed_reset_quarantines_the_gpu_on_vfio_until_the_admin_resets_it() {
         .collect();
     assert!(touched.is_empty(), "{touched:?}");
     let view = e.discover().unwrap().0;
-    assert!(view.iter().any(|v| v.gpu.bdf() == bdf(A) && v.quarantine.is_some()));
+    assert!(
+        view.iter()
+            .any(|v| v.gpu.bdf() == bdf(A) && v.quarantine.is_some())
+    );
     // The admin's reset works this time: out of quarantine, and reconcile
     // returns it to its host driver.
     let cleared = e.reset_gpu(bdf(A)).unwrap();
@@ -131,7 +146,11 @@ fn a_link_that_trains_back_degraded_is_quarantined_after_the_bind() {
     );
     let out = e.unconfigure(bdf(B), Some(&claim("u1"))).unwrap();
     assert_eq!(out.action, Action::Quarantined, "{}", out.detail);
-    assert!(out.detail.contains("2.5 GT/s PCIe of 16.0 GT/s PCIe"), "{}", out.detail);
+    assert!(
+        out.detail.contains("2.5 GT/s PCIe of 16.0 GT/s PCIe"),
+        "{}",
+        out.detail
+    );
     // Returned to its host driver first, verified there.
     assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
     assert!(e.ledger().gpus.is_empty());
@@ -226,7 +245,10 @@ fn a_kept_gpu_a_vm_still_holds_is_not_reset_under_it_and_goes_to_nobody_until_it
     assert!(out.detail.contains("reset waits"), "{}", out.detail);
     assert_eq!(k.resets(bdf(C)), 0);
     let refused = e.configure(bdf(C), claim("u2")).unwrap_err();
-    assert!(matches!(refused, EngineError::HandoverPending { .. }), "{refused}");
+    assert!(
+        matches!(refused, EngineError::HandoverPending { .. }),
+        "{refused}"
+    );
     // Reconcile while the VM holds it: still no reset.
     for r in e.reconcile().unwrap() {
         assert!(r.is_ok(), "{r:?}");
@@ -382,7 +404,11 @@ fn a_crash_at_every_step_of_a_resetting_release_is_finished_by_reconcile() {
         if handed_over {
             assert!(k.resets(bdf(A)) >= 1, "{ctx}: audit without a reset");
             assert_eq!(driver_of(&host, A).as_deref(), Some("nvidia"), "{ctx}");
-            assert!(!ledger.gpus.contains_key(&bdf(A)), "{ctx}: {:?}", ledger.gpus);
+            assert!(
+                !ledger.gpus.contains_key(&bdf(A)),
+                "{ctx}: {:?}",
+                ledger.gpus
+            );
         } else {
             // Crashed before the release was written: still held, untouched.
             assert_eq!(k.resets(bdf(A)), 0, "{ctx}");

@@ -21,7 +21,7 @@ use crate::deadline::read_with_deadline;
 use crate::error::EngineError;
 use crate::kernel::SysfsWrite;
 use crate::ledger::{
-    Fingerprint, Handover, HANDOVER_AUDIT_KEPT, HandoverAudit, HandoverPhase, LedgerBody, OpState,
+    Fingerprint, HANDOVER_AUDIT_KEPT, Handover, HandoverAudit, HandoverPhase, LedgerBody, OpState,
     Quarantine, now,
 };
 use crate::state::{FunctionHealth, HandoverStep, LinkState, decide_handover, verify_function};
@@ -61,11 +61,7 @@ impl Engine {
         if let Some(h) = ledger.gpus.get(&bdf).and_then(|r| r.handover.as_ref()) {
             return Err(EngineError::HandoverPending {
                 bdf,
-                detail: format!(
-                    "released by {} is at {:?}",
-                    h.released_by,
-                    h.phase
-                ),
+                detail: format!("released by {} is at {:?}", h.released_by, h.phase),
             });
         }
         Ok(())
@@ -340,8 +336,8 @@ impl Engine {
                 .map(|p| k.read_text(p))
                 .collect::<Result<Vec<_>, _>>()
         })?;
-        let [Some(cs), Some(ms), Some(cw), Some(mw)] = <[Option<String>; 4]>::try_from(texts)
-            .unwrap_or([None, None, None, None])
+        let [Some(cs), Some(ms), Some(cw), Some(mw)] =
+            <[Option<String>; 4]>::try_from(texts).unwrap_or([None, None, None, None])
         else {
             return Ok(None);
         };
@@ -385,7 +381,11 @@ impl Engine {
         let guard = self.group_guard(bdf);
         let _g = lock(&guard);
         let gpu = self.load_gpu(bdf)?;
-        if let Some(op) = gpu.functions.iter().find_map(|f| self.stuck.stuck_on(f.bdf)) {
+        if let Some(op) = gpu
+            .functions
+            .iter()
+            .find_map(|f| self.stuck.stuck_on(f.bdf))
+        {
             return Err(EngineError::Stuck { bdf, op, secs: 0.0 });
         }
         let ledger = self.ledger();

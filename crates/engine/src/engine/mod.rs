@@ -626,7 +626,12 @@ impl Engine {
                     persistence_left_off: ledger.persistence_to_restore.get(&bdf).cloned(),
                     fabric: self.gpu_fabric(&ledger, &gpu),
                     quarantine: ledger.quarantined.get(&bdf).cloned(),
-                    last_handover: ledger.handovers.iter().rev().find(|h| h.gpu == bdf).cloned(),
+                    last_handover: ledger
+                        .handovers
+                        .iter()
+                        .rev()
+                        .find(|h| h.gpu == bdf)
+                        .cloned(),
                     gpu,
                     verdict,
                 }

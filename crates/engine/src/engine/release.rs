@@ -421,9 +421,12 @@ impl Engine {
     ) -> Outcome {
         match handed {
             AfterReset::Quarantined(why) => self.quarantined_outcome(gpu, &why, started),
-            AfterReset::Deferred(wait) => {
-                self.outcome(gpu, Action::LeftOnVfio, format!("{detail}; {wait}"), started)
-            }
+            AfterReset::Deferred(wait) => self.outcome(
+                gpu,
+                Action::LeftOnVfio,
+                format!("{detail}; {wait}"),
+                started,
+            ),
             AfterReset::Verify => self.outcome(
                 gpu,
                 Action::LeftOnVfio,
