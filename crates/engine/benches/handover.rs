@@ -49,7 +49,9 @@ fn setup(dir: &std::path::Path, policy: &str) -> (Engine, SimKernel, Bdf) {
 
 fn release(c: &mut Criterion) {
     let mut group = c.benchmark_group("release one GPU");
-    group.sample_size(30).measurement_time(Duration::from_secs(10));
+    group
+        .sample_size(30)
+        .measurement_time(Duration::from_secs(10));
     for (name, policy) in [
         ("sanitize off", "[sanitize]\nmode = \"off\"\n"),
         ("sanitize reset", ""),

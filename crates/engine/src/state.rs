@@ -107,8 +107,8 @@ pub struct Observed {
     pub stuck: bool,
     /// A process (a VM) holds one of its vfio nodes.
     pub vfio_in_use: bool,
-    /// Quarantined (a reset, verification or scrub hook failed): kept where
-    /// it is until an administrator resets it.
+    /// Quarantined (a reset, verification or scrub hook failed): a kept
+    /// record stays where it is until an administrator resets it.
     pub quarantined: bool,
 }
 
@@ -184,7 +184,10 @@ pub fn decide_settle(kind: RecordKind, intent: &IntentNow, observed: Observed) -
     if observed.stuck {
         return Settle::WaitStuck;
     }
-    if observed.quarantined {
+    // Kept on vfio because its hand-over failed: never to a host driver
+    // until the admin's reset clears it. A release of ours that quarantined
+    // it after the bind is finished like any other (it is already back).
+    if observed.quarantined && kind == RecordKind::KeptByIntent {
         return Settle::Quarantined;
     }
     match intent {
@@ -673,7 +676,7 @@ mod tests {
                         Settle::AdminOwned
                     } else if observed.stuck {
                         Settle::WaitStuck
-                    } else if observed.quarantined {
+                    } else if observed.quarantined && kind == RecordKind::KeptByIntent {
                         Settle::Quarantined
                     } else if let IntentNow::Keep(why) = intent {
                         Settle::Keep(why.clone())

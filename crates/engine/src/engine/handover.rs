@@ -145,12 +145,18 @@ impl Engine {
                     Err(Failure::Engine(e)) => {
                         if let EngineError::Stuck { op, secs, .. } = &e {
                             let why = format!("{op} did not return within {secs:.1} s");
-                            self.quarantine_after_release(bdf, &handover, "reset hung", &why)?;
+                            self.quarantine_after_release(
+                                bdf,
+                                &handover,
+                                "reset hung",
+                                &why,
+                                true,
+                            )?;
                         }
                         return Err(e);
                     }
                     Err(Failure::Quarantine(why)) => {
-                        self.quarantine_after_release(bdf, &handover, "reset failed", &why)?;
+                        self.quarantine_after_release(bdf, &handover, "reset failed", &why, true)?;
                         return Ok(AfterReset::Quarantined(why));
                     }
                 };
@@ -158,7 +164,7 @@ impl Engine {
                     (false, _) => "not configured".to_string(),
                     (true, None) => {
                         let why = "sanitize = \"reset+hook\" but no hook is configured".to_string();
-                        self.quarantine_after_release(bdf, &handover, &method, &why)?;
+                        self.quarantine_after_release(bdf, &handover, &method, &why, true)?;
                         return Ok(AfterReset::Quarantined(why));
                     }
                     (true, Some(plan)) => match self.run_scrub_hook(bdf, plan) {
@@ -167,7 +173,7 @@ impl Engine {
                             let why = format!("scrub hook {} failed: {e}", plan.program.display());
                             let mut h = handover.clone();
                             h.hook = Some(why.clone());
-                            self.quarantine_after_release(bdf, &h, &method, &why)?;
+                            self.quarantine_after_release(bdf, &h, &method, &why, true)?;
                             return Ok(AfterReset::Quarantined(why));
                         }
                     },
@@ -215,20 +221,24 @@ impl Engine {
             return Ok(None);
         }
         let why = problems.join("; ");
-        self.quarantine_after_release(bdf, &handover, &method, &why)?;
+        // Verified where the release put it: a kept record is on vfio
+        // already, a restored one is dropped by the release's last commit.
+        self.quarantine_after_release(bdf, &handover, &method, &why, false)?;
         Ok(Some(why))
     }
 
     /// Quarantines `bdf` after a failed hand-over, in one commit: the
     /// quarantine entry (with what each function must look like to leave
-    /// it), the audit record, and the record kept on vfio without a holder
-    /// or a hand-over.
+    /// it), the audit record, and the record without a holder or a
+    /// hand-over, kept on vfio when `on_vfio` (nothing was unbound yet); a
+    /// release that already put the functions back finishes as usual.
     fn quarantine_after_release(
         &self,
         bdf: Bdf,
         handover: &Handover,
         method: &str,
         why: &str,
+        on_vfio: bool,
     ) -> Result<(), EngineError> {
         let audit = audit_of(bdf, handover, method, &format!("failed: {why}"));
         let boot_id = self.boot_id.clone();
@@ -237,7 +247,7 @@ impl Engine {
             if let Some(r) = b.gpus.get_mut(&bdf) {
                 r.handover = None;
                 r.holder = None;
-                if matches!(r.state, OpState::Releasing | OpState::Configured) {
+                if on_vfio && matches!(r.state, OpState::Releasing | OpState::Configured) {
                     // Nothing was unbound yet: it stays on vfio, kept.
                     r.state = OpState::Prebound;
                 }
