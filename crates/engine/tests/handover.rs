@@ -211,7 +211,7 @@ fn a_hung_reset_leaves_the_gpu_stuck_and_quarantined_until_it_returns() {
         &k,
         &dir.path().join("state"),
         EngineConfig {
-            write_deadline: Duration::from_millis(200),
+            bind_deadline: Duration::from_millis(200),
             ..config()
         },
     );
