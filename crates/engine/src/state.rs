@@ -694,7 +694,7 @@ mod tests {
                             !keep
                                 && !observed.vfio_in_use
                                 && !observed.stuck
-                                && !(observed.quarantined && kind == RecordKind::KeptByIntent)
+                                && (!observed.quarantined || kind != RecordKind::KeptByIntent)
                                 && ours
                         );
                     }
