@@ -312,7 +312,7 @@ for b in "${BOOTS[@]}"; do
     K=${b%%-*}
     case "${b#*-}" in
     cmdline)
-        build_initramfs "$b" "baseline prebound doctor runtime-move state-lost two-function no-host-driver foreign-override measure" \
+        build_initramfs "$b" "baseline prebound doctor runtime-move state-lost two-function no-host-driver foreign-override reset measure" \
             "PREBOUND=yes
 PREBOUND_SOURCE=kernel-cmdline"
         EXTRA[$b]=$CMDLINE_IDS ;;

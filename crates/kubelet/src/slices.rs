@@ -123,8 +123,9 @@ fn host_driver(view: &GpuView) -> Option<String> {
 
 /// The device to offer for an engine view, or `None` when the GPU must not be
 /// offered: pinned by the admin, sharing its IOMMU group with a foreign device
-/// or another GPU (it could not move alone), without an IOMMU group, or with a
-/// host write still stuck past its deadline.
+/// or another GPU (it could not move alone), without an IOMMU group, with a
+/// host write still stuck past its deadline, quarantined, or with the last
+/// tenant's hand-over (reset and verification) not finished.
 pub fn device_info(view: &GpuView) -> Option<DeviceInfo> {
     // Not offered: what a prepare would refuse anyway (pinned, stuck, a
     // foreign device in the group, a host process holding it), so the
@@ -141,7 +142,12 @@ pub fn device_info(view: &GpuView) -> Option<DeviceInfo> {
         vfio_gpu_engine::ledger::OpState::Releasing => true,
         _ => false,
     });
+    // Between tenants: a GPU whose reset or verification failed, or whose
+    // hand-over is still owed, goes to nobody.
+    let not_handed_over =
+        view.quarantine.is_some() || view.record.as_ref().is_some_and(|r| r.handover.is_some());
     if unsettled
+        || not_handed_over
         || view.verdict.pinned.is_some()
         || view.stuck.is_some()
         || !view.holders.is_empty()

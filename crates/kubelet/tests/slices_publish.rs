@@ -171,6 +171,31 @@ fn pinned_stuck_and_shared_group_gpus_are_not_offered() {
     let mut no_iommu = a100.clone();
     no_iommu.gpu.function.iommu_group = None;
     assert!(device_info(&no_iommu).is_none(), "no IOMMU group");
+    let mut quarantined = a100.clone();
+    quarantined.quarantine = Some(vfio_gpu_engine::ledger::Quarantine {
+        reason: "link trained to x4 of x16".into(),
+        since: 1,
+        boot_id: "boot".into(),
+        fingerprints: Default::default(),
+        extra: Default::default(),
+    });
+    assert!(device_info(&quarantined).is_none(), "quarantined");
+    let mut owed = a100.clone();
+    let mut kept = vfio_gpu_engine::ledger::GpuRecord::configuring(
+        vfio_gpu_engine::Holder::Admin,
+        std::slice::from_ref(&owed.gpu.function),
+        &vfio_gpu_host::DriverName::vfio_pci(),
+        Default::default(),
+        "boot".into(),
+        1,
+    );
+    kept.state = vfio_gpu_engine::ledger::OpState::Prebound;
+    kept.holder = None;
+    owed.record = Some(kept.clone());
+    assert!(device_info(&owed).is_some(), "kept on vfio, handed over");
+    kept.handover = Some(vfio_gpu_engine::ledger::Handover::owed("claim vms/vm"));
+    owed.record = Some(kept);
+    assert!(device_info(&owed).is_none(), "a hand-over still owed");
 }
 
 /// N7 (Kubernetes review): a GPU this driver moves for a claim stays published, and

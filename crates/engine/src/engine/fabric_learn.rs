@@ -249,6 +249,8 @@ fn learn_function(rec: &LearnRecord) -> FunctionRecord {
         original_override: rec.original_override.clone(),
         override_written: None,
         bound_by_us: false,
+        // Not a tenant hand-over: a learn returns the GPU as it was.
+        fingerprint: None,
         extra: Default::default(),
     }
 }
