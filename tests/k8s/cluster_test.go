@@ -111,10 +111,9 @@ func startCluster(t *testing.T) *cluster {
 		"--endpoint-reconciler-type=none",
 		// Only what a default cluster serves (the test server turns on every alpha/beta API).
 		"--runtime-config=api/all=false,api/ga=true",
-		// The plugin's DaemonSet is privileged (it binds PCI drivers through sysfs);
-		// kube-apiserver rejects privileged pods without this (its default is false,
-		// kubeadm and the common distributions set it). TestK8s/HelmChart needs it.
-		"--allow-privileged=true",
+		// No privileged pods (the kube-apiserver default, spelled out): the
+		// plugin's DaemonSet runs without (TestK8s/LeastPrivilege, M4).
+		"--allow-privileged=false",
 	}
 	srv := kubeapiservertesting.StartTestServerOrDie(t, kubeapiservertesting.NewDefaultTestServerOptions(), flags, storage)
 	t.Cleanup(srv.TearDownFn)

@@ -30,6 +30,7 @@ func TestK8s(t *testing.T) {
 	t.Logf("lane %s", lane)
 	c := startCluster(t)
 	t.Run("HelmChart", func(t *testing.T) { testHelmChart(t, c) })
+	t.Run("LeastPrivilege", func(t *testing.T) { testLeastPrivilege(t, c) })
 	t.Run("Publish", func(t *testing.T) { testPublish(t, c) })
 	t.Run("Register", func(t *testing.T) { testRegister(t, c) })
 	t.Run("Allocate", func(t *testing.T) { testAllocate(t, c) })

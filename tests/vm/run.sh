@@ -256,6 +256,12 @@ build_initramfs() {
     cp "$HERE/guest/lib.sh" "$HERE/guest/topology.sh" "$d/lib/vm/"
     cp "$HERE"/guest/scenarios/*.sh "$d/lib/vm/scenarios/"
     [ -z "${GUEST_TOOLS[$K]:-}" ] || cp ${GUEST_TOOLS[$K]} "$d/bin/"
+    # util-linux setpriv (busybox's cannot set the bounding set): plugin-caps runs
+    # the plugin with only the DaemonSet's capabilities.
+    if command -v setpriv > /dev/null; then
+        cp -L "$(command -v setpriv)" "$d/usr/bin/ul-setpriv"
+        copy_with_libs "$(command -v setpriv)" "$d"
+    fi
     echo "$scenarios" > "$d/etc/vm/scenarios"
     printf '%s\n' "$envlines" > "$d/etc/vm/env"
     [ -z "$modconf" ] || printf '%s\n' "$modconf" > "$d/etc/modprobe.d/vfio.conf"
@@ -306,12 +312,12 @@ for b in "${BOOTS[@]}"; do
     K=${b%%-*}
     case "${b#*-}" in
     cmdline)
-        build_initramfs "$b" "baseline prebound doctor runtime-move state-lost two-function no-host-driver foreign-override measure" \
+        build_initramfs "$b" "baseline prebound doctor runtime-move state-lost two-function no-host-driver foreign-override reset measure" \
             "PREBOUND=yes
 PREBOUND_SOURCE=kernel-cmdline"
         EXTRA[$b]=$CMDLINE_IDS ;;
     modprobe)
-        build_initramfs "$b" "baseline prebound doctor plugin iommufd" \
+        build_initramfs "$b" "baseline prebound doctor plugin plugin-caps iommufd" \
             "PREBOUND=yes
 PREBOUND_SOURCE=modprobe" \
             "# written by tests/vm/run.sh: vfio-pci is a module here, so kmod applies this

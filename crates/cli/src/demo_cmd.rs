@@ -290,7 +290,11 @@ async fn start_plugin(
     if let Some(fm_file) = &node.fm_file {
         // A leftover from an earlier demo, or none: the fabric starts afresh either way.
         let _ = std::fs::remove_file(fm_file);
-        opts.engine_config.fabric = Some(crate::fabric_cmd::demo_config(dir, &node.host)?);
+        opts.engine_config.fabric = Some(crate::fabric_cmd::demo_config(
+            dir,
+            &node.host,
+            &crate::fabric_cmd::FabricOpts::default(),
+        )?);
     }
     let token = CancellationToken::new();
     let mut server = tokio::spawn(serve(opts, token.clone()));

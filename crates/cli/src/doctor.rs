@@ -9,6 +9,9 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use std::collections::BTreeMap;
+
+use vfio_gpu_node::fabric::{FabricFacts, diagnose_fabric};
 use vfio_gpu_node::{Check, Status, check_node, check_other_drivers_in};
 
 use crate::Output;
@@ -26,6 +29,7 @@ pub fn run(host: &HostOpts, state: &StateOpts) -> Result<ExitCode> {
     // What serve's last slice sync found in the cluster (its record in the
     // shared state directory): doctor itself needs no kubeconfig.
     checks.extend(check_other_drivers_in(&view, setup.state_dir.as_deref()));
+    checks.extend(fabric_checks(&setup, &view));
     match host.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&checks)?),
         Output::Table => print!("{}", table(&checks)),
@@ -35,6 +39,38 @@ pub fn run(host: &HostOpts, state: &StateOpts) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The NVLink fabric checks, when a Fabric Manager is configured
+/// (`--fm-endpoint`, or the HGX demo); a library that does not load is a
+/// failing `fabric-manager` check, not a failed doctor.
+fn fabric_checks(setup: &crate::setup::Setup, view: &vfio_gpu_engine::Inspection) -> Vec<Check> {
+    let gpus: Vec<vfio_gpu_host::Bdf> = view.gpus.iter().map(|g| g.gpu.bdf()).collect();
+    let facts = match setup.fabric_config() {
+        Ok(None) => return Vec::new(),
+        Ok(Some(fc)) => {
+            let ledger: BTreeMap<vfio_gpu_host::Bdf, u32> = view
+                .gpus
+                .iter()
+                .filter_map(|g| {
+                    let m = g.fabric.as_ref()?.module_id?;
+                    Some((g.gpu.bdf(), m.0))
+                })
+                .collect();
+            FabricFacts::read(
+                &setup.root,
+                &fc.fm,
+                &gpus,
+                &ledger,
+                fc.module_map_file.as_deref(),
+            )
+        }
+        Err(e) => FabricFacts {
+            fm: Some(Err(format!("{e:#}"))),
+            ..FabricFacts::default()
+        },
+    };
+    diagnose_fabric(&facts)
 }
 
 /// Total width of the table and the wrapped text under it.

@@ -1,4 +1,4 @@
-//! NVLink fabric options and `vfio-gpu-dra fabric status|reconcile`.
+//! NVLink fabric options and `vfio-gpu-dra fabric status|reconcile|learn`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use vfio_gpu_engine::{FabricConfig, FabricPolicy};
+use vfio_gpu_engine::{FabricConfig, FabricPolicy, ModuleIdReader};
 use vfio_gpu_fabric::{
     Activated, Deactivated, Endpoint, FabricManager, FmError, NvfmConfig, NvfmLibrary,
-    NvlinkFailedDevices, PartitionId, PartitionList, Platform, SimFabricManager, SimState,
-    SystemClock, UnsupportedPartition,
+    NvlinkFailedDevices, NvmlModuleIds, PartitionId, PartitionList, Platform, SimFabricManager,
+    SimState, SystemClock, UnsupportedPartition,
 };
 
 use crate::Output;
@@ -38,6 +38,11 @@ pub struct FabricOpts {
     /// Static module map `{"<BDF>": <module id>}` for GPUs on vfio since boot.
     #[arg(long, env = "VFIO_GPU_DRA_MODULE_MAP", value_name = "PATH")]
     pub module_map: Option<PathBuf>,
+    /// The host's NVML (`libnvidia-ml.so.1`), read for the module ids of GPUs
+    /// on `nvidia` (default: the loader's search path; with --demo --hgx:
+    /// none unless given).
+    #[arg(long, env = "VFIO_GPU_DRA_NVML_LIBRARY", value_name = "PATH")]
+    pub nvml_library: Option<PathBuf>,
 }
 
 impl FabricOpts {
@@ -57,7 +62,27 @@ impl FabricOpts {
         c.policy = self.policy()?;
         c.resiliency_agent = self.fm_resiliency_agent;
         c.module_map_file.clone_from(&self.module_map);
+        c.module_ids = self.nvml(true)?;
         Ok(Some(c))
+    }
+
+    /// NVML for module ids. An explicit `--nvml-library` must load; the
+    /// default soname may be missing (a node whose GPUs are all on vfio since
+    /// boot has no use for it; the static map covers them), which is logged.
+    fn nvml(&self, try_default: bool) -> Result<Option<Arc<dyn ModuleIdReader>>> {
+        let reader = match &self.nvml_library {
+            Some(p) => NvmlModuleIds::open_path(p)
+                .with_context(|| format!("--nvml-library {}", p.display()))?,
+            None if try_default => match NvmlModuleIds::open() {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::info!(error = %e, "no NVML: module ids come from the ledger, --module-map and FM only");
+                    return Ok(None);
+                }
+            },
+            None => return Ok(None),
+        };
+        Ok(Some(Arc::new(reader)))
     }
 
     fn policy(&self) -> Result<FabricPolicy> {
@@ -124,11 +149,14 @@ impl FabricManager for FileSimFm {
 
 /// The HGX demo's fabric: the file-backed simulated FM under `demo_dir`,
 /// the host's static module map, this engine as the resiliency agent.
-pub fn demo_config(demo_dir: &Path, host: &Path) -> Result<FabricConfig> {
+/// `opts.nvml_library`, when given, reads module ids too (tests point it at
+/// the fake NVML).
+pub fn demo_config(demo_dir: &Path, host: &Path, opts: &FabricOpts) -> Result<FabricConfig> {
     let fm = FileSimFm::open(&demo_dir.join("fabric-manager.json"))?;
     let mut c = FabricConfig::new(Arc::new(fm));
     c.resiliency_agent = true;
     c.module_map_file = Some(host.join(vfio_gpu_host::demo::HGX_MODULE_MAP_FILE));
+    c.module_ids = opts.nvml(false)?;
     Ok(c)
 }
 
@@ -140,7 +168,32 @@ pub enum FabricCommand {
     /// Bring the ledger and FM's active partitions in line (what `serve`
     /// does at start and periodically).
     Reconcile(EngineOpts),
+    /// Read a GPU's module id through NVML, binding it to `nvidia` for the
+    /// read when it is on vfio (and back). Needs --yes: the bind can hang.
+    Learn(LearnArgs),
 }
+
+/// `fabric learn` arguments.
+#[derive(Args, Debug)]
+pub struct LearnArgs {
+    /// The GPU's PCI address.
+    bdf: String,
+    /// Go ahead: rebinding a GPU to `nvidia` is what can hang on HGX boards.
+    #[arg(long)]
+    yes: bool,
+    #[command(flatten)]
+    engine: EngineOpts,
+}
+
+/// Printed before every learn, and instead of it without --yes.
+const LEARN_WARNING: &str = "\
+WARNING: `fabric learn` binds the GPU to the host's nvidia driver so NVML can read its
+module id, then binds it back to vfio. On HGX boards that bind is the operation that can
+hang (the reason this plugin keeps GPUs on vfio): run it on an idle node, in a maintenance
+window, once per GPU; the id is kept in the ledger. A GPU held by a claim, kept by the
+plugin, in an NVLink partition or open by a process is refused. The alternative that
+never rebinds: a static map (--module-map) written from `nvidia-smi -q` before the GPUs
+went to vfio.";
 
 /// Runs a `fabric` subcommand.
 pub fn run(cmd: FabricCommand) -> Result<ExitCode> {
@@ -199,6 +252,30 @@ pub fn run(cmd: FabricCommand) -> Result<ExitCode> {
                     }
                 }
                 Err(e) => println!("  {e}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        FabricCommand::Learn(args) => {
+            eprintln!("{LEARN_WARNING}");
+            if !args.yes {
+                bail!(
+                    "not done: pass --yes to bind {} to nvidia for the read",
+                    args.bdf
+                );
+            }
+            let bdf: vfio_gpu_host::Bdf = args.bdf.parse().context("the GPU's PCI address")?;
+            let (engine, _setup) = args.engine.open_engine()?;
+            let out = engine.fabric_learn(bdf)?;
+            if args.engine.host.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            match out.module_id {
+                Some(m) => println!("{bdf}: module {m} ({}); recorded in the ledger", out.detail),
+                None => println!(
+                    "{bdf}: NVML reports no module id (not a baseboard GPU; {})",
+                    out.detail
+                ),
             }
             Ok(ExitCode::SUCCESS)
         }

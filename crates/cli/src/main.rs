@@ -20,6 +20,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use commands::bind::BindArgs;
 use commands::release::ReleaseArgs;
+use commands::reset::ResetArgs;
 use setup::{EngineOpts, HostOpts, StateOpts};
 
 /// Hands whole GPUs to virtual machines over VFIO, keeping the
@@ -58,6 +59,9 @@ enum Command {
     Release(ReleaseArgs),
     /// Finish or roll back interrupted operations and repair driverless GPUs.
     Reconcile(EngineOpts),
+    /// Reset GPUs through the kernel (`reset`), verify them, and take the ones
+    /// that pass out of quarantine.
+    Reset(ResetArgs),
     /// Print the ledger: what vfio-gpu-dra did to which GPU, and who holds it
     /// (read without the lock, so it shows what a running `serve` did).
     Ledger {
@@ -74,7 +78,7 @@ enum Command {
         #[command(flatten)]
         state: StateOpts,
     },
-    /// NVLink partitions through NVIDIA Fabric Manager: status, reconcile.
+    /// NVLink partitions through NVIDIA Fabric Manager: status, reconcile, learn.
     #[command(subcommand)]
     Fabric(fabric_cmd::FabricCommand),
     /// Run the kubelet DRA plugin on this node until SIGTERM.
@@ -138,6 +142,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Bind(args) => commands::bind::run(&args),
         Command::Release(args) => commands::release::run(&args),
         Command::Reconcile(opts) => commands::reconcile::run(&opts),
+        Command::Reset(args) => commands::reset::run(&args),
         Command::Ledger { host, state } => commands::ledger::run(&host, &state),
         Command::Doctor { host, state } => doctor::run(&host, &state),
         Command::Serve(args) => serve_cmd::run(*args),

@@ -117,7 +117,7 @@ pub fn devices(view: &Inspection, output: Output, setup: &Setup) -> Result<()> {
                 FunctionRole::Bridge => "bridge, stays",
                 FunctionRole::OtherGpu => "another GPU!",
                 FunctionRole::Foreign => "foreign: blocks",
-                FunctionRole::NvSwitch => "NVSwitch: blocks",
+                FunctionRole::NvSwitch => "NVSwitch or NVLink management: blocks",
                 FunctionRole::Gpu => "",
             };
             println!(
@@ -164,6 +164,12 @@ pub fn explain(
         }
         if let Some(p) = &v.persistence_left_off {
             obj["persistenceLeftOff"] = serde_json::to_value(p)?;
+        }
+        if let Some(q) = &v.quarantine {
+            obj["quarantine"] = serde_json::to_value(q)?;
+        }
+        if let Some(h) = &v.last_handover {
+            obj["lastHandover"] = serde_json::to_value(h)?;
         }
         println!("{}", serde_json::to_string_pretty(&obj)?);
         return Ok(());
@@ -238,6 +244,15 @@ pub fn explain(
             p.error
         );
     }
+    if let Some(q) = &v.quarantine {
+        println!(
+            "QUARANTINED since {} (epoch s): {}. Offered to nobody; `vfio-gpu-dra reset {}` resets, verifies and clears it.",
+            q.since, q.reason, f.bdf
+        );
+    }
+    if let Some(h) = &v.last_handover {
+        println!("Last hand-over: {}", handover_line(h));
+    }
     if let Some(r) = &v.record {
         println!("\nLedger: {}", serde_json::to_string(r)?);
     }
@@ -252,6 +267,14 @@ pub struct OtherDriver {
     pub driver: String,
     /// When serve's slice sync saw it, in seconds since the Unix epoch.
     pub observed_at_unix: u64,
+}
+
+/// One tenant hand-over, in words.
+fn handover_line(h: &vfio_gpu_engine::ledger::HandoverAudit) -> String {
+    format!(
+        "released by {} at {}, finished at {} (epoch s); reset: {}; verification: {}; scrub hook: {}",
+        h.released_by, h.released_at, h.finished_at, h.reset_method, h.verification, h.hook
+    )
 }
 
 /// `bind`, `release`, `reconcile`.
@@ -326,6 +349,21 @@ pub fn ledger(body: &LedgerBody, path: &Path, output: Output) -> Result<()> {
                     .unwrap_or("no driver"),
                 f.original_override.as_deref().unwrap_or("(null)")
             );
+        }
+        if let Some(h) = &r.handover {
+            println!(
+                "  hand-over from {} in progress: {:?}",
+                h.released_by, h.phase
+            );
+        }
+    }
+    for (b, q) in &body.quarantined {
+        println!("{b}  QUARANTINED since {}: {}", q.since, q.reason);
+    }
+    if !body.handovers.is_empty() {
+        println!("tenant hand-overs (oldest first):");
+        for h in &body.handovers {
+            println!("  {}  {}", h.gpu, handover_line(h));
         }
     }
     Ok(())

@@ -84,6 +84,20 @@ pub struct ServeArgs {
     /// answers a few calls a minute; engine work runs on blocking threads anyway.
     #[arg(long, env = "VFIO_GPU_DRA_WORKER_THREADS", default_value_t = DEFAULT_WORKER_THREADS)]
     pub worker_threads: usize,
+    /// Do not publish GPUs the admin keeps on vfio (found there, not moved by the
+    /// plugin), e.g. for host VMs outside Kubernetes; by default they are offered
+    /// to the vfio-gpu-prebound.dra.dev class.
+    #[arg(long, env = "VFIO_GPU_DRA_HIDE_ADMIN_OWNED_GPUS")]
+    pub hide_admin_owned_gpus: bool,
+    /// Peer uid (SO_PEERCRED) the registration and DRA sockets serve; repeat for
+    /// more. The kubelet runs as root; the plugin's own uid is always served.
+    /// Others are closed unserved.
+    #[arg(long = "socket-peer-uid", value_name = "UID", default_values_t = [0u32])]
+    pub socket_peer_uids: Vec<u32>,
+    /// Most connections each socket holds at once (a kubelet uses one or two);
+    /// more are closed unserved.
+    #[arg(long, default_value_t = vfio_gpu_kubelet::grpc::peers::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(usize))]
+    pub socket_max_connections: usize,
     #[command(flatten)]
     pub host: HostOpts,
     #[command(flatten)]
@@ -148,6 +162,16 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     opts.call_budget = Duration::from_secs(args.call_budget.max(1));
     opts.legacy_kubevirt_metadata = args.kubevirt_legacy_metadata;
     opts.pod_uid = args.pod_uid.clone().filter(|u| !u.is_empty());
+    if args.hide_admin_owned_gpus {
+        opts.admin_owned = vfio_gpu_kubelet::slices::AdminOwned::Hide;
+    }
+    if args.socket_max_connections == 0 {
+        bail!("--socket-max-connections 0 would refuse the kubelet");
+    }
+    opts.socket_peers = vfio_gpu_kubelet::grpc::peers::PeerPolicy {
+        allowed_uids: args.socket_peer_uids.clone(),
+        max_connections: args.socket_max_connections,
+    };
     // Bound here so a taken port or a bad address fails before anything starts.
     if let Some(addr) = args.metrics_addr.as_deref().filter(|a| !a.is_empty()) {
         let listener = std::net::TcpListener::bind(addr)

@@ -144,7 +144,11 @@ impl Setup {
     /// `--fm-endpoint`'s libnvfm; `None` without either.
     pub fn fabric_config(&self) -> Result<Option<vfio_gpu_engine::FabricConfig>> {
         match &self.hgx_demo {
-            Some((dir, host)) => Ok(Some(crate::fabric_cmd::demo_config(dir, host)?)),
+            Some((dir, host)) => Ok(Some(crate::fabric_cmd::demo_config(
+                dir,
+                host,
+                &self.fabric,
+            )?)),
             None => self.fabric.config(),
         }
     }

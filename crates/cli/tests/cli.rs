@@ -418,3 +418,56 @@ fn serve_takes_the_deadlines_and_the_prepare_budget() {
         assert!(help.contains(flag), "serve --help lacks {flag}:\n{help}");
     }
 }
+
+/// Between tenants through the CLI on the demo host: a release resets and
+/// verifies the GPU and `ledger`/`explain` show the hand-over; a GPU that
+/// answers with another device id after its reset is quarantined, `bind`
+/// refuses it, and `reset` (once the id is back) clears it.
+#[test]
+fn release_hands_over_and_reset_clears_a_quarantine() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().to_str().unwrap();
+    let cli = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--demo", "--demo-dir", demo, "-o", "json"]);
+        run(&all)
+    };
+    json(&cli(&["bind", "0000:ab:00.0"]));
+    let v = json(&cli(&["release", "0000:ab:00.0"]));
+    assert_eq!(v[0]["action"], "restored", "{v}");
+    let ledger = json(&cli(&["ledger"]));
+    let handover = &ledger["handovers"][0];
+    assert_eq!(handover["gpu"], "0000:ab:00.0");
+    assert_eq!(handover["verification"], "clean", "{ledger}");
+    let explained = json(&cli(&["explain", "0000:ab:00.0"]));
+    assert_eq!(explained["lastHandover"]["verification"], "clean");
+
+    json(&cli(&["bind", "0000:ab:00.0"]));
+    // The device answers with another id from now on (as after a failed reset).
+    let device = dir
+        .path()
+        .join("host/sys/bus/pci/devices/0000:ab:00.0/device");
+    let original = std::fs::read_to_string(&device).unwrap();
+    std::fs::write(&device, "0x1eb8\n").unwrap();
+    let v = json(&cli(&["release", "0000:ab:00.0"]));
+    assert_eq!(v[0]["action"], "quarantined", "{v}");
+    let ledger = json(&cli(&["ledger"]));
+    assert!(
+        ledger["quarantined"]["0000:ab:00.0"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("10de:1eb8"),
+        "{ledger}"
+    );
+    let o = cli(&["bind", "0000:ab:00.0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
+    assert!(stdout(&o).contains("quarantined"), "{}", stdout(&o));
+    // Still the wrong id: the admin's reset refuses to clear it.
+    assert_eq!(cli(&["reset", "0000:ab:00.0"]).status.code(), Some(2));
+    std::fs::write(&device, original).unwrap();
+    let v = json(&cli(&["reset", "0000:ab:00.0"]));
+    assert_eq!(v[0]["action"], "reset", "{v}");
+    let ledger = json(&cli(&["ledger"]));
+    assert!(ledger.get("quarantined").is_none(), "{ledger}");
+    json(&cli(&["bind", "0000:ab:00.0"]));
+}

@@ -84,3 +84,85 @@ fn fabric_status_and_explain_on_the_hgx_demo_host() {
         Some(15)
     );
 }
+
+/// The fake NVML cdylib (`crates/fabric/fake-nvml`), built on demand.
+fn fake_nvml() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(std::path::Path::parent).unwrap();
+    let target_dir = profile_dir.parent().unwrap();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-q", "-p", "fake-nvml", "--target-dir"])
+        .arg(target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    assert!(cmd.status().unwrap().success());
+    profile_dir.join("libfake_nvml.so")
+}
+
+#[test]
+fn fabric_learn_reads_nvml_through_dlopen_and_needs_yes() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    let demo_s = demo.to_str().unwrap().to_string();
+    let nvml = fake_nvml();
+    let state = dir.path().join("nvml.json");
+    let run_nvml = |args: &[&str], modules: serde_json::Value| {
+        std::fs::write(
+            &state,
+            serde_json::json!({"modules": modules, "hostRoot": demo.join("host")}).to_string(),
+        )
+        .unwrap();
+        let mut v: Vec<&str> = args.to_vec();
+        v.extend(["--demo", "--hgx", "--demo-dir", &demo_s, "--nvml-library"]);
+        v.push(nvml.to_str().unwrap());
+        let o = bin()
+            .args(&v)
+            .env("FAKE_NVML_STATE", &state)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let truth = serde_json::json!({"0000:9a:00.0": 1, "0000:ab:00.0": 3});
+    // Without --yes: the warning, and nothing done.
+    let (ok, _, err) = run_nvml(&["fabric", "learn", "0000:9a:00.0"], truth.clone());
+    assert!(!ok);
+    assert!(err.contains("WARNING") && err.contains("--yes"), "{err}");
+    // With it: 9a:00.0 is on nvidia in the demo, so NVML reads it in place.
+    let (ok, out, err) = run_nvml(&["fabric", "learn", "0000:9a:00.0", "--yes"], truth.clone());
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("0000:9a:00.0: module 1 (read on nvidia"),
+        "{out}"
+    );
+    // `serve`'s wiring: status resolves the map with NVML as the source.
+    let (ok, out, err) = run_nvml(&["fabric", "status"], truth);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("0000:9a:00.0  module 1  (Nvml)"), "{out}");
+    // NVML contradicting the admin's static map is an error, not a guess.
+    let wrong = serde_json::json!({"0000:9a:00.0": 2});
+    let (ok, out, err) = run_nvml(&["fabric", "learn", "0000:9a:00.0", "--yes"], wrong);
+    assert!(!ok, "{out}");
+    assert!(err.contains("fix the static map"), "{err}");
+}
+
+#[test]
+fn doctor_runs_the_fabric_checks_on_the_hgx_demo_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().to_str().unwrap();
+    let (_, out, err) = run(&["doctor", "--demo", "--hgx", "--demo-dir", demo]);
+    for check in ["fabric-manager", "fabric-mode", "nvlsm", "module-map"] {
+        let line = out
+            .lines()
+            .find(|l| l.contains(check))
+            .unwrap_or_else(|| panic!("no {check} line:\n{out}\n{err}"));
+        assert!(line.starts_with("pass"), "{line}\n{out}");
+    }
+    assert!(out.contains("all 8 GPUs have a module id"), "{out}");
+}

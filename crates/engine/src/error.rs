@@ -245,6 +245,27 @@ pub enum EngineError {
         /// The claim that holds it.
         holder: Holder,
     },
+    /// Quarantined: a reset, verification or scrub hook between tenants
+    /// failed; no tenant gets it until an administrator resets it.
+    #[error(
+        "{bdf} is quarantined ({reason}); it is not handed to a tenant until `vfio-gpu-dra reset {bdf}` resets and verifies it"
+    )]
+    Quarantined {
+        /// GPU.
+        bdf: Bdf,
+        /// Why.
+        reason: String,
+    },
+    /// The last tenant's hand-over (reset and verification) has not finished
+    /// (a VM still holds the group, or a crash interrupted it): reconcile
+    /// finishes it; the GPU goes to nobody before that.
+    #[error("{bdf}: the last tenant's hand-over is not finished ({detail}); retry once it is")]
+    HandoverPending {
+        /// GPU.
+        bdf: Bdf,
+        /// What it waits for.
+        detail: String,
+    },
     /// A write outlived its deadline; the GPU is left alone until it returns.
     #[error(
         "{bdf} is stuck: {op} did not return within {secs:.1} s; the GPU is not touched until it does (other GPUs are unaffected)"
@@ -328,10 +349,11 @@ pub enum EngineError {
         /// The processes holding its GPUs' vfio nodes.
         holders: Vec<NodeHolder>,
     },
-    /// An NVSwitch (PCI class 0x0680) shares the GPU's IOMMU group: it is
-    /// never handed out, so the group cannot move.
+    /// An NVSwitch (PCI class 0x0680) or an NVLink management bridge
+    /// (`SW_MNG` in its VPD) shares the GPU's IOMMU group: it is never
+    /// handed out, so the group cannot move.
     #[error(
-        "{bdf}: its IOMMU group also holds NVSwitch {members} (PCI class 0x0680); NVSwitches stay with the host's Fabric Manager and are never passed through, so this GPU cannot be (fix the IOMMU grouping: ACS)"
+        "{bdf}: its IOMMU group also holds NVLink fabric function {members} (an NVSwitch, PCI class 0x0680, or an NVLink management bridge, SW_MNG in its VPD); they stay with the host's Fabric Manager and are never passed through, so this GPU cannot be (fix the IOMMU grouping: ACS)"
     )]
     FabricSwitchInGroup {
         /// The GPU the operation was asked about (its first function's address).

@@ -75,6 +75,30 @@ pub struct ModuleRecord {
     pub extra: BTreeMap<String, Value>,
 }
 
+/// A `fabric learn` under way: the GPU visits `nvidia` so NVML can read its
+/// module id, and goes back to `vfio_driver`. Recorded before the GPU leaves
+/// vfio; a crash is finished by the next fabric reconcile
+/// ([`crate::state::on_pending_learn`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LearnRecord {
+    /// The GPU function visiting `nvidia`.
+    pub bdf: Bdf,
+    /// The vfio driver it goes back to.
+    pub vfio_driver: vfio_gpu_host::DriverName,
+    /// Its `driver_override` when found (restored on the way back).
+    #[serde(default)]
+    pub original_override: Option<String>,
+    /// Boot the learn ran in (after a reboot the GPU is where boot put it).
+    pub boot_id: String,
+    /// Monotonic operation number, for logs.
+    #[serde(default)]
+    pub operation: u64,
+    /// Fields written by other versions.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
 /// The ledger's `fabric` section.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -92,6 +116,9 @@ pub struct FabricLedger {
     /// Module ids by GPU.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub module_map: BTreeMap<Bdf, ModuleRecord>,
+    /// A `fabric learn` that has not finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learning: Option<LearnRecord>,
     /// Fields written by other versions.
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,
@@ -117,6 +144,7 @@ impl FabricLedger {
             && self.topology_hash.is_none()
             && self.partitions.is_empty()
             && self.module_map.is_empty()
+            && self.learning.is_none()
             && self.extra.is_empty()
     }
 
@@ -158,6 +186,13 @@ impl FabricLedger {
             ));
             false
         });
+        // The learn's GPU is where this boot put it (the pending-learn rule).
+        if let Some(l) = self.learning.take_if(|l| l.boot_id != boot_id) {
+            dropped.push(format!(
+                "fabric learn of {} (boot {}): an earlier boot's",
+                l.bdf, l.boot_id
+            ));
+        }
         dropped
     }
 }

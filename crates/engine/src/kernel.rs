@@ -46,6 +46,13 @@ pub enum SysfsWrite {
         /// Take (true) or release (false).
         take: bool,
     },
+    /// `devices/<BDF>/reset` ← `1`: the kernel resets the function with the
+    /// first method of its `reset_method` that works (FLR, PM, a bus reset
+    /// only when nothing else sits below the bridge). ENOENT: no method at all.
+    Reset {
+        /// Device.
+        bdf: Bdf,
+    },
 }
 
 impl SysfsWrite {
@@ -56,7 +63,8 @@ impl SysfsWrite {
             | SysfsWrite::Unbind { bdf, .. }
             | SysfsWrite::Bind { bdf, .. }
             | SysfsWrite::DriversProbe { bdf }
-            | SysfsWrite::NvidiaUnbindLock { bdf, .. } => *bdf,
+            | SysfsWrite::NvidiaUnbindLock { bdf, .. }
+            | SysfsWrite::Reset { bdf } => *bdf,
         }
     }
 
@@ -69,6 +77,7 @@ impl SysfsWrite {
             SysfsWrite::Bind { .. } => WriteKind::Bind,
             SysfsWrite::DriversProbe { .. } => WriteKind::DriversProbe,
             SysfsWrite::NvidiaUnbindLock { .. } => WriteKind::NvidiaUnbindLock,
+            SysfsWrite::Reset { .. } => WriteKind::Reset,
         }
     }
 
@@ -99,6 +108,7 @@ impl SysfsWrite {
                 nvidia_unbind_lock_path(root, bdf),
                 if *take { b"1".to_vec() } else { b"0".to_vec() },
             ),
+            SysfsWrite::Reset { bdf } => (root.pci_attr(bdf, "reset"), b"1".to_vec()),
         }
     }
 }
@@ -117,6 +127,8 @@ pub enum WriteKind {
     DriversProbe,
     /// [`SysfsWrite::NvidiaUnbindLock`].
     NvidiaUnbindLock,
+    /// [`SysfsWrite::Reset`].
+    Reset,
 }
 
 impl WriteKind {
@@ -128,6 +140,7 @@ impl WriteKind {
             WriteKind::Bind => "bind",
             WriteKind::DriversProbe => "drivers_probe",
             WriteKind::NvidiaUnbindLock => "unbindLock",
+            WriteKind::Reset => "reset",
         }
     }
 }
@@ -162,6 +175,7 @@ impl fmt::Display for SysfsWrite {
                 "{} nvidia unbind lock of {bdf}",
                 if *take { "take" } else { "release" }
             ),
+            SysfsWrite::Reset { bdf } => write!(f, "reset {bdf}"),
         }
     }
 }

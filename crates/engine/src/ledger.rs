@@ -104,6 +104,10 @@ pub struct FunctionRecord {
     /// We bound it to the vfio driver.
     #[serde(default)]
     pub bound_by_us: bool,
+    /// What it looked like when we found it, so a reset between tenants can
+    /// be verified against it (`None` in records older than this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<Fingerprint>,
     /// Fields written by other versions, kept as they were.
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,
@@ -156,10 +160,126 @@ pub struct GpuRecord {
     /// Last update, seconds since the epoch.
     #[serde(default)]
     pub updated: u64,
+    /// A tenant hand-over in progress (reset and verify after a release),
+    /// written before the first reset so a crash resumes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover: Option<Handover>,
     /// Fields written by other versions.
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,
 }
+
+/// One function's identity and BAR total, as recorded when it was found
+/// and compared after every reset.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Fingerprint {
+    /// `vendor`.
+    pub vendor: u16,
+    /// `device`.
+    pub device: u16,
+    /// `subsystem_vendor`.
+    pub subsystem_vendor: u16,
+    /// `subsystem_device`.
+    pub subsystem_device: u16,
+    /// Total size of the memory BARs (`resource`), in bytes.
+    pub bar_bytes: u64,
+}
+
+/// Where a tenant hand-over stands (write-ahead: each phase is recorded
+/// before its host writes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HandoverPhase {
+    /// Resetting every function (and running the scrub hook): redone after a crash.
+    Resetting,
+    /// Reset done: verification (after the functions are where they go) is next.
+    Verifying,
+}
+
+/// A tenant hand-over in progress, on the GPU's record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Handover {
+    /// The holder that released it, in words.
+    pub released_by: String,
+    /// When the release began, seconds since the epoch.
+    pub released_at: u64,
+    /// Where it stands.
+    pub phase: HandoverPhase,
+    /// How it was reset (`reset` attribute with the `reset_method` read then),
+    /// once it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_method: Option<String>,
+    /// The scrub hook's result, once it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<String>,
+    /// Fields written by other versions.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+impl Handover {
+    /// A hand-over owed from now on, released by `released_by`.
+    pub fn owed(released_by: &str) -> Handover {
+        Handover {
+            released_by: released_by.to_string(),
+            released_at: now(),
+            phase: HandoverPhase::Resetting,
+            reset_method: None,
+            hook: None,
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+/// The audit record of one finished tenant hand-over.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HandoverAudit {
+    /// The GPU.
+    pub gpu: Bdf,
+    /// The holder that released it, in words.
+    pub released_by: String,
+    /// When the release began, seconds since the epoch.
+    pub released_at: u64,
+    /// When the hand-over finished, seconds since the epoch.
+    pub finished_at: u64,
+    /// How it was reset, or why it was not.
+    pub reset_method: String,
+    /// `clean`, or what verification found.
+    pub verification: String,
+    /// The scrub hook's result (`not configured` when there is none).
+    pub hook: String,
+    /// Fields written by other versions.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+/// A GPU that failed its reset, verification or scrub hook: never offered
+/// until an administrator resets it (`vfio-gpu-dra reset <GPU>`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Quarantine {
+    /// Why.
+    pub reason: String,
+    /// Since when, seconds since the epoch.
+    pub since: u64,
+    /// Boot it was quarantined in (kept across reboots: a GPU that fails its
+    /// reset is suspect until proven clean).
+    pub boot_id: String,
+    /// What each function looked like when it was found: the admin's reset
+    /// must verify against these, not against the failed state.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fingerprints: BTreeMap<Bdf, Fingerprint>,
+    /// Fields written by other versions.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+/// How many hand-over audit records the ledger keeps (oldest dropped first),
+/// so the file stays small on a busy node.
+pub const HANDOVER_AUDIT_KEPT: usize = 256;
 
 impl GpuRecord {
     /// The function record for `bdf`.
@@ -198,6 +318,16 @@ pub struct LedgerBody {
         skip_serializing_if = "crate::fabric_state::FabricLedger::is_empty"
     )]
     pub fabric: crate::fabric_state::FabricLedger,
+    /// GPUs kept from tenants until an administrator resets them.
+    #[serde(
+        default,
+        deserialize_with = "one_record_per_gpu",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub quarantined: BTreeMap<Bdf, Quarantine>,
+    /// The last [`HANDOVER_AUDIT_KEPT`] tenant hand-overs, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub handovers: Vec<HandoverAudit>,
     /// Fields written by other versions.
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,

@@ -28,6 +28,7 @@ pub use engine::fabric::{
     FabricAction, FabricConfig, FabricOutcome, FabricPlan, FabricPolicy, FabricStatus, GpuFabric,
     ModuleIdReader,
 };
+pub use engine::fabric_learn::LearnOutcome;
 pub use engine::{
     Action, ClaimHeld, CrashMode, Engine, EngineConfig, GpuView, Inspection, OpenReport, Outcome,
     ReconcileResult, StateHold, StateLockMode, admin_may_release, inspect, pin_text, source_name,

@@ -84,20 +84,41 @@ fn describe_self() -> String {
     format!("pid={}\ncmd={cmd}\n", std::process::id())
 }
 
+/// Longest command line a "locked by" message repeats, in characters.
+const MAX_SHOWN_CMD: usize = 400;
+
 /// What the holder recorded in the lock file, for a "locked by" message.
 fn recorded_holder(file: &mut File) -> String {
     let mut text = String::new();
     // A holder writes a few hundred bytes; never read more than that. An
     // unreadable file names no holder, which the fields below then say.
     let _ = file.take(4096).read_to_string(&mut text);
+    holder_from_text(&text)
+}
+
+/// The "locked by" text for a lock file's content. The file may be anything (a
+/// crashed writer, a planted file): a pid is shown only when it is a number, and
+/// the command line without control characters and cut to [`MAX_SHOWN_CMD`], so
+/// the message cannot forge log lines or drive a terminal (found by the
+/// `lock_file` fuzz target).
+fn holder_from_text(text: &str) -> String {
     let field = |k: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(k))
-            .map(|v| v.trim().to_string())
+            .map(str::trim)
             .filter(|v| !v.is_empty())
     };
-    match (field("pid="), field("cmd=")) {
-        (Some(pid), Some(cmd)) => format!("pid {pid} ({cmd})"),
+    let pid = field("pid=").and_then(|p| p.parse::<u32>().ok());
+    let cmd = field("cmd=")
+        .map(|c| {
+            c.chars()
+                .filter(|c| !c.is_control())
+                .take(MAX_SHOWN_CMD)
+                .collect::<String>()
+        })
+        .filter(|c| !c.trim().is_empty());
+    match (pid, cmd) {
+        (Some(pid), Some(cmd)) => format!("pid {pid} ({})", cmd.trim()),
         (Some(pid), None) => format!("pid {pid}"),
         _ => "another vfio-gpu-dra process (it recorded no pid)".into(),
     }
@@ -259,6 +280,22 @@ pub fn probe_state_lock(dir: &Path) -> Result<(), LockError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `lock_file` fuzz target: a lock file's text reached the
+    /// "locked by" message verbatim (escape sequences, a pid that is not one).
+    #[test]
+    fn holder_text_from_any_lock_file_is_printable_and_shows_only_numeric_pids() {
+        let shown = holder_from_text("pid=5\ncmd=\u{1b}[2J\u{1b}[31mowned\r\n");
+        assert_eq!(shown, "pid 5 ([2J[31mowned)");
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert_eq!(
+            holder_from_text("pid=1 (init)\ncmd=x\n"),
+            "another vfio-gpu-dra process (it recorded no pid)"
+        );
+        let long = holder_from_text(&format!("pid=7\ncmd={}\n", "a".repeat(5000)));
+        assert_eq!(long.len(), "pid 7 ()".len() + MAX_SHOWN_CMD);
+        assert_eq!(holder_from_text("pid=9\ncmd=\u{7}\n"), "pid 9");
+    }
 
     #[test]
     fn contention_names_the_holder_and_io_errors_are_not_contention() {

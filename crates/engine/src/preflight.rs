@@ -445,8 +445,18 @@ fn scan_process(
     };
     let mut buf = vec![0u8; 4096];
     for fd in fds.flatten() {
-        let Some(target) = readlink_at(&dir, &fd.file_name(), &mut buf) else {
-            continue; // closed meanwhile
+        // A descriptor closed meanwhile is gone (ENOENT); any other failure
+        // (EACCES without CAP_SYS_PTRACE) hides what it points at, so the
+        // scan fails closed instead of calling the process harmless.
+        let target = match readlink_at(&dir, &fd.file_name(), &mut buf) {
+            Ok(Some(target)) => target,
+            Ok(None) => continue,
+            Err(source) => {
+                return Err(HolderScanError::Proc {
+                    path: fd.path(),
+                    source,
+                });
+            }
         };
         let target = Path::new(std::ffi::OsStr::from_bytes(target));
         let text = target.to_string_lossy();
@@ -478,7 +488,7 @@ fn scan_process(
                 .read_opt(&proc_path.join("comm"))
                 .ok()
                 .flatten()
-                .map(|s| s.trim().to_string())
+                .map(|s| shown_comm(&s))
                 .unwrap_or_else(|| "?".into());
             held.push(NodeHolder {
                 pid,
@@ -489,6 +499,18 @@ fn scan_process(
         }
     }
     Ok(held)
+}
+
+/// A process's `comm` as messages show it. Any process sets its own (`prctl`,
+/// writing `/proc/self/comm`), so control characters become `?` and the text is
+/// cut: a tenant must not be able to forge log lines or drive a terminal through
+/// the "held by" message (found by the `proc_text` fuzz target).
+fn shown_comm(raw: &str) -> String {
+    raw.trim()
+        .chars()
+        .take(64)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 /// Holders of `nodes` among `found` (a scan for more nodes): what
@@ -502,10 +524,16 @@ pub fn holders_among(root: &HostRoot, found: &[NodeHolder], nodes: &[PathBuf]) -
         .collect()
 }
 
-/// `readlinkat(dir, name)` into `buf`; `None` when the link is gone.
-fn readlink_at<'b>(dir: &fs::File, name: &std::ffi::OsStr, buf: &'b mut [u8]) -> Option<&'b [u8]> {
+/// `readlinkat(dir, name)` into `buf`; `Ok(None)` when the link is gone
+/// (ENOENT, ESRCH: the descriptor or the process ended).
+fn readlink_at<'b>(
+    dir: &fs::File,
+    name: &std::ffi::OsStr,
+    buf: &'b mut [u8],
+) -> std::io::Result<Option<&'b [u8]>> {
     use std::os::fd::AsRawFd;
-    let name = std::ffi::CString::new(name.as_bytes()).ok()?;
+    let name = std::ffi::CString::new(name.as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     // SAFETY: `dir` is an open directory fd, `name` a NUL-terminated string,
     // and the kernel writes at most `buf.len()` bytes into `buf`.
     let n = unsafe {
@@ -516,8 +544,16 @@ fn readlink_at<'b>(dir: &fs::File, name: &std::ffi::OsStr, buf: &'b mut [u8]) ->
             buf.len(),
         )
     };
-    let n = usize::try_from(n).ok()?;
-    buf.get(..n)
+    match usize::try_from(n) {
+        Ok(n) => Ok(buf.get(..n)),
+        Err(_) => {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ENOENT) | Some(libc::ESRCH) => Ok(None),
+                _ => Err(e),
+            }
+        }
+    }
 }
 
 /// [`scan_holders`] for callers that take a list: a failed scan is returned
@@ -538,6 +574,15 @@ pub fn find_holders(root: &HostRoot, nodes: &[PathBuf]) -> Vec<NodeHolder> {
 mod tests {
     use super::*;
     use vfio_gpu_host::fixture::{FixtureHost, FunctionSpec};
+
+    /// Found by the `proc_text` fuzz target: a holder's `comm` reached the
+    /// "held by" message with escape sequences and newlines.
+    #[test]
+    fn a_holders_comm_is_shown_without_control_characters() {
+        assert_eq!(shown_comm("\u{1b}[31mx\ny\n"), "?[31mx?y");
+        assert_eq!(shown_comm("nvidia-persiste\n"), "nvidia-persiste");
+        assert_eq!(shown_comm(&"a".repeat(100)).len(), 64);
+    }
 
     /// A distribution kernel's modules.alias is about 1.3 MB and the
     /// `vfio_pci:` lines sit near its end (line 20117 of 26223 in Debian's

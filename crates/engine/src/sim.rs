@@ -14,7 +14,9 @@
 //! nvidia's unbind lock and `/proc/driver/nvidia/gpus/<BDF>`, zero-length
 //! writes dropped, device remove and rescan, and the `/dev/vfio` nodes.
 //! Faults: a failing write, a write that blocks until released, latency per
-//! operation and driver, a failing read.
+//! operation and driver, a failing read. Resets: `reset` takes `device_lock`,
+//! fails with ENOENT on a device without a reset method, and can leave a
+//! degraded link, another device id or lost BARs behind ([`ResetEffect`]).
 
 // The simulator is the kernel: it lays out and changes the fixture tree
 // with std; what the engine reads goes through `edge_root`.
@@ -237,6 +239,32 @@ struct SimState {
     /// `/proc/driver/nvidia/gpus/<BDF>` files of unbound GPUs, recreated on bind.
     nvidia_proc: HashMap<Bdf, Vec<(std::ffi::OsString, Vec<u8>)>>,
     removed: HashMap<Bdf, Removed>,
+    /// What the next successful `reset` of a device does to it.
+    after_reset: HashMap<Bdf, ResetEffect>,
+    /// Devices without any reset method (no `reset` attribute).
+    no_reset: HashSet<Bdf>,
+    /// Successful resets per device.
+    resets: HashMap<Bdf, u32>,
+    /// Devices reset while a VFIO user had their group open (a tenant's GPU
+    /// reset under it): the engine must never cause one.
+    reset_under_user: Vec<Bdf>,
+}
+
+/// What a simulated `reset` leaves behind besides a clean device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResetEffect {
+    /// The link retrains below its maximum (`current_link_speed`/`width`).
+    DegradedLink {
+        /// Speed it comes back at, e.g. `2.5 GT/s PCIe`.
+        speed: String,
+        /// Width it comes back at.
+        width: u32,
+    },
+    /// Config space answers with another device id (a GPU that fell back to
+    /// its recovery personality, or a different card behind the slot).
+    ChangedDeviceId(u16),
+    /// The BARs are gone (`resource` reads all zero).
+    LostBars,
 }
 
 /// Faults on host reads by path prefix (procfs, `/dev/vfio`, driver
@@ -523,6 +551,41 @@ impl SimKernel {
     /// Chooses which `/dev/vfio` nodes a vfio bind creates.
     pub fn set_vfio_nodes(&self, nodes: VfioNodes) {
         self.lock().vfio_nodes = nodes;
+    }
+
+    /// The next successful `reset` of `bdf` leaves `effect` behind.
+    pub fn on_reset(&self, bdf: Bdf, effect: ResetEffect) {
+        self.lock().after_reset.insert(bdf, effect);
+    }
+
+    /// `bdf` has no reset method at all (no `reset` attribute): a reset
+    /// write fails with ENOENT.
+    pub fn without_reset(&self, bdf: Bdf) {
+        self.lock().no_reset.insert(bdf);
+    }
+
+    /// Successful resets of `bdf` so far.
+    pub fn resets(&self, bdf: Bdf) -> u32 {
+        self.lock().resets.get(&bdf).copied().unwrap_or(0)
+    }
+
+    /// Devices reset while a VFIO user held their group, in order.
+    pub fn resets_under_a_user(&self) -> Vec<Bdf> {
+        self.lock().reset_under_user.clone()
+    }
+
+    /// Writes the link attributes of `bdf` (`current_`/`max_link_speed`,
+    /// `current_`/`max_link_width`) as a PCIe endpoint shows them.
+    pub fn set_link(&self, bdf: Bdf, speed: &str, width: u32) -> io::Result<()> {
+        for (name, value) in [
+            ("current_link_speed", speed.to_string()),
+            ("max_link_speed", speed.to_string()),
+            ("current_link_width", width.to_string()),
+            ("max_link_width", width.to_string()),
+        ] {
+            fs::write(self.tree.pci_attr(&bdf, name), format!("{value}\n"))?;
+        }
+        Ok(())
     }
 
     /// True while a bind or unbind of `bdf` holds its `device_lock`.
@@ -818,6 +881,51 @@ impl SimKernel {
         Ok(())
     }
 
+    /// A reset that returned: counted, noted when a VFIO user had the group
+    /// open, and any injected after-effect applied to the attributes.
+    fn apply_reset(&self, bdf: Bdf) -> io::Result<()> {
+        let f = self.read(bdf)?;
+        let effect = {
+            let mut s = self.lock();
+            *s.resets.entry(bdf).or_default() += 1;
+            if f.iommu_group.is_some_and(|g| s.vfio_users.contains(&g)) {
+                s.reset_under_user.push(bdf);
+            }
+            s.after_reset.remove(&bdf)
+        };
+        match effect {
+            // A clean reset retrains the link to its maximum.
+            None => {
+                for (current, max) in [
+                    ("current_link_speed", "max_link_speed"),
+                    ("current_link_width", "max_link_width"),
+                ] {
+                    if let Ok(top) = fs::read_to_string(self.tree.pci_attr(&bdf, max)) {
+                        fs::write(self.tree.pci_attr(&bdf, current), top)?;
+                    }
+                }
+                Ok(())
+            }
+            Some(ResetEffect::DegradedLink { speed, width }) => {
+                fs::write(
+                    self.tree.pci_attr(&bdf, "current_link_speed"),
+                    format!("{speed}\n"),
+                )?;
+                fs::write(
+                    self.tree.pci_attr(&bdf, "current_link_width"),
+                    format!("{width}\n"),
+                )
+            }
+            Some(ResetEffect::ChangedDeviceId(id)) => {
+                fs::write(self.tree.pci_attr(&bdf, "device"), format!("0x{id:04x}\n"))
+            }
+            Some(ResetEffect::LostBars) => {
+                let zero = "0x0000000000000000 0x0000000000000000 0x0000000000000000\n";
+                fs::write(self.tree.pci_attr(&bdf, "resource"), zero.repeat(7))
+            }
+        }
+    }
+
     fn matches_ids(driver: &SimDriver, f: &PciFunction) -> bool {
         driver.dynids.iter().any(|r| r.matches(&f.identity))
             || driver.id_table.iter().any(|r| r.matches(f))
@@ -967,6 +1075,21 @@ impl SimKernel {
                 // Granted (reads back 1) only with a usage count of 0.
                 let granted = *take && self.lock().clients.get(bdf).is_none_or(|n| *n == 0);
                 fs::write(path, if granted { "1\n" } else { "0\n" })
+            }
+            SysfsWrite::Reset { bdf } => {
+                if !self.exists(*bdf) {
+                    return Err(err(errno::ENODEV, format!("{bdf}")));
+                }
+                if self.lock().no_reset.contains(bdf) {
+                    return Err(err(
+                        libc_enoent(),
+                        format!("{bdf} has no reset method (no reset attribute)"),
+                    ));
+                }
+                // pci_reset_function holds device_lock for the whole reset.
+                let _locked = self.lock_device(*bdf);
+                Self::delay(gate, latency);
+                self.apply_reset(*bdf)
             }
         }
     }

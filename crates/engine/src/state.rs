@@ -11,7 +11,16 @@
 //!                        ReleasedUnbound)                   ReleasedUnbound)
 //!   found on vfio, not by us ─▶ Prebound (admin-owned; released = kept)
 //!   settled while intent says keep ─▶ Prebound, origins kept
+//!
+//!   a tenant's release (handover on the record, written ahead):
+//!   (none) ─▶ Resetting ─▶ Verifying ─▶ (none) + audit record
+//!                 │             │
+//!                 └── failure ──┴──▶ quarantined (ledger), Prebound on vfio
+//!                                     └─ `reset <GPU>` resets, verifies, clears
 //! ```
+//!
+//! [`decide_handover`] decides the hand-over step, [`verify_function`]
+//! judges a function after its reset.
 //!
 //! Every path that could send a function back to a host driver (a release,
 //! the finish of an interrupted release, a rollback, reconcile) asks one pure
@@ -22,7 +31,11 @@ use std::collections::BTreeMap;
 
 use vfio_gpu_host::{Bdf, DriverName, PciFunction};
 
-use crate::ledger::{Changes, FunctionRecord, GpuRecord, Holder, OpState};
+use vfio_gpu_intent::SanitizeMode;
+
+use crate::ledger::{
+    Changes, Fingerprint, FunctionRecord, GpuRecord, HandoverPhase, Holder, OpState,
+};
 
 /// What a configure for a holder must do with the record it finds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,6 +107,9 @@ pub struct Observed {
     pub stuck: bool,
     /// A process (a VM) holds one of its vfio nodes.
     pub vfio_in_use: bool,
+    /// Quarantined (a reset, verification or scrub hook failed): a kept
+    /// record stays where it is until an administrator resets it.
+    pub quarantined: bool,
 }
 
 /// What settling a record must do: the one keep-or-restore decision.
@@ -117,6 +133,9 @@ pub enum Settle {
     Keep(String),
     /// Return every function to its target ([`IntentNow::target`]).
     Restore,
+    /// Quarantined: touch nothing (it stays on vfio, out of any tenant's
+    /// and the host driver's hands) until an administrator resets it.
+    Quarantined,
 }
 
 /// What a record is, for the settle decision.
@@ -165,12 +184,168 @@ pub fn decide_settle(kind: RecordKind, intent: &IntentNow, observed: Observed) -
     if observed.stuck {
         return Settle::WaitStuck;
     }
+    // Kept on vfio because its hand-over failed: never to a host driver
+    // until the admin's reset clears it. A release of ours that quarantined
+    // it after the bind is finished like any other (it is already back).
+    if observed.quarantined && kind == RecordKind::KeptByIntent {
+        return Settle::Quarantined;
+    }
     match intent {
         // Keeping never unbinds vfio, so a VM holding the group does not matter.
         IntentNow::Keep(why) => Settle::Keep(why.clone()),
         IntentNow::Unknown(why) => Settle::WaitIntent(why.clone()),
         IntentNow::Restore { .. } if observed.vfio_in_use => Settle::WaitBusy,
         IntentNow::Restore { .. } => Settle::Restore,
+    }
+}
+
+/// What a settle does for the tenant hand-over (reset and verify between
+/// tenants), from the policy, the record's hand-over phase and the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandoverStep {
+    /// No tenant is being handed over (a rollback, a record without a
+    /// hand-over in progress): nothing to reset.
+    Nothing,
+    /// The policy says `off`: recorded as handed over unsanitized.
+    Unsanitized,
+    /// A VM still has the group open: never reset a device under its user;
+    /// the hand-over stays recorded and is resumed when it lets go.
+    WaitBusy,
+    /// Reset every function (the phase recorded first), run the scrub hook
+    /// when `hook`, then verify.
+    Reset {
+        /// Run the scrub hook after the reset.
+        hook: bool,
+    },
+    /// The reset finished before a crash: verify only.
+    Verify,
+}
+
+/// The hand-over decision. `phase`: the record's hand-over in progress, if
+/// any; `released_now`: this settle is the holder's release (a tenant leaves
+/// now); `vfio_in_use`: a process holds one of its vfio nodes. Pure; tested
+/// over every input.
+pub fn decide_handover(
+    mode: SanitizeMode,
+    phase: Option<HandoverPhase>,
+    released_now: bool,
+    vfio_in_use: bool,
+) -> HandoverStep {
+    if phase.is_none() && !released_now {
+        return HandoverStep::Nothing;
+    }
+    if mode == SanitizeMode::Off {
+        return HandoverStep::Unsanitized;
+    }
+    match phase {
+        // Reading config space and link state is harmless to a user.
+        Some(HandoverPhase::Verifying) => HandoverStep::Verify,
+        _ if vfio_in_use => HandoverStep::WaitBusy,
+        _ => HandoverStep::Reset {
+            hook: mode == SanitizeMode::ResetAndHook,
+        },
+    }
+}
+
+/// A function's link as sysfs shows it after a reset (absent on functions
+/// without a PCIe capability, such as emulated conventional PCI devices).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkState {
+    /// `current_link_speed`, e.g. `16.0 GT/s PCIe`.
+    pub current_speed: String,
+    /// `max_link_speed`.
+    pub max_speed: String,
+    /// `current_link_width`.
+    pub current_width: u32,
+    /// `max_link_width`.
+    pub max_width: u32,
+}
+
+/// What one function looks like after a reset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FunctionHealth {
+    /// Address.
+    pub bdf: Bdf,
+    /// Identity and BARs as config space answers now.
+    pub now: Fingerprint,
+    /// The link, when the function reports one.
+    pub link: Option<LinkState>,
+}
+
+/// What is wrong with one function after a reset, against what was recorded
+/// when it was found (`expected`; `None` in records older than fingerprints,
+/// where identity cannot be compared): config space answers with the same
+/// vendor, device and subsystem, the BARs are there with the same total
+/// size, the link trained back to its maximum speed and width. Empty: clean.
+pub fn verify_function(expected: Option<&Fingerprint>, health: &FunctionHealth) -> Vec<String> {
+    let mut problems = Vec::new();
+    let now = &health.now;
+    let b = health.bdf;
+    if now.vendor == 0xffff {
+        // All ones: config space does not answer at all.
+        problems.push(format!(
+            "{b}: config space reads all ones (device not responding)"
+        ));
+        return problems;
+    }
+    if let Some(want) = expected {
+        let ids = |f: &Fingerprint| {
+            format!(
+                "{:04x}:{:04x} subsystem {:04x}:{:04x}",
+                f.vendor, f.device, f.subsystem_vendor, f.subsystem_device
+            )
+        };
+        if (
+            want.vendor,
+            want.device,
+            want.subsystem_vendor,
+            want.subsystem_device,
+        ) != (
+            now.vendor,
+            now.device,
+            now.subsystem_vendor,
+            now.subsystem_device,
+        ) {
+            problems.push(format!(
+                "{b}: answers as {} after the reset, was {}",
+                ids(now),
+                ids(want)
+            ));
+        }
+        if now.bar_bytes != want.bar_bytes {
+            problems.push(format!(
+                "{b}: BARs total {} bytes after the reset, were {}",
+                now.bar_bytes, want.bar_bytes
+            ));
+        }
+    }
+    if let Some(link) = &health.link {
+        if link.current_speed != link.max_speed {
+            problems.push(format!(
+                "{b}: link trained to {} of {}",
+                link.current_speed, link.max_speed
+            ));
+        }
+        if link.current_width != link.max_width {
+            problems.push(format!(
+                "{b}: link trained to x{} of x{}",
+                link.current_width, link.max_width
+            ));
+        }
+    }
+    problems
+}
+
+impl Fingerprint {
+    /// The identity and BAR total of `f` as read now.
+    pub fn of(f: &PciFunction) -> Fingerprint {
+        Fingerprint {
+            vendor: f.identity.vendor,
+            device: f.identity.device,
+            subsystem_vendor: f.identity.subsystem_vendor,
+            subsystem_device: f.identity.subsystem_device,
+            bar_bytes: f.bar_bytes,
+        }
     }
 }
 
@@ -183,6 +358,7 @@ impl FunctionRecord {
             original_override: f.driver_override.clone(),
             override_written: None,
             bound_by_us: false,
+            fingerprint: Some(Fingerprint::of(f)),
             extra: BTreeMap::new(),
         }
     }
@@ -223,6 +399,7 @@ impl GpuRecord {
             boot_id,
             operation,
             updated: 0,
+            handover: None,
             extra: BTreeMap::new(),
         }
     }
@@ -306,6 +483,85 @@ impl GpuRecord {
     }
 }
 
+/// What `fabric learn` finds about a GPU before it touches anything.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LearnFacts {
+    /// The ledger has a record of the GPU (held, kept or mid-operation).
+    pub recorded: bool,
+    /// The GPU is a member of a partition the ledger records.
+    pub in_partition: bool,
+    /// An earlier learn has not finished.
+    pub learn_pending: bool,
+    /// A write or read of the GPU is still blocked.
+    pub stuck: bool,
+    /// The GPU function has a driver.
+    pub has_driver: bool,
+    /// That driver is a vfio driver.
+    pub on_vfio: bool,
+    /// A process holds the GPU's VFIO group.
+    pub vfio_in_use: bool,
+}
+
+/// What `fabric learn` does with a GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LearnPlan {
+    /// On a host driver already: NVML reads it where it is; nothing moves.
+    ReadInPlace,
+    /// On vfio and idle: bind it to `nvidia`, read, bind it back (write-ahead).
+    VisitNvidia,
+    /// Not now, for this reason; nothing is changed.
+    Refuse(&'static str),
+}
+
+/// The one decision of `fabric learn`. Pure; tested over every input. A GPU
+/// the plugin holds, keeps or is moving, one in a partition, one a process
+/// holds, or one blocked is never moved by a learn.
+pub fn decide_learn(f: LearnFacts) -> LearnPlan {
+    if f.stuck {
+        LearnPlan::Refuse("a write or read of it is still blocked")
+    } else if f.learn_pending {
+        LearnPlan::Refuse("an earlier learn has not finished (run `fabric reconcile`)")
+    } else if f.recorded {
+        LearnPlan::Refuse(
+            "the ledger records it (held by a claim, kept, or mid-operation): release it first",
+        )
+    } else if f.in_partition {
+        LearnPlan::Refuse("it is a member of an NVLink partition the ledger records")
+    } else if !f.has_driver {
+        LearnPlan::Refuse("it has no driver (bind it to vfio-pci or nvidia first)")
+    } else if !f.on_vfio {
+        LearnPlan::ReadInPlace
+    } else if f.vfio_in_use {
+        LearnPlan::Refuse("a process (a VM?) holds its VFIO group")
+    } else {
+        LearnPlan::VisitNvidia
+    }
+}
+
+/// What the next fabric reconcile does with an unfinished learn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnPendingLearn {
+    /// Bind the GPU back to its recorded vfio driver, then drop the record.
+    ReturnToVfio,
+    /// Drop the record, for this reason.
+    Drop(&'static str),
+}
+
+/// The decision for an unfinished learn. `same_boot`: the record is of this
+/// boot; `present`: the GPU is still in sysfs; `on_vfio`: its function is on
+/// a vfio driver now. Pure; tested over every input.
+pub fn on_pending_learn(same_boot: bool, present: bool, on_vfio: bool) -> OnPendingLearn {
+    if !same_boot {
+        OnPendingLearn::Drop("an earlier boot's learn: the GPU is where this boot put it")
+    } else if !present {
+        OnPendingLearn::Drop("the GPU is gone")
+    } else if on_vfio {
+        OnPendingLearn::Drop("the GPU is back on vfio")
+    } else {
+        OnPendingLearn::ReturnToVfio
+    }
+}
+
 /// What reconcile does with a record, from its state and the GPU function now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnReconcile {
@@ -330,6 +586,9 @@ impl GpuRecord {
                 OnReconcile::Drop("released unbound earlier, has a driver now: record dropped")
             }
             OpState::ReleasedUnbound => OnReconcile::Keep("released to no driver, as it was found"),
+            // A tenant hand-over still owed (a VM held the group at release):
+            // settled again, which resumes it once the group is free.
+            OpState::Prebound if self.handover.is_some() => OnReconcile::Settle,
             // Moved by us and kept for intent: decided again with intent as it
             // is now (an admin who drops the intent gets the GPU back).
             OpState::Prebound if self.kind() == RecordKind::KeptByIntent => OnReconcile::Settle,
@@ -395,6 +654,7 @@ mod tests {
                 original_override: None,
                 override_written: None,
                 bound_by_us: true,
+                fingerprint: None,
                 extra: BTreeMap::new(),
             }],
             changes: Changes::default(),
@@ -402,6 +662,7 @@ mod tests {
             boot_id: "b".into(),
             operation: 1,
             updated: 0,
+            handover: None,
             extra: BTreeMap::new(),
         }
     }
@@ -475,11 +736,12 @@ mod tests {
         let mut seen = 0;
         for kind in kinds {
             for intent in &intents {
-                for bits in 0..8u8 {
+                for bits in 0..16u8 {
                     let observed = Observed {
                         vanished: bits & 1 != 0,
                         stuck: bits & 2 != 0,
                         vfio_in_use: bits & 4 != 0,
+                        quarantined: bits & 8 != 0,
                     };
                     let got = decide_settle(kind, intent, observed);
                     seen += 1;
@@ -493,6 +755,8 @@ mod tests {
                         Settle::AdminOwned
                     } else if observed.stuck {
                         Settle::WaitStuck
+                    } else if observed.quarantined && kind == RecordKind::KeptByIntent {
+                        Settle::Quarantined
                     } else if let IntentNow::Keep(why) = intent {
                         Settle::Keep(why.clone())
                     } else if let IntentNow::Unknown(why) = intent {
@@ -505,12 +769,136 @@ mod tests {
                     assert_eq!(got, expected, "{kind:?} {intent:?} {observed:?}");
                     // The promise, stated directly.
                     if got == Settle::Restore {
-                        assert!(!keep && !observed.vfio_in_use && !observed.stuck && ours);
+                        assert!(
+                            !keep
+                                && !observed.vfio_in_use
+                                && !observed.stuck
+                                && (!observed.quarantined || kind != RecordKind::KeptByIntent)
+                                && ours
+                        );
                     }
                 }
             }
         }
-        assert_eq!(seen, 4 * 4 * 8);
+        assert_eq!(seen, 4 * 4 * 16);
+    }
+
+    /// Every input of the hand-over decision: a device is never reset while
+    /// a user holds it, `off` never resets, a tenant's release always leads
+    /// to a reset or a recorded reason not to, and a finished reset is
+    /// never repeated (a crash in verification resumes verification).
+    #[test]
+    fn handover_decision_over_every_input() {
+        let modes = [
+            SanitizeMode::Reset,
+            SanitizeMode::ResetAndHook,
+            SanitizeMode::Off,
+        ];
+        let phases = [
+            None,
+            Some(HandoverPhase::Resetting),
+            Some(HandoverPhase::Verifying),
+        ];
+        let mut seen = 0;
+        for mode in modes {
+            for phase in phases {
+                for released_now in [false, true] {
+                    for in_use in [false, true] {
+                        let got = decide_handover(mode, phase, released_now, in_use);
+                        seen += 1;
+                        let expected = if phase.is_none() && !released_now {
+                            HandoverStep::Nothing
+                        } else if mode == SanitizeMode::Off {
+                            HandoverStep::Unsanitized
+                        } else if phase == Some(HandoverPhase::Verifying) {
+                            HandoverStep::Verify
+                        } else if in_use {
+                            HandoverStep::WaitBusy
+                        } else {
+                            HandoverStep::Reset {
+                                hook: mode == SanitizeMode::ResetAndHook,
+                            }
+                        };
+                        let case =
+                            format!("{mode} {phase:?} released={released_now} in_use={in_use}");
+                        assert_eq!(got, expected, "{case}");
+                        // The promises, stated directly.
+                        if matches!(got, HandoverStep::Reset { .. }) {
+                            assert!(!in_use && mode != SanitizeMode::Off, "{case}");
+                        }
+                        if released_now {
+                            assert_ne!(got, HandoverStep::Nothing, "{case}");
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(seen, 3 * 3 * 2 * 2);
+    }
+
+    fn fingerprint(device: u16, bar_bytes: u64) -> Fingerprint {
+        Fingerprint {
+            vendor: 0x10de,
+            device,
+            subsystem_vendor: 0x10de,
+            subsystem_device: 0x1234,
+            bar_bytes,
+        }
+    }
+
+    /// Verification over every way a reset can leave a function: each fault
+    /// alone is reported, naming what changed, and a clean one passes.
+    #[test]
+    fn verification_reports_each_fault_and_passes_a_clean_function() {
+        let b: Bdf = "0000:66:00.0".parse().unwrap();
+        let want = fingerprint(0x2330, 1 << 30);
+        let link = |speed: &str, width| LinkState {
+            current_speed: speed.into(),
+            max_speed: "32.0 GT/s PCIe".into(),
+            current_width: width,
+            max_width: 16,
+        };
+        let health = |now: Fingerprint, l: Option<LinkState>| FunctionHealth {
+            bdf: b,
+            now,
+            link: l,
+        };
+        let clean = health(want.clone(), Some(link("32.0 GT/s PCIe", 16)));
+        assert_eq!(verify_function(Some(&want), &clean), Vec::<String>::new());
+        // No link attributes (conventional PCI): identity and BARs still checked.
+        assert!(verify_function(Some(&want), &health(want.clone(), None)).is_empty());
+        let cases = [
+            (
+                health(fingerprint(0x2331, 1 << 30), None),
+                "answers as 10de:2331",
+            ),
+            (health(fingerprint(0x2330, 0), None), "BARs total 0 bytes"),
+            (
+                health(want.clone(), Some(link("2.5 GT/s PCIe", 16))),
+                "link trained to 2.5 GT/s",
+            ),
+            (
+                health(want.clone(), Some(link("32.0 GT/s PCIe", 4))),
+                "link trained to x4 of x16",
+            ),
+            (
+                health(
+                    Fingerprint {
+                        vendor: 0xffff,
+                        ..want.clone()
+                    },
+                    None,
+                ),
+                "not responding",
+            ),
+        ];
+        for (h, says) in cases {
+            let problems = verify_function(Some(&want), &h);
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(problems[0].contains(says), "{problems:?} vs {says}");
+        }
+        // Without a recorded fingerprint only what needs no baseline is checked.
+        assert!(verify_function(None, &health(fingerprint(0x2331, 0), None)).is_empty());
     }
 
     /// Pins decide the target of a restore; otherwise the recorded origin.
@@ -565,15 +953,83 @@ mod tests {
             OpState::Prebound,
         ] {
             for (has_driver, on_vfio) in [(false, false), (true, false), (true, true)] {
-                let got = record(state, None, Some("nvidia")).on_reconcile(has_driver, on_vfio);
-                let ok = match state {
-                    OpState::Configuring | OpState::Releasing => got == OnReconcile::Settle,
-                    OpState::Configured => got == OnReconcile::NoteHeld,
-                    OpState::ReleasedUnbound => matches!(got, OnReconcile::Drop(_)) == has_driver,
-                    OpState::Prebound => matches!(got, OnReconcile::Drop(_)) == !on_vfio,
-                };
-                assert!(ok, "{state:?} driver={has_driver} vfio={on_vfio}: {got:?}");
+                for owed in [false, true] {
+                    let mut rec = record(state, None, Some("nvidia"));
+                    rec.was_on_vfio = true;
+                    rec.handover = owed.then(|| crate::ledger::Handover {
+                        released_by: "claim".into(),
+                        released_at: 0,
+                        phase: HandoverPhase::Resetting,
+                        reset_method: None,
+                        hook: None,
+                        extra: BTreeMap::new(),
+                    });
+                    let got = rec.on_reconcile(has_driver, on_vfio);
+                    let ok = match state {
+                        OpState::Configuring | OpState::Releasing => got == OnReconcile::Settle,
+                        OpState::Configured => got == OnReconcile::NoteHeld,
+                        OpState::ReleasedUnbound => {
+                            matches!(got, OnReconcile::Drop(_)) == has_driver
+                        }
+                        // An owed hand-over is never dropped nor left alone.
+                        OpState::Prebound if owed => got == OnReconcile::Settle,
+                        OpState::Prebound => matches!(got, OnReconcile::Drop(_)) == !on_vfio,
+                    };
+                    assert!(
+                        ok,
+                        "{state:?} driver={has_driver} vfio={on_vfio} owed={owed}: {got:?}"
+                    );
+                }
             }
+        }
+    }
+
+    #[test]
+    fn learn_decision_over_every_input() {
+        for bits in 0..128u8 {
+            let b = |i: u8| bits & (1 << i) != 0;
+            let f = LearnFacts {
+                recorded: b(0),
+                in_partition: b(1),
+                learn_pending: b(2),
+                stuck: b(3),
+                has_driver: b(4),
+                on_vfio: b(5),
+                vfio_in_use: b(6),
+            };
+            let plan = decide_learn(f);
+            let untouchable = f.recorded || f.in_partition || f.learn_pending || f.stuck;
+            match plan {
+                // Invariant: a learn moves only an idle, unrecorded GPU on vfio.
+                LearnPlan::VisitNvidia => assert!(
+                    !untouchable && f.has_driver && f.on_vfio && !f.vfio_in_use,
+                    "{f:?}"
+                ),
+                LearnPlan::ReadInPlace => {
+                    assert!(!untouchable && f.has_driver && !f.on_vfio, "{f:?}");
+                }
+                LearnPlan::Refuse(why) => {
+                    assert!(!why.is_empty());
+                    assert!(
+                        untouchable || !f.has_driver || (f.on_vfio && f.vfio_in_use),
+                        "{f:?} refused: {why}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pending_learn_decision_over_every_input() {
+        for bits in 0..8u8 {
+            let (same_boot, present, on_vfio) = (bits & 1 != 0, bits & 2 != 0, bits & 4 != 0);
+            let d = on_pending_learn(same_boot, present, on_vfio);
+            // Invariant: only this boot's learn of a present GPU off vfio moves it.
+            assert_eq!(
+                d == OnPendingLearn::ReturnToVfio,
+                same_boot && present && !on_vfio,
+                "{bits:03b}: {d:?}"
+            );
         }
     }
 }

@@ -668,3 +668,381 @@ fn the_fabric_section_is_absent_without_a_fabric_and_kept_when_read() {
     assert!(again.contains("\"fabric\""), "{again}");
     assert_eq!(decode(again.as_bytes()).unwrap(), decoded);
 }
+
+/// NVML as the engine sees it: module ids for GPUs on `nvidia`, optionally
+/// slow, counting its calls.
+struct FakeNvml {
+    modules: std::collections::BTreeMap<Bdf, u32>,
+    delay: std::time::Duration,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl vfio_gpu_engine::ModuleIdReader for FakeNvml {
+    fn module_id(&self, bdf: Bdf) -> Result<Option<vfio_gpu_fabric::ModuleId>, String> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(self.delay);
+        Ok(self
+            .modules
+            .get(&bdf)
+            .map(|m| vfio_gpu_fabric::ModuleId(*m)))
+    }
+}
+
+impl Hgx {
+    /// The demo host's module map, as NVML would read it.
+    fn true_modules(&self) -> std::collections::BTreeMap<Bdf, u32> {
+        let text = std::fs::read_to_string(self.host.join(HGX_MODULE_MAP_FILE)).unwrap();
+        let m: std::collections::BTreeMap<String, u32> = serde_json::from_str(&text).unwrap();
+        m.into_iter().map(|(k, v)| (bdf(&k), v)).collect()
+    }
+
+    fn nvml_fabric(&self, nvml: Arc<FakeNvml>, static_map: bool) -> FabricConfig {
+        let mut c = self.fabric(FabricPolicy::Required, true);
+        if !static_map {
+            c.module_map_file = None;
+        }
+        c.module_ids = Some(nvml);
+        c
+    }
+}
+
+#[test]
+fn nvml_module_ids_are_recorded_with_device_and_boot_id_and_outlive_the_move() {
+    let t = Hgx::new();
+    let nvml = Arc::new(FakeNvml {
+        modules: t.true_modules(),
+        delay: std::time::Duration::ZERO,
+        calls: 0.into(),
+    });
+    let e = t.engine_with(None, t.nvml_fabric(nvml.clone(), false));
+    e.fabric_reconcile().unwrap();
+    let map = e.ledger().fabric.module_map;
+    assert_eq!(map.len(), 8, "{map:?}");
+    let m1 = &map[&bdf(M1)];
+    assert_eq!(m1.module_id.0, 1);
+    assert_eq!(m1.source, vfio_gpu_fabric::ModuleSource::Nvml);
+    assert_eq!(m1.device_id, "0x2330");
+    assert!(!m1.boot_id.is_empty());
+    // Once on vfio NVML cannot read them; the ledger's entries carry the claim.
+    let h = claim("u1");
+    assert_eq!(prepare(&e, &h, &[M1, M3]).unwrap(), FabricAction::Activated);
+    assert_eq!(t.active(), BTreeSet::from([3]));
+    let before = nvml.calls.load(std::sync::atomic::Ordering::SeqCst);
+    drop(e);
+    let e = t.engine_with(None, t.nvml_fabric(nvml.clone(), false));
+    e.fabric_reconcile().unwrap();
+    let after = nvml.calls.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(after - before, 6, "NVML is asked only about GPUs on nvidia");
+    assert_eq!(e.ledger().fabric.module_map[&bdf(M1)].module_id.0, 1);
+    unprepare(&e, &h).unwrap();
+    assert!(t.active().is_empty());
+}
+
+#[test]
+fn nvml_disagreeing_with_the_static_map_fails_before_any_host_change() {
+    let t = Hgx::new();
+    let mut modules = t.true_modules();
+    modules.insert(bdf(M1), 2);
+    modules.insert(bdf(M2), 1);
+    let nvml = Arc::new(FakeNvml {
+        modules,
+        delay: std::time::Duration::ZERO,
+        calls: 0.into(),
+    });
+    let e = t.engine_with(None, t.nvml_fabric(nvml, true));
+    let err = prepare(&e, &claim("u1"), &[M1, M3])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("module map"), "{err}");
+    assert!(err.contains("Nvml says module 2"), "{err}");
+    assert!(e.ledger().gpus.is_empty(), "no GPU moved");
+    assert!(t.active().is_empty());
+}
+
+#[test]
+fn a_hung_nvml_read_is_cut_by_the_read_deadline() {
+    let t = Hgx::new();
+    let nvml = Arc::new(FakeNvml {
+        modules: t.true_modules(),
+        delay: std::time::Duration::from_secs(3),
+        calls: 0.into(),
+    });
+    let mut config = t.nvml_fabric(nvml, true);
+    config.policy = FabricPolicy::Required;
+    let engine_config = EngineConfig {
+        read_deadline: std::time::Duration::from_millis(100),
+        state_lock_wait: std::time::Duration::from_secs(5),
+        fabric: Some(config),
+        ..EngineConfig::default()
+    };
+    let e = Engine::open(
+        Arc::new(t.kernel.clone()),
+        &t.state,
+        GpuSelector::default(),
+        Policy::default(),
+        engine_config,
+    )
+    .unwrap()
+    .0;
+    let start = std::time::Instant::now();
+    e.fabric_reconcile().unwrap();
+    // Eight GPUs × 3 s unbounded; bounded, each read gives up after 100 ms
+    // (later reads of a quarantined GPU are refused at once).
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    // The static map still resolves every GPU.
+    let map = e.ledger().fabric.module_map;
+    assert_eq!(
+        map[&bdf(M1)].source,
+        vfio_gpu_fabric::ModuleSource::AdminMap
+    );
+}
+
+/// A ConnectX-7 function in M1's IOMMU group, with or without the NVLink
+/// management mark in its VPD.
+fn add_cx7(t: &Hgx, mark: &[u8]) {
+    let mut h = vfio_gpu_host::fixture::FixtureHost::open(&t.host);
+    let vpd = vfio_gpu_host::vpd::encode_vpd(
+        "NVIDIA ConnectX-7",
+        &[("PN", b"MCX750500B-0D00"), ("V3", mark), ("RV", &[0])],
+    );
+    h.add_function(
+        &FunctionSpec::new(bdf("0000:9b:00.0"), 0x15b3, 0x1021, 0x020700)
+            .driver("mlx5_core")
+            .group(G1)
+            .vpd(vpd),
+    )
+    .unwrap();
+}
+
+fn engine_allowing_foreign_members(t: &Hgx) -> Engine {
+    let config = EngineConfig {
+        state_lock_wait: std::time::Duration::from_secs(5),
+        fabric: Some(t.fabric(FabricPolicy::Required, true)),
+        ..EngineConfig::default()
+    };
+    let mut policy = Policy::default();
+    policy.binding.allow_foreign_group_members = true;
+    Engine::open(
+        Arc::new(t.kernel.clone()),
+        &t.state,
+        GpuSelector::default(),
+        policy,
+        config,
+    )
+    .unwrap()
+    .0
+}
+
+#[test]
+fn an_nvlink_management_bridge_in_the_group_blocks_the_move_even_when_foreign_members_may_move() {
+    let t = Hgx::new();
+    add_cx7(&t, b"SW_MNG");
+    let e = engine_allowing_foreign_members(&t);
+    let (views, _) = e.discover().unwrap();
+    let m1 = views.iter().find(|v| v.gpu.bdf() == bdf(M1)).unwrap();
+    let cx7 = m1
+        .gpu
+        .iommu_group_members
+        .iter()
+        .find(|m| m.bdf == bdf("0000:9b:00.0"))
+        .unwrap();
+    assert_eq!(cx7.role, vfio_gpu_host::FunctionRole::NvSwitch);
+    let err = e.configure(bdf(M1), claim("u1")).unwrap_err();
+    assert!(
+        matches!(err, EngineError::FabricSwitchInGroup { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("SW_MNG"), "{err}");
+    assert!(e.ledger().gpus.is_empty(), "nothing moved");
+}
+
+#[test]
+fn an_ordinary_connectx_in_the_group_follows_the_foreign_member_policy() {
+    let t = Hgx::new();
+    add_cx7(&t, b"ETH");
+    let e = engine_allowing_foreign_members(&t);
+    let (views, _) = e.discover().unwrap();
+    let m1 = views.iter().find(|v| v.gpu.bdf() == bdf(M1)).unwrap();
+    let cx7 = m1
+        .gpu
+        .iommu_group_members
+        .iter()
+        .find(|m| m.bdf == bdf("0000:9b:00.0"))
+        .unwrap();
+    assert_eq!(cx7.role, vfio_gpu_host::FunctionRole::Foreign);
+    e.configure(bdf(M1), claim("u1")).unwrap();
+}
+
+/// NVML as on a real host: answers only for GPUs bound to `nvidia` (read
+/// from the host tree), and remembers which GPUs it was asked about.
+struct HostNvml {
+    host: PathBuf,
+    modules: std::collections::BTreeMap<Bdf, u32>,
+    seen_on_nvidia: std::sync::Mutex<Vec<Bdf>>,
+}
+
+impl vfio_gpu_engine::ModuleIdReader for HostNvml {
+    fn module_id(&self, bdf: Bdf) -> Result<Option<vfio_gpu_fabric::ModuleId>, String> {
+        let link = self.host.join(format!("sys/bus/pci/devices/{bdf}/driver"));
+        let driver = std::fs::read_link(&link).map_err(|e| e.to_string())?;
+        if driver.file_name().is_none_or(|n| n != "nvidia") {
+            return Err(format!("NVML_ERROR_NOT_FOUND: {bdf} is not on nvidia"));
+        }
+        self.seen_on_nvidia.lock().unwrap().push(bdf);
+        Ok(self
+            .modules
+            .get(&bdf)
+            .map(|m| vfio_gpu_fabric::ModuleId(*m)))
+    }
+}
+
+impl Hgx {
+    /// `gpu` on vfio-pci since boot (no record of ours), no static map entry.
+    fn on_vfio_since_boot(&self, gpu: &str) {
+        let h = vfio_gpu_host::fixture::FixtureHost::open(&self.host);
+        h.unlink_driver(bdf(gpu)).unwrap();
+        h.link_driver(bdf(gpu), "vfio-pci").unwrap();
+        h.add_vfio_dev(bdf(gpu)).unwrap();
+        let group = std::fs::read_link(
+            self.host
+                .join(format!("sys/bus/pci/devices/{gpu}/iommu_group")),
+        )
+        .unwrap();
+        let node = self.host.join("dev/vfio").join(group.file_name().unwrap());
+        if !node.exists() {
+            std::fs::write(node, "").unwrap();
+        }
+    }
+
+    fn learn_fabric(&self) -> (FabricConfig, Arc<HostNvml>) {
+        let nvml = Arc::new(HostNvml {
+            host: self.host.clone(),
+            modules: self.true_modules(),
+            seen_on_nvidia: Default::default(),
+        });
+        let mut c = self.fabric(FabricPolicy::Required, true);
+        c.module_map_file = None;
+        c.module_ids = Some(nvml.clone());
+        (c, nvml)
+    }
+
+    fn driver_of(&self, gpu: &str) -> String {
+        std::fs::read_link(self.host.join(format!("sys/bus/pci/devices/{gpu}/driver")))
+            .map(|t| t.file_name().unwrap().to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
+
+#[test]
+fn learn_reads_a_vfio_gpus_module_id_on_nvidia_and_puts_it_back() {
+    let t = Hgx::new();
+    t.on_vfio_since_boot(M1);
+    let (fc, nvml) = t.learn_fabric();
+    let e = t.engine_with(None, fc);
+    // Before: no module id for M1, so a claim naming it fails.
+    e.fabric_reconcile().unwrap();
+    assert!(!e.ledger().fabric.module_map.contains_key(&bdf(M1)));
+    let err = e
+        .fabric_preflight(&claim("u1"), &[bdf(M1), bdf(M3)])
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("no module id known for 0000:9a:00.0"),
+        "{err}"
+    );
+    let out = e.fabric_learn(bdf(M1)).unwrap();
+    assert!(out.visited_nvidia);
+    assert_eq!(out.module_id.map(|m| m.0), Some(1));
+    assert!(
+        nvml.seen_on_nvidia.lock().unwrap().contains(&bdf(M1)),
+        "read while on nvidia"
+    );
+    assert_eq!(t.driver_of(M1), "vfio-pci", "back on vfio");
+    let ledger = e.ledger();
+    assert!(ledger.fabric.learning.is_none());
+    assert!(ledger.gpus.is_empty(), "no GPU record left behind");
+    let rec = &ledger.fabric.module_map[&bdf(M1)];
+    assert_eq!(
+        (rec.module_id.0, rec.source),
+        (1, vfio_gpu_fabric::ModuleSource::Nvml)
+    );
+    // Now the claim resolves to partition 3.
+    let plan = e
+        .fabric_preflight(&claim("u1"), &[bdf(M1), bdf(M3)])
+        .unwrap();
+    assert_eq!(
+        plan.partitions.keys().map(|p| p.0).collect::<Vec<_>>(),
+        vec![3]
+    );
+    // A GPU on nvidia is read in place.
+    let out = e.fabric_learn(bdf(M2)).unwrap();
+    assert!(!out.visited_nvidia);
+    assert_eq!(t.driver_of(M2), "nvidia");
+}
+
+#[test]
+fn learn_refuses_a_held_gpu_and_an_open_group_changing_nothing() {
+    let t = Hgx::new();
+    t.on_vfio_since_boot(M1);
+    let (fc, _) = t.learn_fabric();
+    let e = t.engine_with(None, fc);
+    e.configure(bdf(M3), claim("u1")).unwrap();
+    let before = e.ledger();
+    let err = e.fabric_learn(bdf(M3)).unwrap_err().to_string();
+    assert!(
+        err.contains("refused") && err.contains("release it first"),
+        "{err}"
+    );
+    // A VM has M1's group open (outside Kubernetes).
+    t.vm_holds(4242, G1);
+    let err = e.fabric_learn(bdf(M1)).unwrap_err().to_string();
+    assert!(err.contains("holds its VFIO group"), "{err}");
+    assert_eq!(t.driver_of(M1), "vfio-pci");
+    assert_eq!(t.driver_of(M3), "vfio-pci");
+    let after = e.ledger();
+    assert_eq!(after.gpus, before.gpus);
+    assert_eq!(after.fabric, before.fabric);
+}
+
+#[test]
+fn a_crash_at_every_step_of_learn_is_finished_by_the_next_reconcile() {
+    let mut crashed_at = 0;
+    for n in 1.. {
+        let t = Hgx::new();
+        t.on_vfio_since_boot(M1);
+        let (fc, _) = t.learn_fabric();
+        let e = t.engine_with(Some(n), fc);
+        match e.fabric_learn(bdf(M1)) {
+            Ok(_) => break,
+            Err(EngineError::SimulatedCrash(_)) => crashed_at = n,
+            Err(other) => panic!("step {n}: {other}"),
+        }
+        drop(e);
+        let (fc, _) = t.learn_fabric();
+        let e = t.engine_with(None, fc);
+        e.fabric_reconcile().unwrap();
+        let ledger = e.ledger();
+        assert_eq!(
+            t.driver_of(M1),
+            "vfio-pci",
+            "crash after step {n}: back on vfio"
+        );
+        assert!(ledger.fabric.learning.is_none(), "crash after step {n}");
+        assert!(
+            ledger.gpus.is_empty(),
+            "crash after step {n}: no GPU record"
+        );
+        // And the learn can simply be run again.
+        let out = e.fabric_learn(bdf(M1)).unwrap();
+        assert_eq!(out.module_id.map(|m| m.0), Some(1), "crash after step {n}");
+        assert_eq!(t.driver_of(M1), "vfio-pci");
+    }
+    assert!(
+        crashed_at >= 5,
+        "the sweep covered the visit ({crashed_at} steps)"
+    );
+}

@@ -337,9 +337,37 @@ fn a_vfio_driver_is_recognised_by_its_vfio_dev_not_its_name() {
     assert_eq!(done.action, vfio_gpu_engine::Action::AlreadyOnVfio);
     let released = e.unconfigure(g, None).unwrap();
     assert_eq!(released.action, vfio_gpu_engine::Action::LeftOnVfio);
-    assert!(k.log().is_empty(), "{:?}", k.log());
+    // Kept on vfio, never moved; reset for the next tenant all the same.
+    assert_eq!(k.log(), vec![write::reset("0000:6b:00.0")]);
     assert_eq!(
         driver_of(&host, "0000:6b:00.0").as_deref(),
         Some("acme_passthru")
+    );
+}
+
+/// M4 (capabilities): a descriptor whose link the scan may not read is not
+/// "no holder". Without CAP_SYS_PTRACE the kernel answers EACCES for every
+/// root process's `/proc/<pid>/fd/<n>`, and a scan that skipped those would
+/// hand out a GPU a VM holds; here a descriptor entry that is no link at all
+/// (EINVAL) stands in for it. Only a vanished descriptor (ENOENT) is skipped.
+#[test]
+fn m4_an_unreadable_descriptor_fails_the_scan_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = b_nvidia_host(dir.path());
+    std::fs::write(host.join("dev/nvidia3"), "").unwrap();
+    let nodes = nodes_of_b(&host);
+    let p = host.join("proc/77");
+    std::fs::create_dir_all(p.join("fd")).unwrap();
+    std::fs::write(p.join("comm"), "qemu\n").unwrap();
+    std::fs::write(p.join("fd/5"), "").unwrap();
+    let holders = find_holders(&host_root(&host), &nodes);
+    assert!(
+        holders.len() == 1 && holders[0].pid == 0,
+        "an unreadable descriptor must fail the scan closed: {holders:?}"
+    );
+    assert!(
+        holders[0].to_string().contains("proc/77/fd/5"),
+        "the error names the descriptor: {}",
+        holders[0]
     );
 }

@@ -58,7 +58,9 @@ fn prebound_gpu_is_a_recorded_noop_and_stays_on_vfio() {
     let out = e.unconfigure(bdf(C), Some(&claim("u1"))).unwrap();
     assert_eq!(out.action, Action::LeftOnVfio);
     assert!(out.detail.contains("kernel-cmdline"), "{}", out.detail);
-    assert!(k.log().is_empty());
+    // Admin-owned and kept on vfio: only the reset between tenants is written.
+    assert_eq!(k.log(), vec![write::reset(C)]);
+    assert!(out.detail.contains("reset and verified"), "{}", out.detail);
     assert_eq!(driver_of(&host, C).as_deref(), Some("vfio-pci"));
 }
 

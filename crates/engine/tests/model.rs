@@ -28,6 +28,10 @@
 //! - I7: a prepare that reports success leaves the whole group on vfio.
 //! - I8: the drivers an `Outcome` reports are the ones sysfs shows.
 //! - I9: no process writes to a device while a write to it is blocked.
+//! - I10: a GPU a tenant released goes to the next tenant only after every
+//!   function of it was reset (and verified: a failed reset, verification
+//!   or degraded link quarantines it, and a quarantined GPU goes to nobody
+//!   until the admin's reset).
 //!
 //! How the world is modelled (see [`Op`]): serve is one long-lived engine
 //! with the state lock per operation (as with a pod UID), the policy file
@@ -37,7 +41,8 @@
 //! with vfio-pci's `remove()` taking 150 ms), run on short-lived engines on
 //! the same state, so what they leave stuck is known to others only through
 //! the ledger. Faults are the sim's: failing binds, a probe binding nothing,
-//! an unbind blocked until released (past a 300 ms deadline), slow removes;
+//! an unbind blocked until released (past a 300 ms deadline), slow removes,
+//! a failing reset, a reset after which the link trains back degraded;
 //! plus the disk: a newer-format ledger written by "another version", and
 //! an unwritable ledger (a directory where its temporary file goes: ENOSPC
 //! in effect). Intent is written to the host's files; the model evaluates it
@@ -176,6 +181,12 @@ pub enum Op {
     IntentUnreadable(Option<usize>),
     /// Reach rest and check the at-rest invariants mid-sequence.
     Settle,
+    /// The next reset of `f` fails (EIO).
+    ResetFails { f: usize },
+    /// After the next reset of `f` its link trains back at x4 of x16.
+    ResetDegrades { f: usize },
+    /// The admin resets GPU `gpu` (`vfio-gpu-dra reset`).
+    AdminReset { gpu: usize },
 }
 
 /// The intent sources [`Op::IntentUnreadable`] makes unreadable, relative to
@@ -202,11 +213,14 @@ struct Model {
     /// Per GPU: a prepare was attempted since it was last seen restored.
     touched: [bool; 3],
     /// Per GPU: keep or pin intent applied to some operation since it was
-    /// last seen restored (then I5 does not apply).
+    /// last seen restored, or it was quarantined (then I5 does not apply).
     intent_seen: [bool; 3],
     /// A source of intent cannot be read: every GPU counts as kept (an
     /// unreadable configuration is never read as "no intent").
     unreadable: Option<usize>,
+    /// Per GPU: a tenant released it, and the resets of each function
+    /// counted before that release (I10).
+    handed_over: [Option<[u32; 4]>; 3],
 }
 
 impl Model {
@@ -307,6 +321,18 @@ fn build_host(root: &Path) {
                 .group(group),
         )
         .unwrap();
+        for (attr, value) in [
+            ("current_link_speed", "16.0 GT/s PCIe"),
+            ("max_link_speed", "16.0 GT/s PCIe"),
+            ("current_link_width", "16"),
+            ("max_link_width", "16"),
+        ] {
+            h.write(
+                &format!("sys/bus/pci/devices/{}/{attr}", FNS[f]),
+                &format!("{value}\n"),
+            )
+            .unwrap();
+        }
     }
 }
 
@@ -439,9 +465,10 @@ impl World {
 
     fn step(&mut self, op: &Op) -> Check {
         match op {
-            Op::Configure { .. } | Op::Unconfigure { .. } | Op::Reconcile => {
-                self.engine_op(Who::Main, op)
-            }
+            Op::Configure { .. }
+            | Op::Unconfigure { .. }
+            | Op::Reconcile
+            | Op::AdminReset { .. } => self.engine_op(Who::Main, op),
             Op::Crash { step, op } => {
                 let who = if self.any_blocked() {
                     Who::Main
@@ -575,6 +602,22 @@ impl World {
                     FaultAction::ProbeBindsNothing,
                 ));
             }
+            Op::ResetFails { f } => {
+                self.k.inject(Fault::on(
+                    vfio_gpu_engine::kernel::WriteKind::Reset,
+                    fbdf(*f),
+                    FaultAction::Fail(errno::EIO),
+                ));
+            }
+            Op::ResetDegrades { f } => {
+                self.k.on_reset(
+                    fbdf(*f),
+                    vfio_gpu_engine::sim::ResetEffect::DegradedLink {
+                        speed: "16.0 GT/s PCIe".into(),
+                        width: 4,
+                    },
+                );
+            }
             Op::UnbindBlocks { f } => {
                 let gate = BlockHandle::new();
                 self.k.inject(Fault::on(
@@ -666,6 +709,7 @@ impl World {
                 self.model.intent_seen[g] = true;
             }
         }
+        let resets_before: [u32; 4] = std::array::from_fn(|f| self.k.resets(fbdf(f)));
         let (result, outcomes, crashed) = self.call(who, op);
         let after = self.drivers();
 
@@ -683,9 +727,24 @@ impl World {
                     self.check("I7", self.on_vfio(g), || {
                         format!("prepare of GPU {g} reported success: {}", self.describe())
                     })?;
+                    // I10: the last tenant's GPU reached this one reset.
+                    if let Some(counts) = self.model.handed_over[g].take() {
+                        let now: Vec<u32> =
+                            GPUS[g].iter().map(|&f| self.k.resets(fbdf(f))).collect();
+                        let reset = GPUS[g].iter().all(|&f| self.k.resets(fbdf(f)) > counts[f]);
+                        self.check("I10", reset, || {
+                            format!(
+                                "GPU {g} prepared for u{c} without a reset since the last tenant released it (resets {now:?}, before {counts:?})"
+                            )
+                        })?;
+                    }
                 }
             }
             Op::Unconfigure { gpu: g, claim: c } => {
+                // A tenant that had the GPU leaves: the next one must get it reset.
+                if self.model.holder[g] == Some((c, true)) && self.model.handed_over[g].is_none() {
+                    self.model.handed_over[g] = Some(resets_before);
+                }
                 if matches!(self.model.holder[g], Some((o, _)) if o == c) {
                     if result.is_ok() && !crashed {
                         self.model.holder[g] = None;
@@ -699,6 +758,12 @@ impl World {
             _ => {}
         }
 
+        // A quarantined GPU stays where its failed hand-over left it (I5 aside).
+        for (g, q) in self.quarantined().into_iter().enumerate() {
+            if q {
+                self.model.intent_seen[g] = true;
+            }
+        }
         // I1: nothing left vfio while the admin kept its GPU there.
         for (g, fns) in GPUS.iter().enumerate() {
             if !keep[g] {
@@ -802,6 +867,13 @@ impl World {
                 outcomes.push(r.clone());
                 r.map(|_| ())
             }
+            Op::AdminReset { gpu } => {
+                let r = e.reset_gpu(fbdf(GPUS[gpu][0]));
+                crashed = matches!(r, Err(EngineError::SimulatedCrash(_)));
+                let r = r.map_err(|e| e.to_string());
+                outcomes.push(r.clone());
+                r.map(|_| ())
+            }
             Op::Reconcile => match e.reconcile() {
                 Ok(rs) => {
                     for r in rs {
@@ -888,6 +960,9 @@ impl World {
         let said = match o.action {
             // Restored to the origins, or where the admin pinned it since (n17).
             Action::Restored => self.on_origin(g) || pinned,
+            // A failed reset keeps it on vfio; a failed verification after
+            // the bind leaves it where the release put it.
+            Action::Quarantined => self.on_vfio(g) || self.on_origin(g) || pinned,
             Action::LeftOnVfio => self.sysfs(GPUS[g][0]).0.as_deref() == Some("vfio-pci"),
             _ => true,
         };
@@ -905,6 +980,8 @@ impl World {
         });
         let promise = if keep {
             kept
+        } else if o.action == Action::Quarantined {
+            kept || self.on_origin(g) || pinned
         } else {
             pinned || self.on_origin(g)
         };
@@ -985,6 +1062,15 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// Per GPU: quarantined in the ledger on disk.
+    fn quarantined(&self) -> [bool; 3] {
+        let body = fs::read(self.state.join("ledger.json"))
+            .ok()
+            .and_then(|b| vfio_gpu_engine::ledger::decode(&b).ok())
+            .unwrap_or_default();
+        std::array::from_fn(|g| body.quarantined.contains_key(&fbdf(GPUS[g][0])))
     }
 
     /// The ledger on disk in short, for traces.
@@ -1174,6 +1260,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<bool>().prop_map(Op::LedgerFull),
         1 => prop::option::of(0..INTENT_SOURCES.len()).prop_map(Op::IntentUnreadable),
         1 => Just(Op::Settle),
+        1 => f.clone().prop_map(|f| Op::ResetFails { f }),
+        1 => f.clone().prop_map(|f| Op::ResetDegrades { f }),
+        1 => (0..3usize).prop_map(|gpu| Op::AdminReset { gpu }),
     ]
 }
 

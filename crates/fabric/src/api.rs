@@ -146,6 +146,10 @@ pub fn code_text(e: &FmError) -> String {
         .map_or_else(|| e.to_string(), |c: FmCode| c.to_string())
 }
 
+/// Sees every call a [`DeadlineFm`] makes: the call, how long it took and
+/// its error (`None`: success). Called on the caller's thread; keep it cheap.
+pub type FmObserver = Arc<dyn Fn(Call, Duration, Option<&FmError>) + Send + Sync>;
+
 /// Runs every call of an inner [`FabricManager`] on a worker thread and
 /// waits at most a deadline (the kubelet gives a whole Prepare 45 s).
 ///
@@ -156,6 +160,8 @@ pub fn code_text(e: &FmError) -> String {
 pub struct DeadlineFm {
     inner: Arc<dyn FabricManager>,
     deadline: Duration,
+    /// Told about every trait call (metrics).
+    observer: Option<FmObserver>,
     /// Calls past their deadline and still running, by token.
     blocked: Arc<Mutex<BTreeMap<u64, String>>>,
     next: Arc<AtomicU64>,
@@ -167,9 +173,18 @@ impl DeadlineFm {
         DeadlineFm {
             inner,
             deadline,
+            observer: None,
             blocked: Arc::new(Mutex::new(BTreeMap::new())),
             next: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The same FM, telling `observer` about every trait call: which call,
+    /// how long it took (at most the deadline) and its error, if any.
+    #[must_use]
+    pub fn observed(mut self, observer: FmObserver) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// The default deadline.
@@ -232,12 +247,17 @@ impl DeadlineFm {
         }
     }
 
-    fn call<T, F>(&self, what: &str, f: F) -> Result<T, FmError>
+    fn call<T, F>(&self, call: Call, f: F) -> Result<T, FmError>
     where
         T: Send + 'static,
         F: FnOnce(&dyn FabricManager) -> Result<T, FmError> + Send + 'static,
     {
-        self.call_within(what, self.deadline, f)
+        let start = Instant::now();
+        let r = self.call_within(call.symbol(), self.deadline, f);
+        if let Some(o) = &self.observer {
+            o(call, start.elapsed(), r.as_ref().err());
+        }
+        r
     }
 }
 
@@ -247,29 +267,29 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl FabricManager for DeadlineFm {
     fn get_supported_partitions(&self) -> Result<PartitionList, FmError> {
-        self.call(Call::GetSupportedPartitions.symbol(), |fm| {
+        self.call(Call::GetSupportedPartitions, |fm| {
             fm.get_supported_partitions()
         })
     }
     fn activate(&self, id: PartitionId) -> Result<Activated, FmError> {
-        self.call(Call::Activate.symbol(), move |fm| fm.activate(id))
+        self.call(Call::Activate, move |fm| fm.activate(id))
     }
     fn deactivate(&self, id: PartitionId) -> Result<Deactivated, FmError> {
-        self.call(Call::Deactivate.symbol(), move |fm| fm.deactivate(id))
+        self.call(Call::Deactivate, move |fm| fm.deactivate(id))
     }
     fn set_activated_partitions(&self, ids: &[PartitionId]) -> Result<(), FmError> {
         let ids = ids.to_vec();
-        self.call(Call::SetActivatedPartitions.symbol(), move |fm| {
+        self.call(Call::SetActivatedPartitions, move |fm| {
             fm.set_activated_partitions(&ids)
         })
     }
     fn get_nvlink_failed_devices(&self) -> Result<NvlinkFailedDevices, FmError> {
-        self.call(Call::GetNvlinkFailedDevices.symbol(), |fm| {
+        self.call(Call::GetNvlinkFailedDevices, |fm| {
             fm.get_nvlink_failed_devices()
         })
     }
     fn get_unsupported_partitions(&self) -> Result<Vec<UnsupportedPartition>, FmError> {
-        self.call(Call::GetUnsupportedPartitions.symbol(), |fm| {
+        self.call(Call::GetUnsupportedPartitions, |fm| {
             fm.get_unsupported_partitions()
         })
     }

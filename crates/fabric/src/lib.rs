@@ -30,7 +30,7 @@ mod sim;
 mod topology;
 mod types;
 
-pub use api::{DeadlineFm, FabricManager, code_text};
+pub use api::{DeadlineFm, FabricManager, FmObserver, code_text};
 pub use error::{Call, FmCode, FmError};
 pub use module_map::{
     MAX_MAP_FILE_BYTES, ModuleEntry, ModuleMap, ModuleMapBuilder, ModuleMapError, ModuleSource,

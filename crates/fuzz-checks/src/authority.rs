@@ -18,7 +18,10 @@
 //!   that does not decode, a header block interrupted, malformed HEADERS) or
 //!   where h2 behind it would close the connection (a frame over the maximum
 //!   size, a CONTINUATION flood, an HPACK bomb); a block over h2's header list
-//!   size is forwarded up to the field that crosses it, so h2 still refuses it.
+//!   size is forwarded up to the field that crosses it, so h2 still refuses it;
+//! - cost: the adapter's header work and its output are bounded per input byte
+//!   and per block (deterministic counters, see `check_cost`), so super-linear
+//!   work is a property failure, not a slow unit.
 
 use loona_hpack::{Decoder, Encoder};
 use vfio_gpu_h2_authority::{
@@ -292,6 +295,45 @@ fn reference(stream: &[u8], fix: bool) -> (Vec<Event>, bool) {
     (events, oversized)
 }
 
+/// Header work (bytes of fields parsed as `:authority` or re-encoded) a block may
+/// cost: one full header list plus the field crossing it, which is at most a table
+/// entry, counted once as read and once as written. References past the list limit
+/// cost nothing here (security review L1).
+const WORK_PER_BLOCK: u64 = 2 * (MAX_HEADER_LIST_SIZE + HEADER_TABLE_SIZE) as u64;
+
+/// Header work allowed per input byte, whatever the blocks: every block costs at
+/// least a 9-byte frame header, so [`WORK_PER_BLOCK`] spread over it, plus the byte
+/// itself read and written (a literal field).
+const WORK_PER_INPUT_BYTE: u64 = WORK_PER_BLOCK / FRAME_HEADER_LEN as u64 + 2;
+
+/// The cost bound: the adapter's deterministic work counter
+/// ([`HeaderRewriter::header_work`]) and its output grow at most linearly with the
+/// input, so an input that makes it do super-linear work (an HPACK bomb expanded, a
+/// block re-parsed per read) fails here rather than by a timeout.
+fn check_cost(rw: &HeaderRewriter, input_len: usize, output_len: usize) {
+    let input = input_len as u64;
+    let blocks = rw.rewritten_blocks().saturating_add(1);
+    // Per block: what the block may amplify; per byte: what the whole input may.
+    let per_block_bound = blocks
+        .saturating_mul(WORK_PER_BLOCK)
+        .saturating_add(2 * input);
+    let per_byte_bound = input
+        .saturating_mul(WORK_PER_INPUT_BYTE)
+        .saturating_add(WORK_PER_BLOCK);
+    let work = rw.header_work();
+    assert!(
+        work <= per_block_bound && work <= per_byte_bound,
+        "{work} bytes of header work for {input} input bytes and {blocks} blocks \
+         (bounds {per_block_bound} per block, {per_byte_bound} per byte)"
+    );
+    // What is forwarded is the input with each block re-encoded as literals: at
+    // most the same amplification.
+    assert!(
+        output_len as u64 <= per_block_bound,
+        "{output_len} bytes forwarded for {input} input bytes and {blocks} blocks"
+    );
+}
+
 /// The property for one input.
 pub fn check(data: &[u8]) {
     let (stream, chunk) = client_stream(data);
@@ -304,20 +346,7 @@ pub fn check(data: &[u8]) {
             break;
         }
     }
-    // Cost: at most one full header list (plus its crossing field, at most a table
-    // entry) per block, on top of the input itself; references past the limit must
-    // not be parsed or re-encoded (security review L1).
-    let blocks = rw.rewritten_blocks().saturating_add(1);
-    let per_block = 2 * (MAX_HEADER_LIST_SIZE + HEADER_TABLE_SIZE) as u64;
-    let bound = blocks
-        .saturating_mul(per_block)
-        .saturating_add(2 * stream.len() as u64);
-    assert!(
-        rw.header_work() <= bound,
-        "{} bytes of header work for {} input bytes and {blocks} blocks",
-        rw.header_work(),
-        stream.len()
-    );
+    check_cost(&rw, stream.len(), out.len());
     let Some(frames_in) = stream.strip_prefix(PREFACE.as_slice()) else {
         // Not HTTP/2 with prior knowledge: forwarded verbatim (a prefix of the
         // preface is held back until it can be told apart).

@@ -10,8 +10,14 @@
 #![warn(missing_docs)]
 
 pub mod authority;
+pub mod claim_paths;
 pub mod config;
+pub mod doctor;
+pub mod dra_service;
 pub mod intent;
 pub mod ledger;
+pub mod lock_file;
+pub mod proc_text;
 pub mod scratch;
+pub mod slice_diff;
 pub mod sysfs;

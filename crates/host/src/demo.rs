@@ -337,6 +337,11 @@ pub fn build_hgx_demo_host(root: &Path) -> io::Result<FixtureHost> {
         HGX_MODULE_MAP_FILE,
         &format!("{{\n{}\n}}\n", map.join(",\n")),
     )?;
+    // Fabric Manager's configuration, in Shared NVSwitch mode (`doctor` reads it).
+    h.write(
+        "usr/share/nvidia/nvswitch/fabricmanager.cfg",
+        "# Shared NVSwitch multitenancy\nFABRIC_MODE=1\nFM_CMD_UNIX_SOCKET_PATH=/run/nvidia-fabricmanager/socket\n",
+    )?;
     for d in ["vfio-pci", "nvidia", "pcieport"] {
         h.add_driver(d)?;
     }

@@ -48,6 +48,8 @@ pub struct FunctionSpec {
     pub bars: Vec<u64>,
     /// A virtual function of this physical function.
     pub physfn: Option<Bdf>,
+    /// The `vpd` attribute's bytes ([`crate::vpd::encode_vpd`] builds one).
+    pub vpd: Option<Vec<u8>>,
 }
 
 impl FunctionSpec {
@@ -70,7 +72,14 @@ impl FunctionSpec {
             sriov: None,
             bars: Vec::new(),
             physfn: None,
+            vpd: None,
         }
+    }
+
+    /// Sets the `vpd` attribute.
+    pub fn vpd(mut self, bytes: Vec<u8>) -> Self {
+        self.vpd = Some(bytes);
+        self
     }
     /// Sets the subsystem ids.
     pub fn subsystem(mut self, vendor: u16, device: u16) -> Self {
@@ -255,6 +264,9 @@ impl FixtureHost {
             }
         }
         w("resource", resource)?;
+        if let Some(vpd) = &spec.vpd {
+            fs::write(dir.join("vpd"), vpd)?;
+        }
         if let Some((total, num)) = spec.sriov {
             w("sriov_totalvfs", format!("{total}\n"))?;
             w("sriov_numvfs", format!("{num}\n"))?;

@@ -109,7 +109,7 @@ impl GpuSelector {
     pub fn matches(&self, f: &PciFunction) -> bool {
         (self.include_virtual_functions || !f.is_virtual_function)
             && !f.is_bridge
-            && !is_fabric_switch(&f.identity)
+            && !is_fabric_function(f)
             && self.rules.iter().any(|r| r.matches(&f.identity))
     }
 
@@ -168,9 +168,9 @@ pub enum FunctionRole {
     OtherGpu,
     /// An unrelated device (e.g. a NIC behind the same non-ACS switch).
     Foreign,
-    /// An NVIDIA NVSwitch (class 0x0680): it belongs to the host's Fabric
-    /// Manager and is never handed out, so it blocks the move whatever the
-    /// policy allows.
+    /// An NVIDIA NVSwitch (class 0x0680) or an NVLink management bridge
+    /// (`SW_MNG` in its VPD): it belongs to the host's Fabric Manager and is
+    /// never handed out, so it blocks the move whatever the policy allows.
     NvSwitch,
 }
 
@@ -178,6 +178,13 @@ pub enum FunctionRole {
 /// bridge"): never a GPU, never moved, never passed through.
 pub fn is_fabric_switch(id: &PciIdentity) -> bool {
     id.vendor == 0x10de && id.class >> 8 == 0x0680
+}
+
+/// A function of the NVLink fabric: an NVSwitch ([`is_fabric_switch`]) or an
+/// NVLink management bridge ([`PciFunction::nvlink_management`]). Never a
+/// GPU, never moved, never passed through.
+pub fn is_fabric_function(f: &PciFunction) -> bool {
+    is_fabric_switch(&f.identity) || f.nvlink_management
 }
 
 /// One function of a GPU's IOMMU group, with its role.
@@ -285,7 +292,7 @@ pub fn discover_gpus(host: &PciHost, selector: &GpuSelector, ids: Option<&PciIds
             let role_of = |f: &PciFunction| {
                 if f.bdf == gpu.bdf {
                     FunctionRole::Gpu
-                } else if is_fabric_switch(&f.identity) {
+                } else if is_fabric_function(f) {
                     FunctionRole::NvSwitch
                 } else if f.is_bridge {
                     FunctionRole::Bridge

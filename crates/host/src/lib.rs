@@ -20,11 +20,13 @@ mod node;
 mod pci;
 mod pciids;
 mod root;
+pub mod vpd;
 
 pub use bdf::{Bdf, DriverName, is_vfio_driver};
 pub use error::HostError;
 pub use gpu::{
-    FunctionRole, Gpu, GpuFunction, GpuSelector, IdMatch, discover_gpus, is_fabric_switch,
+    FunctionRole, Gpu, GpuFunction, GpuSelector, IdMatch, discover_gpus, is_fabric_function,
+    is_fabric_switch,
 };
 pub use modules::{ModuleAliases, VendorModules, module_to_driver, vendor_modules};
 pub use node::{

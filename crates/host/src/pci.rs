@@ -78,6 +78,10 @@ pub struct PciFunction {
     pub modalias: Option<String>,
     /// Total size of the memory BARs, in bytes (from `resource`).
     pub bar_bytes: u64,
+    /// An NVLink management bridge (`SW_MNG` in its VPD, see
+    /// [`crate::vpd`]): the Fabric Manager's, never handed out.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub nvlink_management: bool,
 }
 
 impl PciFunction {
@@ -151,6 +155,8 @@ impl PciFunction {
             None => 0,
         };
         let pcie_root = pcie_root(root, &bdf);
+        let nvlink_management = identity.vendor == crate::vpd::NVLINK_MANAGEMENT_VENDOR
+            && nvlink_management(root, &dir.join("vpd"));
         Ok(PciFunction {
             bdf,
             identity,
@@ -167,6 +173,7 @@ impl PciFunction {
             vfio_dev,
             modalias,
             bar_bytes,
+            nvlink_management,
         })
     }
 
@@ -175,6 +182,16 @@ impl PciFunction {
     /// `vfio-dev/vfioN` class device, with `CONFIG_VFIO_DEVICE_CDEV`).
     pub fn on_vfio(&self) -> bool {
         bound_to_vfio(self.driver.as_ref(), self.vfio_dev.as_deref())
+    }
+}
+
+/// Whether the VPD at `path` marks an NVLink management bridge. A VPD that
+/// cannot be read (devices without VPD answer EIO) counts as no mark: NVIDIA's
+/// tools would not recognise such a function as a management bridge either.
+fn nvlink_management(root: &HostRoot, path: &Path) -> bool {
+    match root.read_bytes_limited(path, crate::vpd::MAX_VPD_BYTES as u64) {
+        Ok(Some(bytes)) => crate::vpd::vpd_marks_nvlink_management(&bytes),
+        Ok(None) | Err(_) => false,
     }
 }
 

@@ -31,7 +31,7 @@ pub use error::IntentError;
 pub use ids::{IdEntry, PCI_ANY_ID, ParsedIds, parse_ids};
 pub use live::{IntentSnapshot, LiveIntent};
 pub use modprobe::{ModprobeConfig, Origin, effective_vfio_ids, vfio_pci_builtin};
-pub use policy::{Policy, VfioDriverChoice};
+pub use policy::{Policy, Sanitize, SanitizeMode, VfioDriverChoice};
 pub use verdict::{
     IntentSources, NoRecords, OwnRecords, Pin, Reason, ReleaseDecision, Signal, Source, Verdict,
     evaluate,

@@ -9,6 +9,11 @@
 //! allow-foreign-group-members = false
 //! load-vfio-module = false
 //! vfio-driver = "auto"
+//! [sanitize]
+//! mode = "reset"                      # "reset" | "reset+hook" | "off"
+//! hook = "/usr/local/sbin/scrub-gpu"  # run after the reset with the GPU's address
+//! hook-timeout-secs = 300
+//! models = { "10de:2330" = "reset+hook" }
 //! ```
 
 use std::fmt;
@@ -28,6 +33,81 @@ pub struct Policy {
     pub keep_on_vfio: KeepOnVfio,
     /// How the engine may bind.
     pub binding: Binding,
+    /// How a GPU is sanitized between tenants.
+    pub sanitize: Sanitize,
+}
+
+/// What a release does to a GPU before it is offered to the next tenant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum SanitizeMode {
+    /// Reset every function of the group and verify it.
+    #[default]
+    #[serde(rename = "reset")]
+    Reset,
+    /// Reset, run the scrub hook, verify.
+    #[serde(rename = "reset+hook")]
+    ResetAndHook,
+    /// Neither reset nor verify (the next tenant may see the last one's memory).
+    #[serde(rename = "off")]
+    Off,
+}
+
+impl SanitizeMode {
+    fn parse(s: &str) -> Option<SanitizeMode> {
+        match s {
+            "reset" => Some(SanitizeMode::Reset),
+            "reset+hook" => Some(SanitizeMode::ResetAndHook),
+            "off" => Some(SanitizeMode::Off),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for SanitizeMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SanitizeMode::Reset => "reset",
+            SanitizeMode::ResetAndHook => "reset+hook",
+            SanitizeMode::Off => "off",
+        })
+    }
+}
+
+/// `[sanitize]`: the default mode, per-model modes and the scrub hook.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Sanitize {
+    /// The mode of every model not listed in `models`.
+    pub mode: SanitizeMode,
+    /// Per model (`vfio-pci.ids` entry syntax), first match wins.
+    pub models: Vec<(IdEntry, SanitizeMode)>,
+    /// The scrub hook (absolute path on the host), run as `<hook> <GPU address>`.
+    pub hook: Option<PathBuf>,
+    /// How long the hook may run before it is killed and the GPU quarantined.
+    pub hook_timeout_secs: u64,
+}
+
+impl Default for Sanitize {
+    fn default() -> Self {
+        Sanitize {
+            mode: SanitizeMode::Reset,
+            models: Vec::new(),
+            hook: None,
+            hook_timeout_secs: 300,
+        }
+    }
+}
+
+impl Sanitize {
+    /// The mode for a GPU with this identity: the first matching model entry,
+    /// else the default.
+    pub fn mode_for(&self, identity: &vfio_gpu_host::PciIdentity) -> SanitizeMode {
+        self.models
+            .iter()
+            .find(|(entry, _)| entry.matches(identity))
+            .map(|(_, mode)| *mode)
+            .unwrap_or(self.mode)
+    }
 }
 
 /// `[keep-on-vfio]`.
@@ -86,6 +166,21 @@ struct RawPolicy {
     keep_on_vfio: RawKeep,
     #[serde(default)]
     binding: RawBinding,
+    #[serde(default)]
+    sanitize: RawSanitize,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawSanitize {
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
+    models: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    hook: Option<PathBuf>,
+    #[serde(default)]
+    hook_timeout_secs: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -187,7 +282,50 @@ impl Policy {
                 VfioDriverChoice::Named(d)
             }
         };
+        let mode = |field: &str, s: &str| {
+            SanitizeMode::parse(s).ok_or_else(|| {
+                invalid(format!(
+                    "{field}: {s:?} is not \"reset\", \"reset+hook\" or \"off\""
+                ))
+            })
+        };
+        let default_mode = match raw.sanitize.mode.as_deref() {
+            None => SanitizeMode::Reset,
+            Some(s) => mode("sanitize.mode", s)?,
+        };
+        let mut sanitize_models = Vec::new();
+        for (ids, m) in &raw.sanitize.models {
+            let entry = IdEntry::parse_strict(ids).ok_or_else(|| {
+                invalid(format!(
+                    "sanitize.models: {ids:?} is not vendor:device[:subvendor[:subdevice[:class[:class_mask]]]] in hex"
+                ))
+            })?;
+            sanitize_models.push((entry, mode(&format!("sanitize.models.{ids:?}"), m)?));
+        }
+        if let Some(hook) = &raw.sanitize.hook
+            && !hook.is_absolute()
+        {
+            return Err(invalid(format!(
+                "sanitize.hook: {} is not an absolute path",
+                hook.display()
+            )));
+        }
+        let wants_hook = default_mode == SanitizeMode::ResetAndHook
+            || sanitize_models
+                .iter()
+                .any(|(_, m)| *m == SanitizeMode::ResetAndHook);
+        if wants_hook && raw.sanitize.hook.is_none() {
+            return Err(invalid(
+                "sanitize: a mode is \"reset+hook\" but no sanitize.hook is set".into(),
+            ));
+        }
         Ok(Policy {
+            sanitize: Sanitize {
+                mode: default_mode,
+                models: sanitize_models,
+                hook: raw.sanitize.hook,
+                hook_timeout_secs: raw.sanitize.hook_timeout_secs.unwrap_or(300),
+            },
             keep_on_vfio: KeepOnVfio {
                 pci_bus_ids,
                 models,
@@ -261,6 +399,37 @@ vfio-driver = "vfio-pci"
         assert!(matches!(e, IntentError::ParsePolicy { .. }), "{e}");
         let e = Policy::parse("top = 1\n", Path::new("/p")).unwrap_err();
         assert!(matches!(e, IntentError::ParsePolicy { .. }), "{e}");
+    }
+
+    #[test]
+    fn sanitize_modes_per_model_and_errors() {
+        let p = Policy::parse(
+            "[sanitize]\nmode = \"off\"\nhook = \"/usr/sbin/scrub\"\nmodels = { \"10de:2330\" = \"reset+hook\" }\n",
+            Path::new("/p"),
+        )
+        .unwrap();
+        let id = |device| vfio_gpu_host::PciIdentity {
+            vendor: 0x10de,
+            device,
+            subsystem_vendor: 0x10de,
+            subsystem_device: 0,
+            class: 0x03_0200,
+        };
+        assert_eq!(p.sanitize.mode_for(&id(0x2330)), SanitizeMode::ResetAndHook);
+        assert_eq!(p.sanitize.mode_for(&id(0x2331)), SanitizeMode::Off);
+        assert_eq!(
+            Policy::default().sanitize.mode_for(&id(0x2330)),
+            SanitizeMode::Reset
+        );
+        for bad in [
+            "[sanitize]\nmode = \"wipe\"\n",
+            "[sanitize]\nmode = \"reset+hook\"\n",
+            "[sanitize]\nhook = \"scrub\"\n",
+            "[sanitize]\nmodels = { \"10de\" = \"reset\" }\n",
+        ] {
+            let e = Policy::parse(bad, Path::new("/p")).unwrap_err();
+            assert!(matches!(e, IntentError::InvalidPolicy { .. }), "{bad}: {e}");
+        }
     }
 
     #[test]

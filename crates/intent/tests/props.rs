@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! Property tests: every parser is total (never panics) and keeps the
 //! invariants its callers rely on.
 

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! The keep-or-restore rule lives with the intent rules.
 
 use vfio_gpu_intent::{Reason, ReleaseDecision, Source, Verdict};

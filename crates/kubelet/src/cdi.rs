@@ -256,7 +256,7 @@ impl CdiWriter {
     pub fn write_claim(&self, claim_uid: &str, gpus: &[CdiGpu]) -> Result<PathBuf, CdiError> {
         let spec = self.build_spec(claim_uid, gpus)?;
         let path = self.spec_path(claim_uid);
-        write_json_atomic(&path, &spec)?;
+        write_json_atomic(&self.root, &path, &spec)?;
         Ok(path)
     }
 
@@ -275,8 +275,18 @@ fn push_unique(nodes: &mut Vec<DeviceNode>, path: &str) {
 /// Writes JSON atomically: a temporary name that runtimes ignore (not `*.json`), fsync,
 /// rename over the target, fsync the directory. A runtime scanning the directory sees
 /// the old file or the new one, never a torn one.
-pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), CdiError> {
-    let io_err = |step, p: &Path| {
+///
+/// `value` is serialised as pretty JSON and written to `path`, a file
+/// under the trusted directory `root` (created when missing). Every directory
+/// between `root` and the file is created and opened relative to its parent's
+/// descriptor with `O_NOFOLLOW` (security review L4), so a symlink planted in the
+/// shared CDI or plugin directory cannot redirect the write.
+pub fn write_json_atomic<T: Serialize>(
+    root: &Path,
+    path: &Path,
+    value: &T,
+) -> Result<(), CdiError> {
+    let io_err = |step: &'static str, p: &Path| {
         let p = p.to_path_buf();
         move |source| CdiError::Io {
             step,
@@ -290,74 +300,214 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), Cdi
         source: io::Error::other(e),
     })?;
     bytes.push(b'\n');
-    write_bytes_atomic(path, &bytes).map_err(io_err("writing", path))
+    write_bytes_atomic(root, path, &bytes).map_err(io_err("writing", path))
 }
 
-/// [`write_json_atomic`] for raw bytes. Neither the temporary file nor the target is
-/// followed if it is a symlink (security review L4): the temporary is created with
-/// `O_CREAT | O_EXCL | O_NOFOLLOW`, and the rename replaces a link at the target
-/// rather than writing through it.
-pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
+/// [`write_json_atomic`] for raw bytes. `root` itself is the admin's (it may be
+/// reached through a symlink, as `/var/run` → `/run` is); below it nothing is
+/// followed (security review L4): each parent directory is opened with
+/// `openat(O_DIRECTORY | O_NOFOLLOW)` from the one before, the temporary file is
+/// created there with `O_CREAT | O_EXCL | O_NOFOLLOW` under a name no other
+/// process uses (pods without hostPID all have pid 1), and `renameat` replaces a
+/// link at the target rather than writing through it.
+pub fn write_bytes_atomic(root: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let rel = path.strip_prefix(root).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not under {}", path.display(), root.display()),
+        )
+    })?;
+    let mut names = Vec::new();
+    for c in rel.components() {
+        match c {
+            std::path::Component::Normal(n) => names.push(n),
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "{}: only plain names below {}",
+                        path.display(),
+                        root.display()
+                    ),
+                ));
+            }
+        }
+    }
+    let (file_name, parents) = names
+        .split_last()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    fs::create_dir_all(root)?;
+    let mut dir = dirfd::open_root(root)?;
+    for name in parents {
+        dir = dirfd::open_child_dir(&dir, name)?;
+    }
     // A retried prepare writes identical content: skip the fsyncs (about 12 ms each on
     // a plain ext4 disk). The existing file was renamed into place after an fsync, so
     // it is already durable. A symlink there is never ours: replace it.
-    if read_nofollow(path).is_ok_and(|old| old == bytes) {
+    if dirfd::read_nofollow(&dir, file_name).is_ok_and(|old| old == bytes) {
         return Ok(());
     }
-    fs::create_dir_all(dir)?;
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let mut f = match create_new_nofollow(&tmp) {
-        // Left by a crash of an earlier process with our pid, or planted: remove the
-        // entry itself (a link, not its target) and try once more.
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            fs::remove_file(&tmp)?;
-            create_new_nofollow(&tmp)?
-        }
-        r => r?,
-    };
+    let (tmp, mut f) = dirfd::create_temp(&dir, file_name)?;
     let result = (|| {
         f.write_all(bytes)?;
         f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
+        dirfd::rename(&dir, &tmp, file_name)?;
+        dirfd::sync(&dir)
     })();
     drop(f);
     if result.is_err() {
         // The write's error is reported; a temp file left behind is only litter.
-        let _ = fs::remove_file(&tmp);
+        let _ = dirfd::unlink(&dir, &tmp);
     }
     result
 }
 
-fn create_new_nofollow(path: &Path) -> io::Result<fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-}
+/// Directory-descriptor-relative file operations for [`write_bytes_atomic`].
+mod dirfd {
+    use std::ffi::{CString, OsStr, OsString};
+    use std::fs;
+    use std::io::{self, Read};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
-fn read_nofollow(path: &Path) -> io::Result<Vec<u8>> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)?;
-    let mut out = Vec::new();
-    f.read_to_end(&mut out)?;
-    Ok(out)
+    fn c_name(name: &OsStr) -> io::Result<CString> {
+        CString::new(name.as_bytes()).map_err(|_| {
+            io::Error::new(io::ErrorKind::InvalidInput, "a path component holds a NUL")
+        })
+    }
+
+    /// Wraps a returned descriptor, or the error the call set.
+    fn owned(fd: libc::c_int) -> io::Result<OwnedFd> {
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by the kernel and is owned by no one else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    fn check(r: libc::c_int) -> io::Result<()> {
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The trusted root directory, opened as the admin named it.
+    pub(super) fn open_root(root: &Path) -> io::Result<OwnedFd> {
+        let c = c_name(root.as_os_str())?;
+        // SAFETY: `c` is a NUL-terminated path.
+        owned(unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        })
+    }
+
+    /// `name` in `dir`, created (0755) when missing, never a symlink.
+    pub(super) fn open_child_dir(dir: &OwnedFd, name: &OsStr) -> io::Result<OwnedFd> {
+        let c = c_name(name)?;
+        // SAFETY: `dir` is an open directory, `c` a NUL-terminated name.
+        if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(e);
+            }
+        }
+        // SAFETY: as above.
+        owned(unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        })
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("opening directory {:?} without following links: {e}", name),
+            )
+        })
+    }
+
+    /// The whole content of `name` in `dir`, not through a symlink.
+    pub(super) fn read_nofollow(dir: &OwnedFd, name: &OsStr) -> io::Result<Vec<u8>> {
+        let c = c_name(name)?;
+        // SAFETY: `dir` is an open directory, `c` a NUL-terminated name.
+        let fd = owned(unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        })?;
+        let mut out = Vec::new();
+        fs::File::from(fd).read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    /// A new temporary file beside `name` (`.<name>.<pid>.<nanos>.<n>.tmp`, 0644).
+    /// The name is unique per process and call, and `O_EXCL | O_NOFOLLOW` refuses
+    /// whatever already sits there, a planted link included: the next name is tried.
+    pub(super) fn create_temp(dir: &OwnedFd, name: &OsStr) -> io::Result<(OsString, fs::File)> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let mut last = None;
+        for _ in 0..8 {
+            let mut tmp = OsString::from(".");
+            tmp.push(name);
+            tmp.push(format!(
+                ".{}.{nanos}.{}.tmp",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            let c = c_name(&tmp)?;
+            // SAFETY: `dir` is an open directory, `c` a NUL-terminated name.
+            match owned(unsafe {
+                libc::openat(
+                    dir.as_raw_fd(),
+                    c.as_ptr(),
+                    libc::O_WRONLY
+                        | libc::O_CREAT
+                        | libc::O_EXCL
+                        | libc::O_NOFOLLOW
+                        | libc::O_CLOEXEC,
+                    0o644 as libc::c_uint,
+                )
+            }) {
+                Ok(fd) => return Ok((tmp, fs::File::from(fd))),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AlreadyExists)))
+    }
+
+    /// `renameat(dir, from, dir, to)`.
+    pub(super) fn rename(dir: &OwnedFd, from: &OsStr, to: &OsStr) -> io::Result<()> {
+        let (f, t) = (c_name(from)?, c_name(to)?);
+        // SAFETY: `dir` is an open directory, both names NUL-terminated.
+        check(unsafe { libc::renameat(dir.as_raw_fd(), f.as_ptr(), dir.as_raw_fd(), t.as_ptr()) })
+    }
+
+    /// `unlinkat(dir, name)`.
+    pub(super) fn unlink(dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
+        let c = c_name(name)?;
+        // SAFETY: `dir` is an open directory, `c` a NUL-terminated name.
+        check(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) })
+    }
+
+    /// fsync of the directory, so the rename is durable.
+    pub(super) fn sync(dir: &OwnedFd) -> io::Result<()> {
+        // SAFETY: `dir` is an open descriptor.
+        check(unsafe { libc::fsync(dir.as_raw_fd()) })
+    }
 }
 
 /// Removes a file, treating "not found" as success.
@@ -473,8 +623,9 @@ mod tests {
         assert!(!p.exists());
     }
 
-    /// L4: a symlink planted at the temporary name is not written through; the
-    /// target ends up a regular file and the link's target is untouched.
+    /// L4: a symlink planted where a temporary file could go is not written
+    /// through, and not removed either (it is not ours); the target ends up a
+    /// regular file and the link's target is untouched.
     #[test]
     fn write_does_not_follow_a_symlink_planted_at_the_temp_path() {
         let dir = tempfile::tempdir().unwrap();
@@ -485,11 +636,41 @@ mod tests {
             .path()
             .join(format!(".spec.json.{}.tmp", std::process::id()));
         std::os::unix::fs::symlink(&victim, &tmp).unwrap();
-        write_bytes_atomic(&target, b"new").unwrap();
+        write_bytes_atomic(dir.path(), &target, b"new").unwrap();
         assert_eq!(fs::read(&victim).unwrap(), b"precious");
         assert!(fs::symlink_metadata(&target).unwrap().is_file());
         assert_eq!(fs::read(&target).unwrap(), b"new");
-        assert!(fs::symlink_metadata(&tmp).is_err(), "temp name left behind");
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 3, "no temp file left behind: {names:?}");
+    }
+
+    /// M4 (no hostPID): every pod's plugin is pid 1, so the temporary name must be
+    /// unique without the pid: two writers of one file never share it.
+    #[test]
+    fn temp_names_are_unique_within_one_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let fd = dirfd::open_root(dir.path()).unwrap();
+        let name = std::ffi::OsStr::new("spec.json");
+        let (a, _fa) = dirfd::create_temp(&fd, name).unwrap();
+        let (b, _fb) = dirfd::create_temp(&fd, name).unwrap();
+        assert_ne!(a, b);
+        assert!(a.to_string_lossy().ends_with(".tmp"), "{a:?}");
+    }
+
+    /// L4: only plain names below the root: a path outside it, or with `..`, is
+    /// refused before anything is created.
+    #[test]
+    fn write_refuses_a_path_outside_or_climbing_out_of_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        for p in [dir.path().join("elsewhere.json"), root.join("../x.json")] {
+            let e = write_bytes_atomic(&root, &p, b"x").unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{p:?}: {e}");
+        }
+        assert!(!root.exists() && !dir.path().join("x.json").exists());
     }
 
     /// L4: a symlink at the target whose file already holds the bytes is not taken
@@ -501,7 +682,7 @@ mod tests {
         fs::write(&victim, b"same").unwrap();
         let target = dir.path().join("spec.json");
         std::os::unix::fs::symlink(&victim, &target).unwrap();
-        write_bytes_atomic(&target, b"same").unwrap();
+        write_bytes_atomic(dir.path(), &target, b"same").unwrap();
         assert!(
             fs::symlink_metadata(&target).unwrap().is_file(),
             "target is still a symlink"

@@ -410,13 +410,16 @@ impl MetadataWriter {
         let base = crate::config::base_request(request_ref);
         self.check_names(claim, base)?;
         let file = self.host_file(claim, base);
-        cdi::write_bytes_atomic(&file, &self.render(claim, request_ref, devices)).map_err(
-            |source| CdiError::Io {
-                step: "writing metadata",
-                path: file.clone(),
-                source,
-            },
-        )?;
+        cdi::write_bytes_atomic(
+            &self.data_dir,
+            &file,
+            &self.render(claim, request_ref, devices),
+        )
+        .map_err(|source| CdiError::Io {
+            step: "writing metadata",
+            path: file.clone(),
+            source,
+        })?;
         let mut mounts = vec![Mount {
             host_path: file.to_string_lossy().into_owned(),
             container_path: self.container_file(claim, base),
@@ -424,12 +427,16 @@ impl MetadataWriter {
         }];
         if self.legacy_kubevirt {
             let legacy = self.legacy_host_file(claim, base);
-            cdi::write_bytes_atomic(&legacy, &self.render_legacy(claim, request_ref, devices))
-                .map_err(|source| CdiError::Io {
-                    step: "writing metadata",
-                    path: legacy.clone(),
-                    source,
-                })?;
+            cdi::write_bytes_atomic(
+                &self.data_dir,
+                &legacy,
+                &self.render_legacy(claim, request_ref, devices),
+            )
+            .map_err(|source| CdiError::Io {
+                step: "writing metadata",
+                path: legacy.clone(),
+                source,
+            })?;
             mounts.push(Mount {
                 host_path: legacy.to_string_lossy().into_owned(),
                 container_path: self.legacy_container_file(claim, base),
@@ -450,7 +457,7 @@ impl MetadataWriter {
             devices,
             container_edits: ContainerEdits::default(),
         };
-        cdi::write_json_atomic(&self.spec_path(&claim.uid, base), &spec)?;
+        cdi::write_json_atomic(&self.cdi_root, &self.spec_path(&claim.uid, base), &spec)?;
         Ok(self.device_id(&claim.uid, base))
     }
 
@@ -513,6 +520,16 @@ impl MetadataWriter {
             });
         }
         let dir = self.data_dir.join(HOST_SUBDIR);
+        // Listing through a planted link would remove another directory's
+        // entries (security review L4): the metadata directory is never a link.
+        if fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(CdiError::Io {
+                step: "removing metadata",
+                path: dir,
+                source: io::Error::other("is a symlink, not the plugin's directory"),
+            }
+            .into());
+        }
         let suffix = format!("_{claim_uid}");
         for entry in read_dir_or_empty(&dir)? {
             let name = entry.file_name();
@@ -722,5 +739,77 @@ mod tests {
             w.write_request(&bad, "gpu", &[dev()]),
             Err(MetadataError::UnsafeName { .. })
         ));
+    }
+
+    /// L4: a symlink planted at any directory between the plugin dir and the
+    /// metadata file (the metadata subdir, the claim's dir, the request's dir)
+    /// does not redirect the write: it fails, and the link's target stays empty.
+    #[test]
+    fn l4_a_symlinked_parent_dir_does_not_redirect_the_metadata_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let victim = dir.path().join("victim");
+        fs::create_dir_all(&data).unwrap();
+        fs::create_dir_all(&victim).unwrap();
+        let w = MetadataWriter::new("vfio-gpu.dra.dev", &data, dir.path().join("cdi"));
+        let c = claim(None);
+        let claim_dir = data.join(HOST_SUBDIR).join(claim_dir_name(&c));
+        let links = [
+            data.join(HOST_SUBDIR),
+            claim_dir.clone(),
+            claim_dir.join("gpu"),
+        ];
+        for link in &links {
+            if let Some(parent) = link.parent() {
+                fs::create_dir_all(parent).unwrap();
+            }
+            std::os::unix::fs::symlink(&victim, link).unwrap();
+            let r = w.write_request(&c, "gpu", &[dev()]);
+            assert!(r.is_err(), "wrote through the link at {}", link.display());
+            let planted: Vec<_> = walk(&victim);
+            assert!(
+                planted.is_empty(),
+                "the link at {} redirected the write: {planted:?}",
+                link.display()
+            );
+            fs::remove_file(link).unwrap();
+            fs::create_dir_all(link).unwrap();
+        }
+        w.write_request(&c, "gpu", &[dev()]).unwrap();
+        assert!(
+            fs::symlink_metadata(w.host_file(&c, "gpu"))
+                .unwrap()
+                .is_file()
+        );
+    }
+
+    /// Every path below `dir`.
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            }
+            out.push(p);
+        }
+        out
+    }
+
+    /// L4: removing a claim's metadata does not list (and empty) a directory a
+    /// symlink planted at the metadata directory points to.
+    #[test]
+    fn l4_remove_claim_does_not_follow_a_symlinked_metadata_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let victim = dir.path().join("victim");
+        let c = claim(None);
+        let precious = victim.join(format!("x_{}", c.uid));
+        fs::create_dir_all(&precious).unwrap();
+        fs::create_dir_all(&data).unwrap();
+        std::os::unix::fs::symlink(&victim, data.join(HOST_SUBDIR)).unwrap();
+        let w = MetadataWriter::new("vfio-gpu.dra.dev", &data, dir.path().join("cdi"));
+        assert!(w.remove_claim(&c.uid).is_err());
+        assert!(precious.is_dir(), "the link's target was emptied");
     }
 }

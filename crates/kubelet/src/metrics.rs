@@ -24,7 +24,25 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use vfio_gpu_engine::fabric_state::PartitionState;
 use vfio_gpu_engine::{Action, EngineError, GpuView, Outcome};
+use vfio_gpu_fabric::{Call, FmError, FmObserver};
+
+/// The `code` label of `fabric_manager_errors`: FM's return code as a
+/// number, or the kind of failure that has none (a small fixed set).
+fn fm_code_label(e: &FmError) -> String {
+    match e {
+        FmError::Fm { code, .. } | FmError::Overlap { code, .. } => code.raw().to_string(),
+        FmError::UnknownCode { raw, .. } => raw.to_string(),
+        FmError::Deadline { .. } => "deadline".into(),
+        FmError::Stuck(_) => "stuck".into(),
+        FmError::Worker(_) => "worker".into(),
+        FmError::Load { .. } | FmError::MissingSymbol { .. } => "library".into(),
+        FmError::Abi { .. } => "abi".into(),
+        FmError::Endpoint { .. } => "endpoint".into(),
+        FmError::UnknownPartition(_) => "unknown-partition".into(),
+    }
+}
 
 /// Label set of the counters: `[(name, value), ...]`, values from a fixed set.
 type Labels2 = [(&'static str, String); 2];
@@ -69,6 +87,9 @@ pub struct Metrics {
     devices: Family<Labels1, Gauge>,
     unhealthy: Gauge,
     health_scan: Histogram,
+    active_partitions: Gauge,
+    fm_call_duration: Family<Labels1, Histogram>,
+    fm_errors: Family<Labels2, Counter>,
     started: Instant,
     /// Milliseconds since `started` of the last serve-loop tick; 0 = loop not running yet.
     heartbeat_ms: AtomicU64,
@@ -121,6 +142,27 @@ impl Metrics {
         let holder_scan = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let devices = Family::<Labels1, Gauge>::default();
         let unhealthy = Gauge::default();
+        let active_partitions = Gauge::default();
+        // 1 ms .. ~16 s: an FM call is milliseconds, its deadline 10 s.
+        let fm_call_duration = Family::<Labels1, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 15))
+        });
+        let fm_errors = Family::<Labels2, Counter>::default();
+        registry.register(
+            "fabric_active_partitions",
+            "NVLink partitions the ledger records active for claims on this node",
+            active_partitions.clone(),
+        );
+        registry.register(
+            "fabric_manager_call_duration_seconds",
+            "Fabric Manager SDK calls by call (fmActivateFabricPartition, ...), bounded by the call deadline",
+            fm_call_duration.clone(),
+        );
+        registry.register(
+            "fabric_manager_errors",
+            "Failed Fabric Manager calls by call and code (the fmReturn_t, or deadline, stuck, connection, library)",
+            fm_errors.clone(),
+        );
         registry.register(
             "prepare_duration_seconds",
             "Time to answer one claim of NodePrepareResources",
@@ -189,6 +231,9 @@ impl Metrics {
             devices,
             unhealthy,
             health_scan,
+            active_partitions,
+            fm_call_duration,
+            fm_errors,
             started: Instant::now(),
             heartbeat_ms: AtomicU64::new(0),
             registered: AtomicBool::new(false),
@@ -282,6 +327,35 @@ impl Metrics {
         self.persistence_left_off.set(gauge_value(left_off));
         self.unhealthy.set(gauge_value(unhealthy));
         self.health_scan.observe(took.as_secs_f64());
+        let active: std::collections::BTreeSet<u32> = views
+            .iter()
+            .filter_map(|v| v.fabric.as_ref()?.partition.as_ref())
+            .filter(|(_, state, _)| *state == PartitionState::Active)
+            .map(|(id, _, _)| id.0)
+            .collect();
+        self.active_partitions.set(gauge_value(active.len()));
+    }
+
+    /// Records one Fabric Manager call ([`Metrics::fm_observer`]).
+    pub fn record_fm_call(&self, call: Call, took: Duration, error: Option<&FmError>) {
+        self.fm_call_duration
+            .get_or_create(&[("call", call.symbol())])
+            .observe(took.as_secs_f64());
+        if let Some(e) = error {
+            self.fm_errors
+                .get_or_create(&[
+                    ("call", call.symbol().to_string()),
+                    ("code", fm_code_label(e)),
+                ])
+                .inc();
+        }
+    }
+
+    /// An observer for [`vfio_gpu_fabric::DeadlineFm::observed`] that records
+    /// every FM call here.
+    pub fn fm_observer(self: &Arc<Self>) -> FmObserver {
+        let m = Arc::clone(self);
+        Arc::new(move |call, took, error| m.record_fm_call(call, took, error))
     }
 
     /// Records how long the engine's last `/proc` holder scan took.
@@ -655,5 +729,39 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }
+    }
+
+    #[test]
+    fn fabric_manager_calls_are_timed_and_errors_counted_by_code() {
+        use vfio_gpu_fabric::{
+            DeadlineFm, FabricManager, FmCode, PartitionId, Platform, SimFabricManager,
+        };
+        let m = Metrics::new();
+        let sim = Arc::new(SimFabricManager::new(Platform::HgxH100));
+        let fm = DeadlineFm::new(sim.clone(), Duration::from_secs(5)).observed(m.fm_observer());
+        fm.get_supported_partitions().unwrap();
+        fm.activate(PartitionId(3)).unwrap();
+        // Partition 1 overlaps the active 3: FM answers IN_USE (-7).
+        assert!(fm.activate(PartitionId(1)).is_err());
+        // A partition FM does not know.
+        assert!(fm.activate(PartitionId(99)).is_err());
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "vfio_gpu_dra_fabric_manager_call_duration_seconds_count{call=\"fmActivateFabricPartition\"} 3"
+            ),
+            "{text}"
+        );
+        let in_use = FmCode::InUse.raw();
+        assert!(
+            text.contains(&format!(
+                "vfio_gpu_dra_fabric_manager_errors_total{{call=\"fmActivateFabricPartition\",code=\"{in_use}\"}} 1"
+            )),
+            "{text}"
+        );
+        assert!(
+            !text.contains("call=\"fmGetSupportedFabricPartitions\",code="),
+            "a success is no error: {text}"
+        );
     }
 }

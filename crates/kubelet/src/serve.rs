@@ -116,6 +116,11 @@ pub struct ServeOptions {
     pub standby_poll: Duration,
     /// On shutdown, how long to wait for claim work still running in the background.
     pub drain_timeout: Duration,
+    /// Which peer uids the registration and DRA sockets serve, and how many
+    /// connections each holds at once (security review L6).
+    pub socket_peers: crate::grpc::peers::PeerPolicy,
+    /// Whether GPUs the admin keeps on vfio are published (security review L3).
+    pub admin_owned: crate::slices::AdminOwned,
 }
 
 /// The lock file in the state directory held by the instance that publishes
@@ -154,6 +159,8 @@ impl ServeOptions {
             pod_uid: None,
             standby_poll: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(20),
+            socket_peers: crate::grpc::peers::PeerPolicy::default(),
+            admin_owned: crate::slices::AdminOwned::Offer,
         }
     }
 
@@ -391,6 +398,10 @@ async fn serve_plugin(
         // Another instance of the driver may serve this node at the same time.
         engine_config.state_lock_mode = StateLockMode::PerOperation;
     }
+    // Every Fabric Manager call is timed and its errors counted.
+    if let Some(fc) = engine_config.fabric.as_mut() {
+        fc.fm = fc.fm.clone().observed(opts.metrics.fm_observer());
+    }
     let dir = state_dir.clone();
     // Opening may wait for another instance's state lock: keep it off the runtime.
     let (engine, report) = tokio::task::spawn_blocking(move || {
@@ -435,6 +446,7 @@ async fn serve_plugin(
         // The other instance takes the kubelet's calls once it has seen us go.
         server_config.dra_linger = Duration::from_secs(2);
     }
+    server_config.peers = opts.socket_peers.clone();
     server_config.health = Some(HealthConfig {
         feed,
         pool: opts.node_name.clone(),
@@ -470,6 +482,7 @@ async fn serve_plugin(
             shutdown: stop.clone(),
             metrics: Some(Arc::clone(&metrics)),
             record_dir: Some(state_dir.clone()),
+            admin_owned: opts.admin_owned,
         },
         state_dir,
     );

@@ -124,8 +124,9 @@ fn host_driver(view: &GpuView) -> Option<String> {
 
 /// The device to offer for an engine view, or `None` when the GPU must not be
 /// offered: pinned by the admin, sharing its IOMMU group with a foreign device
-/// or another GPU (it could not move alone), without an IOMMU group, or with a
-/// host write still stuck past its deadline.
+/// or another GPU (it could not move alone), without an IOMMU group, with a
+/// host write still stuck past its deadline, quarantined, or with the last
+/// tenant's hand-over (reset and verification) not finished.
 pub fn device_info(view: &GpuView) -> Option<DeviceInfo> {
     // Not offered: what a prepare would refuse anyway (pinned, stuck, a
     // foreign device in the group, a host process holding it), so the
@@ -142,7 +143,12 @@ pub fn device_info(view: &GpuView) -> Option<DeviceInfo> {
         vfio_gpu_engine::ledger::OpState::Releasing => true,
         _ => false,
     });
+    // Between tenants: a GPU whose reset or verification failed, or whose
+    // hand-over is still owed, goes to nobody.
+    let not_handed_over =
+        view.quarantine.is_some() || view.record.as_ref().is_some_and(|r| r.handover.is_some());
     if unsettled
+        || not_handed_over
         || view.verdict.pinned.is_some()
         || view.stuck.is_some()
         || !view.holders.is_empty()
@@ -153,9 +159,42 @@ pub fn device_info(view: &GpuView) -> Option<DeviceInfo> {
     DeviceInfo::from_view(view)
 }
 
-/// The offerable devices among `views`, in BDF order.
+/// The offerable devices among `views`, in BDF order (admin-owned GPUs offered).
 pub fn device_infos(views: &[GpuView]) -> Vec<DeviceInfo> {
-    let mut out: Vec<DeviceInfo> = views.iter().filter_map(device_info).collect();
+    device_infos_for(views, AdminOwned::Offer)
+}
+
+/// Whether GPUs the admin keeps on vfio are published (`serve
+/// --hide-admin-owned-gpus`). Offered, they go to claims of the
+/// `vfio-gpu-prebound.dra.dev` class; hidden, a GPU the admin keeps for a host
+/// VM outside Kubernetes is never handed to a tenant at all (security review L3).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AdminOwned {
+    /// Published like every other GPU (the default, as before).
+    #[default]
+    Offer,
+    /// Not published.
+    Hide,
+}
+
+/// A GPU on vfio that the plugin did not put there: found there (its record
+/// says so, [`RecordKind::FoundOnVfio`](vfio_gpu_engine::state::RecordKind)),
+/// or on vfio with no record of the plugin's at all.
+pub fn is_admin_owned(view: &GpuView) -> bool {
+    use vfio_gpu_engine::state::RecordKind;
+    match &view.record {
+        Some(r) => r.kind() == RecordKind::FoundOnVfio,
+        None => view.gpu.function.on_vfio(),
+    }
+}
+
+/// [`device_infos`] with admin-owned GPUs offered or hidden.
+pub fn device_infos_for(views: &[GpuView], admin_owned: AdminOwned) -> Vec<DeviceInfo> {
+    let mut out: Vec<DeviceInfo> = views
+        .iter()
+        .filter(|v| admin_owned == AdminOwned::Offer || !is_admin_owned(v))
+        .filter_map(device_info)
+        .collect();
     out.sort_by_key(|d| d.bdf);
     out
 }
@@ -638,8 +677,8 @@ impl SlicePublisher {
     }
 
     /// Makes the server's slices for this node and driver match `devices`,
-    /// with the Go helper's rules. Stops at the first API error (the next sync
-    /// continues from whatever state the server then holds).
+    /// with the Go helper's rules ([`plan_sync`]). Stops at the first API error
+    /// (the next sync continues from whatever state the server then holds).
     pub async fn sync(&mut self, devices: &[DeviceInfo]) -> anyhow::Result<SyncOutcome> {
         let cached = self.owner.is_some();
         let mut owner = self.owner(false).await?;
@@ -661,104 +700,21 @@ impl SlicePublisher {
         // (NVIDIA's driver with PassthroughSupport, the GPU Operator's) is not
         // offered here, or two drivers could hand it to two pods.
         let foreign = self.published_by_other_drivers(&api).await;
-        let offered: Vec<DeviceInfo> = devices
-            .iter()
-            .filter(|d| !foreign.contains_key(&d.bdf.to_string()))
-            .cloned()
-            .collect();
-        let desired = device_chunks(&offered);
-        let pool_name = self.cfg.node_name.as_str();
-
-        // Slices of another pool (e.g. from an older naming) are obsolete.
-        let (mine, mut obsolete): (Vec<_>, Vec<_>) = listed
-            .into_iter()
-            .partition(|s| s.spec.pool.name == pool_name);
-        let highest = mine
-            .iter()
-            .map(|s| s.spec.pool.generation)
-            .max()
-            .unwrap_or(0);
-        let (current, older): (Vec<_>, Vec<_>) = mine
-            .into_iter()
-            .partition(|s| s.spec.pool.generation == highest);
-        obsolete.extend(older);
-
-        // Pair existing slices with desired ones. A lone slice is always
-        // updated in place; otherwise slices match by their device names.
-        let mut matched: Vec<Option<ResourceSlice>> = vec![None; desired.len()];
-        if current.len() == 1 && desired.len() == 1 {
-            matched[0] = current.into_iter().next();
-        } else {
-            for slice in current {
-                match (0..desired.len())
-                    .find(|&i| matched[i].is_none() && same_names(&slice, &desired[i]))
-                {
-                    Some(i) => matched[i] = Some(slice),
-                    None => obsolete.push(slice),
-                }
-            }
-        }
-
-        let count = desired.len();
-        let new_slices = matched.iter().filter(|m| m.is_none()).count();
-        let wanted_pool = pool(&self.cfg, highest, count);
-        let changed: BTreeSet<usize> = matched
-            .iter()
-            .enumerate()
-            .filter_map(|(i, m)| m.as_ref().map(|s| (i, s)))
-            .filter(|(i, s)| {
-                s.spec.pool != wanted_pool
-                    || s.spec.node_selector.is_some()
-                    || s.spec.all_nodes == Some(true)
-                    || s.spec.per_device_node_selection == Some(true)
-                    || s.spec
-                        .shared_counters
-                        .as_ref()
-                        .is_some_and(|c| !c.is_empty())
-                    || !same_devices(s.spec.devices.as_ref(), &desired[*i])
-            })
-            .map(|(i, _)| i)
-            .collect();
-
-        // One update is atomic for consumers; anything more needs a new generation.
-        // The generation comes from the server: never overflow on a hostile value.
-        let mut generation = if new_slices == 0 && changed.len() <= 1 {
-            highest
-        } else {
-            highest.saturating_add(1)
-        };
-        generation = generation.max(1);
-        let bumped = generation != highest;
-        let final_pool = pool(&self.cfg, generation, count);
-
+        let plan = plan_sync(&self.cfg, listed, devices, &foreign);
         let mut outcome = SyncOutcome {
-            generation,
-            slices: count,
-            published_by_others: devices
-                .iter()
-                .filter_map(|d| {
-                    let b = d.bdf.to_string();
-                    foreign.get(&b).map(|drv| (b, drv.clone()))
-                })
-                .collect(),
+            generation: plan.generation,
+            slices: plan.slices,
+            published_by_others: plan.published_by_others,
             ..Default::default()
         };
         // Slices to create (first sync, the kubelet's wipe, or the garbage collector
         // removing slices whose owner UID is stale): re-read the Node's UID first.
-        if new_slices > 0 && cached {
+        if !plan.creates.is_empty() && cached {
             owner = self.owner(true).await?;
         }
         let pp = PostParams::default();
-        for (i, (slot, devices)) in matched.iter().zip(&desired).enumerate() {
-            let Some(current) = slot else {
-                continue;
-            };
-            if !bumped && !changed.contains(&i) {
-                continue;
-            }
-            let mut slice = current.clone();
+        for slice in plan.updates {
             let name = slice.metadata.name.clone().unwrap_or_default();
-            slice.spec = slice_spec(&self.cfg, final_pool.clone(), devices.clone());
             // replace() carries the resourceVersion read above: a concurrent
             // change makes it fail with 409 and the next sync starts over.
             api.replace(&name, &pp, &slice)
@@ -766,17 +722,14 @@ impl SlicePublisher {
                 .with_context(|| format!("updating ResourceSlice {name}"))?;
             outcome.updated += 1;
         }
-        for (slot, devices) in matched.iter().zip(&desired) {
-            if slot.is_some() {
-                continue;
-            }
+        for spec in plan.creates {
             let slice = ResourceSlice {
                 metadata: ObjectMeta {
                     generate_name: Some(self.cfg.generate_name()),
                     owner_references: Some(vec![owner.clone()]),
                     ..Default::default()
                 },
-                spec: slice_spec(&self.cfg, final_pool.clone(), devices.clone()),
+                spec,
             };
             api.create(&pp, &slice)
                 .await
@@ -785,7 +738,7 @@ impl SlicePublisher {
         }
         // Delete last: until the new generation is complete, consumers keep
         // seeing the old one.
-        for slice in obsolete {
+        for slice in plan.deletes {
             let name = slice.metadata.name.clone().unwrap_or_default();
             let dp = DeleteParams {
                 preconditions: Some(Preconditions {
@@ -805,6 +758,138 @@ impl SlicePublisher {
         }
         Ok(outcome)
     }
+}
+
+/// What one sync writes, in order: updates, then creates, then deletes (see
+/// [`plan_sync`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SyncPlan {
+    /// The pool generation the slices end up in.
+    pub generation: i64,
+    /// Slices in that generation.
+    pub slices: usize,
+    /// Listed slices to replace in place, each with its new spec (metadata as
+    /// listed, so the replace carries the read resourceVersion).
+    pub updates: Vec<ResourceSlice>,
+    /// Specs of slices to create.
+    pub creates: Vec<ResourceSliceSpec>,
+    /// Listed slices to delete, last.
+    pub deletes: Vec<ResourceSlice>,
+    /// Devices not offered because another driver publishes them: (PCI address, driver).
+    pub published_by_others: Vec<(String, String)>,
+}
+
+/// The writes that make the listed slices match `devices` (pure), with the Go
+/// helper's rules: slices of another pool or an older generation are obsolete; a
+/// lone slice is updated in place, others are paired with the desired ones by
+/// their device names; one update is atomic for consumers, anything more needs a
+/// new generation. `foreign` maps PCI addresses another driver on this node
+/// publishes to that driver: those GPUs are not offered. Listed slices this
+/// publisher does not own ([`SliceConfig::owns`]) are never touched, whatever the
+/// list returned (security review L5).
+pub fn plan_sync(
+    cfg: &SliceConfig,
+    listed: Vec<ResourceSlice>,
+    devices: &[DeviceInfo],
+    foreign: &BTreeMap<String, String>,
+) -> SyncPlan {
+    let listed = listed.into_iter().filter(|s| cfg.owns(s));
+    let offered: Vec<DeviceInfo> = devices
+        .iter()
+        .filter(|d| !foreign.contains_key(&d.bdf.to_string()))
+        .cloned()
+        .collect();
+    let desired = device_chunks(&offered);
+    let pool_name = cfg.node_name.as_str();
+
+    // Slices of another pool (e.g. from an older naming) are obsolete.
+    let (mine, mut obsolete): (Vec<_>, Vec<_>) =
+        listed.partition(|s| s.spec.pool.name == pool_name);
+    let highest = mine
+        .iter()
+        .map(|s| s.spec.pool.generation)
+        .max()
+        .unwrap_or(0);
+    let (current, older): (Vec<_>, Vec<_>) = mine
+        .into_iter()
+        .partition(|s| s.spec.pool.generation == highest);
+    obsolete.extend(older);
+
+    // Pair existing slices with desired ones. A lone slice is always
+    // updated in place; otherwise slices match by their device names.
+    let mut matched: Vec<Option<ResourceSlice>> = vec![None; desired.len()];
+    if current.len() == 1 && desired.len() == 1 {
+        matched[0] = current.into_iter().next();
+    } else {
+        for slice in current {
+            match (0..desired.len())
+                .find(|&i| matched[i].is_none() && same_names(&slice, &desired[i]))
+            {
+                Some(i) => matched[i] = Some(slice),
+                None => obsolete.push(slice),
+            }
+        }
+    }
+
+    let count = desired.len();
+    let new_slices = matched.iter().filter(|m| m.is_none()).count();
+    let wanted_pool = pool(cfg, highest, count);
+    let changed: BTreeSet<usize> = matched
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| m.as_ref().map(|s| (i, s)))
+        .filter(|(i, s)| {
+            s.spec.pool != wanted_pool
+                || s.spec.node_selector.is_some()
+                || s.spec.all_nodes == Some(true)
+                || s.spec.per_device_node_selection == Some(true)
+                || s.spec
+                    .shared_counters
+                    .as_ref()
+                    .is_some_and(|c| !c.is_empty())
+                || !same_devices(s.spec.devices.as_ref(), &desired[*i])
+        })
+        .map(|(i, _)| i)
+        .collect();
+
+    // One update is atomic for consumers; anything more needs a new generation.
+    // The generation comes from the server: never overflow on a hostile value.
+    let mut generation = if new_slices == 0 && changed.len() <= 1 {
+        highest
+    } else {
+        highest.saturating_add(1)
+    };
+    generation = generation.max(1);
+    let bumped = generation != highest;
+    let final_pool = pool(cfg, generation, count);
+
+    let mut plan = SyncPlan {
+        generation,
+        slices: count,
+        published_by_others: devices
+            .iter()
+            .filter_map(|d| {
+                let b = d.bdf.to_string();
+                foreign.get(&b).map(|drv| (b, drv.clone()))
+            })
+            .collect(),
+        ..Default::default()
+    };
+    for (i, (slot, devices)) in matched.into_iter().zip(desired).enumerate() {
+        match slot {
+            Some(mut slice) => {
+                if bumped || changed.contains(&i) {
+                    slice.spec = slice_spec(cfg, final_pool.clone(), devices);
+                    plan.updates.push(slice);
+                }
+            }
+            None => plan
+                .creates
+                .push(slice_spec(cfg, final_pool.clone(), devices)),
+        }
+    }
+    plan.deletes = obsolete;
+    plan
 }
 
 /// One sync of the node's slices against `devices` (see [`SlicePublisher::sync`]);
@@ -973,12 +1058,13 @@ fn backoff(base: Duration, max: Duration, failures: u32) -> Duration {
 pub async fn watch_engine_devices(
     engine: Arc<Engine>,
     interval: Duration,
+    admin_owned: AdminOwned,
     shutdown: CancellationToken,
 ) -> watch::Receiver<Vec<DeviceInfo>> {
-    async fn discover(engine: &Arc<Engine>) -> Option<Vec<DeviceInfo>> {
+    async fn discover(engine: &Arc<Engine>, admin_owned: AdminOwned) -> Option<Vec<DeviceInfo>> {
         let engine = engine.clone();
         match tokio::task::spawn_blocking(move || engine.discover()).await {
-            Ok(Ok((views, _problems))) => Some(device_infos(&views)),
+            Ok(Ok((views, _problems))) => Some(device_infos_for(&views, admin_owned)),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "discovering GPUs for ResourceSlices");
                 None
@@ -989,14 +1075,14 @@ pub async fn watch_engine_devices(
             }
         }
     }
-    let (tx, rx) = watch::channel(discover(&engine).await.unwrap_or_default());
+    let (tx, rx) = watch::channel(discover(&engine, admin_owned).await.unwrap_or_default());
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(interval) => {}
             }
-            if let Some(list) = discover(&engine).await {
+            if let Some(list) = discover(&engine, admin_owned).await {
                 tx.send_if_modified(|cur| {
                     let changed = *cur != list;
                     if changed {
@@ -1026,6 +1112,8 @@ pub struct PublisherContext {
     pub metrics: Option<Arc<Metrics>>,
     /// The state directory that receives the record of GPUs other drivers publish.
     pub record_dir: Option<PathBuf>,
+    /// Whether GPUs the admin keeps on vfio are published.
+    pub admin_owned: AdminOwned,
 }
 
 /// Starts the publisher for `serve`: default [`SliceConfig`], devices re-discovered
@@ -1034,8 +1122,13 @@ pub fn start_publisher(ctx: PublisherContext) -> JoinHandle<anyhow::Result<()>> 
     tokio::spawn(async move {
         let mut cfg = SliceConfig::new(ctx.driver_name, ctx.node_name);
         cfg.other_drivers_record = ctx.record_dir;
-        let devices =
-            watch_engine_devices(ctx.engine, Duration::from_secs(10), ctx.shutdown.clone()).await;
+        let devices = watch_engine_devices(
+            ctx.engine,
+            Duration::from_secs(10),
+            ctx.admin_owned,
+            ctx.shutdown.clone(),
+        )
+        .await;
         run_publisher_observed(ctx.client, cfg, devices, ctx.shutdown, ctx.metrics).await
     })
 }

@@ -542,3 +542,220 @@ async fn liveness_fails_when_a_socket_does_not_answer() {
     .await
     .unwrap();
 }
+
+/// The HTTP/2 client preface and an empty SETTINGS frame: what a kubelet sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+/// Connects to `path`, sends the preface and reads: "served" when the server
+/// answers (its SETTINGS), "closed" when it hangs up unserved.
+fn probe(path: &Path) -> &'static str {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(path) else {
+        return "connect-failed";
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = s.write_all(H2_PREFACE);
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(n) if n > 0 => "served",
+        Ok(_) => "closed",
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "closed",
+        Err(_) => "timeout",
+    }
+}
+
+/// Not a test on its own: the non-root side of
+/// `l6_a_non_root_peer_is_closed_unserved`, run as a child process under
+/// another uid (it probes the sockets named in `PEER_PROBE_SOCKETS`).
+#[test]
+fn peer_probe_helper() {
+    let Ok(paths) = std::env::var("PEER_PROBE_SOCKETS") else {
+        return;
+    };
+    for p in paths.split(':') {
+        println!("PROBE {} {}", p, probe(Path::new(p)));
+    }
+}
+
+/// Runs `peer_probe_helper` as `uid` against `sockets`; its verdict per socket.
+fn probe_as(uid: u32, sockets: &[&Path]) -> Vec<String> {
+    use std::os::unix::process::CommandExt;
+    let joined: Vec<String> = sockets
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "peer_probe_helper",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("PEER_PROBE_SOCKETS", joined.join(":"))
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .unwrap();
+    eprintln!(
+        "peer as uid {uid}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once("PROBE ").map(|(_, probe)| probe))
+        .map(|l| l.rsplit(' ').next().unwrap_or("").to_string())
+        .collect()
+}
+
+/// Lets uid `65534` reach the fixture's sockets through the file system, so only
+/// the plugin's own SO_PEERCRED check stands in its way.
+fn open_up(f: &Fixture) {
+    let mut dir = f.config.dra_socket.parent().map(Path::to_path_buf);
+    while let Some(d) = dir {
+        if d == Path::new("/") || d == std::env::temp_dir() {
+            break;
+        }
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir = d.parent().map(Path::to_path_buf);
+    }
+    let registrar = f.config.registration_socket.parent().unwrap();
+    std::fs::set_permissions(registrar, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for s in [&f.handle.dra_socket, &f.handle.registration_socket] {
+        std::fs::set_permissions(s, std::fs::Permissions::from_mode(0o666)).unwrap();
+    }
+}
+
+/// L6: a peer whose uid is not allowed (not root, not the plugin's own) is closed
+/// before it is served, on both sockets; with its uid allowed, the same peer is
+/// served (so the check, not the file system, refused it). Needs root (it runs
+/// the peer as uid 65534).
+#[tokio::test]
+async fn l6_a_non_root_peer_is_closed_unserved() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to run a peer as another uid");
+        return;
+    }
+    tokio::time::timeout(LIMIT, async {
+        let f = start().await;
+        open_up(&f);
+        let sockets = [
+            f.handle.dra_socket.as_path(),
+            f.handle.registration_socket.as_path(),
+        ];
+        let (dra, reg) = (sockets[0].to_path_buf(), sockets[1].to_path_buf());
+        let verdicts = tokio::task::spawn_blocking(move || probe_as(65534, &[&dra, &reg]))
+            .await
+            .unwrap();
+        assert_eq!(
+            verdicts,
+            ["closed", "closed"],
+            "uid 65534 on DRA, registration"
+        );
+        // Root, the kubelet, is served.
+        let emu = KubeletEmulator::new(&f.handle.registration_socket);
+        emu.register().await.unwrap();
+        f.token.cancel();
+        f.handle.wait().await.unwrap();
+
+        // The control: the same peer with its uid allowed is served.
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ServerConfig::new(
+            DRIVER,
+            &dir.path().join("plugins"),
+            &dir.path().join("plugins_registry"),
+        );
+        config.peers.allowed_uids = vec![0, 65534];
+        let token = CancellationToken::new();
+        let handle = serve(
+            config.clone(),
+            Arc::new(MockBackend::default()),
+            token.clone(),
+        )
+        .await
+        .unwrap();
+        let g = Fixture {
+            _dir: dir,
+            config,
+            backend: Arc::new(MockBackend::default()),
+            token,
+            handle,
+        };
+        open_up(&g);
+        let (dra, reg) = (
+            g.handle.dra_socket.clone(),
+            g.handle.registration_socket.clone(),
+        );
+        let verdicts = tokio::task::spawn_blocking(move || probe_as(65534, &[&dra, &reg]))
+            .await
+            .unwrap();
+        assert_eq!(verdicts, ["served", "served"], "uid 65534 allowed");
+        g.token.cancel();
+        g.handle.wait().await.unwrap();
+    })
+    .await
+    .unwrap();
+}
+
+/// L6: a flood of idle connections takes at most `max_connections` descriptors
+/// per socket; the next one is closed unserved at once, and once the flood goes
+/// the kubelet is served again.
+#[tokio::test]
+async fn l6_a_connection_flood_past_the_cap_is_closed_at_once() {
+    tokio::time::timeout(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ServerConfig::new(
+            DRIVER,
+            &dir.path().join("plugins"),
+            &dir.path().join("plugins_registry"),
+        );
+        config.peers.max_connections = 4;
+        let token = CancellationToken::new();
+        let handle = serve(
+            config.clone(),
+            Arc::new(MockBackend::default()),
+            token.clone(),
+        )
+        .await
+        .unwrap();
+        for socket in [
+            handle.dra_socket.clone(),
+            handle.registration_socket.clone(),
+        ] {
+            let mut flood = Vec::new();
+            for _ in 0..4 {
+                flood.push(std::os::unix::net::UnixStream::connect(&socket).unwrap());
+            }
+            let s = socket.clone();
+            let started = std::time::Instant::now();
+            let verdict = tokio::task::spawn_blocking(move || probe(&s))
+                .await
+                .unwrap();
+            assert_eq!(verdict, "closed", "{} past the cap", socket.display());
+            assert!(started.elapsed() < Duration::from_secs(2), "closed at once");
+            drop(flood);
+            // The slots come back as the server sees the flood's ends.
+            let s = socket.clone();
+            let mut verdict = "";
+            for _ in 0..50 {
+                let s = s.clone();
+                verdict = tokio::task::spawn_blocking(move || probe(&s))
+                    .await
+                    .unwrap();
+                if verdict == "served" {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert_eq!(verdict, "served", "{} after the flood", socket.display());
+        }
+        let emu = KubeletEmulator::new(&handle.registration_socket);
+        let plugin = emu.register().await.unwrap();
+        plugin.prepare(&[claim("a")]).await.unwrap();
+        token.cancel();
+        handle.wait().await.unwrap();
+    })
+    .await
+    .unwrap();
+}

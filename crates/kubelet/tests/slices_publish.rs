@@ -171,6 +171,31 @@ fn pinned_stuck_and_shared_group_gpus_are_not_offered() {
     let mut no_iommu = a100.clone();
     no_iommu.gpu.function.iommu_group = None;
     assert!(device_info(&no_iommu).is_none(), "no IOMMU group");
+    let mut quarantined = a100.clone();
+    quarantined.quarantine = Some(vfio_gpu_engine::ledger::Quarantine {
+        reason: "link trained to x4 of x16".into(),
+        since: 1,
+        boot_id: "boot".into(),
+        fingerprints: Default::default(),
+        extra: Default::default(),
+    });
+    assert!(device_info(&quarantined).is_none(), "quarantined");
+    let mut owed = a100.clone();
+    let mut kept = vfio_gpu_engine::ledger::GpuRecord::configuring(
+        vfio_gpu_engine::Holder::Admin,
+        std::slice::from_ref(&owed.gpu.function),
+        &vfio_gpu_host::DriverName::vfio_pci(),
+        Default::default(),
+        "boot".into(),
+        1,
+    );
+    kept.state = vfio_gpu_engine::ledger::OpState::Prebound;
+    kept.holder = None;
+    owed.record = Some(kept.clone());
+    assert!(device_info(&owed).is_some(), "kept on vfio, handed over");
+    kept.handover = Some(vfio_gpu_engine::ledger::Handover::owed("claim vms/vm"));
+    owed.record = Some(kept);
+    assert!(device_info(&owed).is_none(), "a hand-over still owed");
 }
 
 /// N7 (Kubernetes review): a GPU this driver moves for a claim stays published, and
@@ -634,4 +659,70 @@ async fn a_gpu_another_driver_publishes_on_this_node_is_not_offered() {
         })
         .collect();
     assert!(!published.contains(&taken), "{published:?}");
+}
+
+/// L3 (the policy switch): with admin-owned GPUs hidden, the GPUs found on vfio
+/// that the plugin did not put there (the demo host's five pre-bound H100s) are
+/// not published at all, and every other GPU is published exactly as by default;
+/// the default still offers them (as before). A GPU the plugin moved to vfio for
+/// a claim is its own, never hidden.
+#[test]
+fn l3_hidden_admin_owned_gpus_are_not_published() {
+    use vfio_gpu_kubelet::slices::{AdminOwned, device_infos, device_infos_for, is_admin_owned};
+    let views = demo_views();
+    let names = |d: &[vfio_gpu_kubelet::slices::DeviceInfo]| -> Vec<String> {
+        d.iter().map(|d| d.bdf.to_string()).collect()
+    };
+    let offered = device_infos(&views);
+    assert_eq!(
+        device_infos_for(&views, AdminOwned::Offer),
+        offered,
+        "default as today"
+    );
+    let hidden = device_infos_for(&views, AdminOwned::Hide);
+    let admin: Vec<String> = views
+        .iter()
+        .filter(|v| is_admin_owned(v))
+        .map(|v| v.gpu.function.bdf.to_string())
+        .collect();
+    assert_eq!(
+        admin,
+        [
+            "0000:18:00.0",
+            "0000:2a:00.0",
+            "0000:3a:00.0",
+            "0000:5d:00.0",
+            "0000:9a:00.0"
+        ],
+        "the demo's pre-bound H100s"
+    );
+    // Invariant: hidden = offered minus exactly the admin-owned ones.
+    let expected: Vec<String> = names(&offered)
+        .into_iter()
+        .filter(|b| !admin.contains(b))
+        .collect();
+    assert_eq!(names(&hidden), expected);
+    assert!(!hidden.is_empty());
+    for d in &hidden {
+        assert!(
+            !d.keep_on_vfio || d.driver.as_deref() != Some("vfio-pci"),
+            "{}",
+            d.bdf
+        );
+    }
+    // A GPU the plugin moved (a record of ours) is not the admin's.
+    let mut ours = views
+        .iter()
+        .find(|v| v.gpu.function.bdf.to_string() == "0000:ba:00.0")
+        .expect("the A100")
+        .clone();
+    ours.record = Some(vfio_gpu_engine::ledger::GpuRecord::configuring(
+        vfio_gpu_engine::Holder::Admin,
+        &[ours.gpu.function.clone()],
+        &vfio_gpu_host::DriverName::vfio_pci(),
+        Default::default(),
+        "boot".into(),
+        1,
+    ));
+    assert!(!is_admin_owned(&ours));
 }

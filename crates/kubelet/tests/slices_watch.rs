@@ -243,8 +243,13 @@ async fn a_move_for_a_claim_leaves_the_published_slice_unchanged() {
     let engine = Arc::new(engine);
 
     let shutdown = CancellationToken::new();
-    let devices =
-        watch_engine_devices(engine.clone(), Duration::from_millis(200), shutdown.clone()).await;
+    let devices = watch_engine_devices(
+        engine.clone(),
+        Duration::from_millis(200),
+        vfio_gpu_kubelet::slices::AdminOwned::Offer,
+        shutdown.clone(),
+    )
+    .await;
     assert_eq!(names_of(&devices.borrow()), names_of(&demo_devices()));
     let task = tokio::spawn(run_publisher(client, config(), devices, shutdown.clone()));
     let a100_driver = |server: &FakeApiServer| {

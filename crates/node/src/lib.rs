@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 mod checks;
+pub mod fabric;
 mod facts;
 mod other_drivers;
 

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -136,11 +137,32 @@ func (r *rendered) checkCommon(t *testing.T, ns string) {
 		t.Errorf("DaemonSet namespace %q, want %q", r.ds.Namespace, ns)
 	}
 	pod := r.ds.Spec.Template.Spec
-	if pod.ServiceAccountName != "vfio-gpu-dra" || !pod.HostPID || len(pod.Containers) != 1 {
+	// M4: no hostPID in any value set (the holder scan reads /host-root/proc).
+	if pod.ServiceAccountName != "vfio-gpu-dra" || pod.HostPID || len(pod.Containers) != 1 {
 		t.Errorf("pod spec: sa %q hostPID %v containers %d", pod.ServiceAccountName, pod.HostPID, len(pod.Containers))
 	}
 	if r.netpol != nil && r.netpol.Namespace != ns {
 		t.Errorf("NetworkPolicy namespace %q, want %q", r.netpol.Namespace, ns)
+	}
+}
+
+// leastPrivilege are the capabilities the non-privileged plugin gets
+// (docs/security.md; tests/vm plugin-caps runs the plugin with exactly these).
+var leastPrivilege = []corev1.Capability{"SYS_PTRACE", "DAC_READ_SEARCH", "SYS_CHROOT", "SYS_MODULE"}
+
+// checkLeastPrivilege (M4): not privileged, no privilege escalation, every
+// capability dropped but leastPrivilege.
+func (r *rendered) checkLeastPrivilege(t *testing.T) {
+	t.Helper()
+	sc := r.container().SecurityContext
+	if sc == nil || sc.Privileged == nil || *sc.Privileged || sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation || sc.Capabilities == nil {
+		t.Fatalf("securityContext %+v: want privileged false, allowPrivilegeEscalation false, capabilities", sc)
+	}
+	if d := sc.Capabilities.Drop; len(d) != 1 || d[0] != "ALL" {
+		t.Errorf("capabilities.drop %v, want [ALL]", d)
+	}
+	if a := sc.Capabilities.Add; fmt.Sprint(a) != fmt.Sprint(leastPrivilege) {
+		t.Errorf("capabilities.add %v, want %v", a, leastPrivilege)
 	}
 }
 
@@ -213,6 +235,7 @@ func TestValueSets(t *testing.T) {
 	t.Run("defaults", func(t *testing.T) {
 		r := render(t, nil)
 		r.checkCommon(t, "vfio-gpu-dra")
+		r.checkLeastPrivilege(t)
 		r.checkKubeletDirs(t, defaultRoot)
 		for kind, n := range map[string]int{"Namespace": 1, "ValidatingAdmissionPolicy": 1, "ValidatingAdmissionPolicyBinding": 1, "NetworkPolicy": 1} {
 			if r.kinds[kind] != n {
@@ -231,6 +254,17 @@ func TestValueSets(t *testing.T) {
 		}
 		if _, ok := r.env()["VFIO_GPU_DRA_LOG"]; ok {
 			t.Error("VFIO_GPU_DRA_LOG set by default")
+		}
+	})
+
+	// privileged: true, for NVIDIA hosts whose nvidia-persistenced the plugin
+	// stops with nvidia-smi (a non-privileged container may not open /dev/nvidia*).
+	t.Run("privileged", func(t *testing.T) {
+		r := render(t, map[string]any{"privileged": true})
+		r.checkCommon(t, "vfio-gpu-dra")
+		sc := r.container().SecurityContext
+		if sc == nil || sc.Privileged == nil || !*sc.Privileged || sc.Capabilities != nil {
+			t.Errorf("securityContext %+v, want privileged only", sc)
 		}
 	})
 

@@ -7,6 +7,7 @@ pub mod explain;
 pub mod ledger;
 pub mod reconcile;
 pub mod release;
+pub mod reset;
 pub mod roundtrip;
 
 use anyhow::Result;

@@ -36,9 +36,10 @@ impl Engine {
         // Before the first host write: a move that could not open the files
         // its rollback needs would strand the GPU (security review H1).
         check_fd_headroom(bdf)?;
+        self.check_handed_over(bdf)?;
         let carried = match self.prior_record(bdf, &holder, started)? {
             Prior::Done(outcome) => return Ok(outcome),
-            Prior::Carry(rec) => rec,
+            Prior::Carry(rec) => rec.map(|r| *r),
         };
         let gpu = self.load_gpu(bdf)?;
         let intent = self.intent()?;
@@ -153,7 +154,7 @@ impl Engine {
                 format!("already on vfio for {holder}"),
                 started,
             ))),
-            OnConfigure::Redrive => Ok(Prior::Carry(Some(rec))),
+            OnConfigure::Redrive => Ok(Prior::Carry(Some(Box::new(rec)))),
             OnConfigure::Fresh => Ok(Prior::Carry(None)),
             OnConfigure::FinishFirst => {
                 self.reconcile_record(&gpu, rec)?;
@@ -473,7 +474,7 @@ enum Prior {
     /// Nothing to do: the outcome to return.
     Done(Outcome),
     /// Go on, carrying this record's origins (a re-drive) or starting afresh.
-    Carry(Option<GpuRecord>),
+    Carry(Option<Box<GpuRecord>>),
 }
 
 /// Descriptors a move keeps free for itself and its rollback: every sysfs

@@ -21,7 +21,7 @@ use std::time::Duration;
 use serde::Serialize;
 use vfio_gpu_fabric::{
     DeadlineFm, FabricManager, FmError, ModuleId, ModuleMap, ModuleMapBuilder, ModuleSource,
-    PartitionId, PartitionList, Topology,
+    NvmlModuleIds, PartitionId, PartitionList, Topology,
 };
 use vfio_gpu_host::{Bdf, Gpu, discover_gpus};
 
@@ -216,7 +216,7 @@ pub(crate) struct FabricRuntime {
     cache: Mutex<Option<(Topology, bool)>>,
     /// One fabric operation at a time in this process (they act on FM's
     /// global partition state).
-    op: Mutex<()>,
+    pub(super) op: Mutex<()>,
 }
 
 fn fm_err(what: &str, e: &FmError) -> EngineError {
@@ -235,6 +235,19 @@ fn ids_text(ids: impl IntoIterator<Item = impl std::fmt::Display>) -> String {
         .map(|i| i.to_string())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// NVML sees a GPU only on a host driver: ask it about those, never about
+/// GPUs on vfio or without a driver.
+fn on_host_driver(gpu: &Gpu) -> bool {
+    gpu.function.driver.is_some() && !gpu.function.on_vfio()
+}
+
+/// The real reader: NVML through `dlopen`.
+impl ModuleIdReader for NvmlModuleIds {
+    fn module_id(&self, bdf: Bdf) -> Result<Option<ModuleId>, String> {
+        NvmlModuleIds::module_id(self, bdf).map_err(|e| e.to_string())
+    }
 }
 
 fn device_hex(gpu: &Gpu) -> String {
@@ -364,8 +377,8 @@ impl Engine {
             b.add_admin_map_file(path).map_err(bad)?;
         }
         if let Some(reader) = &fc.module_ids {
-            for g in gpus.iter().filter(|g| !g.function.on_vfio()) {
-                match reader.module_id(g.bdf()) {
+            for g in gpus.iter().filter(|g| on_host_driver(g)) {
+                match self.read_module_id(reader, g.bdf()) {
                     Ok(Some(m)) if m.0 != 0 => {
                         b.add(ModuleSource::Nvml, g.bdf(), m).map_err(bad)?;
                     }
@@ -402,6 +415,18 @@ impl Engine {
             records.insert(bdf, rec);
         }
         Ok((map, records))
+    }
+
+    /// One NVML module-id read, under the engine's read deadline: a driver
+    /// that hangs in NVML quarantines the GPU's reads instead of blocking
+    /// the operation.
+    pub(super) fn read_module_id(
+        &self,
+        reader: &Arc<dyn ModuleIdReader>,
+        bdf: Bdf,
+    ) -> Result<Option<ModuleId>, String> {
+        let reader = Arc::clone(reader);
+        self.read_device_bounded(bdf, "NVML module id read", move || reader.module_id(bdf))?
     }
 
     /// The partitions `bdfs` need under the policy, with nothing changed on
@@ -838,6 +863,9 @@ impl Engine {
         let _hold = self.hold()?;
         self.check_ledger_trusted()?;
         let _op = lock(&self.fabric.op);
+        // Before FM is asked: a GPU a crashed learn left on nvidia goes back
+        // to vfio even while FM is unreachable.
+        self.finish_pending_learn()?;
         let mut out = Vec::new();
         let list = self.list_replaying(fc, &mut out)?;
         let topology = Topology::from_list(&list)

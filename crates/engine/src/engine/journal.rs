@@ -90,6 +90,7 @@ impl Engine {
             boot_id: self.boot_id.clone(),
             operation: self.new_operation(),
             updated: 0,
+            handover: None,
             extra: BTreeMap::new(),
         }
     }

@@ -18,6 +18,8 @@ mod admin;
 mod batch;
 mod configure;
 pub(crate) mod fabric;
+pub(crate) mod fabric_learn;
+mod handover;
 mod journal;
 mod persistence;
 mod reconcile;
@@ -634,6 +636,13 @@ impl Engine {
                     holders: holders.remove(&bdf).unwrap_or_default(),
                     persistence_left_off: ledger.persistence_to_restore.get(&bdf).cloned(),
                     fabric: self.gpu_fabric(&ledger, &gpu),
+                    quarantine: ledger.quarantined.get(&bdf).cloned(),
+                    last_handover: ledger
+                        .handovers
+                        .iter()
+                        .rev()
+                        .find(|h| h.gpu == bdf)
+                        .cloned(),
                     gpu,
                     verdict,
                 }

@@ -2,6 +2,7 @@
 //! and a rollback all go through [`Engine::settle`], which asks the record
 //! state machine ([`crate::state::decide_settle`]) with intent read now.
 
+use super::handover::AfterReset;
 use super::persistence::persistence_left_off;
 use super::steps::{OperationBudget, StepError};
 use super::view::{Action, Outcome, reasons_text};
@@ -14,7 +15,7 @@ use vfio_gpu_host::{Bdf, DriverName, Gpu};
 
 use crate::error::{EngineError, Step, Verification};
 use crate::kernel::SysfsWrite;
-use crate::ledger::{FunctionRecord, GpuRecord, Holder, OpState};
+use crate::ledger::{FunctionRecord, GpuRecord, Handover, Holder, OpState};
 use crate::preflight::NodeHolder;
 use crate::state::{IntentNow, Observed, Settle, decide_settle};
 use vfio_gpu_intent::ReleaseDecision;
@@ -209,6 +210,17 @@ impl Engine {
             vanished: gpu.is_none(),
             stuck: rec.stuck_on.is_some() || stuck_here.is_some(),
             vfio_in_use: false,
+            quarantined: self.ledger().quarantined.contains_key(&bdf),
+        };
+        // Who hands the GPU over, when this is its holder's release.
+        let released_by = match path {
+            SettlePath::Release => Some(
+                rec.holder
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_else(|| "unknown holder".into()),
+            ),
+            SettlePath::FinishRelease | SettlePath::Rollback => None,
         };
         // The holder scan is only worth its cost when it can change the answer.
         let mut holders = Vec::new();
@@ -227,12 +239,34 @@ impl Engine {
                 "already released".into(),
                 started,
             )),
-            Settle::AdminOwned => Ok(self.outcome(
-                &gpu,
-                Action::LeftOnVfio,
-                format!("admin-owned; stays on vfio: {reasons}"),
-                started,
-            )),
+            Settle::AdminOwned => {
+                // A hand-over a busy VM deferred is finished here (the
+                // record is the admin's, the reset is still owed).
+                let handed = self.finish_kept_handover(&gpu, None)?;
+                Ok(self.kept_outcome(
+                    &gpu,
+                    handed,
+                    format!("admin-owned; stays on vfio: {reasons}"),
+                    started,
+                ))
+            }
+            Settle::Quarantined => {
+                if path == SettlePath::Release {
+                    self.update_record(bdf, |r| {
+                        r.holder = None;
+                        if r.state == OpState::Configured {
+                            r.state = OpState::Prebound;
+                        }
+                    })?;
+                }
+                let why = self
+                    .ledger()
+                    .quarantined
+                    .get(&bdf)
+                    .map(|q| q.reason.clone())
+                    .unwrap_or_default();
+                Ok(self.quarantined_outcome(&gpu, &why, started))
+            }
             Settle::WaitStuck => Err(EngineError::Stuck {
                 bdf,
                 op: stuck_here
@@ -241,7 +275,7 @@ impl Engine {
                 secs: 0.0,
             }),
             Settle::WaitBusy => Err(EngineError::Busy { bdf, holders }),
-            Settle::Keep(why) => self.keep_on_vfio(&gpu, rec, &why, started),
+            Settle::Keep(why) => self.keep_on_vfio(&gpu, rec, &why, released_by, started),
             Settle::WaitIntent(why) => {
                 for fr in &rec.functions {
                     if let (Ok(b), Some(vfio)) = (self.binding(fr.bdf), rec.vfio_driver.as_ref())
@@ -252,7 +286,7 @@ impl Engine {
                 }
                 Err(EngineError::IntentUnreadable(why))
             }
-            Settle::Restore => self.restore_all(&gpu, rec, &intent, path, started),
+            Settle::Restore => self.restore_all(&gpu, rec, &intent, path, released_by, started),
         }
     }
 
@@ -264,6 +298,7 @@ impl Engine {
         gpu: &Gpu,
         rec: &GpuRecord,
         why: &str,
+        released_by: Option<String>,
         started: Instant,
     ) -> Result<Outcome, EngineError> {
         let bdf = gpu.bdf();
@@ -327,8 +362,17 @@ impl Engine {
         match rec.after_keep(any_on_vfio) {
             // Already kept as it is: nothing to commit (reconcile re-decides
             // kept records every round).
-            Some(kept) if kept.state == rec.state && kept.holder == rec.holder => {}
-            Some(kept) => self.set_record(bdf, Some(kept))?,
+            Some(kept)
+                if kept.state == rec.state
+                    && kept.holder == rec.holder
+                    && released_by.is_none() => {}
+            Some(mut kept) => {
+                // The hand-over is owed from the commit that releases it.
+                if kept.handover.is_none() {
+                    kept.handover = released_by.as_deref().map(Handover::owed);
+                }
+                self.set_record(bdf, Some(kept))?
+            }
             // Nothing of ours stayed on vfio: what we changed goes back.
             None => {
                 self.restore_persistence_and_record(bdf, rec, None)?;
@@ -337,20 +381,68 @@ impl Engine {
         // "Left on vfio" only when the GPU function is: one a crashed release
         // had already returned stays where it is (keeping never moves forward).
         let gpu_on_vfio = self.binding(bdf).is_ok_and(|f| f.on_vfio());
-        let (action, detail) = if gpu_on_vfio {
-            (
-                Action::LeftOnVfio,
-                format!("released; stays on vfio: {why}"),
-            )
-        } else {
-            (
+        if !gpu_on_vfio {
+            return Ok(self.outcome(
+                gpu,
                 Action::NothingToDo,
                 format!(
                     "intent keeps it on vfio ({why}), but {bdf} was already back on its host driver: nothing was moved"
                 ),
-            )
-        };
-        Ok(self.outcome(gpu, action, detail, started))
+                started,
+            ));
+        }
+        // Kept on vfio for the next tenant: reset and verified like any other.
+        let handed = self.finish_kept_handover(gpu, released_by)?;
+        Ok(self.kept_outcome(
+            gpu,
+            handed,
+            format!("released; stays on vfio: {why}"),
+            started,
+        ))
+    }
+
+    /// The hand-over of a GPU that stays on vfio: reset, then verify, in place.
+    fn finish_kept_handover(
+        &self,
+        gpu: &Gpu,
+        released_by: Option<String>,
+    ) -> Result<AfterReset, EngineError> {
+        let after = self.handover_reset(gpu, released_by)?;
+        if after != AfterReset::Verify {
+            return Ok(after);
+        }
+        Ok(match self.handover_verify(gpu.bdf())? {
+            Some(why) => AfterReset::Quarantined(why),
+            None => AfterReset::Verify,
+        })
+    }
+
+    /// The outcome of a release that kept the GPU on vfio, with its hand-over.
+    fn kept_outcome(
+        &self,
+        gpu: &Gpu,
+        handed: AfterReset,
+        detail: String,
+        started: Instant,
+    ) -> Outcome {
+        match handed {
+            AfterReset::Quarantined(why) => self.quarantined_outcome(gpu, &why, started),
+            AfterReset::Deferred(wait) => self.outcome(
+                gpu,
+                Action::LeftOnVfio,
+                format!("{detail}; {wait}"),
+                started,
+            ),
+            AfterReset::Verify => self.outcome(
+                gpu,
+                Action::LeftOnVfio,
+                format!("{detail}; reset and verified"),
+                started,
+            ),
+            AfterReset::Nothing | AfterReset::Unsanitized => {
+                self.outcome(gpu, Action::LeftOnVfio, detail, started)
+            }
+        }
     }
 
     /// Intent allows it and nobody holds the group: every function back to
@@ -361,14 +453,31 @@ impl Engine {
         rec: &GpuRecord,
         intent: &IntentNow,
         path: SettlePath,
+        released_by: Option<String>,
         started: Instant,
     ) -> Result<Outcome, EngineError> {
         let bdf = gpu.bdf();
         if path == SettlePath::Release {
+            // The hand-over is owed from the same commit that releases it, so
+            // no crash can return the GPU unreset.
+            let owed = released_by.as_deref().map(Handover::owed);
             self.update_record(bdf, |r| {
                 r.state = OpState::Releasing;
                 r.holder = None;
+                if r.handover.is_none() {
+                    r.handover = owed;
+                }
             })?;
+        }
+        // Reset while every function is still on vfio and nobody holds it;
+        // verification follows once each is where it goes.
+        match self.handover_reset(gpu, released_by)? {
+            AfterReset::Quarantined(why) => return Ok(self.quarantined_outcome(gpu, &why, started)),
+            // Restore is only decided with nobody holding the group.
+            AfterReset::Deferred(wait) => {
+                return Err(EngineError::HandoverPending { bdf, detail: wait });
+            }
+            AfterReset::Nothing | AfterReset::Unsanitized | AfterReset::Verify => {}
         }
         // Before anything is re-probed: a lock seen after that is somebody else's.
         self.release_unbind_locks_still_held(bdf, rec);
@@ -390,6 +499,8 @@ impl Engine {
         }
         match failure {
             None => {
+                // Verified where it now is (on its host driver, after the bind).
+                let quarantined = self.handover_verify(bdf)?;
                 // A GPU found without a driver goes back to none; remember that
                 // it is meant to be so, or reconcile would probe a driver for it.
                 let left_off =
@@ -410,16 +521,22 @@ impl Engine {
                     SettlePath::Rollback => "an interrupted move to vfio was rolled back",
                     _ => "returned to original drivers",
                 };
-                Ok(self.outcome(
-                    gpu,
-                    path.restored(),
-                    format!(
-                        "{what}: {}{}",
-                        back.join(", "),
-                        persistence_left_off(&left_off)
+                let detail = format!(
+                    "{what}: {}{}",
+                    back.join(", "),
+                    persistence_left_off(&left_off)
+                );
+                Ok(match quarantined {
+                    Some(why) => self.outcome(
+                        gpu,
+                        Action::Quarantined,
+                        format!(
+                            "{detail}; quarantined, verification failed after the bind ({why}): offered to nobody until `vfio-gpu-dra reset {bdf}`"
+                        ),
+                        started,
                     ),
-                    started,
-                ))
+                    None => self.outcome(gpu, path.restored(), detail, started),
+                })
             }
             Some(StepError::Engine(e)) => Err(e),
             Some(StepError::Step { step, source }) => Err(EngineError::RestoreFailed {

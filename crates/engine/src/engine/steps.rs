@@ -38,6 +38,9 @@ impl Engine {
             SysfsWrite::Unbind { .. } => self.config.unbind_deadline,
             // drivers_probe runs a driver's probe, as a bind does.
             SysfsWrite::Bind { .. } | SysfsWrite::DriversProbe { .. } => self.config.bind_deadline,
+            // A reset waits for the device to come back (up to the kernel's
+            // 60 s ready poll after a bus reset): the longer deadline too.
+            SysfsWrite::Reset { .. } => self.config.bind_deadline,
             _ => self.config.write_deadline,
         };
         tracing::debug!(%op, "host write");

@@ -40,6 +40,11 @@ pub enum Action {
     RecordedPrebound,
     /// Reconcile: left as is, with a note.
     Noted,
+    /// Released, but its reset, verification or scrub hook failed: kept
+    /// from every tenant until an administrator resets it.
+    Quarantined,
+    /// An administrator's reset: reset, verified, out of quarantine.
+    Reset,
 }
 
 /// The result of one operation on one GPU.
@@ -91,6 +96,13 @@ pub struct GpuView {
     /// configured Fabric Manager knows any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fabric: Option<super::fabric::GpuFabric>,
+    /// Quarantined after a failed reset, verification or scrub hook: offered
+    /// to nobody until an administrator resets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<crate::ledger::Quarantine>,
+    /// The last tenant hand-over of this GPU (its audit record), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handover: Option<crate::ledger::HandoverAudit>,
 }
 
 /// What opening the engine found.
@@ -187,6 +199,13 @@ pub fn inspect(
                 .filter(|p| p.boot_id == boot_id)
                 .cloned(),
             fabric: super::fabric::gpu_fabric_from_ledger(&ledger, &gpu, None),
+            quarantine: ledger.quarantined.get(&gpu.bdf()).cloned(),
+            last_handover: ledger
+                .handovers
+                .iter()
+                .rev()
+                .find(|h| h.gpu == gpu.bdf())
+                .cloned(),
             gpu,
         })
         .collect();

@@ -289,6 +289,11 @@ pub mod write {
         }
     }
 
+    /// `reset` ← 1 on `b`.
+    pub fn reset(b: &str) -> SysfsWrite {
+        SysfsWrite::Reset { bdf: bdf(b) }
+    }
+
     /// `drivers_probe` ← `b`.
     pub fn probe(b: &str) -> SysfsWrite {
         SysfsWrite::DriversProbe { bdf: bdf(b) }

@@ -28,6 +28,7 @@ pub mod health_v1 {
 
 pub mod dra;
 pub mod emulator;
+pub mod peers;
 pub mod registration;
 pub mod server;
 pub mod v1beta1_adapter;

@@ -21,6 +21,7 @@ use tonic::transport::Server;
 
 use super::authority::AuthorityFixStream;
 use super::dra::{DraBackend, DraService};
+use super::peers::{PeerGate, PeerPolicy, PeerStream};
 use super::registration::{RegistrationService, RegistrationState, registration_server};
 use crate::health::{HealthConfig, HealthService};
 
@@ -50,6 +51,9 @@ pub struct ServerConfig {
     /// deregistration (its plugin manager reconciles every second) still succeed
     /// instead of failing against a closed socket (rolling updates).
     pub dra_linger: Duration,
+    /// Which peer uids each socket serves and how many connections it holds at
+    /// once (security review L6); the kubelet is root.
+    pub peers: PeerPolicy,
 }
 
 impl ServerConfig {
@@ -83,6 +87,7 @@ impl ServerConfig {
             socket_check_interval: Duration::from_secs(5),
             health: None,
             dra_linger: Duration::ZERO,
+            peers: PeerPolicy::default(),
         }
     }
 }
@@ -435,6 +440,7 @@ pub async fn serve(
     let (dra_stop, both_stop) = (dra_stop.clone(), stop.clone());
     let dra_path = config.dra_socket.clone();
     let check_interval = config.socket_check_interval;
+    let dra_peers = config.peers.clone();
     let dra_task = tokio::spawn(async move {
         // One server for the whole run; the acceptor feeds it connections from
         // whichever socket file is current, so a re-created socket needs no restart
@@ -442,6 +448,7 @@ pub async fn serve(
         let (conns, accepted) = tokio::sync::mpsc::channel(16);
         let acceptor = tokio::spawn(dra_acceptor(
             (dra_listener, dra_owned),
+            PeerGate::new(dra_peers),
             check_interval,
             conns,
             dra_stop.clone(),
@@ -451,7 +458,7 @@ pub async fn serve(
         // shutdown) dial the raw path, so grpc-go sends it percent-encoded as
         // `:authority`, which h2 would answer with RST_STREAM.
         let incoming = tokio_stream::wrappers::ReceiverStream::new(accepted)
-            .map(|conn: io::Result<UnixStream>| conn.map(AuthorityFixStream::new));
+            .map(|conn: io::Result<PeerStream>| conn.map(AuthorityFixStream::new));
         let served = dra_router
             .serve_with_incoming_shutdown(incoming, dra_stop.clone().cancelled_owned())
             .await
@@ -518,8 +525,9 @@ pub async fn serve(
 /// if it is still ours.
 async fn dra_acceptor(
     first: (UnixListener, OwnedSocket),
+    gate: PeerGate,
     interval: Duration,
-    conns: tokio::sync::mpsc::Sender<io::Result<UnixStream>>,
+    conns: tokio::sync::mpsc::Sender<io::Result<PeerStream>>,
     dra_stop: CancellationToken,
     both_stop: CancellationToken,
 ) -> Result<(), ServerError> {
@@ -550,7 +558,17 @@ async fn dra_acceptor(
                 _ = dra_stop.cancelled() => break false,
                 _ = lost.cancelled() => break true,
                 accepted = listener.accept() => {
-                    if conns.send(accepted.map(|(conn, _)| conn)).await.is_err() {
+                    let conn = match accepted {
+                        Ok((conn, _)) => match gate.admit(conn) {
+                            Ok(conn) => Ok(conn),
+                            Err(refusal) => {
+                                tracing::warn!(socket = %path.display(), %refusal, "connection closed unserved");
+                                continue;
+                            }
+                        },
+                        Err(e) => Err(e),
+                    };
+                    if conns.send(conn).await.is_err() {
                         break false; // the server is gone
                     }
                 }
@@ -647,6 +665,9 @@ async fn registration_loop(
 ) -> Result<(), ServerError> {
     let mut bound = Some(first);
     let mut status = service.subscribe();
+    // One gate for the socket's whole life: connections from before a re-bind
+    // still count.
+    let reg_gate = PeerGate::new(config.peers.clone());
     loop {
         let (listener, owned) = match bound.take() {
             Some(b) => b,
@@ -684,8 +705,18 @@ async fn registration_loop(
         ));
         // Every accepted connection goes through the :authority adapter (kubelet dials
         // this socket with a percent-encoded path as authority).
-        let incoming =
-            UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFixStream::new));
+        let gate = reg_gate.clone();
+        let reg_path = owned.path.clone();
+        let incoming = UnixListenerStream::new(listener).filter_map(move |conn| match conn {
+            Ok(conn) => match gate.admit(conn) {
+                Ok(conn) => Some(Ok(AuthorityFixStream::new(conn))),
+                Err(refusal) => {
+                    tracing::warn!(socket = %reg_path.display(), %refusal, "connection closed unserved");
+                    None
+                }
+            },
+            Err(e) => Some(Err(e)),
+        });
         let signal = {
             let stop = stop.clone();
             let rejected = rejected.clone();

@@ -1,0 +1,8 @@
+//! Fuzz target `lock_file`: see `vfio_gpu_fuzz_checks::lock_file` for the input format and
+//! the properties checked. How to run: fuzz/README.md.
+
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    vfio_gpu_fuzz_checks::lock_file::check(data);
+});
