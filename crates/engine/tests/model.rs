@@ -1597,3 +1597,20 @@ fn keep_intent_after_a_half_finished_release_reports_where_the_gpu_is() {
     )
     .unwrap();
 }
+
+/// Found by the model at the merge of reset-between-tenants (I9): an admin
+/// reset wrote `reset` to a GPU whose unbind a budget-spent prepare had left
+/// blocked. The reset now refuses while a write to any function is blocked,
+/// here or in another process.
+#[test]
+fn an_admin_reset_leaves_a_device_with_a_blocked_unbind_alone() {
+    run_with(
+        &[
+            Op::UnbindBlocks { f: 2 },
+            Op::Tight(Box::new(configure(1, 1))),
+            Op::AdminReset { gpu: 1 },
+        ],
+        BTreeSet::new(),
+    )
+    .unwrap();
+}

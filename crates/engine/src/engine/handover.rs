@@ -391,15 +391,30 @@ impl Engine {
         let guard = self.group_guard(bdf);
         let _g = lock(&guard);
         let gpu = self.load_gpu(bdf)?;
+        let ledger = self.ledger();
+        let rec = ledger.gpus.get(&bdf);
+        // A write still blocked on any function, here or in another live
+        // process (its claim in the state directory, n4): no reset may reach
+        // that device (found by the model test, I9). The record names the
+        // functions whose reads may block behind the held lock.
+        let recorded = rec
+            .into_iter()
+            .flat_map(|r| r.functions.iter().map(|f| f.bdf));
         if let Some(op) = gpu
             .functions
             .iter()
-            .find_map(|f| self.stuck.stuck_on(f.bdf))
+            .map(|f| f.bdf)
+            .chain(recorded)
+            .find_map(|b| {
+                self.stuck.stuck_on(b).or_else(|| {
+                    self.stuck
+                        .blocked_elsewhere(b)
+                        .then(|| format!("a write to {b} still blocked in another process"))
+                })
+            })
         {
             return Err(EngineError::Stuck { bdf, op, secs: 0.0 });
         }
-        let ledger = self.ledger();
-        let rec = ledger.gpus.get(&bdf);
         if let Some(r) = rec
             && let Some(h) = &r.holder
             && r.state == OpState::Configured
