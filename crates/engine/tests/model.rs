@@ -961,8 +961,14 @@ impl World {
             // Restored to the origins, or where the admin pinned it since (n17).
             Action::Restored => self.on_origin(g) || pinned,
             // A failed reset keeps it on vfio; a failed verification after
-            // the bind leaves it where the release put it.
-            Action::Quarantined => self.on_vfio(g) || self.on_origin(g) || pinned,
+            // the bind leaves it where the release put it. "On vfio" is about
+            // the GPU function, as for LeftOnVfio: a companion an interrupted
+            // prepare never reached stays on its host driver.
+            Action::Quarantined => {
+                self.sysfs(GPUS[g][0]).0.as_deref() == Some("vfio-pci")
+                    || self.on_origin(g)
+                    || pinned
+            }
             Action::LeftOnVfio => self.sysfs(GPUS[g][0]).0.as_deref() == Some("vfio-pci"),
             _ => true,
         };
@@ -1609,6 +1615,30 @@ fn an_admin_reset_leaves_a_device_with_a_blocked_unbind_alone() {
             Op::UnbindBlocks { f: 2 },
             Op::Tight(Box::new(configure(1, 1))),
             Op::AdminReset { gpu: 1 },
+        ],
+        BTreeSet::new(),
+    )
+    .unwrap();
+}
+
+/// Found by a random run of 500 cases after the reset merge (I6): a GPU the
+/// policy keeps, whose prepare crashed before its audio function moved, is
+/// quarantined at the retried unprepare (a degraded link) with the GPU
+/// function on vfio and the audio function still on its host driver. The
+/// model's rule for "quarantined" now reads "on vfio" as LeftOnVfio does
+/// (the GPU function); nothing that was on vfio left it.
+#[test]
+fn a_kept_gpu_quarantined_at_a_retried_unprepare_keeps_every_function_on_vfio() {
+    run_with(
+        &[
+            Op::ResetDegrades { f: 0 },
+            bind_fails(0, true, 1),
+            Op::Policy { gpu: 0, on: true },
+            Op::Crash {
+                step: 3,
+                op: Box::new(configure(0, 1)),
+            },
+            Op::Settle,
         ],
         BTreeSet::new(),
     )
