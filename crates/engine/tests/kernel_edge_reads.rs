@@ -10,8 +10,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use vfio_gpu_engine::sim::{BlockHandle, FaultAction};
-use vfio_gpu_engine::{Action, EngineConfig, EngineError};
+use vfio_gpu_engine::sim::{BlockHandle, FaultAction, SimKernel};
+use vfio_gpu_engine::{Action, Engine, EngineConfig, EngineError};
 
 const EMFILE: i32 = 24;
 
@@ -21,6 +21,16 @@ fn quick() -> EngineConfig {
         command_deadline: Duration::from_millis(200),
         ..config()
     }
+}
+
+/// The common host under a simulated kernel and an engine with short deadlines.
+fn quick_world() -> (tempfile::TempDir, std::path::PathBuf, SimKernel, Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("host");
+    build_host(&root);
+    let k = sim(&root);
+    let e = engine_with(&k, &dir.path().join("state"), quick());
+    (dir, root, k, e)
 }
 
 /// n5: nvidia's `information` file hangs (RM wedged): discovery still
@@ -56,11 +66,7 @@ fn a_hung_nvidia_procfs_read_quarantines_only_its_gpu() {
 /// half-done move.
 #[test]
 fn emfile_reading_the_driver_directory_stops_the_move_before_any_write() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("host");
-    build_host(&root);
-    let k = sim(&root);
-    let e = engine_with(&k, &dir.path().join("state"), quick());
+    let (_dir, _root, k, e) = quick_world();
     k.fault_reads_under("sys/bus/pci/drivers/vfio-pci", FaultAction::Fail(EMFILE));
     let err = e.configure(bdf(B), claim("u1")).unwrap_err();
     assert!(err.to_string().contains("os error 24"), "{err}");
@@ -250,11 +256,7 @@ fn a_blocked_intent_directory_listing_times_out_and_keeps_the_gpu_on_vfio() {
 /// listing returns.
 #[test]
 fn a_blocked_pci_tree_listing_times_out_instead_of_hanging_discovery() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("host");
-    build_host(&root);
-    let k = sim(&root);
-    let e = engine_with(&k, &dir.path().join("state"), quick());
+    let (_dir, _root, k, e) = quick_world();
     let gate = BlockHandle::new();
     k.fault_reads_under("sys/bus/pci/devices", FaultAction::Block(gate.clone()));
     let t = Instant::now();
