@@ -17,7 +17,7 @@ use crate::Output;
 use crate::setup::EngineOpts;
 
 /// How this node reaches NVIDIA Fabric Manager.
-#[derive(Args, Debug, Clone, Default)]
+#[derive(Args, Debug, Clone)]
 pub struct FabricOpts {
     /// Fabric Manager's API endpoint (`unix:/run/nvidia-fabricmanager/socket`,
     /// `tcp:127.0.0.1:6666`, `vsock:<cid>:<port>`); unset: no NVLink
@@ -43,6 +43,21 @@ pub struct FabricOpts {
     /// none unless given).
     #[arg(long, env = "VFIO_GPU_DRA_NVML_LIBRARY", value_name = "PATH")]
     pub nvml_library: Option<PathBuf>,
+}
+
+/// The flags' defaults (the demo builds its options without clap): a derived
+/// `Default` would leave the policy empty, which does not parse.
+impl Default for FabricOpts {
+    fn default() -> Self {
+        FabricOpts {
+            fm_endpoint: None,
+            fm_library: None,
+            fabric_policy: "Required".to_string(),
+            fm_resiliency_agent: false,
+            module_map: None,
+            nvml_library: None,
+        }
+    }
 }
 
 impl FabricOpts {
@@ -148,12 +163,15 @@ impl FabricManager for FileSimFm {
 }
 
 /// The HGX demo's fabric: the file-backed simulated FM under `demo_dir`,
-/// the host's static module map, this engine as the resiliency agent.
-/// `opts.nvml_library`, when given, reads module ids too (tests point it at
-/// the fake NVML).
+/// the host's static module map, this engine as the resiliency agent, and
+/// `--fabric-policy` as with a real FM. `opts.nvml_library`, when given,
+/// reads module ids too (tests point it at the fake NVML).
 pub fn demo_config(demo_dir: &Path, host: &Path, opts: &FabricOpts) -> Result<FabricConfig> {
+    // Checked before the state file is created: a bad flag changes nothing.
+    let policy = opts.policy()?;
     let fm = FileSimFm::open(&demo_dir.join("fabric-manager.json"))?;
     let mut c = FabricConfig::new(Arc::new(fm));
+    c.policy = policy;
     c.resiliency_agent = true;
     c.module_map_file = Some(host.join(vfio_gpu_host::demo::HGX_MODULE_MAP_FILE));
     c.module_ids = opts.nvml(false)?;

@@ -166,3 +166,36 @@ fn doctor_runs_the_fabric_checks_on_the_hgx_demo_host() {
     }
     assert!(out.contains("all 8 GPUs have a module id"), "{out}");
 }
+
+#[test]
+fn hgx_demo_honours_the_fabric_policy_flag() {
+    // The HGX demo's simulated FM takes --fabric-policy like a real FM does
+    // (tests/k8s runs `serve --demo --hgx` with it); it used to be ignored.
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().to_str().unwrap();
+    for (flag, want) in [
+        (None, "policy Required,"),
+        (Some("BestEffort"), "policy BestEffort,"),
+        (Some("Disabled"), "policy Disabled,"),
+    ] {
+        let mut args = vec!["fabric", "status", "--demo", "--hgx", "--demo-dir", demo];
+        if let Some(p) = flag {
+            args.extend(["--fabric-policy", p]);
+        }
+        let (ok, out, err) = run(&args);
+        assert!(ok, "{out}\n{err}");
+        assert!(out.contains(want), "{flag:?}: {out}");
+    }
+    let (ok, out, err) = run(&[
+        "fabric",
+        "status",
+        "--demo",
+        "--hgx",
+        "--demo-dir",
+        demo,
+        "--fabric-policy",
+        "Sometimes",
+    ]);
+    assert!(!ok, "an unknown policy was accepted: {out}");
+    assert!(err.contains("Sometimes"), "{err}");
+}
