@@ -109,6 +109,10 @@ impl FabricOpts {
 
 /// A simulated Fabric Manager whose state lives in a JSON file, so the HGX
 /// demo's commands (`bind`, `fabric status`, `serve --demo --hgx`) share it.
+/// Every call is one read-modify-write under an exclusive lock on a sibling
+/// `.lock` file, and the file is replaced by rename: serve's fabric watch, a
+/// prepare and another command may call at once without a torn read or a lost
+/// activation (tests read the file while serve runs, too).
 pub struct FileSimFm {
     path: PathBuf,
 }
@@ -116,14 +120,47 @@ pub struct FileSimFm {
 impl FileSimFm {
     /// Uses (and creates, with an HGX H100 table) the state file at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        if !path.exists() {
-            let state = SimState::new(Platform::HgxH100);
-            std::fs::write(path, serde_json::to_vec_pretty(&state)?)
-                .with_context(|| format!("writing {}", path.display()))?;
-        }
-        Ok(FileSimFm {
+        let fm = FileSimFm {
             path: path.to_path_buf(),
-        })
+        };
+        let _lock = fm.lock().map_err(anyhow::Error::msg)?;
+        if !path.exists() {
+            fm.store(&SimState::new(Platform::HgxH100))
+                .map_err(anyhow::Error::msg)?;
+        }
+        Ok(fm)
+    }
+
+    /// Holds the state file's lock until dropped.
+    fn lock(&self) -> Result<std::fs::File, String> {
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(".lock");
+        let lock_path = PathBuf::from(name);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+        file.lock()
+            .map_err(|e| format!("locking {}: {e}", lock_path.display()))?;
+        Ok(file)
+    }
+
+    /// Replaces the state file in one rename, so a reader sees the old or the new state.
+    fn store(&self, state: &SimState) -> Result<(), String> {
+        let dir = self
+            .path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let bytes = serde_json::to_vec_pretty(state).map_err(|e| e.to_string())?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)
+            .map_err(|e| format!("temporary file in {}: {e}", dir.display()))?;
+        std::io::Write::write_all(&mut tmp, &bytes).map_err(|e| e.to_string())?;
+        tmp.persist(&self.path)
+            .map_err(|e| format!("writing {}: {e}", self.path.display()))?;
+        Ok(())
     }
 
     fn with<T>(
@@ -131,12 +168,12 @@ impl FileSimFm {
         f: impl FnOnce(&SimFabricManager) -> Result<T, FmError>,
     ) -> Result<T, FmError> {
         let worker = |detail: String| FmError::Worker(format!("{}: {detail}", self.path.display()));
+        let _lock = self.lock().map_err(FmError::Worker)?;
         let text = std::fs::read(&self.path).map_err(|e| worker(e.to_string()))?;
         let state: SimState = serde_json::from_slice(&text).map_err(|e| worker(e.to_string()))?;
         let sim = SimFabricManager::with_state(state, Arc::new(SystemClock));
         let r = f(&sim);
-        let bytes = serde_json::to_vec_pretty(&sim.state()).map_err(|e| worker(e.to_string()))?;
-        std::fs::write(&self.path, bytes).map_err(|e| worker(e.to_string()))?;
+        self.store(&sim.state()).map_err(FmError::Worker)?;
         r
     }
 }
@@ -313,5 +350,47 @@ pub fn run(cmd: FabricCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two users of one state file at once (serve's fabric watch and a
+    /// prepare, or serve and `fabric status`): no call fails on a torn file
+    /// and no call's effect is lost.
+    #[test]
+    fn file_sim_fm_concurrent_calls_lose_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("fabric-manager.json");
+        let rounds = 100;
+        std::thread::scope(|s| {
+            let toggler = s.spawn(|| {
+                let fm = FileSimFm::open(&path).expect("open");
+                for _ in 0..rounds {
+                    fm.activate(PartitionId(7)).expect("activate");
+                    fm.deactivate(PartitionId(7)).expect("deactivate");
+                }
+            });
+            let lister = s.spawn(|| {
+                let fm = FileSimFm::open(&path).expect("open");
+                for _ in 0..rounds {
+                    fm.get_supported_partitions().expect("list");
+                }
+            });
+            toggler.join().expect("toggler");
+            lister.join().expect("lister");
+        });
+        let state: SimState =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("parse");
+        assert!(state.active.is_empty(), "active {:?}", state.active);
+        // Each call is logged after its session's connect.
+        let calls = state
+            .log
+            .iter()
+            .filter(|e| e.call != vfio_gpu_fabric::Call::Connect)
+            .count();
+        assert_eq!(calls, 3 * rounds, "calls logged");
     }
 }
