@@ -172,6 +172,10 @@ func TestBenchPrepare(t *testing.T) {
 	e.k.waitRegistered(t, 1, 30*time.Second)
 	c.waitForSlices(t, e.p, 30*time.Second)
 
+	// Rounds that had to wait for the plugin to offer its GPUs again (outside
+	// the timed calls), and how long in all.
+	var waits int
+	var waited time.Duration
 	samples := map[int]*benchSample{}
 	for _, s := range sizes {
 		samples[s] = &benchSample{}
@@ -179,6 +183,10 @@ func TestBenchPrepare(t *testing.T) {
 	// Sizes alternate within a round, so both see the same machine load.
 	for i := 0; i < n+benchWarmup; i++ {
 		for _, size := range sizes {
+			if d := e.waitAllOffered(t); d > 300*time.Millisecond {
+				waits++
+				waited += d
+			}
 			claim, pod, devices := e.partitionClaimAndPod(t, fmt.Sprintf("bench-%d-%d", size, i), int64(size), true)
 			if claim == nil {
 				t.Fatalf("round %d: a %d-GPU claim cannot be allocated", i, size)
@@ -220,6 +228,7 @@ func TestBenchPrepare(t *testing.T) {
 			}
 		}
 	}
+	fmt.Printf("BENCH waits for all GPUs offered again: %d of %d claims, %.1f s in all\n", waits, len(sizes)*(n+benchWarmup), waited.Seconds())
 	for _, size := range sizes {
 		s := samples[size]
 		benchReport("prepare", size, s.prep, s.pluginPrep)

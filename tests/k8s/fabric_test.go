@@ -186,6 +186,25 @@ func (e *prepareEnv) dropClaim(t *testing.T, claim *resourceapi.ResourceClaim, p
 	}
 }
 
+// waitAllOffered waits until the node's complete pool offers all 8 HGX GPUs
+// again and returns how long that took. The plugin re-lists its devices every
+// 10 s; a list taken while a claim's GPUs were being released hides them until
+// the next one, and the allocator only sees what the slices offer.
+func (e *prepareEnv) waitAllOffered(t *testing.T) time.Duration {
+	t.Helper()
+	t0 := time.Now()
+	eventually(t, 30*time.Second, "all HGX GPUs offered on "+e.node.Name, func() (bool, error) {
+		devices := e.c.waitForSlices(t, e.p, 30*time.Second)
+		for d := range hgxModules {
+			if _, ok := devices[d]; !ok {
+				return false, nil
+			}
+		}
+		return true, nil
+	})
+	return time.Since(t0)
+}
+
 // hgxDrivers is the host driver of every HGX GPU.
 func (e *prepareEnv) hgxDrivers(t *testing.T) map[string]string {
 	out := map[string]string{}
@@ -244,6 +263,7 @@ func testFabric(t *testing.T, c *cluster) {
 	t.Run("AllocatorPlacesOnPartitions", func(t *testing.T) {
 		for _, size := range []int{2, 4, 8} {
 			t.Run(fmt.Sprint(size), func(t *testing.T) {
+				e.waitAllOffered(t)
 				const heldModule = 7
 				held, heldPod, _ := e.partitionClaimAndPod(t, fmt.Sprintf("fab-held-%d", size), 1, false,
 					fmt.Sprintf(`device.attributes["vfio-gpu.dra.dev"].gpuModuleID == %d`, heldModule))
@@ -301,6 +321,7 @@ func testFabric(t *testing.T, c *cluster) {
 	t.Run("PrepareActivatesExactly", func(t *testing.T) {
 		for _, size := range []int{2, 4, 8} {
 			t.Run(fmt.Sprint(size), func(t *testing.T) {
+				e.waitAllOffered(t)
 				before := e.hgxDrivers(t)
 				claim, pod, got := e.partitionClaimAndPod(t, fmt.Sprintf("fab-prep-%d", size), int64(size), true)
 				if claim == nil {
@@ -343,6 +364,7 @@ func testFabric(t *testing.T, c *cluster) {
 	// plugin refuses at prepare, says why and what to do, and nothing moved — no
 	// sysfs write, no FM activation.
 	t.Run("UncoveredRefused", func(t *testing.T) {
+		e.waitAllOffered(t)
 		claim, pod, got := e.partitionClaimAndPod(t, "fab-uncovered", 2, false,
 			`device.attributes["vfio-gpu.dra.dev"].gpuModuleID == 1 || device.attributes["vfio-gpu.dra.dev"].gpuModuleID == 2`)
 		if claim == nil {
