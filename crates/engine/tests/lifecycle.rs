@@ -752,3 +752,70 @@ fn an_admin_release_of_a_claim_held_gpu_is_refused_before_any_write() {
     assert_eq!(driver_of(&host, A).as_deref(), Some("nvidia"));
     assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
 }
+
+#[test]
+fn concurrent_commits_share_ledger_writes() {
+    // Every commit wrote and fsynced the ledger (and its boot mirror) alone,
+    // under one writer lock: the GPUs of an 8-GPU claim, moved on their own
+    // threads, queued for eight writes in a row. Commits that arrive while a
+    // write is in flight are now written together by the next one, and each
+    // still returns only once its update is on disk.
+    let gpus = [B, D, F];
+    let sequential = {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host");
+        build_host(&host);
+        let k = sim(&host);
+        let e = engine_with(&k, &dir.path().join("state"), config());
+        for g in gpus {
+            e.configure(bdf(g), claim("u1")).unwrap();
+        }
+        e.ledger_writes()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let gate = BlockHandle::new();
+    let state = dir.path().join("state");
+    let e = engine_with(
+        &k,
+        &state,
+        EngineConfig {
+            ledger_write_gate: Some(gate.clone()),
+            ..config()
+        },
+    );
+    let reqs: Vec<_> = gpus.iter().map(|g| (bdf(g), claim("u1"))).collect();
+    std::thread::scope(|s| {
+        let all = s.spawn(|| e.configure_many(&reqs));
+        let waited = Instant::now();
+        while !gate.is_holding() {
+            assert!(
+                waited.elapsed() < Duration::from_secs(10),
+                "no ledger write"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The first write waits at the gate while the other GPUs stage theirs.
+        std::thread::sleep(Duration::from_millis(300));
+        gate.release();
+        for r in all.join().unwrap() {
+            assert_eq!(r.unwrap().action, Action::Moved);
+        }
+    });
+    assert!(
+        e.ledger_writes() < sequential,
+        "{} writes for the concurrent moves, {sequential} one after the other",
+        e.ledger_writes()
+    );
+    // What memory holds is what the disk holds: every GPU recorded.
+    let on_disk = vfio_gpu_engine::ledger::LedgerFile::new(&state)
+        .unwrap()
+        .load()
+        .0;
+    assert_eq!(on_disk.gpus, e.ledger().gpus);
+    for g in gpus {
+        assert!(on_disk.gpus.contains_key(&bdf(g)), "{g} not on disk");
+    }
+}

@@ -36,7 +36,7 @@ pub use view::{
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -304,6 +304,10 @@ pub struct Engine {
     ledger: Mutex<LedgerBody>,
     /// Held by a commit while it writes the file.
     ledger_writer: Mutex<()>,
+    /// Updates staged by concurrent commits, written together (group commit).
+    staged: Mutex<journal::StagedCommits>,
+    /// Ledger files written by this engine (each write is one or more commits).
+    ledger_writes: AtomicU64,
     /// Set while the file another process wrote could not be re-read: the
     /// records in memory may be stale, so no operation answers from them (n9).
     ledger_untrusted: Mutex<Option<String>>,
@@ -461,6 +465,8 @@ impl Engine {
             mirror,
             ledger: Mutex::new(body),
             ledger_writer: Mutex::new(()),
+            staged: Mutex::new(journal::StagedCommits::default()),
+            ledger_writes: AtomicU64::new(0),
             ledger_untrusted: Mutex::new(None),
             boot_id,
             groups: Mutex::new(HashMap::new()),
@@ -596,6 +602,12 @@ impl Engine {
     /// The settings the engine was opened with.
     pub fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// How many times this engine wrote the ledger file: concurrent commits
+    /// share a write (group commit), so this can be less than the commits.
+    pub fn ledger_writes(&self) -> u64 {
+        self.ledger_writes.load(Ordering::SeqCst)
     }
 
     /// A copy of the ledger. With [`StateLockMode::PerOperation`] and no
