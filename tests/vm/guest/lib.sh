@@ -180,6 +180,13 @@ cli() {
     esac
 }
 
+# cli_ok NAME SUBCOMMAND ARGS...: cli, then check NAME-rc that it exited 0
+cli_ok() {
+    _ok_name=$1
+    cli "$@"
+    check "$_ok_name-rc" is_rc "$RC" 0 "$_ok_name"
+}
+
 # Fresh state dir for a scenario. Scenarios are independent installations, so
 # the boot mirror of the ledger (/run/vfio-gpu-dra, which a fresh state dir
 # would adopt records from) goes too.
