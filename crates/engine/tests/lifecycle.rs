@@ -317,18 +317,10 @@ fn a_rollback_after_the_unbind_writes_nothing_to_the_re_probed_instance() {
 
 #[test]
 fn stuck_unbind_times_out_without_delaying_other_gpus() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine_with(
-        &k,
-        &dir.path().join("state"),
-        EngineConfig {
-            unbind_deadline: Duration::from_millis(300),
-            ..config()
-        },
-    );
+    let (_dir, host, k, e) = world_with(EngineConfig {
+        unbind_deadline: Duration::from_millis(300),
+        ..config()
+    });
     let gate = BlockHandle::new();
     k.inject(Fault::on(
         WriteKind::Unbind,
@@ -589,19 +581,11 @@ fn reconcile_works_on_gpus_side_by_side_so_one_slow_gpu_does_not_hold_the_others
     // next. Both A and B have an interrupted release (nvidia refused the
     // bind); at reconcile B's bind blocks, and A must be restored while B is
     // still blocked.
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine_with(
-        &k,
-        &dir.path().join("state"),
-        EngineConfig {
-            write_deadline: Duration::from_secs(60),
-            bind_deadline: Duration::from_secs(60),
-            ..config()
-        },
-    );
+    let (_dir, host, k, e) = world_with(EngineConfig {
+        write_deadline: Duration::from_secs(60),
+        bind_deadline: Duration::from_secs(60),
+        ..config()
+    });
     let nvidia_bind = |b: &str, action: FaultAction| Fault {
         driver: Some("nvidia".into()),
         ..Fault::on(WriteKind::Bind, bdf(b), action)

@@ -685,19 +685,11 @@ fn a_prepare_that_spent_its_budget_starts_no_further_step_and_rolls_back() {
 fn a_bind_to_the_host_driver_gets_the_bind_deadline_not_the_short_write_deadline() {
     // A bind runs the driver's probe (nvidia with NVLink training: 30 s+);
     // under the 5 s write deadline such a GPU was declared stuck mid-probe.
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine_with(
-        &k,
-        &dir.path().join("state"),
-        EngineConfig {
-            write_deadline: Duration::from_millis(200),
-            bind_deadline: Duration::from_secs(60),
-            ..config()
-        },
-    );
+    let (_dir, host, k, e) = world_with(EngineConfig {
+        write_deadline: Duration::from_millis(200),
+        bind_deadline: Duration::from_secs(60),
+        ..config()
+    });
     e.configure(bdf(B), claim("u1")).unwrap();
     let gate = BlockHandle::new();
     k.inject(Fault {

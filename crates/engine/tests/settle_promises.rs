@@ -132,18 +132,10 @@ fn a_failed_rollback_is_not_relabelled_admin_owned() {
 /// putting things back is never cut short, and no function is left driverless.
 #[test]
 fn a_spent_budget_never_starves_finishing_a_release() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("host");
-    build_host(&root);
-    let k = sim(&root);
-    let e = engine_with(
-        &k,
-        &dir.path().join("state"),
-        EngineConfig {
-            operation_budget: Duration::from_millis(300),
-            ..config()
-        },
-    );
+    let (_dir, root, k, e) = world_with(EngineConfig {
+        operation_budget: Duration::from_millis(300),
+        ..config()
+    });
     e.configure(bdf(A), claim("u1")).unwrap();
     k.inject(fail_bind(A, "nvidia", EIO));
     assert!(e.unconfigure(bdf(A), Some(&claim("u1"))).is_err());
