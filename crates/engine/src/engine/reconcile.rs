@@ -58,12 +58,7 @@ impl Engine {
     /// interrupted operations, records GPUs found on vfio without a record of
     /// ours as admin-owned. A GPU without a record is never written to.
     pub fn reconcile(&self) -> Result<Vec<ReconcileResult>, EngineError> {
-        self.check_alive()?;
-        // Before the group lock: another process may be mid-operation.
-        let _hold = self.hold()?;
-        // A ledger that cannot be trusted hides records of ours: nothing is
-        // repaired from it, not even GPUs it seems to have no record of (n15).
-        self.check_ledger_trusted()?;
+        let _hold = self.hold_trusted()?;
         let (views, _) = self.discover()?;
         let mut out = Vec::new();
         let ledger_gpus: Vec<Bdf> = self.ledger().gpus.keys().copied().collect();
