@@ -180,6 +180,14 @@ cli() {
     esac
 }
 
+# cli_scenario NAME "GPU_IDS": start a CLI scenario on a fresh state dir with
+# those --gpu-id flags; false (after a skip) when this guest has no CLI
+cli_scenario() {
+    if ! cli_ready; then skip "$1" "awaits the CLI"; return 1; fi
+    new_state "$1"
+    GPU_IDS=$2
+}
+
 # cli_ok NAME SUBCOMMAND ARGS...: cli, then check NAME-rc that it exited 0
 cli_ok() {
     _ok_name=$1

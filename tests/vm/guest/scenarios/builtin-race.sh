@@ -11,9 +11,7 @@ DETAIL="$(cat /proc/cmdline)"
 check "$S.cmdline-names-virtio" sh -c 'grep -qE "vfio-pci.ids=[^ ]*1af4:1041" /proc/cmdline'
 check "$S.host-driver-won" is_drv $VIRTIO virtio-pci
 check "$S.vfio-pci-has-the-id" sh -c 'dmesg | grep -q "vfio_pci: add \[1af4:1041"'
-if ! cli_ready; then skip "$S" "awaits the CLI"; else
-    new_state "$S"
-    GPU_IDS="--gpu-id 1af4:1041"
+if cli_scenario "$S" "--gpu-id 1af4:1041"; then
     cli_ok "$S.devices" devices --output json
     cli_ok "$S.explain" explain $VIRTIO
     DETAIL="explain: $(tr '\n' ' ' < "$OUT/$S.explain.out" | head -c 300)"

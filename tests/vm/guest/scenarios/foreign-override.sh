@@ -4,9 +4,7 @@ S=foreign-override
 echo vfio-pci > $PCI/$EDU/driver_override
 echo $EDU > /sys/bus/pci/drivers_probe
 check "$S.setup-on-vfio" is_drv $EDU vfio-pci
-if ! cli_ready; then skip "$S" "awaits the CLI"; else
-    new_state "$S"
-    GPU_IDS="--gpu-id 1234:11e8"
+if cli_scenario "$S" "--gpu-id 1234:11e8"; then
     cli_ok "$S.devices" devices --output json
     cli_ok "$S.release" release $EDU --output json
     check "$S.stays-vfio" is_drv $EDU vfio-pci

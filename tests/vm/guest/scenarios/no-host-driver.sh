@@ -1,8 +1,6 @@
 # edu has no host driver: bound to vfio-pci, released back to no driver.
 S=no-host-driver
-if ! cli_ready; then skip "$S" "awaits the CLI"; else
-    new_state "$S"
-    GPU_IDS="--gpu-id 1234:11e8"
+if cli_scenario "$S" "--gpu-id 1234:11e8"; then
     cli_ok "$S.devices" devices --output json
     cli_ok "$S.bind" bind $EDU --output json
     check "$S.bound-vfio" is_drv $EDU vfio-pci

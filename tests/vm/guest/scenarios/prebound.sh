@@ -2,9 +2,7 @@
 # or modprobe). devices reports keepOnVfio with that reason; bind is a no-op and
 # release leaves it on vfio-pci.
 S=prebound-$PREBOUND_SOURCE
-if ! cli_ready; then skip "$S" "awaits the CLI"; else
-    new_state "$S"
-    GPU_IDS="--gpu-id 8086:10d3"
+if cli_scenario "$S" "--gpu-id 8086:10d3"; then
     cli_ok "$S.devices" devices --output json
     cli "$S.explain" explain $E1000E
     cli_ok "$S.bind" bind $E1000E --output json

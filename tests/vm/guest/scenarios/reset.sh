@@ -5,9 +5,7 @@
 # a bind is refused, and the admin's `reset` (methods restored) clears it;
 # reconcile then returns it to virtio-pci.
 S=reset
-if ! cli_ready; then skip "$S" "awaits the CLI"; else
-    new_state "$S"
-    GPU_IDS="--gpu-id 1af4:1041"
+if cli_scenario "$S" "--gpu-id 1af4:1041"; then
     echo "RESET-METHOD-VIRTIO $(cat /sys/bus/pci/devices/$VIRTIO/reset_method 2>/dev/null || echo none)"
     cli_ok "$S.bind" bind $VIRTIO --output json
     cli_ok "$S.release" release $VIRTIO --output json

@@ -1,8 +1,6 @@
 # virtio-net on virtio-pci -> bind -> vfio-pci -> release -> virtio-pci again.
 S=runtime-move
-if ! cli_ready; then skip "$S" "awaits the CLI"; else
-    new_state "$S"
-    GPU_IDS="--gpu-id 1af4:1041"
+if cli_scenario "$S" "--gpu-id 1af4:1041"; then
     cli_ok "$S.devices" devices --output json
     cli_ok "$S.bind" bind $VIRTIO --output json
     check "$S.bound-vfio" is_drv $VIRTIO vfio-pci

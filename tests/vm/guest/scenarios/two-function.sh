@@ -1,9 +1,7 @@
 # e1000 (00:04.0) and pci-testdev (00:04.1) share a slot and an IOMMU group:
 # both go to vfio-pci together and both come back (e1000 -> e1000, testdev -> none).
 S=two-function
-if ! cli_ready; then skip "$S" "awaits the CLI"; else
-    new_state "$S"
-    GPU_IDS="--gpu-id 8086:100e"
+if cli_scenario "$S" "--gpu-id 8086:100e"; then
     cli_ok "$S.devices" devices --output json
     cli_ok "$S.bind" bind $E1000 --output json
     check "$S.fn0-vfio" is_drv $E1000 vfio-pci
