@@ -138,20 +138,25 @@ func (d *nodeDirs) kernelWrites(t *testing.T) string {
 	return string(b)
 }
 
-// newPartitionClaim creates a claim of size GPUs in one request, tied by
+// newPartitionClaim creates a claim of size GPUs the way a KubeVirt VM asks for
+// them (deploy/fabric/kubevirt-vm-nvlink.yaml): one request per GPU (gpu0, gpu1,
+// ...: KubeVirt maps one request to one PCI device), all tied by one
 // matchAttribute on partition<size> (constrained=false: no constraint).
 func (c *cluster) newPartitionClaim(t *testing.T, name string, size int64, constrained bool, selectors ...string) *resourceapi.ResourceClaim {
 	t.Helper()
-	req := &resourceapi.ExactDeviceRequest{DeviceClassName: classAll, AllocationMode: resourceapi.DeviceAllocationModeExactCount, Count: size}
-	for _, s := range selectors {
-		req.Selectors = append(req.Selectors, resourceapi.DeviceSelector{CEL: &resourceapi.CELDeviceSelector{Expression: s}})
+	var spec resourceapi.ResourceClaimSpec
+	var names []string
+	for i := int64(0); i < size; i++ {
+		req := &resourceapi.ExactDeviceRequest{DeviceClassName: classAll, AllocationMode: resourceapi.DeviceAllocationModeExactCount, Count: 1}
+		for _, s := range selectors {
+			req.Selectors = append(req.Selectors, resourceapi.DeviceSelector{CEL: &resourceapi.CELDeviceSelector{Expression: s}})
+		}
+		names = append(names, fmt.Sprintf("gpu%d", i))
+		spec.Devices.Requests = append(spec.Devices.Requests, resourceapi.DeviceRequest{Name: names[i], Exactly: req})
 	}
-	spec := resourceapi.ResourceClaimSpec{Devices: resourceapi.DeviceClaim{
-		Requests: []resourceapi.DeviceRequest{{Name: "gpu", Exactly: req}},
-	}}
 	if constrained {
 		attr := resourceapi.FullyQualifiedName(fmt.Sprintf("%s/partition%d", driverName, size))
-		spec.Devices.Constraints = []resourceapi.DeviceConstraint{{Requests: []string{"gpu"}, MatchAttribute: &attr}}
+		spec.Devices.Constraints = []resourceapi.DeviceConstraint{{Requests: names, MatchAttribute: &attr}}
 	}
 	claim, err := c.client.ResourceV1().ResourceClaims(testNS).Create(context.Background(), &resourceapi.ResourceClaim{
 		ObjectMeta: metav1.ObjectMeta{Name: name},
