@@ -357,19 +357,33 @@ impl FixtureHost {
 
     /// Creates `vfio-dev/vfioN` under the device with the lowest free N (the
     /// kernel's class device, present while a vfio driver is bound) and
-    /// returns its name.
+    /// returns its name. The class link is created first and claims N: binds
+    /// on several threads never get the same N (the kernel's minors are
+    /// allocated atomically too).
     pub fn add_vfio_dev(&self, bdf: Bdf) -> io::Result<String> {
         let class_dir = self.root.join("sys/class/vfio-dev");
         fs::create_dir_all(&class_dir)?;
+        let device_dir = self.device_dir(bdf)?;
         let mut n = 0;
-        while fs::symlink_metadata(class_dir.join(format!("vfio{n}"))).is_ok() {
-            n += 1;
+        loop {
+            let name = format!("vfio{n}");
+            let link = class_dir.join(&name);
+            if fs::symlink_metadata(&link).is_ok() {
+                n += 1;
+                continue;
+            }
+            let dir = device_dir.join("vfio-dev").join(&name);
+            // Not rel_symlink: it replaces a link, and this must not.
+            match symlink(relative_target(&dir, &link)?, &link) {
+                Ok(()) => {
+                    fs::create_dir_all(&dir)?;
+                    return Ok(name);
+                }
+                // Another bind took this N between the look and the link.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => n += 1,
+                Err(e) => return Err(e),
+            }
         }
-        let name = format!("vfio{n}");
-        let dir = self.device_dir(bdf)?.join("vfio-dev").join(&name);
-        fs::create_dir_all(&dir)?;
-        rel_symlink(&dir, &class_dir.join(&name))?;
-        Ok(name)
     }
 
     /// Removes the device's `vfio-dev/vfioN` (on unbind from a vfio driver).
@@ -429,6 +443,16 @@ impl FixtureHost {
 /// Creates `link` pointing at `target` with a relative path, so the tree can
 /// be moved or mounted elsewhere.
 pub fn rel_symlink(target: &Path, link: &Path) -> io::Result<()> {
+    let rel = relative_target(target, link)?;
+    match fs::remove_file(link) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    symlink(rel, link)
+}
+
+/// `target` relative to the directory of `link`.
+fn relative_target(target: &Path, link: &Path) -> io::Result<PathBuf> {
     let from = link
         .parent()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "link has no parent"))?;
@@ -442,9 +466,5 @@ pub fn rel_symlink(target: &Path, link: &Path) -> io::Result<()> {
     for c in &to[common..] {
         rel.push(c.as_os_str());
     }
-    match fs::remove_file(link) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    symlink(rel, link)
+    Ok(rel)
 }

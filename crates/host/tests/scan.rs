@@ -367,3 +367,43 @@ fn only_slot_or_consumer_members_are_companions() {
         .collect();
     assert_eq!(blocking, ["0000:00:14.0", "0000:00:15.0", "0000:00:16.0"]);
 }
+
+#[test]
+fn concurrent_vfio_dev_nodes_get_distinct_names() {
+    // The simulated kernel binds the GPUs of one claim on their own threads;
+    // picking "the lowest free vfioN" and then linking it raced: two binds
+    // took the same N and the second failed with EEXIST (an 8-GPU prepare of
+    // the HGX demo). The kernel hands out minors atomically, so must the fixture.
+    let dir = tempfile::tempdir().unwrap();
+    let h = vfio_gpu_host::demo::build_hgx_demo_host(dir.path()).unwrap();
+    let gpus: Vec<Bdf> = vfio_gpu_host::demo::HGX_MODULE_MAP
+        .iter()
+        .map(|(b, _)| b.parse().unwrap())
+        .collect();
+    for round in 0..20 {
+        let names: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = gpus
+                .iter()
+                .map(|g| {
+                    let h = &h;
+                    s.spawn(move || h.add_vfio_dev(*g))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .unwrap()
+                        .unwrap_or_else(|e| panic!("round {round}: {e}"))
+                })
+                .collect()
+        });
+        let mut distinct = names.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), gpus.len(), "round {round}: {names:?}");
+        for g in &gpus {
+            h.remove_vfio_dev(*g).unwrap();
+        }
+    }
+}
