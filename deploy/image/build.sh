@@ -164,6 +164,13 @@ stage_cross_libs() {
         todo=("${todo[@]:1}")
         interp=$(readelf -l "$f" 2> /dev/null | sed -n 's/.*Requesting program interpreter: \(.*\)\]$/\1/p')
         for lib in $(readelf -d "$f" | sed -n 's/.*Shared library: \[\(.*\)\]$/\1/p') ${interp:+"$interp"}; do
+            # The interpreter's absolute path links to the one copy in the multiarch
+            # directory, as on a Debian arm64 system.
+            case "$lib" in
+            /*) mkdir -p "$(dirname "$stage$lib")"
+                ln -sfn "$(realpath -m --relative-to="$(dirname "$stage$lib")" "$stage/usr/lib/$triple/${lib##*/}")" "$stage$lib"
+                lib=${lib##*/} ;;
+            esac
             case "$done_libs" in *" $lib "*) continue ;; esac
             done_libs="$done_libs$lib "
             src=""
@@ -173,10 +180,7 @@ stage_cross_libs() {
                 done
             done
             [ -n "$src" ] || { echo "build.sh: $lib (needed by $f) is in none of $ARM64_DEBS" >&2; exit 1; }
-            case "$lib" in
-            /*) dest=$stage$lib ;;                       # the interpreter, at its absolute path
-            *) dest=$stage/usr/lib/$triple/$lib ;;
-            esac
+            dest=$stage/usr/lib/$triple/$lib
             mkdir -p "$(dirname "$dest")"
             cp -L "$src" "$dest"
             mkdir -p "$stage/usr/share/doc/$pkg"
@@ -200,7 +204,7 @@ stage_rootfs() {
     # The binary without its symbols and DWARF (the release profile keeps line tables);
     # both go to DEBUG beside the image, linked by build ID and .gnu_debuglink.
     "${tools}objcopy" --only-keep-debug "$bin" "$debug"
-    "${tools}strip" --strip-all -o "$stage/usr/bin/vfio-gpu-dra" "$bin"
+    "${tools}strip" --strip-all --remove-section=.gnu_debuglink -o "$stage/usr/bin/vfio-gpu-dra" "$bin"
     "${tools}objcopy" --add-gnu-debuglink="$debug" "$stage/usr/bin/vfio-gpu-dra"
     chmod 0755 "$stage/usr/bin/vfio-gpu-dra"
 
