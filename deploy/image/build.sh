@@ -129,7 +129,8 @@ SOURCE=$(awk -F'"' '/^repository *=/ { print $2; exit }' "$ROOT/Cargo.toml")
 # Debian's arm64 packages that give the arm64 image its chroot and libraries, fetched
 # with an apt configuration of its own (its own lists and cache, architecture arm64), so
 # the build machine's apt state is left alone; apt checks them against the signed lists.
-ARM64_DEBS="coreutils libc6 libgcc-s1"
+# (gcc-12-base holds libgcc-s1's copyright file, which libgcc-s1 links to.)
+ARM64_DEBS="coreutils libc6 libgcc-s1 gcc-12-base"
 ARM64_SYSROOT=""
 fetch_arm64_sysroot() {
     local cache=$TARGET/image-cache/debian-arm64
@@ -150,6 +151,21 @@ fetch_arm64_sysroot() {
         touch "$cache/complete"
     fi
     ARM64_SYSROOT=$cache/root
+}
+
+# The copyright file of PKG among the package trees under SYSROOT: its own, or the one
+# of the package its doc directory links to (Debian's libgcc-s1 -> gcc-12-base).
+arm64_copyright() {
+    local sysroot=$1 pkg=$2 doc owner
+    doc=$sysroot/$pkg/usr/share/doc/$pkg
+    if [ -L "$doc" ]; then
+        for owner in $ARM64_DEBS; do
+            [ -f "$sysroot/$owner/usr/share/doc/$(readlink "$doc")/copyright" ] &&
+                { echo "$sysroot/$owner/usr/share/doc/$(readlink "$doc")/copyright"; return; }
+        done
+    fi
+    [ -f "$doc/copyright" ] || { echo "build.sh: no copyright file for the arm64 package $pkg" >&2; exit 1; }
+    echo "$doc/copyright"
 }
 
 # Copies FILE's shared libraries (and theirs) from the package trees under SYSROOT
@@ -184,7 +200,7 @@ stage_cross_libs() {
             mkdir -p "$(dirname "$dest")"
             cp -L "$src" "$dest"
             mkdir -p "$stage/usr/share/doc/$pkg"
-            cp "$sysroot/$pkg/usr/share/doc/$pkg/copyright" "$stage/usr/share/doc/$pkg/copyright"
+            cp "$(arm64_copyright "$sysroot" "$pkg")" "$stage/usr/share/doc/$pkg/copyright"
             todo+=("$src")
         done
     done
