@@ -17,7 +17,10 @@
 //! - applying the plan converges: this driver's slices are exactly one pool
 //!   named after the node, all at the plan's generation with the right slice
 //!   count, holding exactly the offered GPUs (not the other driver's), each once,
-//!   in slices of at most 128;
+//!   in slices of at most 128 (64 where a slice holds a tainted device), filled
+//!   in address order;
+//! - a quarantined GPU is published once, with its taint, and no other device
+//!   carries one;
 //! - the generation never goes backwards (nor overflows);
 //! - a second sync on the result writes nothing.
 
@@ -27,8 +30,10 @@ use k8s_openapi::api::core::v1::NodeSelector;
 use k8s_openapi::api::resource::v1::{Device, ResourcePool, ResourceSlice, ResourceSliceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use vfio_gpu_host::Bdf;
+use vfio_gpu_engine::ledger::QuarantineCause;
 use vfio_gpu_kubelet::slices::{
-    DeviceInfo, MAX_DEVICES_PER_SLICE, SliceConfig, device, device_name, plan_sync,
+    DeviceInfo, MAX_DEVICES_PER_SLICE, MAX_DEVICES_PER_SLICE_WITH_TAINTS, QuarantineTaint,
+    SliceConfig, TaintEffect, device, device_name, plan_sync,
 };
 
 const DRIVER: &str = "vfio-gpu.dra.dev";
@@ -48,7 +53,7 @@ impl Input<'_> {
     }
 }
 
-fn gpu(bdf: Bdf, bar: u8) -> DeviceInfo {
+fn gpu(bdf: Bdf, bar: u8, quarantined: bool) -> DeviceInfo {
     DeviceInfo {
         bdf,
         vendor: 0x10de,
@@ -60,7 +65,14 @@ fn gpu(bdf: Bdf, bar: u8) -> DeviceInfo {
         pcie_root: None,
         keep_on_vfio: false,
         bar_bytes: u64::from(bar) << 30,
+        bar_prefetchable64_bytes: u64::from(bar) << 30,
         fabric: None,
+        quarantine: quarantined.then(|| QuarantineTaint {
+            cause: QuarantineCause::VerificationFailed,
+            reason: "link trained to x4 of x16".into(),
+            since_unix: u64::from(bar) * 1000,
+            effect: TaintEffect::NoSchedule,
+        }),
     }
 }
 
@@ -94,13 +106,13 @@ fn listed_slice(inp: &mut Input<'_>, i: usize, gpus: &[DeviceInfo]) -> ResourceS
                 .nth(chunk)
                 .unwrap_or_default()
                 .iter()
-                .map(device),
+                .map(|g| device(DRIVER, g)),
         );
     } else {
         for _ in 0..shape % 8 {
             let pick = inp.byte();
             if pick & 0x80 == 0 && !gpus.is_empty() {
-                devices.push(device(&gpus[usize::from(pick) % gpus.len()]));
+                devices.push(device(DRIVER, &gpus[usize::from(pick) % gpus.len()]));
             } else {
                 devices.push(Device {
                     name: format!("gpu-{pick}"),
@@ -149,14 +161,14 @@ pub fn check(data: &[u8]) {
             let bus = u8::try_from(i / 8).unwrap_or(u8::MAX);
             let dev = u8::try_from(i % 8).unwrap_or(0);
             if let Some(b) = Bdf::new(0, bus, dev, 0) {
-                gpus.push(gpu(b, 0));
+                gpus.push(gpu(b, 0, pick & 0x40 != 0 && i % 3 == 0));
             }
         }
     } else {
         for _ in 0..pick % 16 {
             let (bus, devfn, bar) = (inp.byte(), inp.byte(), inp.byte());
             if let Some(b) = Bdf::new(0, bus, devfn >> 3, devfn & 7) {
-                gpus.push(gpu(b, bar % 4));
+                gpus.push(gpu(b, bar % 4, bar & 4 != 0));
             }
         }
     }
@@ -258,6 +270,22 @@ pub fn check(data: &[u8]) {
         );
         let devices = s.spec.devices.as_deref().unwrap_or_default();
         assert!(devices.len() <= MAX_DEVICES_PER_SLICE, "a slice over 128");
+        let tainted = devices
+            .iter()
+            .any(|d| d.taints.as_ref().is_some_and(|t| !t.is_empty()));
+        assert!(
+            !tainted || devices.len() <= MAX_DEVICES_PER_SLICE_WITH_TAINTS,
+            "a slice with a tainted device over 64"
+        );
+        for d in devices {
+            // The device of the GPU it names, taint and all (the first GPU
+            // listed for an address wins, as the publisher dedups).
+            let want = sorted
+                .iter()
+                .find(|g| device_name(&g.bdf) == d.name)
+                .map(|g| device(DRIVER, g).taints);
+            assert_eq!(Some(d.taints.clone()), want, "{}: taints", d.name);
+        }
         names.extend(devices.iter().map(|d| d.name.clone()));
     }
     let expected: BTreeSet<String> = offered.iter().map(device_name).collect();
@@ -267,7 +295,28 @@ pub fn check(data: &[u8]) {
         got, expected,
         "published devices differ from the offered GPUs"
     );
-    let want_slices = offered.len().div_ceil(MAX_DEVICES_PER_SLICE).max(1);
+    // Filled in order: a slice closes at 128 devices, or at 64 once it holds
+    // a tainted one.
+    let mut want_slices = 1;
+    let (mut in_slice, mut slice_tainted) = (0usize, false);
+    for g in sorted
+        .iter()
+        .filter(|g| offered.binary_search(&g.bdf).is_ok())
+    {
+        let tainted = slice_tainted || g.quarantine.is_some();
+        let limit = if tainted {
+            MAX_DEVICES_PER_SLICE_WITH_TAINTS
+        } else {
+            MAX_DEVICES_PER_SLICE
+        };
+        if in_slice >= limit {
+            want_slices += 1;
+            in_slice = 0;
+            slice_tainted = false;
+        }
+        in_slice += 1;
+        slice_tainted |= g.quarantine.is_some();
+    }
     assert_eq!(plan.slices, want_slices, "number of slices");
 
     let again = plan_sync(&cfg, server.into_values().collect(), &gpus, &foreign);

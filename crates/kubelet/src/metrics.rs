@@ -85,6 +85,7 @@ pub struct Metrics {
     persistence_left_off: Gauge,
     holder_scan: Gauge<f64, std::sync::atomic::AtomicU64>,
     devices: Family<Labels1, Gauge>,
+    quarantined: Family<Labels2, Gauge>,
     unhealthy: Gauge,
     health_scan: Histogram,
     active_partitions: Gauge,
@@ -141,6 +142,7 @@ impl Metrics {
         let persistence_left_off = Gauge::default();
         let holder_scan = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let devices = Family::<Labels1, Gauge>::default();
+        let quarantined = Family::<Labels2, Gauge>::default();
         let unhealthy = Gauge::default();
         let active_partitions = Gauge::default();
         // 1 ms .. ~16 s: an FM call is milliseconds, its deadline 10 s.
@@ -209,6 +211,11 @@ impl Metrics {
             devices.clone(),
         );
         registry.register(
+            "gpu_quarantined",
+            "1 for each GPU in quarantine (failed reset, verification or scrub hook), by gpu (PCI address) and reason (the failed step); cleared by `vfio-gpu-dra reset <gpu>`",
+            quarantined.clone(),
+        );
+        registry.register(
             "unhealthy_devices",
             "GPUs reported UNHEALTHY to the kubelet",
             unhealthy.clone(),
@@ -229,6 +236,7 @@ impl Metrics {
             persistence_left_off,
             holder_scan,
             devices,
+            quarantined,
             unhealthy,
             health_scan,
             active_partitions,
@@ -320,6 +328,18 @@ impl Metrics {
             .get_or_create(&[("keep_on_vfio", "false")])
             .set(gauge_value(views.len() - keep));
         self.stuck.set(gauge_value(stuck));
+        // One series per quarantined GPU, gone once it leaves quarantine.
+        self.quarantined.clear();
+        for v in views {
+            if let Some(q) = &v.quarantine {
+                self.quarantined
+                    .get_or_create(&[
+                        ("gpu", v.gpu.bdf().to_string()),
+                        ("reason", q.cause.as_str().to_string()),
+                    ])
+                    .set(1);
+            }
+        }
         let left_off = views
             .iter()
             .filter(|v| v.persistence_left_off.is_some())

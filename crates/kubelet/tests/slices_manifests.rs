@@ -169,7 +169,9 @@ fn device_classes_select_the_driver_and_published_attributes() {
         pcie_root: None,
         keep_on_vfio: true,
         bar_bytes: 0,
+        bar_prefetchable64_bytes: 0,
         fabric: None,
+        quarantine: None,
     };
     assert_eq!(device_attributes(&info)["keepOnVfio"].bool, Some(true));
 }
