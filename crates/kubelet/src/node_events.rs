@@ -18,6 +18,8 @@ use crate::slices::{DeviceInfo, QuarantineTaint};
 
 /// The Event's `reason`.
 pub const REASON_GPU_QUARANTINED: &str = "GPUQuarantined";
+/// The Events' `generateName`.
+const GENERATE_NAME: &str = "gpu-quarantined-";
 /// Events about cluster-scoped objects live here.
 const EVENT_NAMESPACE: &str = "default";
 /// The API's limit on `note`.
@@ -78,7 +80,9 @@ pub fn quarantine_event(
     }
     Event {
         metadata: ObjectMeta {
-            generate_name: Some(format!("{}.", node.name)),
+            // Fixed and short: a prefix cut from the node name could end in a
+            // dot, which the server refuses (it masks only a trailing dash).
+            generate_name: Some(GENERATE_NAME.into()),
             namespace: Some(EVENT_NAMESPACE.into()),
             ..Default::default()
         },
@@ -204,6 +208,7 @@ mod tests {
             let r = e.regarding.expect("regarding");
             assert_eq!((r.kind.as_deref(), r.name.as_deref(), r.uid.as_deref()), (Some("Node"), Some("node-a"), Some("uid-1")));
             assert_eq!(e.metadata.namespace.as_deref(), Some("default"));
+            assert_eq!(e.metadata.generate_name.as_deref(), Some(GENERATE_NAME));
             let note = e.note.expect("note");
             assert!(note.len() <= MAX_NOTE);
             assert!(note.starts_with("GPU 0000:65:00.0 quarantined (ResetFailed)"), "{note}");

@@ -75,6 +75,7 @@ async fn first_publish_offers_the_movable_gpus_with_their_attributes() {
         json!({
             "resource.kubernetes.io/pciBusID": {"string": "0000:18:00.0"},
             "resource.kubernetes.io/pcieRoot": {"string": "pci0000:17"},
+            "barPrefetchable64Bytes": {"int": (128_i64 << 30) + (32 << 20)},
             "resource.kubernetes.io/numaNode": {"int": 0},
             "numaNode": {"int": 0},
             "vendorID": {"string": "0x10de"},
@@ -783,11 +784,30 @@ async fn a_quarantined_gpu_is_published_with_its_taint_where_the_server_keeps_ta
             d.bdf
         );
     }
+    // The Node is told, once (the second sync below posts nothing more).
+    let events = || {
+        server
+            .list("events", Some("default"))
+            .into_iter()
+            .filter(|e| e["reason"] == "GPUQuarantined")
+            .collect::<Vec<_>>()
+    };
+    let posted = events();
+    assert_eq!(posted.len(), 1, "{posted:#?}");
+    assert_eq!(posted[0]["regarding"]["name"], NODE);
+    assert_eq!(posted[0]["type"], "Warning");
+    assert!(
+        posted[0]["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("0000:ba:00.0") && n.contains("VerificationFailed")),
+        "{posted:#?}"
+    );
     // Stable: a second sync writes nothing (the taint compares equal as stored).
     let again = bounded(LIMIT, "republish", publisher.sync(&devices))
         .await
         .expect("republish");
     assert!(!again.wrote(), "{again:?}");
+    assert_eq!(events().len(), 1, "announced once");
     // Cleared by the admin's reset: the taint leaves the slice.
     let cleared = demo_devices();
     bounded(LIMIT, "clear", publisher.sync(&cleared))

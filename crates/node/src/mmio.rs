@@ -31,9 +31,12 @@ pub const OVMF_LEGACY_WINDOW: u64 = 32 << 30;
 pub struct MmioWindow {
     /// Sum of the GPUs' 64-bit prefetchable BARs, in bytes.
     pub bar_bytes: u64,
-    /// The window that holds them at their natural alignment, in bytes: each
-    /// GPU's BARs in a block of the next power of two of their sum (a BAR is
-    /// aligned to its size), blocks summed (largest first, they pack).
+    /// The window that holds them, in bytes, as an upper bound: in the
+    /// guest each GPU sits behind its own root port, whose window is aligned
+    /// to its largest BAR, so each GPU takes at most the next power of two of
+    /// its BARs' sum (the blocks, largest first, pack). For a 32 GiB + 32 MiB
+    /// GPU that is 64 GiB, the `X-PciMmio64Mb=65536` reported to work for it
+    /// (harvester#5619).
     pub window_bytes: u64,
     /// The `X-PciMmio64Mb` value that covers it: `window_bytes` rounded up
     /// to a power of two, in MiB.
