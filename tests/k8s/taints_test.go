@@ -145,12 +145,16 @@ func testQuarantineTaint(t *testing.T, c *cluster) {
 	})
 
 	// The admin's reset (the alternative to a reboot) clears it: published
-	// untainted, allocatable without a toleration.
+	// untainted, allocatable without a toleration. Admin commands that write
+	// need the state lock, which serve holds: the plugin is stopped for it
+	// (as draining the node's DaemonSet pod would) and started again.
+	e.p.stop(t)
 	cmd := exec.Command(c.bin, "reset", bdf, "--demo", "--demo-dir", e.dirs.demoDir,
 		"--policy", filepath.Join(e.dirs.dir, "no-policy.toml"))
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("vfio-gpu-dra reset %s: %v\n%s", bdf, err, out)
 	}
+	e.p = c.startPlugin(t, node, e.dirs, pluginOpts{})
 	c.publishedDevice(t, e.p, device, true, func(d resourceapi.Device) bool { return len(d.Taints) == 0 })
 	res := c.allocate(t, c.claimFor(t, "taint-cleared", bdf, false), e.node)
 	if got := allocatedDevices(res); len(got) != 1 || got[0] != device {

@@ -827,6 +827,65 @@ mod tests {
         NodeFacts::ready_intel_example()
     }
 
+    /// The demo host as the engine inspects it.
+    fn demo_inspection() -> Inspection {
+        let dir = tempfile::tempdir().expect("tempdir");
+        vfio_gpu_host::demo::build_demo_host(dir.path()).expect("demo host");
+        let root = vfio_gpu_host::HostRoot::open(dir.path()).expect("host root");
+        vfio_gpu_engine::inspect(
+            &root,
+            &vfio_gpu_host::GpuSelector::default(),
+            &Policy::default(),
+            None,
+        )
+        .expect("inspect")
+    }
+
+    #[test]
+    fn guest_mmio_warns_past_the_legacy_ovmf_window_with_the_knob() {
+        let view = demo_inspection();
+        let c = check_guest_mmio(&view);
+        assert_eq!(c.status, Status::Warn, "{c:?}");
+        // The H200s: a 256 GiB VRAM BAR and a 32 MiB one.
+        assert!(c.detail.contains("0000:5d:00.0") || c.detail.contains("0000:3a:00.0"), "{c:?}");
+        assert!(c.detail.contains("512 GiB"), "{c:?}");
+        assert!(c.fix.contains("X-PciMmio64Mb="), "{c:?}");
+        let mut small = view.clone();
+        for g in &mut small.gpus {
+            g.gpu.function.bar_prefetchable64_bytes = 256 << 20;
+        }
+        assert_eq!(check_guest_mmio(&small).status, Status::Pass);
+        let mut none = view;
+        for g in &mut none.gpus {
+            g.gpu.function.bar_prefetchable64_bytes = 0;
+        }
+        let c = check_guest_mmio(&none);
+        assert_eq!((c.status, c.fix.as_str()), (Status::Pass, ""));
+    }
+
+    #[test]
+    fn a_quarantined_gpu_gets_a_warning_naming_the_cause_and_the_reset() {
+        let mut view = demo_inspection();
+        assert!(view.gpus.iter().all(|g| check_quarantine(g).is_none()));
+        let g = &mut view.gpus[0];
+        g.quarantine = Some(vfio_gpu_engine::ledger::Quarantine {
+            reason: "reset of 0000:18:00.0 (flr) failed: EIO".into(),
+            cause: vfio_gpu_engine::ledger::QuarantineCause::ResetFailed,
+            since: 7,
+            boot_id: "b".into(),
+            fingerprints: Default::default(),
+            extra: Default::default(),
+        });
+        let c = check_quarantine(g).expect("a quarantine check");
+        assert_eq!(c.status, Status::Warn);
+        assert_eq!(c.gpu, Some(g.gpu.bdf()));
+        assert!(c.detail.contains("ResetFailed") && c.detail.contains("EIO"), "{c:?}");
+        assert!(c.detail.contains("quarantined=ResetFailed:NoSchedule"), "{c:?}");
+        assert!(c.fix.contains(&format!("vfio-gpu-dra reset {}", g.gpu.bdf())), "{c:?}");
+        let all = diagnose(&facts(), &view, &Policy::default(), Path::new("/p"));
+        assert_eq!(all.iter().filter(|c| c.check == "quarantine").count(), 1);
+    }
+
     #[test]
     fn iommu_off_names_the_vendor_parameter() {
         let mut f = facts();
