@@ -47,6 +47,8 @@ fn fm_code_label(e: &FmError) -> String {
 /// Label set of the counters: `[(name, value), ...]`, values from a fixed set.
 type Labels2 = [(&'static str, String); 2];
 type Labels1 = [(&'static str, &'static str); 1];
+/// Label set of the per-GPU owner gauge: gpu, namespace, claim.
+type Labels3 = [(&'static str, String); 3];
 
 /// `/healthz` fails once the serve loop has not ticked for this long.
 pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(90);
@@ -86,6 +88,7 @@ pub struct Metrics {
     holder_scan: Gauge<f64, std::sync::atomic::AtomicU64>,
     devices: Family<Labels1, Gauge>,
     quarantined: Family<Labels2, Gauge>,
+    owner: Family<Labels3, Gauge>,
     unhealthy: Gauge,
     health_scan: Histogram,
     active_partitions: Gauge,
@@ -143,6 +146,7 @@ impl Metrics {
         let holder_scan = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let devices = Family::<Labels1, Gauge>::default();
         let quarantined = Family::<Labels2, Gauge>::default();
+        let owner = Family::<Labels3, Gauge>::default();
         let unhealthy = Gauge::default();
         let active_partitions = Gauge::default();
         // 1 ms .. ~16 s: an FM call is milliseconds, its deadline 10 s.
@@ -216,6 +220,11 @@ impl Metrics {
             quarantined.clone(),
         );
         registry.register(
+            "gpu_owner",
+            "1 for each GPU a ResourceClaim holds, by gpu (PCI address), namespace and claim, so GPU metrics can be joined to the tenant (one series per GPU at most)",
+            owner.clone(),
+        );
+        registry.register(
             "unhealthy_devices",
             "GPUs reported UNHEALTHY to the kubelet",
             unhealthy.clone(),
@@ -237,6 +246,7 @@ impl Metrics {
             holder_scan,
             devices,
             quarantined,
+            owner,
             unhealthy,
             health_scan,
             active_partitions,
@@ -336,6 +346,29 @@ impl Metrics {
                     .get_or_create(&[
                         ("gpu", v.gpu.bdf().to_string()),
                         ("reason", q.cause.as_str().to_string()),
+                    ])
+                    .set(1);
+            }
+        }
+        // Who holds each GPU: at most one series per GPU (bounded cardinality).
+        self.owner.clear();
+        for v in views {
+            let held = v.record.as_ref().and_then(|r| match (&r.holder, r.state) {
+                (
+                    Some(vfio_gpu_engine::Holder::Claim {
+                        namespace, name, ..
+                    }),
+                    vfio_gpu_engine::ledger::OpState::Configuring
+                    | vfio_gpu_engine::ledger::OpState::Configured,
+                ) => Some((namespace.clone(), name.clone())),
+                _ => None,
+            });
+            if let Some((namespace, claim)) = held {
+                self.owner
+                    .get_or_create(&[
+                        ("gpu", v.gpu.bdf().to_string()),
+                        ("namespace", namespace),
+                        ("claim", claim),
                     ])
                     .set(1);
             }
