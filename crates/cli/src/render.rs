@@ -201,7 +201,10 @@ pub fn explain(
     _setup: &Setup,
 ) -> Result<()> {
     if output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&explain_json(v, other)?)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&explain_json(v, other)?)?
+        );
         return Ok(());
     }
     let f = &v.gpu.function;

@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use vfio_gpu_engine::ledger::QuarantineCause;
 use vfio_gpu_engine::sim::{Fault, FaultAction, ResetEffect, SimKernel};
 use vfio_gpu_engine::{Action, Engine, EngineConfig, EngineError, Holder};
-use vfio_gpu_engine::ledger::QuarantineCause;
 use vfio_gpu_host::{GpuSelector, HostRoot};
 use vfio_gpu_intent::Policy;
 

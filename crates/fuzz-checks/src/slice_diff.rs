@@ -29,8 +29,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::NodeSelector;
 use k8s_openapi::api::resource::v1::{Device, ResourcePool, ResourceSlice, ResourceSliceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use vfio_gpu_host::Bdf;
 use vfio_gpu_engine::ledger::QuarantineCause;
+use vfio_gpu_host::Bdf;
 use vfio_gpu_kubelet::slices::{
     DeviceInfo, MAX_DEVICES_PER_SLICE, MAX_DEVICES_PER_SLICE_WITH_TAINTS, QuarantineTaint,
     SliceConfig, TaintEffect, device, device_name, plan_sync,
@@ -147,6 +147,45 @@ fn listed_slice(inp: &mut Input<'_>, i: usize, gpus: &[DeviceInfo]) -> ResourceS
 
 fn owned(cfg: &SliceConfig, s: &ResourceSlice) -> bool {
     s.spec.driver == cfg.driver_name && s.spec.node_name.as_deref() == Some(&cfg.node_name)
+}
+
+/// How many slices the publisher must fill, in address order: a slice closes
+/// at 128 devices, or at 64 once it holds a tainted one.
+fn expected_slices(sorted: &[DeviceInfo], offered: &[Bdf]) -> usize {
+    let mut want_slices = 1;
+    let (mut in_slice, mut slice_tainted) = (0usize, false);
+    for g in sorted
+        .iter()
+        .filter(|g| offered.binary_search(&g.bdf).is_ok())
+    {
+        let tainted = slice_tainted || g.quarantine.is_some();
+        let limit = if tainted {
+            MAX_DEVICES_PER_SLICE_WITH_TAINTS
+        } else {
+            MAX_DEVICES_PER_SLICE
+        };
+        if in_slice >= limit {
+            want_slices += 1;
+            in_slice = 0;
+            slice_tainted = false;
+        }
+        in_slice += 1;
+        slice_tainted |= g.quarantine.is_some();
+    }
+    want_slices
+}
+
+/// Each published device carries exactly the taints of the GPU it names (the
+/// first GPU listed for an address, as the publisher dedups): a quarantined
+/// one its taint, every other none.
+fn check_taints(devices: &[Device], sorted: &[DeviceInfo]) {
+    for d in devices {
+        let want = sorted
+            .iter()
+            .find(|g| device_name(&g.bdf) == d.name)
+            .map(|g| device(DRIVER, g).taints);
+        assert_eq!(Some(d.taints.clone()), want, "{}: taints", d.name);
+    }
 }
 
 /// The property for one input.
@@ -277,15 +316,7 @@ pub fn check(data: &[u8]) {
             !tainted || devices.len() <= MAX_DEVICES_PER_SLICE_WITH_TAINTS,
             "a slice with a tainted device over 64"
         );
-        for d in devices {
-            // The device of the GPU it names, taint and all (the first GPU
-            // listed for an address wins, as the publisher dedups).
-            let want = sorted
-                .iter()
-                .find(|g| device_name(&g.bdf) == d.name)
-                .map(|g| device(DRIVER, g).taints);
-            assert_eq!(Some(d.taints.clone()), want, "{}: taints", d.name);
-        }
+        check_taints(devices, &sorted);
         names.extend(devices.iter().map(|d| d.name.clone()));
     }
     let expected: BTreeSet<String> = offered.iter().map(device_name).collect();
@@ -295,28 +326,7 @@ pub fn check(data: &[u8]) {
         got, expected,
         "published devices differ from the offered GPUs"
     );
-    // Filled in order: a slice closes at 128 devices, or at 64 once it holds
-    // a tainted one.
-    let mut want_slices = 1;
-    let (mut in_slice, mut slice_tainted) = (0usize, false);
-    for g in sorted
-        .iter()
-        .filter(|g| offered.binary_search(&g.bdf).is_ok())
-    {
-        let tainted = slice_tainted || g.quarantine.is_some();
-        let limit = if tainted {
-            MAX_DEVICES_PER_SLICE_WITH_TAINTS
-        } else {
-            MAX_DEVICES_PER_SLICE
-        };
-        if in_slice >= limit {
-            want_slices += 1;
-            in_slice = 0;
-            slice_tainted = false;
-        }
-        in_slice += 1;
-        slice_tainted |= g.quarantine.is_some();
-    }
+    let want_slices = expected_slices(&sorted, &offered);
     assert_eq!(plan.slices, want_slices, "number of slices");
 
     let again = plan_sync(&cfg, server.into_values().collect(), &gpus, &foreign);

@@ -312,7 +312,10 @@ fn bar_bytes(text: &str) -> u64 {
 
 /// Sums the 64-bit prefetchable memory BARs (lines 0–5 of `resource`).
 fn bar_prefetchable64_bytes(text: &str) -> u64 {
-    bars_with_flags(text, IORESOURCE_MEM | IORESOURCE_PREFETCH | IORESOURCE_MEM_64)
+    bars_with_flags(
+        text,
+        IORESOURCE_MEM | IORESOURCE_PREFETCH | IORESOURCE_MEM_64,
+    )
 }
 
 /// Sums the sizes of the BARs (lines 0–5 of `resource`) whose flags hold

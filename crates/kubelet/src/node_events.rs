@@ -99,7 +99,12 @@ pub fn quarantine_event(
             ..Default::default()
         }),
         reporting_controller: Some(driver.into()),
-        reporting_instance: Some(format!("{driver}/{}", node.name).chars().take(128).collect()),
+        reporting_instance: Some(
+            format!("{driver}/{}", node.name)
+                .chars()
+                .take(128)
+                .collect(),
+        ),
         ..Default::default()
     }
 }
@@ -177,7 +182,11 @@ mod tests {
         let cleared = vec![gpu("0000:65:00.0", None)];
         assert!(a.newly_quarantined(&cleared).is_empty());
         let again = vec![gpu("0000:65:00.0", Some(q(10)))];
-        assert_eq!(a.newly_quarantined(&again).len(), 1, "forgotten when cleared");
+        assert_eq!(
+            a.newly_quarantined(&again).len(),
+            1,
+            "forgotten when cleared"
+        );
         a.announced(bdf, &first);
         let later = vec![gpu("0000:65:00.0", Some(q(99)))];
         assert_eq!(a.newly_quarantined(&later).len(), 1, "a new quarantine");
@@ -206,12 +215,18 @@ mod tests {
             assert_eq!(e.reason.as_deref(), Some(REASON_GPU_QUARANTINED));
             assert_eq!(e.type_.as_deref(), Some("Warning"));
             let r = e.regarding.expect("regarding");
-            assert_eq!((r.kind.as_deref(), r.name.as_deref(), r.uid.as_deref()), (Some("Node"), Some("node-a"), Some("uid-1")));
+            assert_eq!(
+                (r.kind.as_deref(), r.name.as_deref(), r.uid.as_deref()),
+                (Some("Node"), Some("node-a"), Some("uid-1"))
+            );
             assert_eq!(e.metadata.namespace.as_deref(), Some("default"));
             assert_eq!(e.metadata.generate_name.as_deref(), Some(GENERATE_NAME));
             let note = e.note.expect("note");
             assert!(note.len() <= MAX_NOTE);
-            assert!(note.starts_with("GPU 0000:65:00.0 quarantined (ResetFailed)"), "{note}");
+            assert!(
+                note.starts_with("GPU 0000:65:00.0 quarantined (ResetFailed)"),
+                "{note}"
+            );
         }
     }
 }

@@ -704,12 +704,16 @@ pub fn taints_kept(sent: &ResourceSliceSpec, stored: &ResourceSliceSpec) -> bool
         .flatten()
         .map(|d| (d.name.as_str(), d))
         .collect();
-    sent.devices.iter().flatten().filter(|d| is_tainted(d)).all(|d| {
-        stored
-            .get(d.name.as_str())
-            .and_then(|s| s.taints.as_ref())
-            .is_some_and(|t| t.len() == d.taints.as_ref().map_or(0, Vec::len))
-    })
+    sent.devices
+        .iter()
+        .flatten()
+        .filter(|d| is_tainted(d))
+        .all(|d| {
+            stored
+                .get(d.name.as_str())
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|t| t.len() == d.taints.as_ref().map_or(0, Vec::len))
+        })
 }
 
 /// The devices to publish under `support`: all of them where taints are
@@ -784,7 +788,9 @@ impl SlicePublisher {
         };
         match api.create(&pp, &probe).await {
             Ok(stored) if taints_kept(&spec, &stored.spec) => {
-                tracing::info!("the API server keeps device taints: quarantined GPUs are published tainted");
+                tracing::info!(
+                    "the API server keeps device taints: quarantined GPUs are published tainted"
+                );
                 self.taints = TaintSupport::Kept;
             }
             Ok(_) => self.taints_pruned(),
@@ -1558,8 +1564,12 @@ mod tests {
     #[test]
     fn taints_kept_tells_a_pruning_server_apart() {
         let cfg = SliceConfig::new("d", "n");
-        let sent = desired_slices(&cfg, &[quarantined("0000:65:00.0"), info("0000:66:00.0")], 1)
-            .remove(0);
+        let sent = desired_slices(
+            &cfg,
+            &[quarantined("0000:65:00.0"), info("0000:66:00.0")],
+            1,
+        )
+        .remove(0);
         assert!(taints_kept(&sent, &sent));
         let mut pruned = sent.clone();
         for d in pruned.devices.iter_mut().flatten() {

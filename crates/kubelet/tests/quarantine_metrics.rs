@@ -77,7 +77,9 @@ fn a_gpu_held_by_a_claim_has_one_owner_series_until_released() {
         .collect();
     assert_eq!(
         series,
-        ["vfio_gpu_dra_gpu_owner{gpu=\"0000:ab:00.0\",namespace=\"vms\",claim=\"vm-a-gpu-claim-x7\"} 1"],
+        [
+            "vfio_gpu_dra_gpu_owner{gpu=\"0000:ab:00.0\",namespace=\"vms\",claim=\"vm-a-gpu-claim-x7\"} 1"
+        ],
         "{text}"
     );
     // Released (or kept by the admin): no owner.

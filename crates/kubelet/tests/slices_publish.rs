@@ -191,7 +191,10 @@ fn pinned_stuck_and_shared_group_gpus_are_not_offered() {
     // Quarantined and otherwise unofferable: still not offered.
     let mut quarantined_pinned = quarantined.clone();
     quarantined_pinned.verdict.pinned = pinned.verdict.pinned.clone();
-    assert!(device_info(&quarantined_pinned).is_none(), "quarantined and pinned");
+    assert!(
+        device_info(&quarantined_pinned).is_none(),
+        "quarantined and pinned"
+    );
     let mut owed = a100.clone();
     let mut kept = vfio_gpu_engine::ledger::GpuRecord::configuring(
         vfio_gpu_engine::Holder::Admin,
@@ -779,7 +782,9 @@ async fn a_quarantined_gpu_is_published_with_its_taint_where_the_server_keeps_ta
     );
     for d in devices.iter().filter(|d| d.quarantine.is_none()) {
         assert!(
-            device(&slices, &device_name(&d.bdf)).get("taints").is_none(),
+            device(&slices, &device_name(&d.bdf))
+                .get("taints")
+                .is_none(),
             "{} untainted",
             d.bdf
         );
@@ -834,7 +839,10 @@ async fn a_server_that_drops_taints_gets_no_quarantined_gpu_at_all() {
         vfio_gpu_kubelet::slices::TaintSupport::Pruned
     );
     let names = device_names(&stored_slices(&server));
-    assert!(!names.contains(&"gpu-0000-ba-00-0".to_string()), "{names:?}");
+    assert!(
+        !names.contains(&"gpu-0000-ba-00-0".to_string()),
+        "{names:?}"
+    );
     assert_eq!(names.len(), devices.len() - 1, "{names:?}");
 }
 
@@ -861,8 +869,14 @@ async fn a_server_that_starts_dropping_taints_after_the_probe_gets_the_gpu_hidde
         .await
         .expect("retry");
     let names = device_names(&stored_slices(&server));
-    assert!(!names.contains(&"gpu-0000-ba-00-0".to_string()), "{names:?}");
-    assert!(!names.contains(&"gpu-0000-18-00-0".to_string()), "{names:?}");
+    assert!(
+        !names.contains(&"gpu-0000-ba-00-0".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        !names.contains(&"gpu-0000-18-00-0".to_string()),
+        "{names:?}"
+    );
 }
 
 fn devices_quarantine() -> Option<vfio_gpu_kubelet::slices::QuarantineTaint> {

@@ -847,7 +847,10 @@ mod tests {
         let c = check_guest_mmio(&view);
         assert_eq!(c.status, Status::Warn, "{c:?}");
         // The H200s: a 256 GiB VRAM BAR and a 32 MiB one.
-        assert!(c.detail.contains("0000:5d:00.0") || c.detail.contains("0000:3a:00.0"), "{c:?}");
+        assert!(
+            c.detail.contains("0000:5d:00.0") || c.detail.contains("0000:3a:00.0"),
+            "{c:?}"
+        );
         assert!(c.detail.contains("512 GiB"), "{c:?}");
         assert!(c.fix.contains("X-PciMmio64Mb="), "{c:?}");
         let mut small = view.clone();
@@ -879,9 +882,19 @@ mod tests {
         let c = check_quarantine(g).expect("a quarantine check");
         assert_eq!(c.status, Status::Warn);
         assert_eq!(c.gpu, Some(g.gpu.bdf()));
-        assert!(c.detail.contains("ResetFailed") && c.detail.contains("EIO"), "{c:?}");
-        assert!(c.detail.contains("quarantined=ResetFailed:NoSchedule"), "{c:?}");
-        assert!(c.fix.contains(&format!("vfio-gpu-dra reset {}", g.gpu.bdf())), "{c:?}");
+        assert!(
+            c.detail.contains("ResetFailed") && c.detail.contains("EIO"),
+            "{c:?}"
+        );
+        assert!(
+            c.detail.contains("quarantined=ResetFailed:NoSchedule"),
+            "{c:?}"
+        );
+        assert!(
+            c.fix
+                .contains(&format!("vfio-gpu-dra reset {}", g.gpu.bdf())),
+            "{c:?}"
+        );
         let all = diagnose(&facts(), &view, &Policy::default(), Path::new("/p"));
         assert_eq!(all.iter().filter(|c| c.check == "quarantine").count(), 1);
     }

@@ -93,7 +93,12 @@ impl MmioWindow {
 
 /// Bytes in the largest binary unit that keeps two decimals honest.
 pub fn human_bytes(b: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
     for (unit, size) in UNITS {
         if b >= size {
             let whole = b / size;
@@ -122,7 +127,11 @@ mod tests {
         // A 128 GiB VRAM aperture and a 32 MiB BAR, as the demo's GPUs.
         let w = MmioWindow::for_gpus(&[128 * GIB + 32 * MIB]);
         assert_eq!(w.bar_bytes, 128 * GIB + 32 * MIB);
-        assert_eq!(w.window_bytes, 256 * GIB, "the 32 MiB BAR spills past 128 GiB");
+        assert_eq!(
+            w.window_bytes,
+            256 * GIB,
+            "the 32 MiB BAR spills past 128 GiB"
+        );
         assert_eq!(w.ovmf_mib, 256 * 1024);
         assert!(w.exceeds_legacy_ovmf());
     }
@@ -144,7 +153,17 @@ mod tests {
     /// Invariant: the window always holds the BARs, and the OVMF value the window.
     #[test]
     fn the_window_never_understates_what_the_bars_need() {
-        let sizes = [0, 1, 4095, MIB, 32 * MIB + 1, 24 * GIB, 48 * GIB, 512 * GIB, u64::MAX / 4];
+        let sizes = [
+            0,
+            1,
+            4095,
+            MIB,
+            32 * MIB + 1,
+            24 * GIB,
+            48 * GIB,
+            512 * GIB,
+            u64::MAX / 4,
+        ];
         for &a in &sizes {
             for &b in &sizes {
                 let w = MmioWindow::for_gpus(&[a, b]);

@@ -15,10 +15,7 @@ use crate::setup::{HostOpts, StateOpts};
 /// window they need together); an error, before printing anything, when no
 /// GPU is at one of them.
 pub fn run(bdfs: &[String], host: &HostOpts, state: &StateOpts) -> Result<ExitCode> {
-    let bdfs: Vec<Bdf> = bdfs
-        .iter()
-        .map(|b| b.parse())
-        .collect::<Result<_, _>>()?;
+    let bdfs: Vec<Bdf> = bdfs.iter().map(|b| b.parse()).collect::<Result<_, _>>()?;
     let setup = host.open_with_state(state)?;
     let view = setup.inspect()?;
     let mut gpus = Vec::new();
@@ -43,7 +40,10 @@ pub fn run(bdfs: &[String], host: &HostOpts, state: &StateOpts) -> Result<ExitCo
     if host.output == crate::Output::Json {
         let mut each = Vec::new();
         for gpu in &gpus {
-            each.push(render::explain_json(gpu, other_driver(&setup, gpu.gpu.bdf()).as_ref())?);
+            each.push(render::explain_json(
+                gpu,
+                other_driver(&setup, gpu.gpu.bdf()).as_ref(),
+            )?);
         }
         let all = serde_json::json!({"gpus": each, "guestMmio": render::mmio_json(&per_gpu)});
         println!("{}", serde_json::to_string_pretty(&all)?);

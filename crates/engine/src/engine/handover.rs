@@ -507,7 +507,11 @@ impl Engine {
         self.admin_reset_quarantine(
             bdf,
             &handover,
-            (&method, QuarantineCause::VerificationFailed, problems.join("; ")),
+            (
+                &method,
+                QuarantineCause::VerificationFailed,
+                problems.join("; "),
+            ),
             expected,
         )
     }
