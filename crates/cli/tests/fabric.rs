@@ -87,19 +87,7 @@ fn fabric_status_and_explain_on_the_hgx_demo_host() {
 
 /// The fake NVML cdylib (`crates/fabric/fake-nvml`), built on demand.
 fn fake_nvml() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(std::path::Path::parent).unwrap();
-    let target_dir = profile_dir.parent().unwrap();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-q", "-p", "fake-nvml", "--target-dir"])
-        .arg(target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    assert!(cmd.status().unwrap().success());
-    profile_dir.join("libfake_nvml.so")
+    vfio_gpu_fabric::testing::build_fake_library("fake-nvml", "libfake_nvml.so")
 }
 
 #[test]

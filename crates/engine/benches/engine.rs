@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use vfio_gpu_engine::kernel::WriteKind;
 use vfio_gpu_engine::sim::SimKernel;
 use vfio_gpu_engine::{Engine, EngineConfig, Holder};
-use vfio_gpu_host::fixture::{FixtureHost, FunctionSpec};
+use vfio_gpu_host::fixture::FixtureHost;
 use vfio_gpu_host::{Bdf, GpuSelector, HostRoot};
 use vfio_gpu_intent::Policy;
 
@@ -25,18 +25,7 @@ fn host(root: &std::path::Path, gpus: u8) -> Vec<Bdf> {
     let mut h = FixtureHost::create(root).unwrap();
     h.add_driver("vfio-pci").unwrap();
     h.add_driver("nvidia").unwrap();
-    (0..gpus)
-        .map(|i| {
-            let b = Bdf::new(0, 0x10 + i * 0x10, 0, 0).unwrap();
-            h.add_function(
-                &FunctionSpec::new(b, 0x10de, 0x2330, 0x030200)
-                    .driver("nvidia")
-                    .group(u32::from(i) + 1),
-            )
-            .unwrap();
-            b
-        })
-        .collect()
+    h.add_nvidia_gpus(gpus).unwrap()
 }
 
 fn open(dir: &std::path::Path, kernel: &SimKernel) -> Engine {

@@ -627,11 +627,51 @@ impl GpuRecord {
     }
 }
 
+/// What reconcile does with a GPU it has no record of, from the GPU as
+/// found. Only a record of ours ever sends a function anywhere: without one
+/// the GPU is in a state someone else made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnUnrecorded {
+    /// On vfio and not by us: recorded as admin-owned (`Prebound`).
+    AdoptAsAdminOwned,
+    /// A function has no driver: someone else unbound it (an admin's
+    /// maintenance, another tool mid-way). Left as found; probing it would
+    /// race them and bind nvidia, the rebind this project exists to avoid (n15).
+    LeaveAsFound,
+    /// On its host driver, every function bound: nothing to do.
+    Nothing,
+}
+
+/// See [`OnUnrecorded`]. `gpu_on_vfio`: the GPU function is on a vfio
+/// driver; `any_driverless`: some function of the GPU has no driver.
+pub fn on_unrecorded(gpu_on_vfio: bool, any_driverless: bool) -> OnUnrecorded {
+    match (gpu_on_vfio, any_driverless) {
+        (true, _) => OnUnrecorded::AdoptAsAdminOwned,
+        (false, true) => OnUnrecorded::LeaveAsFound,
+        (false, false) => OnUnrecorded::Nothing,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    /// Every input: only vfio adopts, a driverless function is never repaired.
+    #[test]
+    fn an_unrecorded_gpu_is_adopted_on_vfio_and_otherwise_left_as_found() {
+        for on_vfio in [false, true] {
+            for driverless in [false, true] {
+                let expected = match (on_vfio, driverless) {
+                    (true, _) => OnUnrecorded::AdoptAsAdminOwned,
+                    (false, true) => OnUnrecorded::LeaveAsFound,
+                    (false, false) => OnUnrecorded::Nothing,
+                };
+                assert_eq!(on_unrecorded(on_vfio, driverless), expected);
+            }
+        }
+    }
     use crate::ledger::{Changes, FunctionRecord};
 
     fn claim(uid: &str) -> Holder {

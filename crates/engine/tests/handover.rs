@@ -224,18 +224,10 @@ fn lost_bars_and_a_gpu_without_any_reset_method_are_quarantined() {
 
 #[test]
 fn a_hung_reset_leaves_the_gpu_stuck_and_quarantined_until_it_returns() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine_with(
-        &k,
-        &dir.path().join("state"),
-        EngineConfig {
-            bind_deadline: Duration::from_millis(200),
-            ..config()
-        },
-    );
+    let (_dir, host, k, e) = world_with(EngineConfig {
+        bind_deadline: Duration::from_millis(200),
+        ..config()
+    });
     e.configure(bdf(B), claim("u1")).unwrap();
     let gate = vfio_gpu_engine::sim::BlockHandle::new();
     k.inject(Fault::on(

@@ -142,11 +142,7 @@ fn probe_that_binds_nothing_is_caught_by_verification() {
 fn restore_failure_keeps_gpu_on_vfio_never_driverless() {
     let (_dir, host, k, e) = world();
     e.configure(bdf(B), claim("u1")).unwrap();
-    k.inject(Fault::on(
-        WriteKind::Bind,
-        bdf(B),
-        FaultAction::Fail(errno::EIO),
-    ));
+    k.inject(Fault::on(WriteKind::Bind, bdf(B), FaultAction::Fail(5)));
     let err = e.unconfigure(bdf(B), Some(&claim("u1"))).unwrap_err();
     let EngineError::RestoreFailed { step, .. } = &err else {
         panic!("{err}")
@@ -278,7 +274,7 @@ fn a_lock_on_a_function_never_unbound_is_released_by_rollback() {
     k.inject(Fault::on(
         WriteKind::DriverOverride,
         bdf(B),
-        FaultAction::Fail(errno::EIO),
+        FaultAction::Fail(5),
     ));
     let e = engine(&k, &dir.path().join("state"));
     let err = e.configure(bdf(B), claim("u1")).unwrap_err();
@@ -302,7 +298,7 @@ fn a_rollback_after_the_unbind_writes_nothing_to_the_re_probed_instance() {
     let (dir, host, k) = host_with_b_unbind_lock();
     k.inject(Fault {
         driver: Some("vfio-pci".into()),
-        ..Fault::on(WriteKind::Bind, bdf(B), FaultAction::Fail(errno::EIO))
+        ..Fault::on(WriteKind::Bind, bdf(B), FaultAction::Fail(5))
     });
     let e = engine(&k, &dir.path().join("state"));
     let err = e.configure(bdf(B), claim("u1")).unwrap_err();
@@ -321,18 +317,10 @@ fn a_rollback_after_the_unbind_writes_nothing_to_the_re_probed_instance() {
 
 #[test]
 fn stuck_unbind_times_out_without_delaying_other_gpus() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = dir.path().join("host");
-    build_host(&host);
-    let k = sim(&host);
-    let e = engine_with(
-        &k,
-        &dir.path().join("state"),
-        EngineConfig {
-            unbind_deadline: Duration::from_millis(300),
-            ..config()
-        },
-    );
+    let (_dir, host, k, e) = world_with(EngineConfig {
+        unbind_deadline: Duration::from_millis(300),
+        ..config()
+    });
     let gate = BlockHandle::new();
     k.inject(Fault::on(
         WriteKind::Unbind,
@@ -406,7 +394,7 @@ fn different_groups_run_in_parallel() {
 }
 
 #[test]
-fn reconcile_records_bound_at_start_and_rebinds_driverless() {
+fn reconcile_records_gpus_found_on_vfio_and_leaves_driverless_ones_as_found() {
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host");
     let h = build_host(&host);
@@ -421,11 +409,13 @@ fn reconcile_records_bound_at_start_and_rebinds_driverless() {
             .unwrap()
     };
     assert_eq!(find(C).action, Action::RecordedPrebound);
-    assert_eq!(find(B).action, Action::Rebound);
-    assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
-    // F had no driver: the kernel's own choice (nvidia's ID table) takes it.
-    assert_eq!(find(F).action, Action::Rebound);
-    assert_eq!(driver_of(&host, F).as_deref(), Some("nvidia"));
+    // Neither B (unbound by hand) nor F (never had a driver) is ours to
+    // repair: no probe that could bind nvidia behind the admin's back (n15).
+    for b in [B, F] {
+        assert_eq!(find(b).action, Action::Noted, "{}", find(b).detail);
+        assert_eq!(driver_of(&host, b), None);
+    }
+    assert_eq!(k.log(), [], "no host write");
     assert_eq!(
         e.ledger().gpus[&bdf(C)].state,
         vfio_gpu_engine::ledger::OpState::Prebound
@@ -587,32 +577,42 @@ fn persistence_failure_or_other_holders_change_nothing() {
 #[test]
 fn reconcile_works_on_gpus_side_by_side_so_one_slow_gpu_does_not_hold_the_others() {
     // Review m17: reconcile ran GPUs one after another, so at start a node with
-    // one GPU whose probe hangs waited out that deadline before looking at the
-    // next. B (first in order) blocks in drivers_probe; F must be rebound
-    // while B is still blocked.
-    let (dir, host, k, gate) = host_with_b_probe_held();
-    let e = engine_with(
-        &k,
-        &dir.path().join("state"),
-        EngineConfig {
-            write_deadline: Duration::from_secs(60),
-            ..config()
-        },
-    );
+    // one GPU whose bind hangs waited out that deadline before looking at the
+    // next. Both A and B have an interrupted release (nvidia refused the
+    // bind); at reconcile B's bind blocks, and A must be restored while B is
+    // still blocked.
+    let (_dir, host, k, e) = world_with(EngineConfig {
+        write_deadline: Duration::from_secs(60),
+        bind_deadline: Duration::from_secs(60),
+        ..config()
+    });
+    let nvidia_bind = |b: &str, action: FaultAction| Fault {
+        driver: Some("nvidia".into()),
+        ..Fault::on(WriteKind::Bind, bdf(b), action)
+    };
+    for (gpu, uid) in [(A, "u1"), (B, "u2")] {
+        e.configure(bdf(gpu), claim(uid)).unwrap();
+        k.inject(nvidia_bind(gpu, FaultAction::Fail(5)));
+        assert!(e.unconfigure(bdf(gpu), Some(&claim(uid))).is_err());
+        assert_eq!(driver_of(&host, gpu).as_deref(), Some("vfio-pci"), "parked");
+    }
+    k.clear_faults();
+    let gate = BlockHandle::new();
+    k.inject(nvidia_bind(B, FaultAction::Block(gate.clone())));
     std::thread::scope(|s| {
         let reconcile = s.spawn(|| e.reconcile());
         let waited = Instant::now();
-        let mut f_rebound = false;
+        let mut a_restored = false;
         while waited.elapsed() < Duration::from_secs(20) {
-            if driver_of(&host, F).as_deref() == Some("nvidia") {
-                f_rebound = true;
+            if driver_of(&host, A).as_deref() == Some("nvidia") {
+                a_restored = true;
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
         gate.release();
         let results = reconcile.join().unwrap().unwrap();
-        assert!(f_rebound, "F waited for B: {:?}", k.log());
+        assert!(a_restored, "A waited for B: {:?}", k.log());
         assert!(results.iter().all(Result::is_ok), "{results:?}");
     });
     assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));

@@ -682,25 +682,27 @@ fn a_prepare_that_spent_its_budget_starts_no_further_step_and_rolls_back() {
 
 /// Review finding M3.
 #[test]
-fn drivers_probe_gets_the_bind_deadline_not_the_short_write_deadline() {
-    // drivers_probe runs the driver's probe (nvidia with NVLink training: 30 s+);
+fn a_bind_to_the_host_driver_gets_the_bind_deadline_not_the_short_write_deadline() {
+    // A bind runs the driver's probe (nvidia with NVLink training: 30 s+);
     // under the 5 s write deadline such a GPU was declared stuck mid-probe.
-    let (dir, host, k, gate) = host_with_b_probe_held();
-    let e = engine_with(
-        &k,
-        &dir.path().join("state"),
-        EngineConfig {
-            write_deadline: Duration::from_millis(200),
-            bind_deadline: Duration::from_secs(60),
-            ..config()
-        },
-    );
-    let results = std::thread::scope(|s| {
-        let reconcile = s.spawn(|| e.reconcile());
+    let (_dir, host, k, e) = world_with(EngineConfig {
+        write_deadline: Duration::from_millis(200),
+        bind_deadline: Duration::from_secs(60),
+        ..config()
+    });
+    e.configure(bdf(B), claim("u1")).unwrap();
+    let gate = BlockHandle::new();
+    k.inject(Fault {
+        driver: Some("nvidia".into()),
+        ..Fault::on(WriteKind::Bind, bdf(B), FaultAction::Block(gate.clone()))
+    });
+    let out = std::thread::scope(|s| {
+        let release = s.spawn(|| e.unconfigure(bdf(B), Some(&claim("u1"))));
         std::thread::sleep(Duration::from_millis(800));
         gate.release();
-        reconcile.join().unwrap().unwrap()
+        release.join().unwrap()
     });
-    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let out = out.unwrap();
+    assert_eq!(out.action, Action::Restored, "{}", out.detail);
     assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
 }

@@ -221,6 +221,10 @@ struct Model {
     /// Per GPU: a tenant released it, and the resets of each function
     /// counted before that release (I10).
     handed_over: [Option<[u32; 4]>; 3],
+    /// Per GPU: the claim whose prepare last succeeded, until its release
+    /// reaches the host (I10: the same claim preparing again before that is
+    /// the same tenant; the GPU never left it).
+    tenant: [Option<u8>; 3],
 }
 
 impl Model {
@@ -727,6 +731,7 @@ impl World {
                     self.check("I7", self.on_vfio(g), || {
                         format!("prepare of GPU {g} reported success: {}", self.describe())
                     })?;
+                    self.model.tenant[g] = Some(c);
                     // I10: the last tenant's GPU reached this one reset.
                     if let Some(counts) = self.model.handed_over[g].take() {
                         let now: Vec<u32> =
@@ -741,9 +746,16 @@ impl World {
                 }
             }
             Op::Unconfigure { gpu: g, claim: c } => {
-                // A tenant that had the GPU leaves: the next one must get it reset.
-                if self.model.holder[g] == Some((c, true)) && self.model.handed_over[g].is_none() {
-                    self.model.handed_over[g] = Some(resets_before);
+                // A tenant that had the GPU leaves once its release reports
+                // success or reaches the host (a write): the next one, this
+                // claim again included, must get it reset. An unprepare that
+                // failed before any write left the GPU with its tenant.
+                let reached_host = (result.is_ok() && !crashed) || self.k.log().len() > log_start;
+                if self.model.tenant[g] == Some(c) && reached_host {
+                    self.model.tenant[g] = None;
+                    if self.model.handed_over[g].is_none() {
+                        self.model.handed_over[g] = Some(resets_before);
+                    }
                 }
                 if matches!(self.model.holder[g], Some((o, _)) if o == c) {
                     if result.is_ok() && !crashed {
@@ -1645,15 +1657,16 @@ fn a_kept_gpu_quarantined_at_a_retried_unprepare_keeps_every_function_on_vfio() 
     .unwrap();
 }
 
-/// Open, found by a random run after the reset merge (I10): with the ledger
-/// full, an unprepare crashes after its first host write; the same claim is
-/// then prepared again and gets the GPU back without a reset (the record
-/// still names that claim, so the engine answers "already on vfio for it").
-/// Whether a re-prepare by the same claim after an unprepare began is a new
-/// tenant (owed a reset) or the same one is not decided yet.
+/// Found by a random run after the reset merge (I10): with the ledger full,
+/// an unprepare fails before its first host write (its write-ahead record
+/// cannot be committed), and the same claim is prepared again. Nothing was
+/// released: the record still names the claim, and the GPU goes back to it
+/// without a reset. I10 counts a tenant as gone once its release reports
+/// success or reaches the host; this pins that the engine then still
+/// answers the re-prepare as an idempotent repeat (and, with the ledger
+/// writable again, a retried unprepare resets the GPU for whoever is next).
 #[test]
-#[ignore = "open question for issue 22: is a re-prepare of the same claim after a crashed unprepare a new tenant?"]
-fn a_reprepare_by_the_same_claim_after_a_crashed_unprepare_is_reset_first() {
+fn a_reprepare_after_an_unprepare_that_wrote_nothing_is_the_same_tenant() {
     run_with(
         &[
             configure(1, 1),
@@ -1663,8 +1676,35 @@ fn a_reprepare_by_the_same_claim_after_a_crashed_unprepare_is_reset_first() {
                 op: Box::new(unconfigure(1, 1)),
             },
             configure(1, 1),
+            Op::LedgerFull(false),
+            unconfigure(1, 1),
+            configure(1, 2),
         ],
         BTreeSet::new(),
     )
     .unwrap();
+}
+
+/// The strict side of the same line (I10): an unprepare that crashed after
+/// its release reached the host is a tenant gone, so the same claim's
+/// re-prepare gets the GPU only after every function was reset. Crashes at
+/// every step of the unprepare.
+#[test]
+fn a_reprepare_after_a_crashed_unprepare_that_reached_the_host_is_reset_first() {
+    for step in 1..=6 {
+        run_with(
+            &[
+                configure(0, 1),
+                Op::Crash {
+                    step,
+                    op: Box::new(unconfigure(0, 1)),
+                },
+                configure(0, 1),
+                Op::Settle,
+            ],
+            BTreeSet::new(),
+        )
+        .map_err(|e| format!("crash at step {step}: {e}"))
+        .unwrap();
+    }
 }

@@ -132,18 +132,10 @@ fn a_failed_rollback_is_not_relabelled_admin_owned() {
 /// putting things back is never cut short, and no function is left driverless.
 #[test]
 fn a_spent_budget_never_starves_finishing_a_release() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("host");
-    build_host(&root);
-    let k = sim(&root);
-    let e = engine_with(
-        &k,
-        &dir.path().join("state"),
-        EngineConfig {
-            operation_budget: Duration::from_millis(300),
-            ..config()
-        },
-    );
+    let (_dir, root, k, e) = world_with(EngineConfig {
+        operation_budget: Duration::from_millis(300),
+        ..config()
+    });
     e.configure(bdf(A), claim("u1")).unwrap();
     k.inject(fail_bind(A, "nvidia", EIO));
     assert!(e.unconfigure(bdf(A), Some(&claim("u1"))).is_err());
@@ -298,6 +290,39 @@ fn reconcile_on_a_read_only_ledger_writes_nothing_to_the_host() {
     assert!(e.reconcile().is_err());
     assert_eq!(k.log()[before..], [], "no host write");
     assert!(e.unconfigure(bdf(B), None).is_err(), "no release either");
+}
+
+/// n15 (b): a GPU this plugin never moved and finds without a driver was
+/// unbound by someone else (an admin's maintenance, another tool mid-way):
+/// reconcile leaves it as found and says so, instead of probing it back to
+/// nvidia (the rebind this project exists to avoid), whatever the intent.
+#[test]
+fn reconcile_leaves_a_driverless_gpu_it_never_moved_as_found() {
+    for keep in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("host");
+        let h = build_host(&root);
+        if keep {
+            h.write(&format!("etc/driverctl.d/pci-{B}"), "vfio-pci\n")
+                .unwrap();
+        }
+        let k = sim(&root);
+        // Someone else unbinds B before serve starts.
+        vfio_gpu_engine::kernel::Kernel::write(&k, &write::unbind(B, "nvidia")).unwrap();
+        let before = k.log().len();
+        let e = engine(&k, &dir.path().join("state"));
+        let results = e.reconcile().unwrap();
+        let b = results
+            .iter()
+            .flatten()
+            .find(|o| o.bdf == bdf(B))
+            .expect("B reconciled");
+        assert_eq!(b.action, Action::Noted, "keep={keep}: {}", b.detail);
+        assert!(b.detail.contains("left as found"), "{}", b.detail);
+        assert_eq!(driver_of(&root, B), None, "keep={keep}");
+        assert_eq!(k.log()[before..], [], "keep={keep}: no host write");
+        assert!(!e.ledger().gpus.contains_key(&bdf(B)), "no record made");
+    }
 }
 
 /// n17: a driverctl `none` pin written while the GPU is held decides its

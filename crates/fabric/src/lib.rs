@@ -27,6 +27,8 @@ mod module_map;
 mod nvfm;
 mod nvml;
 mod sim;
+#[doc(hidden)]
+pub mod testing;
 mod topology;
 mod types;
 

@@ -3,7 +3,6 @@
 //! hand-declared C ABI.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -19,28 +18,7 @@ const P: fn(u32) -> PartitionId = PartitionId;
 /// Builds the fake once per test binary and returns its path.
 fn fake_library() -> &'static Path {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
-    LIB.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/<test> → target/<profile>
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>/deps");
-        let target_dir = profile_dir.parent().expect("target dir");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "fake-nvfm", "--target-dir"])
-            .arg(target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("run cargo build -p fake-nvfm");
-        assert!(status.success(), "cargo build -p fake-nvfm failed");
-        let lib = profile_dir.join("libnvfm.so");
-        assert!(lib.exists(), "{} missing", lib.display());
-        lib
-    })
+    LIB.get_or_init(|| vfio_gpu_fabric::testing::build_fake_library("fake-nvfm", "libnvfm.so"))
 }
 
 /// A private copy of the fake (its own globals) as `dir/libnvfm.so.1`.

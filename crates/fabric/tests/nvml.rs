@@ -4,7 +4,6 @@
 //! `nvidia`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
 use vfio_gpu_fabric::{ModuleId, NvmlError, NvmlModuleIds};
@@ -15,26 +14,7 @@ static ENV: Mutex<()> = Mutex::new(());
 
 fn fake_nvml() -> &'static Path {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
-    LIB.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>/deps");
-        let target_dir = profile_dir.parent().expect("target dir");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "fake-nvml", "--target-dir"])
-            .arg(target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        assert!(cmd.status().expect("cargo build").success());
-        let lib = profile_dir.join("libfake_nvml.so");
-        assert!(lib.exists(), "{} missing", lib.display());
-        lib
-    })
+    LIB.get_or_init(|| vfio_gpu_fabric::testing::build_fake_library("fake-nvml", "libfake_nvml.so"))
 }
 
 fn bdf(s: &str) -> Bdf {

@@ -23,6 +23,7 @@
 //!   and per block (deterministic counters, see `check_cost`), so super-linear
 //!   work is a property failure, not a slow unit.
 
+use crate::input::Input;
 use loona_hpack::{Decoder, Encoder};
 use vfio_gpu_h2_authority::{
     FLAG_END_HEADERS, FLAG_END_STREAM, FLAG_PADDED, FLAG_PRIORITY, FRAME_HEADER_LEN,
@@ -30,25 +31,6 @@ use vfio_gpu_h2_authority::{
     MAX_FRAME_PAYLOAD, MAX_HEADER_LIST_SIZE, PREFACE, REPLACEMENT_AUTHORITY, TYPE_CONTINUATION,
     TYPE_HEADERS, authority_is_acceptable, put_frame_header,
 };
-
-/// Reads the fuzzer input as arguments.
-struct Input<'a>(&'a [u8]);
-
-impl<'a> Input<'a> {
-    fn byte(&mut self) -> Option<u8> {
-        let (&b, rest) = self.0.split_first()?;
-        self.0 = rest;
-        Some(b)
-    }
-    fn bytes(&mut self, max: usize) -> &'a [u8] {
-        let n = usize::from(self.byte().unwrap_or(0))
-            .min(max)
-            .min(self.0.len());
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        a
-    }
-}
 
 const NAMES: &[&[u8]] = &[
     b":authority",

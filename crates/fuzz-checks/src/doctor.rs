@@ -18,6 +18,7 @@
 //! - the checks are complete and consistent: one isolation and one intent check
 //!   per GPU, a fix exactly on the checks that do not pass.
 
+use crate::input::records;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -147,21 +148,13 @@ pub fn check(data: &[u8]) {
             }
         }
     }
-    let mut rest = data;
-    while let Some((&sel, r)) = rest.split_first() {
-        let len = match r {
-            [a, b, ..] => usize::from(u16::from_le_bytes([*a, *b])),
-            _ => 0,
-        };
-        let body = r.get(2..).unwrap_or_default();
-        let (content, next) = body.split_at(len.min(body.len()));
+    for (sel, content) in records(data) {
         let rel = FILES[usize::from(sel) % FILES.len()];
         let p = h.path.join(rel);
         if let Some(parent) = p.parent() {
             fs::create_dir_all(parent).expect("fixture directory");
         }
         fs::write(&p, content).expect("writing a fixture file");
-        rest = next;
     }
 
     let mut before = BTreeMap::new();

@@ -21,6 +21,7 @@
 //!   records no write;
 //! - unpreparing every claim succeeds and returns every GPU to its driver.
 
+use crate::input::Input;
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -175,28 +176,12 @@ fn world() -> &'static World {
     })
 }
 
-struct Input<'a>(&'a [u8]);
-
-impl<'a> Input<'a> {
-    fn byte(&mut self) -> Option<u8> {
-        let (&b, rest) = self.0.split_first()?;
-        self.0 = rest;
-        Some(b)
-    }
-    fn text(&mut self) -> String {
-        let n = usize::from(self.byte().unwrap_or(0) % 80).min(self.0.len());
-        let (t, rest) = self.0.split_at(n);
-        self.0 = rest;
-        String::from_utf8_lossy(t).into_owned()
-    }
-}
-
 /// A field of a requested claim: a stored claim's, or text from the input.
 fn field(w: &World, inp: &mut Input<'_>, get: fn(&v1::Claim) -> &String) -> String {
     let sel = usize::from(inp.byte().unwrap_or(0));
     match w.claims.get(sel % 8) {
         Some(c) => get(c).clone(),
-        None if sel % 8 == 7 => inp.text(),
+        None if sel % 8 == 7 => inp.text(80),
         None => String::new(),
     }
 }

@@ -14,6 +14,7 @@ pub mod claim_paths;
 pub mod config;
 pub mod doctor;
 pub mod dra_service;
+mod input;
 pub mod intent;
 pub mod ledger;
 pub mod lock_file;

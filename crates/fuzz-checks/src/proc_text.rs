@@ -24,6 +24,7 @@
 //! - a holder's text (what the kubelet and the logs show) has no control
 //!   characters: `comm` is the process's to choose.
 
+use crate::input::records;
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
@@ -106,17 +107,10 @@ fn basename_is_persistenced(s: &str) -> bool {
 }
 
 /// Writes the input's records into the fixture's `/proc`; returns the processes.
-fn build_proc(h: &Host, info: &Path, devices: &Path, mut rest: &[u8]) -> Vec<Process> {
+fn build_proc(h: &Host, info: &Path, devices: &Path, rest: &[u8]) -> Vec<Process> {
     let mut procs: Vec<Process> = Vec::new();
     let mut fds = 0u32;
-    while let Some((&sel, r)) = rest.split_first() {
-        let len = match r {
-            [a, b, ..] => usize::from(u16::from_le_bytes([*a, *b])),
-            _ => 0,
-        };
-        let body = r.get(2..).unwrap_or_default();
-        let (content, next) = body.split_at(len.min(body.len()));
-        rest = next;
+    for (sel, content) in records(rest) {
         match sel % 8 {
             0 => {
                 fs::create_dir_all(info.parent().expect("parent")).expect("fixture procfs");

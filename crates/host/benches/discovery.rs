@@ -8,17 +8,8 @@ use vfio_gpu_host::{Bdf, GpuSelector, HostRoot, PciHost, discover_gpus};
 fn build(root: &std::path::Path, others: usize) {
     let mut h = FixtureHost::create(root).unwrap();
     h.add_driver("nvidia").unwrap();
-    let mut group = 0;
-    for i in 0..8u8 {
-        group += 1;
-        let b = Bdf::new(0, 0x10 + i * 0x10, 0, 0).unwrap();
-        h.add_function(
-            &FunctionSpec::new(b, 0x10de, 0x2330, 0x030200)
-                .driver("nvidia")
-                .group(group),
-        )
-        .unwrap();
-    }
+    h.add_nvidia_gpus(8).unwrap();
+    let mut group = 8;
     // Other functions: NICs, NVMe, bridges spread over buses, each in its own group.
     for n in 0..others {
         group += 1;

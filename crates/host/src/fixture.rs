@@ -198,6 +198,29 @@ impl FixtureHost {
         Ok(())
     }
 
+    /// Adds `count` H200-class GPUs (10de:2330) on `nvidia`, one per bus at
+    /// 0000:10:00.0, 0000:20:00.0, … each in its own IOMMU group 1, 2, …
+    /// (the benchmarks' host), and returns their addresses.
+    pub fn add_nvidia_gpus(&mut self, count: u8) -> io::Result<Vec<Bdf>> {
+        (0..count)
+            .map(|i| {
+                let bdf = i
+                    .checked_add(1)
+                    .and_then(|n| n.checked_mul(0x10))
+                    .and_then(|bus| Bdf::new(0, bus, 0, 0))
+                    .ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidInput, "more than 15 GPUs")
+                    })?;
+                self.add_function(
+                    &FunctionSpec::new(bdf, 0x10de, 0x2330, 0x030200)
+                        .driver("nvidia")
+                        .group(u32::from(i) + 1),
+                )?;
+                Ok(bdf)
+            })
+            .collect()
+    }
+
     /// Creates a function: its directory under `sys/devices`, the bus link,
     /// the IOMMU group links and the driver links.
     pub fn add_function(&mut self, spec: &FunctionSpec) -> io::Result<()> {

@@ -36,19 +36,10 @@ fn fixture(root: &Path, others: usize) -> Vec<Bdf> {
     let mut h = FixtureHost::create(root).unwrap();
     h.add_driver("vfio-pci").unwrap();
     h.add_driver("nvidia").unwrap();
-    let gpus: Vec<Bdf> = (0..8u8)
-        .map(|i| {
-            let b = Bdf::new(0, 0x10 + i * 0x10, 0, 0).unwrap();
-            h.add_function(
-                &FunctionSpec::new(b, 0x10de, 0x2330, 0x030200)
-                    .driver("nvidia")
-                    .group(u32::from(i) + 1),
-            )
-            .unwrap();
-            write_config(&h, b, 0x10de, 0x2330);
-            b
-        })
-        .collect();
+    let gpus = h.add_nvidia_gpus(8).unwrap();
+    for &b in &gpus {
+        write_config(&h, b, 0x10de, 0x2330);
+    }
     for n in 0..others {
         let b = Bdf::new(
             1,

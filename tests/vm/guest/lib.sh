@@ -180,6 +180,21 @@ cli() {
     esac
 }
 
+# cli_scenario NAME "GPU_IDS": start a CLI scenario on a fresh state dir with
+# those --gpu-id flags; false (after a skip) when this guest has no CLI
+cli_scenario() {
+    if ! cli_ready; then skip "$1" "awaits the CLI"; return 1; fi
+    new_state "$1"
+    GPU_IDS=$2
+}
+
+# cli_ok NAME SUBCOMMAND ARGS...: cli, then check NAME-rc that it exited 0
+cli_ok() {
+    _ok_name=$1
+    cli "$@"
+    check "$_ok_name-rc" is_rc "$RC" 0 "$_ok_name"
+}
+
 # Fresh state dir for a scenario. Scenarios are independent installations, so
 # the boot mirror of the ledger (/run/vfio-gpu-dra, which a fresh state dir
 # would adopt records from) goes too.

@@ -23,12 +23,7 @@ impl Engine {
     /// preflight ([`Engine::members_to_move`], [`Engine::persistence_plan`]),
     /// the write-ahead record, persistence off, the move, the completion commit.
     pub fn configure(&self, bdf: Bdf, holder: Holder) -> Result<Outcome, EngineError> {
-        self.check_alive()?;
-        // Before the group lock: another process may be mid-operation.
-        let _hold = self.hold()?;
-        self.check_ledger_trusted()?;
-        let started = Instant::now();
-        let guard = self.group_guard(bdf);
+        let (_hold, guard, started) = self.begin_gpu_op(bdf)?;
         let _g = lock(&guard);
         // Only once the locks are ours: waiting for another instance is not
         // this prepare's work (n8).

@@ -692,8 +692,7 @@ impl Engine {
                 "fabric policy Disabled",
             ));
         }
-        let _hold = self.hold()?;
-        self.check_ledger_trusted()?;
+        let _hold = self.hold_trusted()?;
         let _op = lock(&self.fabric.op);
         let list = self.fm_list(fc)?;
         let gpus = self.fabric_gpus()?;
@@ -812,9 +811,7 @@ impl Engine {
     /// re-derived from module ids), refusing while any of its GPUs is open
     /// through VFIO; the plugin calls it before it releases the GPUs.
     pub fn fabric_deactivate(&self, holder: &Holder) -> Result<FabricOutcome, EngineError> {
-        self.check_alive()?;
-        let _hold = self.hold()?;
-        self.check_ledger_trusted()?;
+        let _hold = self.hold_trusted()?;
         let held: Vec<(PartitionId, PartitionRecord)> = self
             .ledger()
             .fabric
@@ -860,8 +857,7 @@ impl Engine {
         let Some(fc) = self.fabric_config() else {
             return Ok(Vec::new());
         };
-        let _hold = self.hold()?;
-        self.check_ledger_trusted()?;
+        let _hold = self.hold_trusted()?;
         let _op = lock(&self.fabric.op);
         // Before FM is asked: a GPU a crashed learn left on nvidia goes back
         // to vfio even while FM is unreachable.
@@ -1136,8 +1132,7 @@ impl Engine {
                 Ok(None)
             }
             Err(e) if e.is_retryable() && fc.resiliency_agent => {
-                let _hold = self.hold()?;
-                self.check_ledger_trusted()?;
+                let _hold = self.hold_trusted()?;
                 let _op = lock(&self.fabric.op);
                 let mut out = Vec::new();
                 self.list_replaying(fc, &mut out)?;

@@ -67,8 +67,7 @@ impl Engine {
                     .into(),
             )
         })?;
-        let _hold = self.hold()?;
-        self.check_ledger_trusted()?;
+        let _hold = self.hold_trusted()?;
         let _op = lock(&self.fabric.op);
         self.finish_pending_learn()?;
         let guard = self.group_guard(bdf);

@@ -409,11 +409,7 @@ impl Engine {
     /// the reset), and on success takes it out of quarantine. The GPU stays
     /// bound where it is; reconcile decides where a kept record goes next.
     pub fn reset_gpu(&self, bdf: Bdf) -> Result<Outcome, EngineError> {
-        self.check_alive()?;
-        let _hold = self.hold()?;
-        self.check_ledger_trusted()?;
-        let started = Instant::now();
-        let guard = self.group_guard(bdf);
+        let (_hold, guard, started) = self.begin_gpu_op(bdf)?;
         let _g = lock(&guard);
         let gpu = self.load_gpu(bdf)?;
         let ledger = self.ledger();

@@ -38,7 +38,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vfio_gpu_host::{Bdf, Gpu, GpuSelector, HostRoot, PciIdsDb, discover_gpus};
 use vfio_gpu_intent::{IntentSnapshot, LiveIntent, Policy, Verdict, evaluate};
@@ -686,6 +686,27 @@ impl Engine {
             .into_iter()
             .find(|g| g.bdf() == bdf)
             .ok_or(EngineError::UnknownGpu(bdf))
+    }
+
+    /// How every operation that may write starts: this engine alive, the
+    /// state lease taken before any group lock (another process may be
+    /// mid-operation), and a ledger we trust (an untrusted one hides records
+    /// of ours: nothing is decided from it).
+    pub(super) fn hold_trusted(&self) -> Result<StateHold, EngineError> {
+        self.check_alive()?;
+        let hold = self.hold()?;
+        self.check_ledger_trusted()?;
+        Ok(hold)
+    }
+
+    /// [`Engine::hold_trusted`] for an operation on one GPU: also its IOMMU
+    /// group's guard (the caller locks it next) and the operation's start.
+    pub(super) fn begin_gpu_op(
+        &self,
+        bdf: Bdf,
+    ) -> Result<(StateHold, Arc<Mutex<()>>, Instant), EngineError> {
+        let hold = self.hold_trusted()?;
+        Ok((hold, self.group_guard(bdf), Instant::now()))
     }
 
     /// Operations on one IOMMU group are serialised; different groups run in parallel.

@@ -9,9 +9,8 @@ use std::time::Instant;
 use vfio_gpu_host::{Bdf, Gpu, PciFunction};
 
 use crate::error::EngineError;
-use crate::kernel::SysfsWrite;
 use crate::ledger::{GpuRecord, OpState};
-use crate::state::OnReconcile;
+use crate::state::{OnReconcile, OnUnrecorded, on_unrecorded};
 
 impl Engine {
     pub(super) fn reconcile_record(
@@ -56,15 +55,10 @@ impl Engine {
     }
 
     /// Brings host and ledger back in line: finishes or rolls back
-    /// interrupted operations, gives driverless GPUs a driver, records GPUs
-    /// found on vfio without a record of ours as admin-owned.
+    /// interrupted operations, records GPUs found on vfio without a record of
+    /// ours as admin-owned. A GPU without a record is never written to.
     pub fn reconcile(&self) -> Result<Vec<ReconcileResult>, EngineError> {
-        self.check_alive()?;
-        // Before the group lock: another process may be mid-operation.
-        let _hold = self.hold()?;
-        // A ledger that cannot be trusted hides records of ours: nothing is
-        // repaired from it, not even GPUs it seems to have no record of (n15).
-        self.check_ledger_trusted()?;
+        let _hold = self.hold_trusted()?;
         let (views, _) = self.discover()?;
         let mut out = Vec::new();
         let ledger_gpus: Vec<Bdf> = self.ledger().gpus.keys().copied().collect();
@@ -134,72 +128,46 @@ impl Engine {
             }
             return self.reconcile_record(&gpu, rec);
         }
-        let intent = self.intent()?;
-        let verdict = self.verdict(&intent, &gpu);
-        if gpu.function.on_vfio() {
-            let funcs: Vec<PciFunction> = gpu
-                .functions
-                .iter()
-                .filter_map(|f| self.read(f.bdf).ok())
-                .collect();
-            let rec = self.found_on_vfio_record(&gpu, &funcs, OpState::Prebound, None);
-            self.set_record(bdf, Some(rec))?;
-            return Ok(self.outcome(
-                &gpu,
-                Action::RecordedPrebound,
-                format!(
-                    "on vfio without a record of ours: admin-owned ({})",
-                    reasons_text(&verdict)
-                ),
-                started,
-            ));
-        }
-        let driverless: Vec<Bdf> = gpu
+        let driverless: Vec<String> = gpu
             .functions
             .iter()
             .filter(|f| f.driver.is_none())
-            .map(|f| f.bdf)
+            .map(|f| f.bdf.to_string())
             .collect();
-        // A host driver the admin suppressed (blacklist, install /bin/false)
-        // is not probed back in.
-        let suppressed = !verdict.keep_on_vfio && !verdict.host_driver_suppressed.is_empty();
-        if driverless.is_empty() || verdict.pinned.is_some() || suppressed {
-            return Ok(self.outcome(&gpu, Action::Noted, "nothing to do".into(), started));
-        }
-        for b in &driverless {
-            let f = self.read(*b)?;
-            if verdict.keep_on_vfio {
-                let vfio = self.vfio_driver_for(&intent.policy, &f)?;
-                // Best effort: the driverless functions read back below are the result.
-                self.step_best_effort(
-                    bdf,
-                    SysfsWrite::DriverOverride {
-                        bdf: *b,
-                        driver: Some(vfio.to_string()),
-                    },
-                );
-                self.step_best_effort(
-                    bdf,
-                    SysfsWrite::Bind {
-                        bdf: *b,
-                        driver: vfio,
-                    },
-                );
-            } else {
-                // Let the kernel pick the driver it would pick at boot.
-                self.step_best_effort(bdf, SysfsWrite::DriversProbe { bdf: *b });
+        match on_unrecorded(gpu.function.on_vfio(), !driverless.is_empty()) {
+            OnUnrecorded::AdoptAsAdminOwned => {
+                let intent = self.intent()?;
+                let verdict = self.verdict(&intent, &gpu);
+                let funcs: Vec<PciFunction> = gpu
+                    .functions
+                    .iter()
+                    .filter_map(|f| self.read(f.bdf).ok())
+                    .collect();
+                let rec = self.found_on_vfio_record(&gpu, &funcs, OpState::Prebound, None);
+                self.set_record(bdf, Some(rec))?;
+                Ok(self.outcome(
+                    &gpu,
+                    Action::RecordedPrebound,
+                    format!(
+                        "on vfio without a record of ours: admin-owned ({})",
+                        reasons_text(&verdict)
+                    ),
+                    started,
+                ))
+            }
+            OnUnrecorded::LeaveAsFound => Ok(self.outcome(
+                &gpu,
+                Action::Noted,
+                format!(
+                    "{} without a driver and no record of ours: left as found \
+                     (someone else unbound it; bind it, or prepare it to move it to vfio)",
+                    driverless.join(", ")
+                ),
+                started,
+            )),
+            OnUnrecorded::Nothing => {
+                Ok(self.outcome(&gpu, Action::Noted, "nothing to do".into(), started))
             }
         }
-        let still: Vec<String> = driverless
-            .iter()
-            .filter(|b| self.binding(**b).is_ok_and(|f| f.driver.is_none()))
-            .map(|b| b.to_string())
-            .collect();
-        let detail = if still.is_empty() {
-            "driverless functions given a driver again".to_string()
-        } else {
-            format!("no driver matches {}: left unbound", still.join(", "))
-        };
-        Ok(self.outcome(&gpu, Action::Rebound, detail, started))
     }
 }

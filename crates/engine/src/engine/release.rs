@@ -610,12 +610,7 @@ impl Engine {
     /// its own history) keeps it on vfio. `holder`: only release if held by
     /// this holder (`None`: whoever holds it).
     pub fn unconfigure(&self, bdf: Bdf, holder: Option<&Holder>) -> Result<Outcome, EngineError> {
-        self.check_alive()?;
-        // Before the group lock: another process may be mid-operation.
-        let _hold = self.hold()?;
-        self.check_ledger_trusted()?;
-        let started = Instant::now();
-        let guard = self.group_guard(bdf);
+        let (_hold, guard, started) = self.begin_gpu_op(bdf)?;
         let _g = lock(&guard);
         let Some(rec) = self.ledger().gpus.get(&bdf).cloned() else {
             let gpu = self.load_gpu(bdf)?;

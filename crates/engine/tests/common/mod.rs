@@ -42,6 +42,19 @@ pub fn world() -> (tempfile::TempDir, std::path::PathBuf, SimKernel, Engine) {
     (dir, host, k, e)
 }
 
+/// [`world`] with an engine of this configuration: the temp directory, the
+/// host root, the kernel, the engine.
+pub fn world_with(
+    config: EngineConfig,
+) -> (tempfile::TempDir, std::path::PathBuf, SimKernel, Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let e = engine_with(&k, &dir.path().join("state"), config);
+    (dir, host, k, e)
+}
+
 /// [`world`], also giving the engine's state directory (to reopen an engine
 /// on it, or to edit its ledger): the temp directory, the host root, the
 /// kernel, the state directory, the engine.

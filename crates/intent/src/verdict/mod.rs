@@ -786,15 +786,30 @@ pub fn evaluate(src: &IntentSources, gpu: &Gpu, records: &dyn OwnRecords) -> Ver
     };
     // One rule per source, in the reference's order; each adds reasons
     // (keep on vfio), pins (never move) and signals (considered, no effect).
+    let input = RuleInput {
+        src,
+        gpu,
+        fns: &fns,
+        records,
+    };
     for rule in RULES {
-        rule(&mut v, src, gpu, &fns, records);
+        rule(&mut v, &input);
     }
     v.keep_on_vfio = !v.reasons.is_empty();
     v
 }
 
-/// A source's rule.
-type Rule = fn(&mut Verdict, &IntentSources, &Gpu, &[FnView<'_>], &dyn OwnRecords);
+/// What every rule reads: the sources, the GPU, its functions as seen now,
+/// and this plugin's own records.
+pub(super) struct RuleInput<'a> {
+    src: &'a IntentSources,
+    gpu: &'a Gpu,
+    fns: &'a [FnView<'a>],
+    records: &'a dyn OwnRecords,
+}
+
+/// A source's rule: adds its reasons, pins and signals to the verdict.
+type Rule = fn(&mut Verdict, &RuleInput<'_>);
 
 const RULES: [Rule; 7] = [
     rule_unknown::apply,

@@ -4,13 +4,8 @@
 use super::*;
 
 /// Applies this source's rule to `v`.
-pub(super) fn apply(
-    v: &mut Verdict,
-    _src: &IntentSources,
-    _gpu: &Gpu,
-    fns: &[FnView<'_>],
-    records: &dyn OwnRecords,
-) {
+pub(super) fn apply(v: &mut Verdict, input: &RuleInput<'_>) {
+    let &RuleInput { fns, records, .. } = input;
     // driver_override.
     for f in fns {
         match f.driver_override {

@@ -4,13 +4,8 @@
 use super::*;
 
 /// Applies this source's rule to `v`.
-pub(super) fn apply(
-    v: &mut Verdict,
-    src: &IntentSources,
-    _gpu: &Gpu,
-    fns: &[FnView<'_>],
-    _records: &dyn OwnRecords,
-) {
+pub(super) fn apply(v: &mut Verdict, input: &RuleInput<'_>) {
+    let &RuleInput { src, fns, .. } = input;
     // driverctl.
     for f in fns {
         match src.driverctl.entries.get(&f.bdf) {

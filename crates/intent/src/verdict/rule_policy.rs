@@ -3,13 +3,8 @@
 use super::*;
 
 /// Applies this source's rule to `v`.
-pub(super) fn apply(
-    v: &mut Verdict,
-    src: &IntentSources,
-    _gpu: &Gpu,
-    fns: &[FnView<'_>],
-    _records: &dyn OwnRecords,
-) {
+pub(super) fn apply(v: &mut Verdict, input: &RuleInput<'_>) {
+    let &RuleInput { src, fns, .. } = input;
     // Our policy file.
     let keep = &src.policy.keep_on_vfio;
     if keep.pci_bus_ids.is_empty() && keep.models.is_empty() {

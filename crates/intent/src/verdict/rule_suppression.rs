@@ -4,13 +4,8 @@
 use super::*;
 
 /// Applies this source's rule to `v`.
-pub(super) fn apply(
-    v: &mut Verdict,
-    src: &IntentSources,
-    gpu: &Gpu,
-    fns: &[FnView<'_>],
-    _records: &dyn OwnRecords,
-) {
+pub(super) fn apply(v: &mut Verdict, input: &RuleInput<'_>) {
+    let &RuleInput { src, gpu, fns, .. } = input;
     // Host-driver suppression and corroboration: facts, not decisions.
     // The vendor's whole stack: blacklisting nvidia_drm keeps nvidia off too.
     let mut relevant: BTreeSet<String> =

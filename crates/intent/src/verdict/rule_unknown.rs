@@ -4,13 +4,8 @@
 use super::*;
 
 /// Applies this source's rule to `v`.
-pub(super) fn apply(
-    v: &mut Verdict,
-    src: &IntentSources,
-    _gpu: &Gpu,
-    _fns: &[FnView<'_>],
-    _records: &dyn OwnRecords,
-) {
+pub(super) fn apply(v: &mut Verdict, input: &RuleInput<'_>) {
+    let &RuleInput { src, .. } = input;
     // Unknown configuration (reference §12: counts as owned).
     if let Some(p) = &src.cmdline_problem {
         v.reason(

@@ -5,25 +5,19 @@
 # a bind is refused, and the admin's `reset` (methods restored) clears it;
 # reconcile then returns it to virtio-pci.
 S=reset
-if ! cli_ready; then skip "$S" "awaits the CLI"; else
-    new_state "$S"
-    GPU_IDS="--gpu-id 1af4:1041"
+if cli_scenario "$S" "--gpu-id 1af4:1041"; then
     echo "RESET-METHOD-VIRTIO $(cat /sys/bus/pci/devices/$VIRTIO/reset_method 2>/dev/null || echo none)"
-    cli "$S.bind" bind $VIRTIO --output json
-    check "$S.bind-rc" is_rc "$RC" 0 "$S.bind"
-    cli "$S.release" release $VIRTIO --output json
-    check "$S.release-rc" is_rc "$RC" 0 "$S.release"
+    cli_ok "$S.bind" bind $VIRTIO --output json
+    cli_ok "$S.release" release $VIRTIO --output json
     check "$S.released-virtio-pci" is_drv $VIRTIO virtio-pci
     cli "$S.ledger" ledger --output json
     check "$S.handover-clean" grep -q '"verification": "clean"' "$OUT/$S.ledger.out"
     check "$S.handover-reset" grep -q '"resetMethod": "reset attribute' "$OUT/$S.ledger.out"
     check "$S.not-quarantined" sh -c "! grep -q quarantined $OUT/$S.ledger.out"
 
-    cli "$S.bind2" bind $VIRTIO --output json
-    check "$S.bind2-rc" is_rc "$RC" 0 "$S.bind2"
+    cli_ok "$S.bind2" bind $VIRTIO --output json
     echo > /sys/bus/pci/devices/$VIRTIO/reset_method
-    cli "$S.release-broken" release $VIRTIO --output json
-    check "$S.release-broken-rc" is_rc "$RC" 0 "$S.release-broken"
+    cli_ok "$S.release-broken" release $VIRTIO --output json
     check "$S.quarantined-on-vfio" is_drv $VIRTIO vfio-pci
     cli "$S.ledger-quarantined" ledger --output json
     check "$S.ledger-says-quarantined" grep -q '"quarantined"' "$OUT/$S.ledger-quarantined.out"
@@ -32,10 +26,8 @@ if ! cli_ready; then skip "$S" "awaits the CLI"; else
     cli "$S.reset-still-broken" reset $VIRTIO --output json
     check "$S.reset-still-broken-rc" is_rc "$RC" 2 "$S.reset-still-broken"
     echo default > /sys/bus/pci/devices/$VIRTIO/reset_method
-    cli "$S.reset" reset $VIRTIO --output json
-    check "$S.reset-rc" is_rc "$RC" 0 "$S.reset"
-    cli "$S.reconcile" reconcile --output json
-    check "$S.reconcile-rc" is_rc "$RC" 0 "$S.reconcile"
+    cli_ok "$S.reset" reset $VIRTIO --output json
+    cli_ok "$S.reconcile" reconcile --output json
     check "$S.back-virtio-pci" is_drv $VIRTIO virtio-pci
     check "$S.override-cleared" is_ovr $VIRTIO "(null)"
     cli "$S.ledger-cleared" ledger --output json

@@ -8,25 +8,21 @@ if ! cli_ready; then skip "$S" "awaits the CLI"; else
     GPU_IDS="--gpu-id 1af4:1041"
     # A reinstall with another state dir.
     new_state "$S-old"
-    cli "$S.bind" bind $VIRTIO --output json
-    check "$S.bind-rc" is_rc "$RC" 0 "$S.bind"
+    cli_ok "$S.bind" bind $VIRTIO --output json
     check "$S.bound-vfio" is_drv $VIRTIO vfio-pci
     check "$S.mirror-written" test -d /run/vfio-gpu-dra
     rm -rf "$STATE"
     STATE=/var/lib/vfio-gpu-dra-$S-new
     rm -rf "$STATE"; mkdir -p "$STATE"
-    cli "$S.release-new-dir" release $VIRTIO --output json
-    check "$S.release-new-dir-rc" is_rc "$RC" 0 "$S.release-new-dir"
+    cli_ok "$S.release-new-dir" release $VIRTIO --output json
     check "$S.new-dir-back-on-virtio-pci" is_drv $VIRTIO virtio-pci
     check "$S.new-dir-override-cleared" is_ovr $VIRTIO "(null)"
     # A wiped hostPath: the same state dir, empty again.
     new_state "$S-wiped"
-    cli "$S.bind-2" bind $VIRTIO --output json
-    check "$S.bind-2-rc" is_rc "$RC" 0 "$S.bind-2"
+    cli_ok "$S.bind-2" bind $VIRTIO --output json
     check "$S.bound-vfio-2" is_drv $VIRTIO vfio-pci
     rm -rf "$STATE"; mkdir -p "$STATE"
-    cli "$S.release-wiped" release $VIRTIO --output json
-    check "$S.release-wiped-rc" is_rc "$RC" 0 "$S.release-wiped"
+    cli_ok "$S.release-wiped" release $VIRTIO --output json
     check "$S.wiped-back-on-virtio-pci" is_drv $VIRTIO virtio-pci
     check "$S.wiped-override-cleared" is_ovr $VIRTIO "(null)"
 fi
