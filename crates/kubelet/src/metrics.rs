@@ -89,6 +89,7 @@ pub struct Metrics {
     devices: Family<Labels1, Gauge>,
     quarantined: Family<Labels2, Gauge>,
     owner: Family<Labels3, Gauge>,
+    aer: Family<Labels2, Gauge>,
     unhealthy: Gauge,
     health_scan: Histogram,
     active_partitions: Gauge,
@@ -147,6 +148,7 @@ impl Metrics {
         let devices = Family::<Labels1, Gauge>::default();
         let quarantined = Family::<Labels2, Gauge>::default();
         let owner = Family::<Labels3, Gauge>::default();
+        let aer = Family::<Labels2, Gauge>::default();
         let unhealthy = Gauge::default();
         let active_partitions = Gauge::default();
         // 1 ms .. ~16 s: an FM call is milliseconds, its deadline 10 s.
@@ -225,6 +227,11 @@ impl Metrics {
             owner.clone(),
         );
         registry.register(
+            "gpu_aer_errors",
+            "PCIe AER errors the kernel counted for each GPU since boot (sysfs aer_dev_*), by gpu (PCI address) and severity (correctable, nonfatal, fatal)",
+            aer.clone(),
+        );
+        registry.register(
             "unhealthy_devices",
             "GPUs reported UNHEALTHY to the kubelet",
             unhealthy.clone(),
@@ -247,6 +254,7 @@ impl Metrics {
             devices,
             quarantined,
             owner,
+            aer,
             unhealthy,
             health_scan,
             active_partitions,
@@ -387,6 +395,23 @@ impl Metrics {
             .map(|(id, _, _)| id.0)
             .collect();
         self.active_partitions.set(gauge_value(active.len()));
+    }
+
+    /// Sets the AER gauges to the kernel's counts of the last scan (GPUs
+    /// without AER, or whose read timed out, have no series).
+    pub fn record_aer(&self, counts: &[(vfio_gpu_host::Bdf, crate::health::AerCounts)]) {
+        self.aer.clear();
+        for (bdf, c) in counts {
+            for (severity, n) in [
+                ("correctable", c.correctable),
+                ("nonfatal", c.nonfatal),
+                ("fatal", c.fatal),
+            ] {
+                self.aer
+                    .get_or_create(&[("gpu", bdf.to_string()), ("severity", severity.to_string())])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
     }
 
     /// Records one Fabric Manager call ([`Metrics::fm_observer`]).
