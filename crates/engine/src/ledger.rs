@@ -700,6 +700,13 @@ impl LedgerFile {
     /// rename, fsync directory. Refused when the file is read-only or the
     /// body has no boot id.
     pub fn store(&self, body: &LedgerBody) -> Result<(), LedgerError> {
+        self.store_with(body, Durability::Disk)
+    }
+
+    /// [`LedgerFile::store`], with the fsyncs only when `durability` asks
+    /// for the disk: the rename is atomic either way, so a reader (or this
+    /// process after a crash) sees the old body or the new one.
+    pub fn store_with(&self, body: &LedgerBody, durability: Durability) -> Result<(), LedgerError> {
         let path = self.path();
         if let Some(reason) = self.read_only() {
             return Err(LedgerError::ReadOnly { path, reason });
@@ -721,12 +728,28 @@ impl LedgerFile {
             .open(&tmp)
             .map_err(werr)?;
         f.write_all(&encode(body)).map_err(werr)?;
-        f.sync_all().map_err(werr)?;
+        if durability == Durability::Disk {
+            f.sync_all().map_err(werr)?;
+        }
         drop(f);
         fs::rename(&tmp, &path).map_err(werr)?;
-        sync_dir(&self.dir).map_err(werr)?;
+        if durability == Durability::Disk {
+            sync_dir(&self.dir).map_err(werr)?;
+        }
         Ok(())
     }
+}
+
+/// How far a ledger write must reach before it returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// fsynced: survives a power loss. Every GPU record.
+    Disk,
+    /// Renamed into place, not fsynced: survives a crash of this process,
+    /// not of the host. Only for boot-scoped facts that a host crash voids
+    /// anyway (a Fabric Manager partition does not outlive the host's boot),
+    /// written after a commit that was fsynced.
+    Process,
 }
 
 /// Why a ledger read failed.

@@ -7,7 +7,9 @@ use std::sync::atomic::Ordering;
 use vfio_gpu_host::{Bdf, Gpu, PciFunction};
 
 use crate::error::EngineError;
-use crate::ledger::{Changes, FunctionRecord, GpuRecord, Holder, LedgerBody, OpState, now};
+use crate::ledger::{
+    Changes, Durability, FunctionRecord, GpuRecord, Holder, LedgerBody, OpState, now,
+};
 
 impl Engine {
     pub(super) fn check_alive(&self) -> Result<(), EngineError> {
@@ -43,6 +45,15 @@ impl Engine {
     }
 
     pub(super) fn commit(&self, update: impl FnOnce(&mut LedgerBody)) -> Result<(), EngineError> {
+        self.commit_with(Durability::Disk, update)
+    }
+
+    /// [`Engine::commit`] as far as `durability` asks (see [`Durability`]).
+    pub(super) fn commit_with(
+        &self,
+        durability: Durability,
+        update: impl FnOnce(&mut LedgerBody),
+    ) -> Result<(), EngineError> {
         self.check_alive()?;
         {
             // One commit at a time, so the disk sees them in the order memory
@@ -54,7 +65,7 @@ impl Engine {
                 gate.wait();
             }
             // Disk before memory: a commit that does not reach disk changes nothing.
-            self.file.store(&next)?;
+            self.file.store_with(&next, durability)?;
             self.mirror_commit(&next);
             let mut body = lock(&self.ledger);
             // Operation numbers handed out while this was written are kept.
