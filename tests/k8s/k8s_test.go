@@ -35,5 +35,6 @@ func TestK8s(t *testing.T) {
 	t.Run("Register", func(t *testing.T) { testRegister(t, c) })
 	t.Run("Allocate", func(t *testing.T) { testAllocate(t, c) })
 	t.Run("Prepare", func(t *testing.T) { testPrepare(t, c) })
+	t.Run("Quarantine", func(t *testing.T) { testQuarantineTaint(t, c) })
 	t.Run("RollingUpdate", func(t *testing.T) { testRollingUpdate(t, c) })
 }

@@ -263,6 +263,11 @@ pub struct HandoverAudit {
 pub struct Quarantine {
     /// Why.
     pub reason: String,
+    /// Which step failed, as a short code (the device taint's value: the API
+    /// allows only a label value there, not the reason's text). Ledgers of
+    /// earlier versions read as [`QuarantineCause::Unspecified`].
+    #[serde(default)]
+    pub cause: QuarantineCause,
     /// Since when, seconds since the epoch.
     pub since: u64,
     /// Boot it was quarantined in (kept across reboots: a GPU that fails its
@@ -275,6 +280,37 @@ pub struct Quarantine {
     /// Fields written by other versions.
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,
+}
+
+/// Which step of a hand-over (or an admin reset) put a GPU in quarantine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum QuarantineCause {
+    /// The kernel refused or failed the reset, or the device has no reset method.
+    ResetFailed,
+    /// The reset did not return within its deadline.
+    ResetHung,
+    /// The scrub hook failed, or is required but not configured.
+    HookFailed,
+    /// The reset returned but the device did not come back as it was
+    /// (identity, BARs, link).
+    VerificationFailed,
+    /// Recorded by a version that did not say.
+    #[default]
+    #[serde(other)]
+    Unspecified,
+}
+
+impl QuarantineCause {
+    /// The code, as published in the device taint's value and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuarantineCause::ResetFailed => "ResetFailed",
+            QuarantineCause::ResetHung => "ResetHung",
+            QuarantineCause::HookFailed => "HookFailed",
+            QuarantineCause::VerificationFailed => "VerificationFailed",
+            QuarantineCause::Unspecified => "Unspecified",
+        }
+    }
 }
 
 /// How many hand-over audit records the ledger keeps (oldest dropped first),
