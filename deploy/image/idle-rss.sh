@@ -10,14 +10,15 @@
 #
 # SERVE_ARGS adds arguments to serve (e.g. "--worker-threads 0" for tokio's one per CPU).
 #
-# Usage: deploy/image/idle-rss.sh [BIN]   (default <target>/release/vfio-gpu-dra;
+# Usage: deploy/image/idle-rss.sh [BIN]   (default <target>/dist/vfio-gpu-dra, the shipped
+#        binary: deploy/image/build-bin.sh amd64;
 #        <target> is $CARGO_TARGET_DIR, else target/)
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 case "$TARGET" in /*) ;; *) TARGET=$ROOT/$TARGET ;; esac
-BIN=${1:-$TARGET/release/vfio-gpu-dra}
+BIN=${1:-$TARGET/dist/vfio-gpu-dra}
 IDLE=${IDLE:-65}
 RSS_MAX_BYTES=${RSS_MAX_BYTES:-15000000}
 [ -x "$BIN" ] || { echo "idle-rss.sh: $BIN is not an executable" >&2; exit 1; }

@@ -50,7 +50,7 @@ var demoGPUs = map[string]demoGPU{
 	"gpu-0000-ba-00-0": {"0x20b2", "GA100 [A100 SXM4 80GB]", "pci0000:b9", "nvidia", 1, 17, false, 48*mi + 128*gi},
 }
 
-// attributes are the 11 attributes the device must carry, rendered as text.
+// attributes are the 12 attributes the device must carry, rendered as text.
 func (g demoGPU) attributes(name string) map[string]string {
 	return map[string]string{
 		"resource.kubernetes.io/pciBusID": bdfOf(name),
@@ -64,6 +64,8 @@ func (g demoGPU) attributes(name string) map[string]string {
 		"driver":                          g.driver,
 		"keepOnVfio":                      fmt.Sprint(g.keep),
 		"type":                            "vfio",
+		// The 64-bit prefetchable BARs: all but BAR0 (16 MiB, 32-bit register space).
+		"barPrefetchable64Bytes": fmt.Sprint(g.barBytes - 16*mi),
 	}
 }
 

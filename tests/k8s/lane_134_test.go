@@ -28,6 +28,9 @@ import (
 
 const lane = "1.34"
 
+// DRADeviceTaints is alpha and off in 1.34: the API server prunes device taints, so the plugin leaves a quarantined GPU out.
+const laneKeepsDeviceTaints = false
+
 func newDRAManager(logger klog.Logger, client kubernetes.Interface, stateDir string) (*dra.Manager, error) {
 	return dra.NewManager(logger, client, stateDir)
 }

@@ -31,6 +31,9 @@ import (
 
 const lane = "1.36"
 
+// DRADeviceTaints is beta and on in 1.36: device taints are kept.
+const laneKeepsDeviceTaints = true
+
 func newDRAManager(logger klog.Logger, client kubernetes.Interface, stateDir string) (*dra.Manager, error) {
 	return dra.NewManager(logger, client, stateDir)
 }

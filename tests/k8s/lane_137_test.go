@@ -32,6 +32,9 @@ import (
 
 const lane = "1.37"
 
+// DRADeviceTaints is GA in 1.37: device taints are kept.
+const laneKeepsDeviceTaints = true
+
 func newDRAManager(logger klog.Logger, client kubernetes.Interface, stateDir string) (*dra.Manager, error) {
 	return dra.NewManager(logger, client, stateDir)
 }

@@ -212,7 +212,11 @@ func testRBAC(t *testing.T, c *cluster) {
 		{"resource.k8s.io", "resourceslices", "", "watch", "", true},
 		{"resource.k8s.io", "resourceclaims", "", "get", "", true},
 		{"", "nodes", "", "get", "", true},
+		// The GPUQuarantined Event on the Node.
+		{"events.k8s.io", "events", "", "create", "", true},
 		// Least privilege.
+		{"events.k8s.io", "events", "", "delete", "", false},
+		{"events.k8s.io", "events", "", "update", "", false},
 		{"resource.k8s.io", "resourceclaims", "", "delete", "", false},
 		{"resource.k8s.io", "resourceclaims", "", "create", "", false},
 		{"resource.k8s.io", "resourceclaims", "", "update", "", false},

@@ -44,10 +44,12 @@ enum Command {
         #[command(flatten)]
         state: StateOpts,
     },
-    /// Show every admin-intent signal considered for one GPU, and the verdict.
+    /// Show every admin-intent signal considered for a GPU, and the verdict; for
+    /// several (one claim's GPUs), also the guest MMIO window they need together.
     Explain {
-        /// PCI address of the GPU, e.g. 0000:65:00.0.
-        bdf: String,
+        /// PCI addresses of the GPUs, e.g. 0000:65:00.0.
+        #[arg(required = true)]
+        bdfs: Vec<String>,
         #[command(flatten)]
         host: HostOpts,
         #[command(flatten)]
@@ -138,7 +140,7 @@ fn main() -> ExitCode {
 fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Devices { host, state } => commands::devices::run(&host, &state),
-        Command::Explain { bdf, host, state } => commands::explain::run(&bdf, &host, &state),
+        Command::Explain { bdfs, host, state } => commands::explain::run(&bdfs, &host, &state),
         Command::Bind(args) => commands::bind::run(&args),
         Command::Release(args) => commands::release::run(&args),
         Command::Reconcile(opts) => commands::reconcile::run(&opts),

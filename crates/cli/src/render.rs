@@ -8,6 +8,7 @@ use serde_json::json;
 use vfio_gpu_engine::ledger::LedgerBody;
 use vfio_gpu_engine::{EngineError, GpuView, Inspection, Outcome, pin_text, source_name};
 use vfio_gpu_host::{Bdf, FunctionRole};
+use vfio_gpu_node::mmio::{MmioWindow, human_bytes};
 
 use crate::Output;
 use crate::setup::Setup;
@@ -149,6 +150,49 @@ pub fn devices(view: &Inspection, output: Output, setup: &Setup) -> Result<()> {
     Ok(())
 }
 
+/// `explain` as JSON: the GPU, its signals and everything said about it.
+pub fn explain_json(v: &GpuView, other: Option<&OtherDriver>) -> Result<serde_json::Value> {
+    let mut obj = gpu_json(v);
+    obj["signals"] = serde_json::to_value(&v.verdict.signals)?;
+    if let Some(o) = other {
+        obj["publishedByOtherDriver"] = serde_json::to_value(o)?;
+    }
+    if let Some(p) = &v.persistence_left_off {
+        obj["persistenceLeftOff"] = serde_json::to_value(p)?;
+    }
+    if let Some(q) = &v.quarantine {
+        obj["quarantine"] = serde_json::to_value(q)?;
+    }
+    if let Some(h) = &v.last_handover {
+        obj["lastHandover"] = serde_json::to_value(h)?;
+    }
+    obj["guestMmio"] = mmio_json(&[f_bar64(v)]);
+    Ok(obj)
+}
+
+/// The guest MMIO window for GPUs with these 64-bit prefetchable BAR totals.
+pub fn mmio_json(per_gpu: &[u64]) -> serde_json::Value {
+    let w = MmioWindow::for_gpus(per_gpu);
+    json!({
+        "barPrefetchable64Bytes": w.bar_bytes,
+        "windowBytes": w.window_bytes,
+        "ovmfPciMmio64Mb": w.ovmf_mib,
+        "guidance": w.guidance(),
+    })
+}
+
+/// The line `explain` ends with when it explains several GPUs: the window a
+/// VM given all of them (one claim's GPUs) needs.
+pub fn mmio_for_claim(per_gpu: &[u64]) {
+    let w = MmioWindow::for_gpus(per_gpu);
+    println!(
+        "
+A VM given these {} GPUs: {}.",
+        per_gpu.len(),
+        w.guidance()
+    );
+}
+
 /// `explain`.
 pub fn explain(
     v: &GpuView,
@@ -157,21 +201,10 @@ pub fn explain(
     _setup: &Setup,
 ) -> Result<()> {
     if output == Output::Json {
-        let mut obj = gpu_json(v);
-        obj["signals"] = serde_json::to_value(&v.verdict.signals)?;
-        if let Some(o) = other {
-            obj["publishedByOtherDriver"] = serde_json::to_value(o)?;
-        }
-        if let Some(p) = &v.persistence_left_off {
-            obj["persistenceLeftOff"] = serde_json::to_value(p)?;
-        }
-        if let Some(q) = &v.quarantine {
-            obj["quarantine"] = serde_json::to_value(q)?;
-        }
-        if let Some(h) = &v.last_handover {
-            obj["lastHandover"] = serde_json::to_value(h)?;
-        }
-        println!("{}", serde_json::to_string_pretty(&obj)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&explain_json(v, other)?)?
+        );
         return Ok(());
     }
     let f = &v.gpu.function;
@@ -200,6 +233,11 @@ pub fn explain(
     if let Some(fab) = &v.fabric {
         println!("  {}", fabric_line(fab));
     }
+    println!(
+        "  64-bit prefetchable BARs {}: {}",
+        human_bytes(f_bar64(v)),
+        MmioWindow::for_gpus(&[f_bar64(v)]).guidance()
+    );
     println!("\nSignals considered:");
     for s in &v.verdict.signals {
         println!(
@@ -246,8 +284,15 @@ pub fn explain(
     }
     if let Some(q) = &v.quarantine {
         println!(
-            "QUARANTINED since {} (epoch s): {}. Offered to nobody; `vfio-gpu-dra reset {}` resets, verifies and clears it.",
-            q.since, q.reason, f.bdf
+            "QUARANTINED since {} (epoch s), {}: {}. Offered to nobody: published with the device taint \
+             <driver>/quarantined={}:NoSchedule where the API server keeps device taints (Kubernetes 1.37+, \
+             or DRADeviceTaints on), otherwise left out of the ResourceSlice; `vfio-gpu-dra reset {}` resets, \
+             verifies and clears it.",
+            q.since,
+            q.cause.as_str(),
+            q.reason,
+            q.cause.as_str(),
+            f.bdf
         );
     }
     if let Some(h) = &v.last_handover {
@@ -257,6 +302,11 @@ pub fn explain(
         println!("\nLedger: {}", serde_json::to_string(r)?);
     }
     Ok(())
+}
+
+/// A GPU's 64-bit prefetchable BAR total.
+fn f_bar64(v: &GpuView) -> u64 {
+    v.gpu.function.bar_prefetchable64_bytes
 }
 
 /// Another driver publishing the GPU `explain` shows, from serve's record.

@@ -263,6 +263,11 @@ pub struct HandoverAudit {
 pub struct Quarantine {
     /// Why.
     pub reason: String,
+    /// Which step failed, as a short code (the device taint's value: the API
+    /// allows only a label value there, not the reason's text). Ledgers of
+    /// earlier versions read as [`QuarantineCause::Unspecified`].
+    #[serde(default)]
+    pub cause: QuarantineCause,
     /// Since when, seconds since the epoch.
     pub since: u64,
     /// Boot it was quarantined in (kept across reboots: a GPU that fails its
@@ -275,6 +280,37 @@ pub struct Quarantine {
     /// Fields written by other versions.
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,
+}
+
+/// Which step of a hand-over (or an admin reset) put a GPU in quarantine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum QuarantineCause {
+    /// The kernel refused or failed the reset, or the device has no reset method.
+    ResetFailed,
+    /// The reset did not return within its deadline.
+    ResetHung,
+    /// The scrub hook failed, or is required but not configured.
+    HookFailed,
+    /// The reset returned but the device did not come back as it was
+    /// (identity, BARs, link).
+    VerificationFailed,
+    /// Recorded by a version that did not say.
+    #[default]
+    #[serde(other)]
+    Unspecified,
+}
+
+impl QuarantineCause {
+    /// The code, as published in the device taint's value and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuarantineCause::ResetFailed => "ResetFailed",
+            QuarantineCause::ResetHung => "ResetHung",
+            QuarantineCause::HookFailed => "HookFailed",
+            QuarantineCause::VerificationFailed => "VerificationFailed",
+            QuarantineCause::Unspecified => "Unspecified",
+        }
+    }
 }
 
 /// How many hand-over audit records the ledger keeps (oldest dropped first),
@@ -664,6 +700,13 @@ impl LedgerFile {
     /// rename, fsync directory. Refused when the file is read-only or the
     /// body has no boot id.
     pub fn store(&self, body: &LedgerBody) -> Result<(), LedgerError> {
+        self.store_with(body, Durability::Disk)
+    }
+
+    /// [`LedgerFile::store`], with the fsyncs only when `durability` asks
+    /// for the disk: the rename is atomic either way, so a reader (or this
+    /// process after a crash) sees the old body or the new one.
+    pub fn store_with(&self, body: &LedgerBody, durability: Durability) -> Result<(), LedgerError> {
         let path = self.path();
         if let Some(reason) = self.read_only() {
             return Err(LedgerError::ReadOnly { path, reason });
@@ -685,12 +728,28 @@ impl LedgerFile {
             .open(&tmp)
             .map_err(werr)?;
         f.write_all(&encode(body)).map_err(werr)?;
-        f.sync_all().map_err(werr)?;
+        if durability == Durability::Disk {
+            f.sync_all().map_err(werr)?;
+        }
         drop(f);
         fs::rename(&tmp, &path).map_err(werr)?;
-        sync_dir(&self.dir).map_err(werr)?;
+        if durability == Durability::Disk {
+            sync_dir(&self.dir).map_err(werr)?;
+        }
         Ok(())
     }
+}
+
+/// How far a ledger write must reach before it returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// fsynced: survives a power loss. Every GPU record.
+    Disk,
+    /// Renamed into place, not fsynced: survives a crash of this process,
+    /// not of the host. Only for boot-scoped facts that a host crash voids
+    /// anyway (a Fabric Manager partition does not outlive the host's boot),
+    /// written after a commit that was fsynced.
+    Process,
 }
 
 /// Why a ledger read failed.

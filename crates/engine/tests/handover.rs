@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use vfio_gpu_engine::ledger::QuarantineCause;
 use vfio_gpu_engine::sim::{Fault, FaultAction, ResetEffect, SimKernel};
 use vfio_gpu_engine::{Action, Engine, EngineConfig, EngineError, Holder};
 use vfio_gpu_host::{GpuSelector, HostRoot};
@@ -103,6 +104,7 @@ fn a_failed_reset_quarantines_the_gpu_on_vfio_until_the_admin_resets_it() {
     assert_eq!(driver_of(&host, A_AUDIO).as_deref(), Some("vfio-pci"));
     let q = e.ledger().quarantined[&bdf(A)].clone();
     assert!(q.reason.contains("reset of 0000:65:00.0"), "{q:?}");
+    assert_eq!(q.cause, QuarantineCause::ResetFailed, "{q:?}");
     assert!(e.ledger().handovers[0].verification.starts_with("failed"));
     // No tenant gets it; reconcile leaves it alone (twice: it writes nothing).
     let refused = e.configure(bdf(A), claim("u2")).unwrap_err();
@@ -159,6 +161,10 @@ fn a_link_that_trains_back_degraded_is_quarantined_after_the_bind() {
         "{}",
         out.detail
     );
+    assert_eq!(
+        e.ledger().quarantined[&bdf(B)].cause,
+        QuarantineCause::VerificationFailed
+    );
     // Returned to its host driver first, verified there.
     assert_eq!(driver_of(&host, B).as_deref(), Some("nvidia"));
     assert!(e.ledger().gpus.is_empty());
@@ -182,7 +188,10 @@ fn a_gpu_that_answers_with_another_device_id_stays_quarantined_through_the_admin
     // Verified against what it was when found, not against its failed state.
     let again = e.reset_gpu(bdf(B)).unwrap_err();
     assert!(matches!(again, EngineError::Quarantined { .. }), "{again}");
-    assert!(e.ledger().quarantined.contains_key(&bdf(B)));
+    assert_eq!(
+        e.ledger().quarantined[&bdf(B)].cause,
+        QuarantineCause::VerificationFailed
+    );
     assert_eq!(e.ledger().handovers.len(), 2);
 }
 
@@ -207,6 +216,10 @@ fn lost_bars_and_a_gpu_without_any_reset_method_are_quarantined() {
     let out = e.unconfigure(bdf(D), Some(&claim("u2"))).unwrap();
     assert_eq!(out.action, Action::Quarantined, "{}", out.detail);
     assert!(out.detail.contains("no reset method"), "{}", out.detail);
+    assert_eq!(
+        e.ledger().quarantined[&bdf(D)].cause,
+        QuarantineCause::ResetFailed
+    );
 }
 
 #[test]
@@ -224,7 +237,10 @@ fn a_hung_reset_leaves_the_gpu_stuck_and_quarantined_until_it_returns() {
     ));
     let err = e.unconfigure(bdf(B), Some(&claim("u1"))).unwrap_err();
     assert!(matches!(err, EngineError::Stuck { .. }), "{err}");
-    assert!(e.ledger().quarantined.contains_key(&bdf(B)));
+    assert_eq!(
+        e.ledger().quarantined[&bdf(B)].cause,
+        QuarantineCause::ResetHung
+    );
     assert_eq!(driver_of(&host, B).as_deref(), Some("vfio-pci"));
     gate.release();
     std::thread::sleep(Duration::from_millis(300));
@@ -360,6 +376,10 @@ fn the_scrub_hook_runs_after_the_reset_and_a_failing_one_quarantines() {
     assert_eq!(out.action, Action::Quarantined, "{}", out.detail);
     let audit = &e.ledger().handovers[0];
     assert!(audit.hook.contains("ECC errors"), "{audit:?}");
+    assert_eq!(
+        e.ledger().quarantined[&bdf(B)].cause,
+        QuarantineCause::HookFailed
+    );
 }
 
 /// Crash after every mutation of a resetting release (ledger commits and

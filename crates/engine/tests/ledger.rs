@@ -263,3 +263,30 @@ fn read_only_view_reports_but_never_moves_or_follows() {
         "missing is empty"
     );
 }
+
+/// A store that skips the fsyncs (boot-scoped partition records) is still an
+/// atomic replace: it reads back whole, and a later durable store replaces it.
+#[test]
+fn a_store_without_fsync_still_replaces_the_file_whole() {
+    use vfio_gpu_engine::ledger::Durability;
+    let (_dir, state, bytes) = configured_ledger();
+    let file = LedgerFile::new(&state).unwrap();
+    let mut body = decode(&bytes).unwrap();
+    body.extra
+        .insert("partitionHint".into(), serde_json::json!(3));
+    file.store_with(&body, Durability::Process).unwrap();
+    let (read, problem) = file.load();
+    assert!(problem.is_none(), "{problem:?}");
+    assert_eq!(read.extra["partitionHint"], serde_json::json!(3));
+    assert_eq!(read.gpus, body.gpus);
+    body.extra.remove("partitionHint");
+    file.store(&body).unwrap();
+    let (read, _) = file.load();
+    assert!(!read.extra.contains_key("partitionHint"));
+    let leftovers: Vec<_> = std::fs::read_dir(&state)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "no temporary file left behind");
+}

@@ -105,6 +105,7 @@ impl FakeApiServer {
             unavailable: AtomicBool::new(false),
             refuse: AtomicBool::new(false),
             resource_v1: AtomicBool::new(true),
+            prune_device_taints: AtomicBool::new(false),
             log: Mutex::new(Vec::new()),
             disrupt: watch::channel(0).0,
             bookmark_ms: AtomicU64::new(5_000),
@@ -221,6 +222,15 @@ impl FakeApiServer {
         if !served {
             self.shared.disrupt_watches();
         }
+    }
+
+    /// Whether ResourceSlice writes lose their devices' `taints` (default off),
+    /// as on an API server with the `DRADeviceTaints` gate off (before 1.37),
+    /// which prunes the field silently instead of refusing the write.
+    pub fn set_prune_device_taints(&self, prune: bool) {
+        self.shared
+            .prune_device_taints
+            .store(prune, Ordering::SeqCst);
     }
 
     /// How often watches with `allowWatchBookmarks` get a BOOKMARK (default

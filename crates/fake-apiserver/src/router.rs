@@ -34,6 +34,8 @@ pub(crate) struct Shared {
     pub refuse: AtomicBool,
     /// `resource.k8s.io/v1` is served (off: a pre-1.34 server).
     pub resource_v1: AtomicBool,
+    /// ResourceSlice writes drop `spec.devices[].taints` (a gate that is off).
+    pub prune_device_taints: AtomicBool,
     pub log: Mutex<Vec<RecordedRequest>>,
     /// Bumped to end all open watch streams (outage, shutdown).
     pub disrupt: watch::Sender<u64>,
@@ -319,12 +321,18 @@ async fn resource(
             .map(|o| json_response(200, o))
             .ok_or_else(|| ApiError::not_found(rt, n)),
         (Method::POST, None) => {
-            let obj = parse_json(&read_body(req).await?)?;
+            let mut obj = parse_json(&read_body(req).await?)?;
+            prune_disabled_fields(shared, rt, &mut obj);
+            if q("dryRun").is_some() {
+                // Admitted and defaulted, never stored: the object as it would be.
+                return Ok(json_response(201, &dry_run_created(obj)));
+            }
             let created = shared.store().create(rt, ns_str, obj, false)?;
             Ok(json_response(201, &created))
         }
         (Method::PUT, Some(n)) => {
-            let obj = parse_json(&read_body(req).await?)?;
+            let mut obj = parse_json(&read_body(req).await?)?;
+            prune_disabled_fields(shared, rt, &mut obj);
             let updated = shared.store().update(rt, ns_str, n, obj, status)?;
             Ok(json_response(200, &updated))
         }
@@ -390,6 +398,38 @@ async fn resource(
             "the server does not allow this method on the requested resource",
         )),
     }
+}
+
+/// Drops what a server with a feature gate off drops from a write:
+/// `spec.devices[].taints` of ResourceSlices when `DRADeviceTaints` is off.
+fn prune_disabled_fields(shared: &Shared, rt: &ResourceType, obj: &mut Value) {
+    if rt.plural != "resourceslices" || !shared.prune_device_taints.load(Ordering::SeqCst) {
+        return;
+    }
+    let devices = obj
+        .pointer_mut("/spec/devices")
+        .and_then(Value::as_array_mut);
+    for d in devices.into_iter().flatten() {
+        if let Some(d) = d.as_object_mut() {
+            d.remove("taints");
+        }
+    }
+}
+
+/// A dry-run create's answer: the object with the name `generateName` would
+/// give it, nothing stored.
+fn dry_run_created(mut obj: Value) -> Value {
+    let generated = obj
+        .pointer("/metadata/generateName")
+        .and_then(Value::as_str)
+        .map(|p| format!("{p}dryrun"));
+    if let (Some(name), Some(meta)) = (
+        generated,
+        obj.get_mut("metadata").and_then(Value::as_object_mut),
+    ) {
+        meta.entry("name").or_insert(Value::String(name));
+    }
+    obj
 }
 
 fn list_body(rt: &ResourceType, items: Vec<Value>, metadata: Value) -> Value {

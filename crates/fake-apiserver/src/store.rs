@@ -110,6 +110,18 @@ pub(crate) static RESOURCES: &[ResourceType] = &[
         fields: META_FIELDS,
         immutable: &["spec"],
     },
+    ResourceType {
+        group: "events.k8s.io",
+        version: "v1",
+        plural: "events",
+        singular: "event",
+        kind: "Event",
+        namespaced: true,
+        status: false,
+        reset_status_on_create: false,
+        fields: META_FIELDS,
+        immutable: &[],
+    },
 ];
 
 /// Looks a resource up by group and plural name.

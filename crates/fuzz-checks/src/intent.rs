@@ -38,6 +38,7 @@ fn gpu(driver: &str, driver_override: Option<String>) -> Option<Gpu> {
             vfio_dev: None,
             modalias: None,
             bar_bytes: 0,
+            bar_prefetchable64_bytes: 0,
             nvlink_management: false,
         },
         functions: vec![GpuFunction {

@@ -17,7 +17,10 @@
 //! - applying the plan converges: this driver's slices are exactly one pool
 //!   named after the node, all at the plan's generation with the right slice
 //!   count, holding exactly the offered GPUs (not the other driver's), each once,
-//!   in slices of at most 128;
+//!   in slices of at most 128 (64 where a slice holds a tainted device), filled
+//!   in address order;
+//! - a quarantined GPU is published once, with its taint, and no other device
+//!   carries one;
 //! - the generation never goes backwards (nor overflows);
 //! - a second sync on the result writes nothing.
 
@@ -26,9 +29,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::NodeSelector;
 use k8s_openapi::api::resource::v1::{Device, ResourcePool, ResourceSlice, ResourceSliceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use vfio_gpu_engine::ledger::QuarantineCause;
 use vfio_gpu_host::Bdf;
 use vfio_gpu_kubelet::slices::{
-    DeviceInfo, MAX_DEVICES_PER_SLICE, SliceConfig, device, device_name, plan_sync,
+    DeviceInfo, MAX_DEVICES_PER_SLICE, MAX_DEVICES_PER_SLICE_WITH_TAINTS, QuarantineTaint,
+    SliceConfig, TaintEffect, device, device_name, plan_sync,
 };
 
 const DRIVER: &str = "vfio-gpu.dra.dev";
@@ -48,7 +53,7 @@ impl Input<'_> {
     }
 }
 
-fn gpu(bdf: Bdf, bar: u8) -> DeviceInfo {
+fn gpu(bdf: Bdf, bar: u8, quarantined: bool) -> DeviceInfo {
     DeviceInfo {
         bdf,
         vendor: 0x10de,
@@ -60,7 +65,14 @@ fn gpu(bdf: Bdf, bar: u8) -> DeviceInfo {
         pcie_root: None,
         keep_on_vfio: false,
         bar_bytes: u64::from(bar) << 30,
+        bar_prefetchable64_bytes: u64::from(bar) << 30,
         fabric: None,
+        quarantine: quarantined.then(|| QuarantineTaint {
+            cause: QuarantineCause::VerificationFailed,
+            reason: "link trained to x4 of x16".into(),
+            since_unix: u64::from(bar) * 1000,
+            effect: TaintEffect::NoSchedule,
+        }),
     }
 }
 
@@ -94,13 +106,13 @@ fn listed_slice(inp: &mut Input<'_>, i: usize, gpus: &[DeviceInfo]) -> ResourceS
                 .nth(chunk)
                 .unwrap_or_default()
                 .iter()
-                .map(device),
+                .map(|g| device(DRIVER, g)),
         );
     } else {
         for _ in 0..shape % 8 {
             let pick = inp.byte();
             if pick & 0x80 == 0 && !gpus.is_empty() {
-                devices.push(device(&gpus[usize::from(pick) % gpus.len()]));
+                devices.push(device(DRIVER, &gpus[usize::from(pick) % gpus.len()]));
             } else {
                 devices.push(Device {
                     name: format!("gpu-{pick}"),
@@ -137,6 +149,45 @@ fn owned(cfg: &SliceConfig, s: &ResourceSlice) -> bool {
     s.spec.driver == cfg.driver_name && s.spec.node_name.as_deref() == Some(&cfg.node_name)
 }
 
+/// How many slices the publisher must fill, in address order: a slice closes
+/// at 128 devices, or at 64 once it holds a tainted one.
+fn expected_slices(sorted: &[DeviceInfo], offered: &[Bdf]) -> usize {
+    let mut want_slices = 1;
+    let (mut in_slice, mut slice_tainted) = (0usize, false);
+    for g in sorted
+        .iter()
+        .filter(|g| offered.binary_search(&g.bdf).is_ok())
+    {
+        let tainted = slice_tainted || g.quarantine.is_some();
+        let limit = if tainted {
+            MAX_DEVICES_PER_SLICE_WITH_TAINTS
+        } else {
+            MAX_DEVICES_PER_SLICE
+        };
+        if in_slice >= limit {
+            want_slices += 1;
+            in_slice = 0;
+            slice_tainted = false;
+        }
+        in_slice += 1;
+        slice_tainted |= g.quarantine.is_some();
+    }
+    want_slices
+}
+
+/// Each published device carries exactly the taints of the GPU it names (the
+/// first GPU listed for an address, as the publisher dedups): a quarantined
+/// one its taint, every other none.
+fn check_taints(devices: &[Device], sorted: &[DeviceInfo]) {
+    for d in devices {
+        let want = sorted
+            .iter()
+            .find(|g| device_name(&g.bdf) == d.name)
+            .map(|g| device(DRIVER, g).taints);
+        assert_eq!(Some(d.taints.clone()), want, "{}: taints", d.name);
+    }
+}
+
 /// The property for one input.
 pub fn check(data: &[u8]) {
     let mut inp = Input(data);
@@ -149,14 +200,14 @@ pub fn check(data: &[u8]) {
             let bus = u8::try_from(i / 8).unwrap_or(u8::MAX);
             let dev = u8::try_from(i % 8).unwrap_or(0);
             if let Some(b) = Bdf::new(0, bus, dev, 0) {
-                gpus.push(gpu(b, 0));
+                gpus.push(gpu(b, 0, pick & 0x40 != 0 && i % 3 == 0));
             }
         }
     } else {
         for _ in 0..pick % 16 {
             let (bus, devfn, bar) = (inp.byte(), inp.byte(), inp.byte());
             if let Some(b) = Bdf::new(0, bus, devfn >> 3, devfn & 7) {
-                gpus.push(gpu(b, bar % 4));
+                gpus.push(gpu(b, bar % 4, bar & 4 != 0));
             }
         }
     }
@@ -258,6 +309,14 @@ pub fn check(data: &[u8]) {
         );
         let devices = s.spec.devices.as_deref().unwrap_or_default();
         assert!(devices.len() <= MAX_DEVICES_PER_SLICE, "a slice over 128");
+        let tainted = devices
+            .iter()
+            .any(|d| d.taints.as_ref().is_some_and(|t| !t.is_empty()));
+        assert!(
+            !tainted || devices.len() <= MAX_DEVICES_PER_SLICE_WITH_TAINTS,
+            "a slice with a tainted device over 64"
+        );
+        check_taints(devices, &sorted);
         names.extend(devices.iter().map(|d| d.name.clone()));
     }
     let expected: BTreeSet<String> = offered.iter().map(device_name).collect();
@@ -267,7 +326,7 @@ pub fn check(data: &[u8]) {
         got, expected,
         "published devices differ from the offered GPUs"
     );
-    let want_slices = offered.len().div_ceil(MAX_DEVICES_PER_SLICE).max(1);
+    let want_slices = expected_slices(&sorted, &offered);
     assert_eq!(plan.slices, want_slices, "number of slices");
 
     let again = plan_sync(&cfg, server.into_values().collect(), &gpus, &foreign);

@@ -277,7 +277,13 @@ impl FixtureHost {
                         "0x{:016x} 0x{:016x} 0x{:016x}\n",
                         base,
                         base + size - 1,
-                        0x0014_220c_u64
+                        // BAR0 as a GPU's register space: 32-bit, not
+                        // prefetchable; the others 64-bit prefetchable.
+                        if i == 0 {
+                            0x0004_0200_u64
+                        } else {
+                            0x0014_220c_u64
+                        }
                     ));
                     base += size.next_power_of_two();
                 }

@@ -78,6 +78,10 @@ pub struct PciFunction {
     pub modalias: Option<String>,
     /// Total size of the memory BARs, in bytes (from `resource`).
     pub bar_bytes: u64,
+    /// Total size of the 64-bit prefetchable memory BARs, in bytes: what a
+    /// guest firmware must fit in its 64-bit MMIO window (OVMF's
+    /// `X-PciMmio64Mb`) for the VM to boot with this device.
+    pub bar_prefetchable64_bytes: u64,
     /// An NVLink management bridge (`SW_MNG` in its VPD, see
     /// [`crate::vpd`]): the Fabric Manager's, never handed out.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -150,9 +154,9 @@ impl PciFunction {
             root.exists(&dir.join("pci_bus"))? || base_sub == 0x0604 || base_sub == 0x0609;
         let vfio_dev = first_entry(root, &dir.join("vfio-dev"))?;
         let modalias = attr("modalias")?;
-        let bar_bytes = match attr("resource")? {
-            Some(text) => bar_bytes(&text),
-            None => 0,
+        let (bar_bytes, bar_prefetchable64_bytes) = match attr("resource")? {
+            Some(text) => (bar_bytes(&text), bar_prefetchable64_bytes(&text)),
+            None => (0, 0),
         };
         let pcie_root = pcie_root(root, &bdf);
         let nvlink_management = identity.vendor == crate::vpd::NVLINK_MANAGEMENT_VENDOR
@@ -173,6 +177,7 @@ impl PciFunction {
             vfio_dev,
             modalias,
             bar_bytes,
+            bar_prefetchable64_bytes,
             nvlink_management,
         })
     }
@@ -293,9 +298,29 @@ fn hex_attr(path: &Path, v: Option<String>, max: u32) -> Result<u32, HostError> 
     Ok(n)
 }
 
+/// `IORESOURCE_MEM` in a `resource` line's flags.
+const IORESOURCE_MEM: u64 = 0x200;
+/// `IORESOURCE_PREFETCH`.
+const IORESOURCE_PREFETCH: u64 = 0x2000;
+/// `IORESOURCE_MEM_64`.
+const IORESOURCE_MEM_64: u64 = 0x10_0000;
+
 /// Sums the memory BARs (lines 0–5 of `resource`, flag IORESOURCE_MEM).
 fn bar_bytes(text: &str) -> u64 {
-    const IORESOURCE_MEM: u64 = 0x200;
+    bars_with_flags(text, IORESOURCE_MEM)
+}
+
+/// Sums the 64-bit prefetchable memory BARs (lines 0–5 of `resource`).
+fn bar_prefetchable64_bytes(text: &str) -> u64 {
+    bars_with_flags(
+        text,
+        IORESOURCE_MEM | IORESOURCE_PREFETCH | IORESOURCE_MEM_64,
+    )
+}
+
+/// Sums the sizes of the BARs (lines 0–5 of `resource`) whose flags hold
+/// all of `want`.
+fn bars_with_flags(text: &str, want: u64) -> u64 {
     text.lines()
         .take(6)
         .filter_map(|line| {
@@ -305,7 +330,7 @@ fn bar_bytes(text: &str) -> u64 {
             });
             let (start, end, flags) = (it.next()??, it.next()??, it.next()??);
             // A resource file is host input: a full-range BAR must not overflow.
-            (flags & IORESOURCE_MEM != 0 && end > start).then(|| (end - start).saturating_add(1))
+            (flags & want == want && end > start).then(|| (end - start).saturating_add(1))
         })
         .fold(0u64, |a, b| a.saturating_add(b))
 }
@@ -609,7 +634,13 @@ mod tests {
                     0x0000000000000000 0x0000000000000000 0x0000000000000000\n\
                     0x000000000000e000 0x000000000000e07f 0x0000000000040101\n";
         assert_eq!(bar_bytes(text), (16 << 20) + (256u64 << 30));
+        assert_eq!(bar_prefetchable64_bytes(text), 256u64 << 30);
         assert_eq!(bar_bytes("garbage\n\n"), 0);
+        assert_eq!(bar_prefetchable64_bytes("garbage\n\n"), 0);
+        // 64-bit but not prefetchable, prefetchable but 32-bit: neither counts.
+        let other = "0x0 0xffffff 0x140200\n0x0 0xffffff 0x42208\n";
+        assert_eq!(bar_bytes(other), 2 << 24);
+        assert_eq!(bar_prefetchable64_bytes(other), 0);
         // A BAR spanning the whole address space saturates instead of panicking.
         assert_eq!(
             bar_bytes("0x0 0xffffffffffffffff 0x200\n0x0 0xffffffffffffffff 0x200\n"),

@@ -86,6 +86,72 @@ pub fn read_config_vendor(root: &HostRoot, bdf: &Bdf) -> ConfigRead {
     read_vendor(&dir.join("config"))
 }
 
+/// A device's AER error counts as the kernel keeps them (sysfs
+/// `aer_dev_correctable`, `aer_dev_nonfatal`, `aer_dev_fatal`: cumulative
+/// since boot, the `TOTAL_ERR_*` line of each).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AerCounts {
+    /// Corrected errors (`TOTAL_ERR_COR`).
+    pub correctable: u64,
+    /// Uncorrectable, non-fatal errors (`TOTAL_ERR_NONFATAL`).
+    pub nonfatal: u64,
+    /// Uncorrectable, fatal errors (`TOTAL_ERR_FATAL`).
+    pub fatal: u64,
+}
+
+/// The `TOTAL_ERR_*` count of one `aer_dev_*` file, `None` when it has none.
+pub fn parse_aer_total(text: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (name, n) = l.split_once(char::is_whitespace)?;
+        name.starts_with("TOTAL_ERR_")
+            .then(|| n.trim().parse().ok())
+            .flatten()
+    })
+}
+
+/// Reads `bdf`'s AER counts under `root`; `None` when the device reports
+/// none (no AER capability, or a kernel without the attributes).
+pub fn read_aer(root: &HostRoot, bdf: &Bdf) -> Option<AerCounts> {
+    let total = |attr: &str| {
+        root.read_opt(&root.pci_attr(bdf, attr))
+            .ok()
+            .flatten()
+            .and_then(|t| parse_aer_total(&t))
+    };
+    let (correctable, nonfatal, fatal) = (
+        total("aer_dev_correctable"),
+        total("aer_dev_nonfatal"),
+        total("aer_dev_fatal"),
+    );
+    if correctable.is_none() && nonfatal.is_none() && fatal.is_none() {
+        return None;
+    }
+    Some(AerCounts {
+        correctable: correctable.unwrap_or(0),
+        nonfatal: nonfatal.unwrap_or(0),
+        fatal: fatal.unwrap_or(0),
+    })
+}
+
+/// [`read_aer`] of every GPU in `views` through the engine's bounded read
+/// (a read blocked past the read deadline leaves that GPU out).
+pub fn bounded_aer(engine: &Engine, views: &[GpuView]) -> Vec<(Bdf, AerCounts)> {
+    views
+        .iter()
+        .filter_map(|v| {
+            let bdf = v.gpu.bdf();
+            let root = engine.root().clone();
+            let counts = engine
+                .read_device_bounded(bdf, &format!("AER counters of {bdf}"), move || {
+                    read_aer(&root, &bdf)
+                })
+                .ok()
+                .flatten()?;
+            Some((bdf, counts))
+        })
+        .collect()
+}
+
 fn read_vendor(path: &Path) -> ConfigRead {
     let mut f = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -329,13 +395,14 @@ async fn scan_once(
     let result = tokio::task::spawn_blocking(move || {
         let r = e.discover().map(|(views, _)| {
             let report = scan_bounded(&e, &views, &mut seen_copy);
-            (views, report)
+            let aer = bounded_aer(&e, &views);
+            (views, report, aer)
         });
         (r, seen_copy)
     })
     .await;
     match result {
-        Ok((Ok((views, report)), back)) => {
+        Ok((Ok((views, report, aer)), back)) => {
             *seen = back;
             let unhealthy = report
                 .devices
@@ -343,6 +410,7 @@ async fn scan_once(
                 .filter(|d| d.health == Health::Unhealthy)
                 .count();
             metrics.record_scan(&views, unhealthy, started.elapsed());
+            metrics.record_aer(&aer);
             metrics.record_holder_scan(engine.last_holder_scan());
             Some(report)
         }
@@ -515,6 +583,53 @@ impl pb_v1::dra_resource_health_server::DraResourceHealth for HealthService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aer_counts_come_from_the_total_lines_of_the_kernels_files() {
+        let correctable = "RxErr 0\nBadTLP 3\nBadDLLP 0\nRollover 0\nTimeout 0\n\
+                           NonFatalErr 0\nCorrIntErr 0\nHeaderOF 0\nTOTAL_ERR_COR 3\n";
+        assert_eq!(parse_aer_total(correctable), Some(3));
+        assert_eq!(parse_aer_total("garbage\nTOTAL_ERR_FATAL x\n"), None);
+        assert_eq!(parse_aer_total(""), None);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bdf: Bdf = "0000:65:00.0".parse().expect("bdf");
+        let dev = dir.path().join("sys/bus/pci/devices/0000:65:00.0");
+        std::fs::create_dir_all(&dev).expect("device dir");
+        let root = HostRoot::open(dir.path()).expect("root");
+        assert_eq!(read_aer(&root, &bdf), None, "no AER attributes: no counts");
+        std::fs::write(dev.join("aer_dev_correctable"), correctable).expect("write");
+        std::fs::write(dev.join("aer_dev_fatal"), "DLP 0\nTOTAL_ERR_FATAL 1\n").expect("write");
+        std::fs::write(dev.join("aer_dev_nonfatal"), "TOTAL_ERR_NONFATAL 0\n").expect("write");
+        assert_eq!(
+            read_aer(&root, &bdf),
+            Some(AerCounts {
+                correctable: 3,
+                nonfatal: 0,
+                fatal: 1
+            })
+        );
+        let m = Metrics::new();
+        m.record_aer(&[(
+            bdf,
+            AerCounts {
+                correctable: 3,
+                nonfatal: 0,
+                fatal: 1,
+            },
+        )]);
+        let text = m.encode();
+        for line in [
+            "vfio_gpu_dra_gpu_aer_errors{gpu=\"0000:65:00.0\",severity=\"correctable\"} 3",
+            "vfio_gpu_dra_gpu_aer_errors{gpu=\"0000:65:00.0\",severity=\"fatal\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        m.record_aer(&[]);
+        assert!(
+            !m.encode().contains("gpu_aer_errors{"),
+            "gone with the device"
+        );
+    }
 
     fn record(state: OpState, vfio: Option<&str>) -> GpuRecord {
         serde_json::from_value(serde_json::json!({

@@ -9,6 +9,7 @@
 //! - [`fabric`]: NVLink partition attributes and reconcile (the engine activates them).
 //! - [`health`]: device health for the kubelet (`v1.DRAResourceHealth`, `v1alpha1.DRAResourceHealth`).
 //! - [`metrics`]: Prometheus metrics and the liveness/readiness endpoint.
+//! - [`node_events`]: Events on the Node (a GPU quarantined).
 //! - [`serve`]: `vfio-gpu-dra serve`, wiring it all together.
 //! - [`apiserver`]: telling "object not found" from "API server too old".
 
@@ -23,6 +24,7 @@ pub mod grpc;
 pub mod health;
 pub mod metadata;
 pub mod metrics;
+pub mod node_events;
 pub mod plugin;
 pub mod prepare_error;
 pub mod serve;

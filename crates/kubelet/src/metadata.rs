@@ -617,7 +617,9 @@ mod tests {
             pcie_root: Some("pci0000:a0".into()),
             keep_on_vfio: false,
             bar_bytes: 0,
+            bar_prefetchable64_bytes: 0,
             fabric: None,
+            quarantine: None,
         };
         MetadataDevice {
             driver: "vfio-gpu.dra.dev".into(),

@@ -47,6 +47,8 @@ fn fm_code_label(e: &FmError) -> String {
 /// Label set of the counters: `[(name, value), ...]`, values from a fixed set.
 type Labels2 = [(&'static str, String); 2];
 type Labels1 = [(&'static str, &'static str); 1];
+/// Label set of the per-GPU owner gauge: gpu, namespace, claim.
+type Labels3 = [(&'static str, String); 3];
 
 /// `/healthz` fails once the serve loop has not ticked for this long.
 pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(90);
@@ -85,6 +87,9 @@ pub struct Metrics {
     persistence_left_off: Gauge,
     holder_scan: Gauge<f64, std::sync::atomic::AtomicU64>,
     devices: Family<Labels1, Gauge>,
+    quarantined: Family<Labels2, Gauge>,
+    owner: Family<Labels3, Gauge>,
+    aer: Family<Labels2, Gauge>,
     unhealthy: Gauge,
     health_scan: Histogram,
     active_partitions: Gauge,
@@ -141,6 +146,9 @@ impl Metrics {
         let persistence_left_off = Gauge::default();
         let holder_scan = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let devices = Family::<Labels1, Gauge>::default();
+        let quarantined = Family::<Labels2, Gauge>::default();
+        let owner = Family::<Labels3, Gauge>::default();
+        let aer = Family::<Labels2, Gauge>::default();
         let unhealthy = Gauge::default();
         let active_partitions = Gauge::default();
         // 1 ms .. ~16 s: an FM call is milliseconds, its deadline 10 s.
@@ -209,6 +217,21 @@ impl Metrics {
             devices.clone(),
         );
         registry.register(
+            "gpu_quarantined",
+            "1 for each GPU in quarantine (failed reset, verification or scrub hook), by gpu (PCI address) and reason (the failed step); cleared by `vfio-gpu-dra reset <gpu>`",
+            quarantined.clone(),
+        );
+        registry.register(
+            "gpu_owner",
+            "1 for each GPU a ResourceClaim holds, by gpu (PCI address), namespace and claim, so GPU metrics can be joined to the tenant (one series per GPU at most)",
+            owner.clone(),
+        );
+        registry.register(
+            "gpu_aer_errors",
+            "PCIe AER errors the kernel counted for each GPU since boot (sysfs aer_dev_*), by gpu (PCI address) and severity (correctable, nonfatal, fatal)",
+            aer.clone(),
+        );
+        registry.register(
             "unhealthy_devices",
             "GPUs reported UNHEALTHY to the kubelet",
             unhealthy.clone(),
@@ -229,6 +252,9 @@ impl Metrics {
             persistence_left_off,
             holder_scan,
             devices,
+            quarantined,
+            owner,
+            aer,
             unhealthy,
             health_scan,
             active_partitions,
@@ -320,6 +346,41 @@ impl Metrics {
             .get_or_create(&[("keep_on_vfio", "false")])
             .set(gauge_value(views.len() - keep));
         self.stuck.set(gauge_value(stuck));
+        // One series per quarantined GPU, gone once it leaves quarantine.
+        self.quarantined.clear();
+        for v in views {
+            if let Some(q) = &v.quarantine {
+                self.quarantined
+                    .get_or_create(&[
+                        ("gpu", v.gpu.bdf().to_string()),
+                        ("reason", q.cause.as_str().to_string()),
+                    ])
+                    .set(1);
+            }
+        }
+        // Who holds each GPU: at most one series per GPU (bounded cardinality).
+        self.owner.clear();
+        for v in views {
+            let held = v.record.as_ref().and_then(|r| match (&r.holder, r.state) {
+                (
+                    Some(vfio_gpu_engine::Holder::Claim {
+                        namespace, name, ..
+                    }),
+                    vfio_gpu_engine::ledger::OpState::Configuring
+                    | vfio_gpu_engine::ledger::OpState::Configured,
+                ) => Some((namespace.clone(), name.clone())),
+                _ => None,
+            });
+            if let Some((namespace, claim)) = held {
+                self.owner
+                    .get_or_create(&[
+                        ("gpu", v.gpu.bdf().to_string()),
+                        ("namespace", namespace),
+                        ("claim", claim),
+                    ])
+                    .set(1);
+            }
+        }
         let left_off = views
             .iter()
             .filter(|v| v.persistence_left_off.is_some())
@@ -334,6 +395,23 @@ impl Metrics {
             .map(|(id, _, _)| id.0)
             .collect();
         self.active_partitions.set(gauge_value(active.len()));
+    }
+
+    /// Sets the AER gauges to the kernel's counts of the last scan (GPUs
+    /// without AER, or whose read timed out, have no series).
+    pub fn record_aer(&self, counts: &[(vfio_gpu_host::Bdf, crate::health::AerCounts)]) {
+        self.aer.clear();
+        for (bdf, c) in counts {
+            for (severity, n) in [
+                ("correctable", c.correctable),
+                ("nonfatal", c.nonfatal),
+                ("fatal", c.fatal),
+            ] {
+                self.aer
+                    .get_or_create(&[("gpu", bdf.to_string()), ("severity", severity.to_string())])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
     }
 
     /// Records one Fabric Manager call ([`Metrics::fm_observer`]).

@@ -22,10 +22,11 @@ use anyhow::Context;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::resource::v1::{
-    Device, DeviceAttribute, DeviceCapacity, ResourcePool, ResourceSlice, ResourceSliceSpec,
+    Device, DeviceAttribute, DeviceCapacity, DeviceTaint, ResourcePool, ResourceSlice,
+    ResourceSliceSpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::watch;
@@ -40,6 +41,12 @@ use crate::metrics::Metrics;
 
 /// At most this many devices per slice (API limit without taints or counters).
 pub const MAX_DEVICES_PER_SLICE: usize = 128;
+/// At most this many devices in a slice where any device carries a taint
+/// (the API's `ResourceSliceMaxDevicesWithAdvancedFeatures`, 1.34 to 1.37).
+pub const MAX_DEVICES_PER_SLICE_WITH_TAINTS: usize = 64;
+/// The name of the quarantine taint in the driver's domain:
+/// `<driver>/quarantined`, e.g. `vfio-gpu.dra.dev/quarantined`.
+pub const TAINT_QUARANTINED: &str = "quarantined";
 /// The API's limit on attributes + capacity entries per device.
 pub const MAX_ATTRIBUTES_AND_CAPACITY: usize = 32;
 /// The API's limit on a string attribute's length, in bytes.
@@ -53,6 +60,9 @@ pub const ATTR_PCIE_ROOT: &str = "resource.kubernetes.io/pcieRoot";
 pub const ATTR_NUMA_NODE: &str = "resource.kubernetes.io/numaNode";
 /// Capacity: total size of the GPU's memory BARs.
 pub const CAPACITY_ADDRESSABLE_MEMORY: &str = "addressableMemory";
+/// Attribute (driver domain): total size in bytes of the GPU's 64-bit
+/// prefetchable BARs, the part the guest's 64-bit MMIO window must hold.
+pub const ATTR_BAR_PREFETCHABLE64: &str = "barPrefetchable64Bytes";
 
 /// One GPU this node may hand out, as published in its ResourceSlice.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,9 +90,75 @@ pub struct DeviceInfo {
     pub keep_on_vfio: bool,
     /// Total size of the memory BARs in bytes; 0 when unknown.
     pub bar_bytes: u64,
+    /// Total size of the 64-bit prefetchable BARs in bytes: what the guest's
+    /// 64-bit MMIO window must hold for this GPU; 0 when unknown.
+    pub bar_prefetchable64_bytes: u64,
     /// NVLink fabric facts (module id, partitions), when a Fabric Manager is
     /// configured ([`crate::fabric`]).
     pub fabric: Option<vfio_gpu_engine::GpuFabric>,
+    /// Quarantined: published with a taint instead of hidden, where the API
+    /// server keeps taints ([`SlicePublisher`] falls back to hiding it).
+    pub quarantine: Option<QuarantineTaint>,
+}
+
+/// What a quarantined GPU's device taint says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuarantineTaint {
+    /// Which step failed, the taint's value (a label value, so a code,
+    /// not the reason's text).
+    pub cause: vfio_gpu_engine::ledger::QuarantineCause,
+    /// The full reason (for events, metrics and logs; not published).
+    pub reason: String,
+    /// Since when, seconds since the epoch: the taint's `timeAdded`.
+    pub since_unix: u64,
+    /// `NoSchedule` or `NoExecute`.
+    pub effect: TaintEffect,
+}
+
+/// A device taint's effect (`resource.k8s.io/v1` `DeviceTaint.effect`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TaintEffect {
+    /// New claims do not get the device without a toleration.
+    #[default]
+    NoSchedule,
+    /// Also evicts the pods whose claims hold it.
+    NoExecute,
+}
+
+impl TaintEffect {
+    /// The API's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaintEffect::NoSchedule => "NoSchedule",
+            TaintEffect::NoExecute => "NoExecute",
+        }
+    }
+}
+
+impl QuarantineTaint {
+    /// The taint for a ledger quarantine entry (a quarantine found after a
+    /// release: nobody holds the GPU, so `NoSchedule` is all it needs).
+    pub fn of(q: &vfio_gpu_engine::ledger::Quarantine) -> Self {
+        QuarantineTaint {
+            cause: q.cause,
+            reason: q.reason.clone(),
+            since_unix: q.since,
+            effect: TaintEffect::NoSchedule,
+        }
+    }
+
+    /// The device taint, keyed in `driver_name`'s domain.
+    pub fn device_taint(&self, driver_name: &str) -> DeviceTaint {
+        let since = i64::try_from(self.since_unix).unwrap_or(i64::MAX);
+        DeviceTaint {
+            key: format!("{driver_name}/{TAINT_QUARANTINED}"),
+            value: Some(self.cause.as_str().to_string()),
+            effect: self.effect.as_str().to_string(),
+            time_added: k8s_openapi::jiff::Timestamp::from_second(since)
+                .ok()
+                .map(Time),
+        }
+    }
 }
 
 impl DeviceInfo {
@@ -101,7 +177,9 @@ impl DeviceInfo {
             pcie_root: f.pcie_root.clone(),
             keep_on_vfio: view.verdict.keep_on_vfio,
             bar_bytes: f.bar_bytes,
+            bar_prefetchable64_bytes: f.bar_prefetchable64_bytes,
             fabric: view.fabric.clone(),
+            quarantine: view.quarantine.as_ref().map(QuarantineTaint::of),
         })
     }
 }
@@ -125,8 +203,10 @@ fn host_driver(view: &GpuView) -> Option<String> {
 /// The device to offer for an engine view, or `None` when the GPU must not be
 /// offered: pinned by the admin, sharing its IOMMU group with a foreign device
 /// or another GPU (it could not move alone), without an IOMMU group, with a
-/// host write still stuck past its deadline, quarantined, or with the last
-/// tenant's hand-over (reset and verification) not finished.
+/// host write still stuck past its deadline, or with the last tenant's
+/// hand-over (reset and verification) not finished. A quarantined GPU is
+/// published with its taint ([`DeviceInfo::quarantine`]), so the scheduler
+/// and the admin see why nobody gets it.
 pub fn device_info(view: &GpuView) -> Option<DeviceInfo> {
     // Not offered: what a prepare would refuse anyway (pinned, stuck, a
     // foreign device in the group, a host process holding it), so the
@@ -143,10 +223,9 @@ pub fn device_info(view: &GpuView) -> Option<DeviceInfo> {
         vfio_gpu_engine::ledger::OpState::Releasing => true,
         _ => false,
     });
-    // Between tenants: a GPU whose reset or verification failed, or whose
-    // hand-over is still owed, goes to nobody.
-    let not_handed_over =
-        view.quarantine.is_some() || view.record.as_ref().is_some_and(|r| r.handover.is_some());
+    // Between tenants: a GPU whose hand-over is still owed goes to nobody
+    // (a quarantined one is published tainted, below).
+    let not_handed_over = view.record.as_ref().is_some_and(|r| r.handover.is_some());
     if unsettled
         || not_handed_over
         || view.verdict.pinned.is_some()
@@ -361,6 +440,18 @@ pub fn device_attributes(info: &DeviceInfo) -> BTreeMap<String, DeviceAttribute>
         );
     }
     attrs.insert("keepOnVfio".to_string(), bool_attr(info.keep_on_vfio));
+    // What the guest firmware's 64-bit MMIO window must fit (kubevirt#11093:
+    // a VM whose window is too small for its GPUs' BARs does not boot), so a
+    // claim can select on it and KubeVirt reads it from the device metadata.
+    if info.bar_prefetchable64_bytes > 0 {
+        attrs.insert(
+            ATTR_BAR_PREFETCHABLE64.to_string(),
+            DeviceAttribute {
+                int: Some(i64::try_from(info.bar_prefetchable64_bytes).unwrap_or(i64::MAX)),
+                ..Default::default()
+            },
+        );
+    }
     attrs.insert("type".to_string(), string_attr("vfio"));
     if let Some(f) = &info.fabric {
         crate::fabric::insert_attributes(f, &mut attrs);
@@ -414,8 +505,9 @@ fn parse_quantity(q: &str) -> Option<u128> {
     n.checked_mul(mult)
 }
 
-/// One device as published.
-pub fn device(info: &DeviceInfo) -> Device {
+/// One device as published by driver `driver_name` (the quarantine taint's
+/// domain).
+pub fn device(driver_name: &str, info: &DeviceInfo) -> Device {
     let attributes = device_attributes(info);
     let mut capacity = BTreeMap::new();
     if info.bar_bytes > 0 {
@@ -432,24 +524,47 @@ pub fn device(info: &DeviceInfo) -> Device {
         name: device_name(&info.bdf),
         attributes: (!attributes.is_empty()).then_some(attributes),
         capacity: (!capacity.is_empty()).then_some(capacity),
+        taints: info
+            .quarantine
+            .as_ref()
+            .map(|q| vec![q.device_taint(driver_name)]),
         ..Default::default()
     }
 }
 
+/// Whether `d` carries any taint (its slice holds at most
+/// [`MAX_DEVICES_PER_SLICE_WITH_TAINTS`] devices).
+pub fn is_tainted(d: &Device) -> bool {
+    d.taints.as_ref().is_some_and(|t| !t.is_empty())
+}
+
 /// The devices of each desired slice: BDF order, duplicates dropped (names
-/// must be unique in the pool), at most [`MAX_DEVICES_PER_SLICE`] per slice,
-/// and always at least one (possibly empty) slice so the pool stays visible.
-fn device_chunks(devices: &[DeviceInfo]) -> Vec<Vec<Device>> {
+/// must be unique in the pool), filled in order up to [`MAX_DEVICES_PER_SLICE`]
+/// per slice, or [`MAX_DEVICES_PER_SLICE_WITH_TAINTS`] once the slice holds a
+/// tainted device, and always at least one (possibly empty) slice so the pool
+/// stays visible.
+fn device_chunks(driver_name: &str, devices: &[DeviceInfo]) -> Vec<Vec<Device>> {
     let mut sorted: Vec<&DeviceInfo> = devices.iter().collect();
     sorted.sort_by_key(|d| d.bdf);
     sorted.dedup_by_key(|d| d.bdf);
-    let all: Vec<Device> = sorted.into_iter().map(device).collect();
-    if all.is_empty() {
-        return vec![Vec::new()];
+    let mut chunks: Vec<Vec<Device>> = Vec::new();
+    let mut current: Vec<Device> = Vec::new();
+    for d in sorted.into_iter().map(|i| device(driver_name, i)) {
+        let tainted = is_tainted(&d) || current.iter().any(is_tainted);
+        let limit = if tainted {
+            MAX_DEVICES_PER_SLICE_WITH_TAINTS
+        } else {
+            MAX_DEVICES_PER_SLICE
+        };
+        if current.len() >= limit {
+            chunks.push(std::mem::take(&mut current));
+        }
+        current.push(d);
     }
-    all.chunks(MAX_DEVICES_PER_SLICE)
-        .map(<[Device]>::to_vec)
-        .collect()
+    if !current.is_empty() || chunks.is_empty() {
+        chunks.push(current);
+    }
+    chunks
 }
 
 /// The desired slice specs for `devices` at pool `generation` (pure; the
@@ -459,7 +574,7 @@ pub fn desired_slices(
     devices: &[DeviceInfo],
     generation: i64,
 ) -> Vec<ResourceSliceSpec> {
-    let chunks = device_chunks(devices);
+    let chunks = device_chunks(&cfg.driver_name, devices);
     let pool = pool(cfg, generation, chunks.len());
     chunks
         .into_iter()
@@ -558,6 +673,57 @@ pub struct SlicePublisher {
     owner: Option<OwnerReference>,
     /// PCI addresses already reported as another driver's (logged once each).
     warned_foreign: std::collections::BTreeSet<String>,
+    /// Whether the API server keeps device taints, once known.
+    taints: TaintSupport,
+    /// Quarantines already told to the Node as an Event.
+    announcer: crate::node_events::QuarantineAnnouncer,
+}
+
+/// Whether the API server stores `Device.taints` (the `DRADeviceTaints` gate:
+/// GA in 1.37, off by default before). A server with the gate off prunes the
+/// field silently, which would publish a quarantined GPU untainted, so
+/// allocatable; where taints are not kept, quarantined GPUs are not offered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TaintSupport {
+    /// Not probed yet (or the probe failed): quarantined GPUs are not offered.
+    #[default]
+    Unknown,
+    /// A dry-run write kept the taint: quarantined GPUs are published tainted.
+    Kept,
+    /// The server dropped the taint: quarantined GPUs are not offered.
+    Pruned,
+}
+
+/// Whether every taint of a device in `sent` is still on the same device in
+/// `stored` (what the server returned for the write), so a server that pruned
+/// the field is told apart from one that kept it.
+pub fn taints_kept(sent: &ResourceSliceSpec, stored: &ResourceSliceSpec) -> bool {
+    let stored: BTreeMap<&str, &Device> = stored
+        .devices
+        .iter()
+        .flatten()
+        .map(|d| (d.name.as_str(), d))
+        .collect();
+    sent.devices
+        .iter()
+        .flatten()
+        .filter(|d| is_tainted(d))
+        .all(|d| {
+            stored
+                .get(d.name.as_str())
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|t| t.len() == d.taints.as_ref().map_or(0, Vec::len))
+        })
+}
+
+/// The devices to publish under `support`: all of them where taints are
+/// kept, otherwise those not quarantined (the fallback: not offered).
+pub fn publishable(devices: &[DeviceInfo], support: TaintSupport) -> Vec<DeviceInfo> {
+    devices
+        .iter()
+        .filter(|d| support == TaintSupport::Kept || d.quarantine.is_none())
+        .cloned()
+        .collect()
 }
 
 impl std::fmt::Debug for SlicePublisher {
@@ -577,7 +743,73 @@ impl SlicePublisher {
             cfg,
             owner: None,
             warned_foreign: Default::default(),
+            taints: TaintSupport::Unknown,
+            announcer: Default::default(),
         }
+    }
+
+    /// Whether the API server keeps device taints, as far as known.
+    pub fn taint_support(&self) -> TaintSupport {
+        self.taints
+    }
+
+    /// Learns whether the server keeps device taints, once, when there is a
+    /// quarantined GPU to publish: a dry-run create of a slice holding it
+    /// (validated, admitted and pruned as a real write, stored nowhere), read
+    /// back. A failed probe publishes nothing tainted and is retried next sync.
+    async fn probe_taints(
+        &mut self,
+        api: &Api<ResourceSlice>,
+        owner: &OwnerReference,
+        devices: &[DeviceInfo],
+    ) {
+        if self.taints != TaintSupport::Unknown {
+            return;
+        }
+        let Some(quarantined) = devices.iter().find(|d| d.quarantine.is_some()) else {
+            return;
+        };
+        let spec = slice_spec(
+            &self.cfg,
+            pool(&self.cfg, 1, 1),
+            vec![device(&self.cfg.driver_name, quarantined)],
+        );
+        let probe = ResourceSlice {
+            metadata: ObjectMeta {
+                generate_name: Some(self.cfg.generate_name()),
+                owner_references: Some(vec![owner.clone()]),
+                ..Default::default()
+            },
+            spec: spec.clone(),
+        };
+        let pp = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        match api.create(&pp, &probe).await {
+            Ok(stored) if taints_kept(&spec, &stored.spec) => {
+                tracing::info!(
+                    "the API server keeps device taints: quarantined GPUs are published tainted"
+                );
+                self.taints = TaintSupport::Kept;
+            }
+            Ok(_) => self.taints_pruned(),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "probing whether the API server keeps device taints (dry-run create); quarantined GPUs are not offered until it answers"
+            ),
+        }
+    }
+
+    /// The server dropped a taint: from now on quarantined GPUs are not
+    /// offered (logged once, with why).
+    fn taints_pruned(&mut self) {
+        if self.taints != TaintSupport::Pruned {
+            tracing::warn!(
+                "the API server drops ResourceSlice device taints (feature gate DRADeviceTaints off; GA in Kubernetes 1.37): quarantined GPUs are not offered at all instead of being published tainted"
+            );
+        }
+        self.taints = TaintSupport::Pruned;
     }
 
     /// The configuration.
@@ -700,7 +932,14 @@ impl SlicePublisher {
         // (NVIDIA's driver with PassthroughSupport, the GPU Operator's) is not
         // offered here, or two drivers could hand it to two pods.
         let foreign = self.published_by_other_drivers(&api).await;
-        let plan = plan_sync(&self.cfg, listed, devices, &foreign);
+        self.probe_taints(&api, &owner, devices).await;
+        let quarantined: Vec<DeviceInfo> = devices
+            .iter()
+            .filter(|d| d.quarantine.is_some())
+            .cloned()
+            .collect();
+        let devices = publishable(devices, self.taints);
+        let plan = plan_sync(&self.cfg, listed, &devices, &foreign);
         let mut outcome = SyncOutcome {
             generation: plan.generation,
             slices: plan.slices,
@@ -717,10 +956,12 @@ impl SlicePublisher {
             let name = slice.metadata.name.clone().unwrap_or_default();
             // replace() carries the resourceVersion read above: a concurrent
             // change makes it fail with 409 and the next sync starts over.
-            api.replace(&name, &pp, &slice)
+            let stored = api
+                .replace(&name, &pp, &slice)
                 .await
                 .with_context(|| format!("updating ResourceSlice {name}"))?;
             outcome.updated += 1;
+            self.check_taints_kept(&slice.spec, &stored.spec)?;
         }
         for spec in plan.creates {
             let slice = ResourceSlice {
@@ -731,10 +972,12 @@ impl SlicePublisher {
                 },
                 spec,
             };
-            api.create(&pp, &slice)
+            let stored = api
+                .create(&pp, &slice)
                 .await
                 .context("creating a ResourceSlice")?;
             outcome.created += 1;
+            self.check_taints_kept(&slice.spec, &stored.spec)?;
         }
         // Delete last: until the new generation is complete, consumers keep
         // seeing the old one.
@@ -756,7 +999,35 @@ impl SlicePublisher {
             }
             outcome.deleted += 1;
         }
+        // Tainted or hidden, a quarantined GPU is told to the Node once.
+        crate::node_events::announce_quarantines(
+            &self.client,
+            &self.cfg.driver_name,
+            &owner,
+            &mut self.announcer,
+            &quarantined,
+        )
+        .await;
         Ok(outcome)
+    }
+}
+
+impl SlicePublisher {
+    /// After a write: a server that stopped keeping taints since the probe
+    /// (a downgrade, a gate turned off) just published a quarantined GPU
+    /// untainted. Fails the sync, so the retry publishes without it at once.
+    fn check_taints_kept(
+        &mut self,
+        sent: &ResourceSliceSpec,
+        stored: &ResourceSliceSpec,
+    ) -> anyhow::Result<()> {
+        if taints_kept(sent, stored) {
+            return Ok(());
+        }
+        self.taints_pruned();
+        anyhow::bail!(
+            "the API server dropped the device taints of a written ResourceSlice; publishing again without the quarantined GPUs"
+        )
     }
 }
 
@@ -799,7 +1070,7 @@ pub fn plan_sync(
         .filter(|d| !foreign.contains_key(&d.bdf.to_string()))
         .cloned()
         .collect();
-    let desired = device_chunks(&offered);
+    let desired = device_chunks(&cfg.driver_name, &offered);
     let pool_name = cfg.node_name.as_str();
 
     // Slices of another pool (e.g. from an older naming) are obsolete.
@@ -1149,7 +1420,9 @@ mod tests {
             pcie_root: Some("pci0000:17".into()),
             keep_on_vfio: true,
             bar_bytes: (128 << 30) + (48 << 20),
+            bar_prefetchable64_bytes: (128 << 30) + (32 << 20),
             fabric: None,
+            quarantine: None,
         }
     }
 
@@ -1173,7 +1446,7 @@ mod tests {
 
     #[test]
     fn device_attributes_and_name() {
-        let d = device(&info("0000:65:00.0"));
+        let d = device("vfio-gpu.dra.dev", &info("0000:65:00.0"));
         assert_eq!(d.name, "gpu-0000-65-00-0");
         let a = d.attributes.unwrap();
         assert_eq!(a[ATTR_PCI_BUS_ID].string.as_deref(), Some("0000:65:00.0"));
@@ -1181,6 +1454,13 @@ mod tests {
         assert_eq!(a["vendorID"].string.as_deref(), Some("0x10de"));
         assert_eq!(a["iommuGroup"].int, Some(7));
         assert_eq!(a["keepOnVfio"].bool, Some(true));
+        assert_eq!(
+            a[ATTR_BAR_PREFETCHABLE64].int,
+            Some((128 << 30) + (32 << 20))
+        );
+        let mut no_bars = info("0000:65:00.0");
+        no_bars.bar_prefetchable64_bytes = 0;
+        assert!(!device_attributes(&no_bars).contains_key(ATTR_BAR_PREFETCHABLE64));
         let c = d.capacity.unwrap();
         assert_eq!(c[CAPACITY_ADDRESSABLE_MEMORY].value.0, "131120Mi");
     }
@@ -1211,12 +1491,104 @@ mod tests {
 
     #[test]
     fn server_rewrites_are_not_changes() {
-        let d = device(&info("0000:65:00.0"));
+        let d = device("vfio-gpu.dra.dev", &info("0000:65:00.0"));
         let mut echoed = d.clone();
         for c in echoed.capacity.iter_mut().flat_map(BTreeMap::values_mut) {
             c.value = Quantity("137489285120".into());
         }
         assert!(same_devices(Some(&vec![echoed]), &[d]));
+    }
+
+    fn quarantined(bdf: &str) -> DeviceInfo {
+        DeviceInfo {
+            quarantine: Some(QuarantineTaint {
+                cause: vfio_gpu_engine::ledger::QuarantineCause::ResetFailed,
+                reason: "reset of 0000:65:00.0 failed: EIO".into(),
+                since_unix: 1_700_000_000,
+                effect: TaintEffect::NoSchedule,
+            }),
+            ..info(bdf)
+        }
+    }
+
+    #[test]
+    fn a_quarantined_device_carries_one_taint_in_the_driver_domain() {
+        let d = device("gpu.example.com", &quarantined("0000:65:00.0"));
+        let taints = d.taints.expect("tainted");
+        assert_eq!(taints.len(), 1);
+        let t = &taints[0];
+        assert_eq!(t.key, "gpu.example.com/quarantined");
+        assert_eq!(t.value.as_deref(), Some("ResetFailed"));
+        assert_eq!(t.effect, "NoSchedule");
+        assert_eq!(
+            t.time_added.as_ref().map(|t| t.0.as_second()),
+            Some(1_700_000_000)
+        );
+        assert!(device("d", &info("0000:65:00.0")).taints.is_none());
+    }
+
+    /// The API refuses a slice over 64 devices where any is tainted: every
+    /// chunk obeys its limit, whatever the mix, and chunks are filled in order.
+    #[test]
+    fn slices_holding_a_tainted_device_hold_at_most_64() {
+        for (n, tainted_every) in [(130, 1), (130, 50), (200, 199), (128, 1000), (65, 64)] {
+            let devices: Vec<DeviceInfo> = (0..n)
+                .map(|i| {
+                    let bdf = format!("0000:{:02x}:{:02x}.0", i / 32, i % 32);
+                    if i % tainted_every == 0 && tainted_every < 1000 {
+                        quarantined(&bdf)
+                    } else {
+                        info(&bdf)
+                    }
+                })
+                .collect();
+            let chunks = device_chunks("d", &devices);
+            let total: usize = chunks.iter().map(Vec::len).sum();
+            assert_eq!(total, n, "every device once");
+            for c in &chunks {
+                let limit = if c.iter().any(is_tainted) {
+                    MAX_DEVICES_PER_SLICE_WITH_TAINTS
+                } else {
+                    MAX_DEVICES_PER_SLICE
+                };
+                assert!(c.len() <= limit, "{} devices, limit {limit}", c.len());
+            }
+        }
+        // 128 untainted still fit one slice.
+        let plain: Vec<DeviceInfo> = (0..128)
+            .map(|i| info(&format!("0000:{:02x}:{:02x}.0", i / 32, i % 32)))
+            .collect();
+        assert_eq!(device_chunks("d", &plain).len(), 1);
+    }
+
+    #[test]
+    fn taints_kept_tells_a_pruning_server_apart() {
+        let cfg = SliceConfig::new("d", "n");
+        let sent = desired_slices(
+            &cfg,
+            &[quarantined("0000:65:00.0"), info("0000:66:00.0")],
+            1,
+        )
+        .remove(0);
+        assert!(taints_kept(&sent, &sent));
+        let mut pruned = sent.clone();
+        for d in pruned.devices.iter_mut().flatten() {
+            d.taints = None;
+        }
+        assert!(!taints_kept(&sent, &pruned));
+        let untainted = desired_slices(&cfg, &[info("0000:66:00.0")], 1).remove(0);
+        assert!(taints_kept(&untainted, &untainted), "nothing to lose");
+    }
+
+    #[test]
+    fn quarantined_gpus_are_published_only_where_taints_are_kept() {
+        let devices = vec![quarantined("0000:65:00.0"), info("0000:66:00.0")];
+        assert_eq!(publishable(&devices, TaintSupport::Kept).len(), 2);
+        for support in [TaintSupport::Unknown, TaintSupport::Pruned] {
+            let p = publishable(&devices, support);
+            assert_eq!(p.len(), 1, "{support:?}");
+            assert!(p[0].quarantine.is_none());
+        }
     }
 
     #[test]

@@ -63,6 +63,7 @@ fn the_nvlink_vm_ties_its_requests_to_one_partition() {
         pcie_root: None,
         keep_on_vfio: false,
         bar_bytes: 0,
+        bar_prefetchable64_bytes: 0,
         fabric: Some(GpuFabric {
             module_id: Some(ModuleId(1)),
             partitions: topology.partition_attributes(ModuleId(1)),
@@ -70,6 +71,7 @@ fn the_nvlink_vm_ties_its_requests_to_one_partition() {
             fabric_managed: true,
             ..GpuFabric::default()
         }),
+        quarantine: None,
     };
     let attrs = device_attributes(&info);
     assert_eq!(

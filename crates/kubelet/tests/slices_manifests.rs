@@ -169,7 +169,9 @@ fn device_classes_select_the_driver_and_published_attributes() {
         pcie_root: None,
         keep_on_vfio: true,
         bar_bytes: 0,
+        bar_prefetchable64_bytes: 0,
         fabric: None,
+        quarantine: None,
     };
     assert_eq!(device_attributes(&info)["keepOnVfio"].bool, Some(true));
 }
@@ -181,8 +183,9 @@ fn rbac_covers_what_the_plugin_does() {
         panic!("one ClusterRole");
     };
     // Exactly what the code calls, nothing more: claims GET (prepare, cleanup), the
-    // Node GET (owner reference), and the slice publisher's list/watch/create/
-    // update (replace)/delete. No status writes, no patch.
+    // Node GET (owner reference), the slice publisher's list/watch/create/
+    // update (replace)/delete, and the GPUQuarantined Event's create. No status
+    // writes, no patch.
     let mut granted: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
     for rule in role.rules.iter().flatten() {
         assert!(
@@ -201,6 +204,7 @@ fn rbac_covers_what_the_plugin_does() {
     let want: BTreeMap<(String, String), BTreeSet<String>> = [
         ("resource.k8s.io", "resourceclaims", &["get"][..]),
         ("", "nodes", &["get"][..]),
+        ("events.k8s.io", "events", &["create"][..]),
         (
             "resource.k8s.io",
             "resourceslices",

@@ -75,6 +75,7 @@ async fn first_publish_offers_the_movable_gpus_with_their_attributes() {
         json!({
             "resource.kubernetes.io/pciBusID": {"string": "0000:18:00.0"},
             "resource.kubernetes.io/pcieRoot": {"string": "pci0000:17"},
+            "barPrefetchable64Bytes": {"int": (128_i64 << 30) + (32 << 20)},
             "resource.kubernetes.io/numaNode": {"int": 0},
             "numaNode": {"int": 0},
             "vendorID": {"string": "0x10de"},
@@ -174,12 +175,26 @@ fn pinned_stuck_and_shared_group_gpus_are_not_offered() {
     let mut quarantined = a100.clone();
     quarantined.quarantine = Some(vfio_gpu_engine::ledger::Quarantine {
         reason: "link trained to x4 of x16".into(),
+        cause: vfio_gpu_engine::ledger::QuarantineCause::VerificationFailed,
         since: 1,
         boot_id: "boot".into(),
         fingerprints: Default::default(),
         extra: Default::default(),
     });
-    assert!(device_info(&quarantined).is_none(), "quarantined");
+    // Quarantined: still offered, carrying why (the publisher taints it, or
+    // hides it where the API server drops taints).
+    let q = device_info(&quarantined)
+        .and_then(|d| d.quarantine)
+        .expect("quarantined: published with its taint");
+    assert_eq!(q.cause.as_str(), "VerificationFailed");
+    assert_eq!(q.since_unix, 1);
+    // Quarantined and otherwise unofferable: still not offered.
+    let mut quarantined_pinned = quarantined.clone();
+    quarantined_pinned.verdict.pinned = pinned.verdict.pinned.clone();
+    assert!(
+        device_info(&quarantined_pinned).is_none(),
+        "quarantined and pinned"
+    );
     let mut owed = a100.clone();
     let mut kept = vfio_gpu_engine::ledger::GpuRecord::configuring(
         vfio_gpu_engine::Holder::Admin,
@@ -725,4 +740,145 @@ fn l3_hidden_admin_owned_gpus_are_not_published() {
         1,
     ));
     assert!(!is_admin_owned(&ours));
+}
+
+/// A quarantined GPU as the engine reports it: the demo's A100 with a
+/// failed verification on record.
+fn quarantined_a100() -> Vec<DeviceInfo> {
+    let mut devices = demo_devices();
+    let a100 = devices
+        .iter_mut()
+        .find(|d| d.bdf.to_string() == "0000:ba:00.0")
+        .expect("the demo's A100");
+    a100.quarantine = Some(vfio_gpu_kubelet::slices::QuarantineTaint {
+        cause: vfio_gpu_engine::ledger::QuarantineCause::VerificationFailed,
+        reason: "0000:ba:00.0: link trained to x4 of x16".into(),
+        since_unix: 1_790_000_000,
+        effect: vfio_gpu_kubelet::slices::TaintEffect::NoSchedule,
+    });
+    devices
+}
+
+#[tokio::test]
+async fn a_quarantined_gpu_is_published_with_its_taint_where_the_server_keeps_taints() {
+    let (server, client, _) = setup().await;
+    let devices = quarantined_a100();
+    let mut publisher = SlicePublisher::new(client, config());
+    bounded(LIMIT, "publish", publisher.sync(&devices))
+        .await
+        .expect("publish");
+    assert_eq!(
+        publisher.taint_support(),
+        vfio_gpu_kubelet::slices::TaintSupport::Kept
+    );
+    let slices = stored_slices(&server);
+    assert_eq!(slices.len(), 1, "the probe stored nothing: {slices:#?}");
+    let names = device_names(&slices);
+    assert_eq!(names.len(), devices.len(), "every GPU once: {names:?}");
+    assert_eq!(
+        device(&slices, "gpu-0000-ba-00-0")["taints"],
+        json!([{"key": "vfio-gpu.dra.dev/quarantined", "value": "VerificationFailed",
+                "effect": "NoSchedule", "timeAdded": "2026-09-21T14:13:20Z"}])
+    );
+    for d in devices.iter().filter(|d| d.quarantine.is_none()) {
+        assert!(
+            device(&slices, &device_name(&d.bdf))
+                .get("taints")
+                .is_none(),
+            "{} untainted",
+            d.bdf
+        );
+    }
+    // The Node is told, once (the second sync below posts nothing more).
+    let events = || {
+        server
+            .list("events", Some("default"))
+            .into_iter()
+            .filter(|e| e["reason"] == "GPUQuarantined")
+            .collect::<Vec<_>>()
+    };
+    let posted = events();
+    assert_eq!(posted.len(), 1, "{posted:#?}");
+    assert_eq!(posted[0]["regarding"]["name"], NODE);
+    assert_eq!(posted[0]["type"], "Warning");
+    assert!(
+        posted[0]["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("0000:ba:00.0") && n.contains("VerificationFailed")),
+        "{posted:#?}"
+    );
+    // Stable: a second sync writes nothing (the taint compares equal as stored).
+    let again = bounded(LIMIT, "republish", publisher.sync(&devices))
+        .await
+        .expect("republish");
+    assert!(!again.wrote(), "{again:?}");
+    assert_eq!(events().len(), 1, "announced once");
+    // Cleared by the admin's reset: the taint leaves the slice.
+    let cleared = demo_devices();
+    bounded(LIMIT, "clear", publisher.sync(&cleared))
+        .await
+        .expect("clear");
+    let slices = stored_slices(&server);
+    assert!(
+        device(&slices, "gpu-0000-ba-00-0").get("taints").is_none(),
+        "{slices:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_drops_taints_gets_no_quarantined_gpu_at_all() {
+    let (server, client, _) = setup().await;
+    server.set_prune_device_taints(true);
+    let devices = quarantined_a100();
+    let mut publisher = SlicePublisher::new(client, config());
+    bounded(LIMIT, "publish", publisher.sync(&devices))
+        .await
+        .expect("publish");
+    assert_eq!(
+        publisher.taint_support(),
+        vfio_gpu_kubelet::slices::TaintSupport::Pruned
+    );
+    let names = device_names(&stored_slices(&server));
+    assert!(
+        !names.contains(&"gpu-0000-ba-00-0".to_string()),
+        "{names:?}"
+    );
+    assert_eq!(names.len(), devices.len() - 1, "{names:?}");
+}
+
+#[tokio::test]
+async fn a_server_that_starts_dropping_taints_after_the_probe_gets_the_gpu_hidden_at_once() {
+    let (server, client, _) = setup().await;
+    let mut publisher = SlicePublisher::new(client, config());
+    // Probed on a server that kept taints...
+    bounded(LIMIT, "publish", publisher.sync(&quarantined_a100()))
+        .await
+        .expect("publish");
+    // ...then the gate goes off and another GPU is quarantined.
+    server.set_prune_device_taints(true);
+    let mut devices = quarantined_a100();
+    if let Some(h100) = devices
+        .iter_mut()
+        .find(|d| d.bdf.to_string() == "0000:18:00.0")
+    {
+        h100.quarantine = devices_quarantine();
+    }
+    let err = bounded(LIMIT, "publish", publisher.sync(&devices)).await;
+    assert!(err.is_err(), "the write that lost its taint fails the sync");
+    bounded(LIMIT, "retry", publisher.sync(&devices))
+        .await
+        .expect("retry");
+    let names = device_names(&stored_slices(&server));
+    assert!(
+        !names.contains(&"gpu-0000-ba-00-0".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        !names.contains(&"gpu-0000-18-00-0".to_string()),
+        "{names:?}"
+    );
+}
+
+fn devices_quarantine() -> Option<vfio_gpu_kubelet::slices::QuarantineTaint> {
+    quarantined_a100().into_iter().find_map(|d| d.quarantine)
 }

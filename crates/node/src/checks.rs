@@ -12,6 +12,7 @@ use vfio_gpu_intent::modprobe::normalize_module;
 use vfio_gpu_intent::{Policy, Source};
 
 use crate::NodeFacts;
+use crate::mmio::{MmioWindow, human_bytes};
 
 /// A check's outcome. Ordered by severity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -40,7 +41,8 @@ impl Status {
 #[derive(Clone, Debug, Serialize)]
 pub struct Check {
     /// Check id: `iommu`, `interrupt-remapping`, `vfio-driver`,
-    /// `vfio-load-order`, `gpus`, `gpu-isolation`, `intent`, `other-driver`.
+    /// `vfio-load-order`, `gpus`, `guest-mmio`, `gpu-isolation`, `intent`,
+    /// `quarantine`, `other-driver`.
     pub check: &'static str,
     /// Outcome.
     pub status: Status,
@@ -93,6 +95,7 @@ pub fn diagnose(
         check_vfio_driver(facts),
         check_load_order(facts, view),
         check_gpus(view),
+        check_guest_mmio(view),
     ];
     for g in &view.gpus {
         out.push(check_isolation(g, policy, policy_path));
@@ -100,7 +103,65 @@ pub fn diagnose(
     for g in &view.gpus {
         out.push(check_intent(g));
     }
+    out.extend(view.gpus.iter().filter_map(check_quarantine));
     out
+}
+
+/// `guest-mmio`: the 64-bit MMIO window a VM given every GPU of this node
+/// needs, and the largest one GPU needs; a warning when that exceeds what
+/// an OVMF that does not size the window itself provides (kubevirt#11093).
+pub fn check_guest_mmio(view: &Inspection) -> Check {
+    const ID: &str = "guest-mmio";
+    let per_gpu: Vec<u64> = view
+        .gpus
+        .iter()
+        .map(|g| g.gpu.function.bar_prefetchable64_bytes)
+        .collect();
+    let all = MmioWindow::for_gpus(&per_gpu);
+    let largest = view
+        .gpus
+        .iter()
+        .max_by_key(|g| g.gpu.function.bar_prefetchable64_bytes);
+    let Some(largest) = largest.filter(|_| all.window_bytes > 0) else {
+        return Check::pass(ID, "no GPU with 64-bit prefetchable BARs".into());
+    };
+    let one = MmioWindow::for_gpus(&[largest.gpu.function.bar_prefetchable64_bytes]);
+    let detail = format!(
+        "one GPU ({}) needs a guest 64-bit MMIO window of {}; all {} GPUs in one VM need {}",
+        largest.gpu.bdf(),
+        human_bytes(one.window_bytes),
+        per_gpu.len(),
+        human_bytes(all.window_bytes)
+    );
+    if all.exceeds_legacy_ovmf() {
+        Check::new(ID, Status::Warn, detail, all.guidance())
+    } else {
+        Check::pass(ID, detail)
+    }
+}
+
+/// `quarantine`: a GPU that failed its reset, verification or scrub hook,
+/// offered to nobody until the admin's reset clears it.
+fn check_quarantine(g: &GpuView) -> Option<Check> {
+    let q = g.quarantine.as_ref()?;
+    let bdf = g.gpu.bdf();
+    Some(
+        Check::new(
+            "quarantine",
+            Status::Warn,
+            format!(
+                "{bdf} quarantined since {} (epoch s), {}: {}; published with the device taint                  <driver>/quarantined={}:NoSchedule where the API server keeps device taints                  (Kubernetes 1.37+, or DRADeviceTaints on), otherwise not offered",
+                q.since,
+                q.cause.as_str(),
+                q.reason,
+                q.cause.as_str()
+            ),
+            format!(
+                "`vfio-gpu-dra reset {bdf}` resets, verifies and clears it (no reboot);                  if it fails again the device needs service"
+            ),
+        )
+        .for_gpu(bdf),
+    )
 }
 
 /// `iommu`: groups exist, and which parameters turn the IOMMU on.
@@ -764,6 +825,78 @@ mod tests {
 
     fn facts() -> NodeFacts {
         NodeFacts::ready_intel_example()
+    }
+
+    /// The demo host as the engine inspects it.
+    fn demo_inspection() -> Inspection {
+        let dir = tempfile::tempdir().expect("tempdir");
+        vfio_gpu_host::demo::build_demo_host(dir.path()).expect("demo host");
+        let root = vfio_gpu_host::HostRoot::open(dir.path()).expect("host root");
+        vfio_gpu_engine::inspect(
+            &root,
+            &vfio_gpu_host::GpuSelector::default(),
+            &Policy::default(),
+            None,
+        )
+        .expect("inspect")
+    }
+
+    #[test]
+    fn guest_mmio_warns_past_the_legacy_ovmf_window_with_the_knob() {
+        let view = demo_inspection();
+        let c = check_guest_mmio(&view);
+        assert_eq!(c.status, Status::Warn, "{c:?}");
+        // The H200s: a 256 GiB VRAM BAR and a 32 MiB one.
+        assert!(
+            c.detail.contains("0000:5d:00.0") || c.detail.contains("0000:3a:00.0"),
+            "{c:?}"
+        );
+        assert!(c.detail.contains("512 GiB"), "{c:?}");
+        assert!(c.fix.contains("X-PciMmio64Mb="), "{c:?}");
+        let mut small = view.clone();
+        for g in &mut small.gpus {
+            g.gpu.function.bar_prefetchable64_bytes = 256 << 20;
+        }
+        assert_eq!(check_guest_mmio(&small).status, Status::Pass);
+        let mut none = view;
+        for g in &mut none.gpus {
+            g.gpu.function.bar_prefetchable64_bytes = 0;
+        }
+        let c = check_guest_mmio(&none);
+        assert_eq!((c.status, c.fix.as_str()), (Status::Pass, ""));
+    }
+
+    #[test]
+    fn a_quarantined_gpu_gets_a_warning_naming_the_cause_and_the_reset() {
+        let mut view = demo_inspection();
+        assert!(view.gpus.iter().all(|g| check_quarantine(g).is_none()));
+        let g = &mut view.gpus[0];
+        g.quarantine = Some(vfio_gpu_engine::ledger::Quarantine {
+            reason: "reset of 0000:18:00.0 (flr) failed: EIO".into(),
+            cause: vfio_gpu_engine::ledger::QuarantineCause::ResetFailed,
+            since: 7,
+            boot_id: "b".into(),
+            fingerprints: Default::default(),
+            extra: Default::default(),
+        });
+        let c = check_quarantine(g).expect("a quarantine check");
+        assert_eq!(c.status, Status::Warn);
+        assert_eq!(c.gpu, Some(g.gpu.bdf()));
+        assert!(
+            c.detail.contains("ResetFailed") && c.detail.contains("EIO"),
+            "{c:?}"
+        );
+        assert!(
+            c.detail.contains("quarantined=ResetFailed:NoSchedule"),
+            "{c:?}"
+        );
+        assert!(
+            c.fix
+                .contains(&format!("vfio-gpu-dra reset {}", g.gpu.bdf())),
+            "{c:?}"
+        );
+        let all = diagnose(&facts(), &view, &Policy::default(), Path::new("/p"));
+        assert_eq!(all.iter().filter(|c| c.check == "quarantine").count(), 1);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 mod checks;
 pub mod fabric;
 mod facts;
+pub mod mmio;
 mod other_drivers;
 
 use std::path::Path;
@@ -24,7 +25,8 @@ use vfio_gpu_host::{HostError, HostRoot};
 use vfio_gpu_intent::Policy;
 
 pub use checks::{
-    Check, Status, check_interrupt_remapping, check_iommu, check_vfio_driver, diagnose,
+    Check, Status, check_guest_mmio, check_interrupt_remapping, check_iommu, check_vfio_driver,
+    diagnose,
 };
 pub use facts::NodeFacts;
 pub use other_drivers::{

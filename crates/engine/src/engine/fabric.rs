@@ -27,7 +27,7 @@ use vfio_gpu_host::{Bdf, Gpu, discover_gpus};
 
 use crate::error::EngineError;
 use crate::fabric_state::{FabricLedger, ModuleRecord, PartitionRecord, PartitionState};
-use crate::ledger::{Holder, LedgerBody, now};
+use crate::ledger::{Durability, Holder, LedgerBody, now};
 
 /// What a claim whose GPU set is not exactly one partition gets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -589,7 +589,14 @@ impl Engine {
         rec: Option<PartitionRecord>,
         module_map: Option<BTreeMap<Bdf, ModuleRecord>>,
     ) -> Result<(), EngineError> {
-        self.commit(|b| {
+        // A partition is boot-scoped (FM forgets it with the host's boot), so
+        // its record needs to survive this process, not a power loss; a new
+        // module map is learned knowledge and goes to the disk.
+        let durability = match &module_map {
+            Some(m) if *m != self.ledger().fabric.module_map => Durability::Disk,
+            _ => Durability::Process,
+        };
+        self.commit_with(durability, |b| {
             match rec {
                 Some(mut r) => {
                     r.updated = now();
@@ -610,7 +617,7 @@ impl Engine {
         id: PartitionId,
         state: PartitionState,
     ) -> Result<(), EngineError> {
-        self.commit(|b| {
+        self.commit_with(Durability::Process, |b| {
             if let Some(r) = b.fabric.partitions.get_mut(&id) {
                 r.state = state;
                 r.updated = now();

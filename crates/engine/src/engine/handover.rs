@@ -22,7 +22,7 @@ use crate::error::EngineError;
 use crate::kernel::SysfsWrite;
 use crate::ledger::{
     Fingerprint, HANDOVER_AUDIT_KEPT, Handover, HandoverAudit, HandoverPhase, LedgerBody, OpState,
-    Quarantine, now,
+    Quarantine, QuarantineCause, now,
 };
 use crate::state::{FunctionHealth, HandoverStep, LinkState, decide_handover, verify_function};
 
@@ -149,14 +149,20 @@ impl Engine {
                                 bdf,
                                 &handover,
                                 "reset hung",
-                                &why,
+                                (QuarantineCause::ResetHung, &why),
                                 true,
                             )?;
                         }
                         return Err(e);
                     }
                     Err(Failure::Quarantine(why)) => {
-                        self.quarantine_after_release(bdf, &handover, "reset failed", &why, true)?;
+                        self.quarantine_after_release(
+                            bdf,
+                            &handover,
+                            "reset failed",
+                            (QuarantineCause::ResetFailed, &why),
+                            true,
+                        )?;
                         return Ok(AfterReset::Quarantined(why));
                     }
                 };
@@ -164,7 +170,13 @@ impl Engine {
                     (false, _) => "not configured".to_string(),
                     (true, None) => {
                         let why = "sanitize = \"reset+hook\" but no hook is configured".to_string();
-                        self.quarantine_after_release(bdf, &handover, &method, &why, true)?;
+                        self.quarantine_after_release(
+                            bdf,
+                            &handover,
+                            &method,
+                            (QuarantineCause::HookFailed, &why),
+                            true,
+                        )?;
                         return Ok(AfterReset::Quarantined(why));
                     }
                     (true, Some(plan)) => match self.run_scrub_hook(bdf, plan) {
@@ -173,7 +185,13 @@ impl Engine {
                             let why = format!("scrub hook {} failed: {e}", plan.program.display());
                             let mut h = handover.clone();
                             h.hook = Some(why.clone());
-                            self.quarantine_after_release(bdf, &h, &method, &why, true)?;
+                            self.quarantine_after_release(
+                                bdf,
+                                &h,
+                                &method,
+                                (QuarantineCause::HookFailed, &why),
+                                true,
+                            )?;
                             return Ok(AfterReset::Quarantined(why));
                         }
                     },
@@ -223,7 +241,13 @@ impl Engine {
         let why = problems.join("; ");
         // Verified where the release put it: a kept record is on vfio
         // already, a restored one is dropped by the release's last commit.
-        self.quarantine_after_release(bdf, &handover, &method, &why, false)?;
+        self.quarantine_after_release(
+            bdf,
+            &handover,
+            &method,
+            (QuarantineCause::VerificationFailed, &why),
+            false,
+        )?;
         Ok(Some(why))
     }
 
@@ -237,7 +261,7 @@ impl Engine {
         bdf: Bdf,
         handover: &Handover,
         method: &str,
-        why: &str,
+        (cause, why): (QuarantineCause, &str),
         on_vfio: bool,
     ) -> Result<(), EngineError> {
         let audit = audit_of(bdf, handover, method, &format!("failed: {why}"));
@@ -262,6 +286,7 @@ impl Engine {
                 bdf,
                 Quarantine {
                     reason: why.to_string(),
+                    cause,
                     since: now(),
                     boot_id,
                     fingerprints,
@@ -452,10 +477,16 @@ impl Engine {
                 (method, problems)
             }
             Err(Failure::Engine(e)) => return Err(e),
-            Err(Failure::Quarantine(why)) => ("reset failed".to_string(), vec![why]),
+            Err(Failure::Quarantine(why)) => {
+                return self.admin_reset_quarantine(
+                    bdf,
+                    &handover,
+                    ("reset failed", QuarantineCause::ResetFailed, why),
+                    expected,
+                );
+            }
         };
         let (method, problems) = outcome;
-        let boot_id = self.boot_id.clone();
         if problems.is_empty() {
             let audit = audit_of(bdf, &handover, &method, "clean");
             self.commit(|b| {
@@ -469,8 +500,29 @@ impl Engine {
                 started,
             ));
         }
-        let why = problems.join("; ");
-        let audit = audit_of(bdf, &handover, &method, &format!("failed: {why}"));
+        self.admin_reset_quarantine(
+            bdf,
+            &handover,
+            (
+                &method,
+                QuarantineCause::VerificationFailed,
+                problems.join("; "),
+            ),
+            expected,
+        )
+    }
+
+    /// An admin reset that failed: the GPU (stays) quarantined for `why`,
+    /// with the audit record, in one commit.
+    fn admin_reset_quarantine(
+        &self,
+        bdf: Bdf,
+        handover: &Handover,
+        (method, cause, why): (&str, QuarantineCause, String),
+        expected: BTreeMap<Bdf, Option<Fingerprint>>,
+    ) -> Result<Outcome, EngineError> {
+        let boot_id = self.boot_id.clone();
+        let audit = audit_of(bdf, handover, method, &format!("failed: {why}"));
         let fingerprints: BTreeMap<Bdf, Fingerprint> = expected
             .into_iter()
             .filter_map(|(b, f)| f.map(|f| (b, f)))
@@ -480,6 +532,7 @@ impl Engine {
                 bdf,
                 Quarantine {
                     reason: why.clone(),
+                    cause,
                     since: now(),
                     boot_id,
                     fingerprints,

@@ -9,7 +9,7 @@ use vfio_gpu_host::{Bdf, Gpu, PciFunction};
 
 use crate::error::EngineError;
 use crate::ledger::{
-    Changes, FunctionRecord, GpuRecord, Holder, LedgerBody, LedgerError, OpState, now,
+    Changes, Durability, FunctionRecord, GpuRecord, Holder, LedgerBody, LedgerError, OpState, now,
 };
 
 impl Engine {
@@ -55,6 +55,15 @@ impl Engine {
     /// eight in a row. Every caller still returns only after a write that holds
     /// its update, so each record still precedes the host write it announces.
     pub(super) fn commit(&self, update: impl FnOnce(&mut LedgerBody)) -> Result<(), EngineError> {
+        self.commit_with(Durability::Disk, update)
+    }
+
+    /// [`Engine::commit`] as far as `durability` asks (see [`Durability`]).
+    pub(super) fn commit_with(
+        &self,
+        durability: Durability,
+        update: impl FnOnce(&mut LedgerBody),
+    ) -> Result<(), EngineError> {
         self.check_alive()?;
         let mine = {
             let mut staged = lock(&self.staged);
@@ -63,14 +72,16 @@ impl Engine {
                 .get_or_insert_with(|| lock(&self.ledger).clone());
             update(body);
             staged.last_staged += 1;
+            // A batch is fsynced when any update in it asks for the disk.
+            staged.pending_disk |= durability == Durability::Disk;
             staged.last_staged
         };
         {
             // One write at a time, so the disk sees bodies in the order memory
             // does; readers take only the memory lock and never wait on the disk.
             let _writing = lock(&self.ledger_writer);
-            let (next, upto) = {
-                let staged = lock(&self.staged);
+            let (next, upto, write_durability) = {
+                let mut staged = lock(&self.staged);
                 if let Some(e) = staged.failure_of(mine) {
                     return Err(e.into());
                 }
@@ -85,13 +96,18 @@ impl Engine {
                     .unwrap_or_else(|| lock(&self.ledger).clone());
                 // Operation numbers are handed out in memory, outside commits.
                 next.next_operation = next.next_operation.max(lock(&self.ledger).next_operation);
-                (next, staged.last_staged)
+                let write_durability = if std::mem::take(&mut staged.pending_disk) {
+                    Durability::Disk
+                } else {
+                    durability
+                };
+                (next, staged.last_staged, write_durability)
             };
             if let Some(gate) = &self.config.ledger_write_gate {
                 gate.wait();
             }
             // Disk before memory: a commit that does not reach disk changes nothing.
-            if let Err(e) = self.file.store(&next) {
+            if let Err(e) = self.file.store_with(&next, write_durability) {
                 lock(&self.staged).fail_pending(self.file.path(), &e);
                 return Err(e.into());
             }
@@ -183,6 +199,8 @@ pub(super) struct StagedCommits {
     last_staged: u64,
     /// Number of the last update written to disk and memory.
     last_durable: u64,
+    /// Whether a staged, unwritten update asked for [`Durability::Disk`].
+    pending_disk: bool,
     /// Updates a failed write dropped: their numbers and the write's failure.
     failed: Vec<DroppedUpdates>,
 }
@@ -237,6 +255,7 @@ impl StagedCommits {
             self.failed.remove(0);
         }
         self.last_durable = self.last_staged;
+        self.pending_disk = false;
         self.body = None;
     }
 }

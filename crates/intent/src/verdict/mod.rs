@@ -875,6 +875,7 @@ mod tests {
                 vfio_dev: None,
                 modalias: None,
                 bar_bytes: 0,
+                bar_prefetchable64_bytes: 0,
                 nvlink_management: false,
             },
             functions: fs,
