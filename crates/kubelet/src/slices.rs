@@ -1325,7 +1325,8 @@ fn backoff(base: Duration, max: Duration, failures: u32) -> Duration {
 }
 
 /// A device list fed from `engine`: discovered once before returning, then
-/// every `interval` until `shutdown`. Discovery errors keep the last list.
+/// again after each ledger write of this engine (within 200 ms) and every
+/// `interval`, until `shutdown`. Discovery errors keep the last list.
 pub async fn watch_engine_devices(
     engine: Arc<Engine>,
     interval: Duration,
@@ -1346,13 +1347,26 @@ pub async fn watch_engine_devices(
             }
         }
     }
+    // A list taken mid-release hides the GPU being released: re-discover as
+    // soon as this engine writes its ledger again (checked every
+    // `LEDGER_POLL`), not only every `interval` (which covers other processes).
+    const LEDGER_POLL: Duration = Duration::from_millis(200);
+    let mut seen_writes = engine.ledger_writes();
     let (tx, rx) = watch::channel(discover(&engine, admin_owned).await.unwrap_or_default());
     tokio::spawn(async move {
         loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
+            let due = tokio::time::Instant::now() + interval;
+            loop {
+                let now = tokio::time::Instant::now();
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(LEDGER_POLL.min(due.saturating_duration_since(now))) => {}
+                }
+                if engine.ledger_writes() != seen_writes || tokio::time::Instant::now() >= due {
+                    break;
+                }
             }
+            seen_writes = engine.ledger_writes();
             if let Some(list) = discover(&engine, admin_owned).await {
                 tx.send_if_modified(|cur| {
                     let changed = *cur != list;
@@ -1388,7 +1402,7 @@ pub struct PublisherContext {
 }
 
 /// Starts the publisher for `serve`: default [`SliceConfig`], devices re-discovered
-/// from the engine every 10 s.
+/// from the engine after each of its ledger writes, and every 10 s.
 pub fn start_publisher(ctx: PublisherContext) -> JoinHandle<anyhow::Result<()>> {
     tokio::spawn(async move {
         let mut cfg = SliceConfig::new(ctx.driver_name, ctx.node_name);

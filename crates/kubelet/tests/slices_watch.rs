@@ -346,3 +346,77 @@ async fn the_gpus_another_driver_publishes_are_recorded_for_doctor_and_explain()
     .await;
     running.stop().await;
 }
+
+/// A device list taken while a claim's GPU was being released hid it until the
+/// next periodic re-discovery (10 s in `serve`; the allocator could not place
+/// claims meanwhile, seen in tests/k8s). The watch now re-discovers as soon as
+/// the engine writes its ledger: a GPU quarantined at release shows at once,
+/// with an interval of an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_list_follows_a_release_at_once_not_at_the_next_interval() {
+    use std::sync::Arc;
+    use vfio_gpu_engine::kernel::WriteKind;
+    use vfio_gpu_engine::sim::{Fault, FaultAction, SimKernel};
+    use vfio_gpu_engine::{Engine, EngineConfig, Holder};
+    use vfio_gpu_host::{GpuSelector, HostRoot};
+    use vfio_gpu_intent::Policy;
+    use vfio_gpu_kubelet::slices::watch_engine_devices;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let host = dir.path().join("host");
+    std::fs::create_dir_all(&host).expect("host dir");
+    vfio_gpu_host::demo::build_demo_host(&host).expect("demo host");
+    let kernel = SimKernel::booted(HostRoot::open(&host).expect("host root"));
+    let (engine, _) = Engine::open(
+        Arc::new(kernel.clone()),
+        &dir.path().join("state"),
+        GpuSelector::default(),
+        Policy::default(),
+        EngineConfig::default(),
+    )
+    .expect("engine");
+    let engine = Arc::new(engine);
+    let shutdown = CancellationToken::new();
+    let mut devices = watch_engine_devices(
+        engine.clone(),
+        Duration::from_secs(3600),
+        vfio_gpu_kubelet::slices::AdminOwned::Offer,
+        shutdown.clone(),
+    )
+    .await;
+    let gpu: vfio_gpu_host::Bdf = "0000:ba:00.0".parse().expect("bdf");
+    let quarantined = |list: &[DeviceInfo]| {
+        list.iter()
+            .find(|d| d.bdf == gpu)
+            .is_some_and(|d| d.quarantine.is_some())
+    };
+    assert!(!quarantined(&devices.borrow_and_update()));
+    kernel.inject(Fault::on(WriteKind::Reset, gpu, FaultAction::Fail(5)));
+    let mover = engine.clone();
+    tokio::task::spawn_blocking(move || {
+        let claim = Holder::Claim {
+            uid: "claim-uid".into(),
+            namespace: "default".into(),
+            name: "vm-gpu".into(),
+        };
+        mover.configure(gpu, claim.clone())?;
+        mover.unconfigure(gpu, Some(&claim))
+    })
+    .await
+    .expect("join")
+    .expect("released (to quarantine)");
+    let seen = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if quarantined(&devices.borrow_and_update()) {
+                return;
+            }
+            if devices.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(seen.is_ok(), "the list did not follow the release");
+    assert!(quarantined(&devices.borrow()));
+    shutdown.cancel();
+}
