@@ -49,7 +49,7 @@ use crate::error::EngineError;
 use crate::holder_scan::HolderScanner;
 use crate::kernel::Kernel;
 use crate::ledger::LedgerError;
-use crate::ledger::{LedgerBody, LedgerFile};
+use crate::ledger::{Durability, LedgerBody, LedgerFile};
 use crate::lock::{LockError, SharedLease, SharedStateLock, StateLock};
 
 /// The stuck-set key of the intent sources: not a device, the highest PCI
@@ -558,7 +558,9 @@ impl Engine {
         let Some(m) = &self.mirror else {
             return;
         };
-        if let Err(e) = m.store(body) {
+        // The mirror is boot-scoped (the host's /run): a power loss ends it
+        // with the boot, so it needs to survive a process, never the disk.
+        if let Err(e) = m.store_with(body, Durability::Process) {
             tracing::warn!(error = %e, "boot mirror of the ledger not written; removing it");
             if let Err(e) = m.discard() {
                 tracing::warn!(error = %e, path = %m.path().display(), "stale boot mirror could not be removed");
