@@ -56,6 +56,31 @@ async fn wait_published(server: &FakeApiServer, names: &[String], what: &str) ->
     .await
 }
 
+/// An engine on a fresh demo host (simulated kernel), with its kernel.
+fn demo_engine(
+    dir: &std::path::Path,
+) -> (
+    vfio_gpu_engine::sim::SimKernel,
+    std::sync::Arc<vfio_gpu_engine::Engine>,
+) {
+    use vfio_gpu_engine::sim::SimKernel;
+    use vfio_gpu_engine::{Engine, EngineConfig};
+    use vfio_gpu_host::{GpuSelector, HostRoot};
+    let host = dir.join("host");
+    std::fs::create_dir_all(&host).expect("host dir");
+    vfio_gpu_host::demo::build_demo_host(&host).expect("demo host");
+    let kernel = SimKernel::booted(HostRoot::open(&host).expect("host root"));
+    let (engine, _) = Engine::open(
+        std::sync::Arc::new(kernel.clone()),
+        &dir.join("state"),
+        GpuSelector::default(),
+        vfio_gpu_intent::Policy::default(),
+        EngineConfig::default(),
+    )
+    .expect("engine");
+    (kernel, std::sync::Arc::new(engine))
+}
+
 fn names_of(devices: &[DeviceInfo]) -> Vec<String> {
     let mut names: Vec<String> = devices
         .iter()
@@ -219,28 +244,12 @@ async fn shutdown_stops_the_publisher_even_while_the_server_is_down() {
 /// The slice now stays as it was: same devices, same attributes, same object.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_for_a_claim_leaves_the_published_slice_unchanged() {
-    use std::sync::Arc;
-    use vfio_gpu_engine::sim::SimKernel;
-    use vfio_gpu_engine::{Engine, EngineConfig, Holder};
-    use vfio_gpu_host::{GpuSelector, HostRoot};
-    use vfio_gpu_intent::Policy;
+    use vfio_gpu_engine::Holder;
     use vfio_gpu_kubelet::slices::watch_engine_devices;
 
     let (server, client, _) = setup().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let host = dir.path().join("host");
-    std::fs::create_dir_all(&host).expect("host dir");
-    vfio_gpu_host::demo::build_demo_host(&host).expect("demo host");
-    let kernel = SimKernel::booted(HostRoot::open(&host).expect("host root"));
-    let (engine, _) = Engine::open(
-        Arc::new(kernel),
-        &dir.path().join("state"),
-        GpuSelector::default(),
-        Policy::default(),
-        EngineConfig::default(),
-    )
-    .expect("engine");
-    let engine = Arc::new(engine);
+    let (_kernel, engine) = demo_engine(dir.path());
 
     let shutdown = CancellationToken::new();
     let devices = watch_engine_devices(
@@ -354,28 +363,13 @@ async fn the_gpus_another_driver_publishes_are_recorded_for_doctor_and_explain()
 /// with an interval of an hour.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_device_list_follows_a_release_at_once_not_at_the_next_interval() {
-    use std::sync::Arc;
+    use vfio_gpu_engine::Holder;
     use vfio_gpu_engine::kernel::WriteKind;
-    use vfio_gpu_engine::sim::{Fault, FaultAction, SimKernel};
-    use vfio_gpu_engine::{Engine, EngineConfig, Holder};
-    use vfio_gpu_host::{GpuSelector, HostRoot};
-    use vfio_gpu_intent::Policy;
+    use vfio_gpu_engine::sim::{Fault, FaultAction};
     use vfio_gpu_kubelet::slices::watch_engine_devices;
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let host = dir.path().join("host");
-    std::fs::create_dir_all(&host).expect("host dir");
-    vfio_gpu_host::demo::build_demo_host(&host).expect("demo host");
-    let kernel = SimKernel::booted(HostRoot::open(&host).expect("host root"));
-    let (engine, _) = Engine::open(
-        Arc::new(kernel.clone()),
-        &dir.path().join("state"),
-        GpuSelector::default(),
-        Policy::default(),
-        EngineConfig::default(),
-    )
-    .expect("engine");
-    let engine = Arc::new(engine);
+    let (kernel, engine) = demo_engine(dir.path());
     let shutdown = CancellationToken::new();
     let mut devices = watch_engine_devices(
         engine.clone(),
