@@ -627,6 +627,22 @@ impl GpuRecord {
     }
 }
 
+/// The `driver_override` a restored function is left with. `seen`: its value
+/// when the restore began; `original`: when we found it; `written`: the vfio
+/// value we wrote at configure; `target`: the driver the restore binds (its
+/// steering value). A value none of ours could have left there is the admin's,
+/// set while we held the GPU: it stays (the admin's latest word wins over the
+/// one we found). Otherwise the original comes back.
+pub fn override_after_restore(
+    original: Option<&str>,
+    written: Option<&str>,
+    target: Option<&str>,
+    seen: Option<&str>,
+) -> Option<String> {
+    let ours = seen == original || (seen.is_some() && (seen == written || seen == target));
+    if ours { original } else { seen }.map(str::to_string)
+}
+
 /// What reconcile does with a GPU it has no record of, from the GPU as
 /// found. Only a record of ours ever sends a function anywhere: without one
 /// the GPU is in a state someone else made.
@@ -657,6 +673,34 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    /// Every input over a small domain: the original comes back unless the
+    /// value seen is one nothing of ours could have left (the admin's).
+    #[test]
+    fn a_restored_override_is_the_original_unless_the_admin_set_another() {
+        let values = [
+            None,
+            Some("vfio-pci"),
+            Some("nvidia"),
+            Some("snd_hda_intel"),
+        ];
+        for original in values {
+            for written in values {
+                for target in values {
+                    for seen in values {
+                        let admins = seen != original && seen != written && seen != target
+                            || (seen.is_none() && original.is_some());
+                        let want = if admins { seen } else { original };
+                        assert_eq!(
+                            override_after_restore(original, written, target, seen).as_deref(),
+                            want,
+                            "{original:?} {written:?} {target:?} {seen:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     /// Every input: only vfio adopts, a driverless function is never repaired.
     #[test]

@@ -1708,3 +1708,26 @@ fn a_reprepare_after_a_crashed_unprepare_that_reached_the_host_is_reset_first() 
         .unwrap();
     }
 }
+
+/// Found by a random run this session (I3): the admin's `driver_override` on
+/// the audio function keeps GPU A on vfio at release; the admin then clears
+/// it, and the settle that returns A to its drivers wrote the override found
+/// at prepare back, over the admin's newer choice, leaving an override with
+/// no record. The admin's latest value now stays (`override_after_restore`).
+#[test]
+fn an_override_the_admin_cleared_while_we_held_the_gpu_is_not_written_back() {
+    run_with(
+        &[
+            Op::AdminOverride {
+                f: 1,
+                to: Some(true),
+            },
+            configure(0, 2),
+            unconfigure(0, 2),
+            Op::AdminOverride { f: 1, to: None },
+            Op::Settle,
+        ],
+        BTreeSet::new(),
+    )
+    .unwrap();
+}

@@ -17,7 +17,7 @@ use crate::error::{EngineError, Step, Verification};
 use crate::kernel::SysfsWrite;
 use crate::ledger::{FunctionRecord, GpuRecord, Handover, Holder, OpState};
 use crate::preflight::NodeHolder;
-use crate::state::{IntentNow, Observed, Settle, decide_settle};
+use crate::state::{IntentNow, Observed, Settle, decide_settle, override_after_restore};
 use vfio_gpu_intent::ReleaseDecision;
 
 /// Which operation settles a record: decides only the outcome's wording.
@@ -101,18 +101,30 @@ impl Engine {
                 }
             }
         }
-        self.restore_override(gpu, fr)
+        let wanted = override_after_restore(
+            fr.original_override.as_deref(),
+            fr.override_written.as_deref(),
+            target.map(DriverName::as_str),
+            cur.driver_override.as_deref(),
+        );
+        self.restore_override(gpu, fr.bdf, wanted)
     }
 
-    /// `driver_override` back to what it was when we found the function.
-    fn restore_override(&self, gpu: Bdf, fr: &FunctionRecord) -> Result<(), StepError> {
-        let cur = self.binding(fr.bdf)?;
-        if cur.driver_override != fr.original_override {
+    /// `driver_override` as [`override_after_restore`] decided: back to what
+    /// it was when we found the function, unless the admin set another since.
+    fn restore_override(
+        &self,
+        gpu: Bdf,
+        bdf: Bdf,
+        wanted: Option<String>,
+    ) -> Result<(), StepError> {
+        let cur = self.binding(bdf)?;
+        if cur.driver_override != wanted {
             self.step(
                 gpu,
                 SysfsWrite::DriverOverride {
-                    bdf: fr.bdf,
-                    driver: fr.original_override.clone(),
+                    bdf,
+                    driver: wanted,
                 },
             )?;
         }
@@ -328,7 +340,16 @@ impl Engine {
                 }
                 (Some(_), _) if now.on_vfio() => Ok(()),
                 // Never moved (still on its host driver): only our override goes.
-                _ => self.restore_override(bdf, fr),
+                _ => self.restore_override(
+                    bdf,
+                    fr.bdf,
+                    override_after_restore(
+                        fr.original_override.as_deref(),
+                        fr.override_written.as_deref(),
+                        now.driver.as_ref().map(DriverName::as_str),
+                        now.driver_override.as_deref(),
+                    ),
+                ),
             };
             if let Err(e) = result {
                 let stop = matches!(e, StepError::Engine(_));
