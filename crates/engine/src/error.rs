@@ -266,6 +266,18 @@ pub enum EngineError {
         /// What it waits for.
         detail: String,
     },
+    /// An operation on the GPU was interrupted (its record is still
+    /// configuring or releasing): an admin command waits until reconcile has
+    /// finished it, so it never acts on a half-moved GPU.
+    #[error(
+        "{bdf}: an interrupted operation is not finished (record {state}); run `vfio-gpu-dra reconcile` (serve does at start), then retry"
+    )]
+    Unfinished {
+        /// GPU.
+        bdf: Bdf,
+        /// The record's state.
+        state: String,
+    },
     /// A write outlived its deadline; the GPU is left alone until it returns.
     #[error(
         "{bdf} is stuck: {op} did not return within {secs:.1} s; the GPU is not touched until it does (other GPUs are unaffected)"

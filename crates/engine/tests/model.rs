@@ -1731,3 +1731,25 @@ fn an_override_the_admin_cleared_while_we_held_the_gpu_is_not_written_back() {
     )
     .unwrap();
 }
+
+/// Found by a random run this session (I2): a prepare whose vfio bind and
+/// whose park on vfio both fail leaves the GPU function driverless (the
+/// kernel refused; reconcile parks it later); the admin's `reset <GPU>` then
+/// reset that driverless function and returned with it still driverless. The
+/// reset now refuses while an operation on the GPU is unfinished.
+#[test]
+fn an_admin_reset_refuses_a_gpu_whose_prepare_left_it_unfinished() {
+    run_with(
+        &[
+            bind_fails(0, true, 2),
+            Op::AdminOverride {
+                f: 0,
+                to: Some(true),
+            },
+            configure(0, 1),
+            Op::AdminReset { gpu: 0 },
+        ],
+        BTreeSet::new(),
+    )
+    .unwrap();
+}

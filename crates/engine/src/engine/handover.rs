@@ -445,6 +445,14 @@ impl Engine {
                 holder: h.clone(),
             });
         }
+        if let Some(r) = rec
+            && matches!(r.state, OpState::Configuring | OpState::Releasing)
+        {
+            return Err(EngineError::Unfinished {
+                bdf,
+                state: format!("{:?}", r.state),
+            });
+        }
         let funcs = gpu
             .functions
             .iter()
