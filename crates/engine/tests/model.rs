@@ -1753,3 +1753,31 @@ fn an_admin_reset_refuses_a_gpu_whose_prepare_left_it_unfinished() {
     )
     .unwrap();
 }
+
+/// Found by a random run this session (I1) after 1,153 successes: a release
+/// put GPU A's function back on nvidia, its audio function failed and stayed
+/// on vfio, the process crashed; the admin then wrote `vfio-pci` into the GPU
+/// function's `driver_override`, the value this plugin had written at
+/// prepare, and the settle took it for ours: it cleared it and sent the audio
+/// function to its driver. Our vfio value on a function bound to a host
+/// driver outside a move is no longer ours: it is the admin's.
+#[test]
+fn an_admin_override_to_vfio_after_a_crashed_release_step_keeps_the_gpu() {
+    run_with(
+        &[
+            bind_fails(1, false, 1),
+            configure(0, 1),
+            Op::Crash {
+                step: 1,
+                op: Box::new(unconfigure(0, 1)),
+            },
+            Op::AdminOverride {
+                f: 0,
+                to: Some(true),
+            },
+            Op::Settle,
+        ],
+        BTreeSet::new(),
+    )
+    .unwrap();
+}

@@ -154,7 +154,7 @@ impl Engine {
     ) -> Result<Option<ModuleId>, EngineError> {
         let nvidia = DriverName::new(NVIDIA).map_err(|e| EngineError::Fabric(e.to_string()))?;
         let fr = learn_function(rec);
-        self.restore_function(bdf, &fr, Some(&nvidia), Some(&rec.vfio_driver))
+        self.restore_function(bdf, &fr, Some(&nvidia), Some(&rec.vfio_driver), false)
             .map_err(|e| step_err(bdf, e))?;
         self.read_module_id(reader, bdf).map_err(|e| {
             EngineError::Fabric(format!(
@@ -172,8 +172,14 @@ impl Engine {
             self.take_unbind_lock(rec.bdf, &now)
                 .map_err(|e| step_err(rec.bdf, e))?;
         }
-        self.restore_function(rec.bdf, &fr, Some(&rec.vfio_driver), Some(&rec.vfio_driver))
-            .map_err(|e| step_err(rec.bdf, e))
+        self.restore_function(
+            rec.bdf,
+            &fr,
+            Some(&rec.vfio_driver),
+            Some(&rec.vfio_driver),
+            false,
+        )
+        .map_err(|e| step_err(rec.bdf, e))
     }
 
     /// Finishes a learn a crash interrupted ([`on_pending_learn`]). The

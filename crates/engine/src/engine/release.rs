@@ -44,12 +44,15 @@ impl SettlePath {
 impl Engine {
     /// Puts one function where `target` says (its recorded origin, or the
     /// admin's pin). A bind that fails parks it back on vfio: never driverless.
+    /// `mid_move`: the record is still configuring (a rollback), so our vfio
+    /// override may sit on a function not yet unbound from its host driver.
     pub(super) fn restore_function(
         &self,
         gpu: Bdf,
         fr: &FunctionRecord,
         target: Option<&DriverName>,
         vfio: Option<&DriverName>,
+        mid_move: bool,
     ) -> Result<(), StepError> {
         let cur = self.binding(fr.bdf)?;
         if cur.driver.as_ref() != target {
@@ -101,9 +104,16 @@ impl Engine {
                 }
             }
         }
+        // Our vfio value on a function found on a host driver outside a move
+        // is no longer ours (a release had put it back): the admin's.
+        let on_host = cur.driver.is_some() && !cur.on_vfio();
+        let written = fr
+            .override_written
+            .as_deref()
+            .filter(|_| !on_host || mid_move);
         let wanted = override_after_restore(
             fr.original_override.as_deref(),
-            fr.override_written.as_deref(),
+            written,
             target.map(DriverName::as_str),
             cur.driver_override.as_deref(),
         );
@@ -343,9 +353,13 @@ impl Engine {
                 _ => self.restore_override(
                     bdf,
                     fr.bdf,
+                    // On its host driver outside a move: our vfio value
+                    // there is the admin's now (see `restore_function`).
                     override_after_restore(
                         fr.original_override.as_deref(),
-                        fr.override_written.as_deref(),
+                        fr.override_written
+                            .as_deref()
+                            .filter(|_| rec.state == OpState::Configuring),
                         now.driver.as_ref().map(DriverName::as_str),
                         now.driver_override.as_deref(),
                     ),
@@ -505,9 +519,13 @@ impl Engine {
         let mut failure = None;
         for fr in &rec.functions {
             let target = intent.target(fr);
-            if let Err(e) =
-                self.restore_function(bdf, fr, target.as_ref(), rec.vfio_driver.as_ref())
-            {
+            if let Err(e) = self.restore_function(
+                bdf,
+                fr,
+                target.as_ref(),
+                rec.vfio_driver.as_ref(),
+                rec.state == OpState::Configuring,
+            ) {
                 // A blocked write (or read) stops the settle: the rest of the
                 // group is left as it is until that returns, never half-moved
                 // behind a device whose lock is held.

@@ -122,13 +122,16 @@ pub struct OpenReport {
 pub(super) struct Records<'a>(pub(super) &'a LedgerBody);
 
 impl OwnRecords for Records<'_> {
-    fn wrote_override(&self, bdf: Bdf, value: &str) -> bool {
+    fn wrote_override(&self, bdf: Bdf, value: &str, on_host_driver: bool) -> bool {
         // An override the admin had written before we came is still the
-        // admin's, even once we write the same value over it.
+        // admin's, even once we write the same value over it; so is our value
+        // on a function bound to a host driver outside a move (a release put
+        // it back; the admin wrote the same value since).
         self.0.gpus.values().any(|r| {
             r.function(bdf).is_some_and(|f| {
                 f.override_written.as_deref() == Some(value)
                     && f.original_override.as_deref() != Some(value)
+                    && (!on_host_driver || r.state == crate::ledger::OpState::Configuring)
             })
         })
     }

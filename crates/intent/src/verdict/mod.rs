@@ -201,8 +201,11 @@ impl Verdict {
 
 /// What this plugin itself did, from its ledger (built elsewhere).
 pub trait OwnRecords {
-    /// True if this plugin wrote `value` to `bdf`'s `driver_override` in this boot.
-    fn wrote_override(&self, bdf: Bdf, value: &str) -> bool;
+    /// True if this plugin wrote `value` to `bdf`'s `driver_override` in this
+    /// boot and the value is still ours. `on_host_driver`: the function is
+    /// bound to a driver other than vfio now (our vfio value is left on such a
+    /// function only mid-move, before its unbind).
+    fn wrote_override(&self, bdf: Bdf, value: &str, on_host_driver: bool) -> bool;
     /// True if this plugin bound `bdf` to its current vfio driver in this boot.
     fn bound_by_us(&self, bdf: Bdf) -> bool;
     /// True if the ledger recorded `bdf` as already on vfio when first seen.
@@ -214,7 +217,7 @@ pub trait OwnRecords {
 pub struct NoRecords;
 
 impl OwnRecords for NoRecords {
-    fn wrote_override(&self, _bdf: Bdf, _value: &str) -> bool {
+    fn wrote_override(&self, _bdf: Bdf, _value: &str, _on_host_driver: bool) -> bool {
         false
     }
     fn bound_by_us(&self, _bdf: Bdf) -> bool {
@@ -1130,7 +1133,7 @@ mod tests {
         prebound: Vec<Bdf>,
     }
     impl OwnRecords for Ledger {
-        fn wrote_override(&self, bdf: Bdf, value: &str) -> bool {
+        fn wrote_override(&self, bdf: Bdf, value: &str, _on_host_driver: bool) -> bool {
             self.wrote.iter().any(|(b, v)| *b == bdf && v == value)
         }
         fn bound_by_us(&self, bdf: Bdf) -> bool {

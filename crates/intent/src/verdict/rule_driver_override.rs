@@ -13,7 +13,7 @@ pub(super) fn apply(v: &mut Verdict, input: &RuleInput<'_>) {
                 Source::DriverOverride,
                 format!("{}: driver_override is unset", f.bdf),
             ),
-            Some(o) if records.wrote_override(f.bdf, o) => v.signal(
+            Some(o) if records.wrote_override(f.bdf, o, f.driver.is_some() && !f.on_vfio) => v.signal(
                 Source::DriverOverride,
                 format!("{}: driver_override {o} was written by this plugin", f.bdf),
             ),
