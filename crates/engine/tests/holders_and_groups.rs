@@ -351,7 +351,7 @@ fn a_vfio_driver_is_recognised_by_its_vfio_dev_not_its_name() {
 /// hand out a GPU a VM holds; here a descriptor entry that is no link at all
 /// (EINVAL) stands in for it. Only a vanished descriptor (ENOENT) is skipped.
 #[test]
-fn m4_an_unreadable_descriptor_fails_the_scan_closed() {
+fn an_unreadable_descriptor_fails_the_scan_closed() {
     let dir = tempfile::tempdir().unwrap();
     let host = b_nvidia_host(dir.path());
     std::fs::write(host.join("dev/nvidia3"), "").unwrap();

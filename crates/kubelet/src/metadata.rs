@@ -747,7 +747,7 @@ mod tests {
     /// metadata file (the metadata subdir, the claim's dir, the request's dir)
     /// does not redirect the write: it fails, and the link's target stays empty.
     #[test]
-    fn l4_a_symlinked_parent_dir_does_not_redirect_the_metadata_write() {
+    fn a_symlinked_parent_dir_does_not_redirect_the_metadata_write() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let victim = dir.path().join("victim");
@@ -801,7 +801,7 @@ mod tests {
     /// L4: removing a claim's metadata does not list (and empty) a directory a
     /// symlink planted at the metadata directory points to.
     #[test]
-    fn l4_remove_claim_does_not_follow_a_symlinked_metadata_dir() {
+    fn remove_claim_does_not_follow_a_symlinked_metadata_dir() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let victim = dir.path().join("victim");

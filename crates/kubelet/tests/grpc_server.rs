@@ -565,7 +565,7 @@ fn probe(path: &Path) -> &'static str {
 }
 
 /// Not a test on its own: the non-root side of
-/// `l6_a_non_root_peer_is_closed_unserved`, run as a child process under
+/// `a_non_root_peer_is_closed_unserved`, run as a child process under
 /// another uid (it probes the sockets named in `PEER_PROBE_SOCKETS`).
 #[test]
 fn peer_probe_helper() {
@@ -631,7 +631,7 @@ fn open_up(f: &Fixture) {
 /// served (so the check, not the file system, refused it). Needs root (it runs
 /// the peer as uid 65534).
 #[tokio::test]
-async fn l6_a_non_root_peer_is_closed_unserved() {
+async fn a_non_root_peer_is_closed_unserved() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped: needs root to run a peer as another uid");
@@ -702,7 +702,7 @@ async fn l6_a_non_root_peer_is_closed_unserved() {
 /// per socket; the next one is closed unserved at once, and once the flood goes
 /// the kubelet is served again.
 #[tokio::test]
-async fn l6_a_connection_flood_past_the_cap_is_closed_at_once() {
+async fn a_connection_flood_past_the_cap_is_closed_at_once() {
     tokio::time::timeout(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
         let mut config = ServerConfig::new(

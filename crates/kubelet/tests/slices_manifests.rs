@@ -701,7 +701,7 @@ fn network_policy_admits_only_monitoring_on_the_metrics_port() {
 /// with only the capabilities docs/security.md explains, the same ones the
 /// real-kernel scenario (tests/vm plugin-caps) runs it with.
 #[test]
-fn m4_daemonset_runs_with_least_privilege() {
+fn daemonset_runs_with_least_privilege() {
     let p = parse_all();
     let [ds] = p.daemonsets.as_slice() else {
         panic!("one DaemonSet");

@@ -682,7 +682,7 @@ async fn a_gpu_another_driver_publishes_on_this_node_is_not_offered() {
 /// the default still offers them (as before). A GPU the plugin moved to vfio for
 /// a claim is its own, never hidden.
 #[test]
-fn l3_hidden_admin_owned_gpus_are_not_published() {
+fn hidden_admin_owned_gpus_are_not_published() {
     use vfio_gpu_kubelet::slices::{AdminOwned, device_infos, device_infos_for, is_admin_owned};
     let views = demo_views();
     let names = |d: &[vfio_gpu_kubelet::slices::DeviceInfo]| -> Vec<String> {

@@ -205,7 +205,7 @@ mod tests {
     /// universe: admitted exactly when the uid is allowed or the plugin's own,
     /// and the socket is below its cap; a refusal names the reason.
     #[test]
-    fn l6_admit_is_exactly_uid_allowed_and_below_the_cap() {
+    fn admit_is_exactly_uid_allowed_and_below_the_cap() {
         let policy = PeerPolicy {
             allowed_uids: vec![0, 7],
             max_connections: 3,
@@ -233,7 +233,7 @@ mod tests {
     /// L6: the slots are held by open connections and given back when they
     /// close; a connection past the cap is refused (the caller closes it).
     #[tokio::test]
-    async fn l6_connections_past_the_cap_are_refused_until_one_closes() {
+    async fn connections_past_the_cap_are_refused_until_one_closes() {
         let gate = PeerGate::new(PeerPolicy {
             allowed_uids: vec![],
             max_connections: 2,
