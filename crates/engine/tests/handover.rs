@@ -386,6 +386,41 @@ fn the_scrub_hook_runs_after_the_reset_and_a_failing_one_quarantines() {
 /// host writes alike), open a fresh engine, reconcile: the GPU is back on
 /// its host driver, reset at least once, no hand-over left owed, an audit
 /// record written, and a second reconcile writes nothing.
+/// Unprepares `gpu` (held by claim u1) on an engine that crashes after step
+/// `n`. `None`: the release finished before that step, with `finished` as its
+/// action. Otherwise a restarted engine after its reconcile, every result Ok.
+fn unprepare_crashing_after(
+    k: &SimKernel,
+    state: &std::path::Path,
+    gpu: &str,
+    n: u64,
+    finished: Action,
+) -> Option<Engine> {
+    let crashed = engine_with(
+        k,
+        state,
+        EngineConfig {
+            crash_after_step: Some(n),
+            ..config()
+        },
+    )
+    .unconfigure(bdf(gpu), Some(&claim("u1")));
+    let ctx = format!("crash after step {n}");
+    match crashed {
+        Ok(out) => {
+            assert_eq!(out.action, finished, "{ctx}: {}", out.detail);
+            return None;
+        }
+        Err(EngineError::SimulatedCrash(_)) => {}
+        Err(other) => panic!("{ctx}: {other}"),
+    }
+    let e = engine(k, state);
+    for r in e.reconcile().unwrap() {
+        assert!(r.is_ok(), "{ctx}: {r:?}");
+    }
+    Some(e)
+}
+
 #[test]
 fn a_crash_at_every_step_of_a_resetting_release_is_finished_by_reconcile() {
     let mut swept = 0;
@@ -399,30 +434,10 @@ fn a_crash_at_every_step_of_a_resetting_release_is_finished_by_reconcile() {
             let e = engine(&k, &state);
             e.configure(bdf(A), claim("u1")).unwrap();
         }
-        let crashed = {
-            let e = engine_with(
-                &k,
-                &state,
-                EngineConfig {
-                    crash_after_step: Some(n),
-                    ..config()
-                },
-            );
-            e.unconfigure(bdf(A), Some(&claim("u1")))
-        };
         let ctx = format!("crash after step {n}");
-        match crashed {
-            Ok(out) => {
-                assert_eq!(out.action, Action::Restored, "{ctx}: {}", out.detail);
-                break;
-            }
-            Err(EngineError::SimulatedCrash(_)) => {}
-            Err(other) => panic!("{ctx}: {other}"),
-        }
-        let e = engine(&k, &state);
-        for r in e.reconcile().unwrap() {
-            assert!(r.is_ok(), "{ctx}: {r:?}");
-        }
+        let Some(e) = unprepare_crashing_after(&k, &state, A, n, Action::Restored) else {
+            break;
+        };
         let ledger = e.ledger();
         let handed_over = ledger.handovers.len() == 1;
         if handed_over {
@@ -479,30 +494,10 @@ fn a_crash_at_every_step_of_a_release_that_fails_verification_ends_quarantined()
                 width: 8,
             },
         );
-        let crashed = {
-            let e = engine_with(
-                &k,
-                &state,
-                EngineConfig {
-                    crash_after_step: Some(n),
-                    ..config()
-                },
-            );
-            e.unconfigure(bdf(B), Some(&claim("u1")))
-        };
         let ctx = format!("crash after step {n}");
-        match crashed {
-            Ok(out) => {
-                assert_eq!(out.action, Action::Quarantined, "{ctx}: {}", out.detail);
-                break;
-            }
-            Err(EngineError::SimulatedCrash(_)) => {}
-            Err(other) => panic!("{ctx}: {other}"),
-        }
-        let e = engine(&k, &state);
-        for r in e.reconcile().unwrap() {
-            assert!(r.is_ok(), "{ctx}: {r:?}");
-        }
+        let Some(e) = unprepare_crashing_after(&k, &state, B, n, Action::Quarantined) else {
+            break;
+        };
         let ledger = e.ledger();
         if k.resets(bdf(B)) == 0 {
             // Crashed before the release was written: still held, untouched.
