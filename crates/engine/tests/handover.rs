@@ -142,9 +142,9 @@ fn a_failed_reset_quarantines_the_gpu_on_vfio_until_the_admin_resets_it() {
     e.configure(bdf(A), claim("u2")).unwrap();
 }
 
-#[test]
-fn a_link_that_trains_back_degraded_is_quarantined_after_the_bind() {
-    let (_d, host, k, e) = setup();
+/// B on a 16 GT/s link, held by claim u1; its next reset trains the link
+/// back at 2.5 GT/s (a release then quarantines it).
+fn held_with_a_link_that_trains_back_degraded(k: &SimKernel, e: &Engine) {
     k.set_link(bdf(B), "16.0 GT/s PCIe", 16).unwrap();
     e.configure(bdf(B), claim("u1")).unwrap();
     k.on_reset(
@@ -154,6 +154,12 @@ fn a_link_that_trains_back_degraded_is_quarantined_after_the_bind() {
             width: 16,
         },
     );
+}
+
+#[test]
+fn a_link_that_trains_back_degraded_is_quarantined_after_the_bind() {
+    let (_d, host, k, e) = setup();
+    held_with_a_link_that_trains_back_degraded(&k, &e);
     let out = e.unconfigure(bdf(B), Some(&claim("u1"))).unwrap();
     assert_eq!(out.action, Action::Quarantined, "{}", out.detail);
     assert!(
@@ -551,15 +557,7 @@ fn the_admin_socket_resets_a_quarantined_gpu_in_the_running_engine_and_refuses_b
         request_reset(&state, &[bdf(B)]),
         Err(AdminSocketError::NotRunning { .. })
     ));
-    e.configure(bdf(B), claim("u1")).unwrap();
-    k.on_reset(
-        bdf(B),
-        ResetEffect::DegradedLink {
-            speed: "2.5 GT/s PCIe".into(),
-            width: 16,
-        },
-    );
-    k.set_link(bdf(B), "16.0 GT/s PCIe", 16).unwrap();
+    held_with_a_link_that_trains_back_degraded(&k, &e);
     let out = e.unconfigure(bdf(B), Some(&claim("u1"))).unwrap();
     assert_eq!(out.action, Action::Quarantined, "{}", out.detail);
 
