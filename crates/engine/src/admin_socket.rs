@@ -123,19 +123,27 @@ impl AdminSocket {
         let listener = UnixListener::bind(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         let meta = std::fs::symlink_metadata(&path)?;
+        // Polled, so a stop is seen without a connection to wake the loop: in a
+        // rolling update the path may already be a successor's socket.
+        listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = Arc::clone(&stop);
             std::thread::Builder::new()
                 .name("admin-socket".into())
                 .spawn(move || {
-                    for conn in listener.incoming() {
-                        if stop.load(Ordering::SeqCst) {
-                            break;
-                        }
-                        match conn {
-                            Ok(stream) => serve_one(&engine, stream),
-                            Err(e) => tracing::warn!(error = %e, "admin socket: accept failed"),
+                    while !stop.load(Ordering::SeqCst) {
+                        match listener.accept() {
+                            // Accepted sockets do not inherit the listener's
+                            // non-blocking mode (accept4 without SOCK_NONBLOCK).
+                            Ok((stream, _)) => serve_one(&engine, stream),
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                wait_readable(&listener, STOP_POLL);
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "admin socket: accept failed");
+                                std::thread::sleep(STOP_POLL);
+                            }
                         }
                     }
                 })?
@@ -155,11 +163,27 @@ impl AdminSocket {
     }
 }
 
+/// How often the accept loop looks at its stop flag.
+const STOP_POLL: Duration = Duration::from_millis(200);
+
+/// Waits until `listener` has a connection to accept, or `timeout`.
+fn wait_readable(listener: &UnixListener, timeout: Duration) {
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd, the listener's open descriptor; the result
+    // only decides whether to try accept again.
+    unsafe {
+        libc::poll(&mut fd, 1, ms);
+    }
+}
+
 impl Drop for AdminSocket {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wakes the accept loop, which then sees the stop.
-        let _ = UnixStream::connect(&self.path);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -410,16 +410,23 @@ impl Engine {
         // The live sources alone: a record they confirm belongs to this boot.
         let mut live = ModuleMapBuilder::new();
         let present: BTreeMap<Bdf, &Gpu> = gpus.iter().map(|g| (g.bdf(), g)).collect();
-        let mut known_this_boot = BTreeSet::new();
+        // NVML's answers of this boot: as good as asking again (a module id
+        // cannot change within a boot), so NVML is not asked again for them.
+        let mut read_this_boot = BTreeSet::new();
         for (bdf, rec) in &ledger.module_map {
             if present
                 .get(bdf)
                 .is_some_and(|g| device_hex(g) == rec.device_id)
             {
-                b.add(ModuleSource::Ledger, *bdf, rec.module_id)
-                    .map_err(bad)?;
-                if rec.boot_id == self.boot_id {
-                    known_this_boot.insert(*bdf);
+                if rec.boot_id == self.boot_id && rec.source == ModuleSource::Nvml {
+                    b.add(ModuleSource::Nvml, *bdf, rec.module_id)
+                        .map_err(bad)?;
+                    live.add(ModuleSource::Nvml, *bdf, rec.module_id)
+                        .map_err(bad)?;
+                    read_this_boot.insert(*bdf);
+                } else {
+                    b.add(ModuleSource::Ledger, *bdf, rec.module_id)
+                        .map_err(bad)?;
                 }
             }
         }
@@ -428,11 +435,9 @@ impl Engine {
             live.add_admin_map_file(path).map_err(bad)?;
         }
         if let Some(reader) = &fc.module_ids {
-            // A module id confirmed in this boot cannot have changed since:
-            // NVML is asked only about the others.
             for g in gpus
                 .iter()
-                .filter(|g| on_host_driver(g) && !known_this_boot.contains(&g.bdf()))
+                .filter(|g| on_host_driver(g) && !read_this_boot.contains(&g.bdf()))
             {
                 match self.read_module_id(reader, g.bdf()) {
                     Ok(Some(m)) if m.0 != 0 => {
@@ -464,13 +469,15 @@ impl Engine {
             let confirmed = live
                 .as_ref()
                 .and_then(|l| l.module_of(bdf))
-                .is_some_and(|l| l.module == e.module);
+                .filter(|l| l.module == e.module);
             let old = ledger.module_map.get(&bdf);
             let rec = match old {
                 Some(o) if o.module_id == e.module && o.device_id == device_hex(gpu) => {
                     let mut r = o.clone();
-                    if confirmed {
+                    if let Some(live) = confirmed {
+                        // Which live source vouches for it in this boot.
                         r.boot_id.clone_from(&self.boot_id);
+                        r.source = live.source;
                     }
                     r
                 }
@@ -848,15 +855,9 @@ impl Engine {
                 Ok(a) => {
                     tracing::info!(partition = %id, holder = %holder, outcome = ?a, "Fabric Manager partition activated");
                     self.mutation_done()?;
-                    // Deferred: a crash before the next commit leaves
-                    // `Activating`, which reconcile finishes `Active` from FM's
-                    // list while the claim holds the GPUs.
-                    self.commit_deferred(|b| {
-                        if let Some(r) = b.fabric.partitions.get_mut(id) {
-                            r.state = PartitionState::Active;
-                            r.updated = now();
-                        }
-                    })?;
+                    // Written, not deferred: `ledger`, `explain` and `fabric
+                    // status` read the file, and the next commit may be long off.
+                    self.set_partition_state(*id, PartitionState::Active)?;
                     actions.push(FabricAction::Activated);
                 }
                 Err(e) => {
