@@ -121,6 +121,10 @@ pub struct ServeOptions {
     pub socket_peers: crate::grpc::peers::PeerPolicy,
     /// Whether GPUs the admin keeps on vfio are published (security review L3).
     pub admin_owned: crate::slices::AdminOwned,
+    /// The effect of an unhealthy GPU's taint while a VM holds it and the
+    /// fault makes the GPU unusable: `NoSchedule` (default) or `NoExecute`
+    /// (the taint eviction controller evicts the pod).
+    pub unhealthy_taint_effect: crate::slices::TaintEffect,
 }
 
 /// The lock file in the state directory held by the instance that publishes
@@ -161,6 +165,7 @@ impl ServeOptions {
             drain_timeout: Duration::from_secs(20),
             socket_peers: crate::grpc::peers::PeerPolicy::default(),
             admin_owned: crate::slices::AdminOwned::Offer,
+            unhealthy_taint_effect: crate::slices::TaintEffect::NoSchedule,
         }
     }
 
@@ -448,7 +453,7 @@ async fn serve_plugin(
     }
     server_config.peers = opts.socket_peers.clone();
     server_config.health = Some(HealthConfig {
-        feed,
+        feed: feed.clone(),
         pool: opts.node_name.clone(),
         resend: DEFAULT_RESEND,
     });
@@ -483,6 +488,10 @@ async fn serve_plugin(
             metrics: Some(Arc::clone(&metrics)),
             record_dir: Some(state_dir.clone()),
             admin_owned: opts.admin_owned,
+            health: Some(crate::slices::HealthTaints {
+                feed,
+                policy: opts.unhealthy_taint_effect,
+            }),
         },
         state_dir,
     );
