@@ -795,6 +795,76 @@ mod tests {
         assert!(m.contains("no driver"), "{m}");
     }
 
+    /// Every combination of what the scan sees: unhealthy exactly when there
+    /// is something to say, and the reason code is the first problem's (a
+    /// device that does not answer explains the rest).
+    #[test]
+    fn the_reason_code_is_the_first_problem_and_only_when_unhealthy() {
+        let configs = [
+            (ConfigRead::Vendor(0x10de), None),
+            (ConfigRead::Skipped, None),
+            (
+                ConfigRead::Vendor(0xffff),
+                Some(UnhealthyReason::NotResponding),
+            ),
+            (
+                ConfigRead::Failed("EIO".into()),
+                Some(UnhealthyReason::ConfigUnreadable),
+            ),
+            (
+                ConfigRead::TimedOut("reset".into()),
+                Some(UnhealthyReason::ConfigReadTimedOut),
+            ),
+        ];
+        let states = [
+            OpState::Configuring,
+            OpState::Configured,
+            OpState::Releasing,
+            OpState::Prebound,
+            OpState::ReleasedUnbound,
+        ];
+        let mut records: Vec<Option<GpuRecord>> = vec![None];
+        records.extend(states.iter().map(|s| Some(record(*s, Some("vfio-pci")))));
+        for (config, config_reason) in &configs {
+            for stuck in [None, Some("unbind")] {
+                for rec in &records {
+                    for driver in [None, Some("vfio-pci"), Some("nvidia")] {
+                        let (reason, message) = assess_reason(stuck, rec.as_ref(), driver, config);
+                        let (health, _) = assess(stuck, rec.as_ref(), driver, config);
+                        assert_eq!(reason.is_some(), !message.is_empty(), "{message}");
+                        assert_eq!(reason.is_some(), health == Health::Unhealthy);
+                        let held = rec.as_ref().is_some_and(|r| {
+                            matches!(r.state, OpState::Configured | OpState::Prebound)
+                        });
+                        let want = config_reason
+                            .or(stuck.map(|_| UnhealthyReason::OperationStuck))
+                            .or((held && driver != Some("vfio-pci"))
+                                .then_some(UnhealthyReason::DriverMismatch))
+                            .or((rec.is_none() && driver.is_none())
+                                .then_some(UnhealthyReason::NoDriver));
+                        assert_eq!(
+                            reason,
+                            want,
+                            "{config:?} stuck={stuck:?} {:?} {driver:?}",
+                            rec.as_ref().map(|r| r.state)
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_vanished_gpu_is_reported_removed() {
+        let views: Vec<GpuView> = Vec::new();
+        let bdf: Bdf = "0000:65:00.0".parse().expect("bdf");
+        let mut seen = BTreeMap::from([(bdf, device_name(&bdf))]);
+        let report = scan_with(&views, &mut seen, |_| ConfigRead::Skipped);
+        assert_eq!(report.devices.len(), 1);
+        assert_eq!(report.devices[0].reason, Some(UnhealthyReason::Removed));
+        assert_eq!(report.devices[0].health, Health::Unhealthy);
+    }
+
     #[test]
     fn config_space_vendor_is_read_little_endian() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -263,18 +263,8 @@ impl VfioPlugin {
             })
     }
 
-    /// Prepares one claim (see the module docs); the error text goes to the kubelet.
-    pub async fn prepare_claim(&self, c: &ClaimRef) -> Result<Vec<PreparedDevice>, PrepareError> {
-        self.prepare_inner(c).await.map_err(|e| e.for_claim(c))
-    }
-
-    async fn prepare_inner(&self, c: &ClaimRef) -> Result<Vec<PreparedDevice>, PrepareError> {
-        if !is_safe_uid(&c.uid) {
-            return Err(PrepareError::InvalidUid(c.uid.clone()));
-        }
-        // Locked before the claim is read: an unprepare arriving meanwhile must wait
-        // and then release what this prepare configures (it would find nothing now).
-        let _guard = self.lock_claim(&c.uid).await;
+    /// The claim `c` names, refused when it is gone or was replaced (another UID).
+    async fn current_claim(&self, c: &ClaimRef) -> Result<ResourceClaim, PrepareError> {
         let claim = self
             .get_claim(c)
             .await?
@@ -290,6 +280,22 @@ impl VfioPlugin {
                 found: found_uid.to_string(),
             });
         }
+        Ok(claim)
+    }
+
+    /// Prepares one claim (see the module docs); the error text goes to the kubelet.
+    pub async fn prepare_claim(&self, c: &ClaimRef) -> Result<Vec<PreparedDevice>, PrepareError> {
+        self.prepare_inner(c).await.map_err(|e| e.for_claim(c))
+    }
+
+    async fn prepare_inner(&self, c: &ClaimRef) -> Result<Vec<PreparedDevice>, PrepareError> {
+        if !is_safe_uid(&c.uid) {
+            return Err(PrepareError::InvalidUid(c.uid.clone()));
+        }
+        // Locked before the claim is read: an unprepare arriving meanwhile must wait
+        // and then release what this prepare configures (it would find nothing now).
+        let _guard = self.lock_claim(&c.uid).await;
+        let claim = self.current_claim(c).await?;
         let allocation = claim
             .status
             .as_ref()
@@ -1192,10 +1198,9 @@ mod tests {
             pod("p")
         ]));
         assert_eq!(reserved_pod(&mixed), "p");
-        let no_status: ResourceClaim = serde_json::from_value(
-            serde_json::json!({"metadata": {"name": "c"}, "spec": {}}),
-        )
-        .expect("claim");
+        let no_status: ResourceClaim =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "c"}, "spec": {}}))
+                .expect("claim");
         assert_eq!(reserved_pod(&no_status), "");
     }
 }

@@ -378,6 +378,18 @@ fn log_open_report(report: &vfio_gpu_engine::OpenReport) {
     }
 }
 
+/// The plugin's settings from `serve`'s options.
+fn plugin_config(opts: &ServeOptions, data_dir: PathBuf, metrics: &Arc<Metrics>) -> PluginConfig {
+    let mut c = PluginConfig::new(&opts.driver_name, &opts.node_name);
+    c.cdi_root = opts.cdi_root.clone();
+    c.data_dir = data_dir;
+    c.allow_foreign_group_members = opts.policy.binding.allow_foreign_group_members;
+    c.legacy_kubevirt_metadata = opts.legacy_kubevirt_metadata;
+    c.call_budget = opts.call_budget;
+    c.metrics = Arc::clone(metrics);
+    c
+}
+
 async fn serve_plugin(
     opts: ServeOptions,
     shutdown: CancellationToken,
@@ -387,7 +399,6 @@ async fn serve_plugin(
     let state_dir = opts.state_dir.clone().unwrap_or_else(|| data_dir.clone());
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating state directory {}", state_dir.display()))?;
-    let allow_foreign = opts.policy.binding.allow_foreign_group_members;
     // Before the engine touches anything: what doctor would say, in the log.
     check_node_at_start(&opts, &state_dir)
         .await
@@ -423,13 +434,7 @@ async fn serve_plugin(
     reconcile(&engine, &metrics).await?;
 
     let client = kube_client(&opts.kube).await?;
-    let mut plugin_config = PluginConfig::new(&opts.driver_name, &opts.node_name);
-    plugin_config.cdi_root = opts.cdi_root.clone();
-    plugin_config.data_dir = data_dir;
-    plugin_config.allow_foreign_group_members = allow_foreign;
-    plugin_config.legacy_kubevirt_metadata = opts.legacy_kubevirt_metadata;
-    plugin_config.call_budget = opts.call_budget;
-    plugin_config.metrics = Arc::clone(&metrics);
+    let plugin_config = plugin_config(&opts, data_dir, &metrics);
     let plugin = VfioPlugin::new(Arc::clone(&engine), client.clone(), plugin_config);
 
     let stop = shutdown.child_token();

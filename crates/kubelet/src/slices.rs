@@ -1556,13 +1556,9 @@ pub async fn watch_engine_devices_with_health(
         let engine = engine.clone();
         match tokio::task::spawn_blocking(move || engine.discover()).await {
             Ok(Ok((views, _problems))) => Some(match health {
-                Some(h) => taints.apply(
-                    &views,
-                    admin_owned,
-                    &h.feed.current(),
-                    h.policy,
-                    unix_now(),
-                ),
+                Some(h) => {
+                    taints.apply(&views, admin_owned, &h.feed.current(), h.policy, unix_now())
+                }
                 None => device_infos_for(&views, admin_owned),
             }),
             Ok(Err(e)) => {

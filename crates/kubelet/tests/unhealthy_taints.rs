@@ -28,8 +28,7 @@ fn bdf(s: &str) -> Bdf {
 
 /// A report with every view healthy except `unhealthy`.
 fn report(views: &[GpuView], unhealthy: &[(&str, UnhealthyReason)]) -> HealthReport {
-    let bad: BTreeMap<Bdf, UnhealthyReason> =
-        unhealthy.iter().map(|(b, r)| (bdf(b), *r)).collect();
+    let bad: BTreeMap<Bdf, UnhealthyReason> = unhealthy.iter().map(|(b, r)| (bdf(b), *r)).collect();
     let mut devices: Vec<DeviceHealth> = views
         .iter()
         .map(|v| v.gpu.bdf())
@@ -86,7 +85,10 @@ fn an_unhealthy_gpu_is_published_tainted_until_it_recovers() {
     let policy = TaintEffect::NoExecute;
 
     let healthy = taints.apply(&views, AdminOwned::Offer, &report(&views, &[]), policy, 10);
-    assert_eq!(healthy, offered, "all healthy: exactly what is offered, untainted");
+    assert_eq!(
+        healthy, offered,
+        "all healthy: exactly what is offered, untainted"
+    );
 
     let sick = report(&views, &[(AB, UnhealthyReason::NotResponding)]);
     let out = taints.apply(&views, AdminOwned::Offer, &sick, policy, 100);
@@ -111,7 +113,10 @@ fn an_unhealthy_gpu_is_published_tainted_until_it_recovers() {
     assert_eq!(recovered, offered);
     // A new fault is a new taint, from its own time.
     let out = taints.apply(&views, AdminOwned::Offer, &sick, policy, 400);
-    assert_eq!(by_bdf(&out)[AB].unhealthy.as_ref().map(|t| t.since_unix), Some(400));
+    assert_eq!(
+        by_bdf(&out)[AB].unhealthy.as_ref().map(|t| t.since_unix),
+        Some(400)
+    );
 }
 
 #[test]
@@ -138,7 +143,11 @@ fn no_execute_only_for_a_fault_that_leaves_a_vm_with_an_unusable_gpu() {
             };
             assert_eq!(t.effect, want, "{policy:?} {reason}");
             // A changed effect starts from now (tolerationSeconds count from it).
-            let since = if want == TaintEffect::NoSchedule { 100 } else { 200 };
+            let since = if want == TaintEffect::NoSchedule {
+                100
+            } else {
+                200
+            };
             assert_eq!(t.since_unix, since, "{policy:?} {reason}");
         }
     }
@@ -315,7 +324,10 @@ async fn a_gpu_that_stops_answering_is_published_tainted_and_untainted_when_it_r
     assert!(taints[0]["timeAdded"].is_string(), "{taints:?}");
     let others = published_taints(&server);
     assert!(
-        others.iter().filter(|(n, _)| **n != name).all(|(_, t)| t.is_empty()),
+        others
+            .iter()
+            .filter(|(n, _)| **n != name)
+            .all(|(_, t)| t.is_empty()),
         "{others:?}"
     );
 
