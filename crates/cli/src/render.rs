@@ -335,29 +335,44 @@ pub fn outcomes(
     output: Output,
     _setup: &Setup,
 ) -> Result<ExitCode> {
+    let values = results
+        .iter()
+        .map(|r| match r {
+            Ok(o) => Ok(serde_json::to_value(o).unwrap_or_default()),
+            Err(e) => Err(e.to_string()),
+        })
+        .collect::<Vec<_>>();
+    outcome_values(verb, bdfs, &values, output)
+}
+
+/// [`outcomes`] from serialized outcomes (and error texts), as the running
+/// `serve` answers them over its admin socket.
+pub fn outcome_values(
+    verb: &str,
+    bdfs: &[Bdf],
+    results: &[Result<serde_json::Value, String>],
+    output: Output,
+) -> Result<ExitCode> {
     let failed = results.iter().filter(|r| r.is_err()).count();
     if output == Output::Json {
         let arr: Vec<_> = bdfs
             .iter()
             .zip(results)
             .map(|(b, r)| match r {
-                Ok(o) => serde_json::to_value(o).unwrap_or_default(),
-                Err(e) => json!({"pciBusID": b, "action": "failed", "error": e.to_string()}),
+                Ok(o) => o.clone(),
+                Err(e) => json!({"pciBusID": b, "action": "failed", "error": e}),
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&arr)?);
     } else {
         for (b, r) in bdfs.iter().zip(results) {
             match r {
-                Ok(o) => {
-                    let action = serde_json::to_value(o.action)?;
-                    println!(
-                        "{b}  {:<18} {} ({} ms)",
-                        action.as_str().unwrap_or("?"),
-                        o.detail,
-                        o.millis
-                    );
-                }
+                Ok(o) => println!(
+                    "{b}  {:<18} {} ({} ms)",
+                    o["action"].as_str().unwrap_or("?"),
+                    o["detail"].as_str().unwrap_or_default(),
+                    o["millis"].as_u64().unwrap_or_default()
+                ),
                 Err(e) => println!("{b}  {:<18} {e}", "FAILED"),
             }
         }

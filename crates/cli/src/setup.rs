@@ -263,6 +263,12 @@ impl HostOpts {
 }
 
 impl EngineOpts {
+    /// The state directory the engine would open, without opening it.
+    pub fn state_dir(&self) -> Result<PathBuf> {
+        let setup = self.host.open()?;
+        Ok(self.state.resolve(&setup))
+    }
+
     /// Opens the host and the engine (takes the state lock, loads the ledger).
     /// Fails at once, naming the holder, when `serve` or another command
     /// holds the state directory: an admin should not wait on a plugin that

@@ -1,6 +1,7 @@
 //! M4: one ledger, one lock, one view. `serve` and the admin commands share
 //! the state directory; while `serve` holds it, mutating commands fail at
-//! once naming the holder, and read-only commands still work.
+//! once naming the holder, read-only commands still work, and `reset` is
+//! done by the running `serve` through its admin socket.
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -117,6 +118,16 @@ fn admin_commands_fail_fast_naming_serve_and_read_only_commands_still_work() {
         );
         assert!(took < Duration::from_secs(10), "{args:?} took {took:?}");
     }
+
+    // `reset` is the one admin command the running plugin does itself
+    // (through its admin socket): the alternative to stopping it.
+    let (o, took) = cli(d, &["reset", "0000:ab:00.0", "-o", "json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(took < Duration::from_secs(10), "reset took {took:?}");
+    let out: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(out[0]["action"], "reset", "{out}");
+    assert_eq!(out[0]["pciBusID"], "0000:ab:00.0", "{out}");
+    assert!(d.join("demo/state/admin.sock").exists());
 
     drop(serve);
     let (o, _) = cli(d, &["bind", "0000:ab:00.0", "-o", "json"]);

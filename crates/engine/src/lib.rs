@@ -4,12 +4,14 @@
 //! - [`sim`]: a simulated kernel on fixture trees, for tests and the demo.
 //! - [`ledger`]: the write-ahead record (format-versioned, checksummed, atomic).
 //! - [`Engine`]: configure, unconfigure, reconcile; rollback and deadlines.
+//! - [`admin_socket`]: the administrator's `reset` into a running `serve`.
 
 #![warn(missing_docs)]
 // Operation docs name their private phases (`Engine::prior_record` …) on purpose, as a
 // map for readers of the source; `cargo doc --document-private-items` resolves them.
 #![allow(rustdoc::private_intra_doc_links)]
 
+pub mod admin_socket;
 pub mod commands;
 mod deadline;
 mod engine;

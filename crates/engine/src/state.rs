@@ -668,6 +668,50 @@ pub fn on_unrecorded(gpu_on_vfio: bool, any_driverless: bool) -> OnUnrecorded {
     }
 }
 
+/// What fabric reconcile does with a partition the ledger records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnRecordedPartition {
+    /// Inactive and nothing to finish: the record goes. `finished`: it was
+    /// a deactivation, now complete.
+    Forget {
+        /// A `deactivating` record whose call took effect.
+        finished: bool,
+    },
+    /// Active in FM, `activating` in the ledger, the holder holds its GPUs:
+    /// the activation took effect; marked `active`.
+    MarkActive,
+    /// Active and held: nothing to do.
+    Keep,
+    /// Inactive in FM while the holder holds every GPU: FM lost it (a
+    /// restart without replay) or never got the call (a crash before it, or
+    /// after it with the `active` mark not yet written). Activated again,
+    /// as the claim's prepare would.
+    Activate,
+    /// Active but not (or no longer) held, or a deactivation to finish:
+    /// deactivated once no process holds its GPUs' VFIO groups.
+    DeactivateWhenIdle,
+}
+
+/// See [`OnRecordedPartition`]. `fm_active`: FM lists it active; `holds`:
+/// the record's holder holds every one of its GPUs in the ledger.
+pub fn on_recorded_partition(
+    state: crate::fabric_state::PartitionState,
+    fm_active: bool,
+    holds: bool,
+) -> OnRecordedPartition {
+    use crate::fabric_state::PartitionState::{Activating, Active, Deactivating};
+    match (state, fm_active, holds) {
+        (Deactivating, false, _) => OnRecordedPartition::Forget { finished: true },
+        (Activating | Active, false, false) => OnRecordedPartition::Forget { finished: false },
+        (Activating | Active, false, true) => OnRecordedPartition::Activate,
+        (Activating, true, true) => OnRecordedPartition::MarkActive,
+        (Active, true, true) => OnRecordedPartition::Keep,
+        (Deactivating, true, _) | (Activating | Active, true, false) => {
+            OnRecordedPartition::DeactivateWhenIdle
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -717,6 +761,35 @@ mod tests {
         }
     }
     use crate::ledger::{Changes, FunctionRecord};
+
+    /// Every input: a partition is activated again only for a holder that
+    /// holds all its GPUs, deactivated only when FM has it active and no
+    /// holder holds them (or it was being deactivated), and forgotten only
+    /// when FM has it inactive and nobody holds it.
+    #[test]
+    fn a_recorded_partition_is_activated_for_its_holder_and_otherwise_wound_down() {
+        use crate::fabric_state::PartitionState::{Activating, Active, Deactivating};
+        for state in [Activating, Active, Deactivating] {
+            for fm_active in [false, true] {
+                for holds in [false, true] {
+                    let expected = match (state, fm_active, holds) {
+                        (Deactivating, false, _) => OnRecordedPartition::Forget { finished: true },
+                        (Deactivating, true, _) => OnRecordedPartition::DeactivateWhenIdle,
+                        (_, false, false) => OnRecordedPartition::Forget { finished: false },
+                        (_, false, true) => OnRecordedPartition::Activate,
+                        (_, true, false) => OnRecordedPartition::DeactivateWhenIdle,
+                        (Activating, true, true) => OnRecordedPartition::MarkActive,
+                        (Active, true, true) => OnRecordedPartition::Keep,
+                    };
+                    assert_eq!(
+                        on_recorded_partition(state, fm_active, holds),
+                        expected,
+                        "{state:?} fm_active={fm_active} holds={holds}"
+                    );
+                }
+            }
+        }
+    }
 
     fn claim(uid: &str) -> Holder {
         Holder::Claim {

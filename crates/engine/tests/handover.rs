@@ -142,9 +142,9 @@ fn a_failed_reset_quarantines_the_gpu_on_vfio_until_the_admin_resets_it() {
     e.configure(bdf(A), claim("u2")).unwrap();
 }
 
-#[test]
-fn a_link_that_trains_back_degraded_is_quarantined_after_the_bind() {
-    let (_d, host, k, e) = setup();
+/// B on a 16 GT/s link, held by claim u1; its next reset trains the link
+/// back at 2.5 GT/s (a release then quarantines it).
+fn held_with_a_link_that_trains_back_degraded(k: &SimKernel, e: &Engine) {
     k.set_link(bdf(B), "16.0 GT/s PCIe", 16).unwrap();
     e.configure(bdf(B), claim("u1")).unwrap();
     k.on_reset(
@@ -154,6 +154,12 @@ fn a_link_that_trains_back_degraded_is_quarantined_after_the_bind() {
             width: 16,
         },
     );
+}
+
+#[test]
+fn a_link_that_trains_back_degraded_is_quarantined_after_the_bind() {
+    let (_d, host, k, e) = setup();
+    held_with_a_link_that_trains_back_degraded(&k, &e);
     let out = e.unconfigure(bdf(B), Some(&claim("u1"))).unwrap();
     assert_eq!(out.action, Action::Quarantined, "{}", out.detail);
     assert!(
@@ -529,4 +535,83 @@ fn a_crash_at_every_step_of_a_release_that_fails_verification_ends_quarantined()
         swept += 1;
     }
     assert!(swept >= 8, "swept {swept} crash points");
+}
+
+/// The administrator's reset reaches a running engine through its admin
+/// socket (the state lock stays with the engine): a quarantined GPU comes
+/// out, each GPU gets its own answer, and a request naming a bad address or
+/// too much is refused whole, with nothing reset.
+#[test]
+fn the_admin_socket_resets_a_quarantined_gpu_in_the_running_engine_and_refuses_bad_requests() {
+    use std::io::{Read, Write};
+    use vfio_gpu_engine::admin_socket::{
+        ADMIN_SOCKET_FILE, AdminSocket, AdminSocketError, MAX_REQUEST_BYTES, request_reset,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    build_host(&host);
+    let k = sim(&host);
+    let state = dir.path().join("state");
+    let e = Arc::new(engine(&k, &state));
+    assert!(matches!(
+        request_reset(&state, &[bdf(B)]),
+        Err(AdminSocketError::NotRunning { .. })
+    ));
+    held_with_a_link_that_trains_back_degraded(&k, &e);
+    let out = e.unconfigure(bdf(B), Some(&claim("u1"))).unwrap();
+    assert_eq!(out.action, Action::Quarantined, "{}", out.detail);
+
+    let socket = AdminSocket::start(Arc::clone(&e), &state).unwrap();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(state.join(ADMIN_SOCKET_FILE))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let resets = k.resets(bdf(B));
+    // Raw requests: a bad address, and an oversize body, change nothing.
+    let raw = |body: &[u8]| {
+        let mut s = std::os::unix::net::UnixStream::connect(state.join(ADMIN_SOCKET_FILE)).unwrap();
+        let _ = s.write_all(body);
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        // An oversize request may be cut off (reset) after the refusal.
+        s.read_to_string(&mut answer).map(|_| answer)
+    };
+    let bad = raw(br#"{"reset":["0000:3b:00.0","../../etc"]}"#).unwrap();
+    assert!(
+        bad.contains("refused") && bad.contains("GPU address"),
+        "{bad}"
+    );
+    if let Ok(big) = raw(&vec![b' '; MAX_REQUEST_BYTES as usize + 10]) {
+        assert!(big.contains("refused") && big.contains("bytes"), "{big}");
+    }
+    let unknown = raw(br#"{"reset":["0000:3b:00.0"],"rebind":true}"#).unwrap();
+    assert!(unknown.contains("refused"), "{unknown}");
+    assert_eq!(
+        k.resets(bdf(B)),
+        resets,
+        "nothing reset by a refused request"
+    );
+    assert!(!e.ledger().quarantined.is_empty());
+
+    // The real request: B is reset and verified and leaves quarantine; A
+    // (never quarantined, on its host driver) gets its own answer.
+    let results = request_reset(&state, &[bdf(B), bdf(A)]).unwrap();
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[0].gpu, bdf(B));
+    let o = results[0].outcome.as_ref().expect("B reset");
+    assert_eq!(o["action"], "reset", "{o}");
+    assert!(e.ledger().quarantined.is_empty());
+    assert_eq!(results[1].gpu, bdf(A));
+    assert!(results[1].outcome.is_some() || results[1].error.is_some());
+    e.configure(bdf(B), claim("u2")).unwrap();
+
+    // Stopped: the file is gone and a request finds nobody.
+    drop(socket);
+    assert!(!state.join(ADMIN_SOCKET_FILE).exists());
+    assert!(matches!(
+        request_reset(&state, &[bdf(B)]),
+        Err(AdminSocketError::NotRunning { .. })
+    ));
 }

@@ -165,6 +165,50 @@ pub struct DeadlineFm {
     /// Calls past their deadline and still running, by token.
     blocked: Arc<Mutex<BTreeMap<u64, String>>>,
     next: Arc<AtomicU64>,
+    /// Workers waiting for a call: a thread is started only when none is
+    /// idle (a start costs more than the call to a local FM). Dropping the
+    /// last clone drops the senders, and the idle workers end.
+    idle: Arc<Mutex<Vec<mpsc::Sender<Job>>>>,
+}
+
+/// One call, run by a worker with the inner backend; it returns the
+/// delivery of its result, which the worker runs once it is idle again (so
+/// the caller's next call finds it).
+type Job = Box<dyn FnOnce(&dyn FabricManager) -> Delivery + Send>;
+type Delivery = Box<dyn FnOnce() + Send>;
+
+/// How many finished workers wait for the next call; more concurrent calls
+/// than this start threads that end after their call.
+const MAX_IDLE_WORKERS: usize = 2;
+
+/// A worker's life: its first call, then more while it is wanted.
+fn run_worker(
+    inner: Arc<dyn FabricManager>,
+    idle: std::sync::Weak<Mutex<Vec<mpsc::Sender<Job>>>>,
+    first: Job,
+) {
+    let mut job = first;
+    loop {
+        let deliver = job(inner.as_ref());
+        // A fresh channel per wait: the worker holds only the receiver, so it
+        // ends when the `DeadlineFm` (and with it the sender) is gone.
+        let (tx, rx) = mpsc::channel();
+        let queued = idle.upgrade().is_some_and(|idle| {
+            let mut idle = lock(&idle);
+            idle.len() < MAX_IDLE_WORKERS && {
+                idle.push(tx);
+                true
+            }
+        });
+        deliver();
+        if !queued {
+            return;
+        }
+        match rx.recv() {
+            Ok(next) => job = next,
+            Err(_) => return,
+        }
+    }
 }
 
 impl DeadlineFm {
@@ -176,6 +220,7 @@ impl DeadlineFm {
             observer: None,
             blocked: Arc::new(Mutex::new(BTreeMap::new())),
             next: Arc::new(AtomicU64::new(0)),
+            idle: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
@@ -212,10 +257,9 @@ impl DeadlineFm {
         let blocked = Arc::clone(&self.blocked);
         let token = self.next.fetch_add(1, Ordering::Relaxed);
         let start = Instant::now();
-        thread::Builder::new()
-            .name("fabric-manager".into())
-            .spawn(move || {
-                let result = f(inner.as_ref());
+        let job: Job = Box::new(move |fm: &dyn FabricManager| {
+            let result = f(fm);
+            Box::new(move || {
                 // Send under the lock: the caller's timeout path checks the
                 // channel under the same lock before it marks the call
                 // blocked, so the mark is always cleared here.
@@ -226,7 +270,26 @@ impl DeadlineFm {
                     tracing::warn!(call = %what, after = ?start.elapsed(), "blocked Fabric Manager call returned");
                 }
             })
-            .map_err(|e| FmError::Worker(format!("cannot start a worker thread: {e}")))?;
+        });
+        // An idle worker takes it; else a new one (a worker gone since it
+        // queued itself hands the job back).
+        let mut job = Some(job);
+        while let Some(j) = job.take() {
+            let Some(worker) = lock(&self.idle).pop() else {
+                job = Some(j);
+                break;
+            };
+            if let Err(mpsc::SendError(j)) = worker.send(j) {
+                job = Some(j);
+            }
+        }
+        if let Some(j) = job {
+            let idle = Arc::downgrade(&self.idle);
+            thread::Builder::new()
+                .name("fabric-manager".into())
+                .spawn(move || run_worker(inner, idle, j))
+                .map_err(|e| FmError::Worker(format!("cannot start a worker thread: {e}")))?;
+        }
         match rx.recv_timeout(deadline) {
             Ok(r) => r,
             Err(mpsc::RecvTimeoutError::Disconnected) => {

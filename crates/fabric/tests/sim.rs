@@ -404,3 +404,84 @@ fn concurrent_activations_never_overlap() {
     }
     assert!(!active.is_empty());
 }
+
+/// Records the thread each list call runs on; `gate` makes calls wait
+/// until as many are running (to prove concurrency).
+struct ThreadRecorder {
+    inner: SimFabricManager,
+    threads: std::sync::Mutex<Vec<std::thread::ThreadId>>,
+    gate: std::sync::Barrier,
+}
+
+impl FabricManager for ThreadRecorder {
+    fn get_supported_partitions(&self) -> Result<vfio_gpu_fabric::PartitionList, FmError> {
+        self.threads
+            .lock()
+            .unwrap()
+            .push(std::thread::current().id());
+        self.gate.wait();
+        self.inner.get_supported_partitions()
+    }
+    fn activate(&self, id: PartitionId) -> Result<Activated, FmError> {
+        self.inner.activate(id)
+    }
+    fn deactivate(&self, id: PartitionId) -> Result<Deactivated, FmError> {
+        self.inner.deactivate(id)
+    }
+    fn set_activated_partitions(&self, ids: &[PartitionId]) -> Result<(), FmError> {
+        self.inner.set_activated_partitions(ids)
+    }
+    fn get_nvlink_failed_devices(&self) -> Result<vfio_gpu_fabric::NvlinkFailedDevices, FmError> {
+        self.inner.get_nvlink_failed_devices()
+    }
+    fn get_unsupported_partitions(
+        &self,
+    ) -> Result<Vec<vfio_gpu_fabric::UnsupportedPartition>, FmError> {
+        self.inner.get_unsupported_partitions()
+    }
+}
+
+fn recorder(parallel: usize) -> Arc<ThreadRecorder> {
+    let (fm, _) = sim(Platform::HgxH100, Dialect::Documented);
+    Arc::new(ThreadRecorder {
+        inner: fm,
+        threads: std::sync::Mutex::new(Vec::new()),
+        gate: std::sync::Barrier::new(parallel),
+    })
+}
+
+#[test]
+fn sequential_calls_reuse_one_worker_instead_of_starting_a_thread_each() {
+    let fm = recorder(1);
+    let timed = DeadlineFm::new(fm.clone(), Duration::from_secs(5));
+    for _ in 0..20 {
+        timed.get_supported_partitions().unwrap();
+    }
+    let threads = fm.threads.lock().unwrap().clone();
+    assert_eq!(threads.len(), 20);
+    assert!(
+        !threads.contains(&std::thread::current().id()),
+        "every call runs off the caller's thread"
+    );
+    let distinct: std::collections::BTreeSet<_> =
+        threads.iter().map(|t| format!("{t:?}")).collect();
+    assert_eq!(
+        distinct.len(),
+        1,
+        "one worker serves sequential calls: {threads:?}"
+    );
+}
+
+#[test]
+fn concurrent_calls_still_run_side_by_side() {
+    // Each call waits at the barrier until all four run: with workers
+    // shared one at a time this would hit the deadline.
+    let fm = recorder(4);
+    let timed = DeadlineFm::new(fm.clone(), Duration::from_secs(10));
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| timed.get_supported_partitions().unwrap());
+        }
+    });
+    assert_eq!(fm.threads.lock().unwrap().len(), 4);
+}

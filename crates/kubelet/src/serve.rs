@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 pub use tokio_util::sync::CancellationToken;
+use vfio_gpu_engine::admin_socket::AdminSocket;
 use vfio_gpu_engine::kernel::Kernel;
 use vfio_gpu_engine::lock::{LockError, StateLock};
 use vfio_gpu_engine::{Engine, EngineConfig, StateLockMode};
@@ -390,6 +391,17 @@ fn plugin_config(opts: &ServeOptions, data_dir: PathBuf, metrics: &Arc<Metrics>)
     c
 }
 
+/// `vfio-gpu-dra reset` reaches this engine through the admin socket while
+/// this process holds the state lock; without it the plugin still serves,
+/// and says so.
+fn start_admin_socket(engine: &Arc<Engine>, state_dir: &Path) -> Option<AdminSocket> {
+    AdminSocket::start(Arc::clone(engine), state_dir)
+        .inspect_err(|e| {
+            tracing::warn!(error = %e, dir = %state_dir.display(), "admin socket not started: `vfio-gpu-dra reset` needs the plugin stopped");
+        })
+        .ok()
+}
+
 async fn serve_plugin(
     opts: ServeOptions,
     shutdown: CancellationToken,
@@ -432,6 +444,7 @@ async fn serve_plugin(
     // Before the sockets exist: the kubelet must not prepare against a host that still
     // has interrupted operations in it.
     reconcile(&engine, &metrics).await?;
+    let _admin_socket = start_admin_socket(&engine, &state_dir);
 
     let client = kube_client(&opts.kube).await?;
     let plugin_config = plugin_config(&opts, data_dir, &metrics);

@@ -28,6 +28,7 @@ use vfio_gpu_host::{Bdf, Gpu, discover_gpus};
 use crate::error::EngineError;
 use crate::fabric_state::{FabricLedger, ModuleRecord, PartitionRecord, PartitionState};
 use crate::ledger::{Durability, Holder, LedgerBody, now};
+use crate::state::{OnRecordedPartition, on_recorded_partition};
 
 /// What a claim whose GPU set is not exactly one partition gets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -347,6 +348,49 @@ impl Engine {
         Ok(discover_gpus(&host, &self.selector, None))
     }
 
+    /// The module map a claim's operation on `bdfs` uses. When the ledger
+    /// holds, for every one of them, a module id a live source (NVML, the
+    /// admin map, FM) confirmed in this boot, it is those entries with the
+    /// admin map and FM's BDFs: no PCI scan and no NVML call on the prepare
+    /// path (a GPU's module id cannot change within a boot; the periodic
+    /// fabric reconcile re-reads every source). Otherwise the full build.
+    fn operation_module_map(
+        &self,
+        fc: &FabricConfig,
+        bdfs: &[Bdf],
+        list: &PartitionList,
+        ledger: &FabricLedger,
+    ) -> Result<(ModuleMap, BTreeMap<Bdf, ModuleRecord>), EngineError> {
+        let this_boot = |r: &ModuleRecord| r.boot_id == self.boot_id;
+        if !bdfs.is_empty()
+            && bdfs
+                .iter()
+                .all(|b| ledger.module_map.get(b).is_some_and(this_boot))
+        {
+            let mut b = ModuleMapBuilder::new();
+            let confirmed = ledger.module_map.iter().filter(|(_, r)| this_boot(r));
+            let fast = (|| {
+                for (bdf, rec) in confirmed {
+                    b.add(ModuleSource::Ledger, *bdf, rec.module_id)?;
+                }
+                if let Some(path) = &fc.module_map_file {
+                    b.add_admin_map_file(path)?;
+                }
+                b.add_fm_list(list)?;
+                b.build()
+            })();
+            // Anything the live sources now say differently takes the full
+            // build, which reports it.
+            if let Ok(map) = fast
+                && map.superseded().is_empty()
+            {
+                return Ok((map, ledger.module_map.clone()));
+            }
+        }
+        let gpus = self.fabric_gpus()?;
+        self.build_module_map(fc, &gpus, Some(list), ledger)
+    }
+
     /// Resolves the module map from the ledger (hints whose device id still
     /// matches), the admin map, NVML and FM's BDFs; returns it with the
     /// entries the ledger should hold.
@@ -363,7 +407,10 @@ impl Engine {
             ))
         };
         let mut b = ModuleMapBuilder::new();
+        // The live sources alone: a record they confirm belongs to this boot.
+        let mut live = ModuleMapBuilder::new();
         let present: BTreeMap<Bdf, &Gpu> = gpus.iter().map(|g| (g.bdf(), g)).collect();
+        let mut known_this_boot = BTreeSet::new();
         for (bdf, rec) in &ledger.module_map {
             if present
                 .get(bdf)
@@ -371,16 +418,26 @@ impl Engine {
             {
                 b.add(ModuleSource::Ledger, *bdf, rec.module_id)
                     .map_err(bad)?;
+                if rec.boot_id == self.boot_id {
+                    known_this_boot.insert(*bdf);
+                }
             }
         }
         if let Some(path) = &fc.module_map_file {
             b.add_admin_map_file(path).map_err(bad)?;
+            live.add_admin_map_file(path).map_err(bad)?;
         }
         if let Some(reader) = &fc.module_ids {
-            for g in gpus.iter().filter(|g| on_host_driver(g)) {
+            // A module id confirmed in this boot cannot have changed since:
+            // NVML is asked only about the others.
+            for g in gpus
+                .iter()
+                .filter(|g| on_host_driver(g) && !known_this_boot.contains(&g.bdf()))
+            {
                 match self.read_module_id(reader, g.bdf()) {
                     Ok(Some(m)) if m.0 != 0 => {
                         b.add(ModuleSource::Nvml, g.bdf(), m).map_err(bad)?;
+                        live.add(ModuleSource::Nvml, g.bdf(), m).map_err(bad)?;
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -391,8 +448,11 @@ impl Engine {
         }
         if let Some(list) = list {
             b.add_fm_list(list).map_err(bad)?;
+            live.add_fm_list(list).map_err(bad)?;
         }
         let map = b.build().map_err(bad)?;
+        // Its disagreements are the full map's, which failed above.
+        let live = live.build().ok();
         for s in map.superseded() {
             tracing::warn!(gpu = %s.bdf, kept = %s.kept.module, dropped = %s.dropped.module, "the ledger's module id was superseded");
         }
@@ -401,9 +461,19 @@ impl Engine {
             let Some(gpu) = present.get(&bdf) else {
                 continue;
             };
+            let confirmed = live
+                .as_ref()
+                .and_then(|l| l.module_of(bdf))
+                .is_some_and(|l| l.module == e.module);
             let old = ledger.module_map.get(&bdf);
             let rec = match old {
-                Some(o) if o.module_id == e.module && o.device_id == device_hex(gpu) => o.clone(),
+                Some(o) if o.module_id == e.module && o.device_id == device_hex(gpu) => {
+                    let mut r = o.clone();
+                    if confirmed {
+                        r.boot_id.clone_from(&self.boot_id);
+                    }
+                    r
+                }
                 _ => ModuleRecord {
                     module_id: e.module,
                     source: e.source,
@@ -452,9 +522,8 @@ impl Engine {
             });
         }
         let list = self.fm_list(fc)?;
-        let gpus = self.fabric_gpus()?;
         let ledger = self.ledger();
-        let (map, _) = self.build_module_map(fc, &gpus, Some(&list), &ledger.fabric)?;
+        let (map, _) = self.operation_module_map(fc, bdfs, &list, &ledger.fabric)?;
         self.plan_with(fc, holder, bdfs, &list, &map, &ledger.fabric)
     }
 
@@ -702,10 +771,8 @@ impl Engine {
         let _hold = self.hold_trusted()?;
         let _op = lock(&self.fabric.op);
         let list = self.fm_list(fc)?;
-        let gpus = self.fabric_gpus()?;
         let ledger = self.ledger();
-        let (map, module_records) =
-            self.build_module_map(fc, &gpus, Some(&list), &ledger.fabric)?;
+        let (map, module_records) = self.operation_module_map(fc, bdfs, &list, &ledger.fabric)?;
         let plan = self.plan_with(fc, holder, bdfs, &list, &map, &ledger.fabric)?;
         if plan.partitions.is_empty() {
             return Ok(FabricOutcome::new(
@@ -781,7 +848,15 @@ impl Engine {
                 Ok(a) => {
                     tracing::info!(partition = %id, holder = %holder, outcome = ?a, "Fabric Manager partition activated");
                     self.mutation_done()?;
-                    self.set_partition_state(*id, PartitionState::Active)?;
+                    // Deferred: a crash before the next commit leaves
+                    // `Activating`, which reconcile finishes `Active` from FM's
+                    // list while the claim holds the GPUs.
+                    self.commit_deferred(|b| {
+                        if let Some(r) = b.fabric.partitions.get_mut(id) {
+                            r.state = PartitionState::Active;
+                            r.updated = now();
+                        }
+                    })?;
                     actions.push(FabricAction::Activated);
                 }
                 Err(e) => {
@@ -921,56 +996,46 @@ impl Engine {
                 .holder
                 .as_ref()
                 .is_some_and(|h| rec.bdfs.iter().all(|b| self.held_by(h).contains(b)));
-            let r = match (rec.state, p.is_active) {
-                (PartitionState::Activating, false) => {
+            let r = match on_recorded_partition(rec.state, p.is_active, holds) {
+                OnRecordedPartition::Forget { finished } => {
                     self.put_partition(id, None, None)?;
-                    Ok(one(FabricAction::Dropped, "its activation never took effect; the claim's retried prepare activates it".into()))
+                    Ok(if finished {
+                        one(FabricAction::Finished, "deactivation finished".into())
+                    } else {
+                        one(
+                            FabricAction::Dropped,
+                            "inactive and its holder does not hold its GPUs".into(),
+                        )
+                    })
                 }
-                (PartitionState::Deactivating, false) => {
-                    self.put_partition(id, None, None)?;
-                    Ok(one(FabricAction::Finished, "deactivation finished".into()))
-                }
-                (PartitionState::Activating, true) if holds => {
+                OnRecordedPartition::MarkActive => {
                     self.set_partition_state(id, PartitionState::Active)?;
                     Ok(one(FabricAction::Finished, "activation finished".into()))
                 }
-                (PartitionState::Active, true) if holds => {
-                    Ok(one(FabricAction::Noted, "active, held".into()))
-                }
-                (PartitionState::Active, false) if holds => {
-                    // FM lost it (a restart without replay): the claim still runs.
+                OnRecordedPartition::Keep => Ok(one(FabricAction::Noted, "active, held".into())),
+                OnRecordedPartition::Activate => {
                     self.set_partition_state(id, PartitionState::Activating)?;
                     match fc.fm.activate(id) {
                         Ok(_) => {
                             self.mutation_done()?;
                             self.set_partition_state(id, PartitionState::Active)?;
-                            Ok(one(FabricAction::Finished, "Fabric Manager had lost it; activated again (a running VM's NVLink state is unknown)".into()))
+                            Ok(one(FabricAction::Finished, "activated again: Fabric Manager had lost it, or a crash came before the activation was recorded (a running VM's NVLink state is unknown)".into()))
                         }
                         Err(e) => Err(fm_err(&format!("re-activating partition {id}"), &e)),
                     }
                 }
-                (PartitionState::Active, false) => {
-                    self.put_partition(id, None, None)?;
-                    Ok(one(
-                        FabricAction::Dropped,
-                        "inactive and its holder holds no GPU".into(),
-                    ))
-                }
-                (_, true) => {
-                    // Deactivating, or a holder that no longer holds the GPUs.
-                    match self.fabric_idle(id, &rec.bdfs) {
-                        Ok(()) => self.deactivate_recorded(fc, id, rec.clone()).map(|()| {
-                            one(
-                                FabricAction::Deactivated,
-                                "deactivated (interrupted release or leak)".into(),
-                            )
-                        }),
-                        Err(e @ (EngineError::FabricBusy { .. } | EngineError::Fabric(_))) => {
-                            Ok(one(FabricAction::Noted, format!("left active: {e}")))
-                        }
-                        Err(e) => Err(e),
+                OnRecordedPartition::DeactivateWhenIdle => match self.fabric_idle(id, &rec.bdfs) {
+                    Ok(()) => self.deactivate_recorded(fc, id, rec.clone()).map(|()| {
+                        one(
+                            FabricAction::Deactivated,
+                            "deactivated (interrupted release or leak)".into(),
+                        )
+                    }),
+                    Err(e @ (EngineError::FabricBusy { .. } | EngineError::Fabric(_))) => {
+                        Ok(one(FabricAction::Noted, format!("left active: {e}")))
                     }
-                }
+                    Err(e) => Err(e),
+                },
             };
             out.push(r?);
         }

@@ -131,6 +131,28 @@ impl Engine {
         self.mutation_done()
     }
 
+    /// Applies `update` to memory now and lets the next commit write it:
+    /// only for a transition reconcile re-derives from what it finds after a
+    /// crash (an `Activating` partition FM lists as active, whose holder
+    /// holds its GPUs, is finished `Active`), so a lost write loses nothing
+    /// and the operation does not wait for the file.
+    pub(super) fn commit_deferred(
+        &self,
+        update: impl Fn(&mut LedgerBody),
+    ) -> Result<(), EngineError> {
+        self.check_alive()?;
+        // Behind any write in flight: that write replaces memory with its
+        // body, which would not carry this update.
+        let _writing = lock(&self.ledger_writer);
+        let mut staged = lock(&self.staged);
+        if let Some(body) = staged.body.as_mut() {
+            // Staged updates waiting for the writer: their write carries it.
+            update(body);
+        }
+        update(&mut lock(&self.ledger));
+        Ok(())
+    }
+
     pub(super) fn new_operation(&self) -> u64 {
         let mut body = lock(&self.ledger);
         body.next_operation += 1;

@@ -11,7 +11,9 @@
 #   after an interrupted release + reconcile: the release is finished (all
 #     functions on their original drivers, override cleared; "consistent" is
 #     checked separately so a mixed group is reported as such), and a further
-#     plain release is a no-op that leaves it so.
+#     plain release is a no-op that leaves it so. The sweep crosses the release's
+#     hand-over (reset, then verify): at least one crash must land in it, seen
+#     in the ledger right after the crash.
 MAXSTEP=${CRASH_MAXSTEP:-40}
 
 # crash_sweep OP NAME GPUID BDF "bdf:orig ..."
@@ -20,7 +22,7 @@ crash_sweep() {
     _S=crash-$_op.$_nm
     GPU_IDS="--gpu-id $_id"
     restore_all "$_fns"
-    _n=1 _points=0 _done=no
+    _n=1 _points=0 _done=no _in_reset=0 _in_verify=0
     while [ $_n -le $MAXSTEP ]; do
         new_state "crash-$_op-$_nm-$_n"
         if [ "$_op" = release ]; then
@@ -49,6 +51,16 @@ crash_sweep() {
             restore_all "$_fns"; _n=$((_n + 1)); continue
         fi
         _points=$((_n))
+        if [ "$_op" = release ]; then
+            # Where the crash landed: the hand-over's steps (reset, verify) are
+            # crash points like the moves, and reconcile must finish them too.
+            cli "$_S.$_n.ledger-at-crash" ledger --output json
+            if grep -q '"phase": *"resetting"' "$OUT/$_S.$_n.ledger-at-crash.out"; then
+                _in_reset=$((_in_reset + 1))
+            elif grep -q '"phase": *"verifying"' "$OUT/$_S.$_n.ledger-at-crash.out"; then
+                _in_verify=$((_in_verify + 1))
+            fi
+        fi
         cli "$_S.$_n.reconcile" reconcile --output json
         check "$_S.$_n.reconcile-rc" is_rc "$RC" 0 "$_S.$_n.reconcile"
         if [ "$_op" = bind ]; then
@@ -86,6 +98,11 @@ crash_sweep() {
     DETAIL="no crash was injected (is VFIO_GPU_DRA_CRASH_AFTER_STEP implemented?)"
     check "$_S.crash-points" test $_points -ge 1
     echo "METRIC crash-$_op.$_nm.points $_points"
+    if [ "$_op" = release ]; then
+        echo "METRIC crash-$_op.$_nm.in-handover $_in_reset resetting, $_in_verify verifying"
+        DETAIL="no crash landed in the hand-over (reset and verify) of the release"
+        check "$_S.crashes-in-handover" test $((_in_reset + _in_verify)) -ge 1
+    fi
 }
 
 if ! cli_ready; then skip crash "awaits the CLI"; else
