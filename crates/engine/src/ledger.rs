@@ -313,9 +313,12 @@ impl QuarantineCause {
     }
 }
 
-/// How many hand-over audit records the ledger keeps (oldest dropped first),
-/// so the file stays small on a busy node.
-pub const HANDOVER_AUDIT_KEPT: usize = 256;
+/// How many hand-over audit records the ledger keeps (oldest dropped first,
+/// but never a GPU's last one). Every commit rewrites the whole ledger, so
+/// its size is paid on every move: 256 records made a release 70 % slower
+/// than an empty history; the complete history is the plugin's log (one
+/// `hand-over` line per record, the same fields).
+pub const HANDOVER_AUDIT_KEPT: usize = 32;
 
 impl GpuRecord {
     /// The function record for `bdf`.

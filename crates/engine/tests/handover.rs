@@ -615,3 +615,32 @@ fn the_admin_socket_resets_a_quarantined_gpu_in_the_running_engine_and_refuses_b
         Err(AdminSocketError::NotRunning { .. })
     ));
 }
+
+/// The ledger keeps the recent hand-overs, never losing a GPU's last one to
+/// another GPU's churn, so its size (paid by every commit) stays bounded.
+#[test]
+fn the_audit_keeps_the_recent_hand_overs_and_every_gpus_last_one() {
+    use vfio_gpu_engine::ledger::HANDOVER_AUDIT_KEPT;
+    let (_d, _host, _k, e) = setup();
+    e.configure(bdf(B), claim("b")).unwrap();
+    e.unconfigure(bdf(B), Some(&claim("b"))).unwrap();
+    for n in 0..HANDOVER_AUDIT_KEPT + 5 {
+        let h = claim(&format!("a{n}"));
+        e.configure(bdf(A), h.clone()).unwrap();
+        e.unconfigure(bdf(A), Some(&h)).unwrap();
+    }
+    let audit = e.ledger().handovers;
+    assert_eq!(audit.len(), HANDOVER_AUDIT_KEPT, "bounded");
+    assert_eq!(
+        audit.iter().filter(|h| h.gpu == bdf(B)).count(),
+        1,
+        "B's only hand-over is kept"
+    );
+    let last_a = audit.iter().rfind(|h| h.gpu == bdf(A)).unwrap();
+    assert!(
+        last_a
+            .released_by
+            .contains(&format!("a{}", HANDOVER_AUDIT_KEPT + 4)),
+        "{last_a:?}"
+    );
+}

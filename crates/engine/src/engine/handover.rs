@@ -594,11 +594,30 @@ fn audit_of(bdf: Bdf, h: &Handover, method: &str, verification: &str) -> Handove
     }
 }
 
-/// Appends an audit record, dropping the oldest beyond [`HANDOVER_AUDIT_KEPT`].
+/// Appends an audit record (and logs it: the log keeps the whole history),
+/// dropping the oldest beyond [`HANDOVER_AUDIT_KEPT`] that is not its GPU's
+/// last (`explain` shows each GPU's).
 fn push_audit(b: &mut LedgerBody, audit: HandoverAudit) {
+    tracing::info!(
+        gpu = %audit.gpu,
+        released_by = %audit.released_by,
+        released_at = audit.released_at,
+        finished_at = audit.finished_at,
+        reset_method = %audit.reset_method,
+        verification = %audit.verification,
+        hook = %audit.hook,
+        "hand-over"
+    );
     b.handovers.push(audit);
-    let over = b.handovers.len().saturating_sub(HANDOVER_AUDIT_KEPT);
-    b.handovers.drain(..over);
+    while b.handovers.len() > HANDOVER_AUDIT_KEPT {
+        let list = &b.handovers;
+        let Some(oldest) =
+            (0..list.len()).find(|&i| list[i + 1..].iter().any(|later| later.gpu == list[i].gpu))
+        else {
+            break;
+        };
+        b.handovers.remove(oldest);
+    }
 }
 
 /// An error of the writer's resources (file descriptors, memory, an

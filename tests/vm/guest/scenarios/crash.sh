@@ -100,6 +100,8 @@ crash_sweep() {
     echo "METRIC crash-$_op.$_nm.points $_points"
     if [ "$_op" = release ]; then
         echo "METRIC crash-$_op.$_nm.in-handover $_in_reset resetting, $_in_verify verifying"
+        # Devices handed over unsanitized by the guest's policy (no reset
+        # method, tests/vm/guest/init) record the hand-over too.
         DETAIL="no crash landed in the hand-over (reset and verify) of the release"
         check "$_S.crashes-in-handover" test $((_in_reset + _in_verify)) -ge 1
     fi
