@@ -37,5 +37,6 @@ func TestK8s(t *testing.T) {
 	t.Run("Prepare", func(t *testing.T) { testPrepare(t, c) })
 	t.Run("Fabric", func(t *testing.T) { testFabric(t, c) })
 	t.Run("Quarantine", func(t *testing.T) { testQuarantineTaint(t, c) })
+	t.Run("UnhealthyTaint", func(t *testing.T) { testUnhealthyTaint(t, c) })
 	t.Run("RollingUpdate", func(t *testing.T) { testRollingUpdate(t, c) })
 }

@@ -57,6 +57,10 @@ func (e *prepareEnv) testHealth(t *testing.T) {
 	t.Skipf("lane %s: ResourceHealthStatus is alpha and off, the kubelet opens no health stream", lane)
 }
 
+func testUnhealthyTaint(t *testing.T, _ *cluster) {
+	t.Skipf("lane %s: DRADeviceTaints is alpha and off; tainted GPUs are hidden (the Quarantine test checks that)", lane)
+}
+
 // startClaimController runs the kube-controller-manager's resource-claim
 // controller with its features from the gates, as kube-controller-manager 1.34 does.
 func startClaimController(ctx context.Context, client kubernetes.Interface) error {

@@ -89,6 +89,20 @@ pub struct ServeArgs {
     /// to the vfio-gpu-prebound.dra.dev class.
     #[arg(long, env = "VFIO_GPU_DRA_HIDE_ADMIN_OWNED_GPUS")]
     pub hide_admin_owned_gpus: bool,
+    /// Effect of the `<driver>/unhealthy` device taint on a GPU a VM holds
+    /// when the fault makes the GPU unusable (stops answering, leaves the bus,
+    /// taken off vfio): NoSchedule keeps new claims off it; NoExecute also has
+    /// the device taint eviction controller (kube-controller-manager) delete the
+    /// pods using it unless their claim tolerates the taint. Other unhealthy
+    /// GPUs and quarantined ones are always NoSchedule.
+    #[arg(
+        long,
+        env = "VFIO_GPU_DRA_UNHEALTHY_TAINT_EFFECT",
+        default_value = "NoSchedule",
+        value_name = "NoSchedule|NoExecute",
+        value_parser = parse_taint_effect
+    )]
+    pub unhealthy_taint_effect: vfio_gpu_kubelet::slices::TaintEffect,
     /// Peer uid (SO_PEERCRED) the registration and DRA sockets serve; repeat for
     /// more. The kubelet runs as root; the plugin's own uid is always served.
     /// Others are closed unserved.
@@ -102,6 +116,10 @@ pub struct ServeArgs {
     pub host: HostOpts,
     #[command(flatten)]
     pub timeouts: TimeoutOpts,
+}
+
+fn parse_taint_effect(s: &str) -> Result<vfio_gpu_kubelet::slices::TaintEffect, String> {
+    s.parse()
 }
 
 /// `serve`'s default runtime workers: enough for the gRPC, metrics and API
@@ -165,6 +183,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     if args.hide_admin_owned_gpus {
         opts.admin_owned = vfio_gpu_kubelet::slices::AdminOwned::Hide;
     }
+    opts.unhealthy_taint_effect = args.unhealthy_taint_effect;
     if args.socket_max_connections == 0 {
         bail!("--socket-max-connections 0 would refuse the kubelet");
     }
@@ -235,4 +254,39 @@ async fn cancel_on_signal(token: CancellationToken) {
         _ = int.recv() => tracing::info!("SIGINT: stopping"),
     }
     token.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use vfio_gpu_kubelet::slices::TaintEffect;
+
+    #[derive(Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let mut argv = vec!["serve", "--node-name", "n"];
+        argv.extend_from_slice(extra);
+        Serve::try_parse_from(argv).map(|s| s.args)
+    }
+
+    /// NoSchedule unless the admin asks for eviction; anything but the API's
+    /// two spellings is refused before serve starts.
+    #[test]
+    fn the_unhealthy_taint_effect_defaults_to_no_schedule_and_takes_only_the_api_spellings() {
+        let default = parse(&[]).expect("defaults parse");
+        assert_eq!(default.unhealthy_taint_effect, TaintEffect::NoSchedule);
+        let evict = parse(&["--unhealthy-taint-effect", "NoExecute"]).expect("NoExecute");
+        assert_eq!(evict.unhealthy_taint_effect, TaintEffect::NoExecute);
+        for bad in ["noexecute", "None", "PreferNoSchedule"] {
+            assert!(
+                parse(&["--unhealthy-taint-effect", bad]).is_err(),
+                "{bad} accepted"
+            );
+        }
+    }
 }

@@ -73,6 +73,7 @@ fn gpu(bdf: Bdf, bar: u8, quarantined: bool) -> DeviceInfo {
             since_unix: u64::from(bar) * 1000,
             effect: TaintEffect::NoSchedule,
         }),
+        unhealthy: None,
     }
 }
 

@@ -53,6 +53,8 @@ pub struct DeviceHealth {
     pub health: Health,
     /// Why (empty when healthy and nothing to say).
     pub message: String,
+    /// The reason code when unhealthy (the device taint's value), `None` when healthy.
+    pub reason: Option<UnhealthyReason>,
 }
 
 /// Every device's health after one scan.
@@ -165,6 +167,74 @@ fn read_vendor(path: &Path) -> ConfigRead {
     }
 }
 
+/// Why a device is unhealthy, as a short CamelCase code: the value of the
+/// `<driver>/unhealthy` device taint (a label value, so a fixed set, never text
+/// from the host). The message beside it carries the details.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum UnhealthyReason {
+    /// Config space reads `0xffff`: the device does not answer.
+    NotResponding,
+    /// Config space could not be read.
+    ConfigUnreadable,
+    /// A config-space read did not return within the engine's read deadline.
+    ConfigReadTimedOut,
+    /// A host write to it is still running past its deadline.
+    OperationStuck,
+    /// Bound to a driver other than the one the ledger put it on.
+    DriverMismatch,
+    /// No driver bound and no ledger record.
+    NoDriver,
+    /// Seen by an earlier scan, gone from the PCI bus since.
+    Removed,
+}
+
+impl UnhealthyReason {
+    /// Every reason (for exhaustive tests).
+    pub const ALL: [UnhealthyReason; 7] = [
+        UnhealthyReason::NotResponding,
+        UnhealthyReason::ConfigUnreadable,
+        UnhealthyReason::ConfigReadTimedOut,
+        UnhealthyReason::OperationStuck,
+        UnhealthyReason::DriverMismatch,
+        UnhealthyReason::NoDriver,
+        UnhealthyReason::Removed,
+    ];
+
+    /// The code published as the taint's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnhealthyReason::NotResponding => "NotResponding",
+            UnhealthyReason::ConfigUnreadable => "ConfigUnreadable",
+            UnhealthyReason::ConfigReadTimedOut => "ConfigReadTimedOut",
+            UnhealthyReason::OperationStuck => "OperationStuck",
+            UnhealthyReason::DriverMismatch => "DriverMismatch",
+            UnhealthyReason::NoDriver => "NoDriver",
+            UnhealthyReason::Removed => "Removed",
+        }
+    }
+
+    /// Whether a VM that holds the GPU can no longer use it: the device stopped
+    /// answering, left the bus, or was taken off vfio under the VM. A stuck host
+    /// write or a driverless unclaimed GPU says nothing about a running VM's
+    /// device, so those never evict (see `slices::unhealthy_taint_effect`).
+    pub fn makes_gpu_unusable(self) -> bool {
+        match self {
+            UnhealthyReason::NotResponding
+            | UnhealthyReason::ConfigUnreadable
+            | UnhealthyReason::ConfigReadTimedOut
+            | UnhealthyReason::DriverMismatch
+            | UnhealthyReason::Removed => true,
+            UnhealthyReason::OperationStuck | UnhealthyReason::NoDriver => false,
+        }
+    }
+}
+
+impl std::fmt::Display for UnhealthyReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The health of a present GPU from what the host shows: `stuck` (a write past its
 /// deadline), its ledger `record`, the `driver` its GPU function is bound to, and its
 /// config space.
@@ -174,21 +244,45 @@ pub fn assess(
     driver: Option<&str>,
     config: &ConfigRead,
 ) -> (Health, String) {
-    let mut problems: Vec<String> = Vec::new();
+    let (reason, message) = assess_reason(stuck, record, driver, config);
+    match reason {
+        None => (Health::Healthy, message),
+        Some(_) => (Health::Unhealthy, message),
+    }
+}
+
+/// [`assess`] with the reason code: `None` when healthy, otherwise the first
+/// problem found (config space first: a device that does not answer explains
+/// the rest), and every problem in the message.
+pub fn assess_reason(
+    stuck: Option<&str>,
+    record: Option<&GpuRecord>,
+    driver: Option<&str>,
+    config: &ConfigRead,
+) -> (Option<UnhealthyReason>, String) {
+    let mut problems: Vec<(UnhealthyReason, String)> = Vec::new();
     match config {
-        ConfigRead::Vendor(0xffff) => problems.push(
+        ConfigRead::Vendor(0xffff) => problems.push((
+            UnhealthyReason::NotResponding,
             "config space reads 0xffff: the device does not answer (fell off the bus, or a failed reset)"
                 .to_string(),
-        ),
-        ConfigRead::Failed(e) => problems.push(format!("config space unreadable: {e}")),
-        ConfigRead::TimedOut(e) => problems.push(format!(
-            "config read timed out: {e} (the device lock is held, e.g. by a reset that does not finish)"
+        )),
+        ConfigRead::Failed(e) => problems.push((
+            UnhealthyReason::ConfigUnreadable,
+            format!("config space unreadable: {e}"),
+        )),
+        ConfigRead::TimedOut(e) => problems.push((
+            UnhealthyReason::ConfigReadTimedOut,
+            format!(
+                "config read timed out: {e} (the device lock is held, e.g. by a reset that does not finish)"
+            ),
         )),
         ConfigRead::Vendor(_) | ConfigRead::Skipped => {}
     }
     if let Some(op) = stuck {
-        problems.push(format!(
-            "stuck: {op} did not return; the GPU is left alone until it does"
+        problems.push((
+            UnhealthyReason::OperationStuck,
+            format!("stuck: {op} did not return; the GPU is left alone until it does"),
         ));
     }
     let shown = driver.unwrap_or("no driver");
@@ -201,8 +295,9 @@ pub fn assess(
             };
             if !ok {
                 let want = want.map_or("a vfio driver", |w| w.as_str());
-                problems.push(format!(
-                    "bound to {shown}, but the ledger has it on {want}"
+                problems.push((
+                    UnhealthyReason::DriverMismatch,
+                    format!("bound to {shown}, but the ledger has it on {want}"),
                 ));
             }
         }
@@ -211,17 +306,16 @@ pub fn assess(
         Some((OpState::Configuring | OpState::Releasing, _)) => {}
         // Released to no driver, as it was found.
         Some((OpState::ReleasedUnbound, _)) => {}
-        None if driver.is_none() => problems.push(
+        None if driver.is_none() => problems.push((
+            UnhealthyReason::NoDriver,
             "no driver bound and no ledger record: the host left it driverless (reconcile rebinds it)"
                 .to_string(),
-        ),
+        )),
         None => {}
     }
-    if problems.is_empty() {
-        (Health::Healthy, String::new())
-    } else {
-        (Health::Unhealthy, truncate(problems.join("; ")))
-    }
+    let reason = problems.first().map(|(r, _)| *r);
+    let message: Vec<String> = problems.into_iter().map(|(_, m)| m).collect();
+    (reason, truncate(message.join("; ")))
 }
 
 fn truncate(mut s: String) -> String {
@@ -274,7 +368,13 @@ fn scan_with(
         let bdf = v.gpu.bdf();
         let config = read_config(&bdf);
         let driver = v.gpu.function.driver.as_ref().map(|d| d.as_str());
-        let (health, message) = assess(v.stuck.as_deref(), v.record.as_ref(), driver, &config);
+        let (reason, message) =
+            assess_reason(v.stuck.as_deref(), v.record.as_ref(), driver, &config);
+        let health = if reason.is_some() {
+            Health::Unhealthy
+        } else {
+            Health::Healthy
+        };
         let name = device_name(&bdf);
         seen.insert(bdf, name.clone());
         devices.insert(
@@ -284,6 +384,7 @@ fn scan_with(
                 device_name: name,
                 health,
                 message,
+                reason,
             },
         );
     }
@@ -293,6 +394,7 @@ fn scan_with(
             device_name: name.clone(),
             health: Health::Unhealthy,
             message: "no longer present on the PCI bus (removed, or fell off the bus)".into(),
+            reason: Some(UnhealthyReason::Removed),
         });
     }
     HealthReport {
@@ -327,6 +429,11 @@ impl HealthFeed {
     /// The current report.
     pub fn current(&self) -> Arc<HealthReport> {
         Arc::clone(&self.report.borrow())
+    }
+
+    /// Waits until a scan changes the report; an error once the monitor stopped.
+    pub async fn changed(&mut self) -> Result<(), watch::error::RecvError> {
+        self.report.changed().await
     }
 }
 
@@ -686,6 +793,76 @@ mod tests {
         let (h, m) = assess(None, None, None, &ConfigRead::Skipped);
         assert_eq!(h, Health::Unhealthy);
         assert!(m.contains("no driver"), "{m}");
+    }
+
+    /// Every combination of what the scan sees: unhealthy exactly when there
+    /// is something to say, and the reason code is the first problem's (a
+    /// device that does not answer explains the rest).
+    #[test]
+    fn the_reason_code_is_the_first_problem_and_only_when_unhealthy() {
+        let configs = [
+            (ConfigRead::Vendor(0x10de), None),
+            (ConfigRead::Skipped, None),
+            (
+                ConfigRead::Vendor(0xffff),
+                Some(UnhealthyReason::NotResponding),
+            ),
+            (
+                ConfigRead::Failed("EIO".into()),
+                Some(UnhealthyReason::ConfigUnreadable),
+            ),
+            (
+                ConfigRead::TimedOut("reset".into()),
+                Some(UnhealthyReason::ConfigReadTimedOut),
+            ),
+        ];
+        let states = [
+            OpState::Configuring,
+            OpState::Configured,
+            OpState::Releasing,
+            OpState::Prebound,
+            OpState::ReleasedUnbound,
+        ];
+        let mut records: Vec<Option<GpuRecord>> = vec![None];
+        records.extend(states.iter().map(|s| Some(record(*s, Some("vfio-pci")))));
+        for (config, config_reason) in &configs {
+            for stuck in [None, Some("unbind")] {
+                for rec in &records {
+                    for driver in [None, Some("vfio-pci"), Some("nvidia")] {
+                        let (reason, message) = assess_reason(stuck, rec.as_ref(), driver, config);
+                        let (health, _) = assess(stuck, rec.as_ref(), driver, config);
+                        assert_eq!(reason.is_some(), !message.is_empty(), "{message}");
+                        assert_eq!(reason.is_some(), health == Health::Unhealthy);
+                        let held = rec.as_ref().is_some_and(|r| {
+                            matches!(r.state, OpState::Configured | OpState::Prebound)
+                        });
+                        let want = config_reason
+                            .or(stuck.map(|_| UnhealthyReason::OperationStuck))
+                            .or((held && driver != Some("vfio-pci"))
+                                .then_some(UnhealthyReason::DriverMismatch))
+                            .or((rec.is_none() && driver.is_none())
+                                .then_some(UnhealthyReason::NoDriver));
+                        assert_eq!(
+                            reason,
+                            want,
+                            "{config:?} stuck={stuck:?} {:?} {driver:?}",
+                            rec.as_ref().map(|r| r.state)
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_vanished_gpu_is_reported_removed() {
+        let views: Vec<GpuView> = Vec::new();
+        let bdf: Bdf = "0000:65:00.0".parse().expect("bdf");
+        let mut seen = BTreeMap::from([(bdf, device_name(&bdf))]);
+        let report = scan_with(&views, &mut seen, |_| ConfigRead::Skipped);
+        assert_eq!(report.devices.len(), 1);
+        assert_eq!(report.devices[0].reason, Some(UnhealthyReason::Removed));
+        assert_eq!(report.devices[0].health, Health::Unhealthy);
     }
 
     #[test]

@@ -620,6 +620,7 @@ mod tests {
             bar_prefetchable64_bytes: 0,
             fabric: None,
             quarantine: None,
+            unhealthy: None,
         };
         MetadataDevice {
             driver: "vfio-gpu.dra.dev".into(),

@@ -47,8 +47,8 @@ fn fm_code_label(e: &FmError) -> String {
 /// Label set of the counters: `[(name, value), ...]`, values from a fixed set.
 type Labels2 = [(&'static str, String); 2];
 type Labels1 = [(&'static str, &'static str); 1];
-/// Label set of the per-GPU owner gauge: gpu, namespace, claim.
-type Labels3 = [(&'static str, String); 3];
+/// Label set of the per-GPU owner gauge: gpu, namespace, claim, pod.
+type OwnerLabels = [(&'static str, String); 4];
 
 /// `/healthz` fails once the serve loop has not ticked for this long.
 pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(90);
@@ -88,7 +88,10 @@ pub struct Metrics {
     holder_scan: Gauge<f64, std::sync::atomic::AtomicU64>,
     devices: Family<Labels1, Gauge>,
     quarantined: Family<Labels2, Gauge>,
-    owner: Family<Labels3, Gauge>,
+    owner: Family<OwnerLabels, Gauge>,
+    /// The pod each prepared claim is reserved for, by claim UID, as the
+    /// plugin last read the claim (the `pod` label of `gpu_owner`).
+    claim_pods: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
     aer: Family<Labels2, Gauge>,
     unhealthy: Gauge,
     health_scan: Histogram,
@@ -147,7 +150,7 @@ impl Metrics {
         let holder_scan = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let devices = Family::<Labels1, Gauge>::default();
         let quarantined = Family::<Labels2, Gauge>::default();
-        let owner = Family::<Labels3, Gauge>::default();
+        let owner = Family::<OwnerLabels, Gauge>::default();
         let aer = Family::<Labels2, Gauge>::default();
         let unhealthy = Gauge::default();
         let active_partitions = Gauge::default();
@@ -223,7 +226,7 @@ impl Metrics {
         );
         registry.register(
             "gpu_owner",
-            "1 for each GPU a ResourceClaim holds, by gpu (PCI address), namespace and claim, so GPU metrics can be joined to the tenant (one series per GPU at most)",
+            "1 for each GPU a ResourceClaim holds, by gpu (PCI address), namespace, claim and pod (the pod the claim is reserved for, empty when none or several), so GPU metrics can be joined to the tenant (one series per GPU at most)",
             owner.clone(),
         );
         registry.register(
@@ -254,6 +257,7 @@ impl Metrics {
             devices,
             quarantined,
             owner,
+            claim_pods: Default::default(),
             aer,
             unhealthy,
             health_scan,
@@ -360,27 +364,38 @@ impl Metrics {
         }
         // Who holds each GPU: at most one series per GPU (bounded cardinality).
         self.owner.clear();
+        let mut pods = self.claim_pods.lock().unwrap_or_else(|p| p.into_inner());
+        let mut holding = std::collections::BTreeSet::new();
         for v in views {
             let held = v.record.as_ref().and_then(|r| match (&r.holder, r.state) {
                 (
                     Some(vfio_gpu_engine::Holder::Claim {
-                        namespace, name, ..
+                        uid,
+                        namespace,
+                        name,
                     }),
                     vfio_gpu_engine::ledger::OpState::Configuring
                     | vfio_gpu_engine::ledger::OpState::Configured,
-                ) => Some((namespace.clone(), name.clone())),
+                ) => Some((uid.clone(), namespace.clone(), name.clone())),
                 _ => None,
             });
-            if let Some((namespace, claim)) = held {
+            if let Some((uid, namespace, claim)) = held {
+                let pod = pods.get(&uid).cloned().unwrap_or_default();
+                holding.insert(uid);
                 self.owner
                     .get_or_create(&[
                         ("gpu", v.gpu.bdf().to_string()),
                         ("namespace", namespace),
                         ("claim", claim),
+                        ("pod", pod),
                     ])
                     .set(1);
             }
         }
+        // Claims that hold no GPU any more are forgotten: the map stays as
+        // small as the series.
+        pods.retain(|uid, _| holding.contains(uid));
+        drop(pods);
         let left_off = views
             .iter()
             .filter(|v| v.persistence_left_off.is_some())
@@ -395,6 +410,16 @@ impl Metrics {
             .map(|(id, _, _)| id.0)
             .collect();
         self.active_partitions.set(gauge_value(active.len()));
+    }
+
+    /// Records the pod the claim `uid` is reserved for (`""`: none or
+    /// several), for the `pod` label of `gpu_owner` from the next scan on.
+    /// Forgotten by the first scan that finds the claim holding no GPU.
+    pub fn set_claim_pod(&self, uid: &str, pod: &str) {
+        self.claim_pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid.to_string(), pod.to_string());
     }
 
     /// Sets the AER gauges to the kernel's counts of the last scan (GPUs

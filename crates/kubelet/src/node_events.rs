@@ -163,6 +163,7 @@ mod tests {
             bar_prefetchable64_bytes: 0,
             fabric: None,
             quarantine,
+            unhealthy: None,
         }
     }
 

@@ -263,18 +263,8 @@ impl VfioPlugin {
             })
     }
 
-    /// Prepares one claim (see the module docs); the error text goes to the kubelet.
-    pub async fn prepare_claim(&self, c: &ClaimRef) -> Result<Vec<PreparedDevice>, PrepareError> {
-        self.prepare_inner(c).await.map_err(|e| e.for_claim(c))
-    }
-
-    async fn prepare_inner(&self, c: &ClaimRef) -> Result<Vec<PreparedDevice>, PrepareError> {
-        if !is_safe_uid(&c.uid) {
-            return Err(PrepareError::InvalidUid(c.uid.clone()));
-        }
-        // Locked before the claim is read: an unprepare arriving meanwhile must wait
-        // and then release what this prepare configures (it would find nothing now).
-        let _guard = self.lock_claim(&c.uid).await;
+    /// The claim `c` names, refused when it is gone or was replaced (another UID).
+    async fn current_claim(&self, c: &ClaimRef) -> Result<ResourceClaim, PrepareError> {
         let claim = self
             .get_claim(c)
             .await?
@@ -290,6 +280,22 @@ impl VfioPlugin {
                 found: found_uid.to_string(),
             });
         }
+        Ok(claim)
+    }
+
+    /// Prepares one claim (see the module docs); the error text goes to the kubelet.
+    pub async fn prepare_claim(&self, c: &ClaimRef) -> Result<Vec<PreparedDevice>, PrepareError> {
+        self.prepare_inner(c).await.map_err(|e| e.for_claim(c))
+    }
+
+    async fn prepare_inner(&self, c: &ClaimRef) -> Result<Vec<PreparedDevice>, PrepareError> {
+        if !is_safe_uid(&c.uid) {
+            return Err(PrepareError::InvalidUid(c.uid.clone()));
+        }
+        // Locked before the claim is read: an unprepare arriving meanwhile must wait
+        // and then release what this prepare configures (it would find nothing now).
+        let _guard = self.lock_claim(&c.uid).await;
+        let claim = self.current_claim(c).await?;
         let allocation = claim
             .status
             .as_ref()
@@ -424,7 +430,12 @@ impl VfioPlugin {
         self.fabric_activate(&holder, &bdfs, &newly).await?;
 
         match self.write_files(&identity, &planned, &outcomes) {
-            Ok(devices) => Ok(devices),
+            Ok(devices) => {
+                self.config
+                    .metrics
+                    .set_claim_pod(&c.uid, &reserved_pod(&claim));
+                Ok(devices)
+            }
             Err(e) => {
                 let mut undo = self.undo_fabric(&holder).await;
                 undo.extend(self.release(&newly, &holder).await);
@@ -775,7 +786,17 @@ impl VfioPlugin {
     async fn claim_is_stale(&self, c: &ClaimRef) -> bool {
         match self.get_claim(c).await {
             Ok(None) => true,
-            Ok(Some(obj)) => obj.metadata.uid.as_deref() != Some(c.uid.as_str()),
+            Ok(Some(obj)) => {
+                let stale = obj.metadata.uid.as_deref() != Some(c.uid.as_str());
+                if !stale {
+                    // The pod may have changed, or a restart lost it: the
+                    // gpu_owner label follows the claim.
+                    self.config
+                        .metrics
+                        .set_claim_pod(&c.uid, &reserved_pod(&obj));
+                }
+                stale
+            }
             Err(e) => {
                 tracing::debug!(claim = %c.uid, error = %e, "cleanup: cannot check claim; keeping it");
                 false
@@ -889,6 +910,21 @@ impl VfioPlugin {
         }
         *self.idle_orphans.lock().unwrap_or_else(|p| p.into_inner()) = idle_now;
         out
+    }
+}
+
+/// The pod a claim is reserved for (`status.reservedFor`), the `pod` label of
+/// `gpu_owner`: its name when exactly one pod holds the reservation, empty
+/// when none or several (one series per GPU, whatever the claim says).
+pub fn reserved_pod(claim: &ResourceClaim) -> String {
+    let mut pods = claim
+        .status
+        .iter()
+        .flat_map(|s| s.reserved_for.iter().flatten())
+        .filter(|r| r.api_group.as_deref().unwrap_or_default().is_empty() && r.resource == "pods");
+    match (pods.next(), pods.next()) {
+        (Some(pod), None) => pod.name.clone(),
+        _ => String::new(),
     }
 }
 
@@ -1131,5 +1167,40 @@ mod tests {
     fn device_names_are_dns_labels_from_the_bdf() {
         let b: Bdf = "0000:ab:00.0".parse().unwrap();
         assert_eq!(device_name(&b), "gpu-0000-ab-00-0");
+    }
+
+    fn claim_reserved_for(consumers: serde_json::Value) -> ResourceClaim {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "c", "namespace": "vms"},
+            "spec": {},
+            "status": {"reservedFor": consumers}
+        }))
+        .expect("claim")
+    }
+
+    /// The `pod` label of `gpu_owner` names one pod or none: never a list, never
+    /// a non-pod consumer.
+    #[test]
+    fn the_reserved_pod_is_the_one_pod_consumer_or_none() {
+        let pod = |name: &str| serde_json::json!({"resource": "pods", "name": name, "uid": name});
+        let one = claim_reserved_for(serde_json::json!([pod("virt-launcher-vm-a-x7k2p")]));
+        assert_eq!(reserved_pod(&one), "virt-launcher-vm-a-x7k2p");
+        let two = claim_reserved_for(serde_json::json!([pod("a"), pod("b")]));
+        assert_eq!(reserved_pod(&two), "", "shared: no single pod");
+        let none = claim_reserved_for(serde_json::json!([]));
+        assert_eq!(reserved_pod(&none), "");
+        let group = claim_reserved_for(serde_json::json!([
+            {"apiGroup": "scheduling.k8s.io", "resource": "podgroups", "name": "g", "uid": "g"}
+        ]));
+        assert_eq!(reserved_pod(&group), "", "not a pod");
+        let mixed = claim_reserved_for(serde_json::json!([
+            {"apiGroup": "scheduling.k8s.io", "resource": "podgroups", "name": "g", "uid": "g"},
+            pod("p")
+        ]));
+        assert_eq!(reserved_pod(&mixed), "p");
+        let no_status: ResourceClaim =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "c"}, "spec": {}}))
+                .expect("claim");
+        assert_eq!(reserved_pod(&no_status), "");
     }
 }

@@ -122,6 +122,10 @@ pub struct ServeOptions {
     pub socket_peers: crate::grpc::peers::PeerPolicy,
     /// Whether GPUs the admin keeps on vfio are published (security review L3).
     pub admin_owned: crate::slices::AdminOwned,
+    /// The effect of an unhealthy GPU's taint while a VM holds it and the
+    /// fault makes the GPU unusable: `NoSchedule` (default) or `NoExecute`
+    /// (the taint eviction controller evicts the pod).
+    pub unhealthy_taint_effect: crate::slices::TaintEffect,
 }
 
 /// The lock file in the state directory held by the instance that publishes
@@ -162,6 +166,7 @@ impl ServeOptions {
             drain_timeout: Duration::from_secs(20),
             socket_peers: crate::grpc::peers::PeerPolicy::default(),
             admin_owned: crate::slices::AdminOwned::Offer,
+            unhealthy_taint_effect: crate::slices::TaintEffect::NoSchedule,
         }
     }
 
@@ -374,6 +379,18 @@ fn log_open_report(report: &vfio_gpu_engine::OpenReport) {
     }
 }
 
+/// The plugin's settings from `serve`'s options.
+fn plugin_config(opts: &ServeOptions, data_dir: PathBuf, metrics: &Arc<Metrics>) -> PluginConfig {
+    let mut c = PluginConfig::new(&opts.driver_name, &opts.node_name);
+    c.cdi_root = opts.cdi_root.clone();
+    c.data_dir = data_dir;
+    c.allow_foreign_group_members = opts.policy.binding.allow_foreign_group_members;
+    c.legacy_kubevirt_metadata = opts.legacy_kubevirt_metadata;
+    c.call_budget = opts.call_budget;
+    c.metrics = Arc::clone(metrics);
+    c
+}
+
 /// `vfio-gpu-dra reset` reaches this engine through the admin socket while
 /// this process holds the state lock; without it the plugin still serves,
 /// and says so.
@@ -394,7 +411,6 @@ async fn serve_plugin(
     let state_dir = opts.state_dir.clone().unwrap_or_else(|| data_dir.clone());
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating state directory {}", state_dir.display()))?;
-    let allow_foreign = opts.policy.binding.allow_foreign_group_members;
     // Before the engine touches anything: what doctor would say, in the log.
     check_node_at_start(&opts, &state_dir)
         .await
@@ -431,13 +447,7 @@ async fn serve_plugin(
     let _admin_socket = start_admin_socket(&engine, &state_dir);
 
     let client = kube_client(&opts.kube).await?;
-    let mut plugin_config = PluginConfig::new(&opts.driver_name, &opts.node_name);
-    plugin_config.cdi_root = opts.cdi_root.clone();
-    plugin_config.data_dir = data_dir;
-    plugin_config.allow_foreign_group_members = allow_foreign;
-    plugin_config.legacy_kubevirt_metadata = opts.legacy_kubevirt_metadata;
-    plugin_config.call_budget = opts.call_budget;
-    plugin_config.metrics = Arc::clone(&metrics);
+    let plugin_config = plugin_config(&opts, data_dir, &metrics);
     let plugin = VfioPlugin::new(Arc::clone(&engine), client.clone(), plugin_config);
 
     let stop = shutdown.child_token();
@@ -461,7 +471,7 @@ async fn serve_plugin(
     }
     server_config.peers = opts.socket_peers.clone();
     server_config.health = Some(HealthConfig {
-        feed,
+        feed: feed.clone(),
         pool: opts.node_name.clone(),
         resend: DEFAULT_RESEND,
     });
@@ -496,6 +506,10 @@ async fn serve_plugin(
             metrics: Some(Arc::clone(&metrics)),
             record_dir: Some(state_dir.clone()),
             admin_owned: opts.admin_owned,
+            health: Some(crate::slices::HealthTaints {
+                feed,
+                policy: opts.unhealthy_taint_effect,
+            }),
         },
         state_dir,
     );

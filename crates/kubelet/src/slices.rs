@@ -37,6 +37,7 @@ use vfio_gpu_engine::{Engine, GpuView};
 use vfio_gpu_host::Bdf;
 
 use crate::apiserver::missing_resource_v1_after;
+use crate::health::{HealthFeed, HealthReport, UnhealthyReason};
 use crate::metrics::Metrics;
 
 /// At most this many devices per slice (API limit without taints or counters).
@@ -47,6 +48,9 @@ pub const MAX_DEVICES_PER_SLICE_WITH_TAINTS: usize = 64;
 /// The name of the quarantine taint in the driver's domain:
 /// `<driver>/quarantined`, e.g. `vfio-gpu.dra.dev/quarantined`.
 pub const TAINT_QUARANTINED: &str = "quarantined";
+/// The name of the taint of a GPU the health scan finds unhealthy:
+/// `<driver>/unhealthy`, e.g. `vfio-gpu.dra.dev/unhealthy=NotResponding`.
+pub const TAINT_UNHEALTHY: &str = "unhealthy";
 /// The API's limit on attributes + capacity entries per device.
 pub const MAX_ATTRIBUTES_AND_CAPACITY: usize = 32;
 /// The API's limit on a string attribute's length, in bytes.
@@ -99,6 +103,58 @@ pub struct DeviceInfo {
     /// Quarantined: published with a taint instead of hidden, where the API
     /// server keeps taints ([`SlicePublisher`] falls back to hiding it).
     pub quarantine: Option<QuarantineTaint>,
+    /// Unhealthy by the health scan: published with a taint, gone once the
+    /// scan finds it healthy again ([`UnhealthyTaints`]).
+    pub unhealthy: Option<UnhealthyTaint>,
+}
+
+/// What an unhealthy GPU's device taint says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnhealthyTaint {
+    /// The health scan's reason code, the taint's value.
+    pub reason: UnhealthyReason,
+    /// Since when (or since the effect last changed), seconds since the epoch:
+    /// the taint's `timeAdded`, from which a `NoExecute` toleration's
+    /// `tolerationSeconds` count.
+    pub since_unix: u64,
+    /// [`unhealthy_taint_effect`] of the policy and the GPU's state.
+    pub effect: TaintEffect,
+}
+
+impl UnhealthyTaint {
+    /// The device taint, keyed in `driver_name`'s domain.
+    pub fn device_taint(&self, driver_name: &str) -> DeviceTaint {
+        DeviceTaint {
+            key: format!("{driver_name}/{TAINT_UNHEALTHY}"),
+            value: Some(self.reason.as_str().to_string()),
+            effect: self.effect.as_str().to_string(),
+            time_added: time_added(self.since_unix),
+        }
+    }
+}
+
+fn time_added(since_unix: u64) -> Option<Time> {
+    let since = i64::try_from(since_unix).unwrap_or(i64::MAX);
+    k8s_openapi::jiff::Timestamp::from_second(since)
+        .ok()
+        .map(Time)
+}
+
+/// The effect of an unhealthy GPU's taint: `policy` (`serve
+/// --unhealthy-taint-effect`) only for a fault that leaves a VM holding the GPU
+/// with a device it cannot use (the GPU is `prepared` for a claim and the
+/// reason [makes it unusable](UnhealthyReason::makes_gpu_unusable)); otherwise
+/// `NoSchedule`, which keeps new claims off it and evicts nobody.
+pub fn unhealthy_taint_effect(
+    policy: TaintEffect,
+    prepared: bool,
+    reason: UnhealthyReason,
+) -> TaintEffect {
+    if prepared && reason.makes_gpu_unusable() {
+        policy
+    } else {
+        TaintEffect::NoSchedule
+    }
 }
 
 /// What a quarantined GPU's device taint says.
@@ -125,6 +181,20 @@ pub enum TaintEffect {
     NoExecute,
 }
 
+impl std::str::FromStr for TaintEffect {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "NoSchedule" => Ok(TaintEffect::NoSchedule),
+            "NoExecute" => Ok(TaintEffect::NoExecute),
+            other => Err(format!(
+                "unknown taint effect {other:?}: expected NoSchedule or NoExecute"
+            )),
+        }
+    }
+}
+
 impl TaintEffect {
     /// The API's spelling.
     pub fn as_str(self) -> &'static str {
@@ -149,19 +219,21 @@ impl QuarantineTaint {
 
     /// The device taint, keyed in `driver_name`'s domain.
     pub fn device_taint(&self, driver_name: &str) -> DeviceTaint {
-        let since = i64::try_from(self.since_unix).unwrap_or(i64::MAX);
         DeviceTaint {
             key: format!("{driver_name}/{TAINT_QUARANTINED}"),
             value: Some(self.cause.as_str().to_string()),
             effect: self.effect.as_str().to_string(),
-            time_added: k8s_openapi::jiff::Timestamp::from_second(since)
-                .ok()
-                .map(Time),
+            time_added: time_added(self.since_unix),
         }
     }
 }
 
 impl DeviceInfo {
+    /// Whether it is published with a taint (quarantined or unhealthy).
+    pub fn is_tainted(&self) -> bool {
+        self.quarantine.is_some() || self.unhealthy.is_some()
+    }
+
     /// The device as the engine sees it, whether or not it is offered; `None` only
     /// without an IOMMU group (such a GPU cannot be handed over VFIO at all).
     pub fn from_view(view: &GpuView) -> Option<Self> {
@@ -180,6 +252,7 @@ impl DeviceInfo {
             bar_prefetchable64_bytes: f.bar_prefetchable64_bytes,
             fabric: view.fabric.clone(),
             quarantine: view.quarantine.as_ref().map(QuarantineTaint::of),
+            unhealthy: None,
         })
     }
 }
@@ -200,14 +273,9 @@ fn host_driver(view: &GpuView) -> Option<String> {
     }
 }
 
-/// The device to offer for an engine view, or `None` when the GPU must not be
-/// offered: pinned by the admin, sharing its IOMMU group with a foreign device
-/// or another GPU (it could not move alone), without an IOMMU group, with a
-/// host write still stuck past its deadline, or with the last tenant's
-/// hand-over (reset and verification) not finished. A quarantined GPU is
-/// published with its taint ([`DeviceInfo::quarantine`]), so the scheduler
-/// and the admin see why nobody gets it.
-pub fn device_info(view: &GpuView) -> Option<DeviceInfo> {
+/// [`device_info`] without the stuck check: what a stuck GPU would publish
+/// if it were not stuck.
+fn device_info_even_if_stuck(view: &GpuView) -> Option<DeviceInfo> {
     // Not offered: what a prepare would refuse anyway (pinned, stuck, a
     // foreign device in the group, a host process holding it), so the
     // scheduler never hands a pod a GPU it cannot get.
@@ -229,13 +297,27 @@ pub fn device_info(view: &GpuView) -> Option<DeviceInfo> {
     if unsettled
         || not_handed_over
         || view.verdict.pinned.is_some()
-        || view.stuck.is_some()
         || !view.holders.is_empty()
         || view.gpu.blocking_members().next().is_some()
     {
         return None;
     }
     DeviceInfo::from_view(view)
+}
+
+/// The device to offer for an engine view, or `None` when the GPU must not be
+/// offered: pinned by the admin, sharing its IOMMU group with a foreign device
+/// or another GPU (it could not move alone), without an IOMMU group, with a
+/// host write still stuck past its deadline, or with the last tenant's
+/// hand-over (reset and verification) not finished. A quarantined GPU is
+/// published with its taint ([`DeviceInfo::quarantine`]), so the scheduler
+/// and the admin see why nobody gets it; a stuck one is published tainted by
+/// [`UnhealthyTaints`] once the health scan reports it.
+pub fn device_info(view: &GpuView) -> Option<DeviceInfo> {
+    if view.stuck.is_some() {
+        return None;
+    }
+    device_info_even_if_stuck(view)
 }
 
 /// The offerable devices among `views`, in BDF order (admin-owned GPUs offered).
@@ -276,6 +358,106 @@ pub fn device_infos_for(views: &[GpuView], admin_owned: AdminOwned) -> Vec<Devic
         .collect();
     out.sort_by_key(|d| d.bdf);
     out
+}
+
+/// Whether a GPU is prepared for a claim: on vfio for a ResourceClaim, so a VM
+/// may be using it.
+fn prepared_for_claim(view: &GpuView) -> bool {
+    view.record.as_ref().is_some_and(|r| {
+        r.state == vfio_gpu_engine::ledger::OpState::Configured
+            && matches!(r.holder, Some(vfio_gpu_engine::Holder::Claim { .. }))
+    })
+}
+
+/// Merges the health scan's verdicts into the published device list: a GPU
+/// the scan finds unhealthy is published with the `<driver>/unhealthy=<reason>`
+/// taint instead of vanishing or staying untainted, and the taint goes once
+/// the scan finds it healthy. Remembers what it needs between syncs: since
+/// when each taint holds (its `timeAdded`, stable so the slice is not
+/// rewritten every sync and `tolerationSeconds` count from the fault), and the
+/// last published device of each GPU, so one that left the bus stays
+/// published, tainted `Removed`, until it comes back.
+#[derive(Debug, Default)]
+pub struct UnhealthyTaints {
+    /// Effect and since-time of each taint published now.
+    since: BTreeMap<Bdf, (TaintEffect, u64)>,
+    /// The last device published for each GPU (untainted) and whether it was
+    /// prepared for a claim then.
+    last: BTreeMap<Bdf, (DeviceInfo, bool)>,
+}
+
+impl UnhealthyTaints {
+    /// The devices to publish for `views` (admin-owned GPUs offered or hidden
+    /// by `admin_owned`) with the health `report`'s verdicts as taints of
+    /// effect [`unhealthy_taint_effect`]`(policy, ..)`, at `now_unix`; BDF order.
+    pub fn apply(
+        &mut self,
+        views: &[GpuView],
+        admin_owned: AdminOwned,
+        report: &HealthReport,
+        policy: TaintEffect,
+        now_unix: u64,
+    ) -> Vec<DeviceInfo> {
+        let unhealthy: BTreeMap<Bdf, UnhealthyReason> = report
+            .devices
+            .iter()
+            .filter_map(|d| Some((d.bdf, d.reason?)))
+            .collect();
+        let present: BTreeSet<Bdf> = views.iter().map(|v| v.gpu.bdf()).collect();
+        let mut out: Vec<(DeviceInfo, bool, Option<UnhealthyReason>)> = Vec::new();
+        for v in views
+            .iter()
+            .filter(|v| admin_owned == AdminOwned::Offer || !is_admin_owned(v))
+        {
+            let bdf = v.gpu.bdf();
+            let reason = unhealthy.get(&bdf).copied();
+            // A stuck GPU is offered only tainted: never before the scan says why.
+            let info = match (device_info(v), &v.stuck, reason) {
+                (Some(info), _, _) => Some(info),
+                (None, Some(_), Some(_)) => device_info_even_if_stuck(v),
+                (None, _, _) => None,
+            };
+            let Some(info) = info else {
+                // Not offered any more for another reason: not kept as Removed either.
+                self.last.remove(&bdf);
+                continue;
+            };
+            let prepared = prepared_for_claim(v);
+            self.last.insert(bdf, (info.clone(), prepared));
+            out.push((info, prepared, reason));
+        }
+        // Gone from the bus since it was published: still published, tainted.
+        for (bdf, (info, prepared)) in &self.last {
+            if !present.contains(bdf) {
+                out.push((info.clone(), *prepared, Some(UnhealthyReason::Removed)));
+            }
+        }
+        let mut since = BTreeMap::new();
+        let mut devices: Vec<DeviceInfo> = out
+            .into_iter()
+            .map(|(mut info, prepared, reason)| {
+                info.unhealthy = reason.map(|reason| {
+                    let effect = unhealthy_taint_effect(policy, prepared, reason);
+                    // timeAdded stays while the effect does; a new effect (a
+                    // NoExecute from now on) starts its tolerationSeconds now.
+                    let since_unix = match self.since.get(&info.bdf) {
+                        Some((e, t)) if *e == effect => *t,
+                        _ => now_unix,
+                    };
+                    since.insert(info.bdf, (effect, since_unix));
+                    UnhealthyTaint {
+                        reason,
+                        since_unix,
+                        effect,
+                    }
+                });
+                info
+            })
+            .collect();
+        self.since = since;
+        devices.sort_by_key(|d| d.bdf);
+        devices
+    }
 }
 
 /// The device name of a GPU: `gpu-0000-65-00-0`. A DNS label that depends only
@@ -524,12 +706,20 @@ pub fn device(driver_name: &str, info: &DeviceInfo) -> Device {
         name: device_name(&info.bdf),
         attributes: (!attributes.is_empty()).then_some(attributes),
         capacity: (!capacity.is_empty()).then_some(capacity),
-        taints: info
-            .quarantine
-            .as_ref()
-            .map(|q| vec![q.device_taint(driver_name)]),
+        taints: device_taints(driver_name, info),
         ..Default::default()
     }
+}
+
+/// The taints of a device: its quarantine and its ill health, `None` when neither.
+fn device_taints(driver_name: &str, info: &DeviceInfo) -> Option<Vec<DeviceTaint>> {
+    let taints: Vec<DeviceTaint> = info
+        .quarantine
+        .iter()
+        .map(|q| q.device_taint(driver_name))
+        .chain(info.unhealthy.iter().map(|u| u.device_taint(driver_name)))
+        .collect();
+    (!taints.is_empty()).then_some(taints)
 }
 
 /// Whether `d` carries any taint (its slice holds at most
@@ -681,16 +871,16 @@ pub struct SlicePublisher {
 
 /// Whether the API server stores `Device.taints` (the `DRADeviceTaints` gate:
 /// GA in 1.37, off by default before). A server with the gate off prunes the
-/// field silently, which would publish a quarantined GPU untainted, so
-/// allocatable; where taints are not kept, quarantined GPUs are not offered.
+/// field silently, which would publish a tainted GPU untainted, so
+/// allocatable; where taints are not kept, quarantined and unhealthy GPUs are not offered.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum TaintSupport {
-    /// Not probed yet (or the probe failed): quarantined GPUs are not offered.
+    /// Not probed yet (or the probe failed): quarantined and unhealthy GPUs are not offered.
     #[default]
     Unknown,
-    /// A dry-run write kept the taint: quarantined GPUs are published tainted.
+    /// A dry-run write kept the taint: quarantined and unhealthy GPUs are published tainted.
     Kept,
-    /// The server dropped the taint: quarantined GPUs are not offered.
+    /// The server dropped the taint: quarantined and unhealthy GPUs are not offered.
     Pruned,
 }
 
@@ -717,11 +907,12 @@ pub fn taints_kept(sent: &ResourceSliceSpec, stored: &ResourceSliceSpec) -> bool
 }
 
 /// The devices to publish under `support`: all of them where taints are
-/// kept, otherwise those not quarantined (the fallback: not offered).
+/// kept, otherwise those without a taint, quarantined or unhealthy (the
+/// fallback: not offered).
 pub fn publishable(devices: &[DeviceInfo], support: TaintSupport) -> Vec<DeviceInfo> {
     devices
         .iter()
-        .filter(|d| support == TaintSupport::Kept || d.quarantine.is_none())
+        .filter(|d| support == TaintSupport::Kept || !d.is_tainted())
         .cloned()
         .collect()
 }
@@ -766,13 +957,13 @@ impl SlicePublisher {
         if self.taints != TaintSupport::Unknown {
             return;
         }
-        let Some(quarantined) = devices.iter().find(|d| d.quarantine.is_some()) else {
+        let Some(tainted) = devices.iter().find(|d| d.is_tainted()) else {
             return;
         };
         let spec = slice_spec(
             &self.cfg,
             pool(&self.cfg, 1, 1),
-            vec![device(&self.cfg.driver_name, quarantined)],
+            vec![device(&self.cfg.driver_name, tainted)],
         );
         let probe = ResourceSlice {
             metadata: ObjectMeta {
@@ -789,14 +980,14 @@ impl SlicePublisher {
         match api.create(&pp, &probe).await {
             Ok(stored) if taints_kept(&spec, &stored.spec) => {
                 tracing::info!(
-                    "the API server keeps device taints: quarantined GPUs are published tainted"
+                    "the API server keeps device taints: quarantined and unhealthy GPUs are published tainted"
                 );
                 self.taints = TaintSupport::Kept;
             }
             Ok(_) => self.taints_pruned(),
             Err(e) => tracing::warn!(
                 error = %e,
-                "probing whether the API server keeps device taints (dry-run create); quarantined GPUs are not offered until it answers"
+                "probing whether the API server keeps device taints (dry-run create); quarantined and unhealthy GPUs are not offered until it answers"
             ),
         }
     }
@@ -806,7 +997,7 @@ impl SlicePublisher {
     fn taints_pruned(&mut self) {
         if self.taints != TaintSupport::Pruned {
             tracing::warn!(
-                "the API server drops ResourceSlice device taints (feature gate DRADeviceTaints off; GA in Kubernetes 1.37): quarantined GPUs are not offered at all instead of being published tainted"
+                "the API server drops ResourceSlice device taints (feature gate DRADeviceTaints off; GA in Kubernetes 1.37): quarantined and unhealthy GPUs are not offered at all instead of being published tainted"
             );
         }
         self.taints = TaintSupport::Pruned;
@@ -1026,7 +1217,7 @@ impl SlicePublisher {
         }
         self.taints_pruned();
         anyhow::bail!(
-            "the API server dropped the device taints of a written ResourceSlice; publishing again without the quarantined GPUs"
+            "the API server dropped the device taints of a written ResourceSlice; publishing again without the quarantined and unhealthy GPUs"
         )
     }
 }
@@ -1333,10 +1524,43 @@ pub async fn watch_engine_devices(
     admin_owned: AdminOwned,
     shutdown: CancellationToken,
 ) -> watch::Receiver<Vec<DeviceInfo>> {
-    async fn discover(engine: &Arc<Engine>, admin_owned: AdminOwned) -> Option<Vec<DeviceInfo>> {
+    watch_engine_devices_with_health(engine, interval, admin_owned, None, shutdown).await
+}
+
+/// How the published devices follow the health scan (`serve`).
+#[derive(Clone, Debug)]
+pub struct HealthTaints {
+    /// The health scan's reports.
+    pub feed: HealthFeed,
+    /// The effect of an unhealthy GPU's taint when the fault leaves a VM with
+    /// a device it cannot use (`serve --unhealthy-taint-effect`).
+    pub policy: TaintEffect,
+}
+
+/// [`watch_engine_devices`] that, with `health`, taints the GPUs the health
+/// scan finds unhealthy ([`UnhealthyTaints`]) and re-discovers whenever a
+/// scan changes the report.
+pub async fn watch_engine_devices_with_health(
+    engine: Arc<Engine>,
+    interval: Duration,
+    admin_owned: AdminOwned,
+    health: Option<HealthTaints>,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Vec<DeviceInfo>> {
+    async fn discover(
+        engine: &Arc<Engine>,
+        admin_owned: AdminOwned,
+        health: Option<&HealthTaints>,
+        taints: &mut UnhealthyTaints,
+    ) -> Option<Vec<DeviceInfo>> {
         let engine = engine.clone();
         match tokio::task::spawn_blocking(move || engine.discover()).await {
-            Ok(Ok((views, _problems))) => Some(device_infos_for(&views, admin_owned)),
+            Ok(Ok((views, _problems))) => Some(match health {
+                Some(h) => {
+                    taints.apply(&views, admin_owned, &h.feed.current(), h.policy, unix_now())
+                }
+                None => device_infos_for(&views, admin_owned),
+            }),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "discovering GPUs for ResourceSlices");
                 None
@@ -1352,22 +1576,42 @@ pub async fn watch_engine_devices(
     // `LEDGER_POLL`), not only every `interval` (which covers other processes).
     const LEDGER_POLL: Duration = Duration::from_millis(200);
     let mut seen_writes = engine.ledger_writes();
-    let (tx, rx) = watch::channel(discover(&engine, admin_owned).await.unwrap_or_default());
+    let mut taints = UnhealthyTaints::default();
+    let first = discover(&engine, admin_owned, health.as_ref(), &mut taints).await;
+    let (tx, rx) = watch::channel(first.unwrap_or_default());
+    let mut health_changes = health.as_ref().map(|h| h.feed.clone());
     tokio::spawn(async move {
         loop {
             let due = tokio::time::Instant::now() + interval;
             loop {
                 let now = tokio::time::Instant::now();
+                let health_changed = async {
+                    match health_changes.as_mut() {
+                        Some(feed) => {
+                            if feed.changed().await.is_err() {
+                                // The monitor stopped: keep the last report.
+                                std::future::pending::<()>().await;
+                            }
+                            true
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                let mut wake = false;
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(LEDGER_POLL.min(due.saturating_duration_since(now))) => {}
+                    changed = health_changed => wake = changed,
                 }
-                if engine.ledger_writes() != seen_writes || tokio::time::Instant::now() >= due {
+                if wake
+                    || engine.ledger_writes() != seen_writes
+                    || tokio::time::Instant::now() >= due
+                {
                     break;
                 }
             }
             seen_writes = engine.ledger_writes();
-            if let Some(list) = discover(&engine, admin_owned).await {
+            if let Some(list) = discover(&engine, admin_owned, health.as_ref(), &mut taints).await {
                 tx.send_if_modified(|cur| {
                     let changed = *cur != list;
                     if changed {
@@ -1379,6 +1623,13 @@ pub async fn watch_engine_devices(
         }
     });
     rx
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// What the ResourceSlice publisher runs with (the options of [`start_publisher`]).
@@ -1399,6 +1650,9 @@ pub struct PublisherContext {
     pub record_dir: Option<PathBuf>,
     /// Whether GPUs the admin keeps on vfio are published.
     pub admin_owned: AdminOwned,
+    /// The health scan whose unhealthy GPUs are published tainted; `None`:
+    /// no unhealthy taints.
+    pub health: Option<HealthTaints>,
 }
 
 /// Starts the publisher for `serve`: default [`SliceConfig`], devices re-discovered
@@ -1407,10 +1661,11 @@ pub fn start_publisher(ctx: PublisherContext) -> JoinHandle<anyhow::Result<()>> 
     tokio::spawn(async move {
         let mut cfg = SliceConfig::new(ctx.driver_name, ctx.node_name);
         cfg.other_drivers_record = ctx.record_dir;
-        let devices = watch_engine_devices(
+        let devices = watch_engine_devices_with_health(
             ctx.engine,
             Duration::from_secs(10),
             ctx.admin_owned,
+            ctx.health,
             ctx.shutdown.clone(),
         )
         .await;
@@ -1437,6 +1692,7 @@ mod tests {
             bar_prefetchable64_bytes: (128 << 30) + (32 << 20),
             fabric: None,
             quarantine: None,
+            unhealthy: None,
         }
     }
 
@@ -1602,6 +1858,120 @@ mod tests {
             let p = publishable(&devices, support);
             assert_eq!(p.len(), 1, "{support:?}");
             assert!(p[0].quarantine.is_none());
+        }
+    }
+
+    fn unhealthy(bdf: &str, reason: UnhealthyReason, effect: TaintEffect) -> DeviceInfo {
+        DeviceInfo {
+            unhealthy: Some(UnhealthyTaint {
+                reason,
+                since_unix: 1_700_000_100,
+                effect,
+            }),
+            ..info(bdf)
+        }
+    }
+
+    #[test]
+    fn an_unhealthy_device_carries_the_unhealthy_taint_next_to_its_quarantine() {
+        let d = device(
+            "gpu.example.com",
+            &unhealthy(
+                "0000:65:00.0",
+                UnhealthyReason::NotResponding,
+                TaintEffect::NoExecute,
+            ),
+        );
+        let taints = d.taints.expect("tainted");
+        assert_eq!(taints.len(), 1);
+        let t = &taints[0];
+        assert_eq!(t.key, "gpu.example.com/unhealthy");
+        assert_eq!(t.value.as_deref(), Some("NotResponding"));
+        assert_eq!(t.effect, "NoExecute");
+        assert_eq!(
+            t.time_added.as_ref().map(|t| t.0.as_second()),
+            Some(1_700_000_100)
+        );
+        // Quarantined and unhealthy: both taints, each under its own key.
+        let both = DeviceInfo {
+            quarantine: quarantined("0000:65:00.0").quarantine,
+            ..unhealthy(
+                "0000:65:00.0",
+                UnhealthyReason::Removed,
+                TaintEffect::NoSchedule,
+            )
+        };
+        let keys: Vec<String> = device("d", &both)
+            .taints
+            .expect("tainted")
+            .into_iter()
+            .map(|t| t.key)
+            .collect();
+        assert_eq!(keys, ["d/quarantined", "d/unhealthy"]);
+    }
+
+    /// Every reason code is a valid label value (the taint's value): CamelCase
+    /// ASCII letters, at most 63 bytes, one code per reason.
+    #[test]
+    fn unhealthy_reason_codes_are_distinct_label_values() {
+        let codes: BTreeSet<&str> = UnhealthyReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(codes.len(), UnhealthyReason::ALL.len());
+        for c in codes {
+            assert!(c.len() <= 63 && c.starts_with(|ch: char| ch.is_ascii_uppercase()));
+            assert!(c.chars().all(|ch| ch.is_ascii_alphabetic()), "{c}");
+        }
+    }
+
+    /// The effect decision, for every policy, reason and prepared state:
+    /// NoExecute only where the admin chose it and a VM holds a GPU it can no
+    /// longer use; everything else NoSchedule.
+    #[test]
+    fn unhealthy_taint_effect_follows_the_policy_only_for_unusable_prepared_gpus() {
+        for policy in [TaintEffect::NoSchedule, TaintEffect::NoExecute] {
+            for prepared in [false, true] {
+                for reason in UnhealthyReason::ALL {
+                    let effect = unhealthy_taint_effect(policy, prepared, reason);
+                    let evicts = policy == TaintEffect::NoExecute
+                        && prepared
+                        && !matches!(
+                            reason,
+                            UnhealthyReason::OperationStuck | UnhealthyReason::NoDriver
+                        );
+                    assert_eq!(
+                        effect == TaintEffect::NoExecute,
+                        evicts,
+                        "{policy:?} prepared={prepared} {reason}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn taint_effects_parse_from_their_api_spelling_only() {
+        for e in [TaintEffect::NoSchedule, TaintEffect::NoExecute] {
+            assert_eq!(e.as_str().parse::<TaintEffect>(), Ok(e));
+        }
+        for bad in ["noexecute", "None", "PreferNoSchedule", ""] {
+            assert!(bad.parse::<TaintEffect>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unhealthy_gpus_are_published_only_where_taints_are_kept() {
+        let devices = vec![
+            unhealthy(
+                "0000:65:00.0",
+                UnhealthyReason::NotResponding,
+                TaintEffect::NoSchedule,
+            ),
+            info("0000:66:00.0"),
+        ];
+        assert_eq!(publishable(&devices, TaintSupport::Kept).len(), 2);
+        for support in [TaintSupport::Unknown, TaintSupport::Pruned] {
+            let p = publishable(&devices, support);
+            assert_eq!(p.len(), 1, "{support:?}");
+            assert!(!p[0].is_tainted());
         }
     }
 

@@ -72,6 +72,7 @@ fn the_nvlink_vm_ties_its_requests_to_one_partition() {
             ..GpuFabric::default()
         }),
         quarantine: None,
+        unhealthy: None,
     };
     let attrs = device_attributes(&info);
     assert_eq!(

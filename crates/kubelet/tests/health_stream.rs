@@ -282,3 +282,52 @@ async fn a_config_read_that_blocks_makes_only_that_gpu_unhealthy() {
         }
     }
 }
+
+/// `gpu_owner` names the pod too: the plugin reads the claim at prepare and
+/// keeps the one pod of its `status.reservedFor` for the next device scan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_gauge_names_the_pod_the_prepared_claim_is_reserved_for() {
+    use serde_json::json;
+    use vfio_gpu_kubelet::grpc::dra::ClaimRef;
+
+    let env = Env::new().await;
+    let engine = env.engine();
+    let metrics = Metrics::new();
+    let mut config = env.plugin_config();
+    config.metrics = metrics.clone();
+    let plugin = VfioPlugin::new(engine.clone(), env.client.clone(), config);
+    let stored = env
+        .api
+        .insert(json!({
+            "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+            "metadata": {"name": "vm-a-gpu", "namespace": NS},
+            "spec": {"devices": {"requests": [
+                {"name": "gpu", "exactly": {"deviceClassName": "vfio-gpu"}}]}},
+            "status": {
+                "allocation": {"devices": {"results": [
+                    {"request": "gpu", "driver": DRIVER, "pool": NODE, "device": dev(AB)}]}},
+                "reservedFor": [{"resource": "pods", "name": "virt-launcher-vm-a-x7k2p", "uid": "p1"}]
+            }
+        }))
+        .expect("claim inserted");
+    let claim = ClaimRef {
+        uid: stored["metadata"]["uid"].as_str().expect("uid").to_string(),
+        namespace: NS.into(),
+        name: "vm-a-gpu".into(),
+    };
+    plugin.prepare_claim(&claim).await.expect("prepared");
+    let views = engine.discover().expect("discover").0;
+    metrics.record_scan(&views, 0, Duration::from_millis(1));
+    let text = metrics.encode();
+    let owner: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("vfio_gpu_dra_gpu_owner{"))
+        .collect();
+    assert_eq!(
+        owner,
+        [format!(
+            "vfio_gpu_dra_gpu_owner{{gpu=\"{AB}\",namespace=\"{NS}\",claim=\"vm-a-gpu\",pod=\"virt-launcher-vm-a-x7k2p\"}} 1"
+        )],
+        "{text}"
+    );
+}

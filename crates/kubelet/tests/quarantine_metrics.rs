@@ -78,9 +78,24 @@ fn a_gpu_held_by_a_claim_has_one_owner_series_until_released() {
     assert_eq!(
         series,
         [
-            "vfio_gpu_dra_gpu_owner{gpu=\"0000:ab:00.0\",namespace=\"vms\",claim=\"vm-a-gpu-claim-x7\"} 1"
+            "vfio_gpu_dra_gpu_owner{gpu=\"0000:ab:00.0\",namespace=\"vms\",claim=\"vm-a-gpu-claim-x7\",pod=\"\"} 1"
         ],
         "{text}"
+    );
+    // The plugin read the claim (at prepare): the pod it is reserved for.
+    m.set_claim_pod("u1", "virt-launcher-vm-a-x7k2p");
+    m.record_scan(&views, 0, Duration::from_millis(1));
+    let text = m.encode();
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("vfio_gpu_dra_gpu_owner{"))
+        .collect();
+    assert_eq!(
+        series,
+        [
+            "vfio_gpu_dra_gpu_owner{gpu=\"0000:ab:00.0\",namespace=\"vms\",claim=\"vm-a-gpu-claim-x7\",pod=\"virt-launcher-vm-a-x7k2p\"} 1"
+        ],
+        "one series per GPU, now with its pod: {text}"
     );
     // Released (or kept by the admin): no owner.
     for state in [
@@ -96,4 +111,11 @@ fn a_gpu_held_by_a_claim_has_one_owner_series_until_released() {
         m.record_scan(&released, 0, Duration::from_millis(1));
         assert!(!m.encode().contains("vfio_gpu_dra_gpu_owner{"), "{state:?}");
     }
+    // Released, the claim's pod is forgotten: the same claim UID holding a
+    // GPU again without a fresh read has no pod.
+    m.record_scan(&views, 0, Duration::from_millis(1));
+    assert!(
+        m.encode().contains(",pod=\"\"} 1"),
+        "a released claim's pod is not kept"
+    );
 }

@@ -172,6 +172,7 @@ fn device_classes_select_the_driver_and_published_attributes() {
         bar_prefetchable64_bytes: 0,
         fabric: None,
         quarantine: None,
+        unhealthy: None,
     };
     assert_eq!(device_attributes(&info)["keepOnVfio"].bool, Some(true));
 }

@@ -255,6 +255,21 @@ func TestValueSets(t *testing.T) {
 		if _, ok := r.env()["VFIO_GPU_DRA_LOG"]; ok {
 			t.Error("VFIO_GPU_DRA_LOG set by default")
 		}
+		if _, ok := r.env()["VFIO_GPU_DRA_UNHEALTHY_TAINT_EFFECT"]; ok {
+			t.Error("VFIO_GPU_DRA_UNHEALTHY_TAINT_EFFECT set by default")
+		}
+	})
+
+	// NoExecute for unhealthy GPUs a VM holds: serve's env, nothing else changes.
+	t.Run("unhealthyTaintEffect", func(t *testing.T) {
+		r := render(t, map[string]any{"unhealthyTaintEffect": "NoExecute"})
+		r.checkCommon(t, "vfio-gpu-dra")
+		if got := r.env()["VFIO_GPU_DRA_UNHEALTHY_TAINT_EFFECT"]; got != "NoExecute" {
+			t.Errorf("VFIO_GPU_DRA_UNHEALTHY_TAINT_EFFECT %q, env %v", got, r.env())
+		}
+		if !bytes.Contains(serveCmd, []byte(`"VFIO_GPU_DRA_UNHEALTHY_TAINT_EFFECT"`)) {
+			t.Error("serve reads no VFIO_GPU_DRA_UNHEALTHY_TAINT_EFFECT")
+		}
 	})
 
 	// privileged: true, for NVIDIA hosts whose nvidia-persistenced the plugin
@@ -336,6 +351,8 @@ func TestValueSets(t *testing.T) {
 			{"nodeTargeting": map[string]any{"mode": "custom"}},
 			{"tolerations": []any{map[string]any{"operater": "Exists"}}},
 			{"kubeletRootDir": "var/lib/kubelet"},
+			{"unhealthyTaintEffect": "None"},
+			{"unhealthyTaintEffect": "noexecute"},
 		} {
 			if _, err := Render(chartDir, bad); err == nil {
 				t.Errorf("%v rendered", bad)
