@@ -28,10 +28,7 @@ fn a_quarantined_gpu_has_one_series_with_its_reason_until_cleared() {
     let m = Metrics::new();
     m.record_scan(&views, 0, Duration::from_millis(1));
     let text = m.encode();
-    let series: Vec<&str> = text
-        .lines()
-        .filter(|l| l.starts_with("vfio_gpu_dra_gpu_quarantined{"))
-        .collect();
+    let series = series_of(&text, "vfio_gpu_dra_gpu_quarantined");
     assert_eq!(
         series,
         ["vfio_gpu_dra_gpu_quarantined{gpu=\"0000:ba:00.0\",reason=\"VerificationFailed\"} 1"],
@@ -71,10 +68,7 @@ fn a_gpu_held_by_a_claim_has_one_owner_series_until_released() {
     let m = Metrics::new();
     m.record_scan(&views, 0, Duration::from_millis(1));
     let text = m.encode();
-    let series: Vec<&str> = text
-        .lines()
-        .filter(|l| l.starts_with("vfio_gpu_dra_gpu_owner{"))
-        .collect();
+    let series = series_of(&text, "vfio_gpu_dra_gpu_owner");
     assert_eq!(
         series,
         [
@@ -86,10 +80,7 @@ fn a_gpu_held_by_a_claim_has_one_owner_series_until_released() {
     m.set_claim_pod("u1", "virt-launcher-vm-a-x7k2p");
     m.record_scan(&views, 0, Duration::from_millis(1));
     let text = m.encode();
-    let series: Vec<&str> = text
-        .lines()
-        .filter(|l| l.starts_with("vfio_gpu_dra_gpu_owner{"))
-        .collect();
+    let series = series_of(&text, "vfio_gpu_dra_gpu_owner");
     assert_eq!(
         series,
         [
@@ -118,4 +109,14 @@ fn a_gpu_held_by_a_claim_has_one_owner_series_until_released() {
         m.encode().contains(",pod=\"\"} 1"),
         "a released claim's pod is not kept"
     );
+}
+
+/// The lines of `metric`'s series in `text`.
+fn series_of<'a>(text: &'a str, metric: &str) -> Vec<&'a str> {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with('{'))
+        })
+        .collect()
 }
