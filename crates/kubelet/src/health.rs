@@ -154,6 +154,59 @@ pub fn bounded_aer(engine: &Engine, views: &[GpuView]) -> Vec<(Bdf, AerCounts)> 
         .collect()
 }
 
+/// A device's PCIe link as sysfs shows it (`current_`/`max_link_speed`,
+/// `current_`/`max_link_width`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkReading {
+    /// Current speed, GT/s.
+    pub current_gts: f64,
+    /// Maximum speed, GT/s.
+    pub max_gts: f64,
+    /// Current width, lanes.
+    pub current_width: u32,
+    /// Maximum width, lanes.
+    pub max_width: u32,
+}
+
+/// GT/s of a `*_link_speed` attribute (`16.0 GT/s PCIe`); `None` for
+/// `Unknown` (a link that is down) or anything else.
+pub fn parse_link_speed(text: &str) -> Option<f64> {
+    let (number, unit) = text.trim().split_once(' ')?;
+    let gts: f64 = number.parse().ok()?;
+    (unit.starts_with("GT/s") && gts.is_finite() && gts > 0.0).then_some(gts)
+}
+
+/// Reads `bdf`'s link under `root`; `None` when it has no PCIe link
+/// attributes or one does not parse.
+pub fn read_link(root: &HostRoot, bdf: &Bdf) -> Option<LinkReading> {
+    let text = |attr: &str| root.read_opt(&root.pci_attr(bdf, attr)).ok().flatten();
+    Some(LinkReading {
+        current_gts: parse_link_speed(&text("current_link_speed")?)?,
+        max_gts: parse_link_speed(&text("max_link_speed")?)?,
+        current_width: text("current_link_width")?.trim().parse().ok()?,
+        max_width: text("max_link_width")?.trim().parse().ok()?,
+    })
+}
+
+/// [`read_link`] of every GPU in `views` through the engine's bounded read
+/// (a read blocked past the read deadline leaves that GPU out).
+pub fn bounded_links(engine: &Engine, views: &[GpuView]) -> Vec<(Bdf, LinkReading)> {
+    views
+        .iter()
+        .filter_map(|v| {
+            let bdf = v.gpu.bdf();
+            let root = engine.root().clone();
+            let link = engine
+                .read_device_bounded(bdf, &format!("PCIe link of {bdf}"), move || {
+                    read_link(&root, &bdf)
+                })
+                .ok()
+                .flatten()?;
+            Some((bdf, link))
+        })
+        .collect()
+}
+
 fn read_vendor(path: &Path) -> ConfigRead {
     let mut f = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -503,13 +556,14 @@ async fn scan_once(
         let r = e.discover().map(|(views, _)| {
             let report = scan_bounded(&e, &views, &mut seen_copy);
             let aer = bounded_aer(&e, &views);
-            (views, report, aer)
+            let links = bounded_links(&e, &views);
+            (views, report, aer, links)
         });
         (r, seen_copy)
     })
     .await;
     match result {
-        Ok((Ok((views, report, aer)), back)) => {
+        Ok((Ok((views, report, aer, links)), back)) => {
             *seen = back;
             let unhealthy = report
                 .devices
@@ -518,6 +572,7 @@ async fn scan_once(
                 .count();
             metrics.record_scan(&views, unhealthy, started.elapsed());
             metrics.record_aer(&aer);
+            metrics.record_links(&links);
             metrics.record_holder_scan(engine.last_holder_scan());
             Some(report)
         }
@@ -734,6 +789,60 @@ mod tests {
         m.record_aer(&[]);
         assert!(
             !m.encode().contains("gpu_aer_errors{"),
+            "gone with the device"
+        );
+    }
+
+    /// The link's speed and width as sysfs spells them, for the gauges; a
+    /// link that is down (`Unknown`) or absent gives no reading.
+    #[test]
+    fn link_readings_come_from_sysfs_and_reach_the_gauges() {
+        assert_eq!(parse_link_speed("16.0 GT/s PCIe\n"), Some(16.0));
+        assert_eq!(parse_link_speed("2.5 GT/s PCIe"), Some(2.5));
+        assert_eq!(parse_link_speed("Unknown"), None);
+        assert_eq!(parse_link_speed("Unknown speed"), None);
+        assert_eq!(parse_link_speed("-1 GT/s"), None);
+        assert_eq!(parse_link_speed("NaN GT/s"), None);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bdf: Bdf = "0000:65:00.0".parse().expect("bdf");
+        let dev = dir.path().join("sys/bus/pci/devices/0000:65:00.0");
+        std::fs::create_dir_all(&dev).expect("device dir");
+        let root = HostRoot::open(dir.path()).expect("root");
+        assert_eq!(read_link(&root, &bdf), None, "no link attributes");
+        for (attr, value) in [
+            ("current_link_speed", "2.5 GT/s PCIe\n"),
+            ("max_link_speed", "32.0 GT/s PCIe\n"),
+            ("current_link_width", "8\n"),
+            ("max_link_width", "16\n"),
+        ] {
+            std::fs::write(dev.join(attr), value).expect("write");
+        }
+        let link = read_link(&root, &bdf).expect("a link");
+        assert_eq!(
+            link,
+            LinkReading {
+                current_gts: 2.5,
+                max_gts: 32.0,
+                current_width: 8,
+                max_width: 16
+            }
+        );
+        let m = Metrics::new();
+        m.record_links(&[(bdf, link)]);
+        let text = m.encode();
+        for line in [
+            "vfio_gpu_dra_gpu_link_speed_gts{gpu=\"0000:65:00.0\",of=\"current\"} 2.5",
+            "vfio_gpu_dra_gpu_link_speed_gts{gpu=\"0000:65:00.0\",of=\"max\"} 32.0",
+            "vfio_gpu_dra_gpu_link_width{gpu=\"0000:65:00.0\",of=\"current\"} 8",
+            "vfio_gpu_dra_gpu_link_width{gpu=\"0000:65:00.0\",of=\"max\"} 16",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        std::fs::write(dev.join("current_link_speed"), "Unknown\n").expect("write");
+        assert_eq!(read_link(&root, &bdf), None, "a link that is down");
+        m.record_links(&[]);
+        assert!(
+            !m.encode().contains("gpu_link_width{"),
             "gone with the device"
         );
     }

@@ -93,6 +93,9 @@ pub struct Metrics {
     /// plugin last read the claim (the `pod` label of `gpu_owner`).
     claim_pods: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
     aer: Family<Labels2, Gauge>,
+    /// PCIe link speed (GT/s) and width, `of` current or max, per GPU.
+    link_speed: Family<Labels2, Gauge<f64, AtomicU64>>,
+    link_width: Family<Labels2, Gauge>,
     unhealthy: Gauge,
     health_scan: Histogram,
     active_partitions: Gauge,
@@ -152,6 +155,8 @@ impl Metrics {
         let quarantined = Family::<Labels2, Gauge>::default();
         let owner = Family::<OwnerLabels, Gauge>::default();
         let aer = Family::<Labels2, Gauge>::default();
+        let link_speed = Family::<Labels2, Gauge<f64, AtomicU64>>::default();
+        let link_width = Family::<Labels2, Gauge>::default();
         let unhealthy = Gauge::default();
         let active_partitions = Gauge::default();
         // 1 ms .. ~16 s: an FM call is milliseconds, its deadline 10 s.
@@ -235,6 +240,16 @@ impl Metrics {
             aer.clone(),
         );
         registry.register(
+            "gpu_link_speed_gts",
+            "PCIe link speed of each GPU in GT/s as sysfs shows it, by gpu (PCI address) and of (current, max); current below max is a degraded or power-managed link",
+            link_speed.clone(),
+        );
+        registry.register(
+            "gpu_link_width",
+            "PCIe link width of each GPU in lanes as sysfs shows it, by gpu (PCI address) and of (current, max); current below max is a degraded link",
+            link_width.clone(),
+        );
+        registry.register(
             "unhealthy_devices",
             "GPUs reported UNHEALTHY to the kubelet",
             unhealthy.clone(),
@@ -259,6 +274,8 @@ impl Metrics {
             owner,
             claim_pods: Default::default(),
             aer,
+            link_speed,
+            link_width,
             unhealthy,
             health_scan,
             active_partitions,
@@ -435,6 +452,23 @@ impl Metrics {
                 self.aer
                     .get_or_create(&[("gpu", bdf.to_string()), ("severity", severity.to_string())])
                     .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
+    /// Sets the link gauges to the last scan's readings (GPUs without a
+    /// readable link, or whose read timed out, have no series).
+    pub fn record_links(&self, links: &[(vfio_gpu_host::Bdf, crate::health::LinkReading)]) {
+        self.link_speed.clear();
+        self.link_width.clear();
+        for (bdf, l) in links {
+            for (of, gts, width) in [
+                ("current", l.current_gts, l.current_width),
+                ("max", l.max_gts, l.max_width),
+            ] {
+                let labels = [("gpu", bdf.to_string()), ("of", of.to_string())];
+                self.link_speed.get_or_create(&labels).set(gts);
+                self.link_width.get_or_create(&labels).set(i64::from(width));
             }
         }
     }
