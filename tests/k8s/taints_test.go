@@ -26,6 +26,17 @@ const quarantineTaintKey = driverName + "/quarantined"
 // quarantine taint when tolerate.
 func (c *cluster) claimFor(t *testing.T, name, bdf string, tolerate bool) *resourceapi.ResourceClaim {
 	t.Helper()
+	key := ""
+	if tolerate {
+		key = quarantineTaintKey
+	}
+	return c.claimForGPU(t, name, bdf, key)
+}
+
+// claimForGPU creates a claim for exactly the GPU at bdf, tolerating the
+// NoSchedule taint with key taintKey unless it is empty; deleted at cleanup.
+func (c *cluster) claimForGPU(t *testing.T, name, bdf, taintKey string) *resourceapi.ResourceClaim {
+	t.Helper()
 	req := &resourceapi.ExactDeviceRequest{
 		DeviceClassName: classAll,
 		AllocationMode:  resourceapi.DeviceAllocationModeExactCount,
@@ -34,9 +45,9 @@ func (c *cluster) claimFor(t *testing.T, name, bdf string, tolerate bool) *resou
 			Expression: fmt.Sprintf(`device.attributes["resource.kubernetes.io"].pciBusID == %q`, bdf),
 		}}},
 	}
-	if tolerate {
+	if taintKey != "" {
 		req.Tolerations = []resourceapi.DeviceToleration{{
-			Key: quarantineTaintKey, Operator: resourceapi.DeviceTolerationOpExists,
+			Key: taintKey, Operator: resourceapi.DeviceTolerationOpExists,
 			Effect: resourceapi.DeviceTaintEffectNoSchedule,
 		}}
 	}

@@ -14,14 +14,12 @@ package k8s
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
 	resourceapi "k8s.io/api/resource/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	drapbv1 "k8s.io/kubelet/pkg/apis/dra/v1"
 )
 
@@ -53,30 +51,7 @@ func (e *prepareEnv) rescan(t *testing.T) {
 // unhealthy taint (NoSchedule).
 func (c *cluster) claimTolerating(t *testing.T, name, bdf string) *resourceapi.ResourceClaim {
 	t.Helper()
-	claim, err := c.client.ResourceV1().ResourceClaims(testNS).Create(context.Background(), &resourceapi.ResourceClaim{
-		ObjectMeta: metav1.ObjectMeta{Name: name},
-		Spec: resourceapi.ResourceClaimSpec{Devices: resourceapi.DeviceClaim{
-			Requests: []resourceapi.DeviceRequest{{Name: "gpu", Exactly: &resourceapi.ExactDeviceRequest{
-				DeviceClassName: classAll,
-				AllocationMode:  resourceapi.DeviceAllocationModeExactCount,
-				Count:           1,
-				Selectors: []resourceapi.DeviceSelector{{CEL: &resourceapi.CELDeviceSelector{
-					Expression: fmt.Sprintf(`device.attributes["resource.kubernetes.io"].pciBusID == %q`, bdf),
-				}}},
-				Tolerations: []resourceapi.DeviceToleration{{
-					Key: unhealthyTaintKey, Operator: resourceapi.DeviceTolerationOpExists,
-					Effect: resourceapi.DeviceTaintEffectNoSchedule,
-				}},
-			}}},
-		}},
-	}, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatalf("creating claim %s: %v", name, err)
-	}
-	t.Cleanup(func() {
-		_ = c.client.ResourceV1().ResourceClaims(testNS).Delete(context.Background(), name, metav1.DeleteOptions{})
-	})
-	return claim
+	return c.claimForGPU(t, name, bdf, unhealthyTaintKey)
 }
 
 func testUnhealthyTaint(t *testing.T, c *cluster) {
