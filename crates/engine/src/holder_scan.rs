@@ -31,6 +31,8 @@ pub(crate) struct HolderScanner {
     queued: Arc<AtomicUsize>,
     /// How long the last completed pass took, for metrics and messages.
     last: Arc<Mutex<Option<Duration>>>,
+    /// Scans asked for (a pass may answer several).
+    asked: std::sync::atomic::AtomicU64,
 }
 
 impl HolderScanner {
@@ -40,7 +42,13 @@ impl HolderScanner {
             queue: Mutex::new(None),
             queued: Arc::new(AtomicUsize::new(0)),
             last: Arc::new(Mutex::new(None)),
+            asked: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many scans callers asked for since the engine opened.
+    pub(crate) fn asked(&self) -> u64 {
+        self.asked.load(Ordering::SeqCst)
     }
 
     /// The duration of the last completed pass.
@@ -75,6 +83,7 @@ impl HolderScanner {
         if nodes.is_empty() {
             return Ok(Vec::new());
         }
+        self.asked.fetch_add(1, Ordering::SeqCst);
         if self.queued.load(Ordering::SeqCst) >= MAX_QUEUED {
             return Err("too many holder scans are waiting; retry".into());
         }

@@ -378,7 +378,7 @@ impl VfioPlugin {
 
         let _hold = self.hold_state().await?;
         let (views, _) = self
-            .blocking("discovering GPUs", |e| e.discover())
+            .blocking("discovering GPUs", |e| e.discover_without_holders())
             .await?
             .map_err(|e| PrepareError::Host {
                 what: "discovering GPUs",

@@ -966,3 +966,32 @@ async fn cleanup_releases_completed_orphans_after_two_idle_scans_and_keeps_held_
     assert!(running.plugin.prepared_claims().is_empty());
     running.stop().await;
 }
+
+/// A prepare walks the node's `/proc` once, in the move's own holder check:
+/// its plan needs no holders, and on a node with many open descriptors every
+/// walk costs (security review M1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepare_scans_proc_for_holders_once() {
+    let env = Env::new().await;
+    // BA on nvidia with its device node, so a holder check has a node to
+    // look for (the demo host has none).
+    let info = env
+        .host
+        .join(format!("proc/driver/nvidia/gpus/{BA}/information"));
+    std::fs::create_dir_all(info.parent().unwrap()).unwrap();
+    std::fs::write(&info, "Model: demo\nDevice Minor: 0\n").unwrap();
+    std::fs::create_dir_all(env.host.join("dev")).unwrap();
+    std::fs::write(env.host.join("dev/nvidia0"), "").unwrap();
+    let running = env.start().await;
+    let engine = std::sync::Arc::clone(running.plugin.engine());
+    let claim = env.claim("vm", &[("gpu", BA)]);
+    let before = engine.holder_scans_asked();
+    let out = running.prepare_one(&claim).await;
+    assert_eq!(ok_devices(&out, &claim.uid).len(), 1);
+    assert_eq!(
+        engine.holder_scans_asked() - before,
+        1,
+        "one /proc walk for one GPU moved"
+    );
+    running.stop().await;
+}

@@ -591,6 +591,12 @@ impl Engine {
         self.scanner.last_duration()
     }
 
+    /// How many `/proc` holder scans operations asked for since the engine
+    /// opened.
+    pub fn holder_scans_asked(&self) -> u64 {
+        self.scanner.asked()
+    }
+
     /// The host root.
     pub fn root(&self) -> &HostRoot {
         &self.root
@@ -627,15 +633,34 @@ impl Engine {
         self.file.path()
     }
 
-    /// Every GPU with its verdict and record.
+    /// Every GPU with its verdict and record, and the host processes that
+    /// hold those on a host driver.
     pub fn discover(&self) -> Result<(Vec<GpuView>, Vec<String>), EngineError> {
+        self.discover_with(true)
+    }
+
+    /// [`Engine::discover`] without the `/proc` holder scan (`holders` left
+    /// empty): for a prepare's plan, whose moves scan the GPUs they move
+    /// themselves, so the whole node's `/proc` is not walked twice.
+    pub fn discover_without_holders(&self) -> Result<(Vec<GpuView>, Vec<String>), EngineError> {
+        self.discover_with(false)
+    }
+
+    fn discover_with(
+        &self,
+        with_holders: bool,
+    ) -> Result<(Vec<GpuView>, Vec<String>), EngineError> {
         // One GPU whose reads block (a device lock held by a hung unbind) is
         // reported as a problem; every other GPU is still seen.
         let host = self.scan_pci(None)?;
         let gpus = discover_gpus(&host, &self.selector, self.pci_ids.as_ref());
         let ledger = self.ledger();
         let intent = self.intent()?;
-        let mut holders = self.host_holders(&gpus);
+        let mut holders = if with_holders {
+            self.host_holders(&gpus)
+        } else {
+            HashMap::new()
+        };
         let views = gpus
             .into_iter()
             .map(|gpu| {
