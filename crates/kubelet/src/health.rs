@@ -138,18 +138,27 @@ pub fn read_aer(root: &HostRoot, bdf: &Bdf) -> Option<AerCounts> {
 /// [`read_aer`] of every GPU in `views` through the engine's bounded read
 /// (a read blocked past the read deadline leaves that GPU out).
 pub fn bounded_aer(engine: &Engine, views: &[GpuView]) -> Vec<(Bdf, AerCounts)> {
+    bounded_per_gpu(engine, views, "AER counters", read_aer)
+}
+
+/// `read` of every GPU in `views` under the engine's read deadline, keyed by
+/// the GPU (a blocked read quarantines that GPU's reads and leaves it out).
+fn bounded_per_gpu<T: Send + 'static>(
+    engine: &Engine,
+    views: &[GpuView],
+    what: &str,
+    read: fn(&HostRoot, &Bdf) -> Option<T>,
+) -> Vec<(Bdf, T)> {
     views
         .iter()
         .filter_map(|v| {
             let bdf = v.gpu.bdf();
             let root = engine.root().clone();
-            let counts = engine
-                .read_device_bounded(bdf, &format!("AER counters of {bdf}"), move || {
-                    read_aer(&root, &bdf)
-                })
+            let value = engine
+                .read_device_bounded(bdf, &format!("{what} of {bdf}"), move || read(&root, &bdf))
                 .ok()
                 .flatten()?;
-            Some((bdf, counts))
+            Some((bdf, value))
         })
         .collect()
 }
@@ -191,20 +200,7 @@ pub fn read_link(root: &HostRoot, bdf: &Bdf) -> Option<LinkReading> {
 /// [`read_link`] of every GPU in `views` through the engine's bounded read
 /// (a read blocked past the read deadline leaves that GPU out).
 pub fn bounded_links(engine: &Engine, views: &[GpuView]) -> Vec<(Bdf, LinkReading)> {
-    views
-        .iter()
-        .filter_map(|v| {
-            let bdf = v.gpu.bdf();
-            let root = engine.root().clone();
-            let link = engine
-                .read_device_bounded(bdf, &format!("PCIe link of {bdf}"), move || {
-                    read_link(&root, &bdf)
-                })
-                .ok()
-                .flatten()?;
-            Some((bdf, link))
-        })
-        .collect()
+    bounded_per_gpu(engine, views, "PCIe link", read_link)
 }
 
 fn read_vendor(path: &Path) -> ConfigRead {
