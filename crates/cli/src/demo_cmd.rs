@@ -663,6 +663,28 @@ const DEVICE_CLASS: &str = r#"{
   "spec": {"selectors": [{"cel": {"expression": "device.driver == \"vfio-gpu.dra.dev\""}}]}
 }"#;
 
+/// The node as `devices` shows it once the plugin has written the `active`
+/// mark of the claim's partition, which it does right after answering the
+/// kubelet (a few milliseconds; at most 5 s are waited).
+fn settled_view(node: &Node) -> Result<Inspection> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let view = node.inspect()?;
+        let activating = view.gpus.iter().any(|g| {
+            g.fabric
+                .as_ref()
+                .and_then(|f| f.partition.as_ref())
+                .is_some_and(|(_, state, _)| {
+                    *state == vfio_gpu_engine::fabric_state::PartitionState::Activating
+                })
+        });
+        if !activating || std::time::Instant::now() >= deadline {
+            return Ok(view);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// The HGX demo: FM's active partitions and the claimed GPUs' module and
 /// partition (nothing on the other demo hosts).
 fn print_fabric(node: &Node) -> Result<()> {
@@ -693,7 +715,7 @@ fn print_fabric(node: &Node) -> Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let view = node.inspect()?;
+    let view = settled_view(node)?;
     for g in view
         .gpus
         .iter()

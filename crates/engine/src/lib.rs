@@ -28,7 +28,7 @@ pub mod state;
 pub use deadline::{LateResult, StuckSet};
 pub use engine::fabric::{
     FabricAction, FabricConfig, FabricOutcome, FabricPlan, FabricPolicy, FabricStatus, GpuFabric,
-    ModuleIdReader,
+    ModuleIdReader, UnmarkedActivation,
 };
 pub use engine::fabric_learn::LearnOutcome;
 pub use engine::{

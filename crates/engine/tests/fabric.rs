@@ -456,6 +456,22 @@ fn lifecycle(e: &Engine, h: &Holder) -> Result<(), EngineError> {
     unprepare(e, h)
 }
 
+/// [`prepare`] as the plugin orders it: the `active` mark after the answer.
+fn prepare_mark_after(e: &Engine, h: &Holder, gpus: &[&str]) -> Result<(), EngineError> {
+    let bdfs: Vec<Bdf> = gpus.iter().map(|g| bdf(g)).collect();
+    e.fabric_preflight(h, &bdfs)?;
+    for b in &bdfs {
+        e.configure(*b, h.clone())?;
+    }
+    let unmarked = e.fabric_activate_mark_later(h, &bdfs)?.unmarked;
+    e.fabric_mark_active(&unmarked)
+}
+
+fn lifecycle_mark_after(e: &Engine, h: &Holder) -> Result<(), EngineError> {
+    prepare_mark_after(e, h, &[M1, M3])?;
+    unprepare(e, h)
+}
+
 /// After a crash and a restart: reconcile, then check no partition leaked
 /// and the ledger agrees with FM.
 fn check_consistent(t: &Hgx, e: &Engine, ctx: &str) {
@@ -487,6 +503,17 @@ fn check_consistent(t: &Hgx, e: &Engine, ctx: &str) {
 
 #[test]
 fn crash_at_every_step_of_prepare_and_unprepare_then_restart() {
+    crash_at_every_step_of(lifecycle);
+}
+
+/// The same sweep in the plugin's order, where the `active` mark follows the
+/// answer: a crash between the two leaves `activating`.
+#[test]
+fn crash_at_every_step_of_prepare_with_the_mark_after_the_answer_then_restart() {
+    crash_at_every_step_of(lifecycle_mark_after);
+}
+
+fn crash_at_every_step_of(lifecycle: fn(&Engine, &Holder) -> Result<(), EngineError>) {
     // Steps of the whole lifecycle without a crash.
     let total = {
         let t = Hgx::new();
@@ -1107,4 +1134,73 @@ fn an_activating_record_whose_holder_holds_the_gpus_is_activated_by_reconcile() 
     );
     assert_eq!(ledger_partitions(&e), vec![(3, PartitionState::Active)]);
     assert_eq!(t.active(), BTreeSet::from([3]));
+}
+
+/// The plugin answers the kubelet before the `active` mark: until it is
+/// written the record says `activating` while FM has the partition, which
+/// every decision treats as active; the mark lands only on the record it
+/// was taken for.
+#[test]
+fn the_active_mark_after_the_answer_lands_only_on_its_own_record() {
+    let t = Hgx::new();
+    let e = t.engine();
+    let h = claim("u1");
+    let bdfs = [bdf(M1), bdf(M3)];
+    e.fabric_preflight(&h, &bdfs).unwrap();
+    for b in bdfs {
+        e.configure(b, h.clone()).unwrap();
+    }
+    let first = e.fabric_activate_mark_later(&h, &bdfs).unwrap();
+    assert_eq!(first.action, FabricAction::Activated);
+    assert_eq!(t.active(), BTreeSet::from([3]));
+    assert_eq!(ledger_partitions(&e), vec![(3, PartitionState::Activating)]);
+    assert_eq!(first.unmarked.len(), 1);
+    assert_eq!(first.unmarked[0].partition, PartitionId(3));
+    // A retried prepare before the mark: active for this holder, nothing new.
+    let again = e.fabric_activate_mark_later(&h, &bdfs).unwrap();
+    assert!(again.unmarked.is_empty(), "{again:?}");
+    // The kubelet unprepares before the mark is written: the mark finds no
+    // record and writes nothing.
+    unprepare(&e, &h).unwrap();
+    let writes = e.ledger_writes();
+    e.fabric_mark_active(&first.unmarked).unwrap();
+    assert_eq!(e.ledger_writes(), writes, "a mark without its record wrote");
+    assert!(e.ledger().fabric.partitions.is_empty());
+    assert!(t.active().is_empty());
+    // The partition again, for another claim: the first mark is stale.
+    let h2 = claim("u2");
+    e.fabric_preflight(&h2, &bdfs).unwrap();
+    for b in bdfs {
+        e.configure(b, h2.clone()).unwrap();
+    }
+    let second = e.fabric_activate_mark_later(&h2, &bdfs).unwrap();
+    e.fabric_mark_active(&first.unmarked).unwrap();
+    assert_eq!(ledger_partitions(&e), vec![(3, PartitionState::Activating)]);
+    e.fabric_mark_active(&second.unmarked).unwrap();
+    assert_eq!(ledger_partitions(&e), vec![(3, PartitionState::Active)]);
+    // A plugin that dies before its mark: the restart's reconcile writes it.
+    let h3 = claim("u3");
+    let (m2, m4) = (bdf(M2), bdf(M4));
+    e.fabric_preflight(&h3, &[m2, m4]).unwrap();
+    e.configure(m2, h3.clone()).unwrap();
+    e.configure(m4, h3.clone()).unwrap();
+    let third = e.fabric_activate_mark_later(&h3, &[m2, m4]).unwrap();
+    assert_eq!(third.unmarked[0].partition, PartitionId(4));
+    drop(e);
+    let e = t.engine();
+    assert_eq!(
+        ledger_partitions(&e),
+        vec![(3, PartitionState::Active), (4, PartitionState::Activating)]
+    );
+    let out = e.fabric_reconcile().unwrap();
+    assert!(
+        out.iter()
+            .any(|o| o.action == FabricAction::Finished && o.partitions == [PartitionId(4)]),
+        "{out:?}"
+    );
+    assert_eq!(
+        ledger_partitions(&e),
+        vec![(3, PartitionState::Active), (4, PartitionState::Active)]
+    );
+    assert_eq!(t.active(), BTreeSet::from([3, 4]));
 }

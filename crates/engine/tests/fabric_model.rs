@@ -277,7 +277,9 @@ fn open(
 }
 
 /// The plugin's prepare: preflight, every GPU to vfio, activate; on failure
-/// the partition and the GPUs this call moved are undone.
+/// the partition and the GPUs this call moved are undone. The partition's
+/// `active` mark comes after the answer, as the plugin writes it (a crash
+/// step can fall between the two).
 fn prepare(e: &Engine, c: usize) -> Result<(), EngineError> {
     let h = holder(c);
     let bdfs: Vec<Bdf> = CLAIMS[c].iter().map(|g| bdf(g)).collect();
@@ -290,13 +292,15 @@ fn prepare(e: &Engine, c: usize) -> Result<(), EngineError> {
             break;
         }
     }
-    if failed.is_none()
-        && let Err(err) = e.fabric_activate(&h, &bdfs)
-    {
-        failed = Some(err);
+    let mut unmarked = Vec::new();
+    if failed.is_none() {
+        match e.fabric_activate_mark_later(&h, &bdfs) {
+            Ok(o) => unmarked = o.unmarked,
+            Err(err) => failed = Some(err),
+        }
     }
     match failed {
-        None => Ok(()),
+        None => e.fabric_mark_active(&unmarked),
         Some(err @ EngineError::SimulatedCrash(_)) => Err(err),
         Some(err) => {
             let _ = e.fabric_deactivate(&h);

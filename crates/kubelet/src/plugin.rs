@@ -36,7 +36,9 @@ use k8s_openapi::api::resource::v1::{DeviceRequestAllocationResult, ResourceClai
 use kube::Api;
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 use vfio_gpu_engine::ledger::{LedgerBody, OpState};
-use vfio_gpu_engine::{Action, Engine, GpuView, Holder, Outcome, StateHold, StateLockMode};
+use vfio_gpu_engine::{
+    Action, Engine, GpuView, Holder, Outcome, StateHold, StateLockMode, UnmarkedActivation,
+};
 use vfio_gpu_host::Bdf;
 
 use crate::apiserver::{missing_resource_v1, missing_resource_v1_after};
@@ -146,6 +148,9 @@ pub struct VfioPlugin {
     /// Completed claims the last cleanup found gone or replaced with no process on
     /// their vfio devices: released if the next cleanup finds them so again.
     idle_orphans: StdMutex<HashSet<String>>,
+    /// NVLink partitions' `active` marks, written after the kubelet has its
+    /// answer ([`VfioPlugin::settle`] waits for them).
+    marks: StdMutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl VfioPlugin {
@@ -163,7 +168,43 @@ impl VfioPlugin {
             preparing: Runs::default(),
             unpreparing: Runs::default(),
             idle_orphans: StdMutex::new(HashSet::new()),
+            marks: StdMutex::new(Vec::new()),
         })
+    }
+
+    /// Waits for the background writes a prepare left behind (the NVLink
+    /// partitions' `active` marks), so what reads the ledger next sees them.
+    pub async fn settle(&self) {
+        let pending: Vec<_> = match self.marks.lock() {
+            Ok(mut m) => m.drain(..).collect(),
+            Err(poisoned) => poisoned.into_inner().drain(..).collect(),
+        };
+        for task in pending {
+            if let Err(e) = task.await {
+                tracing::warn!(error = %e, "writing an NVLink partition's active mark failed");
+            }
+        }
+    }
+
+    /// Writes the `active` mark of partitions FM activated, off the prepare's
+    /// path: it decides nothing (reconcile finishes an `activating` record FM
+    /// lists active), so the kubelet need not wait for it.
+    fn mark_active_later(&self, unmarked: Vec<UnmarkedActivation>) {
+        if unmarked.is_empty() {
+            return;
+        }
+        let engine = Arc::clone(&self.engine);
+        let task = tokio::task::spawn_blocking(move || {
+            if let Err(e) = engine.fabric_mark_active(&unmarked) {
+                tracing::warn!(error = %e, "NVLink partition active mark not written; reconcile writes it");
+            }
+        });
+        let mut marks = match self.marks.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        marks.retain(|t| !t.is_finished());
+        marks.push(task);
     }
 
     /// The engine.
@@ -427,10 +468,11 @@ impl VfioPlugin {
         }
 
         // Every GPU is on vfio: activate the claim's partition (crate::fabric).
-        self.fabric_activate(&holder, &bdfs, &newly).await?;
+        let unmarked = self.fabric_activate(&holder, &bdfs, &newly).await?;
 
         match self.write_files(&identity, &planned, &outcomes) {
             Ok(devices) => {
+                self.mark_active_later(unmarked);
                 self.config
                     .metrics
                     .set_claim_pod(&c.uid, &reserved_pod(&claim));
@@ -623,24 +665,25 @@ impl VfioPlugin {
         .map_err(|e| PrepareError::Fabric(e.to_string()))
     }
 
-    /// Activates the claim's partition; on failure releases the GPUs this call
-    /// configured (`newly`) and says what could not be undone.
+    /// Activates the claim's partition, returning the activations whose
+    /// `active` mark is still to be written; on failure releases the GPUs this
+    /// call configured (`newly`) and says what could not be undone.
     async fn fabric_activate(
         &self,
         holder: &Holder,
         bdfs: &[Bdf],
         newly: &[Bdf],
-    ) -> Result<(), PrepareError> {
+    ) -> Result<Vec<UnmarkedActivation>, PrepareError> {
         let (h, b) = (holder.clone(), bdfs.to_vec());
         let activated = self
             .blocking("activating the NVLink partition", move |e| {
-                e.fabric_activate(&h, &b)
+                e.fabric_activate_mark_later(&h, &b)
             })
             .await?;
         match activated {
             Ok(o) => {
                 tracing::info!(holder = %holder, partitions = ?o.partitions, action = ?o.action, detail = %o.detail, "NVLink partition");
-                Ok(())
+                Ok(o.unmarked)
             }
             Err(e) => {
                 let mut undo = self.undo_fabric(holder).await;

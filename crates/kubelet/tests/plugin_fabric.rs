@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use plugin_common::*;
+use vfio_gpu_engine::fabric_state::PartitionState;
 use vfio_gpu_engine::{FabricConfig, Holder};
 use vfio_gpu_fabric::{Call, Fault, FaultAction, FmCode, PartitionId, Platform, SimFabricManager};
 use vfio_gpu_host::demo::HGX_MODULE_MAP_FILE;
@@ -68,6 +69,19 @@ async fn a_two_gpu_nvlink_claim_activates_exactly_its_partition() {
     for g in [M1, M3] {
         assert_eq!(env.driver_of(g).as_deref(), Some("vfio-pci"), "{g}");
     }
+    // The `active` mark follows the answer; once written, the file says so.
+    running.plugin.settle().await;
+    assert_eq!(
+        engine.ledger().fabric.partitions[&PartitionId(3)].state,
+        PartitionState::Active
+    );
+    let on_file = vfio_gpu_engine::ledger::LedgerFile::new(&env.state_dir())
+        .expect("ledger file")
+        .load();
+    assert_eq!(
+        on_file.0.fabric.partitions[&PartitionId(3)].state,
+        PartitionState::Active
+    );
     // A retried prepare changes nothing at FM.
     let calls = fm.state().log.len();
     let again = running.prepare_one(&claim).await;

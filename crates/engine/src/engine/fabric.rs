@@ -148,6 +148,23 @@ pub struct FabricOutcome {
     pub partitions: Vec<PartitionId>,
     /// In words.
     pub detail: String,
+    /// Partitions FM activated whose ledger record still says `activating`
+    /// ([`Engine::fabric_activate_mark_later`]); [`Engine::fabric_mark_active`]
+    /// takes them. Empty from every other call.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unmarked: Vec<UnmarkedActivation>,
+}
+
+/// A partition FM activated for a claim, its `active` mark not yet written:
+/// the record, named by its operation number so that a mark never lands on a
+/// later record of the same partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UnmarkedActivation {
+    /// The partition.
+    pub partition: PartitionId,
+    /// The operation number of the `activating` record.
+    pub operation: u64,
 }
 
 impl FabricOutcome {
@@ -156,8 +173,18 @@ impl FabricOutcome {
             action,
             partitions,
             detail: detail.into(),
+            unmarked: Vec::new(),
         }
     }
+}
+
+/// When [`Engine::fabric_activate`] writes the `active` mark.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MarkActive {
+    /// Before it returns.
+    Now,
+    /// Left to the caller ([`Engine::fabric_mark_active`]) or reconcile.
+    Later,
 }
 
 /// The partitions a claim's GPUs need ([`Engine::fabric_preflight`]).
@@ -750,15 +777,70 @@ impl Engine {
 
     /// Activates the partition made of exactly `bdfs` for `holder` (policy
     /// BestEffort: each GPU's 1-GPU partition) with a write-ahead record;
-    /// the plugin calls it after every GPU of the claim is on vfio, and
-    /// again on a retried prepare (an active partition of the holder is
-    /// answered at once). An idle leaked partition sharing a GPU is
-    /// deactivated first; one whose GPUs are open, or held by another
-    /// claim, fails the call.
+    /// called after every GPU of the claim is on vfio, and again on a
+    /// retried prepare (an active partition of the holder is answered at
+    /// once). An idle leaked partition sharing a GPU is deactivated first;
+    /// one whose GPUs are open, or held by another claim, fails the call.
+    /// The record is marked `active` before this returns.
     pub fn fabric_activate(
         &self,
         holder: &Holder,
         bdfs: &[Bdf],
+    ) -> Result<FabricOutcome, EngineError> {
+        self.activate_partitions(holder, bdfs, MarkActive::Now)
+    }
+
+    /// [`Engine::fabric_activate`] without the `active` mark, which the
+    /// outcome's `unmarked` lists for [`Engine::fabric_mark_active`]: the
+    /// plugin answers the kubelet first and marks after. The mark decides
+    /// nothing ([`crate::state::on_recorded_partition`] treats an
+    /// `activating` record FM lists active, whose holder holds its GPUs,
+    /// exactly as an `active` one, and reconcile writes the mark), so a crash
+    /// before it loses nothing.
+    pub fn fabric_activate_mark_later(
+        &self,
+        holder: &Holder,
+        bdfs: &[Bdf],
+    ) -> Result<FabricOutcome, EngineError> {
+        self.activate_partitions(holder, bdfs, MarkActive::Later)
+    }
+
+    /// Writes the `active` mark of activations
+    /// [`Engine::fabric_activate_mark_later`] left unmarked: each record
+    /// still `activating` under the same operation number (one an unprepare
+    /// or reconcile already moved on is left alone). One ledger write.
+    pub fn fabric_mark_active(&self, unmarked: &[UnmarkedActivation]) -> Result<(), EngineError> {
+        if unmarked.is_empty() {
+            return Ok(());
+        }
+        let _hold = self.hold_trusted()?;
+        let _op = lock(&self.fabric.op);
+        let still_activating = |b: &LedgerBody, u: &UnmarkedActivation| {
+            b.fabric.partitions.get(&u.partition).is_some_and(|r| {
+                r.state == PartitionState::Activating && r.operation == u.operation
+            })
+        };
+        let ledger = self.ledger();
+        if !unmarked.iter().any(|u| still_activating(&ledger, u)) {
+            return Ok(());
+        }
+        self.commit_with(Durability::Process, |b| {
+            for u in unmarked {
+                if still_activating(b, u)
+                    && let Some(r) = b.fabric.partitions.get_mut(&u.partition)
+                {
+                    r.state = PartitionState::Active;
+                    r.updated = now();
+                }
+            }
+        })
+    }
+
+    fn activate_partitions(
+        &self,
+        holder: &Holder,
+        bdfs: &[Bdf],
+        mark: MarkActive,
     ) -> Result<FabricOutcome, EngineError> {
         self.check_alive()?;
         let Some(fc) = self.fabric_config() else {
@@ -791,6 +873,7 @@ impl Engine {
         let topology = Topology::from_list(&list)
             .map_err(|e| EngineError::Fabric(format!("Fabric Manager's partition table: {e}")))?;
         let mut actions = Vec::new();
+        let mut unmarked = Vec::new();
         for (id, (modules, members)) in &plan.partitions {
             let fm_active = list.get(*id).is_some_and(|p| p.is_active);
             let rec = self.ledger().fabric.partitions.get(id).cloned();
@@ -850,14 +933,19 @@ impl Engine {
                 modules.clone(),
                 members.clone(),
             );
+            let operation = r.operation;
             self.put_partition(*id, Some(r), Some(module_records.clone()))?;
             match fc.fm.activate(*id) {
                 Ok(a) => {
                     tracing::info!(partition = %id, holder = %holder, outcome = ?a, "Fabric Manager partition activated");
                     self.mutation_done()?;
-                    // Written, not deferred: `ledger`, `explain` and `fabric
-                    // status` read the file, and the next commit may be long off.
-                    self.set_partition_state(*id, PartitionState::Active)?;
+                    match mark {
+                        MarkActive::Now => self.set_partition_state(*id, PartitionState::Active)?,
+                        MarkActive::Later => unmarked.push(UnmarkedActivation {
+                            partition: *id,
+                            operation,
+                        }),
+                    }
                     actions.push(FabricAction::Activated);
                 }
                 Err(e) => {
@@ -887,7 +975,9 @@ impl Engine {
         } else {
             FabricAction::Adopted
         };
-        Ok(FabricOutcome::new(action, ids, plan.note))
+        let mut outcome = FabricOutcome::new(action, ids, plan.note);
+        outcome.unmarked = unmarked;
+        Ok(outcome)
     }
 
     /// Deactivates every partition the ledger records for `holder` (never
