@@ -518,6 +518,20 @@ impl SimKernel {
         self.lock().log.clone()
     }
 
+    /// How many writes [`SimKernel::log`] holds, without copying it.
+    pub fn log_len(&self) -> usize {
+        self.lock().log.len()
+    }
+
+    /// The writes logged after the first `from`.
+    pub fn log_since(&self, from: usize) -> Vec<SysfsWrite> {
+        let s = self.lock();
+        s.log
+            .get(from..)
+            .map(<[SysfsWrite]>::to_vec)
+            .unwrap_or_default()
+    }
+
     /// Sets how many clients hold `bdf` open on its host driver (CUDA
     /// programs, nvidia-persistenced, a sound server on `/dev/snd`): an
     /// unbind from a non-vfio driver waits until they are gone, and nvidia

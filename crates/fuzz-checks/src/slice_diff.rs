@@ -27,7 +27,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::NodeSelector;
-use k8s_openapi::api::resource::v1::{Device, ResourcePool, ResourceSlice, ResourceSliceSpec};
+use k8s_openapi::api::resource::v1::{
+    Device, DeviceTaint, ResourcePool, ResourceSlice, ResourceSliceSpec,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use vfio_gpu_engine::ledger::QuarantineCause;
 use vfio_gpu_host::Bdf;
@@ -179,13 +181,11 @@ fn expected_slices(sorted: &[DeviceInfo], offered: &[Bdf]) -> usize {
 /// Each published device carries exactly the taints of the GPU it names (the
 /// first GPU listed for an address, as the publisher dedups): a quarantined
 /// one its taint, every other none.
-fn check_taints(devices: &[Device], sorted: &[DeviceInfo]) {
+/// `taints` is each GPU's expected taints by device name (built once per
+/// input: a search per device made the check quadratic in the GPU count).
+fn check_taints(devices: &[Device], taints: &BTreeMap<String, Option<Vec<DeviceTaint>>>) {
     for d in devices {
-        let want = sorted
-            .iter()
-            .find(|g| device_name(&g.bdf) == d.name)
-            .map(|g| device(DRIVER, g).taints);
-        assert_eq!(Some(d.taints.clone()), want, "{}: taints", d.name);
+        assert_eq!(Some(&d.taints), taints.get(&d.name), "{}: taints", d.name);
     }
 }
 
@@ -293,6 +293,11 @@ pub fn check(data: &[u8]) {
         plan.generation
     );
     let ours: Vec<&ResourceSlice> = server.values().filter(|s| owned(&cfg, s)).collect();
+    // `sorted` holds each address once, the first GPU listed for it.
+    let taints: BTreeMap<String, Option<Vec<DeviceTaint>>> = sorted
+        .iter()
+        .map(|g| (device_name(&g.bdf), device(DRIVER, g).taints))
+        .collect();
     assert_eq!(ours.len(), plan.slices, "slice count");
     let mut names: Vec<String> = Vec::new();
     for s in &ours {
@@ -317,7 +322,7 @@ pub fn check(data: &[u8]) {
             !tainted || devices.len() <= MAX_DEVICES_PER_SLICE_WITH_TAINTS,
             "a slice with a tainted device over 64"
         );
-        check_taints(devices, &sorted);
+        check_taints(devices, &taints);
         names.extend(devices.iter().map(|d| d.name.clone()));
     }
     let expected: BTreeSet<String> = offered.iter().map(device_name).collect();
