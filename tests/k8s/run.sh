@@ -7,6 +7,7 @@
 #   K8S_LANES=1.36 tests/k8s/run.sh  # one lane
 #   VFIO_GPU_DRA_BIN=path/to/vfio-gpu-dra tests/k8s/run.sh
 #   K8S_RUN='TestK8s/Register' tests/k8s/run.sh   # a subset (go test -run)
+#   K8S_CLEAN_GO_CACHE=1 tests/k8s/run.sh      # drop the Go build cache after each lane (CI: disk)
 #
 # Needs: Go >= 1.26 and the Go module proxy (or a warm module cache), cargo when
 # VFIO_GPU_DRA_BIN is not given. Go caches stay where `go env` puts them (outside the
@@ -113,6 +114,9 @@ for lane in $LANES; do
   grep -E '^\s*--- FAIL' "$log" | sed "s/^/k8s lane $lane: /" || true
   passed=$((passed+p))
   failed=$((failed+f))
+  # CI (K8S_CLEAN_GO_CACHE=1): each lane compiles its own Kubernetes release, gigabytes
+  # of build cache the next lane cannot reuse; dropping it keeps the disk's peak to one lane.
+  if [ "${K8S_CLEAN_GO_CACHE:-0}" = 1 ]; then go clean -cache || true; fi
 done
 
 [ "$failed" -eq 0 ] || status=1
