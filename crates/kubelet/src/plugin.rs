@@ -37,7 +37,8 @@ use kube::Api;
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 use vfio_gpu_engine::ledger::{LedgerBody, OpState};
 use vfio_gpu_engine::{
-    Action, Engine, GpuView, Holder, Outcome, StateHold, StateLockMode, UnmarkedActivation,
+    Action, Engine, FabricOutcome, GpuView, Holder, Outcome, StateHold, StateLockMode,
+    UnmarkedActivation,
 };
 use vfio_gpu_host::Bdf;
 
@@ -440,13 +441,24 @@ impl VfioPlugin {
                 bdfs.push(p.bdf);
             }
         }
-        // NVLink fabric (crate::fabric): a claim whose GPU set is not exactly one
-        // partition fails here, before any GPU moves.
-        self.fabric_preflight(&holder, &bdfs).await?;
-        let reqs: Vec<(Bdf, Holder)> = bdfs.iter().map(|b| (*b, holder.clone())).collect();
-        let results = self
-            .blocking("configuring GPUs", move |e| e.configure_many(&reqs))
+        // One trip off the runtime for the engine's whole part: the NVLink check
+        // (a claim whose GPU set is not exactly one partition fails before any GPU
+        // moves), the moves, and, when every GPU is on vfio, the activation of the
+        // claim's partition (crate::fabric).
+        let (h, b) = (holder.clone(), bdfs.clone());
+        let engine_part = self
+            .blocking("configuring GPUs", move |e| {
+                e.fabric_preflight(&h, &b)?;
+                let reqs: Vec<(Bdf, Holder)> = b.iter().map(|b| (*b, h.clone())).collect();
+                let results = e.configure_many(&reqs);
+                let activation = results
+                    .iter()
+                    .all(Result::is_ok)
+                    .then(|| e.fabric_activate_mark_later(&h, &b));
+                Ok::<_, vfio_gpu_engine::EngineError>((results, activation))
+            })
             .await?;
+        let (results, activation) = engine_part.map_err(|e| PrepareError::Fabric(e.to_string()))?;
         let mut outcomes: HashMap<Bdf, Outcome> = HashMap::new();
         let mut newly: Vec<Bdf> = Vec::new();
         let mut errors: Vec<GpuFailure> = Vec::new();
@@ -467,8 +479,11 @@ impl VfioPlugin {
             return Err(PrepareError::Gpus(errors).with_undo(undo));
         }
 
-        // Every GPU is on vfio: activate the claim's partition (crate::fabric).
-        let unmarked = self.fabric_activate(&holder, &bdfs, &newly).await?;
+        // Every GPU is on vfio and the claim's partition was activated, or not.
+        let unmarked = match activation {
+            Some(a) => self.fabric_activated(&holder, a, &newly).await?,
+            None => Vec::new(),
+        };
 
         match self.write_files(&identity, &planned, &outcomes) {
             Ok(devices) => {
@@ -653,33 +668,15 @@ impl VfioPlugin {
         }
     }
 
-    /// The claim's GPUs must be exactly one NVLink partition (engine policy);
-    /// nothing changes.
-    async fn fabric_preflight(&self, holder: &Holder, bdfs: &[Bdf]) -> Result<(), PrepareError> {
-        let (h, b) = (holder.clone(), bdfs.to_vec());
-        self.blocking("checking the NVLink partition", move |e| {
-            e.fabric_preflight(&h, &b)
-        })
-        .await?
-        .map(|_| ())
-        .map_err(|e| PrepareError::Fabric(e.to_string()))
-    }
-
-    /// Activates the claim's partition, returning the activations whose
-    /// `active` mark is still to be written; on failure releases the GPUs this
-    /// call configured (`newly`) and says what could not be undone.
-    async fn fabric_activate(
+    /// After the claim's partition was activated: the activations whose `active`
+    /// mark is still to be written; on failure releases the GPUs this call
+    /// configured (`newly`) and says what could not be undone.
+    async fn fabric_activated(
         &self,
         holder: &Holder,
-        bdfs: &[Bdf],
+        activated: Result<FabricOutcome, vfio_gpu_engine::EngineError>,
         newly: &[Bdf],
     ) -> Result<Vec<UnmarkedActivation>, PrepareError> {
-        let (h, b) = (holder.clone(), bdfs.to_vec());
-        let activated = self
-            .blocking("activating the NVLink partition", move |e| {
-                e.fabric_activate_mark_later(&h, &b)
-            })
-            .await?;
         match activated {
             Ok(o) => {
                 tracing::info!(holder = %holder, partitions = ?o.partitions, action = ?o.action, detail = %o.detail, "NVLink partition");

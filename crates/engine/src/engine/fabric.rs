@@ -343,10 +343,11 @@ impl Engine {
     /// configured FM and nothing in the ledger.
     pub(super) fn gpu_fabric(&self, ledger: &LedgerBody, gpu: &Gpu) -> Option<GpuFabric> {
         self.fabric_config()?;
-        let cache = lock(&self.fabric.cache).clone();
-        let mut f = gpu_fabric_from_ledger(ledger, gpu, cache.as_ref().map(|(t, ok)| (t, *ok)))
-            .unwrap_or_default();
-        f.fabric_managed = cache.as_ref().is_some_and(|(_, ok)| *ok);
+        // Borrowed, not cloned: a discovery asks once per GPU.
+        let cache = lock(&self.fabric.cache);
+        let topology = cache.as_ref().map(|(t, ok)| (t, *ok));
+        let mut f = gpu_fabric_from_ledger(ledger, gpu, topology).unwrap_or_default();
+        f.fabric_managed = topology.is_some_and(|(_, ok)| ok);
         Some(f)
     }
 
