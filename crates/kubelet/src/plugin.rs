@@ -37,7 +37,7 @@ use kube::Api;
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 use vfio_gpu_engine::ledger::{LedgerBody, OpState};
 use vfio_gpu_engine::{
-    Action, Engine, FabricOutcome, GpuView, Holder, Outcome, StateHold, StateLockMode,
+    Action, Engine, EngineError, FabricOutcome, GpuView, Holder, Outcome, StateHold, StateLockMode,
     UnmarkedActivation,
 };
 use vfio_gpu_host::Bdf;
@@ -133,6 +133,12 @@ struct Planned {
     view: GpuView,
     config: VfioDeviceConfig,
 }
+
+/// Each GPU's move, and the partition's activation when every move succeeded.
+type MovesAndActivation = (
+    Vec<Result<Outcome, EngineError>>,
+    Option<Result<FabricOutcome, EngineError>>,
+);
 
 /// The kubelet DRA backend of vfio-gpu-dra.
 pub struct VfioPlugin {
@@ -441,24 +447,7 @@ impl VfioPlugin {
                 bdfs.push(p.bdf);
             }
         }
-        // One trip off the runtime for the engine's whole part: the NVLink check
-        // (a claim whose GPU set is not exactly one partition fails before any GPU
-        // moves), the moves, and, when every GPU is on vfio, the activation of the
-        // claim's partition (crate::fabric).
-        let (h, b) = (holder.clone(), bdfs.clone());
-        let engine_part = self
-            .blocking("configuring GPUs", move |e| {
-                e.fabric_preflight(&h, &b)?;
-                let reqs: Vec<(Bdf, Holder)> = b.iter().map(|b| (*b, h.clone())).collect();
-                let results = e.configure_many(&reqs);
-                let activation = results
-                    .iter()
-                    .all(Result::is_ok)
-                    .then(|| e.fabric_activate_mark_later(&h, &b));
-                Ok::<_, vfio_gpu_engine::EngineError>((results, activation))
-            })
-            .await?;
-        let (results, activation) = engine_part.map_err(|e| PrepareError::Fabric(e.to_string()))?;
+        let (results, activation) = self.move_and_activate(&holder, &bdfs).await?;
         let mut outcomes: HashMap<Bdf, Outcome> = HashMap::new();
         let mut newly: Vec<Bdf> = Vec::new();
         let mut errors: Vec<GpuFailure> = Vec::new();
@@ -668,13 +657,37 @@ impl VfioPlugin {
         }
     }
 
+    /// The engine's whole part of a prepare in one trip off the runtime: the
+    /// NVLink check (a claim whose GPU set is not exactly one partition fails
+    /// here, before any GPU moves), the moves, and, when every GPU is on vfio,
+    /// the activation of the claim's partition (crate::fabric).
+    async fn move_and_activate(
+        &self,
+        holder: &Holder,
+        bdfs: &[Bdf],
+    ) -> Result<MovesAndActivation, PrepareError> {
+        let (h, b) = (holder.clone(), bdfs.to_vec());
+        self.blocking("configuring GPUs", move |e| {
+            e.fabric_preflight(&h, &b)?;
+            let reqs: Vec<(Bdf, Holder)> = b.iter().map(|b| (*b, h.clone())).collect();
+            let results = e.configure_many(&reqs);
+            let activation = results
+                .iter()
+                .all(Result::is_ok)
+                .then(|| e.fabric_activate_mark_later(&h, &b));
+            Ok((results, activation))
+        })
+        .await?
+        .map_err(|e: EngineError| PrepareError::Fabric(e.to_string()))
+    }
+
     /// After the claim's partition was activated: the activations whose `active`
     /// mark is still to be written; on failure releases the GPUs this call
     /// configured (`newly`) and says what could not be undone.
     async fn fabric_activated(
         &self,
         holder: &Holder,
-        activated: Result<FabricOutcome, vfio_gpu_engine::EngineError>,
+        activated: Result<FabricOutcome, EngineError>,
         newly: &[Bdf],
     ) -> Result<Vec<UnmarkedActivation>, PrepareError> {
         match activated {
