@@ -12,12 +12,13 @@
 //! `cargo bench -p vfio-gpu-kubelet --bench fabric_prepare` (N=300 per side;
 //! override with BENCH_N; BENCH_DIR=/dev/shm puts ledgers and CDI files on tmpfs).
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{DRIVER, Node, bench_dir, store_claim};
 use fake_apiserver::FakeApiServer;
-use serde_json::json;
-use tokio_util::sync::CancellationToken;
 use vfio_gpu_engine::sim::SimKernel;
 use vfio_gpu_engine::{Engine, EngineConfig, FabricConfig};
 use vfio_gpu_fabric::{Platform, SimFabricManager};
@@ -25,30 +26,19 @@ use vfio_gpu_host::demo::{HGX_MODULE_MAP_FILE, build_hgx_demo_host};
 use vfio_gpu_host::{GpuSelector, HostRoot};
 use vfio_gpu_intent::Policy;
 use vfio_gpu_kubelet::grpc::dra::ClaimRef;
-use vfio_gpu_kubelet::grpc::emulator::{KubeletEmulator, RegisteredPlugin};
-use vfio_gpu_kubelet::grpc::server::{ServerConfig, ServerHandle, serve};
-use vfio_gpu_kubelet::plugin::{PluginConfig, VfioPlugin};
 
-const DRIVER: &str = "vfio-gpu.dra.dev";
-const NODE: &str = "demo-node";
 /// Modules 1 and 3 of the HGX demo host: H100 partition 3.
 const DEVICES: [&str; 2] = ["gpu-0000-9a-00-0", "gpu-0000-ab-00-0"];
 
 /// One node: its plugin behind a registered DRA socket, and the claim.
 struct Side {
     _dir: tempfile::TempDir,
-    plugin: Arc<VfioPlugin>,
-    kubelet: RegisteredPlugin,
+    node: Node,
     claims: [ClaimRef; 1],
-    token: CancellationToken,
-    server: ServerHandle,
 }
 
 async fn side(api: &FakeApiServer, fabric: bool) -> anyhow::Result<Side> {
-    let dir = match std::env::var("BENCH_DIR") {
-        Ok(parent) => tempfile::tempdir_in(parent)?,
-        Err(_) => tempfile::tempdir()?,
-    };
+    let dir = bench_dir()?;
     let host = dir.path().join("host");
     std::fs::create_dir_all(&host)?;
     build_hgx_demo_host(&host)?;
@@ -58,10 +48,9 @@ async fn side(api: &FakeApiServer, fabric: bool) -> anyhow::Result<Side> {
         c.module_map_file = Some(host.join(HGX_MODULE_MAP_FILE));
         c
     });
-    let state = dir.path().join("plugins").join(DRIVER);
     let (engine, _) = Engine::open(
         Arc::new(kernel),
-        &state,
+        &dir.path().join("plugins").join(DRIVER),
         GpuSelector::default(),
         Policy::default(),
         EngineConfig {
@@ -71,63 +60,12 @@ async fn side(api: &FakeApiServer, fabric: bool) -> anyhow::Result<Side> {
     )?;
     // As serve does before it publishes anything.
     engine.fabric_reconcile()?;
-
-    let name = if fabric { "with-fm" } else { "without-fm" };
-    let requests: Vec<_> = DEVICES
-        .iter()
-        .enumerate()
-        .map(
-            |(i, _)| json!({"name": format!("gpu{i}"), "exactly": {"deviceClassName": "vfio-gpu"}}),
-        )
-        .collect();
-    let results: Vec<_> = DEVICES
-        .iter()
-        .enumerate()
-        .map(|(i, d)| json!({"request": format!("gpu{i}"), "driver": DRIVER, "pool": NODE, "device": d}))
-        .collect();
-    let stored = api.insert(json!({
-        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
-        "metadata": {"name": name, "namespace": "vms"},
-        "spec": {"devices": {"requests": requests}},
-        "status": {"allocation": {"devices": {"results": results}}}
-    }))?;
-    let claim = ClaimRef {
-        uid: stored["metadata"]["uid"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
-        namespace: "vms".into(),
-        name: name.into(),
-    };
-
-    let mut config = kube::Config::new(api.url().parse()?);
-    config.default_retry = false;
-    let client = kube::Client::try_from(config)?;
-    let mut pc = PluginConfig::new(DRIVER, NODE);
-    pc.cdi_root = dir.path().join("cdi");
-    pc.data_dir = state;
-    let plugin = VfioPlugin::new(Arc::new(engine), client, pc);
-    let token = CancellationToken::new();
-    let server = serve(
-        ServerConfig::new(
-            DRIVER,
-            &dir.path().join("plugins"),
-            &dir.path().join("registry"),
-        ),
-        Arc::clone(&plugin) as Arc<dyn vfio_gpu_kubelet::grpc::dra::DraBackend>,
-        token.clone(),
-    )
-    .await?;
-    let kubelet = KubeletEmulator::new(&server.registration_socket)
-        .register()
-        .await?;
+    let claim = store_claim(api, if fabric { "with-fm" } else { "without-fm" }, &DEVICES)?;
+    let node = Node::start(dir.path(), engine, api).await?;
     Ok(Side {
         _dir: dir,
-        plugin,
-        kubelet,
+        node,
         claims: [claim],
-        token,
-        server,
     })
 }
 
@@ -135,13 +73,13 @@ async fn side(api: &FakeApiServer, fabric: bool) -> anyhow::Result<Side> {
 /// mark settles and the claim is unprepared.
 async fn round(s: &Side) -> anyhow::Result<Duration> {
     let t = Instant::now();
-    let r = s.kubelet.prepare(&s.claims).await?;
+    let r = s.node.kubelet.prepare(&s.claims).await?;
     let took = t.elapsed();
     if let Some(Err(e)) = r.get(&s.claims[0].uid) {
         anyhow::bail!("prepare failed: {e}");
     }
-    s.plugin.settle().await;
-    let u = s.kubelet.unprepare(&s.claims).await?;
+    s.node.plugin.settle().await;
+    let u = s.node.kubelet.unprepare(&s.claims).await?;
     if let Some(Err(e)) = u.get(&s.claims[0].uid) {
         anyhow::bail!("unprepare failed: {e}");
     }
@@ -197,9 +135,6 @@ async fn main() -> anyhow::Result<()> {
         ms(pct(&b, 0.5)) / ms(pct(&a, 0.5)),
         ms(pct(&b, 0.99)) / ms(pct(&a, 0.99))
     );
-    for s in [plain, fabric] {
-        s.token.cancel();
-        s.server.wait().await?;
-    }
-    Ok(())
+    plain.node.stop().await?;
+    fabric.node.stop().await
 }

@@ -6,23 +6,17 @@
 //! A retried prepare (GPU already configured: no host writes, no ledger commits) is
 //! timed separately, so the share of the fsync'd ledger in a real prepare is visible.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{DRIVER, Node, bench_dir, store_claim};
 use fake_apiserver::FakeApiServer;
-use serde_json::json;
-use tokio_util::sync::CancellationToken;
 use vfio_gpu_engine::sim::SimKernel;
 use vfio_gpu_engine::{Engine, EngineConfig};
 use vfio_gpu_host::{GpuSelector, HostRoot};
 use vfio_gpu_intent::Policy;
-use vfio_gpu_kubelet::grpc::dra::ClaimRef;
-use vfio_gpu_kubelet::grpc::emulator::KubeletEmulator;
-use vfio_gpu_kubelet::grpc::server::{ServerConfig, serve};
-use vfio_gpu_kubelet::plugin::{PluginConfig, VfioPlugin};
-
-const DRIVER: &str = "vfio-gpu.dra.dev";
-const NODE: &str = "demo-node";
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -47,63 +41,22 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
     vfio_gpu_kubelet::serve::install_crypto_provider();
-    // BENCH_DIR=/dev/shm puts the ledger and CDI files on tmpfs: the plugin's
-    // own cost without the disk's fsync latency.
-    let dir = match std::env::var("BENCH_DIR") {
-        Ok(parent) => tempfile::tempdir_in(parent)?,
-        Err(_) => tempfile::tempdir()?,
-    };
+    let dir = bench_dir()?;
     let host = dir.path().join("host");
     std::fs::create_dir_all(&host)?;
     vfio_gpu_host::demo::build_demo_host(&host)?;
     let kernel = SimKernel::booted(HostRoot::open(&host)?);
-    let state = dir.path().join("plugins").join(DRIVER);
     let (engine, _) = Engine::open(
         Arc::new(kernel),
-        &state,
+        &dir.path().join("plugins").join(DRIVER),
         GpuSelector::default(),
         Policy::default(),
         EngineConfig::default(),
     )?;
-
     let api = FakeApiServer::start().await?;
-    let mut config = kube::Config::new(api.url().parse()?);
-    config.default_retry = false;
-    let client = kube::Client::try_from(config)?;
-    let stored = api.insert(json!({
-        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
-        "metadata": {"name": "bench", "namespace": "vms"},
-        "spec": {"devices": {"requests": [{"name": "gpu", "exactly": {"deviceClassName": "vfio-gpu"}}]}},
-        "status": {"allocation": {"devices": {"results": [
-            {"request": "gpu", "driver": DRIVER, "pool": NODE, "device": "gpu-0000-ba-00-0"}]}}}
-    }))?;
-    let claim = ClaimRef {
-        uid: stored["metadata"]["uid"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
-        namespace: "vms".into(),
-        name: "bench".into(),
-    };
-
-    let mut pc = PluginConfig::new(DRIVER, NODE);
-    pc.cdi_root = dir.path().join("cdi");
-    pc.data_dir = state.clone();
-    let plugin = VfioPlugin::new(Arc::new(engine), client, pc);
-    let token = CancellationToken::new();
-    let server = serve(
-        ServerConfig::new(
-            DRIVER,
-            &dir.path().join("plugins"),
-            &dir.path().join("registry"),
-        ),
-        plugin,
-        token.clone(),
-    )
-    .await?;
-    let kubelet = KubeletEmulator::new(&server.registration_socket)
-        .register()
-        .await?;
+    let claim = store_claim(&api, "bench", &["gpu-0000-ba-00-0"])?;
+    let node = Node::start(dir.path(), engine, &api).await?;
+    let kubelet = &node.kubelet;
     let claims = [claim.clone()];
 
     let (mut prepare, mut retry, mut unprepare) = (Vec::new(), Vec::new(), Vec::new());
@@ -134,7 +87,5 @@ async fn main() -> anyhow::Result<()> {
     report("prepare retry (no change)", retry);
     report("unprepare (restores)", unprepare);
 
-    token.cancel();
-    server.wait().await?;
-    Ok(())
+    node.stop().await
 }
