@@ -1,7 +1,8 @@
 #![allow(clippy::disallowed_methods)] // tests read the simulated host directly
 //! What NVLink partitions cost a prepare: the whole prepare of a 2-GPU
-//! claim (preflight, both GPUs to vfio, activate with its write-ahead
-//! `activating` record) on the HGX demo host with
+//! claim (preflight, both GPUs to vfio with the partition's write-ahead
+//! `activating` record riding on the last move's commit, activate) on the
+//! HGX demo host with
 //! a zero-latency simulated Fabric Manager, next to the same prepare with no
 //! FM configured, interleaved in one run so both see the same machine load.
 //! Prints p50 and p99 of each and the p99 ratio (goal: ≤ 1.10×).
@@ -74,19 +75,24 @@ fn prepare_once(s: &Side, n: usize) -> (Duration, Duration) {
     let start = Instant::now();
     let mut in_fabric = Duration::ZERO;
     let mut unmarked = Vec::new();
+    let mut plan = None;
     if s.fabric {
         let t = Instant::now();
-        s.engine.fabric_preflight(&h, &bdfs).unwrap();
+        plan = Some(s.engine.fabric_preflight(&h, &bdfs).unwrap());
         in_fabric += t.elapsed();
     }
-    for b in &bdfs {
-        s.engine.configure(*b, h.clone()).unwrap();
+    {
+        // As the plugin does: the partition's record rides with the last move.
+        let _ride = plan.as_ref().map(|p| s.engine.fabric_ride(p));
+        for b in &bdfs {
+            s.engine.configure(*b, h.clone()).unwrap();
+        }
     }
     if s.fabric {
         let t = Instant::now();
         unmarked = s
             .engine
-            .fabric_activate_mark_later(&h, &bdfs)
+            .fabric_activate_planned(&h, &bdfs, plan.as_ref().unwrap())
             .unwrap()
             .unmarked;
         in_fabric += t.elapsed();

@@ -712,11 +712,86 @@ pub fn on_recorded_partition(
     }
 }
 
+/// What a commit does with a claim's planned `activating` partition record
+/// waiting to ride along ([`crate::Engine::fabric_ride`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnPartitionRide {
+    /// Every GPU of the claim is `configured` for its holder in this commit's
+    /// body and the partition has no record: the record lands in this
+    /// commit, after (or with) the last GPU's completion, never before it.
+    Land,
+    /// A GPU of the claim is not yet configured: a later commit may land it.
+    Wait,
+    /// The partition has a record already (another claim's, a leak being
+    /// repaired, ours from an earlier attempt): the ride is dropped and the
+    /// activation writes whatever record it needs itself.
+    Drop,
+}
+
+/// See [`OnPartitionRide`]. `claim_configured`: every GPU of the claim is
+/// `configured` for the ride's holder; `recorded`: any of its partitions
+/// already has a record.
+pub fn on_partition_ride(claim_configured: bool, recorded: bool) -> OnPartitionRide {
+    match (claim_configured, recorded) {
+        (_, true) => OnPartitionRide::Drop,
+        (true, false) => OnPartitionRide::Land,
+        (false, false) => OnPartitionRide::Wait,
+    }
+}
+
+/// Whether an activation writes its own write-ahead `activating` record
+/// before calling FM, or uses one that is already in the ledger. Reused only
+/// when it is exactly the record the activation would write (`activating`,
+/// this holder, the same modules and GPUs: `matches`) and the activation has
+/// no new module map to persist with it (`new_module_map`).
+pub fn activating_record_needed(
+    existing: Option<crate::fabric_state::PartitionState>,
+    matches: bool,
+    new_module_map: bool,
+) -> bool {
+    !(existing == Some(crate::fabric_state::PartitionState::Activating)
+        && matches
+        && !new_module_map)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    /// Every input: a ride lands only on a complete claim and a free partition.
+    #[test]
+    fn a_partition_record_rides_only_with_the_claims_last_move() {
+        for configured in [false, true] {
+            for recorded in [false, true] {
+                let want = match (configured, recorded) {
+                    (true, false) => OnPartitionRide::Land,
+                    (false, false) => OnPartitionRide::Wait,
+                    (_, true) => OnPartitionRide::Drop,
+                };
+                assert_eq!(on_partition_ride(configured, recorded), want);
+            }
+        }
+    }
+
+    /// Every input: only our own matching `activating` record spares the write.
+    #[test]
+    fn an_activation_reuses_only_its_own_activating_record() {
+        use crate::fabric_state::PartitionState::{Activating, Active, Deactivating};
+        for existing in [None, Some(Activating), Some(Active), Some(Deactivating)] {
+            for matches in [false, true] {
+                for new_map in [false, true] {
+                    let reuse = existing == Some(Activating) && matches && !new_map;
+                    assert_eq!(
+                        activating_record_needed(existing, matches, new_map),
+                        !reuse,
+                        "{existing:?} {matches} {new_map}"
+                    );
+                }
+            }
+        }
+    }
 
     /// Every input over a small domain: the original comes back unless the
     /// value seen is one nothing of ours could have left (the admin's).

@@ -456,14 +456,18 @@ fn lifecycle(e: &Engine, h: &Holder) -> Result<(), EngineError> {
     unprepare(e, h)
 }
 
-/// [`prepare`] as the plugin orders it: the `active` mark after the answer.
+/// [`prepare`] as the plugin orders it: the partition's `activating` record
+/// rides with the last move's commit, the `active` mark after the answer.
 fn prepare_mark_after(e: &Engine, h: &Holder, gpus: &[&str]) -> Result<(), EngineError> {
     let bdfs: Vec<Bdf> = gpus.iter().map(|g| bdf(g)).collect();
-    e.fabric_preflight(h, &bdfs)?;
-    for b in &bdfs {
-        e.configure(*b, h.clone())?;
+    let plan = e.fabric_preflight(h, &bdfs)?;
+    {
+        let _ride = e.fabric_ride(&plan);
+        for b in &bdfs {
+            e.configure(*b, h.clone())?;
+        }
     }
-    let unmarked = e.fabric_activate_mark_later(h, &bdfs)?.unmarked;
+    let unmarked = e.fabric_activate_planned(h, &bdfs, &plan)?.unmarked;
     e.fabric_mark_active(&unmarked)
 }
 
@@ -1203,4 +1207,187 @@ fn the_active_mark_after_the_answer_lands_only_on_its_own_record() {
         vec![(3, PartitionState::Active), (4, PartitionState::Active)]
     );
     assert_eq!(t.active(), BTreeSet::from([3, 4]));
+}
+
+/// The partition's write-ahead record rides with the commit that completes
+/// the claim's last GPU move: absent while a GPU is still to move, there
+/// (`activating`, this holder) once both are, and the activation then
+/// calls FM with no ledger write of its own.
+#[test]
+fn the_partition_record_rides_with_the_last_move_and_the_activation_writes_none() {
+    let t = Hgx::new();
+    let e = t.engine();
+    // Start-up's reconcile learns the module map (a first activation in a
+    // boot writes it with its own record).
+    e.fabric_reconcile().unwrap();
+    let h = claim("u1");
+    let bdfs = [bdf(M1), bdf(M3)];
+    let plan = e.fabric_preflight(&h, &bdfs).unwrap();
+    {
+        let _ride = e.fabric_ride(&plan);
+        e.configure(bdfs[0], h.clone()).unwrap();
+        assert!(
+            ledger_partitions(&e).is_empty(),
+            "a record landed before the claim's last move"
+        );
+        let writes = e.ledger_writes();
+        e.configure(bdfs[1], h.clone()).unwrap();
+        let ledger = e.ledger();
+        let rec = &ledger.fabric.partitions[&PartitionId(3)];
+        assert_eq!(rec.state, PartitionState::Activating);
+        assert_eq!(rec.holder.as_ref(), Some(&h));
+        assert_eq!(rec.bdfs, bdfs.to_vec());
+        // The last move's write-ahead and completion commits, nothing more.
+        assert_eq!(e.ledger_writes(), writes + 2);
+    }
+    let writes = e.ledger_writes();
+    let o = e.fabric_activate_mark_later(&h, &bdfs).unwrap();
+    assert_eq!(o.action, FabricAction::Activated);
+    assert_eq!(
+        e.ledger_writes(),
+        writes,
+        "the activation wrote its own record"
+    );
+    assert_eq!(t.active(), BTreeSet::from([3]));
+    assert_eq!(o.unmarked.len(), 1);
+    e.fabric_mark_active(&o.unmarked).unwrap();
+    assert_eq!(
+        e.ledger().fabric.partitions[&PartitionId(3)].state,
+        PartitionState::Active
+    );
+}
+
+/// A ride whose claim does not complete never lands: a failed move (rolled
+/// back) or a guard dropped before the last move leaves no record, and the
+/// activation after a later complete prepare writes its own.
+#[test]
+fn a_ride_lands_only_when_every_move_of_the_claim_succeeds() {
+    use vfio_gpu_engine::kernel::WriteKind;
+    use vfio_gpu_engine::sim::{Fault, FaultAction};
+    let t = Hgx::new();
+    let e = t.engine();
+    let h = claim("u1");
+    let bdfs = [bdf(M1), bdf(M3)];
+    let plan = e.fabric_preflight(&h, &bdfs).unwrap();
+    t.kernel.inject(Fault::on(
+        WriteKind::Bind,
+        bdfs[1],
+        FaultAction::Fail(libc::EIO),
+    ));
+    {
+        let _ride = e.fabric_ride(&plan);
+        e.configure(bdfs[0], h.clone()).unwrap();
+        assert!(e.configure(bdfs[1], h.clone()).is_err());
+    }
+    assert!(
+        ledger_partitions(&e).is_empty(),
+        "a failed claim recorded its partition"
+    );
+    t.kernel.clear_faults();
+    // The guard is gone: a later move completes the claim without a ride.
+    e.configure(bdfs[1], h.clone()).unwrap();
+    assert!(ledger_partitions(&e).is_empty(), "a withdrawn ride landed");
+    let writes = e.ledger_writes();
+    assert_eq!(
+        e.fabric_activate(&h, &bdfs).unwrap().action,
+        FabricAction::Activated
+    );
+    assert!(
+        e.ledger_writes() > writes,
+        "no write-ahead record before FM's call"
+    );
+    assert_eq!(t.active(), BTreeSet::from([3]));
+}
+
+/// The plugin's prepare of M1 + M3 for `h`, with `between` run before its
+/// activation: the activation's result and FM's calls during it.
+fn calls_of_planned_activation(
+    t: &Hgx,
+    e: &Engine,
+    h: &Holder,
+    between: impl FnOnce(),
+) -> (
+    Result<FabricAction, EngineError>,
+    Vec<vfio_gpu_fabric::Call>,
+) {
+    let bdfs = [bdf(M1), bdf(M3)];
+    let plan = e.fabric_preflight(h, &bdfs).unwrap();
+    {
+        let _ride = e.fabric_ride(&plan);
+        for b in bdfs {
+            e.configure(b, h.clone()).unwrap();
+        }
+    }
+    between();
+    let from = t.fm.state().log.len();
+    let r = e.fabric_activate_planned(h, &bdfs, &plan).map(|o| o.action);
+    // Sessions aside (FM is connected per operation).
+    let calls = t.fm.state().log[from..]
+        .iter()
+        .map(|l| l.call)
+        .filter(|c| {
+            !matches!(
+                c,
+                vfio_gpu_fabric::Call::Connect | vfio_gpu_fabric::Call::Disconnect
+            )
+        })
+        .collect();
+    (r, calls)
+}
+
+/// The plugin's activation after a landed ride is FM's one activate call:
+/// no second listing and no ledger write. A plan made before another FM
+/// call of this engine (here a deactivation) is stale: the full
+/// activation lists FM again, and still activates.
+#[test]
+fn a_planned_activation_calls_fm_once_unless_its_plan_went_stale() {
+    use vfio_gpu_fabric::Call;
+    let t = Hgx::new();
+    let e = t.engine();
+    e.fabric_reconcile().unwrap();
+    let h = claim("u1");
+    let writes = std::cell::Cell::new(0);
+    let (r, calls) = calls_of_planned_activation(&t, &e, &h, || writes.set(e.ledger_writes()));
+    assert_eq!(r.unwrap(), FabricAction::Activated);
+    assert_eq!(calls, vec![Call::Activate]);
+    assert_eq!(e.ledger_writes(), writes.get(), "the activation wrote");
+    assert_eq!(t.active(), BTreeSet::from([3]));
+    unprepare(&e, &h).unwrap();
+
+    // Stale: another claim's partition came and went after the preflight.
+    let other = claim("u2");
+    let (r, calls) = calls_of_planned_activation(&t, &e, &h, || {
+        prepare(&e, &other, &[M2, M4]).unwrap();
+        unprepare(&e, &other).unwrap();
+    });
+    assert_eq!(r.unwrap(), FabricAction::Activated);
+    assert_eq!(calls, vec![Call::GetSupportedPartitions, Call::Activate]);
+    assert_eq!(t.active(), BTreeSet::from([3]));
+}
+
+/// FM refusing the planned activation: the landed record goes (FM says the
+/// partition is inactive) and the error names the partition.
+#[test]
+fn a_refused_planned_activation_drops_the_landed_record() {
+    let t = Hgx::new();
+    let e = t.engine();
+    e.fabric_reconcile().unwrap();
+    let h = claim("u1");
+    let (r, _) = calls_of_planned_activation(&t, &e, &h, || {
+        t.fm.with(|s| {
+            s.faults.push(vfio_gpu_fabric::Fault {
+                call: vfio_gpu_fabric::Call::Activate,
+                action: vfio_gpu_fabric::FaultAction::Return(FmCode::NvlinkError.raw()),
+                times: Some(1),
+            });
+        });
+    });
+    let err = r.unwrap_err().to_string();
+    assert!(err.contains("activating partition 3"), "{err}");
+    assert!(
+        ledger_partitions(&e).is_empty(),
+        "{:?}",
+        ledger_partitions(&e)
+    );
+    assert!(t.active().is_empty());
 }

@@ -276,25 +276,30 @@ fn open(
     .0
 }
 
-/// The plugin's prepare: preflight, every GPU to vfio, activate; on failure
+/// The plugin's prepare: preflight, every GPU to vfio (the partition's
+/// `activating` record riding with the last move's commit), activate; on failure
 /// the partition and the GPUs this call moved are undone. The partition's
 /// `active` mark comes after the answer, as the plugin writes it (a crash
 /// step can fall between the two).
 fn prepare(e: &Engine, c: usize) -> Result<(), EngineError> {
     let h = holder(c);
     let bdfs: Vec<Bdf> = CLAIMS[c].iter().map(|g| bdf(g)).collect();
-    e.fabric_preflight(&h, &bdfs)?;
+    let plan = e.fabric_preflight(&h, &bdfs)?;
     let already = e.held_by(&h);
     let mut failed = None;
-    for b in &bdfs {
-        if let Err(err) = e.configure(*b, h.clone()) {
-            failed = Some(err);
-            break;
+    {
+        // The partition's record rides with the last move's commit.
+        let _ride = e.fabric_ride(&plan);
+        for b in &bdfs {
+            if let Err(err) = e.configure(*b, h.clone()) {
+                failed = Some(err);
+                break;
+            }
         }
     }
     let mut unmarked = Vec::new();
     if failed.is_none() {
-        match e.fabric_activate_mark_later(&h, &bdfs) {
+        match e.fabric_activate_planned(&h, &bdfs, &plan) {
             Ok(o) => unmarked = o.unmarked,
             Err(err) => failed = Some(err),
         }

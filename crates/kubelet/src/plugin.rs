@@ -668,13 +668,16 @@ impl VfioPlugin {
     ) -> Result<MovesAndActivation, PrepareError> {
         let (h, b) = (holder.clone(), bdfs.to_vec());
         self.blocking("configuring GPUs", move |e| {
-            e.fabric_preflight(&h, &b)?;
+            let plan = e.fabric_preflight(&h, &b)?;
             let reqs: Vec<(Bdf, Holder)> = b.iter().map(|b| (*b, h.clone())).collect();
+            // The partition's write-ahead record rides with the last move's commit.
+            let ride = e.fabric_ride(&plan);
             let results = e.configure_many(&reqs);
+            drop(ride);
             let activation = results
                 .iter()
                 .all(Result::is_ok)
-                .then(|| e.fabric_activate_mark_later(&h, &b));
+                .then(|| e.fabric_activate_planned(&h, &b, &plan));
             Ok((results, activation))
         })
         .await?

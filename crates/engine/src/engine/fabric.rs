@@ -15,6 +15,7 @@
 use super::{Engine, lock};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,8 +28,12 @@ use vfio_gpu_host::{Bdf, Gpu, discover_gpus};
 
 use crate::error::EngineError;
 use crate::fabric_state::{FabricLedger, ModuleRecord, PartitionRecord, PartitionState};
+use crate::ledger::OpState;
 use crate::ledger::{Durability, Holder, LedgerBody, now};
-use crate::state::{OnRecordedPartition, on_recorded_partition};
+use crate::state::{
+    OnPartitionRide, OnRecordedPartition, activating_record_needed, on_partition_ride,
+    on_recorded_partition,
+};
 
 /// What a claim whose GPU set is not exactly one partition gets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -195,6 +200,48 @@ pub struct FabricPlan {
     pub partitions: BTreeMap<PartitionId, (Vec<ModuleId>, Vec<Bdf>)>,
     /// Why (the exact match, the BestEffort fallback, no fabric).
     pub note: String,
+    /// The `activating` records that may ride with the claim's last GPU
+    /// move ([`Engine::fabric_ride`]); `None` when the activation must write
+    /// its own (a partition FM already lists active, an overlapping active
+    /// partition to deal with first, a record already there).
+    #[serde(skip)]
+    ride: Option<PlannedRide>,
+    /// [`FabricRuntime::generation`] when the preflight listed FM.
+    #[serde(skip)]
+    generation: u64,
+}
+
+/// The `activating` records of one claim's partitions, planned before its
+/// GPUs move.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PlannedRide {
+    holder: Holder,
+    gpus: Vec<Bdf>,
+    records: Vec<(PartitionId, PartitionRecord)>,
+}
+
+/// A [`PlannedRide`] waiting for its commit, by registration token.
+struct Ride {
+    token: u64,
+    plan: PlannedRide,
+}
+
+/// While alive, a claim's planned `activating` partition records ride with
+/// the ledger commit that completes the claim's last GPU move
+/// ([`Engine::fabric_ride`]). Dropping it withdraws a ride that has not
+/// landed; a landed record stays (it is the ledger's now).
+#[must_use = "the ride is withdrawn when this guard drops"]
+pub struct FabricRide<'a> {
+    engine: &'a Engine,
+    token: Option<u64>,
+}
+
+impl Drop for FabricRide<'_> {
+    fn drop(&mut self) {
+        if let Some(token) = self.token {
+            lock(&self.engine.fabric.rides).retain(|r| r.token != token);
+        }
+    }
 }
 
 /// One GPU's fabric facts, for listings and ResourceSlice attributes.
@@ -245,6 +292,14 @@ pub(crate) struct FabricRuntime {
     /// One fabric operation at a time in this process (they act on FM's
     /// global partition state).
     pub(super) op: Mutex<()>,
+    /// Planned `activating` records waiting for their claim's last GPU
+    /// move ([`Engine::fabric_ride`]).
+    rides: Mutex<Vec<Ride>>,
+    /// Next ride registration token.
+    next_ride: AtomicU64,
+    /// Counts this engine's FM calls that change partitions; a plan made
+    /// at another count saw a list that may be stale.
+    generation: AtomicU64,
 }
 
 fn fm_err(what: &str, e: &FmError) -> EngineError {
@@ -556,10 +611,108 @@ impl Engine {
                 ..FabricPlan::default()
             });
         }
+        let generation = self.fabric.generation.load(Ordering::SeqCst);
         let list = self.fm_list(fc)?;
-        let ledger = self.ledger();
-        let (map, _) = self.operation_module_map(fc, bdfs, &list, &ledger.fabric)?;
-        self.plan_with(fc, holder, bdfs, &list, &map, &ledger.fabric)
+        let ledger = self.fabric_ledger();
+        let (map, _) = self.operation_module_map(fc, bdfs, &list, &ledger)?;
+        let mut plan = self.plan_with(fc, holder, bdfs, &list, &map, &ledger)?;
+        plan.generation = generation;
+        plan.ride = self.planned_ride(holder, bdfs, &plan, &list, &ledger);
+        Ok(plan)
+    }
+
+    /// The plan's `activating` records, when every partition is one the
+    /// activation would simply record and activate: inactive in FM, no
+    /// overlapping active partition, no record yet. Anything else the
+    /// activation handles in its own order (leaks first, adoption).
+    fn planned_ride(
+        &self,
+        holder: &Holder,
+        bdfs: &[Bdf],
+        plan: &FabricPlan,
+        list: &PartitionList,
+        ledger: &FabricLedger,
+    ) -> Option<PlannedRide> {
+        if plan.partitions.is_empty() {
+            return None;
+        }
+        let topology = Topology::from_list(list).ok()?;
+        let active = list.active();
+        let plain = plan.partitions.keys().all(|id| {
+            list.get(*id).is_some_and(|p| !p.is_active)
+                && topology.overlaps_active(*id, &active).is_empty()
+                && !ledger.partitions.contains_key(id)
+        });
+        plain.then(|| PlannedRide {
+            holder: holder.clone(),
+            gpus: bdfs.to_vec(),
+            records: plan
+                .partitions
+                .iter()
+                .map(|(id, (modules, members))| {
+                    let r = self.new_record(
+                        PartitionState::Activating,
+                        Some(holder.clone()),
+                        modules.clone(),
+                        members.clone(),
+                    );
+                    (*id, r)
+                })
+                .collect(),
+        })
+    }
+
+    /// Lets the plan's write-ahead `activating` records ride with the ledger
+    /// commit that completes the claim's last GPU move, while the returned
+    /// guard lives: the activation after the moves then finds its record
+    /// written and calls FM with no ledger write of its own. The record never
+    /// lands before every GPU of the claim is `configured` for its holder
+    /// ([`on_partition_ride`]), so a crash leaves exactly what a crash
+    /// between the activation's own write and its FM call leaves. No ride
+    /// (an empty guard) when the plan has none.
+    pub fn fabric_ride(&self, plan: &FabricPlan) -> FabricRide<'_> {
+        let token = plan.ride.clone().map(|plan| {
+            let token = self.fabric.next_ride.fetch_add(1, Ordering::Relaxed);
+            lock(&self.fabric.rides).push(Ride { token, plan });
+            token
+        });
+        FabricRide {
+            engine: self,
+            token,
+        }
+    }
+
+    /// Lands the rides whose claim `body` completes (called by every commit
+    /// on the body it is about to write).
+    pub(super) fn land_rides(&self, body: &mut LedgerBody) {
+        let mut rides = lock(&self.fabric.rides);
+        if rides.is_empty() {
+            return;
+        }
+        rides.retain(|ride| {
+            let p = &ride.plan;
+            let configured = p.gpus.iter().all(|b| {
+                body.gpus.get(b).is_some_and(|r| {
+                    r.state == OpState::Configured && r.holder.as_ref() == Some(&p.holder)
+                })
+            });
+            let recorded = p
+                .records
+                .iter()
+                .any(|(id, _)| body.fabric.partitions.contains_key(id));
+            match on_partition_ride(configured, recorded) {
+                OnPartitionRide::Land => {
+                    for (id, rec) in &p.records {
+                        let mut rec = rec.clone();
+                        rec.updated = now();
+                        body.fabric.partitions.insert(*id, rec);
+                    }
+                    false
+                }
+                OnPartitionRide::Wait => true,
+                OnPartitionRide::Drop => false,
+            }
+        })
     }
 
     fn plan_with(
@@ -697,7 +850,7 @@ impl Engine {
         // its record needs to survive this process, not a power loss; a new
         // module map is learned knowledge and goes to the disk.
         let durability = match &module_map {
-            Some(m) if *m != self.ledger().fabric.module_map => Durability::Disk,
+            Some(m) if *m != self.fabric_ledger().module_map => Durability::Disk,
             _ => Durability::Process,
         };
         self.commit_with(durability, |b| {
@@ -757,12 +910,13 @@ impl Engine {
         rec: PartitionRecord,
     ) -> Result<(), EngineError> {
         if rec.state != PartitionState::Deactivating
-            || !self.ledger().fabric.partitions.contains_key(&id)
+            || !self.fabric_ledger().partitions.contains_key(&id)
         {
             let mut r = rec;
             r.state = PartitionState::Deactivating;
             self.put_partition(id, Some(r), None)?;
         }
+        self.fabric.generation.fetch_add(1, Ordering::SeqCst);
         match fc.fm.deactivate(id) {
             Ok(d) => {
                 tracing::info!(partition = %id, outcome = ?d, "Fabric Manager partition deactivated");
@@ -837,6 +991,125 @@ impl Engine {
         })
     }
 
+    /// FM's activation of `id`, whose write-ahead `activating` record
+    /// (`operation`) is in the ledger; the `active` mark now or for later.
+    /// On failure the record goes only when FM says the partition is
+    /// inactive; otherwise reconcile finishes it from FM's list.
+    #[allow(clippy::too_many_arguments)] // one call's facts, named
+    fn activate_recorded(
+        &self,
+        fc: &FabricConfig,
+        holder: &Holder,
+        id: PartitionId,
+        modules: &[ModuleId],
+        operation: u64,
+        mark: MarkActive,
+        unmarked: &mut Vec<UnmarkedActivation>,
+    ) -> Result<(), EngineError> {
+        self.fabric.generation.fetch_add(1, Ordering::SeqCst);
+        match fc.fm.activate(id) {
+            Ok(a) => {
+                tracing::info!(partition = %id, holder = %holder, outcome = ?a, "Fabric Manager partition activated");
+                self.mutation_done()?;
+                match mark {
+                    MarkActive::Now => self.set_partition_state(id, PartitionState::Active)?,
+                    MarkActive::Later => unmarked.push(UnmarkedActivation {
+                        partition: id,
+                        operation,
+                    }),
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let inactive = fc
+                    .fm
+                    .get_supported_partitions()
+                    .ok()
+                    .and_then(|l| l.get(id).map(|p| !p.is_active))
+                    .unwrap_or(false);
+                if inactive {
+                    self.put_partition(id, None, None)?;
+                }
+                Err(fm_err(
+                    &format!("activating partition {id} (modules {})", ids_text(modules)),
+                    &e,
+                ))
+            }
+        }
+    }
+
+    /// The partitions of `plan` to activate straight away: its ride landed
+    /// as planned (each record `activating` under its planned operation)
+    /// and no FM call of this engine changed FM's partitions since the
+    /// preflight listed them (so that list, in which they were inactive
+    /// with nothing active overlapping, still holds). `None`: the full
+    /// activation, which lists FM again.
+    fn landed_as_planned(
+        &self,
+        holder: &Holder,
+        plan: &FabricPlan,
+    ) -> Option<Vec<(PartitionId, Vec<ModuleId>, u64)>> {
+        let ride = plan.ride.as_ref()?;
+        if ride.holder != *holder
+            || self.fabric.generation.load(Ordering::SeqCst) != plan.generation
+        {
+            return None;
+        }
+        let ledger = self.fabric_ledger();
+        ride.records
+            .iter()
+            .map(|(id, planned)| {
+                let landed = ledger.partitions.get(id)?;
+                (landed.state == PartitionState::Activating
+                    && landed.operation == planned.operation
+                    && landed.holder.as_ref() == Some(holder))
+                .then(|| (*id, landed.modules.clone(), landed.operation))
+            })
+            .collect()
+    }
+
+    /// [`Engine::fabric_activate_mark_later`] after [`Engine::fabric_ride`]
+    /// with the preflight's `plan`: when the ride landed as planned
+    /// ([`Engine::landed_as_planned`]) FM's activation is called at once,
+    /// with no second listing and no ledger write; otherwise the full
+    /// activation runs. The plugin's prepare.
+    pub fn fabric_activate_planned(
+        &self,
+        holder: &Holder,
+        bdfs: &[Bdf],
+        plan: &FabricPlan,
+    ) -> Result<FabricOutcome, EngineError> {
+        self.check_alive()?;
+        if let Some(fc) = self.fabric_config()
+            && fc.policy != FabricPolicy::Disabled
+            && plan.ride.as_ref().is_some_and(|r| r.gpus == bdfs)
+        {
+            let _hold = self.hold_trusted()?;
+            let _op = lock(&self.fabric.op);
+            if let Some(landed) = self.landed_as_planned(holder, plan) {
+                let mut unmarked = Vec::new();
+                let mut ids = Vec::new();
+                for (id, modules, operation) in landed {
+                    self.activate_recorded(
+                        fc,
+                        holder,
+                        id,
+                        &modules,
+                        operation,
+                        MarkActive::Later,
+                        &mut unmarked,
+                    )?;
+                    ids.push(id);
+                }
+                let mut outcome =
+                    FabricOutcome::new(FabricAction::Activated, ids, plan.note.clone());
+                outcome.unmarked = unmarked;
+                return Ok(outcome);
+            }
+        }
+        self.activate_partitions(holder, bdfs, MarkActive::Later)
+    }
+
     fn activate_partitions(
         &self,
         holder: &Holder,
@@ -861,9 +1134,9 @@ impl Engine {
         let _hold = self.hold_trusted()?;
         let _op = lock(&self.fabric.op);
         let list = self.fm_list(fc)?;
-        let ledger = self.ledger();
-        let (map, module_records) = self.operation_module_map(fc, bdfs, &list, &ledger.fabric)?;
-        let plan = self.plan_with(fc, holder, bdfs, &list, &map, &ledger.fabric)?;
+        let ledger = self.fabric_ledger();
+        let (map, module_records) = self.operation_module_map(fc, bdfs, &list, &ledger)?;
+        let plan = self.plan_with(fc, holder, bdfs, &list, &map, &ledger)?;
         if plan.partitions.is_empty() {
             return Ok(FabricOutcome::new(
                 FabricAction::NothingToDo,
@@ -877,7 +1150,7 @@ impl Engine {
         let mut unmarked = Vec::new();
         for (id, (modules, members)) in &plan.partitions {
             let fm_active = list.get(*id).is_some_and(|p| p.is_active);
-            let rec = self.ledger().fabric.partitions.get(id).cloned();
+            let rec = self.fabric_ledger().partitions.get(id).cloned();
             if let Some(r) = &rec
                 && r.holder.as_ref() == Some(holder)
                 && r.state == PartitionState::Active
@@ -888,7 +1161,7 @@ impl Engine {
             }
             // Leaks: active partitions sharing a GPU, with no holder.
             for other in topology.overlaps_active(*id, &list.active()) {
-                let orec = self.ledger().fabric.partitions.get(&other).cloned();
+                let orec = self.fabric_ledger().partitions.get(&other).cloned();
                 if let Some(h) = orec.as_ref().and_then(|r| r.holder.as_ref()) {
                     return Err(EngineError::Fabric(format!(
                         "partition {id} overlaps active partition {other} held by {h}"
@@ -928,45 +1201,29 @@ impl Engine {
                 actions.push(FabricAction::Adopted);
                 continue;
             }
-            let r = self.new_record(
-                PartitionState::Activating,
-                Some(holder.clone()),
-                modules.clone(),
-                members.clone(),
-            );
-            let operation = r.operation;
-            self.put_partition(*id, Some(r), Some(module_records.clone()))?;
-            match fc.fm.activate(*id) {
-                Ok(a) => {
-                    tracing::info!(partition = %id, holder = %holder, outcome = ?a, "Fabric Manager partition activated");
-                    self.mutation_done()?;
-                    match mark {
-                        MarkActive::Now => self.set_partition_state(*id, PartitionState::Active)?,
-                        MarkActive::Later => unmarked.push(UnmarkedActivation {
-                            partition: *id,
-                            operation,
-                        }),
-                    }
-                    actions.push(FabricAction::Activated);
+            // The record that rode with the last GPU move, or our own write.
+            let matches = rec.as_ref().is_some_and(|r| {
+                r.holder.as_ref() == Some(holder) && r.modules == *modules && r.bdfs == *members
+            });
+            let new_map = module_records != self.fabric_ledger().module_map;
+            let operation = match rec {
+                Some(r) if !activating_record_needed(Some(r.state), matches, new_map) => {
+                    r.operation
                 }
-                Err(e) => {
-                    // Drop the record only when FM says the partition is inactive;
-                    // otherwise reconcile finishes it from FM's list.
-                    let inactive = fc
-                        .fm
-                        .get_supported_partitions()
-                        .ok()
-                        .and_then(|l| l.get(*id).map(|p| !p.is_active))
-                        .unwrap_or(false);
-                    if inactive {
-                        self.put_partition(*id, None, None)?;
-                    }
-                    return Err(fm_err(
-                        &format!("activating partition {id} (modules {})", ids_text(modules)),
-                        &e,
-                    ));
+                _ => {
+                    let r = self.new_record(
+                        PartitionState::Activating,
+                        Some(holder.clone()),
+                        modules.clone(),
+                        members.clone(),
+                    );
+                    let operation = r.operation;
+                    self.put_partition(*id, Some(r), Some(module_records.clone()))?;
+                    operation
                 }
-            }
+            };
+            self.activate_recorded(fc, holder, *id, modules, operation, mark, &mut unmarked)?;
+            actions.push(FabricAction::Activated);
         }
         let ids: Vec<PartitionId> = plan.partitions.keys().copied().collect();
         let action = if actions.iter().all(|a| *a == FabricAction::AlreadyActive) {
@@ -1107,6 +1364,7 @@ impl Engine {
                 OnRecordedPartition::Keep => Ok(one(FabricAction::Noted, "active, held".into())),
                 OnRecordedPartition::Activate => {
                     self.set_partition_state(id, PartitionState::Activating)?;
+                    self.fabric.generation.fetch_add(1, Ordering::SeqCst);
                     match fc.fm.activate(id) {
                         Ok(_) => {
                             self.mutation_done()?;
@@ -1253,6 +1511,7 @@ impl Engine {
                     .filter(|(_, r)| r.state != PartitionState::Activating)
                     .map(|(id, _)| *id)
                     .collect();
+                self.fabric.generation.fetch_add(1, Ordering::SeqCst);
                 fc.fm.set_activated_partitions(&ids).map_err(|e| {
                     fm_err(
                         "replaying the active partitions (fmSetActivatedFabricPartitions)",

@@ -71,6 +71,9 @@ impl Engine {
                 .body
                 .get_or_insert_with(|| lock(&self.ledger).clone());
             update(body);
+            // A claim's partition record rides with the commit that
+            // completes its last GPU move (`Engine::fabric_ride`).
+            self.land_rides(body);
             staged.last_staged += 1;
             // A batch is fsynced when any update in it asks for the disk.
             staged.pending_disk |= durability == Durability::Disk;

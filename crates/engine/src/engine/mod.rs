@@ -628,6 +628,16 @@ impl Engine {
         lock(&self.ledger).clone()
     }
 
+    /// A copy of the ledger's fabric part (module map, partitions) only, as
+    /// [`Engine::ledger`] reads it: the prepare path asks for it several
+    /// times, and the GPU records and hand-over audit are most of a copy.
+    pub(super) fn fabric_ledger(&self) -> crate::fabric_state::FabricLedger {
+        if let EngineLock::PerOperation { shared, seen } = &self.state_lock {
+            shared.when_idle(|| self.reload_ledger(seen, false));
+        }
+        lock(&self.ledger).fabric.clone()
+    }
+
     /// Path of the ledger file.
     pub fn ledger_path(&self) -> PathBuf {
         self.file.path()
