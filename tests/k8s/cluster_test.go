@@ -89,7 +89,9 @@ func startCluster(t *testing.T) *cluster {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if !t.Failed() || os.Getenv("K8S_KEEP_TMP") == "" {
+		// K8S_KEEP_TMP=1 keeps a failed test's files; =always keeps them anyway.
+		keep := os.Getenv("K8S_KEEP_TMP")
+		if keep != "always" && (!t.Failed() || keep == "") {
 			os.RemoveAll(root)
 		} else {
 			t.Logf("kept %s", root)

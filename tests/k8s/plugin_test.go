@@ -119,7 +119,12 @@ func (c *cluster) startPlugin(t *testing.T, node string, dirs *nodeDirs, o plugi
 		}
 		cmd.Env = append(cmd.Env, kv)
 	}
-	cmd.Env = append(cmd.Env, "VFIO_GPU_DRA_LOG=info", "RUST_BACKTRACE=1", "NO_COLOR=1")
+	// K8S_PLUGIN_LOG (e.g. debug, for the prepare phase timings) overrides the level.
+	level := "info"
+	if v := os.Getenv("K8S_PLUGIN_LOG"); v != "" {
+		level = v
+	}
+	cmd.Env = append(cmd.Env, "VFIO_GPU_DRA_LOG="+level, "RUST_BACKTRACE=1", "NO_COLOR=1")
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

@@ -343,7 +343,9 @@ impl VfioPlugin {
         // Locked before the claim is read: an unprepare arriving meanwhile must wait
         // and then release what this prepare configures (it would find nothing now).
         let _guard = self.lock_claim(&c.uid).await;
+        let mut phases = PreparePhases::start();
         let claim = self.current_claim(c).await?;
+        phases.lap("claim");
         let allocation = claim
             .status
             .as_ref()
@@ -439,6 +441,7 @@ impl VfioPlugin {
             &claim_config,
             iommufd_kernel.as_deref(),
         )?;
+        phases.lap("discover");
 
         // Distinct GPUs, in allocation order.
         let mut bdfs: Vec<Bdf> = Vec::new();
@@ -448,6 +451,7 @@ impl VfioPlugin {
             }
         }
         let (results, activation) = self.move_and_activate(&holder, &bdfs).await?;
+        phases.lap("engine");
         let mut outcomes: HashMap<Bdf, Outcome> = HashMap::new();
         let mut newly: Vec<Bdf> = Vec::new();
         let mut errors: Vec<GpuFailure> = Vec::new();
@@ -476,6 +480,8 @@ impl VfioPlugin {
 
         match self.write_files(&identity, &planned, &outcomes) {
             Ok(devices) => {
+                phases.lap("files");
+                phases.log(&c.uid, bdfs.len());
                 self.mark_active_later(unmarked);
                 self.config
                     .metrics
@@ -1159,6 +1165,40 @@ impl VfioPlugin {
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Where a prepare's time went, for the `prepare phases` debug event: the
+/// claim read from the API server, discovery and checks, the engine's moves
+/// and activation, the CDI and metadata files.
+struct PreparePhases {
+    last: std::time::Instant,
+    laps: Vec<(&'static str, Duration)>,
+}
+
+impl PreparePhases {
+    fn start() -> Self {
+        PreparePhases {
+            last: std::time::Instant::now(),
+            laps: Vec::with_capacity(4),
+        }
+    }
+
+    fn lap(&mut self, phase: &'static str) {
+        let now = std::time::Instant::now();
+        self.laps.push((phase, now - self.last));
+        self.last = now;
+    }
+
+    fn log(&self, claim: &str, gpus: usize) {
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let laps: Vec<String> = self
+                .laps
+                .iter()
+                .map(|(p, d)| format!("{p}={:.3}ms", d.as_secs_f64() * 1e3))
+                .collect();
+            tracing::debug!(claim = %claim, gpus, phases = %laps.join(" "), "prepare phases");
         }
     }
 }
