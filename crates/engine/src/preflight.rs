@@ -20,7 +20,7 @@ pub fn choose_vfio_driver(root: &HostRoot, f: &PciFunction) -> DriverName {
     let Some(modalias) = f.modalias.as_deref().and_then(|m| m.strip_prefix("pci:")) else {
         return fallback();
     };
-    let Some(aliases) = ModuleAliases::read(root) else {
+    let Some(aliases) = ModuleAliases::read_vfio(root) else {
         return fallback();
     };
     match aliases.vfio_module(modalias) {
