@@ -32,11 +32,16 @@ impl Engine {
         // its rollback needs would strand the GPU (security review H1).
         check_fd_headroom(bdf)?;
         self.check_handed_over(bdf)?;
-        let carried = match self.prior_record(bdf, &holder, started)? {
+        let (carried, gpu) = match self.prior_record(bdf, &holder, started)? {
             Prior::Done(outcome) => return Ok(outcome),
-            Prior::Carry(rec) => rec.map(|r| *r),
+            Prior::Carry(rec, gpu) => (rec.map(|r| *r), gpu),
         };
-        let gpu = self.load_gpu(bdf)?;
+        // The GPU as `prior_record` read it, unless finishing an earlier
+        // record changed the host since.
+        let gpu = match gpu {
+            Some(gpu) => *gpu,
+            None => self.load_gpu(bdf)?,
+        };
         let intent = self.intent()?;
         if let Some(pin) = &self.verdict(&intent, &gpu).pinned {
             return Err(EngineError::Pinned {
@@ -132,7 +137,7 @@ impl Engine {
             }
         }
         let Some(rec) = self.ledger().gpus.get(&bdf).cloned() else {
-            return Ok(Prior::Carry(None));
+            return Ok(Prior::Carry(None, Some(Box::new(gpu))));
         };
         if let Some(op) = &rec.stuck_on {
             return Err(EngineError::Stuck {
@@ -149,11 +154,11 @@ impl Engine {
                 format!("already on vfio for {holder}"),
                 started,
             ))),
-            OnConfigure::Redrive => Ok(Prior::Carry(Some(Box::new(rec)))),
-            OnConfigure::Fresh => Ok(Prior::Carry(None)),
+            OnConfigure::Redrive => Ok(Prior::Carry(Some(Box::new(rec)), Some(Box::new(gpu)))),
+            OnConfigure::Fresh => Ok(Prior::Carry(None, Some(Box::new(gpu)))),
             OnConfigure::FinishFirst => {
                 self.reconcile_record(&gpu, rec)?;
-                Ok(Prior::Carry(None))
+                Ok(Prior::Carry(None, None))
             }
             OnConfigure::HeldByOther(h) => Err(EngineError::HeldByOther { bdf, holder: h }),
         }
@@ -468,8 +473,9 @@ impl Engine {
 enum Prior {
     /// Nothing to do: the outcome to return.
     Done(Outcome),
-    /// Go on, carrying this record's origins (a re-drive) or starting afresh.
-    Carry(Option<Box<GpuRecord>>),
+    /// Go on, carrying this record's origins (a re-drive) or starting afresh,
+    /// with the GPU as read (`None`: the host changed since; read it again).
+    Carry(Option<Box<GpuRecord>>, Option<Box<Gpu>>),
 }
 
 /// Descriptors a move keeps free for itself and its rollback: every sysfs
