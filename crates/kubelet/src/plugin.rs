@@ -138,7 +138,12 @@ struct Planned {
 type MovesAndActivation = (
     Vec<Result<Outcome, EngineError>>,
     Option<Result<FabricOutcome, EngineError>>,
+    EngineLaps,
 );
+
+/// How long the engine's fabric check, moves and activation took within one
+/// trip (for [`PreparePhases`]).
+type EngineLaps = [(&'static str, Duration); 3];
 
 /// The kubelet DRA backend of vfio-gpu-dra.
 pub struct VfioPlugin {
@@ -450,8 +455,9 @@ impl VfioPlugin {
                 bdfs.push(p.bdf);
             }
         }
-        let (results, activation) = self.move_and_activate(&holder, &bdfs).await?;
+        let (results, activation, laps) = self.move_and_activate(&holder, &bdfs).await?;
         phases.lap("engine");
+        phases.laps.extend(laps);
         let mut outcomes: HashMap<Bdf, Outcome> = HashMap::new();
         let mut newly: Vec<Bdf> = Vec::new();
         let mut errors: Vec<GpuFailure> = Vec::new();
@@ -674,17 +680,25 @@ impl VfioPlugin {
     ) -> Result<MovesAndActivation, PrepareError> {
         let (h, b) = (holder.clone(), bdfs.to_vec());
         self.blocking("configuring GPUs", move |e| {
+            let started = std::time::Instant::now();
             let plan = e.fabric_preflight(&h, &b)?;
+            let checked = started.elapsed();
             let reqs: Vec<(Bdf, Holder)> = b.iter().map(|b| (*b, h.clone())).collect();
             // The partition's write-ahead record rides with the last move's commit.
             let ride = e.fabric_ride(&plan);
             let results = e.configure_many(&reqs);
             drop(ride);
+            let moved = started.elapsed();
             let activation = results
                 .iter()
                 .all(Result::is_ok)
                 .then(|| e.fabric_activate_planned(&h, &b, &plan));
-            Ok((results, activation))
+            let laps = [
+                ("fabric_check", checked),
+                ("moves", moved - checked),
+                ("activation", started.elapsed() - moved),
+            ];
+            Ok((results, activation, laps))
         })
         .await?
         .map_err(|e: EngineError| PrepareError::Fabric(e.to_string()))
@@ -1170,8 +1184,9 @@ impl VfioPlugin {
 }
 
 /// Where a prepare's time went, for the `prepare phases` debug event: the
-/// claim read from the API server, discovery and checks, the engine's moves
-/// and activation, the CDI and metadata files.
+/// claim read from the API server, discovery and checks, the engine (its trip
+/// off the async runtime, and within it the fabric check, the moves and the
+/// activation), the CDI and metadata files.
 struct PreparePhases {
     last: std::time::Instant,
     laps: Vec<(&'static str, Duration)>,
