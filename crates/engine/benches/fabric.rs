@@ -8,7 +8,8 @@
 //! Prints p50 and p99 of each and the p99 ratio (goal: ≤ 1.10×).
 //!
 //! `cargo bench -p vfio-gpu-engine --bench fabric` (`-- --quick`: 40 samples
-//! per side instead of 300).
+//! per side instead of 300; `BENCH_N` sets the count; the ledger goes to
+//! `$TMPDIR`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -116,7 +117,10 @@ fn pct(v: &[Duration], p: f64) -> Duration {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let samples = if quick { 40 } else { 300 };
+    let samples = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 40 } else { 300 });
     let plain = side(false);
     let fabric = side(true);
     // Warm-up (page cache, worker pools).

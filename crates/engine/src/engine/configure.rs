@@ -136,7 +136,7 @@ impl Engine {
                 return Err(EngineError::Stuck { bdf, op, secs: 0.0 });
             }
         }
-        let Some(rec) = self.ledger().gpus.get(&bdf).cloned() else {
+        let Some(rec) = self.gpu_record(bdf) else {
             return Ok(Prior::Carry(None, Some(Box::new(gpu))));
         };
         if let Some(op) = &rec.stuck_on {

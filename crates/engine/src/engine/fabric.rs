@@ -288,7 +288,7 @@ pub struct FabricStatus {
 #[derive(Default)]
 pub(crate) struct FabricRuntime {
     /// FM's table when last listed, and whether the last call succeeded.
-    cache: Mutex<Option<(Topology, bool)>>,
+    cache: Mutex<Option<(Arc<Topology>, bool)>>,
     /// One fabric operation at a time in this process (they act on FM's
     /// global partition state).
     pub(super) op: Mutex<()>,
@@ -400,7 +400,7 @@ impl Engine {
         self.fabric_config()?;
         // Borrowed, not cloned: a discovery asks once per GPU.
         let cache = lock(&self.fabric.cache);
-        let topology = cache.as_ref().map(|(t, ok)| (t, *ok));
+        let topology = cache.as_ref().map(|(t, ok)| (&**t, *ok));
         let mut f = gpu_fabric_from_ledger(ledger, gpu, topology).unwrap_or_default();
         f.fabric_managed = topology.is_some_and(|(_, ok)| ok);
         Some(f)
@@ -408,13 +408,18 @@ impl Engine {
 
     /// FM's list; caches its table and whether FM answered.
     fn fm_list(&self, fc: &FabricConfig) -> Result<PartitionList, EngineError> {
+        self.fm_listing(fc).map(|(list, _)| list)
+    }
+
+    /// [`Engine::fm_list`] with the table made of it (built once per listing).
+    fn fm_listing(&self, fc: &FabricConfig) -> Result<(PartitionList, Arc<Topology>), EngineError> {
         match fc.fm.get_supported_partitions() {
             Ok(list) => {
-                let t = Topology::from_list(&list).map_err(|e| {
+                let t = Arc::new(Topology::from_list(&list).map_err(|e| {
                     EngineError::Fabric(format!("Fabric Manager's partition table: {e}"))
-                })?;
-                *lock(&self.fabric.cache) = Some((t, true));
-                Ok(list)
+                })?);
+                *lock(&self.fabric.cache) = Some((Arc::clone(&t), true));
+                Ok((list, t))
             }
             Err(e) => {
                 if let Some((_, ok)) = lock(&self.fabric.cache).as_mut() {
@@ -612,12 +617,12 @@ impl Engine {
             });
         }
         let generation = self.fabric.generation.load(Ordering::SeqCst);
-        let list = self.fm_list(fc)?;
+        let (list, topology) = self.fm_listing(fc)?;
         let ledger = self.fabric_ledger();
         let (map, _) = self.operation_module_map(fc, bdfs, &list, &ledger)?;
-        let mut plan = self.plan_with(fc, holder, bdfs, &list, &map, &ledger)?;
+        let mut plan = self.plan_with(fc, holder, bdfs, &topology, &map, &ledger)?;
         plan.generation = generation;
-        plan.ride = self.planned_ride(holder, bdfs, &plan, &list, &ledger);
+        plan.ride = self.planned_ride(holder, bdfs, &plan, &list, &topology, &ledger);
         Ok(plan)
     }
 
@@ -631,12 +636,12 @@ impl Engine {
         bdfs: &[Bdf],
         plan: &FabricPlan,
         list: &PartitionList,
+        topology: &Topology,
         ledger: &FabricLedger,
     ) -> Option<PlannedRide> {
         if plan.partitions.is_empty() {
             return None;
         }
-        let topology = Topology::from_list(list).ok()?;
         let active = list.active();
         let plain = plan.partitions.keys().all(|id| {
             list.get(*id).is_some_and(|p| !p.is_active)
@@ -720,12 +725,10 @@ impl Engine {
         fc: &FabricConfig,
         holder: &Holder,
         bdfs: &[Bdf],
-        list: &PartitionList,
+        topology: &Topology,
         map: &ModuleMap,
         ledger: &FabricLedger,
     ) -> Result<FabricPlan, EngineError> {
-        let topology = Topology::from_list(list)
-            .map_err(|e| EngineError::Fabric(format!("Fabric Manager's partition table: {e}")))?;
         let mut plan = FabricPlan::default();
         let add = |id: PartitionId, plan: &mut FabricPlan| {
             if let Some(spec) = topology.get(id) {
@@ -1055,17 +1058,18 @@ impl Engine {
         {
             return None;
         }
-        let ledger = self.fabric_ledger();
-        ride.records
-            .iter()
-            .map(|(id, planned)| {
-                let landed = ledger.partitions.get(id)?;
-                (landed.state == PartitionState::Activating
-                    && landed.operation == planned.operation
-                    && landed.holder.as_ref() == Some(holder))
-                .then(|| (*id, landed.modules.clone(), landed.operation))
-            })
-            .collect()
+        self.with_ledger(|ledger| {
+            ride.records
+                .iter()
+                .map(|(id, planned)| {
+                    let landed = ledger.fabric.partitions.get(id)?;
+                    (landed.state == PartitionState::Activating
+                        && landed.operation == planned.operation
+                        && landed.holder.as_ref() == Some(holder))
+                    .then(|| (*id, landed.modules.clone(), landed.operation))
+                })
+                .collect()
+        })
     }
 
     /// [`Engine::fabric_activate_mark_later`] after [`Engine::fabric_ride`]
@@ -1133,10 +1137,10 @@ impl Engine {
         }
         let _hold = self.hold_trusted()?;
         let _op = lock(&self.fabric.op);
-        let list = self.fm_list(fc)?;
+        let (list, topology) = self.fm_listing(fc)?;
         let ledger = self.fabric_ledger();
         let (map, module_records) = self.operation_module_map(fc, bdfs, &list, &ledger)?;
-        let plan = self.plan_with(fc, holder, bdfs, &list, &map, &ledger)?;
+        let plan = self.plan_with(fc, holder, bdfs, &topology, &map, &ledger)?;
         if plan.partitions.is_empty() {
             return Ok(FabricOutcome::new(
                 FabricAction::NothingToDo,
@@ -1144,8 +1148,6 @@ impl Engine {
                 plan.note,
             ));
         }
-        let topology = Topology::from_list(&list)
-            .map_err(|e| EngineError::Fabric(format!("Fabric Manager's partition table: {e}")))?;
         let mut actions = Vec::new();
         let mut unmarked = Vec::new();
         for (id, (modules, members)) in &plan.partitions {
@@ -1573,7 +1575,7 @@ impl Engine {
     fn fm_list_cached(&self, list: &PartitionList) -> Result<(), EngineError> {
         let t = Topology::from_list(list)
             .map_err(|e| EngineError::Fabric(format!("Fabric Manager's partition table: {e}")))?;
-        *lock(&self.fabric.cache) = Some((t, true));
+        *lock(&self.fabric.cache) = Some((Arc::new(t), true));
         Ok(())
     }
 

@@ -51,20 +51,21 @@ impl Engine {
     /// Configure's check before its first host write: a quarantined GPU, or
     /// one whose last hand-over has not finished, goes to no tenant.
     pub(super) fn check_handed_over(&self, bdf: Bdf) -> Result<(), EngineError> {
-        let ledger = self.ledger();
-        if let Some(q) = ledger.quarantined.get(&bdf) {
-            return Err(EngineError::Quarantined {
-                bdf,
-                reason: q.reason.clone(),
-            });
-        }
-        if let Some(h) = ledger.gpus.get(&bdf).and_then(|r| r.handover.as_ref()) {
-            return Err(EngineError::HandoverPending {
-                bdf,
-                detail: format!("released by {} is at {:?}", h.released_by, h.phase),
-            });
-        }
-        Ok(())
+        self.with_ledger(|ledger| {
+            if let Some(q) = ledger.quarantined.get(&bdf) {
+                return Err(EngineError::Quarantined {
+                    bdf,
+                    reason: q.reason.clone(),
+                });
+            }
+            if let Some(h) = ledger.gpus.get(&bdf).and_then(|r| r.handover.as_ref()) {
+                return Err(EngineError::HandoverPending {
+                    bdf,
+                    detail: format!("released by {} is at {:?}", h.released_by, h.phase),
+                });
+            }
+            Ok(())
+        })
     }
 
     /// The sanitize mode and hook for `gpu` from the policy in force. Policy
@@ -92,7 +93,7 @@ impl Engine {
         released_by: Option<String>,
     ) -> Result<AfterReset, EngineError> {
         let bdf = gpu.bdf();
-        let Some(rec) = self.ledger().gpus.get(&bdf).cloned() else {
+        let Some(rec) = self.gpu_record(bdf) else {
             return Ok(AfterReset::Nothing);
         };
         let phase = rec.handover.as_ref().map(|h| h.phase);
@@ -212,7 +213,7 @@ impl Engine {
     /// then the audit record (and a quarantine when it failed), with the
     /// hand-over cleared, in one commit. `Some(reason)` when quarantined.
     pub(super) fn handover_verify(&self, bdf: Bdf) -> Result<Option<String>, EngineError> {
-        let Some(rec) = self.ledger().gpus.get(&bdf).cloned() else {
+        let Some(rec) = self.gpu_record(bdf) else {
             return Ok(None);
         };
         let Some(handover) = rec.handover.clone() else {

@@ -628,6 +628,22 @@ impl Engine {
         lock(&self.ledger).clone()
     }
 
+    /// `read` applied to the ledger as [`Engine::ledger`] sees it, without
+    /// copying it: the hot paths need one record, not the GPU records, audit
+    /// and module map a copy carries. `read` must not call back into the
+    /// ledger (the lock is held).
+    pub(super) fn with_ledger<R>(&self, read: impl FnOnce(&LedgerBody) -> R) -> R {
+        if let EngineLock::PerOperation { shared, seen } = &self.state_lock {
+            shared.when_idle(|| self.reload_ledger(seen, false));
+        }
+        read(&lock(&self.ledger))
+    }
+
+    /// The ledger's record of `bdf`, copied alone ([`Engine::with_ledger`]).
+    pub(super) fn gpu_record(&self, bdf: Bdf) -> Option<crate::ledger::GpuRecord> {
+        self.with_ledger(|l| l.gpus.get(&bdf).cloned())
+    }
+
     /// A copy of the ledger's fabric part (module map, partitions) only, as
     /// [`Engine::ledger`] reads it: the prepare path asks for it several
     /// times, and the GPU records and hand-over audit are most of a copy.
@@ -720,7 +736,7 @@ impl Engine {
 
     /// The verdict for `gpu` under `intent` and the ledger as it is now.
     pub(super) fn verdict(&self, intent: &IntentSnapshot, gpu: &Gpu) -> Verdict {
-        evaluate(&intent.sources, gpu, &Records(&self.ledger()))
+        self.with_ledger(|l| evaluate(&intent.sources, gpu, &Records(l)))
     }
 
     pub(super) fn load_gpu(&self, bdf: Bdf) -> Result<Gpu, EngineError> {

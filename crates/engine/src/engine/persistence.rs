@@ -65,7 +65,7 @@ impl Engine {
     /// Retries persistence mode left off at release, on GPUs back on nvidia
     /// and not held; drops entries of an earlier boot (a reboot reset it).
     pub(super) fn retry_persistence(&self) -> Result<(), EngineError> {
-        let pending = self.ledger().persistence_to_restore;
+        let pending = self.with_ledger(|l| l.persistence_to_restore.clone());
         if pending.is_empty() {
             return Ok(());
         }

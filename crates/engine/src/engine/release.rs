@@ -144,7 +144,7 @@ impl Engine {
     /// Returns every function of a record to its origin (a failed or
     /// interrupted configure), unless intent now says keep: [`Engine::settle`].
     pub(super) fn rollback(&self, bdf: Bdf) -> Result<(), EngineError> {
-        let Some(rec) = self.ledger().gpus.get(&bdf).cloned() else {
+        let Some(rec) = self.gpu_record(bdf) else {
             return Ok(());
         };
         self.settle(bdf, &rec, SettlePath::Rollback, Instant::now())
@@ -232,7 +232,7 @@ impl Engine {
             vanished: gpu.is_none(),
             stuck: rec.stuck_on.is_some() || stuck_here.is_some(),
             vfio_in_use: false,
-            quarantined: self.ledger().quarantined.contains_key(&bdf),
+            quarantined: self.with_ledger(|l| l.quarantined.contains_key(&bdf)),
         };
         // Who hands the GPU over, when this is its holder's release.
         let released_by = match path {
@@ -621,8 +621,8 @@ impl Engine {
     /// vfio now (none without a record): the check a release makes before it
     /// unbinds, for callers that must know first. Fails closed like the scan.
     pub fn vfio_holders(&self, bdf: Bdf) -> Result<Vec<NodeHolder>, EngineError> {
-        match self.ledger().gpus.get(&bdf) {
-            Some(rec) => self.vfio_users(rec),
+        match self.gpu_record(bdf) {
+            Some(rec) => self.vfio_users(&rec),
             None => Ok(Vec::new()),
         }
     }
@@ -651,7 +651,7 @@ impl Engine {
     pub fn unconfigure(&self, bdf: Bdf, holder: Option<&Holder>) -> Result<Outcome, EngineError> {
         let (_hold, guard, started) = self.begin_gpu_op(bdf)?;
         let _g = lock(&guard);
-        let Some(rec) = self.ledger().gpus.get(&bdf).cloned() else {
+        let Some(rec) = self.gpu_record(bdf) else {
             let gpu = self.load_gpu(bdf)?;
             let (action, detail) = if gpu.function.on_vfio() {
                 let (_, reasons) = self.intent_now(&gpu, None);

@@ -89,7 +89,7 @@ impl Engine {
                 )));
             }
         };
-        let rec = self.ledger().gpus.get(&gpu).cloned();
+        let rec = self.gpu_record(gpu);
         Ok(match self.intent_now(&gpu_now, rec.as_ref()).0 {
             IntentNow::Keep(why) => Some(format!(
                 "refused: {op} would take it off vfio, and admin intent keeps {gpu} there ({why})"
