@@ -145,6 +145,10 @@ type MovesAndActivation = (
 /// trip (for [`PreparePhases`]).
 type EngineLaps = [(&'static str, Duration); 3];
 
+/// How long after a prepare's answer its partitions' `active` mark is
+/// written ([`VfioPlugin::mark_active_later`]).
+const MARK_DELAY: Duration = Duration::from_millis(2);
+
 /// The kubelet DRA backend of vfio-gpu-dra.
 pub struct VfioPlugin {
     /// Lets kubelet calls hand their work to tasks that outlive the call.
@@ -200,15 +204,25 @@ impl VfioPlugin {
 
     /// Writes the `active` mark of partitions FM activated, off the prepare's
     /// path: it decides nothing (reconcile finishes an `activating` record FM
-    /// lists active), so the kubelet need not wait for it.
+    /// lists active), so the kubelet need not wait for it. It starts
+    /// [`MARK_DELAY`] later, so that its ledger write does not take a core
+    /// from the answer on its way to the kubelet.
     fn mark_active_later(&self, unmarked: Vec<UnmarkedActivation>) {
         if unmarked.is_empty() {
             return;
         }
         let engine = Arc::clone(&self.engine);
-        let task = tokio::task::spawn_blocking(move || {
-            if let Err(e) = engine.fabric_mark_active(&unmarked) {
-                tracing::warn!(error = %e, "NVLink partition active mark not written; reconcile writes it");
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(MARK_DELAY).await;
+            let marked = tokio::task::spawn_blocking(move || engine.fabric_mark_active(&unmarked));
+            match marked.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "NVLink partition active mark not written; reconcile writes it");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "NVLink partition active mark not written; reconcile writes it");
+                }
             }
         });
         let mut marks = match self.marks.lock() {
