@@ -164,6 +164,12 @@ pub struct GpuRecord {
     /// written before the first reset so a crash resumes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handover: Option<Handover>,
+    /// Functions a release left without a driver only because the admin
+    /// pinned them to none (`driverctl … none`), though each had a driver when
+    /// we found it: a `released-unbound` record with any is settled again,
+    /// so that a pin withdrawn later sends them back to their drivers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unbound_by_pin: Vec<Bdf>,
     /// Fields written by other versions.
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,

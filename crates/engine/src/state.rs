@@ -150,12 +150,17 @@ pub enum RecordKind {
     /// Moved by us and kept on vfio because intent said so when it was
     /// settled: still ours (origins known), re-decided while nobody holds it.
     KeptByIntent,
+    /// Released, with functions left without a driver only by the admin's pin
+    /// to none: re-decided with intent as it is now (a pin withdrawn sends
+    /// them back to their drivers).
+    UnboundByPin,
 }
 
 impl GpuRecord {
     /// What this record is for [`decide_settle`].
     pub fn kind(&self) -> RecordKind {
         match self.state {
+            OpState::ReleasedUnbound if !self.unbound_by_pin.is_empty() => RecordKind::UnboundByPin,
             OpState::ReleasedUnbound => RecordKind::ReleasedUnbound,
             OpState::Prebound
                 if self.was_on_vfio
@@ -179,7 +184,7 @@ pub fn decide_settle(kind: RecordKind, intent: &IntentNow, observed: Observed) -
     match kind {
         RecordKind::ReleasedUnbound => return Settle::AlreadyReleased,
         RecordKind::FoundOnVfio => return Settle::AdminOwned,
-        RecordKind::Ours | RecordKind::KeptByIntent => {}
+        RecordKind::Ours | RecordKind::KeptByIntent | RecordKind::UnboundByPin => {}
     }
     if observed.stuck {
         return Settle::WaitStuck;
@@ -400,6 +405,7 @@ impl GpuRecord {
             operation,
             updated: 0,
             handover: None,
+            unbound_by_pin: Vec::new(),
             extra: BTreeMap::new(),
         }
     }
@@ -437,6 +443,7 @@ impl GpuRecord {
             }
         }
         self.operation = operation;
+        self.unbound_by_pin.clear();
         self
     }
 
@@ -469,15 +476,22 @@ impl GpuRecord {
         }
     }
 
-    /// What is left once every function is back at its origin: a tombstone
-    /// for a GPU any of whose functions had no driver when we found it (so
-    /// reconcile does not "repair" it by probing one), nothing otherwise.
-    pub fn after_restore(&self) -> Option<GpuRecord> {
+    /// What is left once every function is at its target: a tombstone for
+    /// a GPU any of whose functions had no driver when we found it (so
+    /// reconcile does not "repair" it by probing one), or that the admin's
+    /// pin to none left without a driver (`unbound_by_pin`: so reconcile
+    /// sends them back once the pin goes); nothing otherwise.
+    pub fn after_restore(&self, unbound_by_pin: Vec<Bdf>) -> Option<GpuRecord> {
         let unbound = self.functions.iter().any(|f| f.original_driver.is_none());
-        unbound.then(|| GpuRecord {
+        (unbound || !unbound_by_pin.is_empty()).then(|| GpuRecord {
             state: OpState::ReleasedUnbound,
             holder: None,
             stuck_on: None,
+            // The hand-over finished with this restore (a record read before
+            // it may still say it is owed; a tombstone settled again must not
+            // reset the GPU a second time).
+            handover: None,
+            unbound_by_pin,
             ..self.clone()
         })
     }
@@ -585,6 +599,9 @@ impl GpuRecord {
             OpState::ReleasedUnbound if has_driver => {
                 OnReconcile::Drop("released unbound earlier, has a driver now: record dropped")
             }
+            // Left without a driver by the admin's pin to none: decided again
+            // with intent as it is now (a pin withdrawn sends it back).
+            OpState::ReleasedUnbound if !self.unbound_by_pin.is_empty() => OnReconcile::Settle,
             OpState::ReleasedUnbound => OnReconcile::Keep("released to no driver, as it was found"),
             // A tenant hand-over still owed (a VM held the group at release):
             // settled again, which resumes it once the group is free.
@@ -608,6 +625,7 @@ impl GpuRecord {
             state: OpState::Prebound,
             holder: None,
             stuck_on: None,
+            unbound_by_pin: Vec::new(),
             ..self.clone()
         })
     }
@@ -895,6 +913,7 @@ mod tests {
             operation: 1,
             updated: 0,
             handover: None,
+            unbound_by_pin: Vec::new(),
             extra: BTreeMap::new(),
         }
     }
@@ -934,14 +953,24 @@ mod tests {
             OnRelease::AlreadyReleased
         );
         let driverless = record(OpState::Configured, Some(u1.clone()), None);
-        let tomb = driverless.after_restore().unwrap();
+        let tomb = driverless.after_restore(Vec::new()).unwrap();
         assert_eq!(tomb.state, OpState::ReleasedUnbound);
+        assert_eq!(tomb.kind(), RecordKind::ReleasedUnbound);
         assert_eq!(tomb.holder, None);
-        assert!(
-            record(OpState::Configured, Some(u1), Some("nvidia"))
-                .after_restore()
-                .is_none()
-        );
+        let on_nvidia = record(OpState::Configured, Some(u1), Some("nvidia"));
+        assert!(on_nvidia.after_restore(Vec::new()).is_none());
+        // Left driverless by the admin's pin to none: remembered, and settled
+        // again by reconcile.
+        let b: Bdf = "0000:66:00.0".parse().unwrap();
+        let pinned = on_nvidia.after_restore(vec![b]).unwrap();
+        assert_eq!(pinned.state, OpState::ReleasedUnbound);
+        assert_eq!(pinned.kind(), RecordKind::UnboundByPin);
+        assert_eq!(pinned.on_reconcile(false, false), OnReconcile::Settle);
+        assert!(matches!(
+            pinned.on_reconcile(true, false),
+            OnReconcile::Drop(_)
+        ));
+        assert!(!pinned.put_on_vfio_by_us(b));
     }
 
     /// Every input of the settle decision: the promise holds for each (n10,
@@ -954,6 +983,7 @@ mod tests {
             RecordKind::ReleasedUnbound,
             RecordKind::FoundOnVfio,
             RecordKind::KeptByIntent,
+            RecordKind::UnboundByPin,
         ];
         let pinned: BTreeMap<Bdf, Option<DriverName>> =
             [("0000:66:00.0".parse().unwrap(), None)].into();
@@ -978,7 +1008,10 @@ mod tests {
                     let got = decide_settle(kind, intent, observed);
                     seen += 1;
                     let keep = matches!(intent, IntentNow::Keep(_) | IntentNow::Unknown(_));
-                    let ours = matches!(kind, RecordKind::Ours | RecordKind::KeptByIntent);
+                    let ours = matches!(
+                        kind,
+                        RecordKind::Ours | RecordKind::KeptByIntent | RecordKind::UnboundByPin
+                    );
                     let expected = if observed.vanished {
                         Settle::Forget
                     } else if kind == RecordKind::ReleasedUnbound {
@@ -1012,7 +1045,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen, 4 * 4 * 16);
+        assert_eq!(seen, 5 * 4 * 16);
     }
 
     /// Every input of the hand-over decision: a device is never reset while

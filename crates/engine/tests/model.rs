@@ -1781,3 +1781,45 @@ fn an_admin_override_to_vfio_after_a_crashed_release_step_keeps_the_gpu() {
     )
     .unwrap();
 }
+
+/// Found by a random run of 1,000 cases in session 10, after 952 successes
+/// (I2), and already there at the session's start (`025a651`): the admin
+/// pins a held GPU to no driver (`driverctl … none`), the release follows
+/// the pin, then the admin removes the pin file. The record was dropped with
+/// the release, so reconcile found an unrecorded driverless GPU and left it
+/// so (n15). The release now keeps a `released-unbound` record naming the
+/// functions only the pin left driverless, and reconcile settles it again
+/// with intent as it is now.
+#[test]
+fn a_pin_to_no_driver_withdrawn_after_the_release_sends_the_gpu_back() {
+    run(&[
+        configure(1, 1),
+        Op::Driverctl {
+            f: 2,
+            to: Some(Dc::Unbound),
+        },
+        unconfigure(1, 1),
+        Op::Driverctl { f: 2, to: None },
+    ])
+    .unwrap();
+}
+
+/// Found by the random search right after the fix above (I4): a release
+/// crashed after its first step, with the pin to none written; reconcile
+/// finished it, but the remembered record still said the hand-over was
+/// owed, so the next reconcile reset the GPU again.
+#[test]
+fn a_pinned_release_finished_after_a_crash_is_not_reset_twice() {
+    run(&[
+        Op::Tight(Box::new(configure(0, 1))),
+        Op::Driverctl {
+            f: 0,
+            to: Some(Dc::Unbound),
+        },
+        Op::Crash {
+            step: 1,
+            op: Box::new(unconfigure(0, 1)),
+        },
+    ])
+    .unwrap();
+}

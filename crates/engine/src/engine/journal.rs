@@ -161,6 +161,7 @@ impl Engine {
             operation: self.new_operation(),
             updated: 0,
             handover: None,
+            unbound_by_pin: Vec::new(),
             extra: BTreeMap::new(),
         }
     }

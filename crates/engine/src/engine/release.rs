@@ -542,8 +542,19 @@ impl Engine {
                 let quarantined = self.handover_verify(bdf)?;
                 // A GPU found without a driver goes back to none; remember that
                 // it is meant to be so, or reconcile would probe a driver for it.
-                let left_off =
-                    self.restore_persistence_and_record(bdf, rec, rec.after_restore())?;
+                // One the admin's pin to none left driverless is remembered too,
+                // so that reconcile sends it back once the pin goes.
+                let unbound_by_pin: Vec<Bdf> = rec
+                    .functions
+                    .iter()
+                    .filter(|f| f.original_driver.is_some() && intent.target(f).is_none())
+                    .map(|f| f.bdf)
+                    .collect();
+                let left_off = self.restore_persistence_and_record(
+                    bdf,
+                    rec,
+                    rec.after_restore(unbound_by_pin),
+                )?;
                 let back: Vec<String> = rec
                     .functions
                     .iter()
