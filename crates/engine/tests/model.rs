@@ -1893,16 +1893,15 @@ fn a_gpu_taken_over_by_a_crashed_prepare_of_another_claim_is_given_up() {
     .unwrap();
 }
 
-/// Open, found by a random run at the end of session 10 and present before
-/// it (`025a651`): a GPU whose first prepare failed its vfio bind twice was
-/// parked on vfio under a keep intent (the audio function's id in
-/// modprobe.d), prepared again, the intent withdrawn, and the release
-/// crashed after its first step. The finished release then reads the
-/// `driver_override` this plugin wrote as the admin's ("this plugin did not
-/// write it") and keeps the GPU on vfio (I6): the record's trace of our
-/// override is lost somewhere between the park and the crashed release.
+/// Found by a random run at the end of session 10, present before it
+/// (`025a651`): a GPU whose first prepare failed its vfio bind twice was left
+/// `releasing`; the same claim's next prepare finished that record first
+/// (parked on vfio under the audio function's keep intent, kept with its
+/// origins) and then started a fresh record, which took the GPU function as
+/// found on vfio with an override not ours. Once the intent was withdrawn, a
+/// release (here after a crash) kept the GPU on vfio as the admin's (I6).
+/// The prepare now asks again of the record the finish left.
 #[test]
-#[ignore = "open counterexample (I6: our override read as the admin's after a park and a crashed release); see the comment"]
 fn a_gpu_parked_on_vfio_then_released_after_a_crash_goes_back() {
     run(&[
         Op::Modprobe { f: 1, on: true },

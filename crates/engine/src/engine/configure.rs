@@ -130,6 +130,19 @@ impl Engine {
         holder: &Holder,
         started: Instant,
     ) -> Result<Prior, EngineError> {
+        self.prior_record_once(bdf, holder, started, true)
+    }
+
+    /// [`Engine::prior_record`]; `finish_first`: an unfinished record may be
+    /// finished first and the record it leaves asked again (once: a record
+    /// still unfinished after that starts afresh, as before).
+    fn prior_record_once(
+        &self,
+        bdf: Bdf,
+        holder: &Holder,
+        started: Instant,
+        finish_first: bool,
+    ) -> Result<Prior, EngineError> {
         let gpu = self.load_gpu(bdf)?;
         for f in &gpu.functions {
             if let Some(op) = self.stuck.stuck_on(f.bdf) {
@@ -156,10 +169,14 @@ impl Engine {
             ))),
             OnConfigure::Redrive => Ok(Prior::Carry(Some(Box::new(rec)), Some(Box::new(gpu)))),
             OnConfigure::Fresh => Ok(Prior::Carry(None, Some(Box::new(gpu)))),
-            OnConfigure::FinishFirst => {
+            OnConfigure::FinishFirst if finish_first => {
                 self.reconcile_record(&gpu, rec)?;
-                Ok(Prior::Carry(None, None))
+                // What finishing left decides, not a fresh start: a GPU it
+                // kept on vfio for intent keeps its origins (its override
+                // and driver are ours, not the admin's).
+                self.prior_record_once(bdf, holder, started, false)
             }
+            OnConfigure::FinishFirst => Ok(Prior::Carry(None, None)),
             OnConfigure::HeldByOther(h) => Err(EngineError::HeldByOther { bdf, holder: h }),
         }
     }
