@@ -596,12 +596,13 @@ impl GpuRecord {
         match self.state {
             OpState::Configuring | OpState::Releasing => OnReconcile::Settle,
             OpState::Configured => OnReconcile::NoteHeld,
+            // Left without a driver by the admin's pin to none: decided again
+            // with intent as it is now (a pin withdrawn sends it back), whatever
+            // the GPU function has (the pinned one may be its audio function).
+            OpState::ReleasedUnbound if !self.unbound_by_pin.is_empty() => OnReconcile::Settle,
             OpState::ReleasedUnbound if has_driver => {
                 OnReconcile::Drop("released unbound earlier, has a driver now: record dropped")
             }
-            // Left without a driver by the admin's pin to none: decided again
-            // with intent as it is now (a pin withdrawn sends it back).
-            OpState::ReleasedUnbound if !self.unbound_by_pin.is_empty() => OnReconcile::Settle,
             OpState::ReleasedUnbound => OnReconcile::Keep("released to no driver, as it was found"),
             // A tenant hand-over still owed (a VM held the group at release):
             // settled again, which resumes it once the group is free.
@@ -966,10 +967,7 @@ mod tests {
         assert_eq!(pinned.state, OpState::ReleasedUnbound);
         assert_eq!(pinned.kind(), RecordKind::UnboundByPin);
         assert_eq!(pinned.on_reconcile(false, false), OnReconcile::Settle);
-        assert!(matches!(
-            pinned.on_reconcile(true, false),
-            OnReconcile::Drop(_)
-        ));
+        assert_eq!(pinned.on_reconcile(true, false), OnReconcile::Settle);
         assert!(!pinned.put_on_vfio_by_us(b));
     }
 

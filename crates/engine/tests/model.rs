@@ -1921,3 +1921,22 @@ fn a_gpu_parked_on_vfio_then_released_after_a_crash_goes_back() {
     ])
     .unwrap();
 }
+
+/// The next run found the same promise broken for a GPU's audio function:
+/// the record was dropped because the GPU function had its driver back,
+/// with the pinned audio function still driverless. A record naming
+/// functions left driverless by a pin is settled whatever the GPU function
+/// has.
+#[test]
+fn a_pin_to_no_driver_on_the_audio_function_withdrawn_after_the_release_sends_it_back() {
+    run(&[
+        Op::Tight(Box::new(configure(0, 1))),
+        Op::Driverctl {
+            f: 1,
+            to: Some(Dc::Unbound),
+        },
+        Op::Tight(Box::new(unconfigure(0, 1))),
+        Op::Driverctl { f: 1, to: None },
+    ])
+    .unwrap();
+}
