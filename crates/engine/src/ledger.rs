@@ -170,6 +170,12 @@ pub struct GpuRecord {
     /// so that a pin withdrawn later sends them back to their drivers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unbound_by_pin: Vec<Bdf>,
+    /// Its holder got it on vfio (a move for it finished) and has not let it go
+    /// since: whatever takes it from that holder (a release, or the rollback of
+    /// a re-drive that failed) owes the next tenant a reset. A move that never
+    /// finished for a new holder gave the GPU to nobody.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub served: bool,
     /// Fields written by other versions.
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,

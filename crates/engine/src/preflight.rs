@@ -341,6 +341,9 @@ fn wanted(root: &HostRoot, nodes: &[PathBuf]) -> Result<Wanted, HolderScanError>
     Ok(w)
 }
 
+/// Processes one scan worker is started for, at least.
+const PROCS_PER_WORKER: usize = 64;
+
 /// Processes with an open fd on any of `nodes`, found by scanning
 /// `proc/*/fd` under the host root (needs the host PID namespace).
 ///
@@ -375,39 +378,42 @@ pub fn scan_holders(
     // M1): the processes are shared out over the cores, each worker taking the
     // next one, so one process with 500 k fds does not hold up the rest.
     let dev_prefix = root.rel("dev");
+    // A worker per PROCS_PER_WORKER processes at most: starting a thread costs
+    // about as much as scanning that many small processes.
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
         .clamp(1, 8)
-        .min(pids.len().max(1));
+        .min(pids.len().div_ceil(PROCS_PER_WORKER).max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<Result<Vec<NodeHolder>, HolderScanError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut found = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some((pid, path)) = pids.get(i) else {
-                            return Ok(found);
-                        };
-                        found.extend(scan_process(root, *pid, path, &w, &dev_prefix)?);
-                    }
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(HolderScanError::Proc {
-                        path: proc_dir.clone(),
-                        source: std::io::Error::other("a scan worker panicked"),
+    let work = || {
+        let mut found = Vec::new();
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some((pid, path)) = pids.get(i) else {
+                return Ok(found);
+            };
+            found.extend(scan_process(root, *pid, path, &w, &dev_prefix)?);
+        }
+    };
+    let results: Vec<Result<Vec<NodeHolder>, HolderScanError>> = if workers == 1 {
+        vec![work()]
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers).map(|_| scope.spawn(work)).collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(HolderScanError::Proc {
+                            path: proc_dir.clone(),
+                            source: std::io::Error::other("a scan worker panicked"),
+                        })
                     })
                 })
-            })
-            .collect()
-    });
+                .collect()
+        })
+    };
     let mut out = Vec::new();
     for r in results {
         out.extend(r?);

@@ -406,6 +406,7 @@ impl GpuRecord {
             updated: 0,
             handover: None,
             unbound_by_pin: Vec::new(),
+            served: false,
             extra: BTreeMap::new(),
         }
     }
@@ -492,8 +493,20 @@ impl GpuRecord {
             // reset the GPU a second time).
             handover: None,
             unbound_by_pin,
+            served: false,
             ..self.clone()
         })
+    }
+
+    /// Whether settling this record takes the GPU from a tenant, so a reset
+    /// and verification are owed before anybody gets it next: its holder had
+    /// it on vfio (`served`, or a `Configured` record, which a ledger written
+    /// before `served` existed may hold without it). A move that never
+    /// finished for a new holder (`Configuring`, not served) gave the GPU to
+    /// nobody, and a `Releasing` record carries the hand-over its release
+    /// recorded, if one was owed. Pure; tested over every input.
+    pub fn hands_over(&self) -> bool {
+        self.served || self.state == OpState::Configured
     }
 }
 
@@ -627,6 +640,7 @@ impl GpuRecord {
             holder: None,
             stuck_on: None,
             unbound_by_pin: Vec::new(),
+            served: false,
             ..self.clone()
         })
     }
@@ -779,6 +793,35 @@ mod tests {
 
     use super::*;
 
+    /// Every input: a settle owes a hand-over exactly when a tenant had the
+    /// GPU: a finished move (`served`), or a `Configured` record of an older
+    /// ledger. A move that never finished for its holder owes none.
+    #[test]
+    fn only_a_gpu_a_tenant_had_is_handed_over() {
+        use OpState::*;
+        for state in [
+            Configuring,
+            Configured,
+            Releasing,
+            Prebound,
+            ReleasedUnbound,
+        ] {
+            for served in [false, true] {
+                let mut r = record(state, Some(claim("u1")), Some("nvidia"));
+                r.served = served;
+                let want = served || state == Configured;
+                assert_eq!(r.hands_over(), want, "{state:?}, served {served}");
+            }
+        }
+        // Every transition that drops the holder forgets the tenant.
+        let mut r = record(Configured, Some(claim("u1")), Some("nvidia"));
+        r.served = true;
+        assert!(!r.after_keep(true).unwrap().served);
+        let mut unbound = record(Configured, Some(claim("u1")), None);
+        unbound.served = true;
+        assert!(!unbound.after_restore(Vec::new()).unwrap().served);
+    }
+
     /// Every input: a ride lands only on a complete claim and a free partition.
     #[test]
     fn a_partition_record_rides_only_with_the_claims_last_move() {
@@ -915,6 +958,7 @@ mod tests {
             updated: 0,
             handover: None,
             unbound_by_pin: Vec::new(),
+            served: false,
             extra: BTreeMap::new(),
         }
     }

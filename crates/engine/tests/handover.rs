@@ -142,6 +142,78 @@ fn a_failed_reset_quarantines_the_gpu_on_vfio_until_the_admin_resets_it() {
     e.configure(bdf(A), claim("u2")).unwrap();
 }
 
+/// A prepare whose move never finished (its vfio bind failed, and so did the
+/// way back) gave the GPU to nobody: its claim's release owes no reset, and
+/// the GPU goes back to its host driver (model counterexample, session 11:
+/// the owed reset failed and the release reported it "kept on vfio" while it
+/// had no driver).
+#[test]
+fn a_release_after_a_prepare_that_never_finished_owes_no_reset() {
+    let (_d, host, k, e) = setup();
+    let fail = |driver: &str| Fault {
+        kind: Some(vfio_gpu_engine::kernel::WriteKind::Bind),
+        bdf: Some(bdf(A)),
+        driver: Some(driver.into()),
+        nth: 0,
+        action: FaultAction::Fail(5),
+    };
+    for driver in ["vfio-pci", "vfio-pci", "nvidia"] {
+        k.inject(fail(driver));
+    }
+    e.configure(bdf(A), claim("u1")).unwrap_err();
+    assert_eq!(driver_of(&host, A), None, "left driverless by the faults");
+    // Were a reset owed, this one would fail and quarantine the GPU.
+    k.inject(Fault::on(
+        vfio_gpu_engine::kernel::WriteKind::Reset,
+        bdf(A),
+        FaultAction::Fail(5),
+    ));
+    let out = e.unconfigure(bdf(A), Some(&claim("u1"))).unwrap();
+    assert_eq!(out.action, Action::Restored, "{}", out.detail);
+    assert_eq!(k.resets(bdf(A)), 0);
+    assert_eq!(driver_of(&host, A).as_deref(), Some("nvidia"));
+    let ledger = e.ledger();
+    assert!(
+        ledger.gpus.is_empty() && ledger.quarantined.is_empty(),
+        "{ledger:?}"
+    );
+    assert!(ledger.handovers.is_empty(), "{:?}", ledger.handovers);
+}
+
+/// A tenant's GPU whose re-drive back to vfio fails (its audio function was
+/// moved off meanwhile, and vfio-pci refuses it) is rolled back to its host
+/// drivers: it leaves the tenant, so it is reset first, as a release would.
+#[test]
+fn a_tenants_gpu_rolled_back_after_a_failed_redrive_is_reset_first() {
+    let (_d, host, k, e) = setup();
+    e.configure(bdf(A), claim("u1")).unwrap();
+    use vfio_gpu_engine::kernel::Kernel;
+    // The admin moves the audio function back to its host driver.
+    k.write(&write::unbind(A_AUDIO, "vfio-pci")).unwrap();
+    k.write(&vfio_gpu_engine::kernel::SysfsWrite::DriverOverride {
+        bdf: bdf(A_AUDIO),
+        driver: None,
+    })
+    .unwrap();
+    k.write(&write::bind(A_AUDIO, "snd_hda_intel")).unwrap();
+    k.inject(Fault {
+        kind: Some(vfio_gpu_engine::kernel::WriteKind::Bind),
+        bdf: Some(bdf(A_AUDIO)),
+        driver: Some("vfio-pci".into()),
+        nth: 0,
+        action: FaultAction::Fail(5),
+    });
+    let start = k.log().len();
+    e.configure(bdf(A), claim("u1")).unwrap_err();
+    let log = k.log()[start..].to_vec();
+    assert_eq!(driver_of(&host, A).as_deref(), Some("nvidia"), "{log:?}");
+    let back = position(&log, &write::unbind(A, "vfio-pci"));
+    assert!(position(&log, &write::reset(A)) < back, "{log:?}");
+    let audit = &e.ledger().handovers;
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert!(audit[0].released_by.contains("vms/vm-u1"), "{audit:?}");
+}
+
 /// B on a 16 GT/s link, held by claim u1; its next reset trains the link
 /// back at 2.5 GT/s (a release then quarantines it).
 fn held_with_a_link_that_trains_back_degraded(k: &SimKernel, e: &Engine) {

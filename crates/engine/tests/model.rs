@@ -731,6 +731,18 @@ impl World {
                     self.model.touched[g] = true;
                     self.model.holder[g] = Some((c, ok));
                 }
+                // A tenant's re-prepare that failed and sent its GPU off vfio
+                // (a rollback of the re-drive) took the GPU from it: the next
+                // tenant, this claim again included, must get it reset.
+                if !ok
+                    && self.model.tenant[g] == Some(c)
+                    && self.sysfs(GPUS[g][0]).0.as_deref() != Some("vfio-pci")
+                {
+                    self.model.tenant[g] = None;
+                    if self.model.handed_over[g].is_none() {
+                        self.model.handed_over[g] = Some(resets_before);
+                    }
+                }
                 if ok {
                     self.check("I7", self.on_vfio(g), || {
                         format!("prepare of GPU {g} reported success: {}", self.describe())
@@ -1937,6 +1949,33 @@ fn a_pin_to_no_driver_on_the_audio_function_withdrawn_after_the_release_sends_it
         },
         Op::Tight(Box::new(unconfigure(0, 1))),
         Op::Driverctl { f: 1, to: None },
+    ])
+    .unwrap();
+}
+
+/// Found by a random run at the start of session 11 (I6): a prepare whose
+/// vfio bind fails twice and whose rollback bind to nvidia fails once, then a
+/// release whose reset fails, reported Quarantined ("kept on vfio") with the
+/// GPU function on no driver. No tenant ever had that GPU: its release owes
+/// no reset, and it goes back to nvidia.
+#[test]
+fn a_release_after_a_prepare_that_never_finished_is_not_reset() {
+    run(&[
+        Op::BindFails {
+            f: 0,
+            vfio: true,
+            times: 2,
+            errno: errno::EIO,
+        },
+        Op::BindFails {
+            f: 0,
+            vfio: false,
+            times: 1,
+            errno: errno::EIO,
+        },
+        Op::ResetFails { f: 0 },
+        configure(0, 2),
+        unconfigure(0, 2),
     ])
     .unwrap();
 }

@@ -65,7 +65,7 @@ impl Engine {
             }
             // A drifted function that came back meanwhile: the carried record
             // keeps the origins (n14); only a GPU we never moved is recorded as found.
-            let rec = match carried {
+            let mut rec = match carried {
                 Some(mut rec) => {
                     rec.state = OpState::Configured;
                     rec.holder = Some(holder.clone());
@@ -79,6 +79,7 @@ impl Engine {
                     Some(holder.clone()),
                 ),
             };
+            rec.served = true;
             self.set_record(bdf, Some(rec))?;
             return Ok(self.outcome(
                 &gpu,
@@ -314,6 +315,7 @@ impl Engine {
                     .collect();
                 let done = self.update_record(bdf, |r| {
                     r.state = OpState::Configured;
+                    r.served = true;
                     for fr in r.functions.iter_mut().filter(|fr| moved.contains(&fr.bdf)) {
                         fr.bound_by_us = true;
                     }

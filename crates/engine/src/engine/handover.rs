@@ -124,7 +124,10 @@ impl Engine {
             }
             HandoverStep::WaitBusy => {
                 if rec.handover.is_none() {
-                    self.update_record(bdf, |r| r.handover = Some(handover.clone()))?;
+                    self.update_record(bdf, |r| {
+                        r.handover = Some(handover.clone());
+                        r.served = false;
+                    })?;
                 }
                 let who: Vec<String> = holders
                     .iter()
@@ -139,7 +142,10 @@ impl Engine {
             HandoverStep::Reset { hook: run_hook } => {
                 // Write-ahead: a crash from here on resets again (a reset is idempotent).
                 if phase != Some(HandoverPhase::Resetting) {
-                    self.update_record(bdf, |r| r.handover = Some(handover.clone()))?;
+                    self.update_record(bdf, |r| {
+                        r.handover = Some(handover.clone());
+                        r.served = false;
+                    })?;
                 }
                 let method = match self.reset_functions(bdf, &rec.functions_bdfs()) {
                     Ok(method) => method,
@@ -272,6 +278,7 @@ impl Engine {
             if let Some(r) = b.gpus.get_mut(&bdf) {
                 r.handover = None;
                 r.holder = None;
+                r.served = false;
                 if on_vfio && matches!(r.state, OpState::Releasing | OpState::Configured) {
                     // Nothing was unbound yet: it stays on vfio, kept.
                     r.state = OpState::Prebound;

@@ -162,6 +162,7 @@ impl Engine {
             updated: 0,
             handover: None,
             unbound_by_pin: Vec::new(),
+            served: false,
             extra: BTreeMap::new(),
         }
     }

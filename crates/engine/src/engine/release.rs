@@ -234,16 +234,13 @@ impl Engine {
             vfio_in_use: false,
             quarantined: self.with_ledger(|l| l.quarantined.contains_key(&bdf)),
         };
-        // Who hands the GPU over, when this is its holder's release.
-        let released_by = match path {
-            SettlePath::Release => Some(
-                rec.holder
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_else(|| "unknown holder".into()),
-            ),
-            SettlePath::FinishRelease | SettlePath::Rollback => None,
-        };
+        // Who hands the GPU over, when this settle takes it from a tenant.
+        let released_by = rec.hands_over().then(|| {
+            rec.holder
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_else(|| "unknown holder".into())
+        });
         // The holder scan is only worth its cost when it can change the answer.
         let mut holders = Vec::new();
         if decide_settle(rec.kind(), &intent, observed) == Settle::Restore {
@@ -276,6 +273,8 @@ impl Engine {
                 if path == SettlePath::Release {
                     self.update_record(bdf, |r| {
                         r.holder = None;
+                        // The admin's reset stands for the hand-over here.
+                        r.served = false;
                         if r.state == OpState::Configured {
                             r.state = OpState::Prebound;
                         }
@@ -378,10 +377,17 @@ impl Engine {
             None => {}
             Some(StepError::Engine(e)) => return Err(e),
             Some(StepError::Step { step, source }) => {
-                // Left for reconcile to retry, as a release to finish.
+                // Left for reconcile to retry, as a release to finish; a
+                // tenant's hand-over is owed from this commit, as it would
+                // have been from the kept record's.
+                let owed = released_by.as_deref().map(Handover::owed);
                 self.update_record(bdf, |r| {
                     r.state = OpState::Releasing;
                     r.holder = None;
+                    r.served = false;
+                    if r.handover.is_none() {
+                        r.handover = owed;
+                    }
                 })?;
                 return Err(EngineError::RestoreFailed {
                     bdf,
@@ -499,6 +505,7 @@ impl Engine {
             self.update_record(bdf, |r| {
                 r.state = OpState::Releasing;
                 r.holder = None;
+                r.served = false;
                 if r.handover.is_none() {
                     r.handover = owed;
                 }
