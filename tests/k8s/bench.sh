@@ -15,6 +15,9 @@
 # BENCH_PROFILE (release | dev) is the cargo profile of the vfio-gpu-dra binary (and
 # of the emulator bench). VFIO_GPU_DRA_BIN overrides the binary (its profile is then
 # yours to match). CARGO_TARGET_DIR is honoured. Go code is always optimised (go test -c).
+# BENCH_KERNEL_LATENCY=realistic gives the simulated kernel the engine bench's driver
+# times (nvidia unbind 2 s, vfio-pci bind 0.3 s; or any `--demo-kernel-latency` spec),
+# so moves wait as on a node: the parallel-move ratio, not the simulator's CPU work.
 # BENCH_EMULATOR=1 adds `cargo bench -p vfio-gpu-kubelet --bench prepare` (the
 # kubelet emulator over the real socket, plugin in-process, fake API server, one
 # GPU of the plain demo host) with the same N, printed after the main table.
@@ -26,6 +29,8 @@ N=${BENCH_N:-100}
 EMULATOR=${BENCH_EMULATOR:-0}
 PROFILE=${BENCH_PROFILE:-release}
 LANE=${K8S_LANE:-1.34}
+LATENCY=${BENCH_KERNEL_LATENCY:-}
+[ "$LATENCY" = realistic ] && LATENCY="unbind/nvidia=2s,bind/vfio-pci=300ms"
 OUT=${K8S_OUT:-$(mktemp -d /tmp/k8s-bench.XXXXXX)}
 mkdir -p "$OUT"
 
@@ -61,7 +66,7 @@ echo "== bench: go test -c (lane $LANE)"
 
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "== bench: kubelet DRA manager, N=$N (load $load_before)"
-(cd "$HERE" && K8S_BENCH=1 K8S_BENCH_N="$N" "$OUT/bench-$LANE.test" \
+(cd "$HERE" && K8S_BENCH=1 K8S_BENCH_N="$N" K8S_BENCH_KERNEL_LATENCY="$LATENCY" "$OUT/bench-$LANE.test" \
   -test.run '^TestBenchPrepare$' -test.v -test.count=1 -test.timeout=30m) 2>&1 | tee "$OUT/kubelet.log"
 load_mid=$(cut -d' ' -f1-3 /proc/loadavg)
 if [ "$EMULATOR" = 1 ]; then
@@ -83,6 +88,7 @@ fi
 
 echo
 echo "== prepare/unprepare through the kubelet DRA manager, $(date -u +%Y-%m-%dT%H:%MZ), N=$N (+5 warm-up) per size, profile $PROFILE, lane $LANE, HGX demo host"
+echo "   simulated kernel latencies: ${LATENCY:-none (zero-latency kernel)}"
 echo "   load average: $load_before (start), $load_mid (end of kubelet bench); $(nproc) cores"
 echo "| call | GPUs | pct | kubelet-observed (ms) | plugin (ms) | plugin share |"
 echo "|---|---:|---|---:|---:|---:|"

@@ -166,7 +166,15 @@ func TestBenchPrepare(t *testing.T) {
 	e := &prepareEnv{c: c, node: c.createNode(t, node), dirs: c.newNodeDirs(t, node)}
 	e.k = c.startKubelet(t, nil, node, e.dirs.regDir, e.dirs.kubeletDir)
 	metrics := freeLocalAddr(t)
-	e.p = c.startPlugin(t, node, e.dirs, pluginOpts{args: []string{"--hgx", "--metrics-addr", metrics}})
+	args := []string{"--hgx", "--metrics-addr", metrics}
+	// K8S_BENCH_KERNEL_LATENCY gives the simulated kernel a driver's own time for a
+	// write (e.g. nvidia's unbind), so the moves wait as on a node instead of being
+	// only the simulator's CPU work.
+	if v := os.Getenv("K8S_BENCH_KERNEL_LATENCY"); v != "" {
+		args = append(args, "--demo-kernel-latency", v)
+		t.Logf("simulated kernel latencies: %s", v)
+	}
+	e.p = c.startPlugin(t, node, e.dirs, pluginOpts{args: args})
 	e.k.waitRegistered(t, 1, 30*time.Second)
 	c.waitForSlices(t, e.p, 30*time.Second)
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use vfio_gpu_engine::kernel::{Kernel, SysfsKernel};
+use vfio_gpu_engine::kernel::{Kernel, SysfsKernel, WriteKind};
 use vfio_gpu_engine::ledger::{LockError, probe_state_lock};
 use vfio_gpu_engine::sim::SimKernel;
 use vfio_gpu_engine::{
@@ -36,6 +36,17 @@ pub struct HostOpts {
     /// simulated Fabric Manager; default directory <tmp>/vfio-gpu-dra-demo-hgx).
     #[arg(long, requires = "demo")]
     pub hgx: bool,
+    /// With --demo: how long the simulated kernel takes for a kind of write to a
+    /// driver, e.g. `unbind/nvidia=2s,bind/vfio-pci=300ms` (kinds: unbind, bind,
+    /// reset, drivers_probe, driver_override, unbindLock). Default: no latency.
+    #[arg(
+        long,
+        requires = "demo",
+        env = "VFIO_GPU_DRA_DEMO_KERNEL_LATENCY",
+        value_parser = parse_kernel_latencies,
+        value_name = "KIND/DRIVER=DURATION,..."
+    )]
+    pub demo_kernel_latency: Option<KernelLatencies>,
     #[command(flatten)]
     pub fabric: crate::fabric_cmd::FabricOpts,
     /// Select GPUs by vendor:device (hex, repeatable), replacing the default NVIDIA display/3D selector.
@@ -121,6 +132,55 @@ pub struct EngineOpts {
     pub state: StateOpts,
     #[command(flatten)]
     pub timeouts: TimeoutOpts,
+}
+
+/// Simulated kernel latencies of the demo host: (write kind, driver, time).
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelLatencies(pub Vec<(WriteKind, String, Duration)>);
+
+/// Parses `KIND/DRIVER=DURATION,...` (durations in `ms` or `s`).
+fn parse_kernel_latencies(spec: &str) -> Result<KernelLatencies, String> {
+    let kinds = [
+        WriteKind::Unbind,
+        WriteKind::Bind,
+        WriteKind::Reset,
+        WriteKind::DriversProbe,
+        WriteKind::DriverOverride,
+        WriteKind::NvidiaUnbindLock,
+    ];
+    let mut out = Vec::new();
+    for item in spec.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let bad = |why: &str| format!("{item:?}: {why} (expected KIND/DRIVER=DURATION)");
+        let (what, time) = item.split_once('=').ok_or_else(|| bad("no '='"))?;
+        let (kind, driver) = what.split_once('/').ok_or_else(|| bad("no '/'"))?;
+        let kind = kinds
+            .into_iter()
+            .find(|k| k.as_str() == kind)
+            .ok_or_else(|| bad("unknown write kind"))?;
+        if driver.is_empty()
+            || !driver
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+        {
+            return Err(bad("bad driver name"));
+        }
+        let (number, unit) = match time.strip_suffix("ms") {
+            Some(n) => (n, 1e-3),
+            None => (
+                time.strip_suffix('s')
+                    .ok_or_else(|| bad("duration needs ms or s"))?,
+                1.0,
+            ),
+        };
+        let secs = number
+            .parse::<f64>()
+            .ok()
+            .filter(|n| n.is_finite() && *n >= 0.0 && *n * unit <= 600.0)
+            .ok_or_else(|| bad("duration must be 0 to 600 s"))?
+            * unit;
+        out.push((kind, driver.to_string(), Duration::from_secs_f64(secs)));
+    }
+    Ok(KernelLatencies(out))
 }
 
 /// An opened host.
@@ -232,8 +292,11 @@ impl HostOpts {
             let root = HostRoot::open(&host)?;
             let (policy, policy_file) = self.load_policy(&root)?;
             // Every simulated sysfs write, from every command on this demo host.
-            let kernel: Arc<dyn Kernel> =
-                Arc::new(SimKernel::booted(root.clone()).with_log_file(dir.join("kernel.log")));
+            let sim = SimKernel::booted(root.clone()).with_log_file(dir.join("kernel.log"));
+            for (kind, driver, latency) in self.demo_kernel_latency.iter().flat_map(|l| &l.0) {
+                sim.set_latency(*kind, driver, *latency);
+            }
+            let kernel: Arc<dyn Kernel> = Arc::new(sim);
             return Ok(Setup {
                 root,
                 kernel,
@@ -387,6 +450,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn demo_kernel_latencies_parse_or_say_what_is_wrong() {
+        let l = parse_kernel_latencies("unbind/nvidia=2s, bind/vfio-pci=300ms,reset/vfio-pci=0.5s")
+            .unwrap();
+        assert_eq!(
+            l.0,
+            vec![
+                (WriteKind::Unbind, "nvidia".into(), Duration::from_secs(2)),
+                (
+                    WriteKind::Bind,
+                    "vfio-pci".into(),
+                    Duration::from_millis(300)
+                ),
+                (
+                    WriteKind::Reset,
+                    "vfio-pci".into(),
+                    Duration::from_millis(500)
+                ),
+            ]
+        );
+        assert_eq!(parse_kernel_latencies("").unwrap().0, vec![]);
+        for (bad, why) in [
+            ("unbind/nvidia", "no '='"),
+            ("unbind=2s", "no '/'"),
+            ("remove/nvidia=2s", "unknown write kind"),
+            ("unbind/../x=2s", "bad driver name"),
+            ("unbind/=2s", "bad driver name"),
+            ("unbind/nvidia=2", "ms or s"),
+            ("unbind/nvidia=-1s", "0 to 600 s"),
+            ("unbind/nvidia=NaNs", "0 to 600 s"),
+            ("unbind/nvidia=601s", "0 to 600 s"),
+        ] {
+            let e = parse_kernel_latencies(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn every_command_and_serve_share_one_default_state_dir() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("sys/bus/pci/devices")).unwrap();
@@ -395,6 +495,7 @@ mod tests {
             demo: false,
             demo_dir: None,
             demo_reset: false,
+            demo_kernel_latency: None,
             hgx: false,
             fabric: crate::fabric_cmd::FabricOpts::default(),
             gpu_ids: Vec::new(),

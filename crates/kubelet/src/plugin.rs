@@ -293,12 +293,7 @@ impl VfioPlugin {
 
     /// GETs the claim; `Ok(None)` when it does not exist.
     async fn get_claim(&self, c: &ClaimRef) -> Result<Option<ResourceClaim>, PrepareError> {
-        if !is_safe_name(&c.namespace) || !is_safe_name(&c.name) {
-            return Err(PrepareError::InvalidName {
-                namespace: c.namespace.clone(),
-                name: c.name.clone(),
-            });
-        }
+        check_claim_names(c)?;
         let fetch = |detail: String| PrepareError::Fetch {
             namespace: c.namespace.clone(),
             name: c.name.clone(),
@@ -363,6 +358,15 @@ impl VfioPlugin {
         // and then release what this prepare configures (it would find nothing now).
         let _guard = self.lock_claim(&c.uid).await;
         let mut phases = PreparePhases::start();
+        check_claim_names(c)?;
+        let _hold = self.hold_state().await?;
+        // Discovery only reads the host, and needs nothing from the claim: it runs
+        // while the claim is read from the API server (a round trip that would
+        // otherwise leave the plugin idle). On any error below it is simply dropped.
+        let discovery = {
+            let engine = Arc::clone(&self.engine);
+            tokio::task::spawn_blocking(move || engine.discover_without_holders())
+        };
         let claim = self.current_claim(c).await?;
         phases.lap("claim");
         let allocation = claim
@@ -372,34 +376,8 @@ impl VfioPlugin {
             .ok_or(PrepareError::NotAllocated)?;
         let devices = allocation.devices.clone().unwrap_or_default();
         let all_results = devices.results.unwrap_or_default();
+        let ours = self.our_results(&c.uid, all_results)?;
         let driver = &self.config.driver_name;
-        let node = &self.config.node_name;
-        let (ours, others): (Vec<_>, Vec<_>) = all_results
-            .into_iter()
-            .partition(|r| &r.driver == driver && &r.pool == node);
-        if ours.is_empty() {
-            let seen: Vec<String> = others
-                .iter()
-                .map(|r| {
-                    format!(
-                        "{:?} from driver {:?} pool {:?}",
-                        r.device, r.driver, r.pool
-                    )
-                })
-                .collect();
-            return Err(PrepareError::NothingForUs {
-                driver: driver.clone(),
-                pool: node.clone(),
-                seen: if seen.is_empty() {
-                    "nothing".to_string()
-                } else {
-                    seen.join(", ")
-                },
-            });
-        }
-        for r in others.iter().filter(|r| &r.driver == driver) {
-            tracing::warn!(claim = %c.uid, device = %r.device, pool = %r.pool, "ignoring a result of our driver in another node's pool");
-        }
         let claim_config =
             ClaimConfig::from_allocation(devices.config.as_deref().unwrap_or(&[]), driver)
                 .map_err(|e| PrepareError::Invalid(e.to_string()))?;
@@ -445,10 +423,12 @@ impl VfioPlugin {
             None
         };
 
-        let _hold = self.hold_state().await?;
-        let (views, _) = self
-            .blocking("discovering GPUs", |e| e.discover_without_holders())
-            .await?
+        let (views, _) = discovery
+            .await
+            .map_err(|e| PrepareError::TaskFailed {
+                what: "discovering GPUs",
+                detail: e.to_string(),
+            })?
             .map_err(|e| PrepareError::Host {
                 what: "discovering GPUs",
                 detail: e.to_string(),
@@ -514,6 +494,44 @@ impl VfioPlugin {
                 Err(e.with_undo(undo))
             }
         }
+    }
+
+    /// The allocation results for this driver on this node; refused when there
+    /// are none (the error lists what the claim did get).
+    fn our_results(
+        &self,
+        uid: &str,
+        all_results: Vec<DeviceRequestAllocationResult>,
+    ) -> Result<Vec<DeviceRequestAllocationResult>, PrepareError> {
+        let driver = &self.config.driver_name;
+        let node = &self.config.node_name;
+        let (ours, others): (Vec<_>, Vec<_>) = all_results
+            .into_iter()
+            .partition(|r| &r.driver == driver && &r.pool == node);
+        if ours.is_empty() {
+            let seen: Vec<String> = others
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{:?} from driver {:?} pool {:?}",
+                        r.device, r.driver, r.pool
+                    )
+                })
+                .collect();
+            return Err(PrepareError::NothingForUs {
+                driver: driver.clone(),
+                pool: node.clone(),
+                seen: if seen.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    seen.join(", ")
+                },
+            });
+        }
+        for r in others.iter().filter(|r| &r.driver == driver) {
+            tracing::warn!(claim = %uid, device = %r.device, pool = %r.pool, "ignoring a result of our driver in another node's pool");
+        }
+        Ok(ours)
     }
 
     /// Resolves our results to GPUs and runs every check that needs no host change.
@@ -1195,6 +1213,18 @@ impl VfioPlugin {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// Refuses a claim reference whose namespace or name is no Kubernetes name
+/// (it comes from the kubelet's request: untrusted), before anything is read.
+fn check_claim_names(c: &ClaimRef) -> Result<(), PrepareError> {
+    if !is_safe_name(&c.namespace) || !is_safe_name(&c.name) {
+        return Err(PrepareError::InvalidName {
+            namespace: c.namespace.clone(),
+            name: c.name.clone(),
+        });
+    }
+    Ok(())
 }
 
 /// Where a prepare's time went, for the `prepare phases` debug event: the
