@@ -214,6 +214,65 @@ fn a_tenants_gpu_rolled_back_after_a_failed_redrive_is_reset_first() {
     assert!(audit[0].released_by.contains("vms/vm-u1"), "{audit:?}");
 }
 
+/// The same failed re-drive with a reset that fails too: the GPU is
+/// quarantined where it is (its GPU function on vfio), and reconcile leaves
+/// no unfinished record behind.
+#[test]
+fn a_failed_reset_after_a_failed_redrive_quarantines_and_settles() {
+    let (_d, host, k, e) = setup();
+    e.configure(bdf(A), claim("u1")).unwrap();
+    use vfio_gpu_engine::kernel::Kernel;
+    k.write(&write::unbind(A_AUDIO, "vfio-pci")).unwrap();
+    k.write(&vfio_gpu_engine::kernel::SysfsWrite::DriverOverride {
+        bdf: bdf(A_AUDIO),
+        driver: None,
+    })
+    .unwrap();
+    k.write(&write::bind(A_AUDIO, "snd_hda_intel")).unwrap();
+    k.inject(Fault {
+        kind: Some(vfio_gpu_engine::kernel::WriteKind::Bind),
+        bdf: Some(bdf(A_AUDIO)),
+        driver: Some("vfio-pci".into()),
+        nth: 0,
+        action: FaultAction::Fail(5),
+    });
+    k.inject(Fault::on(
+        vfio_gpu_engine::kernel::WriteKind::Reset,
+        bdf(A),
+        FaultAction::Fail(5),
+    ));
+    e.configure(bdf(A), claim("u1")).unwrap_err();
+    // Quarantined on vfio, the audio function the failed bind left driverless
+    // parked there too; never sent to a host driver unreset.
+    let q = e.ledger().quarantined[&bdf(A)].clone();
+    assert_eq!(q.cause, QuarantineCause::ResetFailed, "{q:?}");
+    for f in [A, A_AUDIO] {
+        assert_eq!(driver_of(&host, f).as_deref(), Some("vfio-pci"), "{f}");
+    }
+    let rec = e.ledger().gpus[&bdf(A)].clone();
+    assert_eq!(
+        rec.state,
+        vfio_gpu_engine::ledger::OpState::Prebound,
+        "{rec:?}"
+    );
+    assert_eq!(rec.holder, None);
+    // Reconcile leaves it so, writing nothing.
+    let before = k.log().len();
+    for _ in 0..2 {
+        for r in e.reconcile().unwrap() {
+            assert!(r.is_ok(), "{r:?}");
+        }
+    }
+    assert_eq!(k.log().len(), before, "{:?}", &k.log()[before..]);
+    // The admin's reset clears it, and reconcile sends it home.
+    assert_eq!(e.reset_gpu(bdf(A)).unwrap().action, Action::Reset);
+    for r in e.reconcile().unwrap() {
+        assert!(r.is_ok(), "{r:?}");
+    }
+    assert_eq!(driver_of(&host, A).as_deref(), Some("nvidia"));
+    assert_eq!(driver_of(&host, A_AUDIO).as_deref(), Some("snd_hda_intel"));
+}
+
 /// B on a 16 GT/s link, held by claim u1; its next reset trains the link
 /// back at 2.5 GT/s (a release then quarantines it).
 fn held_with_a_link_that_trains_back_degraded(k: &SimKernel, e: &Engine) {

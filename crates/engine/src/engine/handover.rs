@@ -21,8 +21,8 @@ use crate::deadline::read_with_deadline;
 use crate::error::EngineError;
 use crate::kernel::SysfsWrite;
 use crate::ledger::{
-    Fingerprint, HANDOVER_AUDIT_KEPT, Handover, HandoverAudit, HandoverPhase, LedgerBody, OpState,
-    Quarantine, QuarantineCause, now,
+    Fingerprint, GpuRecord, HANDOVER_AUDIT_KEPT, Handover, HandoverAudit, HandoverPhase,
+    LedgerBody, OpState, Quarantine, QuarantineCause, now,
 };
 use crate::state::{FunctionHealth, HandoverStep, LinkState, decide_handover, verify_function};
 
@@ -163,6 +163,9 @@ impl Engine {
                         return Err(e);
                     }
                     Err(Failure::Quarantine(why)) => {
+                        // Kept on vfio means on vfio: a function a failed move
+                        // left without a driver is parked there first.
+                        self.park_driverless(&rec);
                         self.quarantine_after_release(
                             bdf,
                             &handover,
@@ -279,7 +282,12 @@ impl Engine {
                 r.handover = None;
                 r.holder = None;
                 r.served = false;
-                if on_vfio && matches!(r.state, OpState::Releasing | OpState::Configured) {
+                if on_vfio
+                    && matches!(
+                        r.state,
+                        OpState::Configuring | OpState::Releasing | OpState::Configured
+                    )
+                {
                     // Nothing was unbound yet: it stays on vfio, kept.
                     r.state = OpState::Prebound;
                 }
@@ -303,6 +311,20 @@ impl Engine {
             );
             push_audit(b, audit);
         })
+    }
+
+    /// Parks every function of `rec` that has no driver on the record's vfio
+    /// driver (best effort: one that stays driverless is seen by the next settle).
+    pub(super) fn park_driverless(&self, rec: &GpuRecord) {
+        let Some(vfio) = rec.vfio_driver.as_ref() else {
+            return;
+        };
+        let gpu = rec.functions.first().map(|f| f.bdf);
+        for f in &rec.functions {
+            if self.binding(f.bdf).is_ok_and(|b| b.driver.is_none()) {
+                self.park_on_vfio(gpu.unwrap_or(f.bdf), f.bdf, vfio);
+            }
+        }
     }
 
     /// Resets each function through its `reset` attribute, in record order

@@ -270,6 +270,9 @@ impl Engine {
                 ))
             }
             Settle::Quarantined => {
+                // Offered to nobody, and on vfio: a park that failed when it
+                // was quarantined is tried again.
+                self.park_driverless(rec);
                 if path == SettlePath::Release {
                     self.update_record(bdf, |r| {
                         r.holder = None;
