@@ -336,8 +336,20 @@ fn bars_with_flags(text: &str, want: u64) -> u64 {
 }
 
 /// `pciDDDD:BB` from the resolved device path: the first component under
-/// `sys/devices`.
+/// `sys/devices`. Read from the `bus/pci/devices` link's own text (one
+/// `readlink`, `../../../devices/pciDDDD:BB/...`) where it has that form;
+/// otherwise resolved in full (a `realpath` costs a `readlink` per component,
+/// and a move reads its functions a dozen times).
 fn pcie_root(root: &HostRoot, bdf: &Bdf) -> Option<String> {
+    if let Ok(link) = root.read_link(&root.pci_device_dir(bdf)) {
+        let mut parts = link.components().map(|c| c.as_os_str().to_string_lossy());
+        if parts.any(|c| c == "devices")
+            && let Some(first) = parts.next()
+            && first.starts_with("pci")
+        {
+            return Some(first.into_owned());
+        }
+    }
     let resolved = root.canonicalize(&root.pci_device_dir(bdf)).ok()?;
     let devices = root.canonicalize(&root.rel("sys/devices")).ok()?;
     let first = resolved.strip_prefix(&devices).ok()?.components().next()?;
