@@ -110,6 +110,10 @@ pub struct Observed {
     /// Quarantined (a reset, verification or scrub hook failed): a kept
     /// record stays where it is until an administrator resets it.
     pub quarantined: bool,
+    /// That quarantine came from the verification after the host driver's
+    /// bind: a release of ours had sent the GPU home already. Any other
+    /// (a failed or hung reset, a failed hook) came before anything went home.
+    pub quarantined_at_home: bool,
 }
 
 /// What settling a record must do: the one keep-or-restore decision.
@@ -190,9 +194,14 @@ pub fn decide_settle(kind: RecordKind, intent: &IntentNow, observed: Observed) -
         return Settle::WaitStuck;
     }
     // Kept on vfio because its hand-over failed: never to a host driver
-    // until the admin's reset clears it. A release of ours that quarantined
-    // it after the bind is finished like any other (it is already back).
-    if observed.quarantined && kind == RecordKind::KeptByIntent {
+    // until the admin's reset clears it, whether the record is already kept
+    // or still a move of ours (a crash or failure before it was relabelled).
+    // A release of ours that quarantined it after the bind is finished like
+    // any other (it is already back).
+    if observed.quarantined
+        && (kind == RecordKind::KeptByIntent
+            || (kind == RecordKind::Ours && !observed.quarantined_at_home))
+    {
         return Settle::Quarantined;
     }
     match intent {
@@ -1040,12 +1049,13 @@ mod tests {
         let mut seen = 0;
         for kind in kinds {
             for intent in &intents {
-                for bits in 0..16u8 {
+                for bits in 0..32u8 {
                     let observed = Observed {
                         vanished: bits & 1 != 0,
                         stuck: bits & 2 != 0,
                         vfio_in_use: bits & 4 != 0,
                         quarantined: bits & 8 != 0,
+                        quarantined_at_home: bits & 16 != 0,
                     };
                     let got = decide_settle(kind, intent, observed);
                     seen += 1;
@@ -1062,7 +1072,10 @@ mod tests {
                         Settle::AdminOwned
                     } else if observed.stuck {
                         Settle::WaitStuck
-                    } else if observed.quarantined && kind == RecordKind::KeptByIntent {
+                    } else if observed.quarantined
+                        && (kind == RecordKind::KeptByIntent
+                            || (kind == RecordKind::Ours && !observed.quarantined_at_home))
+                    {
                         Settle::Quarantined
                     } else if let IntentNow::Keep(why) = intent {
                         Settle::Keep(why.clone())
@@ -1080,14 +1093,16 @@ mod tests {
                             !keep
                                 && !observed.vfio_in_use
                                 && !observed.stuck
-                                && (!observed.quarantined || kind != RecordKind::KeptByIntent)
+                                && (!observed.quarantined
+                                    || (kind == RecordKind::Ours && observed.quarantined_at_home)
+                                    || kind == RecordKind::UnboundByPin)
                                 && ours
                         );
                     }
                 }
             }
         }
-        assert_eq!(seen, 5 * 4 * 16);
+        assert_eq!(seen, 5 * 4 * 32);
     }
 
     /// Every input of the hand-over decision: a device is never reset while

@@ -273,6 +273,119 @@ fn a_failed_reset_after_a_failed_redrive_quarantines_and_settles() {
     assert_eq!(driver_of(&host, A_AUDIO).as_deref(), Some("snd_hda_intel"));
 }
 
+/// The admin moves the audio function of A (held by u1) back to its host driver.
+fn admin_moves_audio_home(k: &SimKernel) {
+    use vfio_gpu_engine::kernel::Kernel;
+    k.write(&write::unbind(A_AUDIO, "vfio-pci")).unwrap();
+    k.write(&vfio_gpu_engine::kernel::SysfsWrite::DriverOverride {
+        bdf: bdf(A_AUDIO),
+        driver: None,
+    })
+    .unwrap();
+    k.write(&write::bind(A_AUDIO, "snd_hda_intel")).unwrap();
+}
+
+/// A failed re-drive whose unbind of the audio function from its host driver
+/// fails (after our override was written), then a failed reset: quarantined
+/// with the GPU function on vfio and the audio function on its host driver
+/// without our override, which would otherwise read as the admin's later.
+#[test]
+fn a_quarantine_after_a_failed_redrive_leaves_no_override_of_ours_behind() {
+    let (_d, host, k, e) = setup();
+    e.configure(bdf(A), claim("u1")).unwrap();
+    admin_moves_audio_home(&k);
+    k.inject(Fault {
+        kind: Some(vfio_gpu_engine::kernel::WriteKind::Unbind),
+        bdf: Some(bdf(A_AUDIO)),
+        driver: Some("snd_hda_intel".into()),
+        nth: 0,
+        action: FaultAction::Fail(5),
+    });
+    k.inject(Fault::on(
+        vfio_gpu_engine::kernel::WriteKind::Reset,
+        bdf(A),
+        FaultAction::Fail(5),
+    ));
+    e.configure(bdf(A), claim("u1")).unwrap_err();
+    assert!(e.ledger().quarantined.contains_key(&bdf(A)));
+    assert_eq!(state_of(&host, A).0.as_deref(), Some("vfio-pci"));
+    assert_eq!(
+        state_of(&host, A_AUDIO),
+        (Some("snd_hda_intel".into()), None)
+    );
+    let before = k.log().len();
+    for r in e.reconcile().unwrap() {
+        assert!(r.is_ok(), "{r:?}");
+    }
+    assert_eq!(k.log().len(), before, "{:?}", &k.log()[before..]);
+    // Cleared by the admin: home, nothing of ours left.
+    assert_eq!(e.reset_gpu(bdf(A)).unwrap().action, Action::Reset);
+    for r in e.reconcile().unwrap() {
+        assert!(r.is_ok(), "{r:?}");
+    }
+    assert_eq!(state_of(&host, A), (Some("nvidia".into()), None));
+    assert_eq!(
+        state_of(&host, A_AUDIO),
+        (Some("snd_hda_intel".into()), None)
+    );
+    assert!(!e.ledger().gpus.contains_key(&bdf(A)));
+}
+
+/// A tenant's re-drive interrupted by a crash at every step, then the same
+/// claim's prepare on a restarted engine whose owed reset fails while
+/// finishing that record first: the GPU it quarantined goes to nobody, its
+/// holder included.
+#[test]
+fn a_gpu_quarantined_while_a_prepare_finishes_a_crashed_redrive_is_refused() {
+    let mut refused = 0;
+    for n in 1..40 {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host");
+        build_host(&host);
+        let k = sim(&host);
+        let state = dir.path().join("state");
+        engine(&k, &state).configure(bdf(A), claim("u1")).unwrap();
+        admin_moves_audio_home(&k);
+        let crashed = engine_with(
+            &k,
+            &state,
+            EngineConfig {
+                crash_after_step: Some(n),
+                ..config()
+            },
+        )
+        .configure(bdf(A), claim("u1"));
+        if !matches!(crashed, Err(EngineError::SimulatedCrash(_))) {
+            break;
+        }
+        k.inject(Fault::on(
+            vfio_gpu_engine::kernel::WriteKind::Reset,
+            bdf(A),
+            FaultAction::Fail(5),
+        ));
+        let e = engine(&k, &state);
+        let again = e.configure(bdf(A), claim("u1"));
+        let quarantined = e.ledger().quarantined.contains_key(&bdf(A));
+        if quarantined {
+            refused += 1;
+            assert!(
+                matches!(again, Err(EngineError::Quarantined { .. })),
+                "crash after step {n}: {again:?}"
+            );
+            let rec = &e.ledger().gpus[&bdf(A)];
+            assert_ne!(
+                rec.state,
+                vfio_gpu_engine::ledger::OpState::Configured,
+                "step {n}"
+            );
+        }
+    }
+    assert!(
+        refused > 0,
+        "no step left a record whose finish owed a reset"
+    );
+}
+
 /// B on a 16 GT/s link, held by claim u1; its next reset trains the link
 /// back at 2.5 GT/s (a release then quarantines it).
 fn held_with_a_link_that_trains_back_degraded(k: &SimKernel, e: &Engine) {

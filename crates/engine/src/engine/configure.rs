@@ -172,6 +172,9 @@ impl Engine {
             OnConfigure::Fresh => Ok(Prior::Carry(None, Some(Box::new(gpu)))),
             OnConfigure::FinishFirst if finish_first => {
                 self.reconcile_record(&gpu, rec)?;
+                // Finishing may have owed a reset that failed: a GPU it
+                // quarantined goes to nobody, its holder included.
+                self.check_handed_over(bdf)?;
                 // What finishing left decides, not a fresh start: a GPU it
                 // kept on vfio for intent keeps its origins (its override
                 // and driver are ours, not the admin's).

@@ -117,6 +117,7 @@ impl Engine {
                 self.commit(|b| {
                     if let Some(r) = b.gpus.get_mut(&bdf) {
                         r.handover = None;
+                        r.served = false;
                     }
                     push_audit(b, audit);
                 })?;
@@ -164,14 +165,17 @@ impl Engine {
                     }
                     Err(Failure::Quarantine(why)) => {
                         // Kept on vfio means on vfio: a function a failed move
-                        // left without a driver is parked there first.
-                        self.park_driverless(&rec);
+                        // left without a driver is parked there, and one it left
+                        // on its host driver loses our override (best effort;
+                        // the quarantined record's next settle tries again).
+                        let _ = self.keep_functions(bdf, &rec)?;
+                        let on_vfio = self.any_on_vfio(&rec);
                         self.quarantine_after_release(
                             bdf,
                             &handover,
                             "reset failed",
                             (QuarantineCause::ResetFailed, &why),
-                            true,
+                            on_vfio,
                         )?;
                         return Ok(AfterReset::Quarantined(why));
                     }
@@ -264,8 +268,9 @@ impl Engine {
     /// Quarantines `bdf` after a failed hand-over, in one commit: the
     /// quarantine entry (with what each function must look like to leave
     /// it), the audit record, and the record without a holder or a
-    /// hand-over, kept on vfio when `on_vfio` (nothing was unbound yet); a
-    /// release that already put the functions back finishes as usual.
+    /// hand-over, kept on vfio when `on_vfio` (the reset failed before any
+    /// function went home, and some function is on vfio); a release that
+    /// already put the functions back finishes as usual.
     fn quarantine_after_release(
         &self,
         bdf: Bdf,
@@ -288,7 +293,7 @@ impl Engine {
                         OpState::Configuring | OpState::Releasing | OpState::Configured
                     )
                 {
-                    // Nothing was unbound yet: it stays on vfio, kept.
+                    // Nothing went home: it stays on vfio, kept.
                     r.state = OpState::Prebound;
                 }
                 r.updated = now();
@@ -313,18 +318,11 @@ impl Engine {
         })
     }
 
-    /// Parks every function of `rec` that has no driver on the record's vfio
-    /// driver (best effort: one that stays driverless is seen by the next settle).
-    pub(super) fn park_driverless(&self, rec: &GpuRecord) {
-        let Some(vfio) = rec.vfio_driver.as_ref() else {
-            return;
-        };
-        let gpu = rec.functions.first().map(|f| f.bdf);
-        for f in &rec.functions {
-            if self.binding(f.bdf).is_ok_and(|b| b.driver.is_none()) {
-                self.park_on_vfio(gpu.unwrap_or(f.bdf), f.bdf, vfio);
-            }
-        }
+    /// Any function of `rec` is on a vfio driver now (what a kept record means).
+    pub(super) fn any_on_vfio(&self, rec: &GpuRecord) -> bool {
+        rec.functions
+            .iter()
+            .any(|f| self.binding(f.bdf).is_ok_and(|b| b.on_vfio()))
     }
 
     /// Resets each function through its `reset` attribute, in record order

@@ -15,9 +15,11 @@ use vfio_gpu_host::{Bdf, DriverName, Gpu};
 
 use crate::error::{EngineError, Step, Verification};
 use crate::kernel::SysfsWrite;
-use crate::ledger::{FunctionRecord, GpuRecord, Handover, Holder, OpState};
+use crate::ledger::{FunctionRecord, GpuRecord, Handover, Holder, OpState, QuarantineCause};
 use crate::preflight::NodeHolder;
-use crate::state::{IntentNow, Observed, Settle, decide_settle, override_after_restore};
+use crate::state::{
+    IntentNow, Observed, RecordKind, Settle, decide_settle, override_after_restore,
+};
 use vfio_gpu_intent::ReleaseDecision;
 
 /// Which operation settles a record: decides only the outcome's wording.
@@ -233,6 +235,11 @@ impl Engine {
             stuck: rec.stuck_on.is_some() || stuck_here.is_some(),
             vfio_in_use: false,
             quarantined: self.with_ledger(|l| l.quarantined.contains_key(&bdf)),
+            quarantined_at_home: self.with_ledger(|l| {
+                l.quarantined
+                    .get(&bdf)
+                    .is_some_and(|q| q.cause == QuarantineCause::VerificationFailed)
+            }),
         };
         // Who hands the GPU over, when this settle takes it from a tenant.
         let released_by = rec.hands_over().then(|| {
@@ -270,15 +277,24 @@ impl Engine {
                 ))
             }
             Settle::Quarantined => {
-                // Offered to nobody, and on vfio: a park that failed when it
-                // was quarantined is tried again.
-                self.park_driverless(rec);
-                if path == SettlePath::Release {
+                // Offered to nobody, and on vfio: what a failed move or park
+                // left off vfio is kept there again (a function on its host
+                // driver only loses our override), and a record still of
+                // ours becomes the kept one it stands for.
+                let _ = self.keep_functions(bdf, rec)?;
+                let on_vfio = self.any_on_vfio(rec);
+                let relabel = rec.kind() == RecordKind::Ours;
+                if path == SettlePath::Release || relabel {
                     self.update_record(bdf, |r| {
                         r.holder = None;
                         // The admin's reset stands for the hand-over here.
                         r.served = false;
-                        if r.state == OpState::Configured {
+                        if on_vfio
+                            && matches!(
+                                r.state,
+                                OpState::Configuring | OpState::Configured | OpState::Releasing
+                            )
+                        {
                             r.state = OpState::Prebound;
                         }
                     })?;
@@ -333,48 +349,7 @@ impl Engine {
         {
             self.release_unbind_locks_still_held(bdf, rec);
         }
-        let mut failure = None;
-        for fr in &rec.functions {
-            let now = self.binding(fr.bdf)?;
-            let result = match (&now.driver, rec.vfio_driver.as_ref()) {
-                (None, Some(vfio)) => {
-                    self.park_on_vfio(bdf, fr.bdf, vfio);
-                    match self.binding(fr.bdf)?.driver {
-                        Some(_) => Ok(()),
-                        None => Err(StepError::verify(
-                            Verification::ParkedOn {
-                                bdf: fr.bdf,
-                                driver: vfio.clone(),
-                            },
-                            "it has no driver".into(),
-                        )),
-                    }
-                }
-                (Some(_), _) if now.on_vfio() => Ok(()),
-                // Never moved (still on its host driver): only our override goes.
-                _ => self.restore_override(
-                    bdf,
-                    fr.bdf,
-                    // On its host driver outside a move: our vfio value
-                    // there is the admin's now (see `restore_function`).
-                    override_after_restore(
-                        fr.original_override.as_deref(),
-                        fr.override_written
-                            .as_deref()
-                            .filter(|_| rec.state == OpState::Configuring),
-                        now.driver.as_ref().map(DriverName::as_str),
-                        now.driver_override.as_deref(),
-                    ),
-                ),
-            };
-            if let Err(e) = result {
-                let stop = matches!(e, StepError::Engine(_));
-                failure.get_or_insert(e);
-                if stop {
-                    break;
-                }
-            }
-        }
+        let failure = self.keep_functions(bdf, rec)?;
         let all: Vec<Bdf> = rec.functions.iter().map(|f| f.bdf).collect();
         match failure {
             None => {}
@@ -443,6 +418,60 @@ impl Engine {
             format!("released; stays on vfio: {why}"),
             started,
         ))
+    }
+
+    /// Leaves every function of `rec` on vfio or as it was never moved: a
+    /// driverless one is parked on vfio, one on vfio stays, and one on its
+    /// host driver only loses the override we wrote. The first step that
+    /// failed, if any (a blocked write or read stops the rest).
+    pub(super) fn keep_functions(
+        &self,
+        bdf: Bdf,
+        rec: &GpuRecord,
+    ) -> Result<Option<StepError>, EngineError> {
+        let mut failure = None;
+        for fr in &rec.functions {
+            let now = self.binding(fr.bdf)?;
+            let result = match (&now.driver, rec.vfio_driver.as_ref()) {
+                (None, Some(vfio)) => {
+                    self.park_on_vfio(bdf, fr.bdf, vfio);
+                    match self.binding(fr.bdf)?.driver {
+                        Some(_) => Ok(()),
+                        None => Err(StepError::verify(
+                            Verification::ParkedOn {
+                                bdf: fr.bdf,
+                                driver: vfio.clone(),
+                            },
+                            "it has no driver".into(),
+                        )),
+                    }
+                }
+                (Some(_), _) if now.on_vfio() => Ok(()),
+                // Never moved (still on its host driver): only our override goes.
+                _ => self.restore_override(
+                    bdf,
+                    fr.bdf,
+                    // On its host driver outside a move: our vfio value
+                    // there is the admin's now (see `restore_function`).
+                    override_after_restore(
+                        fr.original_override.as_deref(),
+                        fr.override_written
+                            .as_deref()
+                            .filter(|_| rec.state == OpState::Configuring),
+                        now.driver.as_ref().map(DriverName::as_str),
+                        now.driver_override.as_deref(),
+                    ),
+                ),
+            };
+            if let Err(e) = result {
+                let stop = matches!(e, StepError::Engine(_));
+                failure.get_or_insert(e);
+                if stop {
+                    break;
+                }
+            }
+        }
+        Ok(failure)
     }
 
     /// The hand-over of a GPU that stays on vfio: reset, then verify, in place.
