@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use vfio_gpu_host::Bdf;
 
 use crate::kernel::{Kernel, SysfsWrite};
-use crate::lock::{LockError, StateLock};
+use crate::lock::StateLock;
 
 /// Outcome of a write run with a deadline.
 #[derive(Debug)]
@@ -136,9 +136,8 @@ impl StuckSet {
         if self.lock().running.contains_key(&bdf) {
             return false;
         }
-        match StateLock::acquire_named(dir, &stuck_lock_name(bdf), Duration::ZERO) {
-            Ok(_free) => false,
-            Err(LockError::Held { .. }) => true,
+        match StateLock::held_by_other(dir, &stuck_lock_name(bdf)) {
+            Ok(held) => held,
             Err(e) => {
                 tracing::warn!(%bdf, error = %e, "cannot tell whether another process's write is still blocked; assuming it is");
                 true
@@ -228,8 +227,10 @@ pub fn run_with_deadline(
     deadline: Duration,
     stuck: &StuckSet,
 ) -> Timed {
-    // A device with a blocked read or write is not written (n7).
-    if stuck.stuck_on(op.bdf()).is_some() {
+    // A device with a blocked read or write is not written (n7), here or in
+    // another live process (whose ledger write may have failed, so only its
+    // claim in the state directory says so).
+    if stuck.stuck_on(op.bdf()).is_some() || stuck.blocked_elsewhere(op.bdf()) {
         return Timed::Stuck {
             waited: Duration::ZERO,
         };
@@ -344,6 +345,53 @@ mod tests {
             thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(stuck.stuck_on(bdf), None);
+    }
+
+    /// A write another live process has blocked on a device (its claim held
+    /// in the state directory) refuses every write here, even with nothing in
+    /// the ledger saying so (its ledger write may have failed: model I9
+    /// counterexample, session 11). Checking never creates a lock file.
+    #[test]
+    #[allow(clippy::disallowed_methods)] // the state directory, not the host
+    fn a_device_blocked_in_another_process_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let bdf: Bdf = "0000:66:00.0".parse().unwrap();
+        let here = StuckSet::with_lock_dir(dir.path().to_path_buf());
+        let writes = Arc::new(CountWrites::default());
+        let kernel: Arc<dyn Kernel> = writes.clone();
+        let op = SysfsWrite::DriversProbe { bdf };
+        // Free, and probed without a file appearing.
+        assert!(!here.blocked_elsewhere(bdf));
+        assert!(std::fs::symlink_metadata(dir.path().join(stuck_lock_name(bdf))).is_err());
+        // The other process's claim on its blocked write.
+        let other =
+            StateLock::acquire_named(dir.path(), &stuck_lock_name(bdf), Duration::ZERO).unwrap();
+        assert!(here.blocked_elsewhere(bdf));
+        assert!(matches!(
+            run_with_deadline(&kernel, &op, Duration::from_secs(1), &here),
+            Timed::Stuck { .. }
+        ));
+        assert_eq!(writes.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // Its write returned (or it died): the claim is gone, the file stays.
+        drop(other);
+        assert!(!here.blocked_elsewhere(bdf));
+        assert!(matches!(
+            run_with_deadline(&kernel, &op, Duration::from_secs(1), &here),
+            Timed::Done(Ok(()))
+        ));
+        assert_eq!(writes.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[derive(Default)]
+    struct CountWrites(std::sync::atomic::AtomicUsize);
+    impl Kernel for CountWrites {
+        fn root(&self) -> &vfio_gpu_host::HostRoot {
+            unreachable!("not read")
+        }
+        fn write(&self, _op: &SysfsWrite) -> io::Result<()> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
     }
 
     struct NeverWrite;

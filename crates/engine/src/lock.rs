@@ -131,6 +131,33 @@ impl StateLock {
         Self::acquire_named(dir, LOCK_FILE, wait)
     }
 
+    /// Whether another open file description holds `dir/file` locked now,
+    /// without creating, taking or writing it: a missing file is free.
+    pub fn held_by_other(dir: &Path, file: &str) -> Result<bool, LockError> {
+        let path = dir.join(file);
+        let found = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path);
+        let file = match found {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(source) => return Err(LockError::Io { path, source }),
+        };
+        // A shared lock conflicts only with the holder's exclusive one; it is
+        // dropped with the descriptor.
+        // SAFETY: flock on a valid fd we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(false);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Ok(true);
+        }
+        Err(LockError::Io { path, source: err })
+    }
+
     /// Like [`StateLock::acquire`] on another lock file of `dir` (e.g. the
     /// plugin's ResourceSlice publisher lock); `file` is a plain file name.
     pub fn acquire_named(dir: &Path, file: &str, wait: Duration) -> Result<StateLock, LockError> {

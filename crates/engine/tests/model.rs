@@ -1979,3 +1979,19 @@ fn a_release_after_a_prepare_that_never_finished_is_not_reset() {
     ])
     .unwrap();
 }
+
+/// Found by a random run of 3,000 cases at the end of session 11 (I9).
+#[test]
+fn another_reconcile_never_writes_to_a_device_whose_unbind_is_blocked() {
+    run(&[
+        configure(1, 2),
+        Op::UnbindBlocks { f: 2 },
+        Op::IntentUnreadable(Some(0)),
+        unconfigure(1, 2),
+        Op::LedgerFull(true),
+        Op::IntentUnreadable(None),
+        Op::Reconcile,
+        Op::OtherReconcile,
+    ])
+    .unwrap();
+}
