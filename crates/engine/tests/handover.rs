@@ -187,15 +187,7 @@ fn a_release_after_a_prepare_that_never_finished_owes_no_reset() {
 fn a_tenants_gpu_rolled_back_after_a_failed_redrive_is_reset_first() {
     let (_d, host, k, e) = setup();
     e.configure(bdf(A), claim("u1")).unwrap();
-    use vfio_gpu_engine::kernel::Kernel;
-    // The admin moves the audio function back to its host driver.
-    k.write(&write::unbind(A_AUDIO, "vfio-pci")).unwrap();
-    k.write(&vfio_gpu_engine::kernel::SysfsWrite::DriverOverride {
-        bdf: bdf(A_AUDIO),
-        driver: None,
-    })
-    .unwrap();
-    k.write(&write::bind(A_AUDIO, "snd_hda_intel")).unwrap();
+    admin_moves_audio_home(&k);
     k.inject(Fault {
         kind: Some(vfio_gpu_engine::kernel::WriteKind::Bind),
         bdf: Some(bdf(A_AUDIO)),
@@ -221,14 +213,7 @@ fn a_tenants_gpu_rolled_back_after_a_failed_redrive_is_reset_first() {
 fn a_failed_reset_after_a_failed_redrive_quarantines_and_settles() {
     let (_d, host, k, e) = setup();
     e.configure(bdf(A), claim("u1")).unwrap();
-    use vfio_gpu_engine::kernel::Kernel;
-    k.write(&write::unbind(A_AUDIO, "vfio-pci")).unwrap();
-    k.write(&vfio_gpu_engine::kernel::SysfsWrite::DriverOverride {
-        bdf: bdf(A_AUDIO),
-        driver: None,
-    })
-    .unwrap();
-    k.write(&write::bind(A_AUDIO, "snd_hda_intel")).unwrap();
+    admin_moves_audio_home(&k);
     k.inject(Fault {
         kind: Some(vfio_gpu_engine::kernel::WriteKind::Bind),
         bdf: Some(bdf(A_AUDIO)),
