@@ -92,11 +92,7 @@ fn a_release_resets_every_function_on_vfio_before_returning_it_and_records_the_h
 fn a_failed_reset_quarantines_the_gpu_on_vfio_until_the_admin_resets_it() {
     let (_d, host, k, e) = setup();
     e.configure(bdf(A), claim("u1")).unwrap();
-    k.inject(Fault::on(
-        vfio_gpu_engine::kernel::WriteKind::Reset,
-        bdf(A),
-        FaultAction::Fail(5),
-    ));
+    fail_reset_of_a(&k);
     let out = e.unconfigure(bdf(A), Some(&claim("u1"))).unwrap();
     assert_eq!(out.action, Action::Quarantined, "{}", out.detail);
     // Nothing went back to a host driver: a GPU that failed its reset stays on vfio.
@@ -163,11 +159,7 @@ fn a_release_after_a_prepare_that_never_finished_owes_no_reset() {
     e.configure(bdf(A), claim("u1")).unwrap_err();
     assert_eq!(driver_of(&host, A), None, "left driverless by the faults");
     // Were a reset owed, this one would fail and quarantine the GPU.
-    k.inject(Fault::on(
-        vfio_gpu_engine::kernel::WriteKind::Reset,
-        bdf(A),
-        FaultAction::Fail(5),
-    ));
+    fail_reset_of_a(&k);
     let out = e.unconfigure(bdf(A), Some(&claim("u1"))).unwrap();
     assert_eq!(out.action, Action::Restored, "{}", out.detail);
     assert_eq!(k.resets(bdf(A)), 0);
@@ -188,13 +180,7 @@ fn a_tenants_gpu_rolled_back_after_a_failed_redrive_is_reset_first() {
     let (_d, host, k, e) = setup();
     e.configure(bdf(A), claim("u1")).unwrap();
     admin_moves_audio_home(&k);
-    k.inject(Fault {
-        kind: Some(vfio_gpu_engine::kernel::WriteKind::Bind),
-        bdf: Some(bdf(A_AUDIO)),
-        driver: Some("vfio-pci".into()),
-        nth: 0,
-        action: FaultAction::Fail(5),
-    });
+    fail_audio_once(&k, vfio_gpu_engine::kernel::WriteKind::Bind, "vfio-pci");
     let start = k.log().len();
     e.configure(bdf(A), claim("u1")).unwrap_err();
     let log = k.log()[start..].to_vec();
@@ -214,18 +200,8 @@ fn a_failed_reset_after_a_failed_redrive_quarantines_and_settles() {
     let (_d, host, k, e) = setup();
     e.configure(bdf(A), claim("u1")).unwrap();
     admin_moves_audio_home(&k);
-    k.inject(Fault {
-        kind: Some(vfio_gpu_engine::kernel::WriteKind::Bind),
-        bdf: Some(bdf(A_AUDIO)),
-        driver: Some("vfio-pci".into()),
-        nth: 0,
-        action: FaultAction::Fail(5),
-    });
-    k.inject(Fault::on(
-        vfio_gpu_engine::kernel::WriteKind::Reset,
-        bdf(A),
-        FaultAction::Fail(5),
-    ));
+    fail_audio_once(&k, vfio_gpu_engine::kernel::WriteKind::Bind, "vfio-pci");
+    fail_reset_of_a(&k);
     e.configure(bdf(A), claim("u1")).unwrap_err();
     // Quarantined on vfio, the audio function the failed bind left driverless
     // parked there too; never sent to a host driver unreset.
@@ -258,6 +234,26 @@ fn a_failed_reset_after_a_failed_redrive_quarantines_and_settles() {
     assert_eq!(driver_of(&host, A_AUDIO).as_deref(), Some("snd_hda_intel"));
 }
 
+/// The next `kind` write of A's audio function to `driver` fails with EIO.
+fn fail_audio_once(k: &SimKernel, kind: vfio_gpu_engine::kernel::WriteKind, driver: &str) {
+    k.inject(Fault {
+        kind: Some(kind),
+        bdf: Some(bdf(A_AUDIO)),
+        driver: Some(driver.into()),
+        nth: 0,
+        action: FaultAction::Fail(5),
+    });
+}
+
+/// The next reset of A fails with EIO.
+fn fail_reset_of_a(k: &SimKernel) {
+    k.inject(Fault::on(
+        vfio_gpu_engine::kernel::WriteKind::Reset,
+        bdf(A),
+        FaultAction::Fail(5),
+    ));
+}
+
 /// The admin moves the audio function of A (held by u1) back to its host driver.
 fn admin_moves_audio_home(k: &SimKernel) {
     use vfio_gpu_engine::kernel::Kernel;
@@ -279,18 +275,12 @@ fn a_quarantine_after_a_failed_redrive_leaves_no_override_of_ours_behind() {
     let (_d, host, k, e) = setup();
     e.configure(bdf(A), claim("u1")).unwrap();
     admin_moves_audio_home(&k);
-    k.inject(Fault {
-        kind: Some(vfio_gpu_engine::kernel::WriteKind::Unbind),
-        bdf: Some(bdf(A_AUDIO)),
-        driver: Some("snd_hda_intel".into()),
-        nth: 0,
-        action: FaultAction::Fail(5),
-    });
-    k.inject(Fault::on(
-        vfio_gpu_engine::kernel::WriteKind::Reset,
-        bdf(A),
-        FaultAction::Fail(5),
-    ));
+    fail_audio_once(
+        &k,
+        vfio_gpu_engine::kernel::WriteKind::Unbind,
+        "snd_hda_intel",
+    );
+    fail_reset_of_a(&k);
     e.configure(bdf(A), claim("u1")).unwrap_err();
     assert!(e.ledger().quarantined.contains_key(&bdf(A)));
     assert_eq!(state_of(&host, A).0.as_deref(), Some("vfio-pci"));
@@ -343,11 +333,7 @@ fn a_gpu_quarantined_while_a_prepare_finishes_a_crashed_redrive_is_refused() {
         if !matches!(crashed, Err(EngineError::SimulatedCrash(_))) {
             break;
         }
-        k.inject(Fault::on(
-            vfio_gpu_engine::kernel::WriteKind::Reset,
-            bdf(A),
-            FaultAction::Fail(5),
-        ));
+        fail_reset_of_a(&k);
         let e = engine(&k, &state);
         let again = e.configure(bdf(A), claim("u1"));
         let quarantined = e.ledger().quarantined.contains_key(&bdf(A));
