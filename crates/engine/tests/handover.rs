@@ -217,7 +217,14 @@ fn a_failed_reset_after_a_failed_redrive_quarantines_and_settles() {
         "{rec:?}"
     );
     assert_eq!(rec.holder, None);
-    // Reconcile leaves it so, writing nothing.
+    quarantine_holds_until_the_admin_resets(&k, &e);
+    assert_eq!(driver_of(&host, A).as_deref(), Some("nvidia"));
+    assert_eq!(driver_of(&host, A_AUDIO).as_deref(), Some("snd_hda_intel"));
+}
+
+/// A quarantined A: reconcile (twice) leaves it, writing nothing; the
+/// admin's reset clears it and the next reconcile sends it home.
+fn quarantine_holds_until_the_admin_resets(k: &SimKernel, e: &Engine) {
     let before = k.log().len();
     for _ in 0..2 {
         for r in e.reconcile().unwrap() {
@@ -225,13 +232,10 @@ fn a_failed_reset_after_a_failed_redrive_quarantines_and_settles() {
         }
     }
     assert_eq!(k.log().len(), before, "{:?}", &k.log()[before..]);
-    // The admin's reset clears it, and reconcile sends it home.
     assert_eq!(e.reset_gpu(bdf(A)).unwrap().action, Action::Reset);
     for r in e.reconcile().unwrap() {
         assert!(r.is_ok(), "{r:?}");
     }
-    assert_eq!(driver_of(&host, A).as_deref(), Some("nvidia"));
-    assert_eq!(driver_of(&host, A_AUDIO).as_deref(), Some("snd_hda_intel"));
 }
 
 /// The next `kind` write of A's audio function to `driver` fails with EIO.
@@ -288,16 +292,8 @@ fn a_quarantine_after_a_failed_redrive_leaves_no_override_of_ours_behind() {
         state_of(&host, A_AUDIO),
         (Some("snd_hda_intel".into()), None)
     );
-    let before = k.log().len();
-    for r in e.reconcile().unwrap() {
-        assert!(r.is_ok(), "{r:?}");
-    }
-    assert_eq!(k.log().len(), before, "{:?}", &k.log()[before..]);
-    // Cleared by the admin: home, nothing of ours left.
-    assert_eq!(e.reset_gpu(bdf(A)).unwrap().action, Action::Reset);
-    for r in e.reconcile().unwrap() {
-        assert!(r.is_ok(), "{r:?}");
-    }
+    quarantine_holds_until_the_admin_resets(&k, &e);
+    // Home, nothing of ours left.
     assert_eq!(state_of(&host, A), (Some("nvidia".into()), None));
     assert_eq!(
         state_of(&host, A_AUDIO),
