@@ -507,6 +507,23 @@ impl GpuRecord {
         })
     }
 
+    /// The transition of a quarantined record (its hand-over failed): no
+    /// holder, no tenant to hand over (the admin's reset stands for it), and
+    /// a record of ours becomes the kept one it stands for when `any_on_vfio`
+    /// (nothing went home). Pure; tested over every input.
+    pub fn quarantine_keeps(&mut self, any_on_vfio: bool) {
+        self.holder = None;
+        self.served = false;
+        if any_on_vfio
+            && matches!(
+                self.state,
+                OpState::Configuring | OpState::Configured | OpState::Releasing
+            )
+        {
+            self.state = OpState::Prebound;
+        }
+    }
+
     /// Whether settling this record takes the GPU from a tenant, so a reset
     /// and verification are owed before anybody gets it next: its holder had
     /// it on vfio (`served`, or a `Configured` record, which a ledger written
@@ -820,6 +837,23 @@ mod tests {
                 r.served = served;
                 let want = served || state == Configured;
                 assert_eq!(r.hands_over(), want, "{state:?}, served {served}");
+            }
+        }
+        // A quarantine keeps a record of ours on vfio only when something is there.
+        for state in [
+            Configuring,
+            Configured,
+            Releasing,
+            Prebound,
+            ReleasedUnbound,
+        ] {
+            for on_vfio in [false, true] {
+                let mut r = record(state, Some(claim("u1")), Some("nvidia"));
+                r.served = true;
+                r.quarantine_keeps(on_vfio);
+                let ours = matches!(state, Configuring | Configured | Releasing);
+                let want = if ours && on_vfio { Prebound } else { state };
+                assert_eq!((r.state, r.holder.is_none(), r.served), (want, true, false));
             }
         }
         // Every transition that drops the holder forgets the tenant.

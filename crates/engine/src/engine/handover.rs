@@ -285,17 +285,7 @@ impl Engine {
             let mut fingerprints = BTreeMap::new();
             if let Some(r) = b.gpus.get_mut(&bdf) {
                 r.handover = None;
-                r.holder = None;
-                r.served = false;
-                if on_vfio
-                    && matches!(
-                        r.state,
-                        OpState::Configuring | OpState::Releasing | OpState::Configured
-                    )
-                {
-                    // Nothing went home: it stays on vfio, kept.
-                    r.state = OpState::Prebound;
-                }
+                r.quarantine_keeps(on_vfio);
                 r.updated = now();
                 for f in &r.functions {
                     if let Some(fp) = &f.fingerprint {

@@ -285,19 +285,7 @@ impl Engine {
                 let on_vfio = self.any_on_vfio(rec);
                 let relabel = rec.kind() == RecordKind::Ours;
                 if path == SettlePath::Release || relabel {
-                    self.update_record(bdf, |r| {
-                        r.holder = None;
-                        // The admin's reset stands for the hand-over here.
-                        r.served = false;
-                        if on_vfio
-                            && matches!(
-                                r.state,
-                                OpState::Configuring | OpState::Configured | OpState::Releasing
-                            )
-                        {
-                            r.state = OpState::Prebound;
-                        }
-                    })?;
+                    self.update_record(bdf, |r| r.quarantine_keeps(on_vfio))?;
                 }
                 let why = self
                     .ledger()
