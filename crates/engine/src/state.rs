@@ -825,13 +825,14 @@ mod tests {
     #[test]
     fn only_a_gpu_a_tenant_had_is_handed_over() {
         use OpState::*;
-        for state in [
+        let states = [
             Configuring,
             Configured,
             Releasing,
             Prebound,
             ReleasedUnbound,
-        ] {
+        ];
+        for state in states {
             for served in [false, true] {
                 let mut r = record(state, Some(claim("u1")), Some("nvidia"));
                 r.served = served;
@@ -840,13 +841,7 @@ mod tests {
             }
         }
         // A quarantine keeps a record of ours on vfio only when something is there.
-        for state in [
-            Configuring,
-            Configured,
-            Releasing,
-            Prebound,
-            ReleasedUnbound,
-        ] {
+        for state in states {
             for on_vfio in [false, true] {
                 let mut r = record(state, Some(claim("u1")), Some("nvidia"));
                 r.served = true;
